@@ -1,0 +1,142 @@
+"""tccdeploy's one entry point. Subcommands stay thin: they parse, call the library, render.
+
+Exit codes follow ansible-playbook's where it has one: 0 ok, 1 error, 2 a host failed (and,
+for validate, usage errors as argparse reports them), 4 a host unreachable, 250 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNEXPECTED = 0, 1, 2, 250
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .manifest.loader import load_paths
+    from .manifest.report import render
+
+    result = load_paths(args.paths)
+    problems = result.problems if not args.quiet else result.errors
+    if args.strict:
+        from dataclasses import replace
+
+        problems = [replace(p, severity="error") for p in problems]
+    color = args.format == "text" and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    render(problems, result.files, args.format, sys.stdout, color)
+    failed = any(p.severity == "error" for p in problems)
+    if not result.files and not failed:
+        print("error: no manifest files found in " + " ".join(args.paths), file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .manifest.schema import KINDS, kind_for_name, schema_text
+
+    if args.list or not args.kind:
+        for kind, stem in KINDS.items():
+            print(f"{kind:<17} schemas/{stem}.schema.json")
+        return EXIT_OK
+    kind = kind_for_name(args.kind)
+    if kind is None:
+        print(f"error: unknown kind {args.kind!r}; kinds are: {', '.join(KINDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(schema_text(kind))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tccdeploy",
+        formatter_class=_Formatter,
+        description=(
+            "Run confidential VMs on an untrusted provider's hosts (TCCP).\n\n"
+            "Manifests say what must be true; tccdeploy attests nodes with TPM 2.0 over SSH,\n"
+            "admits only compliant ones, and launches and migrates VMs encrypted end to end."
+        ),
+        epilog=(
+            "examples:\n"
+            "  tccdeploy validate examples/ inventory/lab/   check manifests, as CI would\n"
+            "  tccdeploy schema Perimeter                     print a manifest schema\n"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"tccdeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "validate",
+        help="check manifests against the schemas and each other",
+        formatter_class=_Formatter,
+        description=(
+            "Check manifests (Perimeter, TVMMBuild, PlacementRequest), Ansible YAML inventories\n"
+            "with their group_vars/ and host_vars/, and playbooks: first against the JSON Schemas\n"
+            "in schemas/, then against each other (sites, addresses, builds, CA files).\n"
+            "Every problem is reported at once with file:line:column and its JSON path.\n\n"
+            "exit status: 0 valid, 1 invalid, 2 usage error"
+        ),
+        epilog=(
+            "examples:\n"
+            "  tccdeploy validate examples/\n"
+            "  tccdeploy validate --format github perimeter.yml builds/ inventory/prod/\n"
+            "  tccdeploy validate --format json . | jq '.problems[] | .code'"
+        ),
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="manifest files or directories (searched for *.yml, *.yaml)")
+    p.add_argument("--format", choices=("text", "json", "github"), default="text",
+                   help="text for people (default), json for machines, github for CI annotations")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="report errors only, not warnings")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a manifest kind",
+                       description="Print a JSON Schema (2020-12) for editors and CI; --list names them.")
+    p.add_argument("kind", nargs="?", metavar="KIND",
+                   help="Perimeter, TVMMBuild, PlacementRequest, Inventory, Playbook or Vars")
+    p.add_argument("--list", action="store_true", help="list the kinds and their schema files")
+    p.set_defaults(func=_cmd_schema)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommand groups that live with their subsystem (lab, engine, coordinator...)."""
+    out: list[Callable[[argparse._SubParsersAction], None]] = []
+    try:
+        from .lab.cli import register as lab_register
+    except ImportError:  # pragma: no cover - the lab ships with the package
+        pass
+    else:
+        out.append(lab_register)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

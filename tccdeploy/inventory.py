@@ -1,0 +1,284 @@
+"""Ansible-compatible inventories: operators reuse the files they already have.
+
+Reads Ansible's YAML inventory format and the group_vars/ and host_vars/ directories beside
+it, and merges variables in the order Ansible documents for these sources, lowest first:
+
+1. the `all` group's vars in the inventory file,
+2. group_vars/all,
+3. other groups' vars in the inventory file (parents before children, then by
+   ansible_group_priority, then by name),
+4. group_vars/<group> files, in the same group order,
+5. the host's vars in the inventory file,
+6. host_vars/<host>.
+
+Every final variable remembers where it was written, so a bad tcc_site is reported at the line
+that set it, whichever of these files that was.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from .manifest.problems import JsonPath, ManifestError, Problem
+from .manifest.yamlload import Document, load_file
+
+VARS_EXTENSIONS = ("", ".yml", ".yaml", ".json")
+
+
+class Origin(NamedTuple):
+    """Where a value was written: a document and the JSON path inside it."""
+
+    doc: Document
+    path: JsonPath
+
+    def problem(self, code: str, message: str, hint: str = "", severity: str = "error") -> Problem:
+        return self.doc.problem(self.path, code, message, hint, severity)
+
+
+@dataclass
+class Group:
+    name: str
+    hosts: list[str] = field(default_factory=list)
+    children: list[str] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)
+    vars: dict[str, Any] = field(default_factory=dict)
+    var_origins: dict[str, Origin] = field(default_factory=dict)
+    file_vars: dict[str, Any] = field(default_factory=dict)
+    file_var_origins: dict[str, Origin] = field(default_factory=dict)
+    defined_at: Origin | None = None
+
+
+@dataclass
+class Host:
+    name: str
+    groups: list[str] = field(default_factory=list)
+    own_vars: dict[str, Any] = field(default_factory=dict)
+    own_origins: dict[str, Origin] = field(default_factory=dict)
+    file_vars: dict[str, Any] = field(default_factory=dict)
+    file_var_origins: dict[str, Origin] = field(default_factory=dict)
+    vars: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, Origin] = field(default_factory=dict)
+    defined_at: list[Origin] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """Where SSH goes: ansible_host if set, else the inventory name."""
+        return str(self.vars.get("ansible_host", self.name))
+
+    @property
+    def port(self) -> int:
+        return int(self.vars.get("ansible_port", 22))
+
+    def where(self, var: str | None = None) -> Origin | None:
+        if var is not None and var in self.origins:
+            return self.origins[var]
+        return self.defined_at[0] if self.defined_at else None
+
+
+@dataclass
+class Inventory:
+    sources: list[str] = field(default_factory=list)
+    groups: dict[str, Group] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    documents: list[Document] = field(default_factory=list)
+    valid: bool = True
+
+    def group(self, name: str) -> Group:
+        if name not in self.groups:
+            self.groups[name] = Group(name)
+        return self.groups[name]
+
+    # -- building -------------------------------------------------------------------------
+
+    def add_yaml(self, doc: Document) -> None:
+        """Add one YAML inventory document (already schema-valid)."""
+        self.documents.append(doc)
+        self.group("all")
+        if not isinstance(doc.data, dict):
+            return
+        for name, body in doc.data.items():
+            self._add_group(doc, name, body, (name,), parent=None)
+
+    def _add_group(self, doc: Document, name: str, body: Any, path: JsonPath, parent: str | None) -> None:
+        group = self.group(name)
+        if group.defined_at is None:
+            group.defined_at = Origin(doc, path)
+        if parent is not None and parent != name:
+            if name not in self.groups[parent].children:
+                self.groups[parent].children.append(name)
+            if parent not in group.parents:
+                group.parents.append(parent)
+        # Shapes are checked by the schema; here a bad one is skipped, never a crash, so the
+        # cross-references of the rest are still reported in the same run.
+        body = body if isinstance(body, dict) else {}
+        for key, value in _mapping(body.get("vars")).items():
+            group.vars[key] = value
+            group.var_origins[key] = Origin(doc, path + ("vars", key))
+        for host_name, host_vars in _mapping(body.get("hosts")).items():
+            host = self.hosts.get(host_name)
+            if host is None:
+                host = self.hosts[host_name] = Host(host_name)
+            host.defined_at.append(Origin(doc, path + ("hosts", host_name)))
+            if name not in host.groups:
+                host.groups.append(name)
+            if name not in group.hosts:
+                group.hosts.append(host_name)
+            for key, value in _mapping(host_vars).items():
+                host.own_vars[key] = value
+                host.own_origins[key] = Origin(doc, path + ("hosts", host_name, key))
+        for child, child_body in _mapping(body.get("children")).items():
+            self._add_group(doc, child, child_body, path + ("children", child), parent=name)
+
+    def add_vars_file(self, doc: Document, kind: str, name: str) -> None:
+        """Add a group_vars/ or host_vars/ file (kind 'group' or 'host')."""
+        self.documents.append(doc)
+        data = _mapping(doc.data)
+        if kind == "group":
+            group = self.group(name)
+            for key, value in data.items():
+                group.file_vars[key] = value
+                group.file_var_origins[key] = Origin(doc, (key,))
+        else:
+            host = self.hosts.get(name)
+            if host is None:
+                return  # host_vars for a host not in this inventory: Ansible ignores it too
+            for key, value in data.items():
+                host.file_vars[key] = value
+                host.file_var_origins[key] = Origin(doc, (key,))
+
+    def finish(self) -> None:
+        """Implicit groups and final variables, once every source is in."""
+        all_group = self.group("all")
+        for name, group in self.groups.items():
+            if name != "all" and not group.parents:
+                group.parents.append("all")
+                if name not in all_group.children:
+                    all_group.children.append(name)
+        ungrouped = self.group("ungrouped")
+        if "ungrouped" not in all_group.children:
+            all_group.children.append("ungrouped")
+        if not ungrouped.parents:
+            ungrouped.parents.append("all")
+        for host in self.hosts.values():
+            if not [g for g in host.groups if g not in ("all", "ungrouped")] and "ungrouped" not in host.groups:
+                host.groups.append("ungrouped")
+                ungrouped.hosts.append(host.name)
+        for host in self.hosts.values():
+            self._resolve(host)
+
+    def depth(self, name: str, _seen: frozenset[str] = frozenset()) -> int:
+        group = self.groups[name]
+        if name == "all" or not group.parents or name in _seen:
+            return 0
+        return 1 + max(self.depth(p, _seen | {name}) for p in group.parents)
+
+    def ancestors(self, name: str) -> set[str]:
+        out: set[str] = set()
+        todo = [name]
+        while todo:
+            for parent in self.groups[todo.pop()].parents:
+                if parent not in out:
+                    out.add(parent)
+                    todo.append(parent)
+        return out
+
+    def host_groups(self, host: Host) -> list[str]:
+        """All groups of host, direct and inherited, in Ansible's variable order."""
+        names: set[str] = set()
+        for g in host.groups:
+            names.add(g)
+            names |= self.ancestors(g)
+        names.add("all")
+
+        def order(name: str) -> tuple[int, int, str]:
+            prio = self.groups[name].vars.get("ansible_group_priority", 1)
+            return (self.depth(name), int(prio) if isinstance(prio, int) else 1, name)
+
+        return sorted(names, key=order)
+
+    def _resolve(self, host: Host) -> None:
+        values: dict[str, Any] = {}
+        origins: dict[str, Origin] = {}
+
+        def layer(vars_: dict[str, Any], vars_origins: dict[str, Origin]) -> None:
+            for key, value in vars_.items():
+                values[key] = value
+                origins[key] = vars_origins[key]
+
+        groups = [self.groups[g] for g in self.host_groups(host)]
+        all_group = self.groups["all"]
+        layer(all_group.vars, all_group.var_origins)
+        layer(all_group.file_vars, all_group.file_var_origins)
+        for g in groups:
+            if g.name != "all":
+                layer(g.vars, g.var_origins)
+        for g in groups:
+            if g.name != "all":
+                layer(g.file_vars, g.file_var_origins)
+        layer(host.own_vars, host.own_origins)
+        layer(host.file_vars, host.file_var_origins)
+        values.setdefault("inventory_hostname", host.name)
+        host.vars, host.origins = values, origins
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def vars_files(directory: str, name: str) -> list[str]:
+    """group_vars/NAME{,.yml,.yaml,.json} and every file in group_vars/NAME/, as Ansible finds them."""
+    found: list[str] = []
+    for ext in VARS_EXTENSIONS:
+        candidate = os.path.join(directory, name + ext)
+        if os.path.isfile(candidate):
+            found.append(candidate)
+    folder = os.path.join(directory, name)
+    if os.path.isdir(folder):
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for f in sorted(files):
+                if f.endswith((".yml", ".yaml", ".json")) and not f.startswith("."):
+                    found.append(os.path.join(root, f))
+    return found
+
+
+def vars_names(directory: str) -> list[str]:
+    """Every group or host name that has a vars file or folder in directory."""
+    names: set[str] = set()
+    if not os.path.isdir(directory):
+        return []
+    for entry in os.listdir(directory):
+        if entry.startswith("."):
+            continue
+        full = os.path.join(directory, entry)
+        if os.path.isdir(full):
+            names.add(entry)
+        else:
+            stem, ext = os.path.splitext(entry)
+            if ext in VARS_EXTENSIONS:
+                names.add(stem)
+    return sorted(names)
+
+
+def load_inventory(path: str) -> Inventory:
+    """Load an inventory file or directory the way the CLI's -i does; raise on any problem."""
+    from .manifest.loader import load_paths
+
+    result = load_paths([path])
+    errors = [p for p in result.problems if p.severity == "error"]
+    if errors:
+        raise ManifestError(errors)
+    if not result.inventories:
+        raise ManifestError([Problem(path, 1, 1, "$", "inventory.none", "no inventory found here",
+                                     "error", "give -i an Ansible YAML inventory file or its directory")])
+    if len(result.inventories) > 1:
+        where = ", ".join(inv.sources[0] for inv in result.inventories)
+        raise ManifestError([Problem(path, 1, 1, "$", "inventory.ambiguous",
+                                     f"{len(result.inventories)} inventories found here ({where})",
+                                     "error", "give -i one inventory file or the directory that holds it")])
+    return result.inventories[0]
+
+
+__all__ = ["Group", "Host", "Inventory", "Origin", "load_inventory", "load_file", "vars_files", "vars_names"]

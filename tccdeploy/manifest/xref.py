@@ -1,0 +1,326 @@
+"""Cross-reference checks: what the schemas cannot see because it spans files.
+
+Each check is one function with the problem codes it can raise named in its docstring, so a
+reader finds every rule in one place. They run over schema-valid objects only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .models import Perimeter, TVMMBuild, version_key
+from .problems import Problem
+from .schema import MANIFEST_KINDS
+
+if TYPE_CHECKING:
+    from ..inventory import Host, Inventory
+    from .loader import LoadResult
+
+MODULES = (
+    "tvmm_deploy", "enroll", "attest", "evict", "launch", "migrate", "drain", "enforce",
+    "command", "copy", "wait_for_ssh", "ping", "debug", "fail",
+)
+
+TASK_KEYWORDS = (
+    "name", "when", "loop", "register", "tags", "ignore_errors", "delegate_to", "vars",
+    "changed_when", "failed_when",
+)
+
+
+def check(result: LoadResult) -> list[Problem]:
+    problems: list[Problem] = []
+    problems += perimeters(result)
+    perimeter = result.perimeter
+    problems += builds(result, perimeter)
+    for inventory in result.inventories:
+        problems += inventory_hosts(inventory, result, perimeter)
+    problems += requests(result, perimeter)
+    for doc in result.playbooks:
+        problems += list(playbook_tasks(doc))
+    return problems
+
+
+def perimeters(result: LoadResult) -> list[Problem]:
+    """xref.perimeter-count, xref.duplicate-site, xref.overlapping-sites, xref.ca-*."""
+    problems: list[Problem] = []
+    if len(result.perimeters) > 1:
+        names = ", ".join(f"{p.name} ({p.source.file})" for p in result.perimeters if p.source)
+        for p in result.perimeters[1:]:
+            assert p.source is not None
+            problems.append(p.source.problem(
+                ("kind",), "xref.perimeter-count", f"more than one Perimeter: {names}",
+                "an inventory is governed by exactly one Perimeter; validate each perimeter's files separately",
+            ))
+    for perimeter in result.perimeters:
+        doc = perimeter.source
+        assert doc is not None
+        seen: dict[str, int] = {}
+        for i, site in enumerate(perimeter.sites):
+            if site.name in seen:
+                problems.append(doc.problem(("spec", "sites", i, "name"), "xref.duplicate-site",
+                                            f"site {site.name!r} is defined twice (also sites[{seen[site.name]}])",
+                                            "give every site its own name"))
+            seen.setdefault(site.name, i)
+        for i, a in enumerate(perimeter.sites):
+            for j, b in enumerate(perimeter.sites[i + 1:], start=i + 1):
+                for nb_i, nb in enumerate(b.networks):
+                    if any(na.version == nb.version and na.overlaps(nb) for na in a.networks):
+                        problems.append(doc.problem(
+                            ("spec", "sites", j, "networks", nb_i), "xref.overlapping-sites",
+                            f"network {nb} of site {b.name!r} overlaps site {a.name!r}",
+                            "a node's address must tell its site; make the sites' networks disjoint",
+                        ))
+        for i, ca in enumerate(perimeter.manufacturer_cas):
+            problems += _check_ca(doc, ("spec", "manufacturerCAs", i, "certificate"), ca.certificate, ca.sha256)
+    return problems
+
+
+def _check_ca(doc, path, file: str, pinned: str | None) -> list[Problem]:  # type: ignore[no-untyped-def]
+    if not os.path.isfile(file):
+        return [doc.problem(path, "xref.ca-missing", f"manufacturer CA certificate {file} does not exist",
+                            "the path is relative to the perimeter file; put the CA's PEM file there")]
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(1024 * 1024)
+        cert = (x509.load_pem_x509_certificate(raw) if b"-----BEGIN" in raw
+                else x509.load_der_x509_certificate(raw))
+    except (ValueError, TypeError) as exc:
+        return [doc.problem(path, "xref.ca-invalid", f"{file} is not an X.509 certificate ({exc})",
+                            "give the CA certificate in PEM or DER form")]
+    problems: list[Problem] = []
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        problems.append(doc.problem(path, "xref.ca-not-ca", f"{file} is not a CA certificate (no basicConstraints CA:TRUE)",
+                                    "name the manufacturer's CA certificate, not an EK certificate"))
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        problems.append(doc.problem(path, "xref.ca-expired", f"{file} expired on {cert.not_valid_after_utc:%Y-%m-%d}",
+                                    "EK certificates it issued may still verify; get the manufacturer's current CA",
+                                    "warning"))
+    # Over the DER encoding, as `openssl x509 -fingerprint -sha256` computes it.
+    digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    if pinned and digest != pinned:
+        problems.append(doc.problem(path, "xref.ca-fingerprint",
+                                    f"{file} has SHA-256 fingerprint {digest}, not the pinned {pinned}",
+                                    "the file was replaced: check where it came from before changing the pin"))
+    return problems
+
+
+def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
+    """xref.duplicate-build, xref.build-bank, xref.build-pcr-not-quoted, xref.build-artifact,
+    xref.artifact-digest, xref.artifact-missing, xref.cmdline-digest, xref.no-approved-build."""
+    problems: list[Problem] = []
+    seen: dict[str, TVMMBuild] = {}
+    for build in result.builds:
+        doc = build.source
+        assert doc is not None
+        if build.name in seen:
+            other = seen[build.name].source
+            where = f"{other.file}" if other else "elsewhere"
+            problems.append(doc.problem(("metadata", "name"), "xref.duplicate-build",
+                                        f"TVMM build {build.name!r} is defined twice (also in {where})",
+                                        "give each build its own name; versions go in spec.version"))
+        seen.setdefault(build.name, build)
+        data = doc.data
+        for i, entry in enumerate(data["spec"]["measurements"]["pcrs"]):
+            for j, event in enumerate(entry["events"]):
+                if "artifact" in event and event["artifact"] not in build.artifacts:
+                    problems.append(doc.problem(
+                        ("spec", "measurements", "pcrs", i, "events", j, "artifact"), "xref.build-artifact",
+                        f"event names artifact {event['artifact']!r}, which this build does not list",
+                        f"add it under spec.artifacts (listed: {', '.join(build.artifacts) or 'none'})"))
+                if "artifact" in event and build.bank != "sha256":
+                    problems.append(doc.problem(
+                        ("spec", "measurements", "pcrs", i, "events", j), "xref.build-bank",
+                        "an artifact event stands for its sha256 digest, but this build's bank is " + build.bank,
+                        "give the digest in the build's bank explicitly"))
+            if perimeter is not None and entry["pcr"] not in perimeter.attestation.pcrs:
+                problems.append(doc.problem(
+                    ("spec", "measurements", "pcrs", i, "pcr"), "xref.build-pcr-not-quoted",
+                    f"PCR {entry['pcr']} is measured by this build but not quoted by the perimeter's policy "
+                    f"(pcrs {list(perimeter.attestation.pcrs)})",
+                    "add the PCR to the Perimeter's spec.attestation.pcrs, or it would never be verified"))
+        if perimeter is not None and build.bank != perimeter.attestation.bank:
+            problems.append(doc.problem(("spec", "measurements", "bank"), "xref.build-bank",
+                                        f"build measures bank {build.bank} but the perimeter quotes {perimeter.attestation.bank}",
+                                        "give the reference digests in the perimeter's bank"))
+        for name, art in build.artifacts.items():
+            path = ("spec", "artifacts", name)
+            if art.value is not None and hashlib.sha256(art.value.encode()).hexdigest() != art.sha256:
+                actual = hashlib.sha256(art.value.encode()).hexdigest()
+                problems.append(doc.problem(path + ("sha256",), "xref.cmdline-digest",
+                                            f"sha256 does not match value (its digest is {actual})",
+                                            "fix the digest or the value"))
+            if art.path is not None:
+                if not os.path.isfile(art.path):
+                    problems.append(doc.problem(path + ("path",), "xref.artifact-missing",
+                                                f"artifact file {art.path} does not exist",
+                                                "the path is relative to the build manifest"))
+                else:
+                    actual = _sha256_file(art.path)
+                    if actual != art.sha256:
+                        problems.append(doc.problem(path + ("sha256",), "xref.artifact-digest",
+                                                    f"{art.path} has sha256 {actual}, not the one listed",
+                                                    "the file changed: rebuild the manifest from the new artifact, or restore the file"))
+    if result.builds and not any(b.status == "approved" for b in result.builds):
+        doc = result.builds[0].source
+        assert doc is not None
+        problems.append(doc.problem(("spec", "status"), "xref.no-approved-build",
+                                    "no TVMM build is approved: no node can be admitted", "approve a build",
+                                    "warning"))
+    return problems
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def inventory_hosts(inventory: Inventory, result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
+    """One problem per place: a group variable wrong for ten hosts is one fix, so one report."""
+    merged: dict[tuple[str, int, int, str], tuple[Problem, int]] = {}
+    for problem in _inventory_hosts(inventory, result, perimeter):
+        key = (problem.file, problem.line, problem.column, problem.code)
+        first, count = merged.get(key, (problem, 0))
+        merged[key] = (first, count + 1)
+    out = []
+    for problem, count in merged.values():
+        if count > 1:
+            from dataclasses import replace
+
+            problem = replace(problem, message=f"{problem.message} (and {count - 1} more host(s) from this line)")
+        out.append(problem)
+    return out
+
+
+def _inventory_hosts(inventory: Inventory, result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
+    """xref.no-perimeter, xref.unknown-site, xref.address-not-ip, xref.address-outside-site,
+    xref.duplicate-address, xref.unknown-build, xref.no-site (warning)."""
+    problems: list[Problem] = []
+    by_address: dict[str, Host] = {}
+    build_names = {b.name for b in result.builds}
+    if perimeter is None and not result.perimeters and inventory.hosts and inventory.documents:
+        problems.append(inventory.documents[0].problem(
+            (), "xref.no-perimeter", "no Perimeter among the validated files: sites and addresses not checked",
+            "validate the inventory together with its Perimeter manifest", "warning"))
+    for host in inventory.hosts.values():
+        site_name = host.vars.get("tcc_site")
+        address = host.address
+        addr_origin = host.where("ansible_host")
+        ip = _parse_ip(address)
+        if ip is not None:
+            canonical = str(ip)
+            if canonical in by_address and addr_origin is not None:
+                other = by_address[canonical]
+                problems.append(addr_origin.problem(
+                    "xref.duplicate-address",
+                    f"hosts {other.name!r} and {host.name!r} share address {canonical}",
+                    "every node has its own address; the perimeter check depends on it"))
+            by_address.setdefault(canonical, host)
+        if site_name is None:
+            where = host.where()
+            if where is not None and perimeter is not None:
+                problems.append(where.problem(
+                    "xref.no-site", f"host {host.name!r} has no tcc_site: it is outside the perimeter and will never be admitted",
+                    "set tcc_site to a perimeter site if it should run VMs", "warning"))
+        elif perimeter is not None:
+            origin = host.where("tcc_site")
+            site = perimeter.site(str(site_name))
+            if site is None:
+                names = ", ".join(s.name for s in perimeter.sites)
+                if origin:
+                    problems.append(origin.problem(
+                        "xref.unknown-site", f"host {host.name!r}: site {site_name!r} is not in perimeter {perimeter.name!r}",
+                        f"sites are: {names}"))
+            elif ip is None:
+                if addr_origin:
+                    problems.append(addr_origin.problem(
+                        "xref.address-not-ip",
+                        f"host {host.name!r} is in site {site.name!r} but its address {address!r} is not an IP address",
+                        "set ansible_host to the node's IP address so the perimeter can be checked"))
+            elif not site.contains(ip):
+                nets = ", ".join(str(n) for n in site.networks)
+                if addr_origin:
+                    problems.append(addr_origin.problem(
+                        "xref.address-outside-site",
+                        f"host {host.name!r} address {address} is not in site {site.name!r} networks ({nets})",
+                        "fix ansible_host or tcc_site, or add the network to the site"))
+        build = host.vars.get("tcc_build")
+        if build is not None and result.builds and str(build) not in build_names:
+            origin = host.where("tcc_build")
+            if origin:
+                problems.append(origin.problem(
+                    "xref.unknown-build", f"host {host.name!r}: TVMM build {build!r} is not defined",
+                    f"builds are: {', '.join(sorted(build_names))}"))
+    return problems
+
+
+def requests(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
+    """xref.unknown-site, xref.unknown-build, xref.unsatisfiable-version (warning)."""
+    problems: list[Problem] = []
+    build_names = {b.name for b in result.builds}
+    for req in result.requests:
+        doc = req.source
+        assert doc is not None
+        base = ("spec", "constraints")
+        if perimeter is not None:
+            for i, site in enumerate(req.sites):
+                if perimeter.site(site) is None:
+                    problems.append(doc.problem(base + ("sites", i), "xref.unknown-site",
+                                                f"site {site!r} is not in perimeter {perimeter.name!r}",
+                                                f"sites are: {', '.join(s.name for s in perimeter.sites)}"))
+        if result.builds:
+            for i, name in enumerate(req.builds):
+                if name not in build_names:
+                    problems.append(doc.problem(base + ("builds", i), "xref.unknown-build",
+                                                f"TVMM build {name!r} is not defined",
+                                                f"builds are: {', '.join(sorted(build_names))}"))
+            if req.min_build_version is not None:
+                wanted = version_key(req.min_build_version)
+                if not any(b.admissible and version_key(b.version) >= wanted for b in result.builds):
+                    problems.append(doc.problem(base + ("minBuildVersion",), "xref.unsatisfiable-version",
+                                                f"no approved build has version {req.min_build_version} or later",
+                                                "the request could not be placed anywhere", "warning"))
+    return problems
+
+
+def playbook_tasks(doc) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
+    """xref.task-module: a task calls exactly one module."""
+    for i, play in enumerate(doc.data or []):
+        if not isinstance(play, dict):
+            continue
+        for j, task in enumerate(play.get("tasks") or []):
+            if not isinstance(task, dict):
+                continue
+            modules = [k for k in task if k in MODULES]
+            if any(k not in MODULES and k not in TASK_KEYWORDS for k in task):
+                continue  # the schema already reports the unknown key
+            if len(modules) != 1:
+                yield doc.problem(
+                    (i, "tasks", j), "xref.task-module",
+                    "task calls no module" if not modules else f"task calls {len(modules)} modules: {', '.join(modules)}",
+                    f"a task calls exactly one of: {', '.join(MODULES)}")
+
+
+__all__ = ["check", "MANIFEST_KINDS"]
