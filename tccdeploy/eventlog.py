@@ -1,0 +1,291 @@
+"""The TCG2 crypto-agile binary event log: parser, replay and writer, in one place.
+
+The log is how a verifier learns *what* was measured into each PCR; the quote only says what
+the PCRs hold. The format (TCG PC Client Platform Firmware Profile, section 10) is what Linux
+exposes at /sys/kernel/security/tpm0/binary_bios_measurements:
+
+- a first event in the old SHA-1 format (TCG_PCR_EVENT) of type EV_NO_ACTION whose data is the
+  "Spec ID Event03" structure, listing the hash algorithms (banks) and their digest sizes;
+- then TCG_PCR_EVENT2 records: PCR index, event type, a digest per bank, event data.
+
+The log is evidence from an untrusted node, so the parser bounds-checks every length and raises
+EventLogError (with the byte offset) on anything malformed; it never trusts a size field.
+Replay extends PCR = H(PCR || digest) per bank, skipping EV_NO_ACTION, and starts PCR 0 at the
+StartupLocality the log declares (as tpm2-tools does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+# TPM_ALG_ID -> (name, digest size)
+ALGORITHMS: dict[int, tuple[str, int]] = {
+    0x0004: ("sha1", 20),
+    0x000B: ("sha256", 32),
+    0x000C: ("sha384", 48),
+    0x000D: ("sha512", 64),
+    0x0012: ("sm3_256", 32),
+}
+ALG_BY_NAME: dict[str, int] = {name: alg for alg, (name, _) in ALGORITHMS.items()}
+
+EV_NO_ACTION = 0x00000003
+EVENT_TYPES: dict[int, str] = {
+    0x00000000: "EV_PREBOOT_CERT",
+    0x00000001: "EV_POST_CODE",
+    0x00000002: "EV_UNUSED",
+    0x00000003: "EV_NO_ACTION",
+    0x00000004: "EV_SEPARATOR",
+    0x00000005: "EV_ACTION",
+    0x00000006: "EV_EVENT_TAG",
+    0x00000007: "EV_S_CRTM_CONTENTS",
+    0x00000008: "EV_S_CRTM_VERSION",
+    0x00000009: "EV_CPU_MICROCODE",
+    0x0000000A: "EV_PLATFORM_CONFIG_FLAGS",
+    0x0000000B: "EV_TABLE_OF_DEVICES",
+    0x0000000C: "EV_COMPACT_HASH",
+    0x0000000D: "EV_IPL",
+    0x0000000E: "EV_IPL_PARTITION_DATA",
+    0x0000000F: "EV_NONHOST_CODE",
+    0x00000010: "EV_NONHOST_CONFIG",
+    0x00000011: "EV_NONHOST_INFO",
+    0x00000012: "EV_OMIT_BOOT_DEVICE_EVENTS",
+    0x00000013: "EV_POST_CODE2",
+    0x80000000: "EV_EFI_EVENT_BASE",
+    0x80000001: "EV_EFI_VARIABLE_DRIVER_CONFIG",
+    0x80000002: "EV_EFI_VARIABLE_BOOT",
+    0x80000003: "EV_EFI_BOOT_SERVICES_APPLICATION",
+    0x80000004: "EV_EFI_BOOT_SERVICES_DRIVER",
+    0x80000005: "EV_EFI_RUNTIME_SERVICES_DRIVER",
+    0x80000006: "EV_EFI_GPT_EVENT",
+    0x80000007: "EV_EFI_ACTION",
+    0x80000008: "EV_EFI_PLATFORM_FIRMWARE_BLOB",
+    0x80000009: "EV_EFI_HANDOFF_TABLES",
+    0x8000000A: "EV_EFI_PLATFORM_FIRMWARE_BLOB2",
+    0x8000000B: "EV_EFI_HANDOFF_TABLES2",
+    0x8000000C: "EV_EFI_VARIABLE_BOOT2",
+    0x8000000D: "EV_EFI_GPT_EVENT2",
+    0x80000010: "EV_EFI_HCRTM_EVENT",
+    0x800000E0: "EV_EFI_VARIABLE_AUTHORITY",
+    0x800000E1: "EV_EFI_SPDM_FIRMWARE_BLOB",
+    0x800000E2: "EV_EFI_SPDM_FIRMWARE_CONFIG",
+}
+EVENT_CODES: dict[str, int] = {name: code for code, name in EVENT_TYPES.items()}
+
+SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
+STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
+MAX_LOG_BYTES = 16 * 1024 * 1024
+MAX_EVENT_DATA = 1024 * 1024
+NUM_PCRS = 24
+
+
+class EventLogError(ValueError):
+    """A malformed event log; `offset` is where in the bytes it went wrong."""
+
+    def __init__(self, message: str, offset: int = 0):
+        super().__init__(f"{message} (at byte {offset})")
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class Event:
+    pcr: int
+    type: int
+    digests: dict[str, bytes]
+    data: bytes
+    offset: int = 0
+
+    @property
+    def type_name(self) -> str:
+        return EVENT_TYPES.get(self.type, f"0x{self.type:08x}")
+
+
+@dataclass
+class EventLog:
+    algorithms: dict[str, int]  # bank name -> digest size, from the Spec ID event
+    events: list[Event] = field(default_factory=list)  # after the Spec ID event
+    startup_locality: int = 0
+    spec_version: tuple[int, int, int] = (2, 0, 0)
+    uintn_size: int = 2
+    platform_class: int = 0
+
+    @property
+    def banks(self) -> list[str]:
+        return list(self.algorithms)
+
+    def replay(self, bank: str, pcrs: list[int] | None = None) -> dict[int, bytes]:
+        """The PCR values this log implies, for every PCR an event touched (or those asked)."""
+        if bank not in self.algorithms:
+            raise EventLogError(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
+        hasher = getattr(hashlib, bank, None) or (lambda data=b"": hashlib.new(bank, data))
+        size = self.algorithms[bank]
+        values: dict[int, bytes] = {}
+        for event in self.events:
+            if event.type == EV_NO_ACTION:
+                continue
+            current = values.get(event.pcr)
+            if current is None:
+                current = _initial(event.pcr, size, self.startup_locality)
+            values[event.pcr] = hasher(current + event.digests[bank]).digest()
+        if pcrs is not None:
+            return {p: values.get(p, _initial(p, size, self.startup_locality)) for p in pcrs}
+        return values
+
+
+def _initial(pcr: int, size: int, locality: int) -> bytes:
+    if pcr == 0:
+        return bytes(size - 1) + bytes([locality])
+    if 17 <= pcr <= 22:
+        return b"\xff" * size  # dynamic-launch PCRs start at all ones
+    return bytes(size)
+
+
+class _Reader:
+    __slots__ = ("raw", "pos")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.raw):
+            raise EventLogError(f"truncated: {what} needs {n} bytes, {len(self.raw) - self.pos} left", self.pos)
+        out = self.raw[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return struct.unpack("<H", self.take(2, what))[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    @property
+    def left(self) -> int:
+        return len(self.raw) - self.pos
+
+
+def parse(raw: bytes) -> EventLog:
+    """Parse a TCG2 crypto-agile log; raise EventLogError on anything malformed."""
+    if len(raw) > MAX_LOG_BYTES:
+        raise EventLogError(f"log is {len(raw)} bytes; at most {MAX_LOG_BYTES} are accepted")
+    r = _Reader(raw)
+    # TCG_PCR_EVENT (SHA-1 format) carrying the Spec ID event.
+    pcr = r.u32("first event PCR index")
+    event_type = r.u32("first event type")
+    r.take(20, "first event SHA-1 digest")
+    size = r.u32("first event size")
+    start = r.pos
+    if pcr != 0 or event_type != EV_NO_ACTION:
+        raise EventLogError("not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event", 0)
+    if size < 29 or size > r.left:
+        raise EventLogError(f"Spec ID event size {size} is impossible", start - 4)
+    spec = _Reader(r.take(size, "Spec ID event"))
+    if spec.take(16, "signature") != SPEC_ID_SIGNATURE:
+        raise EventLogError("Spec ID event signature is not 'Spec ID Event03' (a SHA-1-only log?)", start)
+    platform_class = spec.u32("platformClass")
+    minor, major, errata = spec.u8("specVersionMinor"), spec.u8("specVersionMajor"), spec.u8("specErrata")
+    uintn = spec.u8("uintnSize")
+    count = spec.u32("numberOfAlgorithms")
+    if count == 0 or count > 16:
+        raise EventLogError(f"Spec ID event lists {count} algorithms", start + 24)
+    algorithms: dict[str, int] = {}
+    sizes_by_id: dict[int, tuple[str, int]] = {}
+    for _ in range(count):
+        alg, digest_size = spec.u16("algorithmId"), spec.u16("digestSize")
+        known = ALGORITHMS.get(alg)
+        name = known[0] if known else f"alg_0x{alg:04x}"
+        if known and known[1] != digest_size:
+            raise EventLogError(f"{name} digest size {digest_size} in the Spec ID event, expected {known[1]}", start)
+        if digest_size == 0 or digest_size > 64:
+            raise EventLogError(f"digest size {digest_size} for algorithm 0x{alg:04x}", start)
+        algorithms[name] = digest_size
+        sizes_by_id[alg] = (name, digest_size)
+    vendor_size = spec.u8("vendorInfoSize")
+    spec.take(vendor_size, "vendorInfo")
+    log = EventLog(algorithms, [], 0, (major, minor, errata), uintn, platform_class)
+
+    while r.left:
+        offset = r.pos
+        pcr = r.u32("PCR index")
+        event_type = r.u32("event type")
+        if pcr >= NUM_PCRS and not (event_type == EV_NO_ACTION):
+            raise EventLogError(f"PCR index {pcr} out of range", offset)
+        digest_count = r.u32("digest count")
+        if digest_count > len(sizes_by_id):
+            raise EventLogError(f"event has {digest_count} digests; the log declares {len(sizes_by_id)} banks", offset + 8)
+        digests: dict[str, bytes] = {}
+        for _ in range(digest_count):
+            alg = r.u16("digest algorithm")
+            if alg not in sizes_by_id:
+                raise EventLogError(f"digest algorithm 0x{alg:04x} is not declared in the Spec ID event", r.pos - 2)
+            name, digest_size = sizes_by_id[alg]
+            if name in digests:
+                raise EventLogError(f"two {name} digests in one event", r.pos - 2)
+            digests[name] = r.take(digest_size, f"{name} digest")
+        data_size = r.u32("event size")
+        if data_size > MAX_EVENT_DATA:
+            raise EventLogError(f"event data of {data_size} bytes", r.pos - 4)
+        data = r.take(data_size, "event data")
+        if event_type != EV_NO_ACTION and set(digests) != set(algorithms):
+            missing = ", ".join(sorted(set(algorithms) - set(digests)))
+            raise EventLogError(f"event lacks a digest for bank(s) {missing}", offset)
+        if event_type == EV_NO_ACTION and data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(data) >= 17:
+            log.startup_locality = data[16]
+        log.events.append(Event(pcr, event_type, digests, data, offset))
+    return log
+
+
+def parse_file(path: str) -> EventLog:
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_LOG_BYTES + 1)
+    return parse(raw)
+
+
+class EventLogWriter:
+    """Builds a crypto-agile log; the lab uses it to write what its boot measured."""
+
+    def __init__(self, banks: list[str]):
+        for bank in banks:
+            if bank not in ALG_BY_NAME:
+                raise ValueError(f"unknown bank {bank}")
+        self.banks = list(banks)
+        self._events: list[bytes] = []
+
+    def digests_of(self, measured: bytes) -> dict[str, bytes]:
+        return {bank: hashlib.new(bank, measured).digest() for bank in self.banks}
+
+    def add(self, pcr: int, event_type: str | int, measured: bytes, data: bytes | None = None) -> dict[str, bytes]:
+        """Record a measurement of `measured` (its digests go in the log); returns the digests."""
+        digests = self.digests_of(measured)
+        self.add_digests(pcr, event_type, digests, measured if data is None else data)
+        return digests
+
+    def add_digests(self, pcr: int, event_type: str | int, digests: dict[str, bytes], data: bytes) -> None:
+        code = EVENT_CODES[event_type] if isinstance(event_type, str) else event_type
+        body = struct.pack("<III", pcr, code, len(self.banks))
+        for bank in self.banks:
+            body += struct.pack("<H", ALG_BY_NAME[bank]) + digests[bank]
+        body += struct.pack("<I", len(data)) + data
+        self._events.append(body)
+
+    def header(self) -> bytes:
+        spec = SPEC_ID_SIGNATURE + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, len(self.banks))
+        for bank in self.banks:
+            alg = ALG_BY_NAME[bank]
+            spec += struct.pack("<HH", alg, ALGORITHMS[alg][1])
+        spec += b"\x00"  # vendorInfoSize
+        return struct.pack("<II", 0, EV_NO_ACTION) + bytes(20) + struct.pack("<I", len(spec)) + spec
+
+    def to_bytes(self) -> bytes:
+        return self.header() + b"".join(self._events)
+
+
+def image_load_event(length: int) -> bytes:
+    """A UEFI_IMAGE_LOAD_EVENT with an empty device path, as firmware logs for boot applications."""
+    end_of_path = b"\x7f\xff\x04\x00"
+    return struct.pack("<QQQQ", 0, length, 0, len(end_of_path)) + end_of_path
