@@ -136,6 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
+        from .lab.tpm import LabError
+        from .manifest.problems import ManifestError
+
+        if isinstance(exc, (LabError, ManifestError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if os.environ.get("TCCDEPLOY_DEBUG"):
+            raise
+        print(f"unexpected error: {type(exc).__name__}: {exc} (set TCCDEPLOY_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

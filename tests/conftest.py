@@ -22,3 +22,60 @@ def shared_vectors() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared test vectors not found at {path} (set TCCDEPLOY_SHARED to the shared/ folder)")
     return path
+
+
+def _lab_skip_reason() -> str | None:
+    import shutil
+
+    if os.geteuid() != 0:
+        return "the lab needs root (sshd, lab user)"
+    for tool in ("swtpm", "swtpm_setup", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (run scripts/install)"
+    return None
+
+
+# Addresses 127.K.S.N: K=0 is a developer's own lab; the tests use their own K values.
+TEST_LAB_INDEX = 100
+
+
+def lab_directory() -> str:
+    """An empty folder the lab user can reach (pytest's tmp_path sits under a 0700 folder)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="tccdeploy-test-lab-")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """A lab of 4 nodes in 2 sites, 1 rogue-TPM node and 1 outside node, shared by the session.
+
+    Always torn down, even when tests fail. Tests that break a node use `lab_node`, which puts
+    the node back afterwards.
+    """
+    reason = _lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tccdeploy.lab.lab import Lab
+
+    instance = Lab(lab_directory())
+    try:
+        instance.up(nodes=4, sites=2, outside=1, rogue=1, lab_index=TEST_LAB_INDEX)
+        yield instance
+    finally:
+        instance.down()
+
+
+@pytest.fixture
+def lab_node(lab):
+    """A node of the session lab that the test may break; it is reset after the test."""
+    used: list[str] = []
+
+    def take(name: str = "node2"):
+        used.append(name)
+        return lab.node(name)
+
+    yield take
+    for name in used:
+        lab.reset(name)
+    lab.load()

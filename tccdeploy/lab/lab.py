@@ -1,0 +1,768 @@
+"""The local lab: real nodes on one machine, each with its own sshd, swtpm and boot.
+
+A lab node is a loopback address (127.K.S.N: lab K, site S, node N; site 9 is outside the
+perimeter) with:
+- its own OpenSSH sshd bound to that address only, key-only login as the lab user;
+- its own swtpm (TCP on the same address), manufactured with an EK certificate from the lab's
+  TPM vendor CA, or from a second "rogue" CA the perimeter does not trust;
+- a boot: the lab measures a TVMM build's artifacts into the PCRs and writes the matching
+  TCG2 event log where the node helper reads it.
+
+Everything lives in one directory with a state file; every process is recorded by PID as soon
+as it starts, so `down` stops exactly what `up` started, even after a crash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from ..eventlog import EventLogWriter, image_load_event
+from . import procs, tpm
+from .builds import ARTIFACTS, BOOT_SEQUENCE, LAB_BUILDS, POLICY_PCRS, artifact_bytes, build_manifest, lab_build
+from .ca import make_ca
+from .tpm import LabError
+
+LAB_USER = "tccnode"
+LAB_HOME = "/var/lib/tccdeploy-lab/home"
+SSH_PORT = 2222
+TPM_PORT = 2321
+OUTSIDE_SITE = 9
+DEFAULT_BUILD = "tvmm-2026.1"
+STATE_FILE = "lab.json"
+ASSET_TAG_INDEX = 0x01500001
+TAMPER_PCR = 4
+REQUIRED_TOOLS = {
+    "swtpm": "swtpm",
+    "swtpm_setup": "swtpm-tools",
+    "swtpm_ioctl": "swtpm-tools",
+    "swtpm_localca": "swtpm-tools",
+    "ssh-keygen": "openssh-client",
+}
+SSHD = "/usr/sbin/sshd"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Node:
+    name: str
+    address: str
+    site: str | None  # None: outside the perimeter
+    group: str
+    rogue_tpm: bool = False
+    build: str = DEFAULT_BUILD
+    asset_tag: str | None = None
+    sshd_pid: int | None = None
+    swtpm_pid: int | None = None
+    ssh: str = "running"  # running | stopped
+    frozen: list[int] = field(default_factory=list)
+    boots: int = 0
+    tampered: int = 0
+
+    @property
+    def state(self) -> str:
+        if self.frozen:
+            return "frozen"
+        if self.ssh != "running":
+            return "ssh-stopped"
+        return "tampered" if self.tampered else "running"
+
+
+def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int) -> list[Node]:
+    """Name and address every node: site nodes first (spread evenly), then rogue TPMs, outside."""
+    if not 1 <= sites <= 8:
+        raise LabError(f"--sites must be 1 to 8 (site {OUTSIDE_SITE} is outside the perimeter), not {sites}")
+    if nodes < 1 or nodes > 200 * sites:
+        raise LabError(f"--nodes must be 1 to {200 * sites} for {sites} site(s), not {nodes}")
+    if not 0 <= outside <= 50 or not 0 <= rogue <= 50:
+        raise LabError("--outside and --rogue-tpm must be 0 to 50")
+    if not 0 <= lab_index <= 255:
+        raise LabError(f"--lab-index must be 0 to 255, not {lab_index}")
+    out: list[Node] = []
+    per_site = [nodes // sites + (1 if s < nodes % sites else 0) for s in range(sites)]
+    n = 0
+    for s, count in enumerate(per_site, start=1):
+        for i in range(1, count + 1):
+            n += 1
+            tag = asset_tag_value(s)
+            out.append(Node(f"node{n}", f"127.{lab_index}.{s}.{i}", f"site{s}", f"site{s}", asset_tag=tag))
+    for i in range(1, rogue + 1):
+        out.append(Node(f"roguetpm{i}", f"127.{lab_index}.1.{200 + i}", "site1", "site1", rogue_tpm=True,
+                        asset_tag=asset_tag_value(1)))
+    for i in range(1, outside + 1):
+        out.append(Node(f"outside{i}", f"127.{lab_index}.{OUTSIDE_SITE}.{i}", None, "outside"))
+    return out
+
+
+def asset_tag_value(site: int) -> str | None:
+    """Sites after the first carry an asset tag in their TPMs (so both cases are exercised)."""
+    return f"site{site}-rack-a" if site >= 2 else None
+
+
+class Lab:
+    """A lab directory and what runs for it. Methods raise LabError with a fix-it message."""
+
+    def __init__(self, directory: str, progress: Progress | None = None):
+        self.dir = os.path.abspath(directory)
+        self.progress = progress or (lambda message: None)
+        self.nodes: list[Node] = []
+        self.meta: dict = {}
+
+    # -- paths --------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def node_dir(self, node: Node, *parts: str) -> str:
+        return self.path("nodes", node.name, *parts)
+
+    @property
+    def ssh_key(self) -> str:
+        return self.path("ssh", "id_ed25519")
+
+    @property
+    def known_hosts(self) -> str:
+        return self.path("ssh", "known_hosts")
+
+    @property
+    def inventory_dir(self) -> str:
+        return self.path("inventory")
+
+    @property
+    def manifests_dir(self) -> str:
+        return self.path("manifests")
+
+    @property
+    def ssh_port(self) -> int:
+        return int(self.meta.get("ssh_port", SSH_PORT))
+
+    @property
+    def tpm_port(self) -> int:
+        return int(self.meta.get("tpm_port", TPM_PORT))
+
+    def tcti(self, node: Node) -> str:
+        return tpm.tcti(node.address, self.tpm_port)
+
+    # -- state --------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return os.path.isfile(self.path(STATE_FILE))
+
+    def load(self) -> Lab:
+        try:
+            with open(self.path(STATE_FILE)) as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise LabError(f"no lab in {self.dir}: start one with `tccdeploy lab up --dir {self.dir}`") from None
+        except (OSError, ValueError) as exc:
+            raise LabError(f"lab state {self.path(STATE_FILE)} is unreadable ({exc}); "
+                           f"`tccdeploy lab down --dir {self.dir}` cleans it up") from None
+        self.meta = data["meta"]
+        self.nodes = [Node(**n) for n in data["nodes"]]
+        return self
+
+    def save(self) -> None:
+        tmp = self.path(STATE_FILE + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"meta": self.meta, "nodes": [asdict(n) for n in self.nodes]}, fh, indent=2)
+        os.replace(tmp, self.path(STATE_FILE))
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """One lab command at a time per directory (two `lab up` racing would share ports)."""
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(self.path(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        names = ", ".join(n.name for n in self.nodes) or "none"
+        raise LabError(f"no node {name!r} in the lab at {self.dir} (nodes: {names})")
+
+    # -- up -----------------------------------------------------------------------------
+    def up(
+        self,
+        nodes: int = 6,
+        sites: int = 2,
+        outside: int = 1,
+        rogue: int = 0,
+        lab_index: int = 0,
+        python: str | None = None,
+        ssh_port: int = SSH_PORT,
+        tpm_port: int = TPM_PORT,
+        build: str = DEFAULT_BUILD,
+    ) -> Lab:
+        """Bring the lab up; on any failure stop what started and remove the directory."""
+        planned = plan(nodes, sites, outside, rogue, lab_index)
+        try:
+            lab_build(build)
+        except KeyError:
+            raise LabError(f"unknown build {build!r}; lab builds: {', '.join(b.name for b in LAB_BUILDS)}") from None
+        if self.exists():
+            self._refuse_existing()
+        if os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"}:
+            raise LabError(f"{self.dir} exists and is not a lab; give an empty or new --dir")
+        _preflight(planned, ssh_port, tpm_port)
+        _check_reachable(self.dir)
+        python = python or _default_python()
+        started = time.monotonic()
+        try:
+            with self.locked():
+                self.meta = {
+                    "version": 1, "created": time.time(), "lab_index": lab_index, "sites": sites,
+                    "ssh_port": ssh_port, "tpm_port": tpm_port, "user": LAB_USER, "python": python,
+                    "default_build": build,
+                }
+                self.nodes = planned
+                for node in self.nodes:
+                    node.build = build
+                self._prepare(python)
+                self.save()
+                self._manufacture()
+                self._start_tpms()
+                self._boot_all()
+                self._start_sshds()
+                self._write_known_hosts()
+                self._write_manifests()
+                self._write_inventory()
+                self.meta["up_seconds"] = round(time.monotonic() - started, 2)
+                self.save()
+        except BaseException as exc:
+            self.progress("failed; stopping what was started")
+            self._teardown()
+            if isinstance(exc, LabError):
+                raise
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise LabError(f"lab up failed: {exc}") from exc
+        return self
+
+    def _refuse_existing(self) -> None:
+        try:
+            self.load()
+        except LabError:
+            raise LabError(f"a broken lab is in {self.dir}; run `tccdeploy lab down --dir {self.dir}` first") from None
+        live = [n.name for n in self.nodes if procs.belongs(n.sshd_pid, self.dir) or procs.belongs(n.swtpm_pid, self.dir)]
+        what = f"{len(live)} node(s) running" if live else "not running"
+        raise LabError(f"a lab already exists in {self.dir} ({what}); run `tccdeploy lab down --dir {self.dir}` first")
+
+    def _prepare(self, python: str) -> None:
+        self.progress("preparing directories, keys, CAs and artifacts")
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        for sub in ("ssh", "ca"):
+            os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
+        os.makedirs(self.path("nodes"), mode=0o755, exist_ok=True)
+        ensure_lab_user()
+        _check_python(python)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tccdeploy-lab-engine", "-f", self.ssh_key])
+        make_ca(self.path("ca", "manufacturer"), "tccdeploy Lab TPM Vendor")
+        make_ca(self.path("ca", "rogue"), "Rogue TPM Vendor")
+        for build in LAB_BUILDS:
+            folder = self.path("artifacts", build.name)
+            os.makedirs(folder, exist_ok=True)
+            for artifact in ARTIFACTS:
+                with open(os.path.join(folder, artifact), "wb") as fh:
+                    fh.write(artifact_bytes(build.name, artifact))
+        with open(self.ssh_key + ".pub") as fh:
+            public_key = fh.read()
+        uid = pwd.getpwnam(LAB_USER).pw_uid
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        for node in self.nodes:
+            ndir = self.node_dir(node)
+            os.makedirs(ndir, mode=0o755, exist_ok=True)
+            os.makedirs(self.node_dir(node, "tpm"), mode=0o700, exist_ok=True)
+            home = self.node_dir(node, "home")
+            os.makedirs(home, mode=0o700, exist_ok=True)
+            os.chown(home, uid, -1)
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node.name} host key",
+                  "-f", self.node_dir(node, "ssh_host_ed25519_key")])
+            with open(self.node_dir(node, "authorized_keys"), "w") as fh:
+                fh.write(public_key)
+            with open(self.node_dir(node, "sshd_config"), "w") as fh:
+                fh.write(self._sshd_config(node))
+
+    def _sshd_config(self, node: Node) -> str:
+        ndir = self.node_dir(node)
+        return "\n".join([
+            "# sshd for lab node " + node.name + " (written by tccdeploy lab)",
+            f"ListenAddress {node.address}:{self.ssh_port}",
+            f"HostKey {ndir}/ssh_host_ed25519_key",
+            "PidFile none",
+            f"AuthorizedKeysFile {ndir}/authorized_keys",
+            f"AllowUsers {LAB_USER}",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin no",
+            "UsePAM no",
+            # The keys file is root-owned 0644; StrictModes would also refuse a lab under /tmp.
+            "StrictModes no",
+            "UseDNS no",
+            "X11Forwarding no",
+            "AllowTcpForwarding no",
+            "AllowAgentForwarding no",
+            "PermitTTY yes",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "MaxStartups 200:30:400",
+            "MaxSessions 50",
+            "ClientAliveInterval 15",
+            "Subsystem sftp internal-sftp",
+            f"SetEnv TCCDEPLOY_NODE={node.name} TCCDEPLOY_NODE_DIR={ndir}/home",
+            "",
+        ])
+
+    def _manufacture(self) -> None:
+        self.progress(f"manufacturing {len(self.nodes)} TPMs (EK certificates from the lab CA)")
+
+        def one(node: Node) -> None:
+            ca = self.path("ca", "rogue" if node.rogue_tpm else "manufacturer")
+            tpm.manufacture(self.node_dir(node, "tpm"), ca, self.node_dir(node, "swtpm_setup.log"))
+
+        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+            list(pool.map(one, self.nodes))
+
+    def _start_tpms(self) -> None:
+        self.progress("starting swtpm for every node")
+        started = []
+        for node in self.nodes:
+            proc = procs.spawn(
+                tpm.swtpm_argv(self.node_dir(node, "tpm"), node.address, self.tpm_port, self.node_dir(node, "swtpm.log")),
+                self.node_dir(node, "swtpm.out"),
+            )
+            node.swtpm_pid = proc.pid
+            self.save()
+            started.append((node, proc))
+        for node, proc in started:
+            if not procs.wait_listening(node.address, self.tpm_port, proc):
+                raise LabError(f"swtpm of {node.name} did not start on {node.address}:{self.tpm_port}: "
+                               f"{_tail(self.node_dir(node, 'swtpm.out'))}")
+        for node in self.nodes:
+            if node.asset_tag:
+                _provision_asset_tag(node.address, self.tpm_port, node.asset_tag)
+
+    def _boot_all(self) -> None:
+        self.progress(f"booting every node into {self.meta['default_build']} (measured boot + event log)")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda n: self._boot(n, n.build, reset=False), self.nodes))
+
+    def _boot(self, node: Node, build: str, reset: bool) -> None:
+        """Measure build's boot chain into node's TPM and write the matching event log."""
+        if reset:
+            tpm.power_cycle(node.address, self.tpm_port)
+        writer = EventLogWriter(list(tpm.BANKS))
+        measurements = []
+        for pcr, event_type, artifact in BOOT_SEQUENCE:
+            if artifact is None:
+                digests = writer.add(pcr, event_type, b"\x00\x00\x00\x00")
+            else:
+                content = artifact_bytes(build, artifact)
+                if event_type == "EV_EFI_BOOT_SERVICES_APPLICATION":
+                    data = image_load_event(len(content))
+                elif event_type == "EV_POST_CODE":
+                    data = f"{artifact} {build}".encode()
+                elif artifact == "cmdline":
+                    data = content + b"\x00"  # EV_IPL strings are NUL-terminated, as GRUB logs them
+                else:
+                    data = f"/boot/tccdeploy/{build}/{artifact}".encode() + b"\x00"  # a path, as GRUB logs files
+                digests = writer.digests_of(content)
+                writer.add_digests(pcr, event_type, digests, data)
+            measurements.append((pcr, digests))
+        tpm.extend(node.address, self.tpm_port, measurements)
+        _write_world_readable(self.node_dir(node, "eventlog.bin"), writer.to_bytes())
+        node.build = build
+        node.boots += 1
+        node.tampered = 0
+
+    def _start_sshds(self) -> None:
+        self.progress("starting sshd for every node")
+        started = [(node, self._spawn_sshd(node)) for node in self.nodes]
+        for node, proc in started:
+            self._wait_sshd(node, proc)
+
+    def _spawn_sshd(self, node: Node) -> subprocess.Popen:
+        proc = procs.spawn([SSHD, "-D", "-e", "-f", self.node_dir(node, "sshd_config")], self.node_dir(node, "sshd.log"))
+        node.sshd_pid = proc.pid
+        node.ssh = "running"
+        self.save()
+        return proc
+
+    def _wait_sshd(self, node: Node, proc: subprocess.Popen) -> None:
+        if not procs.wait_listening(node.address, self.ssh_port, proc):
+            raise LabError(f"sshd of {node.name} did not start on {node.address}:{self.ssh_port}: "
+                           f"{_tail(self.node_dir(node, 'sshd.log'))}")
+
+    def _write_known_hosts(self) -> None:
+        lines = []
+        for node in self.nodes:
+            with open(self.node_dir(node, "ssh_host_ed25519_key.pub")) as fh:
+                key_type, key = fh.read().split()[:2]
+            host = node.address if self.ssh_port == 22 else f"[{node.address}]:{self.ssh_port}"
+            lines.append(f"{host} {key_type} {key}\n")
+        with open(self.known_hosts, "w") as fh:
+            fh.writelines(lines)
+
+    def _write_manifests(self) -> None:
+        os.makedirs(self.path("manifests", "builds"), exist_ok=True)
+        sites = []
+        for s in range(1, int(self.meta["sites"]) + 1):
+            site: dict = {"name": f"site{s}", "networks": [f"127.{self.meta['lab_index']}.{s}.0/24"]}
+            tag = asset_tag_value(s)
+            if tag:
+                site["assetTag"] = {"nvIndex": f"0x{ASSET_TAG_INDEX:08x}", "value": tag}
+            sites.append(site)
+        perimeter = {
+            "apiVersion": "tccdeploy/v1",
+            "kind": "Perimeter",
+            "metadata": {"name": "lab", "description": f"the local lab in {self.dir}"},
+            "spec": {
+                "sites": sites,
+                "manufacturerCAs": [{"name": "lab-tpm-vendor", "certificate": "../ca/manufacturer/cert.pem"}],
+                "attestation": {"bank": "sha256", "pcrs": list(POLICY_PCRS), "maxQuoteAgeSeconds": 300,
+                                "intervalSeconds": 60, "onFailure": "evacuate"},
+            },
+        }
+        _write_yaml(self.path("manifests", "perimeter.yml"), perimeter, "perimeter.schema.json")
+        for build in LAB_BUILDS:
+            _write_yaml(self.path("manifests", "builds", f"{build.name}.yml"),
+                        build_manifest(build, artifact_dir="../../artifacts"), "tvmmbuild.schema.json")
+
+    def _write_inventory(self) -> None:
+        os.makedirs(self.path("inventory", "group_vars"), exist_ok=True)
+        children: dict = {}
+        for node in self.nodes:
+            group = children.setdefault(node.group, {"hosts": {}})
+            if node.site and "vars" not in group:
+                group["vars"] = {"tcc_site": node.site}
+            group["hosts"][node.name] = {
+                "ansible_host": node.address,
+                "tcc_tpm": self.tcti(node),
+                "tcc_eventlog": self.node_dir(node, "eventlog.bin"),
+            }
+        # Put the vars first in each group, as people write them.
+        ordered = {g: ({"vars": b["vars"]} if "vars" in b else {}) | {"hosts": b["hosts"]} for g, b in children.items()}
+        _write_yaml(self.path("inventory", "hosts.yml"), {"all": {"children": ordered}}, "inventory.schema.json")
+        common = {
+            "ansible_port": self.ssh_port,
+            "ansible_user": LAB_USER,
+            "ansible_ssh_private_key_file": self.ssh_key,
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes",
+            "tcc_known_hosts": self.known_hosts,
+            "tcc_python": self.meta["python"],
+            "tcc_build": self.meta["default_build"],
+            "tcc_capacity": 4,
+        }
+        _write_yaml(self.path("inventory", "group_vars", "all.yml"), common, "hostvars.schema.json")
+
+    # -- down ---------------------------------------------------------------------------
+    def down(self) -> list[int]:
+        """Stop everything the lab started (by PID) and remove its directory. Safe to repeat."""
+        if not os.path.isdir(self.dir):
+            return []
+        if not self.exists() and not os.path.isfile(self.path(".lock")) and not os.path.isdir(self.path("nodes")):
+            raise LabError(f"{self.dir} is not a lab directory (no {STATE_FILE}); not removing it")
+        with self.locked():
+            try:
+                self.load()
+            except LabError:
+                self.nodes = []
+            return self._teardown()
+
+    def _teardown(self) -> list[int]:
+        stopped: set[int] = set()
+        # A crashed `up` may leave swtpm_setup still spawning helpers: sweep until nothing is left.
+        for _ in range(10):
+            pids: set[int] = set()
+            for node in self.nodes:
+                for pid in (node.sshd_pid, node.swtpm_pid):
+                    if procs.belongs(pid, self.dir):
+                        pids.add(pid)  # type: ignore[arg-type]
+            pids.update(p for p in procs.processes_mentioning(self.dir) if _is_lab_process(p))
+            for pid in list(pids):
+                pids.update(procs.children(pid))
+            pids -= {os.getpid()}
+            if not pids:
+                break
+            left = procs.stop(sorted(pids))
+            if left:
+                raise LabError(f"could not stop PIDs {left}; stop them by hand, then run lab down again")
+            stopped |= pids
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return sorted(stopped)
+
+    # -- status and faults ----------------------------------------------------------------
+    def status(self) -> list[dict]:
+        rows = []
+        for node in self.nodes:
+            sshd_up = procs.belongs(node.sshd_pid, self.dir)
+            tpm_up = procs.belongs(node.swtpm_pid, self.dir)
+            state = node.state
+            if not tpm_up or (node.ssh == "running" and not sshd_up):
+                state = "down"
+            rows.append({
+                "name": node.name, "address": node.address, "site": node.site or "-",
+                "sshd_pid": node.sshd_pid if sshd_up else None, "swtpm_pid": node.swtpm_pid if tpm_up else None,
+                "build": node.build, "state": state, "rogue_tpm": node.rogue_tpm, "boots": node.boots,
+            })
+        return rows
+
+    def _node_processes(self, node: Node) -> list[int]:
+        """What runs "on" a node besides its TPM: sshd and its sessions, and any process (QEMU,
+        helpers) whose command line names the node's directory."""
+        pids: set[int] = set()
+        if procs.belongs(node.sshd_pid, self.dir):
+            pids.add(node.sshd_pid)  # type: ignore[arg-type]
+            pids.update(procs.children(node.sshd_pid))  # type: ignore[arg-type]
+        ndir = self.node_dir(node) + os.sep
+        for pid in procs.processes_mentioning(ndir):
+            if pid != node.swtpm_pid and _is_lab_process(pid):
+                pids.add(pid)
+                pids.update(procs.children(pid))
+        return sorted(pids)
+
+    def reboot(self, name: str, build: str | None = None) -> Node:
+        """Reboot a node: everything on it stops, its TPM resets, it boots `build` (default: the same)."""
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            if build is not None:
+                try:
+                    lab_build(build)
+                except KeyError:
+                    raise LabError(f"unknown build {build!r}; lab builds: {', '.join(b.name for b in LAB_BUILDS)}") from None
+            if node.frozen:
+                raise LabError(f"{name} is frozen; `tccdeploy lab thaw {name}` first")
+            procs.stop(self._node_processes(node))
+            self._boot(node, build or node.build, reset=True)
+            proc = self._spawn_sshd(node)
+            self._wait_sshd(node, proc)
+            self.save()
+            return node
+
+    def tamper(self, name: str, hide: bool = False) -> Node:
+        """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies)."""
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            rogue = b"rogue kernel module " + os.urandom(16)
+            digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
+            tpm.extend(node.address, self.tpm_port, [(TAMPER_PCR, digests)])
+            if not hide:
+                path = self.node_dir(node, "eventlog.bin")
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+                writer = EventLogWriter(list(tpm.BANKS))
+                writer.add_digests(TAMPER_PCR, "EV_EFI_BOOT_SERVICES_APPLICATION", digests, image_load_event(len(rogue)))
+                _write_world_readable(path, raw + writer.to_bytes()[len(writer.header()):])
+            node.tampered += 1
+            self.save()
+            return node
+
+    def reset(self, name: str) -> Node:
+        """Undo every fault on a node: thaw it, start its sshd, reboot it into the lab's build."""
+        self.load()
+        node = self.node(name)
+        if node.frozen:
+            self.thaw(name)
+        if node.ssh != "running" or not procs.belongs(node.sshd_pid, self.dir):
+            self.start_ssh(name)
+        self.load()
+        node = self.node(name)
+        if node.tampered or node.build != self.meta["default_build"]:
+            node = self.reboot(name, self.meta["default_build"])
+        return node
+
+    def stop_ssh(self, name: str) -> Node:
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            if procs.belongs(node.sshd_pid, self.dir):
+                procs.stop([node.sshd_pid, *procs.children(node.sshd_pid)])  # type: ignore[list-item]
+            node.ssh = "stopped"
+            node.sshd_pid = None
+            self.save()
+            return node
+
+    def start_ssh(self, name: str) -> Node:
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            if procs.belongs(node.sshd_pid, self.dir):
+                return node
+            proc = self._spawn_sshd(node)
+            self._wait_sshd(node, proc)
+            self.save()
+            return node
+
+    def freeze(self, name: str) -> Node:
+        """SIGSTOP the node's sshd, sessions, TPM and VMs: connections hang rather than fail."""
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            pids = self._node_processes(node)
+            if procs.belongs(node.swtpm_pid, self.dir):
+                pids.append(node.swtpm_pid)  # type: ignore[arg-type]
+            procs.signal_all(pids, signal.SIGSTOP)
+            node.frozen = sorted(set(node.frozen) | set(pids))
+            self.save()
+            return node
+
+    def thaw(self, name: str) -> Node:
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            procs.signal_all([p for p in node.frozen if procs.alive(p)], signal.SIGCONT)
+            node.frozen = []
+            self.save()
+            return node
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _preflight(nodes: list[Node], ssh_port: int, tpm_port: int) -> None:
+    missing = [f"{tool} (Debian package {pkg})" for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None]
+    if not os.access(SSHD, os.X_OK):
+        missing.append(f"{SSHD} (Debian package openssh-server)")
+    if missing:
+        raise LabError("missing: " + ", ".join(missing) + "; run scripts/install (or apt-get install them)")
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it runs sshd and creates the lab user); run it as root")
+    busy = []
+    for node in nodes:
+        for port in (ssh_port, tpm_port, tpm_port + 1):
+            if not procs.port_free(node.address, port):
+                busy.append(f"{node.address}:{port}")
+    if busy:
+        raise LabError(
+            f"address(es) already in use: {', '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}; "
+            "another lab may be running (use --lab-index for a second lab) or another program holds the port"
+        )
+
+
+def _check_reachable(directory: str) -> None:
+    """The lab user must reach the node folders (sshd reads keys as that user; the helper works there)."""
+    parent = os.path.dirname(directory)
+    while True:
+        try:
+            mode = os.stat(parent).st_mode
+        except FileNotFoundError:
+            parent = os.path.dirname(parent)
+            continue
+        if not mode & 0o001:
+            raise LabError(
+                f"{parent} is not traversable by other users, so the lab user cannot reach {directory}; "
+                "put the lab in a folder whose parents are world-traversable (e.g. --dir /var/tmp/tccdeploy-lab)"
+            )
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def ensure_lab_user() -> None:
+    """The login user of every lab node, with an empty shell start-up file.
+
+    Root's ~/.bashrc on these machines runs `pyenv init` (0.25 s per SSH command), so nodes log
+    in as a dedicated user whose .bashrc is empty. Created once; left for later labs.
+    """
+    try:
+        pwd.getpwnam(LAB_USER)
+    except KeyError:
+        os.makedirs(os.path.dirname(LAB_HOME), mode=0o755, exist_ok=True)
+        _run(["useradd", "--system", "--home-dir", LAB_HOME, "--no-create-home", "--shell", "/bin/bash",
+              "--comment", "tccdeploy lab node login", LAB_USER])
+        _run(["usermod", "--password", "*", LAB_USER])  # no password, but not locked: key login works
+    entry = pwd.getpwnam(LAB_USER)
+    os.makedirs(LAB_HOME, mode=0o755, exist_ok=True)
+    for rc in (".bashrc", ".profile", ".bash_profile"):
+        path = os.path.join(LAB_HOME, rc)
+        if not os.path.exists(path) or os.path.getsize(path):
+            with open(path, "w"):
+                pass
+    os.chown(LAB_HOME, entry.pw_uid, entry.pw_gid)
+    if os.path.exists("/dev/kvm"):
+        subprocess.run(["usermod", "-a", "-G", "kvm", LAB_USER], capture_output=True)
+
+
+def _default_python() -> str:
+    return sys.executable
+
+
+def _check_python(python: str) -> None:
+    """The node helper runs as the lab user under this Python; it must be able to import tpm2_pytss."""
+    proc = subprocess.run(
+        ["runuser", "-u", LAB_USER, "--", python, "-c", "import tpm2_pytss"],
+        capture_output=True, text=True, timeout=60,
+    )
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LabError(
+            f"the lab user {LAB_USER!r} cannot run {python} with tpm2_pytss ({reason}); the nodes' Python must be "
+            "readable by that user: create .venv from /usr/bin/python3 (scripts/install does), or pass --python"
+        )
+
+
+def _provision_asset_tag(address: str, port: int, value: str) -> None:
+    """Write the site's asset tag into an owner NV index, as the provider does at racking time."""
+    from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
+
+    data = value.encode()
+    attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+    public = TPM2B_NV_PUBLIC(
+        nvPublic=TPMS_NV_PUBLIC(nvIndex=ASSET_TAG_INDEX, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=len(data))
+    )
+    with ESAPI(tpm.tcti(address, port)) as esys:
+        handle = esys.nv_define_space(None, public, auth_handle=ESYS_TR.OWNER)
+        esys.nv_write(handle, data, 0, auth_handle=ESYS_TR.OWNER)
+
+
+def _is_lab_process(pid: int) -> bool:
+    argv0 = os.path.basename(procs.cmdline(pid).split(" ", 1)[0])
+    return argv0.startswith(("sshd", "swtpm", "qemu-system", "python", "tccdeploy", "ssh-keygen", "certtool"))
+
+
+def _write_world_readable(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _write_yaml(path: str, data: dict, schema: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(f"# Written by `tccdeploy lab up`; schema: schemas/{schema}\n")
+        yaml.safe_dump(data, fh, sort_keys=False, width=120)
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"{argv[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return " | ".join(fh.read().strip().splitlines()[-lines:]) or "(no output)"
+    except OSError:
+        return "(no log)"
