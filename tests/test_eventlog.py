@@ -40,7 +40,7 @@ def test_real_machine_logs_have_the_events_tpm2_eventlog_lists(shared_vectors, n
     log = parse_file(str(folder / f"{name}.bin"))
     listed = yaml.safe_load((folder / f"{name}.tpm2_eventlog.yaml").read_text())["events"]
     assert len(listed) == len(log.events) + 1  # tpm2_eventlog also lists the Spec ID event
-    for event, entry in zip(log.events, listed[1:]):
+    for event, entry in zip(log.events, listed[1:], strict=True):
         assert event.pcr == entry["PCRIndex"] and event.type_name == entry["EventType"]
         for digest in entry.get("Digests", []):
             assert event.digests[digest["AlgorithmId"]].hex() == digest["Digest"]

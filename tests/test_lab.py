@@ -85,7 +85,7 @@ def test_tpm2_eventlog_reads_the_lab_log_with_the_same_pcrs(lab: Lab):
     theirs = {int(k): f"{v:064x}" for k, v in document["pcrs"]["sha256"].items()}
     assert theirs == replay(lab.node_dir(node))
     log = parse_file(lab.node_dir(node, "eventlog.bin"))
-    for event, entry in zip(log.events, document["events"][1:]):
+    for event, entry in zip(log.events, document["events"][1:], strict=True):
         digests = {d["AlgorithmId"]: d["Digest"] for d in entry["Digests"]}
         assert {k: v.hex() for k, v in event.digests.items()} == digests
 

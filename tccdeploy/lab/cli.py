@@ -32,9 +32,9 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         return "-" if value is None else str(value)
 
     widths = [max(len(title), *(len(cell(r[key])) for r in rows)) if rows else len(title) for key, title in columns]
-    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths))]
+    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
     for row in rows:
-        lines.append("  ".join(cell(row[key]).ljust(w) for (key, _), w in zip(columns, widths)))
+        lines.append("  ".join(cell(row[key]).ljust(w) for (key, _), w in zip(columns, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)
 
 

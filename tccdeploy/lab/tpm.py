@@ -81,15 +81,11 @@ def read_pcrs(address: str, port: int, bank: str, pcrs: list[int]) -> dict[int, 
     out: dict[int, bytes] = {}
     with ESAPI(tcti(address, port)) as esys:
         todo = sorted(pcrs)
-        while todo:
-            chunk, todo = todo[:8], todo[8:]
+        for start in range(0, len(todo), 8):
+            chunk = todo[start:start + 8]
             selection = TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, chunk))}")
             _, _, values = esys.pcr_read(selection)
-            got = [bytes(v) for v in values]
-            # pcr_read answers in ascending order for what it returned; ask again for the rest
-            for pcr, value in zip(chunk, got):
-                out[pcr] = value
-            todo = chunk[len(got):] + todo
+            out.update(zip(chunk, (bytes(v) for v in values), strict=True))
     return out
 
 
