@@ -80,6 +80,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pcrs(args: argparse.Namespace) -> int:
+    lab = Lab(args.dir).load()
+    rows = lab.pcrs(args.node)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{args.node}: sha256 PCRs read from its TPM, and replayed from its event log")
+        for row in rows:
+            verdict = "match" if row["match"] else "MISMATCH"
+            print(f"  PCR {row['pcr']:>2}  tpm {row['tpm'][:16]}...  log {row['eventlog'][:16]}...  {verdict}")
+    return 0 if all(r["match"] for r in rows) else 1
+
+
 def _fault(method: str):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
         lab = Lab(args.dir)
@@ -144,6 +157,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_down)
     p = common(lab_sub.add_parser("status", help="a table of the lab's nodes"))
     p.set_defaults(func=cmd_status)
+
+    p = common(lab_sub.add_parser("pcrs", help="a node's PCRs from its TPM next to its event log's replay",
+                                  description="Exit 1 when they differ (a hidden tamper)."))
+    p.add_argument("node", metavar="NODE")
+    p.set_defaults(func=cmd_pcrs)
 
     faults = [
         ("reboot", "reboot", "reset the node's TPM and boot it again (--build to boot another build)"),

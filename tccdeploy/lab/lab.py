@@ -525,6 +525,18 @@ class Lab:
             })
         return rows
 
+    def pcrs(self, name: str) -> list[dict]:
+        """Each policy PCR as the TPM reports it next to the replay of the node's event log."""
+        from ..eventlog import parse_file
+
+        node = self.node(name)
+        live = tpm.read_pcrs(node.address, self.tpm_port, "sha256", list(POLICY_PCRS))
+        replayed = parse_file(self.node_dir(node, "eventlog.bin")).replay("sha256", list(POLICY_PCRS))
+        return [
+            {"pcr": p, "tpm": live[p].hex(), "eventlog": replayed[p].hex(), "match": live[p] == replayed[p]}
+            for p in POLICY_PCRS
+        ]
+
     def _node_processes(self, node: Node) -> list[int]:
         """What runs "on" a node besides its TPM: sshd and its sessions, and any process (QEMU,
         helpers) whose command line names the node's directory."""
