@@ -113,14 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommand groups that live with their subsystem (lab, engine, coordinator...)."""
-    out: list[Callable[[argparse._SubParsersAction], None]] = []
-    try:
-        from .lab.cli import register as lab_register
-    except ImportError:  # pragma: no cover - the lab ships with the package
-        pass
-    else:
-        out.append(lab_register)
-    return out
+    from .engine.cli import register as engine_register
+    from .lab.cli import register as lab_register
+
+    return [engine_register, lab_register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .lab.tpm import LabError
         from .manifest.problems import ManifestError
 
-        if isinstance(exc, (LabError, ManifestError)):
+        if isinstance(exc, ManifestError):
+            from .manifest.report import render
+
+            render(exc.problems, sorted({p.file for p in exc.problems}), "text", sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, LabError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         if os.environ.get("TCCDEPLOY_DEBUG"):

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..inventory import Inventory, vars_files, vars_names
+from ..inventory.ini import as_yaml_shape, load_ini
 from . import schema, xref
 from .models import Perimeter, PlacementRequest, TVMMBuild
 from .problems import ManifestError, Problem
-from .yamlload import Document, load_file
+from .yamlload import Document, load_file, read_text
 
 YAML_EXTENSIONS = (".yml", ".yaml")
+INI_NAMES = ("hosts", "inventory")  # extensionless files a directory walk takes as INI inventories
 VARS_DIRS = ("group_vars", "host_vars")
 
 
@@ -49,7 +51,7 @@ def _walk(path: str) -> list[str]:
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in VARS_DIRS)
         out.extend(os.path.join(root, f) for f in sorted(files)
-                   if f.endswith(YAML_EXTENSIONS) and not f.startswith("."))
+                   if (f.endswith((*YAML_EXTENSIONS, ".ini")) or f in INI_NAMES) and not f.startswith("."))
     return out
 
 
@@ -79,7 +81,7 @@ def load_paths(paths: list[str]) -> LoadResult:
             result.problems.append(_problem(path, "file.missing", "no such file or directory",
                                             "check the path"))
     seen: set[str] = set()
-    inventory_docs: dict[str, list[Document]] = defaultdict(list)
+    inventory_docs: dict[str, list[tuple[Document, list | None]]] = defaultdict(list)
     vars_dirs: set[str] = set()
     for file in files:
         real = os.path.realpath(file)
@@ -91,6 +93,18 @@ def load_paths(paths: list[str]) -> LoadResult:
         if owner is not None:
             vars_dirs.add(owner)  # loaded with the inventory of that directory
             result.files.remove(file)
+            continue
+        if is_ini(file):
+            try:
+                text = read_text(file)
+            except ManifestError as exc:
+                result.problems.extend(exc.problems)
+                continue
+            doc = Document(file, None, {})
+            entries, problems = load_ini(doc, text)
+            result.problems.extend(problems)
+            doc.data = as_yaml_shape(entries)
+            inventory_docs[os.path.dirname(os.path.abspath(file))].append((doc, entries))
             continue
         try:
             docs = load_file(file)
@@ -106,7 +120,12 @@ def load_paths(paths: list[str]) -> LoadResult:
     return result
 
 
-def _classify(doc: Document, result: LoadResult, inventory_docs: dict[str, list[Document]]) -> None:
+def is_ini(file: str) -> bool:
+    """Ansible tells formats apart by trying parsers; tccdeploy by name: YAML/JSON, else INI."""
+    return not file.endswith((*YAML_EXTENSIONS, ".json"))
+
+
+def _classify(doc: Document, result: LoadResult, inventory_docs: dict[str, list[tuple[Document, list | None]]]) -> None:
     data = doc.data
     base_dir = os.path.dirname(os.path.abspath(doc.file))
     if data is None:
@@ -146,18 +165,21 @@ def _classify(doc: Document, result: LoadResult, inventory_docs: dict[str, list[
         else:
             result.requests.append(PlacementRequest.from_document(doc, data, base_dir))
         return
-    inventory_docs[os.path.dirname(os.path.abspath(doc.file))].append(doc)
+    inventory_docs[os.path.dirname(os.path.abspath(doc.file))].append((doc, None))
 
 
-def _inventory(directory: str, docs: list[Document], result: LoadResult) -> list[Inventory]:
+def _inventory(directory: str, docs: list[tuple[Document, list | None]], result: LoadResult) -> list[Inventory]:
     """One inventory per directory: its inventory files plus group_vars/ and host_vars/ beside them."""
-    inventory = Inventory(sources=[d.file for d in docs])
+    inventory = Inventory(sources=[d.file for d, _ in docs])
     valid = True
-    for doc in docs:
+    for doc, ini_entries in docs:
         problems = schema.validate(doc, "Inventory")
         result.problems.extend(problems)
         valid = valid and not problems
-        inventory.add_yaml(doc)
+        if ini_entries is None:
+            inventory.add_yaml(doc)
+        else:
+            inventory.add_ini(doc, ini_entries)
     vars_docs: list[tuple[str, str, Document]] = []
     for kind, sub in (("group", "group_vars"), ("host", "host_vars")):
         folder = os.path.join(directory, sub)
@@ -181,6 +203,7 @@ def _inventory(directory: str, docs: list[Document], result: LoadResult) -> list
     for kind, name, doc in vars_docs:
         inventory.add_vars_file(doc, kind, name)
     inventory.finish()
+    result.problems.extend(inventory.problems)
     # Returned even when some part was invalid, so cross-references on the rest are reported.
     inventory.valid = valid
     return [inventory]

@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .manifest.problems import JsonPath, ManifestError, Problem
-from .manifest.yamlload import Document, load_file
+from ..manifest.problems import JsonPath, ManifestError, Problem
+from ..manifest.yamlload import Document, load_file
 
 VARS_EXTENSIONS = ("", ".yml", ".yaml", ".json")
 
@@ -84,6 +84,7 @@ class Inventory:
     hosts: dict[str, Host] = field(default_factory=dict)
     documents: list[Document] = field(default_factory=list)
     valid: bool = True
+    problems: list[Problem] = field(default_factory=list)
 
     def group(self, name: str) -> Group:
         if name not in self.groups:
@@ -117,19 +118,57 @@ class Inventory:
             group.vars[key] = value
             group.var_origins[key] = Origin(doc, path + ("vars", key))
         for host_name, host_vars in _mapping(body.get("hosts")).items():
-            host = self.hosts.get(host_name)
-            if host is None:
-                host = self.hosts[host_name] = Host(host_name)
-            host.defined_at.append(Origin(doc, path + ("hosts", host_name)))
-            if name not in host.groups:
-                host.groups.append(name)
-            if name not in group.hosts:
-                group.hosts.append(host_name)
-            for key, value in _mapping(host_vars).items():
-                host.own_vars[key] = value
-                host.own_origins[key] = Origin(doc, path + ("hosts", host_name, key))
+            self.add_host(doc, name, host_name, _mapping(host_vars), path + ("hosts", host_name))
         for child, child_body in _mapping(body.get("children")).items():
             self._add_group(doc, child, child_body, path + ("children", child), parent=name)
+
+    def add_host(self, doc: Document, group_name: str, host_name: str, host_vars: dict[str, Any], path: JsonPath) -> Host:
+        """A host line: put it in group_name and set its own variables (later lines win, as in Ansible)."""
+        group = self.group(group_name)
+        host = self.hosts.get(host_name)
+        if host is None:
+            host = self.hosts[host_name] = Host(host_name)
+        host.defined_at.append(Origin(doc, path))
+        if group_name not in host.groups:
+            host.groups.append(group_name)
+        if host_name not in group.hosts:
+            group.hosts.append(host_name)
+        for key, value in host_vars.items():
+            if key == "ansible_host" and key in host.own_vars and host.own_vars[key] != value:
+                first = host.own_origins[key]
+                line, column = first.doc.locate(first.path)
+                self.problems.append(doc.problem(
+                    path + (key,), "inventory.conflicting-address",
+                    f"host {host_name!r} is given address {value!r} here but {host.own_vars[key]!r} at "
+                    f"{os.path.basename(first.doc.file)}:{line}:{column}",
+                    "a host has one address: remove one of them, or give the hosts different names",
+                ))
+            host.own_vars[key] = value
+            host.own_origins[key] = Origin(doc, path + (key,))
+        return host
+
+    def add_ini(self, doc: Document, entries: list[tuple[str, str, dict[str, Any], JsonPath]]) -> None:
+        """Add the entries of one INI inventory file (see inventory.ini), in file order."""
+        self.documents.append(doc)
+        self.group("all")
+        for kind, group_name, payload, path in entries:
+            group = self.group(group_name)
+            if group.defined_at is None:
+                group.defined_at = Origin(doc, (group_name,))
+            if kind == "host":
+                self.add_host(doc, group_name, payload["name"], payload["vars"], path)
+            elif kind == "vars":
+                for key, value in payload.items():
+                    group.vars[key] = value
+                    group.var_origins[key] = Origin(doc, path)
+            elif kind == "child":
+                child = self.group(payload["name"])
+                if child.defined_at is None:
+                    child.defined_at = Origin(doc, path)
+                if child.name not in group.children:
+                    group.children.append(child.name)
+                if group_name not in child.parents:
+                    child.parents.append(group_name)
 
     def add_vars_file(self, doc: Document, kind: str, name: str) -> None:
         """Add a group_vars/ or host_vars/ file (kind 'group' or 'host')."""
@@ -162,11 +201,71 @@ class Inventory:
         if not ungrouped.parents:
             ungrouped.parents.append("all")
         for host in self.hosts.values():
-            if not [g for g in host.groups if g not in ("all", "ungrouped")] and "ungrouped" not in host.groups:
+            grouped = [g for g in host.groups if g not in ("all", "ungrouped")]
+            if grouped and "ungrouped" in host.groups:
+                # Listed before any section and in a group later: Ansible keeps it in the group only.
+                host.groups.remove("ungrouped")
+                ungrouped.hosts.remove(host.name)
+            elif not grouped and "ungrouped" not in host.groups:
                 host.groups.append("ungrouped")
                 ungrouped.hosts.append(host.name)
         for host in self.hosts.values():
             self._resolve(host)
+
+    def group_hosts(self, name: str) -> list[str]:
+        """Hosts of a group and of all its descendants, in inventory order."""
+        members: set[str] = set()
+        todo, seen = [name], set()
+        while todo:
+            group = self.groups[todo.pop()]
+            if group.name in seen:
+                continue
+            seen.add(group.name)
+            members.update(group.hosts)
+            todo.extend(group.children)
+        if name == "all":
+            return list(self.hosts)
+        return [h for h in self.hosts if h in members]
+
+    def select(self, pattern: str | list[str]) -> list[Host]:
+        from .patterns import select
+
+        return select(self, pattern)
+
+    def as_ansible_list(self) -> dict[str, Any]:
+        """What `ansible-inventory --list` prints for the same files (without its "profile")."""
+        out: dict[str, Any] = {"_meta": {"hostvars": {h.name: dict(h.vars) for h in self.hosts.values() if h.vars}}}
+        for name, group in self.groups.items():
+            entry: dict[str, Any] = {}
+            hosts = [] if name == "all" else group.hosts
+            if hosts:
+                entry["hosts"] = list(hosts)
+            children = [c for c in group.children if self._listed(c)]
+            if children:
+                entry["children"] = children
+            if entry or name == "all":
+                out[name] = entry
+        return out
+
+    def _listed(self, name: str) -> bool:
+        group = self.groups[name]
+        return bool(group.hosts) or any(self._listed(c) for c in group.children)
+
+    def graph(self) -> str:
+        """`ansible-inventory --graph`: the group tree with hosts, one per line."""
+        lines: list[str] = []
+
+        def walk(name: str, depth: int) -> None:
+            lines.append("  |" * depth + "--@" + name + ":" if depth else "@" + name + ":")
+            group = self.groups[name]
+            for child in group.children:
+                if self._listed(child):
+                    walk(child, depth + 1)
+            for host in ([] if name == "all" else group.hosts):
+                lines.append("  |" * (depth + 1) + "--" + host)
+
+        walk("all", 0)
+        return "\n".join(lines)
 
     def depth(self, name: str, _seen: frozenset[str] = frozenset()) -> int:
         group = self.groups[name]
@@ -219,7 +318,6 @@ class Inventory:
                 layer(g.file_vars, g.file_var_origins)
         layer(host.own_vars, host.own_origins)
         layer(host.file_vars, host.file_var_origins)
-        values.setdefault("inventory_hostname", host.name)
         host.vars, host.origins = values, origins
 
 
@@ -264,7 +362,7 @@ def vars_names(directory: str) -> list[str]:
 
 def load_inventory(path: str) -> Inventory:
     """Load an inventory file or directory the way the CLI's -i does; raise on any problem."""
-    from .manifest.loader import load_paths
+    from ..manifest.loader import load_paths
 
     result = load_paths([path])
     errors = [p for p in result.problems if p.severity == "error"]

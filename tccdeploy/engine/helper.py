@@ -1,0 +1,172 @@
+"""The engine's side of the node helper: start it once per host, then call operations.
+
+Start-up is one SSH command that runs the helper if this version is already on the node, or
+says where to upload it; the engine then uploads it by SFTP (atomically, 0600, into the node's
+private 0700 directory) and starts it. The helper's first line names the digest of the file it
+runs from; a file that does not match is replaced. One helper process serves the whole run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import threading
+import time
+from typing import Any
+
+import paramiko
+
+from .bundle import helper_bundle
+from .connection import Connection, Unreachable
+
+UPLOAD_MARK = "TCCDEPLOY-UPLOAD "
+MAX_LINE = 64 * 1024 * 1024
+
+
+class HelperError(Exception):
+    """The helper could not be started or stopped answering."""
+
+
+class RemoteError(Exception):
+    """An operation failed on the node; traceback is the helper's, for -vvv."""
+
+    def __init__(self, kind: str, message: str, traceback: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.traceback = traceback
+
+
+def start_command(python: str, digest: str) -> str:
+    return (
+        'umask 077; D="${TCCDEPLOY_NODE_DIR:-$HOME/.cache/tccdeploy}"; mkdir -p "$D" || exit 97; '
+        f'H="$D/helper-{digest}.pyz"; '
+        f'if [ -f "$H" ]; then exec {shlex.quote(python)} "$H"; else echo "{UPLOAD_MARK}$D"; fi'
+    )
+
+
+class Helper:
+    """A running helper on one node, reached through that node's connection."""
+
+    def __init__(self, connection: Connection, python: str):
+        self.connection = connection
+        self.python = python
+        self.bundle, self.digest = helper_bundle()
+        self.channel: paramiko.Channel | None = None
+        self.uploaded = False
+        self.info: dict[str, Any] = {}
+        self._buffer = bytearray()
+        self._next_id = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for attempt in range(3):
+            channel = self.connection.open_process(start_command(self.python, self.digest))
+            self.channel = channel
+            first = self._readline(time.monotonic() + self.connection.target.timeout + 5, starting=True)
+            text = first.decode(errors="replace").strip()
+            if text.startswith(UPLOAD_MARK):
+                channel.close()
+                self._upload(text[len(UPLOAD_MARK):])
+                continue
+            try:
+                hello = json.loads(text)
+            except ValueError:
+                raise HelperError(f"the helper did not start on {self.connection.target.address}: {text[:300]!r}") from None
+            if hello.get("hello") != "tccdeploy-node":
+                raise HelperError(f"unexpected greeting from {self.connection.target.address}: {text[:300]!r}")
+            if hello.get("digest") != self.digest and attempt < 2:
+                # The file on the node is not the one we shipped (edited, corrupted): replace it.
+                self._stop_channel()
+                directory = self._helper_dir()
+                self._upload(directory)
+                continue
+            self.info = hello
+            return
+        raise HelperError(f"could not start the helper on {self.connection.target.address}")
+
+    def _helper_dir(self) -> str:
+        status, out, _ = self.connection.exec('echo "${TCCDEPLOY_NODE_DIR:-$HOME/.cache/tccdeploy}"')
+        return out.decode().strip()
+
+    def _upload(self, directory: str) -> None:
+        sftp = self.connection.sftp()
+        final = f"{directory}/helper-{self.digest}.pyz"
+        temporary = f"{final}.{int(time.time() * 1e6)}.tmp"
+        try:
+            sftp.putfo(io.BytesIO(self.bundle), temporary, file_size=len(self.bundle), confirm=True)
+            sftp.chmod(temporary, 0o600)
+            sftp.posix_rename(temporary, final)
+        except (OSError, paramiko.SSHException) as exc:
+            try:
+                sftp.remove(temporary)
+            except (OSError, paramiko.SSHException):
+                pass
+            raise HelperError(f"cannot upload the helper to {self.connection.target.address}:{directory}: {exc}") from None
+        self.uploaded = True
+
+    def _readline(self, deadline: float, starting: bool = False) -> bytes:
+        assert self.channel is not None
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HelperError(f"the helper on {self.connection.target.address} did not answer in time")
+            self.channel.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self.channel.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise Unreachable("ssh", f"connection to {self.connection.target.address} lost: {exc}") from None
+            if not chunk:
+                err = b""
+                while self.channel.recv_stderr_ready():
+                    err += self.channel.recv_stderr(65536)
+                status = self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
+                what = "did not start" if starting else "exited"
+                detail = err.decode(errors="replace").strip()[-500:] or f"exit status {status}"
+                raise HelperError(f"the helper on {self.connection.target.address} {what}: {detail}")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE:
+                raise HelperError("the helper sent an oversized message")
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line
+
+    def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Run one operation on the node; RemoteError if it failed there."""
+        with self._lock:
+            if self.channel is None:
+                self.start()
+            assert self.channel is not None
+            self._next_id += 1
+            request = {"id": self._next_id, "op": op, "args": args or {}}
+            try:
+                self.channel.sendall(json.dumps(request).encode() + b"\n")
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise Unreachable("ssh", f"connection to {self.connection.target.address} lost: {exc}") from None
+            limit = timeout if timeout is not None else self.connection.target.timeout + 60
+            line = self._readline(time.monotonic() + limit)
+        try:
+            response = json.loads(line)
+        except ValueError:
+            raise HelperError(f"malformed answer from the helper: {line[:200]!r}") from None
+        if response.get("id") != request["id"]:
+            raise HelperError("the helper answered another request")
+        if not response.get("ok"):
+            error = response.get("error") or {}
+            raise RemoteError(error.get("type", "Error"), error.get("message", "failed"), error.get("traceback", ""))
+        return response.get("result") or {}
+
+    def _stop_channel(self) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.shutdown_write()
+                self.channel.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self.channel = None
+        self._buffer = bytearray()
+
+    def close(self) -> None:
+        self._stop_channel()
