@@ -264,3 +264,9 @@ def test_cli_status_and_faults(lab: Lab, lab_node):
     assert proc.returncode == 0 and "tamper" in proc.stdout
     proc = subprocess.run([*run, "reboot", "nosuch", "--dir", lab.dir], capture_output=True, text=True)
     assert proc.returncode == 1 and "no node 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_defaults_match_the_lab():
+    from tccdeploy.lab import cli, lab
+
+    assert (cli.DEFAULT_BUILD, cli.SSH_PORT, cli.TPM_PORT) == (lab.DEFAULT_BUILD, lab.SSH_PORT, lab.TPM_PORT)

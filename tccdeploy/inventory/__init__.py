@@ -48,6 +48,7 @@ class Group:
     file_vars: dict[str, Any] = field(default_factory=dict)
     file_var_origins: dict[str, Origin] = field(default_factory=dict)
     defined_at: Origin | None = None
+    priority: int = 1
 
 
 @dataclass
@@ -115,8 +116,7 @@ class Inventory:
         # cross-references of the rest are still reported in the same run.
         body = body if isinstance(body, dict) else {}
         for key, value in _mapping(body.get("vars")).items():
-            group.vars[key] = value
-            group.var_origins[key] = Origin(doc, path + ("vars", key))
+            self._set_group_var(group, key, value, Origin(doc, path + ("vars", key)))
         for host_name, host_vars in _mapping(body.get("hosts")).items():
             self.add_host(doc, name, host_name, _mapping(host_vars), path + ("hosts", host_name))
         for child, child_body in _mapping(body.get("children")).items():
@@ -147,6 +147,16 @@ class Inventory:
             host.own_origins[key] = Origin(doc, path + (key,))
         return host
 
+    @staticmethod
+    def _set_group_var(group: Group, key: str, value: Any, origin: Origin) -> None:
+        if key == "ansible_group_priority":
+            # A property of the group (it orders variable merging), not a variable: Ansible
+            # takes it out of the group's vars too.
+            group.priority = value if isinstance(value, int) and not isinstance(value, bool) else 1
+            return
+        group.vars[key] = value
+        group.var_origins[key] = origin
+
     def add_ini(self, doc: Document, entries: list[tuple[str, str, dict[str, Any], JsonPath]]) -> None:
         """Add the entries of one INI inventory file (see inventory.ini), in file order."""
         self.documents.append(doc)
@@ -159,8 +169,7 @@ class Inventory:
                 self.add_host(doc, group_name, payload["name"], payload["vars"], path)
             elif kind == "vars":
                 for key, value in payload.items():
-                    group.vars[key] = value
-                    group.var_origins[key] = Origin(doc, path)
+                    self._set_group_var(group, key, value, Origin(doc, path))
             elif kind == "child":
                 child = self.group(payload["name"])
                 if child.defined_at is None:
@@ -196,8 +205,9 @@ class Inventory:
                 if name not in all_group.children:
                     all_group.children.append(name)
         ungrouped = self.group("ungrouped")
-        if "ungrouped" not in all_group.children:
-            all_group.children.append("ungrouped")
+        if "ungrouped" in all_group.children:
+            all_group.children.remove("ungrouped")
+        all_group.children.insert(0, "ungrouped")  # first, as Ansible lists it
         if not ungrouped.parents:
             ungrouped.parents.append("all")
         for host in self.hosts.values():
@@ -240,7 +250,7 @@ class Inventory:
             hosts = [] if name == "all" else group.hosts
             if hosts:
                 entry["hosts"] = list(hosts)
-            children = [c for c in group.children if self._listed(c)]
+            children = [c for c in group.children if self._listed(c) or (name == "all" and c == "ungrouped")]
             if children:
                 entry["children"] = children
             if entry or name == "all":
@@ -259,7 +269,7 @@ class Inventory:
             lines.append("  |" * depth + "--@" + name + ":" if depth else "@" + name + ":")
             group = self.groups[name]
             for child in group.children:
-                if self._listed(child):
+                if self._listed(child) or (name == "all" and child == "ungrouped"):
                     walk(child, depth + 1)
             for host in ([] if name == "all" else group.hosts):
                 lines.append("  |" * (depth + 1) + "--" + host)
@@ -292,8 +302,7 @@ class Inventory:
         names.add("all")
 
         def order(name: str) -> tuple[int, int, str]:
-            prio = self.groups[name].vars.get("ansible_group_priority", 1)
-            return (self.depth(name), int(prio) if isinstance(prio, int) else 1, name)
+            return (self.depth(name), self.groups[name].priority, name)
 
         return sorted(names, key=order)
 

@@ -8,7 +8,13 @@ import os
 import sys
 import time
 
-from .lab import DEFAULT_BUILD, SSH_PORT, TPM_PORT, Lab
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lab import Lab
+
+# Kept in step with lab.py; the lab itself is imported only by the lab commands.
+DEFAULT_BUILD, SSH_PORT, TPM_PORT = "tvmm-2026.1", 2222, 2321
 
 DEFAULT_DIR_ENV = "TCCDEPLOY_LAB"
 
@@ -38,8 +44,14 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _lab(directory: str, progress=None) -> "Lab":  # type: ignore[no-untyped-def]
+    from .lab import Lab
+
+    return Lab(directory, progress)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    lab = Lab(args.dir, _progress(args.quiet))
+    lab = _lab(args.dir, _progress(args.quiet))
     start = time.monotonic()
     lab.up(nodes=args.nodes, sites=args.sites, outside=args.outside, rogue=args.rogue_tpm,
            lab_index=args.lab_index, python=args.python, ssh_port=args.ssh_port, tpm_port=args.tpm_port,
@@ -57,7 +69,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    lab = Lab(args.dir)
+    lab = _lab(args.dir)
     existed = os.path.isdir(lab.dir)
     stopped = lab.down()
     if args.json:
@@ -70,7 +82,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    lab = Lab(args.dir).load()
+    lab = _lab(args.dir).load()
     rows = lab.status()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -81,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pcrs(args: argparse.Namespace) -> int:
-    lab = Lab(args.dir).load()
+    lab = _lab(args.dir).load()
     rows = lab.pcrs(args.node)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -95,7 +107,7 @@ def cmd_pcrs(args: argparse.Namespace) -> int:
 
 def _fault(method: str):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace) -> int:
-        lab = Lab(args.dir)
+        lab = _lab(args.dir)
         kwargs = {}
         if getattr(args, "build", None):
             kwargs["build"] = args.build

@@ -13,14 +13,18 @@ import json
 from collections.abc import Callable, Iterator
 from functools import cache
 from importlib import resources
-from typing import Any
-
-import jsonschema
-from jsonschema import Draft202012Validator, FormatChecker
-from referencing import Registry, Resource
+from typing import TYPE_CHECKING, Any
 
 from .problems import JsonPath, Problem
 from .yamlload import Document
+
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema import Draft202012Validator, FormatChecker
+    from referencing import Registry
+
+# jsonschema (with referencing, attrs, rpds) costs ~0.1 s to import; valid input never needs
+# it (the compiled fast path answers), so it is imported only to explain problems.
 
 # Schema file stem by kind; "vars" is for group_vars/ and host_vars/ files.
 KINDS: dict[str, str] = {
@@ -49,6 +53,8 @@ def schema_text(kind: str) -> str:
 
 @cache
 def _registry() -> Registry:
+    from referencing import Registry, Resource
+
     resources_list = []
     for entry in resources.files("tccdeploy.schemas").iterdir():
         if entry.name.endswith(".schema.json"):
@@ -58,6 +64,8 @@ def _registry() -> Registry:
 
 
 def _format_checker() -> FormatChecker:
+    from jsonschema import FormatChecker
+
     checker = FormatChecker(formats=())
 
     @checker.checks("cidr", raises=ValueError)
@@ -77,6 +85,8 @@ def _format_checker() -> FormatChecker:
 
 @cache
 def validator(kind: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     schema = json.loads(schema_text(kind))
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema, registry=_registry(), format_checker=_format_checker())
@@ -144,6 +154,8 @@ def validate(doc: Document, kind: str, data: Any = None, base: JsonPath = ()) ->
 
 def _leaves(errors: Iterator[jsonschema.ValidationError]) -> Iterator[jsonschema.ValidationError]:
     """For oneOf/anyOf, report the branch that got furthest instead of 'is not valid under any'."""
+    import jsonschema.exceptions
+
     for error in errors:
         if error.validator in ("oneOf", "anyOf") and error.context:
             if error.schema.get("x-hint"):

@@ -31,6 +31,15 @@ def op(name: str) -> Callable[[Op], Op]:
     return register
 
 
+def enable_site_packages() -> None:
+    """The helper starts with -S (fast); operations needing tpm2-pytss call this first."""
+    import site
+
+    if not getattr(enable_site_packages, "done", False):
+        site.main()
+        enable_site_packages.done = True  # type: ignore[attr-defined]
+
+
 def node_dir() -> str:
     """The helper's private working directory on this node (0700)."""
     path = os.environ.get("TCCDEPLOY_NODE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tccdeploy")
