@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _lab(directory: str, progress=None) -> "Lab":  # type: ignore[no-untyped-def]
+def _lab(directory: str, progress=None) -> Lab:  # type: ignore[no-untyped-def]
     from .lab import Lab
 
     return Lab(directory, progress)

@@ -8,7 +8,10 @@ import sys
 import traceback
 from typing import Any
 
-from . import PROTOCOL
+from . import (
+    PROTOCOL,
+    tpm,  # noqa: F401 - registers the TPM operations
+)
 from .ops import OPS, OpError
 
 

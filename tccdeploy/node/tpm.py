@@ -1,0 +1,216 @@
+"""TPM operations on the node (tpm2-pytss). Every transient object is flushed: swtpm has three
+slots, and a helper that leaks one breaks the next operation.
+
+The attestation key (AK) is a primary key of the endorsement hierarchy (so the TPM does not
+obfuscate resetCount/restartCount in its quotes), re-created on demand from its template: the
+template's random `unique` field, kept in the helper's directory, is not secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from contextlib import contextmanager
+from typing import Any
+
+from .ops import OpError, enable_site_packages, node_dir, op
+
+EK_RSA_CERT_INDEX = 0x01C00002
+EK_ECC_CERT_INDEX = 0x01C0000A
+AK_FILE = "ak.json"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)
+
+
+@contextmanager
+def _esapi(tcti: str):  # type: ignore[no-untyped-def]
+    os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS's own warnings are not ours to show
+    enable_site_packages()
+    from tpm2_pytss import ESAPI, TSS2_Exception
+
+    try:
+        esys = ESAPI(tcti)
+    except TSS2_Exception as exc:
+        raise OpError(f"cannot open the TPM at {tcti}: {exc}") from None
+    handles: list[Any] = []
+    try:
+        yield esys, handles
+    finally:
+        for handle in handles:
+            try:
+                esys.flush_context(handle)
+            except Exception:  # noqa: BLE001 - flushing is best effort; the TPM may have reset
+                pass
+        esys.close()
+
+
+def _nv_read_all(esys: Any, index: int) -> bytes:
+    from tpm2_pytss import TPM2_HANDLE
+
+    handle = esys.tr_from_tpmpublic(TPM2_HANDLE(index))
+    public, _ = esys.nv_read_public(handle)
+    size = public.nvPublic.dataSize
+    data = b""
+    while len(data) < size:
+        chunk = min(1024, size - len(data))
+        data += bytes(esys.nv_read(handle, chunk, len(data)))
+    return data
+
+
+def _ek(esys: Any, handles: list[Any]) -> tuple[Any, Any]:
+    """Create (load) the RSA EK from the TCG default template; return (handle, public)."""
+    from tpm2_pytss import ESYS_TR, TSS2_Exception
+    from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+
+    def nv_read(index: Any) -> bytes:
+        # Templates/nonces in NV are optional (TCG EK profile); absent means the default.
+        try:
+            return _nv_read_all(esys, int(index))
+        except TSS2_Exception:
+            raise NoSuchIndex(int(index)) from None
+
+    _, template = create_ek_template("EK-RSA2048", nv_read)
+    handle, public, _, _, _ = esys.create_primary(None, template, ESYS_TR.ENDORSEMENT)
+    handles.append(handle)
+    return handle, public
+
+
+def _ak_template(unique: bytes) -> Any:
+    from tpm2_pytss import (
+        TPM2_ALG,
+        TPM2_ECC,
+        TPM2B_PUBLIC,
+        TPMA_OBJECT,
+        TPMS_ECC_PARMS,
+        TPMS_ECC_POINT,
+        TPMT_ECC_SCHEME,
+        TPMT_KDF_SCHEME,
+        TPMT_PUBLIC,
+        TPMT_SYM_DEF_OBJECT,
+        TPMU_PUBLIC_ID,
+        TPMU_PUBLIC_PARMS,
+    )
+
+    attributes = (
+        TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    )
+    scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
+    scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+    params = TPMU_PUBLIC_PARMS(
+        eccDetail=TPMS_ECC_PARMS(
+            symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+            scheme=scheme,
+            curveID=TPM2_ECC.NIST_P256,
+            kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+        )
+    )
+    area = TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=attributes, parameters=params,
+                       unique=TPMU_PUBLIC_ID(ecc=TPMS_ECC_POINT(x=unique[:32], y=b"")))
+    return TPM2B_PUBLIC(publicArea=area)
+
+
+def _ak(esys: Any, handles: list[Any]) -> tuple[Any, Any]:
+    from tpm2_pytss import ESYS_TR
+
+    path = os.path.join(node_dir(), AK_FILE)
+    try:
+        with open(path) as fh:
+            unique = _unb64(json.load(fh)["unique"])
+    except (OSError, ValueError, KeyError):
+        raise OpError("no attestation key on this node: enroll it first") from None
+    handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
+    handles.append(handle)
+    return handle, public
+
+
+@op("tpm_identity")
+def tpm_identity(tcti: str, **_: Any) -> dict[str, Any]:
+    """The EK certificate(s) from NV and the RSA EK's public area, for enrollment."""
+    with _esapi(tcti) as (esys, handles):
+        try:
+            cert = _nv_read_all(esys, EK_RSA_CERT_INDEX)
+        except Exception as exc:  # noqa: BLE001 - reported as a plain, named failure
+            raise OpError(f"no RSA EK certificate in NV 0x{EK_RSA_CERT_INDEX:08x}: {exc}") from None
+        try:
+            ecc_cert = _nv_read_all(esys, EK_ECC_CERT_INDEX)
+        except Exception:  # noqa: BLE001 - the ECC certificate is optional
+            ecc_cert = b""
+        _, public = _ek(esys, handles)
+        return {"changed": False, "ek_certificate": _b64(cert), "ek_certificate_ecc": _b64(ecc_cert),
+                "ek_public": _b64(public.marshal())}
+
+
+@op("ak_create")
+def ak_create(tcti: str, **_: Any) -> dict[str, Any]:
+    """A fresh AK (new random template), replacing any earlier one on this node."""
+    unique = secrets.token_bytes(32)
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import ESYS_TR
+
+        handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
+        handles.append(handle)
+    path = os.path.join(node_dir(), AK_FILE)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"unique": _b64(unique)}, fh)
+    os.replace(path + ".tmp", path)
+    return {"changed": True, "ak_public": _b64(public.marshal())}
+
+
+@op("ak_activate")
+def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, Any]:
+    """TPM2_ActivateCredential: only the TPM holding both the EK and the AK can answer."""
+    from_b64_blob, from_b64_secret = _unb64(credential), _unb64(secret)
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT, TPMT_SYM_DEF
+
+        ek, _ = _ek(esys, handles)
+        ak, _ = _ak(esys, handles)
+        session = esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                                          TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+        handles.append(session)
+        esys.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+        try:
+            cert_info = esys.activate_credential(ak, ek, TPM2B_ID_OBJECT(from_b64_blob),
+                                                 TPM2B_ENCRYPTED_SECRET(from_b64_secret),
+                                                 session1=ESYS_TR.PASSWORD, session2=session)
+        except Exception as exc:  # noqa: BLE001 - the TPM refused: a named failure, not a crash
+            raise OpError(f"the TPM refused to activate the credential: {exc}") from None
+        handles.remove(session)  # a policy session used as authorization is flushed by the TPM
+        return {"changed": False, "secret": _b64(bytes(cert_info))}
+
+
+@op("quote")
+def quote(tcti: str, nonce: str, bank: str, pcrs: list[int], eventlog: str | None = None, **_: Any) -> dict[str, Any]:
+    """TPM2_Quote over pcrs with the TC's nonce, the PCR values, and the event log."""
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import TPM2_ALG, TPML_PCR_SELECTION, TPMT_SIG_SCHEME
+
+        ak, _ = _ak(esys, handles)
+        selection = TPML_PCR_SELECTION.parse(f"{bank}:{','.join(str(p) for p in sorted(pcrs))}")
+        attest, signature = esys.quote(ak, selection, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+        values: dict[str, str] = {}
+        ordered = sorted(pcrs)
+        for start in range(0, len(ordered), 8):
+            chunk = ordered[start:start + 8]
+            _, _, digests = esys.pcr_read(TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, chunk))}"))
+            for pcr, digest in zip(chunk, digests, strict=True):
+                values[str(pcr)] = bytes(digest).hex()
+    log = b""
+    if eventlog:
+        try:
+            with open(eventlog, "rb") as fh:
+                log = fh.read(16 * 1024 * 1024 + 1)
+        except OSError as exc:
+            raise OpError(f"cannot read the event log {eventlog}: {exc.strerror}") from None
+    return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal()),
+            "pcrs": values, "eventlog": _b64(log)}
