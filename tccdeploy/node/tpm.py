@@ -214,3 +214,21 @@ def quote(tcti: str, nonce: str, bank: str, pcrs: list[int], eventlog: str | Non
             raise OpError(f"cannot read the event log {eventlog}: {exc.strerror}") from None
     return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal()),
             "pcrs": values, "eventlog": _b64(log)}
+
+
+@op("nv_certify")
+def nv_certify(tcti: str, index: int, nonce: str, **_: Any) -> dict[str, Any]:
+    """TPM2_NV_Certify of an NV index (the site's asset tag), signed by the AK over the TC's nonce."""
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_HANDLE, TPMT_SIG_SCHEME, TSS2_Exception
+
+        ak, _ = _ak(esys, handles)
+        try:
+            nv = esys.tr_from_tpmpublic(TPM2_HANDLE(index))
+            public, _ = esys.nv_read_public(nv)
+        except TSS2_Exception:
+            raise OpError(f"NV index 0x{index:08x} does not exist on this TPM") from None
+        attest, signature = esys.nv_certify(ak, nv, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                                            public.nvPublic.dataSize, 0, auth_handle=nv,
+                                            session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
+    return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal())}

@@ -1,0 +1,155 @@
+"""Enrollment: binding a node's attestation key to a genuine TPM, with no trust on first use.
+
+1. The EK certificate must chain to a manufacturer CA of the perimeter (signature and dates),
+   and its public key must be the EK the node presents.
+2. The AK must be a restricted, fixedTPM signing key.
+3. MakeCredential(EK, secret, AK name): only the TPM holding that EK *and* that AK can
+   ActivateCredential and return the secret. The TC keeps only the secret's hash.
+A node enrolled with another EK is refused until an operator re-enrolls it with force.
+
+Every refusal is an EnrollmentRefused with a stable reason code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import os
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from ..manifest.models import Perimeter
+from . import tpm2
+from .store import Registry
+
+CHALLENGE_TTL = 120.0
+
+
+class EnrollmentRefused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Challenge:
+    credential: bytes
+    secret: bytes
+
+
+def _load_cert(data: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise EnrollmentRefused("ek.certificate-malformed", f"the EK certificate does not parse: {exc}") from None
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    key = issuer.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        else:
+            return False
+    except Exception:  # noqa: BLE001 - any failure is "not signed by this CA"
+        return False
+    return True
+
+
+def check_ek_certificate(perimeter: Perimeter, ek_cert_der: bytes, ek: tpm2.Public) -> str:
+    """The manufacturer CA's name when the certificate is genuine and is the EK's; else refuse."""
+    cert = _load_cert(ek_cert_der)
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name = None
+    for ca in perimeter.manufacturer_cas:
+        try:
+            with open(ca.certificate, "rb") as fh:
+                ca_cert = _load_cert(fh.read())
+        except OSError:
+            continue
+        if _signed_by(cert, ca_cert):
+            if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
+                raise EnrollmentRefused("ek.ca-expired", f"manufacturer CA {ca.name} is not valid now")
+            issuer_name = ca.name
+            break
+    if issuer_name is None:
+        raise EnrollmentRefused(
+            "ek.untrusted-manufacturer",
+            f"the EK certificate (issuer {cert.issuer.rfc4514_string()}) does not chain to a manufacturer CA of "
+            f"perimeter {perimeter.name}",
+        )
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise EnrollmentRefused("ek.certificate-expired", "the EK certificate is outside its validity dates")
+    public = cert.public_key()
+    if not isinstance(public, rsa.RSAPublicKey) or ek.type != tpm2.ALG_RSA or \
+            public.public_numbers().n != int.from_bytes(ek.modulus, "big"):
+        raise EnrollmentRefused("ek.key-mismatch", "the EK certificate is for another key than the EK the TPM presents")
+    return issuer_name
+
+
+def check_ak(ak: tpm2.Public) -> None:
+    required = tpm2.RESTRICTED | tpm2.SIGN | tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN
+    if not ak.has(required) or ak.attributes & tpm2.DECRYPT:
+        raise EnrollmentRefused("ak.attributes",
+                                "the AK must be a restricted signing key, fixedTPM and fixedParent, made in the TPM")
+    if ak.name_alg != tpm2.ALG_SHA256:
+        raise EnrollmentRefused("ak.attributes", "the AK's name algorithm must be SHA-256")
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def begin(registry: Registry, perimeter: Perimeter, node: str, ek_cert: bytes, ek_public: bytes,
+          ak_public: bytes, ssh_host_key: str, force: bool = False) -> Challenge:
+    try:
+        ek = tpm2.parse_public(ek_public)
+        ak = tpm2.parse_public(ak_public)
+    except tpm2.TPMFormatError as exc:
+        raise EnrollmentRefused("evidence.malformed", f"malformed key from the node: {exc}") from None
+    manufacturer = check_ek_certificate(perimeter, ek_cert, ek)
+    check_ak(ak)
+    cert_der = _load_cert(ek_cert).public_bytes(serialization.Encoding.DER)
+    ek_fp = fingerprint(cert_der)
+    known = registry.identity(node)
+    if known is not None and known["ek_fingerprint"] != ek_fp and not force:
+        raise EnrollmentRefused(
+            "ek.changed",
+            f"{node} was enrolled with another TPM (EK certificate {known['ek_fingerprint'][:16]}...); a changed TPM "
+            "needs an operator: re-enroll with --force after checking the hardware",
+        )
+    secret = os.urandom(32)
+    credential, encrypted_seed = tpm2.make_credential(ek, secret, ak.name)
+    registry.save_challenge(
+        node, secret_hash=hashlib.sha256(secret).digest(), ek_certificate=cert_der, ek_fingerprint=ek_fp,
+        ek_public=ek_public, ak_public=ak_public, ssh_host_key=ssh_host_key, manufacturer=manufacturer,
+        expires=time.time() + CHALLENGE_TTL,
+    )
+    return Challenge(credential, encrypted_seed)
+
+
+def finish(registry: Registry, node: str, answer: bytes, site: str | None, address: str) -> dict:
+    pending = registry.take_challenge(node)
+    if pending is None:
+        raise EnrollmentRefused("enroll.no-challenge", f"no enrollment of {node} is under way")
+    if pending["expires"] < time.time():
+        raise EnrollmentRefused("enroll.challenge-expired", "the credential challenge expired; enroll again")
+    if not hmac.compare_digest(hashlib.sha256(answer).digest(), pending["secret_hash"]):
+        raise EnrollmentRefused("ak.not-bound", "the TPM could not activate the credential: the AK is not bound to the EK")
+    ak = tpm2.parse_public(pending["ak_public"])
+    identity = {
+        "ek_certificate": pending["ek_certificate"], "ek_fingerprint": pending["ek_fingerprint"],
+        "ek_public": pending["ek_public"], "ak_public": pending["ak_public"], "ak_name": ak.name,
+        "ssh_host_key": pending["ssh_host_key"], "manufacturer": pending["manufacturer"],
+    }
+    registry.enroll(node, site, address, identity)
+    return {"node": node, "manufacturer": pending["manufacturer"], "ek_fingerprint": pending["ek_fingerprint"]}

@@ -1,0 +1,70 @@
+"""The trusted coordinator, embedded: the one object the engine talks to.
+
+It holds the registry, the perimeter and the builds (from the manifests), and takes every
+decision itself from evidence it checks: enrollment, nonces, verdicts. The engine only carries
+what nodes answer. (An HTTPS service with the same methods is a later step.)
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from typing import Any
+
+from ..config import state_dir
+from ..manifest.models import Perimeter, TVMMBuild
+from . import enrollment, verifier
+from .store import Registry
+
+REGISTRY_FILE = "registry.sqlite"
+
+
+class Coordinator:
+    def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None):
+        self.state = state_dir(state)
+        self.perimeter = perimeter
+        self.builds = builds
+        self.registry = Registry(os.path.join(self.state, REGISTRY_FILE))
+
+    def close(self) -> None:
+        self.registry.close()
+
+    # -- enrollment -----------------------------------------------------------------------
+    def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
+                             ssh_host_key: str, force: bool = False) -> enrollment.Challenge:
+        return enrollment.begin(self.registry, self.perimeter, node, ek_certificate, ek_public, ak_public,
+                                ssh_host_key, force)
+
+    def enrollment_finish(self, node: str, answer: bytes, site: str | None, address: str) -> dict[str, Any]:
+        return enrollment.finish(self.registry, node, answer, site, address)
+
+    # -- attestation ----------------------------------------------------------------------
+    def nonce(self, node: str) -> bytes:
+        value = secrets.token_bytes(32)
+        self.registry.new_nonce(node, "quote", base64.b64encode(value).decode(), self.perimeter.attestation.nonce_ttl)
+        return value
+
+    def verify(self, node: str, site: str | None, address: str, evidence: verifier.Evidence) -> tuple[verifier.Verdict, int]:
+        """Check evidence, record the verdict (with every reason), return it and its id."""
+        evidence.nonce_check = self.registry.consume_nonce(node, "quote", base64.b64encode(evidence.nonce).decode())
+        identity = self.registry.identity(node)
+        last = self.registry.attestations(node, limit=1, trusted_only=True)
+        verdict = verifier.verify(evidence, self.perimeter, self.builds, identity, site, address, last[0] if last else None)
+        if identity is None:
+            return verdict, 0
+        record = verdict.as_dict() | {"nonce": base64.b64encode(evidence.nonce).decode()}
+        return verdict, self.registry.add_attestation(node, record)
+
+    # -- reading --------------------------------------------------------------------------
+    def nodes(self) -> list[dict[str, Any]]:
+        out = []
+        for node in self.registry.nodes():
+            last = self.registry.attestations(node["name"], limit=1)
+            entry = {"name": node["name"], "state": node["state"], "site": node["site"], "address": node["address"],
+                     "build": node["build"]}
+            if last:
+                entry |= {"last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
+                          "reasons": [r["code"] for r in last[0]["reasons"]]}
+            out.append(entry)
+        return out

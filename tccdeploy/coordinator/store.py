@@ -1,0 +1,242 @@
+"""The trusted coordinator's registry: one small interface over SQLite.
+
+Callers use Registry's methods only, never SQL, so a server database can replace SQLite later
+without touching them. The schema is versioned: MIGRATIONS[i] takes version i to i+1, applied
+in one transaction each at open. WAL, foreign keys, and single-statement updates where two
+processes may race (a nonce is consumed by exactly one UPDATE).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('enrolled', 'admitted', 'quarantined', 'retired')),
+        site TEXT,
+        address TEXT,
+        build TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE identities (
+        node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        ek_certificate BLOB NOT NULL,
+        ek_fingerprint TEXT NOT NULL,
+        ek_public BLOB NOT NULL,
+        ak_public BLOB NOT NULL,
+        ak_name BLOB NOT NULL,
+        ssh_host_key TEXT NOT NULL,
+        manufacturer TEXT NOT NULL,
+        enrolled_at REAL NOT NULL
+    );
+    CREATE TABLE challenges (
+        node TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL,
+        ek_certificate BLOB NOT NULL,
+        ek_fingerprint TEXT NOT NULL,
+        ek_public BLOB NOT NULL,
+        ak_public BLOB NOT NULL,
+        ssh_host_key TEXT NOT NULL,
+        manufacturer TEXT NOT NULL,
+        expires REAL NOT NULL
+    );
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL,
+        used_at REAL
+    );
+    CREATE TABLE attestations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        time REAL NOT NULL,
+        nonce TEXT,
+        verdict TEXT NOT NULL CHECK (verdict IN ('trusted', 'untrusted')),
+        reasons TEXT NOT NULL,
+        warnings TEXT NOT NULL,
+        pcr_digest TEXT,
+        reset_count INTEGER,
+        restart_count INTEGER,
+        build TEXT
+    );
+    CREATE INDEX attestations_node_time ON attestations(node, time);
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        attestation INTEGER REFERENCES attestations(id),
+        tk_name TEXT NOT NULL,
+        not_after REAL NOT NULL,
+        revoked_at REAL,
+        pem TEXT NOT NULL
+    );
+    """,
+]
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NonceCheck:
+    ok: bool
+    reason: str = ""
+    created: float = 0.0
+
+
+class Registry:
+    """The TC's state. One instance per process; safe to use from the engine's threads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        fresh = not os.path.exists(path)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(path, 0o600)
+        self.db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()  # one connection, shared by the engine's threads
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self._migrate()
+
+    @property
+    def version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.version
+        if current > len(MIGRATIONS):
+            raise RegistryError(f"{self.path} has schema version {current}; this tccdeploy knows up to {len(MIGRATIONS)}")
+        for number in range(current, len(MIGRATIONS)):
+            # One transaction per step: a failed migration leaves the previous version intact.
+            with self._lock:
+                self.db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[number] + f";PRAGMA user_version={number + 1};COMMIT;")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _all(self, query: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute(query, params).fetchall()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- nodes ----------------------------------------------------------------------------
+    def node(self, name: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM nodes WHERE name = ?", (name,))
+        return dict(rows[0]) if rows else None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM nodes ORDER BY name")]
+
+    def set_state(self, name: str, state: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE nodes SET state = ?, updated = ?{', ' + sets if sets else ''} WHERE name = ?",
+                       (state, time.time(), *fields.values(), name))
+
+    # -- enrollment -----------------------------------------------------------------------
+    def save_challenge(self, node: str, **values: Any) -> None:
+        columns = ", ".join(["node", *values])
+        marks = ", ".join("?" * (len(values) + 1))
+        with self.transaction() as db:
+            db.execute(f"INSERT OR REPLACE INTO challenges ({columns}) VALUES ({marks})", (node, *values.values()))
+
+    def take_challenge(self, node: str) -> dict[str, Any] | None:
+        """Return and delete the pending challenge: each can be answered once."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM challenges WHERE node = ?", (node,)).fetchone()
+            db.execute("DELETE FROM challenges WHERE node = ?", (node,))
+        return dict(row) if row else None
+
+    def enroll(self, node: str, site: str | None, address: str, identity: dict[str, Any]) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO nodes (name, state, site, address, created, updated) VALUES (?, 'enrolled', ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', site = excluded.site, address = excluded.address, "
+                "updated = excluded.updated",
+                (node, site, address, now, now),
+            )
+            columns = ", ".join(["node", *identity, "enrolled_at"])
+            marks = ", ".join("?" * (len(identity) + 2))
+            db.execute(f"INSERT OR REPLACE INTO identities ({columns}) VALUES ({marks})", (node, *identity.values(), now))
+
+    def identity(self, node: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM identities WHERE node = ?", (node,))
+        return dict(rows[0]) if rows else None
+
+    # -- nonces ---------------------------------------------------------------------------
+    def new_nonce(self, node: str, purpose: str, nonce: str, ttl: float) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now - 3600,))
+            db.execute("INSERT INTO nonces (nonce, node, purpose, created, expires) VALUES (?, ?, ?, ?, ?)",
+                       (nonce, node, purpose, now, now + ttl))
+
+    def consume_nonce(self, node: str, purpose: str, nonce: str) -> NonceCheck:
+        """Use a nonce once: the single UPDATE is what makes replay impossible, even across processes."""
+        now = time.time()
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE nonces SET used_at = ? WHERE nonce = ? AND node = ? AND purpose = ? AND used_at IS NULL "
+                "AND expires >= ?", (now, nonce, node, purpose, now)).rowcount
+            row = db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+        if changed == 1:
+            return NonceCheck(True, created=row["created"])
+        if row is None:
+            return NonceCheck(False, "nonce.unknown")
+        if row["node"] != node or row["purpose"] != purpose:
+            return NonceCheck(False, "nonce.other-node")
+        if row["used_at"] is not None:
+            return NonceCheck(False, "nonce.replayed")
+        return NonceCheck(False, "nonce.expired")
+
+    # -- attestations ---------------------------------------------------------------------
+    def add_attestation(self, node: str, record: dict[str, Any]) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
+                "restart_count, build) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (node, time.time(), record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
+                 json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
+                 record.get("restart_count"), record.get("build")),
+            )
+            if record["verdict"] == "trusted" and record.get("build"):
+                db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
+            return int(cursor.lastrowid or 0)
+
+    def attestations(self, node: str, limit: int = 50, trusted_only: bool = False) -> list[dict[str, Any]]:
+        query = "SELECT * FROM attestations WHERE node = ?" + (" AND verdict = 'trusted'" if trusted_only else "")
+        rows = self._all(query + " ORDER BY id DESC LIMIT ?", (node, limit))
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["reasons"] = json.loads(item["reasons"])
+            item["warnings"] = json.loads(item["warnings"])
+            out.append(item)
+        return out

@@ -1,0 +1,228 @@
+"""The verifier: is this quote, from this node, proof of an approved boot inside the perimeter?
+
+Every check below has its own reason code, and all of them run (a forged quote that also comes
+from outside the perimeter shows both). A verdict is `trusted` only when no check failed;
+nothing is ever admitted on a partial check. The codes:
+
+    evidence.malformed       the attestation, signature or PCR values do not parse
+    node.not-enrolled        no enrolled AK for this node
+    node.ssh-host-key        the node's SSH host key is not the one pinned at enrollment
+    quote.signature          not signed by the node's enrolled AK
+    quote.magic              not TPM-generated (magic is not TPM_GENERATED_VALUE)
+    quote.type               not a quote (TPMS_ATTEST type)
+    quote.nonce              the quote does not carry the nonce the TC issued
+    nonce.unknown / nonce.replayed / nonce.expired / nonce.other-node   (the TC's nonce record)
+    quote.pcr-selection      the quote does not cover the policy's bank and PCRs
+    quote.pcr-digest         the reported PCR values are not what the TPM quoted
+    quote.counters-backwards resetCount/restartCount below the last trusted attestation's
+    eventlog.malformed       the event log does not parse
+    eventlog.replay          replaying the log does not give the quoted PCR values
+    build.unknown            the measured events match no TVMM build
+    build.revoked            they match a revoked build
+    perimeter.no-site        the node claims no site
+    perimeter.unknown-site   its site is not in the perimeter
+    perimeter.address        its address is not in its site's networks
+    perimeter.asset-tag      the site's asset tag is missing, wrong, or not certified by the AK
+Warnings (not failures): build.deprecated, node.rebooted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..eventlog import EV_NO_ACTION, EventLogError
+from ..eventlog import parse as parse_eventlog
+from ..manifest.models import Perimeter, TVMMBuild
+from . import tpm2
+
+
+@dataclass
+class Evidence:
+    attest: bytes
+    signature: bytes
+    pcrs: dict[int, bytes]
+    eventlog: bytes
+    nonce: bytes
+    nonce_check: Any = None  # store.NonceCheck, from consuming the nonce
+    asset_attest: bytes = b""
+    asset_signature: bytes = b""
+    asset_nonce: bytes = b""
+    ssh_host_key: str = ""
+
+
+@dataclass
+class Verdict:
+    trusted: bool
+    reasons: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    build: str | None = None
+    pcr_digest: str | None = None
+    reset_count: int | None = None
+    restart_count: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": "trusted" if self.trusted else "untrusted", "reasons": self.reasons,
+                "warnings": self.warnings, "build": self.build, "pcr_digest": self.pcr_digest,
+                "reset_count": self.reset_count, "restart_count": self.restart_count}
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.reasons: list[dict[str, str]] = []
+        self.warnings: list[dict[str, str]] = []
+
+    def fail(self, code: str, message: str) -> None:
+        self.reasons.append({"code": code, "message": message})
+
+    def warn(self, code: str, message: str) -> None:
+        self.warnings.append({"code": code, "message": message})
+
+
+def match_build(events_by_pcr: dict[int, list[bytes]], builds: list[TVMMBuild], pcrs: tuple[int, ...]) -> tuple[TVMMBuild | None, str]:
+    """The build whose reference measurements equal the log's events on every policy PCR."""
+    first_mismatch = ""
+    for build in builds:
+        mismatch = ""
+        for pcr in pcrs:
+            expected = [bytes.fromhex(e.digest) for e in build.pcrs.get(pcr, ())]
+            got = events_by_pcr.get(pcr, [])
+            if expected != got:
+                extra = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                             min(len(expected), len(got)))
+                mismatch = f"PCR {pcr} event {extra}"
+                break
+        if not mismatch:
+            return build, ""
+        first_mismatch = first_mismatch or f"{build.name}: {mismatch}"
+    return None, first_mismatch
+
+
+def verify(
+    evidence: Evidence,
+    perimeter: Perimeter,
+    builds: list[TVMMBuild],
+    identity: dict[str, Any] | None,
+    site: str | None,
+    address: str,
+    last_trusted: dict[str, Any] | None = None,
+) -> Verdict:
+    c = _Collector()
+    policy = perimeter.attestation
+    verdict = Verdict(False)
+
+    # Who: an enrolled AK, reached at the pinned host key.
+    ak = None
+    if identity is None:
+        c.fail("node.not-enrolled", "the node is not enrolled: run tccdeploy enroll first")
+    else:
+        ak = tpm2.parse_public(identity["ak_public"])
+        if evidence.ssh_host_key and not hmac.compare_digest(evidence.ssh_host_key, identity["ssh_host_key"]):
+            c.fail("node.ssh-host-key", "the node's SSH host key is not the one pinned at enrollment")
+
+    # What the TPM signed.
+    attest = signature = None
+    try:
+        attest = tpm2.parse_attest(evidence.attest)
+        signature = tpm2.parse_signature(evidence.signature)
+    except tpm2.TPMFormatError as exc:
+        c.fail("evidence.malformed", f"the quote does not parse: {exc}")
+    if attest is not None and signature is not None:
+        if ak is not None and not tpm2.verify_signature(ak, evidence.attest, signature):
+            c.fail("quote.signature", "the quote is not signed by the node's enrolled attestation key")
+        if attest.magic != tpm2.TPM_GENERATED:
+            c.fail("quote.magic", f"magic 0x{attest.magic:08x} is not TPM_GENERATED_VALUE")
+        if attest.type != tpm2.ST_ATTEST_QUOTE:
+            c.fail("quote.type", f"attestation type 0x{attest.type:04x} is not a quote")
+        if not hmac.compare_digest(attest.extra_data, evidence.nonce):
+            c.fail("quote.nonce", "the quote does not carry the nonce the TC issued")
+        verdict.reset_count, verdict.restart_count = attest.reset_count, attest.restart_count
+        if last_trusted and last_trusted.get("reset_count") is not None:
+            before = (last_trusted["reset_count"], last_trusted["restart_count"])
+            now = (attest.reset_count, attest.restart_count)
+            if now < before:
+                c.fail("quote.counters-backwards", f"TPM reset/restart counters went back from {before} to {now}")
+            elif now != before:
+                c.warn("node.rebooted", f"the TPM was reset or restarted since the last attestation ({before} -> {now})")
+    check = evidence.nonce_check
+    if check is not None and not check.ok:
+        c.fail(check.reason, {"nonce.unknown": "the TC never issued this nonce",
+                              "nonce.replayed": "this nonce was used before (a replayed quote)",
+                              "nonce.expired": "the nonce expired before the quote arrived",
+                              "nonce.other-node": "the nonce was issued for another node"}.get(check.reason, check.reason))
+
+    # Which PCRs and values.
+    wanted = (tpm2.HASH_IDS[policy.bank], tuple(policy.pcrs))
+    values = [evidence.pcrs.get(p, b"") for p in policy.pcrs]
+    if attest is not None and attest.type == tpm2.ST_ATTEST_QUOTE:
+        if attest.pcr_selection != (wanted,):
+            c.fail("quote.pcr-selection", f"the quote covers {attest.pcr_selection}, the policy needs {policy.bank} PCRs {list(policy.pcrs)}")
+        elif any(len(v) != len(attest.pcr_digest) for v in values) or \
+                not hmac.compare_digest(tpm2.pcr_digest(policy.bank, values), attest.pcr_digest):
+            c.fail("quote.pcr-digest", "the reported PCR values are not the ones the TPM quoted")
+        verdict.pcr_digest = attest.pcr_digest.hex()
+
+    # What was measured: the log must explain the PCRs, and match an approved build.
+    try:
+        log = parse_eventlog(evidence.eventlog)
+        replayed = log.replay(policy.bank, list(policy.pcrs))
+    except EventLogError as exc:
+        c.fail("eventlog.malformed", f"the event log does not parse: {exc}")
+    else:
+        bad = [p for p in policy.pcrs if replayed[p] != evidence.pcrs.get(p)]
+        if bad:
+            c.fail("eventlog.replay", f"replaying the event log does not give PCR(s) {bad}")
+        events: dict[int, list[bytes]] = {}
+        for event in log.events:
+            if event.type != EV_NO_ACTION and event.pcr in policy.pcrs:
+                events.setdefault(event.pcr, []).append(event.digests[policy.bank])
+        build, mismatch = match_build(events, builds, policy.pcrs)
+        if build is None:
+            c.fail("build.unknown", f"the measured boot matches no TVMM build (first difference: {mismatch})")
+        else:
+            verdict.build = build.name
+            if build.status == "revoked":
+                c.fail("build.revoked", f"the node booted {build.name} {build.version}, which is revoked")
+            elif build.status == "deprecated":
+                c.warn("build.deprecated", f"the node booted {build.name} {build.version}, which is deprecated")
+
+    # Where: inside the perimeter.
+    site_def = perimeter.site(site) if site else None
+    if not site:
+        c.fail("perimeter.no-site", "the node claims no site: it is outside the perimeter")
+    elif site_def is None:
+        c.fail("perimeter.unknown-site", f"site {site!r} is not in perimeter {perimeter.name!r}")
+    else:
+        try:
+            inside = site_def.contains(ipaddress.ip_address(address))
+        except ValueError:
+            inside = False
+        if not inside:
+            c.fail("perimeter.address", f"address {address} is not in site {site}'s networks")
+        if site_def.asset_tag is not None:
+            _check_asset_tag(c, evidence, ak, site_def.asset_tag.value)
+
+    verdict.reasons, verdict.warnings = c.reasons, c.warnings
+    verdict.trusted = not c.reasons
+    return verdict
+
+
+def _check_asset_tag(c: _Collector, evidence: Evidence, ak: tpm2.Public | None, value: str) -> None:
+    if not evidence.asset_attest:
+        c.fail("perimeter.asset-tag", "the site requires an asset tag and the node certified none")
+        return
+    try:
+        attest = tpm2.parse_attest(evidence.asset_attest)
+        signature = tpm2.parse_signature(evidence.asset_signature)
+    except tpm2.TPMFormatError as exc:
+        c.fail("perimeter.asset-tag", f"the asset-tag certification does not parse: {exc}")
+        return
+    if ak is None or not tpm2.verify_signature(ak, evidence.asset_attest, signature) or \
+            attest.type != tpm2.ST_ATTEST_NV or attest.magic != tpm2.TPM_GENERATED or \
+            not hmac.compare_digest(attest.extra_data, evidence.asset_nonce):
+        c.fail("perimeter.asset-tag", "the asset tag is not certified by the node's attestation key for this nonce")
+        return
+    if attest.nv_contents != value.encode():
+        c.fail("perimeter.asset-tag", f"the TPM's asset tag is {attest.nv_contents[:64]!r}, the site needs {value!r}")

@@ -1,0 +1,89 @@
+"""Enrollment and attestation as engine work: carry the node's answers to the coordinator.
+
+The engine decides nothing here. It asks the helper for the TPM's evidence and hands it to the
+coordinator, which checks it; a refusal comes back as a failed host with the TC's reason code.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from ..coordinator.enrollment import EnrollmentRefused
+from ..coordinator.service import Coordinator
+from ..coordinator.verifier import Evidence
+from .connection import fingerprint
+from .runner import HostResult, Session
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def host_key(session: Session) -> str:
+    transport = session.connect().transport
+    assert transport is not None
+    return fingerprint(transport.get_remote_server_key())
+
+
+def _tcti(session: Session) -> str:
+    return str(session.host.vars.get("tcc_tpm", "device:/dev/tpmrm0"))
+
+
+def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-untyped-def]
+    def work(session: Session) -> HostResult | dict[str, Any]:
+        name, tcti = session.host.name, _tcti(session)
+        identity = session.call("tpm_identity", {"tcti": tcti})
+        ak = session.call("ak_create", {"tcti": tcti})
+        try:
+            challenge = coordinator.enrollment_challenge(
+                name, _unb64(identity["ek_certificate"]), _unb64(identity["ek_public"]), _unb64(ak["ak_public"]),
+                host_key(session), force)
+            answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
+                                                  "secret": _b64(challenge.secret)})
+            result = coordinator.enrollment_finish(name, _unb64(answer["secret"]), session.host.vars.get("tcc_site"),
+                                                   session.host.address)
+        except EnrollmentRefused as exc:
+            return HostResult(name, "failed", str(exc), {"refused": exc.reason}, reason=exc.reason)
+        return {"changed": True, "enrolled": True, "manufacturer": result["manufacturer"],
+                "ek_fingerprint": result["ek_fingerprint"]}
+
+    return work
+
+
+def attest(coordinator: Coordinator):  # type: ignore[no-untyped-def]
+    policy = coordinator.perimeter.attestation
+
+    def work(session: Session) -> HostResult | dict[str, Any]:
+        name, tcti = session.host.name, _tcti(session)
+        nonce = coordinator.nonce(name)
+        quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": policy.bank, "pcrs": list(policy.pcrs),
+                                       "eventlog": session.host.vars.get("tcc_eventlog",
+                                                                         "/sys/kernel/security/tpm0/binary_bios_measurements")})
+        evidence = Evidence(_unb64(quote["attest"]), _unb64(quote["signature"]),
+                            {int(k): bytes.fromhex(v) for k, v in quote["pcrs"].items()},
+                            _unb64(quote["eventlog"]), nonce, ssh_host_key=host_key(session))
+        site = session.host.vars.get("tcc_site")
+        site_def = coordinator.perimeter.site(str(site)) if site else None
+        if site_def is not None and site_def.asset_tag is not None:
+            try:
+                certified = session.call("nv_certify", {"tcti": tcti, "index": site_def.asset_tag.nv_index, "nonce": _b64(nonce)})
+                evidence.asset_attest = _unb64(certified["attest"])
+                evidence.asset_signature = _unb64(certified["signature"])
+                evidence.asset_nonce = nonce
+            except Exception:  # noqa: BLE001 - no tag: the verifier names the failure
+                pass
+        verdict, record = coordinator.verify(name, str(site) if site else None, session.host.address, evidence)
+        data = {"verdict": "trusted" if verdict.trusted else "untrusted", "build": verdict.build,
+                "reasons": [r["code"] for r in verdict.reasons], "warnings": [w["code"] for w in verdict.warnings],
+                "attestation": record}
+        if not verdict.trusted:
+            detail = "; ".join(f"{r['code']}: {r['message']}" for r in verdict.reasons)
+            return HostResult(name, "failed", f"untrusted: {detail}", data, reason=verdict.reasons[0]["code"])
+        return {"changed": False, **data}
+
+    return work
