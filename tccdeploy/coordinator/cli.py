@@ -43,7 +43,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_attest(args: argparse.Namespace) -> int:
     from ..engine.attestation import attest
 
-    return _fan(args, attest, "attest")
+    return _fan(args, lambda tc: attest(tc, args.admit), "attest")
 
 
 def _when(timestamp: float | None) -> str:
@@ -136,6 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "records the verdict with every reason. Untrusted nodes are reported as failed (exit 2).",
                        epilog="example:\n  tccdeploy attest -i .lab/inventory -m .lab/manifests")
     common(p)
+    p.add_argument("--admit", action="store_true",
+                   help="admit trusted nodes: create their PCR-bound trusted key, check it, issue its certificate")
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("nodes", help="nodes in the TC's registry: state, build, last verdict",

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import state_dir
 from ..manifest.models import Perimeter, TVMMBuild
-from . import enrollment, verifier
+from . import admission, enrollment, identity, verifier
 from .store import Registry
 
 REGISTRY_FILE = "registry.sqlite"
@@ -40,9 +40,9 @@ class Coordinator:
         return enrollment.finish(self.registry, node, answer, site, address)
 
     # -- attestation ----------------------------------------------------------------------
-    def nonce(self, node: str) -> bytes:
+    def nonce(self, node: str, purpose: str = "quote") -> bytes:
         value = secrets.token_bytes(32)
-        self.registry.new_nonce(node, "quote", base64.b64encode(value).decode(), self.perimeter.attestation.nonce_ttl)
+        self.registry.new_nonce(node, purpose, base64.b64encode(value).decode(), self.perimeter.attestation.nonce_ttl)
         return value
 
     def verify(self, node: str, site: str | None, address: str, evidence: verifier.Evidence) -> tuple[verifier.Verdict, int]:
@@ -54,7 +54,23 @@ class Coordinator:
         if identity is None:
             return verdict, 0
         record = verdict.as_dict() | {"nonce": base64.b64encode(evidence.nonce).decode()}
-        return verdict, self.registry.add_attestation(node, record)
+        if verdict.trusted:
+            record["pcr_values"] = {str(p): evidence.pcrs[p].hex() for p in self.perimeter.attestation.pcrs}
+        attestation_id = self.registry.add_attestation(node, record)
+        if not verdict.trusted:
+            # Fail closed: an admitted node that fails loses its certificate at once.
+            self.registry.quarantine(node)
+        return verdict, attestation_id
+
+    # -- admission ------------------------------------------------------------------------
+    def admission_challenge(self, node: str, attestation_id: int, tk_public: bytes, certify_attest: bytes,
+                            certify_signature: bytes, nonce: bytes) -> bytes:
+        check = self.registry.consume_nonce(node, "certify", base64.b64encode(nonce).decode())
+        return admission.begin(self.registry, self.perimeter, node, attestation_id, tk_public, certify_attest,
+                               certify_signature, nonce, check.ok)
+
+    def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
+        return admission.finish(self.registry, self.perimeter, identity.init(self.state)[0], node, answer_hex)
 
     # -- reading --------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:

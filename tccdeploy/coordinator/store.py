@@ -83,6 +83,18 @@ MIGRATIONS: list[str] = [
         pem TEXT NOT NULL
     );
     """,
+    # 2: the verified PCR values (admission recomputes the TK's policy from them) and
+    # pending admissions.
+    """
+    ALTER TABLE attestations ADD COLUMN pcr_values TEXT;
+    CREATE TABLE admissions (
+        node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        attestation INTEGER NOT NULL REFERENCES attestations(id),
+        tk_public BLOB NOT NULL,
+        challenge_hash BLOB NOT NULL,
+        expires REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -221,10 +233,10 @@ class Registry:
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
-                "restart_count, build) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "restart_count, build, pcr_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (node, time.time(), record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
                  json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
-                 record.get("restart_count"), record.get("build")),
+                 record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {})),
             )
             if record["verdict"] == "trusted" and record.get("build"):
                 db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
@@ -238,5 +250,51 @@ class Registry:
             item = dict(row)
             item["reasons"] = json.loads(item["reasons"])
             item["warnings"] = json.loads(item["warnings"])
+            item["pcr_values"] = json.loads(item.get("pcr_values") or "{}")
             out.append(item)
         return out
+
+    def attestation(self, attestation_id: int) -> dict[str, Any] | None:
+        rows = self._all("SELECT node FROM attestations WHERE id = ?", (attestation_id,))
+        if not rows:
+            return None
+        for item in self.attestations(rows[0]["node"], limit=1000):
+            if item["id"] == attestation_id:
+                return item
+        return None
+
+    # -- admission ------------------------------------------------------------------------
+    def save_admission(self, node: str, attestation: int, tk_public: bytes, challenge_hash: bytes, expires: float) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO admissions (node, attestation, tk_public, challenge_hash, expires) "
+                       "VALUES (?, ?, ?, ?, ?)", (node, attestation, tk_public, challenge_hash, expires))
+
+    def take_admission(self, node: str) -> dict[str, Any] | None:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM admissions WHERE node = ?", (node,)).fetchone()
+            db.execute("DELETE FROM admissions WHERE node = ?", (node,))
+        return dict(row) if row else None
+
+    def admit(self, node: str, certificate: dict[str, Any]) -> None:
+        """Record the node certificate and make the node admitted, in one transaction."""
+        with self.transaction() as db:
+            db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
+            db.execute("INSERT INTO certificates (serial, node, attestation, tk_name, not_after, pem) VALUES (?, ?, ?, ?, ?, ?)",
+                       (certificate["serial"], node, certificate["attestation"], certificate["tk_name"],
+                        certificate["not_after"], certificate["pem"]))
+            db.execute("UPDATE nodes SET state = 'admitted', build = ?, updated = ? WHERE name = ?",
+                       (certificate["build"], time.time(), node))
+
+    def quarantine(self, node: str) -> bool:
+        """Revoke the node's certificates and quarantine it; True if it was admitted."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM nodes WHERE name = ?", (node,)).fetchone()
+            if row is None or row["state"] != "admitted":
+                return False
+            db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
+            db.execute("UPDATE nodes SET state = 'quarantined', updated = ? WHERE name = ?", (time.time(), node))
+        return True
+
+    def certificate(self, node: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
+        return dict(rows[0]) if rows else None

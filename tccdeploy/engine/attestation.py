@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from ..coordinator.admission import TK_CHECK_LABEL, AdmissionRefused
 from ..coordinator.enrollment import EnrollmentRefused
 from ..coordinator.service import Coordinator
 from ..coordinator.verifier import Evidence
 from .connection import fingerprint
+from .helper import RemoteError
 from .runner import HostResult, Session
 
 
@@ -43,8 +45,11 @@ def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-un
             challenge = coordinator.enrollment_challenge(
                 name, _unb64(identity["ek_certificate"]), _unb64(identity["ek_public"]), _unb64(ak["ak_public"]),
                 host_key(session), force)
-            answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
-                                                  "secret": _b64(challenge.secret)})
+            try:
+                answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
+                                                      "secret": _b64(challenge.secret)})
+            except RemoteError as exc:
+                raise EnrollmentRefused("ak.not-bound", f"the TPM could not activate the credential: {exc}") from None
             result = coordinator.enrollment_finish(name, _unb64(answer["secret"]), session.host.vars.get("tcc_site"),
                                                    session.host.address)
         except EnrollmentRefused as exc:
@@ -55,7 +60,20 @@ def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-un
     return work
 
 
-def attest(coordinator: Coordinator):  # type: ignore[no-untyped-def]
+def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> dict[str, Any]:
+    """Create TK on the node, have the TC check it and its policy, prove it works, get the certificate."""
+    name, tcti = session.host.name, _tcti(session)
+    policy = coordinator.perimeter.attestation
+    nonce = coordinator.nonce(name, "certify")
+    tk = session.call("tk_create", {"tcti": tcti, "bank": policy.bank, "pcrs": list(policy.pcrs), "nonce": _b64(nonce)},
+                      timeout=120)
+    challenge = coordinator.admission_challenge(name, attestation_id, _unb64(tk["tk_public"]), _unb64(tk["attest"]),
+                                                _unb64(tk["signature"]), nonce)
+    answer = session.call("tk_check", {"tcti": tcti, "ciphertext": _b64(challenge), "label": TK_CHECK_LABEL})
+    return coordinator.admission_finish(name, answer["digest"])
+
+
+def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
     policy = coordinator.perimeter.attestation
 
     def work(session: Session) -> HostResult | dict[str, Any]:
@@ -84,6 +102,13 @@ def attest(coordinator: Coordinator):  # type: ignore[no-untyped-def]
         if not verdict.trusted:
             detail = "; ".join(f"{r['code']}: {r['message']}" for r in verdict.reasons)
             return HostResult(name, "failed", f"untrusted: {detail}", data, reason=verdict.reasons[0]["code"])
-        return {"changed": False, **data}
+        if not admit_nodes:
+            return {"changed": False, **data}
+        try:
+            certificate = admit(session, coordinator, record)
+        except AdmissionRefused as exc:
+            return HostResult(name, "failed", f"not admitted: {exc.reason}: {exc}", data | {"refused": exc.reason},
+                              reason=exc.reason)
+        return {"changed": True, **data, "admitted": True, "certificate_serial": certificate["serial"]}
 
     return work

@@ -44,6 +44,7 @@ def _esapi(tcti: str):  # type: ignore[no-untyped-def]
     try:
         yield esys, handles
     finally:
+        # Sessions too: ESAPI starts them with continueSession, so they stay loaded after use.
         for handle in handles:
             try:
                 esys.flush_context(handle)
@@ -185,7 +186,6 @@ def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, 
                                                  session1=ESYS_TR.PASSWORD, session2=session)
         except Exception as exc:  # noqa: BLE001 - the TPM refused: a named failure, not a crash
             raise OpError(f"the TPM refused to activate the credential: {exc}") from None
-        handles.remove(session)  # a policy session used as authorization is flushed by the TPM
         return {"changed": False, "secret": _b64(bytes(cert_info))}
 
 
@@ -232,3 +232,101 @@ def nv_certify(tcti: str, index: int, nonce: str, **_: Any) -> dict[str, Any]:
                                             public.nvPublic.dataSize, 0, auth_handle=nv,
                                             session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
     return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal())}
+
+
+TK_FILE = "tk.json"
+
+
+def _srk(esys: Any, handles: list[Any]) -> Any:
+    """The owner hierarchy's storage root key (ECC P-256, the TCG's SRK template), re-derived."""
+    from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPMA_OBJECT
+
+    attributes = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                  | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA)
+    template = TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=attributes)
+    handle, _, _, _, _ = esys.create_primary(None, template, ESYS_TR.OWNER)
+    handles.append(handle)
+    return handle
+
+
+def _policy_pcr_session(esys: Any, handles: list[Any], bank: str, pcrs: list[int], trial: bool) -> Any:
+    from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPML_PCR_SELECTION, TPMT_SYM_DEF
+
+    session = esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL if trial else TPM2_SE.POLICY,
+                                      TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+    handles.append(session)
+    esys.policy_pcr(session, b"", TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, sorted(pcrs)))}"))
+    return session
+
+
+@op("tk_create")
+def tk_create(tcti: str, bank: str, pcrs: list[int], nonce: str, **_: Any) -> dict[str, Any]:
+    """The trusted key: RSA-2048 decrypt key under the SRK, usable only under PolicyPCR over the
+    PCRs as they are now, certified by the AK against the TC's nonce."""
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_SIG_SCHEME
+
+        trial = _policy_pcr_session(esys, handles, bank, pcrs, trial=True)
+        policy = bytes(esys.policy_get_digest(trial))
+        esys.flush_context(trial)
+        handles.remove(trial)
+        # No USERWITHAUTH: a password can never stand in for the policy to use the key. The
+        # admin role (Certify, below) keeps its empty authValue: it cannot decrypt, and with
+        # fixedTPM/fixedParent the key cannot be duplicated.
+        attributes = (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                      | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.NODA)
+        template = TPM2B_PUBLIC.parse("rsa2048:null:null", objectAttributes=attributes, authPolicy=policy)
+        srk = _srk(esys, handles)
+        private, public, _, _, _ = esys.create(srk, None, template)
+        tk = esys.load(srk, private, public)
+        handles.append(tk)
+        ak, _ = _ak(esys, handles)
+        from tpm2_pytss import ESYS_TR
+
+        attest, signature = esys.certify(tk, ak, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                                         session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
+    path = os.path.join(node_dir(), TK_FILE)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank,
+                   "pcrs": sorted(pcrs)}, fh)
+    os.replace(path + ".tmp", path)
+    return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
+            "signature": _b64(signature.marshal())}
+
+
+def tk_decrypt(tcti: str, ciphertext: bytes, label: bytes) -> bytes:
+    """Decrypt with the TK inside the TPM, under a PolicyPCR session: fails if the boot changed.
+
+    For callers inside the helper only (launch): the plaintext never leaves the node's helper.
+    """
+    try:
+        with open(os.path.join(node_dir(), TK_FILE)) as fh:
+            stored = json.load(fh)
+    except (OSError, ValueError):
+        raise OpError("no trusted key on this node: it was never admitted") from None
+    with _esapi(tcti) as (esys, handles):
+        from tpm2_pytss import TPM2_ALG, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMT_RSA_DECRYPT, TSS2_Exception
+
+        srk = _srk(esys, handles)
+        private, _ = TPM2B_PRIVATE.unmarshal(_unb64(stored["private"]))
+        public, _ = TPM2B_PUBLIC.unmarshal(_unb64(stored["public"]))
+        tk = esys.load(srk, private, public)
+        handles.append(tk)
+        session = _policy_pcr_session(esys, handles, stored["bank"], stored["pcrs"], trial=False)
+        scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.OAEP)
+        scheme.details.oaep.hashAlg = TPM2_ALG.SHA256
+        try:
+            plain = bytes(esys.rsa_decrypt(tk, ciphertext, scheme, label + b"\x00", session1=session))
+        except TSS2_Exception as exc:
+            raise OpError(f"the TPM refused to use the trusted key: {exc}") from None
+        return plain
+
+
+@op("tk_check")
+def tk_check(tcti: str, ciphertext: str, label: str, **_: Any) -> dict[str, Any]:
+    """Prove the TK works now: decrypt the TC's random challenge and return only its SHA-256."""
+    import hashlib
+
+    plain = tk_decrypt(tcti, _unb64(ciphertext), label.encode())
+    return {"changed": False, "digest": hashlib.sha256(plain).hexdigest()}

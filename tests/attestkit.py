@@ -1,0 +1,92 @@
+"""Evidence built in software, for unit tests of the verifier's pure logic.
+
+A software ECDSA key stands in for a TPM's AK and signs TPMS_ATTEST structures marshalled here
+exactly as the TPM 2.0 specification lays them out; the event log comes from the lab's boot
+sequence. Integration tests use real swtpm evidence; these cover the forgeries a real TPM would
+never produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from tccdeploy.coordinator import tpm2
+from tccdeploy.coordinator.verifier import Evidence
+from tccdeploy.eventlog import EventLogWriter, image_load_event
+from tccdeploy.lab.builds import BOOT_SEQUENCE, POLICY_PCRS, artifact_bytes
+
+AK_ATTRIBUTES = tpm2.RESTRICTED | tpm2.SIGN | tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.USER_WITH_AUTH
+
+
+def tpm2b(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def ecc_public(key: ec.EllipticCurvePrivateKey, attributes: int = AK_ATTRIBUTES) -> bytes:
+    """TPM2B_PUBLIC of an ECC P-256 ECDSA-SHA256 signing key."""
+    numbers = key.public_key().public_numbers()
+    area = struct.pack(">HHI", tpm2.ALG_ECC, tpm2.ALG_SHA256, attributes) + tpm2b(b"")
+    area += struct.pack(">HHHHH", tpm2.ALG_NULL, tpm2.ALG_ECDSA, tpm2.ALG_SHA256, 0x0003, tpm2.ALG_NULL)
+    area += tpm2b(numbers.x.to_bytes(32, "big")) + tpm2b(numbers.y.to_bytes(32, "big"))
+    return tpm2b(area)
+
+
+def selection(bank: str, pcrs: list[int]) -> bytes:
+    return tpm2.selection_bytes(bank, pcrs)
+
+
+def quote_attest(nonce: bytes, bank: str, pcrs: list[int], digest: bytes, reset: int = 1, restart: int = 0,
+                 magic: int = tpm2.TPM_GENERATED, kind: int = tpm2.ST_ATTEST_QUOTE) -> bytes:
+    body = struct.pack(">IH", magic, kind) + tpm2b(b"\x00\x0b" + bytes(32)) + tpm2b(nonce)
+    body += struct.pack(">QIIB", 123456, reset, restart, 1) + struct.pack(">Q", 0x2000)
+    return body + selection(bank, pcrs) + tpm2b(digest)
+
+
+def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    return struct.pack(">HH", tpm2.ALG_ECDSA, tpm2.ALG_SHA256) + tpm2b(r.to_bytes(32, "big")) + tpm2b(s.to_bytes(32, "big"))
+
+
+def boot_log(build: str = "tvmm-2026.1", extra: list[tuple[int, bytes]] | None = None) -> tuple[bytes, dict[int, bytes]]:
+    """The lab's boot of `build` as an event log, and the sha256 PCR values it replays to."""
+    writer = EventLogWriter(["sha1", "sha256"])
+    pcrs: dict[int, bytes] = {p: bytes(32) for p in POLICY_PCRS}
+    steps = [(pcr, kind, artifact_bytes(build, art) if art else b"\0\0\0\0") for pcr, kind, art in BOOT_SEQUENCE]
+    for pcr, measured in extra or []:
+        steps.append((pcr, "EV_EFI_BOOT_SERVICES_APPLICATION", measured))
+    for pcr, kind, measured in steps:
+        data = image_load_event(len(measured)) if kind == "EV_EFI_BOOT_SERVICES_APPLICATION" else measured
+        digests = writer.digests_of(measured)
+        writer.add_digests(pcr, kind, digests, data)
+        pcrs[pcr] = hashlib.sha256(pcrs[pcr] + digests["sha256"]).digest()
+    return writer.to_bytes(), pcrs
+
+
+@dataclass
+class Node:
+    """A node's software TPM: an AK, and evidence for a nonce."""
+
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+    build: str = "tvmm-2026.1"
+    reset: int = 1
+    restart: int = 0
+
+    @property
+    def ak_public(self) -> bytes:
+        return ecc_public(self.key)
+
+    def identity(self) -> dict:
+        return {"ak_public": self.ak_public, "ssh_host_key": "SHA256:host"}
+
+    def evidence(self, nonce: bytes, pcrs: list[int] | None = None, log_extra: list[tuple[int, bytes]] | None = None) -> Evidence:
+        log, values = boot_log(self.build, log_extra)
+        chosen = sorted(pcrs if pcrs is not None else POLICY_PCRS)
+        digest = hashlib.sha256(b"".join(values[p] for p in chosen)).digest()
+        attest = quote_attest(nonce, "sha256", chosen, digest, self.reset, self.restart)
+        return Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key="SHA256:host")

@@ -1,0 +1,231 @@
+"""The verifier against a corpus of forged and broken evidence: each rejected, with its reason.
+
+Evidence here is built in software (tests/attestkit.py) so that every forgery a real TPM would
+refuse to produce can be tried; tests/test_attestation.py does the same checks on real swtpm
+quotes from the lab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tccdeploy.coordinator import tpm2
+from tccdeploy.coordinator.store import NonceCheck
+from tccdeploy.coordinator.verifier import verify
+from tccdeploy.eventlog import EventLogWriter, parse
+from tccdeploy.manifest.loader import load_manifests
+
+from .attestkit import Node, quote_attest, sign
+
+REPO = Path(__file__).resolve().parent.parent
+NONCE = b"n" * 32
+
+
+@pytest.fixture(scope="module")
+def manifests():
+    return load_manifests([str(REPO / "examples")])
+
+
+def run(manifests, node: Node, evidence, site="site1", address="127.0.1.7", last=None, identity=None, nonce_ok=True):
+    evidence.nonce_check = NonceCheck(True) if nonce_ok is True else nonce_ok
+    return verify(evidence, manifests.perimeter, manifests.builds, identity or node.identity(), site, address, last)
+
+
+def codes(verdict) -> list[str]:
+    return [r["code"] for r in verdict.reasons]
+
+
+def test_good_evidence_is_trusted(manifests):
+    node = Node()
+    verdict = run(manifests, node, node.evidence(NONCE))
+    assert verdict.trusted and codes(verdict) == [] and verdict.build == "tvmm-2026.1"
+
+
+def test_wrong_signature(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    evidence.signature = sign(Node().key, evidence.attest)
+    assert codes(run(manifests, node, evidence)) == ["quote.signature"]
+
+
+def test_another_nodes_ak(manifests):
+    node, other = Node(), Node()
+    assert codes(run(manifests, node, other.evidence(NONCE))) == ["quote.signature"]
+
+
+def test_quote_without_the_nonce(manifests):
+    node = Node()
+    evidence = node.evidence(b"x" * 32)
+    evidence.nonce = NONCE
+    assert codes(run(manifests, node, evidence)) == ["quote.nonce"]
+
+
+@pytest.mark.parametrize("reason", ["nonce.replayed", "nonce.expired", "nonce.unknown", "nonce.other-node"])
+def test_nonce_state_from_the_registry(manifests, reason: str):
+    node = Node()
+    verdict = run(manifests, node, node.evidence(NONCE), nonce_ok=NonceCheck(False, reason))
+    assert codes(verdict) == [reason]
+
+
+def test_pcr_digest_mismatch(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    evidence.pcrs[8] = bytes(32)  # report a value the TPM did not quote
+    assert "quote.pcr-digest" in codes(run(manifests, node, evidence))
+
+
+def test_quote_over_fewer_pcrs_than_policy(manifests):
+    node = Node()
+    assert codes(run(manifests, node, node.evidence(NONCE, pcrs=[0, 4, 8]))) == ["quote.pcr-selection"]
+
+
+def test_not_tpm_generated_and_not_a_quote(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    for magic, kind, code in ((0xDEADBEEF, tpm2.ST_ATTEST_QUOTE, "quote.magic"),):
+        attest = quote_attest(NONCE, "sha256", [0, 4, 8, 9, 11], tpm2.parse_attest(evidence.attest).pcr_digest,
+                              magic=magic, kind=kind)
+        forged = dataclasses.replace(evidence, attest=attest, signature=sign(node.key, attest))
+        assert codes(run(manifests, node, forged)) == [code]
+
+
+def _log_events(raw: bytes) -> tuple[bytes, list[bytes]]:
+    header_len = len(EventLogWriter(["sha1", "sha256"]).header())
+    log = parse(raw)
+    offsets = [e.offset for e in log.events] + [len(raw)]
+    return raw[:header_len], [raw[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+
+
+@pytest.mark.parametrize("change", ["altered", "truncated", "reordered", "extra"])
+def test_event_log_tampering(manifests, change: str):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    header, events = _log_events(evidence.eventlog)
+    if change == "altered":
+        events[2] = events[2][:-1] + bytes([events[2][-1] ^ 1])  # event data: digests still match the PCRs
+        patched = bytearray(events[3])
+        patched[40] ^= 0xFF  # a byte of event 3's sha256 digest (after count, sha1 id+digest, sha256 id)
+        events[3] = bytes(patched)
+    elif change == "truncated":
+        events = events[:-1]
+    elif change == "reordered":
+        events[2], events[3] = events[3], events[2]
+    else:
+        writer = EventLogWriter(["sha1", "sha256"])
+        writer.add(4, "EV_EFI_BOOT_SERVICES_APPLICATION", b"extra")
+        events.append(writer.to_bytes()[len(writer.header()):])
+    evidence.eventlog = header + b"".join(events)
+    assert "eventlog.replay" in codes(run(manifests, node, evidence))
+    assert not run(manifests, node, evidence).trusted
+
+
+def test_logged_extra_component_matches_no_build(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE, log_extra=[(4, b"rogue kernel module")])
+    assert codes(run(manifests, node, evidence)) == ["build.unknown"]
+
+
+def test_revoked_build(manifests):
+    node = Node(build="tvmm-2025.4")
+    verdict = run(manifests, node, node.evidence(NONCE))
+    assert codes(verdict) == ["build.revoked"] and verdict.build == "tvmm-2025.4"
+
+
+def test_deprecated_build_warns(manifests):
+    node = Node(build="tvmm-2026.2")
+    builds = [dataclasses.replace(b, status="deprecated") if b.name == "tvmm-2026.2" else b for b in manifests.builds]
+    evidence = node.evidence(NONCE)
+    evidence.nonce_check = NonceCheck(True)
+    verdict = verify(evidence, manifests.perimeter, builds, node.identity(), "site1", "127.0.1.7")
+    assert verdict.trusted and [w["code"] for w in verdict.warnings] == ["build.deprecated"]
+
+
+def test_counters_going_backwards(manifests):
+    node = Node(reset=3, restart=0)
+    last = {"reset_count": 5, "restart_count": 0}
+    assert codes(run(manifests, node, node.evidence(NONCE), last=last)) == ["quote.counters-backwards"]
+
+
+def test_reboot_is_a_warning(manifests):
+    node = Node(reset=6)
+    verdict = run(manifests, node, node.evidence(NONCE), last={"reset_count": 5, "restart_count": 0})
+    assert verdict.trusted and [w["code"] for w in verdict.warnings] == ["node.rebooted"]
+
+
+@pytest.mark.parametrize("site, address, code", [
+    (None, "127.0.9.1", "perimeter.no-site"),
+    ("site7", "127.0.1.7", "perimeter.unknown-site"),
+    ("site1", "127.0.2.7", "perimeter.address"),
+    ("site2", "127.0.2.7", "perimeter.asset-tag"),  # site2 has an asset tag; none certified
+])
+def test_perimeter(manifests, site, address, code):
+    node = Node()
+    assert codes(run(manifests, node, node.evidence(NONCE), site=site, address=address)) == [code]
+
+
+def test_not_enrolled_and_changed_host_key(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    evidence.nonce_check = NonceCheck(True)
+    assert "node.not-enrolled" in codes(verify(evidence, manifests.perimeter, manifests.builds, None, "site1", "127.0.1.7"))
+    identity = node.identity() | {"ssh_host_key": "SHA256:other"}
+    assert codes(run(manifests, node, node.evidence(NONCE), identity=identity)) == ["node.ssh-host-key"]
+
+
+def test_every_failure_is_reported_not_just_the_first(manifests):
+    node = Node(build="tvmm-2025.4")
+    evidence = node.evidence(b"x" * 32)
+    evidence.nonce = NONCE
+    verdict = run(manifests, node, evidence, site=None, nonce_ok=NonceCheck(False, "nonce.replayed"))
+    assert {"quote.nonce", "nonce.replayed", "build.revoked", "perimeter.no-site"} <= set(codes(verdict))
+
+
+def test_malformed_evidence_is_a_reason_not_a_crash(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    evidence.attest = evidence.attest[:-3]
+    evidence.eventlog = b"\x00" * 10
+    verdict = run(manifests, node, evidence)
+    assert {"evidence.malformed", "eventlog.malformed"} <= set(codes(verdict)) and not verdict.trusted
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_tpm_parsers_reject_garbage_cleanly(data: bytes):
+    for parser in (tpm2.parse_attest, tpm2.parse_signature, tpm2.parse_public):
+        try:
+            parser(data)
+        except tpm2.TPMFormatError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_quotes_never_verify_and_never_crash(manifests, data):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    field_name = data.draw(st.sampled_from(["attest", "signature"]))
+    raw = bytearray(getattr(evidence, field_name))
+    position = data.draw(st.integers(0, len(raw) - 1))
+    raw[position] ^= data.draw(st.integers(1, 255))
+    setattr(evidence, field_name, bytes(raw))
+    assert not run(manifests, node, evidence).trusted
+
+
+def test_make_credential_shape():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(65537, 2048)
+    n = key.public_key().public_numbers().n.to_bytes(256, "big")
+    area = struct.pack(">HHI", tpm2.ALG_RSA, tpm2.ALG_SHA256, 0x000300B2) + struct.pack(">H", 32) + bytes(32)
+    area += struct.pack(">HHHHHI", tpm2.ALG_AES, 128, tpm2.ALG_CFB, tpm2.ALG_NULL, 2048, 0) + struct.pack(">H", 256) + n
+    ek = tpm2.parse_public(struct.pack(">H", len(area)) + area)
+    blob, seed = tpm2.make_credential(ek, b"s" * 32, b"\x00\x0b" + hashlib.sha256(b"ak").digest())
+    assert len(seed) == 256 and len(blob) == 2 + 32 + 2 + 32
