@@ -90,3 +90,20 @@ class Node:
         digest = hashlib.sha256(b"".join(values[p] for p in chosen)).digest()
         attest = quote_attest(nonce, "sha256", chosen, digest, self.reset, self.restart)
         return Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key="SHA256:host")
+
+
+TK_ATTRIBUTES = tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.DECRYPT | tpm2.NO_DA
+
+
+def rsa_public(key, attributes: int = TK_ATTRIBUTES, policy: bytes = b"") -> bytes:  # type: ignore[no-untyped-def]
+    """TPM2B_PUBLIC of an RSA-2048 decrypt key (a TK) with the given attributes and authPolicy."""
+    n = key.public_key().public_numbers().n.to_bytes(256, "big")
+    area = struct.pack(">HHI", tpm2.ALG_RSA, tpm2.ALG_SHA256, attributes) + tpm2b(policy)
+    area += struct.pack(">HHHI", tpm2.ALG_NULL, tpm2.ALG_NULL, 2048, 0) + tpm2b(n)
+    return tpm2b(area)
+
+
+def certify_attest(nonce: bytes, name: bytes, magic: int = tpm2.TPM_GENERATED) -> bytes:
+    body = struct.pack(">IH", magic, tpm2.ST_ATTEST_CERTIFY) + tpm2b(b"\x00\x0b" + bytes(32)) + tpm2b(nonce)
+    body += struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0x2000)
+    return body + tpm2b(name) + tpm2b(name)
