@@ -13,6 +13,7 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -113,6 +114,14 @@ class Public:
         return self.attributes & bits == bits
 
     def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        cached = self.__dict__.get("_key")
+        if cached is not None:
+            return cached
+        key = self._make_key()
+        object.__setattr__(self, "_key", key)
+        return key
+
+    def _make_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
         if self.type == ALG_RSA:
             exponent = self.rsa_exponent or 65537
             return rsa.RSAPublicNumbers(exponent, int.from_bytes(self.modulus, "big")).public_key()
@@ -172,6 +181,12 @@ def parse_public(data: bytes, sized: bool = True) -> Public:
         raise TPMFormatError(f"unknown object type 0x{kind:04x}")
     r.done()
     return Public(kind, name_alg, attributes, policy, data, **fields)
+
+
+@lru_cache(maxsize=4096)
+def parse_public_cached(data: bytes) -> Public:
+    """parse_public for keys the TC verifies with again and again (enrolled AKs)."""
+    return parse_public(data)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def verify(
     if identity is None:
         c.fail("node.not-enrolled", "the node is not enrolled: run tccdeploy enroll first")
     else:
-        ak = tpm2.parse_public(identity["ak_public"])
+        ak = tpm2.parse_public_cached(bytes(identity["ak_public"]))
         if evidence.ssh_host_key and not hmac.compare_digest(evidence.ssh_host_key, identity["ssh_host_key"]):
             c.fail("node.ssh-host-key", "the node's SSH host key is not the one pinned at enrollment")
 
