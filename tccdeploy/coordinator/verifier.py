@@ -82,22 +82,27 @@ class _Collector:
 
 
 def match_build(events_by_pcr: dict[int, list[bytes]], builds: list[TVMMBuild], pcrs: tuple[int, ...]) -> tuple[TVMMBuild | None, str]:
-    """The build whose reference measurements equal the log's events on every policy PCR."""
-    first_mismatch = ""
+    """The build whose reference measurements equal the log's events on every policy PCR.
+
+    When none does, the message names the closest build (most events in place) and where the
+    log first departs from it, which is what an operator needs to find the rogue component.
+    """
+    best: tuple[int, str] = (-1, "")
     for build in builds:
-        mismatch = ""
+        matched, first = 0, ""
         for pcr in pcrs:
             expected = [bytes.fromhex(e.digest) for e in build.pcrs.get(pcr, ())]
             got = events_by_pcr.get(pcr, [])
-            if expected != got:
-                extra = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
-                             min(len(expected), len(got)))
-                mismatch = f"PCR {pcr} event {extra}"
-                break
-        if not mismatch:
+            same = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), min(len(expected), len(got)))
+            matched += same
+            if (expected != got) and not first:
+                what = "an extra event" if same == len(expected) else ("a missing event" if same == len(got) else "a different event")
+                first = f"PCR {pcr} event {same} ({what})"
+        if not first:
             return build, ""
-        first_mismatch = first_mismatch or f"{build.name}: {mismatch}"
-    return None, first_mismatch
+        if matched > best[0]:
+            best = (matched, f"closest build {build.name}: {first}")
+    return None, best[1]
 
 
 def verify(
@@ -180,7 +185,7 @@ def verify(
                 events.setdefault(event.pcr, []).append(event.digests[policy.bank])
         build, mismatch = match_build(events, builds, policy.pcrs)
         if build is None:
-            c.fail("build.unknown", f"the measured boot matches no TVMM build (first difference: {mismatch})")
+            c.fail("build.unknown", f"the measured boot matches no TVMM build ({mismatch})")
         else:
             verdict.build = build.name
             if build.status == "revoked":
