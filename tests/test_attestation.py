@@ -220,3 +220,18 @@ def test_swapped_ek_certificate_is_refused(lab: Lab, engine: Engine, tc: Coordin
         tc.enrollment_challenge("node1", base64.b64decode(other["ek_certificate"]), base64.b64decode(own["ek_public"]),
                                 Node().ak_public, "SHA256:x")
     assert info.value.reason == "ek.key-mismatch"
+
+
+def test_nodes_command_lists_and_shows_history(lab: Lab, engine: Engine, tc: Coordinator):
+    import json
+    import subprocess
+    import sys
+
+    engine.run(attest(tc), _hosts(engine, "node3"))
+    run = [sys.executable, "-m", "tccdeploy", "nodes", "--state", tc.state]
+    listing = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
+    by_name = {row["name"]: row for row in listing}
+    assert by_name["outside1"]["reasons"] == ["perimeter.no-site"] and by_name["node3"]["state"] == "admitted"
+    shown = subprocess.run([*run, "show", "node3"], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith("node3: admitted, site site2") and "trusted" in shown
+    assert subprocess.run([*run, "show", "nosuch"], capture_output=True, text=True).returncode == 1

@@ -56,6 +56,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from ..config import state_dir
     from .store import Registry
 
+    words = [w for w in args.node if w != "show"] if args.node else []
+    if len(words) > 1:
+        print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
+        return 2
+    args.node = words[0] if words else None
     registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
     try:
         if args.node:
@@ -142,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("nodes", help="nodes in the TC's registry: state, build, last verdict",
                        description="List the registry's nodes, or one node's attestation history with NODE.")
-    p.add_argument("node", nargs="?", metavar="NODE", help="show this node's history")
+    p.add_argument("node", nargs="*", metavar="[show] NODE", help="show this node's history (`nodes show NODE` or `nodes NODE`)")
     p.add_argument("--limit", type=int, default=20, help="history entries (default 20)")
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
