@@ -227,7 +227,7 @@ def test_nodes_command_lists_and_shows_history(lab: Lab, engine: Engine, tc: Coo
     import subprocess
     import sys
 
-    engine.run(attest(tc), _hosts(engine, "node3"))
+    engine.run(attest(tc, admit_nodes=True), _hosts(engine, "node3", "outside1"))
     run = [sys.executable, "-m", "tccdeploy", "nodes", "--state", tc.state]
     listing = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
     by_name = {row["name"]: row for row in listing}
