@@ -101,18 +101,131 @@ def cmd_tc(args: argparse.Namespace) -> int:
     from . import identity
 
     state = state_dir(args.state)
+    if args.tc_command == "customers":
+        return _customers(args, state)
     if args.tc_command == "init":
         ident, created = identity.init(state)
         print(("created" if created else "exists") + f": TC identity in {state}")
         print(f"fingerprint (SHA-256): {ident.fingerprint}")
         return 0
     ident = identity.load(state)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(ident.bundle_pem)
+        print(f"wrote the TC's CA and key-wrapping certificates to {args.output}")
+        print(f"fingerprint (SHA-256): {ident.fingerprint}")
+        return 0
     if args.json:
         print(json.dumps({"fingerprint": ident.fingerprint, "certificate": ident.pem, "subject": ident.certificate.subject.rfc4514_string()}))
     else:
         print(ident.pem, end="")
         print(f"fingerprint (SHA-256): {ident.fingerprint}")
     return 0
+
+
+def _customers(args: argparse.Namespace, state: str) -> int:
+    from .store import Registry
+
+    registry = Registry(os.path.join(state, "registry.sqlite"))
+    try:
+        if args.rest[:1] == ["add"] and len(args.rest) == 3:
+            from ..crypto import customer
+
+            public = customer.parse_public(args.rest[2])
+            registry.add_customer(args.rest[1], customer.public_text(public), customer.key_id(public))
+            print(f"customer {args.rest[1]} registered (key id {customer.key_id(public)})")
+            return 0
+        if args.rest[:1] in ([], ["list"]):
+            rows = [{"name": c["name"], "key_id": c["key_id"], "key": c["key"]} for c in registry.customers()]
+            print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['name']:<16} {r['key_id']}" for r in rows))
+            return 0
+    finally:
+        registry.close()
+    print("usage: tccdeploy tc customers add NAME ed25519:KEY | tccdeploy tc customers list", file=sys.stderr)
+    return 2
+
+
+def cmd_request_submit(args: argparse.Namespace) -> int:
+    from ..coordinator.keybroker import Refused
+    from ..crypto import bundle as bundles
+    from ..crypto.cli import sign_request
+    from ..engine.cli import _logging, load, select
+    from ..engine.launch import launch
+    from ..engine.runner import Engine
+
+    _logging(args.verbose)
+    if args.request.endswith(".json"):
+        with open(args.request) as fh:
+            envelope = json.load(fh)
+    else:
+        envelope = sign_request(args.request, args.key)
+    coordinator = _coordinator(args)
+    inventory = load(args)
+    try:
+        with Engine(select(inventory, "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+            result = launch(engine, coordinator, envelope, envelope["bundle"])
+    except (Refused, bundles.BundleError) as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        coordinator.close()
+    if args.explain:
+        for c in result.candidates:
+            print(f"  {c.node:<12} {'eligible' if c.eligible else 'not eligible'}: {', '.join(c.reasons)} (VMs {c.load})")
+    name = envelope["request"]["manifest"]["metadata"]["name"]
+    path = args.receipt or f"{name}.receipt.json"
+    with open(path, "w") as fh:
+        json.dump(result.receipt, fh, indent=2)
+    print(f"{name}: running on {result.node}; receipt signed by the TC -> {path}")
+    return 0
+
+
+def cmd_vms(args: argparse.Namespace) -> int:
+    from ..config import state_dir
+    from .store import Registry
+
+    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    try:
+        rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
+                 "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in registry.vms(args.all)]
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'VM':<14} {'STATE':<10} {'NODE':<10} {'CUSTOMER':<12} {'LAUNCHED':<19} IMAGE")
+    for r in rows:
+        print(f"{r['name']:<14} {r['state']:<10} {r['node'] or '-':<10} {r['customer']:<12} {_when(r['launched']):<19} "
+              f"{r['image_sha256'][:16]}...")
+    return 0
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    from ..config import state_dir
+    from ..engine.cli import _fan_out, load
+    from .store import Registry
+
+    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    try:
+        vm = registry.vm(args.vm)
+        if vm is None or vm["node"] is None:
+            print(f"error: no VM {args.vm!r} in the registry", file=sys.stderr)
+            return 1
+        inventory = load(args)
+        if vm["node"] not in inventory.hosts:
+            print(f"error: VM {args.vm} runs on {vm['node']}, which is not in the inventory", file=sys.stderr)
+            return 1
+
+        def work(session):  # type: ignore[no-untyped-def]
+            return session.call("vm_control", {"vm_id": vm["vm_id"], "action": args.action})
+
+        args.limit = None
+        status = _fan_out(args, vm["node"], work, "module", f"vm {args.action}")
+        if status == 0:
+            registry.set_vm_state(vm["vm_id"], {"stop": "stopped", "start": "running", "destroy": "destroyed"}[args.action])
+        return status
+    finally:
+        registry.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -155,7 +268,44 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tc", help="the trusted coordinator's identity",
                        description="init: create the TC's CA key (0600) and certificate; show: print them for customers to pin.")
-    p.add_argument("tc_command", choices=("init", "show"), metavar="ACTION", help="init or show")
+    p.add_argument("tc_command", choices=("init", "show", "customers"), metavar="ACTION",
+                   help="init, show [-o FILE], customers add NAME KEY | customers list")
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", help="show: write the CA and key-wrapping certificates here, for customers")
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_tc)
+
+    p = sub.add_parser("request", help="placement requests: submit a signed request and launch the VM")
+    rq = p.add_subparsers(dest="request_command", metavar="ACTION", required=True)
+    from ..crypto.cli import cmd_request_sign, default_key
+
+    q = rq.add_parser("sign", help="sign a PlacementRequest (customer side; single use)")
+    q.add_argument("request", metavar="REQUEST.yml")
+    q.add_argument("--key", default=default_key(), help="the customer's key")
+    q.add_argument("-o", "--output", required=True, metavar="SIGNED.json")
+    q.set_defaults(func=cmd_request_sign)
+    q = rq.add_parser("submit", help="submit a request: place, re-attest, release the key, upload, start, receipt",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="REQUEST is a signed request (SIGNED.json from `request sign`) or a PlacementRequest\n"
+                                  "YAML signed on the fly with --key. The TC accepts each request once.\n\n"
+                                  "exit status: 0 running, 2 refused (with its reason), 1 error")
+    q.add_argument("request", metavar="REQUEST")
+    q.add_argument("--key", default=default_key(), help="the customer's key (for a YAML request)")
+    q.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
+    q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen")
+    q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
+    add_run_args(q)
+    q.set_defaults(func=cmd_request_submit)
+
+    p = sub.add_parser("vms", help="VMs in the TC's registry")
+    p.add_argument("--all", action="store_true", help="include destroyed VMs")
+    p.add_argument("--state", help="TC state directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vms)
+
+    p = sub.add_parser("vm", help="stop (pause), start (resume) or destroy a VM")
+    p.add_argument("action", choices=("stop", "start", "destroy"))
+    p.add_argument("vm", metavar="VM", help="VM name or id")
+    add_run_args(p)
+    p.set_defaults(func=cmd_vm)

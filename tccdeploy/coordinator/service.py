@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import time
 from typing import Any
 
 from ..config import state_dir
 from ..manifest.models import Perimeter, TVMMBuild
-from . import admission, enrollment, identity, verifier
+from . import admission, enrollment, identity, keybroker, receipts, verifier
 from .store import Registry
 
 REGISTRY_FILE = "registry.sqlite"
@@ -71,6 +72,43 @@ class Coordinator:
 
     def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
         return admission.finish(self.registry, self.perimeter, identity.init(self.state)[0], node, answer_hex)
+
+    # -- customers, requests, key release, launches -------------------------------------
+    def add_customer(self, name: str, key_text: str) -> dict[str, Any]:
+        from ..crypto import customer
+
+        public = customer.parse_public(key_text)
+        self.registry.add_customer(name, customer.public_text(public), customer.key_id(public))
+        return {"name": name, "key_id": customer.key_id(public)}
+
+    def accept_request(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
+        return keybroker.accept(self.registry, envelope, bundle)
+
+    def release_key(self, request_id: str, node: str) -> dict[str, Any]:
+        return keybroker.release(self.registry, identity.init(self.state)[0], self.perimeter, request_id, node)
+
+    def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
+        """The VM runs on node: record it and sign the customer's receipt."""
+        request = release["request"]
+        spec = request["spec"]
+        now = time.time()
+        self.registry.upsert_vm({
+            "vm_id": request["vm_id"], "name": request["vm"], "customer": request["customer"], "node": node,
+            "state": "running" if status.get("running") else "starting", "image_sha256": request["image_sha256"],
+            "request": request["id"], "vcpus": spec["vcpus"], "memory_mib": spec["memoryMiB"],
+            "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup"), "launched": now,
+        })
+        self.registry.set_request_state(request["id"], "launched")
+        attestation = release["attestation"]
+        return receipts.sign(identity.init(self.state)[0], {
+            "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
+            "node_certificate_serial": release["certificate_serial"], "tvmm_build": attestation["build"],
+            "attestation": {"id": attestation["id"], "time": attestation["time"], "pcr_digest": attestation["pcr_digest"]},
+            "image_sha256": request["image_sha256"], "request": request["id"], "time": now,
+        })
+
+    def fail_request(self, request_id: str) -> None:
+        self.registry.set_request_state(request_id, "failed")
 
     # -- reading --------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:

@@ -95,6 +95,49 @@ MIGRATIONS: list[str] = [
         expires REAL NOT NULL
     );
     """,
+    # 3: customers, placement requests (each accepted once), VMs and key releases.
+    """
+    CREATE TABLE customers (
+        name TEXT PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        key_id TEXT NOT NULL UNIQUE,
+        added REAL NOT NULL
+    );
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        customer TEXT NOT NULL REFERENCES customers(name),
+        vm TEXT NOT NULL,
+        vm_id TEXT NOT NULL,
+        image_sha256 TEXT NOT NULL,
+        wrapped_key TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        received REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('accepted', 'released', 'launched', 'failed'))
+    );
+    CREATE TABLE vms (
+        vm_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        customer TEXT NOT NULL REFERENCES customers(name),
+        node TEXT REFERENCES nodes(name),
+        state TEXT NOT NULL CHECK (state IN ('starting', 'running', 'stopped', 'destroyed')),
+        image_sha256 TEXT NOT NULL,
+        request TEXT NOT NULL REFERENCES requests(id),
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        anti_affinity TEXT,
+        launched REAL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE releases (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL,
+        request TEXT NOT NULL REFERENCES requests(id),
+        node TEXT NOT NULL REFERENCES nodes(name),
+        attestation INTEGER NOT NULL REFERENCES attestations(id),
+        certificate_serial TEXT NOT NULL,
+        time REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -294,6 +337,78 @@ class Registry:
             db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
             db.execute("UPDATE nodes SET state = 'quarantined', updated = ? WHERE name = ?", (time.time(), node))
         return True
+
+    # -- customers, requests, VMs -----------------------------------------------------------
+    def add_customer(self, name: str, key: str, key_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO customers (name, key, key_id, added) VALUES (?, ?, ?, ?)", (name, key, key_id, time.time()))
+
+    def customer_by_key(self, key: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM customers WHERE key = ?", (key,))
+        return dict(rows[0]) if rows else None
+
+    def customers(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM customers ORDER BY name")]
+
+    def accept_request(self, record: dict[str, Any]) -> bool:
+        """Record a request; False if its id was seen before (a replay)."""
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO requests (id, customer, vm, vm_id, image_sha256, wrapped_key, spec, received, state) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'accepted')",
+                           (record["id"], record["customer"], record["vm"], record["vm_id"], record["image_sha256"],
+                            record["wrapped_key"], json.dumps(record["spec"]), time.time()))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def request(self, request_id: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM requests WHERE id = ?", (request_id,))
+        if not rows:
+            return None
+        item = dict(rows[0])
+        item["spec"] = json.loads(item["spec"])
+        return item
+
+    def set_request_state(self, request_id: str, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE requests SET state = ? WHERE id = ?", (state, request_id))
+
+    def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str) -> bool:
+        """One release per request: the state check and the insert are one transaction."""
+        with self.transaction() as db:
+            changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
+                                 (request_id,)).rowcount
+            if changed != 1:
+                return False
+            db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time) VALUES (?, ?, ?, ?, ?, ?)",
+                       (vm_id, request_id, node, attestation, serial, time.time()))
+        return True
+
+    def releases(self, vm_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))]
+
+    def upsert_vm(self, record: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO vms (vm_id, name, customer, node, state, image_sha256, request, vcpus, memory_mib, anti_affinity, "
+                "launched, updated) VALUES (:vm_id, :name, :customer, :node, :state, :image_sha256, :request, :vcpus, "
+                ":memory_mib, :anti_affinity, :launched, :updated) ON CONFLICT(vm_id) DO UPDATE SET node = excluded.node, "
+                "state = excluded.state, launched = excluded.launched, updated = excluded.updated",
+                {"launched": None, "anti_affinity": None, **record, "updated": time.time()})
+
+    def vm(self, name_or_id: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
+                         (name_or_id, name_or_id))
+        return dict(rows[0]) if rows else None
+
+    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
+        query = "SELECT * FROM vms" + ("" if include_destroyed else " WHERE state != 'destroyed'") + " ORDER BY name"
+        return [dict(r) for r in self._all(query)]
+
+    def set_vm_state(self, vm_id: str, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE vms SET state = ?, updated = ? WHERE vm_id = ?", (state, time.time(), vm_id))
 
     def certificate(self, node: str) -> dict[str, Any] | None:
         rows = self._all("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))

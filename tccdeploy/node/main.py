@@ -8,10 +8,7 @@ import sys
 import traceback
 from typing import Any
 
-from . import (
-    PROTOCOL,
-    tpm,  # noqa: F401 - registers the TPM operations
-)
+from . import PROTOCOL, tpm, vm  # noqa: F401 - tpm and vm register their operations
 from .ops import OPS, OpError
 
 

@@ -1,0 +1,106 @@
+"""The key broker: a VM's key goes only to a node that is trusted now, once per request.
+
+    request.signature        the placement request is not signed by a registered customer key
+    request.replayed         its id was used before
+    request.stale            it was signed too long ago
+    request.image            the bundle's descriptor is not the customer's, or not for this request
+    request.duplicate-vm     a VM of that name is already running for the customer
+    release.not-admitted     the node is not admitted (enrolled only, quarantined, unknown)
+    release.not-fresh        its latest attestation is not trusted or older than the policy allows
+    release.no-certificate   no valid (unexpired, unrevoked) node certificate
+    release.already          the request's key was already released
+    release.unwrap           the TC cannot unwrap the key (sealed for another TC, or altered)
+
+The clear Kvm exists only inside `release`, between unwrapping with the TC's key and wrapping
+to the node's TK (OAEP, label bound to the VM id).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import time
+from typing import Any
+
+from cryptography import x509
+
+from ..crypto import customer, wrap
+from ..crypto.canonical import canonical
+from ..manifest.models import Perimeter
+from .identity import Identity
+from .store import Registry
+
+REQUEST_MAX_AGE = 24 * 3600
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def accept(registry: Registry, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
+    """Check a signed placement request and the bundle it names; record it (once)."""
+    try:
+        request, signature = envelope["request"], base64.b64decode(envelope["signature"], validate=True)
+        key_text = request["customer"]
+        public = customer.parse_public(key_text)
+    except (KeyError, TypeError, ValueError, customer.CustomerKeyError) as exc:
+        raise Refused("request.signature", f"malformed request envelope: {exc}") from None
+    owner = registry.customer_by_key(key_text)
+    if owner is None:
+        raise Refused("request.signature", "the request is signed by a key no customer registered (tc customers add)")
+    try:
+        public.verify(signature, canonical(request))
+    except Exception:  # noqa: BLE001
+        raise Refused("request.signature", "the request's signature does not verify") from None
+    try:
+        created = datetime.datetime.fromisoformat(request["created"]).timestamp()
+    except (KeyError, ValueError):
+        raise Refused("request.stale", "the request has no valid creation time") from None
+    if not -300 <= time.time() - created <= REQUEST_MAX_AGE:
+        raise Refused("request.stale", "the request was signed more than a day ago (or in the future)")
+    descriptor = bundle["descriptor"]
+    if descriptor["customer"]["key"] != key_text or request["image"]["vm_id"] != descriptor["vm_id"] \
+            or request["image"]["sha256"] != descriptor["disk"]["sha256"]:
+        raise Refused("request.image", "the sealed image is not this customer's, or not the one the request names")
+    name = request["manifest"]["metadata"]["name"]
+    for vm in registry.vms():
+        if vm["customer"] == owner["name"] and vm["name"] == name:
+            raise Refused("request.duplicate-vm", f"{owner['name']} already has a VM named {name!r}")
+    spec = request["manifest"]["spec"]
+    record = {"id": request["id"], "customer": owner["name"], "vm": name, "vm_id": descriptor["vm_id"],
+              "image_sha256": descriptor["disk"]["sha256"], "wrapped_key": descriptor["wrapped_key"], "spec": spec}
+    if not registry.accept_request(record):
+        raise Refused("request.replayed", f"request {request['id']} was submitted before; a request is accepted once")
+    return record
+
+
+def release(registry: Registry, tc: Identity, perimeter: Perimeter, request_id: str, node: str) -> dict[str, Any]:
+    """Re-wrap the request's Kvm to node's TK, if node is trusted now; record the release."""
+    request = registry.request(request_id)
+    if request is None:
+        raise Refused("release.unknown-request", f"no request {request_id}")
+    if request["state"] != "accepted":
+        raise Refused("release.already", f"request {request_id} is {request['state']}; its key is released once")
+    row = registry.node(node)
+    if row is None or row["state"] != "admitted":
+        raise Refused("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'}, not admitted")
+    latest = registry.attestations(node, limit=1)
+    if not latest or latest[0]["verdict"] != "trusted" or time.time() - latest[0]["time"] > perimeter.attestation.max_quote_age:
+        raise Refused("release.not-fresh", f"{node}'s latest attestation is not trusted and fresh; attest it again")
+    certificate_row = registry.certificate(node)
+    if certificate_row is None or certificate_row["not_after"] < time.time():
+        raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
+    certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
+    label = wrap.vm_label(request["vm_id"])
+    try:
+        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(request["wrapped_key"]), label)
+    except Exception:  # noqa: BLE001
+        raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC, or altered") from None
+    rewrapped = wrap.wrap(certificate.public_key(), kvm, label)  # type: ignore[arg-type]
+    del kvm
+    if not registry.record_release(request_id, request["vm_id"], node, latest[0]["id"], certificate_row["serial"]):
+        raise Refused("release.already", f"request {request_id}'s key was released concurrently")
+    return {"wrapped_key": base64.b64encode(rewrapped).decode(), "attestation": latest[0],
+            "certificate_serial": certificate_row["serial"], "request": request}

@@ -1,0 +1,1 @@
+"""Customer-side cryptography: keys, sealed image bundles, key wrapping, canonical signing."""

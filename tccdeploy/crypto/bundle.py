@@ -1,0 +1,171 @@
+"""Sealed image bundles: a LUKS-encrypted qcow2 under a fresh key Kvm, and a signed descriptor.
+
+    BUNDLE/disk.qcow2        the encrypted disk (qemu-img, LUKS with a minimal iteration time:
+                             Kvm is 256 random bits, key stretching buys nothing)
+    BUNDLE/descriptor.json   {"descriptor": {...}, "signature": "<Ed25519, base64>"}
+
+Kvm exists in clear only in this process's memory and in a pipe to qemu-img; it leaves wrapped
+to the TC's key-wrapping key (RSA-OAEP-SHA256, label bound to the VM id). Sealing streams, so
+memory stays bounded whatever the image size.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import customer
+from .canonical import canonical
+from .wrap import vm_label, wrap
+
+DISK = "disk.qcow2"
+DESCRIPTOR = "descriptor.json"
+LUKS_ITER_TIME_MS = 10
+
+
+class BundleError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TCKeys:
+    ca: x509.Certificate
+    wrap: x509.Certificate
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return hashlib.sha256(self.ca.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def load_tc(path: str, pin: str | None = None) -> TCKeys:
+    """The TC's CA and key-wrapping certificates (`tccdeploy tc show -o FILE`), checked."""
+    try:
+        with open(path, "rb") as fh:
+            certs = x509.load_pem_x509_certificates(fh.read())
+    except (OSError, ValueError) as exc:
+        raise BundleError("tc.certificate", f"cannot read the TC certificates in {path}: {exc}") from None
+    cas = [c for c in certs if c.issuer == c.subject]
+    wraps = [c for c in certs if c.issuer != c.subject and isinstance(c.public_key(), rsa.RSAPublicKey)]
+    if len(cas) != 1 or len(wraps) != 1:
+        raise BundleError("tc.certificate", f"{path} must hold the TC's CA certificate and its key-wrapping certificate")
+    ca, wrap_cert = cas[0], wraps[0]
+    ca_key = ca.public_key()
+    try:
+        assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+        ca_key.verify(wrap_cert.signature, wrap_cert.tbs_certificate_bytes, ec.ECDSA(wrap_cert.signature_hash_algorithm))
+    except Exception:  # noqa: BLE001
+        raise BundleError("tc.certificate", "the key-wrapping certificate is not signed by the TC's CA") from None
+    keys = TCKeys(ca, wrap_cert)
+    if pin and keys.ca_fingerprint != pin.lower():
+        raise BundleError("tc.pin", f"the TC's CA fingerprint is {keys.ca_fingerprint}, not the pinned {pin}")
+    return keys
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _image_info(path: str) -> dict[str, Any]:
+    proc = subprocess.run(["qemu-img", "info", "--output", "json", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BundleError("image.unreadable", f"qemu-img cannot read {path}: {proc.stderr.strip()}")
+    info = json.loads(proc.stdout)
+    if info.get("format") not in ("raw", "qcow2") or info.get("encrypted"):
+        raise BundleError("image.format", f"{path} is {info.get('format')}{' (encrypted)' if info.get('encrypted') else ''}; "
+                                          "seal a plain raw or qcow2 image")
+    return info
+
+
+def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | None = None) -> dict[str, Any]:
+    """Encrypt disk into bundle directory out; return the signed descriptor."""
+    info = _image_info(disk)
+    if os.path.exists(out) and os.listdir(out):
+        raise BundleError("bundle.exists", f"{out} exists and is not empty; choose a new bundle directory")
+    os.makedirs(out, mode=0o755, exist_ok=True)
+    vm_id = uuid.uuid4().hex
+    kvm = os.urandom(32)
+    passphrase = base64.b64encode(kvm)  # LUKS wants UTF-8 text; base64 keeps all 256 bits
+    target = os.path.join(out, DISK)
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, passphrase)
+        os.close(write_end)
+        write_end = -1
+        proc = subprocess.run(
+            ["qemu-img", "convert", "-f", info["format"], "-O", "qcow2",
+             "--object", f"secret,id=kvm,file=/dev/fd/{read_end}",
+             "-o", f"encrypt.format=luks,encrypt.key-secret=kvm,encrypt.iter-time={LUKS_ITER_TIME_MS}",
+             disk, target + ".partial"],
+            pass_fds=(read_end,), capture_output=True, text=True,
+        )
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if proc.returncode != 0:
+        raise BundleError("image.convert", f"qemu-img could not encrypt {disk}: {proc.stderr.strip()}")
+    os.replace(target + ".partial", target)
+    public = tc.wrap.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    descriptor = {
+        "type": "tccdeploy-sealed-image",
+        "version": 1,
+        "vm_id": vm_id,
+        "name": name or os.path.splitext(os.path.basename(disk))[0],
+        "disk": {"file": DISK, "sha256": _sha256_file(target), "size": os.path.getsize(target),
+                 "virtual_size": int(info["virtual-size"]), "format": "qcow2+luks"},
+        "wrapped_key": base64.b64encode(wrap(public, kvm, vm_label(vm_id))).decode(),
+        "tc": {"ca_sha256": tc.ca_fingerprint,
+               "wrap_sha256": hashlib.sha256(tc.wrap.public_bytes(serialization.Encoding.DER)).hexdigest()},
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "customer": {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())},
+    }
+    del kvm, passphrase
+    envelope = {"descriptor": descriptor, "signature": base64.b64encode(key.sign(canonical(descriptor))).decode()}
+    with open(os.path.join(out, DESCRIPTOR), "w") as fh:
+        json.dump(envelope, fh, indent=2)
+    return descriptor
+
+
+def load(bundle: str, check_disk: bool = True) -> dict[str, Any]:
+    """Read and check a bundle: signature by the key it names, disk present, size and digest."""
+    try:
+        with open(os.path.join(bundle, DESCRIPTOR)) as fh:
+            envelope = json.load(fh)
+        descriptor, signature = envelope["descriptor"], base64.b64decode(envelope["signature"])
+        public = customer.parse_public(descriptor["customer"]["key"])
+    except (OSError, ValueError, KeyError, TypeError, customer.CustomerKeyError) as exc:
+        raise BundleError("bundle.descriptor", f"{bundle} has no valid descriptor: {exc}") from None
+    try:
+        public.verify(signature, canonical(descriptor))
+    except Exception:  # noqa: BLE001
+        raise BundleError("bundle.signature", "the descriptor's signature does not verify: it was altered") from None
+    if check_disk:
+        disk = os.path.join(bundle, descriptor["disk"]["file"])
+        if os.path.basename(descriptor["disk"]["file"]) != descriptor["disk"]["file"] or not os.path.isfile(disk):
+            raise BundleError("bundle.disk-missing", f"the bundle's disk {disk} is missing")
+        size = os.path.getsize(disk)
+        if size != descriptor["disk"]["size"]:
+            raise BundleError("bundle.disk-size", f"the disk is {size} bytes, the descriptor says {descriptor['disk']['size']} "
+                                                  "(truncated or altered)")
+        if _sha256_file(disk) != descriptor["disk"]["sha256"]:
+            raise BundleError("bundle.disk-digest", "the disk's sha256 does not match the descriptor (altered)")
+    return envelope

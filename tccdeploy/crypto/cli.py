@@ -1,0 +1,160 @@
+"""The customer's side: `customer init`, `image seal|inspect`, `request sign`, `receipt verify`.
+
+None of these needs the provider: a customer runs them on its own machine with its own key,
+pinning the TC by its certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import secrets
+import sys
+
+KEY_ENV = "TCCDEPLOY_CUSTOMER_KEY"
+
+
+def default_key() -> str:
+    return os.environ.get(KEY_ENV) or os.path.join(os.path.expanduser("~"), ".config", "tccdeploy", "customer-key.pem")
+
+
+def cmd_customer_init(args: argparse.Namespace) -> int:
+    from . import customer
+
+    key, created = customer.init(args.key)
+    print(("created" if created else "exists") + f": {args.key} (0600)")
+    print("register this public key with the provider's TC (tccdeploy tc customers add NAME KEY):")
+    print(customer.public_text(key.public_key()))
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    from . import bundle, customer
+
+    tc = bundle.load_tc(args.tc, args.pin)
+    descriptor = bundle.seal(args.disk, tc, customer.load(args.key), args.output, args.name)
+    print(f"sealed {args.disk} -> {args.output}")
+    print(f"  vm id:        {descriptor['vm_id']}")
+    print(f"  disk sha256:  {descriptor['disk']['sha256']} ({descriptor['disk']['size']} bytes, LUKS qcow2)")
+    print(f"  key wrapped to the TC whose CA fingerprint is {tc.ca_fingerprint}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import bundle
+
+    envelope = bundle.load(args.bundle, check_disk=not args.no_disk)
+    d = envelope["descriptor"]
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{args.bundle}: sealed image {d['name']} (signature verified{', disk digest verified' if not args.no_disk else ''})")
+    for label, value in (("vm id", d["vm_id"]), ("disk", f"{d['disk']['file']} sha256 {d['disk']['sha256']}"),
+                         ("size", f"{d['disk']['size']} bytes ({d['disk']['virtual_size']} virtual)"),
+                         ("created", d["created"]), ("customer key id", d["customer"]["id"]),
+                         ("TC CA sha256", d["tc"]["ca_sha256"]), ("Kvm", "wrapped to the TC (RSA-OAEP-SHA256)")):
+        print(f"  {label + ':':<17} {value}")
+    return 0
+
+
+def sign_request(request_path: str, key_path: str) -> dict:
+    """A signed, single-use placement request naming the sealed image it launches."""
+    from ..manifest.loader import load_manifests
+    from . import bundle, customer
+    from .canonical import canonical
+
+    result = load_manifests([request_path])
+    if len(result.requests) != 1:
+        raise SystemExit(f"error: {request_path} must hold exactly one PlacementRequest")
+    manifest = result.requests[0].source.data  # type: ignore[union-attr]
+    bundle_dir = result.requests[0].image
+    envelope_bundle = bundle.load(bundle_dir)
+    key = customer.load(key_path)
+    request = {
+        "manifest": manifest,
+        "id": secrets.token_hex(16),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "customer": customer.public_text(key.public_key()),
+        "image": {"vm_id": envelope_bundle["descriptor"]["vm_id"], "sha256": envelope_bundle["descriptor"]["disk"]["sha256"]},
+    }
+    return {"request": request, "signature": base64.b64encode(key.sign(canonical(request))).decode(),
+            "bundle": os.path.abspath(bundle_dir)}
+
+
+def cmd_request_sign(args: argparse.Namespace) -> int:
+    envelope = sign_request(args.request, args.key)
+    with open(args.output, "w") as fh:
+        json.dump(envelope, fh, indent=2)
+    print(f"signed request {envelope['request']['id']} -> {args.output} (accepted once by the TC)")
+    return 0
+
+
+def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from ..coordinator.receipts import ReceiptError, verify
+
+    with open(args.tc, "rb") as fh:
+        certs = x509.load_pem_x509_certificates(fh.read())
+    ca = next((c for c in certs if c.issuer == c.subject), None)
+    if ca is None:
+        print(f"error: no CA certificate in {args.tc}", file=sys.stderr)
+        return 1
+    try:
+        with open(args.receipt) as fh:
+            envelope = json.load(fh)
+        body = verify(envelope, ca)
+    except (OSError, ValueError, ReceiptError) as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    when = datetime.datetime.fromtimestamp(body["time"], datetime.UTC).isoformat(timespec="seconds")
+    attested = datetime.datetime.fromtimestamp(body["attestation"]["time"], datetime.UTC).isoformat(timespec="seconds")
+    print("VALID: signed by the TC whose certificate you gave. It proves that:")
+    print(f"  VM {body['vm']} ({body['vm_id']}) of customer {body['customer']} started on node {body['node']} at {when},")
+    print(f"  from the image with sha256 {body['image_sha256']} (request {body['request']});")
+    print(f"  the node held node certificate {body['node_certificate_serial']} and had booted TVMM build {body['tvmm_build']},")
+    print(f"  proven by attestation #{body['attestation']['id']} at {attested} (PCR digest {body['attestation']['pcr_digest']}).")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("customer", help="the customer's signing identity")
+    cs = p.add_subparsers(dest="customer_command", metavar="ACTION", required=True)
+    q = cs.add_parser("init", help="create an Ed25519 signing key (0600) and print its public key to register")
+    q.add_argument("--key", default=default_key(), help=f"key file (default ${KEY_ENV} or ~/.config/tccdeploy/customer-key.pem)")
+    q.set_defaults(func=cmd_customer_init)
+
+    p = sub.add_parser("image", help="seal a VM image for the TC, or inspect a sealed bundle")
+    im = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    q = im.add_parser("seal", help="encrypt a raw/qcow2 image (LUKS qcow2) under a fresh key wrapped to the TC",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="Convert DISK into a LUKS-encrypted qcow2 under a fresh random key Kvm (passed to\n"
+                                  "qemu-img through a pipe, never on disk or in argv) and write BUNDLE/descriptor.json:\n"
+                                  "VM id, disk sha256 and size, Kvm wrapped to the TC, signed with your key.",
+                      epilog="example:\n  tccdeploy image seal web.raw --tc tc.pem --key customer-key.pem -o web.sealed")
+    q.add_argument("disk", metavar="DISK")
+    q.add_argument("--tc", required=True, metavar="TC_CERT", help="the TC's certificates (tccdeploy tc show -o FILE)")
+    q.add_argument("--pin", metavar="SHA256", help="the TC CA fingerprint you expect (refuse any other)")
+    q.add_argument("--key", default=default_key(), help="your customer key")
+    q.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to create")
+    q.add_argument("--name", help="the image's name (default: DISK's)")
+    q.set_defaults(func=cmd_seal)
+    q = im.add_parser("inspect", help="show and check a sealed bundle (signature, disk digest)")
+    q.add_argument("bundle", metavar="BUNDLE")
+    q.add_argument("--no-disk", action="store_true", help="check the descriptor only")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("receipt", help="verify a launch receipt offline")
+    rc = p.add_subparsers(dest="receipt_command", metavar="ACTION", required=True)
+    q = rc.add_parser("verify", help="check a receipt with only the TC certificate, and say what it proves")
+    q.add_argument("receipt", metavar="RECEIPT")
+    q.add_argument("--tc", required=True, metavar="TC_CERT")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_receipt_verify)

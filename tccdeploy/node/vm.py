@@ -1,0 +1,176 @@
+"""VMs on the node: receive the encrypted disk, unwrap Kvm in the TPM, run QEMU.
+
+Kvm is unwrapped by the TPM with the node's trusted key under a PolicyPCR session (so only in
+the approved boot), lives in this process's memory, and goes to QEMU only over the VM's QMP
+socket (0600, in a 0700 directory) as a secret object, which is deleted once the disk is open.
+It is never written to disk, never in any argv, never in a log or an answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any
+
+from .ops import OpError, node_dir, op
+from .qmp import QMP, QMPError
+from .tpm import tk_decrypt
+
+QEMU = "qemu-system-x86_64"
+
+
+def vm_dir(vm_id: str) -> str:
+    if not vm_id.isalnum():
+        raise OpError("a VM id is hexadecimal")
+    path = os.path.join(node_dir(), "vms", vm_id)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@op("vm_paths")
+def vm_paths(vm_id: str, **_: Any) -> dict[str, Any]:
+    """Where the disk of vm_id goes, and how much of it is there already (resumable upload)."""
+    path = os.path.join(vm_dir(vm_id), "disk.qcow2")
+    partial = path + ".partial"
+    return {"changed": False, "disk": path, "partial": partial,
+            "partial_size": os.path.getsize(partial) if os.path.exists(partial) else 0,
+            "complete": os.path.exists(path)}
+
+
+@op("vm_disk_commit")
+def vm_disk_commit(vm_id: str, sha256: str, **_: Any) -> dict[str, Any]:
+    """Check the uploaded disk's digest, then make it the VM's disk."""
+    paths = vm_paths(vm_id)
+    if paths["complete"] and _sha256(paths["disk"]) == sha256:
+        return {"changed": False, "disk": paths["disk"]}
+    actual = _sha256(paths["partial"]) if os.path.exists(paths["partial"]) else ""
+    if actual != sha256:
+        if os.path.exists(paths["partial"]):
+            os.unlink(paths["partial"])
+        raise OpError(f"the uploaded disk's sha256 is {actual or 'missing'}, expected {sha256}; upload again")
+    os.replace(paths["partial"], paths["disk"])
+    return {"changed": True, "disk": paths["disk"]}
+
+
+def _pid(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "qemu.pid")) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _kill(directory: str) -> None:
+    pid = _pid(directory)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    for name in ("qemu.pid", "qmp.sock"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
+@op("vm_start")
+def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int, vcpus: int,
+             extra_args: list[str] | None = None, **_: Any) -> dict[str, Any]:
+    directory = vm_dir(vm_id)
+    disk = os.path.join(directory, "disk.qcow2")
+    if _pid(directory):
+        raise OpError(f"VM {name} is already running here")
+    if not os.path.exists(disk) or _sha256(disk) != sha256:
+        raise OpError("the VM's disk is missing or is not the image the TC released the key for")
+    label = f"tccdeploy-vm:{vm_id}".encode()
+    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), label)
+    passphrase = base64.b64encode(kvm).decode()
+    del kvm
+    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    qmp_path = os.path.join(directory, "qmp.sock")
+    argv = [QEMU, "-name", f"tcc-{name},process=tcc-{vm_id[:12]}", "-machine", "pc", "-accel", accel,
+            "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off", "-pidfile", os.path.join(directory, "qemu.pid"),
+            "-daemonize", *(extra_args or [])]
+    old = os.umask(0o077)  # the QMP socket: only this user may talk to QEMU
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
+    finally:
+        os.umask(old)
+    if proc.returncode != 0:
+        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
+    try:
+        qmp = QMP(qmp_path)
+        try:
+            qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+            del passphrase
+            try:
+                qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
+                            file={"driver": "file", "filename": disk},
+                            encrypt={"format": "luks", "key-secret": "kvm0"})
+            finally:
+                qmp.execute("object-del", id="kvm0")
+            qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
+            qmp.execute("cont")
+            status = qmp.execute("query-status")
+        finally:
+            qmp.close()
+    except (QMPError, OSError) as exc:
+        _kill(directory)
+        text = str(exc)
+        if "password" in text.lower() or "keyslot" in text.lower():
+            raise OpError(f"QEMU refused the disk key (LUKS): {text}") from None
+        raise OpError(f"QEMU failed: {text}") from None
+    return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
+            "pid": _pid(directory), "accel": accel, "disk_opened": True}
+
+
+def _qmp(vm_id: str) -> QMP:
+    directory = vm_dir(vm_id)
+    if not _pid(directory):
+        raise OpError("the VM is not running here")
+    return QMP(os.path.join(directory, "qmp.sock"))
+
+
+@op("vm_control")
+def vm_control(vm_id: str, action: str, **_: Any) -> dict[str, Any]:
+    """stop (pause), start (resume), status, or destroy (QEMU quits; the encrypted disk is removed)."""
+    directory = vm_dir(vm_id)
+    if action == "destroy":
+        running = bool(_pid(directory))
+        _kill(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        return {"changed": running or True, "status": "destroyed"}
+    qmp = _qmp(vm_id)
+    try:
+        if action == "stop":
+            qmp.execute("stop")
+        elif action == "start":
+            qmp.execute("cont")
+        elif action != "status":
+            raise OpError(f"unknown action {action!r}")
+        status = qmp.execute("query-status")
+    finally:
+        qmp.close()
+    return {"changed": action != "status", "status": status.get("status"), "pid": _pid(directory)}
