@@ -173,3 +173,14 @@ def test_admission_needs_the_tk_to_answer(registry: Registry, admitted_setup, tm
         admission.finish(registry, perimeter, tc, "n1", "00" * 32)
     assert info.value.reason == "tk.check-failed"
     assert registry.node("n1")["state"] == "enrolled" and registry.certificate("n1") is None
+
+
+def test_a_long_lived_connection_sees_other_processes_writes_after_its_own_transactions(tmp_path: Path):
+    mine, other = Registry(str(tmp_path / "r.sqlite")), Registry(str(tmp_path / "r.sqlite"))
+    mine.save_challenge("n1", secret_hash=b"h", ek_certificate=b"c", ek_fingerprint="f", ek_public=b"e",
+                        ak_public=b"a", ssh_host_key="s", manufacturer="m", expires=0.0)
+    mine.take_challenge("n1")  # a read inside a transaction must not pin an old snapshot
+    other.add_customer("late", "ed25519:x", "id")
+    assert [c["name"] for c in mine.customers()] == ["late"]
+    mine.close()
+    other.close()

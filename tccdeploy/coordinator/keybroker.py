@@ -64,6 +64,8 @@ def accept(registry: Registry, envelope: dict[str, Any], bundle: dict[str, Any])
     if descriptor["customer"]["key"] != key_text or request["image"]["vm_id"] != descriptor["vm_id"] \
             or request["image"]["sha256"] != descriptor["disk"]["sha256"]:
         raise Refused("request.image", "the sealed image is not this customer's, or not the one the request names")
+    if registry.request(str(request.get("id"))) is not None:
+        raise Refused("request.replayed", f"request {request['id']} was submitted before; a request is accepted once")
     name = request["manifest"]["metadata"]["name"]
     for vm in registry.vms():
         if vm["customer"] == owner["name"] and vm["name"] == name:

@@ -145,6 +145,13 @@ class RegistryError(RuntimeError):
     pass
 
 
+def _first(cursor: sqlite3.Cursor) -> sqlite3.Row | None:
+    """The first row, with the statement run to its end: a half-read statement keeps SQLite's
+    read snapshot open past COMMIT, and this connection would stop seeing other processes' writes."""
+    rows = cursor.fetchall()
+    return rows[0] if rows else None
+
+
 @dataclass(frozen=True)
 class NonceCheck:
     ok: bool
@@ -164,14 +171,14 @@ class Registry:
             os.chmod(path, 0o600)
         self.db.row_factory = sqlite3.Row
         self._lock = threading.RLock()  # one connection, shared by the engine's threads
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA journal_mode=WAL").fetchall()
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=30000")
         self._migrate()
 
     @property
     def version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        return int(self.db.execute("PRAGMA user_version").fetchall()[0][0])
 
     def _migrate(self) -> None:
         current = self.version
@@ -194,8 +201,15 @@ class Registry:
             self.db.execute("COMMIT")
 
     def _all(self, query: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self.db.execute(query, params).fetchall()
+        # Reads go through their own short-lived connection: each sees every commit made before
+        # it, by this process or another. (The shared connection was seen to keep answering from
+        # an old snapshot after other processes' writes in a long test run; see the issue notes.)
+        reader = sqlite3.connect(self.path, timeout=30)
+        try:
+            reader.row_factory = sqlite3.Row
+            return reader.execute(query, params).fetchall()
+        finally:
+            reader.close()
 
     def close(self) -> None:
         self.db.close()
@@ -224,7 +238,7 @@ class Registry:
     def take_challenge(self, node: str) -> dict[str, Any] | None:
         """Return and delete the pending challenge: each can be answered once."""
         with self.transaction() as db:
-            row = db.execute("SELECT * FROM challenges WHERE node = ?", (node,)).fetchone()
+            row = _first(db.execute("SELECT * FROM challenges WHERE node = ?", (node,)))
             db.execute("DELETE FROM challenges WHERE node = ?", (node,))
         return dict(row) if row else None
 
@@ -260,7 +274,7 @@ class Registry:
             changed = db.execute(
                 "UPDATE nonces SET used_at = ? WHERE nonce = ? AND node = ? AND purpose = ? AND used_at IS NULL "
                 "AND expires >= ?", (now, nonce, node, purpose, now)).rowcount
-            row = db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+            row = _first(db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)))
         if changed == 1:
             return NonceCheck(True, created=row["created"])
         if row is None:
@@ -314,7 +328,7 @@ class Registry:
 
     def take_admission(self, node: str) -> dict[str, Any] | None:
         with self.transaction() as db:
-            row = db.execute("SELECT * FROM admissions WHERE node = ?", (node,)).fetchone()
+            row = _first(db.execute("SELECT * FROM admissions WHERE node = ?", (node,)))
             db.execute("DELETE FROM admissions WHERE node = ?", (node,))
         return dict(row) if row else None
 
@@ -331,7 +345,7 @@ class Registry:
     def quarantine(self, node: str) -> bool:
         """Revoke the node's certificates and quarantine it; True if it was admitted."""
         with self.transaction() as db:
-            row = db.execute("SELECT state FROM nodes WHERE name = ?", (node,)).fetchone()
+            row = _first(db.execute("SELECT state FROM nodes WHERE name = ?", (node,)))
             if row is None or row["state"] != "admitted":
                 return False
             db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))

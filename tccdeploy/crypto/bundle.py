@@ -104,22 +104,27 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
     kvm = os.urandom(32)
     passphrase = base64.b64encode(kvm)  # LUKS wants UTF-8 text; base64 keeps all 256 bits
     target = os.path.join(out, DISK)
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, passphrase)
-        os.close(write_end)
-        write_end = -1
-        proc = subprocess.run(
-            ["qemu-img", "convert", "-f", info["format"], "-O", "qcow2",
-             "--object", f"secret,id=kvm,file=/dev/fd/{read_end}",
-             "-o", f"encrypt.format=luks,encrypt.key-secret=kvm,encrypt.iter-time={LUKS_ITER_TIME_MS}",
-             disk, target + ".partial"],
-            pass_fds=(read_end,), capture_output=True, text=True,
-        )
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
+    for _attempt in range(3):
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, passphrase)
             os.close(write_end)
+            write_end = -1
+            proc = subprocess.run(
+                ["qemu-img", "convert", "-f", info["format"], "-O", "qcow2",
+                 "--object", f"secret,id=kvm,file=/dev/fd/{read_end}",
+                 "-o", f"encrypt.format=luks,encrypt.key-secret=kvm,encrypt.iter-time={LUKS_ITER_TIME_MS}",
+                 disk, target + ".partial"],
+                pass_fds=(read_end,), capture_output=True, text=True,
+            )
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        # QEMU times its PBKDF benchmark with getrusage; on a busy machine it sometimes measures
+        # nothing and gives up ("Unable to get accurate CPU usage"). Another run measures fine.
+        if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
+            break
     if proc.returncode != 0:
         raise BundleError("image.convert", f"qemu-img could not encrypt {disk}: {proc.stderr.strip()}")
     os.replace(target + ".partial", target)

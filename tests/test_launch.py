@@ -1,0 +1,290 @@
+"""Encrypted launch on the lab with real QEMU: only where the key was released, only while trusted."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tccdeploy.coordinator.identity import init as tc_init
+from tccdeploy.coordinator.identity import load as tc_load
+from tccdeploy.coordinator.keybroker import Refused
+from tccdeploy.coordinator.receipts import ReceiptError
+from tccdeploy.coordinator.receipts import verify as verify_receipt
+from tccdeploy.coordinator.service import Coordinator
+from tccdeploy.crypto import bundle as bundles
+from tccdeploy.crypto import customer, wrap
+from tccdeploy.crypto.cli import sign_request
+from tccdeploy.engine.attestation import attest, enroll
+from tccdeploy.engine.helper import RemoteError
+from tccdeploy.engine.launch import launch, upload_disk
+from tccdeploy.engine.runner import Engine
+from tccdeploy.inventory import load_inventory
+from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_manifests
+
+pytestmark = pytest.mark.slow
+
+REQUEST = """apiVersion: tccdeploy/v1
+kind: PlacementRequest
+metadata:
+  name: {name}
+spec:
+  image: {image}
+  vcpus: 1
+  memoryMiB: 64
+  constraints: {constraints}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(lab: Lab, tmp_path_factory):
+    """A TC with one registered customer, and the lab's nodes enrolled and admitted."""
+    root = tmp_path_factory.mktemp("launch")
+    state = str(root / "tc")
+    tc_init(state)
+    manifests = load_manifests([lab.manifests_dir])
+    tc = Coordinator(manifests.perimeter, manifests.builds, state)
+    key, _ = customer.init(str(root / "customer.pem"))
+    tc.add_customer("acme", customer.public_text(key.public_key()))
+    (root / "tc.pem").write_text(tc_load(state).bundle_pem)
+    raw = root / "disk.raw"
+    with open(raw, "wb") as fh:
+        fh.write(b"TCCDEPLOY-GUEST-MARKER" + bytes(4 * 1024 * 1024))
+    engine = Engine(load_inventory(lab.inventory_dir).select("all"), state=state)
+    engine.run(enroll(tc))
+    engine.run(attest(tc, admit_nodes=True))
+    counter = iter(range(1000))
+
+    class World:
+        pass
+
+    w = World()
+    w.root, w.tc, w.engine, w.key_path, w.raw, w.state = root, tc, engine, str(root / "customer.pem"), raw, state
+
+    def request(constraints: str = "{sites: [site1]}", seal: bool = True, name: str | None = None):
+        name = name or f"vm-{next(counter)}"
+        image = root / f"{name}.sealed"
+        if seal:
+            bundles.seal(str(raw), bundles.load_tc(str(root / "tc.pem")), customer.load(w.key_path), str(image), name)
+        path = root / f"{name}.yml"
+        path.write_text(REQUEST.format(name=name, image=image.name, constraints=constraints))
+        return path
+
+    w.request = request
+    yield w
+    for vm in tc.registry.vms():
+        host = next((h for h in engine.hosts if h.name == vm["node"]), None)
+        if host is not None:
+            try:
+                engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+            except Exception:  # noqa: BLE001 - the lab may have rebooted the node already
+                pass
+    engine.close()
+    tc.close()
+
+
+def _launch(w, path):  # type: ignore[no-untyped-def]
+    envelope = sign_request(str(path), w.key_path)
+    for name in list(w.engine.sessions):  # lab resets between tests drop connections
+        w.engine.sessions.pop(name).close()
+    return envelope, launch(w.engine, w.tc, envelope, envelope["bundle"])
+
+
+def test_a_sealed_image_launches_on_a_trusted_node_and_the_receipt_verifies(lab: Lab, world):
+    envelope, result = _launch(world, world.request())
+    assert result.node in ("node1", "node2") and result.receipt
+    vm = world.tc.registry.vm(envelope["request"]["manifest"]["metadata"]["name"])
+    assert vm["state"] == "running" and vm["node"] == result.node
+    status = world.engine.session(next(h for h in world.engine.hosts if h.name == result.node)).call(
+        "vm_control", {"vm_id": vm["vm_id"], "action": "status"})
+    assert status["status"] == "running"
+    tc_cert = tc_load(world.state).certificate
+    body = verify_receipt(result.receipt, tc_cert)
+    assert body["node"] == result.node and body["tvmm_build"] == "tvmm-2026.1"
+    assert body["image_sha256"] == vm["image_sha256"]
+    path = world.root / "receipt.json"
+    path.write_text(json.dumps(result.receipt))
+    proc = subprocess.run([sys.executable, "-m", "tccdeploy", "receipt", "verify", str(path), "--tc", str(world.root / "tc.pem")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("VALID")
+    raw = path.read_bytes()
+    for i in range(0, len(raw), max(1, len(raw) // 40)):
+        altered = bytearray(raw)
+        altered[i] = (altered[i] + 1) % 256
+        try:
+            verify_receipt(json.loads(bytes(altered)), tc_cert)
+        except (ReceiptError, ValueError, UnicodeDecodeError):
+            continue
+        assert altered[i:i + 1].isspace() or raw[i:i + 1].isspace(), f"byte {i} changed and the receipt still verified"
+
+
+def test_a_replayed_request_is_refused(lab: Lab, world):
+    envelope, _ = _launch(world, world.request())
+    with pytest.raises(Refused) as info:
+        launch(world.engine, world.tc, envelope, envelope["bundle"])
+    assert info.value.reason == "request.replayed"
+
+
+def test_constraints_only_untrusted_nodes_meet_are_refused_with_reasons(lab: Lab, world):
+    with pytest.raises(Refused) as info:
+        _launch(world, world.request("{builds: [tvmm-2025.4]}"))
+    assert info.value.reason == "placement.none"
+    assert "build tvmm-2026.1 not in ['tvmm-2025.4']" in str(info.value)
+    assert "outside1: not admitted" in str(info.value)
+
+
+def _release(world, node: str):  # type: ignore[no-untyped-def]
+    """Accept a fresh request and have the TC release its key to node."""
+    path = world.request()
+    envelope = sign_request(str(path), world.key_path)
+    record = world.tc.accept_request(envelope, bundles.load(envelope["bundle"]))
+    host = next(h for h in world.engine.hosts if h.name == node)
+    world.engine.sessions.pop(node, None)
+    world.engine.run(attest(world.tc), [host])
+    return record, world.tc.release_key(record["id"], node), envelope
+
+
+def _start(world, node: str, record, wrapped: str, bundle_dir: str):  # type: ignore[no-untyped-def]
+    host = next(h for h in world.engine.hosts if h.name == node)
+    session = world.engine.session(host)
+    upload_disk(session, record["vm_id"], os.path.join(bundle_dir, "disk.qcow2"), record["image_sha256"])
+    return session.call("vm_start", {"tcti": host.vars["tcc_tpm"], "vm_id": record["vm_id"], "name": record["vm"],
+                                     "wrapped_key": wrapped, "sha256": record["image_sha256"], "memory_mib": 64, "vcpus": 1})
+
+
+def test_another_nodes_tpm_cannot_open_a_released_key(lab: Lab, world):
+    record, release, envelope = _release(world, "node1")
+    with pytest.raises(RemoteError, match="refused to use the trusted key"):
+        _start(world, "node2", record, release["wrapped_key"], envelope["bundle"])
+
+
+def test_qemu_refuses_the_disk_under_a_wrong_key(lab: Lab, world):
+    from cryptography import x509
+
+    record, _, envelope = _release(world, "node1")
+    cert = x509.load_pem_x509_certificate(world.tc.registry.certificate("node1")["pem"].encode())
+    wrong = wrap.wrap(cert.public_key(), os.urandom(32), wrap.vm_label(record["vm_id"]))
+    with pytest.raises(RemoteError, match="LUKS|password|keyslot"):
+        _start(world, "node1", record, base64.b64encode(wrong).decode(), envelope["bundle"])
+
+
+def test_after_a_tamper_the_node_cannot_unwrap_a_key_released_before(lab: Lab, lab_node, world):
+    lab_node("node2")
+    record, release, envelope = _release(world, "node2")
+    lab.tamper("node2")
+    with pytest.raises(RemoteError, match="refused to use the trusted key"):
+        _start(world, "node2", record, release["wrapped_key"], envelope["bundle"])
+
+
+def test_no_key_goes_to_a_quarantined_node(lab: Lab, lab_node, world):
+    lab_node("node2")
+    path = world.request()
+    envelope = sign_request(str(path), world.key_path)
+    record = world.tc.accept_request(envelope, bundles.load(envelope["bundle"]))
+    lab.tamper("node2")
+    world.engine.sessions.pop("node2", None)
+    world.engine.run(attest(world.tc), [h for h in world.engine.hosts if h.name == "node2"])
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(record["id"], "node2")
+    assert info.value.reason == "release.not-admitted"
+    world.engine.sessions.pop("node2", None)
+    lab.reboot("node2")
+    world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node2"])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "bundle.disk-size"), ("flip", "bundle.disk-digest"), ("descriptor", "bundle.signature"),
+    ("missing", "bundle.descriptor"),
+])
+def test_a_damaged_bundle_is_refused_before_anything_reaches_a_node(lab: Lab, world, damage: str, reason: str):
+    path = world.request()
+    envelope = sign_request(str(path), world.key_path)
+    bundle_dir = Path(envelope["bundle"])
+    disk = bundle_dir / "disk.qcow2"
+    if damage == "truncate":
+        with open(disk, "r+b") as fh:
+            fh.truncate(disk.stat().st_size - 4096)
+    elif damage == "flip":
+        data = bytearray(disk.read_bytes())
+        data[len(data) // 2] ^= 1
+        disk.write_bytes(bytes(data))
+    elif damage == "descriptor":
+        document = json.loads((bundle_dir / "descriptor.json").read_text())
+        document["descriptor"]["disk"]["size"] += 1
+        (bundle_dir / "descriptor.json").write_text(json.dumps(document))
+    else:
+        shutil.rmtree(bundle_dir)
+    accepted_before = len(world.tc.registry._all("SELECT id FROM requests"))
+    with pytest.raises(bundles.BundleError) as info:
+        launch(world.engine, world.tc, envelope, envelope["bundle"])
+    assert info.value.reason == reason
+    assert len(world.tc.registry._all("SELECT id FROM requests")) == accepted_before  # nothing accepted, nothing sent
+
+
+def test_a_bundle_signed_by_an_unregistered_key_is_refused(lab: Lab, world):
+    stranger, _ = customer.init(str(world.root / "stranger.pem"))
+    image = world.root / "stranger.sealed"
+    bundles.seal(str(world.raw), bundles.load_tc(str(world.root / "tc.pem")), stranger, str(image), "stranger")
+    path = world.root / "stranger.yml"
+    path.write_text(REQUEST.format(name="stranger", image=image.name, constraints="{}"))
+    envelope = sign_request(str(path), str(world.root / "stranger.pem"))
+    with pytest.raises(Refused) as info:
+        launch(world.engine, world.tc, envelope, envelope["bundle"])
+    assert info.value.reason == "request.signature"
+
+
+def _kvm_forms(world, descriptor) -> list[bytes]:  # type: ignore[no-untyped-def]
+    kvm = wrap.unwrap(tc_load(world.state).wrap_key, base64.b64decode(descriptor["wrapped_key"]), wrap.vm_label(descriptor["vm_id"]))
+    return [kvm, kvm.hex().encode(), base64.b64encode(kvm)]
+
+
+def test_no_plaintext_key_on_disk_in_argv_or_logs(lab: Lab, world):
+    envelope, result = _launch(world, world.request())
+    descriptor = bundles.load(envelope["bundle"])["descriptor"]
+    forms = _kvm_forms(world, descriptor)
+    for root in (lab.dir, world.state, str(world.root)):
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, "rb") as fh:
+                        data = fh.read()
+                except OSError:
+                    continue
+                assert not any(form in data for form in forms), f"the VM key is in {path}"
+    for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        assert not any(form in cmdline for form in forms), f"the VM key is in the argv of PID {pid}"
+
+
+def test_vm_stop_start_destroy(lab: Lab, world):
+    envelope, result = _launch(world, world.request())
+    name = envelope["request"]["manifest"]["metadata"]["name"]
+    run = [sys.executable, "-m", "tccdeploy", "vm"]
+    common = ["-i", lab.inventory_dir, "--state", world.state]
+    env = dict(os.environ, TCCDEPLOY_STATE=world.state)
+    assert subprocess.run([*run, "stop", name, *common], capture_output=True, env=env).returncode == 0
+    assert world.tc.registry.vm(name)["state"] == "stopped"
+    proc = subprocess.run([*run, "start", name, *common], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert world.tc.registry.vm(name)["state"] == "running", proc.stdout + proc.stderr
+    assert subprocess.run([*run, "destroy", name, *common], capture_output=True, env=env).returncode == 0
+    assert world.tc.registry.vm(name) is None
+    vm_dirs = [p for p in Path(lab.node_dir(lab.node(result.node), "home", "vms")).iterdir()]
+    assert descriptor_absent(vm_dirs, envelope)
+
+
+def descriptor_absent(vm_dirs, envelope) -> bool:  # type: ignore[no-untyped-def]
+    vm_id = envelope["request"]["image"]["vm_id"]
+    return all(p.name != vm_id for p in vm_dirs)
