@@ -288,3 +288,22 @@ def test_vm_stop_start_destroy(lab: Lab, world):
 def descriptor_absent(vm_dirs, envelope) -> bool:  # type: ignore[no-untyped-def]
     vm_id = envelope["request"]["image"]["vm_id"]
     return all(p.name != vm_id for p in vm_dirs)
+
+
+def test_an_interrupted_upload_resumes_and_is_digest_checked(lab: Lab, world):
+    path = world.request()
+    envelope = sign_request(str(path), world.key_path)
+    descriptor = bundles.load(envelope["bundle"])["descriptor"]
+    host = next(h for h in world.engine.hosts if h.name == "node3")
+    world.engine.sessions.pop("node3", None)
+    session = world.engine.session(host)
+    local = os.path.join(envelope["bundle"], "disk.qcow2")
+    paths = session.call("vm_paths", {"vm_id": descriptor["vm_id"]})
+    with open(local, "rb") as src, session.connect().sftp().open(paths["partial"], "wb") as dst:
+        dst.write(src.read(1024 * 1024))  # the connection "dropped" after 1 MiB
+    assert session.call("vm_paths", {"vm_id": descriptor["vm_id"]})["partial_size"] == 1024 * 1024
+    result = upload_disk(session, descriptor["vm_id"], local, descriptor["disk"]["sha256"])
+    assert result["changed"] and session.call("vm_paths", {"vm_id": descriptor["vm_id"]})["complete"]
+    with pytest.raises(RemoteError, match="sha256"):
+        session.call("vm_disk_commit", {"vm_id": "0" * 32, "sha256": descriptor["disk"]["sha256"]})
+    session.call("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})

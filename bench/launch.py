@@ -1,0 +1,133 @@
+"""Benchmark: encrypted launch and sealing, each against its plain peer in the same run.
+
+1. Request to VM running (the disk already on the node, as the issue asks: upload excluded):
+   accept the signed request, placement, fresh re-attestation, key release, TPM unwrap, QEMU
+   start with the LUKS disk opened over QMP; against plain `qemu-system-x86_64` starting the
+   same image unencrypted on the same machine (to its QMP 'running').
+2. Sealing throughput: `tccdeploy image seal` of a 256 MiB image against `qemu-img convert`
+   of the same image to plain qcow2.
+Run: .venv/bin/python bench/launch.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tccdeploy.coordinator.identity import init as tc_init  # noqa: E402
+from tccdeploy.coordinator.identity import load as tc_load  # noqa: E402
+from tccdeploy.coordinator.service import Coordinator  # noqa: E402
+from tccdeploy.crypto import bundle as bundles  # noqa: E402
+from tccdeploy.crypto import customer  # noqa: E402
+from tccdeploy.crypto.cli import sign_request  # noqa: E402
+from tccdeploy.engine import launch as launching  # noqa: E402
+from tccdeploy.engine.attestation import attest, enroll  # noqa: E402
+from tccdeploy.engine.runner import Engine  # noqa: E402
+from tccdeploy.inventory import load_inventory  # noqa: E402
+from tccdeploy.lab.lab import Lab  # noqa: E402
+from tccdeploy.manifest.loader import load_manifests  # noqa: E402
+from tccdeploy.node.qmp import QMP  # noqa: E402
+
+REQUEST = "apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\nspec: {{image: {image}, vcpus: 1, memoryMiB: 64}}\n"
+
+
+def plain_start(disk: str, work: str) -> float:
+    qmp = os.path.join(work, "plain.sock")
+    accel = "kvm" if os.access("/dev/kvm", os.W_OK) else "tcg"
+    start = time.perf_counter()
+    subprocess.run(["qemu-system-x86_64", "-machine", "pc", "-accel", accel, "-m", "64", "-nodefaults", "-display", "none",
+                    "-drive", f"file={disk},format=qcow2,if=virtio", "-qmp", f"unix:{qmp},server=on,wait=off",
+                    "-pidfile", os.path.join(work, "plain.pid"), "-daemonize"], check=True)
+    client = QMP(qmp)
+    assert client.execute("query-status")["status"] == "running"
+    elapsed = time.perf_counter() - start
+    client.execute("quit")
+    client.close()
+    return elapsed
+
+
+def main() -> int:
+    work = tempfile.mkdtemp(prefix="tccdeploy-bench-launch-")
+    lab = Lab(tempfile.mkdtemp(prefix="tccdeploy-bench-launch-lab-"))
+    try:
+        raw = os.path.join(work, "disk.raw")
+        with open(raw, "wb") as fh:
+            fh.truncate(256 * 1024 * 1024)
+            fh.seek(0)
+            fh.write(os.urandom(64 * 1024 * 1024))  # some data, so conversion has work to do
+        state = os.path.join(work, "tc")
+        tc_init(state)
+        Path(work, "tc.pem").write_text(tc_load(state).bundle_pem)
+        key, _ = customer.init(os.path.join(work, "customer.pem"))
+        tc_keys = bundles.load_tc(os.path.join(work, "tc.pem"))
+        seal_s, convert_s = [], []
+        for i in range(3):
+            start = time.perf_counter()
+            bundles.seal(raw, tc_keys, key, os.path.join(work, f"seal{i}"), f"vm{i}")
+            seal_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(work, f"plain{i}.qcow2")], check=True)
+            convert_s.append(time.perf_counter() - start)
+        lab.up(nodes=1, sites=1, outside=0, lab_index=240)
+        manifests = load_manifests([lab.manifests_dir])
+        tc = Coordinator(manifests.perimeter, manifests.builds, state)
+        tc.add_customer("bench", customer.public_text(key.public_key()))
+        ours, plain = [], []
+        with Engine(load_inventory(lab.inventory_dir).select("all"), state=state) as engine:
+            engine.run(enroll(tc))
+            engine.run(attest(tc, admit_nodes=True))
+            uploaded = launching.upload_disk
+
+            def pre_uploaded(session, vm_id, local, sha256):  # type: ignore[no-untyped-def]
+                return session.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256})
+
+            for i in range(3):
+                request = Path(work, f"vm{i}.yml")
+                request.write_text(REQUEST.format(name=f"vm{i}", image=f"seal{i}"))
+                envelope = sign_request(str(request), os.path.join(work, "customer.pem"))
+                descriptor = bundles.load(envelope["bundle"])["descriptor"]
+                session = engine.session(engine.hosts[0])
+                uploaded(session, descriptor["vm_id"], os.path.join(envelope["bundle"], "disk.qcow2"), descriptor["disk"]["sha256"])
+                launching.upload_disk = pre_uploaded  # the disk is on the node: time the launch itself
+                try:
+                    start = time.perf_counter()
+                    launching.launch(engine, tc, envelope, envelope["bundle"])
+                    ours.append(time.perf_counter() - start)
+                finally:
+                    launching.upload_disk = uploaded
+                session.call("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+                plain.append(plain_start(os.path.join(work, f"plain{i}.qcow2"), work))
+        tc.close()
+    finally:
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+    size = 256
+    result = {
+        "launch_s": round(statistics.median(ours), 3), "plain_qemu_start_s": round(statistics.median(plain), 3),
+        "launch_ratio": round(statistics.median(ours) / statistics.median(plain), 1),
+        "seal_mib_s": round(size / statistics.median(seal_s), 1), "qemu_img_convert_mib_s": round(size / statistics.median(convert_s), 1),
+    }
+    if "--json" in sys.argv:
+        print(json.dumps({"benchmark": "launch", **result}))
+        return 0
+    print("request to VM running (disk already on the node), median of 3:")
+    print(f"  tccdeploy (accept, place, re-attest, release, TPM unwrap, QEMU + LUKS)  {result['launch_s']:6.3f} s")
+    print(f"  plain qemu-system start of the same image, unencrypted                {result['plain_qemu_start_s']:6.3f} s"
+          f"   ratio {result['launch_ratio']}x")
+    print("sealing a 256 MiB image:")
+    print(f"  tccdeploy image seal (LUKS qcow2, digest, wrap, sign)  {result['seal_mib_s']:7.1f} MiB/s")
+    print(f"  qemu-img convert to plain qcow2                         {result['qemu_img_convert_mib_s']:7.1f} MiB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
