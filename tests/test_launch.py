@@ -58,8 +58,11 @@ def world(lab: Lab, tmp_path_factory):
     with open(raw, "wb") as fh:
         fh.write(b"TCCDEPLOY-GUEST-MARKER" + bytes(4 * 1024 * 1024))
     engine = Engine(load_inventory(lab.inventory_dir).select("all"), state=state)
-    engine.run(enroll(tc))
-    engine.run(attest(tc, admit_nodes=True))
+    enrolled = {r.host: r for r in engine.run(enroll(tc))}
+    admitted = {r.host: r for r in engine.run(attest(tc, admit_nodes=True))}
+    for name in ("node1", "node2", "node3"):
+        assert enrolled[name].status == "changed", enrolled[name].msg
+        assert admitted[name].status == "changed", admitted[name].msg
     counter = iter(range(1000))
 
     class World:
@@ -147,7 +150,9 @@ def _release(world, node: str):  # type: ignore[no-untyped-def]
     record = world.tc.accept_request(envelope, bundles.load(envelope["bundle"]))
     host = next(h for h in world.engine.hosts if h.name == node)
     world.engine.sessions.pop(node, None)
-    world.engine.run(attest(world.tc), [host])
+    admitted = world.tc.registry.node(node)["state"] == "admitted"
+    result = world.engine.run(attest(world.tc, admit_nodes=not admitted), [host])[0]
+    assert result.status in ("ok", "changed"), result.msg
     return record, world.tc.release_key(record["id"], node), envelope
 
 

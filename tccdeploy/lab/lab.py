@@ -601,6 +601,7 @@ class Lab:
         node = self.node(name)
         if node.tampered or node.build != self.meta["default_build"]:
             node = self.reboot(name, self.meta["default_build"])
+        tpm.reset_lockout(node.address, self.tpm_port)
         return node
 
     def stop_ssh(self, name: str) -> Node:

@@ -89,6 +89,15 @@ def read_pcrs(address: str, port: int, bank: str, pcrs: list[int]) -> dict[int, 
     return out
 
 
+def reset_lockout(address: str, port: int) -> None:
+    """Clear dictionary-attack lockout (the lab's lockout auth is empty), after tests that make
+    the TPM refuse authorizations on purpose."""
+    from tpm2_pytss import ESAPI, ESYS_TR
+
+    with ESAPI(tcti(address, port)) as esys:
+        esys.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
+
+
 def counters(address: str, port: int) -> tuple[int, int]:
     """(resetCount, restartCount) as the TPM reports them in its clock info."""
     from tpm2_pytss import ESAPI

@@ -100,9 +100,11 @@ def _ak_template(unique: bytes) -> Any:
         TPMU_PUBLIC_PARMS,
     )
 
+    # NODA: the AK's authValue is empty, so dictionary-attack protection guards nothing, and a
+    # lockout (provoked by failed credential activations) must not stop attestation.
     attributes = (
         TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-        | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA
     )
     scheme = TPMT_ECC_SCHEME(scheme=TPM2_ALG.ECDSA)
     scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
