@@ -312,3 +312,20 @@ def test_an_interrupted_upload_resumes_and_is_digest_checked(lab: Lab, world):
     with pytest.raises(RemoteError, match="sha256"):
         session.call("vm_disk_commit", {"vm_id": "0" * 32, "sha256": descriptor["disk"]["sha256"]})
     session.call("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+
+
+def test_every_decision_is_in_the_audit_log_and_the_chain_verifies(lab: Lab, world):
+    from tccdeploy.coordinator import audit
+
+    envelope, result = _launch(world, world.request())
+    with pytest.raises(Refused):
+        launch(world.engine, world.tc, envelope, envelope["bundle"])  # a replay: refused, and audited
+    kinds = {e["kind"] for e in world.tc.registry.audit_entries()}
+    assert {"enrollment", "attestation", "admission", "request", "key-release", "launch", "request.refused"} <= kinds
+    proc = subprocess.run([sys.executable, "-m", "tccdeploy", "audit", "verify", "--state", world.state],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok:")
+    assert audit.verify(world.tc.registry).ok
+    shown = subprocess.run([sys.executable, "-m", "tccdeploy", "audit", "show", "--node", result.node, "--state", world.state],
+                           capture_output=True, text=True).stdout
+    assert "key-release" in shown and "launch" in shown

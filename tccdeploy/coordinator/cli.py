@@ -228,6 +228,43 @@ def cmd_vm(args: argparse.Namespace) -> int:
         registry.close()
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ..config import state_dir
+    from . import audit
+    from .store import Registry
+
+    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    try:
+        if args.audit_command == "verify":
+            result = audit.verify(registry, args.expect_head)
+            if args.json:
+                print(json.dumps({"ok": result.ok, "entries": result.entries, "head": f"{result.entries}:{result.head}",
+                                  "problem": result.problem}))
+            elif result.ok:
+                print(f"ok: {result.entries} entries, chain intact; head {result.entries}:{result.head}")
+                print("record the head elsewhere; `audit verify --expect-head HEAD` later shows removed entries")
+            else:
+                print(f"TAMPERED: {result.problem}", file=sys.stderr)
+            return 0 if result.ok else 1
+        since = None
+        if args.since:
+            try:
+                since = datetime.datetime.fromisoformat(args.since).timestamp()
+            except ValueError:
+                print(f"error: --since takes an ISO time such as 2026-11-27T10:00, not {args.since!r}", file=sys.stderr)
+                return 2
+        entries = registry.audit_entries(args.node, args.vm, since)
+    finally:
+        registry.close()
+    if args.json:
+        print(json.dumps(entries, indent=2, default=str))
+        return 0
+    for e in entries:
+        data = ", ".join(f"{k}={v}" for k, v in sorted(e["data"].items()) if v not in (None, [], ""))
+        print(f"#{e['id']:<5} {_when(e['time'])}  {e['kind']:<20} {e['node'] or '-':<10} {(e['vm'] or '-')[:12]:<12} {data}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..engine.cli import add_run_args
 
@@ -297,6 +334,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
     add_run_args(q)
     q.set_defaults(func=cmd_request_submit)
+
+    p = sub.add_parser("audit", help="the TC's hash-chained audit log: verify it, show it",
+                       description="Every TC decision (enrollment, verdict, admission, quarantine, request, key release,\n"
+                                   "launch) is appended to a hash chain. verify: exit 1 on any edit, deletion or reordering.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    au = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    q = au.add_parser("verify", help="recompute the chain")
+    q.add_argument("--expect-head", metavar="N:HASH", help="the head recorded earlier (detects removed newest entries)")
+    q.add_argument("--state", help="TC state directory")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_audit)
+    q = au.add_parser("show", help="list entries, filtered by node, VM, time")
+    q.add_argument("--node", help="only this node")
+    q.add_argument("--vm", help="only this VM id")
+    q.add_argument("--since", metavar="ISO_TIME", help="only entries from this time on")
+    q.add_argument("--state", help="TC state directory")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("vms", help="VMs in the TC's registry")
     p.add_argument("--all", action="store_true", help="include destroyed VMs")

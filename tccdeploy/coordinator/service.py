@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import state_dir
 from ..manifest.models import Perimeter, TVMMBuild
-from . import admission, enrollment, identity, keybroker, receipts, verifier
+from . import admission, audit, enrollment, identity, keybroker, receipts, verifier
 from .store import Registry
 
 REGISTRY_FILE = "registry.sqlite"
@@ -32,13 +32,34 @@ class Coordinator:
         self.registry.close()
 
     # -- enrollment -----------------------------------------------------------------------
+    def _refusals(self, kind: str, node: str | None = None, vm: str | None = None):  # type: ignore[no-untyped-def]
+        """Record a refusal in the audit log on its way out."""
+        coordinator = self
+
+        class _Audited:
+            def __enter__(self) -> None:
+                return None
+
+            def __exit__(self, kind_, exc, tb) -> bool:
+                reason = getattr(exc, "reason", None)
+                if exc is not None and reason is not None:
+                    audit.append(coordinator.registry, kind + ".refused", node, vm, reason=reason, message=str(exc))
+                return False
+
+        return _Audited()
+
     def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
                              ssh_host_key: str, force: bool = False) -> enrollment.Challenge:
-        return enrollment.begin(self.registry, self.perimeter, node, ek_certificate, ek_public, ak_public,
-                                ssh_host_key, force)
+        with self._refusals("enrollment", node):
+            return enrollment.begin(self.registry, self.perimeter, node, ek_certificate, ek_public, ak_public,
+                                    ssh_host_key, force)
 
     def enrollment_finish(self, node: str, answer: bytes, site: str | None, address: str) -> dict[str, Any]:
-        return enrollment.finish(self.registry, node, answer, site, address)
+        with self._refusals("enrollment", node):
+            result = enrollment.finish(self.registry, node, answer, site, address)
+        audit.append(self.registry, "enrollment", node, manufacturer=result["manufacturer"],
+                     ek_fingerprint=result["ek_fingerprint"])
+        return result
 
     # -- attestation ----------------------------------------------------------------------
     def nonce(self, node: str, purpose: str = "quote") -> bytes:
@@ -58,20 +79,34 @@ class Coordinator:
         if verdict.trusted:
             record["pcr_values"] = {str(p): evidence.pcrs[p].hex() for p in self.perimeter.attestation.pcrs}
         attestation_id = self.registry.add_attestation(node, record)
+        audit.append(self.registry, "attestation", node, id=attestation_id, verdict=record["verdict"],
+                     reasons=[r["code"] for r in verdict.reasons], warnings=[w["code"] for w in verdict.warnings],
+                     build=verdict.build, pcr_digest=verdict.pcr_digest)
         if not verdict.trusted:
             # Fail closed: an admitted node that fails loses its certificate at once.
-            self.registry.quarantine(node)
+            self.quarantine(node, verdict.reasons[0]["code"])
         return verdict, attestation_id
+
+    def quarantine(self, node: str, reason: str) -> bool:
+        if self.registry.quarantine(node):
+            audit.append(self.registry, "quarantine", node, reason=reason)
+            return True
+        return False
 
     # -- admission ------------------------------------------------------------------------
     def admission_challenge(self, node: str, attestation_id: int, tk_public: bytes, certify_attest: bytes,
                             certify_signature: bytes, nonce: bytes) -> bytes:
         check = self.registry.consume_nonce(node, "certify", base64.b64encode(nonce).decode())
-        return admission.begin(self.registry, self.perimeter, node, attestation_id, tk_public, certify_attest,
-                               certify_signature, nonce, check.ok)
+        with self._refusals("admission", node):
+            return admission.begin(self.registry, self.perimeter, node, attestation_id, tk_public, certify_attest,
+                                   certify_signature, nonce, check.ok)
 
     def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
-        return admission.finish(self.registry, self.perimeter, identity.init(self.state)[0], node, answer_hex)
+        with self._refusals("admission", node):
+            result = admission.finish(self.registry, self.perimeter, identity.init(self.state)[0], node, answer_hex)
+        audit.append(self.registry, "admission", node, certificate_serial=result["serial"], build=result["build"],
+                     not_after=result["not_after"])
+        return result
 
     # -- customers, requests, key release, launches -------------------------------------
     def add_customer(self, name: str, key_text: str) -> dict[str, Any]:
@@ -82,10 +117,20 @@ class Coordinator:
         return {"name": name, "key_id": customer.key_id(public)}
 
     def accept_request(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
-        return keybroker.accept(self.registry, envelope, bundle)
+        vm = bundle.get("descriptor", {}).get("vm_id")
+        with self._refusals("request", vm=vm):
+            record = keybroker.accept(self.registry, envelope, bundle)
+        audit.append(self.registry, "request", vm=record["vm_id"], request=record["id"], customer=record["customer"],
+                     name=record["vm"], image_sha256=record["image_sha256"])
+        return record
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
-        return keybroker.release(self.registry, identity.init(self.state)[0], self.perimeter, request_id, node)
+        request = self.registry.request(request_id)
+        with self._refusals("key-release", node, request["vm_id"] if request else None):
+            release = keybroker.release(self.registry, identity.init(self.state)[0], self.perimeter, request_id, node)
+        audit.append(self.registry, "key-release", node, release["request"]["vm_id"], request=request_id,
+                     attestation=release["attestation"]["id"], certificate_serial=release["certificate_serial"])
+        return release
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
         """The VM runs on node: record it and sign the customer's receipt."""
@@ -99,6 +144,7 @@ class Coordinator:
             "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup"), "launched": now,
         })
         self.registry.set_request_state(request["id"], "launched")
+        audit.append(self.registry, "launch", node, request["vm_id"], request=request["id"], running=bool(status.get("running")))
         attestation = release["attestation"]
         return receipts.sign(identity.init(self.state)[0], {
             "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
@@ -109,6 +155,8 @@ class Coordinator:
 
     def fail_request(self, request_id: str) -> None:
         self.registry.set_request_state(request_id, "failed")
+        request = self.registry.request(request_id)
+        audit.append(self.registry, "request.failed", vm=request["vm_id"] if request else None, request=request_id)
 
     # -- reading --------------------------------------------------------------------------
     def nodes(self) -> list[dict[str, Any]]:

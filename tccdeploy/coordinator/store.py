@@ -138,6 +138,21 @@ MIGRATIONS: list[str] = [
         time REAL NOT NULL
     );
     """,
+    # 4: the hash-chained audit log of every TC decision.
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        kind TEXT NOT NULL,
+        node TEXT,
+        vm TEXT,
+        data TEXT NOT NULL,
+        prev TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_node ON audit(node);
+    CREATE INDEX audit_vm ON audit(vm);
+    """,
 ]
 
 
@@ -423,6 +438,32 @@ class Registry:
     def set_vm_state(self, vm_id: str, state: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE vms SET state = ?, updated = ? WHERE vm_id = ?", (state, time.time(), vm_id))
+
+    # -- audit ----------------------------------------------------------------------------
+    def audit_append(self, entry: dict[str, Any], chain: Any) -> dict[str, Any]:
+        """Append one entry; `chain(prev_hash, entry) -> hash`. Serialized by BEGIN IMMEDIATE,
+        so concurrent writers still make one linear chain."""
+        with self.transaction() as db:
+            last = _first(db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"))
+            entry = dict(entry, id=(last["id"] + 1) if last else 1)
+            prev = last["hash"] if last else "0" * 64
+            digest = chain(prev, entry)
+            db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (entry["id"], entry["time"], entry["kind"], entry.get("node"), entry.get("vm"),
+                        json.dumps(entry["data"], sort_keys=True), prev, digest))
+        return entry | {"prev": prev, "hash": digest}
+
+    def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        query, params = "SELECT * FROM audit WHERE 1=1", []
+        for column, value in (("node", node), ("vm", vm)):
+            if value is not None:
+                query += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            query += " AND time >= ?"
+            params.append(since)
+        rows = self._all(query + " ORDER BY id", tuple(params))
+        return [dict(r) | {"data": json.loads(r["data"])} for r in rows]
 
     def certificate(self, node: str) -> dict[str, Any] | None:
         rows = self._all("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
