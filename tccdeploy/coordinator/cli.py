@@ -228,6 +228,52 @@ def cmd_vm(args: argparse.Namespace) -> int:
         registry.close()
 
 
+def cmd_enforce(args: argparse.Namespace) -> int:
+    import signal
+    import time as _time
+
+    from ..engine.cli import _logging, load, select
+    from ..engine.enforce import enforce_round
+    from ..engine.runner import Engine
+
+    _logging(args.verbose)
+    stopping = {"now": False}
+
+    def stop(signum, frame):  # type: ignore[no-untyped-def]
+        stopping["now"] = True
+        print("enforce: stopping after this round", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, stop)
+    rounds = 0
+    while True:
+        coordinator = _coordinator(args)  # manifests re-read each round: a revoked build applies at once
+        interval = args.interval or coordinator.perimeter.attestation.interval
+        try:
+            with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
+                        state=args.state) as engine:
+                report = enforce_round(engine, coordinator)
+        finally:
+            coordinator.close()
+        rounds += 1
+        if args.json:
+            print(json.dumps(report.as_dict()), flush=True)
+        else:
+            trusted = sum(1 for r in report.attested if r.status in ("ok", "changed"))
+            print(f"enforce round {rounds}: {len(report.attested)} admitted node(s) re-attested, {trusted} trusted, "
+                  f"{len(report.quarantined)} quarantined in {report.elapsed:.2f} s", flush=True)
+            for q in report.quarantined:
+                print(f"  quarantined {q['node']}: {q['reason']}")
+            for vm in report.vms:
+                print(f"  VM {vm['vm']} on {vm['node']}: {vm['result']}")
+        if args.once or stopping["now"]:
+            return 2 if report.quarantined else 0
+        deadline = _time.monotonic() + interval
+        while _time.monotonic() < deadline and not stopping["now"]:
+            _time.sleep(0.2)
+        if stopping["now"]:
+            return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from ..config import state_dir
     from . import audit
@@ -334,6 +380,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
     add_run_args(q)
     q.set_defaults(func=cmd_request_submit)
+
+    p = sub.add_parser("enforce", help="re-attest every admitted node, quarantine failures, handle their VMs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="A loop (or one round with --once, for cron or CI): every admitted node is re-attested\n"
+                                   "with a fresh nonce; a failure (changed boot, revoked build, outside the perimeter, or\n"
+                                   "unreachable past the grace period) quarantines it: certificate revoked, no key released,\n"
+                                   "its VMs handled by the perimeter's onFailure policy. SIGTERM ends it after the round.\n\n"
+                                   "exit status (--once): 0 all trusted, 2 a node was quarantined, 1 error")
+    common(p)
+    p.add_argument("--interval", type=float, help="seconds between rounds (default: the perimeter's intervalSeconds)")
+    p.add_argument("--once", action="store_true", help="one round, then exit")
+    p.set_defaults(func=cmd_enforce)
 
     p = sub.add_parser("audit", help="the TC's hash-chained audit log: verify it, show it",
                        description="Every TC decision (enrollment, verdict, admission, quarantine, request, key release,\n"

@@ -155,8 +155,13 @@ def _qmp(vm_id: str) -> QMP:
 
 @op("vm_control")
 def vm_control(vm_id: str, action: str, **_: Any) -> dict[str, Any]:
-    """stop (pause), start (resume), status, or destroy (QEMU quits; the encrypted disk is removed)."""
+    """stop (pause), start (resume), status, poweroff (QEMU quits: the guest's memory is gone,
+    the encrypted disk stays) or destroy (QEMU quits and the encrypted disk is removed)."""
     directory = vm_dir(vm_id)
+    if action == "poweroff":
+        running = bool(_pid(directory))
+        _kill(directory)
+        return {"changed": running, "status": "poweroff"}
     if action == "destroy":
         running = bool(_pid(directory))
         _kill(directory)
