@@ -228,6 +228,30 @@ def cmd_vm(args: argparse.Namespace) -> int:
         registry.close()
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from ..coordinator.keybroker import Refused
+    from ..engine.cli import _logging, load, select
+    from ..engine.migrate import migrate
+    from ..engine.runner import Engine
+
+    _logging(args.verbose)
+    coordinator = _coordinator(args)
+    try:
+        with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+            result = migrate(engine, coordinator, args.vm, args.to)
+    except Refused as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        coordinator.close()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['vm']}: migrated {result['from']} -> {result['to']} (encrypted, {result['ciphertext_bytes']} bytes "
+              f"of stream), migration #{result['migration']} committed")
+    return 0
+
+
 def cmd_enforce(args: argparse.Namespace) -> int:
     import signal
     import time as _time
@@ -380,6 +404,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
     add_run_args(q)
     q.set_defaults(func=cmd_request_submit)
+
+    p = sub.add_parser("migrate", help="move a VM to another trusted node, encrypted end to end",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The destination is attested now and must be admitted; the TC re-wraps the VM key to its\n"
+                                   "TK. The source encrypts QEMU's migration stream (STREAM, AES-256-GCM) under a fresh key\n"
+                                   "only the destination's TPM can unwrap; the engine relays ciphertext. Committed only when\n"
+                                   "the destination runs; any failure before that leaves the VM running on the source.")
+    p.add_argument("vm", metavar="VM")
+    p.add_argument("--to", default="auto", metavar="NODE", help="destination node, or auto (placement chooses; default)")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
+    add_run_args(p)
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("enforce", help="re-attest every admitted node, quarantine failures, handle their VMs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -85,6 +85,18 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, request_id: 
         raise Refused("release.unknown-request", f"no request {request_id}")
     if request["state"] != "accepted":
         raise Refused("release.already", f"request {request_id} is {request['state']}; its key is released once")
+    latest, certificate_row, rewrapped = rewrap_for(registry, tc, perimeter, request["wrapped_key"], request["vm_id"], node)
+    if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"]):
+        raise Refused("release.already", f"request {request_id}'s key was released concurrently")
+    return {"wrapped_key": base64.b64encode(rewrapped).decode(), "attestation": latest,
+            "certificate_serial": certificate_row["serial"], "request": request,
+            "certificate_pem": certificate_row["pem"]}
+
+
+def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, wrapped_key: str, vm_id: str,
+               node: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """Kvm (sealed to the TC) re-wrapped to node's TK, if node is trusted now: the one place a
+    VM key is ever in clear, for launch and migration alike."""
     row = registry.node(node)
     if row is None or row["state"] != "admitted":
         raise Refused("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'}, not admitted")
@@ -95,14 +107,11 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, request_id: 
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
-    label = wrap.vm_label(request["vm_id"])
+    label = wrap.vm_label(vm_id)
     try:
-        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(request["wrapped_key"]), label)
+        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(wrapped_key), label)
     except Exception:  # noqa: BLE001
         raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC, or altered") from None
     rewrapped = wrap.wrap(certificate.public_key(), kvm, label)  # type: ignore[arg-type]
     del kvm
-    if not registry.record_release(request_id, request["vm_id"], node, latest[0]["id"], certificate_row["serial"]):
-        raise Refused("release.already", f"request {request_id}'s key was released concurrently")
-    return {"wrapped_key": base64.b64encode(rewrapped).decode(), "attestation": latest[0],
-            "certificate_serial": certificate_row["serial"], "request": request}
+    return latest[0], certificate_row, rewrapped

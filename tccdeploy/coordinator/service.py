@@ -153,6 +153,32 @@ class Coordinator:
             "image_sha256": request["image_sha256"], "request": request["id"], "time": now,
         })
 
+    # -- migration ------------------------------------------------------------------------
+    def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
+        """Check the destination is trusted now, re-wrap Kvm to its TK, record the migration.
+
+        Refused for a destination that is not admitted and freshly attested, whoever asks."""
+        vm = self.registry.vm(vm_name)
+        if vm is None or vm["node"] is None:
+            raise keybroker.Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
+        if vm["node"] == destination:
+            raise keybroker.Refused("migrate.same-node", f"{vm['name']} already runs on {destination}")
+        request = self.registry.request(vm["request"])
+        assert request is not None
+        with self._refusals("migration", destination, vm["vm_id"]):
+            latest, certificate, rewrapped = keybroker.rewrap_for(
+                self.registry, identity.init(self.state)[0], self.perimeter, request["wrapped_key"], vm["vm_id"], destination)
+        migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination)
+        audit.append(self.registry, "migration.start", destination, vm["vm_id"], migration=migration, source=vm["node"],
+                     attestation=latest["id"], certificate_serial=certificate["serial"])
+        return {"migration": migration, "vm": vm, "request": request, "certificate_pem": certificate["pem"],
+                "wrapped_key": base64.b64encode(rewrapped).decode()}
+
+    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
+        self.registry.end_migration(migration, commit, reason)
+        audit.append(self.registry, "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration,
+                     reason=reason)
+
     def fail_request(self, request_id: str) -> None:
         self.registry.set_request_state(request_id, "failed")
         request = self.registry.request(request_id)

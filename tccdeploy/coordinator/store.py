@@ -153,6 +153,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_node ON audit(node);
     CREATE INDEX audit_vm ON audit(vm);
     """,
+    # 5: migrations, so an interrupted one is found and finished or rolled back.
+    """
+    CREATE TABLE migrations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL REFERENCES vms(vm_id),
+        source TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('started', 'committed', 'aborted')),
+        started REAL NOT NULL,
+        ended REAL,
+        reason TEXT
+    );
+    """,
 ]
 
 
@@ -438,6 +451,32 @@ class Registry:
     def set_vm_state(self, vm_id: str, state: str) -> None:
         with self.transaction() as db:
             db.execute("UPDATE vms SET state = ?, updated = ? WHERE vm_id = ?", (state, time.time(), vm_id))
+
+    # -- migrations -------------------------------------------------------------------------
+    def start_migration(self, vm_id: str, source: str, destination: str) -> int:
+        with self.transaction() as db:
+            busy = _first(db.execute("SELECT id FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,)))
+            if busy is not None:
+                raise RegistryError(f"VM {vm_id} is already migrating (migration {busy['id']})")
+            return int(db.execute("INSERT INTO migrations (vm_id, source, destination, state, started) VALUES (?, ?, ?, 'started', ?)",
+                                  (vm_id, source, destination, time.time())).lastrowid or 0)
+
+    def end_migration(self, migration_id: int, commit: bool, reason: str = "") -> None:
+        """Commit moves the VM to the destination in the same transaction; abort leaves it."""
+        with self.transaction() as db:
+            row = _first(db.execute("SELECT * FROM migrations WHERE id = ?", (migration_id,)))
+            if row is None or row["state"] != "started":
+                raise RegistryError(f"migration {migration_id} is not under way")
+            db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ?",
+                       ("committed" if commit else "aborted", time.time(), reason, migration_id))
+            if commit:
+                db.execute("UPDATE vms SET node = ?, state = 'running', updated = ? WHERE vm_id = ?",
+                           (row["destination"], time.time(), row["vm_id"]))
+
+    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
+        if state:
+            return [dict(r) for r in self._all("SELECT * FROM migrations WHERE state = ? ORDER BY id", (state,))]
+        return [dict(r) for r in self._all("SELECT * FROM migrations ORDER BY id")]
 
     # -- audit ----------------------------------------------------------------------------
     def audit_append(self, entry: dict[str, Any], chain: Any) -> dict[str, Any]:

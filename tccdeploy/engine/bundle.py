@@ -13,6 +13,7 @@ import zipfile
 from functools import cache
 from importlib import resources
 
+SHARED_CRYPTO = ("stream.py", "wrap.py")
 MAIN = b"import sys\nfrom tccdeploy.node.main import main\nsys.exit(main())\n"
 
 
@@ -25,6 +26,11 @@ def helper_bundle() -> tuple[bytes, str]:
     for entry in sorted(package.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".py"):
             files.append((f"tccdeploy/node/{entry.name}", entry.read_bytes()))
+    # The stream cipher and key wrapping, shared with the engine and the TC (one implementation).
+    crypto = resources.files("tccdeploy.crypto")
+    files.append(("tccdeploy/crypto/__init__.py", b""))
+    for name in SHARED_CRYPTO:
+        files.append((f"tccdeploy/crypto/{name}", crypto.joinpath(name).read_bytes()))
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files:
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))

@@ -1,0 +1,114 @@
+"""Encrypted migration, as the engine carries it out: it relays only ciphertext.
+
+1. A fresh attestation of the destination; the TC checks it is admitted and trusted now,
+   re-wraps Kvm to its TK and hands over its node certificate (refused otherwise, whoever asks).
+2. The source pauses the VM (the switch) and migrates it into its helper, which encrypts the
+   stream with STREAM under a fresh Kmig wrapped to the destination's TK.
+3. The encrypted disk (LUKS qcow2) is copied source -> destination as it is, digest checked.
+4. The destination's TPM unwraps Kvm and Kmig; its helper authenticates every chunk before
+   QEMU sees it, and checks the stream's end.
+5. Commit only when the destination runs: the registry moves the VM (one transaction), then the
+   source QEMU quits and its disk goes. Any failure before: the destination discards, the
+   source resumes. A VM is never lost and never runs twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..coordinator.keybroker import Refused
+from ..coordinator.service import Coordinator
+from .attestation import attest
+from .placement import rank
+from .runner import Engine, Session
+
+CHUNK = 1 << 20
+
+
+def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) -> None:
+    """The encrypted disk, source to destination through the engine: ciphertext only."""
+    src_paths = source.call("vm_paths", {"vm_id": vm_id})
+    dst_paths = destination.call("vm_paths", {"vm_id": vm_id})
+    with source.connect().sftp().open(src_paths["disk"], "rb") as src, \
+            destination.connect().sftp().open(dst_paths["partial"], "wb") as dst:
+        src.prefetch()
+        dst.set_pipelined(True)
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            dst.write(chunk)
+    destination.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
+
+
+def choose_destination(engine: Engine, coordinator: Coordinator, vm: dict[str, Any]) -> str:
+    request = coordinator.registry.request(vm["request"])
+    assert request is not None
+    hosts = {h.name for h in engine.hosts}
+    nodes = [n for n in coordinator.registry.nodes() if n["name"] in hosts and n["name"] != vm["node"]]
+    capacities = {h.name: int(h.vars.get("tcc_capacity", 4)) for h in engine.hosts}
+    candidates = rank(request["spec"], nodes, coordinator.registry.vms(), capacities, coordinator.builds, vm["customer"])
+    eligible = [c for c in candidates if c.eligible]
+    if not eligible:
+        why = "; ".join(f"{c.node}: {', '.join(c.reasons)}" for c in candidates) or "no other node"
+        raise Refused("migrate.no-destination", f"no trusted node can take {vm['name']} ({why})")
+    return eligible[0].node
+
+
+def migrate(engine: Engine, coordinator: Coordinator, vm_name: str, destination: str = "auto",
+            extra_args: list[str] | None = None) -> dict[str, Any]:
+    vm = coordinator.registry.vm(vm_name)
+    if vm is None or vm["node"] is None:
+        raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
+    if destination == "auto":
+        destination = choose_destination(engine, coordinator, vm)
+    hosts = {h.name: h for h in engine.hosts}
+    for name in (vm["node"], destination):
+        if name not in hosts:
+            raise Refused("migrate.not-in-inventory", f"{name} is not in the inventory")
+    check = engine.run(attest(coordinator), [hosts[destination]])[0]  # a fresh verdict on the destination
+    if check.status not in ("ok", "changed"):
+        raise Refused("migrate.destination-untrusted", f"{destination} is not trusted now: {check.msg}")
+    begin = coordinator.migration_begin(vm["name"], destination)
+    migration, vm_id = begin["migration"], vm["vm_id"]
+    source, target = engine.session(hosts[vm["node"]]), engine.session(hosts[destination])
+    spec = begin["request"]["spec"]
+    committed = False
+    moved = 0
+    try:
+        out = source.call("vm_migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"]})
+        copy_disk(source, target, vm_id, vm["image_sha256"])
+        target.call("vm_incoming_start", {
+            "tcti": str(hosts[destination].vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": vm_id, "name": vm["name"],
+            "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"], "sha256": vm["image_sha256"],
+            "memory_mib": spec["memoryMiB"], "vcpus": spec["vcpus"], "extra_args": extra_args or [],
+        }, timeout=120)
+        while True:
+            piece = source.call("vm_migrate_out_read", {"vm_id": vm_id}, timeout=120)
+            if piece["data"]:
+                moved += len(piece["data"]) * 3 // 4
+                target.call("vm_incoming_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
+            if piece["eof"]:
+                break
+        status = target.call("vm_incoming_finish", {"vm_id": vm_id, "resume": out["was_running"]}, timeout=120)
+        if out["was_running"] and not status["running"]:
+            raise Refused("migrate.not-running", f"the VM is {status['status']} on {destination}")
+        coordinator.migration_end(migration, vm_id, commit=True)
+        committed = True
+    except BaseException as exc:
+        if not committed:
+            _roll_back(coordinator, source, target, migration, vm_id, exc)
+        raise
+    try:
+        source.call("vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
+    except Exception:  # noqa: BLE001 - the source is paused after migrating; repair removes it
+        pass
+    return {"vm": vm["name"], "from": vm["node"], "to": destination, "migration": migration, "ciphertext_bytes": moved}
+
+
+def _roll_back(coordinator: Coordinator, source: Session, target: Session, migration: int, vm_id: str,
+               exc: BaseException) -> None:
+    for session, op, args in ((target, "vm_incoming_discard", {"vm_id": vm_id}),
+                              (source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": False})):
+        try:
+            session.call(op, args)
+        except Exception:  # noqa: BLE001 - best effort; the registry still records the abort
+            pass
+    coordinator.migration_end(migration, vm_id, commit=False, reason=f"{type(exc).__name__}: {exc}")

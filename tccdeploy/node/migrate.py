@@ -1,0 +1,277 @@
+"""Encrypted migration on the node: QEMU's stream, encrypted before it leaves, decrypted only
+inside the destination's helper.
+
+Source: a fresh Kmig is wrapped to the destination's TK (from its node certificate, handed over
+by the TC); QEMU migrates to a unix socket the helper listens on; the helper encrypts what it
+reads with STREAM (AES-256-GCM chunks) and gives the engine only ciphertext.
+Destination: the TPM unwraps Kmig (and Kvm, released by the TC for this node) under PolicyPCR;
+QEMU waits with -incoming on a private socket; the helper authenticates and decrypts each chunk
+before QEMU sees it, and checks the stream's end. Helper state lives in this process, which
+serves the whole run.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+from typing import Any
+
+from .ops import OpError, enable_site_packages, op
+from .qmp import QMP, QMPError
+from .tpm import tk_decrypt
+from .vm import QEMU, _kill, _pid, vm_dir
+
+READ_CHUNK = 256 * 1024
+
+
+def _crypto():  # type: ignore[no-untyped-def]
+    """cryptography lives in site-packages, which the helper imports only when needed (-S)."""
+    enable_site_packages()
+    from ..crypto import stream, wrap
+
+    return stream, wrap
+_OUT: dict[str, dict[str, Any]] = {}
+_IN: dict[str, dict[str, Any]] = {}
+
+
+def mig_label(vm_id: str) -> bytes:
+    return f"tccdeploy-mig:{vm_id}".encode()
+
+
+@op("vm_migrate_out_start")
+def vm_migrate_out_start(vm_id: str, destination_certificate: str, **_: Any) -> dict[str, Any]:
+    """Pause the VM, then start QEMU's migration into the helper, under a fresh Kmig."""
+    directory = vm_dir(vm_id)
+    if not _pid(directory):
+        raise OpError("the VM is not running here")
+    stream, wrap = _crypto()
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificate(destination_certificate.encode())
+    kmig = os.urandom(32)
+    wrapped = wrap.wrap(certificate.public_key(), kmig, mig_label(vm_id))  # type: ignore[arg-type]
+    path = os.path.join(directory, "mig-out.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(1)
+    listener.settimeout(30)
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
+        status = qmp.execute("query-status")
+        qmp.execute("stop")  # the switch: the disk does not change while it is copied
+        qmp.execute("migrate", uri=f"unix:{path}")
+    finally:
+        qmp.close()
+    connection, _ = listener.accept()
+    listener.close()
+    connection.settimeout(60)
+    encryptor = stream.Encryptor(kmig)
+    del kmig
+    _OUT[vm_id] = {"sock": connection, "enc": encryptor, "header_sent": False, "was_running": status.get("status") == "running"}
+    return {"changed": True, "wrapped_kmig": base64.b64encode(wrapped).decode(), "was_running": _OUT[vm_id]["was_running"]}
+
+
+@op("vm_migrate_out_read")
+def vm_migrate_out_read(vm_id: str, max_bytes: int = 4 * 1024 * 1024, **_: Any) -> dict[str, Any]:
+    """The next ciphertext of the migration stream; `eof` once QEMU has sent everything."""
+    state = _OUT.get(vm_id)
+    if state is None:
+        raise OpError("no outgoing migration of this VM")
+    out = bytearray()
+    if not state["header_sent"]:
+        out += state["enc"].header
+        state["header_sent"] = True
+    eof = False
+    while len(out) < max_bytes:
+        data = state["sock"].recv(READ_CHUNK)
+        if not data:
+            out += state["enc"].finish()
+            state["sock"].close()
+            eof = True
+            break
+        out += state["enc"].update(data)
+        if len(out) >= 64 * 1024:
+            break
+    return {"changed": False, "data": base64.b64encode(bytes(out)).decode(), "eof": eof}
+
+
+@op("vm_migrate_out_end")
+def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
+    """After the destination runs (commit): the source QEMU quits and its disk goes. Otherwise
+    (abort): the source resumes where it was."""
+    state = _OUT.pop(vm_id, None)
+    if state is not None:
+        try:
+            state["sock"].close()
+        except OSError:
+            pass
+    directory = vm_dir(vm_id)
+    if commit:
+        _kill(directory)
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+        return {"changed": True, "status": "moved"}
+    if not _pid(directory):
+        raise OpError("the source VM is gone: it cannot resume")
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
+        info = qmp.execute("query-migrate")
+        if info.get("status") in ("active", "setup", "device"):
+            qmp.execute("migrate_cancel")
+        if state is None or state["was_running"]:
+            qmp.execute("cont")
+        status = qmp.execute("query-status")
+    finally:
+        qmp.close()
+    return {"changed": True, "status": status.get("status")}
+
+
+@op("vm_incoming_start")
+def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str, sha256: str,
+                      memory_mib: int, vcpus: int, extra_args: list[str] | None = None, **_: Any) -> dict[str, Any]:
+    """Start QEMU waiting for the migration, the disk opened with Kvm; ready to take ciphertext."""
+    import hashlib
+
+    directory = vm_dir(vm_id)
+    disk = os.path.join(directory, "disk.qcow2")
+    if _pid(directory):
+        raise OpError("the VM already runs here")
+    digest = hashlib.sha256()
+    with open(disk, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise OpError("the copied disk is not the VM's image")
+    kmig = tk_decrypt(tcti, base64.b64decode(wrapped_kmig), mig_label(vm_id))
+    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
+    passphrase = base64.b64encode(kvm).decode()
+    del kvm
+    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    qmp_path = os.path.join(directory, "qmp.sock")
+    argv = [QEMU, "-name", f"tcc-{name},process=tcc-{vm_id[:12]}", "-machine", "pc", "-accel", accel,
+            "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off", "-pidfile", os.path.join(directory, "qemu.pid"),
+            "-incoming", "defer", "-daemonize", *(extra_args or [])]
+    old = os.umask(0o077)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
+    finally:
+        os.umask(old)
+    if proc.returncode != 0:
+        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
+    incoming = os.path.join(directory, "mig-in.sock")
+    try:
+        qmp = QMP(qmp_path)
+        try:
+            qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+            del passphrase
+            try:
+                qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
+                            file={"driver": "file", "filename": disk}, encrypt={"format": "luks", "key-secret": "kvm0"})
+            finally:
+                qmp.execute("object-del", id="kvm0")
+            qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
+            qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
+        finally:
+            qmp.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(60)
+        for _ in range(200):
+            try:
+                sock.connect(incoming)
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.02)
+        else:
+            raise OpError("QEMU did not open its incoming migration socket")
+    except (QMPError, OSError) as exc:
+        _kill(directory)
+        raise OpError(f"QEMU failed to prepare the incoming migration: {exc}") from None
+    stream, _ = _crypto()
+    _IN[vm_id] = {"sock": sock, "dec": stream.Decryptor(kmig), "bytes": 0}
+    del kmig
+    return {"changed": True, "ready": True, "accel": accel}
+
+
+@op("vm_incoming_data")
+def vm_incoming_data(vm_id: str, data: str, **_: Any) -> dict[str, Any]:
+    stream, _ = _crypto()
+    state = _IN.get(vm_id)
+    if state is None:
+        raise OpError("no incoming migration of this VM")
+    try:
+        plain = state["dec"].update(base64.b64decode(data))
+    except stream.StreamError as exc:
+        _discard(vm_id)
+        raise OpError(f"the migration stream is not authentic: {exc}") from None
+    if plain:
+        state["sock"].sendall(plain)
+        state["bytes"] += len(plain)
+    return {"changed": False, "bytes": state["bytes"]}
+
+
+@op("vm_incoming_finish")
+def vm_incoming_finish(vm_id: str, resume: bool = True, **_: Any) -> dict[str, Any]:
+    """Check the stream ended properly, wait for QEMU to take the state, resume the VM."""
+    import time
+
+    stream, _ = _crypto()
+    state = _IN.pop(vm_id, None)
+    if state is None:
+        raise OpError("no incoming migration of this VM")
+    try:
+        state["dec"].finish()
+    except stream.StreamError as exc:
+        state["sock"].close()
+        _kill(vm_dir(vm_id))
+        raise OpError(f"the migration stream is not complete: {exc}") from None
+    state["sock"].close()
+    qmp = QMP(os.path.join(vm_dir(vm_id), "qmp.sock"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            status = qmp.execute("query-status")["status"]
+            if status not in ("inmigrate",):
+                break
+            if time.monotonic() > deadline:
+                raise OpError("QEMU did not finish loading the migrated state")
+            time.sleep(0.02)
+        if status not in ("paused", "running", "prelaunch"):
+            raise OpError(f"the migrated VM is in state {status}")
+        if resume:
+            qmp.execute("cont")
+        status = qmp.execute("query-status")["status"]
+    finally:
+        qmp.close()
+    return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"]}
+
+
+def _discard(vm_id: str) -> None:
+    state = _IN.pop(vm_id, None)
+    if state is not None:
+        try:
+            state["sock"].close()
+        except OSError:
+            pass
+    _kill(vm_dir(vm_id))
+
+
+@op("vm_incoming_discard")
+def vm_incoming_discard(vm_id: str, **_: Any) -> dict[str, Any]:
+    """Abort: the destination drops what it received (QEMU quits, the copied disk goes)."""
+    import shutil
+
+    _discard(vm_id)
+    shutil.rmtree(vm_dir(vm_id), ignore_errors=True)
+    return {"changed": True, "status": "discarded"}
