@@ -184,6 +184,22 @@ def cmd_vms(args: argparse.Namespace) -> int:
     from ..config import state_dir
     from .store import Registry
 
+    if args.repair:
+        from ..engine.cli import load, select
+        from ..engine.migrate import repair
+        from ..engine.runner import Engine
+
+        if not args.inventory or not args.manifests:
+            print("error: vms --repair needs -i INVENTORY and -m MANIFESTS", file=sys.stderr)
+            return 2
+        coordinator = _coordinator(args)
+        try:
+            with Engine(select(load(args), "all", None), state=args.state) as engine:
+                for item in repair(engine, coordinator):
+                    print(f"migration #{item['migration']} of {item['vm_id'][:12]}: {item['action']} ({item['node']})")
+        finally:
+            coordinator.close()
+
     registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
     try:
         rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
@@ -447,8 +463,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("vms", help="VMs in the TC's registry")
+    p = sub.add_parser("vms", help="VMs in the TC's registry (--repair: finish or roll back interrupted migrations)")
     p.add_argument("--all", action="store_true", help="include destroyed VMs")
+    p.add_argument("--repair", action="store_true", help="finish or roll back migrations an interrupted run left")
+    p.add_argument("-i", "--inventory", default=os.environ.get("TCCDEPLOY_INVENTORY"), help="inventory (for --repair)")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds (for --repair)")
     p.add_argument("--state", help="TC state directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vms)

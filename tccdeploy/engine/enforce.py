@@ -6,8 +6,10 @@ as it records the verdict; a node unreachable for longer than the policy's grace
 quarantined too. Then the VMs on quarantined nodes are handled by the perimeter's policy:
 
     stop        power the VM off (QEMU quits: its memory is gone; the disk stays encrypted)
-    evacuate    migrate it to a trusted node; until migration exists, power it off (fail closed)
+    evacuate    migrate it to a trusted node (encrypted); if that fails, power it off (fail closed)
     quarantine  leave it, and report it
+
+A round also finishes or rolls back migrations an interrupted run left behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from ..coordinator import audit
 from ..coordinator.service import Coordinator
 from .attestation import attest
+from .migrate import migrate, repair
 from .runner import Engine, HostResult
 
 
@@ -38,6 +41,10 @@ def enforce_round(engine: Engine, coordinator: Coordinator) -> Report:
     start = time.monotonic()
     report = Report()
     registry = coordinator.registry
+    try:
+        report.vms += [dict(item, result=f"interrupted migration {item['action']}") for item in repair(engine, coordinator)]
+    except Exception:  # noqa: BLE001 - repair is retried next round; enforcement must go on
+        pass
     policy = coordinator.perimeter.attestation
     hosts = {h.name: h for h in engine.hosts}
     admitted = [n["name"] for n in registry.nodes() if n["state"] == "admitted"]
@@ -75,17 +82,28 @@ def _handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict
         outcome = {"vm": vm["name"], "vm_id": vm["vm_id"], "node": node, "policy": action}
         if action == "quarantine":
             outcome["result"] = "left running (policy quarantine)"
-        else:
-            # evacuate needs live migration; until then the VM must not keep running on an
-            # untrusted node, so it is powered off either way (fail closed).
+            audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
+            out.append(outcome)
+            continue
+        if action == "evacuate" and vm["state"] == "running":
             try:
-                host = hosts[node]
-                engine.sessions.pop(node, None)
-                engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "poweroff"})
-                registry.set_vm_state(vm["vm_id"], "stopped")
-                outcome["result"] = "powered off" + (" (evacuation needs migration: not available yet)" if action == "evacuate" else "")
-            except Exception as exc:  # noqa: BLE001 - an unreachable node: the TC releases nothing to it anyway
-                outcome["result"] = f"could not reach the node to stop it: {exc}"
+                moved = migrate(engine, coordinator, vm["name"], "auto")
+                outcome["result"] = f"evacuated to {moved['to']}"
+                audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
+                out.append(outcome)
+                continue
+            except Exception as exc:  # noqa: BLE001 - fall back to powering it off
+                outcome["evacuation_error"] = str(exc)
+        # The VM must not keep running on an untrusted node (fail closed).
+        try:
+            host = hosts[node]
+            engine.sessions.pop(node, None)
+            engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "poweroff"})
+            registry.set_vm_state(vm["vm_id"], "stopped")
+            failed = f" (evacuation failed: {outcome.get('evacuation_error')})" if "evacuation_error" in outcome else ""
+            outcome["result"] = "powered off" + failed
+        except Exception as exc:  # noqa: BLE001 - an unreachable node: the TC releases nothing to it anyway
+            outcome["result"] = f"could not reach the node to stop it: {exc}"
         audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
         out.append(outcome)
     return out

@@ -94,7 +94,7 @@ def migrate(engine: Engine, coordinator: Coordinator, vm_name: str, destination:
         committed = True
     except BaseException as exc:
         if not committed:
-            _roll_back(coordinator, source, target, migration, vm_id, exc)
+            _roll_back(engine, coordinator, migration, vm_id, vm["node"], destination, exc)
         raise
     try:
         source.call("vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
@@ -103,12 +103,51 @@ def migrate(engine: Engine, coordinator: Coordinator, vm_name: str, destination:
     return {"vm": vm["name"], "from": vm["node"], "to": destination, "migration": migration, "ciphertext_bytes": moved}
 
 
-def _roll_back(coordinator: Coordinator, source: Session, target: Session, migration: int, vm_id: str,
-               exc: BaseException) -> None:
-    for session, op, args in ((target, "vm_incoming_discard", {"vm_id": vm_id}),
-                              (source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": False})):
+def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Call op on node, on a new connection and helper if the old ones died."""
+    host = next(h for h in engine.hosts if h.name == node)
+    try:
+        return engine.session(host).call(op, args)
+    except Exception:  # noqa: BLE001 - the helper or the connection died: one more try, fresh
+        stale = engine.sessions.pop(node, None)
+        if stale is not None:
+            stale.close()
+        return engine.session(host).call(op, args)
+
+
+def _roll_back(engine: Engine, coordinator: Coordinator, migration: int, vm_id: str, source: str, destination: str,
+               exc: BaseException | str) -> None:
+    """Destination discards, source resumes; the registry records the abort (the VM never moved)."""
+    for node, op, args in ((destination, "vm_incoming_discard", {"vm_id": vm_id}),
+                           (source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": False})):
         try:
-            session.call(op, args)
-        except Exception:  # noqa: BLE001 - best effort; the registry still records the abort
+            _call_fresh(engine, node, op, args)
+        except Exception:  # noqa: BLE001 - best effort; repair finds what is left
             pass
-    coordinator.migration_end(migration, vm_id, commit=False, reason=f"{type(exc).__name__}: {exc}")
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    coordinator.migration_end(migration, vm_id, commit=False, reason=reason)
+
+
+def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
+    """Finish or roll back migrations an interrupted run left 'started'.
+
+    The destination runs the VM only after it took the whole, authenticated stream: if it runs,
+    the migration is committed and the source removed; otherwise it is rolled back."""
+    out = []
+    for row in coordinator.registry.migrations("started"):
+        vm_id, source, destination = row["vm_id"], row["source"], row["destination"]
+        try:
+            status = _call_fresh(engine, destination, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
+        except Exception:  # noqa: BLE001 - not running there (or unreachable): roll back
+            status = "absent"
+        if status == "running":
+            coordinator.migration_end(row["id"], vm_id, commit=True, reason="repair: destination running")
+            try:
+                _call_fresh(engine, source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
+            except Exception:  # noqa: BLE001
+                pass
+            out.append({"migration": row["id"], "vm_id": vm_id, "action": "committed", "node": destination})
+        else:
+            _roll_back(engine, coordinator, row["id"], vm_id, source, destination, f"repair: destination {status}")
+            out.append({"migration": row["id"], "vm_id": vm_id, "action": "rolled back", "node": source})
+    return out
