@@ -1,0 +1,239 @@
+"""Encrypted migration on the lab with real QEMU: state kept, untrusted destinations refused,
+and every failure before the commit leaves exactly one running copy."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from tccdeploy.coordinator import audit
+from tccdeploy.coordinator.identity import init as tc_init
+from tccdeploy.coordinator.identity import load as tc_load
+from tccdeploy.coordinator.keybroker import Refused
+from tccdeploy.coordinator.service import Coordinator
+from tccdeploy.crypto import bundle as bundles
+from tccdeploy.crypto import customer
+from tccdeploy.crypto.cli import sign_request
+from tccdeploy.engine import migrate as migrating
+from tccdeploy.engine.attestation import attest, enroll
+from tccdeploy.engine.enforce import enforce_round
+from tccdeploy.engine.launch import launch
+from tccdeploy.engine.runner import Engine, Session
+from tccdeploy.inventory import load_inventory
+from tccdeploy.lab import procs
+from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_manifests
+from tccdeploy.node.qmp import QMP
+
+pytestmark = pytest.mark.slow
+MARKER_ADDR = 0x100000
+
+
+@pytest.fixture(scope="module")
+def world(lab: Lab, tmp_path_factory):
+    root = tmp_path_factory.mktemp("migrate")
+    state = str(root / "tc")
+    tc_init(state)
+    manifests = load_manifests([lab.manifests_dir])
+    tc = Coordinator(manifests.perimeter, manifests.builds, state)
+    key, _ = customer.init(str(root / "customer.pem"))
+    tc.add_customer("acme", customer.public_text(key.public_key()))
+    (root / "tc.pem").write_text(tc_load(state).bundle_pem)
+    (root / "disk.raw").write_bytes(bytes(2 * 1024 * 1024))
+    engine = Engine(load_inventory(lab.inventory_dir).select("node1,node2,node3,node4,outside1"), state=state)
+    engine.run(enroll(tc))
+    engine.run(attest(tc, admit_nodes=True))
+
+    class World:
+        pass
+
+    w = World()
+    w.root, w.tc, w.engine, w.state, w.lab = root, tc, engine, state, lab
+    yield w
+    for vm in tc.registry.vms():
+        try:
+            migrating._call_fresh(engine, vm["node"], "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+        except Exception:  # noqa: BLE001
+            pass
+    engine.close()
+    tc.close()
+
+
+def fresh(world) -> None:  # type: ignore[no-untyped-def]
+    """Lab resets between tests drop connections: start every test on new sessions."""
+    for name in list(world.engine.sessions):
+        world.engine.sessions.pop(name).close()
+
+
+def start_vm(world, node: str, marker: bytes | None = None) -> dict:  # type: ignore[no-untyped-def]
+    """Launch a fresh VM on node (site and name pin it), optionally with a marker in guest RAM."""
+    fresh(world)
+    name = f"vm-{secrets.token_hex(3)}"
+    image = world.root / f"{name}.sealed"
+    bundles.seal(str(world.root / "disk.raw"), bundles.load_tc(str(world.root / "tc.pem")),
+                 customer.load(str(world.root / "customer.pem")), str(image), name)
+    site = world.tc.registry.node(node)["site"]
+    path = world.root / f"{name}.yml"
+    path.write_text(f"apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\n"
+                    f"spec: {{image: {image.name}, vcpus: 1, memoryMiB: 64, constraints: {{sites: [{site}]}}}}\n")
+    envelope = sign_request(str(path), str(world.root / "customer.pem"))
+    args = [] if marker is None else ["-device", f"loader,addr={MARKER_ADDR:#x},data={int.from_bytes(marker, 'little'):#x},data-len=8"]
+    others = [h for h in world.engine.hosts if h.name != node]
+    keep = world.engine.hosts
+    world.engine.hosts = [h for h in keep if h not in others]  # only node is a candidate
+    try:
+        launch(world.engine, world.tc, envelope, envelope["bundle"], args)
+    finally:
+        world.engine.hosts = keep
+    return world.tc.registry.vm(name)
+
+
+def qemu_pids(vm_id: str) -> list[int]:
+    return [p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]
+
+
+def vm_dir(world, node: str, vm_id: str) -> Path:  # type: ignore[no-untyped-def]
+    return Path(world.lab.node_dir(world.lab.node(node), "home", "vms", vm_id))
+
+
+def status(world, node: str, vm_id: str) -> str:  # type: ignore[no-untyped-def]
+    return migrating._call_fresh(world.engine, node, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
+
+
+def assert_one_copy_running_on(world, node: str, vm: dict) -> None:  # type: ignore[no-untyped-def]
+    assert world.tc.registry.vm(vm["name"])["node"] == node
+    assert status(world, node, vm["vm_id"]) == "running"
+    assert len(qemu_pids(vm["vm_id"])) == 1
+    assert not world.tc.registry.migrations("started")
+
+
+def test_a_running_vm_migrates_and_keeps_its_memory(world):
+    marker = os.urandom(8)
+    vm = start_vm(world, "node1", marker)
+    fresh(world)
+    # The destination's own loader writes zeros there: only the migrated RAM can bring the marker.
+    result = migrating.migrate(world.engine, world.tc, vm["name"], "node3",
+                               ["-device", f"loader,addr={MARKER_ADDR:#x},data=0x0,data-len=8"])
+    assert result["to"] == "node3" and result["ciphertext_bytes"] > 0
+    assert_one_copy_running_on(world, "node3", vm)
+    assert not vm_dir(world, "node1", vm["vm_id"]).exists()  # the source's disk is gone
+    dump = vm_dir(world, "node3", vm["vm_id"]) / "marker.bin"
+    qmp = QMP(str(vm_dir(world, "node3", vm["vm_id"]) / "qmp.sock"))
+    try:
+        qmp.execute("pmemsave", val=MARKER_ADDR, size=8, filename=str(dump))
+    finally:
+        qmp.close()
+    assert dump.read_bytes() == marker
+    kinds = [e["kind"] for e in world.tc.registry.audit_entries(vm=vm["vm_id"])]
+    assert "migration.start" in kinds and "migration.commit" in kinds
+    assert audit.verify(world.tc.registry).ok
+
+
+def test_migration_to_a_quarantined_or_outside_node_is_refused(world, lab_node):
+    vm = start_vm(world, "node1")
+    lab_node("node2")
+    world.lab.tamper("node2")
+    fresh(world)
+    world.engine.run(attest(world.tc), [h for h in world.engine.hosts if h.name == "node2"])
+    assert world.tc.registry.node("node2")["state"] == "quarantined"
+    for target, reason in (("node2", "migrate.destination-untrusted"), ("outside1", "migrate.destination-untrusted")):
+        with pytest.raises(Refused) as info:
+            migrating.migrate(world.engine, world.tc, vm["name"], target)
+        assert info.value.reason == reason
+    with pytest.raises(Refused) as info:  # the TC refuses even an engine that skips its own checks
+        world.tc.migration_begin(vm["name"], "node2")
+    assert info.value.reason == "release.not-admitted"
+    assert_one_copy_running_on(world, "node1", vm)
+    fresh(world)
+    world.lab.reset("node2")
+    world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node2"])
+
+
+class Fault(Exception):
+    pass
+
+
+def inject(monkeypatch, op: str, action) -> None:  # type: ignore[no-untyped-def]
+    """Run action just before the engine's first call of op (then let the call go ahead)."""
+    original = Session.call
+    fired = {"done": False}
+
+    def call(self, name, args=None, timeout=None):  # type: ignore[no-untyped-def]
+        if name == op and not fired["done"]:
+            fired["done"] = True
+            action(self, args)
+        return original(self, name, args, timeout)
+
+    monkeypatch.setattr(Session, "call", call)
+
+
+def _kill_helper(session: Session) -> None:
+    pid = session.call("ping")["pid"]
+    os.kill(pid, 9)
+
+
+@pytest.mark.parametrize("fault", ["destination-helper", "source-helper", "ssh-connection", "stream-bit-flip",
+                                   "destination-attestation", "engine"])
+def test_a_failure_before_the_commit_leaves_the_vm_running_on_the_source(world, lab_node, monkeypatch, fault: str):
+    vm = start_vm(world, "node1")
+    fresh(world)
+    if fault == "destination-helper":
+        inject(monkeypatch, "vm_incoming_data", lambda s, a: _kill_helper(s))
+    elif fault == "source-helper":
+        inject(monkeypatch, "vm_migrate_out_read", lambda s, a: _kill_helper(s))
+    elif fault == "ssh-connection":
+        inject(monkeypatch, "vm_incoming_start", lambda s, a: s.connection.close())
+    elif fault == "stream-bit-flip":
+        def flip(session, args):  # type: ignore[no-untyped-def]
+            import base64
+
+            data = bytearray(base64.b64decode(args["data"]))
+            data[len(data) // 2] ^= 1
+            args["data"] = base64.b64encode(bytes(data)).decode()
+
+        inject(monkeypatch, "vm_incoming_data", flip)
+    elif fault == "destination-attestation":
+        lab_node("node3")
+        inject(monkeypatch, "vm_incoming_start", lambda s, a: world.lab.tamper("node3"))
+    elif fault == "engine":
+        def die(session, args):  # type: ignore[no-untyped-def]
+            raise Fault("the engine died")  # no rollback runs: like a killed process
+
+        original_rollback = migrating._roll_back
+        monkeypatch.setattr(migrating, "_roll_back", lambda *a, **k: None)
+        inject(monkeypatch, "vm_incoming_data", die)
+    with pytest.raises(Exception):  # noqa: B017 - each fault surfaces its own way
+        migrating.migrate(world.engine, world.tc, vm["name"], "node3")
+    monkeypatch.undo()
+    fresh(world)
+    if fault == "engine":
+        assert world.tc.registry.migrations("started")  # left behind, as by a killed engine
+        repaired = migrating.repair(world.engine, world.tc)
+        assert [r["action"] for r in repaired] == ["rolled back"]
+        assert original_rollback is migrating._roll_back
+    assert_one_copy_running_on(world, "node1", vm)
+    assert not (vm_dir(world, "node3", vm["vm_id"]) / "qemu.pid").exists()
+    aborted = [m for m in world.tc.registry.migrations() if m["vm_id"] == vm["vm_id"]]
+    assert [m["state"] for m in aborted] == ["aborted"]
+    migrating._call_fresh(world.engine, "node1", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
+
+
+def test_a_tampered_node_with_two_vms_is_evacuated_in_one_round(world, lab_node):
+    first, second = start_vm(world, "node4"), start_vm(world, "node4")
+    lab_node("node4")
+    world.lab.tamper("node4")
+    fresh(world)
+    report = enforce_round(world.engine, world.tc)
+    assert {"node": "node4", "reason": "build.unknown"} in report.quarantined
+    for vm in (first, second):
+        row = world.tc.registry.vm(vm["name"])
+        assert row["node"] != "node4" and row["state"] == "running", report.vms
+        assert status(world, row["node"], vm["vm_id"]) == "running"
+        assert len(qemu_pids(vm["vm_id"])) == 1
+    fresh(world)
+    world.lab.reset("node4")
+    world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
