@@ -237,3 +237,13 @@ def test_a_tampered_node_with_two_vms_is_evacuated_in_one_round(world, lab_node)
     fresh(world)
     world.lab.reset("node4")
     world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
+
+
+def test_drain_moves_every_vm_off_a_node(world):
+    vm = start_vm(world, "node2")
+    fresh(world)
+    results = migrating.drain(world.engine, world.tc, "node2")
+    assert [r["ok"] for r in results if r["vm"] == vm["name"]] == [True]
+    row = world.tc.registry.vm(vm["name"])
+    assert row["node"] == "node1" and status(world, "node1", vm["vm_id"]) == "running"  # site1's other node
+    assert len(qemu_pids(vm["vm_id"])) == 1

@@ -268,6 +268,28 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from ..engine.cli import _logging, load, select
+    from ..engine.migrate import drain
+    from ..engine.runner import Engine
+
+    _logging(args.verbose)
+    coordinator = _coordinator(args)
+    try:
+        with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+            results = drain(engine, coordinator, args.node)
+    finally:
+        coordinator.close()
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{r['vm']}: {r['result']}")
+        print(f"{args.node}: drained ({len(results)} VM(s))" if all(r["ok"] for r in results)
+              else f"{args.node}: not fully drained")
+    return 0 if all(r["ok"] for r in results) else 2
+
+
 def cmd_enforce(args: argparse.Namespace) -> int:
     import signal
     import time as _time
@@ -432,6 +454,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
     add_run_args(p)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("drain", help="migrate every VM off a node, for maintenance",
+                       description="Each running VM of NODE migrates (encrypted) to a trusted node placement picks.\n"
+                                   "exit status: 0 drained, 2 a VM could not be moved (it keeps running where it was)")
+    p.add_argument("node", metavar="NODE")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
+    add_run_args(p)
+    p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("enforce", help="re-attest every admitted node, quarantine failures, handle their VMs",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -58,7 +58,7 @@ class Encryptor:
         self.buffer = bytearray()
         self.done = False
 
-    def _frame(self, chunk: bytes, last: bool) -> bytes:
+    def _frame(self, chunk: bytes | memoryview, last: bool) -> bytes:
         ciphertext = self.aead.encrypt(_nonce(self.prefix, self.counter, last), chunk, self.header)
         self.counter += 1
         return struct.pack(">I", len(ciphertext)) + ciphertext
@@ -69,11 +69,17 @@ class Encryptor:
         if self.done:
             raise StreamError("the stream was finished")
         self.buffer += data
-        out = bytearray()
-        while len(self.buffer) > self.chunk_size:
-            out += self._frame(bytes(self.buffer[: self.chunk_size]), last=False)
-            del self.buffer[: self.chunk_size]
-        return bytes(out)
+        size = self.chunk_size
+        count = (len(self.buffer) - 1) // size  # keep the last (maybe full) chunk: it may be the final one
+        if count <= 0:
+            return b""
+        view = memoryview(self.buffer)
+        try:
+            frames = [self._frame(view[i * size:(i + 1) * size], last=False) for i in range(count)]
+        finally:
+            view.release()
+        del self.buffer[: count * size]  # one move per call, not one per chunk
+        return b"".join(frames)
 
     def finish(self) -> bytes:
         self.done = True
@@ -110,20 +116,25 @@ class Decryptor:
                 raise StreamError(f"chunk size {self.chunk_size} out of range")
             self.header, self.prefix = header, header[len(MAGIC):len(MAGIC) + 7]
             del self.buffer[:HEADER_SIZE]
-        while len(self.buffer) >= 4:
-            size = struct.unpack(">I", self.buffer[:4])[0]
-            if size < TAG or size > self.chunk_size + TAG:
-                raise StreamError(f"frame of {size} bytes cannot be a chunk of this stream")
-            if len(self.buffer) < 4 + size:
-                break
-            if self.ended:
-                raise StreamError("data after the final chunk")
-            ciphertext = bytes(self.buffer[4:4 + size])
-            del self.buffer[:4 + size]
-            out += self._open(ciphertext)
+        pos, end = 0, len(self.buffer)
+        view = memoryview(self.buffer)
+        try:
+            while end - pos >= 4:
+                size = struct.unpack_from(">I", self.buffer, pos)[0]
+                if size < TAG or size > self.chunk_size + TAG:
+                    raise StreamError(f"frame of {size} bytes cannot be a chunk of this stream")
+                if end - pos < 4 + size:
+                    break
+                if self.ended:
+                    raise StreamError("data after the final chunk")
+                out += self._open(view[pos + 4:pos + 4 + size])
+                pos += 4 + size
+        finally:
+            view.release()
+        del self.buffer[:pos]  # one move per call
         return bytes(out)
 
-    def _open(self, ciphertext: bytes) -> bytes:
+    def _open(self, ciphertext: bytes | memoryview) -> bytes:
         for last in (False, True):
             try:
                 plain = self.aead.decrypt(_nonce(self.prefix, self.counter, last), ciphertext, self.header)

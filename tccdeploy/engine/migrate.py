@@ -151,3 +151,15 @@ def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
             _roll_back(engine, coordinator, row["id"], vm_id, source, destination, f"repair: destination {status}")
             out.append({"migration": row["id"], "vm_id": vm_id, "action": "rolled back", "node": source})
     return out
+
+
+def drain(engine: Engine, coordinator: Coordinator, node: str) -> list[dict[str, Any]]:
+    """Move every VM off node (maintenance), one at a time, each to a trusted node placement picks."""
+    out = []
+    for vm in [v for v in coordinator.registry.vms() if v["node"] == node and v["state"] == "running"]:
+        try:
+            moved = migrate(engine, coordinator, vm["name"], "auto")
+            out.append({"vm": vm["name"], "result": f"moved to {moved['to']}", "ok": True})
+        except Exception as exc:  # noqa: BLE001 - reported; the VM still runs where it was
+            out.append({"vm": vm["name"], "result": f"not moved: {exc}", "ok": False})
+    return out

@@ -98,7 +98,7 @@ def vm_migrate_out_read(vm_id: str, max_bytes: int = 4 * 1024 * 1024, **_: Any) 
             eof = True
             break
         out += state["enc"].update(data)
-        if len(out) >= 64 * 1024:
+        if len(out) >= 1024 * 1024:  # fewer, larger messages: each is a round trip through the engine
             break
     return {"changed": False, "data": base64.b64encode(bytes(out)).decode(), "eof": eof}
 
@@ -174,11 +174,10 @@ def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrappe
         try:
             qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
             del passphrase
-            try:
-                qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
-                            file={"driver": "file", "filename": disk}, encrypt={"format": "luks", "key-secret": "kvm0"})
-            finally:
-                qmp.execute("object-del", id="kvm0")
+            # The secret stays until the migration completed: QEMU re-opens the image (and its
+            # LUKS header) when it activates the incoming VM. vm_incoming_finish deletes it.
+            qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
+                        file={"driver": "file", "filename": disk}, encrypt={"format": "luks", "key-secret": "kvm0"})
             qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
             qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
@@ -251,7 +250,13 @@ def vm_incoming_finish(vm_id: str, resume: bool = True, **_: Any) -> dict[str, A
             raise OpError(f"the migrated VM is in state {status}")
         if resume:
             qmp.execute("cont")
+        else:
+            qmp.execute("stop")
         status = qmp.execute("query-status")["status"]
+        try:
+            qmp.execute("object-del", id="kvm0")
+        except QMPError:
+            pass
     finally:
         qmp.close()
     return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"]}
