@@ -122,3 +122,21 @@ def test_enforce_once_from_the_command_line(lab: Lab, admitted: str):
                            "-m", lab.manifests_dir], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 admitted node(s) re-attested, 4 trusted, 0 quarantined" in proc.stdout
+
+
+def test_the_enforce_loop_runs_rounds_and_stops_cleanly_on_sigterm(lab: Lab, admitted: str):
+    import signal
+    import time
+
+    env = dict(os.environ, TCCDEPLOY_STATE=admitted)
+    proc = subprocess.Popen([sys.executable, "-m", "tccdeploy", "enforce", "--interval", "0.5", "-i", lab.inventory_dir,
+                             "-m", lab.manifests_dir, "-l", "node1,node2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + 60
+    seen = ""
+    while time.monotonic() < deadline and seen.count("enforce round") < 2:
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert seen.count("enforce round") >= 2
