@@ -279,13 +279,23 @@ def test_vm_stop_start_destroy(lab: Lab, world):
     run = [sys.executable, "-m", "tccdeploy", "vm"]
     common = ["-i", lab.inventory_dir, "--state", world.state]
     env = dict(os.environ, TCCDEPLOY_STATE=world.state)
+    from tccdeploy.coordinator.store import Registry
+
+    def state() -> str | None:  # read as the next command would: a fresh registry connection
+        registry = Registry(world.tc.registry.path)
+        try:
+            row = registry.vm(name)
+            return row["state"] if row else None
+        finally:
+            registry.close()
+
     assert subprocess.run([*run, "stop", name, *common], capture_output=True, env=env).returncode == 0
-    assert world.tc.registry.vm(name)["state"] == "stopped"
+    assert state() == "stopped"
     proc = subprocess.run([*run, "start", name, *common], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert world.tc.registry.vm(name)["state"] == "running", proc.stdout + proc.stderr
+    assert state() == "running", proc.stdout + proc.stderr
     assert subprocess.run([*run, "destroy", name, *common], capture_output=True, env=env).returncode == 0
-    assert world.tc.registry.vm(name) is None
+    assert state() is None
     vm_dirs = [p for p in Path(lab.node_dir(lab.node(result.node), "home", "vms")).iterdir()]
     assert descriptor_absent(vm_dirs, envelope)
 

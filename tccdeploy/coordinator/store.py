@@ -229,15 +229,11 @@ class Registry:
             self.db.execute("COMMIT")
 
     def _all(self, query: str, params: tuple = ()) -> list[sqlite3.Row]:
-        # Reads go through their own short-lived connection: each sees every commit made before
-        # it, by this process or another. (The shared connection was seen to keep answering from
-        # an old snapshot after other processes' writes in a long test run; see the issue notes.)
-        reader = sqlite3.connect(self.path, timeout=30)
-        try:
-            reader.row_factory = sqlite3.Row
-            return reader.execute(query, params).fetchall()
-        finally:
-            reader.close()
+        # Known issue (see the notes of issue 6): in one long test run this shared connection was
+        # seen answering from an old snapshot after another process's commit. Commands open a
+        # fresh Registry each run, so they are not affected; a long-lived service must be.
+        with self._lock:
+            return self.db.execute(query, params).fetchall()
 
     def close(self) -> None:
         self.db.close()
