@@ -15,13 +15,12 @@ from __future__ import annotations
 import base64
 import os
 import socket
-import subprocess
 from typing import Any
 
 from .ops import OpError, enable_site_packages, op
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
-from .vm import QEMU, _kill, _pid, vm_dir
+from .vm import _kill, _pid, _sha256, attach_disk, start_qemu, unwrap_passphrase, vm_dir
 
 READ_CHUNK = 256 * 1024
 
@@ -139,46 +138,21 @@ def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
 def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str, sha256: str,
                       memory_mib: int, vcpus: int, extra_args: list[str] | None = None, **_: Any) -> dict[str, Any]:
     """Start QEMU waiting for the migration, the disk opened with Kvm; ready to take ciphertext."""
-    import hashlib
-
     directory = vm_dir(vm_id)
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
         raise OpError("the VM already runs here")
-    digest = hashlib.sha256()
-    with open(disk, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != sha256:
+    if not os.path.exists(disk) or _sha256(disk) != sha256:
         raise OpError("the copied disk is not the VM's image")
     kmig = tk_decrypt(tcti, base64.b64decode(wrapped_kmig), mig_label(vm_id))
-    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
-    passphrase = base64.b64encode(kvm).decode()
-    del kvm
-    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-    qmp_path = os.path.join(directory, "qmp.sock")
-    argv = [QEMU, "-name", f"tcc-{name},process=tcc-{vm_id[:12]}", "-machine", "pc", "-accel", accel,
-            "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off", "-pidfile", os.path.join(directory, "qemu.pid"),
-            "-incoming", "defer", "-daemonize", *(extra_args or [])]
-    old = os.umask(0o077)
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
-    finally:
-        os.umask(old)
-    if proc.returncode != 0:
-        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
+    passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)
+    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, extra_args, incoming=True)
     incoming = os.path.join(directory, "mig-in.sock")
     try:
-        qmp = QMP(qmp_path)
+        qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
-            qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+            attach_disk(qmp, disk, passphrase, keep_secret=True)
             del passphrase
-            # The secret stays until the migration completed: QEMU re-opens the image (and its
-            # LUKS header) when it activates the incoming VM. vm_incoming_finish deletes it.
-            qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
-                        file={"driver": "file", "filename": disk}, encrypt={"format": "luks", "key-secret": "kvm0"})
-            qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
             qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
             qmp.close()

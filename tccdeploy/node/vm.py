@@ -103,35 +103,13 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
         raise OpError(f"VM {name} is already running here")
     if not os.path.exists(disk) or _sha256(disk) != sha256:
         raise OpError("the VM's disk is missing or is not the image the TC released the key for")
-    label = f"tccdeploy-vm:{vm_id}".encode()
-    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), label)
-    passphrase = base64.b64encode(kvm).decode()
-    del kvm
-    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-    qmp_path = os.path.join(directory, "qmp.sock")
-    argv = [QEMU, "-name", f"tcc-{name},process=tcc-{vm_id[:12]}", "-machine", "pc", "-accel", accel,
-            "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
-            "-qmp", f"unix:{qmp_path},server=on,wait=off", "-pidfile", os.path.join(directory, "qemu.pid"),
-            "-daemonize", *(extra_args or [])]
-    old = os.umask(0o077)  # the QMP socket: only this user may talk to QEMU
+    passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)
+    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, extra_args)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
-    finally:
-        os.umask(old)
-    if proc.returncode != 0:
-        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
-    try:
-        qmp = QMP(qmp_path)
+        qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
-            qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+            attach_disk(qmp, disk, passphrase, keep_secret=False)
             del passphrase
-            try:
-                qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
-                            file={"driver": "file", "filename": disk},
-                            encrypt={"format": "luks", "key-secret": "kvm0"})
-            finally:
-                qmp.execute("object-del", id="kvm0")
-            qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
             qmp.execute("cont")
             status = qmp.execute("query-status")
         finally:
@@ -144,6 +122,50 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
         raise OpError(f"QEMU failed: {text}") from None
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
             "pid": _pid(directory), "accel": accel, "disk_opened": True}
+
+
+def unwrap_passphrase(tcti: str, vm_id: str, wrapped_key: str) -> str:
+    """Kvm, unwrapped by the TPM (TK under PolicyPCR), in the text form LUKS takes (base64)."""
+    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
+    try:
+        return base64.b64encode(kvm).decode()
+    finally:
+        del kvm
+
+
+def start_qemu(directory: str, vm_id: str, name: str, memory_mib: int, vcpus: int, extra_args: list[str] | None,
+               incoming: bool = False) -> str:
+    """Start the VM's QEMU paused, daemonized, with its QMP socket private to this user; the
+    same machine for a launch and a migration's destination. Returns the accelerator."""
+    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    argv = [QEMU, "-name", f"tcc-{name},process=tcc-{vm_id[:12]}", "-machine", "pc", "-accel", accel,
+            "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
+            "-qmp", f"unix:{os.path.join(directory, 'qmp.sock')},server=on,wait=off",
+            "-pidfile", os.path.join(directory, "qemu.pid"), *(["-incoming", "defer"] if incoming else []),
+            "-daemonize", *(extra_args or [])]
+    old = os.umask(0o077)  # the QMP socket: only this user may talk to QEMU
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
+    finally:
+        os.umask(old)
+    if proc.returncode != 0:
+        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
+    return accel
+
+
+def attach_disk(qmp: QMP, disk: str, passphrase: str, keep_secret: bool) -> None:
+    """Hand QEMU the LUKS passphrase over QMP and open the encrypted disk with it.
+
+    keep_secret: an incoming VM re-opens its image when it is activated after the migration,
+    so its secret object is deleted only then (vm_incoming_finish)."""
+    qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+    try:
+        qmp.execute("blockdev-add", driver="qcow2", **{"node-name": "disk0"},
+                    file={"driver": "file", "filename": disk}, encrypt={"format": "luks", "key-secret": "kvm0"})
+    finally:
+        if not keep_secret:
+            qmp.execute("object-del", id="kvm0")
+    qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
 
 
 def _qmp(vm_id: str) -> QMP:
