@@ -75,16 +75,31 @@ def _pid(directory: str) -> int | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for its (re)parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _kill(directory: str) -> None:
+    """Stop the VM's QEMU now: QMP quit (immediate), else SIGTERM, else SIGKILL."""
     pid = _pid(directory)
     if pid:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
+        try:
+            qmp = QMP(os.path.join(directory, "qmp.sock"), timeout=2)
             try:
-                os.kill(pid, 0)
-            except OSError:
+                qmp.execute("quit")
+            finally:
+                qmp.close()
+        except (QMPError, OSError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(250):
+            if not _alive(pid):
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         else:
             os.kill(pid, signal.SIGKILL)
     for name in ("qemu.pid", "qmp.sock"):
