@@ -50,12 +50,12 @@ def measure(size: int, forks: int, repeat: int, lab_index: int) -> dict:
     control_dir = tempfile.mkdtemp(prefix="tccdeploy-bench-ansible-cp-")
     home = tempfile.mkdtemp(prefix="tccdeploy-bench-ansible-home-")
     lab = Lab(directory)
+    state = tempfile.mkdtemp(prefix="tccdeploy-bench-state-")
     env = dict(os.environ, ANSIBLE_SSH_CONTROL_PATH_DIR=control_dir, ANSIBLE_HOME=home,
                ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_DEPRECATION_WARNINGS="False")
     try:
         lab.up(nodes=size, sites=2, outside=0, lab_index=lab_index)
         inventory = lab.inventory_dir
-        state = tempfile.mkdtemp(prefix="tccdeploy-bench-state-")
         ours = [timed([str(BIN / "tccdeploy"), "run", "all", "-i", inventory, "-a", "true", "-f", str(forks),
                        "--state", state], env) for _ in range(repeat)]
         ansible = [str(BIN / "ansible"), "all", "-i", inventory, "-f", str(forks),
@@ -65,7 +65,7 @@ def measure(size: int, forks: int, repeat: int, lab_index: int) -> dict:
     finally:
         stop_control_masters(control_dir)
         lab.down()
-        for path in (control_dir, home):
+        for path in (control_dir, home, state):
             shutil.rmtree(path, ignore_errors=True)
     return {
         "nodes": size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ REPO = HERE.parent
 INVENTORIES = sorted(p for p in (HERE / "inventories").iterdir() if p.is_dir()) + [REPO / "inventory" / "lab"]
 ANSIBLE_INVENTORY = shutil.which("ansible-inventory") or str(Path(sys.executable).parent / "ansible-inventory")
 ANSIBLE_HOME = tempfile.mkdtemp(prefix="tccdeploy-ansible-home-")
+atexit.register(shutil.rmtree, ANSIBLE_HOME, True)
 ANSIBLE_ENV = {"ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
                "PATH": "/usr/bin:/bin", "HOME": ANSIBLE_HOME}
 

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tccdeploy.coordinator.identity import init as tc_init
 from tccdeploy.coordinator.identity import load as tc_load
 from tccdeploy.coordinator.keybroker import Refused
 from tccdeploy.coordinator.receipts import ReceiptError
 from tccdeploy.coordinator.receipts import verify as verify_receipt
-from tccdeploy.coordinator.service import Coordinator
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer, wrap
 from tccdeploy.crypto.cli import sign_request
@@ -27,7 +25,8 @@ from tccdeploy.engine.launch import launch, upload_disk
 from tccdeploy.engine.runner import Engine
 from tccdeploy.inventory import load_inventory
 from tccdeploy.lab.lab import Lab
-from tccdeploy.manifest.loader import load_manifests
+
+from .tcworld import coordinator_with_customer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +46,7 @@ spec:
 def world(lab: Lab, tmp_path_factory):
     """A TC with one registered customer, and the lab's nodes enrolled and admitted."""
     root = tmp_path_factory.mktemp("launch")
-    state = str(root / "tc")
-    tc_init(state)
-    manifests = load_manifests([lab.manifests_dir])
-    tc = Coordinator(manifests.perimeter, manifests.builds, state)
-    key, _ = customer.init(str(root / "customer.pem"))
-    tc.add_customer("acme", customer.public_text(key.public_key()))
-    (root / "tc.pem").write_text(tc_load(state).bundle_pem)
+    tc, state = coordinator_with_customer(lab, root)
     raw = root / "disk.raw"
     with open(raw, "wb") as fh:
         fh.write(b"TCCDEPLOY-GUEST-MARKER" + bytes(4 * 1024 * 1024))

@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 
 from tccdeploy.coordinator import audit
-from tccdeploy.coordinator.identity import init as tc_init
-from tccdeploy.coordinator.identity import load as tc_load
 from tccdeploy.coordinator.keybroker import Refused
-from tccdeploy.coordinator.service import Coordinator
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer
 from tccdeploy.crypto.cli import sign_request
@@ -25,8 +22,9 @@ from tccdeploy.engine.runner import Engine, Session
 from tccdeploy.inventory import load_inventory
 from tccdeploy.lab import procs
 from tccdeploy.lab.lab import Lab
-from tccdeploy.manifest.loader import load_manifests
 from tccdeploy.node.qmp import QMP
+
+from .tcworld import coordinator_with_customer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MARKER_ADDR = 0x100000
@@ -35,13 +33,7 @@ MARKER_ADDR = 0x100000
 @pytest.fixture(scope="module")
 def world(lab: Lab, tmp_path_factory):
     root = tmp_path_factory.mktemp("migrate")
-    state = str(root / "tc")
-    tc_init(state)
-    manifests = load_manifests([lab.manifests_dir])
-    tc = Coordinator(manifests.perimeter, manifests.builds, state)
-    key, _ = customer.init(str(root / "customer.pem"))
-    tc.add_customer("acme", customer.public_text(key.public_key()))
-    (root / "tc.pem").write_text(tc_load(state).bundle_pem)
+    tc, state = coordinator_with_customer(lab, root)
     (root / "disk.raw").write_bytes(bytes(2 * 1024 * 1024))
     engine = Engine(load_inventory(lab.inventory_dir).select("node1,node2,node3,node4,outside1"), state=state)
     engine.run(enroll(tc))

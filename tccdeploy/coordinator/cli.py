@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from ..tables import table
+
 MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
 
 
@@ -89,10 +91,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NODE':<12} {'SITE':<7} {'STATE':<11} {'BUILD':<12} {'LAST ATTESTATION':<19} {'VERDICT':<9} REASONS")
-    for r in rows:
-        print(f"{r['name']:<12} {r['site'] or '-':<7} {r['state']:<11} {r['build'] or '-':<12} "
-              f"{_when(r['last_attestation']):<19} {r['verdict'] or '-':<9} {', '.join(r['reasons']) or '-'}")
+    shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
+    print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
+                        ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
     return 0
 
 
@@ -209,10 +210,9 @@ def cmd_vms(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'VM':<14} {'STATE':<10} {'NODE':<10} {'CUSTOMER':<12} {'LAUNCHED':<19} IMAGE")
-    for r in rows:
-        print(f"{r['name']:<14} {r['state']:<10} {r['node'] or '-':<10} {r['customer']:<12} {_when(r['launched']):<19} "
-              f"{r['image_sha256'][:16]}...")
+    shown = [dict(r, when=_when(r["launched"]), image=r["image_sha256"][:16] + "...") for r in rows]
+    print(table(shown, [("name", "VM"), ("state", "STATE"), ("node", "NODE"), ("customer", "CUSTOMER"),
+                        ("when", "LAUNCHED"), ("image", "IMAGE")]))
     return 0
 
 

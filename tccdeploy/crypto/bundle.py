@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import customer
 from .canonical import canonical
+from .files import sha256_file
 from .wrap import vm_label, wrap
 
 DISK = "disk.qcow2"
@@ -73,14 +74,6 @@ def load_tc(path: str, pin: str | None = None) -> TCKeys:
     if pin and keys.ca_fingerprint != pin.lower():
         raise BundleError("tc.pin", f"the TC's CA fingerprint is {keys.ca_fingerprint}, not the pinned {pin}")
     return keys
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _image_info(path: str) -> dict[str, Any]:
@@ -135,7 +128,7 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
         "version": 1,
         "vm_id": vm_id,
         "name": name or os.path.splitext(os.path.basename(disk))[0],
-        "disk": {"file": DISK, "sha256": _sha256_file(target), "size": os.path.getsize(target),
+        "disk": {"file": DISK, "sha256": sha256_file(target), "size": os.path.getsize(target),
                  "virtual_size": int(info["virtual-size"]), "format": "qcow2+luks"},
         "wrapped_key": base64.b64encode(wrap(public, kvm, vm_label(vm_id))).decode(),
         "tc": {"ca_sha256": tc.ca_fingerprint,
@@ -171,6 +164,6 @@ def load(bundle: str, check_disk: bool = True) -> dict[str, Any]:
         if size != descriptor["disk"]["size"]:
             raise BundleError("bundle.disk-size", f"the disk is {size} bytes, the descriptor says {descriptor['disk']['size']} "
                                                   "(truncated or altered)")
-        if _sha256_file(disk) != descriptor["disk"]["sha256"]:
+        if sha256_file(disk) != descriptor["disk"]["sha256"]:
             raise BundleError("bundle.disk-digest", "the disk's sha256 does not match the descriptor (altered)")
     return envelope

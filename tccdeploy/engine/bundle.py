@@ -13,7 +13,7 @@ import zipfile
 from functools import cache
 from importlib import resources
 
-SHARED_CRYPTO = ("stream.py", "wrap.py")
+SHARED_CRYPTO = ("files.py", "stream.py", "wrap.py")
 MAIN = b"import sys\nfrom tccdeploy.node.main import main\nsys.exit(main())\n"
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from ..tables import table
+
 if TYPE_CHECKING:
     from .lab import Lab
 
@@ -30,17 +32,6 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
             print(f"[{time.monotonic() - start:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     return show
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    def cell(value: object) -> str:
-        return "-" if value is None else str(value)
-
-    widths = [max(len(title), *(len(cell(r[key])) for r in rows)) if rows else len(title) for key, title in columns]
-    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
-    for row in rows:
-        lines.append("  ".join(cell(row[key]).ljust(w) for (key, _), w in zip(columns, widths, strict=True)))
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _lab(directory: str, progress=None) -> Lab:  # type: ignore[no-untyped-def]
@@ -86,7 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(_table(rows, [("name", "NODE"), ("address", "ADDRESS"), ("site", "SITE"), ("sshd_pid", "SSHD"),
+    print(table(rows, [("name", "NODE"), ("address", "ADDRESS"), ("site", "SITE"), ("sshd_pid", "SSHD"),
                         ("swtpm_pid", "SWTPM"), ("build", "BUILD"), ("state", "STATE")]))
     return 0
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..crypto.files import sha256_file
 from .models import Perimeter, TVMMBuild, version_key
 from .problems import Problem
 from .schema import MANIFEST_KINDS
@@ -168,7 +169,7 @@ def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
                                                 f"artifact file {art.path} does not exist",
                                                 "the path is relative to the build manifest"))
                 else:
-                    actual = _sha256_file(art.path)
+                    actual = sha256_file(art.path)
                     if actual != art.sha256:
                         problems.append(doc.problem(path + ("sha256",), "xref.artifact-digest",
                                                     f"{art.path} has sha256 {actual}, not the one listed",
@@ -180,14 +181,6 @@ def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
                                     "no TVMM build is approved: no node can be admitted", "approve a build",
                                     "warning"))
     return problems
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

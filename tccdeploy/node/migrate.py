@@ -17,10 +17,11 @@ import os
 import socket
 from typing import Any
 
+from ..crypto.files import sha256_file
 from .ops import OpError, enable_site_packages, op
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
-from .vm import _kill, _pid, _sha256, attach_disk, start_qemu, unwrap_passphrase, vm_dir
+from .vm import _kill, _pid, attach_disk, start_qemu, unwrap_passphrase, vm_dir
 
 READ_CHUNK = 256 * 1024
 
@@ -142,7 +143,7 @@ def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrappe
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
         raise OpError("the VM already runs here")
-    if not os.path.exists(disk) or _sha256(disk) != sha256:
+    if not os.path.exists(disk) or sha256_file(disk) != sha256:
         raise OpError("the copied disk is not the VM's image")
     kmig = tk_decrypt(tcti, base64.b64decode(wrapped_kmig), mig_label(vm_id))
     passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)

@@ -9,7 +9,6 @@ It is never written to disk, never in any argv, never in a log or an answer.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ import subprocess
 import time
 from typing import Any
 
+from ..crypto.files import sha256_file
 from .ops import OpError, node_dir, op
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
@@ -30,14 +30,6 @@ def vm_dir(vm_id: str) -> str:
     path = os.path.join(node_dir(), "vms", vm_id)
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @op("vm_paths")
@@ -54,9 +46,9 @@ def vm_paths(vm_id: str, **_: Any) -> dict[str, Any]:
 def vm_disk_commit(vm_id: str, sha256: str, **_: Any) -> dict[str, Any]:
     """Check the uploaded disk's digest, then make it the VM's disk."""
     paths = vm_paths(vm_id)
-    if paths["complete"] and _sha256(paths["disk"]) == sha256:
+    if paths["complete"] and sha256_file(paths["disk"]) == sha256:
         return {"changed": False, "disk": paths["disk"]}
-    actual = _sha256(paths["partial"]) if os.path.exists(paths["partial"]) else ""
+    actual = sha256_file(paths["partial"]) if os.path.exists(paths["partial"]) else ""
     if actual != sha256:
         if os.path.exists(paths["partial"]):
             os.unlink(paths["partial"])
@@ -116,7 +108,7 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
         raise OpError(f"VM {name} is already running here")
-    if not os.path.exists(disk) or _sha256(disk) != sha256:
+    if not os.path.exists(disk) or sha256_file(disk) != sha256:
         raise OpError("the VM's disk is missing or is not the image the TC released the key for")
     passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)
     accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, extra_args)

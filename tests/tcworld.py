@@ -1,0 +1,25 @@
+"""A trusted coordinator over the lab's manifests with one registered customer, for the launch,
+migration and enforcement tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tccdeploy.coordinator.identity import init as tc_init
+from tccdeploy.coordinator.identity import load as tc_load
+from tccdeploy.coordinator.service import Coordinator
+from tccdeploy.crypto import customer
+from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_manifests
+
+
+def coordinator_with_customer(lab: Lab, root: Path) -> tuple[Coordinator, str]:
+    """(coordinator, state dir); the customer's key is root/customer.pem, the TC's certificates root/tc.pem."""
+    state = str(root / "tc")
+    tc_init(state)
+    manifests = load_manifests([lab.manifests_dir])
+    tc = Coordinator(manifests.perimeter, manifests.builds, state)
+    key, _ = customer.init(str(root / "customer.pem"))
+    tc.add_customer("acme", customer.public_text(key.public_key()))
+    (root / "tc.pem").write_text(tc_load(state).bundle_pem)
+    return tc, state
