@@ -373,14 +373,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tc_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that acts through the engine on the TC's behalf."""
+    from ..engine.cli import add_run_args
+
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH",
+                   help=f"perimeter and TVMM build manifests (files or directories; default ${MANIFESTS_ENV})")
+    add_run_args(p)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from ..engine.cli import add_run_args
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("pattern", nargs="?", default="all", metavar="PATTERN", help="host pattern (default all)")
-        p.add_argument("-m", "--manifests", action="append", metavar="PATH",
-                       help=f"perimeter and TVMM build manifests (files or directories; default ${MANIFESTS_ENV})")
-        add_run_args(p)
+        add_tc_args(p)
 
     p = sub.add_parser("enroll", help="enroll nodes' TPMs with the trusted coordinator",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -437,10 +444,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "exit status: 0 running, 2 refused (with its reason), 1 error")
     q.add_argument("request", metavar="REQUEST")
     q.add_argument("--key", default=default_key(), help="the customer's key (for a YAML request)")
-    q.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
     q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen")
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
-    add_run_args(q)
+    add_tc_args(q)
     q.set_defaults(func=cmd_request_submit)
 
     p = sub.add_parser("migrate", help="move a VM to another trusted node, encrypted end to end",
@@ -451,16 +457,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the destination runs; any failure before that leaves the VM running on the source.")
     p.add_argument("vm", metavar="VM")
     p.add_argument("--to", default="auto", metavar="NODE", help="destination node, or auto (placement chooses; default)")
-    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
-    add_run_args(p)
+    add_tc_args(p)
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("drain", help="migrate every VM off a node, for maintenance",
                        description="Each running VM of NODE migrates (encrypted) to a trusted node placement picks.\n"
                                    "exit status: 0 drained, 2 a VM could not be moved (it keeps running where it was)")
     p.add_argument("node", metavar="NODE")
-    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds")
-    add_run_args(p)
+    add_tc_args(p)
     p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("enforce", help="re-attest every admitted node, quarantine failures, handle their VMs",

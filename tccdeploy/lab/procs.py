@@ -103,23 +103,23 @@ def stop(pids: Iterable[int], timeout: float = 3.0) -> list[int]:
     """
     pids = [p for p in set(pids) if alive(p)]
     signal_all(pids, signal.SIGCONT)
-    signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(pids)
-        pids = [p for p in pids if alive(p)]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        signal_all(pids, sig)
+        pids = _wait_gone(pids, wait)
         if not pids:
             return []
-        time.sleep(0.02)
-    signal_all(pids, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        _reap(pids)
-        pids = [p for p in pids if alive(p)]
-        if not pids:
-            return []
-        time.sleep(0.02)
     return pids
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """The PIDs still alive after up to `seconds` (reaping our own children meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _reap(pids)
+        pids = [p for p in pids if alive(p)]
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        time.sleep(0.02)
 
 
 def _reap(pids: Iterable[int]) -> None:
