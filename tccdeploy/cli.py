@@ -117,8 +117,9 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .crypto.cli import register as customer_register
     from .engine.cli import register as engine_register
     from .lab.cli import register as lab_register
+    from .playbook.cli import register as playbook_register
 
-    return [engine_register, coordinator_register, customer_register, lab_register]
+    return [engine_register, coordinator_register, customer_register, playbook_register, lab_register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

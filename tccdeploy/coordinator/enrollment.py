@@ -96,6 +96,11 @@ def check_ek_certificate(perimeter: Perimeter, ek_cert_der: bytes, ek: tpm2.Publ
     return issuer_name
 
 
+def load_certificate_der(data: bytes) -> bytes:
+    """The certificate in DER, however the TPM stored it: what the EK fingerprint is taken over."""
+    return _load_cert(data).public_bytes(serialization.Encoding.DER)
+
+
 def check_ak(ak: tpm2.Public) -> None:
     required = tpm2.RESTRICTED | tpm2.SIGN | tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN
     if not ak.has(required) or ak.attributes & tpm2.DECRYPT:
@@ -118,7 +123,7 @@ def begin(registry: Registry, perimeter: Perimeter, node: str, ek_cert: bytes, e
         raise EnrollmentRefused("evidence.malformed", f"malformed key from the node: {exc}") from None
     manufacturer = check_ek_certificate(perimeter, ek_cert, ek)
     check_ak(ak)
-    cert_der = _load_cert(ek_cert).public_bytes(serialization.Encoding.DER)
+    cert_der = load_certificate_der(ek_cert)
     ek_fp = fingerprint(cert_der)
     known = registry.identity(node)
     if known is not None and known["ek_fingerprint"] != ek_fp and not force:

@@ -32,13 +32,13 @@ def host_key(session: Session) -> str:
     return fingerprint(transport.get_remote_server_key())
 
 
-def _tcti(session: Session) -> str:
+def tcti_of(session: Session) -> str:
     return str(session.host.vars.get("tcc_tpm", "device:/dev/tpmrm0"))
 
 
 def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-untyped-def]
     def work(session: Session) -> HostResult | dict[str, Any]:
-        name, tcti = session.host.name, _tcti(session)
+        name, tcti = session.host.name, tcti_of(session)
         identity = session.call("tpm_identity", {"tcti": tcti})
         ak = session.call("ak_create", {"tcti": tcti})
         try:
@@ -62,7 +62,7 @@ def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-un
 
 def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> dict[str, Any]:
     """Create TK on the node, have the TC check it and its policy, prove it works, get the certificate."""
-    name, tcti = session.host.name, _tcti(session)
+    name, tcti = session.host.name, tcti_of(session)
     policy = coordinator.perimeter.attestation
     nonce = coordinator.nonce(name, "certify")
     tk = session.call("tk_create", {"tcti": tcti, "bank": policy.bank, "pcrs": list(policy.pcrs), "nonce": _b64(nonce)},
@@ -77,7 +77,7 @@ def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore
     policy = coordinator.perimeter.attestation
 
     def work(session: Session) -> HostResult | dict[str, Any]:
-        name, tcti = session.host.name, _tcti(session)
+        name, tcti = session.host.name, tcti_of(session)
         nonce = coordinator.nonce(name)
         quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": policy.bank, "pcrs": list(policy.pcrs),
                                        "eventlog": session.host.vars.get("tcc_eventlog",

@@ -37,7 +37,8 @@ class Report:
                 "elapsed": round(self.elapsed, 3)}
 
 
-def enforce_round(engine: Engine, coordinator: Coordinator) -> Report:
+def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | None = None) -> Report:
+    """One round over every admitted node of the engine's inventory (or only those named)."""
     start = time.monotonic()
     report = Report()
     registry = coordinator.registry
@@ -47,10 +48,10 @@ def enforce_round(engine: Engine, coordinator: Coordinator) -> Report:
         pass
     policy = coordinator.perimeter.attestation
     hosts = {h.name: h for h in engine.hosts}
-    admitted = [n["name"] for n in registry.nodes() if n["state"] == "admitted"]
+    admitted = [n["name"] for n in registry.nodes() if n["state"] == "admitted" and (only is None or n["name"] in only)]
     before = set(admitted)
     for name in admitted:
-        if name not in hosts:
+        if name not in hosts and only is None:
             if coordinator.quarantine(name, "node.not-in-inventory"):
                 report.quarantined.append({"node": name, "reason": "node.not-in-inventory"})
     report.attested = engine.run(attest(coordinator), [hosts[n] for n in admitted if n in hosts])
@@ -69,12 +70,12 @@ def enforce_round(engine: Engine, coordinator: Coordinator) -> Report:
             if not any(q["node"] == name for q in report.quarantined):
                 report.quarantined.append({"node": name, "reason": reason})
     for entry in report.quarantined:
-        report.vms += _handle_vms(engine, coordinator, entry["node"], hosts)
+        report.vms += handle_vms(engine, coordinator, entry["node"], hosts)
     report.elapsed = time.monotonic() - start
     return report
 
 
-def _handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+def handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
     registry = coordinator.registry
     action = coordinator.perimeter.attestation.on_failure
     out = []

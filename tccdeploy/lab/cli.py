@@ -103,6 +103,10 @@ def _fault(method: str):  # type: ignore[no-untyped-def]
             kwargs["build"] = args.build
         if getattr(args, "hide", False):
             kwargs["hide"] = True
+        if getattr(args, "persistent", False):
+            kwargs["persistent"] = True
+        if getattr(args, "next_boot", False):
+            kwargs["next_boot"] = True
         node = getattr(lab, method)(args.node, **kwargs)
         if args.json:
             print(json.dumps(next(r for r in lab.status() if r["name"] == node.name)))
@@ -179,6 +183,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("node", metavar="NODE", help="node name (see lab status)")
         if name in ("reboot", "boot"):
             p.add_argument("--build", required=(name == "boot"), help="TVMM build to boot")
+        if name == "reboot":
+            p.add_argument("--next-boot", action="store_true",
+                           help="boot what the node's boot directory names as next, from its own files "
+                                "(the inventory's tcc_reboot_command)")
         if name == "tamper":
             p.add_argument("--hide", action="store_true", help="do not log the rogue measurement")
+            p.add_argument("--persistent", action="store_true",
+                           help="an implant: measured again at every boot, so a reboot does not cure the node")
         p.set_defaults(func=_fault(method))

@@ -72,6 +72,7 @@ class Node:
     frozen: list[int] = field(default_factory=list)
     boots: int = 0
     tampered: int = 0
+    implant: bool = False  # a persistent rogue component: measured again at every boot
 
     @property
     def state(self) -> str:
@@ -79,7 +80,7 @@ class Node:
             return "frozen"
         if self.ssh != "running":
             return "ssh-stopped"
-        return "tampered" if self.tampered else "running"
+        return "tampered" if self.tampered or self.implant else "running"
 
 
 def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int) -> list[Node]:
@@ -299,6 +300,24 @@ class Lab:
                 fh.write(public_key)
             with open(self.node_dir(node, "sshd_config"), "w") as fh:
                 fh.write(self._sshd_config(node))
+            self._install_boot_dir(node, node.build, uid)
+
+    def boot_dir(self, node: Node) -> str:
+        """The node's boot directory: its boot loader reads `next` and the build's artifacts here,
+        and the node's user (like an operator with root on a real host) may change them."""
+        return self.node_dir(node, "home", "boot")
+
+    def _install_boot_dir(self, node: Node, build: str, uid: int) -> None:
+        folder = os.path.join(self.boot_dir(node), build)
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        for artifact in ARTIFACTS:
+            with open(os.path.join(folder, artifact), "wb") as fh:
+                fh.write(artifact_bytes(build, artifact))
+        with open(os.path.join(self.boot_dir(node), "next"), "w") as fh:
+            fh.write(build + "\n")
+        for root, dirs, files in os.walk(self.boot_dir(node)):
+            for name in [root, *(os.path.join(root, f) for f in dirs + files)]:
+                os.chown(name, uid, -1)
 
     def _sshd_config(self, node: Node) -> str:
         ndir = self.node_dir(node)
@@ -365,8 +384,29 @@ class Lab:
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda n: self._boot(n, n.build, reset=False), self.nodes))
 
-    def _boot(self, node: Node, build: str, reset: bool) -> None:
-        """Measure build's boot chain into node's TPM and write the matching event log."""
+    def _read_boot_dir(self, node: Node) -> tuple[str, dict[str, bytes]]:
+        """What the node's boot loader would load: the `next` build's artifacts, as they are on disk."""
+        boot = self.boot_dir(node)
+        try:
+            with open(os.path.join(boot, "next")) as fh:
+                build = fh.read().strip()
+        except OSError:
+            build = node.build
+        contents = {}
+        for artifact in ARTIFACTS:
+            path = os.path.join(boot, build, artifact)
+            try:
+                with open(path, "rb") as fh:
+                    contents[artifact] = fh.read()
+            except OSError:
+                raise LabError(f"{node.name} cannot boot {build}: {path} is missing (the node would not come up)") from None
+        return build, contents
+
+    def _boot(self, node: Node, build: str, reset: bool, contents: dict[str, bytes] | None = None) -> None:
+        """Measure build's boot chain into node's TPM and write the matching event log.
+
+        contents: the artifacts' bytes as the boot loader read them (default: the lab's own
+        copy of build), so what was deployed is what gets measured."""
         if reset:
             tpm.power_cycle(node.address, self.tpm_port)
         writer = EventLogWriter(list(tpm.BANKS))
@@ -375,7 +415,7 @@ class Lab:
             if artifact is None:
                 digests = writer.add(pcr, event_type, b"\x00\x00\x00\x00")
             else:
-                content = artifact_bytes(build, artifact)
+                content = contents[artifact] if contents is not None else artifact_bytes(build, artifact)
                 if event_type == "EV_EFI_BOOT_SERVICES_APPLICATION":
                     data = image_load_event(len(content))
                 elif event_type == "EV_POST_CODE":
@@ -387,8 +427,15 @@ class Lab:
                 digests = writer.digests_of(content)
                 writer.add_digests(pcr, event_type, digests, data)
             measurements.append((pcr, digests))
+        if node.implant:
+            rogue = b"persistent rogue kernel module of " + node.name.encode()
+            digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
+            writer.add_digests(TAMPER_PCR, "EV_EFI_BOOT_SERVICES_APPLICATION", digests, image_load_event(len(rogue)))
+            measurements.append((TAMPER_PCR, digests))
         tpm.extend(node.address, self.tpm_port, measurements)
         _write_world_readable(self.node_dir(node, "eventlog.bin"), writer.to_bytes())
+        cmdline = contents["cmdline"] if contents is not None else artifact_bytes(build, "cmdline")
+        _write_world_readable(self.node_dir(node, "cmdline"), cmdline + b"\n")  # the node's /proc/cmdline
         node.build = build
         node.boots += 1
         node.tampered = 0
@@ -457,6 +504,8 @@ class Lab:
                 "ansible_host": node.address,
                 "tcc_tpm": self.tcti(node),
                 "tcc_eventlog": self.node_dir(node, "eventlog.bin"),
+                "tcc_boot_dir": self.boot_dir(node),
+                "tcc_proc_cmdline": self.node_dir(node, "cmdline"),
             }
         # Put the vars first in each group, as people write them.
         ordered = {g: ({"vars": b["vars"]} if "vars" in b else {}) | {"hosts": b["hosts"]} for g, b in children.items()}
@@ -469,6 +518,9 @@ class Lab:
             "tcc_known_hosts": self.known_hosts,
             "tcc_python": self.meta["python"],
             "tcc_build": self.meta["default_build"],
+            # Out of band, from the controller, as an IPMI power cycle would be.
+            "tcc_reboot_command": f"{sys.executable} -m tccdeploy lab reboot --dir {self.dir} --next-boot "
+                                  "{{ inventory_hostname }}",
             "tcc_capacity": 4,
         }
         _write_yaml(self.path("inventory", "group_vars", "all.yml"), common, "hostvars.schema.json")
@@ -551,12 +603,16 @@ class Lab:
                 pids.update(procs.children(pid))
         return sorted(pids)
 
-    def reboot(self, name: str, build: str | None = None) -> Node:
-        """Reboot a node: everything on it stops, its TPM resets, it boots `build` (default: the same)."""
+    def reboot(self, name: str, build: str | None = None, next_boot: bool = False) -> Node:
+        """Reboot a node: everything on it stops, its TPM resets, it boots `build` (default: the
+        same), or with next_boot what its boot directory says (as `tcc_reboot_command` does)."""
         with self.locked():
             self.load()
             node = self.node(name)
-            if build is not None:
+            contents = None
+            if next_boot:
+                build, contents = self._read_boot_dir(node)
+            elif build is not None:
                 try:
                     lab_build(build)
                 except KeyError:
@@ -564,17 +620,19 @@ class Lab:
             if node.frozen:
                 raise LabError(f"{name} is frozen; `tccdeploy lab thaw {name}` first")
             procs.stop(self._node_processes(node))
-            self._boot(node, build or node.build, reset=True)
+            self._boot(node, build or node.build, reset=True, contents=contents)
             proc = self._spawn_sshd(node)
             self._wait_sshd(node, proc)
             self.save()
             return node
 
-    def tamper(self, name: str, hide: bool = False) -> Node:
-        """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies)."""
+    def tamper(self, name: str, hide: bool = False, persistent: bool = False) -> Node:
+        """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies);
+        persistent: it is measured again at every boot, so a reboot does not cure the node."""
         with self.locked():
             self.load()
             node = self.node(name)
+            node.implant = node.implant or persistent
             rogue = b"rogue kernel module " + os.urandom(16)
             digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
             tpm.extend(node.address, self.tpm_port, [(TAMPER_PCR, digests)])
@@ -599,8 +657,15 @@ class Lab:
             self.start_ssh(name)
         self.load()
         node = self.node(name)
-        if node.tampered or node.build != self.meta["default_build"]:
-            node = self.reboot(name, self.meta["default_build"])
+        default = self.meta["default_build"]
+        with open(os.path.join(self.boot_dir(node), "next"), "w") as fh:
+            fh.write(default + "\n")
+        if node.tampered or node.implant or node.build != default:
+            with self.locked():
+                self.load()
+                self.node(name).implant = False
+                self.save()
+            node = self.reboot(name, default)
         tpm.reset_lockout(node.address, self.tpm_port)
         return node
 

@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Any
 
-from . import PROTOCOL, migrate, tpm, vm  # noqa: F401 - they register their operations
+from . import PROTOCOL, files, migrate, tpm, vm  # noqa: F401 - they register their operations
 from .ops import OPS, OpError
 
 

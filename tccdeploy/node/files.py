@@ -1,0 +1,127 @@
+"""File and boot-directory operations: what `copy` and `tvmm_deploy` need on a node.
+
+Content moves by digest: the engine asks what is there, uploads only what differs to a
+temporary name next to the target, and the node checks the digest before the atomic rename, so
+a cut upload never leaves a half-written file in place.
+
+The boot directory holds one folder per TVMM build (`<boot_dir>/<build>/<artifact>`) and a
+`next` file naming the build to boot; the running build is read from the kernel command line
+(`tccdeploy.build=<name>`), which the boot measured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from typing import Any
+
+from ..crypto.files import sha256_file
+from .ops import OpError, op
+
+BUILD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ARTIFACT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def _state(path: str) -> dict[str, Any]:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return {"exists": False}
+    if not stat.S_ISREG(info.st_mode):
+        return {"exists": True, "regular": False}
+    return {"exists": True, "regular": True, "size": info.st_size, "mode": f"{stat.S_IMODE(info.st_mode):04o}",
+            "sha256": sha256_file(path)}
+
+
+@op("file_state")
+def file_state(path: str, text_limit: int = 0) -> dict[str, Any]:
+    """What is at path; with text_limit, its content too when it is small text (for --diff)."""
+    out = _state(path)
+    if text_limit and out.get("regular") and out["size"] <= text_limit:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            out["text"] = raw.decode()
+        except UnicodeDecodeError:
+            pass
+    return out
+
+
+@op("file_install")
+def file_install(staged: str, dest: str, sha256: str, mode: str | None = None) -> dict[str, Any]:
+    """Move a staged upload into place once its digest is right; the staged file always goes."""
+    try:
+        actual = sha256_file(staged)
+        if actual != sha256:
+            raise OpError(f"upload of {dest} is corrupt: sha256 {actual}, expected {sha256}")
+        if mode is not None:
+            os.chmod(staged, int(mode, 8))
+        os.replace(staged, dest)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    return {"path": dest, "sha256": sha256}
+
+
+@op("file_mode")
+def file_mode(path: str, mode: str) -> dict[str, Any]:
+    os.chmod(path, int(mode, 8))
+    return {"path": path, "mode": mode}
+
+
+def _running_build(cmdline_path: str) -> str | None:
+    try:
+        with open(cmdline_path) as fh:
+            words = fh.read().split()
+    except OSError:
+        return None
+    for word in words:
+        if word.startswith("tccdeploy.build="):
+            return word.split("=", 1)[1]
+    return None
+
+
+@op("boot_state")
+def boot_state(boot_dir: str, cmdline: str, build: str, artifacts: dict[str, str]) -> dict[str, Any]:
+    """The running build, the next boot, and which of build's artifacts are in place with the
+    expected digest."""
+    if not BUILD_NAME.match(build):
+        raise OpError(f"invalid build name {build!r}")
+    nxt = None
+    try:
+        with open(os.path.join(boot_dir, "next")) as fh:
+            nxt = fh.read().strip() or None
+    except OSError:
+        pass
+    present = {}
+    for name, digest in artifacts.items():
+        if not ARTIFACT_NAME.match(name):
+            raise OpError(f"invalid artifact name {name!r}")
+        state = _state(os.path.join(boot_dir, build, name))
+        present[name] = state.get("sha256") == digest
+    return {"running": _running_build(cmdline), "next": nxt, "present": present,
+            "boot_dir_exists": os.path.isdir(boot_dir)}
+
+
+@op("boot_prepare")
+def boot_prepare(boot_dir: str, build: str) -> dict[str, Any]:
+    """Create the build's folder; returns where uploads are staged."""
+    if not BUILD_NAME.match(build):
+        raise OpError(f"invalid build name {build!r}")
+    folder = os.path.join(boot_dir, build)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    return {"folder": folder}
+
+
+@op("boot_set_next")
+def boot_set_next(boot_dir: str, build: str) -> dict[str, Any]:
+    """Make build the next boot (atomically); refuse a build whose folder is missing."""
+    if not BUILD_NAME.match(build) or not os.path.isdir(os.path.join(boot_dir, build)):
+        raise OpError(f"build {build!r} is not installed in {boot_dir}")
+    staged = os.path.join(boot_dir, ".next.tmp")
+    with open(staged, "w") as fh:
+        fh.write(build + "\n")
+    os.chmod(staged, 0o644)
+    os.replace(staged, os.path.join(boot_dir, "next"))
+    return {"next": build}

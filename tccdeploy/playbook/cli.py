@@ -1,0 +1,135 @@
+"""`tccdeploy apply PLAYBOOK`: ansible-playbook's interface to tccdeploy's modules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import yaml
+
+EXIT_PARSE = 4  # ansible-playbook's exit status for a playbook it cannot parse
+
+
+def parse_extra_vars(values: list[str]) -> dict[str, Any]:
+    """-e as Ansible takes it: key=value pairs (strings), a YAML/JSON mapping, or @file."""
+    out: dict[str, Any] = {}
+    for value in values:
+        value = value.strip()
+        if value.startswith("@"):
+            with open(value[1:]) as fh:
+                data = yaml.safe_load(fh)
+        elif value.startswith(("{", "[")):
+            data = yaml.safe_load(value)
+        else:
+            import shlex
+
+            data = {}
+            for word in shlex.split(value):
+                if "=" not in word:
+                    raise ValueError(f"-e {value!r}: expected key=value pairs, a YAML/JSON mapping or @file")
+                key, _, val = word.partition("=")
+                data[key] = val
+        if not isinstance(data, dict):
+            raise ValueError(f"-e {value!r} must give a mapping of variables")
+        out.update(data)
+    return out
+
+
+def _tags(values: list[str] | None) -> set[str]:
+    return {t.strip() for v in values or [] for t in v.split(",") if t.strip()}
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from ..engine.cli import _logging
+    from ..inventory import load_inventory
+    from ..manifest.loader import load_paths
+    from ..manifest.report import render
+    from .callback import Callback
+    from .runner import Options, PlaybookRunner
+
+    _logging(args.verbose)
+    if not os.path.isfile(args.playbook):
+        print(f"error: the playbook {args.playbook} does not exist", file=sys.stderr)
+        return 1
+    loaded = load_paths([args.playbook])
+    if loaded.errors or len(loaded.playbooks) != 1:
+        if not loaded.errors:
+            print(f"error: {args.playbook} is not a playbook (a playbook is a YAML list of plays)", file=sys.stderr)
+        render(loaded.errors, loaded.files, "text", sys.stderr, sys.stderr.isatty())
+        print("the playbook was not run: nothing was changed on any host", file=sys.stderr)
+        return EXIT_PARSE
+    if args.syntax_check:
+        print(f"playbook: {args.playbook}")
+        return 0
+    if not args.inventory:
+        print("error: no inventory: give -i FILE or set $TCCDEPLOY_INVENTORY", file=sys.stderr)
+        return 1
+    try:
+        extra = parse_extra_vars(args.extra_vars or [])
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 5  # ansible-playbook's exit status for bad options
+    manifests = args.manifests or ([os.environ["TCCDEPLOY_MANIFESTS"]] if os.environ.get("TCCDEPLOY_MANIFESTS") else [])
+    options = Options(limit=args.limit, forks=args.forks, timeout=args.timeout, extra_vars=extra,
+                      tags=_tags(args.tags), skip_tags=_tags(args.skip_tags), check=args.check, diff=args.diff,
+                      start_at_task=args.start_at_task, trust_new_host_keys=args.trust_new_host_keys,
+                      state=args.state, manifests=manifests)
+    runner = PlaybookRunner(loaded.playbooks[0], load_inventory(args.inventory), options,
+                            Callback(args.verbose, args.json, args.diff, color=None if "NO_COLOR" not in os.environ else False))
+    if args.list_tasks:
+        for play in runner.plays:
+            print(f"play: {play.name} (hosts: {play.hosts})")
+            for task in play.tasks:
+                tags = f"  TAGS: [{', '.join(sorted(task.tags))}]" if task.tags else ""
+                print(f"    {task.name}{tags}")
+        return 0
+    if options.check and not args.json:
+        print("check mode: nothing will be changed; tasks report what they would change")
+    return runner.run()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..engine.cli import add_run_args
+
+    p = sub.add_parser(
+        "apply", help="run a playbook: make what it says true, idempotently, with a recap (ansible-playbook)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run a playbook of tccdeploy modules (tvmm_deploy, enroll, attest, evict, launch, migrate,\n"
+            "drain, enforce, command, copy, wait_for_ssh, ping, debug, fail) the way ansible-playbook\n"
+            "runs Ansible's. The playbook is validated against its schema first; nothing runs if it\n"
+            "has an error. Each module reports changed only when it changed something, so a second\n"
+            "run reports no changes; --check reports what would change and changes nothing.\n\n"
+            "Variables: {{ name }}, {{ name.key }}, {{ name[0] }} from the inventory, play and task vars,\n"
+            "registered results and -e. when: VAR, not VAR, VAR is defined|failed|changed|skipped,\n"
+            "A == B, A != B, A in B, joined by and/or. No Jinja filters, blocks, roles or handlers.\n\n"
+            "exit status: 0 ok, 2 a host failed, 4 a host was unreachable or the playbook is invalid,\n"
+            "5 bad options, 99 interrupted, 1 error"
+        ),
+        epilog=(
+            "examples:\n"
+            "  tccdeploy apply playbooks/site.yml -i .lab/inventory -m .lab/manifests\n"
+            "  tccdeploy apply playbooks/site.yml -i .lab/inventory -m .lab/manifests --check --diff\n"
+            "  tccdeploy apply playbooks/rollout-tvmm.yml -i .lab/inventory -m .lab/manifests -e new_build=tvmm-2026.2\n"
+            "  tccdeploy apply playbooks/enforce.yml -i inv/ -m manifests/ --json > enforce.json"
+        ),
+    )
+    p.add_argument("playbook", metavar="PLAYBOOK", help="the playbook file (YAML)")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH",
+                   help="perimeter and TVMM build manifests, for the TC's modules (default $TCCDEPLOY_MANIFESTS)")
+    add_run_args(p)
+    p.add_argument("-e", "--extra-vars", action="append", metavar="VARS",
+                   help="variables that override all others: key=value, a YAML/JSON mapping, or @file")
+    p.add_argument("-t", "--tags", action="append", help="only tasks with these tags (comma-separated)")
+    p.add_argument("--skip-tags", action="append", help="skip tasks with these tags (comma-separated)")
+    p.add_argument("-C", "--check", action="store_true", help="change nothing; report what would change")
+    p.add_argument("-D", "--diff", action="store_true", help="show what changes (or would change, with --check)")
+    p.add_argument("--start-at-task", metavar="NAME", help="start at the first task with this name (glob)")
+    p.add_argument("--syntax-check", action="store_true", help="validate the playbook and stop")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and stop")
+    p.set_defaults(func=cmd_apply)
+
+
+__all__ = ["cmd_apply", "register", "parse_extra_vars"]

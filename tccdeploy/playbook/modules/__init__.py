@@ -1,0 +1,119 @@
+"""Playbook modules: each makes one thing true on a host (or at the TC), idempotently.
+
+A module is a function of a Context returning a result dict: `changed`, `failed`, `msg`,
+`skipped`, optional `diff` ({before, after, before_header, after_header}) and its own data. It
+reports `changed` only when it changed something, and in check mode changes nothing and says
+what it would change. Errors of the node (unreachable, helper failures) are raised and turned
+into results by the runner, as for every other engine work.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ...coordinator.service import Coordinator
+    from ...engine.runner import Engine, Session
+    from ...inventory import Host, Inventory
+
+
+class ModuleError(Exception):
+    """The task cannot run as written (bad argument, missing file): a failed host, plainly said."""
+
+
+@dataclass
+class RunState:
+    """What every task of an `apply` run shares: the engine (one session per host for the whole
+    run), the TC (opened on first use) and the options."""
+
+    engine: Engine
+    inventory: Inventory
+    playbook_dir: str
+    manifests: list[str]
+    state: str | None
+    check: bool = False
+    diff: bool = False
+    exclusive: threading.Lock = field(default_factory=threading.Lock)
+    _coordinator: Coordinator | None = None
+    _tc_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def coordinator(self) -> Coordinator:
+        with self._tc_lock:
+            if self._coordinator is None:
+                from ...coordinator.service import Coordinator
+                from ...manifest.loader import load_manifests
+
+                if not self.manifests:
+                    raise ModuleError("this module needs the perimeter and TVMM builds: give -m PATH "
+                                      "(or set $TCCDEPLOY_MANIFESTS)")
+                result = load_manifests(self.manifests)
+                if result.perimeter is None:
+                    raise ModuleError(f"exactly one Perimeter is needed in {' '.join(self.manifests)} "
+                                      f"(found {len(result.perimeters)})")
+                self._coordinator = Coordinator(result.perimeter, result.builds, self.state)
+            return self._coordinator
+
+    def close(self) -> None:
+        if self._coordinator is not None:
+            self._coordinator.close()
+
+
+@dataclass
+class Context:
+    host: Host
+    args: dict[str, Any]
+    vars: Mapping[str, Any]
+    run: RunState
+    delegated: bool = False
+
+    @property
+    def check(self) -> bool:
+        return self.run.check
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    @property
+    def local(self) -> bool:
+        """The task runs on the controller: delegated, or the host is the controller itself."""
+        return self.delegated or self.host.vars.get("ansible_connection") == "local"
+
+    @property
+    def session(self) -> Session:
+        if self.local:
+            raise ModuleError(f"this module works on a node over SSH; {self.name} is the controller here")
+        return self.run.engine.session(self.host)
+
+    def fresh_session(self) -> Session:
+        """A new connection and helper: after a reboot, the old ones are dead."""
+        stale = self.run.engine.sessions.pop(self.name, None)
+        if stale is not None:
+            stale.close()
+        return self.session
+
+    @property
+    def tc(self) -> Coordinator:
+        return self.run.coordinator()
+
+
+Module = Callable[[Context], dict[str, Any]]
+MODULES: dict[str, Module] = {}
+CONTROLLER_MODULES = {"debug", "fail", "launch", "migrate", "evict"}  # never need the host's session
+
+
+def module(name: str) -> Callable[[Module], Module]:
+    def register(func: Module) -> Module:
+        MODULES[name] = func
+        return func
+
+    return register
+
+
+def load_all() -> dict[str, Module]:
+    from . import basic, trust, tvmm, vms  # noqa: F401 - registers the modules
+
+    return MODULES

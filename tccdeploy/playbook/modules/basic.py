@@ -1,0 +1,193 @@
+"""ping, command, copy, wait_for_ssh, debug, fail: Ansible's modules of the same names, as far as
+tccdeploy's playbooks need them."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import secrets
+import shlex
+import subprocess
+import time
+from typing import Any
+
+from ...crypto.files import sha256_file
+from ...engine.connection import Unreachable
+from ...engine.runner import Session
+from ...playbook.templar import Undefined, lookup, parse_path
+from . import Context, ModuleError, module
+
+DIFF_LIMIT = 64 * 1024
+CHUNK = 1 << 20
+
+
+@module("ping")
+def ping(ctx: Context) -> dict[str, Any]:
+    if ctx.local:
+        return {"ping": "pong", "changed": False}
+    answer = ctx.session.call("ping")
+    return {"ping": answer.get("ping"), "changed": False}
+
+
+def _command_args(args: Any) -> tuple[list[str], str | None, str | None]:
+    if isinstance(args, str):
+        cmd, creates, chdir = args, None, None
+    else:
+        cmd, creates, chdir = args["cmd"], args.get("creates"), args.get("chdir")
+    try:
+        argv = shlex.split(str(cmd))
+    except ValueError as exc:
+        raise ModuleError(f"cannot parse the command {cmd!r}: {exc}") from None
+    if not argv:
+        raise ModuleError("the command is empty")
+    return argv, creates, chdir
+
+
+@module("command")
+def command(ctx: Context) -> dict[str, Any]:
+    """A command without a shell. Not run in check mode (nobody can tell what it would change),
+    as Ansible's; `creates` makes it idempotent."""
+    argv, creates, chdir = _command_args(ctx.args)
+    if creates:
+        exists = os.path.exists(creates) if ctx.local else ctx.session.call("file_state", {"path": creates})["exists"]
+        if exists:
+            return {"changed": False, "rc": 0, "cmd": argv, "msg": f"skipped, since {creates} exists"}
+    if ctx.check:
+        return {"skipped": True, "changed": False, "msg": "command does not run in check mode"}
+    start = time.monotonic()
+    if ctx.local:
+        try:
+            done = subprocess.run(argv, cwd=chdir, capture_output=True, timeout=3600)
+        except FileNotFoundError:
+            return {"failed": True, "rc": 2, "cmd": argv, "msg": f"[Errno 2] No such file or directory: {argv[0]!r}"}
+        rc, out, err = done.returncode, done.stdout, done.stderr
+    else:
+        remote = shlex.join(argv)
+        if chdir:
+            remote = f"cd {shlex.quote(chdir)} && exec {remote}"
+        rc, out, err = ctx.session.connect().exec(remote, timeout=3600)
+    result: dict[str, Any] = {"changed": True, "rc": rc, "cmd": argv, "delta": round(time.monotonic() - start, 3),
+                              "stdout": out.decode(errors="replace").rstrip("\n"),
+                              "stderr": err.decode(errors="replace").rstrip("\n")}
+    if rc:
+        result["failed"] = True
+        result["msg"] = f"[Errno 2] No such file or directory: {argv[0]!r}" if rc == 127 and not out \
+            else "non-zero return code"
+    return result
+
+
+def put_file(session: Session, local: str, dest: str, sha256: str, mode: str | None = None) -> None:
+    """Upload local to dest by way of a staged file the node checks before renaming it."""
+    staged = f"{dest}.tccdeploy-{secrets.token_hex(6)}"
+    sftp = session.connect().sftp()
+    with open(local, "rb") as src, sftp.open(staged, "wb") as dst:
+        dst.set_pipelined(True)
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            dst.write(chunk)
+    session.call("file_install", {"staged": staged, "dest": dest, "sha256": sha256, "mode": mode}, timeout=300)
+
+
+def text_diff(before: str | None, after: str | None, before_header: str, after_header: str) -> dict[str, Any]:
+    return {"before": before if before is not None else "", "after": after if after is not None else "",
+            "before_header": before_header, "after_header": after_header}
+
+
+def render_diff(diff: dict[str, Any]) -> str:
+    if "prepared" in diff:
+        return str(diff["prepared"])
+    lines = difflib.unified_diff(str(diff.get("before", "")).splitlines(keepends=True),
+                                 str(diff.get("after", "")).splitlines(keepends=True),
+                                 "before" + (f": {diff['before_header']}" if diff.get("before_header") else ""),
+                                 "after" + (f": {diff['after_header']}" if diff.get("after_header") else ""))
+    text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+    return text
+
+
+@module("copy")
+def copy(ctx: Context) -> dict[str, Any]:
+    src = ctx.args["src"]
+    if not os.path.isabs(src):
+        candidates = [os.path.join(ctx.run.playbook_dir, "files", src), os.path.join(ctx.run.playbook_dir, src)]
+        src = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
+    if not os.path.isfile(src):
+        raise ModuleError(f"copy: no such file {src} (relative paths are looked up in the playbook's files/ and folder)")
+    dest, mode = str(ctx.args["dest"]), ctx.args.get("mode")
+    mode = f"{int(str(mode), 8):04o}" if mode is not None else None
+    digest = sha256_file(src)
+    there = ctx.session.call("file_state", {"path": dest, "text_limit": DIFF_LIMIT if ctx.run.diff else 0})
+    if there.get("exists") and not there.get("regular"):
+        raise ModuleError(f"copy: {dest} exists on {ctx.name} and is not a regular file")
+    result: dict[str, Any] = {"dest": dest, "checksum": digest, "src": src}
+    if there.get("sha256") == digest:
+        if mode is None or there.get("mode") == mode:
+            return result | {"changed": False}
+        if not ctx.check:
+            ctx.session.call("file_mode", {"path": dest, "mode": mode})
+        return result | {"changed": True, "diff": {"prepared": f"mode of {dest}: {there['mode']} -> {mode}\n"}}
+    if ctx.run.diff:
+        size = os.path.getsize(src)
+        after = None
+        if size <= DIFF_LIMIT:
+            try:
+                with open(src, encoding="utf-8") as fh:
+                    after = fh.read()
+            except UnicodeDecodeError:
+                pass
+        before = there.get("text", "") if there.get("exists") else ""
+        if after is None or (there.get("exists") and "text" not in there):
+            result["diff"] = {"prepared": f"binary or large file {dest}: sha256 {there.get('sha256', '(absent)')} -> {digest}\n"}
+        else:
+            result["diff"] = text_diff(before, after, dest, dest)
+    if not ctx.check:
+        put_file(ctx.session, src, dest, digest, mode)
+    return result | {"changed": True}
+
+
+def wait_for(ctx: Context, timeout: float, delay: float = 0.0) -> float:
+    """Wait until the host takes a new SSH login and its helper answers; seconds it took."""
+    start = time.monotonic()
+    time.sleep(delay)
+    last = ""
+    while True:
+        try:
+            ctx.fresh_session().call("ping", timeout=10)
+            return time.monotonic() - start
+        except (Unreachable, OSError, TimeoutError) as exc:
+            last = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a helper that cannot start yet: try again
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() - start > timeout:
+            raise ModuleError(f"timed out after {timeout:g} s waiting for SSH on {ctx.name}: {last}")
+        time.sleep(1.0)
+
+
+@module("wait_for_ssh")
+def wait_for_ssh(ctx: Context) -> dict[str, Any]:
+    args = ctx.args or {}
+    if ctx.check:
+        return {"changed": False, "msg": "not waited for in check mode"}
+    elapsed = wait_for(ctx, float(args.get("timeout", 300)), float(args.get("delay", 0)))
+    return {"changed": False, "elapsed": round(elapsed, 2)}
+
+
+@module("debug")
+def debug(ctx: Context) -> dict[str, Any]:
+    args = ctx.args or {}
+    if "var" in args:
+        name = str(args["var"])
+        try:
+            value = lookup(parse_path(name), ctx.vars)
+        except Undefined:
+            value = "VARIABLE IS NOT DEFINED!"
+        return {"changed": False, name: value}
+    return {"changed": False, "msg": args.get("msg", "Hello world!")}
+
+
+@module("fail")
+def fail(ctx: Context) -> dict[str, Any]:
+    return {"failed": True, "changed": False, "msg": (ctx.args or {}).get("msg", "Failed as requested from task")}
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)

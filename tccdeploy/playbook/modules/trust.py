@@ -1,0 +1,147 @@
+"""enroll, attest, evict, enforce: the TC's decisions about a node, as playbook tasks.
+
+Idempotent in the TC's terms: a node enrolled with the TPM it has now is not enrolled again; an
+admitted node whose certificate is valid and whose fresh quote shows the PCR values its trusted
+key is bound to is not admitted again (the attestation is still made and recorded: trust is
+checked every run, it is only not *changed*). Check mode asks the node only what it can answer
+without the TC recording anything (a quote needs a nonce, which is state), and predicts.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from ...coordinator import enrollment, tpm2
+from ...engine import attestation
+from ...engine.enforce import enforce_round, handle_vms
+from ...engine.runner import HostResult
+from . import Context, module
+
+
+def _as_result(outcome: HostResult | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(outcome, HostResult):
+        data = dict(outcome.data)
+        if outcome.status == "failed":
+            data.update(failed=True, msg=outcome.msg)
+            if outcome.reason:
+                data["reason"] = outcome.reason
+        data["changed"] = outcome.status == "changed"
+        return data
+    return dict(outcome)
+
+
+@module("enroll")
+def enroll(ctx: Context) -> dict[str, Any]:
+    force = bool((ctx.args or {}).get("force", False))
+    tc = ctx.tc
+    known = tc.registry.identity(ctx.name)
+    identity = ctx.session.call("tpm_identity", {"tcti": attestation.tcti_of(ctx.session)})
+    cert = base64.b64decode(identity["ek_certificate"])
+    ek = tpm2.parse_public(base64.b64decode(identity["ek_public"]))
+    try:
+        manufacturer = enrollment.check_ek_certificate(tc.perimeter, cert, ek)
+    except enrollment.EnrollmentRefused as exc:
+        return {"failed": True, "changed": False, "reason": exc.reason, "msg": f"{exc.reason}: {exc}"}
+    fingerprint = enrollment.fingerprint(enrollment.load_certificate_der(cert))
+    node = tc.registry.node(ctx.name)
+    if known is not None and known["ek_fingerprint"] == fingerprint and not force and node and node["state"] != "retired":
+        return {"changed": False, "enrolled": True, "manufacturer": known["manufacturer"], "ek_fingerprint": fingerprint}
+    before = f"EK {known['ek_fingerprint']}\n" if known else "(not enrolled)\n"
+    diff = {"before": before, "after": f"EK {fingerprint} ({manufacturer})\n", "before_header": f"{ctx.name} identity",
+            "after_header": f"{ctx.name} identity"}
+    if known is not None and known["ek_fingerprint"] != fingerprint and not force:
+        return {"failed": True, "changed": False, "reason": "ek.changed", "diff": diff,
+                "msg": f"ek.changed: {ctx.name} was enrolled with another TPM; re-enroll with `enroll: {{force: true}}` "
+                       "after checking the hardware"}
+    if ctx.check:
+        return {"changed": True, "diff": diff, "msg": f"would enroll (TPM from {manufacturer})"}
+    return _as_result(attestation.enroll(tc, force)(ctx.session)) | {"diff": diff}
+
+
+def _admission_current(ctx: Context, attestation_id: int) -> str | None:
+    """Why the node must be admitted (again), or None when its admission still holds."""
+    registry = ctx.tc.registry
+    node = registry.node(ctx.name)
+    if node is None or node["state"] != "admitted":
+        return f"node is {node['state'] if node else 'unknown'}"
+    certificate = registry.certificate(ctx.name)
+    if certificate is None:
+        return "no valid certificate"
+    lifetime = ctx.tc.perimeter.attestation.certificate_lifetime
+    if certificate["not_after"] - time.time() < lifetime / 4:
+        return "certificate expires soon"
+    bound = registry.attestation(certificate["attestation"]) if certificate["attestation"] else None
+    now = registry.attestation(attestation_id)
+    if bound is None or now is None or bound.get("pcr_values") != now.get("pcr_values"):
+        return "boot measurements changed since the trusted key was made"
+    return None
+
+
+@module("attest")
+def attest(ctx: Context) -> dict[str, Any]:
+    admit = bool((ctx.args or {}).get("admit", False))
+    tc = ctx.tc
+    node = tc.registry.node(ctx.name)
+    if ctx.check:
+        if node is None:
+            return {"changed": admit, "msg": "not enrolled yet; would attest" + (" and admit" if admit else "")}
+        state = node["state"]
+        if admit and state != "admitted":
+            return {"changed": True, "msg": f"{state}; would attest and admit if trusted",
+                    "diff": {"before": f"{state}\n", "after": "admitted\n", "before_header": f"{ctx.name} state",
+                             "after_header": f"{ctx.name} state"}}
+        return {"changed": False, "msg": f"{state}; check mode does not attest (a quote needs a TC nonce)"}
+    outcome = _as_result(attestation.attest(tc, admit_nodes=False)(ctx.session))
+    if outcome.get("failed") or not admit:
+        return outcome
+    why = _admission_current(ctx, int(outcome["attestation"]))
+    if why is None:
+        return outcome | {"admitted": True}
+    try:
+        certificate = attestation.admit(ctx.session, tc, int(outcome["attestation"]))
+    except attestation.AdmissionRefused as exc:
+        return outcome | {"failed": True, "reason": exc.reason, "msg": f"not admitted: {exc.reason}: {exc}"}
+    before = node["state"] if node else "(not enrolled)"
+    return outcome | {"changed": True, "admitted": True, "certificate_serial": certificate["serial"], "why": why,
+                      "diff": {"before": f"{before}\n", "after": f"admitted ({outcome.get('build')})\n",
+                               "before_header": f"{ctx.name} state", "after_header": f"{ctx.name} state"}}
+
+
+@module("evict")
+def evict(ctx: Context) -> dict[str, Any]:
+    """Take a node out: certificate revoked, no key released to it, its VMs handled by policy."""
+    tc = ctx.tc
+    node = tc.registry.node(ctx.name)
+    if node is None or node["state"] != "admitted":
+        return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; nothing to evict"}
+    if ctx.check:
+        return {"changed": True, "msg": "would quarantine the node and handle its VMs by the perimeter's policy"}
+    reason = str((ctx.args or {}).get("reason") or "operator.evict")
+    tc.quarantine(ctx.name, reason)
+    with ctx.run.exclusive:
+        vms = handle_vms(ctx.run.engine, tc, ctx.name, {h.name: h for h in ctx.run.engine.hosts})
+    return {"changed": True, "quarantined": True, "reason": reason, "vms": vms}
+
+
+@module("enforce")
+def enforce(ctx: Context) -> dict[str, Any]:
+    """One enforcement round for this node: re-attest it if admitted; on failure it is
+    quarantined and its VMs handled by policy. A quarantine fails the host (the node is not
+    compliant), as `enforce --once` exits 2."""
+    node = ctx.tc.registry.node(ctx.name)
+    if node is None or node["state"] != "admitted":
+        return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; not enforced"}
+    if ctx.check:
+        return {"changed": False, "msg": "admitted; check mode does not attest (a quote needs a TC nonce)"}
+    with ctx.run.exclusive:
+        report = enforce_round(ctx.run.engine, ctx.tc, only={ctx.name})
+    result: dict[str, Any] = {"changed": bool(report.quarantined or report.vms), "quarantined": report.quarantined,
+                              "vms": report.vms}
+    if report.quarantined:
+        reasons = ", ".join(q["reason"] for q in report.quarantined)
+        moved = "; ".join(f"VM {v['vm']}: {v['result']}" for v in report.vms)
+        result.update(failed=True, reason=report.quarantined[0]["reason"],
+                      msg=f"quarantined: {reasons}" + (f"; {moved}" if moved else ""))
+    return result
