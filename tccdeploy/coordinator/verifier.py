@@ -105,6 +105,20 @@ def match_build(events_by_pcr: dict[int, list[bytes]], builds: list[TVMMBuild], 
     return None, best[1]
 
 
+def perimeter_problems(perimeter: Perimeter, site: str | None, address: str) -> list[tuple[str, str]]:
+    """Why a node at address claiming site is outside the perimeter (nothing when it is inside)."""
+    site_def = perimeter.site(site) if site else None
+    if not site:
+        return [("perimeter.no-site", "the node claims no site: it is outside the perimeter")]
+    if site_def is None:
+        return [("perimeter.unknown-site", f"site {site!r} is not in perimeter {perimeter.name!r}")]
+    try:
+        inside = site_def.contains(ipaddress.ip_address(address))
+    except ValueError:
+        inside = False
+    return [] if inside else [("perimeter.address", f"address {address} is not in site {site}'s networks")]
+
+
 def verify(
     evidence: Evidence,
     perimeter: Perimeter,
@@ -194,20 +208,11 @@ def verify(
                 c.warn("build.deprecated", f"the node booted {build.name} {build.version}, which is deprecated")
 
     # Where: inside the perimeter.
+    for code, message in perimeter_problems(perimeter, site, address):
+        c.fail(code, message)
     site_def = perimeter.site(site) if site else None
-    if not site:
-        c.fail("perimeter.no-site", "the node claims no site: it is outside the perimeter")
-    elif site_def is None:
-        c.fail("perimeter.unknown-site", f"site {site!r} is not in perimeter {perimeter.name!r}")
-    else:
-        try:
-            inside = site_def.contains(ipaddress.ip_address(address))
-        except ValueError:
-            inside = False
-        if not inside:
-            c.fail("perimeter.address", f"address {address} is not in site {site}'s networks")
-        if site_def.asset_tag is not None:
-            _check_asset_tag(c, evidence, ak, site_def.asset_tag.value)
+    if site_def is not None and site_def.asset_tag is not None:
+        _check_asset_tag(c, evidence, ak, site_def.asset_tag.value)
 
     verdict.reasons, verdict.warnings = c.reasons, c.warnings
     verdict.trusted = not c.reasons

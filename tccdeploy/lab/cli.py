@@ -190,5 +190,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "tamper":
             p.add_argument("--hide", action="store_true", help="do not log the rogue measurement")
             p.add_argument("--persistent", action="store_true",
-                           help="an implant: measured again at every boot, so a reboot does not cure the node")
+                           help="an implant in the boot chain: dormant now, measured at every boot from the next one")
         p.set_defaults(func=_fault(method))

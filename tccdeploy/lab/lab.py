@@ -627,12 +627,17 @@ class Lab:
             return node
 
     def tamper(self, name: str, hide: bool = False, persistent: bool = False) -> Node:
-        """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies);
-        persistent: it is measured again at every boot, so a reboot does not cure the node."""
+        """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies).
+
+        persistent: an implant in the boot chain instead, dormant until the next boot and measured
+        at every boot from then on, so the node attests fine now and fails after a reboot."""
         with self.locked():
             self.load()
             node = self.node(name)
-            node.implant = node.implant or persistent
+            if persistent:
+                node.implant = True
+                self.save()
+                return node
             rogue = b"rogue kernel module " + os.urandom(16)
             digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
             tpm.extend(node.address, self.tpm_port, [(TAMPER_PCR, digests)])

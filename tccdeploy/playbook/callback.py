@@ -51,6 +51,7 @@ class Callback:
         self.color = (self.out.isatty() if color is None else color) and not json_mode
         self.stats: dict[str, dict[str, int]] = {}
         self.plays: list[dict[str, Any]] = []
+        self.refusals: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     # -- text ---------------------------------------------------------------------------
@@ -143,6 +144,10 @@ class Callback:
         else:
             self._say(f"{o.status}: [{host}]", o.status)
 
+    def refusal(self, host: str, reason: str, task: str) -> None:
+        """Why a host dropped out of the run (its first failure), for the lines under the recap."""
+        self.refusals.setdefault(host, (reason, task))
+
     def no_more_hosts(self) -> None:
         self._say(banner("NO MORE HOSTS LEFT"))
 
@@ -154,7 +159,9 @@ class Callback:
 
     def recap(self) -> None:
         if self.json_mode:
-            json.dump({"plays": self.plays, "stats": self.stats}, self.out, indent=4, default=str)
+            json.dump({"plays": self.plays, "stats": self.stats,
+                       "refused": {h: {"reason": r, "task": t} for h, (r, t) in sorted(self.refusals.items())}},
+                      self.out, indent=4, default=str)
             self.out.write("\n")
             return
         self._say(banner("PLAY RECAP"))
@@ -164,4 +171,11 @@ class Callback:
             name = f"{host:<26}" if not self.color else f"{_COLOR[worst]}{host:<37}{_RESET}"
             cells = " ".join(f"{key}={s[key]:<4}" for key in STATS)
             self.out.write(f"{name} : {cells}\n")
+        if self.refusals:
+            # Not in Ansible's recap: which reason took each failed host out, so an operator sees
+            # at a glance why a node was refused without scrolling back through the tasks.
+            self._say("")
+            for host in sorted(self.refusals):
+                reason, task = self.refusals[host]
+                self._say(f"{host:<26} : {reason} (task: {task})", "failed")
         self._say("")

@@ -72,10 +72,15 @@ class PlaybookRunner:
 
     # -- hosts and variables ----------------------------------------------------------
     def _hosts(self, play: Play) -> list[Host]:
-        if play.hosts in ("localhost", "127.0.0.1") and play.hosts not in self.inventory.hosts:
+        try:
+            pattern = str(render(play.hosts, {**play.vars, **self.options.extra_vars}))  # as Ansible: no host vars here
+        except TemplateError as exc:
+            self.callback.warning(f"hosts of play {play.name!r}: {exc}")
+            return []
+        if pattern in ("localhost", "127.0.0.1") and pattern not in self.inventory.hosts:
             return [Host("localhost", vars={"ansible_connection": "local", "inventory_hostname": "localhost"})]
         try:
-            hosts = self.inventory.select(play.hosts)
+            hosts = self.inventory.select(pattern)
         except PatternError as exc:
             self.callback.warning(f"Could not match supplied host pattern, ignoring: {exc}")
             return []
@@ -203,6 +208,10 @@ class PlaybookRunner:
     def _play(self, play: Play, engine: Engine, run: RunState) -> bool:
         """Run one play; False when the run must stop (a whole batch failed, or a fatal error)."""
         hosts = self._hosts(play)
+        try:
+            play.name = str(render(play.name, {**play.vars, **self.options.extra_vars}))
+        except TemplateError:
+            pass  # the name is for people; the raw one will do
         if not hosts:
             self.callback.play_start(play.name, [], play.where)
             self.callback.no_hosts()
@@ -248,6 +257,8 @@ class PlaybookRunner:
                     failed_now = True
                 if task.register:
                     self.registered.setdefault(outcome.host, {})[task.register] = _registered(outcome)
+                if outcome.status in ("failed", "unreachable") and not outcome.ignored:
+                    self.callback.refusal(outcome.host, str(outcome.result.get("reason") or outcome.status), task.name)
                 self.callback.host_result(outcome, debug=task.module == "debug")
 
             engine.run(self._work(play, task, run), live, on_result=report)

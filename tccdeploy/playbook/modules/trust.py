@@ -13,7 +13,7 @@ import base64
 import time
 from typing import Any
 
-from ...coordinator import enrollment, tpm2
+from ...coordinator import enrollment, tpm2, verifier
 from ...engine import attestation
 from ...engine.enforce import enforce_round, handle_vms
 from ...engine.runner import HostResult
@@ -85,6 +85,11 @@ def attest(ctx: Context) -> dict[str, Any]:
     tc = ctx.tc
     node = tc.registry.node(ctx.name)
     if ctx.check:
+        site = ctx.host.vars.get("tcc_site")
+        outside = verifier.perimeter_problems(tc.perimeter, str(site) if site else None, ctx.host.address)
+        if outside:
+            code, message = outside[0]
+            return {"failed": True, "changed": False, "reason": code, "msg": f"would be untrusted: {code}: {message}"}
         if node is None:
             return {"changed": admit, "msg": "not enrolled yet; would attest" + (" and admit" if admit else "")}
         state = node["state"]
