@@ -161,3 +161,10 @@ def test_cli_reports_a_malformed_inventory_with_file_and_line(tmp_path: Path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert f"{tmp_path / 'hosts'}:3:1:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_union_of_four_names_is_not_taken_for_an_ipv6_address():
+    from tccdeploy.inventory.patterns import split_terms
+
+    assert split_terms("node1:node2:node3:node4") == ["node1", "node2", "node3", "node4"]
+    assert split_terms("fe80::1") == ["fe80::1"] and split_terms("2001:db8:0:1") == ["2001:db8:0:1"]

@@ -40,7 +40,7 @@ def split_terms(pattern: str | list[str]) -> list[str]:
 
 
 def _looks_like_ipv6(text: str) -> bool:
-    return bool(re.fullmatch(r"[!&]?[0-9a-fA-F:]+", text)) and "::" in text or text.count(":") >= 3
+    return bool(re.fullmatch(r"[!&]?[0-9a-fA-F:]+", text)) and ("::" in text or text.count(":") >= 3)
 
 
 def _match_term(inventory: Inventory, term: str) -> list[str]:

@@ -130,7 +130,11 @@ def _operand(text: str, variables: Mapping[str, Any]) -> Any:
         except yaml.YAMLError:
             raise ConditionError(f"{text!r} is not a valid literal") from None
         return None if text in ("none", "None") else value
-    return lookup(parse_path(text), variables)
+    try:
+        path = parse_path(text)
+    except TemplateError:
+        raise ConditionError(f"{text!r} is not a condition tccdeploy understands; {SUPPORTED}") from None
+    return lookup(path, variables)
 
 
 def _truthy(value: Any) -> bool:

@@ -1,0 +1,217 @@
+"""The shipped playbooks on the lab, through `tccdeploy apply` as an operator runs them: site.yml
+predicted by --check without a registry change and idempotent on the second run, a rolling TVMM
+upgrade that keeps VMs running and stops at the first untrusted node, enforcement, and the
+recap ansible-playbook gives for an unreachable node."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tccdeploy.crypto import bundle as bundles
+from tccdeploy.crypto import customer
+from tccdeploy.crypto.cli import sign_request
+from tccdeploy.engine import migrate as migrating
+from tccdeploy.engine.runner import Engine
+from tccdeploy.inventory import load_inventory
+from tccdeploy.lab import procs
+from tccdeploy.lab.lab import Lab
+
+from .conftest import REPO
+from .helpers_apply import ansible_playbook, apply, recap
+from .tcworld import coordinator_with_customer
+
+pytestmark = pytest.mark.slow
+PLAYBOOKS = REPO / "playbooks"
+NODES = ("node1", "node2", "node3", "node4")
+TARGETS = "node1:node2:node3:node4"
+
+
+@pytest.fixture
+def world(lab: Lab, tmp_path):
+    """A fresh TC with one customer; afterwards its VMs are destroyed and every node is back on
+    the lab's build (these tests reboot nodes into other builds)."""
+    tc, state = coordinator_with_customer(lab, tmp_path)
+    tc.close()
+
+    class World:
+        root, lab_ = tmp_path, lab
+
+    w = World()
+    w.state = state
+    w.args = ["-i", lab.inventory_dir, "-m", lab.manifests_dir]
+    yield w
+    registry = sqlite3.connect(str(Path(state) / "registry.sqlite"))
+    vms = registry.execute("SELECT vm_id, node FROM vms WHERE state != 'destroyed'").fetchall()
+    registry.close()
+    with Engine(load_inventory(lab.inventory_dir).select("all"), state=state) as engine:
+        for vm_id, node in vms:
+            try:
+                migrating._call_fresh(engine, node, "vm_control", {"vm_id": vm_id, "action": "destroy"})
+            except Exception:  # noqa: BLE001 - the node may have been rebooted: nothing runs there
+                pass
+    for name in NODES:
+        lab.reset(name)
+
+
+def dump(state: str) -> str:
+    db = sqlite3.connect(str(Path(state) / "registry.sqlite"))
+    try:
+        return "\n".join(db.iterdump())
+    finally:
+        db.close()
+
+
+def registry_rows(state: str, query: str) -> list[tuple]:
+    db = sqlite3.connect(str(Path(state) / "registry.sqlite"))
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def signed_request(world, name: str) -> str:  # type: ignore[no-untyped-def]
+    (world.root / "disk.raw").write_bytes(bytes(1024 * 1024))
+    image = world.root / f"{name}.sealed"
+    bundles.seal(str(world.root / "disk.raw"), bundles.load_tc(str(world.root / "tc.pem")),
+                 customer.load(str(world.root / "customer.pem")), str(image), name)
+    path = world.root / f"{name}.yml"
+    path.write_text(f"apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\n"
+                    f"spec: {{image: {image.name}, vcpus: 1, memoryMiB: 64, constraints: {{antiAffinityGroup: web}}}}\n")
+    import json
+
+    out = world.root / f"{name}.signed.json"
+    out.write_text(json.dumps(sign_request(str(path), str(world.root / "customer.pem"))))
+    return str(out)
+
+
+def vm_running_where_registered(world, lab: Lab) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """name -> node for every VM, after checking QEMU runs it there, once."""
+    out = {}
+    with Engine(load_inventory(lab.inventory_dir).select(TARGETS), state=world.state) as engine:
+        for vm_id, name, node, state in registry_rows(world.state, "SELECT vm_id, name, node, state FROM vms"):
+            assert state == "running"
+            status = migrating._call_fresh(engine, node, "vm_control", {"vm_id": vm_id, "action": "status"})
+            assert status["status"] == "running", (name, node)
+            assert len([p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]) == 1
+            out[name] = node
+    return out
+
+
+def test_site_check_mode_predicts_the_run_changes_nothing_and_a_second_run_changes_nothing(lab: Lab, world):
+    before = dump(world.state)
+    check = apply(str(PLAYBOOKS / "site.yml"), *world.args, "--check", "--diff", state=world.state)
+    assert dump(world.state) == before  # not a row, not a nonce
+    predicted = recap(check.stdout)
+    for name in NODES:
+        assert predicted[name] == {"ok": 3, "changed": 2, "unreachable": 0, "failed": 0, "skipped": 0, "rescued": 0,
+                                   "ignored": 0}, check.stdout
+    assert predicted["roguetpm1"]["failed"] == predicted["outside1"]["failed"] == 1
+    assert "+EK " in check.stdout  # --diff shows the identity that would be enrolled
+
+    first = apply(str(PLAYBOOKS / "site.yml"), *world.args, state=world.state)
+    assert recap(first.stdout) == predicted, first.stdout
+    assert first.returncode == 2  # the refused nodes fail, as in ansible-playbook
+    lines = first.stdout.split("PLAY RECAP", 1)[1]
+    assert "roguetpm1                  : ek.untrusted-manufacturer" in lines
+    assert "outside1                   : perimeter.no-site" in lines
+    assert sorted(registry_rows(world.state, "SELECT name FROM nodes WHERE state = 'admitted'")) == [(n,) for n in NODES]
+
+    second = apply(str(PLAYBOOKS / "site.yml"), *world.args, state=world.state)
+    assert all(stats["changed"] == 0 for stats in recap(second.stdout).values()), second.stdout
+    assert second.returncode == 2
+
+
+def test_rollout_moves_every_node_to_the_new_build_with_vms_kept_running(lab: Lab, world):
+    assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
+    for name in ("web-1", "web-2"):
+        launched = apply(str(PLAYBOOKS / "launch.yml"), *world.args, "-e", f"request={signed_request(world, name)}",
+                         state=world.state)
+        assert launched.returncode == 0, launched.stdout
+    placed = vm_running_where_registered(world, lab)
+
+    rollout = apply(str(PLAYBOOKS / "rollout-tvmm.yml"), *world.args, "-e", "new_build=tvmm-2026.2",
+                    "-e", f"targets={TARGETS}", state=world.state)
+    assert rollout.returncode == 0, rollout.stdout
+    assert sorted(registry_rows(world.state, "SELECT name, state, build FROM nodes")) == \
+        [(n, "admitted", "tvmm-2026.2") for n in NODES]
+    assert all(lab.load().node(n).build == "tvmm-2026.2" for n in NODES)  # booted from the deployed files
+    after = vm_running_where_registered(world, lab)
+    assert set(after) == set(placed)  # both still run (somewhere trusted), each exactly once
+    assert rollout.stdout.count("changed: [node") >= 3 * len(NODES) - 1  # drain (where VMs ran), deploy, admit
+
+    again = apply(str(PLAYBOOKS / "rollout-tvmm.yml"), *world.args, "-e", "new_build=tvmm-2026.2",
+                  "-e", f"targets={TARGETS}", state=world.state)
+    assert all(stats["changed"] == 0 for stats in recap(again.stdout).values()), again.stdout
+    relaunch = apply(str(PLAYBOOKS / "launch.yml"), *world.args, "-e", f"request={world.root / 'web-1.signed.json'}",
+                     state=world.state)
+    assert recap(relaunch.stdout)["localhost"]["changed"] == 0 and relaunch.returncode == 0  # a request runs once
+
+
+def test_rollout_stops_at_the_first_node_whose_new_boot_is_untrusted(lab: Lab, world):
+    assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
+    lab.tamper("node2", persistent=True)  # dormant: node2 attests fine until it reboots
+    rollout = apply(str(PLAYBOOKS / "rollout-tvmm.yml"), *world.args, "-e", "new_build=tvmm-2026.2",
+                    "-e", f"targets={TARGETS}", state=world.state)
+    assert rollout.returncode == 2
+    stats = recap(rollout.stdout)
+    assert set(stats) == {"node1", "node2"} and stats["node2"]["failed"] == 1
+    assert "node2                      : build.unknown" in rollout.stdout
+    nodes = {n: (s, b) for n, s, b in registry_rows(world.state, "SELECT name, state, build FROM nodes")}
+    assert nodes["node1"] == ("admitted", "tvmm-2026.2")
+    assert nodes["node2"][0] == "quarantined"
+    assert nodes["node3"] == nodes["node4"] == ("admitted", "tvmm-2026.1")
+    assert lab.load().node("node3").build == "tvmm-2026.1"  # never touched
+
+
+def test_enforce_playbook_quarantines_a_tampered_node_and_evacuates_its_vm(lab: Lab, world):
+    assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
+    launched = apply(str(PLAYBOOKS / "launch.yml"), *world.args, "-e", f"request={signed_request(world, 'web-9')}",
+                     state=world.state)
+    node = vm_running_where_registered(world, lab)["web-9"]
+    assert f"web-9 runs on {node}" in launched.stdout
+    lab.tamper(node)
+    result = apply(str(PLAYBOOKS / "enforce.yml"), *world.args, "-l", TARGETS, state=world.state)
+    assert result.returncode == 2
+    assert recap(result.stdout)[node]["failed"] == 1 and "build.unknown" in result.stdout
+    assert registry_rows(world.state, f"SELECT state FROM nodes WHERE name = '{node}'") == [("quarantined",)]
+    moved = vm_running_where_registered(world, lab)["web-9"]
+    assert moved != node
+
+
+def test_copy_is_by_digest_idempotent_and_check_mode_only_shows_the_diff(lab: Lab, world, tmp_path):
+    source = tmp_path / "motd"
+    source.write_text("trusted cloud\n")
+    playbook = tmp_path / "copy.yml"
+    playbook.write_text("- hosts: node1:node3\n  gather_facts: false\n  tasks:\n"
+                        "    - name: motd\n      copy: {src: motd, dest: '{{ tcc_boot_dir }}/../motd', mode: '0644'}\n"
+                        "    - name: read\n      command: {cmd: cat motd, chdir: '{{ tcc_boot_dir }}/..'}\n"
+                        "      register: motd\n      changed_when: false\n"
+                        "    - name: check\n      fail: {msg: wrong}\n      when: motd.stdout != 'trusted cloud'\n")
+    first = apply(str(playbook), *world.args, state=world.state)
+    assert first.returncode == 0 and recap(first.stdout)["node1"]["changed"] == 1, first.stdout
+    second = apply(str(playbook), *world.args, state=world.state)
+    assert recap(second.stdout)["node1"]["changed"] == 0
+    source.write_text("trusted cloud, v2\n")
+    check = apply(str(playbook), *world.args, "--check", "--diff", "--tags", "all", state=world.state)
+    assert "-trusted cloud\n+trusted cloud, v2" in check.stdout
+    target = Path(lab.node_dir(lab.node("node1"), "home", "motd"))
+    assert target.read_text() == "trusted cloud\n"  # check mode changed nothing
+
+
+def test_an_unreachable_node_gets_the_recap_and_exit_status_ansible_playbook_gives(lab: Lab, lab_node, world, tmp_path):
+    lab_node("node3")
+    lab.stop_ssh("node3")
+    playbook = tmp_path / "echo.yml"
+    playbook.write_text("- hosts: node1:node3\n  gather_facts: false\n  tasks:\n"
+                        "    - name: echo\n      command: echo hi\n    - name: again\n      command: echo again\n")
+    ours = apply(str(playbook), *world.args, state=world.state)
+    theirs = ansible_playbook(str(playbook), "-i", lab.inventory_dir, "-e", "ansible_python_interpreter=/usr/bin/python3")
+    assert recap(ours.stdout) == recap(theirs.stdout) == {
+        "node1": {"ok": 2, "changed": 2, "unreachable": 0, "failed": 0, "skipped": 0, "rescued": 0, "ignored": 0},
+        "node3": {"ok": 0, "changed": 0, "unreachable": 1, "failed": 0, "skipped": 0, "rescued": 0, "ignored": 0},
+    }, theirs.stdout + theirs.stderr
+    assert ours.returncode == theirs.returncode == 4
+    assert "fatal: [node3]: UNREACHABLE!" in ours.stdout
