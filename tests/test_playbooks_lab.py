@@ -215,3 +215,15 @@ def test_an_unreachable_node_gets_the_recap_and_exit_status_ansible_playbook_giv
     }, theirs.stdout + theirs.stderr
     assert ours.returncode == theirs.returncode == 4
     assert "fatal: [node3]: UNREACHABLE!" in ours.stdout
+
+
+def test_check_mode_does_not_even_create_the_registry(lab: Lab, tmp_path):
+    from tccdeploy.coordinator.identity import init as tc_init
+
+    state = tmp_path / "tc"
+    tc_init(str(state))
+    before = sorted(p.name for p in state.iterdir())
+    result = apply(str(PLAYBOOKS / "site.yml"), "-i", lab.inventory_dir, "-m", lab.manifests_dir, "--check",
+                   "-l", "node1", state=str(state))
+    assert recap(result.stdout)["node1"]["changed"] == 2
+    assert sorted(p.name for p in state.iterdir()) == before

@@ -9,6 +9,9 @@ into results by the runner, as for every other engine work.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,11 +42,13 @@ class RunState:
     exclusive: threading.Lock = field(default_factory=threading.Lock)
     _coordinator: Coordinator | None = None
     _tc_lock: threading.Lock = field(default_factory=threading.Lock)
+    _scratch: str | None = None
 
     def coordinator(self) -> Coordinator:
         with self._tc_lock:
             if self._coordinator is None:
-                from ...coordinator.service import Coordinator
+                from ...config import state_dir
+                from ...coordinator.service import REGISTRY_FILE, Coordinator
                 from ...manifest.loader import load_manifests
 
                 if not self.manifests:
@@ -53,12 +58,20 @@ class RunState:
                 if result.perimeter is None:
                     raise ModuleError(f"exactly one Perimeter is needed in {' '.join(self.manifests)} "
                                       f"(found {len(result.perimeters)})")
-                self._coordinator = Coordinator(result.perimeter, result.builds, self.state)
+                state = self.state
+                if self.check and not os.path.exists(os.path.join(state_dir(state), REGISTRY_FILE)):
+                    # Check mode changes nothing, not even by creating an empty registry: predict
+                    # against an empty one that is thrown away.
+                    self._scratch = tempfile.mkdtemp(prefix="tccdeploy-check-")
+                    state = self._scratch
+                self._coordinator = Coordinator(result.perimeter, result.builds, state)
             return self._coordinator
 
     def close(self) -> None:
         if self._coordinator is not None:
             self._coordinator.close()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 @dataclass
