@@ -1,7 +1,7 @@
 """Benchmark: the same playbook through `tccdeploy apply` and `ansible-playbook` on the same lab nodes.
 
 The playbook (written to a temporary folder) runs `command: true`, copies a 1 MiB file by
-content to every node, and runs `command: cat` on it: the first run copies, the next ones are
+content to every node, and runs `command: sha256sum` on it: the first run copies, the next ones are
 idempotent (the copy is `ok`). Both tools get the same inventory, forks and playbook; Ansible
 keeps its SSH ControlPersist masters between runs as it does for its users (stopped by PID at
 the end). Also timed, without a peer: `apply playbooks/site.yml` enrolling and admitting every
@@ -40,7 +40,7 @@ PLAYBOOK = """\
     - name: a file by content
       copy: {src: payload.bin, dest: "{{ tcc_boot_dir }}/../payload.bin", mode: "0644"}
     - name: read it back
-      command: "cat {{ tcc_boot_dir }}/../payload.bin"
+      command: "sha256sum {{ tcc_boot_dir }}/../payload.bin"
       changed_when: false
 """
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  tccdeploy validate examples/ inventory/lab/   check manifests, as CI would\n"
             "  tccdeploy schema Perimeter                     print a manifest schema\n"
+            "  tccdeploy lab up && tccdeploy tc init          a local lab and a trusted coordinator\n"
+            "  tccdeploy apply playbooks/site.yml -i .lab/inventory -m .lab/manifests\n"
+            "                                                 enroll, attest and admit every node\n"
         ),
     )
     parser.add_argument("--version", action="version", version=f"tccdeploy {__version__}")
