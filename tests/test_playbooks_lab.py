@@ -227,3 +227,32 @@ def test_check_mode_does_not_even_create_the_registry(lab: Lab, tmp_path):
                    "-l", "node1", state=str(state))
     assert recap(result.stdout)["node1"]["changed"] == 2
     assert sorted(p.name for p in state.iterdir()) == before
+
+
+def test_drain_then_evict_move_the_vm_and_take_the_node_out_once(lab: Lab, world, tmp_path):
+    assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
+    apply(str(PLAYBOOKS / "launch.yml"), *world.args, "-e", f"request={signed_request(world, 'web-7')}", state=world.state)
+    node = vm_running_where_registered(world, lab)["web-7"]
+    drained = apply(str(PLAYBOOKS / "drain.yml"), *world.args, "-l", node, "--diff", state=world.state)
+    assert drained.returncode == 0 and recap(drained.stdout)[node]["changed"] == 1, drained.stdout
+    assert vm_running_where_registered(world, lab)["web-7"] != node
+    assert recap(apply(str(PLAYBOOKS / "drain.yml"), *world.args, "-l", node, state=world.state).stdout)[node]["changed"] == 0
+
+    playbook = tmp_path / "evict.yml"
+    playbook.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n"
+                        "    - name: out\n      evict: {reason: maintenance.disk}\n"
+                        "    - name: on the controller\n      command: touch {{ playbook_dir }}/ran-{{ inventory_hostname }}\n"
+                        "      delegate_to: localhost\n"
+                        "    - name: still reachable\n      wait_for_ssh: {timeout: 10}\n")
+    check = apply(str(playbook), *world.args, "-l", node, "--check", "--diff", state=world.state)
+    assert "-admitted\n+quarantined" in check.stdout
+    assert registry_rows(world.state, f"SELECT state FROM nodes WHERE name = '{node}'") == [("admitted",)]
+    evicted = apply(str(playbook), *world.args, "-l", node, "-vv", state=world.state)
+    assert evicted.returncode == 0 and recap(evicted.stdout)[node]["changed"] == 2, evicted.stdout
+    assert f"task path: {playbook}:4" in evicted.stdout  # -vv
+    assert (tmp_path / f"ran-{node}").exists()  # delegate_to: localhost ran on the controller
+    assert registry_rows(world.state, f"SELECT state FROM nodes WHERE name = '{node}'") == [("quarantined",)]
+    kinds = registry_rows(world.state, f"SELECT data FROM audit WHERE kind = 'quarantine' AND node = '{node}'")
+    assert any("maintenance.disk" in k[0] for k in kinds)
+    again = apply(str(playbook), *world.args, "-l", node, state=world.state)
+    assert recap(again.stdout)[node]["changed"] == 1  # only the command; the node stays out

@@ -121,13 +121,15 @@ def evict(ctx: Context) -> dict[str, Any]:
     node = tc.registry.node(ctx.name)
     if node is None or node["state"] != "admitted":
         return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; nothing to evict"}
+    diff = {"before": "admitted\n", "after": "quarantined\n", "before_header": f"{ctx.name} state",
+            "after_header": f"{ctx.name} state"}
     if ctx.check:
-        return {"changed": True, "msg": "would quarantine the node and handle its VMs by the perimeter's policy"}
+        return {"changed": True, "diff": diff, "msg": "would quarantine the node and handle its VMs by the perimeter's policy"}
     reason = str((ctx.args or {}).get("reason") or "operator.evict")
     tc.quarantine(ctx.name, reason)
     with ctx.run.exclusive:
         vms = handle_vms(ctx.run.engine, tc, ctx.name, {h.name: h for h in ctx.run.engine.hosts})
-    return {"changed": True, "quarantined": True, "reason": reason, "vms": vms}
+    return {"changed": True, "diff": diff, "quarantined": True, "evict_reason": reason, "vms": vms}
 
 
 @module("enforce")
