@@ -11,11 +11,28 @@ import sys
 from ..tables import table
 
 MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
+TC_ENV = "TCCDEPLOY_TC"
+ENGINE_DIR_ENV = "TCCDEPLOY_ENGINE_DIR"
 
 
-def _coordinator(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _coordinator(args: argparse.Namespace, remote_ok: bool = False):  # type: ignore[no-untyped-def]
+    """The TC this command talks to: the one served at --tc URL, else the embedded one."""
     from ..manifest.loader import load_manifests
     from .service import Coordinator
+
+    url = getattr(args, "tc", None)
+    if url:
+        if not remote_ok:
+            raise SystemExit(f"error: `tccdeploy {args.command}` does not talk to a served TC yet; run it where the TC's "
+                             "state is (without --tc), or use enroll/attest with --tc")
+        from ..config import state_dir
+        from .client import RemoteCoordinator, TCUnavailable
+
+        engine_dir = args.engine_dir or os.path.join(state_dir(args.state), "engine")
+        try:
+            return RemoteCoordinator(url, engine_dir)
+        except TCUnavailable as exc:
+            raise SystemExit(f"error: {exc}") from None
 
     paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
     if not paths:
@@ -29,7 +46,7 @@ def _coordinator(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _fan(args: argparse.Namespace, make_work, what: str) -> int:  # type: ignore[no-untyped-def]
     from ..engine.cli import _fan_out
 
-    coordinator = _coordinator(args)
+    coordinator = _coordinator(args, remote_ok=True)
     try:
         return _fan_out(args, args.pattern, make_work(coordinator), "module", what)
     finally:
@@ -104,6 +121,10 @@ def cmd_tc(args: argparse.Namespace) -> int:
     state = state_dir(args.state)
     if args.tc_command == "customers":
         return _customers(args, state)
+    if args.tc_command == "engines":
+        return _engines(args, state)
+    if args.tc_command == "serve":
+        return _serve(args)
     if args.tc_command == "init":
         ident, created = identity.init(state)
         print(("created" if created else "exists") + f": TC identity in {state}")
@@ -144,6 +165,61 @@ def _customers(args: argparse.Namespace, state: str) -> int:
         registry.close()
     print("usage: tccdeploy tc customers add NAME ed25519:KEY | tccdeploy tc customers list", file=sys.stderr)
     return 2
+
+
+def _engines(args: argparse.Namespace, state: str) -> int:
+    from cryptography.hazmat.primitives import hashes
+
+    from . import identity, tls
+    from .store import Registry
+
+    registry = Registry(os.path.join(state, "registry.sqlite"))
+    try:
+        if args.rest[:1] == ["add"] and len(args.rest) == 2:
+            name = args.rest[1]
+            folder = args.output or os.path.join(state, "engines", name)
+            cert = tls.engine_certificate(identity.load(state), name, folder)
+            registry.add_engine(name, format(cert.serial_number, "x"), cert.fingerprint(hashes.SHA256()).hex())
+            print(f"engine {name}: client certificate and key (0600) in {folder}; give that folder to the engine "
+                  f"(--engine-dir {folder}); it pins the TC's CA in tc-ca.pem")
+            return 0
+        if args.rest[:1] == ["remove"] and len(args.rest) == 2:
+            if not registry.revoke_engine(args.rest[1]):
+                print(f"error: no active engine {args.rest[1]!r}", file=sys.stderr)
+                return 1
+            print(f"engine {args.rest[1]} removed: its certificate is refused from now on")
+            return 0
+        if args.rest[:1] in ([], ["list"]):
+            rows = registry.engines()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(table([dict(r, added=_when(r["added"]), state="removed" if r["revoked"] else "active") for r in rows],
+                            [("name", "ENGINE"), ("state", "STATE"), ("serial", "CERTIFICATE SERIAL"), ("added", "ADDED")]))
+            return 0
+    finally:
+        registry.close()
+    print("usage: tccdeploy tc engines add NAME [-o DIR] | tc engines list | tc engines remove NAME", file=sys.stderr)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import identity
+    from .server import serve
+
+    host, _, port = (args.listen or "127.0.0.1:8443").rpartition(":")
+    if not host or not port.isdigit():
+        print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
+        return 2
+    coordinator = _coordinator(args)
+    try:
+        ident = identity.load(coordinator.state)
+        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); Ctrl-C or SIGTERM stops it",
+              flush=True)
+        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning")
+    finally:
+        coordinator.close()
+    return 0
 
 
 def cmd_request_submit(args: argparse.Namespace) -> int:
@@ -379,6 +455,10 @@ def add_tc_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("-m", "--manifests", action="append", metavar="PATH",
                    help=f"perimeter and TVMM build manifests (files or directories; default ${MANIFESTS_ENV})")
+    p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL",
+                   help=f"a served TC (tccdeploy tc serve) instead of the embedded one (default ${TC_ENV})")
+    p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR",
+                   help="this engine's client certificate, from `tc engines add` (default STATE/engine)")
     add_run_args(p)
 
 
@@ -418,10 +498,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("tc", help="the trusted coordinator's identity",
-                       description="init: create the TC's CA key (0600) and certificate; show: print them for customers to pin.")
-    p.add_argument("tc_command", choices=("init", "show", "customers"), metavar="ACTION",
-                   help="init, show [-o FILE], customers add NAME KEY | customers list")
+    p = sub.add_parser("tc", help="the trusted coordinator: identity, customers, engines, the HTTPS service",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="init: create the TC's CA key (0600) and certificate; show: print them for customers to pin;\n"
+                                   "customers add NAME KEY | list; engines add NAME [-o DIR] | list | remove NAME: client\n"
+                                   "certificates for engines; serve --listen HOST:PORT -m MANIFESTS: the HTTPS API.",
+                       epilog="examples:\n  tccdeploy tc init\n  tccdeploy tc engines add ops-1 -o /tmp/ops-1\n"
+                              "  tccdeploy tc serve --listen 127.0.0.1:8443 -m .lab/manifests\n"
+                              "  tccdeploy attest --admit -i .lab/inventory --tc https://127.0.0.1:8443 --engine-dir /tmp/ops-1")
+    p.add_argument("tc_command", choices=("init", "show", "customers", "engines", "serve"), metavar="ACTION",
+                   help="init, show [-o FILE], customers ..., engines ..., serve")
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve: where to listen (default 127.0.0.1:8443)")
+    p.add_argument("--name", action="append", metavar="DNS", help="serve: another name the server certificate covers")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="serve: perimeter and TVMM builds")
+    p.add_argument("-v", "--verbose", action="store_true", help="serve: log every request")
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("-o", "--output", help="show: write the CA and key-wrapping certificates here, for customers")
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")

@@ -61,6 +61,17 @@ class Coordinator:
                      ek_fingerprint=result["ek_fingerprint"])
         return result
 
+    # -- what the engine asks the node for --------------------------------------------------
+    def quote_policy(self) -> tuple[str, list[int]]:
+        """(bank, PCRs) a quote must cover; the engine asks the node for exactly these."""
+        policy = self.perimeter.attestation
+        return policy.bank, list(policy.pcrs)
+
+    def asset_tag_index(self, site: str | None) -> int | None:
+        """The NV index of the site's asset tag, which the node must certify, if the site has one."""
+        site_def = self.perimeter.site(site) if site else None
+        return site_def.asset_tag.nv_index if site_def is not None and site_def.asset_tag is not None else None
+
     # -- attestation ----------------------------------------------------------------------
     def nonce(self, node: str, purpose: str = "quote") -> bytes:
         value = secrets.token_bytes(32)

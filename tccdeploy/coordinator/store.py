@@ -166,6 +166,16 @@ MIGRATIONS: list[str] = [
         reason TEXT
     );
     """,
+    # 6: engines allowed to call `tc serve` (client certificates the TC issued).
+    """
+    CREATE TABLE engines (
+        name TEXT PRIMARY KEY,
+        serial TEXT NOT NULL UNIQUE,
+        fingerprint TEXT NOT NULL,
+        added REAL NOT NULL,
+        revoked REAL
+    );
+    """,
 ]
 
 
@@ -499,6 +509,25 @@ class Registry:
             params.append(since)
         rows = self._all(query + " ORDER BY id", tuple(params))
         return [dict(r) | {"data": json.loads(r["data"])} for r in rows]
+
+    # -- engines ------------------------------------------------------------------------------
+    def add_engine(self, name: str, serial: str, fingerprint: str) -> None:
+        """Record (or replace) an engine's certificate; the previous one stops working."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO engines (name, serial, fingerprint, added, revoked) VALUES (?, ?, ?, ?, NULL)",
+                       (name, serial, fingerprint, time.time()))
+
+    def revoke_engine(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("UPDATE engines SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                              (time.time(), name)).rowcount == 1
+
+    def engines(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM engines ORDER BY name")]
+
+    def engine_by_serial(self, serial: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM engines WHERE serial = ? AND revoked IS NULL", (serial,))
+        return dict(rows[0]) if rows else None
 
     def certificate(self, node: str) -> dict[str, Any] | None:
         rows = self._all("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))

@@ -63,10 +63,9 @@ def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-un
 def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> dict[str, Any]:
     """Create TK on the node, have the TC check it and its policy, prove it works, get the certificate."""
     name, tcti = session.host.name, tcti_of(session)
-    policy = coordinator.perimeter.attestation
+    bank, pcrs = coordinator.quote_policy()
     nonce = coordinator.nonce(name, "certify")
-    tk = session.call("tk_create", {"tcti": tcti, "bank": policy.bank, "pcrs": list(policy.pcrs), "nonce": _b64(nonce)},
-                      timeout=120)
+    tk = session.call("tk_create", {"tcti": tcti, "bank": bank, "pcrs": pcrs, "nonce": _b64(nonce)}, timeout=120)
     challenge = coordinator.admission_challenge(name, attestation_id, _unb64(tk["tk_public"]), _unb64(tk["attest"]),
                                                 _unb64(tk["signature"]), nonce)
     answer = session.call("tk_check", {"tcti": tcti, "ciphertext": _b64(challenge), "label": TK_CHECK_LABEL})
@@ -74,22 +73,22 @@ def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> di
 
 
 def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
-    policy = coordinator.perimeter.attestation
+    bank, pcrs = coordinator.quote_policy()
 
     def work(session: Session) -> HostResult | dict[str, Any]:
         name, tcti = session.host.name, tcti_of(session)
         nonce = coordinator.nonce(name)
-        quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": policy.bank, "pcrs": list(policy.pcrs),
+        quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": bank, "pcrs": pcrs,
                                        "eventlog": session.host.vars.get("tcc_eventlog",
                                                                          "/sys/kernel/security/tpm0/binary_bios_measurements")})
         evidence = Evidence(_unb64(quote["attest"]), _unb64(quote["signature"]),
                             {int(k): bytes.fromhex(v) for k, v in quote["pcrs"].items()},
                             _unb64(quote["eventlog"]), nonce, ssh_host_key=host_key(session))
         site = session.host.vars.get("tcc_site")
-        site_def = coordinator.perimeter.site(str(site)) if site else None
-        if site_def is not None and site_def.asset_tag is not None:
+        tag_index = coordinator.asset_tag_index(str(site) if site else None)
+        if tag_index is not None:
             try:
-                certified = session.call("nv_certify", {"tcti": tcti, "index": site_def.asset_tag.nv_index, "nonce": _b64(nonce)})
+                certified = session.call("nv_certify", {"tcti": tcti, "index": tag_index, "nonce": _b64(nonce)})
                 evidence.asset_attest = _unb64(certified["attest"])
                 evidence.asset_signature = _unb64(certified["signature"])
                 evidence.asset_nonce = nonce

@@ -1,0 +1,316 @@
+"""The TC's HTTPS API (`tc serve`): the embedded coordinator's methods as versioned routes.
+
+Engines authenticate with client certificates the TC issued (`tc engines add`), checked on
+every request against the registry, so a removed engine is refused at once. Every body is
+checked before anything else happens: size (413), content type (415), JSON (400), schema with
+unknown fields refused (400); a refusal by the TC is a 403 carrying its reason code; nothing of
+this changes state, and no error is a 500 unless the TC itself is broken.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import fastjsonschema
+from cryptography import x509
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse as StarletteJSON
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from .admission import AdmissionRefused
+from .enrollment import EnrollmentRefused
+from .keybroker import Refused
+from .service import Coordinator
+from .tls import engine_name
+from .wire import SCHEMAS, b64, evidence_from_wire, unb64
+
+MAX_BODY = 8 * 1024 * 1024  # an event log of a real machine is well under 1 MiB
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class JSONResponse(StarletteJSON):
+    """JSON out, with anything else (timestamps from the registry, say) as text rather than a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, default=str, separators=(",", ":")).encode()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class Metrics:
+    """Prometheus counters and latency histograms, kept in memory (one service process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.latency: dict[str, list[float]] = {}
+
+    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def observe(self, route: str, seconds: float) -> None:
+        with self._lock:
+            entry = self.latency.setdefault(route, [0.0] * (len(BUCKETS) + 2))
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    entry[i] += 1
+            entry[-2] += 1
+            entry[-1] += seconds
+
+    def render(self) -> str:
+        lines = []
+        with self._lock:
+            names = sorted({name for name, _ in self.counters})
+            for name in names:
+                lines.append(f"# TYPE {name} counter")
+                for (n, labels), value in sorted(self.counters.items()):
+                    if n == name:
+                        text = ",".join(f'{k}="{v}"' for k, v in labels)
+                        lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+            lines.append("# TYPE tccdeploy_http_request_seconds histogram")
+            for route, entry in sorted(self.latency.items()):
+                for i, bound in enumerate(BUCKETS):
+                    lines.append(f'tccdeploy_http_request_seconds_bucket{{route="{route}",le="{bound}"}} {entry[i]:g}')
+                lines.append(f'tccdeploy_http_request_seconds_bucket{{route="{route}",le="+Inf"}} {entry[-2]:g}')
+                lines.append(f'tccdeploy_http_request_seconds_count{{route="{route}"}} {entry[-2]:g}')
+                lines.append(f'tccdeploy_http_request_seconds_sum{{route="{route}"}} {entry[-1]:.6f}')
+        return "\n".join(lines) + "\n"
+
+
+PeerLookup = Callable[[tuple[str, int] | None], bytes | None]
+Handler = Callable[[Request], Awaitable[Any]]
+_VALIDATORS = {name: fastjsonschema.compile(schema) for name, schema in SCHEMAS.items()}
+
+
+class Api:
+    """The routes, over one Coordinator (its registry is shared by the worker threads)."""
+
+    def __init__(self, coordinator: Coordinator, peer_certificate: PeerLookup, max_body: int = MAX_BODY):
+        self.tc = coordinator
+        self.peer_certificate = peer_certificate
+        self.max_body = max_body
+        self.metrics = Metrics()
+        self.routes: list[tuple[str, str, str, str | None, bool, Handler]] = [
+            # (method, path, summary, body schema, engine only, handler)
+            ("GET", "/healthz", "liveness: the process answers", None, False, self.healthz),
+            ("GET", "/readyz", "readiness: the registry answers", None, False, self.readyz),
+            ("GET", "/metrics", "Prometheus metrics", None, False, self.prometheus),
+            ("GET", "/openapi.json", "this API's OpenAPI description", None, False, self.openapi),
+            ("GET", "/v1/status", "the TC's fingerprint, version and node counts", None, False, self.status),
+            ("GET", "/v1/certificate", "the TC's CA and key-wrapping certificates (PEM), for customers", None, False,
+             self.certificate),
+            ("GET", "/v1/policy", "what a quote must cover, and the sites' asset-tag NV indices", None, True, self.policy),
+            ("POST", "/v1/enrollments", "begin enrollment: EK certificate checked, credential for the AK", "EnrollmentBegin",
+             True, self.enrollment_begin),
+            ("POST", "/v1/enrollments/finish", "finish enrollment with the activated credential", "EnrollmentFinish", True,
+             self.enrollment_finish),
+            ("POST", "/v1/nonces", "a fresh single-use nonce for a node", "NonceRequest", True, self.nonce),
+            ("POST", "/v1/attestations", "submit evidence; the TC's verdict with every reason", "Attestation", True,
+             self.attestation),
+            ("POST", "/v1/admissions", "begin admission: the TK checked, a challenge only it can open", "AdmissionBegin",
+             True, self.admission_begin),
+            ("POST", "/v1/admissions/finish", "finish admission: the node certificate", "AdmissionFinish", True,
+             self.admission_finish),
+            ("GET", "/v1/nodes", "the registry's nodes with their last verdicts", None, True, self.nodes),
+            ("GET", "/v1/nodes/{name}", "one node and its attestation history", None, True, self.node),
+            ("POST", "/v1/nodes/{name}/quarantine", "quarantine a node (its certificate revoked)", "Quarantine", True,
+             self.quarantine),
+        ]
+
+    # -- plumbing --------------------------------------------------------------------------
+    def app(self) -> Starlette:
+        routes = [Route(path, self._wrap(path, schema, engine_only, handler), methods=[method])
+                  for method, path, _, schema, engine_only, handler in self.routes]
+        return Starlette(routes=routes)
+
+    def _wrap(self, path: str, schema: str | None, engine_only: bool, handler: Handler):  # type: ignore[no-untyped-def]
+        async def endpoint(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                if engine_only:
+                    request.state.engine = self._engine(request)
+                if schema is not None:
+                    request.state.body = await self._body(request, schema)
+                result = await handler(request)
+                response = result if isinstance(result, Response) else JSONResponse(result)
+            except ApiError as exc:
+                response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status)
+            except (EnrollmentRefused, AdmissionRefused, Refused) as exc:
+                self.metrics.count("tccdeploy_refusals_total", reason=exc.reason)
+                response = JSONResponse({"error": exc.reason, "message": str(exc)}, status_code=403)
+            self.metrics.observe(path, time.perf_counter() - start)
+            self.metrics.count("tccdeploy_http_requests_total", route=path, status=str(response.status_code))
+            return response
+
+        return endpoint
+
+    def _engine(self, request: Request) -> str:
+        der = self.peer_certificate(request.scope.get("client"))
+        if not der:
+            raise ApiError(401, "auth.engine-certificate", "this route needs an engine's client certificate "
+                                                           "(tccdeploy tc engines add NAME)")
+        cert = x509.load_der_x509_certificate(der)
+        name = engine_name(cert)
+        if name is None:
+            raise ApiError(403, "auth.not-an-engine", "the client certificate is not an engine certificate of this TC")
+        if self.tc.registry.engine_by_serial(format(cert.serial_number, "x")) is None:
+            raise ApiError(403, "auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
+        return name
+
+    async def _body(self, request: Request, schema: str) -> dict[str, Any]:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, "request.content-type", f"send application/json, not {kind or 'nothing'}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise ApiError(413, "request.too-large", f"the body is {declared} bytes; the limit is {self.max_body}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ApiError(413, "request.too-large", f"the body exceeds the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "request.json", f"the body is not JSON: {exc}") from None
+        try:
+            _VALIDATORS[schema](data)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise ApiError(400, "request.schema", f"{schema}: {exc.message}") from None
+        return data  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _bytes(value: str, field: str) -> bytes:
+        try:
+            return unb64(value)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "request.base64", f"{field} is not base64") from None
+
+    # -- public ---------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> dict[str, Any]:
+        return {"ok": True}
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await run_in_threadpool(self.tc.registry.nodes)
+        except Exception as exc:  # noqa: BLE001 - not ready, and why
+            return JSONResponse({"ready": False, "error": str(exc)}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    async def prometheus(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def status(self, request: Request) -> dict[str, Any]:
+        nodes = await run_in_threadpool(self.tc.registry.nodes)
+        counts: dict[str, int] = defaultdict(int)
+        for node in nodes:
+            counts[node["state"]] += 1
+        from .identity import load
+
+        return {"version": __version__, "fingerprint": load(self.tc.state).fingerprint, "perimeter": self.tc.perimeter.name,
+                "nodes": dict(counts)}
+
+    async def certificate(self, request: Request) -> Response:
+        from .identity import load
+
+        return PlainTextResponse(load(self.tc.state).bundle_pem, media_type="application/x-pem-file")
+
+    async def openapi(self, request: Request) -> dict[str, Any]:
+        paths: dict[str, Any] = {}
+        for method, path, summary, schema, engine_only, _ in self.routes:
+            op: dict[str, Any] = {"summary": summary, "responses": {
+                "200": {"description": "done"}, "400": {"description": "malformed request"},
+                "403": {"description": "refused by the TC (body: error = reason code)"}}}
+            if schema:
+                op["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+                op["responses"] |= {"413": {"description": "body too large"}, "415": {"description": "not JSON"}}
+            if engine_only:
+                op["security"] = [{"engineCertificate": []}]
+                op["responses"]["401"] = {"description": "no engine client certificate"}
+            paths.setdefault(path, {})[method.lower()] = op
+        return {"openapi": "3.1.0", "info": {"title": "tccdeploy trusted coordinator", "version": __version__},
+                "paths": paths, "components": {"schemas": SCHEMAS, "securitySchemes": {
+                    "engineCertificate": {"type": "mutualTLS", "description": "a client certificate from `tc engines add`"}}}}
+
+    # -- engines ----------------------------------------------------------------------------
+    async def policy(self, request: Request) -> dict[str, Any]:
+        bank, pcrs = self.tc.quote_policy()
+        return {"bank": bank, "pcrs": pcrs, "asset_tags": {s.name: s.asset_tag.nv_index for s in self.tc.perimeter.sites
+                                                           if s.asset_tag is not None}}
+
+    async def enrollment_begin(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        challenge = await run_in_threadpool(
+            self.tc.enrollment_challenge, b["node"], self._bytes(b["ek_certificate"], "ek_certificate"),
+            self._bytes(b["ek_public"], "ek_public"), self._bytes(b["ak_public"], "ak_public"), b["ssh_host_key"],
+            bool(b.get("force", False)))
+        return {"credential": b64(challenge.credential), "secret": b64(challenge.secret)}
+
+    async def enrollment_finish(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.enrollment_finish, b["node"], self._bytes(b["answer"], "answer"),
+                                       b.get("site"), b["address"])
+
+    async def nonce(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        value = await run_in_threadpool(self.tc.nonce, b["node"], b.get("purpose", "quote"))
+        return {"nonce": b64(value)}
+
+    async def attestation(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        try:
+            evidence = evidence_from_wire(b["evidence"])
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(400, "request.base64", f"evidence: {exc}") from None
+        verdict, attestation_id = await run_in_threadpool(self.tc.verify, b["node"], b.get("site"), b["address"], evidence)
+        self.metrics.count("tccdeploy_attestations_total", verdict="trusted" if verdict.trusted else "untrusted")
+        for reason in verdict.reasons:
+            self.metrics.count("tccdeploy_verdict_reasons_total", reason=reason["code"])
+        return verdict.as_dict() | {"attestation": attestation_id}
+
+    async def admission_begin(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        challenge = await run_in_threadpool(
+            self.tc.admission_challenge, b["node"], int(b["attestation"]), self._bytes(b["tk_public"], "tk_public"),
+            self._bytes(b["certify_attest"], "certify_attest"), self._bytes(b["certify_signature"], "certify_signature"),
+            self._bytes(b["nonce"], "nonce"))
+        return {"challenge": b64(challenge)}
+
+    async def admission_finish(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        result = await run_in_threadpool(self.tc.admission_finish, b["node"], b["answer"])
+        self.metrics.count("tccdeploy_admissions_total")
+        return result
+
+    async def nodes(self, request: Request) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.tc.nodes)
+
+    async def node(self, request: Request) -> dict[str, Any]:
+        name = request.path_params["name"]
+        row = await run_in_threadpool(self.tc.registry.node, name)
+        if row is None:
+            raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
+        history = await run_in_threadpool(self.tc.registry.attestations, name, 20)
+        return {"node": row, "attestations": history}
+
+    async def quarantine(self, request: Request) -> dict[str, Any]:
+        name = request.path_params["name"]
+        changed = await run_in_threadpool(self.tc.quarantine, name, request.state.body["reason"])
+        return {"node": name, "quarantined": changed}

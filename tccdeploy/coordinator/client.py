@@ -1,0 +1,110 @@
+"""The TC over HTTPS, for engines: the same methods the embedded Coordinator offers the engine,
+so enrollment and attestation run unchanged against either.
+
+The connection pins the TC's CA certificate (no system CAs: a certificate any public CA issued
+for the address is not the TC) and presents the engine's client certificate. A refusal comes
+back as the same exception, with the same reason code, as from the embedded TC.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any
+
+import httpx
+
+from .admission import AdmissionRefused
+from .enrollment import Challenge, EnrollmentRefused
+from .keybroker import Refused
+from .verifier import Evidence, Verdict
+from .wire import b64, evidence_to_wire, unb64, verdict_from_wire
+
+ENGINE_FILES = ("engine-cert.pem", "engine-key.pem", "tc-ca.pem")
+
+
+class TCUnavailable(RuntimeError):
+    """The TC could not be reached or answered with something other than a decision."""
+
+
+class RemoteCoordinator:
+    def __init__(self, url: str, engine_dir: str, timeout: float = 30.0):
+        missing = [f for f in ENGINE_FILES if not os.path.exists(os.path.join(engine_dir, f))]
+        if missing:
+            raise TCUnavailable(f"no engine credentials in {engine_dir} ({', '.join(missing)} missing): the TC's operator "
+                                f"makes them with `tccdeploy tc engines add NAME -o DIR`")
+        context = ssl.create_default_context(cafile=os.path.join(engine_dir, "tc-ca.pem"))
+        context.load_cert_chain(os.path.join(engine_dir, "engine-cert.pem"), os.path.join(engine_dir, "engine-key.pem"))
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
+        self._policy: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              refusal: type[Exception] = Refused) -> Any:
+        try:
+            response = self.http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise TCUnavailable(f"the TC at {self.url} did not answer {method} {path}: {exc}") from None
+        if response.status_code == 200:
+            return response.json()
+        try:
+            error = response.json()
+        except ValueError:
+            error = {"error": f"http.{response.status_code}", "message": response.text[:300]}
+        if response.status_code == 403 and not str(error.get("error", "")).startswith("auth."):
+            raise refusal(error["error"], error.get("message", ""))  # type: ignore[call-arg]
+        raise TCUnavailable(f"the TC at {self.url} answered {response.status_code} to {method} {path}: "
+                            f"{error.get('error')}: {error.get('message')}")
+
+    # -- what the engine asks the node for -------------------------------------------------
+    def _policy_now(self) -> dict[str, Any]:
+        if self._policy is None:
+            self._policy = self._call("GET", "/v1/policy")
+        return self._policy
+
+    def quote_policy(self) -> tuple[str, list[int]]:
+        policy = self._policy_now()
+        return str(policy["bank"]), [int(p) for p in policy["pcrs"]]
+
+    def asset_tag_index(self, site: str | None) -> int | None:
+        value = self._policy_now()["asset_tags"].get(site) if site else None
+        return int(value) if value is not None else None
+
+    # -- enrollment, attestation, admission ---------------------------------------------------
+    def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
+                             ssh_host_key: str, force: bool = False) -> Challenge:
+        answer = self._call("POST", "/v1/enrollments", {
+            "node": node, "ek_certificate": b64(ek_certificate), "ek_public": b64(ek_public),
+            "ak_public": b64(ak_public), "ssh_host_key": ssh_host_key, "force": force}, EnrollmentRefused)
+        return Challenge(unb64(answer["credential"]), unb64(answer["secret"]))
+
+    def enrollment_finish(self, node: str, answer: bytes, site: str | None, address: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/enrollments/finish", {"node": node, "answer": b64(answer), "site": site,  # type: ignore[no-any-return]
+                                                             "address": address}, EnrollmentRefused)
+
+    def nonce(self, node: str, purpose: str = "quote") -> bytes:
+        return unb64(self._call("POST", "/v1/nonces", {"node": node, "purpose": purpose})["nonce"])
+
+    def verify(self, node: str, site: str | None, address: str, evidence: Evidence) -> tuple[Verdict, int]:
+        answer = self._call("POST", "/v1/attestations", {"node": node, "site": site, "address": address,
+                                                          "evidence": evidence_to_wire(evidence)})
+        return verdict_from_wire(answer), int(answer["attestation"])
+
+    def admission_challenge(self, node: str, attestation_id: int, tk_public: bytes, certify_attest: bytes,
+                            certify_signature: bytes, nonce: bytes) -> bytes:
+        answer = self._call("POST", "/v1/admissions", {
+            "node": node, "attestation": attestation_id, "tk_public": b64(tk_public), "certify_attest": b64(certify_attest),
+            "certify_signature": b64(certify_signature), "nonce": b64(nonce)}, AdmissionRefused)
+        return unb64(answer["challenge"])
+
+    def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/admissions/finish", {"node": node, "answer": answer_hex}, AdmissionRefused)  # type: ignore[no-any-return]
+
+    def quarantine(self, node: str, reason: str) -> bool:
+        return bool(self._call("POST", f"/v1/nodes/{node}/quarantine", {"reason": reason})["quarantined"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/nodes")  # type: ignore[no-any-return]

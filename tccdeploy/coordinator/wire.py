@@ -1,0 +1,77 @@
+"""The TC's HTTP API on the wire: one place for every body's shape, used by the server (to check
+what arrives) and by the client (to build what it sends).
+
+Bytes travel as standard base64; every body is a JSON object whose schema refuses unknown
+fields, so a typo or a field from another version is a clear 400, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from .verifier import Evidence, Verdict
+
+B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4 * 1024 * 1024}
+NODE = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+SHORT = {"type": "string", "maxLength": 256}
+
+
+def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "EnrollmentBegin": _object({"node": NODE, "ek_certificate": B64, "ek_public": B64, "ak_public": B64,
+                                "ssh_host_key": SHORT, "force": {"type": "boolean"}},
+                               ["node", "ek_certificate", "ek_public", "ak_public", "ssh_host_key"]),
+    "EnrollmentFinish": _object({"node": NODE, "answer": B64, "site": {"type": ["string", "null"], "maxLength": 128},
+                                 "address": SHORT}, ["node", "answer", "address"]),
+    "NonceRequest": _object({"node": NODE, "purpose": {"enum": ["quote", "certify"]}}, ["node"]),
+    "Attestation": _object({
+        "node": NODE, "site": {"type": ["string", "null"], "maxLength": 128}, "address": SHORT,
+        "evidence": _object({"attest": B64, "signature": B64, "eventlog": B64, "nonce": B64, "ssh_host_key": SHORT,
+                             "pcrs": {"type": "object", "additionalProperties": False,
+                                      "patternProperties": {"^[0-9]{1,2}$": {"type": "string", "pattern": "^[0-9a-f]{0,128}$"}}},
+                             "asset_attest": B64, "asset_signature": B64, "asset_nonce": B64},
+                            ["attest", "signature", "pcrs", "eventlog", "nonce"]),
+    }, ["node", "address", "evidence"]),
+    "AdmissionBegin": _object({"node": NODE, "attestation": {"type": "integer", "minimum": 1}, "tk_public": B64,
+                               "certify_attest": B64, "certify_signature": B64, "nonce": B64},
+                              ["node", "attestation", "tk_public", "certify_attest", "certify_signature", "nonce"]),
+    "AdmissionFinish": _object({"node": NODE, "answer": {"type": "string", "pattern": "^[0-9a-f]{0,256}$"}},
+                               ["node", "answer"]),
+    "Quarantine": _object({"reason": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}}, ["reason"]),
+}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def evidence_to_wire(evidence: Evidence) -> dict[str, Any]:
+    out: dict[str, Any] = {"attest": b64(evidence.attest), "signature": b64(evidence.signature),
+                           "pcrs": {str(k): v.hex() for k, v in evidence.pcrs.items()},
+                           "eventlog": b64(evidence.eventlog), "nonce": b64(evidence.nonce),
+                           "ssh_host_key": evidence.ssh_host_key}
+    if evidence.asset_attest:
+        out |= {"asset_attest": b64(evidence.asset_attest), "asset_signature": b64(evidence.asset_signature),
+                "asset_nonce": b64(evidence.asset_nonce)}
+    return out
+
+
+def evidence_from_wire(data: dict[str, Any]) -> Evidence:
+    return Evidence(unb64(data["attest"]), unb64(data["signature"]),
+                    {int(k): bytes.fromhex(v) for k, v in data["pcrs"].items()}, unb64(data["eventlog"]),
+                    unb64(data["nonce"]), asset_attest=unb64(data.get("asset_attest", "")),
+                    asset_signature=unb64(data.get("asset_signature", "")), asset_nonce=unb64(data.get("asset_nonce", "")),
+                    ssh_host_key=str(data.get("ssh_host_key", "")))
+
+
+def verdict_from_wire(data: dict[str, Any]) -> Verdict:
+    return Verdict(data["verdict"] == "trusted", list(data["reasons"]), list(data["warnings"]), data.get("build"),
+                   data.get("pcr_digest"), data.get("reset_count"), data.get("restart_count"))
