@@ -1,0 +1,140 @@
+"""`tc serve`: the same enrollment and attestation through HTTPS as through the embedded TC, and
+bad input at the API answered with a clear 4xx that changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import ssl
+import subprocess
+
+import httpx
+import pytest
+
+from tccdeploy.lab.lab import Lab
+
+from .conftest import REPO
+from .tcservice import BIN, Service
+
+
+@pytest.fixture(scope="module")
+def examples_service(tmp_path_factory):
+    service = Service(tmp_path_factory.mktemp("served-tc"), str(REPO / "examples"))
+    yield service
+    service.stop()
+
+
+def dump(state, without_audit: bool = False) -> str:  # type: ignore[no-untyped-def]
+    db = sqlite3.connect(str(state / "registry.sqlite"))
+    try:
+        return "\n".join(line for line in db.iterdump() if not (without_audit and line.startswith('INSERT INTO "audit"')))
+    finally:
+        db.close()
+
+
+BAD = [
+    ("wrong content type", {"content": b"node=node1", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+     415, "request.content-type"),
+    ("malformed JSON", {"content": b'{"node": ', "headers": {"content-type": "application/json"}}, 400, "request.json"),
+    ("unknown field", {"json": {"node": "node1", "purpose": "quote", "admin": True}}, 400, "request.schema"),
+    ("wrong type", {"json": {"node": 7}}, 400, "request.schema"),
+    ("a node name with a path in it", {"json": {"node": "../node1"}}, 400, "request.schema"),
+    ("oversized body", {"content": b"[" + b"0," * (5 * 1024 * 1024) + b"0]", "headers": {"content-type": "application/json"}},
+     413, "request.too-large"),
+]
+
+
+@pytest.mark.parametrize("what, request_args, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx_and_changes_nothing(examples_service, what, request_args, status, code):
+    before = dump(examples_service.state)
+    with examples_service.client() as client:
+        response = client.post("/v1/nonces", **request_args)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code and response.json()["message"]
+    assert dump(examples_service.state) == before
+
+
+def test_malformed_evidence_is_refused_with_a_reason_not_a_500(examples_service):
+    """A refusal is a decision, so it goes to the audit log (nothing else changes)."""
+    before = dump(examples_service.state, without_audit=True)
+    with examples_service.client() as client:
+        response = client.post("/v1/enrollments", json={"node": "n1", "ek_certificate": "AAAA", "ek_public": "",
+                                                         "ak_public": "", "ssh_host_key": ""})
+        assert response.status_code == 403 and response.json()["error"] in ("ek.certificate-malformed", "evidence.malformed")
+        response = client.post("/v1/attestations", json={"node": "n1", "address": "127.0.0.1", "evidence": {
+            "attest": "AAAA", "signature": "AAAA", "pcrs": {"0": "zz"}, "eventlog": "", "nonce": ""}})
+        assert response.status_code == 400  # pcr values must be hex
+    assert dump(examples_service.state, without_audit=True) == before
+
+
+def test_engine_routes_need_an_engine_certificate_of_this_tc(examples_service, tmp_path):
+    with examples_service.client(cert=False) as client:
+        response = client.get("/v1/policy")
+        assert response.status_code == 401 and response.json()["error"] == "auth.engine-certificate"
+        assert client.get("/v1/status").status_code == 200  # public routes need none
+    # A certificate from another CA: the TLS handshake itself refuses it (unknown CA).
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem"), "-days", "1",
+                    "-subj", "/OU=tccdeploy engine/CN=intruder"], check=True, capture_output=True)
+    with pytest.raises((httpx.HTTPError, ssl.SSLError)):
+        with examples_service.client(cert_files=(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))) as client:
+            client.get("/v1/policy")
+    # A removed engine is refused at once, by serial.
+    env = dict(os.environ, TCCDEPLOY_STATE=str(examples_service.state))
+    run = [str(BIN / "tccdeploy"), "tc", "engines"]
+    subprocess.run([*run, "add", "temp", "-o", str(tmp_path / "temp")], env=env, check=True, capture_output=True)
+    files = (str(tmp_path / "temp" / "engine-cert.pem"), str(tmp_path / "temp" / "engine-key.pem"))
+    with examples_service.client(cert_files=files) as client:
+        assert client.get("/v1/policy").status_code == 200
+    subprocess.run([*run, "remove", "temp"], env=env, check=True, capture_output=True)
+    with examples_service.client(cert_files=files) as client:
+        response = client.get("/v1/policy")
+    assert response.status_code == 403 and response.json()["error"] == "auth.engine-revoked"
+
+
+def test_openapi_health_readiness_and_metrics_are_served(examples_service):
+    with examples_service.client(cert=False) as client:
+        spec = client.get("/openapi.json").json()
+        assert {"/v1/attestations", "/v1/nonces", "/v1/enrollments", "/v1/admissions"} <= set(spec["paths"])
+        assert spec["paths"]["/v1/attestations"]["post"]["requestBody"]
+        assert client.get("/healthz").json() == {"ok": True} and client.get("/readyz").json() == {"ready": True}
+        metrics = client.get("/metrics").text
+        assert "tccdeploy_http_requests_total{" in metrics and "tccdeploy_http_request_seconds_bucket{" in metrics
+        bundle = client.get("/v1/certificate").text
+        assert bundle.count("BEGIN CERTIFICATE") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["embedded", "served"])
+def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(lab: Lab, tmp_path, where):
+    state = tmp_path / "tc"
+    env = dict(os.environ, NO_COLOR="1", TCCDEPLOY_STATE=str(state))
+    common = ["-i", lab.inventory_dir, "node1,node3,roguetpm1,outside1"]
+    service = None
+    if where == "served":
+        service = Service(state, lab.manifests_dir)
+        env["TCCDEPLOY_STATE"] = str(tmp_path / "engine-state")  # the engine has no TC state of its own
+        common += ["--tc", service.url, "--engine-dir", str(service.engine_dir)]
+    else:
+        subprocess.run([str(BIN / "tccdeploy"), "tc", "init"], env=env, check=True, capture_output=True)
+        common += ["-m", lab.manifests_dir]
+    try:
+        tcc = [str(BIN / "tccdeploy")]
+        enrolled = subprocess.run([*tcc, "enroll", *common, "--json"], env=env, capture_output=True, text=True)
+        attested = subprocess.run([*tcc, "attest", "--admit", *common, "--json"], env=env, capture_output=True, text=True)
+    finally:
+        if service is not None:
+            service.stop()
+    enroll = {r["name"]: r for r in json.loads(enrolled.stdout)}
+    attest = {r["name"]: r for r in json.loads(attested.stdout)}
+    assert enrolled.returncode == attested.returncode == 2
+    assert enroll["roguetpm1"]["state"] == "failed" and "manufacturer" in enroll["roguetpm1"]["msg"]
+    assert attest["outside1"]["reason"] == "perimeter.no-site"
+    assert attest["node1"]["result"]["admitted"] and attest["node3"]["result"]["admitted"]  # node3: a certified asset tag
+    db = sqlite3.connect(str(state / "registry.sqlite"))
+    try:
+        admitted = sorted(r[0] for r in db.execute("SELECT name FROM nodes WHERE state = 'admitted'"))
+    finally:
+        db.close()
+    assert admitted == ["node1", "node3"]
