@@ -23,16 +23,22 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, state: Path, manifests: str):
+    """registry: a postgresql:// URL (replicas share it, and the state folder with the TC's
+    identity); setup=False for a second replica of an existing TC."""
+
+    def __init__(self, state: Path, manifests: str, registry: str | None = None, setup: bool = True):
         self.state = state
         self.engine_dir = state / "engine-ops"
         env = dict(os.environ, TCCDEPLOY_STATE=str(state))
-        subprocess.run([str(BIN / "tccdeploy"), "tc", "init"], env=env, check=True, capture_output=True)
-        subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "ops", "-o", str(self.engine_dir)], env=env,
-                       check=True, capture_output=True)
+        if registry:
+            env["TCCDEPLOY_REGISTRY"] = registry
+        if setup:
+            subprocess.run([str(BIN / "tccdeploy"), "tc", "init"], env=env, check=True, capture_output=True)
+            subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "ops", "-o", str(self.engine_dir)], env=env,
+                           check=True, capture_output=True)
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
-        self.log = open(state / "serve.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(state / f"serve-{self.port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(BIN / "tccdeploy"), "tc", "serve", "--listen", f"127.0.0.1:{self.port}",
                                       "-m", manifests], env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
@@ -44,7 +50,7 @@ class Service:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"tc serve did not start: {(state / 'serve.log').read_text()[-2000:]}")
+                raise RuntimeError(f"tc serve did not start: {(state / f'serve-{self.port}.log').read_text()[-2000:]}")
             time.sleep(0.1)
 
     def client(self, cert: bool = True, cert_files: tuple[str, str] | None = None) -> httpx.Client:
@@ -57,7 +63,15 @@ class Service:
             context.load_cert_chain(str(self.engine_dir / "engine-cert.pem"), str(self.engine_dir / "engine-key.pem"))
         return httpx.Client(base_url=self.url, verify=context, timeout=20)
 
+    def kill(self) -> None:
+        """As a machine lost: no clean shutdown."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
     def stop(self) -> None:
+        if self.log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -32,8 +32,8 @@ def registry(tmp_path: Path) -> Registry:
 def test_registry_is_created_0600_in_wal_mode_at_the_latest_version(tmp_path: Path, registry: Registry):
     assert oct(os.stat(registry.path).st_mode & 0o777) == "0o600"
     assert registry.version == len(MIGRATIONS)
-    assert registry.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert registry.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert registry.backend.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert registry.backend.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
 def test_an_older_registry_is_migrated_in_place(tmp_path: Path):

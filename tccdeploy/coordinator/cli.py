@@ -72,7 +72,7 @@ def _when(timestamp: float | None) -> str:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    from ..config import state_dir
+    from .service import registry_location
     from .store import Registry
 
     words = [w for w in args.node if w != "show"] if args.node else []
@@ -80,7 +80,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
         return 2
     args.node = words[0] if words else None
-    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    registry = Registry(registry_location(args.state))
     try:
         if args.node:
             if registry.node(args.node) is None:
@@ -146,9 +146,10 @@ def cmd_tc(args: argparse.Namespace) -> int:
 
 
 def _customers(args: argparse.Namespace, state: str) -> int:
+    from .service import registry_location
     from .store import Registry
 
-    registry = Registry(os.path.join(state, "registry.sqlite"))
+    registry = Registry(registry_location(state))
     try:
         if args.rest[:1] == ["add"] and len(args.rest) == 3:
             from ..crypto import customer
@@ -171,9 +172,10 @@ def _engines(args: argparse.Namespace, state: str) -> int:
     from cryptography.hazmat.primitives import hashes
 
     from . import identity, tls
+    from .service import registry_location
     from .store import Registry
 
-    registry = Registry(os.path.join(state, "registry.sqlite"))
+    registry = Registry(registry_location(state))
     try:
         if args.rest[:1] == ["add"] and len(args.rest) == 2:
             name = args.rest[1]
@@ -258,7 +260,7 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
-    from ..config import state_dir
+    from .service import registry_location
     from .store import Registry
 
     if args.repair:
@@ -277,7 +279,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
         finally:
             coordinator.close()
 
-    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    registry = Registry(registry_location(args.state))
     try:
         rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
                  "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in registry.vms(args.all)]
@@ -293,11 +295,11 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    from ..config import state_dir
     from ..engine.cli import _fan_out, load
+    from .service import registry_location
     from .store import Registry
 
-    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    registry = Registry(registry_location(args.state))
     try:
         vm = registry.vm(args.vm)
         if vm is None or vm["node"] is None:
@@ -413,11 +415,11 @@ def cmd_enforce(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ..config import state_dir
     from . import audit
+    from .service import registry_location
     from .store import Registry
 
-    registry = Registry(os.path.join(state_dir(args.state), "registry.sqlite"))
+    registry = Registry(registry_location(args.state))
     try:
         if args.audit_command == "verify":
             result = audit.verify(registry, args.expect_head)

@@ -28,6 +28,11 @@ class TCUnavailable(RuntimeError):
 
 
 class RemoteCoordinator:
+    """url: one TC, or several replicas separated by commas: a request that cannot reach one
+    (connection refused, reset, timed out before an answer) goes to the next. Retrying is safe
+    because the TC makes every state change single-use: an evidence submission a lost replica
+    already recorded comes back refused as a replayed nonce, never as a second verdict."""
+
     def __init__(self, url: str, engine_dir: str, timeout: float = 30.0):
         missing = [f for f in ENGINE_FILES if not os.path.exists(os.path.join(engine_dir, f))]
         if missing:
@@ -35,19 +40,27 @@ class RemoteCoordinator:
                                 f"makes them with `tccdeploy tc engines add NAME -o DIR`")
         context = ssl.create_default_context(cafile=os.path.join(engine_dir, "tc-ca.pem"))
         context.load_cert_chain(os.path.join(engine_dir, "engine-cert.pem"), os.path.join(engine_dir, "engine-key.pem"))
-        self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        self.url = self.urls[0]
+        self.http = httpx.Client(verify=context, timeout=timeout)
         self._policy: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.http.close()
 
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+        errors = []
+        for _ in range(len(self.urls)):
+            try:
+                return self.http.request(method, self.url + path, json=body)
+            except httpx.TransportError as exc:
+                errors.append(f"{self.url}: {exc}")
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]  # the next replica
+        raise TCUnavailable(f"no TC answered {method} {path}: {'; '.join(errors)}")
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               refusal: type[Exception] = Refused) -> Any:
-        try:
-            response = self.http.request(method, path, json=body)
-        except httpx.HTTPError as exc:
-            raise TCUnavailable(f"the TC at {self.url} did not answer {method} {path}: {exc}") from None
+        response = self._send(method, path, body)
         if response.status_code == 200:
             return response.json()
         try:

@@ -19,14 +19,22 @@ from . import admission, audit, enrollment, identity, keybroker, receipts, verif
 from .store import Registry
 
 REGISTRY_FILE = "registry.sqlite"
+REGISTRY_ENV = "TCCDEPLOY_REGISTRY"
+
+
+def registry_location(state: str | None = None) -> str:
+    """Where the registry is: $TCCDEPLOY_REGISTRY (a postgresql:// URL, for replicas), else the
+    SQLite file in the state directory."""
+    return os.environ.get(REGISTRY_ENV) or os.path.join(state_dir(state), REGISTRY_FILE)
 
 
 class Coordinator:
-    def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None):
+    def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None,
+                 registry: str | None = None):
         self.state = state_dir(state)
         self.perimeter = perimeter
         self.builds = builds
-        self.registry = Registry(os.path.join(self.state, REGISTRY_FILE))
+        self.registry = Registry(registry or registry_location(self.state))
 
     def close(self) -> None:
         self.registry.close()

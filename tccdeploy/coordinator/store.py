@@ -1,22 +1,23 @@
-"""The trusted coordinator's registry: one small interface over SQLite.
+"""The trusted coordinator's registry: one small interface over SQLite or PostgreSQL.
 
-Callers use Registry's methods only, never SQL, so a server database can replace SQLite later
-without touching them. The schema is versioned: MIGRATIONS[i] takes version i to i+1, applied
-in one transaction each at open. WAL, foreign keys, and single-statement updates where two
-processes may race (a nonce is consumed by exactly one UPDATE).
+Callers use Registry's methods only, never SQL. The SQL here is written once, in the subset both
+databases run (`?` placeholders, ON CONFLICT upserts, RETURNING), and db.py adapts it. What
+must hold under concurrent writers, including several `tc serve` replicas on one PostgreSQL,
+holds by construction: a nonce is consumed by one conditional UPDATE, a key is released by one
+conditional UPDATE, a pending challenge is taken by one DELETE ... RETURNING, at most one
+migration per VM is under way (a partial unique index), and the audit chain's next link is
+written under the backend's serializing lock. The schema is versioned: MIGRATIONS (SQLite) and
+PG_MIGRATIONS (PostgreSQL) take version i to i+1, each step in one transaction.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from .db import open_backend
 
 MIGRATIONS: list[str] = [
     """
@@ -176,18 +177,101 @@ MIGRATIONS: list[str] = [
         revoked REAL
     );
     """,
+    # 7: at most one migration under way per VM, enforced by the database (two engines racing).
+    """
+    CREATE UNIQUE INDEX migrations_one_started ON migrations(vm_id) WHERE state = 'started';
+    """,
+]
+
+
+
+# PostgreSQL starts at the schema SQLite reached in MIGRATIONS[6] (version 7).
+PG_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('enrolled', 'admitted', 'quarantined', 'retired')),
+        site TEXT, address TEXT, build TEXT,
+        created DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE identities (
+        node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        ek_certificate BYTEA NOT NULL, ek_fingerprint TEXT NOT NULL, ek_public BYTEA NOT NULL,
+        ak_public BYTEA NOT NULL, ak_name BYTEA NOT NULL, ssh_host_key TEXT NOT NULL,
+        manufacturer TEXT NOT NULL, enrolled_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE challenges (
+        node TEXT PRIMARY KEY, secret_hash BYTEA NOT NULL, ek_certificate BYTEA NOT NULL,
+        ek_fingerprint TEXT NOT NULL, ek_public BYTEA NOT NULL, ak_public BYTEA NOT NULL,
+        ssh_host_key TEXT NOT NULL, manufacturer TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE nonces (
+        nonce TEXT PRIMARY KEY, node TEXT NOT NULL, purpose TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL, used_at DOUBLE PRECISION
+    );
+    CREATE TABLE attestations (
+        id BIGSERIAL PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        time DOUBLE PRECISION NOT NULL, nonce TEXT,
+        verdict TEXT NOT NULL CHECK (verdict IN ('trusted', 'untrusted')),
+        reasons TEXT NOT NULL, warnings TEXT NOT NULL, pcr_digest TEXT,
+        reset_count BIGINT, restart_count BIGINT, build TEXT, pcr_values TEXT
+    );
+    CREATE INDEX attestations_node_time ON attestations(node, time);
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY, node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        attestation BIGINT REFERENCES attestations(id), tk_name TEXT NOT NULL,
+        not_after DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION, pem TEXT NOT NULL
+    );
+    CREATE TABLE admissions (
+        node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        attestation BIGINT NOT NULL REFERENCES attestations(id),
+        tk_public BYTEA NOT NULL, challenge_hash BYTEA NOT NULL, expires DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE customers (
+        name TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL UNIQUE, added DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY, customer TEXT NOT NULL REFERENCES customers(name), vm TEXT NOT NULL,
+        vm_id TEXT NOT NULL, image_sha256 TEXT NOT NULL, wrapped_key TEXT NOT NULL, spec TEXT NOT NULL,
+        received DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('accepted', 'released', 'launched', 'failed'))
+    );
+    CREATE TABLE vms (
+        vm_id TEXT PRIMARY KEY, name TEXT NOT NULL, customer TEXT NOT NULL REFERENCES customers(name),
+        node TEXT REFERENCES nodes(name),
+        state TEXT NOT NULL CHECK (state IN ('starting', 'running', 'stopped', 'destroyed')),
+        image_sha256 TEXT NOT NULL, request TEXT NOT NULL REFERENCES requests(id),
+        vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, anti_affinity TEXT,
+        launched DOUBLE PRECISION, updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE releases (
+        id BIGSERIAL PRIMARY KEY, vm_id TEXT NOT NULL, request TEXT NOT NULL REFERENCES requests(id),
+        node TEXT NOT NULL REFERENCES nodes(name), attestation BIGINT NOT NULL REFERENCES attestations(id),
+        certificate_serial TEXT NOT NULL, time DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE audit (
+        id BIGINT PRIMARY KEY, time DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, node TEXT, vm TEXT,
+        data TEXT NOT NULL, prev TEXT NOT NULL, hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_node ON audit(node);
+    CREATE INDEX audit_vm ON audit(vm);
+    CREATE TABLE migrations (
+        id BIGSERIAL PRIMARY KEY, vm_id TEXT NOT NULL REFERENCES vms(vm_id), source TEXT NOT NULL,
+        destination TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('started', 'committed', 'aborted')),
+        started DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION, reason TEXT
+    );
+    CREATE UNIQUE INDEX migrations_one_started ON migrations(vm_id) WHERE state = 'started';
+    CREATE TABLE engines (
+        name TEXT PRIMARY KEY, serial TEXT NOT NULL UNIQUE, fingerprint TEXT NOT NULL,
+        added DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION
+    );
+    """,
 ]
 
 
 class RegistryError(RuntimeError):
     pass
-
-
-def _first(cursor: sqlite3.Cursor) -> sqlite3.Row | None:
-    """The first row, with the statement run to its end: a half-read statement keeps SQLite's
-    read snapshot open past COMMIT, and this connection would stop seeing other processes' writes."""
-    rows = cursor.fetchall()
-    return rows[0] if rows else None
 
 
 @dataclass(frozen=True)
@@ -197,64 +281,53 @@ class NonceCheck:
     created: float = 0.0
 
 
-class Registry:
-    """The TC's state. One instance per process; safe to use from the engine's threads."""
+def _upsert(table: str, key: str, values: dict[str, Any]) -> tuple[str, tuple]:
+    """INSERT ... ON CONFLICT(key) DO UPDATE of every other column: SQLite's and PostgreSQL's."""
+    columns = list(values)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+    sql = (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+           f"ON CONFLICT({key}) DO UPDATE SET {updates}")
+    return sql, tuple(values.values())
 
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        fresh = not os.path.exists(path)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        if fresh:
-            os.chmod(path, 0o600)
-        self.db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()  # one connection, shared by the engine's threads
-        self.db.execute("PRAGMA journal_mode=WAL").fetchall()
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=30000")
-        self._migrate()
+
+class Registry:
+    """The TC's state. One instance per process; safe to use from the engine's and the server's threads.
+
+    location: a SQLite file path, or a postgresql:// URL."""
+
+    def __init__(self, location: str):
+        self.path = location
+        self.backend = open_backend(location)
+        self.kind = self.backend.kind
+        current = self.backend.version()
+        steps = MIGRATIONS if self.kind == "sqlite" else PG_MIGRATIONS
+        if current > len(steps):
+            raise RegistryError(f"{location} has schema version {current}; this tccdeploy knows up to {len(steps)}")
+        self.backend.migrate(steps)
 
     @property
     def version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchall()[0][0])
+        return self.backend.version()
 
-    def _migrate(self) -> None:
-        current = self.version
-        if current > len(MIGRATIONS):
-            raise RegistryError(f"{self.path} has schema version {current}; this tccdeploy knows up to {len(MIGRATIONS)}")
-        for number in range(current, len(MIGRATIONS)):
-            # One transaction per step: a failed migration leaves the previous version intact.
-            with self._lock:
-                self.db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[number] + f";PRAGMA user_version={number + 1};COMMIT;")
+    def transaction(self, serialize: bool = False):  # type: ignore[no-untyped-def]
+        return self.backend.transaction(serialize)
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+    def _all(self, query: str, params: tuple = ()) -> list[dict[str, Any]]:
+        return self.backend.query(query, params)
 
-    def _all(self, query: str, params: tuple = ()) -> list[sqlite3.Row]:
-        # Known issue (see the notes of issue 6): in one long test run this shared connection was
-        # seen answering from an old snapshot after another process's commit. Commands open a
-        # fresh Registry each run, so they are not affected; a long-lived service must be.
-        with self._lock:
-            return self.db.execute(query, params).fetchall()
+    def _one(self, query: str, params: tuple = ()) -> dict[str, Any] | None:
+        rows = self.backend.query(query, params)
+        return rows[0] if rows else None
 
     def close(self) -> None:
-        self.db.close()
+        self.backend.close()
 
     # -- nodes ----------------------------------------------------------------------------
     def node(self, name: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM nodes WHERE name = ?", (name,))
-        return dict(rows[0]) if rows else None
+        return self._one("SELECT * FROM nodes WHERE name = ?", (name,))
 
     def nodes(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._all("SELECT * FROM nodes ORDER BY name")]
+        return self._all("SELECT * FROM nodes ORDER BY name")
 
     def set_state(self, name: str, state: str, **fields: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -264,17 +337,14 @@ class Registry:
 
     # -- enrollment -----------------------------------------------------------------------
     def save_challenge(self, node: str, **values: Any) -> None:
-        columns = ", ".join(["node", *values])
-        marks = ", ".join("?" * (len(values) + 1))
+        sql, params = _upsert("challenges", "node", {"node": node, **values})
         with self.transaction() as db:
-            db.execute(f"INSERT OR REPLACE INTO challenges ({columns}) VALUES ({marks})", (node, *values.values()))
+            db.execute(sql, params)
 
     def take_challenge(self, node: str) -> dict[str, Any] | None:
-        """Return and delete the pending challenge: each can be answered once."""
+        """Return and delete the pending challenge in one statement: each is answered once."""
         with self.transaction() as db:
-            row = _first(db.execute("SELECT * FROM challenges WHERE node = ?", (node,)))
-            db.execute("DELETE FROM challenges WHERE node = ?", (node,))
-        return dict(row) if row else None
+            return db.execute("DELETE FROM challenges WHERE node = ? RETURNING *", (node,)).first()
 
     def enroll(self, node: str, site: str | None, address: str, identity: dict[str, Any]) -> None:
         now = time.time()
@@ -285,13 +355,11 @@ class Registry:
                 "updated = excluded.updated",
                 (node, site, address, now, now),
             )
-            columns = ", ".join(["node", *identity, "enrolled_at"])
-            marks = ", ".join("?" * (len(identity) + 2))
-            db.execute(f"INSERT OR REPLACE INTO identities ({columns}) VALUES ({marks})", (node, *identity.values(), now))
+            sql, params = _upsert("identities", "node", {"node": node, **identity, "enrolled_at": now})
+            db.execute(sql, params)
 
     def identity(self, node: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM identities WHERE node = ?", (node,))
-        return dict(rows[0]) if rows else None
+        return self._one("SELECT * FROM identities WHERE node = ?", (node,))
 
     # -- nonces ---------------------------------------------------------------------------
     def new_nonce(self, node: str, purpose: str, nonce: str, ttl: float) -> None:
@@ -308,8 +376,8 @@ class Registry:
             changed = db.execute(
                 "UPDATE nonces SET used_at = ? WHERE nonce = ? AND node = ? AND purpose = ? AND used_at IS NULL "
                 "AND expires >= ?", (now, nonce, node, purpose, now)).rowcount
-            row = _first(db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)))
-        if changed == 1:
+            row = db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)).first()
+        if changed == 1 and row is not None:
             return NonceCheck(True, created=row["created"])
         if row is None:
             return NonceCheck(False, "nonce.unknown")
@@ -322,49 +390,43 @@ class Registry:
     # -- attestations ---------------------------------------------------------------------
     def add_attestation(self, node: str, record: dict[str, Any]) -> int:
         with self.transaction() as db:
-            cursor = db.execute(
+            row = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
-                "restart_count, build, pcr_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "restart_count, build, pcr_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (node, time.time(), record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
                  json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
                  record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {})),
-            )
+            ).first()
             if record["verdict"] == "trusted" and record.get("build"):
                 db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
-            return int(cursor.lastrowid or 0)
+            return int(row["id"]) if row else 0
+
+    @staticmethod
+    def _attestation_row(item: dict[str, Any]) -> dict[str, Any]:
+        item = dict(item)
+        item["reasons"] = json.loads(item["reasons"])
+        item["warnings"] = json.loads(item["warnings"])
+        item["pcr_values"] = json.loads(item.get("pcr_values") or "{}")
+        return item
 
     def attestations(self, node: str, limit: int = 50, trusted_only: bool = False) -> list[dict[str, Any]]:
         query = "SELECT * FROM attestations WHERE node = ?" + (" AND verdict = 'trusted'" if trusted_only else "")
-        rows = self._all(query + " ORDER BY id DESC LIMIT ?", (node, limit))
-        out = []
-        for row in rows:
-            item = dict(row)
-            item["reasons"] = json.loads(item["reasons"])
-            item["warnings"] = json.loads(item["warnings"])
-            item["pcr_values"] = json.loads(item.get("pcr_values") or "{}")
-            out.append(item)
-        return out
+        return [self._attestation_row(r) for r in self._all(query + " ORDER BY id DESC LIMIT ?", (node, limit))]
 
     def attestation(self, attestation_id: int) -> dict[str, Any] | None:
-        rows = self._all("SELECT node FROM attestations WHERE id = ?", (attestation_id,))
-        if not rows:
-            return None
-        for item in self.attestations(rows[0]["node"], limit=1000):
-            if item["id"] == attestation_id:
-                return item
-        return None
+        row = self._one("SELECT * FROM attestations WHERE id = ?", (attestation_id,))
+        return self._attestation_row(row) if row else None
 
     # -- admission ------------------------------------------------------------------------
     def save_admission(self, node: str, attestation: int, tk_public: bytes, challenge_hash: bytes, expires: float) -> None:
+        sql, params = _upsert("admissions", "node", {"node": node, "attestation": attestation, "tk_public": tk_public,
+                                                     "challenge_hash": challenge_hash, "expires": expires})
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO admissions (node, attestation, tk_public, challenge_hash, expires) "
-                       "VALUES (?, ?, ?, ?, ?)", (node, attestation, tk_public, challenge_hash, expires))
+            db.execute(sql, params)
 
     def take_admission(self, node: str) -> dict[str, Any] | None:
         with self.transaction() as db:
-            row = _first(db.execute("SELECT * FROM admissions WHERE node = ?", (node,)))
-            db.execute("DELETE FROM admissions WHERE node = ?", (node,))
-        return dict(row) if row else None
+            return db.execute("DELETE FROM admissions WHERE node = ? RETURNING *", (node,)).first()
 
     def admit(self, node: str, certificate: dict[str, Any]) -> None:
         """Record the node certificate and make the node admitted, in one transaction."""
@@ -377,13 +439,13 @@ class Registry:
                        (certificate["build"], time.time(), node))
 
     def quarantine(self, node: str) -> bool:
-        """Revoke the node's certificates and quarantine it; True if it was admitted."""
+        """Revoke the node's certificates and quarantine it; True if it was admitted (one caller wins)."""
         with self.transaction() as db:
-            row = _first(db.execute("SELECT state FROM nodes WHERE name = ?", (node,)))
-            if row is None or row["state"] != "admitted":
+            changed = db.execute("UPDATE nodes SET state = 'quarantined', updated = ? WHERE name = ? AND state = 'admitted'",
+                                 (time.time(), node)).rowcount
+            if changed != 1:
                 return False
             db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
-            db.execute("UPDATE nodes SET state = 'quarantined', updated = ? WHERE name = ?", (time.time(), node))
         return True
 
     # -- customers, requests, VMs -----------------------------------------------------------
@@ -392,11 +454,10 @@ class Registry:
             db.execute("INSERT INTO customers (name, key, key_id, added) VALUES (?, ?, ?, ?)", (name, key, key_id, time.time()))
 
     def customer_by_key(self, key: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM customers WHERE key = ?", (key,))
-        return dict(rows[0]) if rows else None
+        return self._one("SELECT * FROM customers WHERE key = ?", (key,))
 
     def customers(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._all("SELECT * FROM customers ORDER BY name")]
+        return self._all("SELECT * FROM customers ORDER BY name")
 
     def accept_request(self, record: dict[str, Any]) -> bool:
         """Record a request; False if its id was seen before (a replay)."""
@@ -406,15 +467,14 @@ class Registry:
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'accepted')",
                            (record["id"], record["customer"], record["vm"], record["vm_id"], record["image_sha256"],
                             record["wrapped_key"], json.dumps(record["spec"]), time.time()))
-        except sqlite3.IntegrityError:
+        except self.backend.integrity_error:
             return False
         return True
 
     def request(self, request_id: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM requests WHERE id = ?", (request_id,))
-        if not rows:
+        item = self._one("SELECT * FROM requests WHERE id = ?", (request_id,))
+        if item is None:
             return None
-        item = dict(rows[0])
         item["spec"] = json.loads(item["spec"])
         return item
 
@@ -423,7 +483,7 @@ class Registry:
             db.execute("UPDATE requests SET state = ? WHERE id = ?", (state, request_id))
 
     def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str) -> bool:
-        """One release per request: the state check and the insert are one transaction."""
+        """One release per request: the conditional UPDATE and the insert are one transaction."""
         with self.transaction() as db:
             changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
                                  (request_id,)).rowcount
@@ -434,25 +494,25 @@ class Registry:
         return True
 
     def releases(self, vm_id: str) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))]
+        return self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))
 
     def upsert_vm(self, record: dict[str, Any]) -> None:
+        row = {"launched": None, "anti_affinity": None, **record, "updated": time.time()}
+        columns = ("vm_id", "name", "customer", "node", "state", "image_sha256", "request", "vcpus", "memory_mib",
+                   "anti_affinity", "launched", "updated")
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO vms (vm_id, name, customer, node, state, image_sha256, request, vcpus, memory_mib, anti_affinity, "
-                "launched, updated) VALUES (:vm_id, :name, :customer, :node, :state, :image_sha256, :request, :vcpus, "
-                ":memory_mib, :anti_affinity, :launched, :updated) ON CONFLICT(vm_id) DO UPDATE SET node = excluded.node, "
-                "state = excluded.state, launched = excluded.launched, updated = excluded.updated",
-                {"launched": None, "anti_affinity": None, **record, "updated": time.time()})
+                f"INSERT INTO vms ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) ON CONFLICT(vm_id) DO "
+                "UPDATE SET node = excluded.node, state = excluded.state, launched = excluded.launched, "
+                "updated = excluded.updated", tuple(row[c] for c in columns))
 
     def vm(self, name_or_id: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
+        return self._one("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
                          (name_or_id, name_or_id))
-        return dict(rows[0]) if rows else None
 
     def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
         query = "SELECT * FROM vms" + ("" if include_destroyed else " WHERE state != 'destroyed'") + " ORDER BY name"
-        return [dict(r) for r in self._all(query)]
+        return self._all(query)
 
     def set_vm_state(self, vm_id: str, state: str) -> None:
         with self.transaction() as db:
@@ -460,37 +520,40 @@ class Registry:
 
     # -- migrations -------------------------------------------------------------------------
     def start_migration(self, vm_id: str, source: str, destination: str) -> int:
-        with self.transaction() as db:
-            busy = _first(db.execute("SELECT id FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,)))
-            if busy is not None:
-                raise RegistryError(f"VM {vm_id} is already migrating (migration {busy['id']})")
-            return int(db.execute("INSERT INTO migrations (vm_id, source, destination, state, started) VALUES (?, ?, ?, 'started', ?)",
-                                  (vm_id, source, destination, time.time())).lastrowid or 0)
+        try:
+            with self.transaction() as db:
+                row = db.execute("INSERT INTO migrations (vm_id, source, destination, state, started) "
+                                 "VALUES (?, ?, ?, 'started', ?) RETURNING id", (vm_id, source, destination, time.time())).first()
+        except self.backend.integrity_error:
+            busy = self._one("SELECT id FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,))
+            raise RegistryError(f"VM {vm_id} is already migrating (migration {busy['id'] if busy else '?'})") from None
+        return int(row["id"]) if row else 0
 
     def end_migration(self, migration_id: int, commit: bool, reason: str = "") -> None:
         """Commit moves the VM to the destination in the same transaction; abort leaves it."""
         with self.transaction() as db:
-            row = _first(db.execute("SELECT * FROM migrations WHERE id = ?", (migration_id,)))
-            if row is None or row["state"] != "started":
+            row = db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ? AND state = 'started' "
+                             "RETURNING vm_id, destination",
+                             ("committed" if commit else "aborted", time.time(), reason, migration_id)).first()
+            if row is None:
                 raise RegistryError(f"migration {migration_id} is not under way")
-            db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ?",
-                       ("committed" if commit else "aborted", time.time(), reason, migration_id))
             if commit:
                 db.execute("UPDATE vms SET node = ?, state = 'running', updated = ? WHERE vm_id = ?",
                            (row["destination"], time.time(), row["vm_id"]))
 
     def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
         if state:
-            return [dict(r) for r in self._all("SELECT * FROM migrations WHERE state = ? ORDER BY id", (state,))]
-        return [dict(r) for r in self._all("SELECT * FROM migrations ORDER BY id")]
+            return self._all("SELECT * FROM migrations WHERE state = ? ORDER BY id", (state,))
+        return self._all("SELECT * FROM migrations ORDER BY id")
 
     # -- audit ----------------------------------------------------------------------------
     def audit_append(self, entry: dict[str, Any], chain: Any) -> dict[str, Any]:
-        """Append one entry; `chain(prev_hash, entry) -> hash`. Serialized by BEGIN IMMEDIATE,
-        so concurrent writers still make one linear chain."""
-        with self.transaction() as db:
-            last = _first(db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"))
-            entry = dict(entry, id=(last["id"] + 1) if last else 1)
+        """Append one entry; `chain(prev_hash, entry) -> hash`. Serialized (BEGIN IMMEDIATE in
+        SQLite, an advisory lock in PostgreSQL), so concurrent writers, replicas included, still
+        make one linear chain."""
+        with self.transaction(serialize=True) as db:
+            last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").first()
+            entry = dict(entry, id=(int(last["id"]) + 1) if last else 1)
             prev = last["hash"] if last else "0" * 64
             digest = chain(prev, entry)
             db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -513,9 +576,10 @@ class Registry:
     # -- engines ------------------------------------------------------------------------------
     def add_engine(self, name: str, serial: str, fingerprint: str) -> None:
         """Record (or replace) an engine's certificate; the previous one stops working."""
+        sql, params = _upsert("engines", "name", {"name": name, "serial": serial, "fingerprint": fingerprint,
+                                                  "added": time.time(), "revoked": None})
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO engines (name, serial, fingerprint, added, revoked) VALUES (?, ?, ?, ?, NULL)",
-                       (name, serial, fingerprint, time.time()))
+            db.execute(sql, params)
 
     def revoke_engine(self, name: str) -> bool:
         with self.transaction() as db:
@@ -523,12 +587,10 @@ class Registry:
                               (time.time(), name)).rowcount == 1
 
     def engines(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._all("SELECT * FROM engines ORDER BY name")]
+        return self._all("SELECT * FROM engines ORDER BY name")
 
     def engine_by_serial(self, serial: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM engines WHERE serial = ? AND revoked IS NULL", (serial,))
-        return dict(rows[0]) if rows else None
+        return self._one("SELECT * FROM engines WHERE serial = ? AND revoked IS NULL", (serial,))
 
     def certificate(self, node: str) -> dict[str, Any] | None:
-        rows = self._all("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
-        return dict(rows[0]) if rows else None
+        return self._one("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))

@@ -1,0 +1,199 @@
+"""Where the registry's rows live: SQLite (the default, one file) or PostgreSQL (shared by
+several `tc serve` replicas). The registry writes one portable SQL for both; this module hides
+the rest: placeholders, connections per thread, transactions that serialize what must be
+serialized, and which exception means "that row exists already".
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Backend(Protocol):
+    kind: str
+    integrity_error: type[Exception] | tuple[type[Exception], ...]
+
+    def transaction(self, serialize: bool = False) -> Any: ...
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]: ...
+
+    def version(self) -> int: ...
+
+    def migrate(self, steps: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+class SQLiteBackend:
+    """One connection shared by the process's threads (an RLock around it), WAL, and every
+    write transaction BEGIN IMMEDIATE: writers are serialized by SQLite itself, across
+    processes too."""
+
+    kind = "sqlite"
+    integrity_error = sqlite3.IntegrityError
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        fresh = not os.path.exists(path)
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(path, 0o600)
+        self.db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self.db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=30000")
+
+    @contextmanager
+    def transaction(self, serialize: bool = False) -> Iterator[Any]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SQLiteTx(self.db)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.db.execute(sql, params).fetchall()]
+
+    def version(self) -> int:
+        with self._lock:
+            return int(self.db.execute("PRAGMA user_version").fetchall()[0][0])
+
+    def migrate(self, steps: list[str]) -> None:
+        current = self.version()
+        for number in range(current, len(steps)):
+            # One transaction per step: a failed migration leaves the previous version intact.
+            with self._lock:
+                self.db.executescript("BEGIN IMMEDIATE;" + steps[number] + f";PRAGMA user_version={number + 1};COMMIT;")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _SQLiteTx:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def execute(self, sql: str, params: tuple = ()) -> _Result:
+        cursor = self.db.execute(sql, params)
+        rows = [dict(r) for r in cursor.fetchall()]  # run to the end: a half-read statement pins a snapshot
+        return _Result(rows, cursor.rowcount)
+
+
+class _Result:
+    def __init__(self, rows: list[dict[str, Any]], rowcount: int):
+        self.rows, self.rowcount = rows, rowcount
+
+    def fetchall(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def first(self) -> dict[str, Any] | None:
+        return self.rows[0] if self.rows else None
+
+
+class PostgresBackend:
+    """A connection per thread (psycopg 3), READ COMMITTED. Each single-statement check-and-set
+    the registry relies on (a nonce used once, a key released once, a challenge taken once) is
+    atomic there as in SQLite; what needs more (the audit chain's next link) asks for
+    `serialize`, which takes a transaction-scoped advisory lock, so replicas on other machines
+    queue on the same lock."""
+
+    kind = "postgresql"
+    LOCK_KEY = 0x7CC_DE91  # one advisory lock for the registry's serialized writes
+
+    def __init__(self, url: str):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        self._psycopg = psycopg
+        self._dict_row = dict_row
+        self.url = url
+        self.integrity_error = psycopg.errors.IntegrityError
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+        self._connection()  # fail now, with the server's message, rather than at the first request
+
+    def _connection(self):  # type: ignore[no-untyped-def]
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._psycopg.connect(self.url, row_factory=self._dict_row, autocommit=True, connect_timeout=10)
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    @contextmanager
+    def transaction(self, serialize: bool = False) -> Iterator[Any]:
+        conn = self._connection()
+        with conn.transaction():
+            tx = _PostgresTx(conn, self._sql)
+            if serialize:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+            yield tx
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        return list(self._connection().execute(self._sql(sql), params).fetchall())
+
+    def version(self) -> int:
+        conn = self._connection()
+        conn.execute("CREATE TABLE IF NOT EXISTS tccdeploy_schema (version INTEGER NOT NULL)")
+        rows = conn.execute("SELECT version FROM tccdeploy_schema").fetchall()
+        return int(rows[0]["version"]) if rows else 0
+
+    def migrate(self, steps: list[str]) -> None:
+        conn = self._connection()
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))  # two replicas starting at once
+            conn.execute("CREATE TABLE IF NOT EXISTS tccdeploy_schema (version INTEGER NOT NULL)")
+            rows = conn.execute("SELECT version FROM tccdeploy_schema").fetchall()
+            current = int(rows[0]["version"]) if rows else 0
+            for number in range(current, len(steps)):
+                conn.execute(steps[number])
+            if current < len(steps):
+                conn.execute("DELETE FROM tccdeploy_schema")
+                conn.execute("INSERT INTO tccdeploy_schema (version) VALUES (%s)", (len(steps),))
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
+class _PostgresTx:
+    def __init__(self, conn: Any, translate: Any):
+        self.conn, self.translate = conn, translate
+
+    def execute(self, sql: str, params: tuple = ()) -> _Result:
+        cursor = self.conn.execute(self.translate(sql), params)
+        rows = list(cursor.fetchall()) if cursor.description else []
+        return _Result(rows, cursor.rowcount)
+
+
+def open_backend(location: str) -> SQLiteBackend | PostgresBackend:
+    return PostgresBackend(location) if is_url(location) else SQLiteBackend(location)

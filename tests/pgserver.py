@@ -1,0 +1,93 @@
+"""A real PostgreSQL server for the tests (Debian's package), on a free loopback port, in a
+temporary folder, run as the `postgres` user; stopped by PID."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+from .tcservice import free_port
+
+
+def postgres_bin() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    return os.path.dirname(found[-1]) if found else None
+
+
+def skip_reason() -> str | None:
+    if postgres_bin() is None:
+        return "PostgreSQL is not installed (Debian package postgresql; scripts/install installs it)"
+    if os.geteuid() != 0:
+        return "starting PostgreSQL as its own user needs root"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres user (Debian's postgresql package creates it)"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (pip install -e .)"
+    return None
+
+
+class PostgresServer:
+    def __init__(self) -> None:
+        bindir = postgres_bin()
+        assert bindir is not None
+        account = pwd.getpwnam("postgres")
+        self.dir = tempfile.mkdtemp(prefix="tccdeploy-test-pg-")
+        os.chmod(self.dir, 0o700)
+        os.chown(self.dir, account.pw_uid, account.pw_gid)
+        data = os.path.join(self.dir, "data")
+        subprocess.run([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+                       user="postgres", group="postgres", check=True, capture_output=True, cwd=self.dir)
+        self.port = free_port()
+        self.log = open(os.path.join(self.dir, "server.log"), "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [f"{bindir}/postgres", "-D", data, "-h", "127.0.0.1", "-p", str(self.port), "-k", self.dir,
+             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            user="postgres", group="postgres", stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(self.url("postgres"), connect_timeout=2, autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+                break
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("PostgreSQL did not start") from None
+                time.sleep(0.2)
+        self._databases = 0
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"tcc{self._databases}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: sessions cut, no waiting for clients
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

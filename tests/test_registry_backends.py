@@ -1,0 +1,147 @@
+"""The registry's guarantees on both of its databases: SQLite (one file) and PostgreSQL (shared
+by replicas). Several Registry instances on one database stand for several processes or `tc
+serve` replicas: each has its own connections."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tccdeploy.coordinator import audit
+from tccdeploy.coordinator.store import Registry, RegistryError
+
+from .pgserver import PostgresServer, skip_reason
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.sqlite")
+    return request.getfixturevalue("postgres").new_database()
+
+
+def race(workers: int, job: Callable[[int], object]) -> list[object]:
+    results: list[object] = [None] * workers
+    start = threading.Barrier(workers)
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = job(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _enrolled(registry: Registry, node: str = "n1") -> None:
+    registry.enroll(node, "site1", "127.0.1.7", {"ek_certificate": b"\x00cert\xff", "ek_fingerprint": "f", "ek_public": b"e",
+                                                 "ak_public": b"a", "ak_name": b"\x00\x0bname", "ssh_host_key": "h",
+                                                 "manufacturer": "m"})
+
+
+def test_rows_round_trip_with_bytes_json_and_ids(location):
+    registry = Registry(location)
+    try:
+        _enrolled(registry)
+        _enrolled(registry)  # enrolling again replaces the identity
+        assert registry.identity("n1")["ek_certificate"] == b"\x00cert\xff"
+        first = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reasons": [],
+                                                "pcr_values": {"0": "aa"}})
+        second = registry.add_attestation("n1", {"verdict": "untrusted", "reasons": [{"code": "x", "message": "m"}]})
+        assert second > first and registry.attestation(first)["pcr_values"] == {"0": "aa"}
+        assert [a["id"] for a in registry.attestations("n1")] == [second, first]
+        assert registry.node("n1")["build"] == "b1"
+        registry.save_challenge("n1", secret_hash=b"s", ek_certificate=b"c", ek_fingerprint="f", ek_public=b"e",
+                                ak_public=b"a", ssh_host_key="h", manufacturer="m", expires=1.0)
+        assert registry.take_challenge("n1")["secret_hash"] == b"s" and registry.take_challenge("n1") is None
+        registry.add_customer("acme", "ed25519:k", "kid")
+        record = {"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d", "wrapped_key": "w",
+                  "spec": {"vcpus": 1}}
+        assert registry.accept_request(record) and not registry.accept_request(record)
+        assert registry.request("r1")["spec"] == {"vcpus": 1}
+        registry.upsert_vm({"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1", "state": "running",
+                            "image_sha256": "d", "request": "r1", "vcpus": 1, "memory_mib": 64})
+        _enrolled(registry, "n2")
+        migration = registry.start_migration("v1", "n1", "n2")
+        with pytest.raises(RegistryError, match="already migrating"):
+            registry.start_migration("v1", "n1", "n2")
+        registry.end_migration(migration, commit=True)
+        assert registry.vm("web")["node"] == "n2"
+        with pytest.raises(RegistryError):
+            registry.end_migration(migration, commit=False)
+        registry.add_engine("e1", "abc", "fp")
+        assert registry.engine_by_serial("abc")["name"] == "e1" and registry.revoke_engine("e1")
+        assert registry.engine_by_serial("abc") is None
+    finally:
+        registry.close()
+
+
+def test_a_nonce_is_consumed_once_across_processes(location):
+    registries = [Registry(location) for _ in range(4)]
+    try:
+        registries[0].new_nonce("n1", "quote", "the-nonce", ttl=30)
+        results = race(16, lambda i: registries[i % 4].consume_nonce("n1", "quote", "the-nonce"))
+        assert sum(r.ok for r in results) == 1  # type: ignore[attr-defined]
+        assert {r.reason for r in results if not r.ok} == {"nonce.replayed"}  # type: ignore[attr-defined]
+    finally:
+        for r in registries:
+            r.close()
+
+
+def test_a_key_is_released_once_per_request_across_processes(location):
+    registries = [Registry(location) for _ in range(4)]
+    try:
+        first = registries[0]
+        _enrolled(first)
+        attestation = first.add_attestation("n1", {"verdict": "trusted", "build": "b"})
+        first.add_customer("acme", "ed25519:k", "kid")
+        first.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
+                              "wrapped_key": "w", "spec": {}})
+        results = race(16, lambda i: registries[i % 4].record_release("r1", "v1", "n1", attestation, "serial"))
+        assert results.count(True) == 1
+        assert len(first.releases("v1")) == 1
+    finally:
+        for r in registries:
+            r.close()
+
+
+def test_the_audit_chain_stays_linear_under_concurrent_writers(location):
+    registries = [Registry(location) for _ in range(4)]
+    try:
+        race(8, lambda i: [audit.append(registries[i % 4], "test", f"n{i}", None, seq=j) for j in range(15)])
+        entries = registries[0].audit_entries()
+        assert [e["id"] for e in entries] == list(range(1, 121))
+        assert audit.verify(registries[1]).ok
+        assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
+    finally:
+        for r in registries:
+            r.close()
+
+
+def test_a_node_is_quarantined_once(location):
+    registries = [Registry(location) for _ in range(4)]
+    try:
+        _enrolled(registries[0])
+        registries[0].admit("n1", {"serial": "s1", "attestation": None, "tk_name": "t", "not_after": 9e9, "pem": "p",
+                                   "build": "b"})
+        results = race(8, lambda i: registries[i % 4].quarantine("n1"))
+        assert results.count(True) == 1 and registries[0].certificate("n1") is None
+    finally:
+        for r in registries:
+            r.close()

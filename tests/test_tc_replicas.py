@@ -1,0 +1,155 @@
+"""Two `tc serve` replicas on one PostgreSQL: one TC. A nonce is consumed once across replicas,
+the audit chain stays linear under concurrent writers, and losing a replica mid-run loses
+nothing: the engine's client goes on with the other."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tccdeploy.coordinator import audit
+from tccdeploy.coordinator.client import RemoteCoordinator
+from tccdeploy.coordinator.store import Registry
+
+from .attestkit import Node
+from .conftest import REPO
+from .pgserver import PostgresServer, skip_reason
+from .tcservice import Service
+
+pytestmark = pytest.mark.slow
+SITE, ADDRESS = "site1", "127.0.1.7"  # inside the example perimeter's site1
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer()
+    url = server.new_database()
+    state = tmp_path_factory.mktemp("replicated-tc")
+    first = second = None
+    try:
+        first = Service(state, str(REPO / "examples"), registry=url)
+        second = Service(state, str(REPO / "examples"), registry=url, setup=False)
+
+        class Replicas:
+            pass
+
+        r = Replicas()
+        r.a, r.b, r.url, r.state = first, second, url, state
+        yield r
+    finally:
+        for service in (first, second):
+            if service is not None:
+                service.stop()
+        server.stop()
+
+
+def enrolled(replicas, name: str) -> Node:  # type: ignore[no-untyped-def]
+    """A software node, enrolled straight into the shared registry (enrollment's own tests are elsewhere)."""
+    node = Node()
+    registry = Registry(replicas.url)
+    try:
+        from tccdeploy.coordinator import tpm2
+
+        registry.enroll(name, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": name, "ek_public": b"e",
+                                              "ak_public": node.ak_public, "ak_name": tpm2.parse_public(node.ak_public).name,
+                                              "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+    finally:
+        registry.close()
+    return node
+
+
+def client(replicas, *urls: str) -> RemoteCoordinator:  # type: ignore[no-untyped-def]
+    return RemoteCoordinator(",".join(urls), str(replicas.a.engine_dir))
+
+
+def test_a_nonce_from_one_replica_is_verified_by_the_other_and_only_once(replicas):
+    node = enrolled(replicas, "sw-once")
+    on_a, on_b = client(replicas, replicas.a.url), client(replicas, replicas.b.url)
+    try:
+        nonce = on_a.nonce("sw-once")
+        evidence = node.evidence(nonce)
+        results: list[tuple] = []
+        start = threading.Barrier(16)
+
+        def submit(i: int) -> None:
+            start.wait()
+            results.append((on_a if i % 2 else on_b).verify("sw-once", SITE, ADDRESS, evidence)[0])
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        on_a.close()
+        on_b.close()
+    assert sum(v.trusted for v in results) == 1
+    assert {r["code"] for v in results if not v.trusted for r in v.reasons} == {"nonce.replayed"}
+
+
+def test_the_audit_chain_stays_linear_with_both_replicas_writing(replicas):
+    nodes = {f"sw-{i}": enrolled(replicas, f"sw-{i}") for i in range(8)}
+    errors: list[str] = []
+
+    def work(name: str, url: str) -> None:
+        tc = client(replicas, url)
+        try:
+            for _ in range(5):
+                verdict, _ = tc.verify(name, SITE, ADDRESS, nodes[name].evidence(tc.nonce(name)))
+                if not verdict.trusted:
+                    errors.append(f"{name}: {verdict.reasons}")
+        finally:
+            tc.close()
+
+    threads = [threading.Thread(target=work, args=(name, replicas.a.url if i % 2 else replicas.b.url))
+               for i, name in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    registry = Registry(replicas.url)
+    try:
+        result = audit.verify(registry)
+        ids = [e["id"] for e in registry.audit_entries()]
+    finally:
+        registry.close()
+    assert result.ok and ids == list(range(1, len(ids) + 1)) and len(ids) >= 40
+
+
+def test_losing_a_replica_mid_run_loses_nothing_and_repeats_nothing(replicas):
+    node = enrolled(replicas, "sw-failover")
+    tc = client(replicas, replicas.a.url, replicas.b.url)
+    outcomes: list[str] = []
+    halfway = threading.Event()
+    killer = threading.Thread(target=lambda: (halfway.wait(30), replicas.a.kill()))  # while requests are in flight
+    killer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(outcomes) < 100 and time.monotonic() < deadline:
+            verdict, _ = tc.verify("sw-failover", SITE, ADDRESS, node.evidence(tc.nonce("sw-failover")))
+            outcomes.append("trusted" if verdict.trusted else ",".join(r["code"] for r in verdict.reasons))
+            if len(outcomes) == 30:
+                halfway.set()
+    finally:
+        halfway.set()
+        killer.join()
+        tc.close()
+    assert replicas.a.proc.poll() is not None and tc.url == replicas.b.url  # the run moved to the other replica
+    # A submission in flight when the replica died may have been recorded there: resent, it is
+    # refused as a replay (fail closed), never counted twice.
+    assert len(outcomes) == 100
+    assert outcomes.count("trusted") >= 99 and set(outcomes) <= {"trusted", "nonce.replayed"}
+    registry = Registry(replicas.url)
+    try:
+        recorded = registry.attestations("sw-failover", limit=1000)
+        assert sum(a["verdict"] == "trusted" for a in recorded) == outcomes.count("trusted")
+        assert len({a["nonce"] for a in recorded}) == len(recorded)  # no nonce counted twice
+        assert audit.verify(registry).ok
+    finally:
+        registry.close()
