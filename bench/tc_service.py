@@ -1,0 +1,149 @@
+"""Benchmark: the TC's verdict throughput and latency with 32 concurrent clients, embedded in
+the engine's process versus served over HTTPS (`tc serve`), on SQLite versus PostgreSQL.
+
+One operation is what an engine does per node and attestation: ask the TC for a nonce, then
+submit the evidence (a software AK's quote over the lab boot's PCRs and its TCG log) and get
+the verdict, which the TC records with the audit entry. 32 software nodes are enrolled; each
+of 32 client threads attests its node --ops times. Figures: operations per second, and the
+p50/p99 latency of one operation. The PostgreSQL server and `tc serve` are real processes
+started here and stopped by PID.
+Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tccdeploy.coordinator import tpm2  # noqa: E402
+from tccdeploy.coordinator.client import RemoteCoordinator  # noqa: E402
+from tccdeploy.coordinator.identity import init as tc_init  # noqa: E402
+from tccdeploy.coordinator.service import Coordinator  # noqa: E402
+from tccdeploy.coordinator.store import Registry  # noqa: E402
+from tccdeploy.manifest.loader import load_manifests  # noqa: E402
+from tests.attestkit import Node  # noqa: E402
+from tests.pgserver import PostgresServer, skip_reason  # noqa: E402
+from tests.tcservice import Service  # noqa: E402
+
+SITE, ADDRESS = "site1", "127.0.1.7"
+
+
+def enroll(location: str, clients: int) -> dict[str, Node]:
+    nodes = {f"bench-{i}": Node() for i in range(clients)}
+    registry = Registry(location)
+    try:
+        for name, node in nodes.items():
+            registry.enroll(name, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": name, "ek_public": b"e",
+                                                  "ak_public": node.ak_public,
+                                                  "ak_name": tpm2.parse_public(node.ak_public).name,
+                                                  "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+    finally:
+        registry.close()
+    return nodes
+
+
+def load(make_tc, nodes: dict[str, Node], ops: int) -> dict:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    failures: list[str] = []
+    start = threading.Barrier(len(nodes) + 1)
+
+    def client(name: str, node: Node) -> None:
+        tc = make_tc()
+        mine = []
+        start.wait()
+        for _ in range(ops):
+            began = time.perf_counter()
+            verdict, _ = tc.verify(name, SITE, ADDRESS, node.evidence(tc.nonce(name)))
+            mine.append(time.perf_counter() - began)
+            if not verdict.trusted:
+                failures.append(f"{name}: {verdict.reasons}")
+        with lock:
+            latencies.extend(mine)
+        if hasattr(tc, "http"):
+            tc.close()
+
+    threads = [threading.Thread(target=client, args=item) for item in nodes.items()]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if failures:
+        raise SystemExit(f"untrusted verdicts in the benchmark: {failures[:3]}")
+    latencies.sort()
+    return {"ops": len(latencies), "ops_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
+
+
+def measure(clients: int, ops: int) -> dict:
+    manifests = load_manifests([str(ROOT / "examples")])
+    pg = None if skip_reason() else PostgresServer()
+    rows = []
+    folders = []
+    try:
+        for database in ["sqlite", "postgresql"] if pg else ["sqlite"]:
+            for mode in ("embedded", "served"):
+                state = Path(tempfile.mkdtemp(prefix="tccdeploy-bench-tc-"))
+                folders.append(state)
+                location = pg.new_database() if database == "postgresql" and pg else str(state / "registry.sqlite")
+                if mode == "embedded":
+                    tc_init(str(state))
+                    nodes = enroll(location, clients)
+                    shared = Coordinator(manifests.perimeter, manifests.builds, str(state), registry=location)
+                    try:
+                        result = load(lambda shared=shared: shared, nodes, ops)
+                    finally:
+                        shared.close()
+                else:
+                    service = Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None)
+                    try:
+                        nodes = enroll(location, clients)
+                        result = load(lambda service=service: RemoteCoordinator(service.url, str(service.engine_dir)),
+                                      nodes, ops)
+                    finally:
+                        service.stop()
+                rows.append({"mode": mode, "database": database, **result})
+                print(f"  {mode:<8} {database:<10} {result}", file=sys.stderr, flush=True)
+    finally:
+        if pg is not None:
+            pg.stop()
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"clients": clients, "ops_per_client": ops, "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--ops", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.clients, args.ops)
+    if args.json:
+        print(json.dumps({"benchmark": "tc_service", **result}))
+        return 0
+    print(f"verdicts (nonce + evidence + verdict recorded), {args.clients} concurrent clients x {args.ops}:")
+    base = {r["database"]: r for r in result["rows"] if r["mode"] == "embedded"}
+    for r in result["rows"]:
+        ratio = r["ops_per_s"] / base[r["database"]]["ops_per_s"]
+        print(f"  {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  p50 {r['p50_ms']:>7.2f} ms  "
+              f"p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
