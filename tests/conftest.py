@@ -79,3 +79,16 @@ def lab_node(lab):
     for name in used:
         lab.reset(name)
     lab.load()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (Debian's package) for the session; each test takes a new database."""
+    from .pgserver import PostgresServer, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer()
+    yield server
+    server.stop()

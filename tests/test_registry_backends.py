@@ -13,18 +13,6 @@ import pytest
 from tccdeploy.coordinator import audit
 from tccdeploy.coordinator.store import Registry, RegistryError
 
-from .pgserver import PostgresServer, skip_reason
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    server = PostgresServer()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def location(request, tmp_path: Path) -> str:

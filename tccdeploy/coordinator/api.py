@@ -31,6 +31,7 @@ from .admission import AdmissionRefused
 from .enrollment import EnrollmentRefused
 from .keybroker import Refused
 from .service import Coordinator
+from .store import RegistryError
 from .tls import engine_name
 from .wire import SCHEMAS, b64, evidence_from_wire, unb64
 
@@ -127,6 +128,28 @@ class Api:
             ("POST", "/v1/admissions/finish", "finish admission: the node certificate", "AdmissionFinish", True,
              self.admission_finish),
             ("GET", "/v1/nodes", "the registry's nodes with their last verdicts", None, True, self.nodes),
+            ("GET", "/v1/builds", "the TVMM builds the TC knows: name, version, status", None, True, self.builds),
+            ("GET", "/v1/vms", "VMs (?all=1: with destroyed ones)", None, True, self.vms),
+            ("GET", "/v1/vms/{name}", "one VM", None, True, self.vm),
+            ("POST", "/v1/vms/{vm_id}/state", "record a VM's state (stopped, destroyed...)", "VmState", True, self.vm_state),
+            ("POST", "/v1/vms/{vm_id}/enforcement", "record what enforcement did to a VM", "Enforcement", True,
+             self.enforcement),
+            ("POST", "/v1/requests", "submit a signed placement request with its signed image descriptor", "RequestSubmit",
+             False, self.request_submit),
+            ("GET", "/v1/requests/{id}", "a request as the engine sees it (no key)", None, True, self.request_get),
+            ("POST", "/v1/requests/{id}/release", "release the VM key to a trusted node's TK, once", "Release", True,
+             self.release),
+            ("POST", "/v1/requests/{id}/launched", "the VM runs: record it and sign the receipt", "Launched", True,
+             self.launched),
+            ("POST", "/v1/requests/{id}/failed", "the launch failed", "Empty", True, self.request_failed),
+            ("POST", "/v1/requests/{id}/status", "the customer: the request's state (signed query)", "CustomerQuery", False,
+             self.customer_status),
+            ("POST", "/v1/requests/{id}/receipt", "the customer: the signed receipt (signed query)", "CustomerQuery", False,
+             self.customer_receipt),
+            ("GET", "/v1/migrations", "migrations (?state=started)", None, True, self.migrations),
+            ("POST", "/v1/migrations", "begin a migration: destination checked, key re-wrapped to its TK", "MigrationBegin",
+             True, self.migration_begin),
+            ("POST", "/v1/migrations/{id}/end", "commit or abort a migration", "MigrationEnd", True, self.migration_end),
             ("GET", "/v1/nodes/{name}", "one node and its attestation history", None, True, self.node),
             ("POST", "/v1/nodes/{name}/quarantine", "quarantine a node (its certificate revoked)", "Quarantine", True,
              self.quarantine),
@@ -252,7 +275,9 @@ class Api:
     # -- engines ----------------------------------------------------------------------------
     async def policy(self, request: Request) -> dict[str, Any]:
         bank, pcrs = self.tc.quote_policy()
-        return {"bank": bank, "pcrs": pcrs, "asset_tags": {s.name: s.asset_tag.nv_index for s in self.tc.perimeter.sites
+        return {"bank": bank, "pcrs": pcrs, "grace_period": self.tc.grace_period(), "on_failure": self.tc.on_failure(),
+                "interval": self.tc.enforce_interval(),
+                "asset_tags": {s.name: s.asset_tag.nv_index for s in self.tc.perimeter.sites
                                                            if s.asset_tag is not None}}
 
     async def enrollment_begin(self, request: Request) -> dict[str, Any]:
@@ -308,7 +333,89 @@ class Api:
         if row is None:
             raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
         history = await run_in_threadpool(self.tc.registry.attestations, name, 20)
-        return {"node": row, "attestations": history}
+        return {"node": row, "attestations": history, "last_trusted": await run_in_threadpool(self.tc.last_trusted_time, name)}
+
+    async def builds(self, request: Request) -> list[dict[str, Any]]:
+        return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]
+
+    async def vms(self, request: Request) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.tc.vms, request.query_params.get("all") in ("1", "true"))
+
+    async def vm(self, request: Request) -> dict[str, Any]:
+        row = await run_in_threadpool(self.tc.vm, request.path_params["name"])
+        if row is None:
+            raise ApiError(404, "vm.unknown", f"no VM {request.path_params['name']!r}")
+        return row
+
+    async def vm_state(self, request: Request) -> dict[str, Any]:
+        await run_in_threadpool(self.tc.set_vm_state, request.path_params["vm_id"], request.state.body["state"])
+        return {"vm_id": request.path_params["vm_id"], "state": request.state.body["state"]}
+
+    async def enforcement(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        await run_in_threadpool(self.tc.record_enforcement, b["node"], request.path_params["vm_id"], b["policy"], b["result"])
+        return {"recorded": True}
+
+    async def request_submit(self, request: Request) -> dict[str, Any]:
+        from ..crypto.bundle import BundleError, verify_descriptor
+
+        b = request.state.body
+        try:
+            verify_descriptor(b["bundle"])
+        except BundleError as exc:
+            raise ApiError(400, exc.reason, str(exc)) from None
+        record = await run_in_threadpool(self.tc.accept_request, b["request"], b["bundle"])
+        self.metrics.count("tccdeploy_requests_accepted_total")
+        return {"id": record["id"], "vm": record["vm"], "vm_id": record["vm_id"], "customer": record["customer"],
+                "state": "accepted"}
+
+    async def request_get(self, request: Request) -> dict[str, Any]:
+        record = await run_in_threadpool(self.tc.request_record, request.path_params["id"])
+        if record is None:
+            raise ApiError(404, "request.unknown", f"no request {request.path_params['id']!r}")
+        return record
+
+    async def release(self, request: Request) -> dict[str, Any]:
+        result = await run_in_threadpool(self.tc.release_key, request.path_params["id"], request.state.body["node"])
+        self.metrics.count("tccdeploy_key_releases_total")
+        return result
+
+    async def launched(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        release = {"request": request.path_params["id"], "attestation": b["attestation"],
+                   "certificate_serial": b["certificate_serial"]}
+        return await run_in_threadpool(self.tc.record_launch, release, b["node"], b["status"])
+
+    async def request_failed(self, request: Request) -> dict[str, Any]:
+        await run_in_threadpool(self.tc.fail_request, request.path_params["id"])
+        return {"request": request.path_params["id"], "state": "failed"}
+
+    async def customer_status(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.customer_status, request.path_params["id"], b["time"], b["signature"])
+
+    async def customer_receipt(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        receipt = await run_in_threadpool(self.tc.customer_receipt, request.path_params["id"], b["time"], b["signature"])
+        if receipt is None:
+            raise ApiError(404, "receipt.not-yet", "the VM has not been launched yet: no receipt")
+        return receipt
+
+    async def migrations(self, request: Request) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.tc.migrations, request.query_params.get("state"))
+
+    async def migration_begin(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.migration_begin, b["vm"], b["destination"])
+
+    async def migration_end(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        try:
+            await run_in_threadpool(self.tc.migration_end, int(request.path_params["id"]), b["vm_id"], bool(b["commit"]),
+                                    b.get("reason", ""))
+        except (ValueError, RegistryError) as exc:
+            raise ApiError(409, "migration.not-under-way", str(exc)) from None
+        return {"migration": int(request.path_params["id"]), "committed": bool(b["commit"])}
 
     async def quarantine(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]

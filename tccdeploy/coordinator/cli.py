@@ -238,7 +238,9 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
             envelope = json.load(fh)
     else:
         envelope = sign_request(args.request, args.key)
-    coordinator = _coordinator(args)
+    if args.tc and not args.inventory:
+        return _customer_submit(args, envelope)
+    coordinator = _coordinator(args, remote_ok=True)
     inventory = load(args)
     try:
         with Engine(select(inventory, "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
@@ -256,6 +258,89 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
     with open(path, "w") as fh:
         json.dump(result.receipt, fh, indent=2)
     print(f"{name}: running on {result.node}; receipt signed by the TC -> {path}")
+    return 0
+
+
+def _customer_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import CustomerClient
+
+    if not args.tc_cert:
+        raise SystemExit("error: give the TC's certificates you pinned with --tc-cert tc.pem (from `tc show -o`)")
+    return CustomerClient(args.tc, args.tc_cert)
+
+
+def _customer_submit(args: argparse.Namespace, envelope: dict) -> int:  # type: ignore[type-arg]
+    """The customer's side: the signed request and image descriptor go to the TC; the provider
+    launches it (`request launch ID`) with the sealed image the customer gave it."""
+    from ..crypto import bundle as bundles
+    from .keybroker import Refused
+
+    try:
+        descriptor = bundles.load(envelope["bundle"], check_disk=False)
+    except bundles.BundleError as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    client = _customer_client(args)
+    try:
+        accepted = client.submit(envelope, descriptor)
+    except Refused as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    print(json.dumps(accepted) if args.json else
+          f"request {accepted['id']} for VM {accepted['vm']} accepted by the TC; give the provider the sealed image, "
+          f"then `tccdeploy request status {accepted['id']}` and `tccdeploy receipt fetch {accepted['id']}`")
+    return 0
+
+
+def cmd_request_status(args: argparse.Namespace) -> int:
+    from ..crypto import customer
+    from .keybroker import Refused
+
+    client = _customer_client(args)
+    try:
+        status = client.status(args.id, customer.load(args.key))
+    except Refused as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        where = f", VM {status['vm_state']} on {status['node']}" if status["node"] else ""
+        print(f"request {status['request']} (VM {status['vm']}): {status['state']}{where}"
+              + ("; a signed receipt is ready (`receipt fetch`)" if status["receipt"] else ""))
+    return 0
+
+
+def cmd_request_launch(args: argparse.Namespace) -> int:
+    """The provider's side of a request a customer submitted to a served TC."""
+    from ..coordinator.keybroker import Refused
+    from ..crypto import bundle as bundles
+    from ..engine.cli import _logging, load, select
+    from ..engine.launch import launch_accepted
+    from ..engine.runner import Engine
+
+    _logging(args.verbose)
+    coordinator = _coordinator(args, remote_ok=True)
+    try:
+        record = coordinator.request_record(args.id)
+        if record is None:
+            print(f"error: the TC has no request {args.id}", file=sys.stderr)
+            return 1
+        if record["state"] != "accepted":
+            print(f"error: request {args.id} is {record['state']}, not waiting to be launched", file=sys.stderr)
+            return 2
+        with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+            result = launch_accepted(engine, coordinator, record, args.bundle)
+    except (Refused, bundles.BundleError) as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        coordinator.close()
+    print(f"{record['vm']}: running on {result.node}; the customer fetches the signed receipt from the TC")
     return 0
 
 
@@ -279,12 +364,12 @@ def cmd_vms(args: argparse.Namespace) -> int:
         finally:
             coordinator.close()
 
-    registry = Registry(registry_location(args.state))
+    source = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
-                 "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in registry.vms(args.all)]
+                 "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in source.vms(args.all)]
     finally:
-        registry.close()
+        source.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -329,7 +414,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from ..engine.runner import Engine
 
     _logging(args.verbose)
-    coordinator = _coordinator(args)
+    coordinator = _coordinator(args, remote_ok=True)
     try:
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
             result = migrate(engine, coordinator, args.vm, args.to)
@@ -352,7 +437,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from ..engine.runner import Engine
 
     _logging(args.verbose)
-    coordinator = _coordinator(args)
+    coordinator = _coordinator(args, remote_ok=True)
     try:
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
             results = drain(engine, coordinator, args.node)
@@ -386,8 +471,8 @@ def cmd_enforce(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     rounds = 0
     while True:
-        coordinator = _coordinator(args)  # manifests re-read each round: a revoked build applies at once
-        interval = args.interval or coordinator.perimeter.attestation.interval
+        coordinator = _coordinator(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
+        interval = args.interval or coordinator.enforce_interval()
         try:
             with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
                         state=args.state) as engine:
@@ -538,8 +623,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--key", default=default_key(), help="the customer's key (for a YAML request)")
     q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen")
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
+    q.add_argument("--tc-cert", metavar="TC_CERT", help="customer, with --tc and no -i: the TC certificates you pinned")
     add_tc_args(q)
     q.set_defaults(func=cmd_request_submit)
+    q = rq.add_parser("status", help="customer: a request's state at a served TC (a signed query)")
+    q.add_argument("id", metavar="REQUEST_ID")
+    q.add_argument("--tc", required=True, metavar="URL", help="the served TC")
+    q.add_argument("--tc-cert", required=True, metavar="TC_CERT", help="the TC certificates you pinned (tc show -o)")
+    q.add_argument("--key", default=default_key(), help="your customer key (signs the query)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_request_status)
+    q = rq.add_parser("launch", help="provider: launch a request a customer submitted to a served TC",
+                      description="Place, re-attest, release the key and start the VM of an accepted request, with the\n"
+                                  "sealed image the customer handed over (--bundle).")
+    q.add_argument("id", metavar="REQUEST_ID")
+    q.add_argument("--bundle", required=True, metavar="DIR", help="the sealed image (from `image seal`)")
+    add_tc_args(q)
+    q.set_defaults(func=cmd_request_launch)
 
     p = sub.add_parser("migrate", help="move a VM to another trusted node, encrypted end to end",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -594,6 +694,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repair", action="store_true", help="finish or roll back migrations an interrupted run left")
     p.add_argument("-i", "--inventory", default=os.environ.get("TCCDEPLOY_INVENTORY"), help="inventory (for --repair)")
     p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="perimeter and builds (for --repair)")
+    p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
+    p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     p.add_argument("--state", help="TC state directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vms)

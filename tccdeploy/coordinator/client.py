@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,6 +26,10 @@ ENGINE_FILES = ("engine-cert.pem", "engine-key.pem", "tc-ca.pem")
 
 class TCUnavailable(RuntimeError):
     """The TC could not be reached or answered with something other than a decision."""
+
+
+class TCNotFound(TCUnavailable):
+    """The TC has no such thing (404)."""
 
 
 class RemoteCoordinator:
@@ -69,8 +74,9 @@ class RemoteCoordinator:
             error = {"error": f"http.{response.status_code}", "message": response.text[:300]}
         if response.status_code == 403 and not str(error.get("error", "")).startswith("auth."):
             raise refusal(error["error"], error.get("message", ""))  # type: ignore[call-arg]
-        raise TCUnavailable(f"the TC at {self.url} answered {response.status_code} to {method} {path}: "
-                            f"{error.get('error')}: {error.get('message')}")
+        kind = TCNotFound if response.status_code == 404 else TCUnavailable
+        raise kind(f"the TC at {self.url} answered {response.status_code} to {method} {path}: "
+                   f"{error.get('error')}: {error.get('message')}")
 
     # -- what the engine asks the node for -------------------------------------------------
     def _policy_now(self) -> dict[str, Any]:
@@ -121,3 +127,118 @@ class RemoteCoordinator:
 
     def nodes(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/nodes")  # type: ignore[no-any-return]
+
+    # -- what launch, migration and enforcement read and record -----------------------------
+    @property
+    def builds(self) -> list[BuildInfo]:
+        return [BuildInfo(b["name"], b["version"], b["status"]) for b in self._call("GET", "/v1/builds")]
+
+    def grace_period(self) -> float:
+        return float(self._policy_now()["grace_period"])
+
+    def enforce_interval(self) -> float:
+        return float(self._policy_now()["interval"])
+
+    def on_failure(self) -> str:
+        return str(self._policy_now()["on_failure"])
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", f"/v1/nodes/{name}")["node"]  # type: ignore[no-any-return]
+        except TCNotFound:
+            return None
+
+    def last_trusted_time(self, node: str) -> float | None:
+        value = self._call("GET", f"/v1/nodes/{node}")["last_trusted"]
+        return float(value) if value is not None else None
+
+    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/vms" + ("?all=1" if include_destroyed else ""))  # type: ignore[no-any-return]
+
+    def vm(self, name_or_id: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", f"/v1/vms/{name_or_id}")  # type: ignore[no-any-return]
+        except TCNotFound:
+            return None
+
+    def set_vm_state(self, vm_id: str, state: str) -> None:
+        self._call("POST", f"/v1/vms/{vm_id}/state", {"state": state})
+
+    def record_enforcement(self, node: str, vm_id: str, policy: str, result: str) -> None:
+        self._call("POST", f"/v1/vms/{vm_id}/enforcement", {"node": node, "policy": policy, "result": result})
+
+    def request_record(self, request_id: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", f"/v1/requests/{request_id}")  # type: ignore[no-any-return]
+        except TCNotFound:
+            return None
+
+    def accept_request(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
+        accepted = self._call("POST", "/v1/requests", {"request": {k: v for k, v in envelope.items() if k != "bundle"},
+                                                        "bundle": bundle})
+        return self.request_record(accepted["id"]) or accepted
+
+    def release_key(self, request_id: str, node: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/requests/{request_id}/release", {"node": node})  # type: ignore[no-any-return]
+
+    def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/v1/requests/{release['request']}/launched", {  # type: ignore[no-any-return]
+            "node": node, "attestation": int(release["attestation"]), "certificate_serial": release["certificate_serial"],
+            "status": {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool)) or v is None}})
+
+    def fail_request(self, request_id: str) -> None:
+        self._call("POST", f"/v1/requests/{request_id}/failed", {})
+
+    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/migrations" + (f"?state={state}" if state else ""))  # type: ignore[no-any-return]
+
+    def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/migrations", {"vm": vm_name, "destination": destination})  # type: ignore[no-any-return]
+
+    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
+        self._call("POST", f"/v1/migrations/{migration}/end", {"vm_id": vm_id, "commit": commit, "reason": reason[:2000]})
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What placement needs of a TVMM build the TC knows."""
+
+    name: str
+    version: str
+    status: str
+
+
+class CustomerClient:
+    """The customer's side of a served TC: submit a signed request, ask its state, fetch the
+    receipt. The connection pins the TC's CA from the customer's tc.pem (as receipts do)."""
+
+    def __init__(self, url: str, tc_pem: str, timeout: float = 30.0):
+        context = ssl.create_default_context(cafile=tc_pem)
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = self.http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise TCUnavailable(f"the TC at {self.url} did not answer: {exc}") from None
+        data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if response.status_code != 200:
+            raise Refused(str(data.get("error", f"http.{response.status_code}")), str(data.get("message", response.text[:300])))
+        return data  # type: ignore[no-any-return]
+
+    def submit(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
+        return self._post("/v1/requests", {"request": {k: v for k, v in envelope.items() if k != "bundle"}, "bundle": bundle})
+
+    def status(self, request_id: str, key: Any) -> dict[str, Any]:
+        from .keybroker import sign_customer_query
+
+        return self._post(f"/v1/requests/{request_id}/status", sign_customer_query(key, request_id, "status"))
+
+    def receipt(self, request_id: str, key: Any) -> dict[str, Any]:
+        from .keybroker import sign_customer_query
+
+        return self._post(f"/v1/requests/{request_id}/receipt", sign_customer_query(key, request_id, "receipt"))

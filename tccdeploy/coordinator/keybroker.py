@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import time
 from typing import Any
 
@@ -76,6 +77,40 @@ def accept(registry: Registry, envelope: dict[str, Any], bundle: dict[str, Any])
     if not registry.accept_request(record):
         raise Refused("request.replayed", f"request {request['id']} was submitted before; a request is accepted once")
     return record
+
+
+QUERY_MAX_SKEW = 300.0
+
+
+def check_customer_query(registry: Registry, request_id: str, op: str, when: str, signature: str) -> dict[str, Any]:
+    """A customer asking about its own request: signed by the key that signed the request, within
+    five minutes of now, and each signature used once. Returns the request."""
+    request = registry.request(request_id)
+    if request is None:
+        raise Refused("query.unknown-request", f"no request {request_id}")
+    owner = next((c for c in registry.customers() if c["name"] == request["customer"]), None)
+    try:
+        created = datetime.datetime.fromisoformat(when).timestamp()
+        signed = base64.b64decode(signature, validate=True)
+    except (ValueError, TypeError):
+        raise Refused("query.signature", "the query's time or signature is malformed") from None
+    if abs(time.time() - created) > QUERY_MAX_SKEW:
+        raise Refused("query.expired", "the query was signed more than five minutes from now; sign it again")
+    try:
+        customer.parse_public(owner["key"] if owner else "").verify(
+            signed, canonical({"op": op, "request": request_id, "time": when}))
+    except Exception:  # noqa: BLE001
+        raise Refused("query.signature", "the query is not signed by the customer who made the request") from None
+    if not registry.use_once(hashlib.sha256(signed).hexdigest(), f"query:{request_id}", QUERY_MAX_SKEW * 2):
+        raise Refused("query.replayed", "this signed query was used before; sign a new one")
+    return request
+
+
+def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
+    """The customer's side of check_customer_query."""
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    signature = key.sign(canonical({"op": op, "request": request_id, "time": when}))
+    return {"time": when, "signature": base64.b64encode(signature).decode()}
 
 
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, request_id: str, node: str) -> dict[str, Any]:

@@ -75,6 +75,17 @@ class Coordinator:
         policy = self.perimeter.attestation
         return policy.bank, list(policy.pcrs)
 
+    def grace_period(self) -> float:
+        """How long an admitted node may be unreachable before enforcement quarantines it."""
+        return float(self.perimeter.attestation.grace_period)
+
+    def enforce_interval(self) -> float:
+        return float(self.perimeter.attestation.interval)
+
+    def on_failure(self) -> str:
+        """What enforcement does with the VMs of a node that lost trust: evacuate, stop or quarantine."""
+        return str(self.perimeter.attestation.on_failure)
+
     def asset_tag_index(self, site: str | None) -> int | None:
         """The NV index of the site's asset tag, which the node must certify, if the site has one."""
         site_def = self.perimeter.site(site) if site else None
@@ -144,16 +155,24 @@ class Coordinator:
         return record
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
+        """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
         request = self.registry.request(request_id)
         with self._refusals("key-release", node, request["vm_id"] if request else None):
             release = keybroker.release(self.registry, identity.init(self.state)[0], self.perimeter, request_id, node)
         audit.append(self.registry, "key-release", node, release["request"]["vm_id"], request=request_id,
                      attestation=release["attestation"]["id"], certificate_serial=release["certificate_serial"])
-        return release
+        return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
+                "wrapped_key": release["wrapped_key"], "certificate_serial": release["certificate_serial"],
+                "attestation": release["attestation"]["id"]}
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
-        """The VM runs on node: record it and sign the customer's receipt."""
-        request = release["request"]
+        """The VM runs on node: record it and sign the customer's receipt (kept for `receipt fetch`)."""
+        request = self.registry.request(str(release["request"]))
+        attestation = self.registry.attestation(int(release["attestation"]))
+        releases = self.registry.releases(request["vm_id"]) if request else []
+        if request is None or attestation is None or not any(
+                r["request"] == request["id"] and r["node"] == node and r["attestation"] == attestation["id"] for r in releases):
+            raise keybroker.Refused("launch.no-release", f"no key release of request {release['request']} to {node}")
         spec = request["spec"]
         now = time.time()
         self.registry.upsert_vm({
@@ -164,13 +183,14 @@ class Coordinator:
         })
         self.registry.set_request_state(request["id"], "launched")
         audit.append(self.registry, "launch", node, request["vm_id"], request=request["id"], running=bool(status.get("running")))
-        attestation = release["attestation"]
-        return receipts.sign(identity.init(self.state)[0], {
+        receipt = receipts.sign(identity.init(self.state)[0], {
             "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
             "node_certificate_serial": release["certificate_serial"], "tvmm_build": attestation["build"],
             "attestation": {"id": attestation["id"], "time": attestation["time"], "pcr_digest": attestation["pcr_digest"]},
             "image_sha256": request["image_sha256"], "request": request["id"], "time": now,
         })
+        self.registry.save_receipt(request["id"], receipt)
+        return receipt
 
     # -- migration ------------------------------------------------------------------------
     def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
@@ -190,20 +210,60 @@ class Coordinator:
         migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination)
         audit.append(self.registry, "migration.start", destination, vm["vm_id"], migration=migration, source=vm["node"],
                      attestation=latest["id"], certificate_serial=certificate["serial"])
-        return {"migration": migration, "vm": vm, "request": request, "certificate_pem": certificate["pem"],
-                "wrapped_key": base64.b64encode(rewrapped).decode()}
+        return {"migration": migration, "vm": vm, "request": {k: v for k, v in request.items() if k != "wrapped_key"},
+                "certificate_pem": certificate["pem"], "wrapped_key": base64.b64encode(rewrapped).decode()}
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
         self.registry.end_migration(migration, commit, reason)
         audit.append(self.registry, "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration,
                      reason=reason)
 
+    def customer_status(self, request_id: str, when: str, signature: str) -> dict[str, Any]:
+        """A request's state, for the customer who signed it (signed query, used once)."""
+        request = keybroker.check_customer_query(self.registry, request_id, "status", when, signature)
+        vm = next((v for v in self.registry.vms(include_destroyed=True) if v["request"] == request_id), None)
+        return {"request": request_id, "vm": request["vm"], "vm_id": request["vm_id"], "state": request["state"],
+                "vm_state": vm["state"] if vm else None, "node": vm["node"] if vm else None,
+                "receipt": self.registry.receipt(request_id) is not None}
+
+    def customer_receipt(self, request_id: str, when: str, signature: str) -> dict[str, Any] | None:
+        keybroker.check_customer_query(self.registry, request_id, "receipt", when, signature)
+        return self.registry.receipt(request_id)
+
     def fail_request(self, request_id: str) -> None:
         self.registry.set_request_state(request_id, "failed")
         request = self.registry.request(request_id)
         audit.append(self.registry, "request.failed", vm=request["vm_id"] if request else None, request=request_id)
 
-    # -- reading --------------------------------------------------------------------------
+    def record_enforcement(self, node: str, vm_id: str, policy: str, result: str) -> None:
+        """What enforcement did to a VM of a node that lost trust, in the audit log."""
+        audit.append(self.registry, "vm.enforce", node, vm_id, policy=policy, result=result)
+
+    def set_vm_state(self, vm_id: str, state: str) -> None:
+        self.registry.set_vm_state(vm_id, state)
+
+    # -- reading (the engine's view; the same over HTTPS) -----------------------------------
+    def node(self, name: str) -> dict[str, Any] | None:
+        return self.registry.node(name)
+
+    def last_trusted_time(self, node: str) -> float | None:
+        last = self.registry.attestations(node, limit=1, trusted_only=True)
+        return float(last[0]["time"]) if last else None
+
+    def vm(self, name_or_id: str) -> dict[str, Any] | None:
+        return self.registry.vm(name_or_id)
+
+    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
+        return self.registry.vms(include_destroyed)
+
+    def request_record(self, request_id: str) -> dict[str, Any] | None:
+        """A request as the engine may see it: no wrapped key (it is the TC's to unwrap)."""
+        record = self.registry.request(request_id)
+        return {k: v for k, v in record.items() if k != "wrapped_key"} if record else None
+
+    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
+        return self.registry.migrations(state)
+
     def nodes(self) -> list[dict[str, Any]]:
         out = []
         for node in self.registry.nodes():

@@ -181,11 +181,15 @@ MIGRATIONS: list[str] = [
     """
     CREATE UNIQUE INDEX migrations_one_started ON migrations(vm_id) WHERE state = 'started';
     """,
+    # 8: signed receipts, for customers to fetch from a served TC.
+    """
+    CREATE TABLE receipts (request TEXT PRIMARY KEY REFERENCES requests(id), receipt TEXT NOT NULL, time REAL NOT NULL);
+    """,
 ]
 
 
 
-# PostgreSQL starts at the schema SQLite reached in MIGRATIONS[6] (version 7).
+# PostgreSQL starts at the schema SQLite reached with MIGRATIONS[6] (version 7); then step by step.
 PG_MIGRATIONS: list[str] = [
     """
     CREATE TABLE nodes (
@@ -266,6 +270,10 @@ PG_MIGRATIONS: list[str] = [
         name TEXT PRIMARY KEY, serial TEXT NOT NULL UNIQUE, fingerprint TEXT NOT NULL,
         added DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION
     );
+    """,
+    """
+    CREATE TABLE receipts (request TEXT PRIMARY KEY REFERENCES requests(id), receipt TEXT NOT NULL,
+                           time DOUBLE PRECISION NOT NULL);
     """,
 ]
 
@@ -387,6 +395,17 @@ class Registry:
             return NonceCheck(False, "nonce.replayed")
         return NonceCheck(False, "nonce.expired")
 
+    def use_once(self, token: str, purpose: str, ttl: float) -> bool:
+        """Record token as used; False if it was used before (any process, any replica)."""
+        now = time.time()
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO nonces (nonce, node, purpose, created, expires, used_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (token, "-", purpose, now, now + ttl, now))
+        except self.backend.integrity_error:
+            return False
+        return True
+
     # -- attestations ---------------------------------------------------------------------
     def add_attestation(self, node: str, record: dict[str, Any]) -> int:
         with self.transaction() as db:
@@ -492,6 +511,16 @@ class Registry:
             db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time) VALUES (?, ?, ?, ?, ?, ?)",
                        (vm_id, request_id, node, attestation, serial, time.time()))
         return True
+
+    def save_receipt(self, request_id: str, receipt: dict[str, Any]) -> None:
+        sql, params = _upsert("receipts", "request", {"request": request_id, "receipt": json.dumps(receipt),
+                                                      "time": time.time()})
+        with self.transaction() as db:
+            db.execute(sql, params)
+
+    def receipt(self, request_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT receipt FROM receipts WHERE request = ?", (request_id,))
+        return json.loads(row["receipt"]) if row else None
 
     def releases(self, vm_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))

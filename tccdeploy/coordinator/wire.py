@@ -42,6 +42,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "AdmissionFinish": _object({"node": NODE, "answer": {"type": "string", "pattern": "^[0-9a-f]{0,256}$"}},
                                ["node", "answer"]),
     "Quarantine": _object({"reason": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}}, ["reason"]),
+    "RequestSubmit": _object({"request": {"type": "object"}, "bundle": {"type": "object"}}, ["request", "bundle"]),
+    "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
+    "Release": _object({"node": NODE}, ["node"]),
+    "Launched": _object({"node": NODE, "attestation": {"type": "integer", "minimum": 1},
+                         "certificate_serial": SHORT, "status": {"type": "object"}},
+                        ["node", "attestation", "certificate_serial", "status"]),
+    "Empty": _object({}, []),
+    "VmState": _object({"state": {"enum": ["starting", "running", "stopped", "destroyed"]}}, ["state"]),
+    "Enforcement": _object({"node": NODE, "policy": SHORT, "result": {"type": "string", "maxLength": 2000}},
+                           ["node", "policy", "result"]),
+    "MigrationBegin": _object({"vm": SHORT, "destination": NODE}, ["vm", "destination"]),
+    "MigrationEnd": _object({"vm_id": SHORT, "commit": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 2000}},
+                            ["vm_id", "commit"]),
 }
 
 

@@ -123,6 +123,27 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receipt_fetch(args: argparse.Namespace) -> int:
+    """Fetch the receipt from a served TC, check it with the pinned certificate, keep it."""
+    from ..coordinator.client import CustomerClient
+    from ..coordinator.keybroker import Refused
+    from . import customer
+
+    client = CustomerClient(args.tc, args.tc_cert)
+    try:
+        receipt = client.receipt(args.id, customer.load(args.key))
+    except Refused as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    with open(args.output, "w") as fh:
+        json.dump(receipt, fh, indent=2)
+    args.receipt, args.tc, args.json = args.output, args.tc_cert, False
+    print(f"wrote {args.output}")
+    return cmd_receipt_verify(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("customer", help="the customer's signing identity")
     cs = p.add_subparsers(dest="customer_command", metavar="ACTION", required=True)
@@ -151,10 +172,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("receipt", help="verify a launch receipt offline")
+    p = sub.add_parser("receipt", help="verify a launch receipt offline; fetch one from a served TC")
     rc = p.add_subparsers(dest="receipt_command", metavar="ACTION", required=True)
     q = rc.add_parser("verify", help="check a receipt with only the TC certificate, and say what it proves")
     q.add_argument("receipt", metavar="RECEIPT")
     q.add_argument("--tc", required=True, metavar="TC_CERT")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_receipt_verify)
+    q = rc.add_parser("fetch", help="fetch a receipt from a served TC (a signed query), verify it, save it")
+    q.add_argument("id", metavar="REQUEST_ID")
+    q.add_argument("--tc", required=True, metavar="URL", help="the served TC")
+    q.add_argument("--tc-cert", required=True, metavar="TC_CERT", help="the TC certificates you pinned (tc show -o)")
+    q.add_argument("--key", default=default_key(), help="your customer key (signs the query)")
+    q.add_argument("-o", "--output", required=True, metavar="RECEIPT")
+    q.set_defaults(func=cmd_receipt_fetch)

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..coordinator import audit
 from ..coordinator.service import Coordinator
 from .attestation import attest
 from .migrate import migrate, repair
@@ -41,14 +40,13 @@ def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | Non
     """One round over every admitted node of the engine's inventory (or only those named)."""
     start = time.monotonic()
     report = Report()
-    registry = coordinator.registry
     try:
         report.vms += [dict(item, result=f"interrupted migration {item['action']}") for item in repair(engine, coordinator)]
     except Exception:  # noqa: BLE001 - repair is retried next round; enforcement must go on
         pass
-    policy = coordinator.perimeter.attestation
+    grace = coordinator.grace_period()
     hosts = {h.name: h for h in engine.hosts}
-    admitted = [n["name"] for n in registry.nodes() if n["state"] == "admitted" and (only is None or n["name"] in only)]
+    admitted = [n["name"] for n in coordinator.nodes() if n["state"] == "admitted" and (only is None or n["name"] in only)]
     before = set(admitted)
     for name in admitted:
         if name not in hosts and only is None:
@@ -58,12 +56,12 @@ def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | Non
     unreachable: dict[str, str] = {}
     for result in report.attested:
         if result.status == "unreachable":
-            last = registry.attestations(result.host, limit=1, trusted_only=True)
-            if not last or time.time() - last[0]["time"] > policy.grace_period:
+            last = coordinator.last_trusted_time(result.host)
+            if last is None or time.time() - last > grace:
                 coordinator.quarantine(result.host, "node.unreachable")
                 unreachable[result.host] = f"node.unreachable ({result.reason})"
     for name in before:
-        row = registry.node(name)
+        row = coordinator.node(name)
         if row and row["state"] == "quarantined":
             reason = unreachable.get(name) or next((r.reason for r in report.attested if r.host == name), "") \
                 or "node.not-in-inventory"
@@ -76,21 +74,20 @@ def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | Non
 
 
 def handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
-    registry = coordinator.registry
-    action = coordinator.perimeter.attestation.on_failure
+    action = coordinator.on_failure()
     out = []
-    for vm in [v for v in registry.vms() if v["node"] == node and v["state"] in ("running", "starting", "stopped")]:
+    for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] in ("running", "starting", "stopped")]:
         outcome = {"vm": vm["name"], "vm_id": vm["vm_id"], "node": node, "policy": action}
         if action == "quarantine":
             outcome["result"] = "left running (policy quarantine)"
-            audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
+            coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
             out.append(outcome)
             continue
         if action == "evacuate" and vm["state"] == "running":
             try:
                 moved = migrate(engine, coordinator, vm["name"], "auto")
                 outcome["result"] = f"evacuated to {moved['to']}"
-                audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
+                coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
                 out.append(outcome)
                 continue
             except Exception as exc:  # noqa: BLE001 - fall back to powering it off
@@ -100,11 +97,11 @@ def handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict)
             host = hosts[node]
             engine.sessions.pop(node, None)
             engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "poweroff"})
-            registry.set_vm_state(vm["vm_id"], "stopped")
+            coordinator.set_vm_state(vm["vm_id"], "stopped")
             failed = f" (evacuation failed: {outcome.get('evacuation_error')})" if "evacuation_error" in outcome else ""
             outcome["result"] = "powered off" + failed
         except Exception as exc:  # noqa: BLE001 - an unreachable node: the TC releases nothing to it anyway
             outcome["result"] = f"could not reach the node to stop it: {exc}"
-        audit.append(registry, "vm.enforce", node, vm["vm_id"], policy=action, result=outcome["result"])
+        coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
         out.append(outcome)
     return out

@@ -51,11 +51,21 @@ def launch(engine: Engine, coordinator: Coordinator, envelope: dict[str, Any], b
     """Place and start the VM a signed request asks for; Refused when it cannot be."""
     bundle = bundles.load(bundle_dir)  # refused here, before anything goes to a node
     record = coordinator.accept_request(envelope, bundle)
+    return launch_accepted(engine, coordinator, record, bundle_dir, vm_args, bundle)
+
+
+def launch_accepted(engine: Engine, coordinator: Coordinator, record: dict[str, Any], bundle_dir: str,
+                    vm_args: list[str] | None = None, bundle: dict[str, Any] | None = None) -> LaunchResult:
+    """Place and start a request the TC accepted already (a customer submitted it to a served
+    TC); the provider has the sealed image in bundle_dir."""
+    if bundle is None:
+        bundle = bundles.load(bundle_dir)
+        if bundle["descriptor"]["vm_id"] != record["vm_id"] or bundle["descriptor"]["disk"]["sha256"] != record["image_sha256"]:
+            raise Refused("request.image", f"{bundle_dir} is not the image request {record['id']} names")
     hosts = {h.name: h for h in engine.hosts}
     capacities = {name: int(h.vars.get("tcc_capacity", 4)) for name, h in hosts.items()}
-    registry = coordinator.registry
-    nodes = [n for n in registry.nodes() if n["name"] in hosts]
-    candidates = rank(record["spec"], nodes, registry.vms(), capacities, coordinator.builds, record["customer"])
+    nodes = [n for n in coordinator.nodes() if n["name"] in hosts]
+    candidates = rank(record["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, record["customer"])
     result = LaunchResult(None, None, candidates)
     for candidate in (c for c in candidates if c.eligible):
         host = hosts[candidate.node]

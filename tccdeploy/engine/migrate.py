@@ -39,12 +39,12 @@ def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) ->
 
 
 def choose_destination(engine: Engine, coordinator: Coordinator, vm: dict[str, Any]) -> str:
-    request = coordinator.registry.request(vm["request"])
+    request = coordinator.request_record(vm["request"])
     assert request is not None
     hosts = {h.name for h in engine.hosts}
-    nodes = [n for n in coordinator.registry.nodes() if n["name"] in hosts and n["name"] != vm["node"]]
+    nodes = [n for n in coordinator.nodes() if n["name"] in hosts and n["name"] != vm["node"]]
     capacities = {h.name: int(h.vars.get("tcc_capacity", 4)) for h in engine.hosts}
-    candidates = rank(request["spec"], nodes, coordinator.registry.vms(), capacities, coordinator.builds, vm["customer"])
+    candidates = rank(request["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, vm["customer"])
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
         why = "; ".join(f"{c.node}: {', '.join(c.reasons)}" for c in candidates) or "no other node"
@@ -54,7 +54,7 @@ def choose_destination(engine: Engine, coordinator: Coordinator, vm: dict[str, A
 
 def migrate(engine: Engine, coordinator: Coordinator, vm_name: str, destination: str = "auto",
             extra_args: list[str] | None = None) -> dict[str, Any]:
-    vm = coordinator.registry.vm(vm_name)
+    vm = coordinator.vm(vm_name)
     if vm is None or vm["node"] is None:
         raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
     if destination == "auto":
@@ -134,7 +134,7 @@ def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
     The destination runs the VM only after it took the whole, authenticated stream: if it runs,
     the migration is committed and the source removed; otherwise it is rolled back."""
     out = []
-    for row in coordinator.registry.migrations("started"):
+    for row in coordinator.migrations("started"):
         vm_id, source, destination = row["vm_id"], row["source"], row["destination"]
         try:
             status = _call_fresh(engine, destination, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
@@ -156,7 +156,7 @@ def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
 def drain(engine: Engine, coordinator: Coordinator, node: str) -> list[dict[str, Any]]:
     """Move every VM off node (maintenance), one at a time, each to a trusted node placement picks."""
     out = []
-    for vm in [v for v in coordinator.registry.vms() if v["node"] == node and v["state"] == "running"]:
+    for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] == "running"]:
         try:
             moved = migrate(engine, coordinator, vm["name"], "auto")
             out.append({"vm": vm["name"], "result": f"moved to {moved['to']}", "ok": True})
