@@ -2,7 +2,8 @@
 
 It holds the registry, the perimeter and the builds (from the manifests), and takes every
 decision itself from evidence it checks: enrollment, nonces, verdicts. The engine only carries
-what nodes answer. (An HTTPS service with the same methods is a later step.)
+what nodes answer. `tc serve` (api.py) offers the same methods over HTTPS, and client.py is the
+engine's side of that: code that takes a Coordinator runs unchanged with either.
 """
 
 from __future__ import annotations
