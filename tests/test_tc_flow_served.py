@@ -83,8 +83,13 @@ def test_the_whole_flow_through_a_served_tc(lab: Lab, tmp_path: Path, database, 
         assert enforced.returncode == 2 and f"quarantined {node}: build.unknown" in enforced.stdout, enforced.stdout
         vms = json.loads(run(engine, "vms", "--json").stdout)
         assert vms[0]["state"] == "running" and vms[0]["node"] not in (node, None)
-        audit = run(admin, "audit", "verify")
-        assert audit.returncode == 0, audit.stderr
+        nodes = {n["name"]: n for n in json.loads(run(engine, "nodes", "--json").stdout)}
+        assert nodes[node]["state"] == "quarantined" and nodes[node]["reasons"] == ["build.unknown"]
+        history = json.loads(run(engine, "nodes", node, "--json").stdout)
+        assert history["attestations"][0]["verdict"] == "untrusted"
+        for who in (admin, engine):  # the TC's operator on its registry; the engine from the entries served
+            audit = run(who, "audit", "verify")
+            assert audit.returncode == 0 and "chain intact" in audit.stdout, audit.stderr
     finally:
         service.stop()
         if vm_id is not None:

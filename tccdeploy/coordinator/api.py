@@ -128,6 +128,8 @@ class Api:
             ("POST", "/v1/admissions/finish", "finish admission: the node certificate", "AdmissionFinish", True,
              self.admission_finish),
             ("GET", "/v1/nodes", "the registry's nodes with their last verdicts", None, True, self.nodes),
+            ("GET", "/v1/audit", "audit log entries (?node=, ?vm=, ?since=), to verify the chain client-side", None, True,
+             self.audit),
             ("GET", "/v1/builds", "the TVMM builds the TC knows: name, version, status", None, True, self.builds),
             ("GET", "/v1/vms", "VMs (?all=1: with destroyed ones)", None, True, self.vms),
             ("GET", "/v1/vms/{name}", "one VM", None, True, self.vm),
@@ -332,8 +334,20 @@ class Api:
         row = await run_in_threadpool(self.tc.registry.node, name)
         if row is None:
             raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
-        history = await run_in_threadpool(self.tc.registry.attestations, name, 20)
+        try:
+            limit = max(1, min(1000, int(request.query_params.get("limit", "20"))))
+        except ValueError:
+            raise ApiError(400, "request.query", "limit is a number") from None
+        history = await run_in_threadpool(self.tc.registry.attestations, name, limit)
         return {"node": row, "attestations": history, "last_trusted": await run_in_threadpool(self.tc.last_trusted_time, name)}
+
+    async def audit(self, request: Request) -> list[dict[str, Any]]:
+        q = request.query_params
+        try:
+            since = float(q["since"]) if "since" in q else None
+        except ValueError:
+            raise ApiError(400, "request.query", "since is a Unix time") from None
+        return await run_in_threadpool(self.tc.registry.audit_entries, q.get("node"), q.get("vm"), since)
 
     async def builds(self, request: Request) -> list[dict[str, Any]]:
         return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]

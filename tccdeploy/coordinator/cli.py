@@ -80,6 +80,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
         return 2
     args.node = words[0] if words else None
+    if getattr(args, "tc", None):
+        return _nodes_remote(args)
     registry = Registry(registry_location(args.state))
     try:
         if args.node:
@@ -105,6 +107,35 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                          "reasons": [r["code"] for r in last[0]["reasons"]] if last else []})
     finally:
         registry.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
+    print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
+                        ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
+    return 0
+
+
+def _nodes_remote(args: argparse.Namespace) -> int:
+    client = _coordinator(args, remote_ok=True)
+    try:
+        if args.node:
+            node, history = client.node_history(args.node, args.limit)
+            if node is None:
+                print(f"error: no node {args.node!r} in the registry", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps({"node": node, "attestations": history}, indent=2, default=str))
+                return 0
+            print(f"{node['name']}: {node['state']}, site {node['site'] or '-'}, address {node['address']}, build {node['build'] or '-'}")
+            for entry in history:
+                reasons = ", ".join(r["code"] for r in entry["reasons"]) or "-"
+                print(f"  #{entry['id']:<5} {_when(entry['time'])}  {entry['verdict']:<9}  {entry['build'] or '-':<12}  {reasons}")
+            return 0
+        rows = [dict(n, last_attestation=n.get("last_attestation"), verdict=n.get("verdict"), reasons=n.get("reasons", []))
+                for n in client.nodes()]
+    finally:
+        client.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -504,7 +535,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .service import registry_location
     from .store import Registry
 
-    registry = Registry(registry_location(args.state))
+    registry = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         if args.audit_command == "verify":
             result = audit.verify(registry, args.expect_head)
@@ -581,6 +612,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="List the registry's nodes, or one node's attestation history with NODE.")
     p.add_argument("node", nargs="*", metavar="[show] NODE", help="show this node's history (`nodes show NODE` or `nodes NODE`)")
     p.add_argument("--limit", type=int, default=20, help="history entries (default 20)")
+    p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
+    p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_nodes)
@@ -676,8 +709,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "launch) is appended to a hash chain. verify: exit 1 on any edit, deletion or reordering.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     au = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    q = au.add_parser("verify", help="recompute the chain")
+    q = au.add_parser("verify", help="recompute the chain (with --tc: from the entries a served TC returns)")
     q.add_argument("--expect-head", metavar="N:HASH", help="the head recorded earlier (detects removed newest entries)")
+    q.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
+    q.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     q.add_argument("--state", help="TC state directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_audit)
@@ -685,6 +720,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--node", help="only this node")
     q.add_argument("--vm", help="only this VM id")
     q.add_argument("--since", metavar="ISO_TIME", help="only entries from this time on")
+    q.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
+    q.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     q.add_argument("--state", help="TC state directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_audit)

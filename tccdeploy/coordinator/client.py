@@ -12,6 +12,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -127,6 +128,19 @@ class RemoteCoordinator:
 
     def nodes(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/nodes")  # type: ignore[no-any-return]
+
+    def node_history(self, name: str, limit: int = 20) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        try:
+            answer = self._call("GET", f"/v1/nodes/{name}?limit={int(limit)}")
+        except TCNotFound:
+            return None, []
+        return answer["node"], answer["attestations"]
+
+    def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        """The audit log as the TC returns it; `audit.verify` recomputes its chain here, so a
+        client checks it without trusting the service's own verdict."""
+        query = urlencode({k: v for k, v in (("node", node), ("vm", vm), ("since", since)) if v is not None})
+        return self._call("GET", "/v1/audit" + (f"?{query}" if query else ""))  # type: ignore[no-any-return]
 
     # -- what launch, migration and enforcement read and record -----------------------------
     @property
