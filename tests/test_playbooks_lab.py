@@ -256,3 +256,28 @@ def test_drain_then_evict_move_the_vm_and_take_the_node_out_once(lab: Lab, world
     assert any("maintenance.disk" in k[0] for k in kinds)
     again = apply(str(playbook), *world.args, "-l", node, state=world.state)
     assert recap(again.stdout)[node]["changed"] == 1  # only the command; the node stays out
+
+
+def test_site_yml_through_a_served_tc_gives_the_same_recap_as_embedded(lab: Lab, tmp_path):
+    from .tcservice import Service
+
+    service = Service(tmp_path / "tc", lab.manifests_dir)
+    try:
+        args = ["-i", lab.inventory_dir, "--tc", service.url, "--engine-dir", str(service.engine_dir)]
+        engine_state = str(tmp_path / "engine")
+        before = dump(str(tmp_path / "tc"))
+        check = apply(str(PLAYBOOKS / "site.yml"), *args, "--check", state=engine_state)
+        assert dump(str(tmp_path / "tc")) == before  # check mode asks the served TC only questions
+        first = apply(str(PLAYBOOKS / "site.yml"), *args, state=engine_state)
+        second = apply(str(PLAYBOOKS / "site.yml"), *args, state=engine_state)
+    finally:
+        service.stop()
+    predicted, done = recap(check.stdout), recap(first.stdout)
+    assert predicted == done, first.stdout
+    for name in NODES:
+        assert done[name]["changed"] == 2 and done[name]["failed"] == 0
+    assert done["roguetpm1"]["failed"] == done["outside1"]["failed"] == 1 and first.returncode == 2
+    assert "roguetpm1                  : ek.untrusted-manufacturer" in first.stdout
+    assert all(stats["changed"] == 0 for stats in recap(second.stdout).values()), second.stdout
+    assert sorted(registry_rows(str(tmp_path / "tc"), "SELECT name FROM nodes WHERE state = 'admitted'")) == \
+        [(n,) for n in NODES]

@@ -128,6 +128,12 @@ class Api:
             ("POST", "/v1/admissions/finish", "finish admission: the node certificate", "AdmissionFinish", True,
              self.admission_finish),
             ("GET", "/v1/nodes", "the registry's nodes with their last verdicts", None, True, self.nodes),
+            ("POST", "/v1/enrollments/check", "would this TPM be enrolled? (changes nothing)", "EkCheck", True, self.ek_check),
+            ("POST", "/v1/perimeter/check", "is this site and address inside the perimeter? (changes nothing)",
+             "PerimeterCheck", True, self.perimeter_check),
+            ("GET", "/v1/nodes/{name}/identity", "which TPM a node is enrolled with", None, True, self.identity),
+            ("GET", "/v1/nodes/{name}/admission", "does the node need admitting again after ?attestation=ID", None, True,
+             self.admission_needed),
             ("GET", "/v1/audit", "audit log entries (?node=, ?vm=, ?since=), to verify the chain client-side", None, True,
              self.audit),
             ("GET", "/v1/builds", "the TVMM builds the TC knows: name, version, status", None, True, self.builds),
@@ -340,6 +346,29 @@ class Api:
             raise ApiError(400, "request.query", "limit is a number") from None
         history = await run_in_threadpool(self.tc.registry.attestations, name, limit)
         return {"node": row, "attestations": history, "last_trusted": await run_in_threadpool(self.tc.last_trusted_time, name)}
+
+    async def ek_check(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.check_ek, self._bytes(b["ek_certificate"], "ek_certificate"),
+                                       self._bytes(b["ek_public"], "ek_public"))
+
+    async def perimeter_check(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        problems = self.tc.perimeter_problems(b.get("site"), b["address"])
+        return {"inside": not problems, "problems": [{"code": c, "message": m} for c, m in problems]}
+
+    async def identity(self, request: Request) -> dict[str, Any]:
+        summary = await run_in_threadpool(self.tc.identity_summary, request.path_params["name"])
+        if summary is None:
+            raise ApiError(404, "node.not-enrolled", f"{request.path_params['name']} is not enrolled")
+        return summary
+
+    async def admission_needed(self, request: Request) -> dict[str, Any]:
+        try:
+            attestation = int(request.query_params["attestation"])
+        except (KeyError, ValueError):
+            raise ApiError(400, "request.query", "give ?attestation=ID") from None
+        return {"needed": await run_in_threadpool(self.tc.admission_needed, request.path_params["name"], attestation)}
 
     async def audit(self, request: Request) -> list[dict[str, Any]]:
         q = request.query_params

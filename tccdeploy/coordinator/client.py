@@ -129,6 +129,26 @@ class RemoteCoordinator:
     def nodes(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/nodes")  # type: ignore[no-any-return]
 
+    def identity_summary(self, node: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", f"/v1/nodes/{node}/identity")  # type: ignore[no-any-return]
+        except TCNotFound:
+            return None
+
+    def check_ek(self, ek_certificate: bytes, ek_public: bytes) -> dict[str, Any]:
+        return self._call("POST", "/v1/enrollments/check", {"ek_certificate": b64(ek_certificate),  # type: ignore[no-any-return]
+                                                           "ek_public": b64(ek_public)}, EnrollmentRefused)
+
+    def perimeter_problems(self, site: str | None, address: str) -> list[tuple[str, str]]:
+        answer = self._call("POST", "/v1/perimeter/check", {"site": site, "address": address})
+        return [(p["code"], p["message"]) for p in answer["problems"]]
+
+    def admission_needed(self, node: str, attestation_id: int) -> str | None:
+        return self._call("GET", f"/v1/nodes/{node}/admission?attestation={int(attestation_id)}")["needed"]  # type: ignore[no-any-return]
+
+    def customer_name(self, key_text: str) -> str | None:
+        return None  # placement previews only; the TC checks the customer when the request arrives
+
     def node_history(self, name: str, limit: int = 20) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         try:
             answer = self._call("GET", f"/v1/nodes/{name}?limit={int(limit)}")

@@ -243,6 +243,49 @@ class Coordinator:
     def set_vm_state(self, vm_id: str, state: str) -> None:
         self.registry.set_vm_state(vm_id, state)
 
+    # -- predictions and idempotency: questions that change nothing -------------------------
+    def identity_summary(self, node: str) -> dict[str, Any] | None:
+        """Which TPM the node is enrolled with (EK fingerprint, vendor), or None."""
+        known = self.registry.identity(node)
+        return {"ek_fingerprint": known["ek_fingerprint"], "manufacturer": known["manufacturer"]} if known else None
+
+    def check_ek(self, ek_certificate: bytes, ek_public: bytes) -> dict[str, Any]:
+        """Would this TPM be enrolled? {manufacturer, ek_fingerprint}, or EnrollmentRefused. No state."""
+        from . import tpm2
+
+        try:
+            ek = tpm2.parse_public(ek_public)
+        except tpm2.TPMFormatError as exc:
+            raise enrollment.EnrollmentRefused("evidence.malformed", f"malformed EK from the node: {exc}") from None
+        manufacturer = enrollment.check_ek_certificate(self.perimeter, ek_certificate, ek)
+        return {"manufacturer": manufacturer,
+                "ek_fingerprint": enrollment.fingerprint(enrollment.load_certificate_der(ek_certificate))}
+
+    def perimeter_problems(self, site: str | None, address: str) -> list[tuple[str, str]]:
+        return verifier.perimeter_problems(self.perimeter, site, address)
+
+    def admission_needed(self, node: str, attestation_id: int) -> str | None:
+        """Why node must be admitted (again) after the trusted attestation attestation_id, or
+        None while its admission holds: a valid certificate (a quarter of its lifetime left)
+        whose TK is bound to the PCR values just verified."""
+        row = self.registry.node(node)
+        if row is None or row["state"] != "admitted":
+            return f"node is {row['state'] if row else 'unknown'}"
+        certificate = self.registry.certificate(node)
+        if certificate is None:
+            return "no valid certificate"
+        if certificate["not_after"] - time.time() < self.perimeter.attestation.certificate_lifetime / 4:
+            return "certificate expires soon"
+        bound = self.registry.attestation(certificate["attestation"]) if certificate["attestation"] else None
+        now = self.registry.attestation(attestation_id)
+        if bound is None or now is None or bound.get("pcr_values") != now.get("pcr_values"):
+            return "boot measurements changed since the trusted key was made"
+        return None
+
+    def customer_name(self, key_text: str) -> str | None:
+        owner = self.registry.customer_by_key(key_text)
+        return str(owner["name"]) if owner else None
+
     # -- reading (the engine's view; the same over HTTPS) -----------------------------------
     def node(self, name: str) -> dict[str, Any] | None:
         return self.registry.node(name)

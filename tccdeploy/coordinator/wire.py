@@ -42,6 +42,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "AdmissionFinish": _object({"node": NODE, "answer": {"type": "string", "pattern": "^[0-9a-f]{0,256}$"}},
                                ["node", "answer"]),
     "Quarantine": _object({"reason": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}}, ["reason"]),
+    "EkCheck": _object({"ek_certificate": B64, "ek_public": B64}, ["ek_certificate", "ek_public"]),
+    "PerimeterCheck": _object({"site": {"type": ["string", "null"], "maxLength": 128}, "address": SHORT}, ["address"]),
     "RequestSubmit": _object({"request": {"type": "object"}, "bundle": {"type": "object"}}, ["request", "bundle"]),
     "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
     "Release": _object({"node": NODE}, ["node"]),

@@ -75,7 +75,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     options = Options(limit=args.limit, forks=args.forks, timeout=args.timeout, extra_vars=extra,
                       tags=_tags(args.tags), skip_tags=_tags(args.skip_tags), check=args.check, diff=args.diff,
                       start_at_task=args.start_at_task, trust_new_host_keys=args.trust_new_host_keys,
-                      state=args.state, manifests=manifests)
+                      state=args.state, manifests=manifests, tc_url=args.tc, engine_dir=args.engine_dir)
     runner = PlaybookRunner(loaded.playbooks[0], load_inventory(args.inventory), options,
                             Callback(args.verbose, args.json, args.diff, color=None if "NO_COLOR" not in os.environ else False))
     if args.list_tasks:
@@ -119,6 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("playbook", metavar="PLAYBOOK", help="the playbook file (YAML)")
     p.add_argument("-m", "--manifests", action="append", metavar="PATH",
                    help="perimeter and TVMM build manifests, for the TC's modules (default $TCCDEPLOY_MANIFESTS)")
+    p.add_argument("--tc", default=os.environ.get("TCCDEPLOY_TC"), metavar="URL",
+                   help="a served TC (tc serve) instead of the embedded one (default $TCCDEPLOY_TC)")
+    p.add_argument("--engine-dir", default=os.environ.get("TCCDEPLOY_ENGINE_DIR"), metavar="DIR",
+                   help="this engine's client certificate for --tc (default STATE/engine)")
     add_run_args(p)
     p.add_argument("-e", "--extra-vars", action="append", metavar="VARS",
                    help="variables that override all others: key=value, a YAML/JSON mapping, or @file")

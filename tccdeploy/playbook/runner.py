@@ -40,6 +40,8 @@ class Options:
     trust_new_host_keys: bool = False
     state: str | None = None
     manifests: list[str] = field(default_factory=list)
+    tc_url: str | None = None
+    engine_dir: str | None = None
 
 
 def selected(task_tags: frozenset[str], only: set[str], skip: set[str]) -> bool:
@@ -188,7 +190,8 @@ class PlaybookRunner:
         engine = Engine(list(self.inventory.hosts.values()), forks=self.options.forks, timeout=self.options.timeout,
                         trust_new_host_keys=self.options.trust_new_host_keys, state=self.options.state)
         run = RunState(engine, self.inventory, self.playbook_dir, self.options.manifests, self.options.state,
-                       check=self.options.check, diff=self.options.diff)
+                       check=self.options.check, diff=self.options.diff, tc_url=self.options.tc_url,
+                       engine_dir=self.options.engine_dir)
         try:
             for play in self.plays:
                 if not self._play(play, engine, run):

@@ -39,13 +39,25 @@ class RunState:
     state: str | None
     check: bool = False
     diff: bool = False
+    tc_url: str | None = None
+    engine_dir: str | None = None
     exclusive: threading.Lock = field(default_factory=threading.Lock)
     _coordinator: Coordinator | None = None
     _tc_lock: threading.Lock = field(default_factory=threading.Lock)
     _scratch: str | None = None
 
     def coordinator(self) -> Coordinator:
+        """The embedded TC over the manifests, or the served one at tc_url (same methods)."""
         with self._tc_lock:
+            if self._coordinator is None and self.tc_url:
+                from ...config import state_dir
+                from ...coordinator.client import RemoteCoordinator, TCUnavailable
+
+                try:
+                    self._coordinator = RemoteCoordinator(  # type: ignore[assignment]
+                        self.tc_url, self.engine_dir or os.path.join(state_dir(self.state), "engine"))
+                except TCUnavailable as exc:
+                    raise ModuleError(str(exc)) from None
             if self._coordinator is None:
                 from ...config import state_dir
                 from ...coordinator.service import REGISTRY_FILE, Coordinator
@@ -66,6 +78,16 @@ class RunState:
                     state = self._scratch
                 self._coordinator = Coordinator(result.perimeter, result.builds, state)
             return self._coordinator
+
+    def builds(self) -> list[Any]:
+        """TVMM builds with their artifacts: the manifests' (-m), which a served TC does not ship."""
+        if self.tc_url:
+            if not self.manifests:
+                raise ModuleError("tvmm_deploy needs the TVMMBuild manifests (-m PATH) for the artifacts it installs")
+            from ...manifest.loader import load_manifests
+
+            return list(load_manifests(self.manifests).builds)
+        return list(self.coordinator().builds)
 
     def close(self) -> None:
         if self._coordinator is not None:

@@ -10,10 +10,9 @@ without the TC recording anything (a quote needs a nonce, which is state), and p
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
-from ...coordinator import enrollment, tpm2, verifier
+from ...coordinator import enrollment
 from ...engine import attestation
 from ...engine.enforce import enforce_round, handle_vms
 from ...engine.runner import HostResult
@@ -36,16 +35,14 @@ def _as_result(outcome: HostResult | dict[str, Any]) -> dict[str, Any]:
 def enroll(ctx: Context) -> dict[str, Any]:
     force = bool((ctx.args or {}).get("force", False))
     tc = ctx.tc
-    known = tc.registry.identity(ctx.name)
+    known = tc.identity_summary(ctx.name)
     identity = ctx.session.call("tpm_identity", {"tcti": attestation.tcti_of(ctx.session)})
-    cert = base64.b64decode(identity["ek_certificate"])
-    ek = tpm2.parse_public(base64.b64decode(identity["ek_public"]))
     try:
-        manufacturer = enrollment.check_ek_certificate(tc.perimeter, cert, ek)
+        checked = tc.check_ek(base64.b64decode(identity["ek_certificate"]), base64.b64decode(identity["ek_public"]))
     except enrollment.EnrollmentRefused as exc:
         return {"failed": True, "changed": False, "reason": exc.reason, "msg": f"{exc.reason}: {exc}"}
-    fingerprint = enrollment.fingerprint(enrollment.load_certificate_der(cert))
-    node = tc.registry.node(ctx.name)
+    fingerprint, manufacturer = checked["ek_fingerprint"], checked["manufacturer"]
+    node = tc.node(ctx.name)
     if known is not None and known["ek_fingerprint"] == fingerprint and not force and node and node["state"] != "retired":
         return {"changed": False, "enrolled": True, "manufacturer": known["manufacturer"], "ek_fingerprint": fingerprint}
     before = f"EK {known['ek_fingerprint']}\n" if known else "(not enrolled)\n"
@@ -60,33 +57,14 @@ def enroll(ctx: Context) -> dict[str, Any]:
     return _as_result(attestation.enroll(tc, force)(ctx.session)) | {"diff": diff}
 
 
-def _admission_current(ctx: Context, attestation_id: int) -> str | None:
-    """Why the node must be admitted (again), or None when its admission still holds."""
-    registry = ctx.tc.registry
-    node = registry.node(ctx.name)
-    if node is None or node["state"] != "admitted":
-        return f"node is {node['state'] if node else 'unknown'}"
-    certificate = registry.certificate(ctx.name)
-    if certificate is None:
-        return "no valid certificate"
-    lifetime = ctx.tc.perimeter.attestation.certificate_lifetime
-    if certificate["not_after"] - time.time() < lifetime / 4:
-        return "certificate expires soon"
-    bound = registry.attestation(certificate["attestation"]) if certificate["attestation"] else None
-    now = registry.attestation(attestation_id)
-    if bound is None or now is None or bound.get("pcr_values") != now.get("pcr_values"):
-        return "boot measurements changed since the trusted key was made"
-    return None
-
-
 @module("attest")
 def attest(ctx: Context) -> dict[str, Any]:
     admit = bool((ctx.args or {}).get("admit", False))
     tc = ctx.tc
-    node = tc.registry.node(ctx.name)
+    node = tc.node(ctx.name)
     if ctx.check:
         site = ctx.host.vars.get("tcc_site")
-        outside = verifier.perimeter_problems(tc.perimeter, str(site) if site else None, ctx.host.address)
+        outside = tc.perimeter_problems(str(site) if site else None, ctx.host.address)
         if outside:
             code, message = outside[0]
             return {"failed": True, "changed": False, "reason": code, "msg": f"would be untrusted: {code}: {message}"}
@@ -101,7 +79,7 @@ def attest(ctx: Context) -> dict[str, Any]:
     outcome = _as_result(attestation.attest(tc, admit_nodes=False)(ctx.session))
     if outcome.get("failed") or not admit:
         return outcome
-    why = _admission_current(ctx, int(outcome["attestation"]))
+    why = tc.admission_needed(ctx.name, int(outcome["attestation"]))
     if why is None:
         return outcome | {"admitted": True}
     try:
@@ -118,7 +96,7 @@ def attest(ctx: Context) -> dict[str, Any]:
 def evict(ctx: Context) -> dict[str, Any]:
     """Take a node out: certificate revoked, no key released to it, its VMs handled by policy."""
     tc = ctx.tc
-    node = tc.registry.node(ctx.name)
+    node = tc.node(ctx.name)
     if node is None or node["state"] != "admitted":
         return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; nothing to evict"}
     diff = {"before": "admitted\n", "after": "quarantined\n", "before_header": f"{ctx.name} state",
@@ -137,7 +115,7 @@ def enforce(ctx: Context) -> dict[str, Any]:
     """One enforcement round for this node: re-attest it if admitted; on failure it is
     quarantined and its VMs handled by policy. A quarantine fails the host (the node is not
     compliant), as `enforce --once` exits 2."""
-    node = ctx.tc.registry.node(ctx.name)
+    node = ctx.tc.node(ctx.name)
     if node is None or node["state"] != "admitted":
         return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; not enforced"}
     if ctx.check:

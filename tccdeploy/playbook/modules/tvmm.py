@@ -28,9 +28,10 @@ REBOOT_TIMEOUT = 120.0
 
 
 def _build(ctx: Context, name: str) -> TVMMBuild:
-    build = next((b for b in ctx.tc.builds if b.name == name), None)
+    builds = ctx.run.builds()
+    build = next((b for b in builds if b.name == name), None)
     if build is None:
-        known = ", ".join(sorted(b.name for b in ctx.tc.builds)) or "none"
+        known = ", ".join(sorted(b.name for b in builds)) or "none"
         raise ModuleError(f"tvmm_deploy: no TVMMBuild {name!r} in the manifests (builds: {known})")
     return build
 

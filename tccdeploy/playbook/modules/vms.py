@@ -41,9 +41,9 @@ def launch(ctx: Context) -> dict[str, Any]:
     request = envelope["request"]
     name = request["manifest"]["metadata"]["name"]
     tc = ctx.tc
-    seen = tc.registry.request(str(request["id"]))
+    seen = tc.request_record(str(request["id"]))
     if seen is not None:
-        vm = next((v for v in tc.registry.vms() if v["request"] == seen["id"]), None)
+        vm = next((v for v in tc.vms() if v["request"] == seen["id"]), None)
         if seen["state"] == "launched" and vm is not None and vm["state"] != "destroyed":
             return {"changed": False, "vm": name, "node": vm["node"], "state": vm["state"],
                     "msg": f"request {request['id'][:12]} was launched before: {name} is {vm['state']} on {vm['node']}"}
@@ -52,11 +52,11 @@ def launch(ctx: Context) -> dict[str, Any]:
                        "once: sign a new one"}
     engine = ctx.run.engine
     if ctx.check:
-        owner = tc.registry.customer_by_key(str(request.get("customer")))
+        owner = tc.customer_name(str(request.get("customer")))
         hosts = {h.name for h in engine.hosts}
         capacities = {h.name: int(h.vars.get("tcc_capacity", 4)) for h in engine.hosts}
-        candidates = rank(request["manifest"]["spec"], [n for n in tc.registry.nodes() if n["name"] in hosts],
-                          tc.registry.vms(), capacities, tc.builds, owner["name"] if owner else "")
+        candidates = rank(request["manifest"]["spec"], [n for n in tc.nodes() if n["name"] in hosts],
+                          tc.vms(), capacities, tc.builds, owner or "")
         first = next((c.node for c in candidates if c.eligible), None)
         return {"changed": True, "vm": name, "msg": f"would launch {name}" + (f" on {first}" if first else
                                                                               " (no node eligible now)")}
@@ -75,7 +75,7 @@ def launch(ctx: Context) -> dict[str, Any]:
 @module("migrate")
 def migrate(ctx: Context) -> dict[str, Any]:
     vm_name, to = str(ctx.args["vm"]), str(ctx.args.get("to") or "auto")
-    vm = ctx.tc.registry.vm(vm_name)
+    vm = ctx.tc.vm(vm_name)
     if vm is None or vm["node"] is None or vm["state"] == "destroyed":
         return {"failed": True, "changed": False, "reason": "migrate.unknown-vm", "msg": f"no VM {vm_name!r}"}
     if to == vm["node"]:
@@ -96,7 +96,7 @@ def migrate(ctx: Context) -> dict[str, Any]:
 def drain(ctx: Context) -> dict[str, Any]:
     """Every running VM of the host migrates (encrypted) to a trusted node placement picks."""
     tc = ctx.tc
-    running = [v for v in tc.registry.vms() if v["node"] == ctx.name and v["state"] == "running"]
+    running = [v for v in tc.vms() if v["node"] == ctx.name and v["state"] == "running"]
     if not running:
         return {"changed": False, "msg": f"no running VM on {ctx.name}", "vms": []}
     names = [v["name"] for v in running]
