@@ -1,11 +1,14 @@
-"""Benchmark: the TC's verdict throughput and latency with 32 concurrent clients, embedded in
-the engine's process versus served over HTTPS (`tc serve`), on SQLite versus PostgreSQL.
+"""Benchmark: the TC's verdict and key-release throughput and latency with 32 concurrent
+clients, embedded in the engine's process versus served over HTTPS (`tc serve`), on SQLite
+versus PostgreSQL.
 
-One operation is what an engine does per node and attestation: ask the TC for a nonce, then
-submit the evidence (a software AK's quote over the lab boot's PCRs and its TCG log) and get
-the verdict, which the TC records with the audit entry. 32 software nodes are enrolled; each
-of 32 client threads attests its node --ops times. Figures: operations per second, and the
-p50/p99 latency of one operation. The PostgreSQL server and `tc serve` are real processes
+A verdict is what an engine does per node and attestation: ask the TC for a nonce, then submit
+the evidence (a software AK's quote over the lab boot's PCRs and its TCG log) and get the
+verdict, which the TC records with the audit entry. A key release is the TC checking the node
+is admitted, freshly trusted and certified, unwrapping the request's Kvm with its RSA-3072 key
+and re-wrapping it to the node's key, recording the release once, with its audit entry. 32
+software nodes; each of 32 client threads works for its node --ops times. Figures: operations
+per second, and the p50/p99 latency of one operation. The PostgreSQL server and `tc serve` are real processes
 started here and stopped by PID.
 Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 20]
 """
@@ -50,6 +53,94 @@ def enroll(location: str, clients: int) -> dict[str, Node]:
     finally:
         registry.close()
     return nodes
+
+
+def prepare_releases(location: str, state: str, manifests, clients: int, ops: int) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """Admitted software nodes and ops accepted requests each (setup, not timed): node -> request ids."""
+    import base64
+    import datetime
+    import secrets
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.x509.oid import NameOID
+
+    from tccdeploy.coordinator.identity import load as tc_load
+    from tccdeploy.crypto import customer as customers
+    from tccdeploy.crypto import wrap
+    from tccdeploy.crypto.canonical import canonical
+
+    tc_key = tc_load(state)
+    node_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench node TK")])
+    now = datetime.datetime.now(datetime.UTC)
+    pem = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(node_key.public_key())
+           .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+           .sign(node_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = customers.public_text(key.public_key())
+    tc = Coordinator(manifests.perimeter, manifests.builds, state, registry=location)
+    out: dict[str, list[str]] = {}
+    try:
+        tc.add_customer("bench", public)
+        for n in range(clients):
+            node = f"rel-{n}"
+            tc.registry.enroll(node, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": node, "ek_public": b"e",
+                                                     "ak_public": b"a", "ak_name": b"n", "ssh_host_key": "h",
+                                                     "manufacturer": "software"})
+            attestation = tc.registry.add_attestation(node, {"verdict": "trusted", "build": "tvmm-2026.1"})
+            tc.registry.admit(node, {"serial": f"{n:x}", "attestation": attestation, "tk_name": "tk", "pem": pem,
+                                     "not_after": time.time() + 3600, "build": "tvmm-2026.1"})
+            out[node] = []
+            for i in range(ops):
+                vm_id = secrets.token_hex(16)
+                descriptor = {"vm_id": vm_id, "disk": {"sha256": "00" * 32},
+                              "wrapped_key": base64.b64encode(wrap.wrap(tc_key.wrap_certificate.public_key(),  # type: ignore[arg-type]
+                                                                        secrets.token_bytes(32), wrap.vm_label(vm_id))).decode(),
+                              "customer": {"key": public}}
+                request = {"manifest": {"metadata": {"name": f"vm-{n}-{i}"}, "spec": {"vcpus": 1, "memoryMiB": 64}},
+                           "id": secrets.token_hex(16), "created": now.isoformat(timespec="seconds"), "customer": public,
+                           "image": {"vm_id": vm_id, "sha256": "00" * 32}}
+                envelope = {"request": request, "signature": base64.b64encode(key.sign(canonical(request))).decode()}
+                out[node].append(tc.accept_request(envelope, {"descriptor": descriptor})["id"])
+    finally:
+        tc.close()
+    return out
+
+
+def release_load(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(work) + 1)
+
+    def client(node: str, requests: list[str]) -> None:
+        tc = make_tc()
+        mine = []
+        start.wait()
+        for request_id in requests:
+            began = time.perf_counter()
+            tc.release_key(request_id, node)
+            mine.append(time.perf_counter() - began)
+        with lock:
+            latencies.extend(mine)
+        if hasattr(tc, "http"):
+            tc.close()
+
+    threads = [threading.Thread(target=client, args=item) for item in work.items()]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    if len(latencies) != sum(len(v) for v in work.values()):
+        raise SystemExit("some key releases failed")
+    latencies.sort()
+    return {"ops": len(latencies), "ops_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
 
 
 def load(make_tc, nodes: dict[str, Node], ops: int) -> dict:  # type: ignore[no-untyped-def]
@@ -103,21 +194,26 @@ def measure(clients: int, ops: int) -> dict:
                 if mode == "embedded":
                     tc_init(str(state))
                     nodes = enroll(location, clients)
+                    releases = prepare_releases(location, str(state), manifests, clients, ops)
                     shared = Coordinator(manifests.perimeter, manifests.builds, str(state), registry=location)
                     try:
                         result = load(lambda shared=shared: shared, nodes, ops)
+                        released = release_load(lambda shared=shared: shared, releases)
                     finally:
                         shared.close()
                 else:
                     service = Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None)
                     try:
                         nodes = enroll(location, clients)
-                        result = load(lambda service=service: RemoteCoordinator(service.url, str(service.engine_dir)),
-                                      nodes, ops)
+                        releases = prepare_releases(location, str(state), manifests, clients, ops)
+                        remote = lambda service=service: RemoteCoordinator(service.url, str(service.engine_dir))  # noqa: E731
+                        result = load(remote, nodes, ops)
+                        released = release_load(remote, releases)
                     finally:
                         service.stop()
-                rows.append({"mode": mode, "database": database, **result})
-                print(f"  {mode:<8} {database:<10} {result}", file=sys.stderr, flush=True)
+                rows.append({"mode": mode, "database": database, "operation": "verdict", **result})
+                rows.append({"mode": mode, "database": database, "operation": "key release", **released})
+                print(f"  {mode:<8} {database:<10} verdicts {result}; key releases {released}", file=sys.stderr, flush=True)
     finally:
         if pg is not None:
             pg.stop()
@@ -136,12 +232,12 @@ def main() -> int:
     if args.json:
         print(json.dumps({"benchmark": "tc_service", **result}))
         return 0
-    print(f"verdicts (nonce + evidence + verdict recorded), {args.clients} concurrent clients x {args.ops}:")
-    base = {r["database"]: r for r in result["rows"] if r["mode"] == "embedded"}
+    print(f"{args.clients} concurrent clients x {args.ops} operations each:")
+    base = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "embedded"}
     for r in result["rows"]:
-        ratio = r["ops_per_s"] / base[r["database"]]["ops_per_s"]
-        print(f"  {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  p50 {r['p50_ms']:>7.2f} ms  "
-              f"p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded)")
+        ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]
+        print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
+              f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded)")
     return 0
 
 

@@ -153,3 +153,70 @@ def test_losing_a_replica_mid_run_loses_nothing_and_repeats_nothing(replicas):
         assert audit.verify(registry).ok
     finally:
         registry.close()
+
+
+def test_a_launch_goes_on_with_the_other_replica_and_the_key_is_released_once(lab, tmp_path, postgres):
+    import json
+    import os
+    import subprocess
+
+    from tccdeploy.engine import migrate as migrating
+    from tccdeploy.engine.runner import Engine
+    from tccdeploy.inventory import load_inventory
+
+    from .tcservice import BIN
+
+    url, state = postgres.new_database(), tmp_path / "tc"
+    a = Service(state, lab.manifests_dir, registry=url)
+    b = Service(state, lab.manifests_dir, registry=url, setup=False)
+    admin = dict(os.environ, TCCDEPLOY_STATE=str(state), TCCDEPLOY_REGISTRY=url, NO_COLOR="1")
+    engine = dict(os.environ, TCCDEPLOY_STATE=str(tmp_path / "engine"), TCCDEPLOY_TC=f"{a.url},{b.url}",
+                  TCCDEPLOY_ENGINE_DIR=str(a.engine_dir), NO_COLOR="1")
+    key = str(tmp_path / "customer.pem")
+    vm_id = None
+
+    def tcc(env, *args):  # type: ignore[no-untyped-def]
+        return subprocess.run([str(BIN / "tccdeploy"), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        assert tcc(admin, "tc", "show", "-o", str(tmp_path / "tc.pem")).returncode == 0
+        public = tcc(admin, "customer", "init", "--key", key).stdout.strip().splitlines()[-1]
+        assert tcc(admin, "tc", "customers", "add", "acme", public).returncode == 0
+        assert tcc(engine, "enroll", "node1,node2", "-i", lab.inventory_dir).returncode == 0
+        assert tcc(engine, "attest", "--admit", "node1,node2", "-i", lab.inventory_dir).returncode == 0
+        (tmp_path / "disk.raw").write_bytes(bytes(1024 * 1024))
+        assert tcc(admin, "image", "seal", str(tmp_path / "disk.raw"), "--tc", str(tmp_path / "tc.pem"), "--key", key,
+                   "-o", str(tmp_path / "web.sealed"), "--name", "web").returncode == 0
+        (tmp_path / "web.yml").write_text("apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {name: web}\n"
+                                          "spec: {image: web.sealed, vcpus: 1, memoryMiB: 64}\n")
+        assert tcc(admin, "request", "sign", str(tmp_path / "web.yml"), "--key", key, "-o", str(tmp_path / "w.json")).returncode == 0
+        submitted = tcc(admin, "request", "submit", str(tmp_path / "w.json"), "--tc", a.url, "--tc-cert",
+                        str(tmp_path / "tc.pem"), "--json")
+        request_id = json.loads(submitted.stdout)["id"]
+
+        a.kill()  # the replica the customer and the engine used so far is lost
+        launched = tcc(engine, "request", "launch", request_id, "-i", lab.inventory_dir, "--bundle", str(tmp_path / "web.sealed"))
+        assert launched.returncode == 0, launched.stderr
+        again = tcc(engine, "request", "launch", request_id, "-i", lab.inventory_dir, "--bundle", str(tmp_path / "web.sealed"))
+        assert again.returncode == 2 and "launched" in again.stderr  # not launched twice
+        registry = Registry(url)
+        try:
+            vm = registry.vm("web")
+            vm_id = vm["vm_id"]
+            assert vm["state"] == "running" and len(registry.releases(vm_id)) == 1
+            assert audit.verify(registry).ok
+        finally:
+            registry.close()
+        fetched = tcc(admin, "receipt", "fetch", request_id, "--tc", b.url, "--tc-cert", str(tmp_path / "tc.pem"),
+                      "--key", key, "-o", str(tmp_path / "receipt.json"))
+        assert "VALID" in fetched.stdout, fetched.stderr
+    finally:
+        b.stop()
+        a.stop()
+        if vm_id is not None:
+            with Engine(load_inventory(lab.inventory_dir).select("node1,node2"), state=str(tmp_path / "engine")) as eng:
+                for name in ("node1", "node2"):
+                    try:
+                        migrating._call_fresh(eng, name, "vm_control", {"vm_id": vm_id, "action": "destroy"})
+                    except Exception:  # noqa: BLE001 - not on this node
+                        pass
