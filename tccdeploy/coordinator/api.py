@@ -252,15 +252,11 @@ class Api:
         counts: dict[str, int] = defaultdict(int)
         for node in nodes:
             counts[node["state"]] += 1
-        from .identity import load
-
-        return {"version": __version__, "fingerprint": load(self.tc.state).fingerprint, "perimeter": self.tc.perimeter.name,
+        return {"version": __version__, "fingerprint": self.tc.identity().fingerprint, "perimeter": self.tc.perimeter.name,
                 "nodes": dict(counts)}
 
     async def certificate(self, request: Request) -> Response:
-        from .identity import load
-
-        return PlainTextResponse(load(self.tc.state).bundle_pem, media_type="application/x-pem-file")
+        return PlainTextResponse(self.tc.identity().bundle_pem, media_type="application/x-pem-file")
 
     async def openapi(self, request: Request) -> dict[str, Any]:
         paths: dict[str, Any] = {}

@@ -36,6 +36,14 @@ class Coordinator:
         self.perimeter = perimeter
         self.builds = builds
         self.registry = Registry(registry or registry_location(self.state))
+        self._identity: identity.Identity | None = None
+
+    def identity(self) -> identity.Identity:
+        """The TC's keys, loaded once: parsing (and validating) the RSA-3072 key costs more than
+        the key release that uses it."""
+        if self._identity is None:
+            self._identity = identity.init(self.state)[0]
+        return self._identity
 
     def close(self) -> None:
         self.registry.close()
@@ -134,7 +142,7 @@ class Coordinator:
 
     def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
         with self._refusals("admission", node):
-            result = admission.finish(self.registry, self.perimeter, identity.init(self.state)[0], node, answer_hex)
+            result = admission.finish(self.registry, self.perimeter, self.identity(), node, answer_hex)
         audit.append(self.registry, "admission", node, certificate_serial=result["serial"], build=result["build"],
                      not_after=result["not_after"])
         return result
@@ -159,7 +167,7 @@ class Coordinator:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
         request = self.registry.request(request_id)
         with self._refusals("key-release", node, request["vm_id"] if request else None):
-            release = keybroker.release(self.registry, identity.init(self.state)[0], self.perimeter, request_id, node)
+            release = keybroker.release(self.registry, self.identity(), self.perimeter, request_id, node)
         audit.append(self.registry, "key-release", node, release["request"]["vm_id"], request=request_id,
                      attestation=release["attestation"]["id"], certificate_serial=release["certificate_serial"])
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
@@ -184,7 +192,7 @@ class Coordinator:
         })
         self.registry.set_request_state(request["id"], "launched")
         audit.append(self.registry, "launch", node, request["vm_id"], request=request["id"], running=bool(status.get("running")))
-        receipt = receipts.sign(identity.init(self.state)[0], {
+        receipt = receipts.sign(self.identity(), {
             "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
             "node_certificate_serial": release["certificate_serial"], "tvmm_build": attestation["build"],
             "attestation": {"id": attestation["id"], "time": attestation["time"], "pcr_digest": attestation["pcr_digest"]},
@@ -207,7 +215,7 @@ class Coordinator:
         assert request is not None
         with self._refusals("migration", destination, vm["vm_id"]):
             latest, certificate, rewrapped = keybroker.rewrap_for(
-                self.registry, identity.init(self.state)[0], self.perimeter, request["wrapped_key"], vm["vm_id"], destination)
+                self.registry, self.identity(), self.perimeter, request["wrapped_key"], vm["vm_id"], destination)
         migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination)
         audit.append(self.registry, "migration.start", destination, vm["vm_id"], migration=migration, source=vm["node"],
                      attestation=latest["id"], certificate_serial=certificate["serial"])
