@@ -90,6 +90,10 @@ def test_the_whole_flow_through_a_served_tc(lab: Lab, tmp_path: Path, database, 
         for who in (admin, engine):  # the TC's operator on its registry; the engine from the entries served
             audit = run(who, "audit", "verify")
             assert audit.returncode == 0 and "chain intact" in audit.stdout, audit.stderr
+        destroyed = run(engine, "vm", "destroy", "web", *inv)
+        assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
+        assert json.loads(run(engine, "vms", "--json").stdout) == []
+        vm_id = None
     finally:
         service.stop()
         if vm_id is not None:

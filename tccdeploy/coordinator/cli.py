@@ -384,10 +384,10 @@ def cmd_vms(args: argparse.Namespace) -> int:
         from ..engine.migrate import repair
         from ..engine.runner import Engine
 
-        if not args.inventory or not args.manifests:
-            print("error: vms --repair needs -i INVENTORY and -m MANIFESTS", file=sys.stderr)
+        if not args.inventory or not (args.manifests or args.tc):
+            print("error: vms --repair needs -i INVENTORY and -m MANIFESTS (or --tc URL)", file=sys.stderr)
             return 2
-        coordinator = _coordinator(args)
+        coordinator = _coordinator(args, remote_ok=True)
         try:
             with Engine(select(load(args), "all", None), state=args.state) as engine:
                 for item in repair(engine, coordinator):
@@ -415,7 +415,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     from .service import registry_location
     from .store import Registry
 
-    registry = Registry(registry_location(args.state))
+    registry = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         vm = registry.vm(args.vm)
         if vm is None or vm["node"] is None:
@@ -740,5 +740,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vm", help="stop (pause), start (resume) or destroy a VM")
     p.add_argument("action", choices=("stop", "start", "destroy"))
     p.add_argument("vm", metavar="VM", help="VM name or id")
+    p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
+    p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     add_run_args(p)
     p.set_defaults(func=cmd_vm)
