@@ -56,14 +56,27 @@ def lab(tmp_path_factory):
     reason = _lab_skip_reason()
     if reason:
         pytest.skip(reason)
+    import shutil
+
     from tccdeploy.lab.lab import Lab
+    from tccdeploy.lab.tpm import LabError
 
     instance = Lab(lab_directory())
     try:
-        instance.up(nodes=4, sites=2, outside=1, rogue=1, lab_index=TEST_LAB_INDEX)
+        # Another test run (a developer's, or CI's in a clone) may hold lab 100: take the next free one.
+        for index in range(TEST_LAB_INDEX, TEST_LAB_INDEX + 20):
+            try:
+                instance.up(nodes=4, sites=2, outside=1, rogue=1, lab_index=index)
+                break
+            except LabError as exc:
+                if "in use" not in str(exc) or index == TEST_LAB_INDEX + 19:
+                    raise
         yield instance
     finally:
-        instance.down()
+        if instance.exists():
+            instance.down()
+        else:
+            shutil.rmtree(instance.dir, ignore_errors=True)
 
 
 @pytest.fixture
