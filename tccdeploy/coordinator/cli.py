@@ -647,11 +647,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--key", default=default_key(), help="the customer's key")
     q.add_argument("-o", "--output", required=True, metavar="SIGNED.json")
     q.set_defaults(func=cmd_request_sign)
-    q = rq.add_parser("submit", help="submit a request: place, re-attest, release the key, upload, start, receipt",
+    q = rq.add_parser("submit", help="submit a request: place, re-attest, release the key, upload, start, receipt "
+                                     "(customer, with --tc and no -i: send it to a served TC)",
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       description="REQUEST is a signed request (SIGNED.json from `request sign`) or a PlacementRequest\n"
-                                  "YAML signed on the fly with --key. The TC accepts each request once.\n\n"
-                                  "exit status: 0 running, 2 refused (with its reason), 1 error")
+                                  "YAML signed on the fly with --key. The TC accepts each request once.\n"
+                                  "With -i (the provider): place and launch it now, through the embedded TC or --tc.\n"
+                                  "With --tc and --tc-cert but no -i (the customer): send it to the served TC, which\n"
+                                  "prints its id; the provider launches it with `request launch ID`.\n\n"
+                                  "exit status: 0 running (or accepted), 2 refused (with its reason), 1 error",
+                      epilog="examples:\n  tccdeploy request submit web.json -i .lab/inventory -m .lab/manifests --explain\n"
+                             "  tccdeploy request submit web.json --tc https://tc:8443 --tc-cert tc.pem")
     q.add_argument("request", metavar="REQUEST")
     q.add_argument("--key", default=default_key(), help="the customer's key (for a YAML request)")
     q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen")
