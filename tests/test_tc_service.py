@@ -138,3 +138,48 @@ def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(l
     finally:
         db.close()
     assert admitted == ["node1", "node3"]
+
+
+def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_path):
+    import shutil
+    import signal
+    import time
+
+    from tccdeploy.coordinator import tpm2
+    from tccdeploy.coordinator.client import RemoteCoordinator
+    from tccdeploy.coordinator.store import Registry
+
+    from .attestkit import Node
+
+    manifests = tmp_path / "manifests"
+    shutil.copytree(REPO / "examples", manifests)
+    service = Service(tmp_path / "tc", str(manifests))
+    try:
+        node = Node()
+        registry = Registry(str(tmp_path / "tc" / "registry.sqlite"))
+        registry.enroll("sw1", "site1", "127.0.1.7", {"ek_certificate": b"c", "ek_fingerprint": "f", "ek_public": b"e",
+                                                      "ak_public": node.ak_public,
+                                                      "ak_name": tpm2.parse_public(node.ak_public).name,
+                                                      "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+        registry.close()
+        tc = RemoteCoordinator(service.url, str(service.engine_dir))
+        try:
+            def verdict():  # type: ignore[no-untyped-def]
+                return tc.verify("sw1", "site1", "127.0.1.7", node.evidence(tc.nonce("sw1")))[0]
+
+            assert verdict().trusted
+            build = manifests / "builds" / "tvmm-2026.1.yml"
+            build.write_text(build.read_text().replace("status: approved", "status: revoked"))
+            service.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while verdict().trusted and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [r["code"] for r in verdict().reasons] == ["build.revoked"]
+            build.write_text("not: [valid")  # a broken edit is not taken: the TC keeps what is in force
+            service.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert service.proc.poll() is None and [r["code"] for r in verdict().reasons] == ["build.revoked"]
+        finally:
+            tc.close()
+    finally:
+        service.stop()

@@ -247,9 +247,10 @@ def _serve(args: argparse.Namespace) -> int:
     coordinator = _coordinator(args)
     try:
         ident = identity.load(coordinator.state)
-        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); Ctrl-C or SIGTERM stops it",
-              flush=True)
-        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning")
+        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
+              "manifests; Ctrl-C or SIGTERM stops it", flush=True)
+        paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
+        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths)
     finally:
         coordinator.close()
     return 0

@@ -64,9 +64,29 @@ def protocol_for(peers: PeerCertificates) -> type[H11Protocol]:
     return CertificateAwareH11
 
 
-def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish)."""
+def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
+          manifests: list[str] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
+    the manifests, so a build revoked in them is refused from the next attestation on."""
+    import signal
+    import sys
+
     import uvicorn
+
+    def reload(signum: int, frame: object) -> None:
+        from ..manifest.loader import load_paths
+
+        result = load_paths(manifests or [])
+        if result.perimeter is None or result.errors:
+            print(f"tc serve: SIGHUP: the manifests do not validate ({len(result.errors)} error(s)); kept the ones "
+                  "in force (run `tccdeploy validate` on them)", file=sys.stderr, flush=True)
+            return
+        coordinator.perimeter, coordinator.builds = result.perimeter, result.builds
+        print(f"tc serve: SIGHUP: reloaded {len(result.builds)} build(s) and perimeter {result.perimeter.name}",
+              file=sys.stderr, flush=True)
+
+    if manifests:
+        signal.signal(signal.SIGHUP, reload)
 
     identity = load_identity(coordinator.state)
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
