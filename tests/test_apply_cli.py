@@ -98,3 +98,20 @@ def test_templating_errors_name_the_task_and_fail_only_that_host(tmp_path):
     result = apply(str(playbook), "-i", INVENTORY, "--state", str(tmp_path))
     assert "'color2' is undefined" in result.stdout and f"{playbook}:4" in result.stdout
     assert recap(result.stdout)["a"]["skipped"] == 1 and recap(result.stdout)["b"]["failed"] == 1
+
+
+def test_step_asks_before_each_task(tmp_path):
+    import subprocess
+
+    playbook = tmp_path / "p.yml"
+    playbook.write_text("- hosts: a\n  gather_facts: false\n  tasks:\n"
+                        "    - name: one\n      debug: {msg: one}\n    - name: two\n      debug: {msg: two}\n"
+                        "    - name: three\n      debug: {msg: three}\n")
+    run = [str(BIN / "tccdeploy"), "apply", str(playbook), "-i", INVENTORY, "--step", "--state", str(tmp_path)]
+    answered = subprocess.run(run, input="n\ny\n", capture_output=True, text=True)
+    assert "TASK [one]" not in answered.stdout and "TASK [two]" in answered.stdout
+    assert "TASK [three]" not in answered.stdout  # no answer left: not performed
+    assert answered.stderr.count("Perform task: TASK:") == 3
+    continued = subprocess.run(run, input="c\n", capture_output=True, text=True)
+    assert all(f"TASK [{t}]" in continued.stdout for t in ("one", "two", "three"))
+    assert continued.stderr.count("Perform task: TASK:") == 1

@@ -74,7 +74,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     manifests = args.manifests or ([os.environ["TCCDEPLOY_MANIFESTS"]] if os.environ.get("TCCDEPLOY_MANIFESTS") else [])
     options = Options(limit=args.limit, forks=args.forks, timeout=args.timeout, extra_vars=extra,
                       tags=_tags(args.tags), skip_tags=_tags(args.skip_tags), check=args.check, diff=args.diff,
-                      start_at_task=args.start_at_task, trust_new_host_keys=args.trust_new_host_keys,
+                      start_at_task=args.start_at_task, step=args.step, trust_new_host_keys=args.trust_new_host_keys,
                       state=args.state, manifests=manifests, tc_url=args.tc, engine_dir=args.engine_dir)
     runner = PlaybookRunner(loaded.playbooks[0], load_inventory(args.inventory), options,
                             Callback(args.verbose, args.json, args.diff, color=None if "NO_COLOR" not in os.environ else False))
@@ -131,6 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-C", "--check", action="store_true", help="change nothing; report what would change")
     p.add_argument("-D", "--diff", action="store_true", help="show what changes (or would change, with --check)")
     p.add_argument("--start-at-task", metavar="NAME", help="start at the first task with this name (glob)")
+    p.add_argument("--step", action="store_true", help="ask before each task: (N)o/(y)es/(c)ontinue")
     p.add_argument("--syntax-check", action="store_true", help="validate the playbook and stop")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and stop")
     p.set_defaults(func=cmd_apply)

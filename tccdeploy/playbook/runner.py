@@ -37,6 +37,7 @@ class Options:
     check: bool = False
     diff: bool = False
     start_at_task: str | None = None
+    step: bool = False
     trust_new_host_keys: bool = False
     state: str | None = None
     manifests: list[str] = field(default_factory=list)
@@ -247,6 +248,8 @@ class PlaybookRunner:
             live = [h for h in batch if h.name not in self.failed | self.unreachable]
             if not live:
                 return False
+            if self.options.step and not self._confirm(task):
+                continue
             self.callback.task_start(task.name, task.where)
             failed_now = False
 
@@ -268,6 +271,27 @@ class PlaybookRunner:
             if failed_now and play.any_errors_fatal:
                 return True
         return False
+
+
+    def _confirm(self, task: Task) -> bool:
+        """--step: ask before each task, as ansible-playbook does; (c)ontinue stops asking."""
+        import sys
+
+        while True:
+            sys.stderr.write(f"Perform task: TASK: {task.name} (N)o/(y)es/(c)ontinue: ")
+            sys.stderr.flush()
+            answer = sys.stdin.readline()
+            if not answer:  # end of input: nobody to ask, so do nothing more than asked
+                sys.stderr.write("\n")
+                return False
+            answer = answer.strip().lower()
+            if answer in ("y", "yes"):
+                return True
+            if answer in ("c", "continue"):
+                self.options.step = False
+                return True
+            if answer in ("", "n", "no"):
+                return False
 
 
 def _status(result: dict[str, Any]) -> str:
