@@ -109,19 +109,24 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
     return out
 
 
-def release_load(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore[no-untyped-def]
+def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ignore[no-untyped-def]
+    """One thread per key of work, each with its own TC client, calling operation(tc, key, item)
+    for each of its items (a failure message or None); operations per second and p50/p99."""
     latencies: list[float] = []
+    failures: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(len(work) + 1)
 
-    def client(node: str, requests: list[str]) -> None:
+    def client(key: str, items: list) -> None:  # type: ignore[type-arg]
         tc = make_tc()
         mine = []
         start.wait()
-        for request_id in requests:
+        for item in items:
             began = time.perf_counter()
-            tc.release_key(request_id, node)
+            failure = operation(tc, key, item)
             mine.append(time.perf_counter() - began)
+            if failure:
+                failures.append(failure)
         with lock:
             latencies.extend(mine)
         if hasattr(tc, "http"):
@@ -135,49 +140,27 @@ def release_load(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore[n
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - began
-    if len(latencies) != sum(len(v) for v in work.values()):
-        raise SystemExit("some key releases failed")
+    if failures or len(latencies) != sum(len(v) for v in work.values()):
+        raise SystemExit(f"operations failed in the benchmark: {failures[:3]}")
     latencies.sort()
     return {"ops": len(latencies), "ops_per_s": round(len(latencies) / elapsed, 1),
             "p50_ms": round(1000 * statistics.median(latencies), 2),
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
 
 
-def load(make_tc, nodes: dict[str, Node], ops: int) -> dict:  # type: ignore[no-untyped-def]
-    latencies: list[float] = []
-    lock = threading.Lock()
-    failures: list[str] = []
-    start = threading.Barrier(len(nodes) + 1)
+def verdicts(make_tc, nodes: dict[str, Node], ops: int) -> dict:  # type: ignore[no-untyped-def]
+    def attest(tc, name: str, node: Node) -> str | None:  # type: ignore[no-untyped-def]
+        verdict, _ = tc.verify(name, SITE, ADDRESS, node.evidence(tc.nonce(name)))
+        return None if verdict.trusted else f"{name}: {verdict.reasons}"
 
-    def client(name: str, node: Node) -> None:
-        tc = make_tc()
-        mine = []
-        start.wait()
-        for _ in range(ops):
-            began = time.perf_counter()
-            verdict, _ = tc.verify(name, SITE, ADDRESS, node.evidence(tc.nonce(name)))
-            mine.append(time.perf_counter() - began)
-            if not verdict.trusted:
-                failures.append(f"{name}: {verdict.reasons}")
-        with lock:
-            latencies.extend(mine)
-        if hasattr(tc, "http"):
-            tc.close()
+    return run_clients(make_tc, {name: [node] * ops for name, node in nodes.items()}, attest)
 
-    threads = [threading.Thread(target=client, args=item) for item in nodes.items()]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    if failures:
-        raise SystemExit(f"untrusted verdicts in the benchmark: {failures[:3]}")
-    latencies.sort()
-    return {"ops": len(latencies), "ops_per_s": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(1000 * statistics.median(latencies), 2),
-            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
+
+def releases_timed(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore[no-untyped-def]
+    def release(tc, node: str, request_id: str) -> None:  # type: ignore[no-untyped-def]
+        tc.release_key(request_id, node)
+
+    return run_clients(make_tc, work, release)
 
 
 def measure(clients: int, ops: int) -> dict:
@@ -197,8 +180,8 @@ def measure(clients: int, ops: int) -> dict:
                     releases = prepare_releases(location, str(state), manifests, clients, ops)
                     shared = Coordinator(manifests.perimeter, manifests.builds, str(state), registry=location)
                     try:
-                        result = load(lambda shared=shared: shared, nodes, ops)
-                        released = release_load(lambda shared=shared: shared, releases)
+                        result = verdicts(lambda shared=shared: shared, nodes, ops)
+                        released = releases_timed(lambda shared=shared: shared, releases)
                     finally:
                         shared.close()
                 else:
@@ -207,8 +190,8 @@ def measure(clients: int, ops: int) -> dict:
                         nodes = enroll(location, clients)
                         releases = prepare_releases(location, str(state), manifests, clients, ops)
                         remote = lambda service=service: RemoteCoordinator(service.url, str(service.engine_dir))  # noqa: E731
-                        result = load(remote, nodes, ops)
-                        released = release_load(remote, releases)
+                        result = verdicts(remote, nodes, ops)
+                        released = releases_timed(remote, releases)
                     finally:
                         service.stop()
                 rows.append({"mode": mode, "database": database, "operation": "verdict", **result})

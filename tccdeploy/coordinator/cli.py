@@ -71,56 +71,43 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def cmd_nodes(args: argparse.Namespace) -> int:
-    from .service import registry_location
-    from .store import Registry
+class _RegistryNodes:
+    """The embedded TC's view of nodes, with the served client's two reading methods."""
 
+    def __init__(self, state: str | None):
+        from .service import registry_location
+        from .store import Registry
+
+        self.registry = Registry(registry_location(state))
+
+    def node_history(self, name: str, limit: int) -> tuple[dict | None, list[dict]]:  # type: ignore[type-arg]
+        node = self.registry.node(name)
+        return node, self.registry.attestations(name, limit=limit) if node else []
+
+    def nodes(self) -> list[dict]:  # type: ignore[type-arg]
+        rows = []
+        for node in self.registry.nodes():
+            last = self.registry.attestations(node["name"], limit=1)
+            rows.append({"name": node["name"], "state": node["state"], "site": node["site"], "build": node["build"],
+                         "last_attestation": last[0]["time"] if last else None,
+                         "verdict": last[0]["verdict"] if last else None,
+                         "reasons": [r["code"] for r in last[0]["reasons"]] if last else []})
+        return rows
+
+    def close(self) -> None:
+        self.registry.close()
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
     words = [w for w in args.node if w != "show"] if args.node else []
     if len(words) > 1:
         print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
         return 2
     args.node = words[0] if words else None
-    if getattr(args, "tc", None):
-        return _nodes_remote(args)
-    registry = Registry(registry_location(args.state))
+    source = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else _RegistryNodes(args.state)
     try:
         if args.node:
-            if registry.node(args.node) is None:
-                print(f"error: no node {args.node!r} in the registry", file=sys.stderr)
-                return 1
-            history = registry.attestations(args.node, limit=args.limit)
-            if args.json:
-                print(json.dumps({"node": registry.node(args.node), "attestations": history}, indent=2, default=str))
-                return 0
-            node = registry.node(args.node)
-            print(f"{node['name']}: {node['state']}, site {node['site'] or '-'}, address {node['address']}, build {node['build'] or '-'}")
-            for entry in history:
-                reasons = ", ".join(r["code"] for r in entry["reasons"]) or "-"
-                print(f"  #{entry['id']:<5} {_when(entry['time'])}  {entry['verdict']:<9}  {entry['build'] or '-':<12}  {reasons}")
-            return 0
-        rows = []
-        for node in registry.nodes():
-            last = registry.attestations(node["name"], limit=1)
-            rows.append({"name": node["name"], "state": node["state"], "site": node["site"], "build": node["build"],
-                         "last_attestation": last[0]["time"] if last else None,
-                         "verdict": last[0]["verdict"] if last else None,
-                         "reasons": [r["code"] for r in last[0]["reasons"]] if last else []})
-    finally:
-        registry.close()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
-    print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
-                        ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
-    return 0
-
-
-def _nodes_remote(args: argparse.Namespace) -> int:
-    client = _coordinator(args, remote_ok=True)
-    try:
-        if args.node:
-            node, history = client.node_history(args.node, args.limit)
+            node, history = source.node_history(args.node, args.limit)
             if node is None:
                 print(f"error: no node {args.node!r} in the registry", file=sys.stderr)
                 return 1
@@ -132,10 +119,11 @@ def _nodes_remote(args: argparse.Namespace) -> int:
                 reasons = ", ".join(r["code"] for r in entry["reasons"]) or "-"
                 print(f"  #{entry['id']:<5} {_when(entry['time'])}  {entry['verdict']:<9}  {entry['build'] or '-':<12}  {reasons}")
             return 0
-        rows = [dict(n, last_attestation=n.get("last_attestation"), verdict=n.get("verdict"), reasons=n.get("reasons", []))
-                for n in client.nodes()]
+        rows = [{"name": n["name"], "state": n["state"], "site": n["site"], "build": n["build"],
+                 "last_attestation": n.get("last_attestation"), "verdict": n.get("verdict"),
+                 "reasons": n.get("reasons", [])} for n in source.nodes()]
     finally:
-        client.close()
+        source.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -327,17 +315,11 @@ def _customer_submit(args: argparse.Namespace, envelope: dict) -> int:  # type: 
 
 
 def cmd_request_status(args: argparse.Namespace) -> int:
-    from ..crypto import customer
-    from .keybroker import Refused
+    from ..crypto.cli import customer_query
 
-    client = _customer_client(args)
-    try:
-        status = client.status(args.id, customer.load(args.key))
-    except Refused as exc:
-        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+    status = customer_query(args, "status")
+    if status is None:
         return 2
-    finally:
-        client.close()
     if args.json:
         print(json.dumps(status, indent=2))
     else:

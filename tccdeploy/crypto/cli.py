@@ -123,20 +123,29 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_receipt_fetch(args: argparse.Namespace) -> int:
-    """Fetch the receipt from a served TC, check it with the pinned certificate, keep it."""
+def customer_query(args: argparse.Namespace, op: str) -> dict | None:  # type: ignore[type-arg]
+    """Ask a served TC about one of the customer's requests (a signed, single-use query); None
+    (and the reason printed) when the TC refuses."""
     from ..coordinator.client import CustomerClient
     from ..coordinator.keybroker import Refused
     from . import customer
 
     client = CustomerClient(args.tc, args.tc_cert)
     try:
-        receipt = client.receipt(args.id, customer.load(args.key))
+        return client.status(args.id, customer.load(args.key)) if op == "status" else \
+            client.receipt(args.id, customer.load(args.key))
     except Refused as exc:
         print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
-        return 2
+        return None
     finally:
         client.close()
+
+
+def cmd_receipt_fetch(args: argparse.Namespace) -> int:
+    """Fetch the receipt from a served TC, check it with the pinned certificate, keep it."""
+    receipt = customer_query(args, "receipt")
+    if receipt is None:
+        return 2
     with open(args.output, "w") as fh:
         json.dump(receipt, fh, indent=2)
     args.receipt, args.tc, args.json = args.output, args.tc_cert, False
