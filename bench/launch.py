@@ -79,7 +79,7 @@ def main() -> int:
             convert_s.append(time.perf_counter() - start)
         lab.up(nodes=1, sites=1, outside=0, lab_index=240)
         manifests = load_manifests([lab.manifests_dir])
-        tc = Coordinator(manifests.perimeter, manifests.builds, state)
+        tc = Coordinator.from_manifests(manifests, state)
         tc.add_customer("bench", customer.public_text(key.public_key()))
         ours, plain = [], []
         with Engine(load_inventory(lab.inventory_dir).select("all"), state=state) as engine:

@@ -116,7 +116,7 @@ def main() -> int:
         tc_init(state)
         Path(work, "tc.pem").write_text(tc_load(state).bundle_pem)
         manifests = load_manifests([lab.manifests_dir])
-        tc = Coordinator(manifests.perimeter, manifests.builds, state)
+        tc = Coordinator.from_manifests(manifests, state)
         key, _ = customer.init(os.path.join(work, "customer.pem"))
         tc.add_customer("bench", customer.public_text(key.public_key()))
         raw = os.path.join(work, "disk.raw")

@@ -41,12 +41,20 @@ from tests.tcservice import Service  # noqa: E402
 SITE, ADDRESS = "site1", "127.0.1.7"
 
 
+def roster_ek(name: str) -> str:
+    """A software node's EK name, as the roster holds it."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+
 def enroll(location: str, clients: int) -> dict[str, Node]:
     nodes = {f"bench-{i}": Node() for i in range(clients)}
     registry = Registry(location)
     try:
         for name, node in nodes.items():
-            registry.enroll(name, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": name, "ek_public": b"e",
+            registry.roster_add(roster_ek(name), SITE, name, None)  # the TC operator racked it
+            registry.enroll(name, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": roster_ek(name)[7:], "ek_public": b"e",
                                                   "ak_public": node.ak_public,
                                                   "ak_name": tpm2.parse_public(node.ak_public).name,
                                                   "ssh_host_key": "SHA256:host", "manufacturer": "software"})
@@ -80,13 +88,14 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
            .sign(node_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
     key = ed25519.Ed25519PrivateKey.generate()
     public = customers.public_text(key.public_key())
-    tc = Coordinator(manifests.perimeter, manifests.builds, state, registry=location)
+    tc = Coordinator.from_manifests(manifests, state, registry=location)
     out: dict[str, list[str]] = {}
     try:
         tc.add_customer("bench", public)
         for n in range(clients):
             node = f"rel-{n}"
-            tc.registry.enroll(node, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": node, "ek_public": b"e",
+            tc.registry.roster_add(roster_ek(node), SITE, node, None)
+            tc.registry.enroll(node, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": roster_ek(node)[7:], "ek_public": b"e",
                                                      "ak_public": b"a", "ak_name": b"n", "ssh_host_key": "h",
                                                      "manufacturer": "software"})
             attestation = tc.registry.add_attestation(node, {"verdict": "trusted", "build": "tvmm-2026.1"})
@@ -95,9 +104,10 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
             out[node] = []
             for i in range(ops):
                 vm_id = secrets.token_hex(16)
-                descriptor = {"vm_id": vm_id, "disk": {"sha256": "00" * 32},
-                              "wrapped_key": base64.b64encode(wrap.wrap(tc_key.wrap_certificate.public_key(),  # type: ignore[arg-type]
-                                                                        secrets.token_bytes(32), wrap.vm_label(vm_id))).decode(),
+                descriptor = {"vm_id": vm_id, "disk": {"sha256": "00" * 32}, "version": 2,
+                              "wrapped_key": base64.b64encode(wrap.wrap(
+                                  tc_key.wrap_certificate.public_key(), secrets.token_bytes(32),  # type: ignore[arg-type]
+                                  wrap.sealed_label(vm_id, customers.key_id(key.public_key())))).decode(),
                               "customer": {"key": public}}
                 request = {"manifest": {"metadata": {"name": f"vm-{n}-{i}"}, "spec": {"vcpus": 1, "memoryMiB": 64}},
                            "id": secrets.token_hex(16), "created": now.isoformat(timespec="seconds"), "customer": public,
@@ -178,7 +188,7 @@ def measure(clients: int, ops: int) -> dict:
                     tc_init(str(state))
                     nodes = enroll(location, clients)
                     releases = prepare_releases(location, str(state), manifests, clients, ops)
-                    shared = Coordinator(manifests.perimeter, manifests.builds, str(state), registry=location)
+                    shared = Coordinator.from_manifests(manifests, str(state), registry=location)
                     try:
                         result = verdicts(lambda shared=shared: shared, nodes, ops)
                         released = releases_timed(lambda shared=shared: shared, releases)

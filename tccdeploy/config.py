@@ -12,3 +12,20 @@ def state_dir(explicit: str | None = None) -> str:
     )
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
+
+
+_NOTED: set[str] = set()
+
+
+def note_embedded(state: str) -> None:
+    """Say once per command that the TC is embedded: its keys and registry sit in `state` on
+    this machine, so the provider and the TC are one party and TCCP's promise to customers does
+    not hold. Fine for a lab or a test; a deployment runs `tccdeploy tc serve` elsewhere."""
+    import sys
+
+    if state in _NOTED:
+        return
+    _NOTED.add(state)
+    print(f"note: embedded TC: the TC's keys and registry are on this machine ({state}); the provider and the TC are "
+          "one party here. For customers to trust it, a third party runs `tccdeploy tc serve` and this engine uses "
+          "--tc URL.", file=sys.stderr)

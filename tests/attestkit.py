@@ -84,12 +84,51 @@ class Node:
     def identity(self) -> dict:
         return {"ak_public": self.ak_public, "ssh_host_key": "SHA256:host"}
 
-    def evidence(self, nonce: bytes, pcrs: list[int] | None = None, log_extra: list[tuple[int, bytes]] | None = None) -> Evidence:
+    def evidence(self, nonce: bytes, pcrs: list[int] | None = None, log_extra: list[tuple[int, bytes]] | None = None,
+                 tag: AssetTag | None = None) -> Evidence:
         log, values = boot_log(self.build, log_extra)
         chosen = sorted(pcrs if pcrs is not None else POLICY_PCRS)
         digest = hashlib.sha256(b"".join(values[p] for p in chosen)).digest()
         attest = quote_attest(nonce, "sha256", chosen, digest, self.reset, self.restart)
-        return Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key="SHA256:host")
+        evidence = Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key="SHA256:host")
+        if tag is not None:
+            nv_public, nv_attest = tag.certify(nonce)
+            evidence.asset_attest, evidence.asset_signature = nv_attest, sign(self.key, nv_attest)
+            evidence.asset_nv_public = nv_public
+        return evidence
+
+
+PLATFORM_TAG = tpm2.NV_PLATFORMCREATE | tpm2.NV_PPWRITE | tpm2.NV_WRITEDEFINE | tpm2.NV_WRITELOCKED | tpm2.NV_WRITTEN
+
+
+@dataclass
+class AssetTag:
+    """An NV index holding an asset tag, and TPM2_NV_Certify of it, as a TPM would make them.
+
+    The defaults are what the TC accepts (platform-created, written, write-locked, certified
+    whole over the quote's nonce); each field is a way to forge one."""
+
+    index: int = 0x01500001
+    value: bytes = b"site2-rack-a"
+    attributes: int = PLATFORM_TAG
+    offset: int = 0
+    size: int | None = None  # certified size (default: all of it)
+    nonce: bytes | None = None  # the nonce certified over (default: the quote's)
+    name_of: int | None = None  # certify another index's name (default: this one's)
+
+    def nv_public(self, index: int | None = None) -> bytes:
+        area = struct.pack(">IHI", self.index if index is None else index, tpm2.ALG_SHA256, self.attributes)
+        return tpm2b(area + tpm2b(b"") + struct.pack(">H", len(self.value)))
+
+    def certify(self, nonce: bytes) -> tuple[bytes, bytes]:
+        public = self.nv_public()
+        certified = tpm2.parse_nv_public(self.nv_public(self.name_of) if self.name_of is not None else public).name
+        size = len(self.value) if self.size is None else self.size
+        body = struct.pack(">IH", tpm2.TPM_GENERATED, tpm2.ST_ATTEST_NV) + tpm2b(b"\x00\x0b" + bytes(32))
+        body += tpm2b(self.nonce if self.nonce is not None else nonce)
+        body += struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0x2000)
+        body += tpm2b(certified) + struct.pack(">H", self.offset) + tpm2b(self.value[self.offset:self.offset + size])
+        return public, body
 
 
 TK_ATTRIBUTES = tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.DECRYPT | tpm2.NO_DA
@@ -107,3 +146,13 @@ def certify_attest(nonce: bytes, name: bytes, magic: int = tpm2.TPM_GENERATED) -
     body = struct.pack(">IH", magic, tpm2.ST_ATTEST_CERTIFY) + tpm2b(b"\x00\x0b" + bytes(32)) + tpm2b(nonce)
     body += struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0x2000)
     return body + tpm2b(name) + tpm2b(name)
+
+
+def enroll_software_node(registry, name: str, node: Node, site: str = "site1", address: str = "127.0.1.7") -> None:  # type: ignore[no-untyped-def]
+    """Put a software node straight into a registry, as the TC's operator (roster) and a finished
+    enrollment would: for tests of what comes after enrollment."""
+    ek = hashlib.sha256(name.encode()).hexdigest()
+    registry.roster_add("sha256:" + ek, site, name, None)
+    registry.enroll(name, site, address, {"ek_certificate": b"c", "ek_fingerprint": ek, "ek_public": b"e",
+                                          "ak_public": node.ak_public, "ak_name": tpm2.parse_public(node.ak_public).name,
+                                          "ssh_host_key": "SHA256:host", "manufacturer": "software"})

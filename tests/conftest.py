@@ -105,3 +105,21 @@ def postgres():
     server = PostgresServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tc_identity(tmp_path_factory):
+    """A TC identity (CA, wrapping and purpose keys) for tests that need the TC's signatures."""
+    from tccdeploy.coordinator import identity
+
+    return identity.init(str(tmp_path_factory.mktemp("tc-identity")))[0]
+
+
+def audited_registry(location: str, tc):  # type: ignore[no-untyped-def]
+    """A Registry writing its decisions with signed audit entries, as the Coordinator's does."""
+    from tccdeploy.coordinator import audit
+    from tccdeploy.coordinator.store import Registry
+
+    registry = Registry(location)
+    registry.auditor = audit.Auditor(tc)
+    return registry

@@ -18,7 +18,7 @@ def coordinator_with_customer(lab: Lab, root: Path) -> tuple[Coordinator, str]:
     state = str(root / "tc")
     tc_init(state)
     manifests = load_manifests([lab.manifests_dir])
-    tc = Coordinator(manifests.perimeter, manifests.builds, state)
+    tc = Coordinator.from_manifests(manifests, state)
     key, _ = customer.init(str(root / "customer.pem"))
     tc.add_customer("acme", customer.public_text(key.public_key()))
     (root / "tc.pem").write_text(tc_load(state).bundle_pem)

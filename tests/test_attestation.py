@@ -32,7 +32,7 @@ def tc(lab: Lab, tmp_path_factory):
     manifests = load_manifests([lab.manifests_dir])
     state = str(tmp_path_factory.mktemp("tc"))
     tc_init(state)
-    coordinator = Coordinator(manifests.perimeter, manifests.builds, state)
+    coordinator = Coordinator.from_manifests(manifests, state)
     yield coordinator
     coordinator.close()
 
@@ -59,11 +59,26 @@ def _hosts(engine: Engine, *names: str):
     return [h for h in engine.hosts if h.name in names]
 
 
-def test_genuine_tpms_enroll_and_the_rogue_vendor_is_refused(engine: Engine):
+def test_genuine_tpms_on_the_roster_enroll_the_rogue_vendor_and_the_outsider_do_not(engine: Engine, tc: Coordinator):
     results = engine.enrolled  # type: ignore[attr-defined]
     assert results["roguetpm1"].status == "failed" and results["roguetpm1"].reason == "ek.untrusted-manufacturer"
-    for name in ("node1", "node2", "node3", "node4", "outside1"):
+    # A genuine TPM outside the perimeter: its address is the engine's word, the roster is the TC's.
+    assert results["outside1"].status == "failed" and results["outside1"].reason == "perimeter.not-in-roster"
+    assert tc.registry.node("outside1") is None
+    for name in ("node1", "node2", "node3", "node4"):
         assert results[name].status == "changed", results[name].msg
+        assert tc.registry.node(name)["site"] == lab_site(name)
+
+
+def lab_site(name: str) -> str:
+    return "site1" if name in ("node1", "node2") else "site2"
+
+
+def test_enrolling_again_with_the_same_tpm_changes_nothing(engine: Engine, tc: Coordinator):
+    before = (tc.registry.identity("node2"), tc.registry.node("node2"))
+    result = engine.run(enroll(tc), _hosts(engine, "node2"))[0]
+    assert result.status == "ok" and result.data["enrolled"], result.msg
+    assert (tc.registry.identity("node2"), tc.registry.node("node2")) == before
 
 
 def test_good_nodes_are_admitted_and_the_others_refused_with_their_reason(lab: Lab, engine: Engine, tc: Coordinator):
@@ -71,7 +86,7 @@ def test_good_nodes_are_admitted_and_the_others_refused_with_their_reason(lab: L
     for name in ("node1", "node2", "node3", "node4"):
         assert results[name].status == "changed" and results[name].data["admitted"], results[name].msg
         assert tc.registry.node(name)["state"] == "admitted"
-    assert results["outside1"].reason == "perimeter.no-site"
+    assert results["outside1"].reason == "node.not-enrolled"
     assert results["roguetpm1"].reason == "node.not-enrolled"
     cert = x509.load_pem_x509_certificate(tc.registry.certificate("node3")["pem"].encode())
     assert cert.extensions.get_extension_for_oid(OID_SITE).value.value[2:] == b"site2"
@@ -172,7 +187,7 @@ def test_a_real_quote_over_fewer_pcrs_is_refused(lab: Lab, engine: Engine, tc: C
 
 def test_an_expired_nonce_is_refused(lab: Lab, engine: Engine, tc: Coordinator):
     short = Coordinator(dataclasses.replace(tc.perimeter, attestation=dataclasses.replace(tc.perimeter.attestation, nonce_ttl=1)),
-                        tc.builds, tc.state)
+                        tc.builds, tc.state, rosters=tc.rosters)
     try:
         nonce = short.nonce("node1")
         evidence = _quote(engine, lab, "node1", nonce)
@@ -183,13 +198,33 @@ def test_an_expired_nonce_is_refused(lab: Lab, engine: Engine, tc: Coordinator):
         short.close()
 
 
-def test_a_changed_tpm_is_refused_until_forced(lab: Lab, engine: Engine, tc: Coordinator):
+def _ek_of(engine: Engine, name: str) -> str:
+    from tccdeploy.coordinator.roster import ek_identities
+
+    host = _hosts(engine, name)[0]
+    identity = engine.session(host).call("tpm_identity", {"tcti": host.vars["tcc_tpm"]})
+    return ek_identities(base64.b64decode(identity["ek_certificate"]))[0]
+
+
+def test_a_changed_tpm_is_refused_until_the_tc_operator_replaces_it(lab: Lab, engine: Engine, tc: Coordinator):
     host = _hosts(engine, "node4")[0]
-    moved = dataclasses.replace(host, vars=dict(host.vars, tcc_tpm=lab.tcti(lab.node("node3"))))
-    with Engine([moved], state=tc.state) as other:
-        result = other.run(enroll(tc))[0]
-    assert result.reason == "ek.changed", result.msg
-    assert engine.run(enroll(tc, force=True), [host])[0].status == "changed"  # its own TPM, forced: fine again
+    moved = dataclasses.replace(host, vars=dict(host.vars, tcc_tpm=lab.tcti(lab.node("outside1"))))
+    own_ak = tc.registry.identity("node4")["ak_public"]
+    try:
+        with Engine([moved], state=tc.state) as other:
+            assert other.run(enroll(tc))[0].reason == "perimeter.not-in-roster"  # a TPM the operator never racked
+            tc.roster_add(_ek_of(engine, "outside1"), "site2")  # the operator racks a new machine...
+            assert other.run(enroll(tc))[0].reason == "ek.changed"  # ...but node4 keeps its TPM until the operator says
+            assert tc.registry.identity("node4")["ak_public"] == own_ak
+            assert tc.replace_tpm("node4", "mainboard swapped") and tc.registry.node("node4")["state"] == "retired"
+            assert other.run(enroll(tc))[0].status == "changed"
+            assert tc.registry.identity("node4")["ek_fingerprint"] == _ek_of(engine, "outside1")[7:]
+    finally:  # node4 gets its own TPM back, the same way
+        tc.replace_tpm("node4", "test over")
+        tc.roster_remove(_ek_of(engine, "outside1"))
+        assert engine.run(enroll(tc), _hosts(engine, "node4"))[0].status == "changed"
+    kinds = [e["kind"] for e in tc.registry.audit_entries(node="node4")]
+    assert "node.replace-tpm" in kinds and "enrollment.refused" in kinds
 
 
 def test_an_ak_not_bound_to_the_ek_is_refused(lab: Lab, lab_node, engine: Engine, tc: Coordinator):
@@ -198,17 +233,24 @@ def test_an_ak_not_bound_to_the_ek_is_refused(lab: Lab, lab_node, engine: Engine
     s1, s3 = engine.session(node1), engine.session(node3)
     identity = s1.call("tpm_identity", {"tcti": node1.vars["tcc_tpm"]})
     foreign_ak = s3.call("ak_create", {"tcti": node3.vars["tcc_tpm"]})  # an AK from another TPM
-    challenge = tc.enrollment_challenge("node1-impostor", base64.b64decode(identity["ek_certificate"]),
+    with pytest.raises(EnrollmentRefused) as info:  # one EK is one node: node1's TPM under another name
+        tc.enrollment_challenge("node1-impostor", base64.b64decode(identity["ek_certificate"]),
+                                base64.b64decode(identity["ek_public"]), base64.b64decode(foreign_ak["ak_public"]),
+                                "SHA256:x", None, node1.address)
+    assert info.value.reason == "perimeter.roster-name"
+    tc.replace_tpm("node1", "test: let node1's TPM enroll afresh")
+    challenge = tc.enrollment_challenge("node1", base64.b64decode(identity["ek_certificate"]),
                                         base64.b64decode(identity["ek_public"]), base64.b64decode(foreign_ak["ak_public"]),
-                                        "SHA256:x")
+                                        "SHA256:x", None, node1.address)
     with pytest.raises(RemoteError):  # node1's TPM has the EK but not that AK
         s1.call("ak_activate", {"tcti": node1.vars["tcc_tpm"], "credential": base64.b64encode(challenge.credential).decode(),
                                 "secret": base64.b64encode(challenge.secret).decode()})
     with pytest.raises(EnrollmentRefused) as info:
-        tc.enrollment_finish("node1-impostor", os.urandom(32), "site1", "127.100.1.1")
+        tc.enrollment_finish("node1", os.urandom(32))
     assert info.value.reason == "ak.not-bound"
-    assert tc.registry.identity("node1-impostor") is None
-    engine.run(enroll(tc, force=True), [node3])  # node3 got a new AK above: bind it again
+    assert tc.registry.identity("node1") is None and tc.registry.node("node1")["state"] == "retired"
+    assert engine.run(enroll(tc), [node1])[0].status == "changed"  # node1 with its own AK again
+    assert engine.run(attest(tc), _hosts(engine, "node3"))[0].status == "ok"  # node3's AK was only pending: kept
 
 
 def test_swapped_ek_certificate_is_refused(lab: Lab, engine: Engine, tc: Coordinator):
@@ -232,7 +274,7 @@ def test_nodes_command_lists_and_shows_history(lab: Lab, engine: Engine, tc: Coo
     run = [sys.executable, "-m", "tccdeploy", "nodes", "--state", tc.state]
     listing = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
     by_name = {row["name"]: row for row in listing}
-    assert by_name["outside1"]["reasons"] == ["perimeter.no-site"] and by_name["node3"]["state"] == "admitted"
+    assert "outside1" not in by_name and by_name["node3"]["state"] == "admitted"
     shown = subprocess.run([*run, "show", "node3"], capture_output=True, text=True, check=True).stdout
     assert shown.startswith("node3: admitted, site site2") and "trusted" in shown
     assert subprocess.run([*run, "show", "nosuch"], capture_output=True, text=True).returncode == 1

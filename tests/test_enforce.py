@@ -34,7 +34,7 @@ def _coordinator(lab: Lab, state: str, manifests_dir: str | None = None, **polic
     perimeter = manifests.perimeter
     if policy:
         perimeter = dataclasses.replace(perimeter, attestation=dataclasses.replace(perimeter.attestation, **policy))
-    return Coordinator(perimeter, manifests.builds, state)
+    return Coordinator(perimeter, manifests.builds, state, rosters=manifests.rosters)
 
 
 @pytest.fixture

@@ -133,7 +133,7 @@ def test_constraints_only_untrusted_nodes_meet_are_refused_with_reasons(lab: Lab
         _launch(world, world.request("{builds: [tvmm-2025.4]}"))
     assert info.value.reason == "placement.none"
     assert "build tvmm-2026.1 not in ['tvmm-2025.4']" in str(info.value)
-    assert "outside1: not admitted" in str(info.value)
+    assert "node1: build tvmm-2026.1 not in" in str(info.value)
 
 
 def _release(world, node: str):  # type: ignore[no-untyped-def]
@@ -239,7 +239,7 @@ def test_a_bundle_signed_by_an_unregistered_key_is_refused(lab: Lab, world):
 
 
 def _kvm_forms(world, descriptor) -> list[bytes]:  # type: ignore[no-untyped-def]
-    kvm = wrap.unwrap(tc_load(world.state).wrap_key, base64.b64decode(descriptor["wrapped_key"]), wrap.vm_label(descriptor["vm_id"]))
+    kvm = wrap.unwrap(tc_load(world.state).wrap_key, base64.b64decode(descriptor["wrapped_key"]), wrap.sealed_label(descriptor["vm_id"], descriptor["customer"]["id"]))
     return [kvm, kvm.hex().encode(), base64.b64encode(kvm)]
 
 
@@ -270,7 +270,7 @@ def test_vm_stop_start_destroy(lab: Lab, world):
     envelope, result = _launch(world, world.request())
     name = envelope["request"]["manifest"]["metadata"]["name"]
     run = [sys.executable, "-m", "tccdeploy", "vm"]
-    common = ["-i", lab.inventory_dir, "--state", world.state]
+    common = ["-i", lab.inventory_dir, "--state", world.state, "-m", lab.manifests_dir]
     env = dict(os.environ, TCCDEPLOY_STATE=world.state)
     from tccdeploy.coordinator.store import Registry
 

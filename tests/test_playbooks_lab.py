@@ -116,7 +116,7 @@ def test_site_check_mode_predicts_the_run_changes_nothing_and_a_second_run_chang
     assert first.returncode == 2  # the refused nodes fail, as in ansible-playbook
     lines = first.stdout.split("PLAY RECAP", 1)[1]
     assert "roguetpm1                  : ek.untrusted-manufacturer" in lines
-    assert "outside1                   : perimeter.no-site" in lines
+    assert "outside1                   : perimeter.not-in-roster" in lines
     assert sorted(registry_rows(world.state, "SELECT name FROM nodes WHERE state = 'admitted'")) == [(n,) for n in NODES]
 
     second = apply(str(PLAYBOOKS / "site.yml"), *world.args, state=world.state)

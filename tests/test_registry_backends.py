@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tccdeploy.coordinator import audit
-from tccdeploy.coordinator.store import Registry, RegistryError
+from tccdeploy.coordinator.store import Conflict, Registry, RegistryError
+
+from .conftest import audited_registry
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -37,18 +39,23 @@ def race(workers: int, job: Callable[[int], object]) -> list[object]:
     return results
 
 
-def _enrolled(registry: Registry, node: str = "n1") -> None:
-    registry.enroll(node, "site1", "127.0.1.7", {"ek_certificate": b"\x00cert\xff", "ek_fingerprint": "f", "ek_public": b"e",
+def _enrolled(registry: Registry, node: str = "n1", ek: str = "f") -> None:
+    registry.enroll(node, "site1", "127.0.1.7", {"ek_certificate": b"\x00cert\xff", "ek_fingerprint": ek, "ek_public": b"e",
                                                  "ak_public": b"a", "ak_name": b"\x00\x0bname", "ssh_host_key": "h",
                                                  "manufacturer": "m"})
 
 
-def test_rows_round_trip_with_bytes_json_and_ids(location):
-    registry = Registry(location)
+def test_rows_round_trip_with_bytes_json_and_ids(location, tc_identity):
+    registry = audited_registry(location, tc_identity)
     try:
         _enrolled(registry)
-        _enrolled(registry)  # enrolling again replaces the identity
-        assert registry.identity("n1")["ek_certificate"] == b"\x00cert\xff"
+        with pytest.raises(Conflict) as refused:
+            _enrolled(registry, "n9")  # the same EK under another name
+        assert refused.value.reason == "ek.duplicate"
+        with pytest.raises(Conflict) as refused:
+            _enrolled(registry, "n1", ek="other")  # another EK for an enrolled node
+        assert refused.value.reason == "ek.changed"
+        assert registry.identity("n1")["ek_certificate"] == b"\x00cert\xff" and registry.node("n9") is None
         first = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reasons": [],
                                                 "pcr_values": {"0": "aa"}})
         second = registry.add_attestation("n1", {"verdict": "untrusted", "reasons": [{"code": "x", "message": "m"}]})
@@ -61,11 +68,17 @@ def test_rows_round_trip_with_bytes_json_and_ids(location):
         registry.add_customer("acme", "ed25519:k", "kid")
         record = {"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d", "wrapped_key": "w",
                   "spec": {"vcpus": 1}}
-        assert registry.accept_request(record) and not registry.accept_request(record)
+        registry.accept_request(record, "kid")
+        with pytest.raises(Conflict) as refused:
+            registry.accept_request(record, "kid")
+        assert refused.value.reason == "request.replayed"
         assert registry.request("r1")["spec"] == {"vcpus": 1}
-        registry.upsert_vm({"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1", "state": "running",
-                            "image_sha256": "d", "request": "r1", "vcpus": 1, "memory_mib": 64})
-        _enrolled(registry, "n2")
+        assert registry.record_release("r1", "v1", "n1", first, "serial")
+        receipt = registry.record_launch("r1", {"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1",
+                                                "state": "running", "image_sha256": "d", "request": "r1", "vcpus": 1,
+                                                "memory_mib": 64}, lambda: {"signed": True})
+        assert receipt == {"signed": True} and registry.receipt("r1") == receipt
+        _enrolled(registry, "n2", ek="f2")
         migration = registry.start_migration("v1", "n1", "n2")
         with pytest.raises(RegistryError, match="already migrating"):
             registry.start_migration("v1", "n1", "n2")
@@ -92,15 +105,15 @@ def test_a_nonce_is_consumed_once_across_processes(location):
             r.close()
 
 
-def test_a_key_is_released_once_per_request_across_processes(location):
-    registries = [Registry(location) for _ in range(4)]
+def test_a_key_is_released_once_per_request_across_processes(location, tc_identity):
+    registries = [audited_registry(location, tc_identity) for _ in range(4)]
     try:
         first = registries[0]
         _enrolled(first)
         attestation = first.add_attestation("n1", {"verdict": "trusted", "build": "b"})
         first.add_customer("acme", "ed25519:k", "kid")
         first.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
-                              "wrapped_key": "w", "spec": {}})
+                              "wrapped_key": "w", "spec": {}}, "kid")
         results = race(16, lambda i: registries[i % 4].record_release("r1", "v1", "n1", attestation, "serial"))
         assert results.count(True) == 1
         assert len(first.releases("v1")) == 1
@@ -109,27 +122,33 @@ def test_a_key_is_released_once_per_request_across_processes(location):
             r.close()
 
 
-def test_the_audit_chain_stays_linear_under_concurrent_writers(location):
-    registries = [Registry(location) for _ in range(4)]
+def test_the_audit_chain_stays_linear_under_concurrent_writers(location, tc_identity):
+    registries = [audited_registry(location, tc_identity) for _ in range(4)]
     try:
         race(8, lambda i: [audit.append(registries[i % 4], "test", f"n{i}", None, seq=j) for j in range(15)])
         entries = registries[0].audit_entries()
         assert [e["id"] for e in entries] == list(range(1, 121))
-        assert audit.verify(registries[1]).ok
+        assert audit.verify(registries[1], tc=tc_identity).ok
         assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
     finally:
         for r in registries:
             r.close()
 
 
-def test_a_node_is_quarantined_once(location):
-    registries = [Registry(location) for _ in range(4)]
+def test_a_node_is_quarantined_once(location, tc_identity):
+    registries = [audited_registry(location, tc_identity) for _ in range(4)]
     try:
         _enrolled(registries[0])
-        registries[0].admit("n1", {"serial": "s1", "attestation": None, "tk_name": "t", "not_after": 9e9, "pem": "p",
+        attestation = registries[0].add_attestation("n1", {"verdict": "trusted", "build": "b", "reset_count": 1})
+        registries[0].admit("n1", {"serial": "s1", "attestation": attestation, "tk_name": "t", "not_after": 9e9, "pem": "p",
                                    "build": "b"})
-        results = race(8, lambda i: registries[i % 4].quarantine("n1"))
+        results = race(8, lambda i: registries[i % 4].quarantine("n1", audit.entry("quarantine", "n1", reason="t")))
         assert results.count(True) == 1 and registries[0].certificate("n1") is None
+        assert [e["kind"] for e in registries[0].audit_entries()] == ["quarantine"]
+        with pytest.raises(Conflict) as refused:  # the attestation before the quarantine no longer admits it
+            registries[1].admit("n1", {"serial": "s2", "attestation": attestation, "tk_name": "t", "not_after": 9e9,
+                                       "pem": "p", "build": "b"})
+        assert refused.value.reason == "admit.quarantined" and registries[0].node("n1")["state"] == "quarantined"
     finally:
         for r in registries:
             r.close()

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from tccdeploy.coordinator import audit
+from tccdeploy.coordinator import audit, identity
 from tccdeploy.coordinator.client import RemoteCoordinator
 from tccdeploy.coordinator.store import Registry
 
-from .attestkit import Node
+from .attestkit import Node, enroll_software_node
 from .conftest import REPO
 from .pgserver import PostgresServer, skip_reason
 from .tcservice import Service
@@ -53,11 +53,7 @@ def enrolled(replicas, name: str) -> Node:  # type: ignore[no-untyped-def]
     node = Node()
     registry = Registry(replicas.url)
     try:
-        from tccdeploy.coordinator import tpm2
-
-        registry.enroll(name, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": name, "ek_public": b"e",
-                                              "ak_public": node.ak_public, "ak_name": tpm2.parse_public(node.ak_public).name,
-                                              "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+        enroll_software_node(registry, name, node, SITE, ADDRESS)
     finally:
         registry.close()
     return node
@@ -115,7 +111,7 @@ def test_the_audit_chain_stays_linear_with_both_replicas_writing(replicas):
     assert not errors
     registry = Registry(replicas.url)
     try:
-        result = audit.verify(registry)
+        result = audit.verify(registry, tc=identity.load(str(replicas.state)))
         ids = [e["id"] for e in registry.audit_entries()]
     finally:
         registry.close()
@@ -150,7 +146,7 @@ def test_losing_a_replica_mid_run_loses_nothing_and_repeats_nothing(replicas):
         recorded = registry.attestations("sw-failover", limit=1000)
         assert sum(a["verdict"] == "trusted" for a in recorded) == outcomes.count("trusted")
         assert len({a["nonce"] for a in recorded}) == len(recorded)  # no nonce counted twice
-        assert audit.verify(registry).ok
+        assert audit.verify(registry, tc=identity.load(str(replicas.state))).ok
     finally:
         registry.close()
 
@@ -204,7 +200,7 @@ def test_a_launch_goes_on_with_the_other_replica_and_the_key_is_released_once(la
             vm = registry.vm("web")
             vm_id = vm["vm_id"]
             assert vm["state"] == "running" and len(registry.releases(vm_id)) == 1
-            assert audit.verify(registry).ok
+            assert audit.verify(registry, tc=identity.load(str(state))).ok
         finally:
             registry.close()
         fetched = tcc(admin, "receipt", "fetch", request_id, "--tc", b.url, "--tc-cert", str(tmp_path / "tc.pem"),

@@ -60,7 +60,8 @@ def test_malformed_evidence_is_refused_with_a_reason_not_a_500(examples_service)
     before = dump(examples_service.state, without_audit=True)
     with examples_service.client() as client:
         response = client.post("/v1/enrollments", json={"node": "n1", "ek_certificate": "AAAA", "ek_public": "",
-                                                         "ak_public": "", "ssh_host_key": ""})
+                                                         "ak_public": "", "ssh_host_key": "SHA256:x",
+                                                         "address": "127.0.1.7"})
         assert response.status_code == 403 and response.json()["error"] in ("ek.certificate-malformed", "evidence.malformed")
         response = client.post("/v1/attestations", json={"node": "n1", "address": "127.0.0.1", "evidence": {
             "attest": "AAAA", "signature": "AAAA", "pcrs": {"0": "zz"}, "eventlog": "", "nonce": ""}})
@@ -102,7 +103,7 @@ def test_openapi_health_readiness_and_metrics_are_served(examples_service):
         metrics = client.get("/metrics").text
         assert "tccdeploy_http_requests_total{" in metrics and "tccdeploy_http_request_seconds_bucket{" in metrics
         bundle = client.get("/v1/certificate").text
-        assert bundle.count("BEGIN CERTIFICATE") == 2
+        assert bundle.count("BEGIN CERTIFICATE") == 4  # CA, key wrapping, receipt and audit signing
 
 
 @pytest.mark.slow
@@ -130,7 +131,8 @@ def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(l
     attest = {r["name"]: r for r in json.loads(attested.stdout)}
     assert enrolled.returncode == attested.returncode == 2
     assert enroll["roguetpm1"]["state"] == "failed" and "manufacturer" in enroll["roguetpm1"]["msg"]
-    assert attest["outside1"]["reason"] == "perimeter.no-site"
+    assert enroll["outside1"]["reason"] == "perimeter.not-in-roster"  # the TC's roster, not the address
+    assert attest["outside1"]["reason"] == "node.not-enrolled"
     assert attest["node1"]["result"]["admitted"] and attest["node3"]["result"]["admitted"]  # node3: a certified asset tag
     db = sqlite3.connect(str(state / "registry.sqlite"))
     try:
@@ -145,22 +147,19 @@ def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_
     import signal
     import time
 
-    from tccdeploy.coordinator import tpm2
+    from tccdeploy.coordinator import identity
     from tccdeploy.coordinator.client import RemoteCoordinator
-    from tccdeploy.coordinator.store import Registry
 
-    from .attestkit import Node
+    from .attestkit import Node, enroll_software_node
+    from .conftest import audited_registry
 
     manifests = tmp_path / "manifests"
     shutil.copytree(REPO / "examples", manifests)
     service = Service(tmp_path / "tc", str(manifests))
     try:
         node = Node()
-        registry = Registry(str(tmp_path / "tc" / "registry.sqlite"))
-        registry.enroll("sw1", "site1", "127.0.1.7", {"ek_certificate": b"c", "ek_fingerprint": "f", "ek_public": b"e",
-                                                      "ak_public": node.ak_public,
-                                                      "ak_name": tpm2.parse_public(node.ak_public).name,
-                                                      "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+        registry = audited_registry(str(tmp_path / "tc" / "registry.sqlite"), identity.load(str(tmp_path / "tc")))
+        enroll_software_node(registry, "sw1", node)
         registry.close()
         tc = RemoteCoordinator(service.url, str(service.engine_dir))
         try:

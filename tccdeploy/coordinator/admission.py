@@ -13,6 +13,9 @@ The TC accepts TK only if:
                           signing or restricted key, or userWithAuth lets a password use it
     tk.policy             its policy is not PolicyPCR over the PCR values the TC verified
     admit.not-trusted     the attestation it builds on is not the node's latest trusted one, or stale
+    admit.quarantined     the node is quarantined: only the TC's operator releases it (`tc nodes
+                          release`), or, where the perimeter says `readmit: after-reboot`, a trusted
+                          quote showing the TPM reset since the quarantine
     tk.check-failed       the TPM could not decrypt the TC's challenge with it (proof it works now)
 
 then issues a short-lived X.509 certificate for TK's key, signed by the TC's CA, naming the
@@ -27,6 +30,7 @@ import hmac
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -37,7 +41,10 @@ from cryptography.x509.oid import NameOID
 from ..manifest.models import Perimeter
 from . import tpm2
 from .identity import Identity
-from .store import Registry
+from .refusals import AdmissionRefused
+from .store import Audit, Conflict, Registry
+
+__all__ = ["AdmissionRefused", "begin", "check_tk", "finish", "policy_pcr_digest"]
 
 TK_CHECK_LABEL = "tccdeploy-tk-check"
 TPM_CC_POLICY_PCR = 0x0000017F
@@ -47,12 +54,7 @@ OID_ARC = "2.25.5221148118478671275721855852512125145"
 OID_SITE = x509.ObjectIdentifier(OID_ARC + ".1")
 OID_BUILD = x509.ObjectIdentifier(OID_ARC + ".2")
 OID_ATTESTATION = x509.ObjectIdentifier(OID_ARC + ".3")
-
-
-class AdmissionRefused(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+OID_NODE_TK = x509.ObjectIdentifier(OID_ARC + ".10.3")  # EKU: a node's trusted key, for wrapped VM keys only
 
 
 def policy_pcr_digest(bank: str, pcrs: list[int], values: list[bytes]) -> bytes:
@@ -83,6 +85,13 @@ def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: i
     if identity is None or not latest or latest[0]["id"] != attestation_id or latest[0]["verdict"] != "trusted" \
             or time.time() - latest[0]["time"] > policy.max_quote_age:
         raise AdmissionRefused("admit.not-trusted", "admission needs the node's latest attestation to be trusted and fresh")
+    node_row = registry.node(node)
+    if node_row is not None and node_row["state"] == "quarantined" and not (
+            policy.readmit == "after-reboot" and node_row["quarantine_reset"] is not None
+            and (latest[0]["reset_count"] or 0) > node_row["quarantine_reset"]):
+        raise AdmissionRefused("admit.quarantined", f"{node} is quarantined; it stays out until the TC's operator runs "
+                                                    f"`tccdeploy tc nodes release {node}`"
+                               + (" or it reboots into an approved build" if policy.readmit == "after-reboot" else ""))
     if not nonce_ok:
         raise AdmissionRefused("tk.certify-nonce", "the admission nonce is unknown, used or expired")
     try:
@@ -115,7 +124,8 @@ def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: i
     return ciphertext
 
 
-def finish(registry: Registry, perimeter: Perimeter, tc: Identity, node: str, answer_hex: str) -> dict[str, Any]:
+def finish(registry: Registry, perimeter: Perimeter, tc: Identity, node: str, answer_hex: str,
+           audit: Callable[[dict[str, Any]], Audit] = lambda r: None) -> dict[str, Any]:
     """Check the TK's answer and issue the node certificate; the node becomes admitted."""
     pending = registry.take_admission(node)
     if pending is None or pending["expires"] < time.time():
@@ -149,6 +159,7 @@ def finish(registry: Registry, perimeter: Perimeter, tc: Identity, node: str, an
         .not_valid_after(now + datetime.timedelta(seconds=lifetime))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([OID_NODE_TK]), critical=True)
         .add_extension(x509.UnrecognizedExtension(OID_SITE, utf8(node_row["site"] or "")), critical=False)
         .add_extension(x509.UnrecognizedExtension(OID_BUILD, utf8(attestation["build"] or "")), critical=False)
         .add_extension(x509.UnrecognizedExtension(OID_ATTESTATION, utf8(str(attestation["id"]))), critical=False)
@@ -158,5 +169,9 @@ def finish(registry: Registry, perimeter: Perimeter, tc: Identity, node: str, an
     record = {"serial": f"{serial:x}", "attestation": attestation["id"], "tk_name": tk.name.hex(),
               "not_after": (now + datetime.timedelta(seconds=lifetime)).timestamp(), "pem": pem,
               "build": attestation["build"]}
-    registry.admit(node, record)
+    result = {"serial": record["serial"], "not_after": record["not_after"], "build": attestation["build"]}
+    try:
+        registry.admit(node, record, perimeter.attestation.readmit == "after-reboot", audit(result))
+    except Conflict as exc:
+        raise AdmissionRefused(exc.reason, str(exc)) from None
     return {"serial": record["serial"], "not_after": record["not_after"], "build": attestation["build"], "certificate": pem}

@@ -289,13 +289,14 @@ class Api:
         challenge = await run_in_threadpool(
             self.tc.enrollment_challenge, b["node"], self._bytes(b["ek_certificate"], "ek_certificate"),
             self._bytes(b["ek_public"], "ek_public"), self._bytes(b["ak_public"], "ak_public"), b["ssh_host_key"],
-            bool(b.get("force", False)))
+            b.get("site"), b["address"])
+        if challenge is None:
+            return {"enrolled": True}
         return {"credential": b64(challenge.credential), "secret": b64(challenge.secret)}
 
     async def enrollment_finish(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.enrollment_finish, b["node"], self._bytes(b["answer"], "answer"),
-                                       b.get("site"), b["address"])
+        return await run_in_threadpool(self.tc.enrollment_finish, b["node"], self._bytes(b["answer"], "answer"))
 
     async def nonce(self, request: Request) -> dict[str, Any]:
         b = request.state.body
@@ -346,7 +347,7 @@ class Api:
     async def ek_check(self, request: Request) -> dict[str, Any]:
         b = request.state.body
         return await run_in_threadpool(self.tc.check_ek, self._bytes(b["ek_certificate"], "ek_certificate"),
-                                       self._bytes(b["ek_public"], "ek_public"))
+                                       self._bytes(b["ek_public"], "ek_public"), b.get("node"), b.get("site"))
 
     async def perimeter_check(self, request: Request) -> dict[str, Any]:
         b = request.state.body
@@ -421,9 +422,7 @@ class Api:
 
     async def launched(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        release = {"request": request.path_params["id"], "attestation": b["attestation"],
-                   "certificate_serial": b["certificate_serial"]}
-        return await run_in_threadpool(self.tc.record_launch, release, b["node"], b["status"])
+        return await run_in_threadpool(self.tc.record_launch, {"request": request.path_params["id"]}, b["node"], b["status"])
 
     async def request_failed(self, request: Request) -> dict[str, Any]:
         await run_in_threadpool(self.tc.fail_request, request.path_params["id"])

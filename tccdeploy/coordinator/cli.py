@@ -34,13 +34,16 @@ def _coordinator(args: argparse.Namespace, remote_ok: bool = False):  # type: ig
         except TCUnavailable as exc:
             raise SystemExit(f"error: {exc}") from None
 
-    paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
+    paths = getattr(args, "manifests", None) or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
     if not paths:
         raise SystemExit(f"error: give the perimeter and builds with -m PATH (or set ${MANIFESTS_ENV})")
     result = load_manifests(paths)
     if result.perimeter is None:
         raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)} (found {len(result.perimeters)})")
-    return Coordinator(result.perimeter, result.builds, args.state)
+    from ..config import note_embedded, state_dir
+
+    note_embedded(state_dir(args.state))
+    return Coordinator.from_manifests(result, args.state)
 
 
 def _fan(args: argparse.Namespace, make_work, what: str) -> int:  # type: ignore[no-untyped-def]
@@ -56,7 +59,7 @@ def _fan(args: argparse.Namespace, make_work, what: str) -> int:  # type: ignore
 def cmd_enroll(args: argparse.Namespace) -> int:
     from ..engine.attestation import enroll
 
-    return _fan(args, lambda tc: enroll(tc, args.force), "enroll")
+    return _fan(args, lambda tc: enroll(tc), "enroll")
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
@@ -130,117 +133,6 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
     print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
                         ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
-    return 0
-
-
-def cmd_tc(args: argparse.Namespace) -> int:
-    from ..config import state_dir
-    from . import identity
-
-    state = state_dir(args.state)
-    if args.tc_command == "customers":
-        return _customers(args, state)
-    if args.tc_command == "engines":
-        return _engines(args, state)
-    if args.tc_command == "serve":
-        return _serve(args)
-    if args.tc_command == "init":
-        ident, created = identity.init(state)
-        print(("created" if created else "exists") + f": TC identity in {state}")
-        print(f"fingerprint (SHA-256): {ident.fingerprint}")
-        return 0
-    ident = identity.load(state)
-    if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(ident.bundle_pem)
-        print(f"wrote the TC's CA and key-wrapping certificates to {args.output}")
-        print(f"fingerprint (SHA-256): {ident.fingerprint}")
-        return 0
-    if args.json:
-        print(json.dumps({"fingerprint": ident.fingerprint, "certificate": ident.pem, "subject": ident.certificate.subject.rfc4514_string()}))
-    else:
-        print(ident.pem, end="")
-        print(f"fingerprint (SHA-256): {ident.fingerprint}")
-    return 0
-
-
-def _customers(args: argparse.Namespace, state: str) -> int:
-    from .service import registry_location
-    from .store import Registry
-
-    registry = Registry(registry_location(state))
-    try:
-        if args.rest[:1] == ["add"] and len(args.rest) == 3:
-            from ..crypto import customer
-
-            public = customer.parse_public(args.rest[2])
-            registry.add_customer(args.rest[1], customer.public_text(public), customer.key_id(public))
-            print(f"customer {args.rest[1]} registered (key id {customer.key_id(public)})")
-            return 0
-        if args.rest[:1] in ([], ["list"]):
-            rows = [{"name": c["name"], "key_id": c["key_id"], "key": c["key"]} for c in registry.customers()]
-            print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['name']:<16} {r['key_id']}" for r in rows))
-            return 0
-    finally:
-        registry.close()
-    print("usage: tccdeploy tc customers add NAME ed25519:KEY | tccdeploy tc customers list", file=sys.stderr)
-    return 2
-
-
-def _engines(args: argparse.Namespace, state: str) -> int:
-    from cryptography.hazmat.primitives import hashes
-
-    from . import identity, tls
-    from .service import registry_location
-    from .store import Registry
-
-    registry = Registry(registry_location(state))
-    try:
-        if args.rest[:1] == ["add"] and len(args.rest) == 2:
-            name = args.rest[1]
-            folder = args.output or os.path.join(state, "engines", name)
-            cert = tls.engine_certificate(identity.load(state), name, folder)
-            registry.add_engine(name, format(cert.serial_number, "x"), cert.fingerprint(hashes.SHA256()).hex())
-            print(f"engine {name}: client certificate and key (0600) in {folder}; give that folder to the engine "
-                  f"(--engine-dir {folder}); it pins the TC's CA in tc-ca.pem")
-            return 0
-        if args.rest[:1] == ["remove"] and len(args.rest) == 2:
-            if not registry.revoke_engine(args.rest[1]):
-                print(f"error: no active engine {args.rest[1]!r}", file=sys.stderr)
-                return 1
-            print(f"engine {args.rest[1]} removed: its certificate is refused from now on")
-            return 0
-        if args.rest[:1] in ([], ["list"]):
-            rows = registry.engines()
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print(table([dict(r, added=_when(r["added"]), state="removed" if r["revoked"] else "active") for r in rows],
-                            [("name", "ENGINE"), ("state", "STATE"), ("serial", "CERTIFICATE SERIAL"), ("added", "ADDED")]))
-            return 0
-    finally:
-        registry.close()
-    print("usage: tccdeploy tc engines add NAME [-o DIR] | tc engines list | tc engines remove NAME", file=sys.stderr)
-    return 2
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from . import identity
-    from .server import serve
-
-    host, _, port = (args.listen or "127.0.0.1:8443").rpartition(":")
-    if not host or not port.isdigit():
-        print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
-        return 2
-    coordinator = _coordinator(args)
-    try:
-        ident = identity.load(coordinator.state)
-        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
-              "manifests; Ctrl-C or SIGTERM stops it", flush=True)
-        paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
-        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths)
-    finally:
-        coordinator.close()
     return 0
 
 
@@ -395,10 +287,8 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 def cmd_vm(args: argparse.Namespace) -> int:
     from ..engine.cli import _fan_out, load
-    from .service import registry_location
-    from .store import Registry
 
-    registry = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
+    registry = _coordinator(args, remote_ok=True)
     try:
         vm = registry.vm(args.vm)
         if vm is None or vm["node"] is None:
@@ -521,13 +411,29 @@ def cmd_audit(args: argparse.Namespace) -> int:
     registry = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         if args.audit_command == "verify":
-            result = audit.verify(registry, args.expect_head)
+            checkpoint = None
+            if args.checkpoint:
+                try:
+                    with open(args.checkpoint) as fh:
+                        checkpoint = json.load(fh)
+                except (OSError, ValueError) as exc:
+                    print(f"error: cannot read the checkpoint {args.checkpoint}: {exc}", file=sys.stderr)
+                    return 1
+            ca, audit_pem = _audit_keys(args, registry)
+            if ca is None:
+                print("warning: no TC certificate here: the chain's hashes are checked, its signatures are not",
+                      file=sys.stderr)
+            result = audit.verify_entries(registry.audit_entries(), ca, audit_pem, args.expect_head, checkpoint)
             if args.json:
                 print(json.dumps({"ok": result.ok, "entries": result.entries, "head": f"{result.entries}:{result.head}",
                                   "problem": result.problem}))
             elif result.ok:
-                print(f"ok: {result.entries} entries, chain intact; head {result.entries}:{result.head}")
-                print("record the head elsewhere; `audit verify --expect-head HEAD` later shows removed entries")
+                signed = ", every entry signed by the TC's audit key" if ca is not None else ""
+                held = f", holds checkpoint {checkpoint['count']}" if checkpoint else ""
+                print(f"ok: {result.entries} entries, chain intact{signed}{held}; head {result.entries}:{result.head}")
+                if not checkpoint:
+                    print("truncation leaves a shorter valid chain: anchor the head outside the TC (`tccdeploy tc audit "
+                          "checkpoint`) and check it later with `audit verify --checkpoint FILE`")
             else:
                 print(f"TAMPERED: {result.problem}", file=sys.stderr)
             return 0 if result.ok else 1
@@ -548,6 +454,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
         data = ", ".join(f"{k}={v}" for k, v in sorted(e["data"].items()) if v not in (None, [], ""))
         print(f"#{e['id']:<5} {_when(e['time'])}  {e['kind']:<20} {e['node'] or '-':<10} {(e['vm'] or '-')[:12]:<12} {data}")
     return 0
+
+
+def _audit_keys(args: argparse.Namespace, source):  # type: ignore[no-untyped-def]
+    """(TC CA certificate, audit certificate PEM) to check the chain's signatures with: pinned
+    in the engine's folder and fetched from a served TC, or the TC's own state."""
+    from cryptography import x509
+
+    from ..config import state_dir
+    from . import identity
+
+    if getattr(args, "tc", None):
+        with open(os.path.join(source.engine_dir, "tc-ca.pem"), "rb") as fh:
+            return x509.load_pem_x509_certificate(fh.read()), source.audit_certificate()
+    state = state_dir(args.state)
+    if not os.path.exists(os.path.join(state, identity.KEY_FILE)):
+        return None, None
+    ident = identity.load(state)
+    return ident.certificate, ident.purpose("audit").pem
 
 
 def add_tc_args(p: argparse.ArgumentParser) -> None:
@@ -574,10 +498,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Check each node's EK certificate against the perimeter's TPM vendors, create an\n"
                                    "attestation key and bind it to the EK (MakeCredential/ActivateCredential), pin the\n"
-                                   "node's SSH host key. A node whose TPM changed is refused unless --force.",
+                                   "node's SSH host key. The EK must be on the TC's node roster, which gives the node\n"
+                                   "its site. A node already enrolled with this TPM is left as it is; one whose TPM\n"
+                                   "changed is refused (ek.changed) until the TC's operator runs\n"
+                                   "`tccdeploy tc nodes replace-tpm NODE`.",
                        epilog="example:\n  tccdeploy enroll -i .lab/inventory -m .lab/manifests")
     common(p)
-    p.add_argument("--force", action="store_true", help="re-enroll a node whose TPM changed (operator-approved)")
     p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser("attest", help="attest nodes: fresh quote, event log, builds and perimeter checked by the TC",
@@ -600,26 +526,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_nodes)
-
-    p = sub.add_parser("tc", help="the trusted coordinator: identity, customers, engines, the HTTPS service",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="init: create the TC's CA key (0600) and certificate; show: print them for customers to pin;\n"
-                                   "customers add NAME KEY | list; engines add NAME [-o DIR] | list | remove NAME: client\n"
-                                   "certificates for engines; serve --listen HOST:PORT -m MANIFESTS: the HTTPS API.",
-                       epilog="examples:\n  tccdeploy tc init\n  tccdeploy tc engines add ops-1 -o /tmp/ops-1\n"
-                              "  tccdeploy tc serve --listen 127.0.0.1:8443 -m .lab/manifests\n"
-                              "  tccdeploy attest --admit -i .lab/inventory --tc https://127.0.0.1:8443 --engine-dir /tmp/ops-1")
-    p.add_argument("tc_command", choices=("init", "show", "customers", "engines", "serve"), metavar="ACTION",
-                   help="init, show [-o FILE], customers ..., engines ..., serve")
-    p.add_argument("--listen", metavar="HOST:PORT", help="serve: where to listen (default 127.0.0.1:8443)")
-    p.add_argument("--name", action="append", metavar="DNS", help="serve: another name the server certificate covers")
-    p.add_argument("-m", "--manifests", action="append", metavar="PATH", help="serve: perimeter and TVMM builds")
-    p.add_argument("-v", "--verbose", action="store_true", help="serve: log every request")
-    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("-o", "--output", help="show: write the CA and key-wrapping certificates here, for customers")
-    p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_tc)
 
     p = sub.add_parser("request", help="placement requests: submit a signed request and launch the VM")
     rq = p.add_subparsers(dest="request_command", metavar="ACTION", required=True)
@@ -700,6 +606,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     au = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     q = au.add_parser("verify", help="recompute the chain (with --tc: from the entries a served TC returns)")
     q.add_argument("--expect-head", metavar="N:HASH", help="the head recorded earlier (detects removed newest entries)")
+    q.add_argument("--checkpoint", metavar="FILE", help="a signed checkpoint published earlier (`tc audit checkpoint`): "
+                                                        "the chain must still hold it")
     q.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
     q.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     q.add_argument("--state", help="TC state directory")
@@ -729,6 +637,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vm", help="stop (pause), start (resume) or destroy a VM")
     p.add_argument("action", choices=("stop", "start", "destroy"))
     p.add_argument("vm", metavar="VM", help="VM name or id")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH",
+                   help=f"the embedded TC's manifests (default ${MANIFESTS_ENV}); not with --tc")
     p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
     p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     add_run_args(p)

@@ -46,6 +46,7 @@ class RemoteCoordinator:
                                 f"makes them with `tccdeploy tc engines add NAME -o DIR`")
         context = ssl.create_default_context(cafile=os.path.join(engine_dir, "tc-ca.pem"))
         context.load_cert_chain(os.path.join(engine_dir, "engine-cert.pem"), os.path.join(engine_dir, "engine-key.pem"))
+        self.engine_dir = engine_dir
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         self.url = self.urls[0]
         self.http = httpx.Client(verify=context, timeout=timeout)
@@ -95,15 +96,18 @@ class RemoteCoordinator:
 
     # -- enrollment, attestation, admission ---------------------------------------------------
     def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
-                             ssh_host_key: str, force: bool = False) -> Challenge:
+                             ssh_host_key: str, site: str | None = None, address: str = "") -> Challenge | None:
         answer = self._call("POST", "/v1/enrollments", {
             "node": node, "ek_certificate": b64(ek_certificate), "ek_public": b64(ek_public),
-            "ak_public": b64(ak_public), "ssh_host_key": ssh_host_key, "force": force}, EnrollmentRefused)
+            "ak_public": b64(ak_public), "ssh_host_key": ssh_host_key, "site": site, "address": address},
+            EnrollmentRefused)
+        if answer.get("enrolled"):
+            return None
         return Challenge(unb64(answer["credential"]), unb64(answer["secret"]))
 
-    def enrollment_finish(self, node: str, answer: bytes, site: str | None, address: str) -> dict[str, Any]:
-        return self._call("POST", "/v1/enrollments/finish", {"node": node, "answer": b64(answer), "site": site,  # type: ignore[no-any-return]
-                                                             "address": address}, EnrollmentRefused)
+    def enrollment_finish(self, node: str, answer: bytes) -> dict[str, Any]:
+        return self._call("POST", "/v1/enrollments/finish", {"node": node, "answer": b64(answer)},  # type: ignore[no-any-return]
+                          EnrollmentRefused)
 
     def nonce(self, node: str, purpose: str = "quote") -> bytes:
         return unb64(self._call("POST", "/v1/nonces", {"node": node, "purpose": purpose})["nonce"])
@@ -135,9 +139,12 @@ class RemoteCoordinator:
         except TCNotFound:
             return None
 
-    def check_ek(self, ek_certificate: bytes, ek_public: bytes) -> dict[str, Any]:
-        return self._call("POST", "/v1/enrollments/check", {"ek_certificate": b64(ek_certificate),  # type: ignore[no-any-return]
-                                                           "ek_public": b64(ek_public)}, EnrollmentRefused)
+    def check_ek(self, ek_certificate: bytes, ek_public: bytes, node: str | None = None,
+                 site: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"ek_certificate": b64(ek_certificate), "ek_public": b64(ek_public), "site": site}
+        if node is not None:
+            body["node"] = node
+        return self._call("POST", "/v1/enrollments/check", body, EnrollmentRefused)  # type: ignore[no-any-return]
 
     def perimeter_problems(self, site: str | None, address: str) -> list[tuple[str, str]]:
         answer = self._call("POST", "/v1/perimeter/check", {"site": site, "address": address})
@@ -161,6 +168,24 @@ class RemoteCoordinator:
         client checks it without trusting the service's own verdict."""
         query = urlencode({k: v for k, v in (("node", node), ("vm", vm), ("since", since)) if v is not None})
         return self._call("GET", "/v1/audit" + (f"?{query}" if query else ""))  # type: ignore[no-any-return]
+
+    def audit_certificate(self) -> str:
+        """The TC's audit-signing certificate as served; the caller checks it chains to its pinned CA."""
+        from cryptography import x509
+
+        from .identity import PURPOSES
+
+        response = self._send("GET", "/v1/certificate", None)
+        for cert in x509.load_pem_x509_certificates(response.content):
+            try:
+                usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+            except x509.ExtensionNotFound:
+                continue
+            if usages == [PURPOSES["audit"]]:
+                from cryptography.hazmat.primitives import serialization
+
+                return cert.public_bytes(serialization.Encoding.PEM).decode()
+        raise TCUnavailable(f"the TC at {self.url} serves no audit-signing certificate")
 
     # -- what launch, migration and enforcement read and record -----------------------------
     @property
@@ -217,8 +242,7 @@ class RemoteCoordinator:
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", f"/v1/requests/{release['request']}/launched", {  # type: ignore[no-any-return]
-            "node": node, "attestation": int(release["attestation"]), "certificate_serial": release["certificate_serial"],
-            "status": {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool)) or v is None}})
+            "node": node, "status": {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool)) or v is None}})
 
     def fail_request(self, request_id: str) -> None:
         self._call("POST", f"/v1/requests/{request_id}/failed", {})

@@ -5,7 +5,11 @@
 2. The AK must be a restricted, fixedTPM signing key.
 3. MakeCredential(EK, secret, AK name): only the TPM holding that EK *and* that AK can
    ActivateCredential and return the secret. The TC keeps only the secret's hash.
-A node enrolled with another EK is refused until an operator re-enrolls it with force.
+4. The EK must be on the TC operator's roster (roster.py), which gives the node its site; the
+   claimed address must lie in that site's networks (a consistency check, not proof).
+Enrolling a node again with the TPM it is enrolled with changes nothing. A node enrolled with
+another EK is refused (`ek.changed`) until the TC's operator runs `tc nodes replace-tpm`; an
+EK enrolled as another node is refused (`ek.duplicate`). A refused enrollment changes nothing.
 
 Every refusal is an EnrollmentRefused with a stable reason code.
 """
@@ -17,23 +21,23 @@ import hashlib
 import hmac
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..manifest.models import Perimeter
-from . import tpm2
-from .store import Registry
+from . import roster, tpm2
+from .refusals import EnrollmentRefused, Refused
+from .store import Audit, Conflict, Registry
+from .verifier import perimeter_problems
+
+__all__ = ["Challenge", "EnrollmentRefused", "begin", "check_ak", "check_ek_certificate", "finish"]
 
 CHALLENGE_TTL = 120.0
-
-
-class EnrollmentRefused(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -114,35 +118,54 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def begin(registry: Registry, perimeter: Perimeter, node: str, ek_cert: bytes, ek_public: bytes,
-          ak_public: bytes, ssh_host_key: str, force: bool = False) -> Challenge:
+def begin(registry: Registry, perimeter: Perimeter, roster_entries: list[roster.RosterEntry], node: str, ek_cert: bytes,
+          ek_public: bytes, ak_public: bytes, ssh_host_key: str, site: str | None, address: str) -> Challenge | None:
+    """Check the TPM and the roster; a credential challenge for the AK, or None when node is
+    enrolled with this very TPM already (nothing to do: enrollment is a no-op, not a reset)."""
     try:
         ek = tpm2.parse_public(ek_public)
         ak = tpm2.parse_public(ak_public)
     except tpm2.TPMFormatError as exc:
         raise EnrollmentRefused("evidence.malformed", f"malformed key from the node: {exc}") from None
+    if not ssh_host_key:
+        raise EnrollmentRefused("node.ssh-host-key", "the node's SSH host key is required: it is pinned at enrollment and "
+                                                     "checked at every attestation")
     manufacturer = check_ek_certificate(perimeter, ek_cert, ek)
     check_ak(ak)
     cert_der = load_certificate_der(ek_cert)
     ek_fp = fingerprint(cert_der)
+    identities = roster.ek_identities(cert_der)
+    try:
+        entry = roster.check(roster_entries, node, identities, site)
+    except Refused as exc:
+        raise EnrollmentRefused(exc.reason, str(exc)) from None
+    outside = perimeter_problems(perimeter, entry.site, address)
+    if outside:
+        raise EnrollmentRefused(outside[0][0], outside[0][1] + " (the roster puts the machine there)")
     known = registry.identity(node)
-    if known is not None and known["ek_fingerprint"] != ek_fp and not force:
+    if known is not None:
+        if hmac.compare_digest(known["ek_fingerprint"], ek_fp):
+            return None
         raise EnrollmentRefused(
             "ek.changed",
-            f"{node} was enrolled with another TPM (EK certificate {known['ek_fingerprint'][:16]}...); a changed TPM "
-            "needs an operator: re-enroll with --force after checking the hardware",
+            f"{node} was enrolled with another TPM (EK certificate {known['ek_fingerprint'][:16]}...); a changed TPM is "
+            f"the TC operator's decision, after checking the hardware: tccdeploy tc nodes replace-tpm {node}",
         )
+    other = registry.identity_by_ek(ek_fp)
+    if other is not None:
+        raise EnrollmentRefused("ek.duplicate", f"this TPM is enrolled as {other['node']}: one EK is one node (a relayed "
+                                                "TPM answers for two machines)")
     secret = os.urandom(32)
     credential, encrypted_seed = tpm2.make_credential(ek, secret, ak.name)
     registry.save_challenge(
         node, secret_hash=hashlib.sha256(secret).digest(), ek_certificate=cert_der, ek_fingerprint=ek_fp,
         ek_public=ek_public, ak_public=ak_public, ssh_host_key=ssh_host_key, manufacturer=manufacturer,
-        expires=time.time() + CHALLENGE_TTL,
+        expires=time.time() + CHALLENGE_TTL, site=entry.site, address=address,
     )
     return Challenge(credential, encrypted_seed)
 
 
-def finish(registry: Registry, node: str, answer: bytes, site: str | None, address: str) -> dict:
+def finish(registry: Registry, node: str, answer: bytes, audit: Callable[[dict[str, Any]], Audit] = lambda r: None) -> dict:
     pending = registry.take_challenge(node)
     if pending is None:
         raise EnrollmentRefused("enroll.no-challenge", f"no enrollment of {node} is under way")
@@ -153,8 +176,14 @@ def finish(registry: Registry, node: str, answer: bytes, site: str | None, addre
     ak = tpm2.parse_public(pending["ak_public"])
     identity = {
         "ek_certificate": pending["ek_certificate"], "ek_fingerprint": pending["ek_fingerprint"],
+        "ek_key_fingerprint": roster.ek_identities(bytes(pending["ek_certificate"]))[1],
         "ek_public": pending["ek_public"], "ak_public": pending["ak_public"], "ak_name": ak.name,
         "ssh_host_key": pending["ssh_host_key"], "manufacturer": pending["manufacturer"],
     }
-    registry.enroll(node, site, address, identity)
-    return {"node": node, "manufacturer": pending["manufacturer"], "ek_fingerprint": pending["ek_fingerprint"]}
+    result = {"node": node, "manufacturer": pending["manufacturer"], "ek_fingerprint": pending["ek_fingerprint"],
+              "site": pending["site"]}
+    try:
+        registry.enroll(node, pending["site"], pending["address"], identity, audit(result))
+    except Conflict as exc:
+        raise EnrollmentRefused(exc.reason, str(exc)) from None
+    return result

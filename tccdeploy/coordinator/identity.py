@@ -1,6 +1,11 @@
-"""The TC's own identity: a CA key (0600) and self-signed certificate, made once.
+"""The TC's own identity: a CA key (0600) and self-signed certificate, made once, and a key per
+purpose under it.
 
-Customers pin its fingerprint; node certificates and receipts are signed with it.
+Customers and engines pin the CA certificate. The CA key signs certificates only; what the TC
+signs for other reasons has its own key, certified by the CA for that one purpose (an
+extended key usage of tccdeploy's arc), so a signature made for one purpose is never valid
+for another: receipts (`receipt`), audit checkpoints (`audit`). The RSA key-wrapping key
+receives customers' sealed VM keys.
 """
 
 from __future__ import annotations
@@ -19,6 +24,19 @@ KEY_FILE = "tc-key.pem"
 CERT_FILE = "tc-cert.pem"
 WRAP_KEY_FILE = "tc-wrap-key.pem"
 WRAP_CERT_FILE = "tc-wrap-cert.pem"
+# tccdeploy's OID arc (ITU-T X.667 UUID form); .10.x: what a TC purpose key may sign.
+OID_ARC = "2.25.5221148118478671275721855852512125145"
+PURPOSES = {"receipt": x509.ObjectIdentifier(OID_ARC + ".10.1"), "audit": x509.ObjectIdentifier(OID_ARC + ".10.2")}
+
+
+@dataclass(frozen=True)
+class PurposeKey:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+
+    @property
+    def pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
 
 
 @dataclass(frozen=True)
@@ -29,11 +47,16 @@ class Identity:
     certificate: x509.Certificate
     wrap_key: rsa.RSAPrivateKey
     wrap_certificate: x509.Certificate
+    purposes: dict[str, PurposeKey]
+
+    def purpose(self, name: str) -> PurposeKey:
+        return self.purposes[name]
 
     @property
     def bundle_pem(self) -> str:
         """What customers seal against: the CA certificate and the key-wrapping certificate."""
-        return self.pem + self.wrap_certificate.public_bytes(serialization.Encoding.PEM).decode()
+        return self.pem + self.wrap_certificate.public_bytes(serialization.Encoding.PEM).decode() + \
+            "".join(self.purposes[p].pem for p in sorted(self.purposes))
 
     @property
     def fingerprint(self) -> str:
@@ -93,7 +116,51 @@ def init(state: str, name: str = "tccdeploy trusted coordinator") -> tuple[Ident
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(os.path.join(state, WRAP_CERT_FILE), "wb") as fh:
         fh.write(wrap_cert.public_bytes(serialization.Encoding.PEM))
-    return Identity(key, cert, wrap_key, wrap_cert), True
+    return load(state), True
+
+
+def _make_purpose_key(state: str, purpose: str, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate) -> None:
+    """A signing key for one purpose, certified by the CA with that purpose's EKU only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {purpose} signing")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(ca.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([PURPOSES[purpose]]), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_secret(os.path.join(state, f"tc-{purpose}-key.pem"), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(os.path.join(state, f"tc-{purpose}-cert.pem"), "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def purpose_certificate(pem: bytes | str, ca: x509.Certificate, purpose: str) -> x509.Certificate:
+    """The certificate of a TC purpose key, if the pinned CA issued it for exactly that purpose;
+    ValueError otherwise (for verifiers of receipts and audit checkpoints)."""
+    cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    ca_key = ca.public_key()
+    if cert.issuer != ca.subject or not isinstance(ca_key, ec.EllipticCurvePublicKey):
+        raise ValueError("the signing certificate is not issued by this TC")
+    try:
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))  # type: ignore[arg-type]
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except Exception:  # noqa: BLE001 - any failure: not this TC's purpose certificate
+        raise ValueError("the signing certificate is not issued by this TC") from None
+    if list(usages) != [PURPOSES[purpose]]:
+        raise ValueError(f"the signing certificate is not for {purpose} signatures")
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise ValueError("the signing certificate is outside its validity dates")
+    return cert
 
 
 def _private(path: str):  # type: ignore[no-untyped-def]
@@ -115,4 +182,14 @@ def load(state: str) -> Identity:
     except FileNotFoundError:
         raise FileNotFoundError(f"no TC identity in {state}: run `tccdeploy tc init`") from None
     assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(wrap_key, rsa.RSAPrivateKey)
-    return Identity(key, cert, wrap_key, wrap_cert)
+    purposes = {}
+    for purpose in PURPOSES:
+        key_path = os.path.join(state, f"tc-{purpose}-key.pem")
+        if not os.path.exists(key_path):  # a state made before purpose keys existed: add them now
+            _make_purpose_key(state, purpose, key, cert)
+        purpose_key = _private(key_path)
+        with open(os.path.join(state, f"tc-{purpose}-cert.pem"), "rb") as fh:
+            purpose_cert = x509.load_pem_x509_certificate(fh.read())
+        assert isinstance(purpose_key, ec.EllipticCurvePrivateKey)
+        purposes[purpose] = PurposeKey(purpose_key, purpose_cert)
+    return Identity(key, cert, wrap_key, wrap_cert, purposes)

@@ -1,18 +1,25 @@
-"""The key broker: a VM's key goes only to a node that is trusted now, once per request.
+"""The key broker: a VM's key goes only to a node that is trusted now, once, within the
+customer's constraints, for the customer who owns the image.
 
     request.signature        the placement request is not signed by a registered customer key
     request.replayed         its id was used before
     request.stale            it was signed too long ago
     request.image            the bundle's descriptor is not the customer's, or not for this request
+    request.image-owner      the image (its vm_id) belongs to another customer
+    request.vm-exists        a copy of that VM may still run (one image runs once)
     request.duplicate-vm     a VM of that name is already running for the customer
+    release.unknown-request  no such request
     release.not-admitted     the node is not admitted (enrolled only, quarantined, unknown)
     release.not-fresh        its latest attestation is not trusted or older than the policy allows
+    release.build-revoked    the build that attestation matched is no longer approved (manifests reloaded)
     release.no-certificate   no valid (unexpired, unrevoked) node certificate
     release.already          the request's key was already released
-    release.unwrap           the TC cannot unwrap the key (sealed for another TC, or altered)
+    release.unwrap           the TC cannot unwrap the key (sealed for another TC or customer, or altered)
+    placement.constraint     the node does not meet the request's constraints (sites, builds,
+                             minimum version, anti-affinity, the roster's capacity)
 
-The clear Kvm exists only inside `release`, between unwrapping with the TC's key and wrapping
-to the node's TK (OAEP, label bound to the VM id).
+The clear Kvm exists only inside `rewrap_for`, between unwrapping with the TC's key (OAEP label:
+VM id and customer key id) and wrapping to the node's TK (OAEP, label bound to the VM id).
 """
 
 from __future__ import annotations
@@ -21,27 +28,31 @@ import base64
 import datetime
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
 
 from ..crypto import customer, wrap
 from ..crypto.canonical import canonical
-from ..manifest.models import Perimeter
+from ..manifest.models import Perimeter, TVMMBuild
+from . import constraints
 from .identity import Identity
-from .store import Registry
+from .refusals import Refused
+from .store import Audit, Conflict, Registry
+
+__all__ = ["Refused", "accept", "check_customer_query", "release", "rewrap_for", "sign_customer_query"]
 
 REQUEST_MAX_AGE = 24 * 3600
 
 
-class Refused(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+def accept(registry: Registry, tc: Identity, envelope: dict[str, Any], bundle: dict[str, Any],
+           audit: Callable[[dict[str, Any]], Audit] = lambda record: None) -> dict[str, Any]:
+    """Check a signed placement request and the bundle it names; record it (once).
 
-
-def accept(registry: Registry, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
-    """Check a signed placement request and the bundle it names; record it (once)."""
+    The image must be this customer's: its key opens under the OAEP label of this VM id and this
+    customer's key id, so a wrapped key copied into another customer's descriptor (or a VM id
+    claimed before its owner submits it) is refused here, before anything is recorded."""
     try:
         request, signature = envelope["request"], base64.b64decode(envelope["signature"], validate=True)
         key_text = request["customer"]
@@ -57,25 +68,43 @@ def accept(registry: Registry, envelope: dict[str, Any], bundle: dict[str, Any])
         raise Refused("request.signature", "the request's signature does not verify") from None
     try:
         created = datetime.datetime.fromisoformat(request["created"]).timestamp()
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, ValueError):
         raise Refused("request.stale", "the request has no valid creation time") from None
     if not -300 <= time.time() - created <= REQUEST_MAX_AGE:
         raise Refused("request.stale", "the request was signed more than a day ago (or in the future)")
-    descriptor = bundle["descriptor"]
-    if descriptor["customer"]["key"] != key_text or request["image"]["vm_id"] != descriptor["vm_id"] \
-            or request["image"]["sha256"] != descriptor["disk"]["sha256"]:
+    try:
+        descriptor = bundle["descriptor"]
+        same = (descriptor["customer"]["key"] == key_text and request["image"]["vm_id"] == descriptor["vm_id"]
+                and request["image"]["sha256"] == descriptor["disk"]["sha256"])
+        version = descriptor.get("version")
+        name = request["manifest"]["metadata"]["name"]
+        spec = request["manifest"]["spec"]
+        request_id = str(request["id"])
+    except (KeyError, TypeError, AttributeError):
+        raise Refused("request.image", "the request or the image descriptor lacks a field it needs") from None
+    if not same:
         raise Refused("request.image", "the sealed image is not this customer's, or not the one the request names")
-    if registry.request(str(request.get("id"))) is not None:
-        raise Refused("request.replayed", f"request {request['id']} was submitted before; a request is accepted once")
-    name = request["manifest"]["metadata"]["name"]
+    if version != 2:
+        raise Refused("request.image", f"the image was sealed by an older tccdeploy (descriptor version {version}): "
+                                       "seal it again")
+    try:
+        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(descriptor["wrapped_key"], validate=True),
+                          wrap.sealed_label(str(descriptor["vm_id"]), owner["key_id"]))
+    except Exception:  # noqa: BLE001 - another TC's, another customer's, or altered: all "not yours"
+        raise Refused("request.image-owner", "the image's key is not sealed to this TC for this customer: a sealed image "
+                                             "is launched only by the customer who sealed it") from None
+    del kvm
+    if registry.request(request_id) is not None:
+        raise Refused("request.replayed", f"request {request_id} was submitted before; a request is accepted once")
     for vm in registry.vms():
         if vm["customer"] == owner["name"] and vm["name"] == name:
             raise Refused("request.duplicate-vm", f"{owner['name']} already has a VM named {name!r}")
-    spec = request["manifest"]["spec"]
-    record = {"id": request["id"], "customer": owner["name"], "vm": name, "vm_id": descriptor["vm_id"],
+    record = {"id": request_id, "customer": owner["name"], "vm": name, "vm_id": descriptor["vm_id"],
               "image_sha256": descriptor["disk"]["sha256"], "wrapped_key": descriptor["wrapped_key"], "spec": spec}
-    if not registry.accept_request(record):
-        raise Refused("request.replayed", f"request {request['id']} was submitted before; a request is accepted once")
+    try:
+        registry.accept_request(record, owner["key_id"], audit(record))
+    except Conflict as exc:
+        raise Refused(exc.reason, str(exc)) from None
     return record
 
 
@@ -113,40 +142,63 @@ def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
     return {"time": when, "signature": base64.b64encode(signature).decode()}
 
 
-def release(registry: Registry, tc: Identity, perimeter: Perimeter, request_id: str, node: str) -> dict[str, Any]:
-    """Re-wrap the request's Kvm to node's TK, if node is trusted now; record the release."""
+def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request_id: str, node: str,
+            capacity: int | None, audit: Callable[[dict[str, Any], dict[str, Any]], Audit] = lambda a, c: None) -> dict[str, Any]:
+    """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
+    constraints; record the release (once) with its audit entry."""
     request = registry.request(request_id)
     if request is None:
         raise Refused("release.unknown-request", f"no request {request_id}")
     if request["state"] != "accepted":
         raise Refused("release.already", f"request {request_id} is {request['state']}; its key is released once")
-    latest, certificate_row, rewrapped = rewrap_for(registry, tc, perimeter, request["wrapped_key"], request["vm_id"], node)
-    if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"]):
+    latest, certificate_row, rewrapped = rewrap_for(registry, tc, perimeter, builds, request, node, capacity)
+    if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
+                                   audit(latest, certificate_row)):
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
     return {"wrapped_key": base64.b64encode(rewrapped).decode(), "attestation": latest,
             "certificate_serial": certificate_row["serial"], "request": request,
             "certificate_pem": certificate_row["pem"]}
 
 
-def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, wrapped_key: str, vm_id: str,
-               node: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """Kvm (sealed to the TC) re-wrapped to node's TK, if node is trusted now: the one place a
-    VM key is ever in clear, for launch and migration alike."""
+def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any], node: str,
+               capacity: int | None, moving: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(latest attestation, certificate row) if node may receive this request's key now."""
     row = registry.node(node)
     if row is None or row["state"] != "admitted":
         raise Refused("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'}, not admitted")
     latest = registry.attestations(node, limit=1)
     if not latest or latest[0]["verdict"] != "trusted" or time.time() - latest[0]["time"] > perimeter.attestation.max_quote_age:
         raise Refused("release.not-fresh", f"{node}'s latest attestation is not trusted and fresh; attest it again")
+    build = next((b for b in builds if b.name == latest[0]["build"]), None)
+    if build is None or build.status == "revoked":
+        raise Refused("release.build-revoked", f"{node} booted {latest[0]['build']}, which the TC's manifests no longer "
+                                               "approve")
     certificate_row = registry.certificate(node)
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
+    judged = {"name": node, "site": row["site"], "build": latest[0]["build"]}
+    why = constraints.problems(request["spec"], judged, registry.vms(), {b.name: b.version for b in builds},
+                               request["customer"], capacity, moving)
+    if why:
+        raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
+    return latest[0], certificate_row
+
+
+def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any],
+               node: str, capacity: int | None, moving: str | None = None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """Kvm (sealed to the TC) re-wrapped to node's TK, if node may have it now: the one place a
+    VM key is ever in clear, for launch and migration alike."""
+    latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity, moving)
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
-    label = wrap.vm_label(vm_id)
+    owner = registry.image_owner(request["vm_id"])
+    if owner is None or owner["customer"] != request["customer"]:
+        raise Refused("request.image-owner", f"image {request['vm_id']} is not {request['customer']}'s")
     try:
-        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(wrapped_key), label)
+        kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(request["wrapped_key"]),
+                          wrap.sealed_label(request["vm_id"], owner["key_id"]))
     except Exception:  # noqa: BLE001
-        raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC, or altered") from None
-    rewrapped = wrap.wrap(certificate.public_key(), kvm, label)  # type: ignore[arg-type]
+        raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC or customer, "
+                                        "or altered") from None
+    rewrapped = wrap.wrap(certificate.public_key(), kvm, wrap.vm_label(request["vm_id"]))  # type: ignore[arg-type]
     del kvm
-    return latest[0], certificate_row, rewrapped
+    return latest, certificate_row, rewrapped

@@ -1,8 +1,10 @@
 """Launch receipts: what the TC attests about a launch, verifiable offline with its certificate.
 
-A receipt is canonical JSON signed (ECDSA P-256, SHA-256) by the TC's CA key. It says which VM
-(id, image digest, request) started on which node, under which node certificate, TVMM build
-and attestation (time and PCR digest). `tccdeploy receipt verify` needs only the TC certificate.
+A receipt is canonical JSON signed (ECDSA P-256, SHA-256, domain `launch-receipt`) by the TC's
+receipt key, whose certificate (issued by the TC's CA for receipts only) travels with it. It
+says which VM (id, image digest, request, customer) started on which node, under which node
+certificate, TVMM build and attestation (time and PCR digest), all taken from the TC's own
+records. `tccdeploy receipt verify` needs only the TC's CA certificate.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..crypto.canonical import canonical
-from .identity import Identity
+from ..crypto.canonical import signed_bytes
+from .identity import Identity, purpose_certificate
 
 KIND = "tccdeploy-launch-receipt"
+DOMAIN = "launch-receipt"
 
 
 class ReceiptError(Exception):
@@ -26,27 +29,29 @@ class ReceiptError(Exception):
 
 
 def sign(tc: Identity, body: dict[str, Any]) -> dict[str, Any]:
-    body = {"type": KIND, "version": 1, **body,
+    body = {"type": KIND, "version": 2, **body,
             "tc": hashlib.sha256(tc.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
-    signature = tc.key.sign(canonical(body), ec.ECDSA(hashes.SHA256()))
-    return {"receipt": body, "signature": base64.b64encode(signature).decode()}
+    signer = tc.purpose("receipt")
+    signature = signer.key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
+    return {"receipt": body, "signature": base64.b64encode(signature).decode(), "certificate": signer.pem}
 
 
 def verify(envelope: dict[str, Any], tc_certificate: x509.Certificate) -> dict[str, Any]:
     """The receipt's body if the TC signed exactly it; ReceiptError otherwise."""
     try:
         body, signature = envelope["receipt"], base64.b64decode(envelope["signature"], validate=True)
+        certificate = purpose_certificate(envelope["certificate"], tc_certificate, "receipt")
     except (KeyError, TypeError, ValueError) as exc:
-        raise ReceiptError(f"not a receipt: {exc}") from None
+        raise ReceiptError(f"not a receipt of this TC: {exc}") from None
     if not isinstance(body, dict) or body.get("type") != KIND:
         raise ReceiptError("not a tccdeploy launch receipt")
     fingerprint = hashlib.sha256(tc_certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
     if body.get("tc") != fingerprint:
         raise ReceiptError("the receipt names another TC than this certificate")
-    key = tc_certificate.public_key()
+    key = certificate.public_key()
     try:
         assert isinstance(key, ec.EllipticCurvePublicKey)
-        key.verify(signature, canonical(body), ec.ECDSA(hashes.SHA256()))
+        key.verify(signature, signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
     except Exception:  # noqa: BLE001
         raise ReceiptError("the signature does not verify: the receipt was altered or not signed by this TC") from None
     return body

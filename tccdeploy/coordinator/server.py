@@ -81,7 +81,7 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
             print(f"tc serve: SIGHUP: the manifests do not validate ({len(result.errors)} error(s)); kept the ones "
                   "in force (run `tccdeploy validate` on them)", file=sys.stderr, flush=True)
             return
-        coordinator.perimeter, coordinator.builds = result.perimeter, result.builds
+        coordinator.reload(result)
         print(f"tc serve: SIGHUP: reloaded {len(result.builds)} build(s) and perimeter {result.perimeter.name}",
               file=sys.stderr, flush=True)
 

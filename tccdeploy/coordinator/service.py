@@ -15,9 +15,10 @@ import time
 from typing import Any
 
 from ..config import state_dir
-from ..manifest.models import Perimeter, TVMMBuild
-from . import admission, audit, enrollment, identity, keybroker, receipts, verifier
-from .store import Registry
+from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
+from . import admission, audit, enrollment, identity, keybroker, receipts, roster, verifier
+from .refusals import Refused
+from .store import Conflict, Registry, RegistryError
 
 REGISTRY_FILE = "registry.sqlite"
 REGISTRY_ENV = "TCCDEPLOY_REGISTRY"
@@ -31,12 +32,25 @@ def registry_location(state: str | None = None) -> str:
 
 class Coordinator:
     def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None,
-                 registry: str | None = None):
+                 registry: str | None = None, rosters: list[NodeRoster] | tuple[NodeRoster, ...] = ()):
         self.state = state_dir(state)
         self.perimeter = perimeter
         self.builds = builds
+        self.rosters = list(rosters)
         self.registry = Registry(registry or registry_location(self.state))
+        self.registry.auditor = self._audit_link
         self._identity: identity.Identity | None = None
+        self._auditor: audit.Auditor | None = None
+
+    @classmethod
+    def from_manifests(cls, loaded: Any, state: str | None = None, registry: str | None = None) -> Coordinator:
+        """The TC governed by a manifests' LoadResult: its Perimeter, TVMMBuilds and NodeRosters."""
+        return cls(loaded.perimeter, loaded.builds, state, registry, loaded.rosters)
+
+    def reload(self, loaded: Any) -> None:
+        """Take new manifests (SIGHUP): a build revoked or a machine taken off the roster counts
+        from the next decision on."""
+        self.perimeter, self.builds, self.rosters = loaded.perimeter, loaded.builds, list(loaded.rosters)
 
     def identity(self) -> identity.Identity:
         """The TC's keys, loaded once: parsing (and validating) the RSA-3072 key costs more than
@@ -45,12 +59,69 @@ class Coordinator:
             self._identity = identity.init(self.state)[0]
         return self._identity
 
+    def _audit_link(self, prev: str, entry: dict[str, Any]) -> tuple[str, str]:
+        if self._auditor is None:
+            self._auditor = audit.Auditor(self.identity())
+        return self._auditor(prev, entry)
+
     def close(self) -> None:
         self.registry.close()
 
+    # -- the roster (the TC operator's) ---------------------------------------------------
+    def roster_entries(self) -> list[roster.RosterEntry]:
+        """The manifests' NodeRosters and the operator's `tc roster add` entries."""
+        out = [roster.RosterEntry(n.ek, n.site, n.name, n.capacity,
+                                  r.source.file if r.source is not None else r.name) for r in self.rosters for n in r.nodes]
+        out += [roster.RosterEntry(row["ek"], row["site"], row["name"], row["capacity"]) for row in self.registry.roster()]
+        return out
+
+    def roster_add(self, ek: str, site: str, name: str | None = None, capacity: int | None = None) -> roster.RosterEntry:
+        ek = roster.normalize(ek)
+        if self.perimeter.site(site) is None:
+            raise Refused("roster.unknown-site", f"site {site!r} is not in perimeter {self.perimeter.name!r}; sites: "
+                                                 f"{', '.join(s.name for s in self.perimeter.sites)}")
+        clash = [e for e in self.roster_entries() if e.ek == ek or (name is not None and e.name == name)]
+        if clash:
+            raise Refused("roster.duplicate", f"the roster has {clash[0].ek} as {clash[0].name or '(unnamed)'} in site "
+                                              f"{clash[0].site} already ({clash[0].source}); remove it first")
+        try:
+            self.registry.roster_add(ek, site, name, capacity,
+                                     audit.entry("roster.add", name, ek=ek, site=site, capacity=capacity))
+        except Conflict as exc:
+            raise Refused(exc.reason, str(exc)) from None
+        return roster.RosterEntry(ek, site, name, capacity)
+
+    def roster_remove(self, ek: str) -> bool:
+        """Take a machine off the roster: it fails attestation (`perimeter.not-in-roster`) from the next round."""
+        ek = roster.normalize(ek)
+        if any(e.ek == ek and e.source != "registry" for e in self.roster_entries()):
+            raise Refused("roster.in-manifest", f"{ek} is listed in a NodeRoster manifest; remove it there and reload "
+                                                "the TC's manifests")
+        return self.registry.roster_remove(ek, audit.entry("roster.remove", ek=ek))
+
+    def _roster_of(self, node: str, claimed_site: str | None) -> tuple[roster.RosterEntry | None, list[tuple[str, str]]]:
+        """The roster entry for node's enrolled EK, or the roster's objection."""
+        known = self.registry.identity(node)
+        if known is None:
+            return None, []
+        identities = ("sha256:" + known["ek_fingerprint"], known.get("ek_key_fingerprint") or "")
+        try:
+            entry = roster.check(self.roster_entries(), node, identities, None)
+        except Refused as exc:
+            return None, [(exc.reason, str(exc))]
+        if claimed_site is not None and claimed_site != entry.site:  # the claim is wrong; the roster still places it
+            return entry, [("perimeter.roster-site", f"{node} claims site {claimed_site!r}, but the roster puts its TPM "
+                                                     f"in site {entry.site!r}")]
+        return entry, []
+
+    def capacity(self, node: str) -> int | None:
+        """How many VMs the roster lets node run (None: the roster declares no limit)."""
+        entry, _ = self._roster_of(node, None)
+        return entry.capacity if entry else None
+
     # -- enrollment -----------------------------------------------------------------------
     def _refusals(self, kind: str, node: str | None = None, vm: str | None = None):  # type: ignore[no-untyped-def]
-        """Record a refusal in the audit log on its way out."""
+        """Record a refusal in the audit log on its way out (the refused decision wrote nothing)."""
         coordinator = self
 
         class _Audited:
@@ -58,25 +129,24 @@ class Coordinator:
                 return None
 
             def __exit__(self, kind_, exc, tb) -> bool:
-                reason = getattr(exc, "reason", None)
-                if exc is not None and reason is not None:
-                    audit.append(coordinator.registry, kind + ".refused", node, vm, reason=reason, message=str(exc))
+                if isinstance(exc, Refused):
+                    audit.append(coordinator.registry, kind + ".refused", node, vm if isinstance(vm, str) else None,
+                                 reason=exc.reason, message=str(exc))
                 return False
 
         return _Audited()
 
     def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
-                             ssh_host_key: str, force: bool = False) -> enrollment.Challenge:
+                             ssh_host_key: str, site: str | None = None, address: str = "") -> enrollment.Challenge | None:
+        """A credential challenge, or None: node is enrolled with this TPM already (a no-op)."""
         with self._refusals("enrollment", node):
-            return enrollment.begin(self.registry, self.perimeter, node, ek_certificate, ek_public, ak_public,
-                                    ssh_host_key, force)
+            return enrollment.begin(self.registry, self.perimeter, self.roster_entries(), node, ek_certificate, ek_public,
+                                    ak_public, ssh_host_key, site, address)
 
-    def enrollment_finish(self, node: str, answer: bytes, site: str | None, address: str) -> dict[str, Any]:
+    def enrollment_finish(self, node: str, answer: bytes) -> dict[str, Any]:
         with self._refusals("enrollment", node):
-            result = enrollment.finish(self.registry, node, answer, site, address)
-        audit.append(self.registry, "enrollment", node, manufacturer=result["manufacturer"],
-                     ek_fingerprint=result["ek_fingerprint"])
-        return result
+            return enrollment.finish(self.registry, node, answer, lambda r: audit.entry(
+                "enrollment", node, manufacturer=r["manufacturer"], ek_fingerprint=r["ek_fingerprint"], site=r["site"]))
 
     # -- what the engine asks the node for --------------------------------------------------
     def quote_policy(self) -> tuple[str, list[int]]:
@@ -107,30 +177,31 @@ class Coordinator:
         return value
 
     def verify(self, node: str, site: str | None, address: str, evidence: verifier.Evidence) -> tuple[verifier.Verdict, int]:
-        """Check evidence, record the verdict (with every reason), return it and its id."""
+        """Check evidence, record the verdict (with every reason), return it and its id.
+
+        site is the engine's claim: the perimeter is judged in the site the TC's roster gives
+        the node's EK, and a claim that differs is itself a failure."""
         evidence.nonce_check = self.registry.consume_nonce(node, "quote", base64.b64encode(evidence.nonce).decode())
-        identity = self.registry.identity(node)
+        known = self.registry.identity(node)
         last = self.registry.attestations(node, limit=1, trusted_only=True)
-        verdict = verifier.verify(evidence, self.perimeter, self.builds, identity, site, address, last[0] if last else None)
-        if identity is None:
+        entry, roster_failures = self._roster_of(node, site)
+        verdict = verifier.verify(evidence, self.perimeter, self.builds, known, entry.site if entry else None, address,
+                                  last[0] if last else None, roster_failures)
+        if known is None:
             return verdict, 0
         record = verdict.as_dict() | {"nonce": base64.b64encode(evidence.nonce).decode()}
         if verdict.trusted:
             record["pcr_values"] = {str(p): evidence.pcrs[p].hex() for p in self.perimeter.attestation.pcrs}
-        attestation_id = self.registry.add_attestation(node, record)
-        audit.append(self.registry, "attestation", node, id=attestation_id, verdict=record["verdict"],
-                     reasons=[r["code"] for r in verdict.reasons], warnings=[w["code"] for w in verdict.warnings],
-                     build=verdict.build, pcr_digest=verdict.pcr_digest)
-        if not verdict.trusted:
-            # Fail closed: an admitted node that fails loses its certificate at once.
-            self.quarantine(node, verdict.reasons[0]["code"])
+        attestation_id = self.registry.add_attestation(
+            node, record,
+            audit.entry("attestation", node, verdict=record["verdict"], reasons=[r["code"] for r in verdict.reasons],
+                        warnings=[w["code"] for w in verdict.warnings], build=verdict.build, pcr_digest=verdict.pcr_digest),
+            # Fail closed: an admitted node that fails loses its certificate in the same transaction.
+            None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]))
         return verdict, attestation_id
 
     def quarantine(self, node: str, reason: str) -> bool:
-        if self.registry.quarantine(node):
-            audit.append(self.registry, "quarantine", node, reason=reason)
-            return True
-        return False
+        return self.registry.quarantine(node, audit.entry("quarantine", node, reason=reason))
 
     # -- admission ------------------------------------------------------------------------
     def admission_challenge(self, node: str, attestation_id: int, tk_public: bytes, certify_attest: bytes,
@@ -142,10 +213,17 @@ class Coordinator:
 
     def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
         with self._refusals("admission", node):
-            result = admission.finish(self.registry, self.perimeter, self.identity(), node, answer_hex)
-        audit.append(self.registry, "admission", node, certificate_serial=result["serial"], build=result["build"],
-                     not_after=result["not_after"])
-        return result
+            return admission.finish(self.registry, self.perimeter, self.identity(), node, answer_hex, lambda r: audit.entry(
+                "admission", node, certificate_serial=r["serial"], build=r["build"], not_after=r["not_after"]))
+
+    # -- the TC operator's decisions about nodes ---------------------------------------------
+    def release_node(self, node: str, operator_note: str = "") -> bool:
+        """Let a quarantined node back in: it must then be attested and admitted afresh."""
+        return self.registry.release_node(node, audit.entry("node.release", node, note=operator_note))
+
+    def replace_tpm(self, node: str, operator_note: str = "") -> bool:
+        """The node's TPM changed (the operator checked the hardware): it enrolls again."""
+        return self.registry.replace_tpm(node, audit.entry("node.replace-tpm", node, note=operator_note))
 
     # -- customers, requests, key release, launches -------------------------------------
     def add_customer(self, name: str, key_text: str) -> dict[str, Any]:
@@ -156,76 +234,109 @@ class Coordinator:
         return {"name": name, "key_id": customer.key_id(public)}
 
     def accept_request(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
-        vm = bundle.get("descriptor", {}).get("vm_id")
+        descriptor = bundle.get("descriptor") if isinstance(bundle, dict) else None
+        vm = descriptor.get("vm_id") if isinstance(descriptor, dict) else None
         with self._refusals("request", vm=vm):
-            record = keybroker.accept(self.registry, envelope, bundle)
-        audit.append(self.registry, "request", vm=record["vm_id"], request=record["id"], customer=record["customer"],
-                     name=record["vm"], image_sha256=record["image_sha256"])
-        return record
+            return keybroker.accept(self.registry, self.identity(), envelope, bundle, lambda r: audit.entry(
+                "request", vm=r["vm_id"], request=r["id"], customer=r["customer"], name=r["vm"],
+                image_sha256=r["image_sha256"]))
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
         request = self.registry.request(request_id)
-        with self._refusals("key-release", node, request["vm_id"] if request else None):
-            release = keybroker.release(self.registry, self.identity(), self.perimeter, request_id, node)
-        audit.append(self.registry, "key-release", node, release["request"]["vm_id"], request=request_id,
-                     attestation=release["attestation"]["id"], certificate_serial=release["certificate_serial"])
+        vm_id = request["vm_id"] if request else None
+        with self._refusals("key-release", node, vm_id):
+            release = keybroker.release(
+                self.registry, self.identity(), self.perimeter, self.builds, request_id, node, self.capacity(node),
+                lambda att, cert: audit.entry("key-release", node, vm_id, request=request_id, attestation=att["id"],
+                                              certificate_serial=cert["serial"]))
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
                 "wrapped_key": release["wrapped_key"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
-        """The VM runs on node: record it and sign the customer's receipt (kept for `receipt fetch`)."""
-        request = self.registry.request(str(release["request"]))
-        attestation = self.registry.attestation(int(release["attestation"]))
-        releases = self.registry.releases(request["vm_id"]) if request else []
-        if request is None or attestation is None or not any(
-                r["request"] == request["id"] and r["node"] == node and r["attestation"] == attestation["id"] for r in releases):
-            raise keybroker.Refused("launch.no-release", f"no key release of request {release['request']} to {node}")
-        spec = request["spec"]
-        now = time.time()
-        self.registry.upsert_vm({
-            "vm_id": request["vm_id"], "name": request["vm"], "customer": request["customer"], "node": node,
-            "state": "running" if status.get("running") else "starting", "image_sha256": request["image_sha256"],
-            "request": request["id"], "vcpus": spec["vcpus"], "memory_mib": spec["memoryMiB"],
-            "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup"), "launched": now,
-        })
-        self.registry.set_request_state(request["id"], "launched")
-        audit.append(self.registry, "launch", node, request["vm_id"], request=request["id"], running=bool(status.get("running")))
-        receipt = receipts.sign(self.identity(), {
-            "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
-            "node_certificate_serial": release["certificate_serial"], "tvmm_build": attestation["build"],
-            "attestation": {"id": attestation["id"], "time": attestation["time"], "pcr_digest": attestation["pcr_digest"]},
-            "image_sha256": request["image_sha256"], "request": request["id"], "time": now,
-        })
-        self.registry.save_receipt(request["id"], receipt)
-        return receipt
+        """The VM runs on node: record it and sign the customer's receipt (kept for `receipt fetch`).
+
+        Everything in the receipt comes from the TC's own rows (the request, the release and
+        the attestation and certificate it was made on), nothing from the engine's report; the
+        launch is recorded once (released -> launched), a replay is refused."""
+        request_id = str(release["request"])
+        request = self.registry.request(request_id)
+        vm_id = request["vm_id"] if request else None
+        with self._refusals("launch", node, vm_id):
+            made = [r for r in self.registry.releases(vm_id) if r["request"] == request_id] if vm_id else []
+            if request is None or not made or made[-1]["node"] != node:
+                raise Refused("launch.no-release", f"no key release of request {request_id} to {node}")
+            made_release = made[-1]
+            attestation = self.registry.attestation(int(made_release["attestation"]))
+            assert attestation is not None
+            spec = request["spec"]
+            vm = {"vm_id": request["vm_id"], "name": request["vm"], "customer": request["customer"], "node": node,
+                  "state": "running" if status.get("running") else "starting", "image_sha256": request["image_sha256"],
+                  "request": request["id"], "vcpus": spec["vcpus"], "memory_mib": spec["memoryMiB"],
+                  "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")}
+
+            def receipt() -> dict[str, Any]:
+                return receipts.sign(self.identity(), {
+                    "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
+                    "node_certificate_serial": made_release["certificate_serial"], "tvmm_build": attestation["build"],
+                    "attestation": {"id": attestation["id"], "time": attestation["time"],
+                                    "pcr_digest": attestation["pcr_digest"]},
+                    "image_sha256": request["image_sha256"], "request": request["id"], "time": time.time(),
+                })
+
+            try:
+                return self.registry.record_launch(request_id, vm, receipt, audit.entry(
+                    "launch", node, request["vm_id"], request=request_id, running=bool(status.get("running"))))
+            except Conflict as exc:
+                raise Refused(exc.reason, str(exc)) from None
 
     # -- migration ------------------------------------------------------------------------
     def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
-        """Check the destination is trusted now, re-wrap Kvm to its TK, record the migration.
-
-        Refused for a destination that is not admitted and freshly attested, whoever asks."""
+        """Check the destination is trusted now and meets the VM's constraints, re-wrap Kvm to
+        its TK, record the migration. Refused for a destination that does not qualify, whoever asks."""
         vm = self.registry.vm(vm_name)
         if vm is None or vm["node"] is None:
-            raise keybroker.Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
+            raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
         if vm["node"] == destination:
-            raise keybroker.Refused("migrate.same-node", f"{vm['name']} already runs on {destination}")
+            raise Refused("migrate.same-node", f"{vm['name']} already runs on {destination}")
         request = self.registry.request(vm["request"])
         assert request is not None
         with self._refusals("migration", destination, vm["vm_id"]):
             latest, certificate, rewrapped = keybroker.rewrap_for(
-                self.registry, self.identity(), self.perimeter, request["wrapped_key"], vm["vm_id"], destination)
-        migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination)
-        audit.append(self.registry, "migration.start", destination, vm["vm_id"], migration=migration, source=vm["node"],
-                     attestation=latest["id"], certificate_serial=certificate["serial"])
+                self.registry, self.identity(), self.perimeter, self.builds, request, destination,
+                self.capacity(destination), moving=vm["vm_id"])
+            try:
+                migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
+                    "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
+                    certificate_serial=certificate["serial"]))
+            except Conflict as exc:
+                raise Refused(exc.reason, str(exc)) from None
         return {"migration": migration, "vm": vm, "request": {k: v for k, v in request.items() if k != "wrapped_key"},
                 "certificate_pem": certificate["pem"], "wrapped_key": base64.b64encode(rewrapped).decode()}
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
-        self.registry.end_migration(migration, commit, reason)
-        audit.append(self.registry, "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration,
-                     reason=reason)
+        """Commit (the VM now runs on the destination) or abort. Until the destination's TPM
+        evidence of the VM arriving exists (the TVMM service), a commit needs at least the
+        destination still admitted with a fresh trusted attestation of an approved build."""
+        row = self.registry.migration(migration)
+        if row is None or row["vm_id"] != vm_id or row["state"] != "started":
+            raise RegistryError(f"migration {migration} of VM {vm_id} is not under way")
+        with self._refusals("migration", row["destination"], vm_id):
+            if commit:
+                node = self.registry.node(row["destination"])
+                latest = self.registry.attestations(row["destination"], limit=1)
+                build = next((b for b in self.builds if latest and b.name == latest[0]["build"]), None)
+                if node is None or node["state"] != "admitted" or not latest or latest[0]["verdict"] != "trusted" \
+                        or build is None or build.status == "revoked" \
+                        or time.time() - latest[0]["time"] > self.perimeter.attestation.max_quote_age:
+                    raise Refused("migrate.destination-untrusted", f"{row['destination']} is not trusted now: the "
+                                                                   "migration cannot be committed; abort it")
+            try:
+                self.registry.end_migration(migration, commit, reason, audit.entry(
+                    "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason))
+            except Conflict as exc:
+                raise Refused(exc.reason, str(exc)) from None
 
     def customer_status(self, request_id: str, when: str, signature: str) -> dict[str, Any]:
         """A request's state, for the customer who signed it (signed query, used once)."""
@@ -240,16 +351,23 @@ class Coordinator:
         return self.registry.receipt(request_id)
 
     def fail_request(self, request_id: str) -> None:
-        self.registry.set_request_state(request_id, "failed")
         request = self.registry.request(request_id)
-        audit.append(self.registry, "request.failed", vm=request["vm_id"] if request else None, request=request_id)
+        self.registry.fail_request(request_id, audit.entry("request.failed", vm=request["vm_id"] if request else None,
+                                                           request=request_id))
 
     def record_enforcement(self, node: str, vm_id: str, policy: str, result: str) -> None:
         """What enforcement did to a VM of a node that lost trust, in the audit log."""
         audit.append(self.registry, "vm.enforce", node, vm_id, policy=policy, result=result)
 
     def set_vm_state(self, vm_id: str, state: str) -> None:
-        self.registry.set_vm_state(vm_id, state)
+        """A VM's state as the engine reports it: only forward (destroyed is final, nothing goes
+        back to starting); anything else is refused (`vm.state-transition`)."""
+        vm = self.registry.vm(vm_id)
+        with self._refusals("vm-state", vm["node"] if vm else None, vm_id):
+            if not self.registry.set_vm_state(vm_id, state, audit.entry("vm.state", vm["node"] if vm else None, vm_id,
+                                                                        state=state)):
+                raise Refused("vm.state-transition", f"VM {vm_id} is {vm['state'] if vm else 'unknown'}: it cannot become "
+                                                     f"{state}")
 
     # -- predictions and idempotency: questions that change nothing -------------------------
     def identity_summary(self, node: str) -> dict[str, Any] | None:
@@ -257,8 +375,10 @@ class Coordinator:
         known = self.registry.identity(node)
         return {"ek_fingerprint": known["ek_fingerprint"], "manufacturer": known["manufacturer"]} if known else None
 
-    def check_ek(self, ek_certificate: bytes, ek_public: bytes) -> dict[str, Any]:
-        """Would this TPM be enrolled? {manufacturer, ek_fingerprint}, or EnrollmentRefused. No state."""
+    def check_ek(self, ek_certificate: bytes, ek_public: bytes, node: str | None = None,
+                 site: str | None = None) -> dict[str, Any]:
+        """Would this TPM be enrolled (as node, claiming site)? {manufacturer, ek_fingerprint},
+        or EnrollmentRefused. No state."""
         from . import tpm2
 
         try:
@@ -266,6 +386,12 @@ class Coordinator:
         except tpm2.TPMFormatError as exc:
             raise enrollment.EnrollmentRefused("evidence.malformed", f"malformed EK from the node: {exc}") from None
         manufacturer = enrollment.check_ek_certificate(self.perimeter, ek_certificate, ek)
+        if node is not None:
+            try:
+                roster.check(self.roster_entries(), node, roster.ek_identities(enrollment.load_certificate_der(ek_certificate)),
+                             site)
+            except Refused as exc:
+                raise enrollment.EnrollmentRefused(exc.reason, str(exc)) from None
         return {"manufacturer": manufacturer,
                 "ek_fingerprint": enrollment.fingerprint(enrollment.load_certificate_der(ek_certificate))}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,21 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE receipts (request TEXT PRIMARY KEY REFERENCES requests(id), receipt TEXT NOT NULL, time REAL NOT NULL);
     """,
+    # 9: the TC's own records (issue 13): the node roster, one EK per node, sticky quarantine,
+    # images owned by the customer who first sealed them, one open request per VM, signed audit.
+    """
+    CREATE TABLE roster (ek TEXT PRIMARY KEY, site TEXT NOT NULL, name TEXT UNIQUE, capacity INTEGER, added REAL NOT NULL);
+    ALTER TABLE nodes ADD COLUMN quarantined_at REAL;
+    ALTER TABLE nodes ADD COLUMN quarantine_reset INTEGER;
+    ALTER TABLE identities ADD COLUMN ek_key_fingerprint TEXT;
+    CREATE UNIQUE INDEX identities_one_ek ON identities(ek_fingerprint);
+    CREATE TABLE images (vm_id TEXT PRIMARY KEY, customer TEXT NOT NULL REFERENCES customers(name),
+                         key_id TEXT NOT NULL, image_sha256 TEXT NOT NULL, added REAL NOT NULL);
+    CREATE UNIQUE INDEX requests_one_open ON requests(vm_id) WHERE state IN ('accepted', 'released');
+    ALTER TABLE audit ADD COLUMN signature TEXT;
+    ALTER TABLE challenges ADD COLUMN site TEXT;
+    ALTER TABLE challenges ADD COLUMN address TEXT;
+    """,
 ]
 
 
@@ -275,11 +291,39 @@ PG_MIGRATIONS: list[str] = [
     CREATE TABLE receipts (request TEXT PRIMARY KEY REFERENCES requests(id), receipt TEXT NOT NULL,
                            time DOUBLE PRECISION NOT NULL);
     """,
+    """
+    CREATE TABLE roster (ek TEXT PRIMARY KEY, site TEXT NOT NULL, name TEXT UNIQUE, capacity INTEGER, added DOUBLE PRECISION NOT NULL);
+    ALTER TABLE nodes ADD COLUMN quarantined_at DOUBLE PRECISION;
+    ALTER TABLE nodes ADD COLUMN quarantine_reset BIGINT;
+    ALTER TABLE identities ADD COLUMN ek_key_fingerprint TEXT;
+    CREATE UNIQUE INDEX identities_one_ek ON identities(ek_fingerprint);
+    CREATE TABLE images (vm_id TEXT PRIMARY KEY, customer TEXT NOT NULL REFERENCES customers(name),
+                         key_id TEXT NOT NULL, image_sha256 TEXT NOT NULL, added DOUBLE PRECISION NOT NULL);
+    CREATE UNIQUE INDEX requests_one_open ON requests(vm_id) WHERE state IN ('accepted', 'released');
+    ALTER TABLE audit ADD COLUMN signature TEXT;
+    ALTER TABLE challenges ADD COLUMN site TEXT;
+    ALTER TABLE challenges ADD COLUMN address TEXT;
+    """,
 ]
 
 
 class RegistryError(RuntimeError):
     pass
+
+
+class Conflict(RegistryError):
+    """A conditional write found the registry in another state than it requires; `reason` is
+    the refusal code the caller reports (the transaction, audit entry included, rolled back)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# (prev hash, entry) -> (hash, signature): the audit chain's next link, set by the Coordinator
+# (audit.py), so every decision's entry is written in the decision's own transaction.
+Auditor = Callable[[str, dict[str, Any]], tuple[str, str | None]]
+Audit = dict[str, Any] | None  # {"kind", "node", "vm", "data"}
 
 
 @dataclass(frozen=True)
@@ -312,6 +356,7 @@ class Registry:
         if current > len(steps):
             raise RegistryError(f"{location} has schema version {current}; this tccdeploy knows up to {len(steps)}")
         self.backend.migrate(steps)
+        self.auditor: Auditor | None = None
 
     @property
     def version(self) -> int:
@@ -354,17 +399,63 @@ class Registry:
         with self.transaction() as db:
             return db.execute("DELETE FROM challenges WHERE node = ? RETURNING *", (node,)).first()
 
-    def enroll(self, node: str, site: str | None, address: str, identity: dict[str, Any]) -> None:
+    def enroll(self, node: str, site: str | None, address: str, identity: dict[str, Any], audit: Audit = None) -> None:
+        """Bind node to its TPM, once: a node that has an identity keeps it (a changed TPM is the
+        operator's `tc nodes replace-tpm`), and an EK bound to one node is never bound to another.
+        Checked here, inside the write, so two racing enrollments cannot both pass."""
         now = time.time()
-        with self.transaction() as db:
+        with self.transaction(serialize=True) as db:
+            other = db.execute("SELECT node FROM identities WHERE ek_fingerprint = ?", (identity["ek_fingerprint"],)).first()
+            if other is not None:
+                raise Conflict("ek.duplicate", f"this TPM is enrolled as {other['node']}; one EK is one node")
+            if db.execute("SELECT node FROM identities WHERE node = ?", (node,)).first() is not None:
+                raise Conflict("ek.changed", f"{node} is enrolled with another TPM; a changed TPM is the TC operator's "
+                                             f"decision: tccdeploy tc nodes replace-tpm {node}")
             db.execute(
                 "INSERT INTO nodes (name, state, site, address, created, updated) VALUES (?, 'enrolled', ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET state = 'enrolled', site = excluded.site, address = excluded.address, "
                 "updated = excluded.updated",
                 (node, site, address, now, now),
             )
-            sql, params = _upsert("identities", "node", {"node": node, **identity, "enrolled_at": now})
-            db.execute(sql, params)
+            columns = {"node": node, **identity, "enrolled_at": now}
+            db.execute(f"INSERT INTO identities ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                       tuple(columns.values()))
+            self._audit(db, audit)
+
+    def identity_by_ek(self, ek_fingerprint: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM identities WHERE ek_fingerprint = ?", (ek_fingerprint,))
+
+    def replace_tpm(self, node: str, audit: Audit = None) -> bool:
+        """The operator's decision that node's TPM changed: its identity and certificates go, and
+        it enrolls again (with an EK on the roster). True if it had an identity."""
+        with self.transaction(serialize=True) as db:
+            gone = db.execute("DELETE FROM identities WHERE node = ?", (node,)).rowcount
+            if gone != 1:
+                return False
+            db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
+            db.execute("UPDATE nodes SET state = 'retired', updated = ? WHERE name = ?", (time.time(), node))
+            self._audit(db, audit)
+        return True
+
+    # -- the roster -----------------------------------------------------------------------
+    def roster(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM roster ORDER BY site, name, ek")
+
+    def roster_add(self, ek: str, site: str, name: str | None, capacity: int | None, audit: Audit = None) -> None:
+        try:
+            with self.transaction(serialize=True) as db:
+                db.execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES (?, ?, ?, ?, ?)",
+                           (ek, site, name, capacity, time.time()))
+                self._audit(db, audit)
+        except self.backend.integrity_error:
+            raise Conflict("roster.duplicate", f"{ek} or the name {name!r} is on the roster already; remove it first") from None
+
+    def roster_remove(self, ek: str, audit: Audit = None) -> bool:
+        with self.transaction(serialize=True) as db:
+            if db.execute("DELETE FROM roster WHERE ek = ?", (ek,)).rowcount != 1:
+                return False
+            self._audit(db, audit)
+        return True
 
     def identity(self, node: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM identities WHERE node = ?", (node,))
@@ -407,8 +498,11 @@ class Registry:
         return True
 
     # -- attestations ---------------------------------------------------------------------
-    def add_attestation(self, node: str, record: dict[str, Any]) -> int:
-        with self.transaction() as db:
+    def add_attestation(self, node: str, record: dict[str, Any], audit: Audit = None,
+                        quarantine: Audit = None) -> int:
+        """Record a verdict with its audit entry; an untrusted one quarantines an admitted node in
+        the same transaction (quarantine: its audit entry), so no crash leaves a failed node admitted."""
+        with self.transaction(serialize=True) as db:
             row = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
                 "restart_count, build, pcr_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -416,9 +510,13 @@ class Registry:
                  json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
                  record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {})),
             ).first()
+            attestation_id = int(row["id"]) if row else 0
             if record["verdict"] == "trusted" and record.get("build"):
                 db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
-            return int(row["id"]) if row else 0
+            self._audit(db, audit, id=attestation_id)
+            if quarantine is not None:
+                self._quarantine(db, node, quarantine)
+            return attestation_id
 
     @staticmethod
     def _attestation_row(item: dict[str, Any]) -> dict[str, Any]:
@@ -447,24 +545,57 @@ class Registry:
         with self.transaction() as db:
             return db.execute("DELETE FROM admissions WHERE node = ? RETURNING *", (node,)).first()
 
-    def admit(self, node: str, certificate: dict[str, Any]) -> None:
-        """Record the node certificate and make the node admitted, in one transaction."""
-        with self.transaction() as db:
+    def admit(self, node: str, certificate: dict[str, Any], after_reboot: bool = False, audit: Audit = None) -> None:
+        """Record the node certificate and make the node admitted, in one transaction, only from a
+        state that allows it: enrolled or admitted and not quarantined since the attestation it
+        relies on; quarantined only when the perimeter readmits after a reboot and that
+        attestation shows the TPM reset since the quarantine."""
+        with self.transaction(serialize=True) as db:
+            att = db.execute("SELECT time, reset_count FROM attestations WHERE id = ? AND node = ?",
+                             (certificate["attestation"], node)).first()
+            if att is None:
+                raise Conflict("admit.not-trusted", "the attestation admission relies on is not this node's")
+            changed = db.execute(
+                "UPDATE nodes SET state = 'admitted', build = ?, updated = ? WHERE name = ? AND ("
+                "(state IN ('enrolled', 'admitted') AND (quarantined_at IS NULL OR quarantined_at < ?)) OR "
+                "(? AND state = 'quarantined' AND quarantined_at < ? AND quarantine_reset IS NOT NULL AND quarantine_reset < ?))",
+                (certificate["build"], time.time(), node, att["time"], after_reboot, att["time"], att["reset_count"] or 0),
+            ).rowcount
+            if changed != 1:
+                raise Conflict("admit.quarantined", f"{node} is quarantined (or was, after the attestation admission "
+                                                    f"relies on): it stays out until the TC's operator runs "
+                                                    f"`tccdeploy tc nodes release {node}`")
             db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
             db.execute("INSERT INTO certificates (serial, node, attestation, tk_name, not_after, pem) VALUES (?, ?, ?, ?, ?, ?)",
                        (certificate["serial"], node, certificate["attestation"], certificate["tk_name"],
                         certificate["not_after"], certificate["pem"]))
-            db.execute("UPDATE nodes SET state = 'admitted', build = ?, updated = ? WHERE name = ?",
-                       (certificate["build"], time.time(), node))
+            self._audit(db, audit)
 
-    def quarantine(self, node: str) -> bool:
+    def _quarantine(self, db: Any, node: str, audit: Audit) -> bool:
+        last = db.execute("SELECT reset_count FROM attestations WHERE node = ? ORDER BY id DESC LIMIT 1", (node,)).first()
+        now = time.time()
+        changed = db.execute("UPDATE nodes SET state = 'quarantined', updated = ?, quarantined_at = ?, quarantine_reset = ? "
+                             "WHERE name = ? AND state = 'admitted'",
+                             (now, now, last["reset_count"] if last else None, node)).rowcount
+        if changed != 1:
+            return False
+        db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (now, node))
+        self._audit(db, audit)
+        return True
+
+    def quarantine(self, node: str, audit: Audit = None) -> bool:
         """Revoke the node's certificates and quarantine it; True if it was admitted (one caller wins)."""
-        with self.transaction() as db:
-            changed = db.execute("UPDATE nodes SET state = 'quarantined', updated = ? WHERE name = ? AND state = 'admitted'",
-                                 (time.time(), node)).rowcount
-            if changed != 1:
+        with self.transaction(serialize=True) as db:
+            return self._quarantine(db, node, audit)
+
+    def release_node(self, node: str, audit: Audit = None) -> bool:
+        """The operator's release of a quarantined node: enrolled again, to be attested and
+        admitted on a quote newer than the quarantine."""
+        with self.transaction(serialize=True) as db:
+            if db.execute("UPDATE nodes SET state = 'enrolled', updated = ? WHERE name = ? AND state = 'quarantined'",
+                          (time.time(), node)).rowcount != 1:
                 return False
-            db.execute("UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (time.time(), node))
+            self._audit(db, audit)
         return True
 
     # -- customers, requests, VMs -----------------------------------------------------------
@@ -478,17 +609,47 @@ class Registry:
     def customers(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM customers ORDER BY name")
 
-    def accept_request(self, record: dict[str, Any]) -> bool:
-        """Record a request; False if its id was seen before (a replay)."""
+    def accept_request(self, record: dict[str, Any], key_id: str, audit: Audit = None) -> None:
+        """Record a request, once, for an image its customer owns and of which no copy may still run.
+
+        The image (its vm_id) belongs to the customer who first submitted it; a VM with a copy
+        not proven gone (a row not destroyed, an open request, a key released for a launch that
+        failed on a node that has not rebooted since) blocks another request for it. All
+        checked and written in one transaction: Conflict names what was refused."""
+        vm_id = record["vm_id"]
         try:
-            with self.transaction() as db:
+            with self.transaction(serialize=True) as db:
+                if db.execute("SELECT 1 FROM requests WHERE id = ?", (record["id"],)).first() is not None:
+                    raise Conflict("request.replayed", f"request {record['id']} was submitted before; a request is accepted once")
+                owner = db.execute("SELECT customer, image_sha256 FROM images WHERE vm_id = ?", (vm_id,)).first()
+                if owner is not None and owner["customer"] != record["customer"]:
+                    raise Conflict("request.image-owner", f"image {vm_id} belongs to another customer: a sealed image is "
+                                                          "launched only by the customer who first submitted it")
+                if owner is None:
+                    db.execute("INSERT INTO images (vm_id, customer, key_id, image_sha256, added) VALUES (?, ?, ?, ?, ?)",
+                               (vm_id, record["customer"], key_id, record["image_sha256"], time.time()))
+                running = db.execute("SELECT state FROM vms WHERE vm_id = ? AND state != 'destroyed'", (vm_id,)).first()
+                open_request = db.execute("SELECT id, state FROM requests WHERE vm_id = ? AND state IN ('accepted', 'released')",
+                                          (vm_id,)).first()
+                unproven = db.execute(
+                    "SELECT r.node FROM releases r JOIN attestations a ON a.id = r.attestation "
+                    "JOIN requests q ON q.id = r.request WHERE r.vm_id = ? AND q.state = 'failed' AND NOT EXISTS ("
+                    "SELECT 1 FROM attestations b WHERE b.node = r.node AND b.verdict = 'trusted' "
+                    "AND b.reset_count > a.reset_count)", (vm_id,)).first()
+                if running is not None or open_request is not None or unproven is not None:
+                    where = (f"it is {running['state']}" if running else
+                             f"request {open_request['id']} for it is {open_request['state']}" if open_request else
+                             f"its key went to {unproven['node']} for a launch reported failed, and that node has not "
+                             "rebooted since")
+                    raise Conflict("request.vm-exists", f"a copy of VM {vm_id} may still run ({where}): one image runs "
+                                                        "once; destroy it first")
                 db.execute("INSERT INTO requests (id, customer, vm, vm_id, image_sha256, wrapped_key, spec, received, state) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'accepted')",
-                           (record["id"], record["customer"], record["vm"], record["vm_id"], record["image_sha256"],
+                           (record["id"], record["customer"], record["vm"], vm_id, record["image_sha256"],
                             record["wrapped_key"], json.dumps(record["spec"]), time.time()))
+                self._audit(db, audit)
         except self.backend.integrity_error:
-            return False
-        return True
+            raise Conflict("request.vm-exists", f"another request for VM {vm_id} is open") from None
 
     def request(self, request_id: str) -> dict[str, Any] | None:
         item = self._one("SELECT * FROM requests WHERE id = ?", (request_id,))
@@ -497,26 +658,56 @@ class Registry:
         item["spec"] = json.loads(item["spec"])
         return item
 
-    def set_request_state(self, request_id: str, state: str) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE requests SET state = ? WHERE id = ?", (state, request_id))
+    def fail_request(self, request_id: str, audit: Audit = None) -> str | None:
+        """accepted or released -> failed; the state it left, or None (launched and failed stay)."""
+        with self.transaction(serialize=True) as db:
+            row = db.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).first()
+            if row is None or row["state"] not in ("accepted", "released"):
+                return None
+            if db.execute("UPDATE requests SET state = 'failed' WHERE id = ? AND state = ?",
+                          (request_id, row["state"])).rowcount != 1:
+                return None
+            self._audit(db, audit, left=row["state"])
+            return str(row["state"])
 
-    def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str) -> bool:
-        """One release per request: the conditional UPDATE and the insert are one transaction."""
-        with self.transaction() as db:
+    def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str,
+                       audit: Audit = None) -> bool:
+        """One release per request: the conditional UPDATE, the insert and its audit entry are one transaction."""
+        with self.transaction(serialize=True) as db:
             changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
                                  (request_id,)).rowcount
             if changed != 1:
                 return False
             db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time) VALUES (?, ?, ?, ?, ?, ?)",
                        (vm_id, request_id, node, attestation, serial, time.time()))
+            self._audit(db, audit)
         return True
 
-    def save_receipt(self, request_id: str, receipt: dict[str, Any]) -> None:
-        sql, params = _upsert("receipts", "request", {"request": request_id, "receipt": json.dumps(receipt),
-                                                      "time": time.time()})
-        with self.transaction() as db:
-            db.execute(sql, params)
+    def record_launch(self, request_id: str, vm: dict[str, Any], receipt: Callable[[], dict[str, Any]],
+                      audit: Audit = None) -> dict[str, Any]:
+        """released -> launched, once; the VM row (new, or replacing a destroyed one) and the
+        receipt in the same transaction. A replay or a VM revived from the dead is a Conflict."""
+        now = time.time()
+        row = {"launched": now, "anti_affinity": None, **vm, "updated": now}
+        columns = ("vm_id", "name", "customer", "node", "state", "image_sha256", "request", "vcpus", "memory_mib",
+                   "anti_affinity", "launched", "updated")
+        with self.transaction(serialize=True) as db:
+            if db.execute("UPDATE requests SET state = 'launched' WHERE id = ? AND state = 'released'",
+                          (request_id,)).rowcount != 1:
+                raise Conflict("launch.replayed", f"request {request_id} is not waiting for its launch (launched already, "
+                                                  "failed, or its key never released)")
+            changed = db.execute(
+                f"INSERT INTO vms ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) ON CONFLICT(vm_id) DO "
+                "UPDATE SET name = excluded.name, customer = excluded.customer, node = excluded.node, "
+                "state = excluded.state, request = excluded.request, vcpus = excluded.vcpus, "
+                "memory_mib = excluded.memory_mib, anti_affinity = excluded.anti_affinity, launched = excluded.launched, "
+                "updated = excluded.updated WHERE vms.state = 'destroyed'", tuple(row[c] for c in columns)).rowcount
+            if changed != 1:
+                raise Conflict("request.vm-exists", f"VM {vm['vm_id']} is recorded running already")
+            signed = receipt()
+            db.execute("INSERT INTO receipts (request, receipt, time) VALUES (?, ?, ?)", (request_id, json.dumps(signed), now))
+            self._audit(db, audit)
+        return signed
 
     def receipt(self, request_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT receipt FROM receipts WHERE request = ?", (request_id,))
@@ -525,15 +716,8 @@ class Registry:
     def releases(self, vm_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))
 
-    def upsert_vm(self, record: dict[str, Any]) -> None:
-        row = {"launched": None, "anti_affinity": None, **record, "updated": time.time()}
-        columns = ("vm_id", "name", "customer", "node", "state", "image_sha256", "request", "vcpus", "memory_mib",
-                   "anti_affinity", "launched", "updated")
-        with self.transaction() as db:
-            db.execute(
-                f"INSERT INTO vms ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) ON CONFLICT(vm_id) DO "
-                "UPDATE SET node = excluded.node, state = excluded.state, launched = excluded.launched, "
-                "updated = excluded.updated", tuple(row[c] for c in columns))
+    def image_owner(self, vm_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM images WHERE vm_id = ?", (vm_id,))
 
     def vm(self, name_or_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
@@ -543,32 +727,54 @@ class Registry:
         query = "SELECT * FROM vms" + ("" if include_destroyed else " WHERE state != 'destroyed'") + " ORDER BY name"
         return self._all(query)
 
-    def set_vm_state(self, vm_id: str, state: str) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE vms SET state = ?, updated = ? WHERE vm_id = ?", (state, time.time(), vm_id))
+    # Which states a VM may move to from which: destroyed is final, nothing goes back to starting.
+    VM_TRANSITIONS = {"running": ("starting", "stopped", "running"), "stopped": ("starting", "running", "stopped"),
+                      "destroyed": ("starting", "running", "stopped"), "starting": ()}
+
+    def set_vm_state(self, vm_id: str, state: str, audit: Audit = None) -> bool:
+        """One conditional UPDATE naming the states it may leave; False when the VM is not in one."""
+        allowed = self.VM_TRANSITIONS.get(state, ())
+        if not allowed:
+            return False
+        with self.transaction(serialize=True) as db:
+            marks = ", ".join("?" * len(allowed))
+            if db.execute(f"UPDATE vms SET state = ?, updated = ? WHERE vm_id = ? AND state IN ({marks})",
+                          (state, time.time(), vm_id, *allowed)).rowcount != 1:
+                return False
+            self._audit(db, audit)
+        return True
 
     # -- migrations -------------------------------------------------------------------------
-    def start_migration(self, vm_id: str, source: str, destination: str) -> int:
+    def start_migration(self, vm_id: str, source: str, destination: str, audit: Audit = None) -> int:
         try:
-            with self.transaction() as db:
+            with self.transaction(serialize=True) as db:
+                if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
+                              (vm_id, source)).first() is None:
+                    raise Conflict("migrate.unknown-vm", f"VM {vm_id} is not running on {source}")
                 row = db.execute("INSERT INTO migrations (vm_id, source, destination, state, started) "
                                  "VALUES (?, ?, ?, 'started', ?) RETURNING id", (vm_id, source, destination, time.time())).first()
+                self._audit(db, audit, migration=int(row["id"]) if row else 0)
         except self.backend.integrity_error:
             busy = self._one("SELECT id FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,))
             raise RegistryError(f"VM {vm_id} is already migrating (migration {busy['id'] if busy else '?'})") from None
         return int(row["id"]) if row else 0
 
-    def end_migration(self, migration_id: int, commit: bool, reason: str = "") -> None:
+    def migration(self, migration_id: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM migrations WHERE id = ?", (migration_id,))
+
+    def end_migration(self, migration_id: int, commit: bool, reason: str = "", audit: Audit = None) -> None:
         """Commit moves the VM to the destination in the same transaction; abort leaves it."""
-        with self.transaction() as db:
+        with self.transaction(serialize=True) as db:
             row = db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ? AND state = 'started' "
-                             "RETURNING vm_id, destination",
+                             "RETURNING vm_id, source, destination",
                              ("committed" if commit else "aborted", time.time(), reason, migration_id)).first()
             if row is None:
                 raise RegistryError(f"migration {migration_id} is not under way")
-            if commit:
-                db.execute("UPDATE vms SET node = ?, state = 'running', updated = ? WHERE vm_id = ?",
-                           (row["destination"], time.time(), row["vm_id"]))
+            if commit and db.execute("UPDATE vms SET node = ?, state = 'running', updated = ? WHERE vm_id = ? AND node = ? "
+                                     "AND state IN ('running', 'stopped')",
+                                     (row["destination"], time.time(), row["vm_id"], row["source"])).rowcount != 1:
+                raise Conflict("migrate.vm-moved", f"VM {row['vm_id']} is no longer on {row['source']}: nothing to commit")
+            self._audit(db, audit)
 
     def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
         if state:
@@ -576,19 +782,30 @@ class Registry:
         return self._all("SELECT * FROM migrations ORDER BY id")
 
     # -- audit ----------------------------------------------------------------------------
-    def audit_append(self, entry: dict[str, Any], chain: Any) -> dict[str, Any]:
-        """Append one entry; `chain(prev_hash, entry) -> hash`. Serialized (BEGIN IMMEDIATE in
-        SQLite, an advisory lock in PostgreSQL), so concurrent writers, replicas included, still
-        make one linear chain."""
+    def _audit(self, db: Any, audit: Audit, **extra: Any) -> dict[str, Any] | None:
+        """The audit chain's next link, inside the caller's transaction, which must be serialized
+        (BEGIN IMMEDIATE in SQLite, the advisory lock in PostgreSQL) so concurrent writers,
+        replicas included, still make one linear chain."""
+        if audit is None:
+            return None
+        if self.auditor is None:
+            raise RegistryError("the registry has no auditor: decisions are written only with their audit entry")
+        last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").first()
+        entry = {"id": (int(last["id"]) + 1) if last else 1, "time": time.time(), "kind": audit["kind"],
+                 "node": audit.get("node"), "vm": audit.get("vm"), "data": {**audit.get("data", {}), **extra}}
+        prev = last["hash"] if last else "0" * 64
+        digest, signature = self.auditor(prev, entry)
+        db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (entry["id"], entry["time"], entry["kind"], entry["node"], entry["vm"],
+                    json.dumps(entry["data"], sort_keys=True), prev, digest, signature))
+        return entry | {"prev": prev, "hash": digest, "signature": signature}
+
+    def audit_append(self, audit: dict[str, Any]) -> dict[str, Any]:
+        """An entry that records no other write (a refusal, an enforcement outcome)."""
         with self.transaction(serialize=True) as db:
-            last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").first()
-            entry = dict(entry, id=(int(last["id"]) + 1) if last else 1)
-            prev = last["hash"] if last else "0" * 64
-            digest = chain(prev, entry)
-            db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (entry["id"], entry["time"], entry["kind"], entry.get("node"), entry.get("vm"),
-                        json.dumps(entry["data"], sort_keys=True), prev, digest))
-        return entry | {"prev": prev, "hash": digest}
+            entry = self._audit(db, audit)
+        assert entry is not None
+        return entry
 
     def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         query, params = "SELECT * FROM audit WHERE 1=1", []

@@ -42,6 +42,11 @@ FIXED_TPM, ST_CLEAR, FIXED_PARENT, SENSITIVE_DATA_ORIGIN, USER_WITH_AUTH = 0x2, 
 ADMIN_WITH_POLICY, NO_DA, ENCRYPTED_DUPLICATION, RESTRICTED, DECRYPT, SIGN = 0x80, 0x400, 0x800, 0x10000, 0x20000, 0x40000
 
 
+# TPMA_NV bits the asset-tag check reads
+NV_PPWRITE, NV_OWNERWRITE, NV_AUTHWRITE, NV_POLICYWRITE = 0x1, 0x2, 0x4, 0x8
+NV_WRITELOCKED, NV_WRITEDEFINE, NV_WRITTEN, NV_PLATFORMCREATE = 0x800, 0x2000, 0x20000000, 0x40000000
+
+
 class TPMFormatError(ValueError):
     """Bytes that are not the TPM structure they claim to be."""
 
@@ -210,6 +215,40 @@ class Attest:
     nv_offset: int = 0
     nv_contents: bytes = b""
     raw: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class NVPublic:
+    """TPMS_NV_PUBLIC: an NV index's definition; its Name is what TPM2_NV_Certify certifies."""
+
+    index: int
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    data_size: int
+    raw: bytes
+
+    @property
+    def name(self) -> bytes:
+        if self.name_alg not in HASH_NAMES:
+            raise TPMFormatError(f"NV name algorithm 0x{self.name_alg:04x} is not supported")
+        return struct.pack(">H", self.name_alg) + hashlib.new(HASH_NAMES[self.name_alg], self.raw).digest()
+
+    def has(self, bits: int) -> bool:
+        return self.attributes & bits == bits
+
+
+def parse_nv_public(data: bytes) -> NVPublic:
+    """A TPM2B_NV_PUBLIC, as TPM2_NV_ReadPublic returns it."""
+    r = _Reader(data)
+    raw = r.tpm2b(limit=512)
+    inner = _Reader(raw)
+    index, name_alg, attributes = inner.u32(), inner.u16(), inner.u32()
+    policy = inner.tpm2b(limit=64)
+    size = inner.u16()
+    inner.done()
+    r.done()
+    return NVPublic(index, name_alg, attributes, policy, size, raw)
 
 
 def _pcr_selection(r: _Reader) -> tuple[tuple[int, tuple[int, ...]], ...]:

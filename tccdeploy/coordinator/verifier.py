@@ -6,7 +6,7 @@ nothing is ever admitted on a partial check. The codes:
 
     evidence.malformed       the attestation, signature or PCR values do not parse
     node.not-enrolled        no enrolled AK for this node
-    node.ssh-host-key        the node's SSH host key is not the one pinned at enrollment
+    node.ssh-host-key        the node's SSH host key is missing, or not the one pinned at enrollment
     quote.signature          not signed by the node's enrolled AK
     quote.magic              not TPM-generated (magic is not TPM_GENERATED_VALUE)
     quote.type               not a quote (TPMS_ATTEST type)
@@ -19,10 +19,15 @@ nothing is ever admitted on a partial check. The codes:
     eventlog.replay          replaying the log does not give the quoted PCR values
     build.unknown            the measured events match no TVMM build
     build.revoked            they match a revoked build
-    perimeter.no-site        the node claims no site
+    perimeter.no-site        the node has no site (not on the roster; or, for a prediction, claims none)
     perimeter.unknown-site   its site is not in the perimeter
-    perimeter.address        its address is not in its site's networks
+    perimeter.address        its claimed address is not in its site's networks (a consistency check only)
+    perimeter.not-in-roster / perimeter.roster-site / perimeter.roster-name / perimeter.roster-conflict
+                             the roster does not place this EK as claimed (roster.py)
     perimeter.asset-tag      the site's asset tag is missing, wrong, or not certified by the AK
+    perimeter.asset-tag-index  the certified NV index is not the site's, not platform-created and
+                             write-locked, or certified from an offset or for a part of it
+    perimeter.asset-tag-nonce  the certification does not carry the TC's quote nonce
 Warnings (not failures): build.deprecated, node.rebooted.
 """
 
@@ -49,7 +54,7 @@ class Evidence:
     nonce_check: Any = None  # store.NonceCheck, from consuming the nonce
     asset_attest: bytes = b""
     asset_signature: bytes = b""
-    asset_nonce: bytes = b""
+    asset_nv_public: bytes = b""
     ssh_host_key: str = ""
 
 
@@ -127,7 +132,10 @@ def verify(
     site: str | None,
     address: str,
     last_trusted: dict[str, Any] | None = None,
+    roster_failures: list[tuple[str, str]] | None = None,
 ) -> Verdict:
+    """site: the node's site as the TC's roster records it (not the engine's claim); address:
+    the engine's claim, checked for consistency; roster_failures: what the roster check found."""
     c = _Collector()
     policy = perimeter.attestation
     verdict = Verdict(False)
@@ -138,7 +146,10 @@ def verify(
         c.fail("node.not-enrolled", "the node is not enrolled: run tccdeploy enroll first")
     else:
         ak = tpm2.parse_public_cached(bytes(identity["ak_public"]))
-        if evidence.ssh_host_key and not hmac.compare_digest(evidence.ssh_host_key, identity["ssh_host_key"]):
+        if not evidence.ssh_host_key:
+            c.fail("node.ssh-host-key", "the evidence names no SSH host key: the node must be reached at the key "
+                                        "pinned at enrollment")
+        elif not hmac.compare_digest(evidence.ssh_host_key.encode(), str(identity["ssh_host_key"]).encode()):
             c.fail("node.ssh-host-key", "the node's SSH host key is not the one pinned at enrollment")
 
     # What the TPM signed.
@@ -207,32 +218,54 @@ def verify(
             elif build.status == "deprecated":
                 c.warn("build.deprecated", f"the node booted {build.name} {build.version}, which is deprecated")
 
-    # Where: inside the perimeter.
+    # Where: inside the perimeter, as the TC's roster says; the claimed address must agree.
+    for code, message in roster_failures or []:
+        c.fail(code, message)
     for code, message in perimeter_problems(perimeter, site, address):
         c.fail(code, message)
     site_def = perimeter.site(site) if site else None
     if site_def is not None and site_def.asset_tag is not None:
-        _check_asset_tag(c, evidence, ak, site_def.asset_tag.value)
+        _check_asset_tag(c, evidence, ak, site_def.asset_tag.nv_index, site_def.asset_tag.value)
 
     verdict.reasons, verdict.warnings = c.reasons, c.warnings
     verdict.trusted = not c.reasons
     return verdict
 
 
-def _check_asset_tag(c: _Collector, evidence: Evidence, ak: tpm2.Public | None, value: str) -> None:
+REQUIRED_NV = tpm2.NV_PLATFORMCREATE | tpm2.NV_WRITELOCKED | tpm2.NV_WRITTEN
+
+
+def _check_asset_tag(c: _Collector, evidence: Evidence, ak: tpm2.Public | None, index: int, value: str) -> None:
+    """The tag counts only from the site's NV index, made by the platform (firmware or the TC's
+    provisioning, never the OS owner, i.e. the provider) and write-locked, certified whole from
+    offset 0 over the quote's nonce, which the TC issued and consumed."""
     if not evidence.asset_attest:
         c.fail("perimeter.asset-tag", "the site requires an asset tag and the node certified none")
         return
     try:
         attest = tpm2.parse_attest(evidence.asset_attest)
         signature = tpm2.parse_signature(evidence.asset_signature)
+        nv = tpm2.parse_nv_public(evidence.asset_nv_public)
+        nv_name = nv.name
     except tpm2.TPMFormatError as exc:
         c.fail("perimeter.asset-tag", f"the asset-tag certification does not parse: {exc}")
         return
     if ak is None or not tpm2.verify_signature(ak, evidence.asset_attest, signature) or \
-            attest.type != tpm2.ST_ATTEST_NV or attest.magic != tpm2.TPM_GENERATED or \
-            not hmac.compare_digest(attest.extra_data, evidence.asset_nonce):
-        c.fail("perimeter.asset-tag", "the asset tag is not certified by the node's attestation key for this nonce")
+            attest.type != tpm2.ST_ATTEST_NV or attest.magic != tpm2.TPM_GENERATED:
+        c.fail("perimeter.asset-tag", "the asset tag is not certified by the node's attestation key")
         return
-    if attest.nv_contents != value.encode():
+    if not hmac.compare_digest(attest.extra_data, evidence.nonce):
+        c.fail("perimeter.asset-tag-nonce", "the asset-tag certification does not carry the TC's nonce for this quote")
+        return
+    if not hmac.compare_digest(attest.nv_index_name, nv_name) or nv.index != index:
+        c.fail("perimeter.asset-tag-index", f"the certified NV index is not the site's index 0x{index:08x}")
+        return
+    if not nv.has(REQUIRED_NV):
+        c.fail("perimeter.asset-tag-index", f"NV index 0x{index:08x} (attributes 0x{nv.attributes:08x}) is not "
+                                            "platform-created, written and write-locked: the OS owner could have written it")
+        return
+    if attest.nv_offset != 0 or nv.data_size != len(value.encode()) or len(attest.nv_contents) != nv.data_size:
+        c.fail("perimeter.asset-tag-index", "the certification covers only part of the asset-tag index")
+        return
+    if not hmac.compare_digest(attest.nv_contents, value.encode()):
         c.fail("perimeter.asset-tag", f"the TPM's asset tag is {attest.nv_contents[:64]!r}, the site needs {value!r}")

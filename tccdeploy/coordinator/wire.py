@@ -15,6 +15,7 @@ from .verifier import Evidence, Verdict
 B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4 * 1024 * 1024}
 NODE = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 SHORT = {"type": "string", "maxLength": 256}
+HOST_KEY = {"type": "string", "minLength": 1, "maxLength": 256}  # required: a node is reached at its pinned key
 
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -23,18 +24,18 @@ def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "EnrollmentBegin": _object({"node": NODE, "ek_certificate": B64, "ek_public": B64, "ak_public": B64,
-                                "ssh_host_key": SHORT, "force": {"type": "boolean"}},
-                               ["node", "ek_certificate", "ek_public", "ak_public", "ssh_host_key"]),
-    "EnrollmentFinish": _object({"node": NODE, "answer": B64, "site": {"type": ["string", "null"], "maxLength": 128},
-                                 "address": SHORT}, ["node", "answer", "address"]),
+                                "ssh_host_key": HOST_KEY, "site": {"type": ["string", "null"], "maxLength": 128},
+                                "address": SHORT},
+                               ["node", "ek_certificate", "ek_public", "ak_public", "ssh_host_key", "address"]),
+    "EnrollmentFinish": _object({"node": NODE, "answer": B64}, ["node", "answer"]),
     "NonceRequest": _object({"node": NODE, "purpose": {"enum": ["quote", "certify"]}}, ["node"]),
     "Attestation": _object({
         "node": NODE, "site": {"type": ["string", "null"], "maxLength": 128}, "address": SHORT,
-        "evidence": _object({"attest": B64, "signature": B64, "eventlog": B64, "nonce": B64, "ssh_host_key": SHORT,
+        "evidence": _object({"attest": B64, "signature": B64, "eventlog": B64, "nonce": B64, "ssh_host_key": HOST_KEY,
                              "pcrs": {"type": "object", "additionalProperties": False,
                                       "patternProperties": {"^[0-9]{1,2}$": {"type": "string", "pattern": "^[0-9a-f]{0,128}$"}}},
-                             "asset_attest": B64, "asset_signature": B64, "asset_nonce": B64},
-                            ["attest", "signature", "pcrs", "eventlog", "nonce"]),
+                             "asset_attest": B64, "asset_signature": B64, "asset_nv_public": B64},
+                            ["attest", "signature", "pcrs", "eventlog", "nonce", "ssh_host_key"]),
     }, ["node", "address", "evidence"]),
     "AdmissionBegin": _object({"node": NODE, "attestation": {"type": "integer", "minimum": 1}, "tk_public": B64,
                                "certify_attest": B64, "certify_signature": B64, "nonce": B64},
@@ -42,14 +43,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "AdmissionFinish": _object({"node": NODE, "answer": {"type": "string", "pattern": "^[0-9a-f]{0,256}$"}},
                                ["node", "answer"]),
     "Quarantine": _object({"reason": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}}, ["reason"]),
-    "EkCheck": _object({"ek_certificate": B64, "ek_public": B64}, ["ek_certificate", "ek_public"]),
+    "EkCheck": _object({"ek_certificate": B64, "ek_public": B64, "node": NODE,
+                        "site": {"type": ["string", "null"], "maxLength": 128}}, ["ek_certificate", "ek_public"]),
     "PerimeterCheck": _object({"site": {"type": ["string", "null"], "maxLength": 128}, "address": SHORT}, ["address"]),
     "RequestSubmit": _object({"request": {"type": "object"}, "bundle": {"type": "object"}}, ["request", "bundle"]),
     "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
     "Release": _object({"node": NODE}, ["node"]),
-    "Launched": _object({"node": NODE, "attestation": {"type": "integer", "minimum": 1},
-                         "certificate_serial": SHORT, "status": {"type": "object"}},
-                        ["node", "attestation", "certificate_serial", "status"]),
+    "Launched": _object({"node": NODE, "status": {"type": "object"}}, ["node", "status"]),
     "Empty": _object({}, []),
     "VmState": _object({"state": {"enum": ["starting", "running", "stopped", "destroyed"]}}, ["state"]),
     "Enforcement": _object({"node": NODE, "policy": SHORT, "result": {"type": "string", "maxLength": 2000}},
@@ -75,7 +75,7 @@ def evidence_to_wire(evidence: Evidence) -> dict[str, Any]:
                            "ssh_host_key": evidence.ssh_host_key}
     if evidence.asset_attest:
         out |= {"asset_attest": b64(evidence.asset_attest), "asset_signature": b64(evidence.asset_signature),
-                "asset_nonce": b64(evidence.asset_nonce)}
+                "asset_nv_public": b64(evidence.asset_nv_public)}
     return out
 
 
@@ -83,7 +83,8 @@ def evidence_from_wire(data: dict[str, Any]) -> Evidence:
     return Evidence(unb64(data["attest"]), unb64(data["signature"]),
                     {int(k): bytes.fromhex(v) for k, v in data["pcrs"].items()}, unb64(data["eventlog"]),
                     unb64(data["nonce"]), asset_attest=unb64(data.get("asset_attest", "")),
-                    asset_signature=unb64(data.get("asset_signature", "")), asset_nonce=unb64(data.get("asset_nonce", "")),
+                    asset_signature=unb64(data.get("asset_signature", "")),
+                    asset_nv_public=unb64(data.get("asset_nv_public", "")),
                     ssh_host_key=str(data.get("ssh_host_key", "")))
 
 

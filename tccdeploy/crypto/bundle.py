@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from . import customer
 from .canonical import canonical
 from .files import sha256_file
-from .wrap import vm_label, wrap
+from .wrap import sealed_label, wrap
 
 DISK = "disk.qcow2"
 DESCRIPTOR = "descriptor.json"
@@ -40,6 +40,10 @@ class BundleError(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+# 2: the sealed key's OAEP label binds the customer's key id as well as the VM id.
+DESCRIPTOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
     kvm = os.urandom(32)
     passphrase = base64.b64encode(kvm)  # LUKS wants UTF-8 text; base64 keeps all 256 bits
     target = os.path.join(out, DISK)
-    for _attempt in range(3):
+    for _attempt in range(10):
         read_end, write_end = os.pipe()
         try:
             os.write(write_end, passphrase)
@@ -125,12 +129,12 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
     assert isinstance(public, rsa.RSAPublicKey)
     descriptor = {
         "type": "tccdeploy-sealed-image",
-        "version": 1,
+        "version": DESCRIPTOR_VERSION,
         "vm_id": vm_id,
         "name": name or os.path.splitext(os.path.basename(disk))[0],
         "disk": {"file": DISK, "sha256": sha256_file(target), "size": os.path.getsize(target),
                  "virtual_size": int(info["virtual-size"]), "format": "qcow2+luks"},
-        "wrapped_key": base64.b64encode(wrap(public, kvm, vm_label(vm_id))).decode(),
+        "wrapped_key": base64.b64encode(wrap(public, kvm, sealed_label(vm_id, customer.key_id(key.public_key())))).decode(),
         "tc": {"ca_sha256": tc.ca_fingerprint,
                "wrap_sha256": hashlib.sha256(tc.wrap.public_bytes(serialization.Encoding.DER)).hexdigest()},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -11,8 +11,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 
 def vm_label(vm_id: str) -> bytes:
-    """The OAEP label binding a wrapped Kvm to its VM (the TPM adds the trailing NUL itself)."""
+    """The OAEP label binding a Kvm wrapped to a node's TK to its VM (the TPM adds the trailing NUL itself)."""
     return f"tccdeploy-vm:{vm_id}".encode()
+
+
+def sealed_label(vm_id: str, customer_key_id: str) -> bytes:
+    """The OAEP label of a Kvm sealed to the TC: the VM *and* the customer whose key signed the
+    descriptor, so a wrapped key copied into another customer's descriptor does not open."""
+    return f"tccdeploy-sealed-vm:{vm_id}:customer:{customer_key_id}".encode()
 
 
 def _oaep(label: bytes) -> padding.OAEP:

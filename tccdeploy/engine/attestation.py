@@ -36,22 +36,29 @@ def tcti_of(session: Session) -> str:
     return str(session.host.vars.get("tcc_tpm", "device:/dev/tpmrm0"))
 
 
-def enroll(coordinator: Coordinator, force: bool = False):  # type: ignore[no-untyped-def]
+def enroll(coordinator: Coordinator):  # type: ignore[no-untyped-def]
+    """Carry the node's TPM identity to the TC. A node enrolled with the TPM it has is left as it
+    is (changed=False); a changed TPM is the TC operator's call (`tc nodes replace-tpm`)."""
+
     def work(session: Session) -> HostResult | dict[str, Any]:
         name, tcti = session.host.name, tcti_of(session)
         identity = session.call("tpm_identity", {"tcti": tcti})
         ak = session.call("ak_create", {"tcti": tcti})
+        site = session.host.vars.get("tcc_site")
         try:
             challenge = coordinator.enrollment_challenge(
                 name, _unb64(identity["ek_certificate"]), _unb64(identity["ek_public"]), _unb64(ak["ak_public"]),
-                host_key(session), force)
+                host_key(session), str(site) if site else None, session.host.address)
+            if challenge is None:
+                known = coordinator.identity_summary(name) or {}
+                return {"changed": False, "enrolled": True, "manufacturer": known.get("manufacturer"),
+                        "ek_fingerprint": known.get("ek_fingerprint")}
             try:
                 answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
                                                       "secret": _b64(challenge.secret)})
             except RemoteError as exc:
                 raise EnrollmentRefused("ak.not-bound", f"the TPM could not activate the credential: {exc}") from None
-            result = coordinator.enrollment_finish(name, _unb64(answer["secret"]), session.host.vars.get("tcc_site"),
-                                                   session.host.address)
+            result = coordinator.enrollment_finish(name, _unb64(answer["secret"]))
         except EnrollmentRefused as exc:
             return HostResult(name, "failed", str(exc), {"refused": exc.reason}, reason=exc.reason)
         return {"changed": True, "enrolled": True, "manufacturer": result["manufacturer"],
@@ -77,6 +84,11 @@ def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore
 
     def work(session: Session) -> HostResult | dict[str, Any]:
         name, tcti = session.host.name, tcti_of(session)
+        if coordinator.identity_summary(name) is None:  # no AK the TC knows: a quote would prove nothing
+            return HostResult(name, "failed", "untrusted: node.not-enrolled: the TC has no enrolled TPM for this node; "
+                                              "run tccdeploy enroll first", {"verdict": "untrusted",
+                                                                             "reasons": ["node.not-enrolled"]},
+                              reason="node.not-enrolled")
         nonce = coordinator.nonce(name)
         quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": bank, "pcrs": pcrs,
                                        "eventlog": session.host.vars.get("tcc_eventlog",
@@ -91,7 +103,7 @@ def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore
                 certified = session.call("nv_certify", {"tcti": tcti, "index": tag_index, "nonce": _b64(nonce)})
                 evidence.asset_attest = _unb64(certified["attest"])
                 evidence.asset_signature = _unb64(certified["signature"])
-                evidence.asset_nonce = nonce
+                evidence.asset_nv_public = _unb64(certified["nv_public"])
             except Exception:  # noqa: BLE001 - no tag: the verifier names the failure
                 pass
         verdict, record = coordinator.verify(name, str(site) if site else None, session.host.address, evidence)

@@ -433,6 +433,7 @@ class Lab:
             writer.add_digests(TAMPER_PCR, "EV_EFI_BOOT_SERVICES_APPLICATION", digests, image_load_event(len(rogue)))
             measurements.append((TAMPER_PCR, digests))
         tpm.extend(node.address, self.tpm_port, measurements)
+        tpm.disable_platform_hierarchy(node.address, self.tpm_port)  # as firmware does before the OS
         _write_world_readable(self.node_dir(node, "eventlog.bin"), writer.to_bytes())
         cmdline = contents["cmdline"] if contents is not None else artifact_bytes(build, "cmdline")
         _write_world_readable(self.node_dir(node, "cmdline"), cmdline + b"\n")  # the node's /proc/cmdline
@@ -489,9 +490,26 @@ class Lab:
             },
         }
         _write_yaml(self.path("manifests", "perimeter.yml"), perimeter, "perimeter.schema.json")
+        self._write_roster()
         for build in LAB_BUILDS:
             _write_yaml(self.path("manifests", "builds", f"{build.name}.yml"),
                         build_manifest(build, artifact_dir="../../artifacts"), "tvmmbuild.schema.json")
+
+    def _write_roster(self) -> None:
+        """The TC operator's roster: every machine racked in a site (the outside hosts are not),
+        by its EK certificate's fingerprint, under its node name."""
+        from ..coordinator.roster import ek_identities
+
+        sites: dict[str, list[dict]] = {}
+        for node in self.nodes:
+            if node.site is None:
+                continue
+            ek = ek_identities(tpm.ek_certificate(node.address, self.tpm_port))[0]
+            sites.setdefault(node.site, []).append({"ek": ek, "name": node.name})
+        roster = {"apiVersion": "tccdeploy/v1", "kind": "NodeRoster",
+                  "metadata": {"name": "lab", "description": "the machines racked in the lab's sites"},
+                  "spec": {"sites": [{"name": s, "nodes": n} for s, n in sorted(sites.items())]}}
+        _write_yaml(self.path("manifests", "roster.yml"), roster, "noderoster.schema.json")
 
     def _write_inventory(self) -> None:
         os.makedirs(self.path("inventory", "group_vars"), exist_ok=True)
@@ -805,17 +823,21 @@ def _check_python(python: str) -> None:
 
 
 def _provision_asset_tag(address: str, port: int, value: str) -> None:
-    """Write the site's asset tag into an owner NV index, as the provider does at racking time."""
+    """Write the site's asset tag at racking time, as platform firmware or the TC's provisioning
+    does: a platform-created NV index, written once and locked for good (WRITEDEFINE), which the
+    OS owner (the provider's root) can neither create nor rewrite."""
     from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
 
     data = value.encode()
-    attrs = TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+    attrs = (TPMA_NV.PLATFORMCREATE | TPMA_NV.PPWRITE | TPMA_NV.WRITEDEFINE | TPMA_NV.PPREAD | TPMA_NV.OWNERREAD
+             | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA)
     public = TPM2B_NV_PUBLIC(
         nvPublic=TPMS_NV_PUBLIC(nvIndex=ASSET_TAG_INDEX, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=len(data))
     )
     with ESAPI(tpm.tcti(address, port)) as esys:
-        handle = esys.nv_define_space(None, public, auth_handle=ESYS_TR.OWNER)
-        esys.nv_write(handle, data, 0, auth_handle=ESYS_TR.OWNER)
+        handle = esys.nv_define_space(None, public, auth_handle=ESYS_TR.PLATFORM)
+        esys.nv_write(handle, data, 0, auth_handle=ESYS_TR.PLATFORM)
+        esys.nv_write_lock(handle, auth_handle=ESYS_TR.PLATFORM)
 
 
 def _is_lab_process(pid: int) -> bool:

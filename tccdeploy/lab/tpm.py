@@ -61,6 +61,32 @@ def power_cycle(address: str, port: int) -> None:
         esys.startup(TPM2_SU.CLEAR)
 
 
+def ek_certificate(address: str, port: int) -> bytes:
+    """The EK certificate swtpm_setup stored in NV (RSA, 0x01c00002), in DER: what the TC's
+    operator writes down in the roster when the machine is racked."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from tpm2_pytss import ESAPI, TPM2_HANDLE
+
+    with ESAPI(tcti(address, port)) as esys:
+        handle = esys.tr_from_tpmpublic(TPM2_HANDLE(0x01C00002))
+        public, _ = esys.nv_read_public(handle)
+        data = b""
+        while len(data) < public.nvPublic.dataSize:
+            data += bytes(esys.nv_read(handle, min(1024, public.nvPublic.dataSize - len(data)), len(data)))
+    return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
+
+
+def disable_platform_hierarchy(address: str, port: int) -> None:
+    """What firmware does before the OS runs (phEnable cleared until the next TPM2_Startup): no
+    one on the booted node can make platform-created NV indices, so an asset tag in one was
+    written at racking time, not by the provider's root."""
+    from tpm2_pytss import ESAPI, ESYS_TR
+
+    with ESAPI(tcti(address, port)) as esys:
+        esys.hierarchy_control(ESYS_TR.PLATFORM, ESYS_TR.PLATFORM, False)
+
+
 def extend(address: str, port: int, measurements: list[tuple[int, dict[str, bytes]]]) -> None:
     """Extend each (pcr, {bank: digest}) in order, as firmware does during boot."""
     from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA

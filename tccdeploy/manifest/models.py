@@ -54,6 +54,7 @@ class AttestationPolicy:
     grace_period: int = 120
     certificate_lifetime: int = 3600
     on_failure: str = "evacuate"
+    readmit: str = "operator"
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Perimeter:
             grace_period=a.get("gracePeriodSeconds", 120),
             certificate_lifetime=a.get("certificateLifetimeSeconds", 3600),
             on_failure=a.get("onFailure", "evacuate"),
+            readmit=a.get("readmit", "operator"),
         )
         return cls(data["metadata"]["name"], sites, cas, policy, spec.get("coordinator", {}), doc)
 
@@ -200,3 +202,26 @@ class PlacementRequest:
             c.get("antiAffinityGroup"),
             doc,
         )
+
+
+@dataclass(frozen=True)
+class RosterNode:
+    ek: str
+    site: str
+    name: str | None = None
+    capacity: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeRoster:
+    """The TC operator's machines per site (coordinator/roster.py says why the TC needs it)."""
+
+    name: str
+    nodes: tuple[RosterNode, ...]
+    source: Document | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_document(cls, doc: Document, data: dict[str, Any], base_dir: str) -> NodeRoster:
+        nodes = tuple(RosterNode(n["ek"], s["name"], n.get("name"), n.get("capacity"))
+                      for s in data["spec"]["sites"] for n in s["nodes"])
+        return cls(data["metadata"]["name"], nodes, doc)

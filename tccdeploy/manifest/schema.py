@@ -31,11 +31,12 @@ KINDS: dict[str, str] = {
     "Perimeter": "perimeter",
     "TVMMBuild": "tvmmbuild",
     "PlacementRequest": "placementrequest",
+    "NodeRoster": "noderoster",
     "Inventory": "inventory",
     "Playbook": "playbook",
     "Vars": "hostvars",
 }
-MANIFEST_KINDS = ("Perimeter", "TVMMBuild", "PlacementRequest")
+MANIFEST_KINDS = ("Perimeter", "TVMMBuild", "PlacementRequest", "NodeRoster")
 
 
 def kind_for_name(name: str) -> str | None:

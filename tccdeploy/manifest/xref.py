@@ -44,6 +44,7 @@ def check(result: LoadResult) -> list[Problem]:
     for inventory in result.inventories:
         problems += inventory_hosts(inventory, result, perimeter)
     problems += requests(result, perimeter)
+    problems += rosters(result, perimeter)
     for doc in result.playbooks:
         problems += list(playbook_tasks(doc))
     return problems
@@ -81,6 +82,37 @@ def perimeters(result: LoadResult) -> list[Problem]:
                         ))
         for i, ca in enumerate(perimeter.manufacturer_cas):
             problems += _check_ca(doc, ("spec", "manufacturerCAs", i, "certificate"), ca.certificate, ca.sha256)
+    return problems
+
+
+def rosters(result: LoadResult, perimeter) -> list[Problem]:  # type: ignore[no-untyped-def]
+    """xref.roster-site (a roster site the perimeter lacks), xref.roster-duplicate (one EK or one
+    node name twice: one EK is one node)."""
+    problems: list[Problem] = []
+    seen_ek: dict[str, str] = {}
+    seen_name: dict[str, str] = {}
+    for roster in result.rosters:
+        doc = roster.source
+        assert doc is not None
+        sites = doc.data["spec"]["sites"]
+        for i, site in enumerate(sites):
+            if perimeter is not None and perimeter.site(site["name"]) is None:
+                problems.append(doc.problem(("spec", "sites", i, "name"), "xref.roster-site",
+                                            f"site {site['name']!r} is not in perimeter {perimeter.name!r}",
+                                            f"use one of: {', '.join(s.name for s in perimeter.sites)}"))
+            for j, node in enumerate(site["nodes"]):
+                where = f"{site['name']} nodes[{j}]"
+                if node["ek"] in seen_ek:
+                    problems.append(doc.problem(("spec", "sites", i, "nodes", j, "ek"), "xref.roster-duplicate",
+                                                f"EK {node['ek'][:23]}... is listed twice (also {seen_ek[node['ek']]})",
+                                                "one EK is one machine in one site: keep one entry"))
+                seen_ek.setdefault(node["ek"], where)
+                if "name" in node:
+                    if node["name"] in seen_name:
+                        problems.append(doc.problem(("spec", "sites", i, "nodes", j, "name"), "xref.roster-duplicate",
+                                                    f"node name {node['name']!r} is listed twice (also "
+                                                    f"{seen_name[node['name']]})", "give each machine its own name"))
+                    seen_name.setdefault(node["name"], where)
     return problems
 
 

@@ -20,6 +20,7 @@ from .ops import OpError, enable_site_packages, node_dir, op
 EK_RSA_CERT_INDEX = 0x01C00002
 EK_ECC_CERT_INDEX = 0x01C0000A
 AK_FILE = "ak.json"
+AK_PENDING_FILE = "ak-pending.json"  # made by ak_create, the node's AK only once the TC's credential activates it
 
 
 def _b64(data: bytes) -> str:
@@ -121,10 +122,10 @@ def _ak_template(unique: bytes) -> Any:
     return TPM2B_PUBLIC(publicArea=area)
 
 
-def _ak(esys: Any, handles: list[Any]) -> tuple[Any, Any]:
+def _ak(esys: Any, handles: list[Any], pending: bool = False) -> tuple[Any, Any]:
     from tpm2_pytss import ESYS_TR
 
-    path = os.path.join(node_dir(), AK_FILE)
+    path = os.path.join(node_dir(), AK_PENDING_FILE if pending else AK_FILE)
     try:
         with open(path) as fh:
             unique = _unb64(json.load(fh)["unique"])
@@ -154,14 +155,16 @@ def tpm_identity(tcti: str, **_: Any) -> dict[str, Any]:
 
 @op("ak_create")
 def ak_create(tcti: str, **_: Any) -> dict[str, Any]:
-    """A fresh AK (new random template), replacing any earlier one on this node."""
+    """A fresh AK (new random template), pending: it replaces the node's AK only when ak_activate
+    proves the TC bound it to this TPM's EK, so an enrollment the TC refuses (or finds already
+    done) leaves the AK the TC knows in place."""
     unique = secrets.token_bytes(32)
     with _esapi(tcti) as (esys, handles):
         from tpm2_pytss import ESYS_TR
 
         handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
         handles.append(handle)
-    path = os.path.join(node_dir(), AK_FILE)
+    path = os.path.join(node_dir(), AK_PENDING_FILE)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump({"unique": _b64(unique)}, fh)
@@ -177,7 +180,7 @@ def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, 
         from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT, TPMT_SYM_DEF
 
         ek, _ = _ek(esys, handles)
-        ak, _ = _ak(esys, handles)
+        ak, _ = _ak(esys, handles, pending=True)
         session = esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
                                           TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
         handles.append(session)
@@ -188,7 +191,8 @@ def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, 
                                                  session1=ESYS_TR.PASSWORD, session2=session)
         except Exception as exc:  # noqa: BLE001 - the TPM refused: a named failure, not a crash
             raise OpError(f"the TPM refused to activate the credential: {exc}") from None
-        return {"changed": False, "secret": _b64(bytes(cert_info))}
+    os.replace(os.path.join(node_dir(), AK_PENDING_FILE), os.path.join(node_dir(), AK_FILE))
+    return {"changed": True, "secret": _b64(bytes(cert_info))}
 
 
 @op("quote")
@@ -233,7 +237,8 @@ def nv_certify(tcti: str, index: int, nonce: str, **_: Any) -> dict[str, Any]:
         attest, signature = esys.nv_certify(ak, nv, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                                             public.nvPublic.dataSize, 0, auth_handle=nv,
                                             session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
-    return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal())}
+    return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal()),
+            "nv_public": _b64(public.marshal())}
 
 
 TK_FILE = "tk.json"

@@ -76,7 +76,10 @@ class RunState:
                     # against an empty one that is thrown away.
                     self._scratch = tempfile.mkdtemp(prefix="tccdeploy-check-")
                     state = self._scratch
-                self._coordinator = Coordinator(result.perimeter, result.builds, state)
+                from ...config import note_embedded
+
+                note_embedded(state_dir(state))
+                self._coordinator = Coordinator.from_manifests(result, state)
             return self._coordinator
 
     def builds(self) -> list[Any]:

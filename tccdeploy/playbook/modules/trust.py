@@ -33,28 +33,29 @@ def _as_result(outcome: HostResult | dict[str, Any]) -> dict[str, Any]:
 
 @module("enroll")
 def enroll(ctx: Context) -> dict[str, Any]:
-    force = bool((ctx.args or {}).get("force", False))
     tc = ctx.tc
     known = tc.identity_summary(ctx.name)
     identity = ctx.session.call("tpm_identity", {"tcti": attestation.tcti_of(ctx.session)})
+    site = ctx.host.vars.get("tcc_site")
     try:
-        checked = tc.check_ek(base64.b64decode(identity["ek_certificate"]), base64.b64decode(identity["ek_public"]))
+        checked = tc.check_ek(base64.b64decode(identity["ek_certificate"]), base64.b64decode(identity["ek_public"]),
+                              ctx.name, str(site) if site else None)
     except enrollment.EnrollmentRefused as exc:
         return {"failed": True, "changed": False, "reason": exc.reason, "msg": f"{exc.reason}: {exc}"}
     fingerprint, manufacturer = checked["ek_fingerprint"], checked["manufacturer"]
     node = tc.node(ctx.name)
-    if known is not None and known["ek_fingerprint"] == fingerprint and not force and node and node["state"] != "retired":
+    if known is not None and known["ek_fingerprint"] == fingerprint and node and node["state"] != "retired":
         return {"changed": False, "enrolled": True, "manufacturer": known["manufacturer"], "ek_fingerprint": fingerprint}
     before = f"EK {known['ek_fingerprint']}\n" if known else "(not enrolled)\n"
     diff = {"before": before, "after": f"EK {fingerprint} ({manufacturer})\n", "before_header": f"{ctx.name} identity",
             "after_header": f"{ctx.name} identity"}
-    if known is not None and known["ek_fingerprint"] != fingerprint and not force:
+    if known is not None and known["ek_fingerprint"] != fingerprint:
         return {"failed": True, "changed": False, "reason": "ek.changed", "diff": diff,
-                "msg": f"ek.changed: {ctx.name} was enrolled with another TPM; re-enroll with `enroll: {{force: true}}` "
-                       "after checking the hardware"}
+                "msg": f"ek.changed: {ctx.name} was enrolled with another TPM; a changed TPM is the TC operator's "
+                       f"decision, after checking the hardware: tccdeploy tc nodes replace-tpm {ctx.name}"}
     if ctx.check:
         return {"changed": True, "diff": diff, "msg": f"would enroll (TPM from {manufacturer})"}
-    return _as_result(attestation.enroll(tc, force)(ctx.session)) | {"diff": diff}
+    return _as_result(attestation.enroll(tc)(ctx.session)) | {"diff": diff}
 
 
 @module("attest")

@@ -1,0 +1,320 @@
+"""`tccdeploy tc ...`: the TC operator's commands, run on the TC's machine against its state.
+
+The TC's operator is the third party TCCP trusts; these are the decisions only it takes: the
+TC's identity, which customers and engines may talk to it, which machines are inside the
+perimeter (the roster), letting a quarantined node back in, accepting a changed TPM, and
+publishing signed checkpoints of the audit log. None of them is reachable over the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..config import state_dir
+from ..tables import table
+
+MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
+
+
+def _when(timestamp: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
+
+
+def open_tc(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The embedded TC over this machine's state and the manifests given with -m (or $TCCDEPLOY_MANIFESTS)."""
+    from ..coordinator.service import Coordinator
+    from ..manifest.loader import load_manifests
+
+    paths = getattr(args, "manifests", None) or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
+    if not paths:
+        raise SystemExit(f"error: give the TC's manifests (perimeter, builds, rosters) with -m PATH (or set ${MANIFESTS_ENV})")
+    result = load_manifests(paths)
+    if result.perimeter is None:
+        raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)} (found {len(result.perimeters)})")
+    return Coordinator.from_manifests(result, args.state)
+
+
+def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from ..coordinator.service import registry_location
+    from ..coordinator.store import Registry
+
+    return Registry(registry_location(state_dir(args.state)))
+
+
+# -- identity ------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from ..coordinator import identity
+
+    state = state_dir(args.state)
+    ident, created = identity.init(state)
+    print(("created" if created else "exists") + f": TC identity in {state}")
+    print(f"fingerprint (SHA-256): {ident.fingerprint}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ..coordinator import identity
+
+    ident = identity.load(state_dir(args.state))
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(ident.bundle_pem)
+        print(f"wrote the TC's CA, key-wrapping and signing certificates to {args.output}")
+        print(f"fingerprint (SHA-256): {ident.fingerprint}")
+        return 0
+    if args.json:
+        print(json.dumps({"fingerprint": ident.fingerprint, "certificate": ident.pem,
+                          "subject": ident.certificate.subject.rfc4514_string()}))
+    else:
+        print(ident.pem, end="")
+        print(f"fingerprint (SHA-256): {ident.fingerprint}")
+    return 0
+
+
+# -- customers and engines -------------------------------------------------------------------
+def cmd_customers(args: argparse.Namespace) -> int:
+    from ..crypto import customer
+
+    registry = _registry(args)
+    try:
+        if args.action == "add":
+            if not args.name or not args.key:
+                print("usage: tccdeploy tc customers add NAME ed25519:KEY", file=sys.stderr)
+                return 2
+            public = customer.parse_public(args.key)
+            registry.add_customer(args.name, customer.public_text(public), customer.key_id(public))
+            print(f"customer {args.name} registered (key id {customer.key_id(public)})")
+            return 0
+        rows = [{"name": c["name"], "key_id": c["key_id"], "key": c["key"]} for c in registry.customers()]
+        print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['name']:<16} {r['key_id']}" for r in rows))
+        return 0
+    finally:
+        registry.close()
+
+
+def cmd_engines(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import hashes
+
+    from ..coordinator import identity, tls
+
+    state = state_dir(args.state)
+    registry = _registry(args)
+    try:
+        if args.action in ("add", "remove") and not args.name:
+            print(f"usage: tccdeploy tc engines {args.action} NAME", file=sys.stderr)
+            return 2
+        if args.action == "add":
+            folder = args.output or os.path.join(state, "engines", args.name)
+            cert = tls.engine_certificate(identity.load(state), args.name, folder)
+            registry.add_engine(args.name, format(cert.serial_number, "x"), cert.fingerprint(hashes.SHA256()).hex())
+            print(f"engine {args.name}: client certificate and key (0600) in {folder}; give that folder to the engine "
+                  f"(--engine-dir {folder}); it pins the TC's CA in tc-ca.pem")
+            return 0
+        if args.action == "remove":
+            if not registry.revoke_engine(args.name):
+                print(f"error: no active engine {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"engine {args.name} removed: its certificate is refused from now on")
+            return 0
+        rows = registry.engines()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(table([dict(r, added=_when(r["added"]), state="removed" if r["revoked"] else "active") for r in rows],
+                        [("name", "ENGINE"), ("state", "STATE"), ("serial", "CERTIFICATE SERIAL"), ("added", "ADDED")]))
+        return 0
+    finally:
+        registry.close()
+
+
+# -- the roster and the nodes ------------------------------------------------------------------
+def cmd_roster(args: argparse.Namespace) -> int:
+    from ..coordinator.refusals import Refused
+
+    tc = open_tc(args)
+    try:
+        if args.action == "list":
+            rows = [{"ek": e.ek, "site": e.site, "name": e.name, "capacity": e.capacity, "source": e.source}
+                    for e in tc.roster_entries()]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(table(rows, [("site", "SITE"), ("name", "NODE"), ("ek", "EK"), ("capacity", "CAPACITY"),
+                                   ("source", "FROM")]))
+            return 0
+        if args.action == "add":
+            if not args.site or not args.ek:
+                print("usage: tccdeploy tc roster add SITE EK [--name NODE] [--capacity N]", file=sys.stderr)
+                return 2
+            entry = tc.roster_add(args.ek, args.site, args.name, args.capacity)
+            print(f"roster: {entry.ek} is a machine of site {entry.site}" + (f", node {entry.name}" if entry.name else ""))
+            return 0
+        ek = args.site  # `roster remove EK`: the one positional is the EK
+        if not ek:
+            print("usage: tccdeploy tc roster remove EK", file=sys.stderr)
+            return 2
+        if not tc.roster_remove(ek):
+            print(f"error: {ek} is not on the roster (tc roster list shows it)", file=sys.stderr)
+            return 1
+        print(f"roster: {ek} removed; the node fails attestation (perimeter.not-in-roster) from its next round")
+        return 0
+    except (Refused, ValueError) as exc:
+        print(f"error: {getattr(exc, 'reason', 'roster')}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        tc.close()
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    tc = open_tc(args)
+    try:
+        if args.action == "release":
+            if not tc.release_node(args.node, args.note or ""):
+                row = tc.node(args.node)
+                print(f"error: {args.node} is {row['state'] if row else 'not in the registry'}, not quarantined",
+                      file=sys.stderr)
+                return 1
+            print(f"{args.node} released: enrolled again; it is admitted only after a fresh trusted attestation "
+                  "(tccdeploy attest --admit)")
+            return 0
+        if not tc.replace_tpm(args.node, args.note or ""):
+            print(f"error: {args.node} is not enrolled: nothing to replace", file=sys.stderr)
+            return 1
+        print(f"{args.node}: its TPM identity is gone and its certificates revoked; enroll it again (the new EK must be "
+              "on the roster)")
+        return 0
+    finally:
+        tc.close()
+
+
+# -- the audit log ---------------------------------------------------------------------------
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from ..coordinator import audit, identity
+
+    state = state_dir(args.state)
+    registry = _registry(args)
+    try:
+        checkpoint = audit.checkpoint(registry, identity.load(state))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        registry.close()
+    text = json.dumps(checkpoint, indent=2) + "\n"
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+        print(f"checkpoint {checkpoint['count']}:{checkpoint['head']} signed by the TC's audit key -> {args.output}")
+        print("publish it outside the TC; `tccdeploy audit verify --checkpoint FILE` proves the log still holds it")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# -- the service -------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..coordinator import identity
+    from ..coordinator.server import serve
+
+    host, _, port = (args.listen or "127.0.0.1:8443").rpartition(":")
+    if not host or not port.isdigit():
+        print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
+        return 2
+    coordinator = open_tc(args)
+    try:
+        ident = identity.load(coordinator.state)
+        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
+              "manifests; Ctrl-C or SIGTERM stops it", flush=True)
+        paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
+        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths)
+    finally:
+        coordinator.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def state(p: argparse.ArgumentParser, manifests: bool = False) -> None:
+        p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")
+        if manifests:
+            p.add_argument("-m", "--manifests", action="append", metavar="PATH",
+                           help=f"the TC's manifests: perimeter, builds, rosters (default ${MANIFESTS_ENV})")
+
+    p = sub.add_parser("tc", help="the trusted coordinator's operator: identity, roster, nodes, customers, engines, "
+                                  "audit, the HTTPS service",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="What only the TC's operator decides, on the TC's machine (never over the API).",
+                       epilog="examples:\n  tccdeploy tc init\n  tccdeploy tc roster add site1 sha256:ab12... --name node7 "
+                              "-m manifests/\n  tccdeploy tc nodes release node3 -m manifests/ --note 'fan replaced'\n"
+                              "  tccdeploy tc engines add ops-1 -o /tmp/ops-1\n"
+                              "  tccdeploy tc serve --listen 127.0.0.1:8443 -m .lab/manifests\n"
+                              "  tccdeploy tc audit checkpoint -o head.json")
+    tc = p.add_subparsers(dest="tc_command", metavar="ACTION", required=True)
+
+    q = tc.add_parser("init", help="create the TC's CA key (0600), its certificate and its purpose keys")
+    state(q)
+    q.set_defaults(func=cmd_init)
+    q = tc.add_parser("show", help="print the TC's certificate and fingerprint; -o FILE: the bundle customers seal to")
+    q.add_argument("-o", "--output", help="write the CA, key-wrapping and signing certificates here")
+    q.add_argument("--json", action="store_true")
+    state(q)
+    q.set_defaults(func=cmd_show)
+
+    q = tc.add_parser("roster", help="the machines inside the perimeter, by TPM EK: add SITE EK | remove EK | list",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="A node whose EK is on no site's roster is never enrolled: the engine's address and\n"
+                                  "site claims are not proof of where a machine is. EK: sha256: and the SHA-256 of the\n"
+                                  "EK certificate (DER) or public key (DER SubjectPublicKeyInfo). Entries in NodeRoster\n"
+                                  "manifests are listed too and changed in those files. Every change is audited.")
+    q.add_argument("action", choices=("add", "remove", "list"))
+    q.add_argument("site", nargs="?", metavar="SITE|EK", help="add: the site; remove: the EK")
+    q.add_argument("ek", nargs="?", metavar="EK", help="add: the EK fingerprint")
+    q.add_argument("--name", help="add: the node name this machine must enroll under")
+    q.add_argument("--capacity", type=int, help="add: how many VMs the TC lets run on it")
+    q.add_argument("--json", action="store_true")
+    state(q, manifests=True)
+    q.set_defaults(func=cmd_roster)
+
+    q = tc.add_parser("nodes", help="release a quarantined node, or accept that a node's TPM was replaced",
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      description="release NODE: a quarantined node becomes enrolled again; it is admitted only after a\n"
+                                  "fresh trusted attestation. replace-tpm NODE: forget the node's TPM identity (after\n"
+                                  "checking the hardware); it enrolls again with its new EK, which must be on the roster.")
+    q.add_argument("action", choices=("release", "replace-tpm"))
+    q.add_argument("node", metavar="NODE")
+    q.add_argument("--note", help="why, for the audit log")
+    state(q, manifests=True)
+    q.set_defaults(func=cmd_nodes)
+
+    q = tc.add_parser("customers", help="customers' signing keys: add NAME ed25519:KEY | list")
+    q.add_argument("action", nargs="?", choices=("add", "list"), default="list")
+    q.add_argument("name", nargs="?")
+    q.add_argument("key", nargs="?", metavar="ed25519:KEY")
+    q.add_argument("--json", action="store_true")
+    state(q)
+    q.set_defaults(func=cmd_customers)
+
+    q = tc.add_parser("engines", help="engines' client certificates: add NAME [-o DIR] | remove NAME | list")
+    q.add_argument("action", nargs="?", choices=("add", "remove", "list"), default="list")
+    q.add_argument("name", nargs="?")
+    q.add_argument("-o", "--output", help="add: the folder for the engine's certificate and key")
+    q.add_argument("--json", action="store_true")
+    state(q)
+    q.set_defaults(func=cmd_engines)
+
+    q = tc.add_parser("audit", help="checkpoint: the audit log's head signed by the TC's audit key, to publish")
+    q.add_argument("action", choices=("checkpoint",))
+    q.add_argument("-o", "--output", help="write the checkpoint here (default: standard output)")
+    state(q)
+    q.set_defaults(func=cmd_audit_checkpoint)
+
+    q = tc.add_parser("serve", help="the TC's HTTPS API for engines and customers")
+    q.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8443)")
+    q.add_argument("--name", action="append", metavar="DNS", help="another name the server certificate covers")
+    q.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    state(q, manifests=True)
+    q.set_defaults(func=cmd_serve)

@@ -1,0 +1,346 @@
+"""The TC decides from its own records: every refusal of the key broker, the roster, the
+quarantine, the launch and migration records and the customer's queries, each with its reason
+code, in seconds and without a lab (software nodes, real verifier, real SQLite)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import hashlib
+import time
+
+import pytest
+
+from tccdeploy.coordinator import roster
+from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_query
+from tccdeploy.coordinator.refusals import AdmissionRefused, Refused
+from tccdeploy.coordinator.roster import RosterEntry
+from tccdeploy.coordinator.store import Conflict
+
+from .attestkit import AssetTag
+from .brokerkit import World
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    w.customer("acme")
+    w.customer("mallory")
+    yield w
+    w.close()
+
+
+def reason(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(Refused) as info:
+        call(*args, **kwargs)
+    return info.value.reason
+
+
+def codes(verdict) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r["code"] for r in verdict.reasons]
+
+
+# -- the roster ------------------------------------------------------------------------------
+ENTRIES = [RosterEntry("sha256:" + "a" * 64, "site1", "n1"), RosterEntry("sha256:" + "b" * 64, "site2"),
+           RosterEntry("sha256:" + "c" * 64, "site1"), RosterEntry("sha256:" + "c" * 64, "site2")]
+
+
+@pytest.mark.parametrize("node, ek, claimed, code", [
+    ("n1", "d", None, "perimeter.not-in-roster"),
+    ("n2", "a", None, "perimeter.roster-name"),
+    ("n1", "a", "site2", "perimeter.roster-site"),
+    ("n3", "c", None, "perimeter.roster-conflict"),
+])
+def test_the_roster_refuses_what_it_does_not_place(node, ek, claimed, code):
+    assert reason(roster.check, ENTRIES, node, ("sha256:" + ek * 64,), claimed) == code
+
+
+def test_the_roster_places_a_named_and_an_unnamed_machine():
+    assert roster.check(ENTRIES, "n1", ("x", "sha256:" + "a" * 64), "site1").site == "site1"
+    assert roster.check(ENTRIES, "anything", ("sha256:" + "b" * 64,), None).site == "site2"
+    assert roster.normalize("SHA256:" + "AB:" * 31 + "AB") == "sha256:" + "ab" * 32
+    with pytest.raises(ValueError):
+        roster.normalize("sha256:1234")
+
+
+def test_a_node_taken_off_the_roster_fails_its_next_attestation(world):
+    world.node("n1")
+    ek = "sha256:" + hashlib.sha256(b"n1").hexdigest()
+    assert world.tc.roster_remove(ek)
+    verdict, _ = world.attest("n1")
+    assert codes(verdict) == ["perimeter.not-in-roster", "perimeter.no-site"]
+    assert world.tc.registry.node("n1")["state"] == "quarantined"
+
+
+def test_a_site_claim_against_the_roster_is_untrusted(world):
+    world.node("n1")
+    verdict, _ = world.attest("n1", claimed_site="site2")
+    assert codes(verdict) == ["perimeter.roster-site"]
+
+
+def test_the_operator_roster_refuses_unknown_sites_and_duplicates(world):
+    assert reason(world.tc.roster_add, "sha256:" + "e" * 64, "site9") == "roster.unknown-site"
+    world.tc.roster_add("sha256:" + "e" * 64, "site1", "n7")
+    assert reason(world.tc.roster_add, "sha256:" + "e" * 64, "site2") == "roster.duplicate"
+    assert reason(world.tc.roster_add, "sha256:" + "f" * 64, "site2", "n7") == "roster.duplicate"
+    kinds = [e["kind"] for e in world.tc.registry.audit_entries()]
+    assert kinds == ["roster.add"]
+
+
+# -- evidence: host key, asset tag ------------------------------------------------------------
+def test_evidence_without_an_ssh_host_key_is_untrusted(world):
+    world.node("n1")
+    node = world.nodes["n1"]
+    evidence = node.tpm.evidence(world.tc.nonce("n1"))
+    evidence.ssh_host_key = ""
+    verdict, _ = world.tc.verify("n1", "site1", "127.0.1.7", evidence)
+    assert codes(verdict) == ["node.ssh-host-key"]
+
+
+@pytest.mark.parametrize("tag, code", [
+    (AssetTag(attributes=AssetTag().attributes & ~0x40000000 | 0x2), "perimeter.asset-tag-index"),  # owner-made
+    (AssetTag(attributes=AssetTag().attributes & ~0x800), "perimeter.asset-tag-index"),  # not write-locked
+    (AssetTag(index=0x01500002), "perimeter.asset-tag-index"),  # another index
+    (AssetTag(name_of=0x01500002), "perimeter.asset-tag-index"),  # certified name is not the public's
+    (AssetTag(offset=1), "perimeter.asset-tag-index"),
+    (AssetTag(size=5), "perimeter.asset-tag-index"),  # a prefix of a longer tag
+    (AssetTag(nonce=bytes(32)), "perimeter.asset-tag-nonce"),
+    (AssetTag(value=b"site3-rack-z"), "perimeter.asset-tag"),
+])
+def test_a_forged_asset_tag_is_untrusted(world, tag, code):
+    world.node("n3", site="site2")
+    verdict, _ = world.attest("n3", tag=tag)
+    assert codes(verdict) == [code]
+
+
+def test_a_missing_asset_tag_is_untrusted(world):
+    world.node("n3", site="site2")
+    verdict, _ = world.attest("n3", tag=None)
+    assert codes(verdict) == ["perimeter.asset-tag"]
+
+
+# -- quarantine sticks ---------------------------------------------------------------------------
+def test_a_quarantined_node_is_admitted_again_only_after_the_operators_release(world):
+    world.node("n1")
+    verdict, _ = world.attest("n1", log_extra=[(4, b"rogue")])
+    assert codes(verdict) == ["build.unknown"] and world.tc.registry.node("n1")["state"] == "quarantined"
+    with pytest.raises((AdmissionRefused, Conflict)) as info:
+        world.admit("n1")
+    assert info.value.reason == "admit.quarantined"
+    assert world.tc.release_node("n1", "fixed") and world.tc.registry.node("n1")["state"] == "enrolled"
+    world.admit("n1")
+    assert world.tc.registry.node("n1")["state"] == "admitted"
+    assert not world.tc.release_node("n1")  # only a quarantined node is released
+
+
+def test_readmit_after_reboot_needs_a_higher_reset_count(world):
+    world.tc.perimeter = dataclasses.replace(world.tc.perimeter, attestation=dataclasses.replace(
+        world.tc.perimeter.attestation, readmit="after-reboot"))
+    world.node("n1")
+    world.attest("n1", log_extra=[(4, b"rogue")])
+    with pytest.raises(Conflict):
+        world.admit("n1")  # same boot: still out
+    world.nodes["n1"].tpm.reset += 1
+    world.admit("n1")
+    assert world.tc.registry.node("n1")["state"] == "admitted"
+
+
+def test_admission_on_an_attestation_older_than_the_quarantine_is_refused(world):
+    world.node("n1")
+    _, attestation = world.attest("n1")
+    world.tc.quarantine("n1", "operator.evict")
+    world.tc.release_node("n1")
+    certificate = dict(world.tc.registry.certificate("n1") or {}, attestation=attestation, serial="x", build="b")
+    with pytest.raises(Conflict) as info:
+        world.tc.registry.admit("n1", certificate)
+    assert info.value.reason == "admit.quarantined"
+
+
+# -- requests: the image's owner, one copy ------------------------------------------------------
+def test_requests_are_refused_with_their_reasons(world):
+    bundle = world.image("acme")
+    assert reason(world.tc.accept_request, world.request("acme", bundle, signer="mallory"), bundle) == "request.signature"
+    old = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    assert reason(world.tc.accept_request, world.request("acme", bundle, created=old), bundle) == "request.stale"
+    other = world.image("acme")
+    assert reason(world.tc.accept_request, world.request("acme", other), bundle) == "request.image"
+    legacy = world.image("acme", version=1)
+    assert reason(world.tc.accept_request, world.request("acme", legacy), legacy) == "request.image"
+    envelope = world.request("acme", bundle, name="web")
+    world.tc.accept_request(envelope, bundle)
+    assert reason(world.tc.accept_request, envelope, bundle) == "request.replayed"
+    assert reason(world.tc.accept_request, world.request("acme", bundle, name="web2"), bundle) == "request.vm-exists"
+    malformed = {"request": {"customer": "ed25519:AAAA"}, "signature": "!!"}
+    assert reason(world.tc.accept_request, malformed, bundle) == "request.signature"
+
+
+def test_another_customer_cannot_take_an_image_by_copying_its_sealed_key(world):
+    victim = world.image("acme")
+    stolen = world.image("mallory")
+    stolen["descriptor"] = dict(stolen["descriptor"], vm_id=victim["descriptor"]["vm_id"],
+                                wrapped_key=victim["descriptor"]["wrapped_key"], disk=victim["descriptor"]["disk"])
+    from tccdeploy.crypto.canonical import canonical
+
+    stolen["signature"] = base64.b64encode(world.keys["mallory"].sign(canonical(stolen["descriptor"]))).decode()
+    assert reason(world.tc.accept_request, world.request("mallory", stolen), stolen) == "request.image-owner"
+    world.tc.accept_request(world.request("acme", victim), victim)  # acme's own image is acme's
+    assert reason(world.tc.accept_request, world.request("mallory", stolen), stolen) == "request.image-owner"
+    assert [e["kind"] for e in world.tc.registry.audit_entries()] == ["request.refused", "request", "request.refused"]
+
+
+def test_a_vm_name_is_the_customers_once(world):
+    world.node("n1")
+    world.launched("acme", "n1", name="web")
+    bundle = world.image("acme")
+    assert reason(world.tc.accept_request, world.request("acme", bundle, name="web"), bundle) == "request.duplicate-vm"
+
+
+def test_a_launch_failed_after_its_release_blocks_the_image_until_the_node_reboots(world):
+    world.node("n1")
+    bundle = world.image("acme")
+    record = world.tc.accept_request(world.request("acme", bundle), bundle)
+    world.tc.release_key(record["id"], "n1")
+    world.tc.fail_request(record["id"])  # the engine says it failed: the node may run it all the same
+    assert reason(world.tc.accept_request, world.request("acme", bundle), bundle) == "request.vm-exists"
+    world.nodes["n1"].tpm.reset += 1  # a TPM reset proves every VM of the old boot gone
+    world.attest("n1")
+    world.tc.accept_request(world.request("acme", bundle), bundle)
+
+
+# -- key release -------------------------------------------------------------------------------
+def test_key_release_refusals(world):
+    world.node("n1")
+    world.node("n2", admit=False)
+    record = world.accepted("acme")
+    assert reason(world.tc.release_key, "nosuch", "n1") == "release.unknown-request"
+    assert reason(world.tc.release_key, record["id"], "n2") == "release.not-admitted"
+    assert reason(world.tc.release_key, record["id"], "n9") == "release.not-admitted"
+    policy = world.tc.perimeter.attestation
+    world.tc.perimeter = dataclasses.replace(world.tc.perimeter, attestation=dataclasses.replace(policy, max_quote_age=0))
+    time.sleep(0.01)
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.not-fresh"
+    world.tc.perimeter = dataclasses.replace(world.tc.perimeter, attestation=policy)
+    builds = world.tc.builds
+    world.tc.builds = [dataclasses.replace(b, status="revoked") for b in builds]  # a SIGHUP revoked the build
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.build-revoked"
+    world.tc.builds = builds
+    world.tc.registry.backend.transaction  # noqa: B018 - (the certificate expires below)
+    with world.tc.registry.transaction() as db:
+        db.execute("UPDATE certificates SET not_after = 0 WHERE node = 'n1'")
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.no-certificate"
+    world.admit("n1")
+    world.tc.release_key(record["id"], "n1")
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.already"
+    assert world.tc.registry.request(record["id"])["state"] == "released"
+
+
+def test_a_release_key_sealed_for_another_tc_is_refused(world, tmp_path):
+    world.node("n1")
+    bundle = world.image("acme")
+    record = world.tc.accept_request(world.request("acme", bundle), bundle)
+    with world.tc.registry.transaction() as db:  # the stored key altered after acceptance
+        db.execute("UPDATE requests SET wrapped_key = ? WHERE id = ?", (base64.b64encode(bytes(384)).decode(), record["id"]))
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.unwrap"
+
+
+@pytest.mark.parametrize("constraints, where, message", [
+    ({"sites": ["site2"]}, "site1", "site site1 not in"),
+    ({"builds": ["tvmm-2026.2"]}, "site1", "build tvmm-2026.1 not in"),
+    ({"minBuildVersion": "2026.2"}, "site1", "older than 2026.2"),
+])
+def test_a_release_outside_the_constraints_is_refused(world, constraints, where, message):
+    world.node("n1", site=where)
+    record = world.accepted("acme", constraints=constraints)
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(record["id"], "n1")
+    assert info.value.reason == "placement.constraint" and message in str(info.value)
+    assert world.tc.registry.request(record["id"])["state"] == "accepted"
+
+
+def test_anti_affinity_and_capacity_are_the_tcs(world):
+    world.node("n1")
+    world.launched("acme", "n1", constraints={"antiAffinityGroup": "db"})
+    record = world.accepted("acme", constraints={"antiAffinityGroup": "db"})
+    assert reason(world.tc.release_key, record["id"], "n1") == "placement.constraint"
+    ek = "sha256:" + hashlib.sha256(b"n1").hexdigest()
+    world.tc.roster_remove(ek)
+    world.tc.roster_add(ek, "site1", "n1", capacity=1)
+    other = world.accepted("acme")
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(other["id"], "n1")
+    assert info.value.reason == "placement.constraint" and "full (1/1 VMs)" in str(info.value)
+
+
+# -- launch records, receipts and VM state ----------------------------------------------------
+def test_a_launch_is_recorded_once_from_the_tcs_rows(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.accepted("acme")
+    release = world.tc.release_key(record["id"], "n1")
+    assert reason(world.tc.record_launch, release, "n2", {"running": True}) == "launch.no-release"
+    forged = dict(release, certificate_serial="beef", attestation=1)
+    receipt = world.tc.record_launch(forged, "n1", {"running": True})
+    assert receipt["receipt"]["node_certificate_serial"] == release["certificate_serial"]  # the TC's, not the engine's
+    assert receipt["receipt"]["customer"] == "acme" and receipt["receipt"]["tvmm_build"] == "tvmm-2026.1"
+    assert reason(world.tc.record_launch, release, "n1", {"running": True}) == "launch.replayed"
+    assert world.tc.registry.receipt(record["id"]) == receipt
+
+
+def test_vm_state_moves_only_forward(world):
+    world.node("n1")
+    record = world.launched("acme", "n1")
+    world.tc.set_vm_state(record["vm_id"], "stopped")
+    world.tc.set_vm_state(record["vm_id"], "running")
+    assert reason(world.tc.set_vm_state, record["vm_id"], "starting") == "vm.state-transition"
+    world.tc.set_vm_state(record["vm_id"], "destroyed")
+    assert reason(world.tc.set_vm_state, record["vm_id"], "running") == "vm.state-transition"
+    assert reason(world.tc.set_vm_state, "nosuch", "stopped") == "vm.state-transition"
+
+
+# -- migration ----------------------------------------------------------------------------------
+def test_migration_refusals(world):
+    world.node("n1")
+    world.node("n2")
+    world.node("n3", site="site2")
+    record = world.launched("acme", "n1", name="web", constraints={"sites": ["site1"]})
+    assert reason(world.tc.migration_begin, "nosuch", "n2") == "migrate.unknown-vm"
+    assert reason(world.tc.migration_begin, "web", "n1") == "migrate.same-node"
+    assert reason(world.tc.migration_begin, "web", "n3") == "placement.constraint"
+    begun = world.tc.migration_begin("web", "n2")
+    world.tc.quarantine("n2", "test")
+    assert reason(world.tc.migration_end, begun["migration"], record["vm_id"], True) == "migrate.destination-untrusted"
+    assert world.tc.vm("web")["node"] == "n1"
+    world.tc.migration_end(begun["migration"], record["vm_id"], False, "destination lost trust")
+    assert world.tc.vm("web")["node"] == "n1"
+
+
+# -- the customer's queries ------------------------------------------------------------------------
+def test_customer_queries_are_signed_fresh_and_used_once(world):
+    record = world.accepted("acme")
+    acme, mallory = world.keys["acme"], world.keys["mallory"]
+    query = sign_customer_query(acme, record["id"], "status")
+    assert check_customer_query(world.tc.registry, record["id"], "status", query["time"], query["signature"])["id"] \
+        == record["id"]
+    assert reason(check_customer_query, world.tc.registry, record["id"], "status", query["time"], query["signature"]) == "query.replayed"
+    assert reason(check_customer_query, world.tc.registry, "nosuch", "status", query["time"], query["signature"]) == "query.unknown-request"
+    other = sign_customer_query(mallory, record["id"], "status")
+    assert reason(check_customer_query, world.tc.registry, record["id"], "status", other["time"], other["signature"]) == "query.signature"
+    as_receipt = sign_customer_query(acme, record["id"], "status")
+    assert reason(check_customer_query, world.tc.registry, record["id"], "receipt", as_receipt["time"], as_receipt["signature"]) == "query.signature"
+    old = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=10)).isoformat(timespec="seconds")
+    stale = {"time": old, "signature": base64.b64encode(acme.sign(b"x")).decode()}
+    assert reason(check_customer_query, world.tc.registry, record["id"], "status", stale["time"], stale["signature"]) == "query.expired"
+    bad = {"time": "yesterday", "signature": "!!"}
+    assert reason(check_customer_query, world.tc.registry, record["id"], "status", bad["time"], bad["signature"]) == "query.signature"
+
+
+# -- the audit log holds every decision, signed ---------------------------------------------------
+def test_every_decision_is_audited_with_a_verifying_signature(world):
+    from tccdeploy.coordinator import audit
+
+    world.node("n1")
+    world.launched("acme", "n1")
+    kinds = [e["kind"] for e in world.tc.registry.audit_entries()]
+    assert kinds == ["attestation", "request", "key-release", "launch"]
+    assert audit.verify(world.tc.registry, tc=world.tc.identity()).ok
