@@ -77,7 +77,7 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
     from tccdeploy.coordinator.identity import load as tc_load
     from tccdeploy.crypto import customer as customers
     from tccdeploy.crypto import wrap
-    from tccdeploy.crypto.canonical import canonical
+    from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, signed_bytes
 
     tc_key = tc_load(state)
     node_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -112,7 +112,7 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
                 request = {"manifest": {"metadata": {"name": f"vm-{n}-{i}"}, "spec": {"vcpus": 1, "memoryMiB": 64}},
                            "id": secrets.token_hex(16), "created": now.isoformat(timespec="seconds"), "customer": public,
                            "image": {"vm_id": vm_id, "sha256": "00" * 32}}
-                envelope = {"request": request, "signature": base64.b64encode(key.sign(canonical(request))).decode()}
+                envelope = {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode()}
                 out[node].append(tc.accept_request(envelope, {"descriptor": descriptor})["id"])
     finally:
         tc.close()

@@ -151,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, LabError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        reason = getattr(exc, "reason", None)
+        if isinstance(reason, str):  # a refusal (the TC's, or a bundle's check): its code and why
+            print(f"refused: {reason}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         if os.environ.get("TCCDEPLOY_DEBUG"):
             raise
         print(f"unexpected error: {type(exc).__name__}: {exc} (set TCCDEPLOY_DEBUG=1 for the traceback)",

@@ -6,11 +6,14 @@ import os
 
 
 def state_dir(explicit: str | None = None) -> str:
-    """--state DIR, else $TCCDEPLOY_STATE, else ~/.local/state/tccdeploy (created 0700)."""
+    """--state DIR, else $TCCDEPLOY_STATE, else ~/.local/state/tccdeploy (created 0700, and made
+    0700 again if someone opened it up)."""
     path = explicit or os.environ.get("TCCDEPLOY_STATE") or os.path.join(
         os.path.expanduser("~"), ".local", "state", "tccdeploy"
     )
     os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_mode & 0o077:  # it holds the TC's keys and registry, or the engine's credentials
+        os.chmod(path, 0o700)
     return path
 
 

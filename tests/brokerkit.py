@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from tccdeploy.coordinator.identity import init as tc_init
 from tccdeploy.coordinator.service import Coordinator
 from tccdeploy.crypto import customer, wrap
-from tccdeploy.crypto.canonical import canonical
+from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, SEALED_IMAGE, signed_bytes
 from tccdeploy.manifest.loader import load_manifests
 
 from .attestkit import AssetTag, Node, enroll_software_node
@@ -132,7 +132,7 @@ class World:
                                                       wrap.sealed_label(vm_id, customer.key_id(key.public_key())))).decode(),
             "customer": {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())},
         }
-        return {"descriptor": descriptor, "signature": base64.b64encode(key.sign(canonical(descriptor))).decode()}
+        return {"descriptor": descriptor, "signature": base64.b64encode(key.sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()}
 
     def request(self, owner: str, bundle: dict[str, Any], name: str | None = None,
                 constraints: dict[str, Any] | None = None, created: datetime.datetime | None = None,
@@ -149,7 +149,7 @@ class World:
                    "created": (created or datetime.datetime.now(datetime.UTC)).isoformat(timespec="seconds"),
                    "customer": customer.public_text(self.keys[owner].public_key()),
                    "image": {"vm_id": descriptor["vm_id"], "sha256": descriptor["disk"]["sha256"]}}
-        return {"request": request, "signature": base64.b64encode(key.sign(canonical(request))).decode()}
+        return {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode()}
 
     def accepted(self, owner: str, **request_args: Any) -> dict[str, Any]:
         bundle = self.image(owner)

@@ -180,9 +180,9 @@ def test_another_customer_cannot_take_an_image_by_copying_its_sealed_key(world):
     stolen = world.image("mallory")
     stolen["descriptor"] = dict(stolen["descriptor"], vm_id=victim["descriptor"]["vm_id"],
                                 wrapped_key=victim["descriptor"]["wrapped_key"], disk=victim["descriptor"]["disk"])
-    from tccdeploy.crypto.canonical import canonical
+    from tccdeploy.crypto.canonical import SEALED_IMAGE, signed_bytes
 
-    stolen["signature"] = base64.b64encode(world.keys["mallory"].sign(canonical(stolen["descriptor"]))).decode()
+    stolen["signature"] = base64.b64encode(world.keys["mallory"].sign(signed_bytes(SEALED_IMAGE, stolen["descriptor"]))).decode()
     assert reason(world.tc.accept_request, world.request("mallory", stolen), stolen) == "request.image-owner"
     world.tc.accept_request(world.request("acme", victim), victim)  # acme's own image is acme's
     assert reason(world.tc.accept_request, world.request("mallory", stolen), stolen) == "request.image-owner"

@@ -182,3 +182,31 @@ def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_
             tc.close()
     finally:
         service.stop()
+
+
+def _post_routes(service) -> list[str]:  # type: ignore[no-untyped-def]
+    with service.client(cert=False) as client:
+        spec = client.get("/openapi.json").json()
+    return [path.replace("{name}", "node1").replace("{id}", "1").replace("{vm_id}", "v")
+            for path, ops in spec["paths"].items() if "post" in ops]
+
+
+def test_hostile_json_is_a_clear_400_on_every_route_never_a_500(examples_service):
+    """Nested 10,000 deep (the parser would recurse), NaN (not JSON), and a signed request with
+    fields missing or of the wrong type: each refused before any code reads it."""
+    before = dump(examples_service.state)
+    deep = b"[" * 10000 + b"]" * 10000
+    with examples_service.client() as client:
+        for path in _post_routes(examples_service):
+            response = client.post(path, content=deep, headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"] == "request.json-depth", (path, response.text)
+            response = client.post(path, content=b'{"node": NaN}', headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"] == "request.json", (path, response.text)
+        for body in ({"request": {}, "bundle": {}},
+                     {"request": {"request": {"id": [], "created": 123}, "signature": ""}, "bundle": {}},
+                     {"request": {"request": {"manifest": "x", "id": "0" * 32, "created": "", "customer": "",
+                                              "image": {}}, "signature": ""},
+                      "bundle": {"descriptor": {"vm_id": 5}, "signature": ""}}):
+            response = client.post("/v1/requests", json=body)
+            assert response.status_code == 400 and response.json()["error"] == "request.schema", response.text
+    assert dump(examples_service.state) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 import threading
 import time
 from collections import defaultdict
@@ -36,6 +37,40 @@ from .tls import engine_name
 from .wire import SCHEMAS, b64, evidence_from_wire, unb64
 
 MAX_BODY = 8 * 1024 * 1024  # an event log of a real machine is well under 1 MiB
+MAX_DEPTH = 400  # every body the TC takes is a few levels deep; deeper is only an attack on the parser
+_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def too_deep(body: bytes, limit: int) -> bool:
+    """Whether JSON text nests arrays and objects deeper than limit (strings skipped), checked
+    before parsing so no parser recurses into it. Only bodies with that many brackets at all
+    are scanned, and the scan stops at the first level past the limit."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped_at = 0, False, -1
+    for match in _STRUCTURE.finditer(body):
+        char, at = match.group(), match.start()
+        if in_string:
+            if at == escaped_at:  # the character after a backslash, whatever it is
+                continue
+            if char == b"\\":
+                escaped_at = at + 1
+            elif char == b'"':
+                in_string = False
+            continue
+        if char == b'"':
+            in_string = True
+        elif char in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -216,9 +251,12 @@ class Api:
             if size > self.max_body:
                 raise ApiError(413, "request.too-large", f"the body exceeds the limit of {self.max_body} bytes")
             chunks.append(chunk)
+        body = b"".join(chunks)
+        if too_deep(body, MAX_DEPTH):
+            raise ApiError(400, "request.json-depth", f"the body nests deeper than {MAX_DEPTH} levels")
         try:
-            data = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(body, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, "request.json", f"the body is not JSON: {exc}") from None
         try:
             _VALIDATORS[schema](data)

@@ -25,12 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..crypto.canonical import canonical, signed_bytes
+from ..crypto.canonical import AUDIT_CHECKPOINT, canonical, signed_bytes
 from .identity import Identity, purpose_certificate
 from .store import Registry
 
 GENESIS = "0" * 64
-DOMAIN = "audit-checkpoint"
+DOMAIN = AUDIT_CHECKPOINT
 
 
 def entry_hash(prev: str, entry: dict[str, Any]) -> str:

@@ -1,7 +1,11 @@
 """Enrollment: binding a node's attestation key to a genuine TPM, with no trust on first use.
 
-1. The EK certificate must chain to a manufacturer CA of the perimeter (signature and dates),
-   and its public key must be the EK the node presents.
+1. The EK certificate must chain to a manufacturer CA of the perimeter, through the
+   intermediates the manufacturer publishes (each a CA valid now), be an EK certificate by the
+   TCG's profile (check_ek_profile) and valid now, and its public key must be the EK the node
+   presents. Refusals: ek.certificate-malformed, ek.untrusted-manufacturer, ek.ca-invalid,
+   ek.ca-expired, ek.certificate-ca, ek.certificate-key-usage, ek.certificate-eku,
+   ek.certificate-expired, ek.key-mismatch.
 2. The AK must be a restricted, fixedTPM signing key.
 3. MakeCredential(EK, secret, AK name): only the TPM holding that EK *and* that AK can
    ActivateCredential and return the secret. The TC keeps only the secret's hash.
@@ -28,6 +32,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..manifest.models import Perimeter
 from . import roster, tpm2
@@ -38,6 +43,7 @@ from .verifier import perimeter_problems
 __all__ = ["Challenge", "EnrollmentRefused", "begin", "check_ak", "check_ek_certificate", "finish"]
 
 CHALLENGE_TTL = 120.0
+OID_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")  # tcg-kp-EKCertificate
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,18 @@ def _load_cert(data: bytes) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
     except ValueError as exc:
         raise EnrollmentRefused("ek.certificate-malformed", f"the EK certificate does not parse: {exc}") from None
+
+
+def _load_file(path: str | None) -> list[x509.Certificate]:
+    """The certificates in a CA file (PEM, possibly several, or one DER); none if unreadable."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+    except (OSError, ValueError):
+        return []
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -69,20 +87,73 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+MAX_CHAIN = 4  # root, a few intermediates: real vendors use one or two (Intel's On-Die CA, three)
+
+
+def _path(cert: x509.Certificate, anchors: list[x509.Certificate], intermediates: list[x509.Certificate]) \
+        -> list[x509.Certificate] | None:
+    """The CAs from cert's issuer up to an anchor (the anchor last), or None."""
+    path: list[x509.Certificate] = []
+    current = cert
+    for _ in range(MAX_CHAIN):
+        anchor = next((a for a in anchors if _signed_by(current, a)), None)
+        if anchor is not None:
+            return [*path, anchor]
+        parent = next((i for i in intermediates if i not in path and _signed_by(current, i)), None)
+        if parent is None:
+            return None
+        path.append(parent)
+        current = parent
+    return None
+
+
+def _extension(cert: x509.Certificate, kind: type) -> Any:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_ca(ca: x509.Certificate, now: datetime.datetime, name: str) -> None:
+    constraints = _extension(ca, x509.BasicConstraints)
+    usage = _extension(ca, x509.KeyUsage)
+    if constraints is None or not constraints.ca or (usage is not None and not usage.key_cert_sign):
+        raise EnrollmentRefused("ek.ca-invalid", f"{ca.subject.rfc4514_string()} in manufacturer {name}'s chain is not a "
+                                                 "CA certificate (basicConstraints CA:TRUE and keyCertSign)")
+    if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        raise EnrollmentRefused("ek.ca-expired", f"{ca.subject.rfc4514_string()} in manufacturer {name}'s chain is not "
+                                                 "valid now")
+
+
+def check_ek_profile(cert: x509.Certificate, rsa_ek: bool) -> None:
+    """What the TCG EK Credential Profile makes an EK certificate, as real verifiers check it
+    (go-attestation, Canonical's secboot): an end entity (not a CA), whose key usage, if given,
+    lets it encrypt (keyEncipherment for RSA, keyAgreement for ECC), and whose extended key
+    usage, if given, names tcg-kp-EKCertificate (2.23.133.8.1) or anyExtendedKeyUsage. Many EK
+    certificates carry no EKU extension; that is accepted, as those verifiers accept it."""
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise EnrollmentRefused("ek.certificate-ca", "the EK certificate is a CA certificate, not an EK's")
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and not (usage.key_encipherment if rsa_ek else usage.key_agreement):
+        raise EnrollmentRefused("ek.certificate-key-usage", "the EK certificate's key usage does not allow "
+                                                            + ("keyEncipherment" if rsa_ek else "keyAgreement"))
+    usages = _extension(cert, x509.ExtendedKeyUsage)
+    if usages is not None and not ({OID_EK_CERTIFICATE, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(usages)):
+        raise EnrollmentRefused("ek.certificate-eku", "the EK certificate's extended key usage does not name "
+                                                      "tcg-kp-EKCertificate (2.23.133.8.1): it is not an EK certificate")
+
+
 def check_ek_certificate(perimeter: Perimeter, ek_cert_der: bytes, ek: tpm2.Public) -> str:
     """The manufacturer CA's name when the certificate is genuine and is the EK's; else refuse."""
     cert = _load_cert(ek_cert_der)
     now = datetime.datetime.now(datetime.UTC)
     issuer_name = None
     for ca in perimeter.manufacturer_cas:
-        try:
-            with open(ca.certificate, "rb") as fh:
-                ca_cert = _load_cert(fh.read())
-        except OSError:
-            continue
-        if _signed_by(cert, ca_cert):
-            if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
-                raise EnrollmentRefused("ek.ca-expired", f"manufacturer CA {ca.name} is not valid now")
+        path = _path(cert, _load_file(ca.certificate), _load_file(ca.intermediates))
+        if path is not None:
+            for link in path:
+                _check_ca(link, now, ca.name)
             issuer_name = ca.name
             break
     if issuer_name is None:
@@ -91,6 +162,7 @@ def check_ek_certificate(perimeter: Perimeter, ek_cert_der: bytes, ek: tpm2.Publ
             f"the EK certificate (issuer {cert.issuer.rfc4514_string()}) does not chain to a manufacturer CA of "
             f"perimeter {perimeter.name}",
         )
+    check_ek_profile(cert, ek.type == tpm2.ALG_RSA)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise EnrollmentRefused("ek.certificate-expired", "the EK certificate is outside its validity dates")
     public = cert.public_key()

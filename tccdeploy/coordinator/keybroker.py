@@ -34,7 +34,7 @@ from typing import Any
 from cryptography import x509
 
 from ..crypto import customer, wrap
-from ..crypto.canonical import canonical
+from ..crypto.canonical import CUSTOMER_QUERY, PLACEMENT_REQUEST, signed_bytes
 from ..manifest.models import Perimeter, TVMMBuild
 from . import constraints
 from .identity import Identity
@@ -63,7 +63,7 @@ def accept(registry: Registry, tc: Identity, envelope: dict[str, Any], bundle: d
     if owner is None:
         raise Refused("request.signature", "the request is signed by a key no customer registered (tc customers add)")
     try:
-        public.verify(signature, canonical(request))
+        public.verify(signature, signed_bytes(PLACEMENT_REQUEST, request))
     except Exception:  # noqa: BLE001
         raise Refused("request.signature", "the request's signature does not verify") from None
     try:
@@ -127,7 +127,7 @@ def check_customer_query(registry: Registry, request_id: str, op: str, when: str
         raise Refused("query.expired", "the query was signed more than five minutes from now; sign it again")
     try:
         customer.parse_public(owner["key"] if owner else "").verify(
-            signed, canonical({"op": op, "request": request_id, "time": when}))
+            signed, signed_bytes(CUSTOMER_QUERY, {"op": op, "request": request_id, "time": when}))
     except Exception:  # noqa: BLE001
         raise Refused("query.signature", "the query is not signed by the customer who made the request") from None
     if not registry.use_once(hashlib.sha256(signed).hexdigest(), f"query:{request_id}", QUERY_MAX_SKEW * 2):
@@ -138,7 +138,7 @@ def check_customer_query(registry: Registry, request_id: str, op: str, when: str
 def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
     """The customer's side of check_customer_query."""
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    signature = key.sign(canonical({"op": op, "request": request_id, "time": when}))
+    signature = key.sign(signed_bytes(CUSTOMER_QUERY, {"op": op, "request": request_id, "time": when}))
     return {"time": when, "signature": base64.b64encode(signature).decode()}
 
 

@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..crypto.canonical import signed_bytes
+from ..crypto.canonical import LAUNCH_RECEIPT, signed_bytes
 from .identity import Identity, purpose_certificate
 
 KIND = "tccdeploy-launch-receipt"
-DOMAIN = "launch-receipt"
+DOMAIN = LAUNCH_RECEIPT
 
 
 class ReceiptError(Exception):

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..crypto.files import atomic_write
 from .identity import Identity
 
 ENGINE_OU = "tccdeploy engine"
@@ -27,11 +28,7 @@ ENGINE_DAYS = 365
 
 
 def _write(path: str, data: bytes, secret: bool) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, data, 0o600 if secret else 0o644)
 
 
 def _leaf(tc: Identity, common_name: str, unit: str, usage: x509.ObjectIdentifier, days: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from ..crypto.bundle import HEX32, HEX64, SIGNED_DESCRIPTOR
 from .verifier import Evidence, Verdict
 
 B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4 * 1024 * 1024}
@@ -20,6 +21,27 @@ HOST_KEY = {"type": "string", "minLength": 1, "maxLength": 256}  # required: a n
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+def _placement_request() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The PlacementRequest manifest's published schema, and its $defs (hoisted to the body's root)."""
+    import json
+    from importlib import resources
+
+    schema = json.loads(resources.files("tccdeploy.schemas").joinpath("placementrequest.schema.json").read_text())
+    defs = schema.pop("$defs")
+    return {k: v for k, v in schema.items() if k not in ("$schema", "$id")}, defs
+
+
+_MANIFEST, _MANIFEST_DEFS = _placement_request()
+# A customer's signed request and signed image descriptor, typed to the last field: whatever
+# arrives at the TC unauthenticated is shaped before any code reads it.
+SIGNED_REQUEST = _object({
+    "request": _object({"manifest": _MANIFEST, "id": HEX32, "created": {"type": "string", "maxLength": 64},
+                        "customer": {"type": "string", "maxLength": 128},
+                        "image": _object({"vm_id": HEX32, "sha256": HEX64}, ["vm_id", "sha256"])},
+                       ["manifest", "id", "created", "customer", "image"]),
+    "signature": B64}, ["request", "signature"])
 
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -46,7 +68,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "EkCheck": _object({"ek_certificate": B64, "ek_public": B64, "node": NODE,
                         "site": {"type": ["string", "null"], "maxLength": 128}}, ["ek_certificate", "ek_public"]),
     "PerimeterCheck": _object({"site": {"type": ["string", "null"], "maxLength": 128}, "address": SHORT}, ["address"]),
-    "RequestSubmit": _object({"request": {"type": "object"}, "bundle": {"type": "object"}}, ["request", "bundle"]),
+    "RequestSubmit": _object({"request": SIGNED_REQUEST, "bundle": SIGNED_DESCRIPTOR}, ["request", "bundle"])
+    | {"$defs": _MANIFEST_DEFS},
     "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
     "Release": _object({"node": NODE}, ["node"]),
     "Launched": _object({"node": NODE, "status": {"type": "object"}}, ["node", "status"]),

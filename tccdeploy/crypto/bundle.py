@@ -21,13 +21,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import fastjsonschema
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import customer
-from .canonical import canonical
+from .canonical import SEALED_IMAGE, signed_bytes
 from .files import sha256_file
 from .wrap import sealed_label, wrap
 
@@ -44,6 +45,31 @@ class BundleError(Exception):
 
 # 2: the sealed key's OAEP label binds the customer's key id as well as the VM id.
 DESCRIPTOR_VERSION = 2
+
+
+def _strict(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 64 * 1024}
+# The signed descriptor's shape, to the last field: one definition for the customer's tools
+# (load, inspect) and for the TC's API, which takes it from anyone.
+SIGNED_DESCRIPTOR = _strict({
+    "descriptor": _strict({
+        "type": {"const": "tccdeploy-sealed-image"}, "version": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "vm_id": HEX32, "name": {"type": "string", "maxLength": 128},
+        "disk": _strict({"file": {"type": "string", "maxLength": 255}, "sha256": HEX64,
+                         "size": {"type": "integer", "minimum": 0}, "virtual_size": {"type": "integer", "minimum": 0},
+                         "format": {"type": "string", "maxLength": 64}}, ["file", "sha256", "size"]),
+        "wrapped_key": _B64, "created": {"type": "string", "maxLength": 64},
+        "tc": _strict({"ca_sha256": HEX64, "wrap_sha256": HEX64}, ["ca_sha256", "wrap_sha256"]),
+        "customer": _strict({"key": {"type": "string", "maxLength": 128}, "id": {"type": "string", "maxLength": 64}},
+                            ["key", "id"])},
+        ["type", "version", "vm_id", "disk", "wrapped_key", "customer"]),
+    "signature": _B64}, ["descriptor", "signature"])
+_check_shape = fastjsonschema.compile(SIGNED_DESCRIPTOR)
 
 
 @dataclass(frozen=True)
@@ -141,7 +167,8 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
         "customer": {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())},
     }
     del kvm, passphrase
-    envelope = {"descriptor": descriptor, "signature": base64.b64encode(key.sign(canonical(descriptor))).decode()}
+    envelope = {"descriptor": descriptor,
+                "signature": base64.b64encode(key.sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()}
     with open(os.path.join(out, DESCRIPTOR), "w") as fh:
         json.dump(envelope, fh, indent=2)
     return descriptor
@@ -153,7 +180,7 @@ def verify_descriptor(envelope: dict[str, Any]) -> dict[str, Any]:
     try:
         descriptor, signature = envelope["descriptor"], base64.b64decode(envelope["signature"], validate=True)
         public = customer.parse_public(descriptor["customer"]["key"])
-        public.verify(signature, canonical(descriptor))
+        public.verify(signature, signed_bytes(SEALED_IMAGE, descriptor))
     except (KeyError, TypeError, ValueError, customer.CustomerKeyError):
         raise BundleError("bundle.descriptor", "the image descriptor is malformed") from None
     except Exception:  # noqa: BLE001 - InvalidSignature
@@ -166,8 +193,11 @@ def load(bundle: str, check_disk: bool = True) -> dict[str, Any]:
     try:
         with open(os.path.join(bundle, DESCRIPTOR)) as fh:
             envelope = json.load(fh)
+        _check_shape(envelope)
         descriptor = envelope["descriptor"]
         customer.parse_public(descriptor["customer"]["key"])
+    except fastjsonschema.JsonSchemaValueException as exc:
+        raise BundleError("bundle.descriptor", f"{bundle}'s descriptor is malformed: {exc.message}") from None
     except (OSError, ValueError, KeyError, TypeError, customer.CustomerKeyError) as exc:
         raise BundleError("bundle.descriptor", f"{bundle} has no valid descriptor: {exc}") from None
     verify_descriptor(envelope)

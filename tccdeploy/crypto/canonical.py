@@ -16,5 +16,13 @@ def canonical(document: dict[str, Any]) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+# The kinds of signed document, one domain each.
+SEALED_IMAGE = "sealed-image"          # the customer's image descriptor
+PLACEMENT_REQUEST = "placement-request"  # the customer's request
+CUSTOMER_QUERY = "customer-query"      # the customer's status and receipt queries
+LAUNCH_RECEIPT = "launch-receipt"      # the TC's receipt
+AUDIT_CHECKPOINT = "audit-checkpoint"  # the TC's signed audit head
+
+
 def signed_bytes(domain: str, document: dict[str, Any]) -> bytes:
     return b"tccdeploy/" + domain.encode() + b"\x00" + canonical(document)

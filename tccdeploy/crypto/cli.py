@@ -53,9 +53,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.bundle}: sealed image {d['name']} (signature verified{', disk digest verified' if not args.no_disk else ''})")
     for label, value in (("vm id", d["vm_id"]), ("disk", f"{d['disk']['file']} sha256 {d['disk']['sha256']}"),
-                         ("size", f"{d['disk']['size']} bytes ({d['disk']['virtual_size']} virtual)"),
-                         ("created", d["created"]), ("customer key id", d["customer"]["id"]),
-                         ("TC CA sha256", d["tc"]["ca_sha256"]), ("Kvm", "wrapped to the TC (RSA-OAEP-SHA256)")):
+                         ("size", f"{d['disk']['size']} bytes ({d['disk'].get('virtual_size', '?')} virtual)"),
+                         ("created", d.get("created", "-")), ("customer key id", d["customer"]["id"]),
+                         ("TC CA sha256", d.get("tc", {}).get("ca_sha256", "-")),
+                         ("Kvm", "wrapped to the TC (RSA-OAEP-SHA256, label: VM id and customer key id)")):
         print(f"  {label + ':':<17} {value}")
     return 0
 
@@ -64,7 +65,7 @@ def sign_request(request_path: str, key_path: str) -> dict:
     """A signed, single-use placement request naming the sealed image it launches."""
     from ..manifest.loader import load_manifests
     from . import bundle, customer
-    from .canonical import canonical
+    from .canonical import PLACEMENT_REQUEST, signed_bytes
 
     result = load_manifests([request_path])
     if len(result.requests) != 1:
@@ -80,7 +81,7 @@ def sign_request(request_path: str, key_path: str) -> dict:
         "customer": customer.public_text(key.public_key()),
         "image": {"vm_id": envelope_bundle["descriptor"]["vm_id"], "sha256": envelope_bundle["descriptor"]["disk"]["sha256"]},
     }
-    return {"request": request, "signature": base64.b64encode(key.sign(canonical(request))).decode(),
+    return {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode(),
             "bundle": os.path.abspath(bundle_dir)}
 
 

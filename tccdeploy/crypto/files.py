@@ -11,3 +11,27 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write path as a whole or not at all: a fresh temporary file beside it (O_EXCL: never an
+    existing file, O_NOFOLLOW: never through a symlink someone planted), mode set at creation
+    (a secret is never readable by others, not even for a moment), then renamed over path."""
+    import os
+    import secrets
+
+    tmp = f"{path}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # whatever the umask took away
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

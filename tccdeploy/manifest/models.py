@@ -40,8 +40,9 @@ class Site:
 @dataclass(frozen=True)
 class ManufacturerCA:
     name: str
-    certificate: str  # absolute path
+    certificate: str  # absolute path: the root, the trust anchor
     sha256: str | None = None
+    intermediates: str | None = None  # absolute path: a PEM bundle of intermediate CAs
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Perimeter:
             for s in spec["sites"]
         )
         cas = tuple(
-            ManufacturerCA(c["name"], os.path.join(base_dir, c["certificate"]), c.get("sha256"))
+            ManufacturerCA(c["name"], os.path.join(base_dir, c["certificate"]), c.get("sha256"),
+                           os.path.join(base_dir, c["intermediates"]) if "intermediates" in c else None)
             for c in spec["manufacturerCAs"]
         )
         a = spec["attestation"]

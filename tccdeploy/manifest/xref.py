@@ -82,6 +82,8 @@ def perimeters(result: LoadResult) -> list[Problem]:
                         ))
         for i, ca in enumerate(perimeter.manufacturer_cas):
             problems += _check_ca(doc, ("spec", "manufacturerCAs", i, "certificate"), ca.certificate, ca.sha256)
+            if ca.intermediates is not None:
+                problems += _check_intermediates(doc, ("spec", "manufacturerCAs", i, "intermediates"), ca.intermediates)
     return problems
 
 
@@ -113,6 +115,30 @@ def rosters(result: LoadResult, perimeter) -> list[Problem]:  # type: ignore[no-
                                                     f"node name {node['name']!r} is listed twice (also "
                                                     f"{seen_name[node['name']]})", "give each machine its own name"))
                     seen_name.setdefault(node["name"], where)
+    return problems
+
+
+def _check_intermediates(doc, path, file: str) -> list[Problem]:  # type: ignore[no-untyped-def]
+    """xref.ca-missing, xref.ca-invalid, xref.ca-not-ca for an intermediates bundle."""
+    if not os.path.isfile(file):
+        return [doc.problem(path, "xref.ca-missing", f"intermediate CA bundle {file} does not exist",
+                            "the path is relative to the perimeter file; put the vendor's intermediate CAs (PEM) there")]
+    try:
+        with open(file, "rb") as fh:
+            certs = x509.load_pem_x509_certificates(fh.read(4 * 1024 * 1024))
+    except ValueError as exc:
+        return [doc.problem(path, "xref.ca-invalid", f"{file} is not a PEM bundle of certificates ({exc})",
+                            "give the intermediate CA certificates in PEM form, one after the other")]
+    problems = []
+    for cert in certs:
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            problems.append(doc.problem(path, "xref.ca-not-ca", f"{cert.subject.rfc4514_string()} in {file} is not a CA "
+                                                                "certificate (no basicConstraints CA:TRUE)",
+                                        "keep only the manufacturer's intermediate CA certificates in the bundle"))
     return problems
 
 

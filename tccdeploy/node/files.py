@@ -16,7 +16,7 @@ import re
 import stat
 from typing import Any
 
-from ..crypto.files import sha256_file
+from ..crypto.files import atomic_write, sha256_file
 from .ops import OpError, op
 
 BUILD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -119,9 +119,5 @@ def boot_set_next(boot_dir: str, build: str) -> dict[str, Any]:
     """Make build the next boot (atomically); refuse a build whose folder is missing."""
     if not BUILD_NAME.match(build) or not os.path.isdir(os.path.join(boot_dir, build)):
         raise OpError(f"build {build!r} is not installed in {boot_dir}")
-    staged = os.path.join(boot_dir, ".next.tmp")
-    with open(staged, "w") as fh:
-        fh.write(build + "\n")
-    os.chmod(staged, 0o644)
-    os.replace(staged, os.path.join(boot_dir, "next"))
+    atomic_write(os.path.join(boot_dir, "next"), (build + "\n").encode(), 0o644)
     return {"next": build}

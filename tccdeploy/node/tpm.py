@@ -15,6 +15,7 @@ import secrets
 from contextlib import contextmanager
 from typing import Any
 
+from ..crypto.files import atomic_write
 from .ops import OpError, enable_site_packages, node_dir, op
 
 EK_RSA_CERT_INDEX = 0x01C00002
@@ -164,11 +165,7 @@ def ak_create(tcti: str, **_: Any) -> dict[str, Any]:
 
         handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
         handles.append(handle)
-    path = os.path.join(node_dir(), AK_PENDING_FILE)
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"unique": _b64(unique)}, fh)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(node_dir(), AK_PENDING_FILE), json.dumps({"unique": _b64(unique)}).encode())
     return {"changed": True, "ak_public": _b64(public.marshal())}
 
 
@@ -292,12 +289,8 @@ def tk_create(tcti: str, bank: str, pcrs: list[int], nonce: str, **_: Any) -> di
 
         attest, signature = esys.certify(tk, ak, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                                          session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
-    path = os.path.join(node_dir(), TK_FILE)
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank,
-                   "pcrs": sorted(pcrs)}, fh)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(node_dir(), TK_FILE), json.dumps({
+        "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs)}).encode())
     return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
             "signature": _b64(signature.marshal())}
 

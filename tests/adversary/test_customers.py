@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tccdeploy.crypto import customer
-from tccdeploy.crypto.canonical import canonical
+from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, SEALED_IMAGE, signed_bytes
 
 from .conftest import World, read_json, refused
 
@@ -33,8 +33,8 @@ def _copied(world: World, victim_bundle: Path, thief: str, name: str) -> dict:
                "customer": customer.public_text(key.public_key()),
                "image": {"vm_id": victim["vm_id"], "sha256": victim["disk"]["sha256"]}}
     sign = key.sign
-    return {"request": {"request": request, "signature": base64.b64encode(sign(canonical(request))).decode()},
-            "bundle": {"descriptor": descriptor, "signature": base64.b64encode(sign(canonical(descriptor))).decode()}}
+    return {"request": {"request": request, "signature": base64.b64encode(sign(signed_bytes(PLACEMENT_REQUEST, request))).decode()},
+            "bundle": {"descriptor": descriptor, "signature": base64.b64encode(sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()}}
 
 
 def _launched(world: World, owner: str, name: str, constraints: str = "{}") -> tuple[str, Path, str]:
