@@ -31,16 +31,18 @@ from tccdeploy.coordinator.identity import load as tc_load  # noqa: E402
 from tccdeploy.coordinator.service import Coordinator  # noqa: E402
 from tccdeploy.crypto import bundle as bundles  # noqa: E402
 from tccdeploy.crypto import customer  # noqa: E402
-from tccdeploy.crypto.cli import sign_request  # noqa: E402
+from tccdeploy.crypto.request import sign_request  # noqa: E402
 from tccdeploy.crypto.stream import Encryptor  # noqa: E402
 from tccdeploy.engine.attestation import attest, enroll  # noqa: E402
 from tccdeploy.engine.enforce import enforce_round  # noqa: E402
 from tccdeploy.engine.launch import launch  # noqa: E402
 from tccdeploy.engine.migrate import migrate  # noqa: E402
 from tccdeploy.engine.runner import Engine  # noqa: E402
-from tccdeploy.inventory import load_inventory  # noqa: E402
 from tccdeploy.lab.lab import Lab  # noqa: E402
-from tccdeploy.manifest.loader import load_manifests  # noqa: E402
+from tccdeploy.manifest.loader import (
+    load_inventory,  # noqa: E402
+    load_manifests,  # noqa: E402
+)
 from tccdeploy.node.qmp import QMP  # noqa: E402
 
 

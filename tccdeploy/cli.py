@@ -116,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommand groups that live with their subsystem (lab, engine, coordinator...)."""
+    from .commands.apply import register as playbook_register
+    from .commands.customer import register as customer_register
+    from .commands.engine import register as engine_register
+    from .commands.lab import register as lab_register
+    from .commands.provider import register as coordinator_register
     from .commands.tc import register as tc_register
-    from .coordinator.cli import register as coordinator_register
-    from .crypto.cli import register as customer_register
-    from .engine.cli import register as engine_register
-    from .lab.cli import register as lab_register
-    from .playbook.cli import register as playbook_register
 
     return [engine_register, coordinator_register, tc_register, customer_register, playbook_register, lab_register]
 

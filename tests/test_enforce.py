@@ -16,15 +16,14 @@ from tccdeploy.coordinator.identity import init as tc_init
 from tccdeploy.coordinator.service import Coordinator
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer
-from tccdeploy.crypto.cli import sign_request
+from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.enforce import enforce_round
 from tccdeploy.engine.launch import launch
 from tccdeploy.engine.runner import Engine
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab import procs
 from tccdeploy.lab.lab import Lab
-from tccdeploy.manifest.loader import load_manifests
+from tccdeploy.manifest.loader import load_inventory, load_manifests
 
 pytestmark = pytest.mark.slow
 

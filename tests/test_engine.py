@@ -16,8 +16,8 @@ import pytest
 from tccdeploy.engine.bundle import helper_bundle
 from tccdeploy.engine.helper import RemoteError
 from tccdeploy.engine.runner import Engine, exit_code
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tccdeploy.inventory import load_inventory
 from tccdeploy.inventory.patterns import PatternError
+from tccdeploy.manifest.loader import load_inventory
 from tccdeploy.manifest.problems import ManifestError
 
 HERE = Path(__file__).resolve().parent

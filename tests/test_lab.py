@@ -267,6 +267,7 @@ def test_cli_status_and_faults(lab: Lab, lab_node):
 
 
 def test_cli_defaults_match_the_lab():
-    from tccdeploy.lab import cli, lab
+    from tccdeploy.commands import lab as cli
+    from tccdeploy.lab import lab
 
     assert (cli.DEFAULT_BUILD, cli.SSH_PORT, cli.TPM_PORT) == (lab.DEFAULT_BUILD, lab.SSH_PORT, lab.TPM_PORT)

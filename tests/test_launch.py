@@ -18,13 +18,13 @@ from tccdeploy.coordinator.receipts import ReceiptError
 from tccdeploy.coordinator.receipts import verify as verify_receipt
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer, wrap
-from tccdeploy.crypto.cli import sign_request
+from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.helper import RemoteError
 from tccdeploy.engine.launch import launch, upload_disk
 from tccdeploy.engine.runner import Engine
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 
 from .tcworld import coordinator_with_customer  # noqa: E402
 

@@ -13,15 +13,15 @@ from tccdeploy.coordinator import audit
 from tccdeploy.coordinator.keybroker import Refused
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer
-from tccdeploy.crypto.cli import sign_request
+from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.enforce import enforce_round
 from tccdeploy.engine.launch import launch
 from tccdeploy.engine.runner import Engine, Session
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab import procs
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 from tccdeploy.node.qmp import QMP
 
 from .tcworld import coordinator_with_customer  # noqa: E402

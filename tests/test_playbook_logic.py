@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tccdeploy.commands.apply import parse_extra_vars
 from tccdeploy.playbook.callback import banner
-from tccdeploy.playbook.cli import parse_extra_vars
 from tccdeploy.playbook.conditions import ConditionError, evaluate
 from tccdeploy.playbook.model import batches
 from tccdeploy.playbook.runner import selected

@@ -12,12 +12,12 @@ import pytest
 
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer
-from tccdeploy.crypto.cli import sign_request
+from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.runner import Engine
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab import procs
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 
 from .conftest import REPO
 from .helpers_apply import ansible_playbook, apply, recap

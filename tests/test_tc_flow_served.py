@@ -14,8 +14,8 @@ import pytest
 
 from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.runner import Engine
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 
 from .tcservice import BIN, Service
 

@@ -158,7 +158,7 @@ def test_a_launch_goes_on_with_the_other_replica_and_the_key_is_released_once(la
 
     from tccdeploy.engine import migrate as migrating
     from tccdeploy.engine.runner import Engine
-    from tccdeploy.inventory import load_inventory
+    from tccdeploy.manifest.loader import load_inventory
 
     from .tcservice import BIN
 

@@ -26,17 +26,10 @@ def _when(timestamp: float | None) -> str:
 
 
 def open_tc(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The embedded TC over this machine's state and the manifests given with -m (or $TCCDEPLOY_MANIFESTS)."""
-    from ..coordinator.service import Coordinator
-    from ..manifest.loader import load_manifests
+    """The TC itself, over this machine's state and its manifests: the operator's commands act on it."""
+    from .provider import open_tc as open_any
 
-    paths = getattr(args, "manifests", None) or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
-    if not paths:
-        raise SystemExit(f"error: give the TC's manifests (perimeter, builds, rosters) with -m PATH (or set ${MANIFESTS_ENV})")
-    result = load_manifests(paths)
-    if result.perimeter is None:
-        raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)} (found {len(result.perimeters)})")
-    return Coordinator.from_manifests(result, args.state)
+    return open_any(args, operator=True)
 
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -74,12 +74,14 @@ def _load_file(path: str | None) -> list[x509.Certificate]:
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
-    key = issuer.public_key()
+    key, algorithm = issuer.public_key(), cert.signature_hash_algorithm
+    if algorithm is None:
+        return False
     try:
         if isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
         elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
         else:
             return False
     except Exception:  # noqa: BLE001 - any failure is "not signed by this CA"

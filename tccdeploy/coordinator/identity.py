@@ -123,7 +123,8 @@ def _make_purpose_key(state: str, purpose: str, ca_key: ec.EllipticCurvePrivateK
     """A signing key for one purpose, certified by the CA with that purpose's EKU only."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    name = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    value = ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    name = value.decode() if isinstance(value, bytes) else value
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {purpose} signing")]))

@@ -12,7 +12,7 @@ import base64
 import os
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 
 from ..config import state_dir
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
@@ -128,7 +128,7 @@ class Coordinator:
             def __enter__(self) -> None:
                 return None
 
-            def __exit__(self, kind_, exc, tb) -> bool:
+            def __exit__(self, kind_, exc, tb) -> Literal[False]:
                 if isinstance(exc, Refused):
                     audit.append(coordinator.registry, kind + ".refused", node, vm if isinstance(vm, str) else None,
                                  reason=exc.reason, message=str(exc))

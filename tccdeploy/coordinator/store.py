@@ -808,7 +808,7 @@ class Registry:
         return entry
 
     def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
-        query, params = "SELECT * FROM audit WHERE 1=1", []
+        query, params = "SELECT * FROM audit WHERE 1=1", list[Any]()
         for column, value in (("node", node), ("vm", vm)):
             if value is not None:
                 query += f" AND {column} = ?"

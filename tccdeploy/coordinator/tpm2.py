@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -32,10 +33,11 @@ ST_ATTEST_NV = 0x8014
 
 ALG_RSA, ALG_SHA1, ALG_AES, ALG_SHA256, ALG_SHA384, ALG_SHA512, ALG_NULL = 0x0001, 0x0004, 0x0006, 0x000B, 0x000C, 0x000D, 0x0010
 ALG_RSASSA, ALG_RSAPSS, ALG_OAEP, ALG_ECDSA, ALG_ECC, ALG_CFB, ALG_KEYEDHASH, ALG_SYMCIPHER = 0x0014, 0x0016, 0x0017, 0x0018, 0x0023, 0x0043, 0x0008, 0x0025
-HASHES = {ALG_SHA1: hashes.SHA1, ALG_SHA256: hashes.SHA256, ALG_SHA384: hashes.SHA384, ALG_SHA512: hashes.SHA512}
+HASHES: dict[int, Callable[[], hashes.HashAlgorithm]] = {
+    ALG_SHA1: hashes.SHA1, ALG_SHA256: hashes.SHA256, ALG_SHA384: hashes.SHA384, ALG_SHA512: hashes.SHA512}
 HASH_NAMES = {ALG_SHA1: "sha1", ALG_SHA256: "sha256", ALG_SHA384: "sha384", ALG_SHA512: "sha512"}
 HASH_IDS = {name: alg for alg, name in HASH_NAMES.items()}
-CURVES = {0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
+CURVES: dict[int, Callable[[], ec.EllipticCurve]] = {0x0003: ec.SECP256R1, 0x0004: ec.SECP384R1, 0x0005: ec.SECP521R1}
 
 # TPMA_OBJECT bits
 FIXED_TPM, ST_CLEAR, FIXED_PARENT, SENSITIVE_DATA_ORIGIN, USER_WITH_AUTH = 0x2, 0x4, 0x10, 0x20, 0x40
@@ -354,14 +356,15 @@ def make_credential(ek: Public, secret: bytes, ak_name: bytes) -> tuple[bytes, b
     if ek.symmetric[0] != ALG_AES or ek.symmetric[2] != ALG_CFB:
         raise TPMFormatError("the EK's symmetric algorithm is not AES-CFB")
     name_hash = HASHES[ek.name_alg]
-    seed = os.urandom(name_hash.digest_size)
+    size = name_hash().digest_size
+    seed = os.urandom(size)
     public = ek.public_key()
     assert isinstance(public, rsa.RSAPublicKey)
     encrypted_seed = public.encrypt(seed, padding.OAEP(padding.MGF1(name_hash()), name_hash(), b"IDENTITY\x00"))
     sym_key = kdfa(ek.name_alg, seed, b"STORAGE", ak_name, b"", ek.symmetric[1])
     encryptor = Cipher(algorithms.AES(sym_key), CFB(bytes(16))).encryptor()
     enc_identity = encryptor.update(tpm2b(secret)) + encryptor.finalize()
-    hmac_key = kdfa(ek.name_alg, seed, b"INTEGRITY", b"", b"", name_hash.digest_size * 8)
+    hmac_key = kdfa(ek.name_alg, seed, b"INTEGRITY", b"", b"", size * 8)
     outer = hmac.new(hmac_key, enc_identity + ak_name, HASH_NAMES[ek.name_alg]).digest()
     return tpm2b(outer) + enc_identity, encrypted_seed
 

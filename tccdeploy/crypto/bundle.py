@@ -96,7 +96,7 @@ def load_tc(path: str, pin: str | None = None) -> TCKeys:
     ca, wrap_cert = cas[0], wraps[0]
     ca_key = ca.public_key()
     try:
-        assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+        assert isinstance(ca_key, ec.EllipticCurvePublicKey) and wrap_cert.signature_hash_algorithm is not None
         ca_key.verify(wrap_cert.signature, wrap_cert.tbs_certificate_bytes, ec.ECDSA(wrap_cert.signature_hash_algorithm))
     except Exception:  # noqa: BLE001
         raise BundleError("tc.certificate", "the key-wrapping certificate is not signed by the TC's CA") from None

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..coordinator.admission import TK_CHECK_LABEL, AdmissionRefused
 from ..coordinator.enrollment import EnrollmentRefused
-from ..coordinator.service import Coordinator
+from ..coordinator.interface import TC
 from ..coordinator.verifier import Evidence
 from .connection import fingerprint
 from .helper import RemoteError
@@ -36,7 +36,7 @@ def tcti_of(session: Session) -> str:
     return str(session.host.vars.get("tcc_tpm", "device:/dev/tpmrm0"))
 
 
-def enroll(coordinator: Coordinator):  # type: ignore[no-untyped-def]
+def enroll(coordinator: TC):  # type: ignore[no-untyped-def]
     """Carry the node's TPM identity to the TC. A node enrolled with the TPM it has is left as it
     is (changed=False); a changed TPM is the TC operator's call (`tc nodes replace-tpm`)."""
 
@@ -67,7 +67,7 @@ def enroll(coordinator: Coordinator):  # type: ignore[no-untyped-def]
     return work
 
 
-def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> dict[str, Any]:
+def admit(session: Session, coordinator: TC, attestation_id: int) -> dict[str, Any]:
     """Create TK on the node, have the TC check it and its policy, prove it works, get the certificate."""
     name, tcti = session.host.name, tcti_of(session)
     bank, pcrs = coordinator.quote_policy()
@@ -79,7 +79,7 @@ def admit(session: Session, coordinator: Coordinator, attestation_id: int) -> di
     return coordinator.admission_finish(name, answer["digest"])
 
 
-def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
+def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
     bank, pcrs = coordinator.quote_policy()
 
     def work(session: Session) -> HostResult | dict[str, Any]:
@@ -115,6 +115,9 @@ def attest(coordinator: Coordinator, admit_nodes: bool = False):  # type: ignore
             return HostResult(name, "failed", f"untrusted: {detail}", data, reason=verdict.reasons[0]["code"])
         if not admit_nodes:
             return {"changed": False, **data}
+        why = coordinator.admission_needed(name, record)  # the playbook's attest module asks the same
+        if why is None:
+            return {"changed": False, **data, "admitted": True}
         try:
             certificate = admit(session, coordinator, record)
         except AdmissionRefused as exc:

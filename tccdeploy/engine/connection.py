@@ -290,7 +290,9 @@ class Connection:
                 raise Unreachable("ssh", f"cannot open SFTP on {self.target.address}: {exc}") from None
             if self._sftp is None:
                 raise Unreachable("ssh", f"SFTP refused by {self.target.address}")
-            self._sftp.get_channel().settimeout(self.target.timeout)
+            channel = self._sftp.get_channel()
+            if channel is not None:
+                channel.settimeout(self.target.timeout)
         return self._sftp
 
     def close(self) -> None:

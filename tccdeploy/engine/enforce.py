@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..coordinator.service import Coordinator
+from ..coordinator.interface import TC
 from .attestation import attest
 from .migrate import migrate, repair
 from .runner import Engine, HostResult
@@ -36,7 +36,7 @@ class Report:
                 "elapsed": round(self.elapsed, 3)}
 
 
-def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | None = None) -> Report:
+def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None) -> Report:
     """One round over every admitted node of the engine's inventory (or only those named)."""
     start = time.monotonic()
     report = Report()
@@ -73,7 +73,7 @@ def enforce_round(engine: Engine, coordinator: Coordinator, only: set[str] | Non
     return report
 
 
-def handle_vms(engine: Engine, coordinator: Coordinator, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
+def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
     action = coordinator.on_failure()
     out = []
     for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] in ("running", "starting", "stopped")]:

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
-from ..coordinator.service import Coordinator
 from ..crypto import bundle as bundles
 from .attestation import attest
 from .helper import RemoteError
@@ -46,7 +46,7 @@ def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[s
     return session.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
-def launch(engine: Engine, coordinator: Coordinator, envelope: dict[str, Any], bundle_dir: str,
+def launch(engine: Engine, coordinator: TC, envelope: dict[str, Any], bundle_dir: str,
            vm_args: list[str] | None = None) -> LaunchResult:
     """Place and start the VM a signed request asks for; Refused when it cannot be."""
     bundle = bundles.load(bundle_dir)  # refused here, before anything goes to a node
@@ -54,7 +54,7 @@ def launch(engine: Engine, coordinator: Coordinator, envelope: dict[str, Any], b
     return launch_accepted(engine, coordinator, record, bundle_dir, vm_args, bundle)
 
 
-def launch_accepted(engine: Engine, coordinator: Coordinator, record: dict[str, Any], bundle_dir: str,
+def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bundle_dir: str,
                     vm_args: list[str] | None = None, bundle: dict[str, Any] | None = None) -> LaunchResult:
     """Place and start a request the TC accepted already (a customer submitted it to a served
     TC); the provider has the sealed image in bundle_dir."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
-from ..coordinator.service import Coordinator
 from .attestation import attest
 from .placement import rank
 from .runner import Engine, Session
@@ -38,7 +38,7 @@ def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) ->
     destination.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
-def choose_destination(engine: Engine, coordinator: Coordinator, vm: dict[str, Any]) -> str:
+def choose_destination(engine: Engine, coordinator: TC, vm: dict[str, Any]) -> str:
     request = coordinator.request_record(vm["request"])
     assert request is not None
     hosts = {h.name for h in engine.hosts}
@@ -52,7 +52,7 @@ def choose_destination(engine: Engine, coordinator: Coordinator, vm: dict[str, A
     return eligible[0].node
 
 
-def migrate(engine: Engine, coordinator: Coordinator, vm_name: str, destination: str = "auto",
+def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "auto",
             extra_args: list[str] | None = None) -> dict[str, Any]:
     vm = coordinator.vm(vm_name)
     if vm is None or vm["node"] is None:
@@ -115,7 +115,7 @@ def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dic
         return engine.session(host).call(op, args)
 
 
-def _roll_back(engine: Engine, coordinator: Coordinator, migration: int, vm_id: str, source: str, destination: str,
+def _roll_back(engine: Engine, coordinator: TC, migration: int, vm_id: str, source: str, destination: str,
                exc: BaseException | str) -> None:
     """Destination discards, source resumes; the registry records the abort (the VM never moved)."""
     for node, op, args in ((destination, "vm_incoming_discard", {"vm_id": vm_id}),
@@ -128,7 +128,7 @@ def _roll_back(engine: Engine, coordinator: Coordinator, migration: int, vm_id: 
     coordinator.migration_end(migration, vm_id, commit=False, reason=reason)
 
 
-def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
+def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
     """Finish or roll back migrations an interrupted run left 'started'.
 
     The destination runs the VM only after it took the whole, authenticated stream: if it runs,
@@ -153,7 +153,7 @@ def repair(engine: Engine, coordinator: Coordinator) -> list[dict[str, Any]]:
     return out
 
 
-def drain(engine: Engine, coordinator: Coordinator, node: str) -> list[dict[str, Any]]:
+def drain(engine: Engine, coordinator: TC, node: str) -> list[dict[str, Any]]:
     """Move every VM off node (maintenance), one at a time, each to a trusted node placement picks."""
     out = []
     for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] == "running"]:

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from ..manifest.problems import JsonPath, ManifestError, Problem
+from ..manifest.problems import JsonPath, Problem
 from ..manifest.yamlload import Document, load_file
 
 VARS_EXTENSIONS = ("", ".yml", ".yaml", ".json")
@@ -369,23 +369,4 @@ def vars_names(directory: str) -> list[str]:
     return sorted(names)
 
 
-def load_inventory(path: str) -> Inventory:
-    """Load an inventory file or directory the way the CLI's -i does; raise on any problem."""
-    from ..manifest.loader import load_paths
-
-    result = load_paths([path])
-    errors = [p for p in result.problems if p.severity == "error"]
-    if errors:
-        raise ManifestError(errors)
-    if not result.inventories:
-        raise ManifestError([Problem(path, 1, 1, "$", "inventory.none", "no inventory found here",
-                                     "error", "give -i an Ansible YAML inventory file or its directory")])
-    if len(result.inventories) > 1:
-        where = ", ".join(inv.sources[0] for inv in result.inventories)
-        raise ManifestError([Problem(path, 1, 1, "$", "inventory.ambiguous",
-                                     f"{len(result.inventories)} inventories found here ({where})",
-                                     "error", "give -i one inventory file or the directory that holds it")])
-    return result.inventories[0]
-
-
-__all__ = ["Group", "Host", "Inventory", "Origin", "load_inventory", "load_file", "vars_files", "vars_names"]
+__all__ = ["Group", "Host", "Inventory", "Origin", "load_file", "vars_files", "vars_names"]

@@ -222,3 +222,20 @@ def load_manifests(paths: list[str]) -> LoadResult:
 
 def as_json_problems(problems: list[Problem]) -> list[dict[str, Any]]:
     return [p.as_dict() for p in problems]
+
+
+def load_inventory(path: str) -> Inventory:
+    """Load an inventory file or directory the way the CLI's -i does; raise on any problem."""
+    result = load_paths([path])
+    errors = [p for p in result.problems if p.severity == "error"]
+    if errors:
+        raise ManifestError(errors)
+    if not result.inventories:
+        raise ManifestError([Problem(path, 1, 1, "$", "inventory.none", "no inventory found here",
+                                     "error", "give -i an Ansible YAML inventory file or its directory")])
+    if len(result.inventories) > 1:
+        where = ", ".join(inv.sources[0] for inv in result.inventories)
+        raise ManifestError([Problem(path, 1, 1, "$", "inventory.ambiguous",
+                                     f"{len(result.inventories)} inventories found here ({where})",
+                                     "error", "give -i one inventory file or the directory that holds it")])
+    return result.inventories[0]

@@ -240,7 +240,7 @@ def _to_problem(doc: Document, path: JsonPath, error: jsonschema.ValidationError
         message = f"{_describe(error.instance)} must be {error.validator_value!r}"
     elif v == "type":
         wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        names = " or ".join(_TYPE_NAMES.get(w, w) for w in wanted)
+        names = " or ".join(_TYPE_NAMES.get(w, str(w)) for w in wanted)
         message = f"expected {names}, got {_describe(error.instance)}"
         if "string" in wanted and isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool):
             hint = f"YAML read this as a number; quote it: '{error.instance}'"

@@ -28,7 +28,7 @@ from .problems import JsonPath, ManifestError, Problem, format_path
 try:  # libyaml's parser is ~10x faster; the pure-Python one gives identical events.
     from yaml._yaml import CParser as _FastParser  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
-    _FastParser = None
+    _FastParser = None  # type: ignore[misc,assignment]
 
 MAX_BYTES = int(os.environ.get("TCCDEPLOY_MAX_MANIFEST_BYTES", 32 * 1024 * 1024))
 MAX_DEPTH = 100
@@ -97,7 +97,7 @@ def _scalar_value(event: yaml.ScalarEvent) -> Any:
     if tag == "tag:yaml.org,2002:timestamp":
         # Manifests are JSON-shaped; a date stays the text the author wrote.
         return event.value
-    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)
+    node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark)  # type: ignore[arg-type]  # libyaml's Mark
     return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, node)
 
 
@@ -293,17 +293,17 @@ def _compose(file: str, parser: Any, max_depth: int, max_nodes: int) -> list[Doc
                             f"document has more than {max_nodes} nodes",
                             "split it into several files")
             if isinstance(event, yaml.ScalarEvent):
-                frame = stack[-1] if stack else None
-                if frame is not None and frame.kind == "map" and frame.key is _NO_KEY:
-                    frame.nodes += 1
-                    _set_key(file, doc, frame, event, mark)
+                top = stack[-1] if stack else None
+                if top is not None and top.kind == "map" and top.key is _NO_KEY:
+                    top.nodes += 1
+                    _set_key(file, doc, top, event, mark)
                     continue
                 value = _scalar_value(event)
                 if anchor is not None:
                     anchors[anchor] = (value, 1)
-                if frame is not None:
-                    frame.nodes += 1
-                    _attach(doc, frame, value, mark)
+                if top is not None:
+                    top.nodes += 1
+                    _attach(doc, top, value, mark)
                 else:
                     doc.data, root_done = value, True
                     doc.marks[()] = mark

@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from tccdeploy.engine.runner import Engine, Session
-from tccdeploy.inventory import load_inventory
 from tccdeploy.lab.lab import Lab
+from tccdeploy.manifest.loader import load_inventory
 
 from ..tcservice import BIN, Service
 

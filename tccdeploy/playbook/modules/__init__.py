@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ...coordinator.service import Coordinator
+    from ...coordinator.interface import TC
     from ...engine.runner import Engine, Session
     from ...inventory import Host, Inventory
 
@@ -42,11 +42,11 @@ class RunState:
     tc_url: str | None = None
     engine_dir: str | None = None
     exclusive: threading.Lock = field(default_factory=threading.Lock)
-    _coordinator: Coordinator | None = None
+    _coordinator: TC | None = None
     _tc_lock: threading.Lock = field(default_factory=threading.Lock)
     _scratch: str | None = None
 
-    def coordinator(self) -> Coordinator:
+    def coordinator(self) -> TC:
         """The embedded TC over the manifests, or the served one at tc_url (same methods)."""
         with self._tc_lock:
             if self._coordinator is None and self.tc_url:
@@ -54,7 +54,7 @@ class RunState:
                 from ...coordinator.client import RemoteCoordinator, TCUnavailable
 
                 try:
-                    self._coordinator = RemoteCoordinator(  # type: ignore[assignment]
+                    self._coordinator = RemoteCoordinator(
                         self.tc_url, self.engine_dir or os.path.join(state_dir(self.state), "engine"))
                 except TCUnavailable as exc:
                     raise ModuleError(str(exc)) from None
@@ -134,7 +134,7 @@ class Context:
         return self.session
 
     @property
-    def tc(self) -> Coordinator:
+    def tc(self) -> TC:
         return self.run.coordinator()
 
 

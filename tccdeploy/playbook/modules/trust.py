@@ -77,19 +77,11 @@ def attest(ctx: Context) -> dict[str, Any]:
                     "diff": {"before": f"{state}\n", "after": "admitted\n", "before_header": f"{ctx.name} state",
                              "after_header": f"{ctx.name} state"}}
         return {"changed": False, "msg": f"{state}; check mode does not attest (a quote needs a TC nonce)"}
-    outcome = _as_result(attestation.attest(tc, admit_nodes=False)(ctx.session))
-    if outcome.get("failed") or not admit:
+    outcome = _as_result(attestation.attest(tc, admit_nodes=admit)(ctx.session))  # one decision, as `attest --admit`
+    if outcome.get("failed") or not outcome.get("changed"):
         return outcome
-    why = tc.admission_needed(ctx.name, int(outcome["attestation"]))
-    if why is None:
-        return outcome | {"admitted": True}
-    try:
-        certificate = attestation.admit(ctx.session, tc, int(outcome["attestation"]))
-    except attestation.AdmissionRefused as exc:
-        return outcome | {"failed": True, "reason": exc.reason, "msg": f"not admitted: {exc.reason}: {exc}"}
     before = node["state"] if node else "(not enrolled)"
-    return outcome | {"changed": True, "admitted": True, "certificate_serial": certificate["serial"], "why": why,
-                      "diff": {"before": f"{before}\n", "after": f"admitted ({outcome.get('build')})\n",
+    return outcome | {"diff": {"before": f"{before}\n", "after": f"admitted ({outcome.get('build')})\n",
                                "before_header": f"{ctx.name} state", "after_header": f"{ctx.name} state"}}
 
 

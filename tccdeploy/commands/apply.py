@@ -42,12 +42,11 @@ def _tags(values: list[str] | None) -> set[str]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from ..engine.cli import _logging
-    from ..inventory import load_inventory
-    from ..manifest.loader import load_paths
+    from ..manifest.loader import load_inventory, load_paths
     from ..manifest.report import render
-    from .callback import Callback
-    from .runner import Options, PlaybookRunner
+    from ..playbook.callback import Callback
+    from ..playbook.runner import Options, PlaybookRunner
+    from .engine import _logging
 
     _logging(args.verbose)
     if not os.path.isfile(args.playbook):
@@ -91,7 +90,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..engine.cli import add_run_args
+    from .engine import add_run_args
 
     p = sub.add_parser(
         "apply", help="run a playbook: make what it says true, idempotently, with a recap (ansible-playbook)",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..tables import table
 
 if TYPE_CHECKING:
-    from .lab import Lab
+    from ..lab.lab import Lab
 
 # Kept in step with lab.py; the lab itself is imported only by the lab commands.
 DEFAULT_BUILD, SSH_PORT, TPM_PORT = "tvmm-2026.1", 2222, 2321
@@ -35,7 +35,7 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
 
 
 def _lab(directory: str, progress=None) -> Lab:  # type: ignore[no-untyped-def]
-    from .lab import Lab
+    from ..lab.lab import Lab
 
     return Lab(directory, progress)
 

@@ -11,11 +11,12 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..inventory import Inventory, load_inventory
+from ..inventory import Inventory
 from ..inventory.patterns import PatternError
+from ..manifest.loader import load_inventory
 
 if TYPE_CHECKING:
-    from .runner import Session
+    from ..engine.runner import Session
 
 # The engine (paramiko) is imported by the commands that connect, not when the parser is
 # built: `tccdeploy --help` and `tccdeploy validate` stay fast.
@@ -79,8 +80,8 @@ def _fan_out(args: argparse.Namespace, pattern: str, work, kind: str, what: str)
     if not hosts:
         print("no hosts matched; nothing to do", file=sys.stderr)
         return 0
-    from .output import Output
-    from .runner import Engine, exit_code
+    from ..engine.output import Output
+    from ..engine.runner import Engine, exit_code
 
     output = Output(args.verbose, args.json)
     output.start(len(hosts), what)

@@ -7,11 +7,9 @@ pinning the TC by its certificate.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import json
 import os
-import secrets
 import sys
 
 KEY_ENV = "TCCDEPLOY_CUSTOMER_KEY"
@@ -22,7 +20,7 @@ def default_key() -> str:
 
 
 def cmd_customer_init(args: argparse.Namespace) -> int:
-    from . import customer
+    from ..crypto import customer
 
     key, created = customer.init(args.key)
     print(("created" if created else "exists") + f": {args.key} (0600)")
@@ -32,7 +30,7 @@ def cmd_customer_init(args: argparse.Namespace) -> int:
 
 
 def cmd_seal(args: argparse.Namespace) -> int:
-    from . import bundle, customer
+    from ..crypto import bundle, customer
 
     tc = bundle.load_tc(args.tc, args.pin)
     descriptor = bundle.seal(args.disk, tc, customer.load(args.key), args.output, args.name)
@@ -44,7 +42,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import bundle
+    from ..crypto import bundle
 
     envelope = bundle.load(args.bundle, check_disk=not args.no_disk)
     d = envelope["descriptor"]
@@ -61,32 +59,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def sign_request(request_path: str, key_path: str) -> dict:
-    """A signed, single-use placement request naming the sealed image it launches."""
-    from ..manifest.loader import load_manifests
-    from . import bundle, customer
-    from .canonical import PLACEMENT_REQUEST, signed_bytes
-
-    result = load_manifests([request_path])
-    if len(result.requests) != 1:
-        raise SystemExit(f"error: {request_path} must hold exactly one PlacementRequest")
-    manifest = result.requests[0].source.data  # type: ignore[union-attr]
-    bundle_dir = result.requests[0].image
-    envelope_bundle = bundle.load(bundle_dir)
-    key = customer.load(key_path)
-    request = {
-        "manifest": manifest,
-        "id": secrets.token_hex(16),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "customer": customer.public_text(key.public_key()),
-        "image": {"vm_id": envelope_bundle["descriptor"]["vm_id"], "sha256": envelope_bundle["descriptor"]["disk"]["sha256"]},
-    }
-    return {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode(),
-            "bundle": os.path.abspath(bundle_dir)}
-
-
 def cmd_request_sign(args: argparse.Namespace) -> int:
-    envelope = sign_request(args.request, args.key)
+    from ..crypto.request import RequestError, sign_request
+
+    try:
+        envelope = sign_request(args.request, args.key)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     with open(args.output, "w") as fh:
         json.dump(envelope, fh, indent=2)
     print(f"signed request {envelope['request']['id']} -> {args.output} (accepted once by the TC)")
@@ -129,7 +109,7 @@ def customer_query(args: argparse.Namespace, op: str) -> dict | None:  # type: i
     (and the reason printed) when the TC refuses."""
     from ..coordinator.client import CustomerClient
     from ..coordinator.keybroker import Refused
-    from . import customer
+    from ..crypto import customer
 
     client = CustomerClient(args.tc, args.tc_cert)
     try:

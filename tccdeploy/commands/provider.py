@@ -15,10 +15,12 @@ TC_ENV = "TCCDEPLOY_TC"
 ENGINE_DIR_ENV = "TCCDEPLOY_ENGINE_DIR"
 
 
-def _coordinator(args: argparse.Namespace, remote_ok: bool = False):  # type: ignore[no-untyped-def]
-    """The TC this command talks to: the one served at --tc URL, else the embedded one."""
+def open_tc(args: argparse.Namespace, remote_ok: bool = False, operator: bool = False):  # type: ignore[no-untyped-def]
+    """The TC a command talks to: the one served at --tc URL (remote_ok), else the embedded one
+    over --state and the manifests (-m or $TCCDEPLOY_MANIFESTS). operator: the TC operator's own
+    command on the TC's machine (no note that provider and TC are one party: there they are not)."""
+    from ..coordinator.service import Coordinator
     from ..manifest.loader import load_manifests
-    from .service import Coordinator
 
     url = getattr(args, "tc", None)
     if url:
@@ -26,7 +28,7 @@ def _coordinator(args: argparse.Namespace, remote_ok: bool = False):  # type: ig
             raise SystemExit(f"error: `tccdeploy {args.command}` does not talk to a served TC yet; run it where the TC's "
                              "state is (without --tc), or use enroll/attest with --tc")
         from ..config import state_dir
-        from .client import RemoteCoordinator, TCUnavailable
+        from ..coordinator.client import RemoteCoordinator, TCUnavailable
 
         engine_dir = args.engine_dir or os.path.join(state_dir(args.state), "engine")
         try:
@@ -36,20 +38,21 @@ def _coordinator(args: argparse.Namespace, remote_ok: bool = False):  # type: ig
 
     paths = getattr(args, "manifests", None) or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
     if not paths:
-        raise SystemExit(f"error: give the perimeter and builds with -m PATH (or set ${MANIFESTS_ENV})")
+        raise SystemExit(f"error: give the TC's manifests (perimeter, builds, rosters) with -m PATH (or set ${MANIFESTS_ENV})")
     result = load_manifests(paths)
     if result.perimeter is None:
         raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)} (found {len(result.perimeters)})")
     from ..config import note_embedded, state_dir
 
-    note_embedded(state_dir(args.state))
+    if not operator:
+        note_embedded(state_dir(args.state))
     return Coordinator.from_manifests(result, args.state)
 
 
 def _fan(args: argparse.Namespace, make_work, what: str) -> int:  # type: ignore[no-untyped-def]
-    from ..engine.cli import _fan_out
+    from .engine import _fan_out
 
-    coordinator = _coordinator(args, remote_ok=True)
+    coordinator = open_tc(args, remote_ok=True)
     try:
         return _fan_out(args, args.pattern, make_work(coordinator), "module", what)
     finally:
@@ -78,8 +81,8 @@ class _RegistryNodes:
     """The embedded TC's view of nodes, with the served client's two reading methods."""
 
     def __init__(self, state: str | None):
-        from .service import registry_location
-        from .store import Registry
+        from ..coordinator.service import registry_location
+        from ..coordinator.store import Registry
 
         self.registry = Registry(registry_location(state))
 
@@ -107,7 +110,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
         return 2
     args.node = words[0] if words else None
-    source = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else _RegistryNodes(args.state)
+    source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else _RegistryNodes(args.state)
     try:
         if args.node:
             node, history = source.node_history(args.node, args.limit)
@@ -139,10 +142,10 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_request_submit(args: argparse.Namespace) -> int:
     from ..coordinator.keybroker import Refused
     from ..crypto import bundle as bundles
-    from ..crypto.cli import sign_request
-    from ..engine.cli import _logging, load, select
+    from ..crypto.request import sign_request
     from ..engine.launch import launch
     from ..engine.runner import Engine
+    from .engine import _logging, load, select
 
     _logging(args.verbose)
     if args.request.endswith(".json"):
@@ -152,7 +155,7 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
         envelope = sign_request(args.request, args.key)
     if args.tc and not args.inventory:
         return _customer_submit(args, envelope)
-    coordinator = _coordinator(args, remote_ok=True)
+    coordinator = open_tc(args, remote_ok=True)
     inventory = load(args)
     try:
         with Engine(select(inventory, "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
@@ -174,7 +177,7 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
 
 
 def _customer_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .client import CustomerClient
+    from ..coordinator.client import CustomerClient
 
     if not args.tc_cert:
         raise SystemExit("error: give the TC's certificates you pinned with --tc-cert tc.pem (from `tc show -o`)")
@@ -184,8 +187,8 @@ def _customer_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _customer_submit(args: argparse.Namespace, envelope: dict) -> int:  # type: ignore[type-arg]
     """The customer's side: the signed request and image descriptor go to the TC; the provider
     launches it (`request launch ID`) with the sealed image the customer gave it."""
+    from ..coordinator.keybroker import Refused
     from ..crypto import bundle as bundles
-    from .keybroker import Refused
 
     try:
         descriptor = bundles.load(envelope["bundle"], check_disk=False)
@@ -207,7 +210,7 @@ def _customer_submit(args: argparse.Namespace, envelope: dict) -> int:  # type: 
 
 
 def cmd_request_status(args: argparse.Namespace) -> int:
-    from ..crypto.cli import customer_query
+    from .customer import customer_query
 
     status = customer_query(args, "status")
     if status is None:
@@ -225,12 +228,12 @@ def cmd_request_launch(args: argparse.Namespace) -> int:
     """The provider's side of a request a customer submitted to a served TC."""
     from ..coordinator.keybroker import Refused
     from ..crypto import bundle as bundles
-    from ..engine.cli import _logging, load, select
     from ..engine.launch import launch_accepted
     from ..engine.runner import Engine
+    from .engine import _logging, load, select
 
     _logging(args.verbose)
-    coordinator = _coordinator(args, remote_ok=True)
+    coordinator = open_tc(args, remote_ok=True)
     try:
         record = coordinator.request_record(args.id)
         if record is None:
@@ -251,18 +254,18 @@ def cmd_request_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
-    from .service import registry_location
-    from .store import Registry
+    from ..coordinator.service import registry_location
+    from ..coordinator.store import Registry
 
     if args.repair:
-        from ..engine.cli import load, select
         from ..engine.migrate import repair
         from ..engine.runner import Engine
+        from .engine import load, select
 
         if not args.inventory or not (args.manifests or args.tc):
             print("error: vms --repair needs -i INVENTORY and -m MANIFESTS (or --tc URL)", file=sys.stderr)
             return 2
-        coordinator = _coordinator(args, remote_ok=True)
+        coordinator = open_tc(args, remote_ok=True)
         try:
             with Engine(select(load(args), "all", None), state=args.state) as engine:
                 for item in repair(engine, coordinator):
@@ -270,7 +273,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
         finally:
             coordinator.close()
 
-    source = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
+    source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
                  "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in source.vms(args.all)]
@@ -286,9 +289,9 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
-    from ..engine.cli import _fan_out, load
+    from .engine import _fan_out, load
 
-    registry = _coordinator(args, remote_ok=True)
+    registry = open_tc(args, remote_ok=True)
     try:
         vm = registry.vm(args.vm)
         if vm is None or vm["node"] is None:
@@ -313,12 +316,12 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from ..coordinator.keybroker import Refused
-    from ..engine.cli import _logging, load, select
     from ..engine.migrate import migrate
     from ..engine.runner import Engine
+    from .engine import _logging, load, select
 
     _logging(args.verbose)
-    coordinator = _coordinator(args, remote_ok=True)
+    coordinator = open_tc(args, remote_ok=True)
     try:
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
             result = migrate(engine, coordinator, args.vm, args.to)
@@ -336,12 +339,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from ..engine.cli import _logging, load, select
     from ..engine.migrate import drain
     from ..engine.runner import Engine
+    from .engine import _logging, load, select
 
     _logging(args.verbose)
-    coordinator = _coordinator(args, remote_ok=True)
+    coordinator = open_tc(args, remote_ok=True)
     try:
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
             results = drain(engine, coordinator, args.node)
@@ -361,9 +364,9 @@ def cmd_enforce(args: argparse.Namespace) -> int:
     import signal
     import time as _time
 
-    from ..engine.cli import _logging, load, select
     from ..engine.enforce import enforce_round
     from ..engine.runner import Engine
+    from .engine import _logging, load, select
 
     _logging(args.verbose)
     stopping = {"now": False}
@@ -375,7 +378,7 @@ def cmd_enforce(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     rounds = 0
     while True:
-        coordinator = _coordinator(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
+        coordinator = open_tc(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
         interval = args.interval or coordinator.enforce_interval()
         try:
             with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
@@ -404,11 +407,11 @@ def cmd_enforce(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from . import audit
-    from .service import registry_location
-    from .store import Registry
+    from ..coordinator import audit
+    from ..coordinator.service import registry_location
+    from ..coordinator.store import Registry
 
-    registry = _coordinator(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
+    registry = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
         if args.audit_command == "verify":
             checkpoint = None
@@ -462,7 +465,7 @@ def _audit_keys(args: argparse.Namespace, source):  # type: ignore[no-untyped-de
     from cryptography import x509
 
     from ..config import state_dir
-    from . import identity
+    from ..coordinator import identity
 
     if getattr(args, "tc", None):
         with open(os.path.join(source.engine_dir, "tc-ca.pem"), "rb") as fh:
@@ -476,7 +479,7 @@ def _audit_keys(args: argparse.Namespace, source):  # type: ignore[no-untyped-de
 
 def add_tc_args(p: argparse.ArgumentParser) -> None:
     """The flags of every command that acts through the engine on the TC's behalf."""
-    from ..engine.cli import add_run_args
+    from .engine import add_run_args
 
     p.add_argument("-m", "--manifests", action="append", metavar="PATH",
                    help=f"perimeter and TVMM build manifests (files or directories; default ${MANIFESTS_ENV})")
@@ -488,7 +491,7 @@ def add_tc_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..engine.cli import add_run_args
+    from .engine import add_run_args
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("pattern", nargs="?", default="all", metavar="PATTERN", help="host pattern (default all)")
@@ -529,7 +532,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("request", help="placement requests: submit a signed request and launch the VM")
     rq = p.add_subparsers(dest="request_command", metavar="ACTION", required=True)
-    from ..crypto.cli import cmd_request_sign, default_key
+    from .customer import cmd_request_sign, default_key
 
     q = rq.add_parser("sign", help="sign a PlacementRequest (customer side; single use)")
     q.add_argument("request", metavar="REQUEST.yml")

@@ -1,0 +1,37 @@
+"""A customer's placement request, signed: single use (a fresh id), naming the sealed image by its
+VM id and disk digest, signed with the customer's key under the placement-request domain."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import secrets
+
+
+class RequestError(ValueError):
+    """The request file is not one PlacementRequest."""
+
+
+def sign_request(request_path: str, key_path: str) -> dict:
+    """A signed, single-use placement request naming the sealed image it launches."""
+    from ..manifest.loader import load_manifests
+    from . import bundle, customer
+    from .canonical import PLACEMENT_REQUEST, signed_bytes
+
+    result = load_manifests([request_path])
+    if len(result.requests) != 1:
+        raise RequestError(f"{request_path} must hold exactly one PlacementRequest (found {len(result.requests)})")
+    manifest = result.requests[0].source.data  # type: ignore[union-attr]
+    bundle_dir = result.requests[0].image
+    envelope_bundle = bundle.load(bundle_dir)
+    key = customer.load(key_path)
+    request = {
+        "manifest": manifest,
+        "id": secrets.token_hex(16),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "customer": customer.public_text(key.public_key()),
+        "image": {"vm_id": envelope_bundle["descriptor"]["vm_id"], "sha256": envelope_bundle["descriptor"]["disk"]["sha256"]},
+    }
+    return {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode(),
+            "bundle": os.path.abspath(bundle_dir)}
