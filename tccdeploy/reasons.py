@@ -109,6 +109,15 @@ REASONS: dict[str, str] = {
     "migrate.not-in-inventory": "the VM's node is not in the inventory",
     "migrate.not-running": "the VM is not running on its node",
     "migration.not-under-way": "no such migration is under way",
+    # -- the audit log (audit verify) ----------------------------------------------------------------
+    "audit.certificate": "the audit certificate is not issued by the TC for audit checkpoints",
+    "audit.deleted": "an audit entry is missing from the chain",
+    "audit.reordered": "an audit entry does not follow the one before it",
+    "audit.edited": "an audit entry does not match its hash",
+    "audit.unsigned": "an audit entry is not signed by the TC's audit key (the chain was rewritten)",
+    "audit.truncated": "the chain's head is not the one recorded: newest entries were removed",
+    "audit.checkpoint-missing": "the chain does not hold the published checkpoint",
+    "audit.checkpoint-unsigned": "the published checkpoint is not signed by the TC's audit key",
     # -- sealed images (the customer's tools) ---------------------------------------------------------
     "bundle.descriptor": "the bundle's descriptor is missing or malformed",
     "bundle.signature": "the descriptor's signature does not verify",

@@ -14,7 +14,7 @@ CODE = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9][a-z0-9-]*)+$")
 # The calls whose string arguments are reason codes, and the (code, message) pairs the
 # perimeter checks return.
 CALLS = {"Refused", "EnrollmentRefused", "AdmissionRefused", "Conflict", "BundleError", "fail", "warn", "NonceCheck",
-         "ApiError", "HostResult"}
+         "ApiError", "HostResult", "Verification"}
 
 
 def produced() -> dict[str, set[str]]:
@@ -28,7 +28,7 @@ def produced() -> dict[str, set[str]]:
                 func = node.func
                 name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
                 if name in CALLS:
-                    values = [*node.args[:2], *(k.value for k in node.keywords if k.arg == "reason")]
+                    values = [*node.args[:2], *(k.value for k in node.keywords if k.arg in ("reason", "code"))]
             elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and "coordinator" in path.parts:
                 values = [node.elts[0]]
             for value in values:

@@ -234,7 +234,7 @@ class Api:
         name = engine_name(cert)
         if name is None:
             raise ApiError(403, "auth.not-an-engine", "the client certificate is not an engine certificate of this TC")
-        if self.tc.registry.engine_by_serial(format(cert.serial_number, "x")) is None:
+        if not self.tc.engine_allowed(format(cert.serial_number, "x")):
             raise ApiError(403, "auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
         return name
 
@@ -277,7 +277,7 @@ class Api:
 
     async def readyz(self, request: Request) -> Response:
         try:
-            await run_in_threadpool(self.tc.registry.nodes)
+            await run_in_threadpool(self.tc.ready)
         except Exception as exc:  # noqa: BLE001 - not ready, and why
             return JSONResponse({"ready": False, "error": str(exc)}, status_code=503)
         return JSONResponse({"ready": True})
@@ -286,10 +286,7 @@ class Api:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> dict[str, Any]:
-        nodes = await run_in_threadpool(self.tc.registry.nodes)
-        counts: dict[str, int] = defaultdict(int)
-        for node in nodes:
-            counts[node["state"]] += 1
+        counts = await run_in_threadpool(self.tc.node_counts)
         return {"version": __version__, "fingerprint": self.tc.identity().fingerprint, "perimeter": self.tc.perimeter.name,
                 "nodes": dict(counts)}
 
@@ -372,14 +369,13 @@ class Api:
 
     async def node(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
-        row = await run_in_threadpool(self.tc.registry.node, name)
-        if row is None:
-            raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
         try:
             limit = max(1, min(1000, int(request.query_params.get("limit", "20"))))
         except ValueError:
             raise ApiError(400, "request.query", "limit is a number") from None
-        history = await run_in_threadpool(self.tc.registry.attestations, name, limit)
+        row, history = await run_in_threadpool(self.tc.node_history, name, limit)
+        if row is None:
+            raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
         return {"node": row, "attestations": history, "last_trusted": await run_in_threadpool(self.tc.last_trusted_time, name)}
 
     async def ek_check(self, request: Request) -> dict[str, Any]:
@@ -411,7 +407,7 @@ class Api:
             since = float(q["since"]) if "since" in q else None
         except ValueError:
             raise ApiError(400, "request.query", "since is a Unix time") from None
-        return await run_in_threadpool(self.tc.registry.audit_entries, q.get("node"), q.get("vm"), since)
+        return await run_in_threadpool(self.tc.audit_entries, q.get("node"), q.get("vm"), since)
 
     async def builds(self, request: Request) -> list[dict[str, Any]]:
         return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]

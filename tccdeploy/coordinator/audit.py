@@ -70,6 +70,7 @@ class Verification:
     entries: int
     head: str
     problem: str = ""
+    code: str = ""  # the reason code of the problem (audit.*)
 
 
 class _Checker:
@@ -101,29 +102,36 @@ def verify_entries(rows: list[dict[str, Any]], ca: x509.Certificate | None = Non
     try:
         checker = _Checker(ca, audit_pem)
     except ValueError as exc:
-        return Verification(False, len(rows), GENESIS, f"the audit certificate is not this TC's: {exc}")
+        return Verification(False, len(rows), GENESIS, f"the audit certificate is not this TC's: {exc}",
+                            code="audit.certificate")
     prev = GENESIS
     for number, row in enumerate(rows, start=1):
         if row["id"] != number:
-            return Verification(False, len(rows), prev, f"entry {number} is missing (the log jumps to {row['id']}): deleted")
+            return Verification(False, len(rows), prev, f"entry {number} is missing (the log jumps to {row['id']}): deleted",
+                                code="audit.deleted")
         if row["prev"] != prev:
-            return Verification(False, len(rows), prev, f"entry {number} does not follow entry {number - 1}: reordered or replaced")
+            return Verification(False, len(rows), prev, f"entry {number} does not follow entry {number - 1}: reordered or "
+                                                        "replaced", code="audit.reordered")
         if entry_hash(prev, row) != row["hash"]:
-            return Verification(False, len(rows), prev, f"entry {number} ({row['kind']}) was edited: its hash does not match")
+            return Verification(False, len(rows), prev, f"entry {number} ({row['kind']}) was edited: its hash does not match",
+                                code="audit.edited")
         if not checker.signed(number, row["hash"], row.get("signature")):
             return Verification(False, len(rows), prev, f"entry {number} ({row['kind']}) is not signed by the TC's audit "
-                                                        "key: the chain was rewritten")
+                                                        "key: the chain was rewritten", code="audit.unsigned")
         prev = row["hash"]
     head = f"{len(rows)}:{prev}"
     if expect_head and expect_head != head:
-        return Verification(False, len(rows), prev, f"the head is {head}, not the recorded {expect_head}: entries were removed")
+        return Verification(False, len(rows), prev, f"the head is {head}, not the recorded {expect_head}: entries were removed",
+                            code="audit.truncated")
     if checkpoint is not None:
         count, wanted = int(checkpoint["count"]), str(checkpoint["head"])
         if count > len(rows) or rows[count - 1]["hash"] != wanted:
             return Verification(False, len(rows), prev, f"the published checkpoint {count}:{wanted[:16]}... is not in this "
-                                                        "chain: entries were removed or the chain replaced")
+                                                        "chain: entries were removed or the chain replaced",
+                                code="audit.checkpoint-missing")
         if not checker.signed(count, wanted, checkpoint.get("signature")):
-            return Verification(False, len(rows), prev, "the checkpoint is not signed by this TC's audit key")
+            return Verification(False, len(rows), prev, "the checkpoint is not signed by this TC's audit key",
+                                code="audit.checkpoint-unsigned")
     return Verification(True, len(rows), prev)
 
 

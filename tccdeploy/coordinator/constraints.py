@@ -17,20 +17,19 @@ LIVE = ("running", "starting", "stopped")
 
 
 def problems(spec: Mapping[str, Any], node: Mapping[str, Any], vms: Iterable[Mapping[str, Any]],
-             versions: Mapping[str, str], customer: str, capacity: int | None,
-             moving: str | None = None) -> list[str]:
+             versions: Mapping[str, str], customer: str, capacity: int | None) -> list[str]:
     """Why node cannot take this VM (nothing when it can).
 
     node: name, site, build; vms: the VMs the registry holds; versions: build name -> version;
-    capacity: None for no limit; moving: the vm_id of a VM being migrated (not counted against
-    its own anti-affinity group or capacity)."""
+    capacity: None for no limit. A VM being migrated runs on its source, so it never counts against
+    its destination."""
     constraints = spec.get("constraints") or {}
     sites = set(constraints.get("sites") or [])
     builds = set(constraints.get("builds") or [])
     minimum = constraints.get("minBuildVersion")
     group = constraints.get("antiAffinityGroup")
     out: list[str] = []
-    mine = [v for v in vms if v["node"] == node["name"] and v["state"] in LIVE and v["vm_id"] != moving]
+    mine = [v for v in vms if v["node"] == node["name"] and v["state"] in LIVE]
     if sites and node.get("site") not in sites:
         out.append(f"site {node.get('site') or '-'} not in {sorted(sites)}")
     if builds and node.get("build") not in builds:

@@ -161,7 +161,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
 
 
 def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any], node: str,
-               capacity: int | None, moving: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+               capacity: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(latest attestation, certificate row) if node may receive this request's key now."""
     row = registry.node(node)
     if row is None or row["state"] != "admitted":
@@ -178,17 +178,17 @@ def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild]
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = {"name": node, "site": row["site"], "build": latest[0]["build"]}
     why = constraints.problems(request["spec"], judged, registry.vms(), {b.name: b.version for b in builds},
-                               request["customer"], capacity, moving)
+                               request["customer"], capacity)
     if why:
         raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
     return latest[0], certificate_row
 
 
 def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any],
-               node: str, capacity: int | None, moving: str | None = None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+               node: str, capacity: int | None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """Kvm (sealed to the TC) re-wrapped to node's TK, if node may have it now: the one place a
     VM key is ever in clear, for launch and migration alike."""
-    latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity, moving)
+    latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity)
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
     owner = registry.image_owner(request["vm_id"])
     if owner is None or owner["customer"] != request["customer"]:

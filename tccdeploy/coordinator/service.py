@@ -305,7 +305,7 @@ class Coordinator:
         with self._refusals("migration", destination, vm["vm_id"]):
             latest, certificate, rewrapped = keybroker.rewrap_for(
                 self.registry, self.identity(), self.perimeter, self.builds, request, destination,
-                self.capacity(destination), moving=vm["vm_id"])
+                self.capacity(destination))
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
@@ -419,6 +419,28 @@ class Coordinator:
     def customer_name(self, key_text: str) -> str | None:
         owner = self.registry.customer_by_key(key_text)
         return str(owner["name"]) if owner else None
+
+    # -- what the service asks (api.py calls these, never the registry) ------------------------
+    def engine_allowed(self, serial: str) -> bool:
+        """Whether an engine certificate with this serial is one the operator issued and has not removed."""
+        return self.registry.engine_by_serial(serial) is not None
+
+    def ready(self) -> None:
+        """Raises when the registry does not answer (the service is not ready)."""
+        self.registry.version  # noqa: B018 - a round trip to the database
+
+    def node_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.registry.nodes():
+            counts[node["state"]] = counts.get(node["state"], 0) + 1
+        return counts
+
+    def node_history(self, name: str, limit: int = 20) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        row = self.registry.node(name)
+        return row, self.registry.attestations(name, limit) if row else []
+
+    def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        return self.registry.audit_entries(node, vm, since)
 
     # -- reading (the engine's view; the same over HTTPS) -----------------------------------
     def node(self, name: str) -> dict[str, Any] | None:

@@ -1,0 +1,244 @@
+"""Each check of the TC's key broker, constraints, receipts, roster and audit verification, pinned
+to its reason code: the cases mutation testing (mutmut, see pyproject's [tool.mutmut]) showed
+that nothing else would catch."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import secrets
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tccdeploy.coordinator import audit, constraints, identity, receipts, roster
+from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_query
+from tccdeploy.crypto import customer, wrap
+from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, signed_bytes
+
+from .brokerkit import World
+from .test_tc_decisions import reason
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    w.customer("acme")
+    yield w
+    w.close()
+
+
+# -- the key broker: requests --------------------------------------------------------------------
+def test_a_request_by_an_unregistered_key_is_refused(world):
+    stranger = world.customer("stranger")
+    bundle = world.image("stranger")
+    with world.tc.registry.transaction() as db:
+        db.execute("DELETE FROM customers WHERE name = 'stranger'")
+    envelope = world.request("stranger", bundle)
+    assert stranger is not None and reason(world.tc.accept_request, envelope, bundle) == "request.signature"
+
+
+def test_a_request_signature_that_is_not_strict_base64_is_refused(world):
+    bundle = world.image("acme")
+    envelope = world.request("acme", bundle)
+    envelope["signature"] = envelope["signature"][:10] + "!" + envelope["signature"][10:]
+    assert reason(world.tc.accept_request, envelope, bundle) == "request.signature"
+
+
+def test_a_request_without_a_creation_time_is_stale(world):
+    bundle = world.image("acme")
+    envelope = world.request("acme", bundle)
+    del envelope["request"]["created"]
+    envelope["signature"] = base64.b64encode(world.keys["acme"].sign(
+        signed_bytes(PLACEMENT_REQUEST, envelope["request"]))).decode()
+    assert reason(world.tc.accept_request, envelope, bundle) == "request.stale"
+    future = world.request("acme", bundle, created=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
+    assert reason(world.tc.accept_request, future, bundle) == "request.stale"
+
+
+@pytest.mark.parametrize("field", ["vm_id", "sha256", "customer"])
+def test_a_request_naming_another_image_than_the_bundle_is_refused(world, field):
+    bundle = world.image("acme")
+    envelope = world.request("acme", bundle)
+    descriptor = dict(bundle["descriptor"])
+    if field == "vm_id":
+        descriptor["vm_id"] = secrets.token_hex(16)
+    elif field == "sha256":
+        descriptor["disk"] = dict(descriptor["disk"], sha256=secrets.token_hex(32))
+    else:
+        other = world.customer("other")
+        descriptor["customer"] = {"key": customer.public_text(other.public_key()), "id": "x"}
+    assert reason(world.tc.accept_request, envelope, {"descriptor": descriptor, "signature": ""}) == "request.image"
+
+
+def test_a_request_missing_a_field_is_refused_by_name_not_a_crash(world):
+    bundle = world.image("acme")
+    envelope = world.request("acme", bundle)
+    del envelope["request"]["manifest"]["metadata"]
+    envelope["signature"] = base64.b64encode(world.keys["acme"].sign(
+        signed_bytes(PLACEMENT_REQUEST, envelope["request"]))).decode()
+    assert reason(world.tc.accept_request, envelope, bundle) == "request.image"
+
+
+def test_a_sealed_key_that_is_not_strict_base64_is_not_the_customers(world):
+    bundle = world.image("acme")
+    bundle["descriptor"]["wrapped_key"] = "!" + bundle["descriptor"]["wrapped_key"]
+    assert reason(world.tc.accept_request, world.request("acme", bundle), bundle) == "request.image-owner"
+
+
+# -- the key broker: release -----------------------------------------------------------------------
+def test_the_released_key_opens_only_with_the_nodes_key_and_the_vms_label(world):
+    kvm = secrets.token_bytes(32)
+    node = world.node("n1")
+    bundle = world.image("acme", kvm=kvm)
+    record = world.tc.accept_request(world.request("acme", bundle), bundle)
+    release = world.tc.release_key(record["id"], "n1")
+    wrapped = base64.b64decode(release["wrapped_key"])
+    assert wrap.unwrap(node.tk, wrapped, wrap.vm_label(record["vm_id"])) == kvm
+    with pytest.raises(ValueError):
+        wrap.unwrap(node.tk, wrapped, wrap.vm_label(secrets.token_hex(16)))
+    assert len(world.tc.registry.releases(record["vm_id"])) == 1
+
+
+def test_a_node_without_a_trusted_attestation_or_a_certificate_gets_no_key(world):
+    world.node("n1", admit=False)
+    record = world.accepted("acme")
+    with world.tc.registry.transaction() as db:
+        db.execute("UPDATE nodes SET state = 'admitted' WHERE name = 'n1'")  # as if admitted, with nothing behind it
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.not-fresh"  # no attestation at all
+    world.attest("n1")
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.no-certificate"
+
+
+# -- constraints, the one function -----------------------------------------------------------------
+NODE = {"name": "n1", "site": "site1", "build": "b2"}
+VERSIONS = {"b1": "2026.1", "b2": "2026.2"}
+
+
+def vm(node: str = "n1", state: str = "running", group: str | None = None, customer_: str = "acme",
+       vm_id: str = "v") -> dict:
+    return {"node": node, "state": state, "anti_affinity": group, "customer": customer_, "vm_id": vm_id}
+
+
+@pytest.mark.parametrize("spec, vms, capacity, expected", [
+    ({}, [], None, []),
+    ({"constraints": {"sites": ["site1"]}}, [], None, []),
+    ({"constraints": {"sites": ["site2"]}}, [], None, ["site site1 not in ['site2']"]),
+    ({"constraints": {"builds": ["b2"]}}, [], None, []),
+    ({"constraints": {"builds": ["b1"]}}, [], None, ["build b2 not in ['b1']"]),
+    ({"constraints": {"minBuildVersion": "2026.2"}}, [], None, []),  # equal is enough
+    ({"constraints": {"minBuildVersion": "2026.3"}}, [], None, ["build b2 older than 2026.3"]),
+    ({}, [vm()], 1, ["full (1/1 VMs)"]),
+    ({}, [vm(state="destroyed"), vm(node="n2")], 1, []),  # only live VMs on this node count
+    ({"constraints": {"antiAffinityGroup": "g"}}, [vm(group="g")], None, ["already runs a VM of anti-affinity group g"]),
+    ({"constraints": {"antiAffinityGroup": "g"}}, [vm(group="g", customer_="other")], None, []),  # another customer's
+    ({"constraints": {"antiAffinityGroup": "g"}}, [vm(group="h")], None, []),
+    ({"constraints": {"antiAffinityGroup": "g"}}, [vm(group="g", node="n2")], None, []),
+])
+def test_constraints_judge_one_node(spec, vms, capacity, expected):
+    assert constraints.problems(spec, NODE, vms, VERSIONS, "acme", capacity) == expected
+
+
+def test_a_build_the_tc_does_not_know_is_never_recent_enough():
+    assert constraints.problems({"constraints": {"minBuildVersion": "1.0"}}, dict(NODE, build="mystery"), [], VERSIONS,
+                                "acme", None) == ["build mystery older than 1.0"]
+
+
+# -- the customer's queries -----------------------------------------------------------------------
+def test_a_query_signature_that_is_not_strict_base64_is_refused(world):
+    record = world.accepted("acme")
+    query = sign_customer_query(world.keys["acme"], record["id"], "status")
+    assert reason(check_customer_query, world.tc.registry, record["id"], "status", query["time"],
+                  query["signature"][:8] + "!" + query["signature"][8:]) == "query.signature"
+
+
+# -- receipts ---------------------------------------------------------------------------------------
+def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
+    body = {"vm": "web", "vm_id": "v", "customer": "acme", "node": "n1", "time": 1.0}
+    signed = receipts.sign(tc_identity, body)
+    assert receipts.verify(signed, tc_identity.certificate)["vm"] == "web"
+    altered = dict(signed, receipt=dict(signed["receipt"], node="n2"))
+    with pytest.raises(receipts.ReceiptError, match="does not verify"):
+        receipts.verify(altered, tc_identity.certificate)
+    other = identity.init(str(tmp_path / "other"))[0]
+    with pytest.raises(receipts.ReceiptError):
+        receipts.verify(signed, other.certificate)
+    as_audit = dict(signed, certificate=tc_identity.purpose("audit").pem)  # a key for another purpose
+    with pytest.raises(receipts.ReceiptError, match="not for receipt"):
+        receipts.verify(as_audit, tc_identity.certificate)
+    for broken in ({}, dict(signed, signature="!!"), dict(signed, receipt=dict(signed["receipt"], type="other")),
+                   dict(signed, receipt=dict(signed["receipt"], tc="0" * 64))):
+        with pytest.raises(receipts.ReceiptError):
+            receipts.verify(broken, tc_identity.certificate)
+
+
+def test_a_purpose_certificate_must_be_the_tcs_for_that_purpose_and_valid(tc_identity):
+    ca, ca_key = tc_identity.certificate, tc_identity.key
+    now = datetime.datetime.now(datetime.UTC)
+
+    def made(purpose_oid, not_after, signer=ca_key, issuer=ca.subject):  # type: ignore[no-untyped-def]
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "k")]))
+                .issuer_name(issuer).public_key(key.public_key()).serial_number(1)
+                .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(not_after)
+                .add_extension(x509.ExtendedKeyUsage([purpose_oid]), critical=True).sign(signer, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    good = identity.PURPOSES["receipt"]
+    assert identity.purpose_certificate(made(good, now + datetime.timedelta(days=1)), ca, "receipt")
+    with pytest.raises(ValueError, match="validity"):
+        identity.purpose_certificate(made(good, now - datetime.timedelta(days=1)), ca, "receipt")
+    with pytest.raises(ValueError, match="not for receipt"):
+        identity.purpose_certificate(made(identity.PURPOSES["audit"], now + datetime.timedelta(days=1)), ca, "receipt")
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ValueError, match="not issued"):
+        identity.purpose_certificate(made(good, now + datetime.timedelta(days=1), signer=stranger), ca, "receipt")
+
+
+# -- the roster's names for an EK ----------------------------------------------------------------------
+def test_an_ek_is_named_by_its_certificate_and_by_its_public_key(tc_identity):
+    der = tc_identity.wrap_certificate.public_bytes(serialization.Encoding.DER)
+    by_cert, by_key = roster.ek_identities(der)
+    spki = tc_identity.wrap_certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert by_cert == "sha256:" + hashlib.sha256(der).hexdigest() and by_key == "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+# -- the audit log's verification, by reason -----------------------------------------------------------
+def _rows(tc_identity) -> list[dict]:  # type: ignore[type-arg]
+    auditor, prev, rows = audit.Auditor(tc_identity), audit.GENESIS, []
+    for i in range(1, 4):
+        entry = {"id": i, "time": float(i), "kind": "k", "node": "n", "vm": None, "data": {"i": i}}
+        digest, signature = auditor(prev, entry)
+        rows.append(entry | {"prev": prev, "hash": digest, "signature": signature})
+        prev = digest
+    return rows
+
+
+def test_audit_verification_names_each_problem(tc_identity, tmp_path):
+    ca, pem = tc_identity.certificate, tc_identity.purpose("audit").pem
+    rows = _rows(tc_identity)
+    assert audit.verify_entries(rows, ca, pem).ok
+    cases = {
+        "audit.deleted": [rows[0], rows[2]],
+        "audit.reordered": [rows[0], dict(rows[1], prev="f" * 64), rows[2]],
+        "audit.edited": [rows[0], dict(rows[1], data={"i": 9}), rows[2]],
+        "audit.unsigned": [rows[0], dict(rows[1], signature=rows[0]["signature"]), rows[2]],
+    }
+    for code, changed in cases.items():
+        result = audit.verify_entries(changed, ca, pem)
+        assert not result.ok and result.code == code, (code, result)
+    assert audit.verify_entries(rows, ca, tc_identity.purpose("receipt").pem).code == "audit.certificate"
+    other = identity.init(str(tmp_path / "other"))[0]
+    assert audit.verify_entries(rows, other.certificate, other.purpose("audit").pem).code == "audit.unsigned"
+    assert audit.verify_entries(rows, ca, pem, expect_head=f"4:{rows[2]['hash']}").code == "audit.truncated"
+    head = {"count": 3, "head": rows[2]["hash"], "signature": rows[2]["signature"]}
+    assert audit.verify_entries(rows, ca, pem, checkpoint=head).ok
+    assert audit.verify_entries(rows[:2], ca, pem, checkpoint=head).code == "audit.checkpoint-missing"
+    assert audit.verify_entries(rows, ca, pem, checkpoint=dict(head, signature=rows[1]["signature"])).code \
+        == "audit.checkpoint-unsigned"
+    assert audit.verify_entries(rows).ok and audit.verify_entries(rows, ca, None).ok  # hashes only, said so by the CLI
