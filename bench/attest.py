@@ -92,9 +92,9 @@ def single(lab_index: int, iterations: int) -> dict:
         values = tpm.read_pcrs(node.address, lab.tpm_port, "sha256", list(POLICY_PCRS))
         with open(log_path, "rb") as fh:
             eventlog = fh.read()
-        identity = {"ak_public": Path(f"{work}/ak.tss").read_bytes(), "ssh_host_key": ""}
+        identity = {"ak_public": Path(f"{work}/ak.tss").read_bytes(), "ssh_host_key": "SHA256:bench"}
         evidence = Evidence(Path(f"{work}/q.msg").read_bytes(), Path(f"{work}/q.sig").read_bytes(), values, eventlog, nonce,
-                            nonce_check=NonceCheck(True))
+                            nonce_check=NonceCheck(True), ssh_host_key="SHA256:bench")
         verdict = verify(evidence, manifests.perimeter, builds, identity, node.site, node.address)
         if not verdict.trusted:
             raise SystemExit(f"bench evidence not trusted: {verdict.reasons}")

@@ -71,6 +71,7 @@ REASONS: dict[str, str] = {
     "tk.certify-nonce": "the TK certification does not carry the TC's admission nonce",
     "tk.name": "the certified object is not the TK presented",
     "tk.attributes": "the TK is not an RSA-2048 policy-only decrypt key made in the TPM",
+    "tk.scheme": "the TK's scheme is not OAEP-SHA256: with scheme NULL it could act as a raw RSA signer",
     "tk.policy": "the TK's policy is not PolicyPCR over the PCR values the TC verified",
     "tk.check-failed": "the TPM could not decrypt the TC's challenge with the TK",
     # -- requests and keys (the key broker) ---------------------------------------------------------

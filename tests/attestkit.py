@@ -134,11 +134,12 @@ class AssetTag:
 TK_ATTRIBUTES = tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.DECRYPT | tpm2.NO_DA
 
 
-def rsa_public(key, attributes: int = TK_ATTRIBUTES, policy: bytes = b"") -> bytes:  # type: ignore[no-untyped-def]
-    """TPM2B_PUBLIC of an RSA-2048 decrypt key (a TK) with the given attributes and authPolicy."""
+def rsa_public(key, attributes: int = TK_ATTRIBUTES, policy: bytes = b"", scheme: int = tpm2.ALG_OAEP) -> bytes:  # type: ignore[no-untyped-def]
+    """TPM2B_PUBLIC of an RSA-2048 decrypt key (a TK) with the given attributes, authPolicy and scheme."""
     n = key.public_key().public_numbers().n.to_bytes(256, "big")
     area = struct.pack(">HHI", tpm2.ALG_RSA, tpm2.ALG_SHA256, attributes) + tpm2b(policy)
-    area += struct.pack(">HHHI", tpm2.ALG_NULL, tpm2.ALG_NULL, 2048, 0) + tpm2b(n)
+    area += struct.pack(">HH", tpm2.ALG_NULL, scheme) + (struct.pack(">H", tpm2.ALG_SHA256) if scheme != tpm2.ALG_NULL else b"")
+    area += struct.pack(">HI", 2048, 0) + tpm2b(n)
     return tpm2b(area)
 
 

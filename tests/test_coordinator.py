@@ -102,11 +102,11 @@ def admitted_setup(registry: Registry):
 
 
 def _tk(node: Node, attributes: int = TK_ATTRIBUTES, policy: bytes | None = None, nonce: bytes = b"c" * 32,
-        name_of: bytes | None = None):
+        name_of: bytes | None = None, scheme: int = tpm2.ALG_OAEP):
     key = rsa.generate_private_key(65537, 2048)
     if policy is None:
         policy = admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS])
-    public = rsa_public(key, attributes, policy)
+    public = rsa_public(key, attributes, policy, scheme)
     name = tpm2.parse_public(name_of or public).name
     attest = certify_attest(nonce, name)
     return public, attest, sign(node.key, attest)
@@ -128,6 +128,7 @@ def test_a_proper_tk_gets_a_challenge(registry: Registry, admitted_setup):
     ("fixedtpm-cleared", "tk.attributes"),
     ("userwithauth", "tk.attributes"),
     ("signing", "tk.attributes"),
+    ("raw-rsa", "tk.scheme"),
     ("other-name", "tk.name"),
     ("other-signer", "tk.certify-signature"),
     ("wrong-nonce", "tk.certify-nonce"),
@@ -148,6 +149,8 @@ def test_a_bad_tk_is_refused_with_its_reason(registry: Registry, admitted_setup,
         tk = _tk(node, attributes=TK_ATTRIBUTES | tpm2.USER_WITH_AUTH)
     elif change == "signing":
         tk = _tk(node, attributes=TK_ATTRIBUTES | tpm2.SIGN)
+    elif change == "raw-rsa":
+        tk = _tk(node, scheme=tpm2.ALG_NULL)
     elif change == "other-name":
         other = rsa_public(rsa.generate_private_key(65537, 2048))
         tk = _tk(node, name_of=other)

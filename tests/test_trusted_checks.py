@@ -104,6 +104,14 @@ def test_the_released_key_opens_only_with_the_nodes_key_and_the_vms_label(world)
     assert len(world.tc.registry.releases(record["vm_id"])) == 1
 
 
+def test_a_request_whose_image_is_no_longer_its_customers_gets_no_key(world):
+    world.node("n1")
+    record = world.accepted("acme")
+    with world.tc.registry.transaction() as db:
+        db.execute("DELETE FROM images WHERE vm_id = ?", (record["vm_id"],))
+    assert reason(world.tc.release_key, record["id"], "n1") == "request.image-owner"
+
+
 def test_a_node_without_a_trusted_attestation_or_a_certificate_gets_no_key(world):
     world.node("n1", admit=False)
     record = world.accepted("acme")
@@ -170,9 +178,11 @@ def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
     as_audit = dict(signed, certificate=tc_identity.purpose("audit").pem)  # a key for another purpose
     with pytest.raises(receipts.ReceiptError, match="not for receipt"):
         receipts.verify(as_audit, tc_identity.certificate)
-    for broken in ({}, dict(signed, signature="!!"), dict(signed, receipt=dict(signed["receipt"], type="other")),
-                   dict(signed, receipt=dict(signed["receipt"], tc="0" * 64))):
-        with pytest.raises(receipts.ReceiptError):
+    for broken, why in (({}, "not a receipt"), (dict(signed, signature="!!"), "not a receipt"),
+                        (dict(signed, receipt=dict(signed["receipt"], type="other")), "not a tccdeploy launch receipt"),
+                        (dict(signed, receipt=[1]), "not a tccdeploy launch receipt"),
+                        (dict(signed, receipt=dict(signed["receipt"], tc="0" * 64)), "another TC")):
+        with pytest.raises(receipts.ReceiptError, match=why):
             receipts.verify(broken, tc_identity.certificate)
 
 
@@ -231,8 +241,10 @@ def test_audit_verification_names_each_problem(tc_identity, tmp_path):
     }
     for code, changed in cases.items():
         result = audit.verify_entries(changed, ca, pem)
-        assert not result.ok and result.code == code, (code, result)
-    assert audit.verify_entries(rows, ca, tc_identity.purpose("receipt").pem).code == "audit.certificate"
+        assert result.ok is False and result.code == code and result.entries == len(changed), (code, result)
+        assert len(result.head) == 64 and result.problem
+    wrong = audit.verify_entries(rows, ca, tc_identity.purpose("receipt").pem)
+    assert wrong.ok is False and wrong.code == "audit.certificate" and wrong.entries == 3 and wrong.problem
     other = identity.init(str(tmp_path / "other"))[0]
     assert audit.verify_entries(rows, other.certificate, other.purpose("audit").pem).code == "audit.unsigned"
     assert audit.verify_entries(rows, ca, pem, expect_head=f"4:{rows[2]['hash']}").code == "audit.truncated"

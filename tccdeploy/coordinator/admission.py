@@ -11,6 +11,7 @@ The TC accepts TK only if:
     tk.name               the certified object is not this TK
     tk.attributes         not fixedTPM + fixedParent + sensitiveDataOrigin + decrypt, or it is a
                           signing or restricted key, or userWithAuth lets a password use it
+    tk.scheme             its scheme is not OAEP-SHA256 (decrypt-only): scheme NULL allows raw RSA
     tk.policy             its policy is not PolicyPCR over the PCR values the TC verified
     admit.not-trusted     the attestation it builds on is not the node's latest trusted one, or stale
     admit.quarantined     the node is quarantined: only the TC's operator releases it (`tc nodes
@@ -74,6 +75,9 @@ def check_tk(tk: tpm2.Public) -> None:
             f"TK attributes 0x{tk.attributes:08x}: it must be an RSA-2048 decrypt key, fixedTPM, fixedParent, made in "
             "the TPM, not restricted, not signing, and usable only through its policy (userWithAuth clear)",
         )
+    if tk.scheme != (tpm2.ALG_OAEP, tpm2.ALG_SHA256):
+        raise AdmissionRefused("tk.scheme", "the TK must carry the OAEP-SHA256 decryption scheme: with scheme NULL the "
+                                            "TPM would also use it as a raw RSA key, i.e. to sign")
 
 
 def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: int, tk_public: bytes,

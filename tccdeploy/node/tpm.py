@@ -279,7 +279,9 @@ def tk_create(tcti: str, bank: str, pcrs: list[int], nonce: str, **_: Any) -> di
         # fixedTPM/fixedParent the key cannot be duplicated.
         attributes = (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
                       | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.NODA)
-        template = TPM2B_PUBLIC.parse("rsa2048:null:null", objectAttributes=attributes, authPolicy=policy)
+        # Decrypt-only: an OAEP-SHA256 scheme fixed in the key, so the TPM never uses it as a raw
+        # RSA primitive (with scheme NULL, RSA_Decrypt without padding is an RSA signature).
+        template = TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=attributes, authPolicy=policy)
         srk = _srk(esys, handles)
         private, public, _, _, _ = esys.create(srk, None, template)
         tk = esys.load(srk, private, public)
@@ -314,8 +316,7 @@ def tk_decrypt(tcti: str, ciphertext: bytes, label: bytes) -> bytes:
         tk = esys.load(srk, private, public)
         handles.append(tk)
         session = _policy_pcr_session(esys, handles, stored["bank"], stored["pcrs"], trial=False)
-        scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.OAEP)
-        scheme.details.oaep.hashAlg = TPM2_ALG.SHA256
+        scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.NULL)  # the key's own scheme: OAEP-SHA256
         try:
             plain = bytes(esys.rsa_decrypt(tk, ciphertext, scheme, label + b"\x00", session1=session))
         except TSS2_Exception as exc:
