@@ -21,23 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..manifest.models import RosterNode
 from .refusals import Refused
 
 EK_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-@dataclass(frozen=True)
-class RosterEntry:
-    ek: str
-    site: str
-    name: str | None = None
-    capacity: int | None = None
-    source: str = "registry"
+RosterEntry = RosterNode  # one type for a roster entry, from a manifest or from the registry
 
 
 def ek_identities(certificate_der: bytes) -> tuple[str, str]:

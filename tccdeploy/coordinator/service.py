@@ -70,8 +70,7 @@ class Coordinator:
     # -- the roster (the TC operator's) ---------------------------------------------------
     def roster_entries(self) -> list[roster.RosterEntry]:
         """The manifests' NodeRosters and the operator's `tc roster add` entries."""
-        out = [roster.RosterEntry(n.ek, n.site, n.name, n.capacity,
-                                  r.source.file if r.source is not None else r.name) for r in self.rosters for n in r.nodes]
+        out = [n for r in self.rosters for n in r.nodes]
         out += [roster.RosterEntry(row["ek"], row["site"], row["name"], row["capacity"]) for row in self.registry.roster()]
         return out
 

@@ -208,10 +208,13 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class RosterNode:
+    """One machine of the roster (the TC's roster.py uses this for its own entries too)."""
+
     ek: str
     site: str
     name: str | None = None
     capacity: int | None = None
+    source: str = "registry"  # where the entry comes from: a NodeRoster file, or the registry (`tc roster add`)
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,6 @@ class NodeRoster:
 
     @classmethod
     def from_document(cls, doc: Document, data: dict[str, Any], base_dir: str) -> NodeRoster:
-        nodes = tuple(RosterNode(n["ek"], s["name"], n.get("name"), n.get("capacity"))
+        nodes = tuple(RosterNode(n["ek"], s["name"], n.get("name"), n.get("capacity"), doc.file)
                       for s in data["spec"]["sites"] for n in s["nodes"])
         return cls(data["metadata"]["name"], nodes, doc)
