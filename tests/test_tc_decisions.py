@@ -310,9 +310,9 @@ def test_migration_refusals(world):
     begun = world.tc.migration_begin("web", "n2")
     world.tc.quarantine("n2", "test")
     assert reason(world.tc.migration_end, begun["migration"], record["vm_id"], True) == "migrate.destination-untrusted"
-    assert world.tc.vm("web")["node"] == "n1"
+    assert world.tc.vm("web").node == "n1"
     world.tc.migration_end(begun["migration"], record["vm_id"], False, "destination lost trust")
-    assert world.tc.vm("web")["node"] == "n1"
+    assert world.tc.vm("web").node == "n1"
 
 
 # -- the customer's queries ------------------------------------------------------------------------

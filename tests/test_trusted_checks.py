@@ -5,6 +5,7 @@ that nothing else would catch."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import secrets
@@ -17,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from tccdeploy.coordinator import audit, constraints, identity, receipts, roster
 from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_query
+from tccdeploy.coordinator.records import NodeRecord, VMRecord
 from tccdeploy.crypto import customer, wrap
 from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, signed_bytes
 
@@ -123,13 +125,13 @@ def test_a_node_without_a_trusted_attestation_or_a_certificate_gets_no_key(world
 
 
 # -- constraints, the one function -----------------------------------------------------------------
-NODE = {"name": "n1", "site": "site1", "build": "b2"}
+NODE = NodeRecord("n1", "admitted", "site1", "127.0.1.7", "b2")
 VERSIONS = {"b1": "2026.1", "b2": "2026.2"}
 
 
 def vm(node: str = "n1", state: str = "running", group: str | None = None, customer_: str = "acme",
-       vm_id: str = "v") -> dict:
-    return {"node": node, "state": state, "anti_affinity": group, "customer": customer_, "vm_id": vm_id}
+       vm_id: str = "v") -> VMRecord:
+    return VMRecord(vm_id, "name", customer_, node, state, anti_affinity=group)
 
 
 @pytest.mark.parametrize("spec, vms, capacity, expected", [
@@ -152,7 +154,7 @@ def test_constraints_judge_one_node(spec, vms, capacity, expected):
 
 
 def test_a_build_the_tc_does_not_know_is_never_recent_enough():
-    assert constraints.problems({"constraints": {"minBuildVersion": "1.0"}}, dict(NODE, build="mystery"), [], VERSIONS,
+    assert constraints.problems({"constraints": {"minBuildVersion": "1.0"}}, dataclasses.replace(NODE, build="mystery"), [], VERSIONS,
                                 "acme", None) == ["build mystery older than 1.0"]
 
 
@@ -175,7 +177,8 @@ def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
     other = identity.init(str(tmp_path / "other"))[0]
     with pytest.raises(receipts.ReceiptError):
         receipts.verify(signed, other.certificate)
-    as_audit = dict(signed, certificate=tc_identity.purpose("audit").pem)  # a key for another purpose
+    audit_der = tc_identity.purpose("audit").certificate.public_bytes(serialization.Encoding.DER)
+    as_audit = dict(signed, certificate=base64.b64encode(audit_der).decode())  # a key for another purpose
     with pytest.raises(receipts.ReceiptError, match="not for receipt"):
         receipts.verify(as_audit, tc_identity.certificate)
     for broken, why in (({}, "not a receipt"), (dict(signed, signature="!!"), "not a receipt"),
@@ -254,3 +257,29 @@ def test_audit_verification_names_each_problem(tc_identity, tmp_path):
     assert audit.verify_entries(rows, ca, pem, checkpoint=dict(head, signature=rows[1]["signature"])).code \
         == "audit.checkpoint-unsigned"
     assert audit.verify_entries(rows).ok and audit.verify_entries(rows, ca, None).ok  # hashes only, said so by the CLI
+
+
+def test_every_byte_of_a_receipt_is_signed_or_checked(tc_identity):
+    """Change any one byte of a receipt file (outside JSON's whitespace) and it no longer verifies."""
+    import json
+
+    raw = json.dumps(receipts.sign(tc_identity, {"vm": "web", "vm_id": "v" * 32, "node": "n1", "time": 1.5})).encode()
+    for i in range(len(raw)):
+        altered = bytearray(raw)
+        altered[i] = (altered[i] + 1) % 256
+        try:
+            receipts.verify(json.loads(bytes(altered)), tc_identity.certificate)
+        except (receipts.ReceiptError, ValueError, UnicodeDecodeError):
+            continue
+        assert raw[i:i + 1].isspace() or altered[i:i + 1].isspace(), f"byte {i} ({raw[i:i + 20]!r}) is not protected"
+
+
+def test_records_take_their_fields_from_a_row_or_json_and_give_them_back():
+    from tccdeploy.coordinator.records import RequestRecord
+
+    row = {"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v", "image_sha256": "d", "spec": {"vcpus": 1},
+           "state": "accepted", "received": 1.0, "wrapped_key": "the TC's, never the engine's"}
+    record = RequestRecord.from_row(row)
+    assert record.state == "accepted" and "wrapped_key" not in record.as_dict()
+    assert RequestRecord.from_row(record.as_dict()) == record
+    assert VMRecord.from_row(vm().as_dict()) == vm()

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from ..coordinator.records import NodeRecord, VMRecord
 from ..tables import table
 
 MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
@@ -90,14 +91,13 @@ class _RegistryNodes:
         node = self.registry.node(name)
         return node, self.registry.attestations(name, limit=limit) if node else []
 
-    def nodes(self) -> list[dict]:  # type: ignore[type-arg]
+    def nodes(self) -> list[NodeRecord]:
         rows = []
         for node in self.registry.nodes():
             last = self.registry.attestations(node["name"], limit=1)
-            rows.append({"name": node["name"], "state": node["state"], "site": node["site"], "build": node["build"],
-                         "last_attestation": last[0]["time"] if last else None,
-                         "verdict": last[0]["verdict"] if last else None,
-                         "reasons": [r["code"] for r in last[0]["reasons"]] if last else []})
+            rows.append(NodeRecord.from_row(node | ({
+                "last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
+                "reasons": [r["code"] for r in last[0]["reasons"]]} if last else {})))
         return rows
 
     def close(self) -> None:
@@ -125,9 +125,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
                 reasons = ", ".join(r["code"] for r in entry["reasons"]) or "-"
                 print(f"  #{entry['id']:<5} {_when(entry['time'])}  {entry['verdict']:<9}  {entry['build'] or '-':<12}  {reasons}")
             return 0
-        rows = [{"name": n["name"], "state": n["state"], "site": n["site"], "build": n["build"],
-                 "last_attestation": n.get("last_attestation"), "verdict": n.get("verdict"),
-                 "reasons": n.get("reasons", [])} for n in source.nodes()]
+        rows = [{"name": n.name, "state": n.state, "site": n.site, "build": n.build,
+                 "last_attestation": n.last_attestation, "verdict": n.verdict, "reasons": n.reasons}
+                for n in source.nodes()]
     finally:
         source.close()
     if args.json:
@@ -239,17 +239,17 @@ def cmd_request_launch(args: argparse.Namespace) -> int:
         if record is None:
             print(f"error: the TC has no request {args.id}", file=sys.stderr)
             return 1
-        if record["state"] != "accepted":
-            print(f"error: request {args.id} is {record['state']}, not waiting to be launched", file=sys.stderr)
+        if record.state != "accepted":
+            print(f"error: request {args.id} is {record.state}, not waiting to be launched", file=sys.stderr)
             return 2
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
-            result = launch_accepted(engine, coordinator, record, args.bundle)
+            result = launch_accepted(engine, coordinator, record.as_dict(), args.bundle)
     except (Refused, bundles.BundleError) as exc:
         print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
         return 2
     finally:
         coordinator.close()
-    print(f"{record['vm']}: running on {result.node}; the customer fetches the signed receipt from the TC")
+    print(f"{record.vm}: running on {result.node}; the customer fetches the signed receipt from the TC")
     return 0
 
 
@@ -275,8 +275,9 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
     source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
     try:
-        rows = [{"name": v["name"], "state": v["state"], "node": v["node"], "customer": v["customer"], "vm_id": v["vm_id"],
-                 "image_sha256": v["image_sha256"], "launched": v["launched"]} for v in source.vms(args.all)]
+        vms = [v if isinstance(v, VMRecord) else VMRecord.from_row(v) for v in source.vms(args.all)]
+        rows = [{"name": v.name, "state": v.state, "node": v.node, "customer": v.customer, "vm_id": v.vm_id,
+                 "image_sha256": v.image_sha256, "launched": v.launched} for v in vms]
     finally:
         source.close()
     if args.json:
@@ -294,21 +295,21 @@ def cmd_vm(args: argparse.Namespace) -> int:
     registry = open_tc(args, remote_ok=True)
     try:
         vm = registry.vm(args.vm)
-        if vm is None or vm["node"] is None:
+        if vm is None or vm.node is None:
             print(f"error: no VM {args.vm!r} in the registry", file=sys.stderr)
             return 1
         inventory = load(args)
-        if vm["node"] not in inventory.hosts:
-            print(f"error: VM {args.vm} runs on {vm['node']}, which is not in the inventory", file=sys.stderr)
+        if vm.node not in inventory.hosts:
+            print(f"error: VM {args.vm} runs on {vm.node}, which is not in the inventory", file=sys.stderr)
             return 1
 
         def work(session):  # type: ignore[no-untyped-def]
-            return session.call("vm_control", {"vm_id": vm["vm_id"], "action": args.action})
+            return session.call("vm_control", {"vm_id": vm.vm_id, "action": args.action})
 
         args.limit = None
-        status = _fan_out(args, vm["node"], work, "module", f"vm {args.action}")
+        status = _fan_out(args, vm.node, work, "module", f"vm {args.action}")
         if status == 0:
-            registry.set_vm_state(vm["vm_id"], {"stop": "stopped", "start": "running", "destroy": "destroyed"}[args.action])
+            registry.set_vm_state(vm.vm_id, {"stop": "stopped", "start": "running", "destroy": "destroyed"}[args.action])
         return status
     finally:
         registry.close()
@@ -474,7 +475,7 @@ def _audit_keys(args: argparse.Namespace, source):  # type: ignore[no-untyped-de
     if not os.path.exists(os.path.join(state, identity.KEY_FILE)):
         return None, None
     ident = identity.load(state)
-    return ident.certificate, ident.purpose("audit").pem
+    return ident.certificate, ident.purpose("audit").all_pem
 
 
 def add_tc_args(p: argparse.ArgumentParser) -> None:

@@ -169,7 +169,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         if args.action == "release":
             if not tc.release_node(args.node, args.note or ""):
                 row = tc.node(args.node)
-                print(f"error: {args.node} is {row['state'] if row else 'not in the registry'}, not quarantined",
+                print(f"error: {args.node} is {row.state if row else 'not in the registry'}, not quarantined",
                       file=sys.stderr)
                 return 1
             print(f"{args.node} released: enrolled again; it is admitted only after a fresh trusted attestation "
@@ -206,6 +206,24 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
         print("publish it outside the TC; `tccdeploy audit verify --checkpoint FILE` proves the log still holds it")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from ..coordinator import audit, identity
+
+    state = state_dir(args.state)
+    before = identity.load(state).purpose(args.purpose).key_id
+    new = identity.rotate(state, args.purpose)
+    registry = _registry(args)
+    try:
+        registry.auditor = audit.Auditor(identity.load(state))
+        audit.append(registry, "key.rotate", purpose=args.purpose, retired=before, key=new.key_id)
+    finally:
+        registry.close()
+    print(f"the TC's {args.purpose} key is now {new.key_id} (was {before}, destroyed; its certificate is kept so what it "
+          "signed still verifies). A running `tc serve` takes it on SIGHUP; give customers and engines the new "
+          "certificates: tccdeploy tc show -o FILE")
     return 0
 
 
@@ -304,6 +322,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("-o", "--output", help="write the checkpoint here (default: standard output)")
     state(q)
     q.set_defaults(func=cmd_audit_checkpoint)
+
+    q = tc.add_parser("rotate", help="replace the key the TC signs receipts or audit checkpoints with (audited)")
+    q.add_argument("purpose", choices=("receipt", "audit"))
+    state(q)
+    q.set_defaults(func=cmd_rotate)
 
     q = tc.add_parser("serve", help="the TC's HTTPS API for engines and customers")
     q.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8443)")

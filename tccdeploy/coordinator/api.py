@@ -365,7 +365,7 @@ class Api:
         return result
 
     async def nodes(self, request: Request) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.tc.nodes)
+        return [n.as_dict() for n in await run_in_threadpool(self.tc.nodes)]
 
     async def node(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
@@ -392,7 +392,7 @@ class Api:
         summary = await run_in_threadpool(self.tc.identity_summary, request.path_params["name"])
         if summary is None:
             raise ApiError(404, "node.not-enrolled", f"{request.path_params['name']} is not enrolled")
-        return summary
+        return summary.as_dict()
 
     async def admission_needed(self, request: Request) -> dict[str, Any]:
         try:
@@ -413,13 +413,13 @@ class Api:
         return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]
 
     async def vms(self, request: Request) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.tc.vms, request.query_params.get("all") in ("1", "true"))
+        return [v.as_dict() for v in await run_in_threadpool(self.tc.vms, request.query_params.get("all") in ("1", "true"))]
 
     async def vm(self, request: Request) -> dict[str, Any]:
         row = await run_in_threadpool(self.tc.vm, request.path_params["name"])
         if row is None:
             raise ApiError(404, "vm.unknown", f"no VM {request.path_params['name']!r}")
-        return row
+        return row.as_dict()
 
     async def vm_state(self, request: Request) -> dict[str, Any]:
         await run_in_threadpool(self.tc.set_vm_state, request.path_params["vm_id"], request.state.body["state"])
@@ -447,7 +447,7 @@ class Api:
         record = await run_in_threadpool(self.tc.request_record, request.path_params["id"])
         if record is None:
             raise ApiError(404, "request.unknown", f"no request {request.path_params['id']!r}")
-        return record
+        return record.as_dict()
 
     async def release(self, request: Request) -> dict[str, Any]:
         result = await run_in_threadpool(self.tc.release_key, request.path_params["id"], request.state.body["node"])
@@ -474,7 +474,7 @@ class Api:
         return receipt
 
     async def migrations(self, request: Request) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.tc.migrations, request.query_params.get("state"))
+        return [m.as_dict() for m in await run_in_threadpool(self.tc.migrations, request.query_params.get("state"))]
 
     async def migration_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body

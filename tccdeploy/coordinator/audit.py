@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..crypto.canonical import AUDIT_CHECKPOINT, canonical, signed_bytes
-from .identity import Identity, purpose_certificate
+from .identity import Identity, key_id, purpose_certificate
 from .store import Registry
 
 GENESIS = "0" * 64
@@ -47,12 +47,16 @@ class Auditor:
 
     def __init__(self, tc: Identity):
         self.key = tc.purpose("audit").key
+        self.key_id = tc.purpose("audit").key_id
         self.fingerprint = tc.fingerprint
 
     def __call__(self, prev: str, entry: dict[str, Any]) -> tuple[str, str]:
+        """(hash, "KEY_ID:SIGNATURE"): the key id names the audit key, so entries signed before a
+        rotation (`tc rotate audit`) still verify with the retired key's certificate."""
         digest = entry_hash(prev, entry)
         body = checkpoint_body(int(entry["id"]), digest, self.fingerprint)
-        return digest, base64.b64encode(self.key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))).decode()
+        signature = base64.b64encode(self.key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))).decode()
+        return digest, f"{self.key_id}:{signature}"
 
 
 def append(registry: Registry, kind: str, node: str | None = None, vm: str | None = None, **data: Any) -> dict[str, Any]:
@@ -74,23 +78,31 @@ class Verification:
 
 
 class _Checker:
+    """The audit keys' public halves by key id: the current one and every retired one, each
+    certified by the TC's CA for audit checkpoints."""
+
     def __init__(self, ca: x509.Certificate | None, audit_pem: str | None):
-        self.key = None
+        self.keys: dict[str, Any] | None = None
         self.fingerprint = ""
         if ca is not None and audit_pem is not None:
             from cryptography.hazmat.primitives import serialization
 
-            self.key = purpose_certificate(audit_pem, ca, "audit").public_key()
+            self.keys = {}
+            for cert in x509.load_pem_x509_certificates(audit_pem.encode()):
+                checked = purpose_certificate(cert.public_bytes(serialization.Encoding.PEM), ca, "audit")
+                self.keys[key_id(checked)] = checked.public_key()
             self.fingerprint = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()
 
     def signed(self, count: int, head: str, signature: str | None) -> bool:
-        if self.key is None:
+        if self.keys is None:
             return True
+        name, _, value = (signature or "").rpartition(":")
+        key = self.keys.get(name)
         try:
-            assert isinstance(self.key, ec.EllipticCurvePublicKey)
-            self.key.verify(base64.b64decode(signature or "", validate=True),
-                            signed_bytes(DOMAIN, checkpoint_body(count, head, self.fingerprint)), ec.ECDSA(hashes.SHA256()))
-        except Exception:  # noqa: BLE001 - unsigned, malformed or forged: all "not signed"
+            assert isinstance(key, ec.EllipticCurvePublicKey)
+            key.verify(base64.b64decode(value, validate=True),
+                       signed_bytes(DOMAIN, checkpoint_body(count, head, self.fingerprint)), ec.ECDSA(hashes.SHA256()))
+        except Exception:  # noqa: BLE001 - unsigned, unknown key, malformed or forged: all "not signed"
             return False
         return True
 
@@ -138,7 +150,7 @@ def verify_entries(rows: list[dict[str, Any]], ca: x509.Certificate | None = Non
 def verify(registry: Registry, expect_head: str | None = None, tc: Identity | None = None,
            checkpoint: dict[str, Any] | None = None) -> Verification:
     return verify_entries(registry.audit_entries(), tc.certificate if tc else None,
-                          tc.purpose("audit").pem if tc else None, expect_head, checkpoint)
+                          tc.purpose("audit").all_pem if tc else None, expect_head, checkpoint)
 
 
 def checkpoint(registry: Registry, tc: Identity) -> dict[str, Any]:
@@ -148,4 +160,4 @@ def checkpoint(registry: Registry, tc: Identity) -> dict[str, Any]:
         raise ValueError("the audit log is empty: nothing to checkpoint yet")
     last = rows[-1]
     return {"type": "tccdeploy-audit-checkpoint", "count": int(last["id"]), "head": last["hash"], "time": last["time"],
-            "tc": tc.fingerprint, "signature": last["signature"], "certificate": tc.purpose("audit").pem}
+            "tc": tc.fingerprint, "signature": last["signature"], "certificates": tc.purpose("audit").all_pem}

@@ -19,6 +19,7 @@ import httpx
 from .admission import AdmissionRefused
 from .enrollment import Challenge, EnrollmentRefused
 from .keybroker import Refused
+from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .verifier import Evidence, Verdict
 from .wire import b64, evidence_to_wire, unb64, verdict_from_wire
 
@@ -130,12 +131,12 @@ class RemoteCoordinator:
     def quarantine(self, node: str, reason: str) -> bool:
         return bool(self._call("POST", f"/v1/nodes/{node}/quarantine", {"reason": reason})["quarantined"])
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/nodes")  # type: ignore[no-any-return]
+    def nodes(self) -> list[NodeRecord]:
+        return [NodeRecord.from_row(row) for row in self._call("GET", "/v1/nodes")]
 
-    def identity_summary(self, node: str) -> dict[str, Any] | None:
+    def identity_summary(self, node: str) -> IdentitySummary | None:
         try:
-            return self._call("GET", f"/v1/nodes/{node}/identity")  # type: ignore[no-any-return]
+            return IdentitySummary.from_row(self._call("GET", f"/v1/nodes/{node}/identity"))
         except TCNotFound:
             return None
 
@@ -170,22 +171,25 @@ class RemoteCoordinator:
         return self._call("GET", "/v1/audit" + (f"?{query}" if query else ""))  # type: ignore[no-any-return]
 
     def audit_certificate(self) -> str:
-        """The TC's audit-signing certificate as served; the caller checks it chains to its pinned CA."""
+        """The TC's audit-signing certificates as served (the current one and the retired ones);
+        the caller checks each chains to its pinned CA."""
         from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
 
         from .identity import PURPOSES
 
         response = self._send("GET", "/v1/certificate", None)
+        found = ""
         for cert in x509.load_pem_x509_certificates(response.content):
             try:
                 usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
             except x509.ExtensionNotFound:
                 continue
             if usages == [PURPOSES["audit"]]:
-                from cryptography.hazmat.primitives import serialization
-
-                return cert.public_bytes(serialization.Encoding.PEM).decode()
-        raise TCUnavailable(f"the TC at {self.url} serves no audit-signing certificate")
+                found += cert.public_bytes(serialization.Encoding.PEM).decode()
+        if not found:
+            raise TCUnavailable(f"the TC at {self.url} serves no audit-signing certificate")
+        return found
 
     # -- what launch, migration and enforcement read and record -----------------------------
     @property
@@ -201,9 +205,9 @@ class RemoteCoordinator:
     def on_failure(self) -> str:
         return str(self._policy_now()["on_failure"])
 
-    def node(self, name: str) -> dict[str, Any] | None:
+    def node(self, name: str) -> NodeRecord | None:
         try:
-            return self._call("GET", f"/v1/nodes/{name}")["node"]  # type: ignore[no-any-return]
+            return NodeRecord.from_row(self._call("GET", f"/v1/nodes/{name}")["node"])
         except TCNotFound:
             return None
 
@@ -211,12 +215,12 @@ class RemoteCoordinator:
         value = self._call("GET", f"/v1/nodes/{node}")["last_trusted"]
         return float(value) if value is not None else None
 
-    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/vms" + ("?all=1" if include_destroyed else ""))  # type: ignore[no-any-return]
+    def vms(self, include_destroyed: bool = False) -> list[VMRecord]:
+        return [VMRecord.from_row(row) for row in self._call("GET", "/v1/vms" + ("?all=1" if include_destroyed else ""))]
 
-    def vm(self, name_or_id: str) -> dict[str, Any] | None:
+    def vm(self, name_or_id: str) -> VMRecord | None:
         try:
-            return self._call("GET", f"/v1/vms/{name_or_id}")  # type: ignore[no-any-return]
+            return VMRecord.from_row(self._call("GET", f"/v1/vms/{name_or_id}"))
         except TCNotFound:
             return None
 
@@ -226,16 +230,17 @@ class RemoteCoordinator:
     def record_enforcement(self, node: str, vm_id: str, policy: str, result: str) -> None:
         self._call("POST", f"/v1/vms/{vm_id}/enforcement", {"node": node, "policy": policy, "result": result})
 
-    def request_record(self, request_id: str) -> dict[str, Any] | None:
+    def request_record(self, request_id: str) -> RequestRecord | None:
         try:
-            return self._call("GET", f"/v1/requests/{request_id}")  # type: ignore[no-any-return]
+            return RequestRecord.from_row(self._call("GET", f"/v1/requests/{request_id}"))
         except TCNotFound:
             return None
 
     def accept_request(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:
         accepted = self._call("POST", "/v1/requests", {"request": {k: v for k, v in envelope.items() if k != "bundle"},
                                                         "bundle": bundle})
-        return self.request_record(accepted["id"]) or accepted
+        record = self.request_record(accepted["id"])
+        return record.as_dict() if record else accepted  # type: ignore[no-any-return]
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/requests/{request_id}/release", {"node": node})  # type: ignore[no-any-return]
@@ -247,8 +252,8 @@ class RemoteCoordinator:
     def fail_request(self, request_id: str) -> None:
         self._call("POST", f"/v1/requests/{request_id}/failed", {})
 
-    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/migrations" + (f"?state={state}" if state else ""))  # type: ignore[no-any-return]
+    def migrations(self, state: str | None = None) -> list[MigrationRecord]:
+        return [MigrationRecord.from_row(row) for row in self._call("GET", "/v1/migrations" + (f"?state={state}" if state else ""))]
 
     def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
         return self._call("POST", "/v1/migrations", {"vm": vm_name, "destination": destination})  # type: ignore[no-any-return]

@@ -12,15 +12,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..manifest.models import version_key
+from .records import NodeRecord, VMRecord
 
 LIVE = ("running", "starting", "stopped")
 
 
-def problems(spec: Mapping[str, Any], node: Mapping[str, Any], vms: Iterable[Mapping[str, Any]],
+def problems(spec: Mapping[str, Any], node: NodeRecord, vms: Iterable[VMRecord],
              versions: Mapping[str, str], customer: str, capacity: int | None) -> list[str]:
     """Why node cannot take this VM (nothing when it can).
 
-    node: name, site, build; vms: the VMs the registry holds; versions: build name -> version;
+    node: its name, site and build; vms: the VMs the registry holds; versions: build name -> version;
     capacity: None for no limit. A VM being migrated runs on its source, so it never counts against
     its destination."""
     constraints = spec.get("constraints") or {}
@@ -29,17 +30,17 @@ def problems(spec: Mapping[str, Any], node: Mapping[str, Any], vms: Iterable[Map
     minimum = constraints.get("minBuildVersion")
     group = constraints.get("antiAffinityGroup")
     out: list[str] = []
-    mine = [v for v in vms if v["node"] == node["name"] and v["state"] in LIVE]
-    if sites and node.get("site") not in sites:
-        out.append(f"site {node.get('site') or '-'} not in {sorted(sites)}")
-    if builds and node.get("build") not in builds:
-        out.append(f"build {node.get('build') or '-'} not in {sorted(builds)}")
+    mine = [v for v in vms if v.node == node.name and v.state in LIVE]
+    if sites and node.site not in sites:
+        out.append(f"site {node.site or '-'} not in {sorted(sites)}")
+    if builds and node.build not in builds:
+        out.append(f"build {node.build or '-'} not in {sorted(builds)}")
     if minimum:
-        version = versions.get(node.get("build") or "")
+        version = versions.get(node.build or "")
         if version is None or version_key(version) < version_key(minimum):
-            out.append(f"build {node.get('build') or '-'} older than {minimum}")
+            out.append(f"build {node.build or '-'} older than {minimum}")
     if capacity is not None and len(mine) >= capacity:
         out.append(f"full ({len(mine)}/{capacity} VMs)")
-    if group and any(v.get("anti_affinity") == group and v["customer"] == customer for v in mine):
+    if group and any(v.anti_affinity == group and v.customer == customer for v in mine):
         out.append(f"already runs a VM of anti-affinity group {group}")
     return out

@@ -33,10 +33,26 @@ PURPOSES = {"receipt": x509.ObjectIdentifier(OID_ARC + ".10.1"), "audit": x509.O
 class PurposeKey:
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
+    retired: tuple[x509.Certificate, ...] = ()  # earlier keys' certificates: what they signed still verifies
 
     @property
     def pem(self) -> str:
         return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.certificate)
+
+    @property
+    def all_pem(self) -> str:
+        """The current certificate and the retired ones, for verifiers of older signatures."""
+        return self.pem + "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in self.retired)
+
+
+def key_id(certificate: x509.Certificate) -> str:
+    """A purpose key's short name, carried with what it signs so a verifier picks the right one
+    after rotations."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,7 @@ class Identity:
     def bundle_pem(self) -> str:
         """What customers seal against: the CA certificate and the key-wrapping certificate."""
         return self.pem + self.wrap_certificate.public_bytes(serialization.Encoding.PEM).decode() + \
-            "".join(self.purposes[p].pem for p in sorted(self.purposes))
+            "".join(self.purposes[p].all_pem for p in sorted(self.purposes))
 
     @property
     def fingerprint(self) -> str:
@@ -144,10 +160,15 @@ def _make_purpose_key(state: str, purpose: str, ca_key: ec.EllipticCurvePrivateK
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def purpose_certificate(pem: bytes | str, ca: x509.Certificate, purpose: str) -> x509.Certificate:
-    """The certificate of a TC purpose key, if the pinned CA issued it for exactly that purpose;
-    ValueError otherwise (for verifiers of receipts and audit checkpoints)."""
-    cert = x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+def purpose_certificate(data: bytes | str, ca: x509.Certificate, purpose: str) -> x509.Certificate:
+    """The certificate (PEM, or DER bytes) of a TC purpose key, if the pinned CA issued it for
+    exactly that purpose; ValueError otherwise (for verifiers of receipts and audit checkpoints)."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
+                else x509.load_der_x509_certificate(raw))
+    except Exception:  # noqa: BLE001 - cryptography raises more than ValueError for damaged DER (InvalidVersion)
+        raise ValueError("the signing certificate does not parse") from None
     ca_key = ca.public_key()
     if cert.issuer != ca.subject or not isinstance(ca_key, ec.EllipticCurvePublicKey):
         raise ValueError("the signing certificate is not issued by this TC")
@@ -191,6 +212,28 @@ def load(state: str) -> Identity:
         purpose_key = _private(key_path)
         with open(os.path.join(state, f"tc-{purpose}-cert.pem"), "rb") as fh:
             purpose_cert = x509.load_pem_x509_certificate(fh.read())
+        retired: list[x509.Certificate] = []
+        if os.path.exists(os.path.join(state, f"tc-{purpose}-retired.pem")):
+            with open(os.path.join(state, f"tc-{purpose}-retired.pem"), "rb") as fh:
+                retired = x509.load_pem_x509_certificates(fh.read())
         assert isinstance(purpose_key, ec.EllipticCurvePrivateKey)
-        purposes[purpose] = PurposeKey(purpose_key, purpose_cert)
+        purposes[purpose] = PurposeKey(purpose_key, purpose_cert, tuple(retired))
     return Identity(key, cert, wrap_key, wrap_cert, purposes)
+
+
+def rotate(state: str, purpose: str) -> PurposeKey:
+    """A new key for purpose, certified by the CA; the old key is destroyed and its certificate
+    kept among the retired ones (receipts and audit entries it signed still verify, nothing new
+    can be signed with it)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"no TC key for {purpose!r}; purposes: {', '.join(PURPOSES)}")
+    current = load(state)
+    old = current.purpose(purpose)
+    bundle = os.path.join(state, f"tc-{purpose}-retired.pem")
+    from ..crypto.files import atomic_write
+
+    atomic_write(bundle, old.all_pem.encode(), 0o644)  # the old certificate first, then the ones before it
+    os.unlink(os.path.join(state, f"tc-{purpose}-key.pem"))
+    os.unlink(os.path.join(state, f"tc-{purpose}-cert.pem"))
+    _make_purpose_key(state, purpose, current.key, current.certificate)
+    return load(state).purpose(purpose)

@@ -38,6 +38,7 @@ from ..crypto.canonical import CUSTOMER_QUERY, PLACEMENT_REQUEST, signed_bytes
 from ..manifest.models import Perimeter, TVMMBuild
 from . import constraints
 from .identity import Identity
+from .records import NodeRecord, VMRecord
 from .refusals import Refused
 from .store import Audit, Conflict, Registry
 
@@ -176,9 +177,9 @@ def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild]
     certificate_row = registry.certificate(node)
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
-    judged = {"name": node, "site": row["site"], "build": latest[0]["build"]}
-    why = constraints.problems(request["spec"], judged, registry.vms(), {b.name: b.version for b in builds},
-                               request["customer"], capacity)
+    judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
+    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in registry.vms()],
+                               {b.name: b.version for b in builds}, request["customer"], capacity)
     if why:
         raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
     return latest[0], certificate_row

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..crypto.canonical import LAUNCH_RECEIPT, signed_bytes
+from ..crypto.canonical import LAUNCH_RECEIPT, b64decode_canonical, signed_bytes
 from .identity import Identity, purpose_certificate
 
 KIND = "tccdeploy-launch-receipt"
@@ -33,14 +33,17 @@ def sign(tc: Identity, body: dict[str, Any]) -> dict[str, Any]:
             "tc": hashlib.sha256(tc.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
     signer = tc.purpose("receipt")
     signature = signer.key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
-    return {"receipt": body, "signature": base64.b64encode(signature).decode(), "certificate": signer.pem}
+    # The signing certificate as strict base64 of its DER (not PEM text, whose line breaks a
+    # parser forgives): every byte of a receipt is either signed or checked.
+    der = signer.certificate.public_bytes(serialization.Encoding.DER)
+    return {"receipt": body, "signature": base64.b64encode(signature).decode(), "certificate": base64.b64encode(der).decode()}
 
 
 def verify(envelope: dict[str, Any], tc_certificate: x509.Certificate) -> dict[str, Any]:
     """The receipt's body if the TC signed exactly it; ReceiptError otherwise."""
     try:
-        body, signature = envelope["receipt"], base64.b64decode(envelope["signature"], validate=True)
-        certificate = purpose_certificate(envelope["certificate"], tc_certificate, "receipt")
+        body, signature = envelope["receipt"], b64decode_canonical(envelope["signature"])
+        certificate = purpose_certificate(b64decode_canonical(envelope["certificate"]), tc_certificate, "receipt")
     except (KeyError, TypeError, ValueError) as exc:
         raise ReceiptError(f"not a receipt of this TC: {exc}") from None
     if not isinstance(body, dict) or body.get("type") != KIND:

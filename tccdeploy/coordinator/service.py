@@ -17,6 +17,7 @@ from typing import Any, Literal
 from ..config import state_dir
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
 from . import admission, audit, enrollment, identity, keybroker, receipts, roster, verifier
+from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .refusals import Refused
 from .store import Conflict, Registry, RegistryError
 
@@ -51,6 +52,7 @@ class Coordinator:
         """Take new manifests (SIGHUP): a build revoked or a machine taken off the roster counts
         from the next decision on."""
         self.perimeter, self.builds, self.rosters = loaded.perimeter, loaded.builds, list(loaded.rosters)
+        self._identity = self._auditor = None  # and the TC's keys, which `tc rotate` may have changed
 
     def identity(self) -> identity.Identity:
         """The TC's keys, loaded once: parsing (and validating) the RSA-3072 key costs more than
@@ -369,10 +371,10 @@ class Coordinator:
                                                      f"{state}")
 
     # -- predictions and idempotency: questions that change nothing -------------------------
-    def identity_summary(self, node: str) -> dict[str, Any] | None:
+    def identity_summary(self, node: str) -> IdentitySummary | None:
         """Which TPM the node is enrolled with (EK fingerprint, vendor), or None."""
         known = self.registry.identity(node)
-        return {"ek_fingerprint": known["ek_fingerprint"], "manufacturer": known["manufacturer"]} if known else None
+        return IdentitySummary.from_row(known) if known else None
 
     def check_ek(self, ek_certificate: bytes, ek_public: bytes, node: str | None = None,
                  site: str | None = None) -> dict[str, Any]:
@@ -442,35 +444,34 @@ class Coordinator:
         return self.registry.audit_entries(node, vm, since)
 
     # -- reading (the engine's view; the same over HTTPS) -----------------------------------
-    def node(self, name: str) -> dict[str, Any] | None:
-        return self.registry.node(name)
+    def node(self, name: str) -> NodeRecord | None:
+        row = self.registry.node(name)
+        return NodeRecord.from_row(row) if row else None
 
     def last_trusted_time(self, node: str) -> float | None:
         last = self.registry.attestations(node, limit=1, trusted_only=True)
         return float(last[0]["time"]) if last else None
 
-    def vm(self, name_or_id: str) -> dict[str, Any] | None:
-        return self.registry.vm(name_or_id)
+    def vm(self, name_or_id: str) -> VMRecord | None:
+        row = self.registry.vm(name_or_id)
+        return VMRecord.from_row(row) if row else None
 
-    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
-        return self.registry.vms(include_destroyed)
+    def vms(self, include_destroyed: bool = False) -> list[VMRecord]:
+        return [VMRecord.from_row(row) for row in self.registry.vms(include_destroyed)]
 
-    def request_record(self, request_id: str) -> dict[str, Any] | None:
+    def request_record(self, request_id: str) -> RequestRecord | None:
         """A request as the engine may see it: no wrapped key (it is the TC's to unwrap)."""
         record = self.registry.request(request_id)
-        return {k: v for k, v in record.items() if k != "wrapped_key"} if record else None
+        return RequestRecord.from_row(record) if record else None
 
-    def migrations(self, state: str | None = None) -> list[dict[str, Any]]:
-        return self.registry.migrations(state)
+    def migrations(self, state: str | None = None) -> list[MigrationRecord]:
+        return [MigrationRecord.from_row(row) for row in self.registry.migrations(state)]
 
-    def nodes(self) -> list[dict[str, Any]]:
+    def nodes(self) -> list[NodeRecord]:
         out = []
         for node in self.registry.nodes():
             last = self.registry.attestations(node["name"], limit=1)
-            entry = {"name": node["name"], "state": node["state"], "site": node["site"], "address": node["address"],
-                     "build": node["build"]}
-            if last:
-                entry |= {"last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
-                          "reasons": [r["code"] for r in last[0]["reasons"]]}
-            out.append(entry)
+            out.append(NodeRecord.from_row(node | ({
+                "last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
+                "reasons": [r["code"] for r in last[0]["reasons"]]} if last else {})))
         return out

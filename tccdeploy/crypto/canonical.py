@@ -26,3 +26,18 @@ AUDIT_CHECKPOINT = "audit-checkpoint"  # the TC's signed audit head
 
 def signed_bytes(domain: str, document: dict[str, Any]) -> bytes:
     return b"tccdeploy/" + domain.encode() + b"\x00" + canonical(document)
+
+
+def b64decode_canonical(text: str) -> bytes:
+    """Standard base64 with exactly one spelling: the padding's spare bits must be zero, so no
+    two texts decode to the same bytes (a document's every byte is then meaningful)."""
+    import base64
+    import binascii
+
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    if base64.b64encode(data).decode() != text:
+        raise ValueError("not base64 in its canonical form")
+    return data

@@ -50,9 +50,9 @@ def enroll(coordinator: TC):  # type: ignore[no-untyped-def]
                 name, _unb64(identity["ek_certificate"]), _unb64(identity["ek_public"]), _unb64(ak["ak_public"]),
                 host_key(session), str(site) if site else None, session.host.address)
             if challenge is None:
-                known = coordinator.identity_summary(name) or {}
-                return {"changed": False, "enrolled": True, "manufacturer": known.get("manufacturer"),
-                        "ek_fingerprint": known.get("ek_fingerprint")}
+                known = coordinator.identity_summary(name)
+                return {"changed": False, "enrolled": True, "manufacturer": known.manufacturer if known else None,
+                        "ek_fingerprint": known.ek_fingerprint if known else None}
             try:
                 answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
                                                       "secret": _b64(challenge.secret)})

@@ -46,7 +46,7 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
         pass
     grace = coordinator.grace_period()
     hosts = {h.name: h for h in engine.hosts}
-    admitted = [n["name"] for n in coordinator.nodes() if n["state"] == "admitted" and (only is None or n["name"] in only)]
+    admitted = [n.name for n in coordinator.nodes() if n.state == "admitted" and (only is None or n.name in only)]
     before = set(admitted)
     for name in admitted:
         if name not in hosts and only is None:
@@ -62,7 +62,7 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
                 unreachable[result.host] = f"node.unreachable ({result.reason})"
     for name in before:
         row = coordinator.node(name)
-        if row and row["state"] == "quarantined":
+        if row and row.state == "quarantined":
             reason = unreachable.get(name) or next((r.reason for r in report.attested if r.host == name), "") \
                 or "node.not-in-inventory"
             if not any(q["node"] == name for q in report.quarantined):
@@ -76,18 +76,18 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
 def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]
     action = coordinator.on_failure()
     out = []
-    for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] in ("running", "starting", "stopped")]:
-        outcome = {"vm": vm["name"], "vm_id": vm["vm_id"], "node": node, "policy": action}
+    for vm in [v for v in coordinator.vms() if v.node == node and v.state in ("running", "starting", "stopped")]:
+        outcome = {"vm": vm.name, "vm_id": vm.vm_id, "node": node, "policy": action}
         if action == "quarantine":
             outcome["result"] = "left running (policy quarantine)"
-            coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
+            coordinator.record_enforcement(node, vm.vm_id, action, outcome["result"])
             out.append(outcome)
             continue
-        if action == "evacuate" and vm["state"] == "running":
+        if action == "evacuate" and vm.state == "running":
             try:
-                moved = migrate(engine, coordinator, vm["name"], "auto")
+                moved = migrate(engine, coordinator, vm.name, "auto")
                 outcome["result"] = f"evacuated to {moved['to']}"
-                coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
+                coordinator.record_enforcement(node, vm.vm_id, action, outcome["result"])
                 out.append(outcome)
                 continue
             except Exception as exc:  # noqa: BLE001 - fall back to powering it off
@@ -96,12 +96,12 @@ def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[
         try:
             host = hosts[node]
             engine.sessions.pop(node, None)
-            engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "poweroff"})
-            coordinator.set_vm_state(vm["vm_id"], "stopped")
+            engine.session(host).call("vm_control", {"vm_id": vm.vm_id, "action": "poweroff"})
+            coordinator.set_vm_state(vm.vm_id, "stopped")
             failed = f" (evacuation failed: {outcome.get('evacuation_error')})" if "evacuation_error" in outcome else ""
             outcome["result"] = "powered off" + failed
         except Exception as exc:  # noqa: BLE001 - an unreachable node: the TC releases nothing to it anyway
             outcome["result"] = f"could not reach the node to stop it: {exc}"
-        coordinator.record_enforcement(node, vm["vm_id"], action, outcome["result"])
+        coordinator.record_enforcement(node, vm.vm_id, action, outcome["result"])
         out.append(outcome)
     return out

@@ -64,7 +64,7 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
             raise Refused("request.image", f"{bundle_dir} is not the image request {record['id']} names")
     hosts = {h.name: h for h in engine.hosts}
     capacities = {name: int(h.vars.get("tcc_capacity", 4)) for name, h in hosts.items()}
-    nodes = [n for n in coordinator.nodes() if n["name"] in hosts]
+    nodes = [n for n in coordinator.nodes() if n.name in hosts]
     candidates = rank(record["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, record["customer"])
     result = LaunchResult(None, None, candidates)
     for candidate in (c for c in candidates if c.eligible):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
+from ..coordinator.records import VMRecord
 from .attestation import attest
 from .placement import rank
 from .runner import Engine, Session
@@ -38,46 +39,46 @@ def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) ->
     destination.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
-def choose_destination(engine: Engine, coordinator: TC, vm: dict[str, Any]) -> str:
-    request = coordinator.request_record(vm["request"])
+def choose_destination(engine: Engine, coordinator: TC, vm: VMRecord) -> str:
+    request = coordinator.request_record(vm.request)
     assert request is not None
     hosts = {h.name for h in engine.hosts}
-    nodes = [n for n in coordinator.nodes() if n["name"] in hosts and n["name"] != vm["node"]]
+    nodes = [n for n in coordinator.nodes() if n.name in hosts and n.name != vm.node]
     capacities = {h.name: int(h.vars.get("tcc_capacity", 4)) for h in engine.hosts}
-    candidates = rank(request["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, vm["customer"])
+    candidates = rank(request.spec, nodes, coordinator.vms(), capacities, coordinator.builds, vm.customer)
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
         why = "; ".join(f"{c.node}: {', '.join(c.reasons)}" for c in candidates) or "no other node"
-        raise Refused("migrate.no-destination", f"no trusted node can take {vm['name']} ({why})")
+        raise Refused("migrate.no-destination", f"no trusted node can take {vm.name} ({why})")
     return eligible[0].node
 
 
 def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "auto",
             extra_args: list[str] | None = None) -> dict[str, Any]:
     vm = coordinator.vm(vm_name)
-    if vm is None or vm["node"] is None:
+    if vm is None or vm.node is None:
         raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
     if destination == "auto":
         destination = choose_destination(engine, coordinator, vm)
     hosts = {h.name: h for h in engine.hosts}
-    for name in (vm["node"], destination):
+    for name in (vm.node, destination):
         if name not in hosts:
             raise Refused("migrate.not-in-inventory", f"{name} is not in the inventory")
     check = engine.run(attest(coordinator), [hosts[destination]])[0]  # a fresh verdict on the destination
     if check.status not in ("ok", "changed"):
         raise Refused("migrate.destination-untrusted", f"{destination} is not trusted now: {check.msg}")
-    begin = coordinator.migration_begin(vm["name"], destination)
-    migration, vm_id = begin["migration"], vm["vm_id"]
-    source, target = engine.session(hosts[vm["node"]]), engine.session(hosts[destination])
+    begin = coordinator.migration_begin(vm.name, destination)
+    migration, vm_id = begin["migration"], vm.vm_id
+    source, target = engine.session(hosts[vm.node]), engine.session(hosts[destination])
     spec = begin["request"]["spec"]
     committed = False
     moved = 0
     try:
         out = source.call("vm_migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"]})
-        copy_disk(source, target, vm_id, vm["image_sha256"])
+        copy_disk(source, target, vm_id, vm.image_sha256)
         target.call("vm_incoming_start", {
-            "tcti": str(hosts[destination].vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": vm_id, "name": vm["name"],
-            "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"], "sha256": vm["image_sha256"],
+            "tcti": str(hosts[destination].vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": vm_id, "name": vm.name,
+            "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"], "sha256": vm.image_sha256,
             "memory_mib": spec["memoryMiB"], "vcpus": spec["vcpus"], "extra_args": extra_args or [],
         }, timeout=120)
         while True:
@@ -94,13 +95,13 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
         committed = True
     except BaseException as exc:
         if not committed:
-            _roll_back(engine, coordinator, migration, vm_id, vm["node"], destination, exc)
+            _roll_back(engine, coordinator, migration, vm_id, vm.node, destination, exc)
         raise
     try:
         source.call("vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
     except Exception:  # noqa: BLE001 - the source is paused after migrating; repair removes it
         pass
-    return {"vm": vm["name"], "from": vm["node"], "to": destination, "migration": migration, "ciphertext_bytes": moved}
+    return {"vm": vm.name, "from": vm.node, "to": destination, "migration": migration, "ciphertext_bytes": moved}
 
 
 def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -135,31 +136,31 @@ def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
     the migration is committed and the source removed; otherwise it is rolled back."""
     out = []
     for row in coordinator.migrations("started"):
-        vm_id, source, destination = row["vm_id"], row["source"], row["destination"]
+        vm_id, source, destination = row.vm_id, row.source, row.destination
         try:
             status = _call_fresh(engine, destination, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
         except Exception:  # noqa: BLE001 - not running there (or unreachable): roll back
             status = "absent"
         if status == "running":
-            coordinator.migration_end(row["id"], vm_id, commit=True, reason="repair: destination running")
+            coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination running")
             try:
                 _call_fresh(engine, source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
             except Exception:  # noqa: BLE001
                 pass
-            out.append({"migration": row["id"], "vm_id": vm_id, "action": "committed", "node": destination})
+            out.append({"migration": row.id, "vm_id": vm_id, "action": "committed", "node": destination})
         else:
-            _roll_back(engine, coordinator, row["id"], vm_id, source, destination, f"repair: destination {status}")
-            out.append({"migration": row["id"], "vm_id": vm_id, "action": "rolled back", "node": source})
+            _roll_back(engine, coordinator, row.id, vm_id, source, destination, f"repair: destination {status}")
+            out.append({"migration": row.id, "vm_id": vm_id, "action": "rolled back", "node": source})
     return out
 
 
 def drain(engine: Engine, coordinator: TC, node: str) -> list[dict[str, Any]]:
     """Move every VM off node (maintenance), one at a time, each to a trusted node placement picks."""
     out = []
-    for vm in [v for v in coordinator.vms() if v["node"] == node and v["state"] == "running"]:
+    for vm in [v for v in coordinator.vms() if v.node == node and v.state == "running"]:
         try:
-            moved = migrate(engine, coordinator, vm["name"], "auto")
-            out.append({"vm": vm["name"], "result": f"moved to {moved['to']}", "ok": True})
+            moved = migrate(engine, coordinator, vm.name, "auto")
+            out.append({"vm": vm.name, "result": f"moved to {moved['to']}", "ok": True})
         except Exception as exc:  # noqa: BLE001 - reported; the VM still runs where it was
-            out.append({"vm": vm["name"], "result": f"not moved: {exc}", "ok": False})
+            out.append({"vm": vm.name, "result": f"not moved: {exc}", "ok": False})
     return out

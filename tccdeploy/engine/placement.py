@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..coordinator import constraints
-from ..manifest.models import TVMMBuild
+from ..coordinator.records import NodeRecord, VMRecord
 
 DEFAULT_CAPACITY = 4
 
@@ -25,14 +25,14 @@ class Candidate:
     load: int
 
 
-def rank(spec: dict[str, Any], nodes: list[dict[str, Any]], vms: list[dict[str, Any]], capacities: dict[str, int],
-         builds: list[TVMMBuild], customer: str) -> list[Candidate]:
+def rank(spec: dict[str, Any], nodes: list[NodeRecord], vms: list[VMRecord], capacities: dict[str, int],
+         builds: list[Any], customer: str) -> list[Candidate]:
     """A proposal only: the TC judges the chosen node again with the same constraints."""
     versions = {b.name: b.version for b in builds}
     out: list[Candidate] = []
-    for node in sorted(nodes, key=lambda n: n["name"]):
-        mine = [v for v in vms if v["node"] == node["name"] and v["state"] in constraints.LIVE]
-        reasons: list[str] = [] if node["state"] == "admitted" else [f"not admitted ({node['state']})"]
-        reasons += constraints.problems(spec, node, vms, versions, customer, capacities.get(node["name"], DEFAULT_CAPACITY))
-        out.append(Candidate(node["name"], not reasons, tuple(reasons) or ("eligible",), len(mine)))
+    for node in sorted(nodes, key=lambda n: n.name):
+        mine = [v for v in vms if v.node == node.name and v.state in constraints.LIVE]
+        reasons: list[str] = [] if node.state == "admitted" else [f"not admitted ({node.state})"]
+        reasons += constraints.problems(spec, node, vms, versions, customer, capacities.get(node.name, DEFAULT_CAPACITY))
+        out.append(Candidate(node.name, not reasons, tuple(reasons) or ("eligible",), len(mine)))
     return sorted(out, key=lambda c: (not c.eligible, c.load, c.node))

@@ -44,12 +44,12 @@ def enroll(ctx: Context) -> dict[str, Any]:
         return {"failed": True, "changed": False, "reason": exc.reason, "msg": f"{exc.reason}: {exc}"}
     fingerprint, manufacturer = checked["ek_fingerprint"], checked["manufacturer"]
     node = tc.node(ctx.name)
-    if known is not None and known["ek_fingerprint"] == fingerprint and node and node["state"] != "retired":
-        return {"changed": False, "enrolled": True, "manufacturer": known["manufacturer"], "ek_fingerprint": fingerprint}
-    before = f"EK {known['ek_fingerprint']}\n" if known else "(not enrolled)\n"
+    if known is not None and known.ek_fingerprint == fingerprint and node and node.state != "retired":
+        return {"changed": False, "enrolled": True, "manufacturer": known.manufacturer, "ek_fingerprint": fingerprint}
+    before = f"EK {known.ek_fingerprint}\n" if known else "(not enrolled)\n"
     diff = {"before": before, "after": f"EK {fingerprint} ({manufacturer})\n", "before_header": f"{ctx.name} identity",
             "after_header": f"{ctx.name} identity"}
-    if known is not None and known["ek_fingerprint"] != fingerprint:
+    if known is not None and known.ek_fingerprint != fingerprint:
         return {"failed": True, "changed": False, "reason": "ek.changed", "diff": diff,
                 "msg": f"ek.changed: {ctx.name} was enrolled with another TPM; a changed TPM is the TC operator's "
                        f"decision, after checking the hardware: tccdeploy tc nodes replace-tpm {ctx.name}"}
@@ -71,7 +71,7 @@ def attest(ctx: Context) -> dict[str, Any]:
             return {"failed": True, "changed": False, "reason": code, "msg": f"would be untrusted: {code}: {message}"}
         if node is None:
             return {"changed": admit, "msg": "not enrolled yet; would attest" + (" and admit" if admit else "")}
-        state = node["state"]
+        state = node.state
         if admit and state != "admitted":
             return {"changed": True, "msg": f"{state}; would attest and admit if trusted",
                     "diff": {"before": f"{state}\n", "after": "admitted\n", "before_header": f"{ctx.name} state",
@@ -80,7 +80,7 @@ def attest(ctx: Context) -> dict[str, Any]:
     outcome = _as_result(attestation.attest(tc, admit_nodes=admit)(ctx.session))  # one decision, as `attest --admit`
     if outcome.get("failed") or not outcome.get("changed"):
         return outcome
-    before = node["state"] if node else "(not enrolled)"
+    before = node.state if node else "(not enrolled)"
     return outcome | {"diff": {"before": f"{before}\n", "after": f"admitted ({outcome.get('build')})\n",
                                "before_header": f"{ctx.name} state", "after_header": f"{ctx.name} state"}}
 
@@ -90,8 +90,8 @@ def evict(ctx: Context) -> dict[str, Any]:
     """Take a node out: certificate revoked, no key released to it, its VMs handled by policy."""
     tc = ctx.tc
     node = tc.node(ctx.name)
-    if node is None or node["state"] != "admitted":
-        return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; nothing to evict"}
+    if node is None or node.state != "admitted":
+        return {"changed": False, "msg": f"{ctx.name} is {node.state if node else 'not enrolled'}; nothing to evict"}
     diff = {"before": "admitted\n", "after": "quarantined\n", "before_header": f"{ctx.name} state",
             "after_header": f"{ctx.name} state"}
     if ctx.check:
@@ -109,8 +109,8 @@ def enforce(ctx: Context) -> dict[str, Any]:
     quarantined and its VMs handled by policy. A quarantine fails the host (the node is not
     compliant), as `enforce --once` exits 2."""
     node = ctx.tc.node(ctx.name)
-    if node is None or node["state"] != "admitted":
-        return {"changed": False, "msg": f"{ctx.name} is {node['state'] if node else 'not enrolled'}; not enforced"}
+    if node is None or node.state != "admitted":
+        return {"changed": False, "msg": f"{ctx.name} is {node.state if node else 'not enrolled'}; not enforced"}
     if ctx.check:
         return {"changed": False, "msg": "admitted; check mode does not attest (a quote needs a TC nonce)"}
     with ctx.run.exclusive:

@@ -43,19 +43,19 @@ def launch(ctx: Context) -> dict[str, Any]:
     tc = ctx.tc
     seen = tc.request_record(str(request["id"]))
     if seen is not None:
-        vm = next((v for v in tc.vms() if v["request"] == seen["id"]), None)
-        if seen["state"] == "launched" and vm is not None and vm["state"] != "destroyed":
-            return {"changed": False, "vm": name, "node": vm["node"], "state": vm["state"],
-                    "msg": f"request {request['id'][:12]} was launched before: {name} is {vm['state']} on {vm['node']}"}
+        vm = next((v for v in tc.vms() if v.request == seen.id), None)
+        if seen.state == "launched" and vm is not None and vm.state != "destroyed":
+            return {"changed": False, "vm": name, "node": vm.node, "state": vm.state,
+                    "msg": f"request {request['id'][:12]} was launched before: {name} is {vm.state} on {vm.node}"}
         return {"failed": True, "changed": False, "reason": "request.replayed",
-                "msg": f"request {request['id'][:12]} was submitted before ({seen['state']}); a request is accepted "
+                "msg": f"request {request['id'][:12]} was submitted before ({seen.state}); a request is accepted "
                        "once: sign a new one"}
     engine = ctx.run.engine
     if ctx.check:
         owner = tc.customer_name(str(request.get("customer")))
         hosts = {h.name for h in engine.hosts}
         capacities = {h.name: int(h.vars.get("tcc_capacity", 4)) for h in engine.hosts}
-        candidates = rank(request["manifest"]["spec"], [n for n in tc.nodes() if n["name"] in hosts],
+        candidates = rank(request["manifest"]["spec"], [n for n in tc.nodes() if n.name in hosts],
                           tc.vms(), capacities, tc.builds, owner or "")
         first = next((c.node for c in candidates if c.eligible), None)
         return {"changed": True, "vm": name, "msg": f"would launch {name}" + (f" on {first}" if first else
@@ -76,13 +76,13 @@ def launch(ctx: Context) -> dict[str, Any]:
 def migrate(ctx: Context) -> dict[str, Any]:
     vm_name, to = str(ctx.args["vm"]), str(ctx.args.get("to") or "auto")
     vm = ctx.tc.vm(vm_name)
-    if vm is None or vm["node"] is None or vm["state"] == "destroyed":
+    if vm is None or vm.node is None or vm.state == "destroyed":
         return {"failed": True, "changed": False, "reason": "migrate.unknown-vm", "msg": f"no VM {vm_name!r}"}
-    if to == vm["node"]:
+    if to == vm.node:
         return {"changed": False, "vm": vm_name, "node": to, "msg": f"{vm_name} already runs on {to}"}
-    diff = {"before": f"{vm['node']}\n", "after": f"{to}\n", "before_header": f"{vm_name} node", "after_header": f"{vm_name} node"}
+    diff = {"before": f"{vm.node}\n", "after": f"{to}\n", "before_header": f"{vm_name} node", "after_header": f"{vm_name} node"}
     if ctx.check:
-        return {"changed": True, "vm": vm_name, "diff": diff, "msg": f"would migrate {vm_name} from {vm['node']} to {to}"}
+        return {"changed": True, "vm": vm_name, "diff": diff, "msg": f"would migrate {vm_name} from {vm.node} to {to}"}
     with ctx.run.exclusive:
         try:
             moved = migrate_vm(ctx.run.engine, ctx.tc, vm_name, to)
@@ -96,10 +96,10 @@ def migrate(ctx: Context) -> dict[str, Any]:
 def drain(ctx: Context) -> dict[str, Any]:
     """Every running VM of the host migrates (encrypted) to a trusted node placement picks."""
     tc = ctx.tc
-    running = [v for v in tc.vms() if v["node"] == ctx.name and v["state"] == "running"]
+    running = [v for v in tc.vms() if v.node == ctx.name and v.state == "running"]
     if not running:
         return {"changed": False, "msg": f"no running VM on {ctx.name}", "vms": []}
-    names = [v["name"] for v in running]
+    names = [v.name for v in running]
     if ctx.check:
         return {"changed": True, "vms": names, "msg": f"would migrate {', '.join(names)} off {ctx.name}"}
     with ctx.run.exclusive:
