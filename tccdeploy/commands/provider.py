@@ -92,13 +92,9 @@ class _RegistryNodes:
         return node, self.registry.attestations(name, limit=limit) if node else []
 
     def nodes(self) -> list[NodeRecord]:
-        rows = []
-        for node in self.registry.nodes():
-            last = self.registry.attestations(node["name"], limit=1)
-            rows.append(NodeRecord.from_row(node | ({
-                "last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
-                "reasons": [r["code"] for r in last[0]["reasons"]]} if last else {})))
-        return rows
+        from ..coordinator.service import node_summaries
+
+        return node_summaries(self.registry)
 
     def close(self) -> None:
         self.registry.close()

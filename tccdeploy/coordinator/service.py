@@ -31,6 +31,17 @@ def registry_location(state: str | None = None) -> str:
     return os.environ.get(REGISTRY_ENV) or os.path.join(state_dir(state), REGISTRY_FILE)
 
 
+def node_summaries(registry: Registry) -> list[NodeRecord]:
+    """Every node with its last verdict and reasons (the TC's own view, and `nodes` on its machine)."""
+    out = []
+    for node in registry.nodes():
+        last = registry.attestations(node["name"], limit=1)
+        out.append(NodeRecord.from_row(node | ({
+            "last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
+            "reasons": [r["code"] for r in last[0]["reasons"]]} if last else {})))
+    return out
+
+
 class Coordinator:
     def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None,
                  registry: str | None = None, rosters: list[NodeRoster] | tuple[NodeRoster, ...] = ()):
@@ -468,10 +479,4 @@ class Coordinator:
         return [MigrationRecord.from_row(row) for row in self.registry.migrations(state)]
 
     def nodes(self) -> list[NodeRecord]:
-        out = []
-        for node in self.registry.nodes():
-            last = self.registry.attestations(node["name"], limit=1)
-            out.append(NodeRecord.from_row(node | ({
-                "last_attestation": last[0]["time"], "verdict": last[0]["verdict"],
-                "reasons": [r["code"] for r in last[0]["reasons"]]} if last else {})))
-        return out
+        return node_summaries(self.registry)
