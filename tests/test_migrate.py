@@ -252,3 +252,38 @@ def test_drain_moves_every_vm_off_a_node(world):
     row = world.tc.registry.vm(vm["name"])
     assert row["node"] not in ("node2", None) and status(world, row["node"], vm["vm_id"]) == "running"
     assert len(qemu_pids(vm["vm_id"])) == 1
+
+
+def test_an_engine_killed_after_postmigrate_leaves_the_source_running_with_its_disk(world, monkeypatch):
+    """The source QEMU sent everything (postmigrate: its disk handed over) when the engine dies.
+    The repair rolls back to the source, which runs with its disk attached again, holds no
+    secret any more, and migrates again."""
+    vm = start_vm(world, "node1")
+    fresh(world)
+
+    def die(session, args):  # type: ignore[no-untyped-def]
+        raise Fault("the engine died after the whole stream")  # the source is in postmigrate now
+
+    original_rollback = migrating._roll_back
+    monkeypatch.setattr(migrating, "_roll_back", lambda *a, **k: None)
+    inject(monkeypatch, "vm_incoming_finish", die)
+    with pytest.raises(Fault):
+        migrating.migrate(world.engine, world.tc, vm["name"], "node3")
+    monkeypatch.undo()
+    assert original_rollback is migrating._roll_back
+    fresh(world)
+    assert [r["action"] for r in migrating.repair(world.engine, world.tc)] == ["rolled back"]
+    assert_one_copy_running_on(world, "node1", vm)
+    qmp = QMP(str(vm_dir(world, "node1", vm["vm_id"]) / "qmp.sock"))
+    try:
+        block = qmp.execute("query-block")
+        assert [b.get("inserted", {}).get("node-name") for b in block] == ["disk0"]
+        assert not [o for o in qmp.execute("qom-list", path="/objects") if o["name"] == "kvm0"]  # the secret withdrawn
+    finally:
+        qmp.close()
+    fresh(world)
+    moved = migrating.migrate(world.engine, world.tc, vm["name"], "node3")
+    assert moved["to"] == "node3" and status(world, "node3", vm["vm_id"]) == "running"
+    assert len(qemu_pids(vm["vm_id"])) == 1
+    migrating._call_fresh(world.engine, "node3", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")

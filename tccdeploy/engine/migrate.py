@@ -74,7 +74,8 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
     committed = False
     moved = 0
     try:
-        out = source.call("vm_migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"]})
+        out = source.call("vm_migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"],
+                                                   "tcti": str(hosts[vm.node].vars.get("tcc_tpm", "device:/dev/tpmrm0"))})
         copy_disk(source, target, vm_id, vm.image_sha256)
         target.call("vm_incoming_start", {
             "tcti": str(hosts[destination].vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": vm_id, "name": vm.name,

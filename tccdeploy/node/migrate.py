@@ -17,11 +17,21 @@ import os
 import socket
 from typing import Any
 
-from ..crypto.files import sha256_file
+from ..crypto.files import atomic_write, sha256_file
 from .ops import OpError, enable_site_packages, op
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
-from .vm import _kill, _pid, attach_disk, start_qemu, unwrap_passphrase, vm_dir
+from .vm import (
+    WRAPPED_KEY_FILE,
+    _kill,
+    _pid,
+    attach_disk,
+    lend_secret,
+    start_qemu,
+    unwrap_passphrase,
+    vm_dir,
+    withdraw_secret,
+)
 
 READ_CHUNK = 256 * 1024
 
@@ -41,8 +51,10 @@ def mig_label(vm_id: str) -> bytes:
 
 
 @op("vm_migrate_out_start")
-def vm_migrate_out_start(vm_id: str, destination_certificate: str, **_: Any) -> dict[str, Any]:
-    """Pause the VM, then start QEMU's migration into the helper, under a fresh Kmig."""
+def vm_migrate_out_start(vm_id: str, destination_certificate: str, tcti: str | None = None, **_: Any) -> dict[str, Any]:
+    """Pause the VM, then start QEMU's migration into the helper, under a fresh Kmig. With the
+    node's TPM (tcti), QEMU is lent the disk's secret until the migration is settled, so an
+    abort resumes the VM with its disk, whatever point the migration reached."""
     directory = vm_dir(vm_id)
     if not _pid(directory):
         raise OpError("the VM is not running here")
@@ -66,6 +78,14 @@ def vm_migrate_out_start(vm_id: str, destination_certificate: str, **_: Any) -> 
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
         status = qmp.execute("query-status")
+        if tcti:
+            try:
+                lend_secret(tcti, vm_id, qmp)
+            except OpError:
+                # The TPM refuses: this node left its approved boot (an evacuation off a tampered
+                # node). The VM still leaves; it just cannot resume here after a late abort, which
+                # enforcement would not let it do anyway.
+                pass
         qmp.execute("stop")  # the switch: the disk does not change while it is copied
         qmp.execute("migrate", uri=f"unix:{path}")
     finally:
@@ -128,7 +148,8 @@ def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
         if info.get("status") in ("active", "setup", "device"):
             qmp.execute("migrate_cancel")
         if state is None or state["was_running"]:
-            qmp.execute("cont")
+            qmp.execute("cont")  # reopens the disk if QEMU had handed it over (postmigrate)
+        withdraw_secret(qmp)
         status = qmp.execute("query-status")
     finally:
         qmp.close()
@@ -157,6 +178,7 @@ def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrappe
             qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
             qmp.close()
+        atomic_write(os.path.join(directory, WRAPPED_KEY_FILE), wrapped_key.encode(), 0o600)  # for its own migrations
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(60)
         for _ in range(200):
@@ -225,13 +247,10 @@ def vm_incoming_finish(vm_id: str, resume: bool = True, **_: Any) -> dict[str, A
             raise OpError(f"the migrated VM is in state {status}")
         if resume:
             qmp.execute("cont")
+            withdraw_secret(qmp)
         else:
-            qmp.execute("stop")
+            qmp.execute("stop")  # the secret stays until it is started: activation reopens the disk
         status = qmp.execute("query-status")["status"]
-        try:
-            qmp.execute("object-del", id="kvm0")
-        except QMPError:
-            pass
     finally:
         qmp.close()
     return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"]}

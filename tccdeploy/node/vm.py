@@ -16,12 +16,15 @@ import subprocess
 import time
 from typing import Any
 
-from ..crypto.files import sha256_file
+from ..crypto.files import atomic_write, sha256_file
 from .ops import OpError, node_dir, op
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 
 QEMU = "qemu-system-x86_64"
+
+
+WRAPPED_KEY_FILE = "kvm.wrapped"  # Kvm wrapped to this node's TK (0600)
 
 
 def vm_dir(vm_id: str) -> str:
@@ -119,6 +122,10 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
             del passphrase
             qmp.execute("cont")
             status = qmp.execute("query-status")
+            # Kvm wrapped to this node's TK (useless elsewhere, and here outside the approved
+            # boot): kept to lend QEMU the disk's secret again when a migration may need to
+            # reopen the disk on this side (see lend_secret).
+            atomic_write(os.path.join(directory, WRAPPED_KEY_FILE), wrapped_key.encode(), 0o600)
         finally:
             qmp.close()
     except (QMPError, OSError) as exc:
@@ -129,6 +136,34 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
         raise OpError(f"QEMU failed: {text}") from None
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
             "pid": _pid(directory), "accel": accel, "disk_opened": True}
+
+
+def lend_secret(tcti: str, vm_id: str, qmp: QMP) -> bool:
+    """Give QEMU the disk's secret again, for the span of a migration: a source that reached
+    postmigrate has inactivated its disk, and resuming it after an abort reopens the LUKS layer,
+    which needs the secret. The TPM unwraps Kvm from the stored wrapped key (only in the
+    approved boot). False when there is no stored key (a VM started before this was kept)."""
+    path = os.path.join(vm_dir(vm_id), WRAPPED_KEY_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        passphrase = unwrap_passphrase(tcti, vm_id, fh.read().strip())
+    try:
+        qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
+    except QMPError as exc:
+        if "already" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+            raise
+    finally:
+        del passphrase
+    return True
+
+
+def withdraw_secret(qmp: QMP) -> None:
+    """Take the disk's secret back from QEMU once the disk is open again (it is readable over QMP)."""
+    try:
+        qmp.execute("object-del", id="kvm0")
+    except QMPError:
+        pass
 
 
 def unwrap_passphrase(tcti: str, vm_id: str, wrapped_key: str) -> str:
@@ -202,6 +237,7 @@ def vm_control(vm_id: str, action: str, **_: Any) -> dict[str, Any]:
             qmp.execute("stop")
         elif action == "start":
             qmp.execute("cont")
+            withdraw_secret(qmp)  # an incoming VM left paused kept its secret until it runs
         elif action != "status":
             raise OpError(f"unknown action {action!r}")
         status = qmp.execute("query-status")
