@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import closing
 
 from ..config import state_dir
 from ..tables import table
@@ -73,8 +74,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_customers(args: argparse.Namespace) -> int:
     from ..crypto import customer
 
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         if args.action == "add":
             if not args.name or not args.key:
                 print("usage: tccdeploy tc customers add NAME ed25519:KEY", file=sys.stderr)
@@ -86,8 +86,6 @@ def cmd_customers(args: argparse.Namespace) -> int:
         rows = [{"name": c["name"], "key_id": c["key_id"], "key": c["key"]} for c in registry.customers()]
         print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['name']:<16} {r['key_id']}" for r in rows))
         return 0
-    finally:
-        registry.close()
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
@@ -96,8 +94,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
     from ..coordinator import identity, tls
 
     state = state_dir(args.state)
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         if args.action in ("add", "remove") and not args.name:
             print(f"usage: tccdeploy tc engines {args.action} NAME", file=sys.stderr)
             return 2
@@ -121,51 +118,46 @@ def cmd_engines(args: argparse.Namespace) -> int:
             print(table([dict(r, added=_when(r["added"]), state="removed" if r["revoked"] else "active") for r in rows],
                         [("name", "ENGINE"), ("state", "STATE"), ("serial", "CERTIFICATE SERIAL"), ("added", "ADDED")]))
         return 0
-    finally:
-        registry.close()
 
 
 # -- the roster and the nodes ------------------------------------------------------------------
 def cmd_roster(args: argparse.Namespace) -> int:
     from ..coordinator.refusals import Refused
 
-    tc = open_tc(args)
-    try:
-        if args.action == "list":
-            rows = [{"ek": e.ek, "site": e.site, "name": e.name, "capacity": e.capacity, "source": e.source}
-                    for e in tc.roster_entries()]
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            else:
-                print(table(rows, [("site", "SITE"), ("name", "NODE"), ("ek", "EK"), ("capacity", "CAPACITY"),
-                                   ("source", "FROM")]))
-            return 0
-        if args.action == "add":
-            if not args.site or not args.ek:
-                print("usage: tccdeploy tc roster add SITE EK [--name NODE] [--capacity N]", file=sys.stderr)
+    with closing(open_tc(args)) as tc:
+        try:
+            if args.action == "list":
+                rows = [{"ek": e.ek, "site": e.site, "name": e.name, "capacity": e.capacity, "source": e.source}
+                        for e in tc.roster_entries()]
+                if args.json:
+                    print(json.dumps(rows, indent=2))
+                else:
+                    print(table(rows, [("site", "SITE"), ("name", "NODE"), ("ek", "EK"), ("capacity", "CAPACITY"),
+                                       ("source", "FROM")]))
+                return 0
+            if args.action == "add":
+                if not args.site or not args.ek:
+                    print("usage: tccdeploy tc roster add SITE EK [--name NODE] [--capacity N]", file=sys.stderr)
+                    return 2
+                entry = tc.roster_add(args.ek, args.site, args.name, args.capacity)
+                print(f"roster: {entry.ek} is a machine of site {entry.site}" + (f", node {entry.name}" if entry.name else ""))
+                return 0
+            ek = args.site  # `roster remove EK`: the one positional is the EK
+            if not ek:
+                print("usage: tccdeploy tc roster remove EK", file=sys.stderr)
                 return 2
-            entry = tc.roster_add(args.ek, args.site, args.name, args.capacity)
-            print(f"roster: {entry.ek} is a machine of site {entry.site}" + (f", node {entry.name}" if entry.name else ""))
+            if not tc.roster_remove(ek):
+                print(f"error: {ek} is not on the roster (tc roster list shows it)", file=sys.stderr)
+                return 1
+            print(f"roster: {ek} removed; the node fails attestation (perimeter.not-in-roster) from its next round")
             return 0
-        ek = args.site  # `roster remove EK`: the one positional is the EK
-        if not ek:
-            print("usage: tccdeploy tc roster remove EK", file=sys.stderr)
-            return 2
-        if not tc.roster_remove(ek):
-            print(f"error: {ek} is not on the roster (tc roster list shows it)", file=sys.stderr)
+        except (Refused, ValueError) as exc:
+            print(f"error: {getattr(exc, 'reason', 'roster')}: {exc}", file=sys.stderr)
             return 1
-        print(f"roster: {ek} removed; the node fails attestation (perimeter.not-in-roster) from its next round")
-        return 0
-    except (Refused, ValueError) as exc:
-        print(f"error: {getattr(exc, 'reason', 'roster')}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        tc.close()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    tc = open_tc(args)
-    try:
+    with closing(open_tc(args)) as tc:
         if args.action == "release":
             if not tc.release_node(args.node, args.note or ""):
                 row = tc.node(args.node)
@@ -181,8 +173,6 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"{args.node}: its TPM identity is gone and its certificates revoked; enroll it again (the new EK must be "
               "on the roster)")
         return 0
-    finally:
-        tc.close()
 
 
 # -- the audit log ---------------------------------------------------------------------------
@@ -190,14 +180,12 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     from ..coordinator import audit, identity
 
     state = state_dir(args.state)
-    registry = _registry(args)
-    try:
-        checkpoint = audit.checkpoint(registry, identity.load(state))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        registry.close()
+    with closing(_registry(args)) as registry:
+        try:
+            checkpoint = audit.checkpoint(registry, identity.load(state))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     text = json.dumps(checkpoint, indent=2) + "\n"
     if args.output:
         with open(args.output, "w") as fh:
@@ -215,12 +203,9 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     state = state_dir(args.state)
     before = identity.load(state).purpose(args.purpose).key_id
     new = identity.rotate(state, args.purpose)
-    registry = _registry(args)
-    try:
+    with closing(_registry(args)) as registry:
         registry.auditor = audit.Auditor(identity.load(state))
         audit.append(registry, "key.rotate", purpose=args.purpose, retired=before, key=new.key_id)
-    finally:
-        registry.close()
     print(f"the TC's {args.purpose} key is now {new.key_id} (was {before}, destroyed; its certificate is kept so what it "
           "signed still verifies). A running `tc serve` takes it on SIGHUP; give customers and engines the new "
           "certificates: tccdeploy tc show -o FILE")
@@ -236,15 +221,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
         return 2
-    coordinator = open_tc(args)
-    try:
+    with closing(open_tc(args)) as coordinator:
         ident = identity.load(coordinator.state)
         print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
               "manifests; Ctrl-C or SIGTERM stops it", flush=True)
         paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
         serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths)
-    finally:
-        coordinator.close()
     return 0
 
 

@@ -38,3 +38,26 @@ def test_a_quarantined_node_cannot_readmit_itself(world: World):
         assert kinds[-1] == "admission"
     finally:
         world.restore("node2")
+
+
+OPERATOR_ONLY = [
+    ("POST", "/v1/nodes/node2/release", {}), ("POST", "/v1/nodes/node2/replace-tpm", {}),
+    ("POST", "/v1/roster", {"site": "site1", "ek": "sha256:" + "a" * 64}), ("DELETE", "/v1/roster/x", None),
+    ("POST", "/v1/keys/audit/rotate", {}), ("POST", "/v1/audit/checkpoint", {}), ("POST", "/v1/customers", {}),
+    ("POST", "/v1/engines", {}),
+]
+
+
+def test_the_operators_decisions_have_no_route_for_an_engine(world: World):
+    """Releasing a node, changing the roster or a node's TPM, rotating the TC's keys: the TC
+    operator's commands on the TC's machine, never reachable with an engine certificate."""
+    before, audited = world.decisions(), world.audit_count()
+    with world.api() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        operator = [p for p in paths if p.startswith("/v1/nodes/") and p.endswith("/release")
+                    or any(w in p for w in ("roster", "rotate", "replace", "customers", "engines", "checkpoint"))]
+        assert not operator, operator
+        for method, path, body in OPERATOR_ONLY:
+            response = client.request(method, path, json=body)
+            assert response.status_code in (404, 405), (method, path, response.status_code)
+    assert world.decisions() == before and world.audit_count() == audited
