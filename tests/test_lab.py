@@ -242,12 +242,16 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path: Path):
     proc = subprocess.Popen([sys.executable, "-m", "tccdeploy", "lab", "up", "--dir", directory, "--nodes", "3",
                              "--sites", "1", "--outside", "0", "--lab-index", "104", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not [p for p in _lab_processes(directory) if "swtpm socket" in procs.cmdline(p)]:
+    def served_tpms() -> list[int]:
+        # The nodes' own swtpm (TCP server), not swtpm_setup's short-lived helper, which exits by itself.
+        return [p for p in _lab_processes(directory) if "type=tcp" in procs.cmdline(p)]
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not served_tpms():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # a crash: no cleanup code runs
     proc.wait()
-    left = [p for p in _lab_processes(directory) if "swtpm socket" in procs.cmdline(p)]
+    left = served_tpms()
     assert left, "the crash should have left processes behind for down to find"
     Lab(directory).down()
     assert _lab_processes(directory) == []
