@@ -32,7 +32,7 @@ from tccdeploy.coordinator.verifier import Evidence, verify  # noqa: E402
 from tccdeploy.eventlog import EventLogWriter  # noqa: E402
 from tccdeploy.lab import procs, tpm  # noqa: E402
 from tccdeploy.lab.builds import POLICY_PCRS  # noqa: E402
-from tccdeploy.lab.lab import Lab  # noqa: E402
+from tccdeploy.lab.lab import TVMM_USER, Lab  # noqa: E402
 from tccdeploy.manifest.loader import load_manifests  # noqa: E402
 from tccdeploy.manifest.models import ReferenceEvent  # noqa: E402
 
@@ -60,7 +60,7 @@ def single(lab_index: int, iterations: int) -> dict:
         for i in range(EXTRA_EVENTS):
             digests = writer.add(11, "EV_IPL", f"module-{i}".encode())
             extra.append((11, digests))
-        tpm.extend(node.address, lab.tpm_port, extra)
+        tpm.extend(lab.tpm_socket(node), extra)
         log_path = lab.node_dir(node, "eventlog.bin")
         with open(log_path, "rb") as fh:
             raw = fh.read()
@@ -89,7 +89,7 @@ def single(lab_index: int, iterations: int) -> dict:
         base = next(b for b in manifests.builds if b.name == node.build)
         refs = base.pcrs[11] + tuple(ReferenceEvent(d["sha256"].hex()) for _, d in extra)
         builds = [dataclasses.replace(base, pcrs={**base.pcrs, 11: refs})] + [b for b in manifests.builds if b is not base]
-        values = tpm.read_pcrs(node.address, lab.tpm_port, "sha256", list(POLICY_PCRS))
+        values = tpm.read_pcrs(lab.tpm_socket(node), "sha256", list(POLICY_PCRS))
         with open(log_path, "rb") as fh:
             eventlog = fh.read()
         identity = {"ak_public": Path(f"{work}/ak.tss").read_bytes(), "ssh_host_key": "SHA256:bench"}
@@ -128,7 +128,18 @@ def fleet(size: int, repeat: int, lab_index: int) -> dict:
             start = time.perf_counter()
             run([str(BIN / "tccdeploy"), "attest", "-i", inventory, "-m", manifests, "-f", "20"], env)
             ours.append(time.perf_counter() - start)
-        quote = ("D=$TCCDEPLOY_NODE_DIR; T='{{ tcc_tpm }}'; "
+        # The peer needs a login that reaches the TPM, which only the TVMM user does (and its key
+        # for the engine runs the service only): the bench gives Ansible a key of its own for that
+        # user, unrestricted, for the span of the benchmark.
+        peer_key = os.path.join(control, "peer_ed25519")
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", peer_key], env)
+        with open(peer_key + ".pub") as fh:
+            peer_public = fh.read()
+        for node in lab.nodes:
+            with open(lab.node_dir(node, f"authorized_keys.{TVMM_USER}"), "a") as fh:
+                fh.write(peer_public)
+        node_dir = lab.path("nodes", "{{ inventory_hostname }}", "tvmm")
+        quote = (f"D={node_dir}; T=swtpm:path=$D/tpm.sock; "
                  f"tpm2_createprimary -Q -T $T -C e -G ecc256:ecdsa-sha256:null -a '{AK_ATTRS}' -c $D/ak.ctx && "
                  "tpm2_flushcontext -T $T -t && "
                  "tpm2_quote -Q -T $T -c $D/ak.ctx -l sha256:0,4,8,9,11 -q 00112233445566778899aabbccddeeff "
@@ -137,7 +148,8 @@ def fleet(size: int, repeat: int, lab_index: int) -> dict:
         for _ in range(repeat):
             start = time.perf_counter()
             run([str(BIN / "ansible"), "all", "-i", inventory, "-f", "20", "-m", "shell", "-a", quote,
-                 "-e", "ansible_python_interpreter=/usr/bin/python3"], env)
+                 "-e", "ansible_python_interpreter=/usr/bin/python3", "-e", f"ansible_user={TVMM_USER}",
+                 "-e", f"ansible_ssh_private_key_file={peer_key}"], env)
             peer.append(time.perf_counter() - start)
     finally:
         procs.stop([p for p in procs.processes_mentioning(control) if procs.cmdline(p).startswith("ssh")])

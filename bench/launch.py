@@ -37,7 +37,7 @@ from tccdeploy.manifest.loader import (
     load_inventory,  # noqa: E402
     load_manifests,  # noqa: E402
 )
-from tccdeploy.node.qmp import QMP  # noqa: E402
+from tccdeploy.tvmm.qmp import QMP  # noqa: E402
 
 REQUEST = "apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\nspec: {{image: {image}, vcpus: 1, memoryMiB: 64}}\n"
 
@@ -90,7 +90,7 @@ def main() -> int:
             uploaded = launching.upload_disk
 
             def pre_uploaded(session, vm_id, local, sha256):  # type: ignore[no-untyped-def]
-                return session.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256})
+                return session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256})
 
             for i in range(3):
                 request = Path(work, f"vm{i}.yml")
@@ -106,7 +106,7 @@ def main() -> int:
                     ours.append(time.perf_counter() - start)
                 finally:
                     launching.upload_disk = uploaded
-                session.call("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+                session.tvmm("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
                 plain.append(plain_start(os.path.join(work, f"plain{i}.qcow2"), work))
         tc.close()
     finally:

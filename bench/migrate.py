@@ -43,7 +43,7 @@ from tccdeploy.manifest.loader import (
     load_inventory,  # noqa: E402
     load_manifests,  # noqa: E402
 )
-from tccdeploy.node.qmp import QMP  # noqa: E402
+from tccdeploy.tvmm.qmp import QMP  # noqa: E402
 
 
 def stream_throughput() -> tuple[float, float]:

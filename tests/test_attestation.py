@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import time
+from contextlib import contextmanager
 
 import pytest
 from cryptography import x509
@@ -92,15 +94,14 @@ def test_good_nodes_are_admitted_and_the_others_refused_with_their_reason(lab: L
     assert cert.extensions.get_extension_for_oid(OID_BUILD).value.value[2:] == b"tvmm-2026.1"
 
 
-def _tk_check(session, tcti: str, certificate_pem: str) -> bool:
+def _tk_check(session, certificate_pem: str) -> bool:
     """Encrypt a random challenge to the node certificate's key and ask the node's TPM to open it."""
     cert = x509.load_pem_x509_certificate(certificate_pem.encode())
     secret = os.urandom(32)
     ciphertext = cert.public_key().encrypt(secret, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(),
                                                                 b"tccdeploy-tk-check\x00"))
     try:
-        answer = session.call("tk_check", {"tcti": tcti, "ciphertext": base64.b64encode(ciphertext).decode(),
-                                           "label": "tccdeploy-tk-check"})
+        answer = session.tvmm("tk_check", {"ciphertext": base64.b64encode(ciphertext).decode()})
     except RemoteError as exc:
         assert "policy" in str(exc).lower()
         return False
@@ -115,12 +116,12 @@ def test_tamper_is_refused_quarantines_and_the_earlier_tk_no_longer_decrypts(lab
     engine.run(attest(tc, admit_nodes=True), host)
     pem = tc.registry.certificate(node.name)["pem"]
     session = engine.session(host[0])
-    assert _tk_check(session, lab.tcti(node), pem)
+    assert _tk_check(session, pem)
     lab.tamper(node.name)
     result = engine.run(attest(tc), host)[0]
     assert result.status == "failed" and result.data["reasons"] == ["build.unknown"]
     assert tc.registry.node(node.name)["state"] == "quarantined" and tc.registry.certificate(node.name) is None
-    assert not _tk_check(session, lab.tcti(node), pem)  # the TPM itself refuses: PCR policy
+    assert not _tk_check(session, pem)  # the TPM itself refuses: PCR policy
 
 
 def test_hidden_tamper_fails_the_log_replay(lab: Lab, lab_node, engine: Engine, tc: Coordinator):
@@ -153,8 +154,8 @@ def test_reboot_into_the_same_build_is_readmitted(lab: Lab, lab_node, engine: En
 def _quote(engine: Engine, lab: Lab, name: str, nonce: bytes, pcrs=None) -> Evidence:
     host = _hosts(engine, name)[0]
     session = engine.session(host)
-    answer = session.call("quote", {"tcti": host.vars["tcc_tpm"], "nonce": base64.b64encode(nonce).decode(),
-                                    "bank": "sha256", "pcrs": pcrs or [0, 4, 8, 9, 11], "eventlog": host.vars["tcc_eventlog"]})
+    answer = session.tvmm("quote", {"nonce": base64.b64encode(nonce).decode(),
+                                    "bank": "sha256", "pcrs": pcrs or [0, 4, 8, 9, 11]})
     from tccdeploy.engine.attestation import host_key
 
     return Evidence(base64.b64decode(answer["attest"]), base64.b64decode(answer["signature"]),
@@ -203,16 +204,32 @@ def _ek_of(engine: Engine, name: str) -> str:
     from tccdeploy.coordinator.roster import ek_identities
 
     host = _hosts(engine, name)[0]
-    identity = engine.session(host).call("tpm_identity", {"tcti": host.vars["tcc_tpm"]})
+    identity = engine.session(host).tvmm("identity", {})
     return ek_identities(base64.b64decode(identity["ek_certificate"]))[0]
+
+
+@contextmanager
+def _tpm_swapped(lab: Lab, name: str, other: str):  # type: ignore[no-untyped-def]
+    """The machine's TPM is replaced (a mainboard swap): its service now opens other's TPM."""
+    path = lab.service_dir(lab.node(name), "config.json")
+    with open(path) as fh:
+        original = fh.read()
+    settings = json.loads(original)
+    settings["tpm"] = lab.tcti(lab.node(other))
+    with open(path, "w") as fh:
+        json.dump(settings, fh)
+    try:
+        yield
+    finally:
+        with open(path, "w") as fh:
+            fh.write(original)
 
 
 def test_a_changed_tpm_is_refused_until_the_tc_operator_replaces_it(lab: Lab, engine: Engine, tc: Coordinator):
     host = _hosts(engine, "node4")[0]
-    moved = dataclasses.replace(host, vars=dict(host.vars, tcc_tpm=lab.tcti(lab.node("outside1"))))
     own_ak = tc.registry.identity("node4")["ak_public"]
     try:
-        with Engine([moved], state=tc.state) as other:
+        with _tpm_swapped(lab, "node4", "outside1"), Engine([host], state=tc.state) as other:
             assert other.run(enroll(tc))[0].reason == "perimeter.not-in-roster"  # a TPM the operator never racked
             tc.roster_add(_ek_of(engine, "outside1"), "site2")  # the operator racks a new machine...
             assert other.run(enroll(tc))[0].reason == "ek.changed"  # ...but node4 keeps its TPM until the operator says
@@ -232,8 +249,8 @@ def test_an_ak_not_bound_to_the_ek_is_refused(lab: Lab, lab_node, engine: Engine
     lab_node("node1")  # the failed activation may count against node1's TPM (dictionary attack); reset after
     node1, node3 = _hosts(engine, "node1")[0], _hosts(engine, "node3")[0]
     s1, s3 = engine.session(node1), engine.session(node3)
-    identity = s1.call("tpm_identity", {"tcti": node1.vars["tcc_tpm"]})
-    foreign_ak = s3.call("ak_create", {"tcti": node3.vars["tcc_tpm"]})  # an AK from another TPM
+    identity = s1.tvmm("identity", {})
+    foreign_ak = s3.tvmm("ak_create", {})  # an AK from another TPM
     with pytest.raises(EnrollmentRefused) as info:  # one EK is one node: node1's TPM under another name
         tc.enrollment_challenge("node1-impostor", base64.b64decode(identity["ek_certificate"]),
                                 base64.b64decode(identity["ek_public"]), base64.b64decode(foreign_ak["ak_public"]),
@@ -244,7 +261,7 @@ def test_an_ak_not_bound_to_the_ek_is_refused(lab: Lab, lab_node, engine: Engine
                                         base64.b64decode(identity["ek_public"]), base64.b64decode(foreign_ak["ak_public"]),
                                         "SHA256:x", None, node1.address)
     with pytest.raises(RemoteError):  # node1's TPM has the EK but not that AK
-        s1.call("ak_activate", {"tcti": node1.vars["tcc_tpm"], "credential": base64.b64encode(challenge.credential).decode(),
+        s1.tvmm("ak_activate", {"credential": base64.b64encode(challenge.credential).decode(),
                                 "secret": base64.b64encode(challenge.secret).decode()})
     with pytest.raises(EnrollmentRefused) as info:
         tc.enrollment_finish("node1", os.urandom(32))
@@ -256,8 +273,8 @@ def test_an_ak_not_bound_to_the_ek_is_refused(lab: Lab, lab_node, engine: Engine
 
 def test_swapped_ek_certificate_is_refused(lab: Lab, engine: Engine, tc: Coordinator):
     node1, node3 = _hosts(engine, "node1")[0], _hosts(engine, "node3")[0]
-    own = engine.session(node1).call("tpm_identity", {"tcti": node1.vars["tcc_tpm"]})
-    other = engine.session(node3).call("tpm_identity", {"tcti": node3.vars["tcc_tpm"]})
+    own = engine.session(node1).tvmm("identity", {})
+    other = engine.session(node3).tvmm("identity", {})
     from .attestkit import Node
 
     with pytest.raises(EnrollmentRefused) as info:

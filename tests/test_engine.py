@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tccdeploy.engine.bundle import helper_bundle
+from tccdeploy.bundles import helper_bundle
 from tccdeploy.engine.helper import RemoteError
 from tccdeploy.engine.runner import Engine, exit_code
 from tccdeploy.lab.lab import Lab

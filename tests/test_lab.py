@@ -132,11 +132,11 @@ def test_site_two_nodes_hold_their_asset_tag(lab: Lab):
 
 def test_reboot_resets_the_tpm_and_measures_the_boot_again(lab: Lab, lab_node):
     node = lab_node("node2")
-    before = tpm.counters(node.address, lab.tpm_port)
+    before = tpm.counters(lab.tpm_socket(node))
     lab.tamper(node.name)
     assert pcrs(lab, node)[4] != pcrs(lab, lab.node("node1"))[4]
     node = lab.reboot(node.name)
-    after = tpm.counters(node.address, lab.tpm_port)
+    after = tpm.counters(lab.tpm_socket(node))
     assert after[0] == before[0] + 1
     assert pcrs(lab, node) == replay(lab.node_dir(node)) == pcrs(lab, lab.node("node1"))
     assert ssh(lab, node).returncode == 0
@@ -274,4 +274,4 @@ def test_cli_defaults_match_the_lab():
     from tccdeploy.commands import lab as cli
     from tccdeploy.lab import lab
 
-    assert (cli.DEFAULT_BUILD, cli.SSH_PORT, cli.TPM_PORT) == (lab.DEFAULT_BUILD, lab.SSH_PORT, lab.TPM_PORT)
+    assert (cli.DEFAULT_BUILD, cli.SSH_PORT) == (lab.DEFAULT_BUILD, lab.SSH_PORT)

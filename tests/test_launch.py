@@ -79,7 +79,7 @@ def world(lab: Lab, tmp_path_factory):
         host = next((h for h in engine.hosts if h.name == vm["node"]), None)
         if host is not None:
             try:
-                engine.session(host).call("vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+                engine.session(host).tvmm("vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
             except Exception:  # noqa: BLE001 - the lab may have rebooted the node already
                 pass
     engine.close()
@@ -98,7 +98,7 @@ def test_a_sealed_image_launches_on_a_trusted_node_and_the_receipt_verifies(lab:
     assert result.node in ("node1", "node2") and result.receipt
     vm = world.tc.registry.vm(envelope["request"]["manifest"]["metadata"]["name"])
     assert vm["state"] == "running" and vm["node"] == result.node
-    status = world.engine.session(next(h for h in world.engine.hosts if h.name == result.node)).call(
+    status = world.engine.session(next(h for h in world.engine.hosts if h.name == result.node)).tvmm(
         "vm_control", {"vm_id": vm["vm_id"], "action": "status"})
     assert status["status"] == "running"
     tc_cert = tc_load(world.state).certificate
@@ -153,7 +153,7 @@ def _start(world, node: str, record, wrapped: str, bundle_dir: str):  # type: ig
     host = next(h for h in world.engine.hosts if h.name == node)
     session = world.engine.session(host)
     upload_disk(session, record["vm_id"], os.path.join(bundle_dir, "disk.qcow2"), record["image_sha256"])
-    return session.call("vm_start", {"tcti": host.vars["tcc_tpm"], "vm_id": record["vm_id"], "name": record["vm"],
+    return session.tvmm("launch", {"vm_id": record["vm_id"], "name": record["vm"],
                                      "wrapped_key": wrapped, "sha256": record["image_sha256"], "memory_mib": 64, "vcpus": 1})
 
 
@@ -289,7 +289,7 @@ def test_vm_stop_start_destroy(lab: Lab, world):
     assert state() == "running", proc.stdout + proc.stderr
     assert subprocess.run([*run, "destroy", name, *common], capture_output=True, env=env).returncode == 0
     assert state() is None
-    vm_dirs = [p for p in Path(lab.node_dir(lab.node(result.node), "home", "vms")).iterdir()]
+    vm_dirs = [p for p in Path(lab.node_dir(lab.node(result.node), "tvmm", "vms")).iterdir()]
     assert descriptor_absent(vm_dirs, envelope)
 
 
@@ -306,15 +306,19 @@ def test_an_interrupted_upload_resumes_and_is_digest_checked(lab: Lab, world):
     world.engine.sessions.pop("node3", None)
     session = world.engine.session(host)
     local = os.path.join(envelope["bundle"], "disk.qcow2")
-    paths = session.call("vm_paths", {"vm_id": descriptor["vm_id"]})
-    with open(local, "rb") as src, session.connect().sftp().open(paths["partial"], "wb") as dst:
-        dst.write(src.read(1024 * 1024))  # the connection "dropped" after 1 MiB
-    assert session.call("vm_paths", {"vm_id": descriptor["vm_id"]})["partial_size"] == 1024 * 1024
+    with open(local, "rb") as src:  # the connection "drops" after 1 MiB
+        session.tvmm("disk_write", {"vm_id": descriptor["vm_id"], "offset": 0,
+                                    "data": base64.b64encode(src.read(1024 * 1024)).decode()})
+    assert session.tvmm("disk_state", {"vm_id": descriptor["vm_id"]})["partial_size"] == 1024 * 1024
+    with pytest.raises(RemoteError) as wrong:  # a write that is not at the end is refused
+        session.tvmm("disk_write", {"vm_id": descriptor["vm_id"], "offset": 0, "data": "AAAA"})
+    assert wrong.value.reason == "tvmm.disk-offset"
     result = upload_disk(session, descriptor["vm_id"], local, descriptor["disk"]["sha256"])
-    assert result["changed"] and session.call("vm_paths", {"vm_id": descriptor["vm_id"]})["complete"]
-    with pytest.raises(RemoteError, match="sha256"):
-        session.call("vm_disk_commit", {"vm_id": "0" * 32, "sha256": descriptor["disk"]["sha256"]})
-    session.call("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+    assert result["changed"] and session.tvmm("disk_state", {"vm_id": descriptor["vm_id"]})["complete"]
+    with pytest.raises(RemoteError) as missing:
+        session.tvmm("disk_commit", {"vm_id": "0" * 32, "sha256": descriptor["disk"]["sha256"]})
+    assert missing.value.reason == "tvmm.disk-digest"
+    session.tvmm("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
 
 
 def test_every_decision_is_in_the_audit_log_and_the_chain_verifies(lab: Lab, world):

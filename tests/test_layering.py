@@ -13,8 +13,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tccdeploy"
 FORBIDDEN = {
     "coordinator": ("engine", "playbook", "commands", "cli", "lab"),
-    "crypto": ("coordinator", "engine", "playbook", "commands", "cli", "lab", "node"),
-    "node": ("coordinator", "engine", "playbook", "commands", "cli", "lab"),
+    "crypto": ("coordinator", "engine", "playbook", "commands", "cli", "lab", "node", "tvmm"),
+    "node": ("coordinator", "engine", "playbook", "commands", "cli", "lab", "tvmm", "manifest", "inventory"),
+    # The TVMM service is the build's: it takes only the shared wire (node.protocol) and crypto.
+    "tvmm": ("coordinator", "engine", "playbook", "commands", "cli", "lab", "manifest", "inventory", "node.main",
+             "node.ops", "node.files"),
     "manifest": ("coordinator", "engine", "playbook", "commands", "cli"),
     # The inventory uses the manifest's YAML loader and problem type, but not its loader (which
     # loads inventories: the other way round would be a cycle).

@@ -300,7 +300,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
             return 1
 
         def work(session):  # type: ignore[no-untyped-def]
-            return session.call("vm_control", {"vm_id": vm.vm_id, "action": args.action})
+            return session.tvmm("vm_control", {"vm_id": vm.vm_id, "action": args.action})
 
         args.limit = None
         status = _fan_out(args, vm.node, work, "module", f"vm {args.action}")

@@ -1,6 +1,6 @@
 """Enrollment and attestation as engine work: carry the node's answers to the coordinator.
 
-The engine decides nothing here. It asks the helper for the TPM's evidence and hands it to the
+The engine decides nothing here. It asks the node's TVMM service for the TPM's evidence and hands it to the
 coordinator, which checks it; a refusal comes back as a failed host with the TC's reason code.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from ..coordinator.admission import TK_CHECK_LABEL, AdmissionRefused
+from ..coordinator.admission import AdmissionRefused
 from ..coordinator.enrollment import EnrollmentRefused
 from ..coordinator.interface import TC
 from ..coordinator.verifier import Evidence
@@ -32,18 +32,14 @@ def host_key(session: Session) -> str:
     return fingerprint(transport.get_remote_server_key())
 
 
-def tcti_of(session: Session) -> str:
-    return str(session.host.vars.get("tcc_tpm", "device:/dev/tpmrm0"))
-
-
 def enroll(coordinator: TC):  # type: ignore[no-untyped-def]
     """Carry the node's TPM identity to the TC. A node enrolled with the TPM it has is left as it
     is (changed=False); a changed TPM is the TC operator's call (`tc nodes replace-tpm`)."""
 
     def work(session: Session) -> HostResult | dict[str, Any]:
-        name, tcti = session.host.name, tcti_of(session)
-        identity = session.call("tpm_identity", {"tcti": tcti})
-        ak = session.call("ak_create", {"tcti": tcti})
+        name = session.host.name
+        identity = session.tvmm("identity")
+        ak = session.tvmm("ak_create")
         site = session.host.vars.get("tcc_site")
         try:
             challenge = coordinator.enrollment_challenge(
@@ -54,7 +50,7 @@ def enroll(coordinator: TC):  # type: ignore[no-untyped-def]
                 return {"changed": False, "enrolled": True, "manufacturer": known.manufacturer if known else None,
                         "ek_fingerprint": known.ek_fingerprint if known else None}
             try:
-                answer = session.call("ak_activate", {"tcti": tcti, "credential": _b64(challenge.credential),
+                answer = session.tvmm("ak_activate", {"credential": _b64(challenge.credential),
                                                       "secret": _b64(challenge.secret)})
             except RemoteError as exc:
                 raise EnrollmentRefused("ak.not-bound", f"the TPM could not activate the credential: {exc}") from None
@@ -69,13 +65,13 @@ def enroll(coordinator: TC):  # type: ignore[no-untyped-def]
 
 def admit(session: Session, coordinator: TC, attestation_id: int) -> dict[str, Any]:
     """Create TK on the node, have the TC check it and its policy, prove it works, get the certificate."""
-    name, tcti = session.host.name, tcti_of(session)
+    name = session.host.name
     bank, pcrs = coordinator.quote_policy()
     nonce = coordinator.nonce(name, "certify")
-    tk = session.call("tk_create", {"tcti": tcti, "bank": bank, "pcrs": pcrs, "nonce": _b64(nonce)}, timeout=120)
+    tk = session.tvmm("tk_create", {"bank": bank, "pcrs": pcrs, "nonce": _b64(nonce)}, timeout=120)
     challenge = coordinator.admission_challenge(name, attestation_id, _unb64(tk["tk_public"]), _unb64(tk["attest"]),
                                                 _unb64(tk["signature"]), nonce)
-    answer = session.call("tk_check", {"tcti": tcti, "ciphertext": _b64(challenge), "label": TK_CHECK_LABEL})
+    answer = session.tvmm("tk_check", {"ciphertext": _b64(challenge)})
     return coordinator.admission_finish(name, answer["digest"])
 
 
@@ -83,16 +79,14 @@ def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyp
     bank, pcrs = coordinator.quote_policy()
 
     def work(session: Session) -> HostResult | dict[str, Any]:
-        name, tcti = session.host.name, tcti_of(session)
+        name = session.host.name
         if coordinator.identity_summary(name) is None:  # no AK the TC knows: a quote would prove nothing
             return HostResult(name, "failed", "untrusted: node.not-enrolled: the TC has no enrolled TPM for this node; "
                                               "run tccdeploy enroll first", {"verdict": "untrusted",
                                                                              "reasons": ["node.not-enrolled"]},
                               reason="node.not-enrolled")
         nonce = coordinator.nonce(name)
-        quote = session.call("quote", {"tcti": tcti, "nonce": _b64(nonce), "bank": bank, "pcrs": pcrs,
-                                       "eventlog": session.host.vars.get("tcc_eventlog",
-                                                                         "/sys/kernel/security/tpm0/binary_bios_measurements")})
+        quote = session.tvmm("quote", {"nonce": _b64(nonce), "bank": bank, "pcrs": pcrs})
         evidence = Evidence(_unb64(quote["attest"]), _unb64(quote["signature"]),
                             {int(k): bytes.fromhex(v) for k, v in quote["pcrs"].items()},
                             _unb64(quote["eventlog"]), nonce, ssh_host_key=host_key(session))
@@ -100,7 +94,7 @@ def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyp
         tag_index = coordinator.asset_tag_index(str(site) if site else None)
         if tag_index is not None:
             try:
-                certified = session.call("nv_certify", {"tcti": tcti, "index": tag_index, "nonce": _b64(nonce)})
+                certified = session.tvmm("nv_certify", {"index": tag_index, "nonce": _b64(nonce)})
                 evidence.asset_attest = _unb64(certified["attest"])
                 evidence.asset_signature = _unb64(certified["signature"])
                 evidence.asset_nv_public = _unb64(certified["nv_public"])

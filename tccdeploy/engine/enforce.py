@@ -96,7 +96,7 @@ def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[
         try:
             host = hosts[node]
             engine.sessions.pop(node, None)
-            engine.session(host).call("vm_control", {"vm_id": vm.vm_id, "action": "poweroff"})
+            engine.session(host).tvmm("vm_control", {"vm_id": vm.vm_id, "action": "poweroff"})
             coordinator.set_vm_state(vm.vm_id, "stopped")
             failed = f" (evacuation failed: {outcome.get('evacuation_error')})" if "evacuation_error" in outcome else ""
             outcome["result"] = "powered off" + failed

@@ -1,9 +1,13 @@
-"""The engine's side of the node helper: start it once per host, then call operations.
+"""The engine's side of the two programs it talks to on a node, over one line-JSON protocol:
 
-Start-up is one SSH command that runs the helper if this version is already on the node, or
-says where to upload it; the engine then uploads it by SFTP (atomically, 0600, into the node's
-private 0700 directory) and starts it. The helper's first line names the digest of the file it
-runs from; a file that does not match is replaced. One helper process serves the whole run.
+- the admin helper, as the node's admin login: start-up is one SSH command that runs the helper
+  if this version is already on the node, or says where to upload it; the engine then uploads it
+  by SFTP (atomically, 0600, into the login's private 0700 directory) and starts it. The
+  helper's first line names the digest of the file it runs from; a file that does not match is
+  replaced. One helper process serves the whole run.
+- the TVMM service, as the node's TVMM user: the engine cannot choose what runs (the user's
+  authorized_keys forces the booted service), so it only opens the channel and reads the
+  greeting. What the service is, the TC learns from the node's quote, never from this greeting.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import paramiko
 
-from .bundle import helper_bundle
+from ..bundles import helper_bundle
 from .connection import Connection, Unreachable
 
 UPLOAD_MARK = "TCCDEPLOY-UPLOAD "
@@ -29,12 +33,14 @@ class HelperError(Exception):
 
 
 class RemoteError(Exception):
-    """An operation failed on the node; traceback is the helper's, for -vvv."""
+    """An operation failed on the node; reason is the service's code (tvmm.*) when it refused,
+    traceback the helper's, for -vvv."""
 
-    def __init__(self, kind: str, message: str, traceback: str = ""):
-        super().__init__(message)
+    def __init__(self, kind: str, message: str, traceback: str = "", reason: str = ""):
+        super().__init__(f"{reason}: {message}" if reason else message)
         self.kind = kind
         self.traceback = traceback
+        self.reason = reason
 
 
 def start_command(python: str, digest: str) -> str:
@@ -47,65 +53,19 @@ def start_command(python: str, digest: str) -> str:
     )
 
 
-class Helper:
-    """A running helper on one node, reached through that node's connection."""
+class LineClient:
+    """One program on a node spoken to over an SSH channel: a request line out, a response in."""
 
-    def __init__(self, connection: Connection, python: str):
+    def __init__(self, connection: Connection):
         self.connection = connection
-        self.python = python
-        self.bundle, self.digest = helper_bundle()
         self.channel: paramiko.Channel | None = None
-        self.uploaded = False
         self.info: dict[str, Any] = {}
         self._buffer = bytearray()
         self._next_id = 0
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        for attempt in range(3):
-            channel = self.connection.open_process(start_command(self.python, self.digest))
-            self.channel = channel
-            first = self._readline(time.monotonic() + self.connection.target.timeout + 5, starting=True)
-            text = first.decode(errors="replace").strip()
-            if text.startswith(UPLOAD_MARK):
-                channel.close()
-                self._upload(text[len(UPLOAD_MARK):])
-                continue
-            try:
-                hello = json.loads(text)
-            except ValueError:
-                raise HelperError(f"the helper did not start on {self.connection.target.address}: {text[:300]!r}") from None
-            if hello.get("hello") != "tccdeploy-node":
-                raise HelperError(f"unexpected greeting from {self.connection.target.address}: {text[:300]!r}")
-            if hello.get("digest") != self.digest and attempt < 2:
-                # The file on the node is not the one we shipped (edited, corrupted): replace it.
-                self._stop_channel()
-                directory = self._helper_dir()
-                self._upload(directory)
-                continue
-            self.info = hello
-            return
-        raise HelperError(f"could not start the helper on {self.connection.target.address}")
-
-    def _helper_dir(self) -> str:
-        status, out, _ = self.connection.exec('echo "${TCCDEPLOY_NODE_DIR:-$HOME/.cache/tccdeploy}"')
-        return out.decode().strip()
-
-    def _upload(self, directory: str) -> None:
-        sftp = self.connection.sftp()
-        final = f"{directory}/helper-{self.digest}.pyz"
-        temporary = f"{final}.{int(time.time() * 1e6)}.tmp"
-        try:
-            sftp.putfo(io.BytesIO(self.bundle), temporary, file_size=len(self.bundle), confirm=True)
-            sftp.chmod(temporary, 0o600)
-            sftp.posix_rename(temporary, final)
-        except (OSError, paramiko.SSHException) as exc:
-            try:
-                sftp.remove(temporary)
-            except (OSError, paramiko.SSHException):
-                pass
-            raise HelperError(f"cannot upload the helper to {self.connection.target.address}:{directory}: {exc}") from None
-        self.uploaded = True
+        raise NotImplementedError
 
     def _readline(self, deadline: float, starting: bool = False) -> bytes:
         assert self.channel is not None
@@ -157,7 +117,8 @@ class Helper:
             raise HelperError("the helper answered another request")
         if not response.get("ok"):
             error = response.get("error") or {}
-            raise RemoteError(error.get("type", "Error"), error.get("message", "failed"), error.get("traceback", ""))
+            raise RemoteError(str(error.get("type", "Error")), str(error.get("message", "failed")),
+                              str(error.get("traceback", "")), str(error.get("reason", "")))
         return response.get("result") or {}
 
     def _stop_channel(self) -> None:
@@ -172,3 +133,80 @@ class Helper:
 
     def close(self) -> None:
         self._stop_channel()
+
+
+class Helper(LineClient):
+    """The admin helper on one node, uploaded by the engine when missing."""
+
+    def __init__(self, connection: Connection, python: str):
+        super().__init__(connection)
+        self.python = python
+        self.bundle, self.digest = helper_bundle()
+        self.uploaded = False
+
+    def start(self) -> None:
+        for attempt in range(3):
+            channel = self.connection.open_process(start_command(self.python, self.digest))
+            self.channel = channel
+            first = self._readline(time.monotonic() + self.connection.target.timeout + 5, starting=True)
+            text = first.decode(errors="replace").strip()
+            if text.startswith(UPLOAD_MARK):
+                channel.close()
+                self._upload(text[len(UPLOAD_MARK):])
+                continue
+            try:
+                hello = json.loads(text)
+            except ValueError:
+                raise HelperError(f"the helper did not start on {self.connection.target.address}: {text[:300]!r}") from None
+            if hello.get("hello") != "tccdeploy-node":
+                raise HelperError(f"unexpected greeting from {self.connection.target.address}: {text[:300]!r}")
+            if hello.get("digest") != self.digest and attempt < 2:
+                # The file on the node is not the one we shipped (edited, corrupted): replace it.
+                self._stop_channel()
+                directory = self._helper_dir()
+                self._upload(directory)
+                continue
+            self.info = hello
+            return
+        raise HelperError(f"could not start the helper on {self.connection.target.address}")
+
+    def _helper_dir(self) -> str:
+        status, out, _ = self.connection.exec('echo "${TCCDEPLOY_NODE_DIR:-$HOME/.cache/tccdeploy}"')
+        return out.decode().strip()
+
+    def _upload(self, directory: str) -> None:
+        sftp = self.connection.sftp()
+        final = f"{directory}/helper-{self.digest}.pyz"
+        temporary = f"{final}.{int(time.time() * 1e6)}.tmp"
+        try:
+            sftp.putfo(io.BytesIO(self.bundle), temporary, file_size=len(self.bundle), confirm=True)
+            sftp.chmod(temporary, 0o600)
+            sftp.posix_rename(temporary, final)
+        except (OSError, paramiko.SSHException) as exc:
+            try:
+                sftp.remove(temporary)
+            except (OSError, paramiko.SSHException):
+                pass
+            raise HelperError(f"cannot upload the helper to {self.connection.target.address}:{directory}: {exc}") from None
+        self.uploaded = True
+
+
+SERVICE_COMMAND = "tccdeploy-tvmm serve"  # what a node without a forced command would run
+
+
+class Service(LineClient):
+    """The node's TVMM service, reached as the TVMM user (its forced command runs, whatever we ask)."""
+
+    def start(self) -> None:
+        self.channel = self.connection.open_process(SERVICE_COMMAND)
+        first = self._readline(time.monotonic() + self.connection.target.timeout + 10, starting=True)
+        try:
+            hello = json.loads(first)
+        except ValueError:
+            hello = None
+        if not isinstance(hello, dict) or hello.get("hello") != "tccdeploy-tvmm":
+            text = first.decode(errors="replace")[:300]
+            self._stop_channel()
+            raise HelperError(f"no TVMM service answered as {self.connection.target.user} on "
+                              f"{self.connection.target.address}: {text!r}")
+        self.info = hello

@@ -1,13 +1,14 @@
 """Encrypted launch, as the engine carries it out.
 
-The engine never sees a VM key in clear: it moves the encrypted disk (SFTP, resumable, digest
-checked on the node) and the key wrapped by the TC to the chosen node's TK. The TC accepts the
+The engine never sees a VM key in clear: it moves the encrypted disk (into the node's TVMM
+service, resumable, digest checked there) and the key wrapped by the TC to the chosen node's TK. The TC accepts the
 request, the node is re-attested with a fresh nonce right before the release, the TC releases
 the key only to it, the node's TPM unwraps it, QEMU opens the disk, the TC signs the receipt.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,30 +33,29 @@ class LaunchResult:
 
 
 def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[str, Any]:
-    """Copy the encrypted disk to the node, resuming a partial copy; the node checks the digest."""
-    paths = session.call("vm_paths", {"vm_id": vm_id})
-    if not paths["complete"]:
-        sftp = session.connect().sftp()
+    """Copy the encrypted disk into the node's TVMM service (the admin login cannot reach the VM
+    folders), resuming a partial copy; the service checks the digest before it keeps the disk."""
+    state = session.tvmm("disk_state", {"vm_id": vm_id})
+    if not state["complete"]:
         size = os.path.getsize(local)
-        offset = min(int(paths["partial_size"]), size)
-        with open(local, "rb") as src, sftp.open(paths["partial"], "ab") as dst:
-            dst.set_pipelined(True)
+        offset = min(int(state["partial_size"]), size)
+        with open(local, "rb") as src:
             src.seek(offset)
             for chunk in iter(lambda: src.read(CHUNK), b""):
-                dst.write(chunk)
-    return session.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
+                session.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": base64.b64encode(chunk).decode()})
+                offset += len(chunk)
+    return session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
-def launch(engine: Engine, coordinator: TC, envelope: dict[str, Any], bundle_dir: str,
-           vm_args: list[str] | None = None) -> LaunchResult:
+def launch(engine: Engine, coordinator: TC, envelope: dict[str, Any], bundle_dir: str) -> LaunchResult:
     """Place and start the VM a signed request asks for; Refused when it cannot be."""
     bundle = bundles.load(bundle_dir)  # refused here, before anything goes to a node
     record = coordinator.accept_request(envelope, bundle)
-    return launch_accepted(engine, coordinator, record, bundle_dir, vm_args, bundle)
+    return launch_accepted(engine, coordinator, record, bundle_dir, bundle)
 
 
 def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bundle_dir: str,
-                    vm_args: list[str] | None = None, bundle: dict[str, Any] | None = None) -> LaunchResult:
+                    bundle: dict[str, Any] | None = None) -> LaunchResult:
     """Place and start a request the TC accepted already (a customer submitted it to a served
     TC); the provider has the sealed image in bundle_dir."""
     if bundle is None:
@@ -78,10 +78,9 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         descriptor = bundle["descriptor"]
         try:
             upload_disk(session, record["vm_id"], os.path.join(bundle_dir, descriptor["disk"]["file"]), record["image_sha256"])
-            status = session.call("vm_start", {
-                "tcti": str(host.vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": record["vm_id"], "name": record["vm"],
-                "wrapped_key": release["wrapped_key"], "sha256": record["image_sha256"],
-                "memory_mib": record["spec"]["memoryMiB"], "vcpus": record["spec"]["vcpus"], "extra_args": vm_args or [],
+            status = session.tvmm("launch", {
+                "vm_id": record["vm_id"], "name": record["vm"], "wrapped_key": release["wrapped_key"],
+                "sha256": record["image_sha256"], "memory_mib": record["spec"]["memoryMiB"], "vcpus": record["spec"]["vcpus"],
             }, timeout=120)
         except RemoteError as exc:
             coordinator.fail_request(record["id"])

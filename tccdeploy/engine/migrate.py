@@ -2,10 +2,10 @@
 
 1. A fresh attestation of the destination; the TC checks it is admitted and trusted now,
    re-wraps Kvm to its TK and hands over its node certificate (refused otherwise, whoever asks).
-2. The source pauses the VM (the switch) and migrates it into its helper, which encrypts the
-   stream with STREAM under a fresh Kmig wrapped to the destination's TK.
+2. The source pauses the VM (the switch) and migrates it into its TVMM service, which encrypts
+   the stream with STREAM under a fresh Kmig wrapped to the destination's TK.
 3. The encrypted disk (LUKS qcow2) is copied source -> destination as it is, digest checked.
-4. The destination's TPM unwraps Kvm and Kmig; its helper authenticates every chunk before
+4. The destination's TPM unwraps Kvm and Kmig; its service authenticates every chunk before
    QEMU sees it, and checks the stream's end.
 5. Commit only when the destination runs: the registry moves the VM (one transaction), then the
    source QEMU quits and its disk goes. Any failure before: the destination discards, the
@@ -27,16 +27,19 @@ CHUNK = 1 << 20
 
 
 def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) -> None:
-    """The encrypted disk, source to destination through the engine: ciphertext only."""
-    src_paths = source.call("vm_paths", {"vm_id": vm_id})
-    dst_paths = destination.call("vm_paths", {"vm_id": vm_id})
-    with source.connect().sftp().open(src_paths["disk"], "rb") as src, \
-            destination.connect().sftp().open(dst_paths["partial"], "wb") as dst:
-        src.prefetch()
-        dst.set_pipelined(True)
-        for chunk in iter(lambda: src.read(CHUNK), b""):
-            dst.write(chunk)
-    destination.call("vm_disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
+    """The encrypted disk, source service to destination service through the engine: ciphertext
+    only; the destination keeps it only if its digest is the image's."""
+    state = destination.tvmm("disk_state", {"vm_id": vm_id})
+    if not state["complete"]:
+        offset = int(state["partial_size"])
+        while True:
+            piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK})
+            if piece["data"]:
+                written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"]})
+                offset = int(written["size"])
+            if piece["eof"]:
+                break
+    destination.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
 def choose_destination(engine: Engine, coordinator: TC, vm: VMRecord) -> str:
@@ -53,8 +56,7 @@ def choose_destination(engine: Engine, coordinator: TC, vm: VMRecord) -> str:
     return eligible[0].node
 
 
-def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "auto",
-            extra_args: list[str] | None = None) -> dict[str, Any]:
+def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "auto") -> dict[str, Any]:
     vm = coordinator.vm(vm_name)
     if vm is None or vm.node is None:
         raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
@@ -74,22 +76,20 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
     committed = False
     moved = 0
     try:
-        out = source.call("vm_migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"],
-                                                   "tcti": str(hosts[vm.node].vars.get("tcc_tpm", "device:/dev/tpmrm0"))})
+        out = source.tvmm("migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"]})
         copy_disk(source, target, vm_id, vm.image_sha256)
-        target.call("vm_incoming_start", {
-            "tcti": str(hosts[destination].vars.get("tcc_tpm", "device:/dev/tpmrm0")), "vm_id": vm_id, "name": vm.name,
-            "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"], "sha256": vm.image_sha256,
-            "memory_mib": spec["memoryMiB"], "vcpus": spec["vcpus"], "extra_args": extra_args or [],
+        target.tvmm("migrate_in_start", {
+            "vm_id": vm_id, "name": vm.name, "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"],
+            "sha256": vm.image_sha256, "memory_mib": spec["memoryMiB"], "vcpus": spec["vcpus"],
         }, timeout=120)
         while True:
-            piece = source.call("vm_migrate_out_read", {"vm_id": vm_id}, timeout=120)
+            piece = source.tvmm("migrate_out_read", {"vm_id": vm_id}, timeout=120)
             if piece["data"]:
                 moved += len(piece["data"]) * 3 // 4
-                target.call("vm_incoming_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
+                target.tvmm("migrate_in_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
             if piece["eof"]:
                 break
-        status = target.call("vm_incoming_finish", {"vm_id": vm_id, "resume": out["was_running"]}, timeout=120)
+        status = target.tvmm("migrate_in_finish", {"vm_id": vm_id, "resume": out["was_running"]}, timeout=120)
         if out["was_running"] and not status["running"]:
             raise Refused("migrate.not-running", f"the VM is {status['status']} on {destination}")
         coordinator.migration_end(migration, vm_id, commit=True)
@@ -99,29 +99,29 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
             _roll_back(engine, coordinator, migration, vm_id, vm.node, destination, exc)
         raise
     try:
-        source.call("vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
+        source.tvmm("migrate_out_end", {"vm_id": vm_id, "commit": True})
     except Exception:  # noqa: BLE001 - the source is paused after migrating; repair removes it
         pass
     return {"vm": vm.name, "from": vm.node, "to": destination, "migration": migration, "ciphertext_bytes": moved}
 
 
 def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Call op on node, on a new connection and helper if the old ones died."""
+    """Call the service's op on node, on a new connection if the old one died."""
     host = next(h for h in engine.hosts if h.name == node)
     try:
-        return engine.session(host).call(op, args)
-    except Exception:  # noqa: BLE001 - the helper or the connection died: one more try, fresh
+        return engine.session(host).tvmm(op, args)
+    except Exception:  # noqa: BLE001 - the service or the connection died: one more try, fresh
         stale = engine.sessions.pop(node, None)
         if stale is not None:
             stale.close()
-        return engine.session(host).call(op, args)
+        return engine.session(host).tvmm(op, args)
 
 
 def _roll_back(engine: Engine, coordinator: TC, migration: int, vm_id: str, source: str, destination: str,
                exc: BaseException | str) -> None:
     """Destination discards, source resumes; the registry records the abort (the VM never moved)."""
-    for node, op, args in ((destination, "vm_incoming_discard", {"vm_id": vm_id}),
-                           (source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": False})):
+    for node, op, args in ((destination, "migrate_in_discard", {"vm_id": vm_id}),
+                           (source, "migrate_out_end", {"vm_id": vm_id, "commit": False})):
         try:
             _call_fresh(engine, node, op, args)
         except Exception:  # noqa: BLE001 - best effort; repair finds what is left
@@ -145,7 +145,7 @@ def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
         if status == "running":
             coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination running")
             try:
-                _call_fresh(engine, source, "vm_migrate_out_end", {"vm_id": vm_id, "commit": True})
+                _call_fresh(engine, source, "migrate_out_end", {"vm_id": vm_id, "commit": True})
             except Exception:  # noqa: BLE001
                 pass
             out.append({"migration": row.id, "vm_id": vm_id, "action": "committed", "node": destination})

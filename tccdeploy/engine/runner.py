@@ -8,6 +8,7 @@ which unblocks every worker, and the run ends at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from ..config import state_dir
 from ..inventory import Host
 from .connection import DEFAULT_TIMEOUT, Connection, Target, Unreachable
-from .helper import Helper, HelperError, RemoteError
+from .helper import Helper, HelperError, RemoteError, Service
 
 Status = Literal["ok", "changed", "failed", "unreachable", "skipped"]
 
@@ -45,15 +46,23 @@ class HostResult:
         return out
 
 
+DEFAULT_TVMM_USER = "tvmm"
+
+
 class Session:
-    """One host's connection and helper, opened on first use and kept for the run."""
+    """One host's two logins, each opened on first use and kept for the run: the admin login
+    (the engine's helper) and the TVMM user (the node's TVMM service, `tcc_tvmm_user`)."""
 
     def __init__(self, host: Host, target: Target, own_known_hosts: str, trust_new: bool):
         self.host = host
         self.target = target
         self.connection = Connection(target, own_known_hosts, trust_new)
+        service_target = dataclasses.replace(target, user=str(host.vars.get("tcc_tvmm_user", DEFAULT_TVMM_USER)))
+        self.service_connection = Connection(service_target, own_known_hosts, trust_new)
         self._helper: Helper | None = None
+        self._service: Service | None = None
         self._connected = False
+        self._service_connected = False
         self._lock = threading.Lock()
 
     def connect(self) -> Connection:
@@ -71,12 +80,30 @@ class Session:
         return self._helper
 
     def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """An operation of the admin helper (ping, command, files, build staging)."""
         return self.helper.call(op, args, timeout)
+
+    @property
+    def service(self) -> Service:
+        with self._lock:
+            if not self._service_connected:
+                self.service_connection.connect()
+                self._service_connected = True
+            if self._service is None:
+                self._service = Service(self.service_connection)
+        return self._service
+
+    def tvmm(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """An operation of the node's TVMM service (TPM evidence, admission, VMs, migration)."""
+        return self.service.call(op, args, timeout)
 
     def close(self) -> None:
         if self._helper is not None:
             self._helper.close()
+        if self._service is not None:
+            self._service.close()
         self.connection.close()
+        self.service_connection.close()
 
 
 Work = Callable[[Session], HostResult | dict[str, Any]]

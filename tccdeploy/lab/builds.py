@@ -1,7 +1,8 @@
 """The lab's TVMM builds: deterministic artifacts and the boot they measure.
 
 The lab cannot boot real firmware, so each lab build is a set of small artifact files whose
-contents depend only on the build's name. That makes their digests stable, so the example
+contents depend only on the build's name, plus the real TVMM service (tccdeploy-tvmm, built
+deterministically from this checkout: a change to the service is a change to every build). That makes their digests stable, so the example
 TVMMBuild manifests in examples/builds/ list exactly what a lab node measures, and a test
 keeps the two from drifting apart.
 """
@@ -21,9 +22,10 @@ BOOT_SEQUENCE: tuple[tuple[int, str, str | None], ...] = (
     (8, "EV_IPL", "cmdline"),
     (9, "EV_IPL", "initrd"),
     (11, "EV_IPL", "hypervisor"),
+    (11, "EV_IPL", "tvmm-service"),
 )
 POLICY_PCRS: tuple[int, ...] = (0, 4, 8, 9, 11)
-ARTIFACTS: tuple[str, ...] = ("firmware", "bootloader", "kernel", "initrd", "hypervisor", "cmdline")
+ARTIFACTS: tuple[str, ...] = ("firmware", "bootloader", "kernel", "initrd", "hypervisor", "tvmm-service", "cmdline")
 SEPARATOR_DATA = b"\x00\x00\x00\x00"
 
 
@@ -52,6 +54,10 @@ def artifact_bytes(build: str, artifact: str) -> bytes:
     """Contents of one lab artifact; a few KiB, different per build and per artifact."""
     if artifact == "cmdline":
         return f"console=ttyS0 ro tccdeploy.build={build}".encode()
+    if artifact == "tvmm-service":  # the real service, the same in every lab build
+        from ..bundles import service_bundle
+
+        return service_bundle()[0]
     seed = hashlib.sha256(f"tccdeploy-lab/{build}/{artifact}".encode()).digest()
     body = (seed * 128)[:4096]
     return f"tccdeploy lab {artifact} for {build}\n".encode() + body

@@ -3,8 +3,12 @@
 A lab node is a loopback address (127.K.S.N: lab K, site S, node N; site 9 is outside the
 perimeter) with:
 - its own OpenSSH sshd bound to that address only, key-only login as the lab user;
-- its own swtpm (TCP on the same address), manufactured with an EK certificate from the lab's
-  TPM vendor CA, or from a second "rogue" CA the perimeter does not trust;
+- its own swtpm on a unix socket only the node's TVMM user can open, manufactured with an EK
+  certificate from the lab's TPM vendor CA, or from a second "rogue" CA the perimeter does not
+  trust;
+- the split of a real node: an admin login (`tccnode`, the provider's, where the engine runs its
+  helper) that reaches neither the TPM nor the VMs, and the TVMM user (`tcctvmm`) that owns
+  them, reached over SSH only through the forced command of the measured TVMM service;
 - a boot: the lab measures a TVMM build's artifacts into the PCRs and writes the matching
   TCG2 event log where the node helper reads it.
 
@@ -37,15 +41,18 @@ from .builds import ARTIFACTS, BOOT_SEQUENCE, LAB_BUILDS, POLICY_PCRS, artifact_
 from .ca import make_ca
 from .tpm import LabError
 
-LAB_USER = "tccnode"
+LAB_USER = "tccnode"  # the node's admin login: the provider's, what the engine runs its helper as
 LAB_HOME = "/var/lib/tccdeploy-lab/home"
+TVMM_USER = "tcctvmm"  # the node's TVMM user: alone reaches the TPM, the VMs and QMP
+TVMM_HOME = "/var/lib/tccdeploy-lab/tvmm"
 SSH_PORT = 2222
-TPM_PORT = 2321
+MAX_SOCKET_PATH = 100  # a unix socket's path is at most 107 bytes; the TPM's control socket adds 5
 OUTSIDE_SITE = 9
 DEFAULT_BUILD = "tvmm-2026.1"
 STATE_FILE = "lab.json"
 ASSET_TAG_INDEX = 0x01500001
 TAMPER_PCR = 4
+SERVICE_FILE = "tccdeploy-tvmm.pyz"
 REQUIRED_TOOLS = {
     "swtpm": "swtpm",
     "swtpm_setup": "swtpm-tools",
@@ -73,6 +80,7 @@ class Node:
     boots: int = 0
     tampered: int = 0
     implant: bool = False  # a persistent rogue component: measured again at every boot
+    modified: bool = False  # the last boot loaded files other than the lab's own for its build
 
     @property
     def state(self) -> str:
@@ -150,12 +158,16 @@ class Lab:
     def ssh_port(self) -> int:
         return int(self.meta.get("ssh_port", SSH_PORT))
 
-    @property
-    def tpm_port(self) -> int:
-        return int(self.meta.get("tpm_port", TPM_PORT))
+    def tpm_socket(self, node: Node) -> str:
+        """The node's TPM: a unix socket in the TVMM user's private folder."""
+        return self.node_dir(node, "tvmm", "tpm.sock")
 
     def tcti(self, node: Node) -> str:
-        return tpm.tcti(node.address, self.tpm_port)
+        return tpm.tcti(self.tpm_socket(node))
+
+    def service_dir(self, node: Node, *parts: str) -> str:
+        """Where the node's booted TVMM service is installed (root's, read-only to the node's users)."""
+        return self.node_dir(node, "service", *parts)
 
     # -- state --------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -208,7 +220,6 @@ class Lab:
         lab_index: int = 0,
         python: str | None = None,
         ssh_port: int = SSH_PORT,
-        tpm_port: int = TPM_PORT,
         build: str = DEFAULT_BUILD,
     ) -> Lab:
         """Bring the lab up; on any failure stop what started and remove the directory."""
@@ -221,15 +232,19 @@ class Lab:
             self._refuse_existing()
         if os.path.isdir(self.dir) and set(os.listdir(self.dir)) - {".lock"}:
             raise LabError(f"{self.dir} exists and is not a lab; give an empty or new --dir")
-        _preflight(planned, ssh_port, tpm_port)
+        _preflight(planned, ssh_port)
         _check_reachable(self.dir)
+        longest = max((len(self.path("nodes", n.name, "tvmm", "tpm.sock")) for n in planned), default=0)
+        if longest > MAX_SOCKET_PATH:
+            raise LabError(f"the lab directory {self.dir} is too deep for the nodes' TPM sockets ({longest} bytes, "
+                           f"at most {MAX_SOCKET_PATH}); give a shorter --dir")
         python = python or _default_python()
         started = time.monotonic()
         try:
             with self.locked():
                 self.meta = {
                     "version": 1, "created": time.time(), "lab_index": lab_index, "sites": sites,
-                    "ssh_port": ssh_port, "tpm_port": tpm_port, "user": LAB_USER, "python": python,
+                    "ssh_port": ssh_port, "user": LAB_USER, "tvmm_user": TVMM_USER, "python": python,
                     "default_build": build,
                 }
                 self.nodes = planned
@@ -273,6 +288,7 @@ class Lab:
             os.makedirs(self.path(sub), mode=0o700, exist_ok=True)
         os.makedirs(self.path("nodes"), mode=0o755, exist_ok=True)
         ensure_lab_user()
+        ensure_tvmm_user()
         _check_python(python)
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tccdeploy-lab-engine", "-f", self.ssh_key])
         make_ca(self.path("ca", "manufacturer"), "tccdeploy Lab TPM Vendor")
@@ -286,6 +302,7 @@ class Lab:
         with open(self.ssh_key + ".pub") as fh:
             public_key = fh.read()
         uid = pwd.getpwnam(LAB_USER).pw_uid
+        tvmm = pwd.getpwnam(TVMM_USER)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         for node in self.nodes:
             ndir = self.node_dir(node)
@@ -294,10 +311,21 @@ class Lab:
             home = self.node_dir(node, "home")
             os.makedirs(home, mode=0o700, exist_ok=True)
             os.chown(home, uid, -1)
+            private = self.node_dir(node, "tvmm")  # the TPM socket, the service's state and its VMs
+            os.makedirs(private, mode=0o700, exist_ok=True)
+            os.chown(private, tvmm.pw_uid, tvmm.pw_gid)
+            os.makedirs(self.service_dir(node), mode=0o755, exist_ok=True)
+            _write_world_readable(self.service_dir(node, "config.json"), json.dumps({
+                "node": node.name, "tpm": self.tcti(node), "state_dir": private,
+                "eventlog": self.node_dir(node, "eventlog.bin")}, indent=2).encode())
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node.name} host key",
                   "-f", self.node_dir(node, "ssh_host_ed25519_key")])
-            with open(self.node_dir(node, "authorized_keys"), "w") as fh:
+            with open(self.node_dir(node, f"authorized_keys.{LAB_USER}"), "w") as fh:
                 fh.write(public_key)
+            # The engine's key, for the TVMM user, can run the booted service and nothing else.
+            serve = f"{python} {self.service_dir(node, SERVICE_FILE)} serve --config {self.service_dir(node, 'config.json')}"
+            with open(self.node_dir(node, f"authorized_keys.{TVMM_USER}"), "w") as fh:
+                fh.write(f'restrict,command="{serve}" {public_key}')
             with open(self.node_dir(node, "sshd_config"), "w") as fh:
                 fh.write(self._sshd_config(node))
             self._install_boot_dir(node, node.build, uid)
@@ -326,8 +354,8 @@ class Lab:
             f"ListenAddress {node.address}:{self.ssh_port}",
             f"HostKey {ndir}/ssh_host_ed25519_key",
             "PidFile none",
-            f"AuthorizedKeysFile {ndir}/authorized_keys",
-            f"AllowUsers {LAB_USER}",
+            f"AuthorizedKeysFile {ndir}/authorized_keys.%u",
+            f"AllowUsers {LAB_USER} {TVMM_USER}",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
@@ -363,21 +391,22 @@ class Lab:
     def _start_tpms(self) -> None:
         self.progress("starting swtpm for every node")
         started = []
+        uid = pwd.getpwnam(TVMM_USER).pw_uid
         for node in self.nodes:
             proc = procs.spawn(
-                tpm.swtpm_argv(self.node_dir(node, "tpm"), node.address, self.tpm_port, self.node_dir(node, "swtpm.log")),
+                tpm.swtpm_argv(self.node_dir(node, "tpm"), self.tpm_socket(node), uid, self.node_dir(node, "swtpm.log")),
                 self.node_dir(node, "swtpm.out"),
             )
             node.swtpm_pid = proc.pid
             self.save()
             started.append((node, proc))
         for node, proc in started:
-            if not procs.wait_listening(node.address, self.tpm_port, proc):
-                raise LabError(f"swtpm of {node.name} did not start on {node.address}:{self.tpm_port}: "
+            if not procs.wait_socket(self.tpm_socket(node), proc):
+                raise LabError(f"swtpm of {node.name} did not start on {self.tpm_socket(node)}: "
                                f"{_tail(self.node_dir(node, 'swtpm.out'))}")
         for node in self.nodes:
             if node.asset_tag:
-                _provision_asset_tag(node.address, self.tpm_port, node.asset_tag)
+                _provision_asset_tag(self.tpm_socket(node), node.asset_tag)
 
     def _boot_all(self) -> None:
         self.progress(f"booting every node into {self.meta['default_build']} (measured boot + event log)")
@@ -408,7 +437,7 @@ class Lab:
         contents: the artifacts' bytes as the boot loader read them (default: the lab's own
         copy of build), so what was deployed is what gets measured."""
         if reset:
-            tpm.power_cycle(node.address, self.tpm_port)
+            tpm.power_cycle(self.tpm_socket(node))
         writer = EventLogWriter(list(tpm.BANKS))
         measurements = []
         for pcr, event_type, artifact in BOOT_SEQUENCE:
@@ -432,14 +461,19 @@ class Lab:
             digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
             writer.add_digests(TAMPER_PCR, "EV_EFI_BOOT_SERVICES_APPLICATION", digests, image_load_event(len(rogue)))
             measurements.append((TAMPER_PCR, digests))
-        tpm.extend(node.address, self.tpm_port, measurements)
-        tpm.disable_platform_hierarchy(node.address, self.tpm_port)  # as firmware does before the OS
+        tpm.extend(self.tpm_socket(node), measurements)
+        tpm.disable_platform_hierarchy(self.tpm_socket(node))  # as firmware does before the OS
+        # What was measured is what runs: the boot installs the service it measured, where only
+        # root may change it, and the TVMM user's forced command runs that file.
+        service = contents["tvmm-service"] if contents is not None else artifact_bytes(build, "tvmm-service")
+        _write_world_readable(self.service_dir(node, SERVICE_FILE), service)
         _write_world_readable(self.node_dir(node, "eventlog.bin"), writer.to_bytes())
         cmdline = contents["cmdline"] if contents is not None else artifact_bytes(build, "cmdline")
         _write_world_readable(self.node_dir(node, "cmdline"), cmdline + b"\n")  # the node's /proc/cmdline
         node.build = build
         node.boots += 1
         node.tampered = 0
+        node.modified = contents is not None and any(contents[a] != artifact_bytes(build, a) for a in ARTIFACTS)
 
     def _start_sshds(self) -> None:
         self.progress("starting sshd for every node")
@@ -504,7 +538,7 @@ class Lab:
         for node in self.nodes:
             if node.site is None:
                 continue
-            ek = ek_identities(tpm.ek_certificate(node.address, self.tpm_port))[0]
+            ek = ek_identities(tpm.ek_certificate(self.tpm_socket(node)))[0]
             sites.setdefault(node.site, []).append({"ek": ek, "name": node.name})
         roster = {"apiVersion": "tccdeploy/v1", "kind": "NodeRoster",
                   "metadata": {"name": "lab", "description": "the machines racked in the lab's sites"},
@@ -520,8 +554,6 @@ class Lab:
                 group["vars"] = {"tcc_site": node.site}
             group["hosts"][node.name] = {
                 "ansible_host": node.address,
-                "tcc_tpm": self.tcti(node),
-                "tcc_eventlog": self.node_dir(node, "eventlog.bin"),
                 "tcc_boot_dir": self.boot_dir(node),
                 "tcc_proc_cmdline": self.node_dir(node, "cmdline"),
             }
@@ -531,6 +563,7 @@ class Lab:
         common = {
             "ansible_port": self.ssh_port,
             "ansible_user": LAB_USER,
+            "tcc_tvmm_user": TVMM_USER,
             "ansible_ssh_private_key_file": self.ssh_key,
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=yes",
             "tcc_known_hosts": self.known_hosts,
@@ -600,7 +633,7 @@ class Lab:
         from ..eventlog import parse_file
 
         node = self.node(name)
-        live = tpm.read_pcrs(node.address, self.tpm_port, "sha256", list(POLICY_PCRS))
+        live = tpm.read_pcrs(self.tpm_socket(node), "sha256", list(POLICY_PCRS))
         replayed = parse_file(self.node_dir(node, "eventlog.bin")).replay("sha256", list(POLICY_PCRS))
         return [
             {"pcr": p, "tpm": live[p].hex(), "eventlog": replayed[p].hex(), "match": live[p] == replayed[p]}
@@ -658,7 +691,7 @@ class Lab:
                 return node
             rogue = b"rogue kernel module " + os.urandom(16)
             digests = {bank: hashlib.new(bank, rogue).digest() for bank in tpm.BANKS}
-            tpm.extend(node.address, self.tpm_port, [(TAMPER_PCR, digests)])
+            tpm.extend(self.tpm_socket(node), [(TAMPER_PCR, digests)])
             if not hide:
                 path = self.node_dir(node, "eventlog.bin")
                 with open(path, "rb") as fh:
@@ -683,13 +716,13 @@ class Lab:
         default = self.meta["default_build"]
         with open(os.path.join(self.boot_dir(node), "next"), "w") as fh:
             fh.write(default + "\n")
-        if node.tampered or node.implant or node.build != default:
+        if node.tampered or node.implant or node.modified or node.build != default:
             with self.locked():
                 self.load()
                 self.node(name).implant = False
                 self.save()
             node = self.reboot(name, default)
-        tpm.reset_lockout(node.address, self.tpm_port)
+        tpm.reset_lockout(self.tpm_socket(node))
         return node
 
     def stop_ssh(self, name: str) -> Node:
@@ -740,7 +773,7 @@ class Lab:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _preflight(nodes: list[Node], ssh_port: int, tpm_port: int) -> None:
+def _preflight(nodes: list[Node], ssh_port: int) -> None:
     missing = [f"{tool} (Debian package {pkg})" for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None]
     if not os.access(SSHD, os.X_OK):
         missing.append(f"{SSHD} (Debian package openssh-server)")
@@ -750,9 +783,8 @@ def _preflight(nodes: list[Node], ssh_port: int, tpm_port: int) -> None:
         raise LabError("the lab needs root (it runs sshd and creates the lab user); run it as root")
     busy = []
     for node in nodes:
-        for port in (ssh_port, tpm_port, tpm_port + 1):
-            if not procs.port_free(node.address, port):
-                busy.append(f"{node.address}:{port}")
+        if not procs.port_free(node.address, ssh_port):
+            busy.append(f"{node.address}:{ssh_port}")
     if busy:
         raise LabError(
             f"address(es) already in use: {', '.join(busy[:5])}{' ...' if len(busy) > 5 else ''}; "
@@ -804,25 +836,42 @@ def ensure_lab_user() -> None:
         subprocess.run(["usermod", "-a", "-G", "kvm", LAB_USER], capture_output=True)
 
 
+def ensure_tvmm_user() -> None:
+    """The TVMM user of every lab node: owns the nodes' TPM sockets, the service's state and the
+    VMs; logs in only through the service's forced command. /bin/sh: no start-up files run."""
+    try:
+        pwd.getpwnam(TVMM_USER)
+    except KeyError:
+        os.makedirs(os.path.dirname(TVMM_HOME), mode=0o755, exist_ok=True)
+        _run(["useradd", "--system", "--home-dir", TVMM_HOME, "--no-create-home", "--shell", "/bin/sh",
+              "--comment", "tccdeploy lab TVMM service", TVMM_USER])
+        _run(["usermod", "--password", "*", TVMM_USER])
+    entry = pwd.getpwnam(TVMM_USER)
+    os.makedirs(TVMM_HOME, mode=0o700, exist_ok=True)
+    os.chown(TVMM_HOME, entry.pw_uid, entry.pw_gid)
+    if os.path.exists("/dev/kvm"):
+        subprocess.run(["usermod", "-a", "-G", "kvm", TVMM_USER], capture_output=True)
+
+
 def _default_python() -> str:
     return sys.executable
 
 
 def _check_python(python: str) -> None:
-    """The node helper runs as the lab user under this Python; it must be able to import tpm2_pytss."""
+    """The TVMM service runs as the TVMM user under this Python; it must be able to import tpm2_pytss."""
     proc = subprocess.run(
-        ["runuser", "-u", LAB_USER, "--", python, "-c", "import tpm2_pytss"],
+        ["runuser", "-u", TVMM_USER, "--", python, "-c", "import tpm2_pytss, cryptography"],
         capture_output=True, text=True, timeout=60,
     )
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LabError(
-            f"the lab user {LAB_USER!r} cannot run {python} with tpm2_pytss ({reason}); the nodes' Python must be "
+            f"the TVMM user {TVMM_USER!r} cannot run {python} with tpm2_pytss ({reason}); the nodes' Python must be "
             "readable by that user: create .venv from /usr/bin/python3 (scripts/install does), or pass --python"
         )
 
 
-def _provision_asset_tag(address: str, port: int, value: str) -> None:
+def _provision_asset_tag(sock: str, value: str) -> None:
     """Write the site's asset tag at racking time, as platform firmware or the TC's provisioning
     does: a platform-created NV index, written once and locked for good (WRITEDEFINE), which the
     OS owner (the provider's root) can neither create nor rewrite."""
@@ -834,7 +883,7 @@ def _provision_asset_tag(address: str, port: int, value: str) -> None:
     public = TPM2B_NV_PUBLIC(
         nvPublic=TPMS_NV_PUBLIC(nvIndex=ASSET_TAG_INDEX, nameAlg=TPM2_ALG.SHA256, attributes=attrs, dataSize=len(data))
     )
-    with ESAPI(tpm.tcti(address, port)) as esys:
+    with ESAPI(tpm.tcti(sock)) as esys:
         handle = esys.nv_define_space(None, public, auth_handle=ESYS_TR.PLATFORM)
         esys.nv_write(handle, data, 0, auth_handle=ESYS_TR.PLATFORM)
         esys.nv_write_lock(handle, auth_handle=ESYS_TR.PLATFORM)

@@ -157,3 +157,20 @@ def wait_listening(address: str, port: int, proc: subprocess.Popen, timeout: flo
                 pass
         time.sleep(0.01)
     return False
+
+
+def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """Wait until something accepts on the unix socket path; False if proc died first or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(path)
+                return True
+            except OSError:
+                pass
+        time.sleep(0.01)
+    return False

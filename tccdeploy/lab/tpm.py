@@ -34,41 +34,43 @@ def manufacture(state_dir: str, ca_dir: str, log_path: str, timeout: float = 60.
         raise LabError(f"swtpm_setup failed for {state_dir}: {tail}")
 
 
-def swtpm_argv(state_dir: str, address: str, port: int, log_path: str) -> list[str]:
+def swtpm_argv(state_dir: str, sock: str, uid: int, log_path: str) -> list[str]:
+    """swtpm serving the node's TPM on a unix socket only the node's TVMM user may open (0600,
+    owned by uid, in that user's 0700 folder): on a real node, /dev/tpmrm0 owned by the TVMM
+    user. The control channel is that user's too, because the TSS's swtpm TCTI sets the
+    locality through it on every open; the admin login reaches neither."""
     return [
         "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-        "--server", f"type=tcp,port={port},bindaddr={address}",
-        "--ctrl", f"type=tcp,port={port + 1},bindaddr={address}",
+        "--server", f"type=unixio,path={sock},mode=0600,uid={uid}",
+        "--ctrl", f"type=unixio,path={sock}.ctrl,mode=0600,uid={uid}",
         "--flags", "not-need-init,startup-clear",
         "--log", f"file={log_path},level=1",
     ]
 
 
-def tcti(address: str, port: int) -> str:
-    return f"swtpm:host={address},port={port}"
+def tcti(sock: str) -> str:
+    return f"swtpm:path={sock}"
 
 
-def power_cycle(address: str, port: int) -> None:
+def power_cycle(sock: str) -> None:
     """A reboot as the TPM sees it: _TPM_Init then TPM2_Startup(CLEAR); resetCount goes up."""
-    proc = subprocess.run(
-        ["swtpm_ioctl", "--tcp", f"{address}:{port + 1}", "-i"], capture_output=True, text=True, timeout=10
-    )
+    proc = subprocess.run(["swtpm_ioctl", "--unix", f"{sock}.ctrl", "-i"], capture_output=True, text=True, timeout=10)
     if proc.returncode != 0:
-        raise LabError(f"cannot reset the TPM at {address}:{port + 1}: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise LabError(f"cannot reset the TPM at {sock}.ctrl: {proc.stderr.strip() or proc.stdout.strip()}")
     from tpm2_pytss import ESAPI, TPM2_SU
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         esys.startup(TPM2_SU.CLEAR)
 
 
-def ek_certificate(address: str, port: int) -> bytes:
+def ek_certificate(sock: str) -> bytes:
     """The EK certificate swtpm_setup stored in NV (RSA, 0x01c00002), in DER: what the TC's
     operator writes down in the roster when the machine is racked."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from tpm2_pytss import ESAPI, TPM2_HANDLE
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         handle = esys.tr_from_tpmpublic(TPM2_HANDLE(0x01C00002))
         public, _ = esys.nv_read_public(handle)
         data = b""
@@ -77,21 +79,21 @@ def ek_certificate(address: str, port: int) -> bytes:
     return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
 
 
-def disable_platform_hierarchy(address: str, port: int) -> None:
+def disable_platform_hierarchy(sock: str) -> None:
     """What firmware does before the OS runs (phEnable cleared until the next TPM2_Startup): no
     one on the booted node can make platform-created NV indices, so an asset tag in one was
     written at racking time, not by the provider's root."""
     from tpm2_pytss import ESAPI, ESYS_TR
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         esys.hierarchy_control(ESYS_TR.PLATFORM, ESYS_TR.PLATFORM, False)
 
 
-def extend(address: str, port: int, measurements: list[tuple[int, dict[str, bytes]]]) -> None:
+def extend(sock: str, measurements: list[tuple[int, dict[str, bytes]]]) -> None:
     """Extend each (pcr, {bank: digest}) in order, as firmware does during boot."""
     from tpm2_pytss import ESAPI, ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         for pcr, digests in measurements:
             values = TPML_DIGEST_VALUES([
                 TPMT_HA(hashAlg=TPM2_ALG(ALG_BY_NAME[bank]), digest=TPMU_HA(**{bank: digest}))
@@ -100,12 +102,12 @@ def extend(address: str, port: int, measurements: list[tuple[int, dict[str, byte
             esys.pcr_extend(ESYS_TR.PCR0 + pcr, values)
 
 
-def read_pcrs(address: str, port: int, bank: str, pcrs: list[int]) -> dict[int, bytes]:
+def read_pcrs(sock: str, bank: str, pcrs: list[int]) -> dict[int, bytes]:
     """Read PCRs (several reads: a TPM returns at most eight per TPM2_PCR_Read)."""
     from tpm2_pytss import ESAPI, TPML_PCR_SELECTION
 
     out: dict[int, bytes] = {}
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         todo = sorted(pcrs)
         for start in range(0, len(todo), 8):
             chunk = todo[start:start + 8]
@@ -115,20 +117,20 @@ def read_pcrs(address: str, port: int, bank: str, pcrs: list[int]) -> dict[int, 
     return out
 
 
-def reset_lockout(address: str, port: int) -> None:
+def reset_lockout(sock: str) -> None:
     """Clear dictionary-attack lockout (the lab's lockout auth is empty), after tests that make
     the TPM refuse authorizations on purpose."""
     from tpm2_pytss import ESAPI, ESYS_TR
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         esys.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT)
 
 
-def counters(address: str, port: int) -> tuple[int, int]:
+def counters(sock: str) -> tuple[int, int]:
     """(resetCount, restartCount) as the TPM reports them in its clock info."""
     from tpm2_pytss import ESAPI
 
-    with ESAPI(tcti(address, port)) as esys:
+    with ESAPI(tcti(sock)) as esys:
         info = esys.read_clock().clockInfo
         return int(info.resetCount), int(info.restartCount)
 

@@ -1,6 +1,6 @@
-"""The operations the helper offers, by name. The set is small and fixed on purpose: the
-engine is untrusted, so the helper is not a remote shell beyond what an operator could do with
-SSH anyway (`command`), and it never hands out secrets."""
+"""The admin helper's operations, by name: what the provider could do with SSH anyway
+(`command`), made fast and structured. The helper runs as the node's admin login, which cannot
+reach the TPM, the VMs or their keys (those are the TVMM service's), so nothing here can either."""
 
 from __future__ import annotations
 
@@ -29,15 +29,6 @@ def op(name: str) -> Callable[[Op], Op]:
         return func
 
     return register
-
-
-def enable_site_packages() -> None:
-    """The helper starts with -S (fast); operations needing tpm2-pytss call this first."""
-    import site
-
-    if not getattr(enable_site_packages, "done", False):
-        site.main()
-        enable_site_packages.done = True  # type: ignore[attr-defined]
 
 
 def node_dir() -> str:

@@ -79,9 +79,7 @@ class World:
     def quote(self, name: str, nonce: bytes) -> dict[str, Any]:
         """Honest-looking evidence from node's TPM for a nonce the TC issued (wire form)."""
         session = self.session(name)
-        quote = session.call("quote", {"tcti": self.tcti(name), "nonce": b64(nonce), "bank": "sha256",
-                                       "pcrs": list(self.policy["pcrs"]),
-                                       "eventlog": session.host.vars.get("tcc_eventlog")})
+        quote = session.tvmm("quote", {"nonce": b64(nonce), "bank": "sha256", "pcrs": list(self.policy["pcrs"])})
         from tccdeploy.engine.attestation import host_key
 
         return {"attest": quote["attest"], "signature": quote["signature"], "pcrs": quote["pcrs"],

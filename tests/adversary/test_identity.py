@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 def _identity(world: World, name: str, new_ak: bool = True) -> dict[str, str]:
     """node's EK certificate and public, and (new_ak) a fresh AK from its TPM, as the engine gets them."""
     session = world.session(name)
-    identity = session.call("tpm_identity", {"tcti": world.tcti(name)})
+    identity = session.tvmm("identity", {})
     out = {"ek_certificate": identity["ek_certificate"], "ek_public": identity["ek_public"]}
     if new_ak:
-        out["ak_public"] = session.call("ak_create", {"tcti": world.tcti(name)})["ak_public"]
+        out["ak_public"] = session.tvmm("ak_create", {})["ak_public"]
     return out
 
 
@@ -50,8 +50,7 @@ def test_a_tpm_enrolled_as_one_node_cannot_enroll_as_another(world: World):
         refused(_begin(world, "machine-a", identity, "site1", outside.address), "perimeter.address")
         challenge = _begin(world, "machine-a", identity, "site1", site1_address)
         assert challenge.status_code == 200, challenge.text  # ...and an in-site claim passes it: it proves nothing
-        answer = world.session("outside1").call("ak_activate", {"tcti": world.tcti("outside1"),
-                                                               "credential": challenge.json()["credential"],
+        answer = world.session("outside1").tvmm("ak_activate", {"credential": challenge.json()["credential"],
                                                                "secret": challenge.json()["secret"]})
         done = world.post("/v1/enrollments/finish", {"node": "machine-a", "answer": answer["secret"]})
         assert done.status_code == 200, done.text

@@ -123,7 +123,7 @@ def _platform_index_refused_to_the_owner(world: World, name: str) -> None:
 
 
 def _certify(world: World, name: str, index: int, nonce: bytes) -> dict[str, str]:
-    certified = world.session(name).call("nv_certify", {"tcti": world.tcti(name), "index": index, "nonce": b64(nonce)})
+    certified = world.session(name).tvmm("nv_certify", {"index": index, "nonce": b64(nonce)})
     return {"asset_attest": certified["attest"], "asset_signature": certified["signature"],
             "asset_nv_public": certified["nv_public"]}
 

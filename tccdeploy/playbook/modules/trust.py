@@ -35,7 +35,7 @@ def _as_result(outcome: HostResult | dict[str, Any]) -> dict[str, Any]:
 def enroll(ctx: Context) -> dict[str, Any]:
     tc = ctx.tc
     known = tc.identity_summary(ctx.name)
-    identity = ctx.session.call("tpm_identity", {"tcti": attestation.tcti_of(ctx.session)})
+    identity = ctx.session.tvmm("identity")
     site = ctx.host.vars.get("tcc_site")
     try:
         checked = tc.check_ek(base64.b64decode(identity["ek_certificate"]), base64.b64decode(identity["ek_public"]),

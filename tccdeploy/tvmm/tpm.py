@@ -1,9 +1,10 @@
-"""TPM operations on the node (tpm2-pytss). Every transient object is flushed: swtpm has three
-slots, and a helper that leaks one breaks the next operation.
+"""The service's TPM operations (tpm2-pytss) on the node's own TPM (its configuration says
+which; the engine never does). Every transient object is flushed: swtpm has three slots, and a
+service that leaks one breaks the next operation.
 
 The attestation key (AK) is a primary key of the endorsement hierarchy (so the TPM does not
 obfuscate resetCount/restartCount in its quotes), re-created on demand from its template: the
-template's random `unique` field, kept in the helper's directory, is not secret.
+template's random `unique` field, kept in the service's state directory, is not secret.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..crypto.files import atomic_write
-from .ops import OpError, enable_site_packages, node_dir, op
+from . import config
+from .interface import ServiceError, operation
 
 EK_RSA_CERT_INDEX = 0x01C00002
 EK_ECC_CERT_INDEX = 0x01C0000A
 AK_FILE = "ak.json"
+TK_CHECK_LABEL = b"tccdeploy-tk-check"  # the TC's admission challenge; fixed, so tk_check opens nothing else
 AK_PENDING_FILE = "ak-pending.json"  # made by ak_create, the node's AK only once the TC's credential activates it
 
 
@@ -33,15 +36,15 @@ def _unb64(text: str) -> bytes:
 
 
 @contextmanager
-def _esapi(tcti: str):  # type: ignore[no-untyped-def]
+def _esapi():  # type: ignore[no-untyped-def]
     os.environ.setdefault("TSS2_LOG", "all+NONE")  # the TSS's own warnings are not ours to show
-    enable_site_packages()
     from tpm2_pytss import ESAPI, TSS2_Exception
 
+    tcti = config.current().tpm
     try:
         esys = ESAPI(tcti)
     except TSS2_Exception as exc:
-        raise OpError(f"cannot open the TPM at {tcti}: {exc}") from None
+        raise ServiceError("tvmm.tpm", f"cannot open the TPM at {tcti}: {exc}") from None
     handles: list[Any] = []
     try:
         yield esys, handles
@@ -126,25 +129,25 @@ def _ak_template(unique: bytes) -> Any:
 def _ak(esys: Any, handles: list[Any], pending: bool = False) -> tuple[Any, Any]:
     from tpm2_pytss import ESYS_TR
 
-    path = os.path.join(node_dir(), AK_PENDING_FILE if pending else AK_FILE)
+    path = os.path.join(config.current().state_dir, AK_PENDING_FILE if pending else AK_FILE)
     try:
         with open(path) as fh:
             unique = _unb64(json.load(fh)["unique"])
     except (OSError, ValueError, KeyError):
-        raise OpError("no attestation key on this node: enroll it first") from None
+        raise ServiceError("tvmm.no-ak", "no attestation key on this node: enroll it first") from None
     handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
     handles.append(handle)
     return handle, public
 
 
-@op("tpm_identity")
-def tpm_identity(tcti: str, **_: Any) -> dict[str, Any]:
+@operation("identity")
+def identity() -> dict[str, Any]:
     """The EK certificate(s) from NV and the RSA EK's public area, for enrollment."""
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         try:
             cert = _nv_read_all(esys, EK_RSA_CERT_INDEX)
         except Exception as exc:  # noqa: BLE001 - reported as a plain, named failure
-            raise OpError(f"no RSA EK certificate in NV 0x{EK_RSA_CERT_INDEX:08x}: {exc}") from None
+            raise ServiceError("tvmm.ek-certificate", f"no RSA EK certificate in NV 0x{EK_RSA_CERT_INDEX:08x}: {exc}") from None
         try:
             ecc_cert = _nv_read_all(esys, EK_ECC_CERT_INDEX)
         except Exception:  # noqa: BLE001 - the ECC certificate is optional
@@ -154,26 +157,26 @@ def tpm_identity(tcti: str, **_: Any) -> dict[str, Any]:
                 "ek_public": _b64(public.marshal())}
 
 
-@op("ak_create")
-def ak_create(tcti: str, **_: Any) -> dict[str, Any]:
+@operation("ak_create")
+def ak_create() -> dict[str, Any]:
     """A fresh AK (new random template), pending: it replaces the node's AK only when ak_activate
     proves the TC bound it to this TPM's EK, so an enrollment the TC refuses (or finds already
     done) leaves the AK the TC knows in place."""
     unique = secrets.token_bytes(32)
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         from tpm2_pytss import ESYS_TR
 
         handle, public, _, _, _ = esys.create_primary(None, _ak_template(unique), ESYS_TR.ENDORSEMENT)
         handles.append(handle)
-    atomic_write(os.path.join(node_dir(), AK_PENDING_FILE), json.dumps({"unique": _b64(unique)}).encode())
+    atomic_write(config.current().path(AK_PENDING_FILE), json.dumps({"unique": _b64(unique)}).encode())
     return {"changed": True, "ak_public": _b64(public.marshal())}
 
 
-@op("ak_activate")
-def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, Any]:
+@operation("ak_activate")
+def ak_activate(credential: str, secret: str) -> dict[str, Any]:
     """TPM2_ActivateCredential: only the TPM holding both the EK and the AK can answer."""
     from_b64_blob, from_b64_secret = _unb64(credential), _unb64(secret)
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_ENCRYPTED_SECRET, TPM2B_ID_OBJECT, TPMT_SYM_DEF
 
         ek, _ = _ek(esys, handles)
@@ -187,15 +190,15 @@ def ak_activate(tcti: str, credential: str, secret: str, **_: Any) -> dict[str, 
                                                  TPM2B_ENCRYPTED_SECRET(from_b64_secret),
                                                  session1=ESYS_TR.PASSWORD, session2=session)
         except Exception as exc:  # noqa: BLE001 - the TPM refused: a named failure, not a crash
-            raise OpError(f"the TPM refused to activate the credential: {exc}") from None
-    os.replace(os.path.join(node_dir(), AK_PENDING_FILE), os.path.join(node_dir(), AK_FILE))
+            raise ServiceError("tvmm.activate", f"the TPM refused to activate the credential: {exc}") from None
+    os.replace(config.current().path(AK_PENDING_FILE), config.current().path(AK_FILE))
     return {"changed": True, "secret": _b64(bytes(cert_info))}
 
 
-@op("quote")
-def quote(tcti: str, nonce: str, bank: str, pcrs: list[int], eventlog: str | None = None, **_: Any) -> dict[str, Any]:
+@operation("quote")
+def quote(nonce: str, bank: str, pcrs: list[int]) -> dict[str, Any]:
     """TPM2_Quote over pcrs with the TC's nonce, the PCR values, and the event log."""
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPML_PCR_SELECTION, TPMT_SIG_SCHEME
 
         ak, _ = _ak(esys, handles)
@@ -208,21 +211,20 @@ def quote(tcti: str, nonce: str, bank: str, pcrs: list[int], eventlog: str | Non
             _, _, digests = esys.pcr_read(TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, chunk))}"))
             for pcr, digest in zip(chunk, digests, strict=True):
                 values[str(pcr)] = bytes(digest).hex()
-    log = b""
-    if eventlog:
-        try:
-            with open(eventlog, "rb") as fh:
-                log = fh.read(16 * 1024 * 1024 + 1)
-        except OSError as exc:
-            raise OpError(f"cannot read the event log {eventlog}: {exc.strerror}") from None
+    eventlog = config.current().eventlog  # the firmware's log, where this build's kernel exposes it
+    try:
+        with open(eventlog, "rb") as fh:
+            log = fh.read(16 * 1024 * 1024 + 1)
+    except OSError as exc:
+        raise ServiceError("tvmm.eventlog", f"cannot read the event log {eventlog}: {exc.strerror}") from None
     return {"changed": False, "attest": _b64(bytes(attest)), "signature": _b64(signature.marshal()),
             "pcrs": values, "eventlog": _b64(log)}
 
 
-@op("nv_certify")
-def nv_certify(tcti: str, index: int, nonce: str, **_: Any) -> dict[str, Any]:
+@operation("nv_certify")
+def nv_certify(index: int, nonce: str) -> dict[str, Any]:
     """TPM2_NV_Certify of an NV index (the site's asset tag), signed by the AK over the TC's nonce."""
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_HANDLE, TPMT_SIG_SCHEME, TSS2_Exception
 
         ak, _ = _ak(esys, handles)
@@ -230,7 +232,7 @@ def nv_certify(tcti: str, index: int, nonce: str, **_: Any) -> dict[str, Any]:
             nv = esys.tr_from_tpmpublic(TPM2_HANDLE(index))
             public, _ = esys.nv_read_public(nv)
         except TSS2_Exception:
-            raise OpError(f"NV index 0x{index:08x} does not exist on this TPM") from None
+            raise ServiceError("tvmm.nv-index", f"NV index 0x{index:08x} does not exist on this TPM") from None
         attest, signature = esys.nv_certify(ak, nv, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                                             public.nvPublic.dataSize, 0, auth_handle=nv,
                                             session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
@@ -263,11 +265,11 @@ def _policy_pcr_session(esys: Any, handles: list[Any], bank: str, pcrs: list[int
     return session
 
 
-@op("tk_create")
-def tk_create(tcti: str, bank: str, pcrs: list[int], nonce: str, **_: Any) -> dict[str, Any]:
+@operation("tk_create")
+def tk_create(bank: str, pcrs: list[int], nonce: str) -> dict[str, Any]:
     """The trusted key: RSA-2048 decrypt key under the SRK, usable only under PolicyPCR over the
     PCRs as they are now, certified by the AK against the TC's nonce."""
-    with _esapi(tcti) as (esys, handles):
+    with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_SIG_SCHEME
 
         trial = _policy_pcr_session(esys, handles, bank, pcrs, trial=True)
@@ -291,23 +293,23 @@ def tk_create(tcti: str, bank: str, pcrs: list[int], nonce: str, **_: Any) -> di
 
         attest, signature = esys.certify(tk, ak, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                                          session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
-    atomic_write(os.path.join(node_dir(), TK_FILE), json.dumps({
+    atomic_write(config.current().path(TK_FILE), json.dumps({
         "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs)}).encode())
     return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
             "signature": _b64(signature.marshal())}
 
 
-def tk_decrypt(tcti: str, ciphertext: bytes, label: bytes) -> bytes:
+def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
     """Decrypt with the TK inside the TPM, under a PolicyPCR session: fails if the boot changed.
 
-    For callers inside the helper only (launch): the plaintext never leaves the node's helper.
+    For callers inside the service only: no operation returns the plaintext.
     """
     try:
-        with open(os.path.join(node_dir(), TK_FILE)) as fh:
+        with open(config.current().path(TK_FILE)) as fh:
             stored = json.load(fh)
     except (OSError, ValueError):
-        raise OpError("no trusted key on this node: it was never admitted") from None
-    with _esapi(tcti) as (esys, handles):
+        raise ServiceError("tvmm.no-tk", "no trusted key on this node: it was never admitted") from None
+    with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMT_RSA_DECRYPT, TSS2_Exception
 
         srk = _srk(esys, handles)
@@ -320,14 +322,14 @@ def tk_decrypt(tcti: str, ciphertext: bytes, label: bytes) -> bytes:
         try:
             plain = bytes(esys.rsa_decrypt(tk, ciphertext, scheme, label + b"\x00", session1=session))
         except TSS2_Exception as exc:
-            raise OpError(f"the TPM refused to use the trusted key: {exc}") from None
+            raise ServiceError("tvmm.tk-refused", f"the TPM refused to use the trusted key: {exc}") from None
         return plain
 
 
-@op("tk_check")
-def tk_check(tcti: str, ciphertext: str, label: str, **_: Any) -> dict[str, Any]:
+@operation("tk_check")
+def tk_check(ciphertext: str) -> dict[str, Any]:
     """Prove the TK works now: decrypt the TC's random challenge and return only its SHA-256."""
     import hashlib
 
-    plain = tk_decrypt(tcti, _unb64(ciphertext), label.encode())
+    plain = tk_decrypt(_unb64(ciphertext), TK_CHECK_LABEL)
     return {"changed": False, "digest": hashlib.sha256(plain).hexdigest()}

@@ -2,8 +2,10 @@
 
 Kvm is unwrapped by the TPM with the node's trusted key under a PolicyPCR session (so only in
 the approved boot), lives in this process's memory, and goes to QEMU only over the VM's QMP
-socket (0600, in a 0700 directory) as a secret object, which is deleted once the disk is open.
-It is never written to disk, never in any argv, never in a log or an answer.
+socket (0600, in the service's 0700 directory) as a secret object, which is deleted once the
+disk is open. It is never written to disk, never in any argv, never in a log or an answer.
+QEMU's command line is the service's own (the machine profile: vCPUs and memory are the only
+inputs), so the engine cannot add a monitor, a debugger or a device to a VM whose disk is open.
 """
 
 from __future__ import annotations
@@ -17,47 +19,82 @@ import time
 from typing import Any
 
 from ..crypto.files import atomic_write, sha256_file
-from .ops import OpError, node_dir, op
+from . import config
+from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 
 QEMU = "qemu-system-x86_64"
-
-
 WRAPPED_KEY_FILE = "kvm.wrapped"  # Kvm wrapped to this node's TK (0600)
+DISK = "disk.qcow2"
 
 
 def vm_dir(vm_id: str) -> str:
-    if not vm_id.isalnum():
-        raise OpError("a VM id is hexadecimal")
-    path = os.path.join(node_dir(), "vms", vm_id)
+    if len(vm_id) != 32 or not all(c in "0123456789abcdef" for c in vm_id):
+        raise ServiceError("tvmm.vm-id", "a VM id is 32 lowercase hexadecimal digits")
+    path = config.current().path("vms", vm_id)
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 
 
-@op("vm_paths")
-def vm_paths(vm_id: str, **_: Any) -> dict[str, Any]:
-    """Where the disk of vm_id goes, and how much of it is there already (resumable upload)."""
-    path = os.path.join(vm_dir(vm_id), "disk.qcow2")
-    partial = path + ".partial"
-    return {"changed": False, "disk": path, "partial": partial,
-            "partial_size": os.path.getsize(partial) if os.path.exists(partial) else 0,
-            "complete": os.path.exists(path)}
+def _disk_paths(vm_id: str) -> tuple[str, str]:
+    path = os.path.join(vm_dir(vm_id), DISK)
+    return path, path + ".partial"
 
 
-@op("vm_disk_commit")
-def vm_disk_commit(vm_id: str, sha256: str, **_: Any) -> dict[str, Any]:
-    """Check the uploaded disk's digest, then make it the VM's disk."""
-    paths = vm_paths(vm_id)
-    if paths["complete"] and sha256_file(paths["disk"]) == sha256:
-        return {"changed": False, "disk": paths["disk"]}
-    actual = sha256_file(paths["partial"]) if os.path.exists(paths["partial"]) else ""
+@operation("disk_state")
+def disk_state(vm_id: str) -> dict[str, Any]:
+    """How much of the VM's encrypted disk is here (a cut upload resumes where it stopped)."""
+    disk, partial = _disk_paths(vm_id)
+    return {"changed": False, "complete": os.path.exists(disk),
+            "partial_size": os.path.getsize(partial) if os.path.exists(partial) else 0}
+
+
+@operation("disk_write")
+def disk_write(vm_id: str, offset: int, data: str) -> dict[str, Any]:
+    """Append ciphertext to the disk being received; only at its end, only before it is whole."""
+    disk, partial = _disk_paths(vm_id)
+    if os.path.exists(disk):
+        raise ServiceError("tvmm.disk-complete", "this VM's disk is here already; destroy the VM to replace it")
+    size = os.path.getsize(partial) if os.path.exists(partial) else 0
+    if offset != size:
+        raise ServiceError("tvmm.disk-offset", f"the disk being received has {size} bytes; write at {size}, not {offset}")
+    chunk = base64.b64decode(data, validate=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    return {"changed": True, "size": size + len(chunk)}
+
+
+@operation("disk_commit")
+def disk_commit(vm_id: str, sha256: str) -> dict[str, Any]:
+    """Check the received disk's digest, then make it the VM's disk."""
+    disk, partial = _disk_paths(vm_id)
+    if os.path.exists(disk) and sha256_file(disk) == sha256:
+        return {"changed": False}
+    actual = sha256_file(partial) if os.path.exists(partial) else ""
     if actual != sha256:
-        if os.path.exists(paths["partial"]):
-            os.unlink(paths["partial"])
-        raise OpError(f"the uploaded disk's sha256 is {actual or 'missing'}, expected {sha256}; upload again")
-    os.replace(paths["partial"], paths["disk"])
-    return {"changed": True, "disk": paths["disk"]}
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is {actual or 'missing'}, expected {sha256}; "
+                                               "send it again")
+    os.replace(partial, disk)
+    return {"changed": True}
+
+
+@operation("disk_read")
+def disk_read(vm_id: str, offset: int, size: int) -> dict[str, Any]:
+    """Ciphertext of the VM's encrypted disk (LUKS), for a migration's copy."""
+    disk, _ = _disk_paths(vm_id)
+    try:
+        with open(disk, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except FileNotFoundError:
+        raise ServiceError("tvmm.no-disk", "this VM has no disk here") from None
+    return {"changed": False, "data": base64.b64encode(data).decode(), "eof": len(data) < size}
 
 
 def _pid(directory: str) -> int | None:
@@ -104,17 +141,16 @@ def _kill(directory: str) -> None:
             pass
 
 
-@op("vm_start")
-def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int, vcpus: int,
-             extra_args: list[str] | None = None, **_: Any) -> dict[str, Any]:
+@operation("launch")
+def launch(vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int, vcpus: int) -> dict[str, Any]:
     directory = vm_dir(vm_id)
-    disk = os.path.join(directory, "disk.qcow2")
+    disk = os.path.join(directory, DISK)
     if _pid(directory):
-        raise OpError(f"VM {name} is already running here")
+        raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
     if not os.path.exists(disk) or sha256_file(disk) != sha256:
-        raise OpError("the VM's disk is missing or is not the image the TC released the key for")
-    passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)
-    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, extra_args)
+        raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
+    passphrase = unwrap_passphrase(vm_id, wrapped_key)
+    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus)
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
@@ -132,13 +168,13 @@ def vm_start(tcti: str, vm_id: str, name: str, wrapped_key: str, sha256: str, me
         _kill(directory)
         text = str(exc)
         if "password" in text.lower() or "keyslot" in text.lower():
-            raise OpError(f"QEMU refused the disk key (LUKS): {text}") from None
-        raise OpError(f"QEMU failed: {text}") from None
+            raise ServiceError("tvmm.disk-key", f"QEMU refused the disk key (LUKS): {text}") from None
+        raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
             "pid": _pid(directory), "accel": accel, "disk_opened": True}
 
 
-def lend_secret(tcti: str, vm_id: str, qmp: QMP) -> bool:
+def lend_secret(vm_id: str, qmp: QMP) -> bool:
     """Give QEMU the disk's secret again, for the span of a migration: a source that reached
     postmigrate has inactivated its disk, and resuming it after an abort reopens the LUKS layer,
     which needs the secret. The TPM unwraps Kvm from the stored wrapped key (only in the
@@ -147,7 +183,7 @@ def lend_secret(tcti: str, vm_id: str, qmp: QMP) -> bool:
     if not os.path.exists(path):
         return False
     with open(path) as fh:
-        passphrase = unwrap_passphrase(tcti, vm_id, fh.read().strip())
+        passphrase = unwrap_passphrase(vm_id, fh.read().strip())
     try:
         qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
     except QMPError as exc:
@@ -166,17 +202,16 @@ def withdraw_secret(qmp: QMP) -> None:
         pass
 
 
-def unwrap_passphrase(tcti: str, vm_id: str, wrapped_key: str) -> str:
+def unwrap_passphrase(vm_id: str, wrapped_key: str) -> str:
     """Kvm, unwrapped by the TPM (TK under PolicyPCR), in the text form LUKS takes (base64)."""
-    kvm = tk_decrypt(tcti, base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
+    kvm = tk_decrypt(base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
     try:
         return base64.b64encode(kvm).decode()
     finally:
         del kvm
 
 
-def start_qemu(directory: str, vm_id: str, name: str, memory_mib: int, vcpus: int, extra_args: list[str] | None,
-               incoming: bool = False) -> str:
+def start_qemu(directory: str, vm_id: str, name: str, memory_mib: int, vcpus: int, incoming: bool = False) -> str:
     """Start the VM's QEMU paused, daemonized, with its QMP socket private to this user; the
     same machine for a launch and a migration's destination. Returns the accelerator."""
     accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
@@ -184,14 +219,14 @@ def start_qemu(directory: str, vm_id: str, name: str, memory_mib: int, vcpus: in
             "-m", str(int(memory_mib)), "-smp", str(int(vcpus)), "-nodefaults", "-display", "none", "-S",
             "-qmp", f"unix:{os.path.join(directory, 'qmp.sock')},server=on,wait=off",
             "-pidfile", os.path.join(directory, "qemu.pid"), *(["-incoming", "defer"] if incoming else []),
-            "-daemonize", *(extra_args or [])]
+            "-daemonize"]
     old = os.umask(0o077)  # the QMP socket: only this user may talk to QEMU
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=directory, timeout=60)
     finally:
         os.umask(old)
     if proc.returncode != 0:
-        raise OpError(f"QEMU did not start: {proc.stderr.strip()[-400:]}")
+        raise ServiceError("tvmm.qemu", f"QEMU did not start: {proc.stderr.strip()[-400:]}")
     return accel
 
 
@@ -213,12 +248,12 @@ def attach_disk(qmp: QMP, disk: str, passphrase: str, keep_secret: bool) -> None
 def _qmp(vm_id: str) -> QMP:
     directory = vm_dir(vm_id)
     if not _pid(directory):
-        raise OpError("the VM is not running here")
+        raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
     return QMP(os.path.join(directory, "qmp.sock"))
 
 
-@op("vm_control")
-def vm_control(vm_id: str, action: str, **_: Any) -> dict[str, Any]:
+@operation("vm_control")
+def vm_control(vm_id: str, action: str) -> dict[str, Any]:
     """stop (pause), start (resume), status, poweroff (QEMU quits: the guest's memory is gone,
     the encrypted disk stays) or destroy (QEMU quits and the encrypted disk is removed)."""
     directory = vm_dir(vm_id)
@@ -239,7 +274,7 @@ def vm_control(vm_id: str, action: str, **_: Any) -> dict[str, Any]:
             qmp.execute("cont")
             withdraw_secret(qmp)  # an incoming VM left paused kept its secret until it runs
         elif action != "status":
-            raise OpError(f"unknown action {action!r}")
+            raise ServiceError("tvmm.action", f"unknown action {action!r}")
         status = qmp.execute("query-status")
     finally:
         qmp.close()

@@ -1,13 +1,13 @@
 """Encrypted migration on the node: QEMU's stream, encrypted before it leaves, decrypted only
-inside the destination's helper.
+inside the destination's service.
 
 Source: a fresh Kmig is wrapped to the destination's TK (from its node certificate, handed over
-by the TC); QEMU migrates to a unix socket the helper listens on; the helper encrypts what it
+by the TC); QEMU migrates to a unix socket the service listens on; the service encrypts what it
 reads with STREAM (AES-256-GCM chunks) and gives the engine only ciphertext.
 Destination: the TPM unwraps Kmig (and Kvm, released by the TC for this node) under PolicyPCR;
-QEMU waits with -incoming on a private socket; the helper authenticates and decrypts each chunk
-before QEMU sees it, and checks the stream's end. Helper state lives in this process, which
-serves the whole run.
+QEMU waits with -incoming on a private socket; the service authenticates and decrypts each
+chunk before QEMU sees it, and checks the stream's end. Migration state lives in this process,
+which serves the engine's whole session.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from ..crypto.files import atomic_write, sha256_file
-from .ops import OpError, enable_site_packages, op
+from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 from .vm import (
@@ -34,14 +34,15 @@ from .vm import (
 )
 
 READ_CHUNK = 256 * 1024
+MAX_PIECE = 4 * 1024 * 1024
 
 
 def _crypto():  # type: ignore[no-untyped-def]
-    """cryptography lives in site-packages, which the helper imports only when needed (-S)."""
-    enable_site_packages()
+    """Imported when a migration needs them (most sessions only attest)."""
     from ..crypto import stream, wrap
 
     return stream, wrap
+
 _OUT: dict[str, dict[str, Any]] = {}
 _IN: dict[str, dict[str, Any]] = {}
 
@@ -50,14 +51,14 @@ def mig_label(vm_id: str) -> bytes:
     return f"tccdeploy-mig:{vm_id}".encode()
 
 
-@op("vm_migrate_out_start")
-def vm_migrate_out_start(vm_id: str, destination_certificate: str, tcti: str | None = None, **_: Any) -> dict[str, Any]:
-    """Pause the VM, then start QEMU's migration into the helper, under a fresh Kmig. With the
-    node's TPM (tcti), QEMU is lent the disk's secret until the migration is settled, so an
-    abort resumes the VM with its disk, whatever point the migration reached."""
+@operation("migrate_out_start")
+def migrate_out_start(vm_id: str, destination_certificate: str) -> dict[str, Any]:
+    """Pause the VM, then start QEMU's migration into the service, under a fresh Kmig. QEMU is
+    lent the disk's secret until the migration is settled, so an abort resumes the VM with its
+    disk, whatever point the migration reached."""
     directory = vm_dir(vm_id)
     if not _pid(directory):
-        raise OpError("the VM is not running here")
+        raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
     stream, wrap = _crypto()
     from cryptography import x509
 
@@ -78,14 +79,13 @@ def vm_migrate_out_start(vm_id: str, destination_certificate: str, tcti: str | N
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
         status = qmp.execute("query-status")
-        if tcti:
-            try:
-                lend_secret(tcti, vm_id, qmp)
-            except OpError:
-                # The TPM refuses: this node left its approved boot (an evacuation off a tampered
-                # node). The VM still leaves; it just cannot resume here after a late abort, which
-                # enforcement would not let it do anyway.
-                pass
+        try:
+            lend_secret(vm_id, qmp)
+        except ServiceError:
+            # The TPM refuses: this node left its approved boot (an evacuation off a tampered
+            # node). The VM still leaves; it just cannot resume here after a late abort, which
+            # enforcement would not let it do anyway.
+            pass
         qmp.execute("stop")  # the switch: the disk does not change while it is copied
         qmp.execute("migrate", uri=f"unix:{path}")
     finally:
@@ -99,18 +99,18 @@ def vm_migrate_out_start(vm_id: str, destination_certificate: str, tcti: str | N
     return {"changed": True, "wrapped_kmig": base64.b64encode(wrapped).decode(), "was_running": _OUT[vm_id]["was_running"]}
 
 
-@op("vm_migrate_out_read")
-def vm_migrate_out_read(vm_id: str, max_bytes: int = 4 * 1024 * 1024, **_: Any) -> dict[str, Any]:
+@operation("migrate_out_read")
+def migrate_out_read(vm_id: str) -> dict[str, Any]:
     """The next ciphertext of the migration stream; `eof` once QEMU has sent everything."""
     state = _OUT.get(vm_id)
     if state is None:
-        raise OpError("no outgoing migration of this VM")
+        raise ServiceError("tvmm.no-migration", "no outgoing migration of this VM")
     out = bytearray()
     if not state["header_sent"]:
         out += state["enc"].header
         state["header_sent"] = True
     eof = False
-    while len(out) < max_bytes:
+    while len(out) < MAX_PIECE:
         data = state["sock"].recv(READ_CHUNK)
         if not data:
             out += state["enc"].finish()
@@ -123,8 +123,8 @@ def vm_migrate_out_read(vm_id: str, max_bytes: int = 4 * 1024 * 1024, **_: Any) 
     return {"changed": False, "data": base64.b64encode(bytes(out)).decode(), "eof": eof}
 
 
-@op("vm_migrate_out_end")
-def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
+@operation("migrate_out_end")
+def migrate_out_end(vm_id: str, commit: bool) -> dict[str, Any]:
     """After the destination runs (commit): the source QEMU quits and its disk goes. Otherwise
     (abort): the source resumes where it was."""
     state = _OUT.pop(vm_id, None)
@@ -141,7 +141,7 @@ def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
         shutil.rmtree(directory, ignore_errors=True)
         return {"changed": True, "status": "moved"}
     if not _pid(directory):
-        raise OpError("the source VM is gone: it cannot resume")
+        raise ServiceError("tvmm.vm-not-running", "the source VM is gone: it cannot resume")
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
         info = qmp.execute("query-migrate")
@@ -156,19 +156,19 @@ def vm_migrate_out_end(vm_id: str, commit: bool, **_: Any) -> dict[str, Any]:
     return {"changed": True, "status": status.get("status")}
 
 
-@op("vm_incoming_start")
-def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str, sha256: str,
-                      memory_mib: int, vcpus: int, extra_args: list[str] | None = None, **_: Any) -> dict[str, Any]:
+@operation("migrate_in_start")
+def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str, sha256: str, memory_mib: int,
+                     vcpus: int) -> dict[str, Any]:
     """Start QEMU waiting for the migration, the disk opened with Kvm; ready to take ciphertext."""
     directory = vm_dir(vm_id)
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
-        raise OpError("the VM already runs here")
+        raise ServiceError("tvmm.vm-running", "the VM already runs here")
     if not os.path.exists(disk) or sha256_file(disk) != sha256:
-        raise OpError("the copied disk is not the VM's image")
-    kmig = tk_decrypt(tcti, base64.b64decode(wrapped_kmig), mig_label(vm_id))
-    passphrase = unwrap_passphrase(tcti, vm_id, wrapped_key)
-    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, extra_args, incoming=True)
+        raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
+    kmig = tk_decrypt(base64.b64decode(wrapped_kmig), mig_label(vm_id))
+    passphrase = unwrap_passphrase(vm_id, wrapped_key)
+    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, incoming=True)
     incoming = os.path.join(directory, "mig-in.sock")
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
@@ -190,48 +190,48 @@ def vm_incoming_start(tcti: str, vm_id: str, name: str, wrapped_key: str, wrappe
 
                 time.sleep(0.02)
         else:
-            raise OpError("QEMU did not open its incoming migration socket")
+            raise ServiceError("tvmm.qemu", "QEMU did not open its incoming migration socket")
     except (QMPError, OSError) as exc:
         _kill(directory)
-        raise OpError(f"QEMU failed to prepare the incoming migration: {exc}") from None
+        raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
     stream, _ = _crypto()
     _IN[vm_id] = {"sock": sock, "dec": stream.Decryptor(kmig), "bytes": 0}
     del kmig
     return {"changed": True, "ready": True, "accel": accel}
 
 
-@op("vm_incoming_data")
-def vm_incoming_data(vm_id: str, data: str, **_: Any) -> dict[str, Any]:
+@operation("migrate_in_data")
+def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
     stream, _ = _crypto()
     state = _IN.get(vm_id)
     if state is None:
-        raise OpError("no incoming migration of this VM")
+        raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
     try:
         plain = state["dec"].update(base64.b64decode(data))
     except stream.StreamError as exc:
         _discard(vm_id)
-        raise OpError(f"the migration stream is not authentic: {exc}") from None
+        raise ServiceError("tvmm.stream", f"the migration stream is not authentic: {exc}") from None
     if plain:
         state["sock"].sendall(plain)
         state["bytes"] += len(plain)
     return {"changed": False, "bytes": state["bytes"]}
 
 
-@op("vm_incoming_finish")
-def vm_incoming_finish(vm_id: str, resume: bool = True, **_: Any) -> dict[str, Any]:
+@operation("migrate_in_finish")
+def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
     """Check the stream ended properly, wait for QEMU to take the state, resume the VM."""
     import time
 
     stream, _ = _crypto()
     state = _IN.pop(vm_id, None)
     if state is None:
-        raise OpError("no incoming migration of this VM")
+        raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
     try:
         state["dec"].finish()
     except stream.StreamError as exc:
         state["sock"].close()
         _kill(vm_dir(vm_id))
-        raise OpError(f"the migration stream is not complete: {exc}") from None
+        raise ServiceError("tvmm.stream", f"the migration stream is not complete: {exc}") from None
     state["sock"].close()
     qmp = QMP(os.path.join(vm_dir(vm_id), "qmp.sock"))
     try:
@@ -241,10 +241,10 @@ def vm_incoming_finish(vm_id: str, resume: bool = True, **_: Any) -> dict[str, A
             if status not in ("inmigrate",):
                 break
             if time.monotonic() > deadline:
-                raise OpError("QEMU did not finish loading the migrated state")
+                raise ServiceError("tvmm.qemu", "QEMU did not finish loading the migrated state")
             time.sleep(0.02)
         if status not in ("paused", "running", "prelaunch"):
-            raise OpError(f"the migrated VM is in state {status}")
+            raise ServiceError("tvmm.qemu", f"the migrated VM is in state {status}")
         if resume:
             qmp.execute("cont")
             withdraw_secret(qmp)
@@ -266,8 +266,8 @@ def _discard(vm_id: str) -> None:
     _kill(vm_dir(vm_id))
 
 
-@op("vm_incoming_discard")
-def vm_incoming_discard(vm_id: str, **_: Any) -> dict[str, Any]:
+@operation("migrate_in_discard")
+def migrate_in_discard(vm_id: str) -> dict[str, Any]:
     """Abort: the destination drops what it received (QEMU quits, the copied disk goes)."""
     import shutil
 

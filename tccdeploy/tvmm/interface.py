@@ -1,0 +1,139 @@
+"""The narrow interface: every operation the TVMM service offers, with the JSON schema (2020-12)
+its arguments must satisfy. Nothing else is callable, no unknown field passes, and no argument
+is free-form: VM ids, digests and base64 have fixed shapes and bounds, PCRs and NV indices lie
+in fixed ranges, and nothing names a path, a command or a QEMU option.
+
+The service checks arguments with the small validator below (the subset of JSON Schema these
+schemas use) rather than the jsonschema package: it starts once per engine session on every
+node, and the package's import costs more than the whole check. A test holds the schemas to the
+2020-12 meta-schema and the validator to jsonschema's answers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+BANK = {"type": "string", "enum": ["sha1", "sha256", "sha384", "sha512"]}
+PCRS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "minItems": 1, "maxItems": 24,
+        "uniqueItems": True}
+MiB = 1024 * 1024
+
+
+def b64(max_bytes: int) -> dict[str, Any]:
+    return {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": (max_bytes + 2) // 3 * 4}
+
+
+def args(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "properties": {**required, **(optional or {})}, "required": sorted(required),
+            "additionalProperties": False}
+
+
+NONCE = b64(64)
+PROFILE = {"memory_mib": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024},
+           "vcpus": {"type": "integer", "minimum": 1, "maximum": 256}}
+
+OPERATIONS: dict[str, dict[str, Any]] = {
+    # identity and enrollment
+    "identity": args({}),
+    "ak_create": args({}),
+    "ak_activate": args({"credential": b64(4096), "secret": b64(4096)}),
+    # attestation
+    "quote": args({"nonce": NONCE, "bank": BANK, "pcrs": PCRS}),
+    # an asset tag lives in the owner or platform NV range, never in the EK certificates' range
+    "nv_certify": args({"index": {"type": "integer", "minimum": 0x01000000, "maximum": 0x01BFFFFF}, "nonce": NONCE}),
+    # admission
+    "tk_create": args({"bank": BANK, "pcrs": PCRS, "nonce": NONCE}),
+    "tk_check": args({"ciphertext": b64(512)}),
+    # the encrypted disk, moved in and out as ciphertext
+    "disk_state": args({"vm_id": VM_ID}),
+    "disk_write": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
+                        "data": b64(4 * MiB)}),
+    "disk_commit": args({"vm_id": VM_ID, "sha256": SHA256}),
+    "disk_read": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
+                       "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}),
+    # VMs
+    "launch": args({"vm_id": VM_ID, "name": NAME, "wrapped_key": b64(512), "sha256": SHA256, **PROFILE}),
+    "vm_control": args({"vm_id": VM_ID,
+                        "action": {"type": "string", "enum": ["status", "stop", "start", "poweroff", "destroy"]}}),
+    # migration
+    "migrate_out_start": args({"vm_id": VM_ID, "destination_certificate": {"type": "string", "maxLength": 16384}}),
+    "migrate_out_read": args({"vm_id": VM_ID}),
+    "migrate_out_end": args({"vm_id": VM_ID, "commit": {"type": "boolean"}}),
+    "migrate_in_start": args({"vm_id": VM_ID, "name": NAME, "wrapped_key": b64(512), "wrapped_kmig": b64(512),
+                              "sha256": SHA256, **PROFILE}),
+    "migrate_in_data": args({"vm_id": VM_ID, "data": b64(4 * MiB + 4096)}),
+    "migrate_in_finish": args({"vm_id": VM_ID, "resume": {"type": "boolean"}}),
+    "migrate_in_discard": args({"vm_id": VM_ID}),
+}
+
+Handler = Callable[..., dict[str, Any]]
+HANDLERS: dict[str, Handler] = {}
+
+
+class ServiceError(Exception):
+    """A refusal or failure the engine sees as a plain message, with a reason code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def operation(name: str) -> Callable[[Handler], Handler]:
+    """Register the handler of one operation of OPERATIONS (and only of those)."""
+    if name not in OPERATIONS:
+        raise KeyError(f"{name} is not an operation of the interface")
+
+    def register(func: Handler) -> Handler:
+        HANDLERS[name] = func
+        return func
+
+    return register
+
+
+def problems(schema: dict[str, Any], value: Any, where: str = "args") -> list[str]:
+    """What is wrong with value under schema (the subset of JSON Schema used above)."""
+    kind = schema.get("type")
+    checks = {"object": dict, "array": list, "string": str, "boolean": bool}
+    if kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return [f"{where}: an integer is expected"]
+    elif kind is not None and not isinstance(value, checks[kind]):
+        return [f"{where}: {'an' if kind[0] in 'ao' else 'a'} {kind} is expected"]
+    out: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        out.append(f"{where}: must be one of {', '.join(map(str, schema['enum']))}")
+    if kind == "integer":
+        if "minimum" in schema and value < schema["minimum"]:
+            out.append(f"{where}: at least {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            out.append(f"{where}: at most {schema['maximum']}")
+    if kind == "string":
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            out.append(f"{where}: at most {schema['maxLength']} characters")
+        elif "pattern" in schema and not re.search(schema["pattern"], value):
+            out.append(f"{where}: does not match {schema['pattern']}")
+    if kind == "array":
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            out.append(f"{where}: {schema.get('minItems', 0)} to {schema.get('maxItems')} items")
+        elif schema.get("uniqueItems") and len({repr(v) for v in value}) != len(value):
+            out.append(f"{where}: items must be unique")
+        else:
+            for i, item in enumerate(value):
+                out.extend(problems(schema.get("items", {}), item, f"{where}[{i}]"))
+    if kind == "object":
+        properties = schema.get("properties", {})
+        for name in schema.get("required", []):
+            if name not in value:
+                out.append(f"{where}: {name} is required")
+        for name, item in value.items():
+            if name not in properties:
+                if schema.get("additionalProperties") is False:
+                    out.append(f"{where}: unknown field {name!r}")
+            else:
+                out.extend(problems(properties[name], item, f"{where}.{name}"))
+    return out

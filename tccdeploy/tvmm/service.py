@@ -1,0 +1,76 @@
+"""`tccdeploy-tvmm serve`: the service's loop on the node, one engine session per process.
+
+The engine reaches it only through the forced command of the TVMM user's `authorized_keys`
+(`restrict,command="tccdeploy-tvmm serve --config ..."`): whatever command the engine asks
+SSH for, this runs. Each request names an operation of the interface and its arguments, which
+must satisfy the operation's schema; anything else is refused with a reason, before any code
+of the operation runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import traceback
+from typing import Any
+
+from ..node.protocol import failure, serve
+from . import PROTOCOL, config, migrate, tpm, vm  # noqa: F401 - they register their operations
+from .interface import HANDLERS, OPERATIONS, ServiceError, problems
+
+USAGE = """usage: tccdeploy-tvmm serve [--config FILE]
+       tccdeploy-tvmm schemas
+
+The TVMM service, the node side of TCCP in the measured TVMM build. `serve` speaks the service's
+protocol (one JSON request per line on stdin) and is what the TVMM user's authorized_keys forces;
+`schemas` prints the JSON schema of every operation. FILE (root-owned) sets the node name, the
+TPM (TCTI), the state directory and the firmware event log; without it, a real node's defaults."""
+
+
+def own_digest() -> str:
+    """The sha256 of the file this service runs from: the artifact the boot measured."""
+    try:
+        with open(sys.argv[0], "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    rid = request.get("id")
+    name, arguments = request.get("op"), request.get("args", {})
+    unknown = set(request) - {"id", "op", "args"}
+    if unknown:
+        return failure(rid, "Refused", f"unknown field(s) {', '.join(sorted(map(str, unknown)))[:200]}",
+                       reason="tvmm.request")
+    if not isinstance(name, str) or name not in HANDLERS:
+        return failure(rid, "Refused", f"the service has no operation {str(name)[:64]!r}", reason="tvmm.unknown-op")
+    wrong = problems(OPERATIONS[name], arguments)
+    if wrong:
+        return failure(rid, "Refused", f"{name}: {'; '.join(wrong[:5])}", reason="tvmm.args")
+    try:
+        result = HANDLERS[name](**arguments)
+    except ServiceError as exc:
+        return failure(rid, "Refused", str(exc), reason=exc.reason)
+    except Exception as exc:  # noqa: BLE001 - reported, never a dead session; no values, only the code path
+        return failure(rid, type(exc).__name__, str(exc)[:500], traceback.format_exc(limit=-3))
+    return {"id": rid, "ok": True, "result": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["schemas"]:
+        print(json.dumps(OPERATIONS, indent=2, sort_keys=True))
+        return 0
+    if argv[:1] != ["serve"] or len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--config"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        settings = config.load(argv[2] if len(argv) == 3 else None)
+    except config.ConfigError as exc:
+        print(f"tccdeploy-tvmm: {exc}", file=sys.stderr)
+        return 2
+    config.use(settings)
+    hello = {"hello": "tccdeploy-tvmm", "protocol": PROTOCOL, "node": settings.node, "digest": own_digest()}
+    return serve(hello, handle)
