@@ -167,4 +167,15 @@ REASONS: dict[str, str] = {
     "tvmm.action": "an unknown VM action",
     "tvmm.no-migration": "no migration of the VM is under way on this node",
     "tvmm.stream": "the migration stream is not authentic or not complete",
+    "tvmm.tc-ca": "the TC CA certificate the service is to pin with its trusted key does not parse",
+    "tvmm.state": "the service's own state (its record of used tickets) is unreadable",
+    # -- TC tickets (the node's TVMM service: may it act on this ticket?) ---------------------
+    "ticket.malformed": "the ticket is not a signed TC ticket",
+    "ticket.certificate": "the ticket's signing certificate is not the pinned TC CA's ticket certificate, valid now",
+    "ticket.signature": "the ticket is not signed by the TC's ticket key",
+    "ticket.expired": "the ticket has expired",
+    "ticket.kind": "the ticket allows another operation than the one asked for",
+    "ticket.node": "the ticket is for another node",
+    "ticket.tk": "the ticket is for another trusted key than the node's (a key made since, or another node's)",
+    "ticket.replayed": "the ticket was used on this node already",
 }

@@ -17,13 +17,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from tccdeploy.coordinator import tpm2
 from tccdeploy.coordinator.identity import init as tc_init
 from tccdeploy.coordinator.service import Coordinator
 from tccdeploy.crypto import customer, wrap
 from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, SEALED_IMAGE, signed_bytes
 from tccdeploy.manifest.loader import load_manifests
 
-from .attestkit import AssetTag, Node, enroll_software_node
+from .attestkit import AssetTag, Node, enroll_software_node, rsa_public
 from .conftest import REPO
 
 ADDRESSES = {"site1": "127.0.1.7", "site2": "127.0.2.7"}
@@ -106,7 +107,8 @@ class World:
                .public_key(node.tk.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
                .sign(self.tc.identity().key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
-        self.tc.registry.admit(name, {"serial": secrets.token_hex(8), "attestation": attestation, "tk_name": "tk",
+        tk_name = tpm2.parse_public(rsa_public(node.tk)).name.hex()  # the TK's TPM name, as admission records it
+        self.tc.registry.admit(name, {"serial": secrets.token_hex(8), "attestation": attestation, "tk_name": tk_name,
                                       "pem": pem, "not_after": (now + datetime.timedelta(hours=1)).timestamp(),
                                       "build": verdict.build},
                               self.tc.perimeter.attestation.readmit == "after-reboot")

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tccdeploy.coordinator import admission, identity, tpm2
 from tccdeploy.coordinator.admission import AdmissionRefused
 from tccdeploy.coordinator.store import MIGRATIONS, Registry
+from tccdeploy.crypto.ticket import pin_qualifier
 from tccdeploy.manifest.loader import load_manifests
 
 from .attestkit import TK_ATTRIBUTES, Node, certify_attest, rsa_public, sign
@@ -101,20 +102,23 @@ def admitted_setup(registry: Registry):
     return manifests.perimeter, node, attestation
 
 
+TC_CA = b"the TC's CA certificate (DER)"
+
+
 def _tk(node: Node, attributes: int = TK_ATTRIBUTES, policy: bytes | None = None, nonce: bytes = b"c" * 32,
-        name_of: bytes | None = None, scheme: int = tpm2.ALG_OAEP):
+        name_of: bytes | None = None, scheme: int = tpm2.ALG_OAEP, pinned: bytes = TC_CA):
     key = rsa.generate_private_key(65537, 2048)
     if policy is None:
         policy = admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS])
     public = rsa_public(key, attributes, policy, scheme)
     name = tpm2.parse_public(name_of or public).name
-    attest = certify_attest(nonce, name)
+    attest = certify_attest(pin_qualifier(nonce, pinned), name)  # the AK certifies over the nonce and the pin
     return public, attest, sign(node.key, attest)
 
 
 def _begin(registry, perimeter, attestation, tk, nonce=b"c" * 32, nonce_ok=True):  # type: ignore[no-untyped-def]
     public, attest, signature = tk
-    return admission.begin(registry, perimeter, "n1", attestation, public, attest, signature, nonce, nonce_ok)
+    return admission.begin(registry, perimeter, "n1", attestation, public, attest, signature, nonce, nonce_ok, TC_CA)
 
 
 def test_a_proper_tk_gets_a_challenge(registry: Registry, admitted_setup):
@@ -132,6 +136,8 @@ def test_a_proper_tk_gets_a_challenge(registry: Registry, admitted_setup):
     ("other-name", "tk.name"),
     ("other-signer", "tk.certify-signature"),
     ("wrong-nonce", "tk.certify-nonce"),
+    ("bare-nonce", "tk.certify-nonce"),
+    ("other-ca-pinned", "tk.certify-nonce"),
     ("used-nonce", "tk.certify-nonce"),
     ("stale-attestation", "admit.not-trusted"),
 ])
@@ -159,6 +165,12 @@ def test_a_bad_tk_is_refused_with_its_reason(registry: Registry, admitted_setup,
         tk = (public, attest, sign(Node().key, attest))
     elif change == "wrong-nonce":
         kwargs["nonce"] = b"d" * 32
+    elif change == "bare-nonce":  # certified over the nonce alone: no CA pinned with this TK
+        public, _, _ = tk
+        attest = certify_attest(b"c" * 32, tpm2.parse_public(public).name)
+        tk = (public, attest, sign(node.key, attest))
+    elif change == "other-ca-pinned":  # the engine handed the node its own CA to pin
+        tk = _tk(node, pinned=b"the engine's CA certificate (DER)")
     elif change == "used-nonce":
         kwargs["nonce_ok"] = False
     elif change == "stale-attestation":

@@ -18,6 +18,7 @@ from tccdeploy.coordinator.receipts import ReceiptError
 from tccdeploy.coordinator.receipts import verify as verify_receipt
 from tccdeploy.crypto import bundle as bundles
 from tccdeploy.crypto import customer, wrap
+from tccdeploy.crypto import ticket as tickets
 from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.helper import RemoteError
@@ -149,36 +150,43 @@ def _release(world, node: str):  # type: ignore[no-untyped-def]
     return record, world.tc.release_key(record["id"], node), envelope
 
 
-def _start(world, node: str, record, wrapped: str, bundle_dir: str):  # type: ignore[no-untyped-def]
+def _start(world, node: str, record, ticket: dict, bundle_dir: str):  # type: ignore[no-untyped-def]
     host = next(h for h in world.engine.hosts if h.name == node)
     session = world.engine.session(host)
     upload_disk(session, record["vm_id"], os.path.join(bundle_dir, "disk.qcow2"), record["image_sha256"])
-    return session.tvmm("launch", {"vm_id": record["vm_id"], "name": record["vm"],
-                                     "wrapped_key": wrapped, "sha256": record["image_sha256"], "memory_mib": 64, "vcpus": 1})
+    return session.tvmm("launch", {"ticket": ticket})
 
 
-def test_another_nodes_tpm_cannot_open_a_released_key(lab: Lab, world):
+def test_a_launch_ticket_for_another_node_is_refused_there(lab: Lab, world):
     record, release, envelope = _release(world, "node1")
-    with pytest.raises(RemoteError, match="refused to use the trusted key"):
-        _start(world, "node2", record, release["wrapped_key"], envelope["bundle"])
+    with pytest.raises(RemoteError) as info:
+        _start(world, "node2", record, release["ticket"], envelope["bundle"])
+    assert info.value.reason == "ticket.node"
 
 
 def test_qemu_refuses_the_disk_under_a_wrong_key(lab: Lab, world):
+    """A ticket the TC signed (the test holds the TC's keys) carrying another key for the VM: the
+    TPM opens it (right TK, right label), QEMU's LUKS layer does not."""
     from cryptography import x509
 
-    record, _, envelope = _release(world, "node1")
+    record, release, envelope = _release(world, "node1")
+    body = dict(release["ticket"]["ticket"], id=tickets.new_id())
     cert = x509.load_pem_x509_certificate(world.tc.registry.certificate("node1")["pem"].encode())
-    wrong = wrap.wrap(cert.public_key(), os.urandom(32), wrap.vm_label(record["vm_id"]))
-    with pytest.raises(RemoteError, match="LUKS|password|keyslot"):
-        _start(world, "node1", record, base64.b64encode(wrong).decode(), envelope["bundle"])
+    label = tickets.label("launch", "kvm", record["vm_id"], body["customer"], body["id"])
+    body["kvm"] = base64.b64encode(wrap.wrap(cert.public_key(), os.urandom(32), label)).decode()
+    signer = world.tc.identity().purpose("ticket")
+    with pytest.raises(RemoteError) as info:
+        _start(world, "node1", record, tickets.issue(signer.key, signer.certificate, body), envelope["bundle"])
+    assert info.value.reason == "tvmm.disk-key"
 
 
 def test_after_a_tamper_the_node_cannot_unwrap_a_key_released_before(lab: Lab, lab_node, world):
     lab_node("node2")
     record, release, envelope = _release(world, "node2")
     lab.tamper("node2")
-    with pytest.raises(RemoteError, match="refused to use the trusted key"):
-        _start(world, "node2", record, release["wrapped_key"], envelope["bundle"])
+    with pytest.raises(RemoteError) as info:
+        _start(world, "node2", record, release["ticket"], envelope["bundle"])
+    assert info.value.reason == "tvmm.tk-refused"
 
 
 def test_no_key_goes_to_a_quarantined_node(lab: Lab, lab_node, world):

@@ -103,7 +103,7 @@ def test_openapi_health_readiness_and_metrics_are_served(examples_service):
         metrics = client.get("/metrics").text
         assert "tccdeploy_http_requests_total{" in metrics and "tccdeploy_http_request_seconds_bucket{" in metrics
         bundle = client.get("/v1/certificate").text
-        assert bundle.count("BEGIN CERTIFICATE") == 4  # CA, key wrapping, receipt and audit signing
+        assert bundle.count("BEGIN CERTIFICATE") == 5  # CA, key wrapping, receipt, audit and ticket signing
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from tccdeploy.coordinator import audit, constraints, identity, receipts, roster
 from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_query
 from tccdeploy.coordinator.records import NodeRecord, VMRecord
 from tccdeploy.crypto import customer, wrap
+from tccdeploy.crypto import ticket as tickets
 from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, signed_bytes
 
 from .brokerkit import World
@@ -93,17 +94,31 @@ def test_a_sealed_key_that_is_not_strict_base64_is_not_the_customers(world):
 
 
 # -- the key broker: release -----------------------------------------------------------------------
-def test_the_released_key_opens_only_with_the_nodes_key_and_the_vms_label(world):
+def test_the_released_key_comes_in_a_launch_ticket_for_that_node_and_opens_only_under_its_label(world):
     kvm = secrets.token_bytes(32)
     node = world.node("n1")
     bundle = world.image("acme", kvm=kvm)
     record = world.tc.accept_request(world.request("acme", bundle), bundle)
     release = world.tc.release_key(record["id"], "n1")
-    wrapped = base64.b64decode(release["wrapped_key"])
-    assert wrap.unwrap(node.tk, wrapped, wrap.vm_label(record["vm_id"])) == kvm
-    with pytest.raises(ValueError):
-        wrap.unwrap(node.tk, wrapped, wrap.vm_label(secrets.token_hex(16)))
+    body = tickets.verify(release["ticket"], world.tc.identity().certificate)
+    customer_id = bundle["descriptor"]["customer"]["id"]
+    certificate = world.tc.registry.certificate("n1")
+    assert (body["kind"], body["node"], body["vm_id"], body["customer"], body["request"]) == (
+        "launch", "n1", record["vm_id"], customer_id, record["id"])
+    assert (body["node_serial"], body["tk_name"]) == (certificate["serial"], certificate["tk_name"])
+    assert (body["vcpus"], body["memory_mib"], body["image_sha256"]) == (1, 64, record["image_sha256"])
+    assert body["expires"] - body["issued"] == tickets.TTL
+    wrapped = base64.b64decode(body["kvm"])
+    assert wrap.unwrap(node.tk, wrapped, tickets.label("launch", "kvm", record["vm_id"], customer_id, body["id"])) == kvm
+    for other in (wrap.vm_label(record["vm_id"]),  # the old VM-only label
+                  tickets.label("launch", "kvm", record["vm_id"], customer_id, tickets.new_id()),  # another ticket
+                  tickets.label("launch", "kvm", record["vm_id"], "0" * 32, body["id"]),  # another customer
+                  tickets.label("migrate-in", "kvm", record["vm_id"], customer_id, body["id"])):  # another use
+        with pytest.raises(ValueError):
+            wrap.unwrap(node.tk, wrapped, other)
     assert len(world.tc.registry.releases(record["vm_id"])) == 1
+    entry = [e for e in world.tc.registry.audit_entries(vm=record["vm_id"]) if e["kind"] == "key-release"][-1]
+    assert entry["data"]["ticket"] == body["id"]  # the audit names the ticket
 
 
 def test_a_request_whose_image_is_no_longer_its_customers_gets_no_key(world):

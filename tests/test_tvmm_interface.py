@@ -42,7 +42,7 @@ def test_no_argument_is_free_form(name):
             assert "pattern" in schema or "enum" in schema or where.endswith("destination_certificate"), where
             assert "maxLength" in schema or "enum" in schema or "pattern" in schema, where
         if kind == "integer":
-            assert "minimum" in schema and "maximum" in schema, where
+            assert ("minimum" in schema and "maximum" in schema) or "enum" in schema, where
         if kind == "array":
             assert "maxItems" in schema, where
             walk(schema["items"], where + "[]")
@@ -70,11 +70,9 @@ SAMPLES = [
     ("disk_state", {"vm_id": VM}),
     ("disk_write", {"vm_id": VM, "offset": -1, "data": "AAAA"}),
     ("disk_read", {"vm_id": VM, "offset": 0, "size": 64 * 1024 * 1024}),
-    ("launch", {"vm_id": VM, "name": "web,debug-threads=on", "wrapped_key": "AAAA", "sha256": "0" * 64,
-                "memory_mib": 64, "vcpus": 1}),
-    ("launch", {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64, "memory_mib": 64, "vcpus": 1,
-                "extra_args": ["-monitor", "tcp::4444,server"]}),
-    ("launch", {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64, "memory_mib": 64.5, "vcpus": 1}),
+    ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA"}}),
+    ("launch", {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64, "memory_mib": 64, "vcpus": 1}),
+    ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA", "extra_args": ["-S"]}}),
     ("vm_control", {"vm_id": VM, "action": "dump-guest-memory"}),
     ("migrate_out_end", {"vm_id": VM, "commit": 1}),
     ("tk_check", {"ciphertext": "AAAA", "label": "tccdeploy-vm:" + VM}),
@@ -100,6 +98,9 @@ def test_the_validator_agrees_with_jsonschema(name, value):
     ({"id": 1, "op": "disk_state", "args": {"vm_id": "../../../etc"}}, "tvmm.args"),
     ({"id": 1, "op": "launch", "args": {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64,
                                         "memory_mib": 64, "vcpus": 1, "extra_args": ["-gdb", "tcp::1234"]}},
+     "tvmm.args"),
+    ({"id": 1, "op": "tk_create", "args": {"bank": "sha256", "pcrs": [0], "nonce": "AAAA",
+                                           "tc_ca": "-----BEGIN CERTIFICATE-----\n$(reboot)\n-----END CERTIFICATE-----\n"}},
      "tvmm.args"),
     ({"id": 1, "op": "vm_control", "args": {"vm_id": VM, "action": "dump-guest-memory"}}, "tvmm.args"),
     ({"id": 1, "op": "identity", "args": []}, "tvmm.args"),

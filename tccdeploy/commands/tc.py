@@ -306,7 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_audit_checkpoint)
 
     q = tc.add_parser("rotate", help="replace the key the TC signs receipts or audit checkpoints with (audited)")
-    q.add_argument("purpose", choices=("receipt", "audit"))
+    q.add_argument("purpose", choices=("receipt", "audit", "ticket"))
     state(q)
     q.set_defaults(func=cmd_rotate)
 

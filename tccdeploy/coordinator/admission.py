@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 
+from ..crypto import ticket as tickets
 from ..manifest.models import Perimeter
 from . import tpm2
 from .identity import Identity
@@ -81,8 +82,11 @@ def check_tk(tk: tpm2.Public) -> None:
 
 
 def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: int, tk_public: bytes,
-          certify_attest: bytes, certify_signature: bytes, nonce: bytes, nonce_ok: bool) -> bytes:
-    """Check TK; return a challenge (ciphertext to TK) that only a working TK can open."""
+          certify_attest: bytes, certify_signature: bytes, nonce: bytes, nonce_ok: bool, ca_der: bytes) -> bytes:
+    """Check TK; return a challenge (ciphertext to TK) that only a working TK can open.
+
+    The AK certified TK over the TC's nonce *and* the CA certificate the node's service pinned
+    with it (tickets.pin_qualifier): a TK whose service pinned another CA is refused here."""
     policy = perimeter.attestation
     identity = registry.identity(node)
     latest = registry.attestations(node, limit=1)
@@ -109,8 +113,9 @@ def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: i
         raise AdmissionRefused("tk.certify-signature", "the TK certification is not signed by the node's AK")
     if attest.magic != tpm2.TPM_GENERATED or attest.type != tpm2.ST_ATTEST_CERTIFY:
         raise AdmissionRefused("tk.certify-type", "the TK certification is not a TPM-generated TPM2_Certify")
-    if not hmac.compare_digest(attest.extra_data, nonce):
-        raise AdmissionRefused("tk.certify-nonce", "the TK certification does not carry the TC's nonce")
+    if not hmac.compare_digest(attest.extra_data, tickets.pin_qualifier(nonce, ca_der)):
+        raise AdmissionRefused("tk.certify-nonce", "the TK certification does not carry the TC's nonce and the TC's "
+                                                   "CA certificate pinned by the node's service")
     if not hmac.compare_digest(attest.certified_name, tk.name):
         raise AdmissionRefused("tk.name", "the certified object is not the TK presented")
     check_tk(tk)

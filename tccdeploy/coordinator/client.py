@@ -95,6 +95,11 @@ class RemoteCoordinator:
         value = self._policy_now()["asset_tags"].get(site) if site else None
         return int(value) if value is not None else None
 
+    def ca_certificate_pem(self) -> str:
+        """The TC CA this engine pins (its credentials' tc-ca.pem): what a node's service pins too."""
+        with open(os.path.join(self.engine_dir, "tc-ca.pem")) as fh:
+            return fh.read()
+
     # -- enrollment, attestation, admission ---------------------------------------------------
     def enrollment_challenge(self, node: str, ek_certificate: bytes, ek_public: bytes, ak_public: bytes,
                              ssh_host_key: str, site: str | None = None, address: str = "") -> Challenge | None:

@@ -4,7 +4,7 @@ purpose under it.
 Customers and engines pin the CA certificate. The CA key signs certificates only; what the TC
 signs for other reasons has its own key, certified by the CA for that one purpose (an
 extended key usage of tccdeploy's arc), so a signature made for one purpose is never valid
-for another: receipts (`receipt`), audit checkpoints (`audit`). The RSA key-wrapping key
+for another: receipts (`receipt`), audit checkpoints (`audit`), the nodes' tickets (`ticket`). The RSA key-wrapping key
 receives customers' sealed VM keys.
 """
 
@@ -20,13 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from ..crypto.purpose import OID_ARC, PURPOSES, purpose_certificate  # noqa: F401 - the TC's verifiers import them here
+
 KEY_FILE = "tc-key.pem"
 CERT_FILE = "tc-cert.pem"
 WRAP_KEY_FILE = "tc-wrap-key.pem"
 WRAP_CERT_FILE = "tc-wrap-cert.pem"
-# tccdeploy's OID arc (ITU-T X.667 UUID form); .10.x: what a TC purpose key may sign.
-OID_ARC = "2.25.5221148118478671275721855852512125145"
-PURPOSES = {"receipt": x509.ObjectIdentifier(OID_ARC + ".10.1"), "audit": x509.ObjectIdentifier(OID_ARC + ".10.2")}
 
 
 @dataclass(frozen=True)
@@ -158,31 +157,6 @@ def _make_purpose_key(state: str, purpose: str, ca_key: ec.EllipticCurvePrivateK
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     with open(os.path.join(state, f"tc-{purpose}-cert.pem"), "wb") as fh:
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def purpose_certificate(data: bytes | str, ca: x509.Certificate, purpose: str) -> x509.Certificate:
-    """The certificate (PEM, or DER bytes) of a TC purpose key, if the pinned CA issued it for
-    exactly that purpose; ValueError otherwise (for verifiers of receipts and audit checkpoints)."""
-    raw = data.encode() if isinstance(data, str) else data
-    try:
-        cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
-                else x509.load_der_x509_certificate(raw))
-    except Exception:  # noqa: BLE001 - cryptography raises more than ValueError for damaged DER (InvalidVersion)
-        raise ValueError("the signing certificate does not parse") from None
-    ca_key = ca.public_key()
-    if cert.issuer != ca.subject or not isinstance(ca_key, ec.EllipticCurvePublicKey):
-        raise ValueError("the signing certificate is not issued by this TC")
-    try:
-        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))  # type: ignore[arg-type]
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except Exception:  # noqa: BLE001 - any failure: not this TC's purpose certificate
-        raise ValueError("the signing certificate is not issued by this TC") from None
-    if list(usages) != [PURPOSES[purpose]]:
-        raise ValueError(f"the signing certificate is not for {purpose} signatures")
-    now = datetime.datetime.now(datetime.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise ValueError("the signing certificate is outside its validity dates")
-    return cert
 
 
 def _private(path: str):  # type: ignore[no-untyped-def]

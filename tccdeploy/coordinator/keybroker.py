@@ -34,6 +34,7 @@ from typing import Any
 from cryptography import x509
 
 from ..crypto import customer, wrap
+from ..crypto import ticket as tickets
 from ..crypto.canonical import CUSTOMER_QUERY, PLACEMENT_REQUEST, signed_bytes
 from ..manifest.models import Perimeter, TVMMBuild
 from . import constraints
@@ -144,7 +145,8 @@ def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
 
 
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request_id: str, node: str,
-            capacity: int | None, audit: Callable[[dict[str, Any], dict[str, Any]], Audit] = lambda a, c: None) -> dict[str, Any]:
+            capacity: int | None,
+            audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None) -> dict[str, Any]:
     """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
     constraints; record the release (once) with its audit entry."""
     request = registry.request(request_id)
@@ -152,13 +154,26 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
         raise Refused("release.unknown-request", f"no request {request_id}")
     if request["state"] != "accepted":
         raise Refused("release.already", f"request {request_id} is {request['state']}; its key is released once")
-    latest, certificate_row, rewrapped = rewrap_for(registry, tc, perimeter, builds, request, node, capacity)
+    ticket_id = tickets.new_id()
+    owner = registry.image_owner(request["vm_id"])
+    customer_id = owner["key_id"] if owner else ""
+    latest, certificate_row, rewrapped = rewrap_for(
+        registry, tc, perimeter, builds, request, node, capacity,
+        tickets.label("launch", "kvm", request["vm_id"], customer_id, ticket_id))
+    now = int(time.time())
+    spec = request["spec"]
+    ticket = tickets.issue(tc.purpose("ticket").key, tc.purpose("ticket").certificate, {
+        "v": 1, "kind": "launch", "id": ticket_id, "node": node, "node_serial": certificate_row["serial"],
+        "tk_name": certificate_row["tk_name"], "vm_id": request["vm_id"], "name": request["vm"],
+        "customer": customer_id, "request": request_id, "image_sha256": request["image_sha256"],
+        "vcpus": int(spec["vcpus"]), "memory_mib": int(spec["memoryMiB"]), "issued": now, "expires": now + tickets.TTL,
+        "kvm": base64.b64encode(rewrapped).decode(),
+    })
     if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
-                                   audit(latest, certificate_row)):
+                                   audit(latest, certificate_row, ticket_id)):
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
-    return {"wrapped_key": base64.b64encode(rewrapped).decode(), "attestation": latest,
-            "certificate_serial": certificate_row["serial"], "request": request,
-            "certificate_pem": certificate_row["pem"]}
+    return {"ticket": ticket, "attestation": latest, "certificate_serial": certificate_row["serial"],
+            "request": request, "certificate_pem": certificate_row["pem"]}
 
 
 def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any], node: str,
@@ -186,9 +201,9 @@ def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild]
 
 
 def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any],
-               node: str, capacity: int | None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """Kvm (sealed to the TC) re-wrapped to node's TK, if node may have it now: the one place a
-    VM key is ever in clear, for launch and migration alike."""
+               node: str, capacity: int | None, label: bytes | None = None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """Kvm (sealed to the TC) re-wrapped to node's TK under label (a ticket's; default: the VM's),
+    if node may have it now: the one place a VM key is ever in clear, for launch and migration alike."""
     latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity)
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
     owner = registry.image_owner(request["vm_id"])
@@ -200,6 +215,6 @@ def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: l
     except Exception:  # noqa: BLE001
         raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC or customer, "
                                         "or altered") from None
-    rewrapped = wrap.wrap(certificate.public_key(), kvm, wrap.vm_label(request["vm_id"]))  # type: ignore[arg-type]
+    rewrapped = wrap.wrap(certificate.public_key(), kvm, label or wrap.vm_label(request["vm_id"]))  # type: ignore[arg-type]
     del kvm
     return latest, certificate_row, rewrapped

@@ -14,6 +14,8 @@ import secrets
 import time
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives import serialization
+
 from ..config import state_dir
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
 from . import admission, audit, enrollment, identity, keybroker, receipts, roster, verifier
@@ -221,7 +223,12 @@ class Coordinator:
         check = self.registry.consume_nonce(node, "certify", base64.b64encode(nonce).decode())
         with self._refusals("admission", node):
             return admission.begin(self.registry, self.perimeter, node, attestation_id, tk_public, certify_attest,
-                                   certify_signature, nonce, check.ok)
+                                   certify_signature, nonce, check.ok,
+                                   self.identity().certificate.public_bytes(serialization.Encoding.DER))
+
+    def ca_certificate_pem(self) -> str:
+        """The TC's CA certificate: what a node's TVMM service pins with its trusted key."""
+        return self.identity().certificate.public_bytes(serialization.Encoding.PEM).decode()
 
     def admission_finish(self, node: str, answer_hex: str) -> dict[str, Any]:
         with self._refusals("admission", node):
@@ -260,10 +267,11 @@ class Coordinator:
         with self._refusals("key-release", node, vm_id):
             release = keybroker.release(
                 self.registry, self.identity(), self.perimeter, self.builds, request_id, node, self.capacity(node),
-                lambda att, cert: audit.entry("key-release", node, vm_id, request=request_id, attestation=att["id"],
-                                              certificate_serial=cert["serial"]))
+                lambda att, cert, ticket: audit.entry("key-release", node, vm_id, request=request_id,
+                                                      attestation=att["id"], certificate_serial=cert["serial"],
+                                                      ticket=ticket))
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
-                "wrapped_key": release["wrapped_key"], "certificate_serial": release["certificate_serial"],
+                "ticket": release["ticket"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:

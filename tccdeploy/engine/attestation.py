@@ -68,7 +68,8 @@ def admit(session: Session, coordinator: TC, attestation_id: int) -> dict[str, A
     name = session.host.name
     bank, pcrs = coordinator.quote_policy()
     nonce = coordinator.nonce(name, "certify")
-    tk = session.tvmm("tk_create", {"bank": bank, "pcrs": pcrs, "nonce": _b64(nonce)}, timeout=120)
+    tk = session.tvmm("tk_create", {"bank": bank, "pcrs": pcrs, "nonce": _b64(nonce),
+                                    "tc_ca": coordinator.ca_certificate_pem()}, timeout=120)
     challenge = coordinator.admission_challenge(name, attestation_id, _unb64(tk["tk_public"]), _unb64(tk["attest"]),
                                                 _unb64(tk["signature"]), nonce)
     answer = session.tvmm("tk_check", {"ciphertext": _b64(challenge)})

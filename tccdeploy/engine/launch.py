@@ -78,10 +78,7 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         descriptor = bundle["descriptor"]
         try:
             upload_disk(session, record["vm_id"], os.path.join(bundle_dir, descriptor["disk"]["file"]), record["image_sha256"])
-            status = session.tvmm("launch", {
-                "vm_id": record["vm_id"], "name": record["vm"], "wrapped_key": release["wrapped_key"],
-                "sha256": record["image_sha256"], "memory_mib": record["spec"]["memoryMiB"], "vcpus": record["spec"]["vcpus"],
-            }, timeout=120)
+            status = session.tvmm("launch", {"ticket": release["ticket"]}, timeout=120)
         except RemoteError as exc:
             coordinator.fail_request(record["id"])
             raise Refused("launch.node", f"{candidate.node} could not start the VM: {exc}") from None

@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..crypto.ticket import SIGNED as TICKET
+
 VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
@@ -22,6 +24,8 @@ BANK = {"type": "string", "enum": ["sha1", "sha256", "sha384", "sha512"]}
 PCRS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "minItems": 1, "maxItems": 24,
         "uniqueItems": True}
 MiB = 1024 * 1024
+PEM = {"type": "string", "maxLength": 8192,
+       "pattern": "^-----BEGIN CERTIFICATE-----\\n[A-Za-z0-9+/=\\n]+-----END CERTIFICATE-----\\n?$"}
 
 
 def b64(max_bytes: int) -> dict[str, Any]:
@@ -47,7 +51,8 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     # an asset tag lives in the owner or platform NV range, never in the EK certificates' range
     "nv_certify": args({"index": {"type": "integer", "minimum": 0x01000000, "maximum": 0x01BFFFFF}, "nonce": NONCE}),
     # admission
-    "tk_create": args({"bank": BANK, "pcrs": PCRS, "nonce": NONCE}),
+    # the TC's CA certificate, pinned with the TK (the AK certifies the TK over it)
+    "tk_create": args({"bank": BANK, "pcrs": PCRS, "nonce": NONCE, "tc_ca": PEM}),
     "tk_check": args({"ciphertext": b64(512)}),
     # the encrypted disk, moved in and out as ciphertext
     "disk_state": args({"vm_id": VM_ID}),
@@ -57,7 +62,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "disk_read": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
                        "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}),
     # VMs
-    "launch": args({"vm_id": VM_ID, "name": NAME, "wrapped_key": b64(512), "sha256": SHA256, **PROFILE}),
+    "launch": args({"ticket": TICKET}),  # everything else (VM, profile, key) is the TC's ticket
     "vm_control": args({"vm_id": VM_ID,
                         "action": {"type": "string", "enum": ["status", "stop", "start", "poweroff", "destroy"]}}),
     # migration

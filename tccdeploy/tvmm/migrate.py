@@ -17,15 +17,16 @@ import os
 import socket
 from typing import Any
 
-from ..crypto.files import atomic_write, sha256_file
+from ..crypto.files import sha256_file
+from ..crypto.wrap import vm_label
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 from .vm import (
-    WRAPPED_KEY_FILE,
     _kill,
     _pid,
     attach_disk,
+    keep_wrapped_key,
     lend_secret,
     start_qemu,
     unwrap_passphrase,
@@ -167,7 +168,7 @@ def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str,
     if not os.path.exists(disk) or sha256_file(disk) != sha256:
         raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
     kmig = tk_decrypt(base64.b64decode(wrapped_kmig), mig_label(vm_id))
-    passphrase = unwrap_passphrase(vm_id, wrapped_key)
+    passphrase = unwrap_passphrase(wrapped_key, vm_label(vm_id))
     accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, incoming=True)
     incoming = os.path.join(directory, "mig-in.sock")
     try:
@@ -178,7 +179,7 @@ def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str,
             qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
             qmp.close()
-        atomic_write(os.path.join(directory, WRAPPED_KEY_FILE), wrapped_key.encode(), 0o600)  # for its own migrations
+        keep_wrapped_key(directory, wrapped_key, vm_label(vm_id))  # for its own migrations
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(60)
         for _ in range(200):

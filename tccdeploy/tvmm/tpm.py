@@ -266,9 +266,21 @@ def _policy_pcr_session(esys: Any, handles: list[Any], bank: str, pcrs: list[int
 
 
 @operation("tk_create")
-def tk_create(bank: str, pcrs: list[int], nonce: str) -> dict[str, Any]:
+def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, Any]:
     """The trusted key: RSA-2048 decrypt key under the SRK, usable only under PolicyPCR over the
-    PCRs as they are now, certified by the AK against the TC's nonce."""
+    PCRs as they are now, certified by the AK over the TC's nonce and the TC CA certificate the
+    service pins with it (it checks tickets against that CA from now on). The TC admits the TK
+    only if that is its own CA, so an engine that hands over another CA gets a TK no key reaches."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from ..crypto.ticket import pin_qualifier
+
+    try:
+        ca_der = x509.load_pem_x509_certificate(tc_ca.encode()).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise ServiceError("tvmm.tc-ca", "the TC CA certificate to pin does not parse") from None
+    qualifier = pin_qualifier(_unb64(nonce), ca_der)
     with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_SIG_SCHEME
 
@@ -291,12 +303,35 @@ def tk_create(bank: str, pcrs: list[int], nonce: str) -> dict[str, Any]:
         ak, _ = _ak(esys, handles)
         from tpm2_pytss import ESYS_TR
 
-        attest, signature = esys.certify(tk, ak, _unb64(nonce), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+        attest, signature = esys.certify(tk, ak, qualifier, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
                                          session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
     atomic_write(config.current().path(TK_FILE), json.dumps({
-        "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs)}).encode())
+        "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs),
+        "tc_ca": tc_ca}).encode())
     return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
             "signature": _b64(signature.marshal())}
+
+
+def _stored_tk() -> dict[str, Any]:
+    try:
+        with open(config.current().path(TK_FILE)) as fh:
+            stored = json.load(fh)
+    except (OSError, ValueError):
+        raise ServiceError("tvmm.no-tk", "no trusted key on this node: it was never admitted") from None
+    return stored  # type: ignore[no-any-return]
+
+
+def trusted_key() -> tuple[bytes, Any]:
+    """(the TK's TPM name, the TC CA certificate pinned with it): whom tickets must name, and
+    who must have signed them."""
+    from cryptography import x509
+    from tpm2_pytss import TPM2B_PUBLIC
+
+    stored = _stored_tk()
+    if "tc_ca" not in stored:
+        raise ServiceError("tvmm.no-tk", "the trusted key was made without a TC CA pinned: admit the node again")
+    public, _ = TPM2B_PUBLIC.unmarshal(_unb64(stored["public"]))
+    return bytes(public.get_name()), x509.load_pem_x509_certificate(stored["tc_ca"].encode())
 
 
 def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
@@ -304,11 +339,7 @@ def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
 
     For callers inside the service only: no operation returns the plaintext.
     """
-    try:
-        with open(config.current().path(TK_FILE)) as fh:
-            stored = json.load(fh)
-    except (OSError, ValueError):
-        raise ServiceError("tvmm.no-tk", "no trusted key on this node: it was never admitted") from None
+    stored = _stored_tk()
     with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMT_RSA_DECRYPT, TSS2_Exception
 

@@ -11,6 +11,7 @@ inputs), so the engine cannot add a monitor, a debugger or a device to a VM whos
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,8 @@ import time
 from typing import Any
 
 from ..crypto.files import atomic_write, sha256_file
-from . import config
+from ..crypto.ticket import label as ticket_label
+from . import config, tickets
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
@@ -142,15 +144,20 @@ def _kill(directory: str) -> None:
 
 
 @operation("launch")
-def launch(vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int, vcpus: int) -> dict[str, Any]:
+def launch(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Start the VM the TC's launch ticket names, on the profile it names, with the key it carries."""
+    body = tickets.check(ticket, "launch")
+    vm_id, name = body["vm_id"], body["name"]
     directory = vm_dir(vm_id)
     disk = os.path.join(directory, DISK)
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
-    if not os.path.exists(disk) or sha256_file(disk) != sha256:
+    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
-    passphrase = unwrap_passphrase(vm_id, wrapped_key)
-    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus)
+    tickets.spend(body)
+    label = ticket_label("launch", "kvm", vm_id, body["customer"], body["id"])
+    passphrase = unwrap_passphrase(body["kvm"], label)
+    accel = start_qemu(directory, vm_id, name, body["memory_mib"], body["vcpus"])
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
@@ -158,10 +165,7 @@ def launch(vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int
             del passphrase
             qmp.execute("cont")
             status = qmp.execute("query-status")
-            # Kvm wrapped to this node's TK (useless elsewhere, and here outside the approved
-            # boot): kept to lend QEMU the disk's secret again when a migration may need to
-            # reopen the disk on this side (see lend_secret).
-            atomic_write(os.path.join(directory, WRAPPED_KEY_FILE), wrapped_key.encode(), 0o600)
+            keep_wrapped_key(directory, body["kvm"], label)
         finally:
             qmp.close()
     except (QMPError, OSError) as exc:
@@ -171,7 +175,15 @@ def launch(vm_id: str, name: str, wrapped_key: str, sha256: str, memory_mib: int
             raise ServiceError("tvmm.disk-key", f"QEMU refused the disk key (LUKS): {text}") from None
         raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
-            "pid": _pid(directory), "accel": accel, "disk_opened": True}
+            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"]}
+
+
+def keep_wrapped_key(directory: str, wrapped: str, label: bytes) -> None:
+    """Kvm wrapped to this node's TK (useless elsewhere, and here outside the approved boot),
+    with its label: kept to lend QEMU the disk's secret again when a migration may need to
+    reopen the disk on this side (see lend_secret)."""
+    atomic_write(os.path.join(directory, WRAPPED_KEY_FILE),
+                 json.dumps({"wrapped": wrapped, "label": label.decode()}).encode(), 0o600)
 
 
 def lend_secret(vm_id: str, qmp: QMP) -> bool:
@@ -183,7 +195,8 @@ def lend_secret(vm_id: str, qmp: QMP) -> bool:
     if not os.path.exists(path):
         return False
     with open(path) as fh:
-        passphrase = unwrap_passphrase(vm_id, fh.read().strip())
+        kept = json.load(fh)
+    passphrase = unwrap_passphrase(kept["wrapped"], kept["label"].encode())
     try:
         qmp.execute("object-add", **{"qom-type": "secret", "id": "kvm0", "data": passphrase, "format": "raw"})
     except QMPError as exc:
@@ -202,9 +215,10 @@ def withdraw_secret(qmp: QMP) -> None:
         pass
 
 
-def unwrap_passphrase(vm_id: str, wrapped_key: str) -> str:
-    """Kvm, unwrapped by the TPM (TK under PolicyPCR), in the text form LUKS takes (base64)."""
-    kvm = tk_decrypt(base64.b64decode(wrapped_key), f"tccdeploy-vm:{vm_id}".encode())
+def unwrap_passphrase(wrapped_key: str, label: bytes) -> str:
+    """Kvm, unwrapped by the TPM (TK under PolicyPCR, OAEP label checked), in the text form LUKS
+    takes (base64)."""
+    kvm = tk_decrypt(base64.b64decode(wrapped_key), label)
     try:
         return base64.b64encode(kvm).decode()
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tccdeploy.crypto import ticket as tickets
 from tccdeploy.engine.helper import RemoteError
 from tccdeploy.lab.lab import SERVICE_FILE, TVMM_USER
 
@@ -35,8 +36,8 @@ def admin_python(world: World, node: str, code: str) -> dict:
     return admin(world, node, world.lab.meta["python"], "-c", code)
 
 
-def _released(world: World, name: str, node: str) -> tuple[str, str, Path]:
-    """acme's image, submitted, and its key released to node by the TC: (vm_id, wrapped key, bundle)."""
+def _released(world: World, name: str, node: str) -> tuple[str, dict, Path]:
+    """acme's image, submitted, and its key released to node by the TC: (vm_id, launch ticket, bundle)."""
     bundle = world.seal("acme", name)
     submitted = world.submit("acme", world.sign("acme", name, bundle))
     assert submitted.returncode == 0, submitted.stderr
@@ -47,7 +48,7 @@ def _released(world: World, name: str, node: str) -> tuple[str, str, Path]:
         world.restore(node)  # an earlier test left it out
     response = world.post(f"/v1/requests/{request_id}/release", {"node": node})
     assert response.status_code == 200, response.text
-    return read_json(bundle / "descriptor.json")["descriptor"]["vm_id"], response.json()["wrapped_key"], bundle
+    return read_json(bundle / "descriptor.json")["descriptor"]["vm_id"], response.json()["ticket"], bundle
 
 
 def test_the_admin_login_reaches_neither_the_tpm_nor_the_services_state(world: World):
@@ -67,14 +68,16 @@ def test_the_admin_login_reaches_neither_the_tpm_nor_the_services_state(world: W
 
 
 def test_a_released_key_cannot_be_unwrapped_through_the_admin_login_or_any_operation(world: World):
-    vm_id, wrapped, _ = _released(world, "unwrap", "node1")
+    vm_id, ticket, _ = _released(world, "unwrap", "node1")
+    wrapped = ticket["ticket"]["kvm"]
+    label = tickets.label("launch", "kvm", vm_id, ticket["ticket"]["customer"], ticket["ticket"]["id"])
     node = world.lab.node("node1")
     # The service's own code, run as the admin login against the node's TPM and state: refused by
     # the operating system before the TPM is asked anything.
     code = ("import base64\nfrom tccdeploy.tvmm import config, tpm\n"
             f"config.use(config.Config(node='node1', tpm={world.lab.tcti(node)!r}, "
             f"state_dir={world.lab.node_dir(node, 'tvmm')!r}, eventlog=''))\n"
-            f"print(tpm.tk_decrypt(base64.b64decode({wrapped!r}), b'tccdeploy-vm:{vm_id}').hex())")
+            f"print(tpm.tk_decrypt(base64.b64decode({wrapped!r}), {label!r}).hex())")
     attempt = admin_python(world, "node1", code)
     assert attempt["rc"] != 0 and ("no trusted key" in attempt["stderr"] or "Permission" in attempt["stderr"])
     assert attempt["stdout"] == ""
@@ -84,14 +87,15 @@ def test_a_released_key_cannot_be_unwrapped_through_the_admin_login_or_any_opera
         session.tvmm("tk_check", {"ciphertext": wrapped})
     assert check.value.reason == "tvmm.tk-refused"
     with pytest.raises(RemoteError) as labelled:
-        session.tvmm("tk_check", {"ciphertext": wrapped, "label": f"tccdeploy-vm:{vm_id}"})
+        session.tvmm("tk_check", {"ciphertext": wrapped, "label": label.decode()})
     assert labelled.value.reason == "tvmm.args"
-    # Launching the key under another VM id: the OAEP label binds the VM id, the TPM refuses.
+    # The key in another ticket: the engine cannot sign one (altered, the TC's signature fails).
     other = "f" * 32
+    forged = json.loads(json.dumps(ticket))
+    forged["ticket"]["vm_id"] = other
     with pytest.raises(RemoteError) as relabelled:
-        session.tvmm("launch", {"vm_id": other, "name": "thief", "wrapped_key": wrapped, "sha256": "0" * 64,
-                                "memory_mib": 64, "vcpus": 1})
-    assert relabelled.value.reason == "tvmm.disk-digest"  # no disk for it: refused before the TPM is asked
+        session.tvmm("launch", {"ticket": forged})
+    assert relabelled.value.reason == "ticket.signature"
     assert world.qemus(other) == [] and world.qemus(vm_id) == []
 
 
@@ -120,15 +124,14 @@ def test_qemu_options_and_free_form_arguments_are_refused(world: World):
 
 
 def test_qmp_is_out_of_the_admin_logins_reach(world: World):
-    vm_id, wrapped, bundle = _released(world, "qmp", "node3")
+    vm_id, ticket, bundle = _released(world, "qmp", "node3")
     host = next(h for h in world.engine.hosts if h.name == "node3")
     from tccdeploy.engine.launch import upload_disk
 
     session = world.session("node3")
     sha256 = read_json(bundle / "descriptor.json")["descriptor"]["disk"]["sha256"]
     upload_disk(session, vm_id, str(bundle / "disk.qcow2"), sha256)
-    started = session.tvmm("launch", {"vm_id": vm_id, "name": "qmp", "wrapped_key": wrapped, "sha256": sha256,
-                                      "memory_mib": 64, "vcpus": 1})
+    started = session.tvmm("launch", {"ticket": ticket})
     try:
         assert started["running"] and host is not None
         qmp = f"{world.lab.node_dir(world.lab.node('node3'), 'tvmm')}/vms/{vm_id}/qmp.sock"

@@ -1,0 +1,113 @@
+"""TC tickets: the TC's written permission for one key use by one node's TVMM service.
+
+Every use of a VM key on a node needs one (launch; migrate-out and migrate-in follow). A ticket
+names the node (name, node-certificate serial, TK name), the VM and its customer, the request,
+the machine profile and an expiry, and carries the key wrapped to that node's TK under an OAEP
+label binding the ticket's kind, the VM, the customer and the ticket's id: the key opens only in
+that TPM, only for that use. The TC signs it with its ticket key (certified by the TC's CA for
+tickets alone); the service checks it against the TC CA it pinned when its TK was made, and
+keeps the ids it has used. Shared by the TC (which issues) and the service (which checks).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .canonical import b64decode_canonical, signed_bytes
+from .purpose import purpose_certificate
+
+DOMAIN = "tvmm-ticket"
+TTL = 300  # seconds a ticket is good for: the engine hands it over right away
+KINDS = ("launch",)
+PIN_TAG = b"tccdeploy-tk-pin\x00"
+
+HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+B64_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 1024}
+TIME = {"type": "integer", "minimum": 0, "maximum": 1 << 40}
+_LAUNCH_FIELDS: dict[str, Any] = {
+    "v": {"type": "integer", "enum": [1]}, "kind": {"type": "string", "enum": ["launch"]}, "id": HEX32,
+    "node": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    "node_serial": {"type": "string", "pattern": "^[0-9a-f]{1,64}$"},
+    "tk_name": {"type": "string", "pattern": "^[0-9a-f]{68}$"},
+    "vm_id": HEX32, "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    "customer": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"}, "image_sha256": HEX64,
+    "request": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
+    "memory_mib": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024},
+    "issued": TIME, "expires": TIME, "kvm": B64_KEY,
+}
+LAUNCH = {"type": "object", "properties": _LAUNCH_FIELDS, "required": sorted(_LAUNCH_FIELDS), "additionalProperties": False}
+SIGNED = {
+    "type": "object",
+    "properties": {"ticket": LAUNCH, "signature": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 256},
+                   "certificate": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4096}},
+    "required": ["certificate", "signature", "ticket"],
+    "additionalProperties": False,
+}
+
+
+class TicketError(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def label(kind: str, what: str, vm_id: str, customer: str, ticket_id: str) -> bytes:
+    """The OAEP label of a key in a ticket: what it is (kvm, kmig), for which use, VM, customer
+    and ticket. A key lifted out of one ticket opens for no other. A TPM takes labels of at most
+    64 bytes with the trailing NUL, so the binding is a digest of those fields (60 characters)."""
+    bound = f"{kind}\x00{what}\x00{vm_id}\x00{customer}\x00{ticket_id}".encode()
+    return b"tccdeploy-ticket:" + base64.urlsafe_b64encode(hashlib.sha256(bound).digest()).rstrip(b"=")
+
+
+def pin_qualifier(nonce: bytes, ca_der: bytes) -> bytes:
+    """What the AK certifies the TK over: the TC's nonce and the CA certificate the service pinned
+    with that TK. The TC admits the TK only if this is its own CA, so a service that pinned
+    another CA (an engine's) never gets a node certificate, and no key ever reaches it."""
+    return hashlib.sha256(PIN_TAG + nonce + hashlib.sha256(ca_der).digest()).digest()
+
+
+def new_id() -> str:
+    import secrets
+
+    return secrets.token_hex(16)
+
+
+def issue(key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, body: dict[str, Any]) -> dict[str, Any]:
+    signature = key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
+    return {"ticket": body, "signature": base64.b64encode(signature).decode(),
+            "certificate": base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()}
+
+
+def verify(envelope: dict[str, Any], ca: x509.Certificate, now: float | None = None) -> dict[str, Any]:
+    """The ticket's body, if the pinned TC signed it with its ticket key and it has not expired;
+    TicketError with its reason otherwise. What it names is for the caller to check."""
+    try:
+        der = b64decode_canonical(envelope["certificate"])
+        signature = b64decode_canonical(envelope["signature"])
+        body = envelope["ticket"]
+    except (KeyError, TypeError, ValueError):
+        raise TicketError("ticket.malformed", "the ticket is not a signed TC ticket") from None
+    try:
+        certificate = purpose_certificate(der, ca, "ticket")
+    except ValueError as exc:
+        raise TicketError("ticket.certificate", f"the ticket's signing certificate: {exc}") from None
+    public = certificate.public_key()
+    try:
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signature, signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, AssertionError, ValueError, TypeError):
+        raise TicketError("ticket.signature", "the ticket is not signed by the TC's ticket key") from None
+    moment = time.time() if now is None else now
+    if not isinstance(body.get("expires"), int) or body["expires"] < moment:
+        raise TicketError("ticket.expired", "the ticket has expired")
+    return body

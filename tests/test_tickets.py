@@ -1,0 +1,157 @@
+"""TC tickets, both ends: the TC's signature, its ticket-only certificate from the pinned CA and
+the expiry (crypto/ticket.py), then what the node's service checks before a key is unwrapped:
+the kind, this node, this TK, and never twice (tvmm/tickets.py). Each refusal by its reason."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tpm2_pytss import TPM2B_PUBLIC, TPMA_OBJECT
+
+from tccdeploy.coordinator import identity, tpm2
+from tccdeploy.crypto import ticket as tickets
+from tccdeploy.tvmm import config
+from tccdeploy.tvmm import tickets as service_tickets
+from tccdeploy.tvmm.interface import OPERATIONS, ServiceError, problems
+
+TK = TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
+                         | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN)
+TK_NAME = bytes(TK.get_name())
+
+
+def body(**changes) -> dict:  # type: ignore[no-untyped-def]
+    now = int(time.time())
+    out = {"v": 1, "kind": "launch", "id": tickets.new_id(), "node": "node1", "node_serial": "ab12",
+           "tk_name": TK_NAME.hex(), "vm_id": "1" * 32, "name": "web", "customer": "2" * 32, "request": "3" * 32,
+           "image_sha256": "4" * 64, "vcpus": 1, "memory_mib": 64, "issued": now, "expires": now + tickets.TTL,
+           "kvm": base64.b64encode(bytes(256)).decode()}
+    out.update(changes)
+    return out
+
+
+def issue(tc, **changes) -> dict:  # type: ignore[no-untyped-def]
+    return tickets.issue(tc.purpose("ticket").key, tc.purpose("ticket").certificate, body(**changes))
+
+
+def reason(envelope: dict, ca: x509.Certificate) -> str:
+    with pytest.raises(tickets.TicketError) as info:
+        tickets.verify(envelope, ca)
+    return info.value.reason
+
+
+def test_the_tk_name_the_tc_records_is_the_one_the_service_computes():
+    assert tpm2.parse_public(TK.marshal()).name == TK_NAME
+
+
+def test_a_ticket_signed_by_the_tc_verifies_and_is_what_the_services_schema_takes(tc_identity):
+    envelope = issue(tc_identity)
+    assert tickets.verify(envelope, tc_identity.certificate)["node"] == "node1"
+    assert not problems(OPERATIONS["launch"], {"ticket": envelope})
+
+
+def test_an_altered_ticket_is_refused(tc_identity):
+    envelope = issue(tc_identity)
+    for field, value in (("node", "node2"), ("vcpus", 64), ("expires", 2**39), ("vm_id", "5" * 32)):
+        altered = copy.deepcopy(envelope)
+        altered["ticket"][field] = value
+        assert reason(altered, tc_identity.certificate) == "ticket.signature", field
+
+
+def test_a_ticket_from_another_tc_or_another_purpose_key_is_refused(tc_identity, tmp_path: Path):
+    other, _ = identity.init(str(tmp_path / "other"))
+    assert reason(issue(other), tc_identity.certificate) == "ticket.certificate"  # another TC's CA
+    # The TC's own receipt key, not its ticket key: a signature for one purpose is not one for another.
+    receipt = tc_identity.purpose("receipt")
+    envelope = tickets.issue(receipt.key, receipt.certificate, body())
+    assert reason(envelope, tc_identity.certificate) == "ticket.certificate"
+    # The right certificate, but the body signed by another key.
+    forged = tickets.issue(other.purpose("ticket").key, tc_identity.purpose("ticket").certificate, body())
+    assert reason(forged, tc_identity.certificate) == "ticket.signature"
+
+
+def test_an_expired_or_malformed_ticket_is_refused(tc_identity):
+    assert reason(issue(tc_identity, expires=int(time.time()) - 1), tc_identity.certificate) == "ticket.expired"
+    envelope = issue(tc_identity)
+    for broken in ({}, {"ticket": envelope["ticket"]}, dict(envelope, signature="!!"),
+                   dict(envelope, certificate=envelope["certificate"] + "=")):
+        assert reason(broken, tc_identity.certificate) == "ticket.malformed"
+
+
+def test_labels_bind_kind_key_vm_customer_and_ticket():
+    base = tickets.label("launch", "kvm", "1" * 32, "2" * 32, "3" * 32)
+    others = {tickets.label("migrate-in", "kvm", "1" * 32, "2" * 32, "3" * 32),
+              tickets.label("launch", "kmig", "1" * 32, "2" * 32, "3" * 32),
+              tickets.label("launch", "kvm", "9" * 32, "2" * 32, "3" * 32),
+              tickets.label("launch", "kvm", "1" * 32, "9" * 32, "3" * 32),
+              tickets.label("launch", "kvm", "1" * 32, "2" * 32, "9" * 32)}
+    assert base not in others and len(others) == 5
+
+
+def test_the_pin_qualifier_binds_the_nonce_and_the_ca():
+    nonce = bytes(32)
+    assert tickets.pin_qualifier(nonce, b"ca") != tickets.pin_qualifier(nonce, b"other ca")
+    assert tickets.pin_qualifier(nonce, b"ca") != tickets.pin_qualifier(bytes([1]) * 32, b"ca")
+    assert tickets.pin_qualifier(nonce, b"ca") != nonce
+
+
+@pytest.fixture
+def node_service(tmp_path: Path, tc_identity):  # type: ignore[no-untyped-def]
+    """The service's state on node1: a TK made with the TC's CA pinned."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    pem = tc_identity.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    (state / "tk.json").write_text(json.dumps({"private": "", "public": base64.b64encode(TK.marshal()).decode(),
+                                               "bank": "sha256", "pcrs": [0], "tc_ca": pem}))
+    previous = config._current
+    config.use(config.Config(node="node1", tpm="none", state_dir=str(state), eventlog=""))
+    yield state
+    config._current = previous
+
+
+def service_reason(envelope: dict, kind: str = "launch") -> str:
+    with pytest.raises(ServiceError) as info:
+        service_tickets.check(envelope, kind)
+    return info.value.reason
+
+
+def test_the_service_takes_a_ticket_for_itself_once(node_service, tc_identity):
+    envelope = issue(tc_identity)
+    checked = service_tickets.check(envelope, "launch")
+    service_tickets.spend(checked)
+    assert service_reason(envelope) == "ticket.replayed"
+    with pytest.raises(ServiceError) as info:
+        service_tickets.spend(checked)
+    assert info.value.reason == "ticket.replayed"
+    assert oct((node_service / service_tickets.USED_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_service_refuses_a_ticket_for_another_node_tk_or_use(node_service, tc_identity, tmp_path: Path):
+    assert service_reason(issue(tc_identity, node="node2")) == "ticket.node"
+    other_tk = bytes(TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=TPMA_OBJECT.DECRYPT,
+                                        authPolicy=b"x" * 32).get_name())
+    assert service_reason(issue(tc_identity, tk_name=other_tk.hex())) == "ticket.tk"
+    assert service_reason(issue(tc_identity), kind="migrate-in") == "ticket.kind"
+    other, _ = identity.init(str(tmp_path / "engine-ca"))  # tickets from a CA the node did not pin
+    assert service_reason(issue(other)) == "ticket.certificate"
+    assert service_reason(issue(tc_identity, expires=int(time.time()) - 5)) == "ticket.expired"
+
+
+def test_without_a_pinned_ca_no_ticket_is_taken(node_service, tc_identity):
+    stored = json.loads((node_service / "tk.json").read_text())
+    del stored["tc_ca"]
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    assert service_reason(issue(tc_identity)) == "tvmm.no-tk"
+    (node_service / "tk.json").unlink()
+    assert service_reason(issue(tc_identity)) == "tvmm.no-tk"
+
+
+def test_a_ticket_label_fits_a_tpms_label_buffer():
+    """TPM2B_DATA holds 64 bytes, the trailing NUL included."""
+    assert len(tickets.label("migrate-out", "kmig", "f" * 32, "f" * 64, "f" * 32)) + 1 <= 64
