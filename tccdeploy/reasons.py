@@ -103,6 +103,7 @@ REASONS: dict[str, str] = {
     "receipt.not-yet": "the VM has not been launched: no receipt yet",
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
+    "migrate.source-unknown": "the VM's node holds no trusted key the TC certified, so no migrate-out ticket can be made for it",
     "migrate.same-node": "the VM runs on the destination already",
     "migrate.destination-untrusted": "the destination is not admitted and freshly trusted",
     "migrate.vm-moved": "the VM is no longer on the migration's source",
@@ -178,4 +179,5 @@ REASONS: dict[str, str] = {
     "ticket.node": "the ticket is for another node",
     "ticket.tk": "the ticket is for another trusted key than the node's (a key made since, or another node's)",
     "ticket.replayed": "the ticket was used on this node already",
+    "tvmm.migrating": "a migration of the VM is already under way on this node",
 }

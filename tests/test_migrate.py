@@ -3,6 +3,7 @@ and every failure before the commit leaves exactly one running copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
@@ -247,7 +248,10 @@ def test_a_failure_before_the_commit_leaves_the_vm_running_on_the_source(world, 
     world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
 
 
-def test_a_tampered_node_with_two_vms_is_evacuated_in_one_round(world, lab_node):
+def test_a_tampered_nodes_vms_are_stopped_not_moved_its_tk_cannot_open_the_migration_key(world, lab_node):
+    """A node whose boot changed cannot unwrap the migrate-out ticket's Kmig, so it can make no
+    stream a trusted node would take: evacuation fails closed, its VMs are powered off, and no
+    copy of their state runs anywhere."""
     first, second = start_vm(world, "node4"), start_vm(world, "node4")
     lab_node("node4")
     world.lab.tamper("node4")
@@ -255,12 +259,41 @@ def test_a_tampered_node_with_two_vms_is_evacuated_in_one_round(world, lab_node)
     report = enforce_round(world.engine, world.tc)
     assert {"node": "node4", "reason": "build.unknown"} in report.quarantined
     for vm in (first, second):
+        outcome = next(v for v in report.vms if v["vm"] == vm["name"])
+        assert outcome["result"].startswith("powered off") and "tvmm.tk-refused" in outcome["evacuation_error"]
+        assert world.tc.registry.vm(vm["name"])["state"] == "stopped" and qemu_pids(vm["vm_id"]) == []
+        aborted = [m for m in world.tc.registry.migrations() if m["vm_id"] == vm["vm_id"]]
+        assert aborted and all(m["state"] == "aborted" for m in aborted)
+    fresh(world)
+    world.lab.reset("node4")
+    world.tc.release_node("node4", "test: the lab put the node back")
+    world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
+
+
+def test_a_node_whose_build_is_revoked_is_evacuated_in_one_round(world, lab_node):
+    """Its boot did not change (its TK still opens), but the TC no longer approves the build: the
+    next round quarantines it and its VMs move, each through its pair of tickets."""
+    lab_node("node4")
+    world.lab.reboot("node4", "tvmm-2026.2")
+    fresh(world)
+    world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
+    first, second = start_vm(world, "node4"), start_vm(world, "node4")
+    builds = world.tc.builds
+    world.tc.builds = [dataclasses.replace(b, status="revoked") if b.name == "tvmm-2026.2" else b for b in builds]
+    try:
+        fresh(world)
+        report = enforce_round(world.engine, world.tc)
+    finally:
+        world.tc.builds = builds
+    assert {"node": "node4", "reason": "build.revoked"} in report.quarantined
+    for vm in (first, second):
         row = world.tc.registry.vm(vm["name"])
         assert row["node"] != "node4" and row["state"] == "running", report.vms
         assert status(world, row["node"], vm["vm_id"]) == "running"
         assert len(qemu_pids(vm["vm_id"])) == 1
     fresh(world)
     world.lab.reset("node4")
+    world.tc.release_node("node4", "test: the lab put the node back")
     world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
 
 

@@ -92,6 +92,9 @@ def vm_running_where_registered(world, lab: Lab) -> dict[str, str]:  # type: ign
     out = {}
     with Engine(load_inventory(lab.inventory_dir).select(TARGETS), state=world.state) as engine:
         for vm_id, name, node, state in registry_rows(world.state, "SELECT vm_id, name, node, state FROM vms"):
+            if state == "stopped":  # powered off by enforcement (a tampered node): no QEMU anywhere
+                assert not [p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]
+                continue
             assert state == "running"
             status = migrating._call_fresh(engine, node, "vm_control", {"vm_id": vm_id, "action": "status"})
             assert status["status"] == "running", (name, node)
@@ -166,7 +169,9 @@ def test_rollout_stops_at_the_first_node_whose_new_boot_is_untrusted(lab: Lab, w
     assert lab.load().node("node3").build == "tvmm-2026.1"  # never touched
 
 
-def test_enforce_playbook_quarantines_a_tampered_node_and_evacuates_its_vm(lab: Lab, world):
+def test_enforce_playbook_quarantines_a_tampered_node_and_stops_its_vm(lab: Lab, world):
+    """The node's TPM no longer opens the migration key, so the VM cannot be evacuated: it is
+    powered off where it was (fail closed)."""
     assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
     launched = apply(str(PLAYBOOKS / "launch.yml"), *world.args, "-e", f"request={signed_request(world, 'web-9')}",
                      state=world.state)
@@ -177,8 +182,9 @@ def test_enforce_playbook_quarantines_a_tampered_node_and_evacuates_its_vm(lab: 
     assert result.returncode == 2
     assert recap(result.stdout)[node]["failed"] == 1 and "build.unknown" in result.stdout
     assert registry_rows(world.state, f"SELECT state FROM nodes WHERE name = '{node}'") == [("quarantined",)]
-    moved = vm_running_where_registered(world, lab)["web-9"]
-    assert moved != node
+    vm_id, state = registry_rows(world.state, "SELECT vm_id, state FROM vms WHERE name = 'web-9'")[0]
+    assert state == "stopped" and "tvmm.tk-refused" in result.stdout, result.stdout
+    assert not [p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]
 
 
 def test_copy_is_by_digest_idempotent_and_check_mode_only_shows_the_diff(lab: Lab, world, tmp_path):

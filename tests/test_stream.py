@@ -76,3 +76,27 @@ def test_any_change_is_detected(plaintext, chunk_size, data):
 @given(st.binary(max_size=3000), st.integers(1, 500))
 def test_round_trip(plaintext, chunk_size):
     assert decrypt(KEY, encrypt(KEY, plaintext, chunk_size)) == plaintext
+
+
+def test_a_stream_carries_its_context_and_opens_only_for_it():
+    """A migration's stream names its migration in the header (authenticated by every chunk):
+    the destination expecting another migration refuses it, even under the same key."""
+    from tccdeploy.crypto.stream import Encryptor
+
+    key = os.urandom(32)
+    enc = Encryptor(key, 1024, context=b"migration:7")
+    data = enc.header + enc.update(os.urandom(5000)) + enc.finish()
+    assert b"migration:7" in data[:64]
+    right = Decryptor(key, context=b"migration:7")
+    assert len(right.update(data)) == 5000
+    right.finish()
+    for expected in (b"migration:8", b""):
+        with pytest.raises(StreamError, match="another context"):
+            Decryptor(key, context=expected).update(data)
+    plain = encrypt(key, b"x" * 100, 64)  # a stream without context is not one for a migration
+    with pytest.raises(StreamError, match="another context"):
+        Decryptor(key, context=b"migration:7").update(plain)
+    # The context is authenticated: rewritten in the header, every chunk fails.
+    forged = data.replace(b"migration:7", b"migration:8", 1)
+    with pytest.raises(StreamError, match="does not authenticate"):
+        Decryptor(key, context=b"migration:8").update(forged)

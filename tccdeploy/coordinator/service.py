@@ -14,9 +14,12 @@ import secrets
 import time
 from typing import Any, Literal
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..config import state_dir
+from ..crypto import ticket as tickets
+from ..crypto import wrap
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
 from . import admission, audit, enrollment, identity, keybroker, receipts, roster, verifier
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
@@ -313,8 +316,12 @@ class Coordinator:
 
     # -- migration ------------------------------------------------------------------------
     def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
-        """Check the destination is trusted now and meets the VM's constraints, re-wrap Kvm to
-        its TK, record the migration. Refused for a destination that does not qualify, whoever asks."""
+        """Check the destination is trusted now and meets the VM's constraints, record the
+        migration, and issue its two tickets: a fresh Kmig made here, wrapped to the source's TK
+        (migrate-out, naming the destination the TC chose) and to the destination's with Kvm
+        (migrate-in, naming the source). Only the two TVMM services can open them, so only the
+        source can make the stream and only the destination read it. Refused for a destination
+        that does not qualify, whoever asks."""
         vm = self.registry.vm(vm_name)
         if vm is None or vm["node"] is None:
             raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
@@ -322,18 +329,45 @@ class Coordinator:
             raise Refused("migrate.same-node", f"{vm['name']} already runs on {destination}")
         request = self.registry.request(vm["request"])
         assert request is not None
+        source = self.registry.last_certificate(vm["node"])
+        owner = self.registry.image_owner(vm["vm_id"])
+        customer_id = owner["key_id"] if owner else ""
+        in_id, out_id = tickets.new_id(), tickets.new_id()
         with self._refusals("migration", destination, vm["vm_id"]):
+            if source is None:
+                raise Refused("migrate.source-unknown", f"{vm['node']} holds no trusted key the TC certified")
             latest, certificate, rewrapped = keybroker.rewrap_for(
                 self.registry, self.identity(), self.perimeter, self.builds, request, destination,
-                self.capacity(destination))
+                self.capacity(destination), tickets.label("migrate-in", "kvm", vm["vm_id"], customer_id, in_id))
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
-                    certificate_serial=certificate["serial"]))
+                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]))
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
+        kmig = secrets.token_bytes(32)
+        signer, now = self.identity().purpose("ticket"), int(time.time())
+        common = {"v": 1, "vm_id": vm["vm_id"], "customer": customer_id, "migration": str(migration), "issued": now,
+                  "expires": now + tickets.TTL}
+
+        def wrapped(cert_pem: str, kind: str, what: str, ticket_id: str, secret: bytes) -> str:
+            public = x509.load_pem_x509_certificate(cert_pem.encode()).public_key()
+            return base64.b64encode(wrap.wrap(public, secret, tickets.label(  # type: ignore[arg-type]
+                kind, what, vm["vm_id"], customer_id, ticket_id))).decode()
+
+        out_ticket = tickets.issue(signer.key, signer.certificate, common | {
+            "kind": "migrate-out", "id": out_id, "node": vm["node"], "node_serial": source["serial"],
+            "tk_name": source["tk_name"], "destination": destination, "destination_tk_name": certificate["tk_name"],
+            "kmig": wrapped(source["pem"], "migrate-out", "kmig", out_id, kmig)})
+        spec = request["spec"]
+        in_ticket = tickets.issue(signer.key, signer.certificate, common | {
+            "kind": "migrate-in", "id": in_id, "node": destination, "node_serial": certificate["serial"],
+            "tk_name": certificate["tk_name"], "source": vm["node"], "name": vm["name"],
+            "image_sha256": request["image_sha256"], "vcpus": int(spec["vcpus"]), "memory_mib": int(spec["memoryMiB"]),
+            "kvm": base64.b64encode(rewrapped).decode(), "kmig": wrapped(certificate["pem"], "migrate-in", "kmig", in_id, kmig)})
+        del kmig
         return {"migration": migration, "vm": vm, "request": {k: v for k, v in request.items() if k != "wrapped_key"},
-                "certificate_pem": certificate["pem"], "wrapped_key": base64.b64encode(rewrapped).decode()}
+                "out_ticket": out_ticket, "in_ticket": in_ticket}
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
         """Commit (the VM now runs on the destination) or abort. Until the destination's TPM

@@ -840,3 +840,8 @@ class Registry:
 
     def certificate(self, node: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
+
+    def last_certificate(self, node: str) -> dict[str, Any] | None:
+        """The node's newest certificate, revoked or not: the TK it holds (a quarantined node
+        keeps its TK, which opens only while its boot is still the one it was admitted with)."""
+        return self._one("SELECT * FROM certificates WHERE node = ? ORDER BY not_after DESC", (node,))

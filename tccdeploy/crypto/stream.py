@@ -4,6 +4,7 @@ The STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár, "Online authentic
 and its nonce-reuse misuse-resistance", 2015) over AES-256-GCM:
 
     header   = b"TCCSTRM1" || nonce_prefix (7 bytes, random) || chunk_size (u32, big endian)
+             | b"TCCSTRM2" || nonce_prefix || chunk_size || len(context) (u16) || context
     nonce_i  = nonce_prefix || i (u32, big endian) || last (1 byte: 1 for the final chunk, else 0)
     frame_i  = len(ct_i) (u32, big endian) || ct_i,   ct_i = AES-256-GCM(K, nonce_i, chunk_i, aad=header)
 
@@ -11,6 +12,10 @@ Every chunk but the last holds exactly chunk_size bytes; the last may be shorter
 Reordered, duplicated or dropped chunks fail authentication (the counter is in the nonce); a
 stream cut short has no chunk flagged last and is rejected at its end; a flipped bit fails its
 chunk's tag. A decryptor releases a chunk's plaintext only after its tag verified.
+
+A context (a migration's id) names what the stream is for: it travels in the header, which every
+chunk authenticates, and a decryptor expecting another context refuses the header, so a stream
+made for one migration is not accepted for another even under the same key.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"TCCSTRM1"
+MAGIC_CONTEXT = b"TCCSTRM2"
 HEADER_SIZE = len(MAGIC) + 7 + 4
+MAX_CONTEXT = 256
 DEFAULT_CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
 TAG = 16
@@ -43,17 +50,22 @@ def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
 class Encryptor:
     """Feed plaintext in any pieces; get frames out. finish() emits the final chunk."""
 
-    def __init__(self, key: bytes, chunk_size: int = DEFAULT_CHUNK, nonce_prefix: bytes | None = None):
+    def __init__(self, key: bytes, chunk_size: int = DEFAULT_CHUNK, nonce_prefix: bytes | None = None,
+                 context: bytes = b""):
         if len(key) != 32:
             raise ValueError("STREAM uses a 256-bit key")
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError("bad chunk size")
+        if len(context) > MAX_CONTEXT:
+            raise ValueError("the stream's context is at most 256 bytes")
         self.aead = AESGCM(key)
         self.prefix = nonce_prefix if nonce_prefix is not None else os.urandom(7)
         if len(self.prefix) != 7:
             raise ValueError("the nonce prefix is 7 bytes")
         self.chunk_size = chunk_size
         self.header = MAGIC + self.prefix + struct.pack(">I", chunk_size)
+        if context:
+            self.header = MAGIC_CONTEXT + self.prefix + struct.pack(">IH", chunk_size, len(context)) + context
         self.counter = 0
         self.buffer = bytearray()
         self.done = False
@@ -91,9 +103,10 @@ class Encryptor:
 class Decryptor:
     """Feed frames in any pieces; get verified plaintext out. finish() checks the stream ended."""
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes, context: bytes = b""):
         if len(key) != 32:
             raise ValueError("STREAM uses a 256-bit key")
+        self.context = context
         self.aead = AESGCM(key)
         self.buffer = bytearray()
         self.header: bytes | None = None
@@ -108,14 +121,25 @@ class Decryptor:
         if self.header is None:
             if len(self.buffer) < HEADER_SIZE:
                 return b""
-            header = bytes(self.buffer[:HEADER_SIZE])
-            if header[: len(MAGIC)] != MAGIC:
+            magic = bytes(self.buffer[:len(MAGIC)])
+            size = HEADER_SIZE
+            if magic == MAGIC_CONTEXT:
+                if len(self.buffer) < HEADER_SIZE + 2:
+                    return b""
+                size = HEADER_SIZE + 2 + struct.unpack_from(">H", self.buffer, HEADER_SIZE)[0]
+                if len(self.buffer) < size:
+                    return b""
+            elif magic != MAGIC:
                 raise StreamError("not a tccdeploy STREAM (bad magic)")
-            self.chunk_size = struct.unpack(">I", header[-4:])[0]
+            header = bytes(self.buffer[:size])
+            context = header[HEADER_SIZE + 2:] if magic == MAGIC_CONTEXT else b""
+            if context != self.context:
+                raise StreamError("the stream was made for another context (another migration)")
+            self.chunk_size = struct.unpack(">I", header[HEADER_SIZE - 4:HEADER_SIZE])[0]
             if not 1 <= self.chunk_size <= MAX_CHUNK:
                 raise StreamError(f"chunk size {self.chunk_size} out of range")
             self.header, self.prefix = header, header[len(MAGIC):len(MAGIC) + 7]
-            del self.buffer[:HEADER_SIZE]
+            del self.buffer[:size]
         pos, end = 0, len(self.buffer)
         view = memoryview(self.buffer)
         try:

@@ -1,6 +1,7 @@
 """TC tickets: the TC's written permission for one key use by one node's TVMM service.
 
-Every use of a VM key on a node needs one (launch; migrate-out and migrate-in follow). A ticket
+Every use of a VM key on a node needs one: launch, migrate-out (to the source) and migrate-in
+(to the destination). A ticket
 names the node (name, node-certificate serial, TK name), the VM and its customer, the request,
 the machine profile and an expiry, and carries the key wrapped to that node's TK under an OAEP
 label binding the ticket's kind, the VM, the customer and the ticket's id: the key opens only in
@@ -26,33 +27,54 @@ from .purpose import purpose_certificate
 
 DOMAIN = "tvmm-ticket"
 TTL = 300  # seconds a ticket is good for: the engine hands it over right away
-KINDS = ("launch",)
+KINDS = ("launch", "migrate-out", "migrate-in")
 PIN_TAG = b"tccdeploy-tk-pin\x00"
 
 HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 HEX64 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 B64_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 1024}
 TIME = {"type": "integer", "minimum": 0, "maximum": 1 << 40}
-_LAUNCH_FIELDS: dict[str, Any] = {
-    "v": {"type": "integer", "enum": [1]}, "kind": {"type": "string", "enum": ["launch"]}, "id": HEX32,
-    "node": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
-    "node_serial": {"type": "string", "pattern": "^[0-9a-f]{1,64}$"},
-    "tk_name": {"type": "string", "pattern": "^[0-9a-f]{68}$"},
-    "vm_id": HEX32, "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
-    "customer": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"}, "image_sha256": HEX64,
-    "request": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-    "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
+TK_NAME = {"type": "string", "pattern": "^[0-9a-f]{68}$"}
+_COMMON: dict[str, Any] = {
+    "v": {"type": "integer", "enum": [1]}, "id": HEX32, "node": NAME, "node_serial": {"type": "string", "pattern": "^[0-9a-f]{1,64}$"},
+    "tk_name": TK_NAME, "vm_id": HEX32, "customer": {"type": "string", "pattern": "^[0-9a-f]{16,64}$"},
+    "issued": TIME, "expires": TIME,
+}
+_PROFILE: dict[str, Any] = {
+    "name": NAME, "image_sha256": HEX64, "vcpus": {"type": "integer", "minimum": 1, "maximum": 256},
     "memory_mib": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024},
-    "issued": TIME, "expires": TIME, "kvm": B64_KEY,
 }
-LAUNCH = {"type": "object", "properties": _LAUNCH_FIELDS, "required": sorted(_LAUNCH_FIELDS), "additionalProperties": False}
-SIGNED = {
-    "type": "object",
-    "properties": {"ticket": LAUNCH, "signature": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 256},
-                   "certificate": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4096}},
-    "required": ["certificate", "signature", "ticket"],
-    "additionalProperties": False,
-}
+MIGRATION = {"type": "string", "pattern": "^[0-9]{1,20}$"}
+
+
+def _body(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    properties = {**_COMMON, "kind": {"type": "string", "enum": [kind]}, **fields}
+    return {"type": "object", "properties": properties, "required": sorted(properties), "additionalProperties": False}
+
+
+def signed(body: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a signed ticket whose body is `body`."""
+    return {
+        "type": "object",
+        "properties": {"ticket": body,
+                       "signature": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 256},
+                       "certificate": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 4096}},
+        "required": ["certificate", "signature", "ticket"],
+        "additionalProperties": False,
+    }
+
+
+# launch: the VM, its profile and Kvm, for one request
+LAUNCH = _body("launch", {**_PROFILE, "request": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                          "kvm": B64_KEY})
+# migrate-out (to the source): Kmig, and the destination the TC chose for it
+MIGRATE_OUT = _body("migrate-out", {"migration": MIGRATION, "destination": NAME, "destination_tk_name": TK_NAME,
+                                    "kmig": B64_KEY})
+# migrate-in (to the destination): the VM's profile, Kvm and the same Kmig, and where it comes from
+MIGRATE_IN = _body("migrate-in", {**_PROFILE, "migration": MIGRATION, "source": NAME, "kvm": B64_KEY,
+                                  "kmig": B64_KEY})
+SIGNED = signed(LAUNCH)
 
 
 class TicketError(ValueError):

@@ -1,9 +1,11 @@
 """Encrypted migration, as the engine carries it out: it relays only ciphertext.
 
-1. A fresh attestation of the destination; the TC checks it is admitted and trusted now,
-   re-wraps Kvm to its TK and hands over its node certificate (refused otherwise, whoever asks).
+1. A fresh attestation of the destination; the TC checks it is admitted and trusted now and
+   issues the migration's two tickets: a fresh Kmig wrapped to the source's TK (migrate-out,
+   naming the destination) and, with Kvm, to the destination's (migrate-in). Refused
+   otherwise, whoever asks.
 2. The source pauses the VM (the switch) and migrates it into its TVMM service, which encrypts
-   the stream with STREAM under a fresh Kmig wrapped to the destination's TK.
+   the stream with STREAM under the ticket's Kmig, the migration's id in its header.
 3. The encrypted disk (LUKS qcow2) is copied source -> destination as it is, digest checked.
 4. The destination's TPM unwraps Kvm and Kmig; its service authenticates every chunk before
    QEMU sees it, and checks the stream's end.
@@ -72,16 +74,12 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
     begin = coordinator.migration_begin(vm.name, destination)
     migration, vm_id = begin["migration"], vm.vm_id
     source, target = engine.session(hosts[vm.node]), engine.session(hosts[destination])
-    spec = begin["request"]["spec"]
     committed = False
     moved = 0
     try:
-        out = source.tvmm("migrate_out_start", {"vm_id": vm_id, "destination_certificate": begin["certificate_pem"]})
+        out = source.tvmm("migrate_out_start", {"ticket": begin["out_ticket"]})
         copy_disk(source, target, vm_id, vm.image_sha256)
-        target.tvmm("migrate_in_start", {
-            "vm_id": vm_id, "name": vm.name, "wrapped_key": begin["wrapped_key"], "wrapped_kmig": out["wrapped_kmig"],
-            "sha256": vm.image_sha256, "memory_mib": spec["memoryMiB"], "vcpus": spec["vcpus"],
-        }, timeout=120)
+        target.tvmm("migrate_in_start", {"ticket": begin["in_ticket"]}, timeout=120)
         while True:
             piece = source.tvmm("migrate_out_read", {"vm_id": vm_id}, timeout=120)
             if piece["data"]:

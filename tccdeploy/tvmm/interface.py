@@ -15,11 +15,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..crypto.ticket import SIGNED as TICKET
+from ..crypto.ticket import LAUNCH, MIGRATE_IN, MIGRATE_OUT, signed
 
 VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 BANK = {"type": "string", "enum": ["sha1", "sha256", "sha384", "sha512"]}
 PCRS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "minItems": 1, "maxItems": 24,
         "uniqueItems": True}
@@ -38,8 +37,6 @@ def args(required: dict[str, Any], optional: dict[str, Any] | None = None) -> di
 
 
 NONCE = b64(64)
-PROFILE = {"memory_mib": {"type": "integer", "minimum": 16, "maximum": 1024 * 1024},
-           "vcpus": {"type": "integer", "minimum": 1, "maximum": 256}}
 
 OPERATIONS: dict[str, dict[str, Any]] = {
     # identity and enrollment
@@ -62,15 +59,15 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "disk_read": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
                        "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}),
     # VMs
-    "launch": args({"ticket": TICKET}),  # everything else (VM, profile, key) is the TC's ticket
+    "launch": args({"ticket": signed(LAUNCH)}),  # everything else (VM, profile, key) is the TC's ticket
     "vm_control": args({"vm_id": VM_ID,
                         "action": {"type": "string", "enum": ["status", "stop", "start", "poweroff", "destroy"]}}),
     # migration
-    "migrate_out_start": args({"vm_id": VM_ID, "destination_certificate": {"type": "string", "maxLength": 16384}}),
+    # Kmig, and where the stream may go, are the TC's (its tickets), never the engine's
+    "migrate_out_start": args({"ticket": signed(MIGRATE_OUT)}),
     "migrate_out_read": args({"vm_id": VM_ID}),
     "migrate_out_end": args({"vm_id": VM_ID, "commit": {"type": "boolean"}}),
-    "migrate_in_start": args({"vm_id": VM_ID, "name": NAME, "wrapped_key": b64(512), "wrapped_kmig": b64(512),
-                              "sha256": SHA256, **PROFILE}),
+    "migrate_in_start": args({"ticket": signed(MIGRATE_IN)}),
     "migrate_in_data": args({"vm_id": VM_ID, "data": b64(4 * MiB + 4096)}),
     "migrate_in_finish": args({"vm_id": VM_ID, "resume": {"type": "boolean"}}),
     "migrate_in_discard": args({"vm_id": VM_ID}),

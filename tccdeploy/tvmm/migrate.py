@@ -1,12 +1,17 @@
 """Encrypted migration on the node: QEMU's stream, encrypted before it leaves, decrypted only
 inside the destination's service.
 
-Source: a fresh Kmig is wrapped to the destination's TK (from its node certificate, handed over
-by the TC); QEMU migrates to a unix socket the service listens on; the service encrypts what it
-reads with STREAM (AES-256-GCM chunks) and gives the engine only ciphertext.
-Destination: the TPM unwraps Kmig (and Kvm, released by the TC for this node) under PolicyPCR;
-QEMU waits with -incoming on a private socket; the service authenticates and decrypts each
-chunk before QEMU sees it, and checks the stream's end. Migration state lives in this process,
+Both ends act only on the TC's tickets, which carry one Kmig the TC made, wrapped to each end's
+TK: no end takes a key or a certificate from the engine.
+Source (migrate-out ticket: this node, this TK, the destination the TC chose): the TPM unwraps
+Kmig; QEMU migrates to a unix socket the service listens on; the service encrypts what it reads
+with STREAM (AES-256-GCM chunks, the migration's id in the header) and gives the engine only
+ciphertext. A node whose boot changed cannot unwrap Kmig, so no VM state leaves it for a
+trusted node (its VMs are stopped instead).
+Destination (migrate-in ticket): the TPM unwraps Kvm and Kmig under PolicyPCR; QEMU waits with
+-incoming on a private socket, on the ticket's profile; the service authenticates and decrypts
+each chunk before QEMU sees it, and checks the stream's end and its migration. A stream under
+any other key (the engine's own) fails its first chunk. Migration state lives in this process,
 which serves the engine's whole session.
 """
 
@@ -18,7 +23,8 @@ import socket
 from typing import Any
 
 from ..crypto.files import sha256_file
-from ..crypto.wrap import vm_label
+from ..crypto.ticket import label as ticket_label
+from . import tickets
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
@@ -38,34 +44,38 @@ READ_CHUNK = 256 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 
 
-def _crypto():  # type: ignore[no-untyped-def]
-    """Imported when a migration needs them (most sessions only attest)."""
-    from ..crypto import stream, wrap
+def _stream():  # type: ignore[no-untyped-def]
+    """Imported when a migration needs it (most sessions only attest)."""
+    from ..crypto import stream
 
-    return stream, wrap
+    return stream
+
 
 _OUT: dict[str, dict[str, Any]] = {}
 _IN: dict[str, dict[str, Any]] = {}
 
 
-def mig_label(vm_id: str) -> bytes:
-    return f"tccdeploy-mig:{vm_id}".encode()
+def context(body: dict[str, Any]) -> bytes:
+    """What the stream's header names: this migration of this VM."""
+    return f"tccdeploy-migration:{body['migration']}:{body['vm_id']}".encode()
 
 
 @operation("migrate_out_start")
-def migrate_out_start(vm_id: str, destination_certificate: str) -> dict[str, Any]:
-    """Pause the VM, then start QEMU's migration into the service, under a fresh Kmig. QEMU is
-    lent the disk's secret until the migration is settled, so an abort resumes the VM with its
+def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Pause the VM, then start QEMU's migration into the service, under the ticket's Kmig. QEMU
+    is lent the disk's secret until the migration is settled, so an abort resumes the VM with its
     disk, whatever point the migration reached."""
+    body = tickets.check(ticket, "migrate-out")
+    vm_id = body["vm_id"]
     directory = vm_dir(vm_id)
     if not _pid(directory):
         raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
-    stream, wrap = _crypto()
-    from cryptography import x509
-
-    certificate = x509.load_pem_x509_certificate(destination_certificate.encode())
-    kmig = os.urandom(32)
-    wrapped = wrap.wrap(certificate.public_key(), kmig, mig_label(vm_id))  # type: ignore[arg-type]
+    if vm_id in _OUT:
+        raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
+    tickets.spend(body)
+    kmig = tk_decrypt(base64.b64decode(body["kmig"]),
+                      ticket_label("migrate-out", "kmig", vm_id, body["customer"], body["id"]))
+    stream = _stream()
     path = os.path.join(directory, "mig-out.sock")
     if os.path.exists(path):
         os.unlink(path)
@@ -94,10 +104,11 @@ def migrate_out_start(vm_id: str, destination_certificate: str) -> dict[str, Any
     connection, _ = listener.accept()
     listener.close()
     connection.settimeout(60)
-    encryptor = stream.Encryptor(kmig)
+    encryptor = stream.Encryptor(kmig, context=context(body))
     del kmig
     _OUT[vm_id] = {"sock": connection, "enc": encryptor, "header_sent": False, "was_running": status.get("status") == "running"}
-    return {"changed": True, "wrapped_kmig": base64.b64encode(wrapped).decode(), "was_running": _OUT[vm_id]["was_running"]}
+    return {"changed": True, "was_running": _OUT[vm_id]["was_running"], "migration": body["migration"],
+            "destination": body["destination"]}
 
 
 @operation("migrate_out_read")
@@ -158,18 +169,22 @@ def migrate_out_end(vm_id: str, commit: bool) -> dict[str, Any]:
 
 
 @operation("migrate_in_start")
-def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str, sha256: str, memory_mib: int,
-                     vcpus: int) -> dict[str, Any]:
-    """Start QEMU waiting for the migration, the disk opened with Kvm; ready to take ciphertext."""
+def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Start QEMU waiting for the migration the ticket names, on its profile, the disk opened with
+    the ticket's Kvm; ready to take ciphertext under the ticket's Kmig."""
+    body = tickets.check(ticket, "migrate-in")
+    vm_id = body["vm_id"]
     directory = vm_dir(vm_id)
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", "the VM already runs here")
-    if not os.path.exists(disk) or sha256_file(disk) != sha256:
+    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
-    kmig = tk_decrypt(base64.b64decode(wrapped_kmig), mig_label(vm_id))
-    passphrase = unwrap_passphrase(wrapped_key, vm_label(vm_id))
-    accel = start_qemu(directory, vm_id, name, memory_mib, vcpus, incoming=True)
+    tickets.spend(body)
+    kmig = tk_decrypt(base64.b64decode(body["kmig"]), ticket_label("migrate-in", "kmig", vm_id, body["customer"], body["id"]))
+    kvm_label = ticket_label("migrate-in", "kvm", vm_id, body["customer"], body["id"])
+    passphrase = unwrap_passphrase(body["kvm"], kvm_label)
+    accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
     incoming = os.path.join(directory, "mig-in.sock")
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
@@ -179,7 +194,7 @@ def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str,
             qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
             qmp.close()
-        keep_wrapped_key(directory, wrapped_key, vm_label(vm_id))  # for its own migrations
+        keep_wrapped_key(directory, body["kvm"], kvm_label)  # for its own migrations
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(60)
         for _ in range(200):
@@ -195,15 +210,14 @@ def migrate_in_start(vm_id: str, name: str, wrapped_key: str, wrapped_kmig: str,
     except (QMPError, OSError) as exc:
         _kill(directory)
         raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
-    stream, _ = _crypto()
-    _IN[vm_id] = {"sock": sock, "dec": stream.Decryptor(kmig), "bytes": 0}
+    _IN[vm_id] = {"sock": sock, "dec": _stream().Decryptor(kmig, context=context(body)), "bytes": 0}
     del kmig
     return {"changed": True, "ready": True, "accel": accel}
 
 
 @operation("migrate_in_data")
 def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
-    stream, _ = _crypto()
+    stream = _stream()
     state = _IN.get(vm_id)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
@@ -223,7 +237,7 @@ def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
     """Check the stream ended properly, wait for QEMU to take the state, resume the VM."""
     import time
 
-    stream, _ = _crypto()
+    stream = _stream()
     state = _IN.pop(vm_id, None)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")

@@ -42,10 +42,7 @@ def _released(world: World, name: str, node: str) -> tuple[str, dict, Path]:
     submitted = world.submit("acme", world.sign("acme", name, bundle))
     assert submitted.returncode == 0, submitted.stderr
     request_id = json.loads(submitted.stdout)["id"]
-    if world.node_state(node) == "admitted":
-        world.admit(node)  # a fresh verdict, as the release needs
-    else:
-        world.restore(node)  # an earlier test left it out
+    world.ready(node)  # a fresh verdict, as the release needs
     response = world.post(f"/v1/requests/{request_id}/release", {"node": node})
     assert response.status_code == 200, response.text
     return read_json(bundle / "descriptor.json")["descriptor"]["vm_id"], response.json()["ticket"], bundle

@@ -1,0 +1,126 @@
+"""Every key use on a node needs the TC's ticket, and a hostile engine holding real tickets
+still cannot bend them: it replays a launch ticket, hands one to another node, starts a VM the
+node already runs, points a migration at a key of its own, and feeds a destination a stream it
+made under its own Kmig. Each is refused by the node's service with its named reason; no VM
+starts twice and no state the engine made runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from tccdeploy.coordinator import identity
+from tccdeploy.crypto import stream
+from tccdeploy.crypto import ticket as tickets
+from tccdeploy.engine.helper import RemoteError
+from tccdeploy.engine.launch import upload_disk
+from tccdeploy.engine.migrate import copy_disk
+
+from .conftest import World, read_json
+
+pytestmark = pytest.mark.slow
+
+
+def _running(world: World, name: str, node: str) -> tuple[str, dict, str]:
+    """acme's VM `name`, launched on node through the engine's own steps: (vm_id, its launch ticket, disk digest)."""
+    bundle = world.seal("acme", name)
+    submitted = world.submit("acme", world.sign("acme", name, bundle))
+    assert submitted.returncode == 0, submitted.stderr
+    request_id = json.loads(submitted.stdout)["id"]
+    world.ready(node)  # a fresh verdict, as the release needs
+    response = world.post(f"/v1/requests/{request_id}/release", {"node": node})
+    assert response.status_code == 200, response.text
+    ticket = response.json()["ticket"]
+    descriptor = read_json(bundle / "descriptor.json")["descriptor"]
+    session = world.session(node)
+    upload_disk(session, descriptor["vm_id"], str(bundle / "disk.qcow2"), descriptor["disk"]["sha256"])
+    assert session.tvmm("launch", {"ticket": ticket})["running"]
+    launched = world.post(f"/v1/requests/{request_id}/launched", {"node": node, "status": {"running": True}})
+    assert launched.status_code == 200, launched.text
+    return descriptor["vm_id"], ticket, descriptor["disk"]["sha256"]
+
+
+def refused(call, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RemoteError) as info:
+        call()
+    assert info.value.reason == reason, info.value
+
+
+def test_a_launch_ticket_works_once_on_its_node_only(world: World):
+    vm_id, ticket, sha256 = _running(world, "once", "node1")
+    try:
+        session = world.session("node1")
+        refused(lambda: session.tvmm("launch", {"ticket": ticket}), "ticket.replayed")
+        # The same ticket on another node, with the disk copied there: a second copy is refused.
+        other = world.session("node2")
+        copy_disk(session, other, vm_id, sha256)
+        refused(lambda: other.tvmm("launch", {"ticket": ticket}), "ticket.node")
+        assert len(world.qemus(vm_id)) == 1
+        # A second, valid ticket for a VM the node already runs (the TC's keys sign it here: the
+        # engine has none) is refused too: one copy per node, whatever the TC signed.
+        tc = identity.load(str(world.service.state))
+        body = dict(ticket["ticket"], id=tickets.new_id())
+        again = tickets.issue(tc.purpose("ticket").key, tc.purpose("ticket").certificate, body)
+        refused(lambda: session.tvmm("launch", {"ticket": again}), "tvmm.vm-running")
+        assert len(world.qemus(vm_id)) == 1
+        other.tvmm("migrate_in_discard", {"vm_id": vm_id})
+    finally:
+        world.destroy("once")
+    assert world.qemus(vm_id) == []
+
+
+def _self_signed_pem() -> str:
+    key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node3")])
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_a_migration_goes_only_where_the_tc_said_under_the_tcs_key(world: World):
+    vm_id, _, sha256 = _running(world, "mover", "node1")
+    source, destination = world.session("node1"), world.session("node3")
+    try:
+        # The old interface's attack: a certificate of the engine's own key to wrap Kmig to.
+        refused(lambda: source.tvmm("migrate_out_start", {"vm_id": vm_id, "destination_certificate": _self_signed_pem()}),
+                "tvmm.args")
+        world.ready("node3")
+        begin = world.post("/v1/migrations", {"vm": "mover", "destination": "node3"})
+        assert begin.status_code == 200, begin.text
+        out_ticket, in_ticket, migration = begin.json()["out_ticket"], begin.json()["in_ticket"], begin.json()["migration"]
+        assert "certificate_pem" not in begin.json() and "wrapped_key" not in begin.json()
+        # Retargeted to another destination, or handed to the wrong end: the signature or the node fails.
+        retargeted = json.loads(json.dumps(out_ticket))
+        retargeted["ticket"]["destination"] = "node2"
+        refused(lambda: source.tvmm("migrate_out_start", {"ticket": retargeted}), "ticket.signature")
+        refused(lambda: destination.tvmm("migrate_out_start", {"ticket": out_ticket}), "ticket.node")
+        refused(lambda: source.tvmm("migrate_in_start", {"ticket": out_ticket}), "tvmm.args")
+        # The destination, given its real ticket, then fed a stream the engine made under a Kmig of
+        # its own (with the right migration named): the first chunk fails, QEMU gets nothing.
+        copy_disk(source, destination, vm_id, sha256)
+        assert destination.tvmm("migrate_in_start", {"ticket": in_ticket}, timeout=120)["ready"]
+        body = in_ticket["ticket"]
+        forged = stream.Encryptor(os.urandom(32), context=f"tccdeploy-migration:{body['migration']}:{vm_id}".encode())
+        data = forged.header + forged.update(os.urandom(300_000)) + forged.finish()
+        refused(lambda: destination.tvmm("migrate_in_data", {"vm_id": vm_id, "data": base64.b64encode(data).decode()}),
+                "tvmm.stream")
+        destination.tvmm("migrate_in_discard", {"vm_id": vm_id})
+        refused(lambda: destination.tvmm("migrate_in_start", {"ticket": in_ticket}), "ticket.replayed")
+        ended = world.post(f"/v1/migrations/{migration}/end", {"vm_id": vm_id, "commit": False, "reason": "test"})
+        assert ended.status_code == 200, ended.text
+        assert len(world.qemus(vm_id)) == 1  # the source's copy, still running
+        assert source.tvmm("vm_control", {"vm_id": vm_id, "action": "status"})["status"] == "running"
+    finally:
+        world.destroy("mover")
+    assert world.qemus(vm_id) == []
