@@ -8,6 +8,7 @@ never produce.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -83,6 +84,22 @@ class Node:
 
     def identity(self) -> dict:
         return {"ak_public": self.ak_public, "ssh_host_key": "SHA256:host"}
+
+    def runtime_evidence(self, ticket: dict, events: list[dict] | None = None, pcr: int = 15,
+                         quoted_for: str | None = None) -> dict:
+        """What the node's service answers a launch with: the launched event (or events) in the
+        runtime PCR, quoted by the AK for the ticket (or, to forge, for quoted_for)."""
+        from tccdeploy.crypto.runtime import qualifier, replay
+
+        body = ticket["ticket"]
+        if events is None:
+            events = [{"event": "launched", "vm_id": body["vm_id"], "image_sha256": body["image_sha256"],
+                       "ticket": body["id"], "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]}]
+        value = replay(events)
+        attest = quote_attest(qualifier(quoted_for or body["id"]), "sha256", [pcr], hashlib.sha256(value).digest(),
+                              self.reset, self.restart)
+        return {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(sign(self.key, attest)).decode(),
+                "pcr": pcr, "value": value.hex(), "events": events}
 
     def evidence(self, nonce: bytes, pcrs: list[int] | None = None, log_extra: list[tuple[int, bytes]] | None = None,
                  tag: AssetTag | None = None) -> Evidence:

@@ -160,5 +160,9 @@ class World:
     def launched(self, owner: str, node: str, **request_args: Any) -> dict[str, Any]:
         record = self.accepted(owner, **request_args)
         release = self.tc.release_key(record["id"], node)
-        self.tc.record_launch(release, node, {"running": True})
+        self.tc.record_launch(release, node, self.started(node, release))
         return record
+
+    def started(self, node: str, release: dict[str, Any]) -> dict[str, Any]:
+        """What node's TVMM service answers the launch ticket with: running, and its TPM's evidence."""
+        return {"running": True, "evidence": self.nodes[node].tpm.runtime_evidence(release["ticket"])}

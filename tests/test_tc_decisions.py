@@ -278,13 +278,65 @@ def test_a_launch_is_recorded_once_from_the_tcs_rows(world):
     world.node("n2")
     record = world.accepted("acme")
     release = world.tc.release_key(record["id"], "n1")
-    assert reason(world.tc.record_launch, release, "n2", {"running": True}) == "launch.no-release"
+    assert reason(world.tc.record_launch, release, "n2", world.started("n1", release)) == "launch.no-release"
     forged = dict(release, certificate_serial="beef", attestation=1)
-    receipt = world.tc.record_launch(forged, "n1", {"running": True})
+    receipt = world.tc.record_launch(forged, "n1", world.started("n1", release))
     assert receipt["receipt"]["node_certificate_serial"] == release["certificate_serial"]  # the TC's, not the engine's
     assert receipt["receipt"]["customer"] == "acme" and receipt["receipt"]["tvmm_build"] == "tvmm-2026.1"
-    assert reason(world.tc.record_launch, release, "n1", {"running": True}) == "launch.replayed"
+    assert reason(world.tc.record_launch, release, "n1", world.started("n1", release)) == "launch.replayed"
     assert world.tc.registry.receipt(record["id"]) == receipt
+    evidence = receipt["receipt"]["launch_evidence"]
+    assert evidence["ticket"] == release["ticket"]["ticket"]["id"] and evidence["events"][-1]["event"] == "launched"
+
+
+def _evidence_case(world, node, release, change: str) -> dict:  # type: ignore[no-untyped-def]
+    software = world.nodes[node].tpm
+    ticket = release["ticket"]
+    body = ticket["ticket"]
+    launched = {"event": "launched", "vm_id": body["vm_id"], "image_sha256": body["image_sha256"],
+                "ticket": body["id"], "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]}
+    if change == "missing":
+        return {"running": True}
+    if change == "other-ticket":  # evidence the node made for an earlier launch
+        return {"running": True, "evidence": software.runtime_evidence(ticket, quoted_for="0" * 32)}
+    if change == "other-ak":
+        from tests.attestkit import Node
+
+        return {"running": True, "evidence": Node().runtime_evidence(ticket)}
+    if change == "other-pcr":
+        return {"running": True, "evidence": software.runtime_evidence(ticket, pcr=16)}
+    if change == "other-vm":
+        return {"running": True, "evidence": software.runtime_evidence(ticket, events=[dict(launched, vm_id="f" * 32)])}
+    if change == "not-last":  # launched, then destroyed: not running any more
+        return {"running": True, "evidence": software.runtime_evidence(
+            ticket, events=[launched, {"event": "destroyed", "vm_id": body["vm_id"], "ticket": "x"}])}
+    evidence = software.runtime_evidence(ticket)
+    if change == "log":  # an event list that is not what the PCR holds
+        evidence["events"] = evidence["events"] + [dict(launched, ticket="y")]
+    elif change == "value":
+        evidence["value"] = "00" * 32
+    elif change == "malformed":
+        evidence["attest"] = "!!"
+    elif change == "reboot":
+        software.reset += 1
+        evidence = software.runtime_evidence(ticket)
+        software.reset -= 1
+    return {"running": True, "evidence": evidence}
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ("missing", "runtime.missing"), ("other-ticket", "runtime.nonce"),
+    ("other-ak", "runtime.signature"), ("other-pcr", "runtime.pcr"), ("value", "runtime.pcr"),
+    ("other-vm", "launch.evidence-event"), ("not-last", "launch.evidence-event"), ("log", "runtime.log"),
+    ("malformed", "runtime.malformed"), ("reboot", "launch.evidence-reboot"),
+])
+def test_a_launch_is_recorded_only_on_the_nodes_tpm_evidence_for_its_ticket(world, change: str, code: str):
+    world.node("n1")
+    record = world.accepted("acme")
+    release = world.tc.release_key(record["id"], "n1")
+    assert reason(world.tc.record_launch, release, "n1", _evidence_case(world, "n1", release, change)) == code
+    assert world.tc.registry.request(record["id"])["state"] == "released" and world.tc.registry.vm(record["vm_id"]) is None
+    assert world.tc.record_launch(release, "n1", world.started("n1", release))["receipt"]["vm_id"] == record["vm_id"]
 
 
 def test_vm_state_moves_only_forward(world):
@@ -344,3 +396,31 @@ def test_every_decision_is_audited_with_a_verifying_signature(world):
     kinds = [e["kind"] for e in world.tc.registry.audit_entries()]
     assert kinds == ["attestation", "request", "key-release", "launch"]
     assert audit.verify(world.tc.registry, tc=world.tc.identity()).ok
+
+
+def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world):
+    from tccdeploy.coordinator import receipts
+
+    world.node("n1")
+    record = world.accepted("acme")
+    release = world.tc.release_key(record["id"], "n1")
+    envelope = world.tc.record_launch(release, "n1", world.started("n1", release))
+    ca = world.tc.identity().certificate
+    body = receipts.verify(envelope, ca)
+    assert body["version"] == 3 and body["launch_evidence"]["ticket"] == release["ticket"]["ticket"]["id"]
+    # Evidence that does not hold cannot ride in a receipt, even one the TC signed.
+    for damage in ("events", "vm", "quote", "missing"):
+        evidence = dict(body["launch_evidence"])
+        altered = {k: v for k, v in body.items() if k not in ("type", "version", "tc")}
+        if damage == "events":
+            evidence["events"] = evidence["events"] + [evidence["events"][-1]]
+        elif damage == "vm":
+            altered["vm_id"] = "f" * 32
+        elif damage == "quote":
+            evidence["ticket"] = "0" * 32
+        altered["launch_evidence"] = evidence
+        if damage == "missing":
+            altered["launch_evidence"] = None
+        signed = receipts.sign(world.tc.identity(), altered)  # (the key present: a version 3 receipt)
+        with pytest.raises(receipts.ReceiptError):
+            receipts.verify(signed, ca)

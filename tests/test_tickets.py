@@ -31,7 +31,7 @@ def body(**changes) -> dict:  # type: ignore[no-untyped-def]
     out = {"v": 1, "kind": "launch", "id": tickets.new_id(), "node": "node1", "node_serial": "ab12",
            "tk_name": TK_NAME.hex(), "vm_id": "1" * 32, "name": "web", "customer": "2" * 32, "request": "3" * 32,
            "image_sha256": "4" * 64, "vcpus": 1, "memory_mib": 64, "issued": now, "expires": now + tickets.TTL,
-           "kvm": base64.b64encode(bytes(256)).decode()}
+           "kvm": base64.b64encode(bytes(256)).decode(), "runtime_pcr": 15}
     out.update(changes)
     return out
 

@@ -101,6 +101,15 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
     print(f"  from the image with sha256 {body['image_sha256']} (request {body['request']});")
     print(f"  the node held node certificate {body['node_certificate_serial']} and had booted TVMM build {body['tvmm_build']},")
     print(f"  proven by attestation #{body['attestation']['id']} at {attested} (PCR digest {body['attestation']['pcr_digest']}).")
+    evidence = body.get("launch_evidence")
+    if evidence:
+        last = evidence["events"][-1]
+        print(f"  The node's TPM said so itself: a quote by its attestation key over runtime PCR {evidence['runtime_pcr']},")
+        print(f"  made for launch ticket {evidence['ticket']}, whose {len(evidence['events'])} event(s) since the TPM's reset replay")
+        print(f"  to it, the last one: {last['event']} VM {last['vm_id']} ({last['vcpus']} vCPU, {last['memory_mib']} MiB) from")
+        print(f"  image {last['image_sha256']}. (Checked again here; that this key is the node's TPM's is the TC's word.)")
+    else:
+        print("  (an older receipt: it carries no evidence from the node's own TPM)")
     return 0
 
 

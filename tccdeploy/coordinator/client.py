@@ -252,7 +252,8 @@ class RemoteCoordinator:
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", f"/v1/requests/{release['request']}/launched", {  # type: ignore[no-any-return]
-            "node": node, "status": {k: v for k, v in status.items() if isinstance(v, (str, int, float, bool)) or v is None}})
+            "node": node, "status": {k: v for k, v in status.items()
+                                     if isinstance(v, (str, int, float, bool)) or v is None or k == "evidence"}})
 
     def fail_request(self, request_id: str) -> None:
         self._call("POST", f"/v1/requests/{request_id}/failed", {})

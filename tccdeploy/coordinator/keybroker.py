@@ -167,12 +167,12 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
         "tk_name": certificate_row["tk_name"], "vm_id": request["vm_id"], "name": request["vm"],
         "customer": customer_id, "request": request_id, "image_sha256": request["image_sha256"],
         "vcpus": int(spec["vcpus"]), "memory_mib": int(spec["memoryMiB"]), "issued": now, "expires": now + tickets.TTL,
-        "kvm": base64.b64encode(rewrapped).decode(),
+        "kvm": base64.b64encode(rewrapped).decode(), "runtime_pcr": perimeter.attestation.runtime_pcr,
     })
     if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
-                                   audit(latest, certificate_row, ticket_id)):
+                                   audit(latest, certificate_row, ticket_id), ticket_id):
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
-    return {"ticket": ticket, "attestation": latest, "certificate_serial": certificate_row["serial"],
+    return {"ticket": ticket, "ticket_id": ticket_id, "attestation": latest, "certificate_serial": certificate_row["serial"],
             "request": request, "certificate_pem": certificate_row["pem"]}
 
 

@@ -4,7 +4,9 @@ A receipt is canonical JSON signed (ECDSA P-256, SHA-256, domain `launch-receipt
 receipt key, whose certificate (issued by the TC's CA for receipts only) travels with it. It
 says which VM (id, image digest, request, customer) started on which node, under which node
 certificate, TVMM build and attestation (time and PCR digest), all taken from the TC's own
-records. `tccdeploy receipt verify` needs only the TC's CA certificate.
+records, and (version 3) the node's own TPM evidence of the launch: the runtime quote and event
+list the TC checked before it recorded the launch, which `receipt verify` checks again.
+`tccdeploy receipt verify` needs only the TC's CA certificate.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class ReceiptError(Exception):
 
 
 def sign(tc: Identity, body: dict[str, Any]) -> dict[str, Any]:
-    body = {"type": KIND, "version": 2, **body,
+    body = {"type": KIND, "version": 3 if "launch_evidence" in body else 2, **body,
             "tc": hashlib.sha256(tc.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
     signer = tc.purpose("receipt")
     signature = signer.key.sign(signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
@@ -57,4 +59,32 @@ def verify(envelope: dict[str, Any], tc_certificate: x509.Certificate) -> dict[s
         key.verify(signature, signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
     except Exception:  # noqa: BLE001
         raise ReceiptError("the signature does not verify: the receipt was altered or not signed by this TC") from None
+    if body.get("version", 2) >= 3:
+        check_launch_evidence(body)
     return body
+
+
+def check_launch_evidence(body: dict[str, Any]) -> None:
+    """The node's own TPM statement in the receipt, checked again without the TC: a quote by the
+    node's AK over the runtime PCR, made for the launch ticket, whose events replay to it and end
+    with this VM launched from this image. (That the AK is this node's TPM's is the TC's word:
+    it bound the AK to the EK at enrollment.)"""
+    from .refusals import Refused
+    from .runtime import verify as verify_runtime
+
+    evidence = body.get("launch_evidence")
+    if not isinstance(evidence, dict):
+        raise ReceiptError("the receipt carries no launch evidence")
+    try:
+        checked = verify_runtime({"attest": evidence["quote"], "signature": evidence["signature"],
+                                  "value": evidence["pcr_value"], "events": evidence["events"]},
+                                 base64.b64decode(evidence["ak_public"], validate=True), int(evidence["runtime_pcr"]),
+                                 str(evidence["ticket"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReceiptError(f"the launch evidence is malformed: {exc}") from None
+    except Refused as exc:
+        raise ReceiptError(f"the launch evidence does not hold: {exc.reason}: {exc}") from None
+    last = checked.events[-1] if checked.events else {}
+    if last.get("event") != "launched" or last.get("vm_id") != body.get("vm_id") \
+            or last.get("image_sha256") != body.get("image_sha256") or last.get("ticket") != evidence["ticket"]:
+        raise ReceiptError("the launch evidence's last event is not this VM launched from this image")

@@ -21,7 +21,7 @@ from ..config import state_dir
 from ..crypto import ticket as tickets
 from ..crypto import wrap
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
-from . import admission, audit, enrollment, identity, keybroker, receipts, roster, verifier
+from . import admission, audit, enrollment, identity, keybroker, receipts, roster, runtime, verifier
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .refusals import Refused
 from .store import Conflict, Registry, RegistryError
@@ -293,6 +293,9 @@ class Coordinator:
             made_release = made[-1]
             attestation = self.registry.attestation(int(made_release["attestation"]))
             assert attestation is not None
+            if request["state"] != "released":  # (the registry's conditional write decides; this names it early)
+                raise Refused("launch.replayed", f"request {request_id} is {request['state']}: a launch is recorded once")
+            evidence = self._launch_evidence(node, request, made_release, attestation, status.get("evidence"))
             spec = request["spec"]
             vm = {"vm_id": request["vm_id"], "name": request["vm"], "customer": request["customer"], "node": node,
                   "state": "running" if status.get("running") else "starting", "image_sha256": request["image_sha256"],
@@ -306,6 +309,7 @@ class Coordinator:
                     "attestation": {"id": attestation["id"], "time": attestation["time"],
                                     "pcr_digest": attestation["pcr_digest"]},
                     "image_sha256": request["image_sha256"], "request": request["id"], "time": time.time(),
+                    "launch_evidence": evidence,
                 })
 
             try:
@@ -403,6 +407,26 @@ class Coordinator:
     def customer_receipt(self, request_id: str, when: str, signature: str) -> dict[str, Any] | None:
         keybroker.check_customer_query(self.registry, request_id, "receipt", when, signature)
         return self.registry.receipt(request_id)
+
+    def _launch_evidence(self, node: str, request: dict[str, Any], release: dict[str, Any], attestation: dict[str, Any],
+                         evidence: Any) -> dict[str, Any]:
+        """The node's TPM evidence that it launched this VM from this release's ticket, in the boot
+        the release relied on; what the receipt carries so a customer can check it too."""
+        identity_row = self.registry.identity(node)
+        ticket_id = release.get("ticket")
+        if identity_row is None or not ticket_id:
+            raise Refused("launch.evidence-missing", f"no ticket was issued for request {request['id']} on {node}")
+        pcr = self.perimeter.attestation.runtime_pcr
+        checked = runtime.verify(evidence, identity_row["ak_public"], pcr, ticket_id)
+        last = checked.events[-1] if checked.events else {}
+        if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("vm_id") != request["vm_id"] \
+                or last.get("image_sha256") != request["image_sha256"]:
+            raise Refused("launch.evidence-event", "the node's last runtime event is not this VM launched from this ticket")
+        if attestation.get("reset_count") is not None and checked.reset_count != attestation["reset_count"]:
+            raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset since the attestation the key release relied on")
+        return {"quote": evidence["attest"], "signature": evidence["signature"], "runtime_pcr": pcr,
+                "pcr_value": checked.value.hex(), "events": checked.events,
+                "ak_public": base64.b64encode(identity_row["ak_public"]).decode(), "ticket": ticket_id}
 
     def fail_request(self, request_id: str) -> None:
         request = self.registry.request(request_id)

@@ -201,6 +201,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE challenges ADD COLUMN site TEXT;
     ALTER TABLE challenges ADD COLUMN address TEXT;
     """,
+    # 10: the ticket each key release was made in (issue 14): the node's launch evidence must name it.
+    """
+    ALTER TABLE releases ADD COLUMN ticket TEXT;
+    """,
 ]
 
 
@@ -303,6 +307,9 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE audit ADD COLUMN signature TEXT;
     ALTER TABLE challenges ADD COLUMN site TEXT;
     ALTER TABLE challenges ADD COLUMN address TEXT;
+    """,
+    """
+    ALTER TABLE releases ADD COLUMN ticket TEXT;
     """,
 ]
 
@@ -671,15 +678,15 @@ class Registry:
             return str(row["state"])
 
     def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str,
-                       audit: Audit = None) -> bool:
+                       audit: Audit = None, ticket: str | None = None) -> bool:
         """One release per request: the conditional UPDATE, the insert and its audit entry are one transaction."""
         with self.transaction(serialize=True) as db:
             changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
                                  (request_id,)).rowcount
             if changed != 1:
                 return False
-            db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time) VALUES (?, ?, ?, ?, ?, ?)",
-                       (vm_id, request_id, node, attestation, serial, time.time()))
+            db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time, ticket) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (vm_id, request_id, node, attestation, serial, time.time(), ticket))
             self._audit(db, audit)
         return True
 

@@ -72,7 +72,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     | {"$defs": _MANIFEST_DEFS},
     "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
     "Release": _object({"node": NODE}, ["node"]),
-    "Launched": _object({"node": NODE, "status": {"type": "object"}}, ["node", "status"]),
+    "Launched": _object({"node": NODE, "status": {"type": "object", "maxProperties": 32, "properties": {
+        "evidence": _object({"attest": B64, "signature": B64, "pcr": {"type": "integer", "minimum": 0, "maximum": 23},
+                             "value": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                             "events": {"type": "array", "maxItems": 10000, "items": {"type": "object", "maxProperties": 16}}},
+                            ["attest", "signature", "value", "events"])}}}, ["node", "status"]),
     "Empty": _object({}, []),
     "VmState": _object({"state": {"enum": ["starting", "running", "stopped", "destroyed"]}}, ["state"]),
     "Enforcement": _object({"node": NODE, "policy": SHORT, "result": {"type": "string", "maxLength": 2000}},

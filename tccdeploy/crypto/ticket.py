@@ -66,8 +66,9 @@ def signed(body: dict[str, Any]) -> dict[str, Any]:
 
 
 # launch: the VM, its profile and Kvm, for one request
+RUNTIME_PCR = {"type": "integer", "minimum": 0, "maximum": 23}
 LAUNCH = _body("launch", {**_PROFILE, "request": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                          "kvm": B64_KEY})
+                          "kvm": B64_KEY, "runtime_pcr": RUNTIME_PCR})
 # migrate-out (to the source): Kmig, and the destination the TC chose for it
 MIGRATE_OUT = _body("migrate-out", {"migration": MIGRATION, "destination": NAME, "destination_tk_name": TK_NAME,
                                     "kmig": B64_KEY})

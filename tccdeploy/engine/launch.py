@@ -82,7 +82,16 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         except RemoteError as exc:
             coordinator.fail_request(record["id"])
             raise Refused("launch.node", f"{candidate.node} could not start the VM: {exc}") from None
-        result.receipt = coordinator.record_launch(release, candidate.node, status)
+        try:
+            result.receipt = coordinator.record_launch(release, candidate.node, status)
+        except Refused:
+            # The TC did not believe the launch (its evidence did not hold): the VM must not run
+            # unrecorded. Stop it and give its disk up; the request is failed.
+            try:
+                session.tvmm("vm_control", {"vm_id": record["vm_id"], "action": "destroy"})
+            finally:
+                coordinator.fail_request(record["id"])
+            raise
         result.node = candidate.node
         return result
     coordinator.fail_request(record["id"])

@@ -519,7 +519,7 @@ class Lab:
             "spec": {
                 "sites": sites,
                 "manufacturerCAs": [{"name": "lab-tpm-vendor", "certificate": "../ca/manufacturer/cert.pem"}],
-                "attestation": {"bank": "sha256", "pcrs": list(POLICY_PCRS), "maxQuoteAgeSeconds": 300,
+                "attestation": {"bank": "sha256", "pcrs": list(POLICY_PCRS), "runtimePcr": 15, "maxQuoteAgeSeconds": 300,
                                 "intervalSeconds": 60, "onFailure": "evacuate"},
             },
         }

@@ -56,6 +56,7 @@ class AttestationPolicy:
     certificate_lifetime: int = 3600
     on_failure: str = "evacuate"
     readmit: str = "operator"
+    runtime_pcr: int = 15  # extended by the TVMM service with each VM event; not in pcrs
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class Perimeter:
             certificate_lifetime=a.get("certificateLifetimeSeconds", 3600),
             on_failure=a.get("onFailure", "evacuate"),
             readmit=a.get("readmit", "operator"),
+            runtime_pcr=a.get("runtimePcr", 15),
         )
         return cls(data["metadata"]["name"], sites, cas, policy, spec.get("coordinator", {}), doc)
 

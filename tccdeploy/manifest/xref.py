@@ -51,7 +51,7 @@ def check(result: LoadResult) -> list[Problem]:
 
 
 def perimeters(result: LoadResult) -> list[Problem]:
-    """xref.perimeter-count, xref.duplicate-site, xref.overlapping-sites, xref.ca-*."""
+    """xref.perimeter-count, xref.duplicate-site, xref.overlapping-sites, xref.runtime-pcr, xref.ca-*."""
     problems: list[Problem] = []
     if len(result.perimeters) > 1:
         names = ", ".join(f"{p.name} ({p.source.file})" for p in result.perimeters if p.source)
@@ -80,6 +80,12 @@ def perimeters(result: LoadResult) -> list[Problem]:
                             f"network {nb} of site {b.name!r} overlaps site {a.name!r}",
                             "a node's address must tell its site; make the sites' networks disjoint",
                         ))
+        if perimeter.attestation.runtime_pcr in perimeter.attestation.pcrs:
+            problems.append(doc.problem(
+                ("spec", "attestation", "runtimePcr"), "xref.runtime-pcr",
+                f"the runtime PCR {perimeter.attestation.runtime_pcr} is one of the boot PCRs "
+                f"{list(perimeter.attestation.pcrs)}",
+                "VM events would change the trusted key's PCR policy: pick a PCR no build measures (e.g. 15)"))
         for i, ca in enumerate(perimeter.manufacturer_cas):
             problems += _check_ca(doc, ("spec", "manufacturerCAs", i, "certificate"), ca.certificate, ca.sha256)
             if ca.intermediates is not None:

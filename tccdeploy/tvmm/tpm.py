@@ -364,3 +364,38 @@ def tk_check(ciphertext: str) -> dict[str, Any]:
 
     plain = tk_decrypt(_unb64(ciphertext), TK_CHECK_LABEL)
     return {"changed": False, "digest": hashlib.sha256(plain).hexdigest()}
+
+
+def reset_count() -> int:
+    """The TPM's resetCount: which boot (TPM reset) the runtime PCR's events belong to."""
+    with _esapi() as (esys, _):
+        return int(esys.read_clock().clockInfo.resetCount)
+
+
+def extend_runtime(pcr: int, digest: bytes) -> None:
+    """Extend the runtime PCR's sha256 bank with one VM event's digest."""
+    with _esapi() as (esys, _):
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+        values = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))])
+        esys.pcr_extend(ESYS_TR.PCR0 + pcr, values)
+
+
+def runtime_quote(pcr: int, qualifying: bytes) -> tuple[bytes, bytes, bytes]:
+    """(attest, signature, PCR value): the AK's quote over the runtime PCR alone."""
+    with _esapi() as (esys, handles):
+        from tpm2_pytss import TPM2_ALG, TPML_PCR_SELECTION, TPMT_SIG_SCHEME
+
+        ak, _ = _ak(esys, handles)
+        selection = TPML_PCR_SELECTION.parse(f"sha256:{pcr}")
+        attest, signature = esys.quote(ak, selection, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+        _, _, digests = esys.pcr_read(selection)
+        return bytes(attest), signature.marshal(), bytes(digests[0])
+
+
+def runtime_value(pcr: int) -> bytes:
+    with _esapi() as (esys, _):
+        from tpm2_pytss import TPML_PCR_SELECTION
+
+        _, _, digests = esys.pcr_read(TPML_PCR_SELECTION.parse(f"sha256:{pcr}"))
+        return bytes(digests[0])

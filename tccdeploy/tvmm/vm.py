@@ -21,7 +21,7 @@ from typing import Any
 
 from ..crypto.files import atomic_write, sha256_file
 from ..crypto.ticket import label as ticket_label
-from . import config, tickets
+from . import config, runtime, tickets
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
@@ -174,8 +174,13 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
         if "password" in text.lower() or "keyslot" in text.lower():
             raise ServiceError("tvmm.disk-key", f"QEMU refused the disk key (LUKS): {text}") from None
         raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
+    # The TPM's statement that this VM was launched here, from this ticket: the TC records the
+    # launch and signs the receipt only on it.
+    evidence = runtime.record(body["runtime_pcr"], {
+        "event": "launched", "vm_id": vm_id, "image_sha256": body["image_sha256"], "ticket": body["id"],
+        "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]}, body["id"])
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
-            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"]}
+            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence}
 
 
 def keep_wrapped_key(directory: str, wrapped: str, label: bytes) -> None:

@@ -28,8 +28,9 @@ from .conftest import World, read_json
 pytestmark = pytest.mark.slow
 
 
-def _running(world: World, name: str, node: str) -> tuple[str, dict, str]:
-    """acme's VM `name`, launched on node through the engine's own steps: (vm_id, its launch ticket, disk digest)."""
+def _started(world: World, name: str, node: str) -> tuple[str, dict, str, dict]:
+    """acme's VM `name` started on node through the engine's own steps, its launch not yet
+    reported to the TC: (request id, launch ticket, disk digest, the service's answer)."""
     bundle = world.seal("acme", name)
     submitted = world.submit("acme", world.sign("acme", name, bundle))
     assert submitted.returncode == 0, submitted.stderr
@@ -41,10 +42,17 @@ def _running(world: World, name: str, node: str) -> tuple[str, dict, str]:
     descriptor = read_json(bundle / "descriptor.json")["descriptor"]
     session = world.session(node)
     upload_disk(session, descriptor["vm_id"], str(bundle / "disk.qcow2"), descriptor["disk"]["sha256"])
-    assert session.tvmm("launch", {"ticket": ticket})["running"]
-    launched = world.post(f"/v1/requests/{request_id}/launched", {"node": node, "status": {"running": True}})
+    answer = session.tvmm("launch", {"ticket": ticket})
+    assert answer["running"]
+    return request_id, ticket, descriptor["disk"]["sha256"], answer
+
+
+def _running(world: World, name: str, node: str) -> tuple[str, dict, str]:
+    """acme's VM `name`, launched on node and recorded: (vm_id, its launch ticket, disk digest)."""
+    request_id, ticket, sha256, answer = _started(world, name, node)
+    launched = world.post(f"/v1/requests/{request_id}/launched", {"node": node, "status": answer})
     assert launched.status_code == 200, launched.text
-    return descriptor["vm_id"], ticket, descriptor["disk"]["sha256"]
+    return ticket["ticket"]["vm_id"], ticket, sha256
 
 
 def refused(call, reason: str) -> None:  # type: ignore[no-untyped-def]
@@ -124,3 +132,26 @@ def test_a_migration_goes_only_where_the_tc_said_under_the_tcs_key(world: World)
     finally:
         world.destroy("mover")
     assert world.qemus(vm_id) == []
+
+
+def test_a_receipt_needs_the_nodes_own_evidence_of_this_launch(world: World):
+    """The engine reports a launch without the TPM's evidence, or with the evidence of another
+    launch (replayed): the TC records nothing and signs no receipt; with the node's evidence for
+    this ticket, it does, and the receipt carries it."""
+    first_id, _, _, first = _started(world, "first", "node2")
+    second_id, ticket, _, second = _started(world, "second", "node2")
+    try:
+        before = world.decisions()
+        no_evidence = {k: v for k, v in second.items() if k != "evidence"}
+        for status, reason in ((no_evidence, "runtime.missing"), (first, "runtime.nonce")):
+            response = world.post(f"/v1/requests/{second_id}/launched", {"node": "node2", "status": status})
+            assert response.status_code == 403 and response.json()["error"] == reason, response.text
+        assert world.decisions() == before  # nothing recorded, no receipt
+        recorded = world.post(f"/v1/requests/{second_id}/launched", {"node": "node2", "status": second})
+        assert recorded.status_code == 200, recorded.text
+        evidence = recorded.json()["receipt"]["launch_evidence"]
+        assert evidence["ticket"] == ticket["ticket"]["id"] and evidence["events"][-1]["vm_id"] == ticket["ticket"]["vm_id"]
+        assert world.post(f"/v1/requests/{first_id}/launched", {"node": "node2", "status": first}).status_code == 200
+    finally:
+        world.destroy("first")
+        world.destroy("second")

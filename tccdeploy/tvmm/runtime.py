@@ -1,0 +1,52 @@
+"""The service's runtime PCR and event list: every VM event it performs is extended into the
+perimeter's runtime PCR (named by the TC's ticket) and appended to its list, which starts over
+when the TPM resets; each event is answered with a quote over that PCR naming the ticket.
+
+The list is written before the PCR is extended, so a crash in between leaves one event too many
+in the list, never one too few: the next event drops it when the list no longer replays to the
+PCR without it (and any other mismatch is left for the TC to refuse, fail closed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from ..crypto.files import atomic_write
+from ..crypto.runtime import event_digest, qualifier, replay
+from . import config
+from .tpm import extend_runtime, reset_count, runtime_quote, runtime_value
+
+LOG_FILE = "runtime.json"
+
+
+def _load(pcr: int, boot: int) -> list[dict[str, Any]]:
+    try:
+        with open(config.current().path(LOG_FILE)) as fh:
+            stored = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    if stored.get("reset_count") != boot or stored.get("pcr") != pcr:
+        return []  # a new boot: the PCR started again from zero
+    return list(stored.get("events", []))
+
+
+def _save(pcr: int, boot: int, events: list[dict[str, Any]]) -> None:
+    atomic_write(config.current().path(LOG_FILE),
+                 json.dumps({"pcr": pcr, "reset_count": boot, "events": events}).encode(), 0o600)
+
+
+def record(pcr: int, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
+    """Extend the runtime PCR with event and return the evidence: a quote over the PCR for this
+    ticket, the PCR's value and the whole event list since the TPM's reset."""
+    boot = reset_count()
+    events = _load(pcr, boot)
+    value = runtime_value(pcr)
+    if replay(events) != value and events and replay(events[:-1]) == value:
+        events = events[:-1]  # the last run wrote its event but died before extending
+    events.append(event)
+    _save(pcr, boot, events)
+    extend_runtime(pcr, event_digest(event))
+    attest, signature, value = runtime_quote(pcr, qualifier(ticket_id))
+    return {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(signature).decode(),
+            "pcr": pcr, "value": value.hex(), "events": events}
