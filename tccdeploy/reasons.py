@@ -112,6 +112,7 @@ REASONS: dict[str, str] = {
     "receipt.not-yet": "the VM has not been launched: no receipt yet",
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
+    "migrate.evidence-event": "the destination's runtime events do not show the VM arrived through this migration's ticket",
     "migrate.source-unknown": "the VM's node holds no trusted key the TC certified, so no migrate-out ticket can be made for it",
     "migrate.same-node": "the VM runs on the destination already",
     "migrate.destination-untrusted": "the destination is not admitted and freshly trusted",

@@ -340,3 +340,31 @@ def test_an_engine_killed_after_postmigrate_leaves_the_source_running_with_its_d
     assert len(qemu_pids(vm["vm_id"])) == 1
     migrating._call_fresh(world.engine, "node3", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
     world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
+
+
+def test_an_engine_killed_before_the_commit_is_repaired_on_the_destinations_evidence(world, monkeypatch):
+    """The destination took the whole stream and runs the VM, and the engine dies before it asks
+    the TC to commit: the repair asks the destination's TPM what it did (runtime_log, quoted for
+    the migration's ticket) and the TC commits on that evidence alone; the source's copy goes."""
+    vm = start_vm(world, "node1")
+    fresh(world)
+    original_end, original_rollback = world.tc.migration_end, migrating._roll_back
+
+    def die(migration, vm_id, commit, reason="", evidence=None):  # type: ignore[no-untyped-def]
+        if commit:
+            raise Fault("the engine died before the commit")
+        return original_end(migration, vm_id, commit, reason, evidence)
+
+    monkeypatch.setattr(world.tc, "migration_end", die)
+    monkeypatch.setattr(migrating, "_roll_back", lambda *a, **k: None)
+    with pytest.raises(Fault):
+        migrating.migrate(world.engine, world.tc, vm["name"], "node3")
+    monkeypatch.undo()
+    assert migrating._roll_back is original_rollback
+    fresh(world)
+    assert [r["action"] for r in migrating.repair(world.engine, world.tc)] == ["committed"]
+    assert_one_copy_running_on(world, "node3", vm)
+    entry = [e for e in world.tc.registry.audit_entries(vm=vm["vm_id"]) if e["kind"] == "migration.commit"][-1]
+    assert entry["data"]["reason"] == "repair: destination running"
+    migrating._call_fresh(world.engine, "node3", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
+    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")

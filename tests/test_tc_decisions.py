@@ -367,6 +367,31 @@ def test_migration_refusals(world):
     assert world.tc.vm("web").node == "n1"
 
 
+def test_a_migration_is_committed_only_on_the_destinations_evidence_of_arrival(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.migration_begin("web", "n2")
+    ticket = begun["in_ticket"]
+    body = ticket["ticket"]
+    arrived = {"event": "migrated-in", "vm_id": record["vm_id"], "migration": body["migration"], "source": "n1",
+               "ticket": body["id"], "image_sha256": body["image_sha256"]}
+    destination = world.nodes["n2"].tpm
+    end = world.tc.migration_end
+    assert reason(end, begun["migration"], record["vm_id"], True) == "runtime.missing"
+    assert reason(end, begun["migration"], record["vm_id"], True, "",
+                  destination.runtime_evidence(ticket, events=[arrived], quoted_for=begun["out_ticket"]["ticket"]["id"])) \
+        == "runtime.nonce"
+    assert reason(end, begun["migration"], record["vm_id"], True, "",
+                  world.nodes["n1"].tpm.runtime_evidence(ticket, events=[arrived])) == "runtime.signature"  # the source's TPM
+    assert reason(end, begun["migration"], record["vm_id"], True, "", destination.runtime_evidence(
+        ticket, events=[arrived, {"event": "migrated-out", "vm_id": record["vm_id"], "ticket": "x"}])) \
+        == "migrate.evidence-event"  # it arrived, and left again
+    assert world.tc.vm("web").node == "n1"
+    end(begun["migration"], record["vm_id"], True, "", destination.runtime_evidence(ticket, events=[arrived]))
+    assert world.tc.vm("web").node == "n2"
+
+
 # -- the customer's queries ------------------------------------------------------------------------
 def test_customer_queries_are_signed_fresh_and_used_once(world):
     record = world.accepted("acme")

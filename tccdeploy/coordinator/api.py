@@ -315,7 +315,7 @@ class Api:
     async def policy(self, request: Request) -> dict[str, Any]:
         bank, pcrs = self.tc.quote_policy()
         return {"bank": bank, "pcrs": pcrs, "grace_period": self.tc.grace_period(), "on_failure": self.tc.on_failure(),
-                "interval": self.tc.enforce_interval(),
+                "interval": self.tc.enforce_interval(), "runtime_pcr": self.tc.runtime_pcr(),
                 "asset_tags": {s.name: s.asset_tag.nv_index for s in self.tc.perimeter.sites
                                                            if s.asset_tag is not None}}
 
@@ -484,7 +484,7 @@ class Api:
         b = request.state.body
         try:
             await run_in_threadpool(self.tc.migration_end, int(request.path_params["id"]), b["vm_id"], bool(b["commit"]),
-                                    b.get("reason", ""))
+                                    b.get("reason", ""), b.get("evidence"))
         except (ValueError, RegistryError) as exc:
             raise ApiError(409, "migration.not-under-way", str(exc)) from None
         return {"migration": int(request.path_params["id"]), "committed": bool(b["commit"])}

@@ -201,6 +201,9 @@ class RemoteCoordinator:
     def builds(self) -> list[BuildInfo]:
         return [BuildInfo(b["name"], b["version"], b["status"]) for b in self._call("GET", "/v1/builds")]
 
+    def runtime_pcr(self) -> int:
+        return int(self._policy_now()["runtime_pcr"])
+
     def grace_period(self) -> float:
         return float(self._policy_now()["grace_period"])
 
@@ -264,8 +267,12 @@ class RemoteCoordinator:
     def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
         return self._call("POST", "/v1/migrations", {"vm": vm_name, "destination": destination})  # type: ignore[no-any-return]
 
-    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
-        self._call("POST", f"/v1/migrations/{migration}/end", {"vm_id": vm_id, "commit": commit, "reason": reason[:2000]})
+    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "",
+                      evidence: dict[str, Any] | None = None) -> None:
+        body: dict[str, Any] = {"vm_id": vm_id, "commit": commit, "reason": reason[:2000]}
+        if evidence is not None:
+            body["evidence"] = evidence
+        self._call("POST", f"/v1/migrations/{migration}/end", body)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def check_launch_evidence(body: dict[str, Any]) -> None:
     with this VM launched from this image. (That the AK is this node's TPM's is the TC's word:
     it bound the AK to the EK at enrollment.)"""
     from .refusals import Refused
+    from .runtime import last_event_of
     from .runtime import verify as verify_runtime
 
     evidence = body.get("launch_evidence")
@@ -84,7 +85,7 @@ def check_launch_evidence(body: dict[str, Any]) -> None:
         raise ReceiptError(f"the launch evidence is malformed: {exc}") from None
     except Refused as exc:
         raise ReceiptError(f"the launch evidence does not hold: {exc.reason}: {exc}") from None
-    last = checked.events[-1] if checked.events else {}
+    last = last_event_of(checked.events, str(body.get("vm_id")))
     if last.get("event") != "launched" or last.get("vm_id") != body.get("vm_id") \
             or last.get("image_sha256") != body.get("image_sha256") or last.get("ticket") != evidence["ticket"]:
         raise ReceiptError("the launch evidence's last event is not this VM launched from this image")

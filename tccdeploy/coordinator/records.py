@@ -73,6 +73,7 @@ class MigrationRecord(_Record):
     started: float | None = None
     ended: float | None = None
     reason: str | None = None
+    in_ticket: str | None = None  # the destination's evidence must name it (repair asks for it)
 
 
 @dataclass(frozen=True)

@@ -62,3 +62,8 @@ def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str) -> Runtime
     if not hmac.compare_digest(replayed, value):
         raise Refused("runtime.log", "the runtime event list does not replay to the quoted PCR value")
     return RuntimeEvidence(events, attest.reset_count, value)
+
+
+def last_event_of(events: list[dict[str, Any]], vm_id: str) -> dict[str, Any]:
+    """The last event concerning vm_id (what the node last did with it), or {}."""
+    return next((e for e in reversed(events) if e.get("vm_id") == vm_id), {})

@@ -171,6 +171,10 @@ class Coordinator:
         policy = self.perimeter.attestation
         return policy.bank, list(policy.pcrs)
 
+    def runtime_pcr(self) -> int:
+        """The PCR the nodes' TVMM services extend with VM events (their evidence)."""
+        return self.perimeter.attestation.runtime_pcr
+
     def grace_period(self) -> float:
         """How long an admitted node may be unreachable before enforcement quarantines it."""
         return float(self.perimeter.attestation.grace_period)
@@ -346,7 +350,7 @@ class Coordinator:
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
-                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]))
+                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]), (out_id, in_id))
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
         kmig = secrets.token_bytes(32)
@@ -368,15 +372,17 @@ class Coordinator:
             "kind": "migrate-in", "id": in_id, "node": destination, "node_serial": certificate["serial"],
             "tk_name": certificate["tk_name"], "source": vm["node"], "name": vm["name"],
             "image_sha256": request["image_sha256"], "vcpus": int(spec["vcpus"]), "memory_mib": int(spec["memoryMiB"]),
-            "kvm": base64.b64encode(rewrapped).decode(), "kmig": wrapped(certificate["pem"], "migrate-in", "kmig", in_id, kmig)})
+            "kvm": base64.b64encode(rewrapped).decode(), "kmig": wrapped(certificate["pem"], "migrate-in", "kmig", in_id, kmig),
+            "runtime_pcr": self.perimeter.attestation.runtime_pcr})
         del kmig
         return {"migration": migration, "vm": vm, "request": {k: v for k, v in request.items() if k != "wrapped_key"},
                 "out_ticket": out_ticket, "in_ticket": in_ticket}
 
-    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "") -> None:
-        """Commit (the VM now runs on the destination) or abort. Until the destination's TPM
-        evidence of the VM arriving exists (the TVMM service), a commit needs at least the
-        destination still admitted with a fresh trusted attestation of an approved build."""
+    def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "",
+                      evidence: dict[str, Any] | None = None) -> None:
+        """Commit (the VM now runs on the destination) or abort. A commit needs the destination's
+        TPM evidence that the VM arrived there from this migration's ticket, and the destination
+        still admitted with a fresh trusted attestation of an approved build."""
         row = self.registry.migration(migration)
         if row is None or row["vm_id"] != vm_id or row["state"] != "started":
             raise RegistryError(f"migration {migration} of VM {vm_id} is not under way")
@@ -390,6 +396,7 @@ class Coordinator:
                         or time.time() - latest[0]["time"] > self.perimeter.attestation.max_quote_age:
                     raise Refused("migrate.destination-untrusted", f"{row['destination']} is not trusted now: the "
                                                                    "migration cannot be committed; abort it")
+                self._arrival_evidence(row, evidence)
             try:
                 self.registry.end_migration(migration, commit, reason, audit.entry(
                     "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason))
@@ -408,6 +415,18 @@ class Coordinator:
         keybroker.check_customer_query(self.registry, request_id, "receipt", when, signature)
         return self.registry.receipt(request_id)
 
+    def _arrival_evidence(self, row: dict[str, Any], evidence: Any) -> None:
+        """The destination's TPM evidence that the VM arrived there through this migration's
+        migrate-in ticket (and has not left since): the only ground for a commit."""
+        identity_row = self.registry.identity(row["destination"])
+        if identity_row is None or not row.get("in_ticket"):
+            raise Refused("migrate.evidence-event", f"migration {row['id']} has no migrate-in ticket to check evidence against")
+        checked = runtime.verify(evidence, identity_row["ak_public"], self.perimeter.attestation.runtime_pcr, row["in_ticket"])
+        last = runtime.last_event_of(checked.events, row["vm_id"])
+        if last.get("event") != "migrated-in" or last.get("ticket") != row["in_ticket"]:
+            raise Refused("migrate.evidence-event", "the destination's runtime events do not show the VM arrived through "
+                                                    "this migration (and still there)")
+
     def _launch_evidence(self, node: str, request: dict[str, Any], release: dict[str, Any], attestation: dict[str, Any],
                          evidence: Any) -> dict[str, Any]:
         """The node's TPM evidence that it launched this VM from this release's ticket, in the boot
@@ -418,9 +437,8 @@ class Coordinator:
             raise Refused("launch.evidence-missing", f"no ticket was issued for request {request['id']} on {node}")
         pcr = self.perimeter.attestation.runtime_pcr
         checked = runtime.verify(evidence, identity_row["ak_public"], pcr, ticket_id)
-        last = checked.events[-1] if checked.events else {}
-        if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("vm_id") != request["vm_id"] \
-                or last.get("image_sha256") != request["image_sha256"]:
+        last = runtime.last_event_of(checked.events, request["vm_id"])  # others' launches may have come after
+        if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("image_sha256") != request["image_sha256"]:
             raise Refused("launch.evidence-event", "the node's last runtime event is not this VM launched from this ticket")
         if attestation.get("reset_count") is not None and checked.reset_count != attestation["reset_count"]:
             raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset since the attestation the key release relied on")

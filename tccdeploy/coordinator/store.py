@@ -205,6 +205,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE releases ADD COLUMN ticket TEXT;
     """,
+    # 11: a migration's two tickets: the destination's evidence must name its migrate-in ticket.
+    """
+    ALTER TABLE migrations ADD COLUMN out_ticket TEXT;
+    ALTER TABLE migrations ADD COLUMN in_ticket TEXT;
+    """,
 ]
 
 
@@ -310,6 +315,10 @@ PG_MIGRATIONS: list[str] = [
     """,
     """
     ALTER TABLE releases ADD COLUMN ticket TEXT;
+    """,
+    """
+    ALTER TABLE migrations ADD COLUMN out_ticket TEXT;
+    ALTER TABLE migrations ADD COLUMN in_ticket TEXT;
     """,
 ]
 
@@ -752,14 +761,17 @@ class Registry:
         return True
 
     # -- migrations -------------------------------------------------------------------------
-    def start_migration(self, vm_id: str, source: str, destination: str, audit: Audit = None) -> int:
+    def start_migration(self, vm_id: str, source: str, destination: str, audit: Audit = None,
+                        tickets: tuple[str, str] | None = None) -> int:
         try:
             with self.transaction(serialize=True) as db:
                 if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
                               (vm_id, source)).first() is None:
                     raise Conflict("migrate.unknown-vm", f"VM {vm_id} is not running on {source}")
-                row = db.execute("INSERT INTO migrations (vm_id, source, destination, state, started) "
-                                 "VALUES (?, ?, ?, 'started', ?) RETURNING id", (vm_id, source, destination, time.time())).first()
+                out_ticket, in_ticket = tickets or (None, None)
+                row = db.execute("INSERT INTO migrations (vm_id, source, destination, state, started, out_ticket, in_ticket) "
+                                 "VALUES (?, ?, ?, 'started', ?, ?, ?) RETURNING id",
+                                 (vm_id, source, destination, time.time(), out_ticket, in_ticket)).first()
                 self._audit(db, audit, migration=int(row["id"]) if row else 0)
         except self.backend.integrity_error:
             busy = self._one("SELECT id FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,))

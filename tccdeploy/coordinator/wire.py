@@ -44,6 +44,12 @@ SIGNED_REQUEST = _object({
     "signature": B64}, ["request", "signature"])
 
 
+# A node's TPM evidence of a VM event (crypto/runtime.py, coordinator/runtime.py).
+RUNTIME_EVIDENCE = _object({"attest": B64, "signature": B64, "pcr": {"type": "integer", "minimum": 0, "maximum": 23},
+                            "value": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                            "events": {"type": "array", "maxItems": 10000,
+                                       "items": {"type": "object", "maxProperties": 16}}},
+                           ["attest", "signature", "value", "events"])
 SCHEMAS: dict[str, dict[str, Any]] = {
     "EnrollmentBegin": _object({"node": NODE, "ek_certificate": B64, "ek_public": B64, "ak_public": B64,
                                 "ssh_host_key": HOST_KEY, "site": {"type": ["string", "null"], "maxLength": 128},
@@ -72,17 +78,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     | {"$defs": _MANIFEST_DEFS},
     "CustomerQuery": _object({"time": {"type": "string", "maxLength": 64}, "signature": B64}, ["time", "signature"]),
     "Release": _object({"node": NODE}, ["node"]),
-    "Launched": _object({"node": NODE, "status": {"type": "object", "maxProperties": 32, "properties": {
-        "evidence": _object({"attest": B64, "signature": B64, "pcr": {"type": "integer", "minimum": 0, "maximum": 23},
-                             "value": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                             "events": {"type": "array", "maxItems": 10000, "items": {"type": "object", "maxProperties": 16}}},
-                            ["attest", "signature", "value", "events"])}}}, ["node", "status"]),
+    "Launched": _object({"node": NODE, "status": {"type": "object", "maxProperties": 32,
+                                                  "properties": {"evidence": RUNTIME_EVIDENCE}}}, ["node", "status"]),
     "Empty": _object({}, []),
     "VmState": _object({"state": {"enum": ["starting", "running", "stopped", "destroyed"]}}, ["state"]),
     "Enforcement": _object({"node": NODE, "policy": SHORT, "result": {"type": "string", "maxLength": 2000}},
                            ["node", "policy", "result"]),
     "MigrationBegin": _object({"vm": SHORT, "destination": NODE}, ["vm", "destination"]),
-    "MigrationEnd": _object({"vm_id": SHORT, "commit": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 2000}},
+    "MigrationEnd": _object({"vm_id": SHORT, "commit": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 2000},
+                             "evidence": RUNTIME_EVIDENCE},
                             ["vm_id", "commit"]),
 }
 

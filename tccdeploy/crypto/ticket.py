@@ -74,7 +74,7 @@ MIGRATE_OUT = _body("migrate-out", {"migration": MIGRATION, "destination": NAME,
                                     "kmig": B64_KEY})
 # migrate-in (to the destination): the VM's profile, Kvm and the same Kmig, and where it comes from
 MIGRATE_IN = _body("migrate-in", {**_PROFILE, "migration": MIGRATION, "source": NAME, "kvm": B64_KEY,
-                                  "kmig": B64_KEY})
+                                  "kmig": B64_KEY, "runtime_pcr": {"type": "integer", "minimum": 0, "maximum": 23}})
 SIGNED = signed(LAUNCH)
 
 

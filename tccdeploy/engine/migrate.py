@@ -90,7 +90,7 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
         status = target.tvmm("migrate_in_finish", {"vm_id": vm_id, "resume": out["was_running"]}, timeout=120)
         if out["was_running"] and not status["running"]:
             raise Refused("migrate.not-running", f"the VM is {status['status']} on {destination}")
-        coordinator.migration_end(migration, vm_id, commit=True)
+        coordinator.migration_end(migration, vm_id, commit=True, evidence=status.get("evidence"))
         committed = True
     except BaseException as exc:
         if not committed:
@@ -140,8 +140,21 @@ def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
             status = _call_fresh(engine, destination, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
         except Exception:  # noqa: BLE001 - not running there (or unreachable): roll back
             status = "absent"
-        if status == "running":
-            coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination running")
+        evidence = None
+        if status == "running" and row.in_ticket:
+            try:  # the destination's TPM on what it did: the TC commits only on that
+                evidence = _call_fresh(engine, destination, "runtime_log",
+                                       {"runtime_pcr": coordinator.runtime_pcr(), "ticket": row.in_ticket})["evidence"]
+            except Exception:  # noqa: BLE001 - no evidence: it cannot be committed
+                evidence = None
+        if status == "running" and evidence is not None:
+            try:
+                coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination running",
+                                          evidence=evidence)
+            except Refused as exc:  # the TC does not believe it arrived: undo it
+                _roll_back(engine, coordinator, row.id, vm_id, source, destination, f"repair: {exc.reason}")
+                out.append({"migration": row.id, "vm_id": vm_id, "action": "rolled back", "node": source})
+                continue
             try:
                 _call_fresh(engine, source, "migrate_out_end", {"vm_id": vm_id, "commit": True})
             except Exception:  # noqa: BLE001

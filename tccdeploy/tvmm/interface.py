@@ -71,6 +71,9 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "migrate_in_data": args({"vm_id": VM_ID, "data": b64(4 * MiB + 4096)}),
     "migrate_in_finish": args({"vm_id": VM_ID, "resume": {"type": "boolean"}}),
     "migrate_in_discard": args({"vm_id": VM_ID}),
+    # the runtime PCR's event list, quoted for a ticket (a repair's evidence)
+    "runtime_log": args({"runtime_pcr": {"type": "integer", "minimum": 0, "maximum": 23},
+                         "ticket": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}),
 }
 
 Handler = Callable[..., dict[str, Any]]

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..crypto.files import sha256_file
 from ..crypto.ticket import label as ticket_label
-from . import tickets
+from . import runtime, tickets
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
@@ -210,7 +210,7 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
     except (QMPError, OSError) as exc:
         _kill(directory)
         raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
-    _IN[vm_id] = {"sock": sock, "dec": _stream().Decryptor(kmig, context=context(body)), "bytes": 0}
+    _IN[vm_id] = {"sock": sock, "dec": _stream().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
     del kmig
     return {"changed": True, "ready": True, "accel": accel}
 
@@ -268,7 +268,14 @@ def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
         status = qmp.execute("query-status")["status"]
     finally:
         qmp.close()
-    return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"]}
+    # The TPM's statement that the VM arrived here through this migration's ticket: the TC
+    # commits the migration only on it.
+    body = state["ticket"]
+    evidence = runtime.record(body["runtime_pcr"], {
+        "event": "migrated-in", "vm_id": vm_id, "migration": body["migration"], "source": body["source"],
+        "ticket": body["id"], "image_sha256": body["image_sha256"]}, body["id"])
+    return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"],
+            "evidence": evidence}
 
 
 def _discard(vm_id: str) -> None:

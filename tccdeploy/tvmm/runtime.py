@@ -9,15 +9,21 @@ PCR without it (and any other mismatch is left for the TC to refuse, fail closed
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..crypto.files import atomic_write
 from ..crypto.runtime import event_digest, qualifier, replay
 from . import config
+from .interface import operation
 from .tpm import extend_runtime, reset_count, runtime_quote, runtime_value
 
 LOG_FILE = "runtime.json"
+LOCK_FILE = "runtime.lock"
 
 
 def _load(pcr: int, boot: int) -> list[dict[str, Any]]:
@@ -36,9 +42,42 @@ def _save(pcr: int, boot: int, events: list[dict[str, Any]]) -> None:
                  json.dumps({"pcr": pcr, "reset_count": boot, "events": events}).encode(), 0o600)
 
 
+@contextmanager
+def _locked() -> Iterator[None]:
+    """One event at a time across the service's processes (one per engine session): the list and
+    the PCR must move together."""
+    fd = os.open(config.current().path(LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def record(pcr: int, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
     """Extend the runtime PCR with event and return the evidence: a quote over the PCR for this
     ticket, the PCR's value and the whole event list since the TPM's reset."""
+    with _locked():
+        return _record(pcr, event, ticket_id)
+
+
+def evidence(pcr: int, ticket_id: str) -> dict[str, Any]:
+    """The evidence as it stands, for a ticket acted on earlier (a repair after the engine died)."""
+    with _locked():
+        events = _load(pcr, reset_count())
+        attest, signature, value = runtime_quote(pcr, qualifier(ticket_id))
+    return {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(signature).decode(),
+            "pcr": pcr, "value": value.hex(), "events": events}
+
+
+@operation("runtime_log")
+def runtime_log(runtime_pcr: int, ticket: str) -> dict[str, Any]:
+    """The runtime PCR's events since the TPM's reset, quoted for a ticket: what this node did with
+    VMs, in the TPM's words. It changes nothing; the TC decides what it proves."""
+    return {"changed": False, "evidence": evidence(runtime_pcr, ticket)}
+
+
+def _record(pcr: int, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
     boot = reset_count()
     events = _load(pcr, boot)
     value = runtime_value(pcr)
