@@ -190,4 +190,5 @@ REASONS: dict[str, str] = {
     "ticket.tk": "the ticket is for another trusted key than the node's (a key made since, or another node's)",
     "ticket.replayed": "the ticket was used on this node already",
     "tvmm.migrating": "a migration of the VM is already under way on this node",
+    "tvmm.tc-ca-pinned": "VMs run here under another pinned TC CA; a node changes TC only once they are gone (or through a reboot)",
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -155,3 +156,26 @@ def test_without_a_pinned_ca_no_ticket_is_taken(node_service, tc_identity):
 def test_a_ticket_label_fits_a_tpms_label_buffer():
     """TPM2B_DATA holds 64 bytes, the trailing NUL included."""
     assert len(tickets.label("migrate-out", "kmig", "f" * 32, "f" * 64, "f" * 32)) + 1 <= 64
+
+
+def test_within_a_boot_the_pinned_ca_cannot_be_replaced(node_service, tc_identity, tmp_path: Path):
+    """An engine that had a new TK made under a CA of its own could sign tickets the service would
+    take and order a running VM's state out: so while VMs run, a pin changes only with a TPM
+    reset (a reboot, which ends them)."""
+    from tccdeploy.tvmm import tpm as service_tpm
+
+    stored = json.loads((node_service / "tk.json").read_text())
+    stored["reset_count"] = 7
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    own = tc_identity.certificate.public_bytes(serialization.Encoding.DER)
+    other, _ = identity.init(str(tmp_path / "engine-ca"))
+    engines = other.certificate.public_bytes(serialization.Encoding.DER)
+    service_tpm._check_pin(engines, 7)  # no VM here: a node may move to another TC
+    vm = node_service / "vms" / ("a" * 32)
+    vm.mkdir(parents=True)
+    (vm / "qemu.pid").write_text(str(os.getpid()))  # a VM's QEMU runs here (any live process stands in)
+    service_tpm._check_pin(own, 7)  # the same TC again (a re-admission): fine
+    with pytest.raises(ServiceError) as info:
+        service_tpm._check_pin(engines, 7)
+    assert info.value.reason == "tvmm.tc-ca-pinned"
+    service_tpm._check_pin(engines, 8)  # after a reboot (its VMs are gone with it)

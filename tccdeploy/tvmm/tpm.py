@@ -281,6 +281,8 @@ def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, A
     except ValueError:
         raise ServiceError("tvmm.tc-ca", "the TC CA certificate to pin does not parse") from None
     qualifier = pin_qualifier(_unb64(nonce), ca_der)
+    boot = reset_count()
+    _check_pin(ca_der, boot)
     with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_SIG_SCHEME
 
@@ -307,9 +309,45 @@ def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, A
                                          session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
     atomic_write(config.current().path(TK_FILE), json.dumps({
         "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs),
-        "tc_ca": tc_ca}).encode())
+        "tc_ca": tc_ca, "reset_count": boot}).encode())
     return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
             "signature": _b64(signature.marshal())}
+
+
+def _running_vms() -> list[str]:
+    """VMs whose QEMU runs here now (their memory is on this node)."""
+    folder = config.current().path("vms")
+    out = []
+    for vm_id in os.listdir(folder) if os.path.isdir(folder) else []:
+        try:
+            with open(os.path.join(folder, vm_id, "qemu.pid")) as fh:
+                os.kill(int(fh.read().strip()), 0)
+            out.append(vm_id)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _check_pin(ca_der: bytes, boot: int) -> None:
+    """While VMs run here, the pinned TC CA does not change within the boot. Otherwise an engine
+    could have a new TK made under a CA of its own, sign tickets with it and order a running
+    VM's state out under a Kmig it chose. With no VM running (or after a TPM reset, which ends
+    every VM of the old boot) a node may be admitted by another TC: nothing of the old one's is
+    here to take, and keys at rest were wrapped to the old TK, which is gone."""
+    try:
+        with open(config.current().path(TK_FILE)) as fh:
+            stored = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if stored.get("reset_count") != boot or not stored.get("tc_ca") or not _running_vms():
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    pinned = x509.load_pem_x509_certificate(stored["tc_ca"].encode()).public_bytes(serialization.Encoding.DER)
+    if pinned != ca_der:
+        raise ServiceError("tvmm.tc-ca-pinned", "VMs of another TC run here: a node changes TC only once they are "
+                                                "gone (or through a reboot)")
 
 
 def _stored_tk() -> dict[str, Any]:

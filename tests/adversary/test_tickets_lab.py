@@ -155,3 +155,26 @@ def test_a_receipt_needs_the_nodes_own_evidence_of_this_launch(world: World):
     finally:
         world.destroy("first")
         world.destroy("second")
+
+
+def test_an_engine_cannot_repin_a_running_node_to_a_ca_of_its_own(world: World, tmp_path):
+    """The attack: have the node's service make a new TK under the engine's own CA, then sign a
+    migrate-out ticket with it for a running VM and read its state under a Kmig the engine
+    chose. Within a boot the pin does not change: refused, and the TC's tickets still work."""
+    vm_id, _, _ = _running(world, "repin", "node4")
+    engine_ca, _ = identity.init(str(tmp_path / "engine-ca"))
+    pem = engine_ca.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    session = world.session("node4")
+    try:
+        refused(lambda: session.tvmm("tk_create", {"bank": "sha256", "pcrs": [0, 4, 8, 9, 11],
+                                                   "nonce": base64.b64encode(os.urandom(32)).decode(), "tc_ca": pem}),
+                "tvmm.tc-ca-pinned")
+        forged_body = {"v": 1, "kind": "migrate-out", "id": tickets.new_id(), "node": "node4", "node_serial": "1",
+                       "tk_name": "00" * 34, "vm_id": vm_id, "customer": "0" * 32, "issued": 0, "expires": 2**39,
+                       "migration": "1", "destination": "node1", "destination_tk_name": "00" * 34, "kmig": "AAAA"}
+        forged = tickets.issue(engine_ca.purpose("ticket").key, engine_ca.purpose("ticket").certificate, forged_body)
+        refused(lambda: session.tvmm("migrate_out_start", {"ticket": forged}), "ticket.certificate")
+        assert session.tvmm("vm_control", {"vm_id": vm_id, "action": "status"})["status"] == "running"
+    finally:
+        world.destroy("repin")
+    assert world.qemus(vm_id) == []
