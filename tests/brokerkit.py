@@ -25,7 +25,7 @@ from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, SEALED_IMAGE, signed_b
 from tccdeploy.manifest.loader import load_manifests
 
 from .attestkit import AssetTag, Node, enroll_software_node, rsa_public
-from .conftest import REPO
+from .conftest import live_examples
 
 ADDRESSES = {"site1": "127.0.1.7", "site2": "127.0.2.7"}
 
@@ -74,7 +74,7 @@ class World:
     def __init__(self, root: Path):
         state = str(root / "tc")
         _tc_state(state)
-        self.tc = Coordinator.from_manifests(load_manifests([str(REPO / "examples")]), state)
+        self.tc = Coordinator.from_manifests(load_manifests([str(live_examples(root))]), state)
         self.nodes: dict[str, SoftwareNode] = {}
         self.keys: dict[str, ed25519.Ed25519PrivateKey] = {}
 

@@ -107,6 +107,24 @@ def postgres():
     server.stop()
 
 
+def live_examples(folder: Path) -> Path:
+    """The example manifests with the builds as the lab measures them from this tree (the service
+    artifact's digest is the code's own, which mutation testing changes): for tests whose
+    software nodes boot the lab's builds."""
+    import shutil
+
+    import yaml
+
+    from tccdeploy.lab.builds import LAB_BUILDS, build_manifest
+
+    target = folder / "examples"
+    if not target.exists():
+        shutil.copytree(REPO / "examples", target)
+        for build in LAB_BUILDS:
+            (target / "builds" / f"{build.name}.yml").write_text(yaml.safe_dump(build_manifest(build), sort_keys=False))
+    return target
+
+
 @pytest.fixture(scope="session")
 def tc_identity(tmp_path_factory):
     """A TC identity (CA, wrapping and purpose keys) for tests that need the TC's signatures."""

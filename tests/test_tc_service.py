@@ -143,7 +143,6 @@ def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(l
 
 
 def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_path):
-    import shutil
     import signal
     import time
 
@@ -151,10 +150,9 @@ def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_
     from tccdeploy.coordinator.client import RemoteCoordinator
 
     from .attestkit import Node, enroll_software_node
-    from .conftest import audited_registry
+    from .conftest import audited_registry, live_examples
 
-    manifests = tmp_path / "manifests"
-    shutil.copytree(REPO / "examples", manifests)
+    manifests = live_examples(tmp_path)
     service = Service(tmp_path / "tc", str(manifests))
     try:
         node = Node()

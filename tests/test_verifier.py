@@ -29,8 +29,10 @@ NONCE = b"n" * 32
 
 
 @pytest.fixture(scope="module")
-def manifests():
-    return load_manifests([str(REPO / "examples")])
+def manifests(tmp_path_factory):
+    from .conftest import live_examples
+
+    return load_manifests([str(live_examples(tmp_path_factory.mktemp("manifests")))])
 
 
 def run(manifests, node: Node, evidence, site="site1", address="127.0.1.7", last=None, identity=None, nonce_ok=True):
