@@ -449,3 +449,40 @@ def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world)
         signed = receipts.sign(world.tc.identity(), altered)  # (the key present: a version 3 receipt)
         with pytest.raises(receipts.ReceiptError):
             receipts.verify(signed, ca)
+
+
+@pytest.mark.parametrize(("damage", "code"), [
+    ("not-tpm-generated", "runtime.signature"), ("not-a-quote", "runtime.signature"),
+    ("events-not-a-list", "runtime.malformed"), ("too-many-events", "runtime.malformed"),
+    ("event-not-an-object", "runtime.malformed"), ("attest-not-base64", "runtime.malformed"),
+    ("signature-not-base64", "runtime.malformed"), ("not-an-object", "runtime.missing"),
+])
+def test_runtime_evidence_of_the_wrong_form_is_refused_by_name(world, damage: str, code: str):
+    from tccdeploy.coordinator import runtime, tpm2
+    from tccdeploy.crypto.runtime import qualifier, replay
+    from tests.attestkit import certify_attest, quote_attest, sign
+
+    node = world.node("n1").tpm
+    events = [{"event": "launched", "vm_id": "a" * 32, "ticket": "t"}]
+    value = replay(events)
+    magic = 0x12345678 if damage == "not-tpm-generated" else tpm2.TPM_GENERATED
+    attest = quote_attest(qualifier("t"), "sha256", [15], hashlib.sha256(value).digest(), magic=magic)
+    if damage == "not-a-quote":  # a TPM2_Certify the AK made, presented as the quote
+        attest = certify_attest(qualifier("t"), b"\x00\x0b" + bytes(32))
+    evidence: object = {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(sign(node.key, attest)).decode(),
+                        "value": value.hex(), "events": events}
+    if damage == "events-not-a-list":
+        evidence["events"] = {"0": events[0]}  # type: ignore[index]
+    elif damage == "too-many-events":
+        evidence["events"] = events * (runtime.MAX_EVENTS + 1)  # type: ignore[index]
+    elif damage == "event-not-an-object":
+        evidence["events"] = ["launched"]  # type: ignore[index]
+    elif damage == "attest-not-base64":
+        evidence["attest"] = evidence["attest"] + "!"  # type: ignore[index]
+    elif damage == "signature-not-base64":
+        evidence["signature"] = "*" + evidence["signature"]  # type: ignore[index]
+    elif damage == "not-an-object":
+        evidence = [evidence]
+    with pytest.raises(Refused) as info:
+        runtime.verify(evidence, node.ak_public, 15, "t")
+    assert info.value.reason == code
