@@ -142,35 +142,27 @@ def port_free(address: str, port: int) -> bool:
     return True
 
 
-def wait_listening(address: str, port: int, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
-    """Wait until something accepts on address:port; False if proc died first or time ran out."""
+def _wait_accepting(family: int, where: object, proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait until something accepts at where; False if proc died first or time ran out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
             try:
-                sock.connect((address, port))
+                sock.connect(where)
                 return True
             except OSError:
                 pass
         time.sleep(0.01)
     return False
+
+
+def wait_listening(address: str, port: int, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    return _wait_accepting(socket.AF_INET, (address, port), proc, timeout)
 
 
 def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
-    """Wait until something accepts on the unix socket path; False if proc died first or time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            try:
-                sock.connect(path)
-                return True
-            except OSError:
-                pass
-        time.sleep(0.01)
-    return False
+    """Wait until something accepts on the unix socket path (a node's TPM)."""
+    return _wait_accepting(socket.AF_UNIX, path, proc, timeout)

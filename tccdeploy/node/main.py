@@ -3,22 +3,13 @@ staging). It has no way to the TPM, the VMs or their keys: those belong to the T
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import traceback
 from typing import Any
 
 from . import PROTOCOL, files  # noqa: F401 - files registers its operations
 from .ops import OPS, OpError
-from .protocol import failure, serve
-
-
-def _own_digest() -> str:
-    try:
-        with open(sys.argv[0], "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-        return ""
+from .protocol import failure, own_digest, serve
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +31,6 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    hello = {"hello": "tccdeploy-node", "protocol": PROTOCOL, "digest": _own_digest(),
+    hello = {"hello": "tccdeploy-node", "protocol": PROTOCOL, "digest": own_digest(),
              "python": sys.version.split()[0]}
     return serve(hello, handle)

@@ -9,13 +9,12 @@ of the operation runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import traceback
 from typing import Any
 
-from ..node.protocol import failure, serve
+from ..node.protocol import failure, own_digest, serve
 from . import PROTOCOL, config, migrate, runtime, tpm, vm  # noqa: F401 - they register their operations
 from .interface import HANDLERS, OPERATIONS, ServiceError, problems
 
@@ -26,15 +25,6 @@ The TVMM service, the node side of TCCP in the measured TVMM build. `serve` spea
 protocol (one JSON request per line on stdin) and is what the TVMM user's authorized_keys forces;
 `schemas` prints the JSON schema of every operation. FILE (root-owned) sets the node name, the
 TPM (TCTI), the state directory and the firmware event log; without it, a real node's defaults."""
-
-
-def own_digest() -> str:
-    """The sha256 of the file this service runs from: the artifact the boot measured."""
-    try:
-        with open(sys.argv[0], "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
-    except OSError:
-        return ""
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
