@@ -811,46 +811,38 @@ def _check_reachable(directory: str) -> None:
         parent = os.path.dirname(parent)
 
 
-def ensure_lab_user() -> None:
-    """The login user of every lab node, with an empty shell start-up file.
-
-    Root's ~/.bashrc on these machines runs `pyenv init` (0.25 s per SSH command), so nodes log
-    in as a dedicated user whose .bashrc is empty. Created once; left for later labs.
-    """
+def _ensure_user(name: str, home: str, shell: str, comment: str, mode: int) -> pwd.struct_passwd:
+    """A system user for the lab, created once (no password, but not locked: key login works),
+    in the kvm group where there is one; left for later labs."""
     try:
-        pwd.getpwnam(LAB_USER)
+        pwd.getpwnam(name)
     except KeyError:
-        os.makedirs(os.path.dirname(LAB_HOME), mode=0o755, exist_ok=True)
-        _run(["useradd", "--system", "--home-dir", LAB_HOME, "--no-create-home", "--shell", "/bin/bash",
-              "--comment", "tccdeploy lab node login", LAB_USER])
-        _run(["usermod", "--password", "*", LAB_USER])  # no password, but not locked: key login works
-    entry = pwd.getpwnam(LAB_USER)
-    os.makedirs(LAB_HOME, mode=0o755, exist_ok=True)
+        os.makedirs(os.path.dirname(home), mode=0o755, exist_ok=True)
+        _run(["useradd", "--system", "--home-dir", home, "--no-create-home", "--shell", shell, "--comment", comment, name])
+        _run(["usermod", "--password", "*", name])
+    entry = pwd.getpwnam(name)
+    os.makedirs(home, mode=mode, exist_ok=True)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    if os.path.exists("/dev/kvm"):
+        subprocess.run(["usermod", "-a", "-G", "kvm", name], capture_output=True)
+    return entry
+
+
+def ensure_lab_user() -> None:
+    """The admin login of every lab node, with empty shell start-up files: root's ~/.bashrc on
+    these machines runs `pyenv init` (0.25 s per SSH command)."""
+    _ensure_user(LAB_USER, LAB_HOME, "/bin/bash", "tccdeploy lab node login", 0o755)
     for rc in (".bashrc", ".profile", ".bash_profile"):
         path = os.path.join(LAB_HOME, rc)
         if not os.path.exists(path) or os.path.getsize(path):
             with open(path, "w"):
                 pass
-    os.chown(LAB_HOME, entry.pw_uid, entry.pw_gid)
-    if os.path.exists("/dev/kvm"):
-        subprocess.run(["usermod", "-a", "-G", "kvm", LAB_USER], capture_output=True)
 
 
 def ensure_tvmm_user() -> None:
     """The TVMM user of every lab node: owns the nodes' TPM sockets, the service's state and the
     VMs; logs in only through the service's forced command. /bin/sh: no start-up files run."""
-    try:
-        pwd.getpwnam(TVMM_USER)
-    except KeyError:
-        os.makedirs(os.path.dirname(TVMM_HOME), mode=0o755, exist_ok=True)
-        _run(["useradd", "--system", "--home-dir", TVMM_HOME, "--no-create-home", "--shell", "/bin/sh",
-              "--comment", "tccdeploy lab TVMM service", TVMM_USER])
-        _run(["usermod", "--password", "*", TVMM_USER])
-    entry = pwd.getpwnam(TVMM_USER)
-    os.makedirs(TVMM_HOME, mode=0o700, exist_ok=True)
-    os.chown(TVMM_HOME, entry.pw_uid, entry.pw_gid)
-    if os.path.exists("/dev/kvm"):
-        subprocess.run(["usermod", "-a", "-G", "kvm", TVMM_USER], capture_output=True)
+    _ensure_user(TVMM_USER, TVMM_HOME, "/bin/sh", "tccdeploy lab TVMM service", 0o700)
 
 
 def _default_python() -> str:
