@@ -31,6 +31,7 @@ from tccdeploy.crypto import customer  # noqa: E402
 from tccdeploy.crypto.request import sign_request  # noqa: E402
 from tccdeploy.engine import launch as launching  # noqa: E402
 from tccdeploy.engine.attestation import attest, enroll  # noqa: E402
+from tccdeploy.engine.lifecycle import end_vm  # noqa: E402
 from tccdeploy.engine.runner import Engine  # noqa: E402
 from tccdeploy.lab.lab import Lab  # noqa: E402
 from tccdeploy.manifest.loader import (
@@ -106,7 +107,7 @@ def main() -> int:
                     ours.append(time.perf_counter() - start)
                 finally:
                     launching.upload_disk = uploaded
-                session.tvmm("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+                end_vm(session, tc, descriptor["vm_id"], session.host.name, "destroy")
                 plain.append(plain_start(os.path.join(work, f"plain{i}.qcow2"), work))
         tc.close()
     finally:

@@ -27,6 +27,7 @@ from tccdeploy.engine.runner import Engine
 from tccdeploy.lab.lab import Lab
 from tccdeploy.manifest.loader import load_inventory
 
+from .labvms import kill_everywhere, kill_vm
 from .tcworld import coordinator_with_customer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -77,12 +78,7 @@ def world(lab: Lab, tmp_path_factory):
     w.request = request
     yield w
     for vm in tc.registry.vms():
-        host = next((h for h in engine.hosts if h.name == vm["node"]), None)
-        if host is not None:
-            try:
-                engine.session(host).tvmm("vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
-            except Exception:  # noqa: BLE001 - the lab may have rebooted the node already
-                pass
+        kill_everywhere(lab, vm["vm_id"])
     engine.close()
     tc.close()
 
@@ -100,7 +96,7 @@ def test_a_sealed_image_launches_on_a_trusted_node_and_the_receipt_verifies(lab:
     vm = world.tc.registry.vm(envelope["request"]["manifest"]["metadata"]["name"])
     assert vm["state"] == "running" and vm["node"] == result.node
     status = world.engine.session(next(h for h in world.engine.hosts if h.name == result.node)).tvmm(
-        "vm_control", {"vm_id": vm["vm_id"], "action": "status"})
+        "vm_status", {"vm_id": vm["vm_id"]})
     assert status["status"] == "running"
     tc_cert = tc_load(world.state).certificate
     body = verify_receipt(result.receipt, tc_cert)
@@ -255,16 +251,23 @@ def test_no_plaintext_key_on_disk_in_argv_or_logs(lab: Lab, world):
     envelope, result = _launch(world, world.request())
     descriptor = bundles.load(envelope["bundle"])["descriptor"]
     forms = _kvm_forms(world, descriptor)
-    for root in (lab.dir, world.state, str(world.root)):
-        for folder, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(folder, name)
-                try:
-                    with open(path, "rb") as fh:
-                        data = fh.read()
-                except OSError:
-                    continue
-                assert not any(form in data for form in forms), f"the VM key is in {path}"
+    # Read every file from another process: this one has the registry open, and closing any
+    # descriptor of its files here would drop SQLite's POSIX locks on them. The key's forms go
+    # over stdin (never argv).
+    scan = ("import os, sys\nforms = [bytes.fromhex(f) for f in sys.stdin.read().split()]\n"
+            "for root in sys.argv[1:]:\n"
+            "    for folder, _, files in os.walk(root):\n"
+            "        for name in files:\n"
+            "            path = os.path.join(folder, name)\n"
+            "            try:\n"
+            "                data = open(path, 'rb').read()\n"
+            "            except OSError:\n"
+            "                continue\n"
+            "            if any(form in data for form in forms):\n"
+            "                print(path)\n")
+    found = subprocess.run([sys.executable, "-c", scan, lab.dir, world.state, str(world.root)], capture_output=True,
+                           text=True, input=" ".join(f.hex() for f in forms), check=True)
+    assert found.stdout == "", f"the VM key is in {found.stdout}"
     for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -326,7 +329,7 @@ def test_an_interrupted_upload_resumes_and_is_digest_checked(lab: Lab, world):
     with pytest.raises(RemoteError) as missing:
         session.tvmm("disk_commit", {"vm_id": "0" * 32, "sha256": descriptor["disk"]["sha256"]})
     assert missing.value.reason == "tvmm.disk-digest"
-    session.tvmm("vm_control", {"vm_id": descriptor["vm_id"], "action": "destroy"})
+    kill_vm(lab, "node1", descriptor["vm_id"])
 
 
 def test_every_decision_is_in_the_audit_log_and_the_chain_verifies(lab: Lab, world):

@@ -20,12 +20,14 @@ from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.enforce import enforce_round
 from tccdeploy.engine.launch import launch
+from tccdeploy.engine.lifecycle import end_vm
 from tccdeploy.engine.runner import Engine, Session
 from tccdeploy.lab import procs
 from tccdeploy.lab.lab import Lab
 from tccdeploy.manifest.loader import load_inventory
 from tccdeploy.tvmm.qmp import QMP
 
+from .labvms import kill_everywhere
 from .tcworld import coordinator_with_customer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -48,10 +50,7 @@ def world(lab: Lab, tmp_path_factory):
     w.root, w.tc, w.engine, w.state, w.lab = root, tc, engine, state, lab
     yield w
     for vm in tc.registry.vms():
-        try:
-            migrating._call_fresh(engine, vm["node"], "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
-        except Exception:  # noqa: BLE001
-            pass
+        kill_everywhere(lab, vm["vm_id"])
     engine.close()
     tc.close()
 
@@ -105,8 +104,15 @@ def vm_dir(world, node: str, vm_id: str) -> Path:  # type: ignore[no-untyped-def
     return Path(world.lab.node_dir(world.lab.node(node), "tvmm", "vms", vm_id))
 
 
+def destroy(world, node: str, vm: dict) -> None:  # type: ignore[no-untyped-def]
+    """As an operator ends a VM: the TC's end ticket, the node's evidence, the TC's record."""
+    host = next(h for h in world.engine.hosts if h.name == node)
+    ended = end_vm(world.engine.session(host), world.tc, vm["vm_id"], node, "destroy")
+    assert ended["recorded"] and ended["state"] == "destroyed" and world.tc.registry.vm(vm["vm_id"]) is None
+
+
 def status(world, node: str, vm_id: str) -> str:  # type: ignore[no-untyped-def]
-    return migrating._call_fresh(world.engine, node, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
+    return migrating._call_fresh(world.engine, node, "vm_status", {"vm_id": vm_id})["status"]
 
 
 def assert_one_copy_running_on(world, node: str, vm: dict) -> None:  # type: ignore[no-untyped-def]
@@ -244,8 +250,7 @@ def test_a_failure_before_the_commit_leaves_the_vm_running_on_the_source(world, 
     assert not (vm_dir(world, "node3", vm["vm_id"]) / "qemu.pid").exists()
     aborted = [m for m in world.tc.registry.migrations() if m["vm_id"] == vm["vm_id"]]
     assert [m["state"] for m in aborted] == ["aborted"]
-    migrating._call_fresh(world.engine, "node1", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
-    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
+    destroy(world, "node1", vm)
 
 
 def test_a_tampered_nodes_vms_are_stopped_not_moved_its_tk_cannot_open_the_migration_key(world, lab_node):
@@ -261,13 +266,17 @@ def test_a_tampered_nodes_vms_are_stopped_not_moved_its_tk_cannot_open_the_migra
     for vm in (first, second):
         outcome = next(v for v in report.vms if v["vm"] == vm["name"])
         assert outcome["result"].startswith("powered off") and "tvmm.tk-refused" in outcome["evacuation_error"]
-        assert world.tc.registry.vm(vm["name"])["state"] == "stopped" and qemu_pids(vm["vm_id"]) == []
+        # powered off; live in the TC's records, as the tampered node's evidence proves nothing
+        assert outcome["result"].endswith("(vm.end-boot-untrusted)"), outcome
+        assert world.tc.registry.vm(vm["name"])["state"] == "running" and qemu_pids(vm["vm_id"]) == []
         aborted = [m for m in world.tc.registry.migrations() if m["vm_id"] == vm["vm_id"]]
         assert aborted and all(m["state"] == "aborted" for m in aborted)
     fresh(world)
     world.lab.reset("node4")
     world.tc.release_node("node4", "test: the lab put the node back")
     world.engine.run(attest(world.tc, admit_nodes=True), [h for h in world.engine.hosts if h.name == "node4"])
+    # rebooted into the approved build: the TPM's higher resetCount proves the old boot's VMs gone
+    assert [world.tc.registry.vm(vm["name"])["state"] for vm in (first, second)] == ["off", "off"]
 
 
 def test_a_node_whose_build_is_revoked_is_evacuated_in_one_round(world, lab_node):
@@ -338,14 +347,14 @@ def test_an_engine_killed_after_postmigrate_leaves_the_source_running_with_its_d
     moved = migrating.migrate(world.engine, world.tc, vm["name"], "node3")
     assert moved["to"] == "node3" and status(world, "node3", vm["vm_id"]) == "running"
     assert len(qemu_pids(vm["vm_id"])) == 1
-    migrating._call_fresh(world.engine, "node3", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
-    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
+    destroy(world, "node3", vm)
 
 
 def test_an_engine_killed_before_the_commit_is_repaired_on_the_destinations_evidence(world, monkeypatch):
-    """The destination took the whole stream and runs the VM, and the engine dies before it asks
+    """The destination took the whole stream and holds the VM, and the engine dies before it asks
     the TC to commit: the repair asks the destination's TPM what it did (runtime_log, quoted for
-    the migration's ticket) and the TC commits on that evidence alone; the source's copy goes."""
+    the migration's ticket) and the TC commits on that evidence alone; the settle tickets then
+    run the destination's copy and end the source's."""
     vm = start_vm(world, "node1")
     fresh(world)
     original_end, original_rollback = world.tc.migration_end, migrating._roll_back
@@ -365,6 +374,35 @@ def test_an_engine_killed_before_the_commit_is_repaired_on_the_destinations_evid
     assert [r["action"] for r in migrating.repair(world.engine, world.tc)] == ["committed"]
     assert_one_copy_running_on(world, "node3", vm)
     entry = [e for e in world.tc.registry.audit_entries(vm=vm["vm_id"]) if e["kind"] == "migration.commit"][-1]
-    assert entry["data"]["reason"] == "repair: destination running"
-    migrating._call_fresh(world.engine, "node3", "vm_control", {"vm_id": vm["vm_id"], "action": "destroy"})
-    world.tc.registry.set_vm_state(vm["vm_id"], "destroyed")
+    assert entry["data"]["reason"] == "repair: destination holds it"
+    assert not vm_dir(world, "node1", vm["vm_id"]).exists()
+    destroy(world, "node3", vm)
+
+
+def test_an_engine_killed_between_the_commit_and_the_ends_settlement_is_repaired(world, monkeypatch):
+    """The TC committed, and the engine died before it carried the settle tickets: both ends hold
+    the VM paused (neither runs on the engine's word) until the repair brings each its ticket
+    again; then exactly one copy runs, on the destination, and it migrates again."""
+    vm = start_vm(world, "node1")
+    fresh(world)
+
+    def die(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise Fault("the engine died after the commit")
+
+    monkeypatch.setattr(migrating, "settle", die)
+    with pytest.raises(Fault):
+        migrating.migrate(world.engine, world.tc, vm["name"], "node3")
+    monkeypatch.undo()
+    fresh(world)
+    assert world.tc.registry.vm(vm["vm_id"])["node"] == "node3"
+    assert status(world, "node3", vm["vm_id"]) == "paused" and status(world, "node1", vm["vm_id"]) == "postmigrate"
+    assert len(qemu_pids(vm["vm_id"])) == 2  # both held, neither running
+    repaired = migrating.repair(world.engine, world.tc)
+    assert sorted(r["action"] for r in repaired) == ["settled destination (commit)", "settled source (commit)"]
+    assert_one_copy_running_on(world, "node3", vm)
+    assert not vm_dir(world, "node1", vm["vm_id"]).exists()
+    assert migrating.repair(world.engine, world.tc) == []  # nothing left to settle
+    fresh(world)
+    assert migrating.migrate(world.engine, world.tc, vm["name"], "node2")["to"] == "node2"
+    assert_one_copy_running_on(world, "node2", vm)
+    destroy(world, "node2", vm)

@@ -21,6 +21,7 @@ from tccdeploy.manifest.loader import load_inventory
 
 from .conftest import REPO
 from .helpers_apply import ansible_playbook, apply, recap
+from .labvms import kill_everywhere
 from .tcworld import coordinator_with_customer
 
 pytestmark = pytest.mark.slow
@@ -46,12 +47,8 @@ def world(lab: Lab, tmp_path):
     registry = sqlite3.connect(str(Path(state) / "registry.sqlite"))
     vms = registry.execute("SELECT vm_id, node FROM vms WHERE state != 'destroyed'").fetchall()
     registry.close()
-    with Engine(load_inventory(lab.inventory_dir).select("all"), state=state) as engine:
-        for vm_id, node in vms:
-            try:
-                migrating._call_fresh(engine, node, "vm_control", {"vm_id": vm_id, "action": "destroy"})
-            except Exception:  # noqa: BLE001 - the node may have been rebooted: nothing runs there
-                pass
+    for vm_id, _node in vms:
+        kill_everywhere(lab, vm_id)
     for name in NODES:
         lab.reset(name)
 
@@ -91,12 +88,13 @@ def vm_running_where_registered(world, lab: Lab) -> dict[str, str]:  # type: ign
     """name -> node for every VM, after checking QEMU runs it there, once."""
     out = {}
     with Engine(load_inventory(lab.inventory_dir).select(TARGETS), state=world.state) as engine:
+        quarantined = {n for (n,) in registry_rows(world.state, "SELECT name FROM nodes WHERE state = 'quarantined'")}
         for vm_id, name, node, state in registry_rows(world.state, "SELECT vm_id, name, node, state FROM vms"):
-            if state == "stopped":  # powered off by enforcement (a tampered node): no QEMU anywhere
+            if node in quarantined:  # powered off by enforcement (a tampered node): no QEMU anywhere
                 assert not [p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]
                 continue
             assert state == "running"
-            status = migrating._call_fresh(engine, node, "vm_control", {"vm_id": vm_id, "action": "status"})
+            status = migrating._call_fresh(engine, node, "vm_status", {"vm_id": vm_id})
             assert status["status"] == "running", (name, node)
             assert len([p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]) == 1
             out[name] = node
@@ -183,7 +181,9 @@ def test_enforce_playbook_quarantines_a_tampered_node_and_stops_its_vm(lab: Lab,
     assert recap(result.stdout)[node]["failed"] == 1 and "build.unknown" in result.stdout
     assert registry_rows(world.state, f"SELECT state FROM nodes WHERE name = '{node}'") == [("quarantined",)]
     vm_id, state = registry_rows(world.state, "SELECT vm_id, state FROM vms WHERE name = 'web-9'")[0]
-    assert state == "stopped" and "tvmm.tk-refused" in result.stdout, result.stdout
+    # Powered off; the TC keeps it live in its records, as the tampered node's word proves nothing.
+    assert state == "running" and "tvmm.tk-refused" in result.stdout, result.stdout
+    assert "vm.end-boot-untrusted" in result.stdout, result.stdout
     assert not [p for p in procs.processes_mentioning(vm_id) if procs.cmdline(p).startswith("qemu-system")]
 
 

@@ -339,14 +339,14 @@ def test_a_launch_is_recorded_only_on_the_nodes_tpm_evidence_for_its_ticket(worl
     assert world.tc.record_launch(release, "n1", world.started("n1", release))["receipt"]["vm_id"] == record["vm_id"]
 
 
-def test_vm_state_moves_only_forward(world):
+def test_the_engines_word_only_pauses_and_resumes_a_vm(world):
     world.node("n1")
     record = world.launched("acme", "n1")
     world.tc.set_vm_state(record["vm_id"], "stopped")
     world.tc.set_vm_state(record["vm_id"], "running")
-    assert reason(world.tc.set_vm_state, record["vm_id"], "starting") == "vm.state-transition"
-    world.tc.set_vm_state(record["vm_id"], "destroyed")
-    assert reason(world.tc.set_vm_state, record["vm_id"], "running") == "vm.state-transition"
+    for state in ("starting", "destroyed", "off", "suspended"):
+        assert reason(world.tc.set_vm_state, record["vm_id"], state) == "vm.state-transition"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
     assert reason(world.tc.set_vm_state, "nosuch", "stopped") == "vm.state-transition"
 
 

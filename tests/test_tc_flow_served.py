@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tccdeploy.engine import migrate as migrating
-from tccdeploy.engine.runner import Engine
 from tccdeploy.lab.lab import Lab
-from tccdeploy.manifest.loader import load_inventory
 
+from .labvms import kill_everywhere
 from .tcservice import BIN, Service
 
 pytestmark = pytest.mark.slow
@@ -83,7 +81,9 @@ def test_the_whole_flow_through_a_served_tc(lab: Lab, tmp_path: Path, database, 
         enforced = run(engine, "enforce", "--once", *inv, "-l", NODES)
         assert enforced.returncode == 2 and f"quarantined {node}: build.unknown" in enforced.stdout, enforced.stdout
         vms = json.loads(run(engine, "vms", "--json").stdout)
-        assert vms[0]["state"] == "stopped" and vms[0]["node"] == node, vms
+        # powered off; live in the TC's records until the node proves it gone (its word is worth nothing now)
+        assert vms[0]["state"] == "running" and vms[0]["node"] == node, vms
+        assert "vm.end-boot-untrusted" in enforced.stdout, enforced.stdout
         assert "tvmm.tk-refused" in enforced.stdout, enforced.stdout  # why it could not be evacuated
         nodes = {n["name"]: n for n in json.loads(run(engine, "nodes", "--json").stdout)}
         assert nodes[node]["state"] == "quarantined" and nodes[node]["reasons"] == ["build.unknown"]
@@ -92,18 +92,18 @@ def test_the_whole_flow_through_a_served_tc(lab: Lab, tmp_path: Path, database, 
         for who in (admin, engine):  # the TC's operator on its registry; the engine from the entries served
             audit = run(who, "audit", "verify")
             assert audit.returncode == 0 and "chain intact" in audit.stdout, audit.stderr
-        destroyed = run(engine, "vm", "destroy", "web", *inv)
+        refused = run(engine, "vm", "destroy", "web", *inv)  # the tampered node's evidence proves nothing
+        assert refused.returncode != 0 and "vm.end-boot-untrusted" in refused.stdout + refused.stderr, refused.stdout
+        lab.reset(node)  # rebooted into the approved build: a trusted quote with a higher resetCount
+        assert run(engine, "attest", node, *inv).returncode == 0
+        assert json.loads(run(engine, "vms", "--json").stdout)[0]["state"] == "off"
+        destroyed = run(engine, "vm", "destroy", "web", *inv)  # its (encrypted) disk is still there
         assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
         assert json.loads(run(engine, "vms", "--json").stdout) == []
         vm_id = None
     finally:
         service.stop()
         if vm_id is not None:
-            with Engine(load_inventory(lab.inventory_dir).select(NODES), state=str(tmp_path / "engine")) as eng:
-                for name in NODES.split(","):
-                    try:
-                        migrating._call_fresh(eng, name, "vm_control", {"vm_id": vm_id, "action": "destroy"})
-                    except Exception:  # noqa: BLE001 - not on this node
-                        pass
+            kill_everywhere(lab, vm_id)  # (the TC is gone)
         if node is not None:
             lab.reset(node)

@@ -15,6 +15,7 @@ from tccdeploy.coordinator.store import Registry
 
 from .attestkit import Node, enroll_software_node
 from .conftest import REPO
+from .labvms import kill_everywhere
 from .pgserver import PostgresServer, skip_reason
 from .tcservice import Service
 
@@ -156,10 +157,6 @@ def test_a_launch_goes_on_with_the_other_replica_and_the_key_is_released_once(la
     import os
     import subprocess
 
-    from tccdeploy.engine import migrate as migrating
-    from tccdeploy.engine.runner import Engine
-    from tccdeploy.manifest.loader import load_inventory
-
     from .tcservice import BIN
 
     url, state = postgres.new_database(), tmp_path / "tc"
@@ -210,9 +207,4 @@ def test_a_launch_goes_on_with_the_other_replica_and_the_key_is_released_once(la
         b.stop()
         a.stop()
         if vm_id is not None:
-            with Engine(load_inventory(lab.inventory_dir).select("node1,node2"), state=str(tmp_path / "engine")) as eng:
-                for name in ("node1", "node2"):
-                    try:
-                        migrating._call_fresh(eng, name, "vm_control", {"vm_id": vm_id, "action": "destroy"})
-                    except Exception:  # noqa: BLE001 - not on this node
-                        pass
+            kill_everywhere(lab, vm_id)  # (the TCs are gone)

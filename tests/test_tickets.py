@@ -179,3 +179,74 @@ def test_within_a_boot_the_pinned_ca_cannot_be_replaced(node_service, tc_identit
         service_tpm._check_pin(engines, 7)
     assert info.value.reason == "tvmm.tc-ca-pinned"
     service_tpm._check_pin(engines, 8)  # after a reboot (its VMs are gone with it)
+
+
+# -- a migration's settlement and a VM's end, at the service ------------------------------------
+def settle(tc, **changes) -> dict:  # type: ignore[no-untyped-def]
+    now = int(time.time())
+    fields = {"v": 1, "kind": "settle", "id": tickets.new_id(), "node": "node1", "node_serial": "ab12",
+              "tk_name": TK_NAME.hex(), "vm_id": "1" * 32, "customer": "2" * 32, "issued": now,
+              "expires": now + tickets.TTL, "migration": "7", "outcome": "abort", "role": "source", "runtime_pcr": 15}
+    fields.update(changes)
+    envelope = tickets.issue(tc.purpose("ticket").key, tc.purpose("ticket").certificate, fields)
+    if fields["kind"] == "settle" and fields["vm_id"] == "1" * 32:  # the shape the service takes
+        assert not problems(OPERATIONS["migrate_out_end"], {"vm_id": "1" * 32, "ticket": envelope})
+    return envelope
+
+
+def test_a_settle_ticket_moves_only_its_end_of_the_pending_migration(node_service, tc_identity):
+    """The source resumes only on an abort of the migration it holds, the destination runs only on
+    a commit of its own: another migration's ticket, the other end's, or none at all is refused."""
+    from tccdeploy.tvmm import vm
+
+    vm_id = "1" * 32
+    with pytest.raises(ServiceError) as info:  # nothing pending here
+        vm.settle_ticket(settle(tc_identity), vm_id, "source")
+    assert info.value.reason == "tvmm.not-migrating"
+    assert not (node_service / "vms" / vm_id).exists()  # a question leaves no trace
+    (node_service / "vms" / vm_id).mkdir(parents=True, mode=0o700)  # the VM is here
+    vm.mark_migration(vm_id, "7", "source", was_running=True)
+    assert oct((node_service / "vms" / vm_id / vm.PENDING_FILE).stat().st_mode & 0o777) == "0o600"
+    for changes, where, reason in (({"migration": "6"}, "source", "tvmm.not-migrating"),
+                                   ({"role": "destination"}, "source", "ticket.vm"),
+                                   ({}, "destination", "ticket.vm"),
+                                   ({"vm_id": "3" * 32}, "source", "ticket.vm"),
+                                   ({"node": "node2"}, "source", "ticket.node"),
+                                   ({"kind": "end"}, "source", "ticket.kind")):
+        with pytest.raises(ServiceError) as info:
+            vm.settle_ticket(settle(tc_identity, **changes), vm_id, where)
+        assert info.value.reason == reason, changes
+    assert vm.settle_ticket(settle(tc_identity), vm_id, "source")["outcome"] == "abort"
+    vm.clear_migration(vm_id)
+    assert vm.pending_migration(vm_id) is None
+
+
+def test_while_a_migration_is_unsettled_neither_end_runs_pauses_or_ends_on_the_engines_word(node_service, tc_identity):
+    from tccdeploy.tvmm import migrate, vm
+
+    vm_id = "1" * 32
+    (node_service / "vms" / vm_id).mkdir(parents=True, mode=0o700)  # the VM is here
+    for role in ("source", "destination"):
+        vm.mark_migration(vm_id, "7", role)
+        for op in (vm.vm_start, vm.vm_stop):
+            with pytest.raises(ServiceError) as info:
+                op(vm_id)
+            assert info.value.reason == "tvmm.migrating", (role, op)
+        end = tickets.issue(tc_identity.purpose("ticket").key, tc_identity.purpose("ticket").certificate,
+                            body(kind="end", action="destroy") | {"kind": "end"})
+        with pytest.raises(ServiceError) as info:
+            vm.vm_end(end)
+        assert info.value.reason == "tvmm.migrating"
+        assert not (node_service / service_tickets.USED_FILE).exists()  # refused before it was spent
+    vm.mark_migration(vm_id, "7", "source")
+    with pytest.raises(ServiceError) as info:  # only an unsettled arrival is dropped on the engine's say ...
+        migrate.migrate_in_discard(vm_id)
+    assert info.value.reason == "tvmm.not-migrating"
+    vm.clear_migration(vm_id)
+    (node_service / "vms" / vm_id / vm.WRAPPED_KEY_FILE).write_text("{}")  # ... not a VM that ran here ...
+    with pytest.raises(ServiceError) as info:
+        migrate.migrate_in_discard(vm_id)
+    assert info.value.reason == "tvmm.not-migrating"
+    (node_service / "vms" / vm_id / vm.WRAPPED_KEY_FILE).unlink()  # ... but a copied disk never used, yes
+    assert migrate.migrate_in_discard(vm_id)["status"] == "discarded"
+    assert not (node_service / "vms" / vm_id).exists()

@@ -20,9 +20,9 @@ from tccdeploy.tvmm.interface import HANDLERS, OPERATIONS, problems
 from tccdeploy.tvmm.service import handle
 
 EXPECTED = {"identity", "ak_create", "ak_activate", "quote", "nv_certify", "tk_create", "tk_check", "disk_state",
-            "disk_write", "disk_commit", "disk_read", "launch", "vm_control", "migrate_out_start", "migrate_out_read",
-            "migrate_out_end", "migrate_in_start", "migrate_in_data", "migrate_in_finish", "migrate_in_discard",
-            "runtime_log"}
+            "disk_write", "disk_commit", "disk_read", "launch", "vm_status", "vm_stop", "vm_start", "vm_end",
+            "migrate_out_start", "migrate_out_read", "migrate_out_end", "migrate_in_start", "migrate_in_data",
+            "migrate_in_finish", "migrate_in_settle", "migrate_in_discard", "runtime_log"}
 VM = "0123456789abcdef0123456789abcdef"
 
 
@@ -74,8 +74,10 @@ SAMPLES = [
     ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA"}}),
     ("launch", {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64, "memory_mib": 64, "vcpus": 1}),
     ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA", "extra_args": ["-S"]}}),
-    ("vm_control", {"vm_id": VM, "action": "dump-guest-memory"}),
-    ("migrate_out_end", {"vm_id": VM, "commit": 1}),
+    ("vm_stop", {"vm_id": VM, "action": "dump-guest-memory"}),
+    ("vm_end", {"vm_id": VM, "action": "destroy"}),
+    ("migrate_out_end", {"vm_id": VM, "commit": True}),
+    ("migrate_in_settle", {"vm_id": VM, "resume": True, "ticket": {"ticket": {}, "signature": "", "certificate": ""}}),
     ("tk_check", {"ciphertext": "AAAA", "label": "tccdeploy-vm:" + VM}),
     ("identity", {"tcti": "swtpm:path=/tmp/evil.sock"}),
 ]
@@ -103,7 +105,9 @@ def test_the_validator_agrees_with_jsonschema(name, value):
     ({"id": 1, "op": "tk_create", "args": {"bank": "sha256", "pcrs": [0], "nonce": "AAAA",
                                            "tc_ca": "-----BEGIN CERTIFICATE-----\n$(reboot)\n-----END CERTIFICATE-----\n"}},
      "tvmm.args"),
-    ({"id": 1, "op": "vm_control", "args": {"vm_id": VM, "action": "dump-guest-memory"}}, "tvmm.args"),
+    ({"id": 1, "op": "vm_control", "args": {"vm_id": VM, "action": "destroy"}}, "tvmm.unknown-op"),
+    ({"id": 1, "op": "vm_start", "args": {"vm_id": VM, "action": "dump-guest-memory"}}, "tvmm.args"),
+    ({"id": 1, "op": "migrate_out_end", "args": {"vm_id": VM, "commit": False}}, "tvmm.args"),
     ({"id": 1, "op": "identity", "args": []}, "tvmm.args"),
 ])
 def test_a_request_outside_the_interface_is_refused_before_any_operation_runs(request_, reason, monkeypatch):

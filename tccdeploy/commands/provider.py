@@ -286,6 +286,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 
 def cmd_vm(args: argparse.Namespace) -> int:
+    from ..engine.lifecycle import end_vm
     from .engine import _fan_out, load
 
     registry = open_tc(args, remote_ok=True)
@@ -300,13 +301,15 @@ def cmd_vm(args: argparse.Namespace) -> int:
             return 1
 
         def work(session):  # type: ignore[no-untyped-def]
-            return session.tvmm("vm_control", {"vm_id": vm.vm_id, "action": args.action})
+            if args.action in ("poweroff", "destroy"):  # an end: the TC records it from the node's TPM evidence
+                return end_vm(session, registry, vm.vm_id, vm.node, args.action)
+            result = session.tvmm("vm_" + args.action, {"vm_id": vm.vm_id})
+            if args.action in ("stop", "start"):  # pausing is the provider's call: the TC just notes it
+                registry.set_vm_state(vm.vm_id, {"stop": "stopped", "start": "running"}[args.action])
+            return result
 
         args.limit = None
-        status = _fan_out(args, vm.node, work, "module", f"vm {args.action}")
-        if status == 0:
-            registry.set_vm_state(vm.vm_id, {"stop": "stopped", "start": "running", "destroy": "destroyed"}[args.action])
-        return status
+        return _fan_out(args, vm.node, work, "module", f"vm {args.action}")
     finally:
         registry.close()
 
@@ -634,8 +637,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vms)
 
-    p = sub.add_parser("vm", help="stop (pause), start (resume) or destroy a VM")
-    p.add_argument("action", choices=("stop", "start", "destroy"))
+    p = sub.add_parser("vm", help="stop (pause), start (resume), power off or destroy a VM",
+                       description="stop and start pause and resume a VM (the TC notes it). poweroff (memory gone, "
+                                   "encrypted disk kept) and destroy (disk gone too) end it: the TC issues an end "
+                                   "ticket, the node's TVMM service acts on it and answers with its TPM's evidence, "
+                                   "and only that evidence ends the VM in the TC's records.")
+    p.add_argument("action", choices=("status", "stop", "start", "poweroff", "destroy"))
     p.add_argument("vm", metavar="VM", help="VM name or id")
     p.add_argument("-m", "--manifests", action="append", metavar="PATH",
                    help=f"the embedded TC's manifests (default ${MANIFESTS_ENV}); not with --tc")

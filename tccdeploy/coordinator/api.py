@@ -174,7 +174,12 @@ class Api:
             ("GET", "/v1/builds", "the TVMM builds the TC knows: name, version, status", None, True, self.builds),
             ("GET", "/v1/vms", "VMs (?all=1: with destroyed ones)", None, True, self.vms),
             ("GET", "/v1/vms/{name}", "one VM", None, True, self.vm),
-            ("POST", "/v1/vms/{vm_id}/state", "record a VM's state (stopped, destroyed...)", "VmState", True, self.vm_state),
+            ("POST", "/v1/vms/{vm_id}/state", "record a VM paused (stopped) or running again", "VmState", True,
+             self.vm_state),
+            ("POST", "/v1/vms/{vm_id}/end-ticket", "an end ticket (poweroff, destroy) for the VM's copy on a node",
+             "VmEndTicket", True, self.vm_end_ticket),
+            ("POST", "/v1/vms/{vm_id}/ended", "the VM ended: its node's TPM evidence answering the end ticket", "VmEnded",
+             True, self.vm_ended),
             ("POST", "/v1/vms/{vm_id}/enforcement", "record what enforcement did to a VM", "Enforcement", True,
              self.enforcement),
             ("POST", "/v1/requests", "submit a signed placement request with its signed image descriptor", "RequestSubmit",
@@ -192,7 +197,10 @@ class Api:
             ("GET", "/v1/migrations", "migrations (?state=started)", None, True, self.migrations),
             ("POST", "/v1/migrations", "begin a migration: destination checked, key re-wrapped to its TK", "MigrationBegin",
              True, self.migration_begin),
-            ("POST", "/v1/migrations/{id}/end", "commit or abort a migration", "MigrationEnd", True, self.migration_end),
+            ("POST", "/v1/migrations/{id}/end", "commit or abort a migration: the settle tickets for its two ends",
+             "MigrationEnd", True, self.migration_end),
+            ("GET", "/v1/migrations/{id}/settlement", "an ended migration's settle tickets, again", None, True,
+             self.migration_settlement),
             ("GET", "/v1/nodes/{name}", "one node and its attestation history", None, True, self.node),
             ("POST", "/v1/nodes/{name}/quarantine", "quarantine a node (its certificate revoked)", "Quarantine", True,
              self.quarantine),
@@ -425,6 +433,16 @@ class Api:
         await run_in_threadpool(self.tc.set_vm_state, request.path_params["vm_id"], request.state.body["state"])
         return {"vm_id": request.path_params["vm_id"], "state": request.state.body["state"]}
 
+    async def vm_end_ticket(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.vm_end_ticket, request.path_params["vm_id"], b["node"], b["action"])
+
+    async def vm_ended(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        if b["ticket"]["ticket"]["vm_id"] != request.path_params["vm_id"]:
+            raise ApiError(400, "vm.end-ticket", "the end ticket is for another VM than the path names")
+        return await run_in_threadpool(self.tc.vm_ended, b["ticket"], b["evidence"])
+
     async def enforcement(self, request: Request) -> dict[str, Any]:
         b = request.state.body
         await run_in_threadpool(self.tc.record_enforcement, b["node"], request.path_params["vm_id"], b["policy"], b["result"])
@@ -483,11 +501,20 @@ class Api:
     async def migration_end(self, request: Request) -> dict[str, Any]:
         b = request.state.body
         try:
-            await run_in_threadpool(self.tc.migration_end, int(request.path_params["id"]), b["vm_id"], bool(b["commit"]),
-                                    b.get("reason", ""), b.get("evidence"))
+            return await run_in_threadpool(self.tc.migration_end, self._migration_id(request), b["vm_id"],
+                                           bool(b["commit"]), b.get("reason", ""), b.get("evidence"))
         except (ValueError, RegistryError) as exc:
             raise ApiError(409, "migration.not-under-way", str(exc)) from None
-        return {"migration": int(request.path_params["id"]), "committed": bool(b["commit"])}
+
+    async def migration_settlement(self, request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(self.tc.migration_settlement, self._migration_id(request))
+
+    @staticmethod
+    def _migration_id(request: Request) -> int:
+        text = request.path_params["id"]
+        if not text.isdigit() or len(text) > 18:
+            raise ApiError(404, "migrate.unknown", f"no migration {text[:40]!r}")
+        return int(text)
 
     async def quarantine(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]

@@ -268,11 +268,21 @@ class RemoteCoordinator:
         return self._call("POST", "/v1/migrations", {"vm": vm_name, "destination": destination})  # type: ignore[no-any-return]
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "",
-                      evidence: dict[str, Any] | None = None) -> None:
+                      evidence: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"vm_id": vm_id, "commit": commit, "reason": reason[:2000]}
         if evidence is not None:
             body["evidence"] = evidence
-        self._call("POST", f"/v1/migrations/{migration}/end", body)
+        return self._call("POST", f"/v1/migrations/{migration}/end", body)  # type: ignore[no-any-return]
+
+    def migration_settlement(self, migration: int) -> dict[str, Any]:
+        return self._call("GET", f"/v1/migrations/{int(migration)}/settlement")  # type: ignore[no-any-return]
+
+    def vm_end_ticket(self, vm_id: str, node: str, action: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/vms/{vm_id}/end-ticket", {"node": node, "action": action})  # type: ignore[no-any-return]
+
+    def vm_ended(self, ticket: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/v1/vms/{ticket['ticket']['vm_id']}/ended",  # type: ignore[no-any-return]
+                          {"ticket": ticket, "evidence": evidence})
 
 
 @dataclass(frozen=True)

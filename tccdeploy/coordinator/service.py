@@ -21,7 +21,7 @@ from ..config import state_dir
 from ..crypto import ticket as tickets
 from ..crypto import wrap
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
-from . import admission, audit, enrollment, identity, keybroker, receipts, roster, runtime, verifier
+from . import admission, audit, enrollment, identity, keybroker, lifecycle, receipts, roster, runtime, verifier
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .refusals import Refused
 from .store import Conflict, Registry, RegistryError
@@ -218,7 +218,8 @@ class Coordinator:
             audit.entry("attestation", node, verdict=record["verdict"], reasons=[r["code"] for r in verdict.reasons],
                         warnings=[w["code"] for w in verdict.warnings], build=verdict.build, pcr_digest=verdict.pcr_digest),
             # Fail closed: an admitted node that fails loses its certificate in the same transaction.
-            None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]))
+            None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]),
+            lambda gone: audit.entry("vm.off-by-reboot", node, vms=gone, reset_count=verdict.reset_count))
         return verdict, attestation_id
 
     def quarantine(self, node: str, reason: str) -> bool:
@@ -299,9 +300,10 @@ class Coordinator:
             assert attestation is not None
             if request["state"] != "released":  # (the registry's conditional write decides; this names it early)
                 raise Refused("launch.replayed", f"request {request_id} is {request['state']}: a launch is recorded once")
-            evidence = self._launch_evidence(node, request, made_release, attestation, status.get("evidence"))
+            evidence, boot = self._launch_evidence(node, request, made_release, attestation, status.get("evidence"))
             spec = request["spec"]
             vm = {"vm_id": request["vm_id"], "name": request["vm"], "customer": request["customer"], "node": node,
+                  "boot": boot,
                   "state": "running" if status.get("running") else "starting", "image_sha256": request["image_sha256"],
                   "request": request["id"], "vcpus": spec["vcpus"], "memory_mib": spec["memoryMiB"],
                   "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")}
@@ -379,13 +381,15 @@ class Coordinator:
                 "out_ticket": out_ticket, "in_ticket": in_ticket}
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "",
-                      evidence: dict[str, Any] | None = None) -> None:
-        """Commit (the VM now runs on the destination) or abort. A commit needs the destination's
-        TPM evidence that the VM arrived there from this migration's ticket, and the destination
-        still admitted with a fresh trusted attestation of an approved build."""
+                      evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Commit (the VM now lives on the destination) or abort, once; returns the settle tickets
+        that carry the outcome to each end (migration_settlement). A commit needs the
+        destination's TPM evidence that the VM arrived there from this migration's ticket, and
+        the destination still admitted with a fresh trusted attestation of an approved build."""
         row = self.registry.migration(migration)
         if row is None or row["vm_id"] != vm_id or row["state"] != "started":
             raise RegistryError(f"migration {migration} of VM {vm_id} is not under way")
+        boot = None
         with self._refusals("migration", row["destination"], vm_id):
             if commit:
                 node = self.registry.node(row["destination"])
@@ -396,12 +400,38 @@ class Coordinator:
                         or time.time() - latest[0]["time"] > self.perimeter.attestation.max_quote_age:
                     raise Refused("migrate.destination-untrusted", f"{row['destination']} is not trusted now: the "
                                                                    "migration cannot be committed; abort it")
-                self._arrival_evidence(row, evidence)
+                boot = self._arrival_evidence(row, evidence)
             try:
                 self.registry.end_migration(migration, commit, reason, audit.entry(
-                    "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason))
+                    "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason),
+                    boot=boot)
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
+        return self.migration_settlement(migration)
+
+    def migration_settlement(self, migration: int) -> dict[str, Any]:
+        """The settle tickets of an ended migration, for each end: the source resumes only on an
+        abort, the destination runs only on a commit (a repair asks again after a crash)."""
+        row = self.registry.migration(migration)
+        if row is None:
+            raise Refused("migrate.unknown", f"no migration {migration}")
+        return lifecycle.settlements(self.registry, self.identity(), row, self.perimeter.attestation.runtime_pcr)
+
+    # -- a VM's end ------------------------------------------------------------------------
+    def vm_end_ticket(self, vm_id: str, node: str, action: str) -> dict[str, Any]:
+        """An end ticket (poweroff or destroy) for the copy of vm_id on node: what the node's
+        service acts on, and the question its TPM's evidence answers (vm_ended)."""
+        with self._refusals("vm-end", node, vm_id):
+            return lifecycle.end_ticket(self.registry, self.identity(), vm_id, node, action,
+                                        self.perimeter.attestation.runtime_pcr)
+
+    def vm_ended(self, ticket: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
+        """Record a VM's end (off or destroyed) from its node's TPM evidence; Refused otherwise."""
+        body = ticket.get("ticket") if isinstance(ticket, dict) else None
+        node = body.get("node") if isinstance(body, dict) else None
+        vm_id = body.get("vm_id") if isinstance(body, dict) else None
+        with self._refusals("vm-end", node if isinstance(node, str) else None, vm_id if isinstance(vm_id, str) else None):
+            return lifecycle.ended(self.registry, self.identity(), ticket, evidence, self.perimeter.attestation.runtime_pcr)
 
     def customer_status(self, request_id: str, when: str, signature: str) -> dict[str, Any]:
         """A request's state, for the customer who signed it (signed query, used once)."""
@@ -415,9 +445,10 @@ class Coordinator:
         keybroker.check_customer_query(self.registry, request_id, "receipt", when, signature)
         return self.registry.receipt(request_id)
 
-    def _arrival_evidence(self, row: dict[str, Any], evidence: Any) -> None:
+    def _arrival_evidence(self, row: dict[str, Any], evidence: Any) -> int:
         """The destination's TPM evidence that the VM arrived there through this migration's
-        migrate-in ticket (and has not left since): the only ground for a commit."""
+        migrate-in ticket (and has not left since): the only ground for a commit. Returns the TPM
+        resetCount it arrived in."""
         identity_row = self.registry.identity(row["destination"])
         if identity_row is None or not row.get("in_ticket"):
             raise Refused("migrate.evidence-event", f"migration {row['id']} has no migrate-in ticket to check evidence against")
@@ -426,11 +457,13 @@ class Coordinator:
         if last.get("event") != "migrated-in" or last.get("ticket") != row["in_ticket"]:
             raise Refused("migrate.evidence-event", "the destination's runtime events do not show the VM arrived through "
                                                     "this migration (and still there)")
+        return checked.reset_count
 
     def _launch_evidence(self, node: str, request: dict[str, Any], release: dict[str, Any], attestation: dict[str, Any],
-                         evidence: Any) -> dict[str, Any]:
+                         evidence: Any) -> tuple[dict[str, Any], int]:
         """The node's TPM evidence that it launched this VM from this release's ticket, in the boot
-        the release relied on; what the receipt carries so a customer can check it too."""
+        the release relied on (what the receipt carries, so a customer can check it too), and that
+        boot's TPM resetCount."""
         identity_row = self.registry.identity(node)
         ticket_id = release.get("ticket")
         if identity_row is None or not ticket_id:
@@ -444,7 +477,7 @@ class Coordinator:
             raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset since the attestation the key release relied on")
         return {"quote": evidence["attest"], "signature": evidence["signature"], "runtime_pcr": pcr,
                 "pcr_value": checked.value.hex(), "events": checked.events,
-                "ak_public": base64.b64encode(identity_row["ak_public"]).decode(), "ticket": ticket_id}
+                "ak_public": base64.b64encode(identity_row["ak_public"]).decode(), "ticket": ticket_id}, checked.reset_count
 
     def fail_request(self, request_id: str) -> None:
         request = self.registry.request(request_id)
@@ -456,8 +489,9 @@ class Coordinator:
         audit.append(self.registry, "vm.enforce", node, vm_id, policy=policy, result=result)
 
     def set_vm_state(self, vm_id: str, state: str) -> None:
-        """A VM's state as the engine reports it: only forward (destroyed is final, nothing goes
-        back to starting); anything else is refused (`vm.state-transition`)."""
+        """A VM paused (stopped) or running again, as the engine reports it. That is all the
+        engine's word moves: an end needs the node's evidence (vm_ended); anything else is
+        refused (`vm.state-transition`)."""
         vm = self.registry.vm(vm_id)
         with self._refusals("vm-state", vm["node"] if vm else None, vm_id):
             if not self.registry.set_vm_state(vm_id, state, audit.entry("vm.state", vm["node"] if vm else None, vm_id,

@@ -210,6 +210,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE migrations ADD COLUMN out_ticket TEXT;
     ALTER TABLE migrations ADD COLUMN in_ticket TEXT;
     """,
+    # 12: VMs end only on their node's TPM evidence (issue 14): 'off' (powered off, or its node
+    # rebooted: memory gone, disk kept) and 'suspended' join the states; `boot` is the TPM
+    # resetCount the VM runs in (a quote with a higher one proves it gone) and `placed` when it
+    # came to its node (an end ticket older than that is about an earlier stay). SQLite cannot
+    # alter a CHECK: the table is rebuilt, foreign keys checked at commit.
+    """
+    PRAGMA defer_foreign_keys=ON;
+    CREATE TEMP TABLE vms_before_12 AS SELECT * FROM vms;
+    DROP TABLE vms;
+    CREATE TABLE vms (
+        vm_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        customer TEXT NOT NULL REFERENCES customers(name),
+        node TEXT REFERENCES nodes(name),
+        state TEXT NOT NULL CHECK (state IN ('starting', 'running', 'stopped', 'off', 'suspended', 'destroyed')),
+        image_sha256 TEXT NOT NULL,
+        request TEXT NOT NULL REFERENCES requests(id),
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        anti_affinity TEXT,
+        launched REAL,
+        updated REAL NOT NULL,
+        boot INTEGER,
+        placed REAL
+    );
+    INSERT INTO vms (vm_id, name, customer, node, state, image_sha256, request, vcpus, memory_mib, anti_affinity,
+                     launched, updated, placed)
+        SELECT vm_id, name, customer, node, state, image_sha256, request, vcpus, memory_mib, anti_affinity,
+               launched, updated, launched FROM vms_before_12;
+    DROP TABLE vms_before_12;
+    """,
 ]
 
 
@@ -319,6 +350,14 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE migrations ADD COLUMN out_ticket TEXT;
     ALTER TABLE migrations ADD COLUMN in_ticket TEXT;
+    """,
+    """
+    ALTER TABLE vms DROP CONSTRAINT vms_state_check;
+    ALTER TABLE vms ADD CONSTRAINT vms_state_check
+        CHECK (state IN ('starting', 'running', 'stopped', 'off', 'suspended', 'destroyed'));
+    ALTER TABLE vms ADD COLUMN boot BIGINT;
+    ALTER TABLE vms ADD COLUMN placed DOUBLE PRECISION;
+    UPDATE vms SET placed = launched;
     """,
 ]
 
@@ -515,9 +554,11 @@ class Registry:
 
     # -- attestations ---------------------------------------------------------------------
     def add_attestation(self, node: str, record: dict[str, Any], audit: Audit = None,
-                        quarantine: Audit = None) -> int:
+                        quarantine: Audit = None, rebooted: Callable[[list[str]], Audit] | None = None) -> int:
         """Record a verdict with its audit entry; an untrusted one quarantines an admitted node in
-        the same transaction (quarantine: its audit entry), so no crash leaves a failed node admitted."""
+        the same transaction (quarantine: its audit entry), so no crash leaves a failed node admitted.
+        A trusted quote whose TPM resetCount is above a VM's boot proves that VM's memory gone:
+        the VM is off, in the same transaction (rebooted: the audit entry for those VMs)."""
         with self.transaction(serialize=True) as db:
             row = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
@@ -530,6 +571,13 @@ class Registry:
             if record["verdict"] == "trusted" and record.get("build"):
                 db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
             self._audit(db, audit, id=attestation_id)
+            if record["verdict"] == "trusted" and record.get("reset_count") is not None:
+                gone = [r["vm_id"] for r in db.execute(
+                    "UPDATE vms SET state = 'off', updated = ? WHERE node = ? AND boot IS NOT NULL AND boot < ? "
+                    "AND state IN ('starting', 'running', 'stopped') RETURNING vm_id",
+                    (time.time(), node, record["reset_count"])).fetchall()]
+                if gone and rebooted is not None:
+                    self._audit(db, rebooted(sorted(gone)))
             if quarantine is not None:
                 self._quarantine(db, node, quarantine)
             return attestation_id
@@ -644,7 +692,9 @@ class Registry:
                 if owner is None:
                     db.execute("INSERT INTO images (vm_id, customer, key_id, image_sha256, added) VALUES (?, ?, ?, ?, ?)",
                                (vm_id, record["customer"], key_id, record["image_sha256"], time.time()))
-                running = db.execute("SELECT state FROM vms WHERE vm_id = ? AND state != 'destroyed'", (vm_id,)).first()
+                # (a VM off has no memory anywhere: only a new launch, through the TC, runs it again)
+                running = db.execute("SELECT state FROM vms WHERE vm_id = ? AND state NOT IN ('destroyed', 'off')",
+                                     (vm_id,)).first()
                 open_request = db.execute("SELECT id, state FROM requests WHERE vm_id = ? AND state IN ('accepted', 'released')",
                                           (vm_id,)).first()
                 unproven = db.execute(
@@ -704,9 +754,9 @@ class Registry:
         """released -> launched, once; the VM row (new, or replacing a destroyed one) and the
         receipt in the same transaction. A replay or a VM revived from the dead is a Conflict."""
         now = time.time()
-        row = {"launched": now, "anti_affinity": None, **vm, "updated": now}
+        row = {"launched": now, "anti_affinity": None, "boot": None, **vm, "updated": now, "placed": now}
         columns = ("vm_id", "name", "customer", "node", "state", "image_sha256", "request", "vcpus", "memory_mib",
-                   "anti_affinity", "launched", "updated")
+                   "anti_affinity", "launched", "updated", "boot", "placed")
         with self.transaction(serialize=True) as db:
             if db.execute("UPDATE requests SET state = 'launched' WHERE id = ? AND state = 'released'",
                           (request_id,)).rowcount != 1:
@@ -717,7 +767,8 @@ class Registry:
                 "UPDATE SET name = excluded.name, customer = excluded.customer, node = excluded.node, "
                 "state = excluded.state, request = excluded.request, vcpus = excluded.vcpus, "
                 "memory_mib = excluded.memory_mib, anti_affinity = excluded.anti_affinity, launched = excluded.launched, "
-                "updated = excluded.updated WHERE vms.state = 'destroyed'", tuple(row[c] for c in columns)).rowcount
+                "updated = excluded.updated, boot = excluded.boot, placed = excluded.placed "
+                "WHERE vms.state IN ('destroyed', 'off')", tuple(row[c] for c in columns)).rowcount
             if changed != 1:
                 raise Conflict("request.vm-exists", f"VM {vm['vm_id']} is recorded running already")
             signed = receipt()
@@ -743,9 +794,27 @@ class Registry:
         query = "SELECT * FROM vms" + ("" if include_destroyed else " WHERE state != 'destroyed'") + " ORDER BY name"
         return self._all(query)
 
-    # Which states a VM may move to from which: destroyed is final, nothing goes back to starting.
-    VM_TRANSITIONS = {"running": ("starting", "stopped", "running"), "stopped": ("starting", "running", "stopped"),
-                      "destroyed": ("starting", "running", "stopped"), "starting": ()}
+    # What the engine may report of a VM: paused (stopped) or running, between those and from
+    # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
+    # evidence (end_vm) or a reboot the TPM proves (add_attestation).
+    VM_TRANSITIONS = {"running": ("starting", "stopped", "running"), "stopped": ("starting", "running", "stopped")}
+    # What an end ticket's evidence may end: a VM off may still be destroyed; a destroyed one stays.
+    VM_ENDS = {"off": ("starting", "running", "stopped", "off"),
+               "destroyed": ("starting", "running", "stopped", "off", "suspended")}
+
+    def end_vm(self, vm_id: str, node: str, state: str, not_before: float, audit: Audit = None) -> bool:
+        """The VM ended on node (off or destroyed), as its TPM showed: one conditional UPDATE, only
+        for the stay on node that began no later than the end ticket was issued (not_before, in
+        whole seconds); False otherwise."""
+        allowed = self.VM_ENDS[state]
+        with self.transaction(serialize=True) as db:
+            marks = ", ".join("?" * len(allowed))
+            if db.execute(f"UPDATE vms SET state = ?, updated = ? WHERE vm_id = ? AND node = ? AND state IN ({marks}) "
+                          "AND (placed IS NULL OR placed < ?)",
+                          (state, time.time(), vm_id, node, *allowed, not_before + 1)).rowcount != 1:
+                return False
+            self._audit(db, audit)
+        return True
 
     def set_vm_state(self, vm_id: str, state: str, audit: Audit = None) -> bool:
         """One conditional UPDATE naming the states it may leave; False when the VM is not in one."""
@@ -781,17 +850,20 @@ class Registry:
     def migration(self, migration_id: int) -> dict[str, Any] | None:
         return self._one("SELECT * FROM migrations WHERE id = ?", (migration_id,))
 
-    def end_migration(self, migration_id: int, commit: bool, reason: str = "", audit: Audit = None) -> None:
-        """Commit moves the VM to the destination in the same transaction; abort leaves it."""
+    def end_migration(self, migration_id: int, commit: bool, reason: str = "", audit: Audit = None,
+                      boot: int | None = None) -> None:
+        """Commit moves the VM to the destination (boot: the destination TPM's resetCount it
+        arrived in) in the same transaction; abort leaves it."""
         with self.transaction(serialize=True) as db:
             row = db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ? AND state = 'started' "
                              "RETURNING vm_id, source, destination",
                              ("committed" if commit else "aborted", time.time(), reason, migration_id)).first()
             if row is None:
                 raise RegistryError(f"migration {migration_id} is not under way")
-            if commit and db.execute("UPDATE vms SET node = ?, state = 'running', updated = ? WHERE vm_id = ? AND node = ? "
-                                     "AND state IN ('running', 'stopped')",
-                                     (row["destination"], time.time(), row["vm_id"], row["source"])).rowcount != 1:
+            now = time.time()
+            if commit and db.execute("UPDATE vms SET node = ?, state = 'running', updated = ?, placed = ?, boot = ? "
+                                     "WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
+                                     (row["destination"], now, now, boot, row["vm_id"], row["source"])).rowcount != 1:
                 raise Conflict("migrate.vm-moved", f"VM {row['vm_id']} is no longer on {row['source']}: nothing to commit")
             self._audit(db, audit)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from ..crypto import ticket as tickets
 from ..crypto.bundle import HEX32, HEX64, SIGNED_DESCRIPTOR
 from .verifier import Evidence, Verdict
 
@@ -81,7 +82,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Launched": _object({"node": NODE, "status": {"type": "object", "maxProperties": 32,
                                                   "properties": {"evidence": RUNTIME_EVIDENCE}}}, ["node", "status"]),
     "Empty": _object({}, []),
-    "VmState": _object({"state": {"enum": ["starting", "running", "stopped", "destroyed"]}}, ["state"]),
+    "VmState": _object({"state": {"enum": ["running", "stopped"]}}, ["state"]),
+    "VmEndTicket": _object({"node": NODE, "action": {"enum": ["poweroff", "destroy"]}}, ["node", "action"]),
+    "VmEnded": _object({"ticket": tickets.signed(tickets.END), "evidence": RUNTIME_EVIDENCE}, ["ticket", "evidence"]),
     "Enforcement": _object({"node": NODE, "policy": SHORT, "result": {"type": "string", "maxLength": 2000}},
                            ["node", "policy", "result"]),
     "MigrationBegin": _object({"vm": SHORT, "destination": NODE}, ["vm", "destination"]),

@@ -1,7 +1,8 @@
 """TC tickets: the TC's written permission for one key use by one node's TVMM service.
 
 Every use of a VM key on a node needs one: launch, migrate-out (to the source) and migrate-in
-(to the destination). A ticket
+(to the destination); so do a migration's outcome at each end (settle) and a VM's end (end),
+which carry no key but are the TC's decision and the question the node's TPM answers. A ticket
 names the node (name, node-certificate serial, TK name), the VM and its customer, the request,
 the machine profile and an expiry, and carries the key wrapped to that node's TK under an OAEP
 label binding the ticket's kind, the VM, the customer and the ticket's id: the key opens only in
@@ -27,7 +28,7 @@ from .purpose import purpose_certificate
 
 DOMAIN = "tvmm-ticket"
 TTL = 300  # seconds a ticket is good for: the engine hands it over right away
-KINDS = ("launch", "migrate-out", "migrate-in")
+KINDS = ("launch", "migrate-out", "migrate-in", "settle", "end")
 PIN_TAG = b"tccdeploy-tk-pin\x00"
 
 HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
@@ -75,6 +76,13 @@ MIGRATE_OUT = _body("migrate-out", {"migration": MIGRATION, "destination": NAME,
 # migrate-in (to the destination): the VM's profile, Kvm and the same Kmig, and where it comes from
 MIGRATE_IN = _body("migrate-in", {**_PROFILE, "migration": MIGRATION, "source": NAME, "kvm": B64_KEY,
                                   "kmig": B64_KEY, "runtime_pcr": {"type": "integer", "minimum": 0, "maximum": 23}})
+# settle (to each end of a migration, after the TC decided it): commit or abort, never both. The
+# source resumes only on an abort, the destination runs only on a commit: one copy runs.
+SETTLE = _body("settle", {"migration": MIGRATION, "outcome": {"type": "string", "enum": ["commit", "abort"]},
+                          "role": {"type": "string", "enum": ["source", "destination"]}, "runtime_pcr": RUNTIME_PCR})
+# end (poweroff or destroy one VM): no key in it; the ticket's id is the question the node's TPM
+# answers, so the TC marks a VM gone only on that answer.
+END = _body("end", {"action": {"type": "string", "enum": ["poweroff", "destroy"]}, "runtime_pcr": RUNTIME_PCR})
 SIGNED = signed(LAUNCH)
 
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..coordinator.interface import TC
+from ..coordinator.refusals import Refused
 from .attestation import attest
+from .lifecycle import end_vm
 from .migrate import migrate, repair
-from .runner import Engine, HostResult
+from .runner import Engine, HostResult, Session
 
 
 @dataclass
@@ -96,12 +98,22 @@ def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[
         try:
             host = hosts[node]
             engine.sessions.pop(node, None)
-            engine.session(host).tvmm("vm_control", {"vm_id": vm.vm_id, "action": "poweroff"})
-            coordinator.set_vm_state(vm.vm_id, "stopped")
+            ended = _power_off(engine.session(host), coordinator, vm.vm_id, node)
             failed = f" (evacuation failed: {outcome.get('evacuation_error')})" if "evacuation_error" in outcome else ""
-            outcome["result"] = "powered off" + failed
+            outcome["result"] = "powered off" + failed + ended
         except Exception as exc:  # noqa: BLE001 - an unreachable node: the TC releases nothing to it anyway
             outcome["result"] = f"could not reach the node to stop it: {exc}"
         coordinator.record_enforcement(node, vm.vm_id, action, outcome["result"])
         out.append(outcome)
     return out
+
+
+def _power_off(session: Session, coordinator: TC, vm_id: str, node: str) -> str:
+    """Power the VM off through its node's service; what the TC made of the node's evidence. A node
+    that is not trusted now is not believed (its VM stays live in the records until the node is
+    trusted again or rebooted): the power-off still happens."""
+    try:
+        end_vm(session, coordinator, vm_id, node, "poweroff")
+    except Refused as exc:
+        return f"; the TC keeps it live until {node} proves it gone ({exc.reason})"
+    return ""

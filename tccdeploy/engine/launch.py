@@ -18,6 +18,7 @@ from ..coordinator.keybroker import Refused
 from ..crypto import bundle as bundles
 from .attestation import attest
 from .helper import RemoteError
+from .lifecycle import end_vm
 from .placement import Candidate, rank
 from .runner import Engine, Session
 
@@ -88,7 +89,7 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
             # The TC did not believe the launch (its evidence did not hold): the VM must not run
             # unrecorded. Stop it and give its disk up; the request is failed.
             try:
-                session.tvmm("vm_control", {"vm_id": record["vm_id"], "action": "destroy"})
+                end_vm(session, coordinator, record["vm_id"], candidate.node, "destroy")
             finally:
                 coordinator.fail_request(record["id"])
             raise

@@ -9,9 +9,12 @@
 3. The encrypted disk (LUKS qcow2) is copied source -> destination as it is, digest checked.
 4. The destination's TPM unwraps Kvm and Kmig; its service authenticates every chunk before
    QEMU sees it, and checks the stream's end.
-5. Commit only when the destination runs: the registry moves the VM (one transaction), then the
-   source QEMU quits and its disk goes. Any failure before: the destination discards, the
-   source resumes. A VM is never lost and never runs twice.
+5. The destination holds the VM paused with its TPM's evidence of the arrival; the TC commits
+   on that evidence (the registry moves the VM in one transaction) and answers with a settle
+   ticket for each end: the destination runs, the source QEMU quits and its disk goes. Any
+   failure before: the TC records the abort, the destination drops its copy, the source
+   resumes. Each end moves only on the TC's settle ticket, so a VM never runs twice, whatever
+   the engine does; and it is never lost (`vms --repair` settles what a crash left).
 """
 
 from __future__ import annotations
@@ -87,20 +90,39 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
                 target.tvmm("migrate_in_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
             if piece["eof"]:
                 break
-        status = target.tvmm("migrate_in_finish", {"vm_id": vm_id, "resume": out["was_running"]}, timeout=120)
-        if out["was_running"] and not status["running"]:
-            raise Refused("migrate.not-running", f"the VM is {status['status']} on {destination}")
-        coordinator.migration_end(migration, vm_id, commit=True, evidence=status.get("evidence"))
+        status = target.tvmm("migrate_in_finish", {"vm_id": vm_id}, timeout=120)
+        settled = coordinator.migration_end(migration, vm_id, commit=True, evidence=status.get("evidence"))
         committed = True
     except BaseException as exc:
         if not committed:
             _roll_back(engine, coordinator, migration, vm_id, vm.node, destination, exc)
         raise
-    try:
-        source.tvmm("migrate_out_end", {"vm_id": vm_id, "commit": True})
-    except Exception:  # noqa: BLE001 - the source is paused after migrating; repair removes it
-        pass
+    outcome = settle(engine, settled, vm_id, resume=out["was_running"])
+    if out["was_running"] and not outcome.get("running"):
+        raise Refused("migrate.not-running", f"{vm.name} moved to {destination} but is not running there: "
+                                             f"{outcome.get('error') or outcome.get('status')}")
     return {"vm": vm.name, "from": vm.node, "to": destination, "migration": migration, "ciphertext_bytes": moved}
+
+
+def settle(engine: Engine, settled: dict[str, Any], vm_id: str, resume: bool = True,
+           ends: tuple[str, ...] = ("destination", "source")) -> dict[str, Any]:
+    """Carry the TC's settle tickets to the migration's ends (destination first: on a commit the
+    VM runs again sooner; on an abort the copy is dropped before the source resumes). Best
+    effort: an end left unsettled stays paused until `vms --repair` brings it its ticket."""
+    result: dict[str, Any] = {}
+    for role in ends:
+        ticket = settled[role]
+        node = ticket["ticket"]["node"]
+        try:
+            if role == "destination":
+                answer = _call_fresh(engine, node, "migrate_in_settle", {"vm_id": vm_id, "ticket": ticket,
+                                                                         "resume": resume})
+                result.update(status=answer.get("status"), running=answer.get("running"))
+            else:
+                _call_fresh(engine, node, "migrate_out_end", {"vm_id": vm_id, "ticket": ticket})
+        except Exception as exc:  # noqa: BLE001 - left for repair; the TC's outcome stands
+            result.setdefault("error", f"{node}: {exc}")
+    return result
 
 
 def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -117,52 +139,65 @@ def _call_fresh(engine: Engine, node: str, op: str, args: dict[str, Any]) -> dic
 
 def _roll_back(engine: Engine, coordinator: TC, migration: int, vm_id: str, source: str, destination: str,
                exc: BaseException | str) -> None:
-    """Destination discards, source resumes; the registry records the abort (the VM never moved)."""
-    for node, op, args in ((destination, "migrate_in_discard", {"vm_id": vm_id}),
-                           (source, "migrate_out_end", {"vm_id": vm_id, "commit": False})):
-        try:
-            _call_fresh(engine, node, op, args)
-        except Exception:  # noqa: BLE001 - best effort; repair finds what is left
-            pass
+    """The TC records the abort (the VM never moved); its settle tickets then drop the
+    destination's copy and resume the source."""
     reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    coordinator.migration_end(migration, vm_id, commit=False, reason=reason)
+    settled = coordinator.migration_end(migration, vm_id, commit=False, reason=reason)
+    settle(engine, settled, vm_id)
 
 
 def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
-    """Finish or roll back migrations an interrupted run left 'started'.
+    """Decide the migrations an interrupted run left 'started', and settle the ends of decided
+    ones that never got their ticket.
 
-    The destination runs the VM only after it took the whole, authenticated stream: if it runs,
-    the migration is committed and the source removed; otherwise it is rolled back."""
+    A started migration commits only on the destination TPM's evidence that the VM arrived
+    through its ticket (the TC checks it); otherwise it is aborted. Either way, each end then
+    gets the TC's settle ticket."""
     out = []
+    hosts = {h.name for h in engine.hosts}
     for row in coordinator.migrations("started"):
         vm_id, source, destination = row.vm_id, row.source, row.destination
         try:
-            status = _call_fresh(engine, destination, "vm_control", {"vm_id": vm_id, "action": "status"})["status"]
-        except Exception:  # noqa: BLE001 - not running there (or unreachable): roll back
+            status = _call_fresh(engine, destination, "vm_status", {"vm_id": vm_id})["status"]
+        except Exception:  # noqa: BLE001 - not there (or unreachable): it cannot be committed
             status = "absent"
         evidence = None
-        if status == "running" and row.in_ticket:
+        if status in ("paused", "running") and row.in_ticket:
             try:  # the destination's TPM on what it did: the TC commits only on that
                 evidence = _call_fresh(engine, destination, "runtime_log",
                                        {"runtime_pcr": coordinator.runtime_pcr(), "ticket": row.in_ticket})["evidence"]
             except Exception:  # noqa: BLE001 - no evidence: it cannot be committed
                 evidence = None
-        if status == "running" and evidence is not None:
+        settled = None
+        if evidence is not None:
             try:
-                coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination running",
-                                          evidence=evidence)
-            except Refused as exc:  # the TC does not believe it arrived: undo it
-                _roll_back(engine, coordinator, row.id, vm_id, source, destination, f"repair: {exc.reason}")
-                out.append({"migration": row.id, "vm_id": vm_id, "action": "rolled back", "node": source})
+                settled = coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination holds it",
+                                                    evidence=evidence)
+            except Refused as exc:  # the TC does not believe it arrived: abort
+                status = exc.reason
+        if settled is None:
+            settled = coordinator.migration_end(row.id, vm_id, commit=False, reason=f"repair: destination {status}")
+        settle(engine, settled, vm_id)
+        out.append({"migration": row.id, "vm_id": vm_id, "action": "committed" if settled["outcome"] == "commit"
+                    else "rolled back", "node": destination if settled["outcome"] == "commit" else source})
+    # Decided migrations whose ends may still wait for their ticket (the run died in between).
+    last: dict[str, Any] = {}
+    for row in coordinator.migrations():
+        if row.state != "started":
+            last[row.vm_id] = row
+    for vm_id, row in last.items():
+        for role, node in (("destination", row.destination), ("source", row.source)):
+            if node not in hosts:
                 continue
             try:
-                _call_fresh(engine, source, "migrate_out_end", {"vm_id": vm_id, "commit": True})
-            except Exception:  # noqa: BLE001
-                pass
-            out.append({"migration": row.id, "vm_id": vm_id, "action": "committed", "node": destination})
-        else:
-            _roll_back(engine, coordinator, row.id, vm_id, source, destination, f"repair: destination {status}")
-            out.append({"migration": row.id, "vm_id": vm_id, "action": "rolled back", "node": source})
+                pending = _call_fresh(engine, node, "vm_status", {"vm_id": vm_id}).get("migration")
+            except Exception:  # noqa: BLE001 - unreachable: next repair
+                continue
+            if pending and str(pending.get("migration")) == str(row.id) and pending.get("role") == role:
+                settled = coordinator.migration_settlement(row.id)
+                settle(engine, settled, vm_id, ends=(role,))
+                out.append({"migration": row.id, "vm_id": vm_id, "action": f"settled {role} ({settled['outcome']})",
+                            "node": node})
     return out
 
 

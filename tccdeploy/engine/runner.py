@@ -151,8 +151,11 @@ class Engine:
         except TimeoutError as exc:
             result = HostResult(host.name, "failed", str(exc), reason="timeout")
         except Exception as exc:  # noqa: BLE001 - one host's surprise must not stop the others
+            code = getattr(exc, "reason", None)
             if self._cancelled.is_set():
                 result = HostResult(host.name, "failed", "cancelled", reason="cancelled")
+            elif isinstance(code, str) and code:  # a decision refused (the TC's Refused): its reason code leads
+                result = HostResult(host.name, "failed", f"refused: {code}: {exc}", reason=code)
             else:
                 result = HostResult(host.name, "failed", f"{type(exc).__name__}: {exc}", reason="unexpected")
         else:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..crypto.ticket import LAUNCH, MIGRATE_IN, MIGRATE_OUT, signed
+from ..crypto.ticket import END, LAUNCH, MIGRATE_IN, MIGRATE_OUT, SETTLE, signed
 
 VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -60,16 +60,20 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                        "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}),
     # VMs
     "launch": args({"ticket": signed(LAUNCH)}),  # everything else (VM, profile, key) is the TC's ticket
-    "vm_control": args({"vm_id": VM_ID,
-                        "action": {"type": "string", "enum": ["status", "stop", "start", "poweroff", "destroy"]}}),
+    "vm_status": args({"vm_id": VM_ID}),
+    "vm_stop": args({"vm_id": VM_ID}),
+    "vm_start": args({"vm_id": VM_ID}),
+    "vm_end": args({"ticket": signed(END)}),  # poweroff or destroy, as the TC's end ticket says
     # migration
     # Kmig, and where the stream may go, are the TC's (its tickets), never the engine's
     "migrate_out_start": args({"ticket": signed(MIGRATE_OUT)}),
     "migrate_out_read": args({"vm_id": VM_ID}),
-    "migrate_out_end": args({"vm_id": VM_ID, "commit": {"type": "boolean"}}),
+    # a migration's outcome at each end is the TC's settle ticket, never the engine's say
+    "migrate_out_end": args({"vm_id": VM_ID, "ticket": signed(SETTLE)}),
     "migrate_in_start": args({"ticket": signed(MIGRATE_IN)}),
     "migrate_in_data": args({"vm_id": VM_ID, "data": b64(4 * MiB + 4096)}),
-    "migrate_in_finish": args({"vm_id": VM_ID, "resume": {"type": "boolean"}}),
+    "migrate_in_finish": args({"vm_id": VM_ID}),
+    "migrate_in_settle": args({"vm_id": VM_ID, "ticket": signed(SETTLE), "resume": {"type": "boolean"}}),
     "migrate_in_discard": args({"vm_id": VM_ID}),
     # the runtime PCR's event list, quoted for a ticket (a repair's evidence)
     "runtime_log": args({"runtime_pcr": {"type": "integer", "minimum": 0, "maximum": 23},

@@ -29,11 +29,16 @@ from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 from .vm import (
+    WRAPPED_KEY_FILE,
     _kill,
     _pid,
     attach_disk,
+    clear_migration,
     keep_wrapped_key,
     lend_secret,
+    mark_migration,
+    pending_migration,
+    settle_ticket,
     start_qemu,
     unwrap_passphrase,
     vm_dir,
@@ -70,7 +75,7 @@ def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
     directory = vm_dir(vm_id)
     if not _pid(directory):
         raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
-    if vm_id in _OUT:
+    if vm_id in _OUT or pending_migration(vm_id) is not None:
         raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
     tickets.spend(body)
     kmig = tk_decrypt(base64.b64decode(body["kmig"]),
@@ -97,6 +102,8 @@ def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
             # node). The VM still leaves; it just cannot resume here after a late abort, which
             # enforcement would not let it do anyway.
             pass
+        # From here the VM resumes here only on the TC's abort (settle ticket), whatever the engine does.
+        mark_migration(vm_id, body["migration"], "source", was_running=status.get("status") == "running")
         qmp.execute("stop")  # the switch: the disk does not change while it is copied
         qmp.execute("migrate", uri=f"unix:{path}")
     finally:
@@ -136,9 +143,13 @@ def migrate_out_read(vm_id: str) -> dict[str, Any]:
 
 
 @operation("migrate_out_end")
-def migrate_out_end(vm_id: str, commit: bool) -> dict[str, Any]:
-    """After the destination runs (commit): the source QEMU quits and its disk goes. Otherwise
-    (abort): the source resumes where it was."""
+def migrate_out_end(vm_id: str, ticket: dict[str, Any]) -> dict[str, Any]:
+    """Settle the source as the TC decided (its settle ticket). Commit: the source QEMU quits, its
+    disk goes, and the TPM records the VM's departure. Abort: the source resumes where it was,
+    its disk open again. Without the TC's ticket the source stays paused: the engine cannot
+    resume it once its state may be running elsewhere."""
+    body = settle_ticket(ticket, vm_id, "source")
+    pending = pending_migration(vm_id) or {}
     state = _OUT.pop(vm_id, None)
     if state is not None:
         try:
@@ -146,25 +157,29 @@ def migrate_out_end(vm_id: str, commit: bool) -> dict[str, Any]:
         except OSError:
             pass
     directory = vm_dir(vm_id)
-    if commit:
-        _kill(directory)
+    if body["outcome"] == "commit":
         import shutil
 
+        _kill(directory)
         shutil.rmtree(directory, ignore_errors=True)
-        return {"changed": True, "status": "moved"}
+        evidence = runtime.record(body["runtime_pcr"], {
+            "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]}, body["id"])
+        return {"changed": True, "status": "moved", "evidence": evidence}
     if not _pid(directory):
+        clear_migration(vm_id)
         raise ServiceError("tvmm.vm-not-running", "the source VM is gone: it cannot resume")
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
         info = qmp.execute("query-migrate")
         if info.get("status") in ("active", "setup", "device"):
             qmp.execute("migrate_cancel")
-        if state is None or state["was_running"]:
+        if pending.get("was_running", True):
             qmp.execute("cont")  # reopens the disk if QEMU had handed it over (postmigrate)
         withdraw_secret(qmp)
         status = qmp.execute("query-status")
     finally:
         qmp.close()
+    clear_migration(vm_id)
     return {"changed": True, "status": status.get("status")}
 
 
@@ -178,9 +193,12 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
     disk = os.path.join(directory, "disk.qcow2")
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", "the VM already runs here")
+    if pending_migration(vm_id) is not None:
+        raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
     if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
     tickets.spend(body)
+    mark_migration(vm_id, body["migration"], "destination")
     kmig = tk_decrypt(base64.b64decode(body["kmig"]), ticket_label("migrate-in", "kmig", vm_id, body["customer"], body["id"]))
     kvm_label = ticket_label("migrate-in", "kvm", vm_id, body["customer"], body["id"])
     passphrase = unwrap_passphrase(body["kvm"], kvm_label)
@@ -233,8 +251,9 @@ def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
 
 
 @operation("migrate_in_finish")
-def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
-    """Check the stream ended properly, wait for QEMU to take the state, resume the VM."""
+def migrate_in_finish(vm_id: str) -> dict[str, Any]:
+    """Check the stream ended properly, wait for QEMU to take the state, and hold the VM paused
+    with the TPM's evidence of its arrival: it runs only once the TC commits (migrate_in_settle)."""
     import time
 
     stream = _stream()
@@ -260,11 +279,7 @@ def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
             time.sleep(0.02)
         if status not in ("paused", "running", "prelaunch"):
             raise ServiceError("tvmm.qemu", f"the migrated VM is in state {status}")
-        if resume:
-            qmp.execute("cont")
-            withdraw_secret(qmp)
-        else:
-            qmp.execute("stop")  # the secret stays until it is started: activation reopens the disk
+        qmp.execute("stop")  # the secret stays until it runs: activation reopens the disk
         status = qmp.execute("query-status")["status"]
     finally:
         qmp.close()
@@ -276,6 +291,32 @@ def migrate_in_finish(vm_id: str, resume: bool) -> dict[str, Any]:
         "ticket": body["id"], "image_sha256": body["image_sha256"]}, body["id"])
     return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"],
             "evidence": evidence}
+
+
+@operation("migrate_in_settle")
+def migrate_in_settle(vm_id: str, ticket: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """Settle the destination as the TC decided. Commit: the VM is this node's now, and runs if
+    resume. Abort: it is dropped (QEMU quits, the copied disk goes)."""
+    body = settle_ticket(ticket, vm_id, "destination")
+    directory = vm_dir(vm_id)
+    if body["outcome"] == "abort":
+        import shutil
+
+        _discard(vm_id)
+        shutil.rmtree(directory, ignore_errors=True)
+        return {"changed": True, "status": "discarded", "running": False}
+    if not _pid(directory):
+        raise ServiceError("tvmm.vm-not-running", "the migrated VM is not running here")
+    clear_migration(vm_id)
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
+        if resume:
+            qmp.execute("cont")
+            withdraw_secret(qmp)
+        status = qmp.execute("query-status")["status"]
+    finally:
+        qmp.close()
+    return {"changed": True, "status": status, "running": status == "running"}
 
 
 def _discard(vm_id: str) -> None:
@@ -290,9 +331,17 @@ def _discard(vm_id: str) -> None:
 
 @operation("migrate_in_discard")
 def migrate_in_discard(vm_id: str) -> dict[str, Any]:
-    """Abort: the destination drops what it received (QEMU quits, the copied disk goes)."""
+    """Abort before the arrival is settled: the destination drops what it received (QEMU quits,
+    the copied disk goes); or drop a copied disk no VM ever ran from here. A VM whose arrival the
+    TC committed, or that was launched here, is this node's: it ends only through an end ticket
+    (vm_end), with its evidence."""
     import shutil
 
+    pending = pending_migration(vm_id)
+    directory = vm_dir(vm_id)
+    unused_copy = pending is None and not _pid(directory) and not os.path.exists(os.path.join(directory, WRAPPED_KEY_FILE))
+    if not unused_copy and (pending is None or pending.get("role") != "destination"):
+        raise ServiceError("tvmm.not-migrating", "no unsettled arrival (or unused copied disk) of this VM here to discard")
     _discard(vm_id)
     shutil.rmtree(vm_dir(vm_id), ignore_errors=True)
     return {"changed": True, "status": "discarded"}

@@ -31,11 +31,14 @@ WRAPPED_KEY_FILE = "kvm.wrapped"  # Kvm wrapped to this node's TK (0600)
 DISK = "disk.qcow2"
 
 
-def vm_dir(vm_id: str) -> str:
+def vm_dir(vm_id: str, create: bool = False) -> str:
+    """The VM's folder (0700); made only by what brings the VM here (its disk's first bytes), so
+    a question about a VM leaves no trace."""
     if len(vm_id) != 32 or not all(c in "0123456789abcdef" for c in vm_id):
         raise ServiceError("tvmm.vm-id", "a VM id is 32 lowercase hexadecimal digits")
     path = config.current().path("vms", vm_id)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 
 
@@ -55,6 +58,7 @@ def disk_state(vm_id: str) -> dict[str, Any]:
 @operation("disk_write")
 def disk_write(vm_id: str, offset: int, data: str) -> dict[str, Any]:
     """Append ciphertext to the disk being received; only at its end, only before it is whole."""
+    vm_dir(vm_id, create=True)
     disk, partial = _disk_paths(vm_id)
     if os.path.exists(disk):
         raise ServiceError("tvmm.disk-complete", "this VM's disk is here already; destroy the VM to replace it")
@@ -271,30 +275,117 @@ def _qmp(vm_id: str) -> QMP:
     return QMP(os.path.join(directory, "qmp.sock"))
 
 
-@operation("vm_control")
-def vm_control(vm_id: str, action: str) -> dict[str, Any]:
-    """stop (pause), start (resume), status, poweroff (QEMU quits: the guest's memory is gone,
-    the encrypted disk stays) or destroy (QEMU quits and the encrypted disk is removed)."""
-    directory = vm_dir(vm_id)
-    if action == "poweroff":
-        running = bool(_pid(directory))
-        _kill(directory)
-        return {"changed": running, "status": "poweroff"}
-    if action == "destroy":
-        running = bool(_pid(directory))
-        _kill(directory)
-        shutil.rmtree(directory, ignore_errors=True)
-        return {"changed": running or True, "status": "destroyed"}
-    qmp = _qmp(vm_id)
+# -- a migration not yet settled --------------------------------------------------------------
+# While a VM's migration is under way, both its ends hold it paused, and only the TC's settle
+# ticket moves them: the source resumes only on an abort, the destination runs only on a commit.
+# The mark is a file, so it holds across the service's processes and restarts.
+PENDING_FILE = "migration.json"
+
+
+def pending_migration(vm_id: str) -> dict[str, Any] | None:
+    """The unsettled migration this VM takes part in here ({migration, role}), or None."""
     try:
-        if action == "stop":
-            qmp.execute("stop")
-        elif action == "start":
-            qmp.execute("cont")
-            withdraw_secret(qmp)  # an incoming VM left paused kept its secret until it runs
-        elif action != "status":
-            raise ServiceError("tvmm.action", f"unknown action {action!r}")
+        with open(os.path.join(vm_dir(vm_id), PENDING_FILE)) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise ServiceError("tvmm.state", "the VM's migration record is unreadable") from None
+    return data if isinstance(data, dict) else {}
+
+
+def mark_migration(vm_id: str, migration: str, role: str, was_running: bool = True) -> None:
+    """Hold the VM for migration at this end (was_running: whether an abort resumes it)."""
+    atomic_write(os.path.join(vm_dir(vm_id), PENDING_FILE),
+                 json.dumps({"migration": migration, "role": role, "was_running": was_running}).encode(), 0o600)
+
+
+def clear_migration(vm_id: str) -> None:
+    try:
+        os.unlink(os.path.join(vm_dir(vm_id), PENDING_FILE))
+    except FileNotFoundError:
+        pass
+
+
+def settle_ticket(ticket: dict[str, Any], vm_id: str, role: str) -> dict[str, Any]:
+    """The TC's settle ticket for this VM's pending migration at this end; ServiceError otherwise.
+    Not spent: it states a decided outcome, and a copy of it can only repeat that outcome."""
+    body = tickets.check(ticket, "settle")
+    pending = pending_migration(vm_id)
+    if body["vm_id"] != vm_id or body["role"] != role:
+        raise ServiceError("ticket.vm", f"the settle ticket is for VM {body['vm_id']} as {body['role']}, "
+                                        f"not for VM {vm_id} as {role}")
+    if pending is None or pending.get("migration") != body["migration"] or pending.get("role") != role:
+        raise ServiceError("tvmm.not-migrating", f"VM {vm_id} has no unsettled migration {body['migration']} here "
+                                                 f"as {role}")
+    return body
+
+
+def _not_migrating(vm_id: str) -> None:
+    pending = pending_migration(vm_id)
+    if pending is not None:
+        raise ServiceError("tvmm.migrating", f"migration {pending.get('migration')} of this VM is not settled: only the "
+                                             "TC's settle ticket moves it")
+
+
+@operation("vm_status")
+def vm_status(vm_id: str) -> dict[str, Any]:
+    """QEMU's run state, and the migration this VM waits on (if any)."""
+    directory = vm_dir(vm_id)
+    pending = pending_migration(vm_id)
+    if not _pid(directory):
+        return {"changed": False, "status": "absent", "pid": None, "migration": pending}
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
         status = qmp.execute("query-status")
     finally:
         qmp.close()
-    return {"changed": action != "status", "status": status.get("status"), "pid": _pid(directory)}
+    return {"changed": False, "status": status.get("status"), "pid": _pid(directory), "migration": pending}
+
+
+@operation("vm_stop")
+def vm_stop(vm_id: str) -> dict[str, Any]:
+    """Pause the VM (its memory stays in QEMU, inside this service's reach only)."""
+    _not_migrating(vm_id)
+    qmp = _qmp(vm_id)
+    try:
+        qmp.execute("stop")
+        status = qmp.execute("query-status")
+    finally:
+        qmp.close()
+    return {"changed": True, "status": status.get("status"), "pid": _pid(vm_dir(vm_id))}
+
+
+@operation("vm_start")
+def vm_start(vm_id: str) -> dict[str, Any]:
+    """Continue a paused VM. Refused while a migration of it is unsettled: resuming a source whose
+    state went out, or a destination before the TC committed, would run two copies."""
+    _not_migrating(vm_id)
+    qmp = _qmp(vm_id)
+    try:
+        qmp.execute("cont")
+        withdraw_secret(qmp)
+        status = qmp.execute("query-status")
+    finally:
+        qmp.close()
+    return {"changed": True, "status": status.get("status"), "pid": _pid(vm_dir(vm_id))}
+
+
+@operation("vm_end")
+def vm_end(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Power off (QEMU quits: the guest's memory is gone, the encrypted disk stays) or destroy
+    (the disk goes too) the VM the TC's end ticket names, and answer with the TPM's evidence: the
+    TC marks a VM gone only on it. Refused while a migration of the VM is unsettled (the TC's
+    outcome decides which copy lives)."""
+    body = tickets.check(ticket, "end")
+    vm_id = body["vm_id"]
+    directory = vm_dir(vm_id)
+    _not_migrating(vm_id)
+    tickets.spend(body)
+    was_running = bool(_pid(directory))
+    _kill(directory)
+    if body["action"] == "destroy":
+        shutil.rmtree(directory, ignore_errors=True)
+    event = "destroyed" if body["action"] == "destroy" else "powered-off"
+    evidence = runtime.record(body["runtime_pcr"], {"event": event, "vm_id": vm_id, "ticket": body["id"]}, body["id"])
+    return {"changed": True, "status": event, "was_running": was_running, "evidence": evidence}

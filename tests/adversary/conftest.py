@@ -56,6 +56,15 @@ class World:
         with self.api() as client:
             return client.post(path, json=body)
 
+    def get_vm(self, name: str) -> dict[str, Any] | None:
+        """The TC's record of a VM (None once it is destroyed)."""
+        with self.api() as client:
+            response = client.get(f"/v1/vms/{name}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
     def public_post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         with self.service.client(cert=False) as client:
             return client.post(path, json=body)

@@ -7,6 +7,7 @@ starts twice and no state the engine made runs."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 
@@ -128,7 +129,7 @@ def test_a_migration_goes_only_where_the_tc_said_under_the_tcs_key(world: World)
         ended = world.post(f"/v1/migrations/{migration}/end", {"vm_id": vm_id, "commit": False, "reason": "test"})
         assert ended.status_code == 200, ended.text
         assert len(world.qemus(vm_id)) == 1  # the source's copy, still running
-        assert source.tvmm("vm_control", {"vm_id": vm_id, "action": "status"})["status"] == "running"
+        assert source.tvmm("vm_status", {"vm_id": vm_id})["status"] == "running"
     finally:
         world.destroy("mover")
     assert world.qemus(vm_id) == []
@@ -174,7 +175,97 @@ def test_an_engine_cannot_repin_a_running_node_to_a_ca_of_its_own(world: World, 
                        "migration": "1", "destination": "node1", "destination_tk_name": "00" * 34, "kmig": "AAAA"}
         forged = tickets.issue(engine_ca.purpose("ticket").key, engine_ca.purpose("ticket").certificate, forged_body)
         refused(lambda: session.tvmm("migrate_out_start", {"ticket": forged}), "ticket.certificate")
-        assert session.tvmm("vm_control", {"vm_id": vm_id, "action": "status"})["status"] == "running"
+        assert session.tvmm("vm_status", {"vm_id": vm_id})["status"] == "running"
     finally:
         world.destroy("repin")
     assert world.qemus(vm_id) == []
+
+
+def _relay(source, destination, vm_id: str) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        piece = source.tvmm("migrate_out_read", {"vm_id": vm_id}, timeout=120)
+        if piece["data"]:
+            destination.tvmm("migrate_in_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
+        if piece["eof"]:
+            break
+
+
+def test_one_copy_runs_whatever_the_engine_does_between_the_two_ends(world: World):
+    """The attack: let the destination take the VM's state, then resume the source as well (or run
+    the destination before the TC commits): two live copies of the customer's VM. Both ends hold
+    the VM paused until the TC's settle ticket; the TC decides one outcome; the source resumes
+    only on an abort, the destination runs only on a commit. The engine's own word, the other
+    end's ticket, an altered ticket and an earlier migration's abort ticket are all refused."""
+    vm_id, _, sha256 = _running(world, "twin", "node1")
+    source, destination = world.session("node1"), world.session("node3")
+    try:
+        world.ready("node3")
+        first = world.post("/v1/migrations", {"vm": "twin", "destination": "node3"}).json()
+        dropped = world.post(f"/v1/migrations/{first['migration']}/end", {"vm_id": vm_id, "commit": False})
+        assert dropped.status_code == 200 and dropped.json()["outcome"] == "abort", dropped.text
+        old_abort = dropped.json()["source"]  # a real abort ticket for the source, of another migration
+
+        world.ready("node3")
+        begin = world.post("/v1/migrations", {"vm": "twin", "destination": "node3"}).json()
+        source.tvmm("migrate_out_start", {"ticket": begin["out_ticket"]})
+        copy_disk(source, destination, vm_id, sha256)
+        destination.tvmm("migrate_in_start", {"ticket": begin["in_ticket"]}, timeout=120)
+        _relay(source, destination, vm_id)
+        arrived = destination.tvmm("migrate_in_finish", {"vm_id": vm_id}, timeout=120)
+        assert arrived["status"] == "paused" and not arrived["running"]
+        for end in (source, destination):  # neither end runs on the engine's word
+            refused(lambda end=end: end.tvmm("vm_start", {"vm_id": vm_id}), "tvmm.migrating")
+        refused(lambda: source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": old_abort}), "tvmm.not-migrating")
+
+        settled = world.post(f"/v1/migrations/{begin['migration']}/end",
+                             {"vm_id": vm_id, "commit": True, "evidence": arrived["evidence"]})
+        assert settled.status_code == 200 and settled.json()["outcome"] == "commit", settled.text
+        tickets_ = settled.json()
+        refused(lambda: source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": tickets_["destination"]}), "ticket.node")
+        altered = copy.deepcopy(tickets_["source"])
+        altered["ticket"]["outcome"] = "abort"
+        refused(lambda: source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": altered}), "ticket.signature")
+        again = world.post(f"/v1/migrations/{begin['migration']}/end", {"vm_id": vm_id, "commit": False})
+        assert again.status_code == 409, again.text  # one outcome: an abort after the commit is refused
+        refused(lambda: source.tvmm("vm_start", {"vm_id": vm_id}), "tvmm.migrating")
+
+        ran = destination.tvmm("migrate_in_settle", {"vm_id": vm_id, "ticket": tickets_["destination"], "resume": True})
+        assert ran["running"]
+        left = source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": tickets_["source"]})
+        assert left["status"] == "moved" and left["evidence"]["events"][-1]["event"] == "migrated-out"
+        assert len(world.qemus(vm_id)) == 1
+        refused(lambda: source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": old_abort}), "tvmm.not-migrating")
+    finally:
+        world.destroy("twin")
+    assert world.qemus(vm_id) == []
+
+
+def test_a_vm_leaves_the_tcs_records_only_on_its_nodes_evidence_of_its_end(world: World):
+    """The attack: mark a running VM destroyed in the TC's records (then have its customer, or
+    anyone, launch the image again: two copies). The engine's word is refused; a quote the
+    engine has the service make for the end ticket without ending the VM shows no end; only
+    the node ending it, on the TC's ticket, moves the records."""
+    vm_id, _, _ = _running(world, "ender", "node2")
+    session = world.session("node2")
+    try:
+        said = world.post(f"/v1/vms/{vm_id}/state", {"state": "destroyed"})
+        assert said.status_code == 400, said.text
+        ticket = world.post(f"/v1/vms/{vm_id}/end-ticket", {"node": "node2", "action": "destroy"})
+        assert ticket.status_code == 200, ticket.text
+        end = ticket.json()
+        quoted = session.tvmm("runtime_log", {"runtime_pcr": end["ticket"]["runtime_pcr"], "ticket": end["ticket"]["id"]})
+        response = world.post(f"/v1/vms/{vm_id}/ended", {"ticket": end, "evidence": quoted["evidence"]})
+        assert response.status_code == 403 and response.json()["error"] == "vm.end-evidence", response.text
+        other = world.post(f"/v1/vms/{vm_id}/end-ticket", {"node": "node1", "action": "destroy"})
+        assert other.status_code == 403 and other.json()["error"] == "vm.end-not-here", other.text
+        assert world.qemus(vm_id) and world.get_vm("ender")["state"] == "running"
+
+        done = session.tvmm("vm_end", {"ticket": end})
+        assert done["status"] == "destroyed" and world.qemus(vm_id) == []
+        refused(lambda: session.tvmm("vm_end", {"ticket": end}), "ticket.replayed")
+        recorded = world.post(f"/v1/vms/{vm_id}/ended", {"ticket": end, "evidence": done["evidence"]})
+        assert recorded.status_code == 200 and recorded.json()["state"] == "destroyed", recorded.text
+        assert world.get_vm("ender") is None
+    finally:
+        if world.get_vm("ender") is not None:
+            world.destroy("ender")

@@ -1,0 +1,209 @@
+"""How a VM's stay on a node ends, as the TC decides it (coordinator/lifecycle.py): one outcome
+per migration, carried to each end by a settle ticket; a VM off or destroyed only on its node's
+TPM evidence answering the TC's end ticket, while the node is trusted in that boot, or on a
+trusted quote showing the TPM was reset. Each refusal by its reason, without a lab."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tccdeploy.coordinator.refusals import Refused
+from tccdeploy.crypto import ticket as tickets
+
+from .brokerkit import World
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    w.customer("acme")
+    yield w
+    w.close()
+
+
+def reason(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(Refused) as info:
+        call(*args, **kwargs)
+    return info.value.reason
+
+
+def launched_event(world, node: str, record: dict) -> dict:  # type: ignore[no-untyped-def]
+    release = world.tc.registry.releases(record["vm_id"])[-1]
+    return {"event": "launched", "vm_id": record["vm_id"], "image_sha256": record["image_sha256"],
+            "ticket": release["ticket"], "vcpus": 1, "memory_mib": 64}
+
+
+def ended_evidence(world, node: str, record: dict, end_ticket: dict, event: str = "destroyed",  # type: ignore[no-untyped-def]
+                   quoted_for: str | None = None, **changes) -> dict:
+    """node's answer to the end ticket: its runtime events since the launch, the end last."""
+    ticket = end_ticket
+    body = ticket["ticket"]
+    end = {"event": event, "vm_id": record["vm_id"], "ticket": body["id"]} | changes
+    return world.nodes[node].tpm.runtime_evidence(ticket, events=[launched_event(world, node, record), end],
+                                                  quoted_for=quoted_for)
+
+
+# -- a VM's end -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("case", "code"), [
+    ("none", "runtime.missing"),
+    ("other-quote", "runtime.nonce"),
+    ("other-node", "runtime.signature"),
+    ("powered-off", "vm.end-evidence"),
+    ("other-vm", "vm.end-evidence"),
+    ("other-ticket", "vm.end-evidence"),
+    ("not-last", "vm.end-evidence"),
+    ("altered-ticket", "vm.end-ticket"),
+    ("launch-ticket", "vm.end-ticket"),
+    ("other-boot", "vm.end-boot-untrusted"),
+    ("untrusted-now", "vm.end-boot-untrusted"),
+])
+def test_a_vm_ends_in_the_records_only_on_its_nodes_evidence_answering_the_end_ticket(world, case, code):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1")
+    ticket = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
+    assert ticket["ticket"]["action"] == "destroy" and ticket["ticket"]["runtime_pcr"] == 15
+    honest = ended_evidence(world, "n1", record, ticket)
+    given_ticket, evidence = ticket, honest
+    if case == "none":
+        evidence = None
+    elif case == "other-quote":  # the node's quote for something else (replayed evidence)
+        evidence = ended_evidence(world, "n1", record, ticket, quoted_for=tickets.new_id())
+    elif case == "other-node":
+        evidence = ended_evidence(world, "n2", record, ticket)
+    elif case == "powered-off":  # a power-off shown for a destroy ticket
+        evidence = ended_evidence(world, "n1", record, ticket, event="powered-off")
+    elif case == "other-vm":
+        evidence = ended_evidence(world, "n1", record, ticket, vm_id="f" * 32)
+    elif case == "other-ticket":
+        evidence = ended_evidence(world, "n1", record, ticket, ticket=tickets.new_id())
+    elif case == "not-last":  # it ended, then was back (launched again) before the quote
+        body = ticket["ticket"]
+        events = [launched_event(world, "n1", record), {"event": "destroyed", "vm_id": record["vm_id"], "ticket": body["id"]},
+                  launched_event(world, "n1", record)]
+        evidence = world.nodes["n1"].tpm.runtime_evidence(ticket, events=events)
+    elif case == "altered-ticket":  # the engine turns a poweroff ticket into a destroy
+        given_ticket = copy.deepcopy(world.tc.vm_end_ticket(record["vm_id"], "n1", "poweroff"))
+        given_ticket["ticket"]["action"] = "destroy"
+        evidence = ended_evidence(world, "n1", record, given_ticket)
+    elif case == "launch-ticket":  # a real TC ticket, of another kind
+        given_ticket = world.tc.release_key(world.accepted("acme")["id"], "n1")["ticket"]
+        evidence = ended_evidence(world, "n1", record, given_ticket)
+    elif case == "other-boot":  # evidence from a boot other than the one the TC last found trusted
+        world.nodes["n1"].tpm.reset += 1
+        evidence = ended_evidence(world, "n1", record, ticket)
+        world.nodes["n1"].tpm.reset -= 1
+    elif case == "untrusted-now":  # the node failed its last attestation: its word proves nothing
+        verdict, _ = world.attest("n1", pcrs=[0])
+        assert not verdict.trusted
+    assert reason(world.tc.vm_ended, given_ticket, evidence) == code
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+    if case != "untrusted-now":
+        assert world.tc.vm_ended(ticket, honest) == {"vm_id": record["vm_id"], "node": "n1", "state": "destroyed",
+                                                     "recorded": True}
+        assert world.tc.registry.vm(record["vm_id"]) is None
+
+
+def test_a_powered_off_vm_is_off_then_may_be_destroyed_and_its_image_requested_again(world):
+    world.node("n1")
+    record = world.launched("acme", "n1", name="web")
+    off = world.tc.vm_end_ticket(record["vm_id"], "n1", "poweroff")
+    assert world.tc.vm_ended(off, ended_evidence(world, "n1", record, off, "powered-off"))["state"] == "off"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "off"
+    assert reason(world.tc.set_vm_state, record["vm_id"], "running") == "vm.state-transition"  # not back on its word
+    gone = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
+    assert world.tc.vm_ended(gone, ended_evidence(world, "n1", record, gone))["state"] == "destroyed"
+    entries = [e for e in world.tc.registry.audit_entries(vm=record["vm_id"]) if e["kind"] == "vm.end"]
+    assert [e["data"]["state"] for e in entries] == ["off", "destroyed"]
+
+
+def test_an_end_ticket_is_only_for_a_copy_the_records_put_on_that_node(world):
+    world.node("n1")
+    world.node("n2")
+    world.node("n3", admit=False)
+    record = world.launched("acme", "n1")
+    assert reason(world.tc.vm_end_ticket, record["vm_id"], "n2", "destroy") == "vm.end-not-here"
+    assert reason(world.tc.vm_end_ticket, "f" * 32, "n1", "destroy") == "vm.end-not-here"
+    assert reason(world.tc.vm_end_ticket, record["vm_id"], "n1", "dump") == "vm.end-action"
+    failed = world.accepted("acme")  # a key released to n3 for a launch: its copy may be there
+    world.tc.registry.record_release(failed["id"], failed["vm_id"], "n3", 1, "00", None, None)
+    assert reason(world.tc.vm_end_ticket, failed["vm_id"], "n3", "destroy") == "vm.end-node-unknown"
+
+
+def test_an_end_ticket_issued_before_the_vm_came_does_not_end_its_later_stay(world):
+    world.node("n1")
+    record = world.launched("acme", "n1")
+    ticket = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
+    with world.tc.registry.transaction() as db:  # the VM left and came back after the ticket was made
+        db.execute("UPDATE vms SET placed = ? WHERE vm_id = ?", (ticket["ticket"]["issued"] + 5, record["vm_id"]))
+    assert world.tc.vm_ended(ticket, ended_evidence(world, "n1", record, ticket))["recorded"] is False
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+
+
+def test_a_trusted_quote_after_a_tpm_reset_proves_the_old_boots_vms_gone(world):
+    world.node("n1")
+    old = world.launched("acme", "n1", name="old")
+    assert world.tc.registry.vm(old["vm_id"])["boot"] == 1
+    world.nodes["n1"].tpm.reset += 1  # rebooted ...
+    verdict, _ = world.attest("n1", pcrs=[0])  # ... into something the TC does not trust: proves nothing
+    assert not verdict.trusted and world.tc.registry.vm(old["vm_id"])["state"] == "running"
+    world.tc.release_node("n1", "test")
+    world.admit("n1")  # trusted again, in the new boot
+    assert world.tc.registry.vm(old["vm_id"])["state"] == "off"
+    new = world.launched("acme", "n1", name="new")
+    world.attest("n1")  # the same boot: the VM launched in it stays
+    assert world.tc.registry.vm(new["vm_id"])["state"] == "running" and world.tc.registry.vm(new["vm_id"])["boot"] == 2
+    entries = [e for e in world.tc.registry.audit_entries(node="n1") if e["kind"] == "vm.off-by-reboot"]
+    assert [e["data"]["vms"] for e in entries] == [[old["vm_id"]]]
+
+
+# -- a migration's outcome -----------------------------------------------------------------------
+def arrival(world, begun: dict, record: dict) -> dict:  # type: ignore[no-untyped-def]
+    body = begun["in_ticket"]["ticket"]
+    return world.nodes[body["node"]].tpm.runtime_evidence(begun["in_ticket"], events=[{
+        "event": "migrated-in", "vm_id": record["vm_id"], "migration": body["migration"], "source": body["source"],
+        "ticket": body["id"], "image_sha256": body["image_sha256"]}])
+
+
+def test_a_migration_has_one_outcome_carried_to_each_end_by_its_settle_ticket(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.migration_begin("web", "n2")
+    assert reason(world.tc.migration_settlement, begun["migration"]) == "migrate.not-settled"
+    assert reason(world.tc.migration_settlement, 999) == "migrate.unknown"
+    settled = world.tc.migration_end(begun["migration"], record["vm_id"], True, "", arrival(world, begun, record))
+    assert settled["outcome"] == "commit" and settled["migration"] == begun["migration"]
+    for role, node in (("source", "n1"), ("destination", "n2")):
+        body = tickets.verify(settled[role], world.tc.identity().certificate)
+        assert (body["kind"], body["role"], body["node"], body["outcome"], body["migration"], body["vm_id"]) == \
+            ("settle", role, node, "commit", str(begun["migration"]), record["vm_id"])
+        assert body["tk_name"] == world.tc.registry.last_certificate(node)["tk_name"]
+    with pytest.raises(Exception):  # noqa: B017 - one outcome: no abort after the commit
+        world.tc.migration_end(begun["migration"], record["vm_id"], False, "late")
+    again = world.tc.migration_settlement(begun["migration"])
+    assert again["outcome"] == "commit" and again["source"]["ticket"]["id"] != settled["source"]["ticket"]["id"]
+    vm = world.tc.registry.vm(record["vm_id"])
+    assert vm["node"] == "n2" and vm["boot"] == world.nodes["n2"].tpm.reset
+
+
+def test_an_aborted_migrations_settle_tickets_say_abort_to_both_ends(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.migration_begin("web", "n2")
+    settled = world.tc.migration_end(begun["migration"], record["vm_id"], False, "test")
+    assert settled["outcome"] == "abort"
+    assert {settled[r]["ticket"]["outcome"] for r in ("source", "destination")} == {"abort"}
+    assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
+    assert any(e["kind"] == "migration.abort" for e in world.tc.registry.audit_entries(vm=record["vm_id"]))
+
+
+def test_the_engines_word_cannot_end_a_vm(world):
+    world.node("n1")
+    record = world.launched("acme", "n1")
+    for state in ("destroyed", "off", "suspended", "starting"):
+        assert reason(world.tc.set_vm_state, record["vm_id"], state) == "vm.state-transition"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
