@@ -207,3 +207,93 @@ def test_the_engines_word_cannot_end_a_vm(world):
     for state in ("destroyed", "off", "suspended", "starting"):
         assert reason(world.tc.set_vm_state, record["vm_id"], state) == "vm.state-transition"
     assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+
+
+# -- suspension ------------------------------------------------------------------------------------
+def saved_evidence(world, node: str, record: dict, begun: dict, **changes) -> dict:  # type: ignore[no-untyped-def]
+    body = begun["ticket"]["ticket"]
+    event = {"event": "suspended", "vm_id": record["vm_id"], "suspension": body["suspension"], "ticket": body["id"],
+             "state_sha256": "ab" * 32} | changes
+    return world.nodes[node].tpm.runtime_evidence(begun["ticket"], events=[launched_event(world, node, record), event])
+
+
+def resumed_evidence(world, node: str, record: dict, ticket: dict, **changes) -> dict:  # type: ignore[no-untyped-def]
+    body = ticket["ticket"]["ticket"]
+    event = {"event": "resumed", "vm_id": record["vm_id"], "suspension": body["suspension"], "ticket": body["id"],
+             "image_sha256": body["image_sha256"]} | changes
+    return world.nodes[node].tpm.runtime_evidence(ticket["ticket"], events=[event])
+
+
+def test_a_vm_is_suspended_only_on_its_nodes_evidence_of_the_save(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    assert reason(world.tc.suspend_begin, "nosuch") == "suspend.unknown-vm"
+    begun = world.tc.suspend_begin("web")
+    body = tickets.verify(begun["ticket"], world.tc.identity().certificate)
+    assert (body["kind"], body["node"], body["suspension"]) == ("suspend", "n1", str(begun["suspension"]))
+    assert reason(world.tc.suspend_begin, "web") == "suspend.open"
+    cases = [(None, "runtime.missing"),
+             (saved_evidence(world, "n2", record, begun), "runtime.signature"),
+             (saved_evidence(world, "n1", record, begun, event="resumed"), "suspend.evidence-event"),
+             (saved_evidence(world, "n1", record, begun, ticket=tickets.new_id()), "suspend.evidence-event"),
+             (saved_evidence(world, "n1", record, begun, state_sha256="short"), "suspend.evidence-event")]
+    for evidence, code in cases:
+        assert reason(world.tc.suspend_end, begun["suspension"], evidence) == code
+        assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+    assert world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))["state"] == "suspended"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "suspended"
+    assert reason(world.tc.suspend_end, begun["suspension"], saved_evidence(world, "n1", record, begun)) \
+        == "suspend.not-started"
+    stored = world.tc.registry.suspension(begun["suspension"])
+    # Ksus is kept wrapped to the TC's own key, not to the node's
+    assert stored["state_sha256"] == "ab" * 32 and stored["ksus"] and stored["ksus"] != begun["ticket"]["ticket"]["ksus"]
+
+
+def test_a_dropped_suspension_leaves_the_vm_running_where_it_was(world):
+    world.node("n1")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    assert world.tc.suspend_end(begun["suspension"], None, saved=False)["state"] == "aborted"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+    assert world.tc.suspend_begin("web")["suspension"] != begun["suspension"]  # a new one may start
+
+
+def test_a_suspension_resumes_once_on_one_trusted_node(world):
+    world.node("n1")
+    world.node("n2")
+    world.node("n3", admit=False)
+    record = world.launched("acme", "n1", name="web")
+    assert reason(world.tc.resume_begin, "web") == "suspend.not-suspended"
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    assert reason(world.tc.resume_begin, "web", "n3") == "release.not-admitted"  # not a trusted node
+    first = world.tc.resume_begin("web", "n2")
+    body = tickets.verify(first["ticket"], world.tc.identity().certificate)
+    assert (body["kind"], body["node"], body["state_sha256"], first["from"]) == ("resume", "n2", "ab" * 32, "n1")
+    assert reason(world.tc.resume_begin, "web", "n1") == "suspend.resumed"  # not a second node
+    assert reason(world.tc.vm_end_ticket, record["vm_id"], "n1", "destroy") == "vm.end-resuming"
+    retry = world.tc.resume_begin("web")  # the same node again (a retry): its service resumes once
+    assert retry["node"] == "n2" and retry["ticket"]["ticket"]["id"] != first["ticket"]["ticket"]["id"]
+    assert reason(world.tc.resume_end, begun["suspension"], resumed_evidence(world, "n1", record, first)) \
+        == "runtime.signature"  # the wrong node's TPM
+    assert reason(world.tc.resume_end, begun["suspension"],
+                  resumed_evidence(world, "n2", record, first, event="suspended")) == "suspend.evidence-event"
+    assert world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, first))["node"] == "n2"
+    vm = world.tc.registry.vm(record["vm_id"])
+    assert (vm["state"], vm["node"], vm["boot"]) == ("running", "n2", 1)
+    assert reason(world.tc.resume_end, begun["suspension"], resumed_evidence(world, "n2", record, retry)) \
+        == "suspend.not-resuming"
+    assert reason(world.tc.resume_begin, "web") == "suspend.not-suspended"
+
+
+def test_destroying_a_suspended_vm_drops_its_saved_state(world):
+    world.node("n1")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    end = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
+    events = [launched_event(world, "n1", record), {"event": "destroyed", "vm_id": record["vm_id"],
+                                                    "ticket": end["ticket"]["id"]}]
+    assert world.tc.vm_ended(end, world.nodes["n1"].tpm.runtime_evidence(end, events=events))["state"] == "destroyed"
+    assert world.tc.registry.suspension(begun["suspension"])["state"] == "aborted"

@@ -300,6 +300,9 @@ def cmd_vm(args: argparse.Namespace) -> int:
             print(f"error: VM {args.vm} runs on {vm.node}, which is not in the inventory", file=sys.stderr)
             return 1
 
+        if args.action in ("suspend", "resume"):
+            return _suspend_or_resume(args, registry, vm.name)
+
         def work(session):  # type: ignore[no-untyped-def]
             if args.action in ("poweroff", "destroy"):  # an end: the TC records it from the node's TPM evidence
                 return end_vm(session, registry, vm.vm_id, vm.node, args.action)
@@ -312,6 +315,35 @@ def cmd_vm(args: argparse.Namespace) -> int:
         return _fan_out(args, vm.node, work, "module", f"vm {args.action}")
     finally:
         registry.close()
+
+
+def _suspend_or_resume(args: argparse.Namespace, coordinator, vm_name: str) -> int:  # type: ignore[no-untyped-def]
+    from ..coordinator.keybroker import Refused
+    from ..engine.helper import RemoteError
+    from ..engine.runner import Engine
+    from ..engine.suspend import resume, suspend
+    from .engine import load, select
+
+    try:
+        with Engine(select(load(args), "all", None), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+            if args.action == "suspend":
+                result = suspend(engine, coordinator, vm_name)
+            else:
+                result = resume(engine, coordinator, vm_name, args.on)
+    except Refused as exc:
+        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"error: the node's TVMM service: {exc.reason or exc.kind}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.action == "suspend":
+        print(f"{vm_name} suspended on {result['node']}: {result['bytes']} bytes of state saved there, encrypted under "
+              f"a key only the TC holds (suspension {result['suspension']})")
+    else:
+        print(f"{vm_name} resumed on {result['node']} (suspension {result['suspension']}, once)")
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -637,13 +669,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vms)
 
-    p = sub.add_parser("vm", help="stop (pause), start (resume), power off or destroy a VM",
-                       description="stop and start pause and resume a VM (the TC notes it). poweroff (memory gone, "
+    p = sub.add_parser("vm", help="pause, continue, power off, destroy, suspend or resume a VM",
+                       description="stop and start pause and continue a VM (the TC notes it). poweroff (memory gone, "
                                    "encrypted disk kept) and destroy (disk gone too) end it: the TC issues an end "
                                    "ticket, the node's TVMM service acts on it and answers with its TPM's evidence, "
-                                   "and only that evidence ends the VM in the TC's records.")
-    p.add_argument("action", choices=("status", "stop", "start", "poweroff", "destroy"))
+                                   "and only that evidence ends the VM in the TC's records. suspend saves the VM's "
+                                   "state on its node under a fresh key only the TC holds; resume (--on NODE: another "
+                                   "trusted node, which gets the disk and the state as ciphertext) runs it again, "
+                                   "once.")
+    p.add_argument("action", choices=("status", "stop", "start", "poweroff", "destroy", "suspend", "resume"))
     p.add_argument("vm", metavar="VM", help="VM name or id")
+    p.add_argument("--on", metavar="NODE", help="resume: the node to resume on (default: where it was suspended)")
     p.add_argument("-m", "--manifests", action="append", metavar="PATH",
                    help=f"the embedded TC's manifests (default ${MANIFESTS_ENV}); not with --tc")
     p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")

@@ -201,6 +201,14 @@ class Api:
              "MigrationEnd", True, self.migration_end),
             ("GET", "/v1/migrations/{id}/settlement", "an ended migration's settle tickets, again", None, True,
              self.migration_settlement),
+            ("POST", "/v1/suspensions", "suspend a VM: its suspend ticket (a fresh Ksus for its node's TK)",
+             "SuspendBegin", True, self.suspend_begin),
+            ("POST", "/v1/suspensions/{id}/end", "the VM saved (its node's TPM evidence), or the suspension dropped",
+             "SuspendEnd", True, self.suspend_end),
+            ("POST", "/v1/resumes", "a resume ticket for a suspended VM, to one trusted node, once", "ResumeBegin", True,
+             self.resume_begin),
+            ("POST", "/v1/suspensions/{id}/resumed", "the VM runs again: the resume node's TPM evidence", "Resumed",
+             True, self.resumed),
             ("GET", "/v1/nodes/{name}", "one node and its attestation history", None, True, self.node),
             ("POST", "/v1/nodes/{name}/quarantine", "quarantine a node (its certificate revoked)", "Quarantine", True,
              self.quarantine),
@@ -509,11 +517,26 @@ class Api:
     async def migration_settlement(self, request: Request) -> dict[str, Any]:
         return await run_in_threadpool(self.tc.migration_settlement, self._migration_id(request))
 
+    async def suspend_begin(self, request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(self.tc.suspend_begin, request.state.body["vm"])
+
+    async def suspend_end(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.suspend_end, self._migration_id(request), b.get("evidence"),
+                                       bool(b["saved"]))
+
+    async def resume_begin(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.resume_begin, b["vm"], b.get("node"))
+
+    async def resumed(self, request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(self.tc.resume_end, self._migration_id(request), request.state.body["evidence"])
+
     @staticmethod
     def _migration_id(request: Request) -> int:
-        text = request.path_params["id"]
+        text = request.path_params["id"]  # (a migration's or a suspension's: both are small integers)
         if not text.isdigit() or len(text) > 18:
-            raise ApiError(404, "migrate.unknown", f"no migration {text[:40]!r}")
+            raise ApiError(404, "migrate.unknown", f"no migration or suspension {text[:40]!r}")
         return int(text)
 
     async def quarantine(self, request: Request) -> dict[str, Any]:

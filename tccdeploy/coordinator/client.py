@@ -280,6 +280,23 @@ class RemoteCoordinator:
     def vm_end_ticket(self, vm_id: str, node: str, action: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/vms/{vm_id}/end-ticket", {"node": node, "action": action})  # type: ignore[no-any-return]
 
+    def suspend_begin(self, vm_name: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/suspensions", {"vm": vm_name})  # type: ignore[no-any-return]
+
+    def suspend_end(self, suspension_id: int, evidence: dict[str, Any] | None, saved: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {"saved": saved}
+        if evidence is not None:
+            body["evidence"] = evidence
+        return self._call("POST", f"/v1/suspensions/{int(suspension_id)}/end", body)  # type: ignore[no-any-return]
+
+    def resume_begin(self, vm_name: str, node: str | None = None) -> dict[str, Any]:
+        body = {"vm": vm_name} | ({"node": node} if node else {})
+        return self._call("POST", "/v1/resumes", body)  # type: ignore[no-any-return]
+
+    def resume_end(self, suspension_id: int, evidence: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/v1/suspensions/{int(suspension_id)}/resumed",  # type: ignore[no-any-return]
+                          {"evidence": evidence})
+
     def vm_ended(self, ticket: dict[str, Any], evidence: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", f"/v1/vms/{ticket['ticket']['vm_id']}/ended",  # type: ignore[no-any-return]
                           {"ticket": ticket, "evidence": evidence})

@@ -25,9 +25,10 @@ END_STATES = {"poweroff": "off", "destroy": "destroyed"}
 
 
 def node_ticket(registry: Registry, tc: Identity, node: str, vm_id: str, kind: str, fields: dict[str, Any],
-                refusal: str) -> dict[str, Any]:
+                refusal: str, ticket_id: str | None = None) -> dict[str, Any]:
     """A ticket of kind for the TVMM service of node (its newest certificate's serial and TK),
-    about vm_id; Refused(refusal) when the TC never certified a TK for node."""
+    about vm_id (ticket_id: the id its keys' labels were made with); Refused(refusal) when the TC
+    never certified a TK for node."""
     certificate = registry.last_certificate(node)
     if certificate is None:
         raise Refused(refusal, f"{node} holds no trusted key the TC certified")
@@ -35,7 +36,7 @@ def node_ticket(registry: Registry, tc: Identity, node: str, vm_id: str, kind: s
     now = int(time.time())
     signer = tc.purpose("ticket")
     return tickets.issue(signer.key, signer.certificate, {
-        "v": 1, "kind": kind, "id": tickets.new_id(), "node": node, "node_serial": certificate["serial"],
+        "v": 1, "kind": kind, "id": ticket_id or tickets.new_id(), "node": node, "node_serial": certificate["serial"],
         "tk_name": certificate["tk_name"], "vm_id": vm_id, "customer": owner["key_id"] if owner else "0" * 16,
         "issued": now, "expires": now + tickets.TTL, **fields})
 
@@ -63,6 +64,8 @@ def end_ticket(registry: Registry, tc: Identity, vm_id: str, node: str, action: 
     released = any(r["node"] == node for r in registry.releases(vm_id))
     if not here and not released:
         raise Refused("vm.end-not-here", f"the TC's records put no copy of VM {vm_id} on {node}")
+    if any(s["state"] == "resuming" for s in registry.suspensions(vm_id)):
+        raise Refused("vm.end-resuming", f"VM {vm_id} is being resumed: settle that first (its resume evidence)")
     return node_ticket(registry, tc, node, vm_id, "end", {"action": action, "runtime_pcr": runtime_pcr},
                        "vm.end-node-unknown")
 

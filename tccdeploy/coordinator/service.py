@@ -21,7 +21,19 @@ from ..config import state_dir
 from ..crypto import ticket as tickets
 from ..crypto import wrap
 from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
-from . import admission, audit, enrollment, identity, keybroker, lifecycle, receipts, roster, runtime, verifier
+from . import (
+    admission,
+    audit,
+    enrollment,
+    identity,
+    keybroker,
+    lifecycle,
+    receipts,
+    roster,
+    runtime,
+    suspension,
+    verifier,
+)
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .refusals import Refused
 from .store import Conflict, Registry, RegistryError
@@ -487,6 +499,34 @@ class Coordinator:
     def record_enforcement(self, node: str, vm_id: str, policy: str, result: str) -> None:
         """What enforcement did to a VM of a node that lost trust, in the audit log."""
         audit.append(self.registry, "vm.enforce", node, vm_id, policy=policy, result=result)
+
+    # -- suspension ------------------------------------------------------------------------
+    def suspend_begin(self, vm_name: str) -> dict[str, Any]:
+        """A suspension of a running VM, and its suspend ticket (a fresh Ksus for its node's TK)."""
+        vm = self.registry.vm(vm_name)
+        with self._refusals("suspension", vm["node"] if vm else None, vm["vm_id"] if vm else None):
+            return suspension.begin(self.registry, self.identity(), vm_name, self.perimeter.attestation.runtime_pcr)
+
+    def suspend_end(self, suspension_id: int, evidence: dict[str, Any] | None, saved: bool = True) -> dict[str, Any]:
+        """The VM is suspended (on its node's TPM evidence), or the suspension dropped (not saved)."""
+        row = self.registry.suspension(suspension_id)
+        with self._refusals("suspension", row["node"] if row else None, row["vm_id"] if row else None):
+            return suspension.end(self.registry, suspension_id, evidence, self.perimeter.attestation.runtime_pcr, saved)
+
+    def resume_begin(self, vm_name: str, node: str | None = None) -> dict[str, Any]:
+        """A resume ticket for a suspended VM, to node (default: where it was suspended), checked as
+        a key release is; a suspension resumes on one node only."""
+        vm = self.registry.vm(vm_name)
+        with self._refusals("resume", node, vm["vm_id"] if vm else None):
+            target = node or None
+            return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.builds, vm_name, target,
+                                            self.capacity(target) if target else None)
+
+    def resume_end(self, suspension_id: int, evidence: dict[str, Any]) -> dict[str, Any]:
+        """The VM runs again, on the resume node's TPM evidence."""
+        row = self.registry.suspension(suspension_id)
+        with self._refusals("resume", row["resume_node"] if row else None, row["vm_id"] if row else None):
+            return suspension.resumed(self.registry, suspension_id, evidence, self.perimeter.attestation.runtime_pcr)
 
     def set_vm_state(self, vm_id: str, state: str) -> None:
         """A VM paused (stopped) or running again, as the engine reports it. That is all the

@@ -241,6 +241,24 @@ MIGRATIONS: list[str] = [
                launched, updated, launched FROM vms_before_12;
     DROP TABLE vms_before_12;
     """,
+    # 13: suspensions (issue 14): a VM's state saved on its node under a Ksus only the TC keeps
+    # (wrapped to its own key), resumed once through a resume ticket.
+    """
+    CREATE TABLE suspensions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        vm_id TEXT NOT NULL REFERENCES vms(vm_id),
+        node TEXT NOT NULL REFERENCES nodes(name),
+        state TEXT NOT NULL CHECK (state IN ('started', 'suspended', 'aborted', 'resuming', 'resumed')),
+        ksus TEXT NOT NULL,
+        suspend_ticket TEXT NOT NULL,
+        state_sha256 TEXT,
+        resume_node TEXT,
+        resume_ticket TEXT,
+        started REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX suspensions_one_open ON suspensions(vm_id) WHERE state IN ('started', 'suspended', 'resuming');
+    """,
 ]
 
 
@@ -358,6 +376,15 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN boot BIGINT;
     ALTER TABLE vms ADD COLUMN placed DOUBLE PRECISION;
     UPDATE vms SET placed = launched;
+    """,
+    """
+    CREATE TABLE suspensions (
+        id BIGSERIAL PRIMARY KEY, vm_id TEXT NOT NULL REFERENCES vms(vm_id), node TEXT NOT NULL REFERENCES nodes(name),
+        state TEXT NOT NULL CHECK (state IN ('started', 'suspended', 'aborted', 'resuming', 'resumed')),
+        ksus TEXT NOT NULL, suspend_ticket TEXT NOT NULL, state_sha256 TEXT, resume_node TEXT, resume_ticket TEXT,
+        started DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX suspensions_one_open ON suspensions(vm_id) WHERE state IN ('started', 'suspended', 'resuming');
     """,
 ]
 
@@ -813,6 +840,9 @@ class Registry:
                           "AND (placed IS NULL OR placed < ?)",
                           (state, time.time(), vm_id, node, *allowed, not_before + 1)).rowcount != 1:
                 return False
+            if state == "destroyed":  # its saved state went with it
+                db.execute("UPDATE suspensions SET state = 'aborted', updated = ? WHERE vm_id = ? "
+                           "AND state IN ('started', 'suspended')", (time.time(), vm_id))
             self._audit(db, audit)
         return True
 
@@ -871,6 +901,72 @@ class Registry:
         if state:
             return self._all("SELECT * FROM migrations WHERE state = ? ORDER BY id", (state,))
         return self._all("SELECT * FROM migrations ORDER BY id")
+
+    # -- suspensions ------------------------------------------------------------------------
+    def start_suspension(self, vm_id: str, node: str, ksus: str, ticket: str, audit: Audit = None) -> int:
+        """A suspension begins for a VM running on node (one open per VM); its id."""
+        try:
+            with self.transaction(serialize=True) as db:
+                if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
+                              (vm_id, node)).first() is None:
+                    raise Conflict("suspend.not-running", f"VM {vm_id} is not running on {node}")
+                if db.execute("SELECT 1 FROM migrations WHERE vm_id = ? AND state = 'started'", (vm_id,)).first():
+                    raise Conflict("suspend.migrating", f"VM {vm_id} is migrating")
+                now = time.time()
+                row = db.execute("INSERT INTO suspensions (vm_id, node, state, ksus, suspend_ticket, started, updated) "
+                                 "VALUES (?, ?, 'started', ?, ?, ?, ?) RETURNING id",
+                                 (vm_id, node, ksus, ticket, now, now)).first()
+                self._audit(db, audit, suspension=int(row["id"]) if row else 0)
+        except self.backend.integrity_error:
+            raise Conflict("suspend.open", f"VM {vm_id} has a suspension open already") from None
+        return int(row["id"]) if row else 0
+
+    def suspension(self, suspension_id: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM suspensions WHERE id = ?", (suspension_id,))
+
+    def suspensions(self, vm_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM suspensions WHERE vm_id = ? ORDER BY id", (vm_id,))
+
+    def end_suspension(self, suspension_id: int, saved: bool, state_sha256: str | None, audit: Audit = None) -> None:
+        """started -> suspended (the VM's state saved: the VM row is suspended too) or aborted."""
+        with self.transaction(serialize=True) as db:
+            row = db.execute("UPDATE suspensions SET state = ?, state_sha256 = ?, updated = ? WHERE id = ? "
+                             "AND state = 'started' RETURNING vm_id, node",
+                             ("suspended" if saved else "aborted", state_sha256, time.time(), suspension_id)).first()
+            if row is None:
+                raise Conflict("suspend.not-started", f"suspension {suspension_id} is not under way")
+            if saved and db.execute("UPDATE vms SET state = 'suspended', updated = ? WHERE vm_id = ? AND node = ? "
+                                    "AND state IN ('running', 'stopped')",
+                                    (time.time(), row["vm_id"], row["node"])).rowcount != 1:
+                raise Conflict("suspend.not-running", f"VM {row['vm_id']} is no longer running on {row['node']}")
+            self._audit(db, audit)
+
+    def resuming(self, suspension_id: int, node: str, ticket: str, audit: Audit = None) -> None:
+        """suspended -> resuming on node (or resuming again on the same node: a retry); a resume on
+        another node once one was allowed is a Conflict (never twice)."""
+        with self.transaction(serialize=True) as db:
+            # resume_ticket: every resume ticket issued for it (space-separated), for the evidence
+            if db.execute("UPDATE suspensions SET state = 'resuming', resume_node = ?, updated = ?, "
+                          "resume_ticket = CASE WHEN state = 'resuming' THEN resume_ticket || ' ' || ? ELSE ? END "
+                          "WHERE id = ? AND (state = 'suspended' OR (state = 'resuming' AND resume_node = ?))",
+                          (node, time.time(), ticket, ticket, suspension_id, node)).rowcount != 1:
+                row = db.execute("SELECT state, resume_node FROM suspensions WHERE id = ?", (suspension_id,)).first()
+                where = f" on {row['resume_node']}" if row and row["resume_node"] else ""
+                raise Conflict("suspend.resumed", f"suspension {suspension_id} is {row['state'] if row else 'unknown'}"
+                                                  f"{where}: a suspended state resumes once, on one node")
+            self._audit(db, audit)
+
+    def resumed(self, suspension_id: int, boot: int, audit: Audit = None) -> None:
+        """resuming -> resumed: the VM runs on the resume node (one transaction)."""
+        with self.transaction(serialize=True) as db:
+            row = db.execute("UPDATE suspensions SET state = 'resumed', updated = ? WHERE id = ? AND state = 'resuming' "
+                             "RETURNING vm_id, resume_node", (time.time(), suspension_id)).first()
+            if row is None:
+                raise Conflict("suspend.not-resuming", f"suspension {suspension_id} is not being resumed")
+            now = time.time()
+            db.execute("UPDATE vms SET state = 'running', node = ?, updated = ?, placed = ?, boot = ? "
+                       "WHERE vm_id = ? AND state = 'suspended'", (row["resume_node"], now, now, boot, row["vm_id"]))
+            self._audit(db, audit)
 
     # -- audit ----------------------------------------------------------------------------
     def _audit(self, db: Any, audit: Audit, **extra: Any) -> dict[str, Any] | None:

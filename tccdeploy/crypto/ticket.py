@@ -1,7 +1,8 @@
 """TC tickets: the TC's written permission for one key use by one node's TVMM service.
 
 Every use of a VM key on a node needs one: launch, migrate-out (to the source) and migrate-in
-(to the destination); so do a migration's outcome at each end (settle) and a VM's end (end),
+(to the destination), suspend and resume; so do a migration's outcome at each end (settle) and a
+VM's end (end),
 which carry no key but are the TC's decision and the question the node's TPM answers. A ticket
 names the node (name, node-certificate serial, TK name), the VM and its customer, the request,
 the machine profile and an expiry, and carries the key wrapped to that node's TK under an OAEP
@@ -28,7 +29,7 @@ from .purpose import purpose_certificate
 
 DOMAIN = "tvmm-ticket"
 TTL = 300  # seconds a ticket is good for: the engine hands it over right away
-KINDS = ("launch", "migrate-out", "migrate-in", "settle", "end")
+KINDS = ("launch", "migrate-out", "migrate-in", "settle", "end", "suspend", "resume")
 PIN_TAG = b"tccdeploy-tk-pin\x00"
 
 HEX32 = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
@@ -83,6 +84,14 @@ SETTLE = _body("settle", {"migration": MIGRATION, "outcome": {"type": "string", 
 # end (poweroff or destroy one VM): no key in it; the ticket's id is the question the node's TPM
 # answers, so the TC marks a VM gone only on that answer.
 END = _body("end", {"action": {"type": "string", "enum": ["poweroff", "destroy"]}, "runtime_pcr": RUNTIME_PCR})
+# suspend (to the VM's node): a fresh Ksus the TC made, under which the service saves the VM's
+# state to its disk (STREAM, the suspension's id in the header); only a resume ticket opens it.
+SUSPENSION = {"type": "string", "pattern": "^[0-9]{1,20}$"}
+SUSPEND = _body("suspend", {"suspension": SUSPENSION, "ksus": B64_KEY, "runtime_pcr": RUNTIME_PCR})
+# resume (to the node the TC chose, once per suspension): the VM's profile, Kvm, the same Ksus, and
+# the saved state's digest (as the suspending node's TPM reported it)
+RESUME = _body("resume", {**_PROFILE, "suspension": SUSPENSION, "kvm": B64_KEY, "ksus": B64_KEY,
+                          "state_sha256": HEX64, "runtime_pcr": RUNTIME_PCR})
 SIGNED = signed(LAUNCH)
 
 

@@ -31,20 +31,22 @@ from .runner import Engine, Session
 CHUNK = 1 << 20
 
 
-def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str) -> None:
-    """The encrypted disk, source service to destination service through the engine: ciphertext
-    only; the destination keeps it only if its digest is the image's."""
-    state = destination.tvmm("disk_state", {"vm_id": vm_id})
+def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str, what: str = "disk") -> None:
+    """The encrypted disk (or a suspended VM's saved state), source service to destination service
+    through the engine: ciphertext only; the destination keeps it only if its digest is sha256."""
+    kind = {"what": what} if what != "disk" else {}
+    state = destination.tvmm("disk_state", {"vm_id": vm_id, **kind})
     if not state["complete"]:
         offset = int(state["partial_size"])
         while True:
-            piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK})
+            piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK, **kind})
             if piece["data"]:
-                written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"]})
+                written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"],
+                                                          **kind})
                 offset = int(written["size"])
             if piece["eof"]:
                 break
-    destination.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
+    destination.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256, **kind}, timeout=300)
 
 
 def choose_destination(engine: Engine, coordinator: TC, vm: VMRecord) -> str:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..crypto.ticket import END, LAUNCH, MIGRATE_IN, MIGRATE_OUT, SETTLE, signed
+from ..crypto.ticket import END, LAUNCH, MIGRATE_IN, MIGRATE_OUT, RESUME, SETTLE, SUSPEND, signed
 
 VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
@@ -37,6 +37,7 @@ def args(required: dict[str, Any], optional: dict[str, Any] | None = None) -> di
 
 
 NONCE = b64(64)
+WHAT = {"type": "string", "enum": ["disk", "state"]}
 
 OPERATIONS: dict[str, dict[str, Any]] = {
     # identity and enrollment
@@ -52,18 +53,22 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "tk_create": args({"bank": BANK, "pcrs": PCRS, "nonce": NONCE, "tc_ca": PEM}),
     "tk_check": args({"ciphertext": b64(512)}),
     # the encrypted disk, moved in and out as ciphertext
-    "disk_state": args({"vm_id": VM_ID}),
+    # (and a suspended VM's saved state: ciphertext under the TC's Ksus)
+    "disk_state": args({"vm_id": VM_ID}, {"what": WHAT}),
     "disk_write": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
-                        "data": b64(4 * MiB)}),
-    "disk_commit": args({"vm_id": VM_ID, "sha256": SHA256}),
+                        "data": b64(4 * MiB)}, {"what": WHAT}),
+    "disk_commit": args({"vm_id": VM_ID, "sha256": SHA256}, {"what": WHAT}),
     "disk_read": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
-                       "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}),
+                       "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}, {"what": WHAT}),
     # VMs
     "launch": args({"ticket": signed(LAUNCH)}),  # everything else (VM, profile, key) is the TC's ticket
     "vm_status": args({"vm_id": VM_ID}),
     "vm_stop": args({"vm_id": VM_ID}),
     "vm_start": args({"vm_id": VM_ID}),
     "vm_end": args({"ticket": signed(END)}),  # poweroff or destroy, as the TC's end ticket says
+    # suspension: the state saved under the TC's Ksus, resumed once through its resume ticket
+    "vm_suspend": args({"ticket": signed(SUSPEND)}),
+    "vm_resume": args({"ticket": signed(RESUME)}),
     # migration
     # Kmig, and where the stream may go, are the TC's (its tickets), never the engine's
     "migrate_out_start": args({"ticket": signed(MIGRATE_OUT)}),

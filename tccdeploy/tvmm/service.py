@@ -15,7 +15,7 @@ import traceback
 from typing import Any
 
 from ..node.protocol import failure, own_digest, serve
-from . import PROTOCOL, config, migrate, runtime, tpm, vm  # noqa: F401 - they register their operations
+from . import PROTOCOL, config, migrate, runtime, suspend, tpm, vm  # noqa: F401 - they register their operations
 from .interface import HANDLERS, OPERATIONS, ServiceError, problems
 
 USAGE = """usage: tccdeploy-tvmm serve [--config FILE]

@@ -42,24 +42,30 @@ def vm_dir(vm_id: str, create: bool = False) -> str:
     return path
 
 
-def _disk_paths(vm_id: str) -> tuple[str, str]:
-    path = os.path.join(vm_dir(vm_id), DISK)
+STATE = "state.tccstrm"  # a suspended VM's saved state (STREAM ciphertext under the TC's Ksus)
+FILES = {"disk": DISK, "state": STATE}
+
+
+def _disk_paths(vm_id: str, what: str = "disk") -> tuple[str, str]:
+    path = os.path.join(vm_dir(vm_id), FILES[what])
     return path, path + ".partial"
 
 
 @operation("disk_state")
-def disk_state(vm_id: str) -> dict[str, Any]:
-    """How much of the VM's encrypted disk is here (a cut upload resumes where it stopped)."""
-    disk, partial = _disk_paths(vm_id)
+def disk_state(vm_id: str, what: str = "disk") -> dict[str, Any]:
+    """How much of the VM's encrypted disk (or saved state) is here (a cut upload resumes where it
+    stopped). Both are ciphertext: moving them needs no key and shows nothing."""
+    disk, partial = _disk_paths(vm_id, what)
     return {"changed": False, "complete": os.path.exists(disk),
             "partial_size": os.path.getsize(partial) if os.path.exists(partial) else 0}
 
 
 @operation("disk_write")
-def disk_write(vm_id: str, offset: int, data: str) -> dict[str, Any]:
-    """Append ciphertext to the disk being received; only at its end, only before it is whole."""
+def disk_write(vm_id: str, offset: int, data: str, what: str = "disk") -> dict[str, Any]:
+    """Append ciphertext to the disk (or saved state) being received; only at its end, only
+    before it is whole."""
     vm_dir(vm_id, create=True)
-    disk, partial = _disk_paths(vm_id)
+    disk, partial = _disk_paths(vm_id, what)
     if os.path.exists(disk):
         raise ServiceError("tvmm.disk-complete", "this VM's disk is here already; destroy the VM to replace it")
     size = os.path.getsize(partial) if os.path.exists(partial) else 0
@@ -75,9 +81,9 @@ def disk_write(vm_id: str, offset: int, data: str) -> dict[str, Any]:
 
 
 @operation("disk_commit")
-def disk_commit(vm_id: str, sha256: str) -> dict[str, Any]:
-    """Check the received disk's digest, then make it the VM's disk."""
-    disk, partial = _disk_paths(vm_id)
+def disk_commit(vm_id: str, sha256: str, what: str = "disk") -> dict[str, Any]:
+    """Check the received disk's (or saved state's) digest, then make it the VM's."""
+    disk, partial = _disk_paths(vm_id, what)
     if os.path.exists(disk) and sha256_file(disk) == sha256:
         return {"changed": False}
     actual = sha256_file(partial) if os.path.exists(partial) else ""
@@ -91,9 +97,9 @@ def disk_commit(vm_id: str, sha256: str) -> dict[str, Any]:
 
 
 @operation("disk_read")
-def disk_read(vm_id: str, offset: int, size: int) -> dict[str, Any]:
-    """Ciphertext of the VM's encrypted disk (LUKS), for a migration's copy."""
-    disk, _ = _disk_paths(vm_id)
+def disk_read(vm_id: str, offset: int, size: int, what: str = "disk") -> dict[str, Any]:
+    """Ciphertext of the VM's encrypted disk (LUKS) or saved state, for a copy to another node."""
+    disk, _ = _disk_paths(vm_id, what)
     try:
         with open(disk, "rb") as fh:
             fh.seek(offset)

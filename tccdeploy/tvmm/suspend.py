@@ -1,0 +1,240 @@
+"""Suspension on the node: a VM's state saved to the node's disk, readable only through the TC.
+
+Suspend (the TC's suspend ticket: a fresh Ksus wrapped to this node's TK): QEMU migrates the
+VM into the service, which encrypts the stream with STREAM under Ksus (the suspension's id and
+the VM in the header) into the VM's folder, then QEMU quits; the TPM records `suspended` with
+the saved state's digest. Nothing here can read the state back: Ksus was unwrapped in this
+process only and is gone with it.
+Resume (the TC's resume ticket, one per suspension: Kvm and the same Ksus wrapped to the TK of
+the node the TC chose, on this node or another that got the disk and the state file): the TPM
+unwraps both, QEMU waits for incoming state with the disk opened, and the service feeds it the
+state, authenticating every chunk first. A suspension resumes once here (the ids are kept, so
+an older copy of the state file written back is refused) and the state file goes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from ..crypto.files import atomic_write, sha256_file
+from ..crypto.ticket import label as ticket_label
+from . import config, runtime, tickets
+from .interface import ServiceError, operation
+from .qmp import QMP
+from .tpm import tk_decrypt
+from .vm import (
+    DISK,
+    STATE,
+    WRAPPED_KEY_FILE,
+    _kill,
+    _pid,
+    attach_disk,
+    keep_wrapped_key,
+    pending_migration,
+    start_qemu,
+    unwrap_passphrase,
+    vm_dir,
+    withdraw_secret,
+)
+
+STATE_FILE = STATE  # the saved VM state, STREAM ciphertext under Ksus
+RESUMED_FILE = "suspensions-resumed.json"
+CHUNK = 256 * 1024
+
+
+def context(body: dict[str, Any]) -> bytes:
+    """What the saved state's header names: this suspension of this VM."""
+    return f"tccdeploy-suspension:{body['suspension']}:{body['vm_id']}".encode()
+
+
+def _stream():  # type: ignore[no-untyped-def]
+    from ..crypto import stream
+
+    return stream
+
+
+@operation("vm_suspend")
+def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Save the VM the TC's suspend ticket names to this node's disk under the ticket's Ksus, stop
+    its QEMU, and answer with the TPM's evidence (the TC records the suspension only on it)."""
+    body = tickets.check(ticket, "suspend")
+    vm_id = body["vm_id"]
+    directory = vm_dir(vm_id)
+    if not _pid(directory):
+        raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
+    if pending_migration(vm_id) is not None:
+        raise ServiceError("tvmm.migrating", "a migration of this VM is not settled")
+    tickets.spend(body)
+    ksus = tk_decrypt(base64.b64decode(body["ksus"]),
+                      ticket_label("suspend", "ksus", vm_id, body["customer"], body["id"]))
+    path = os.path.join(directory, "suspend.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(1)
+    listener.settimeout(30)
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
+        qmp.execute("stop")
+        qmp.execute("migrate", uri=f"unix:{path}")
+    finally:
+        qmp.close()
+    connection, _ = listener.accept()
+    listener.close()
+    connection.settimeout(120)
+    encryptor = _stream().Encryptor(ksus, context=context(body))
+    del ksus
+    partial = os.path.join(directory, STATE_FILE + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(encryptor.header)
+            while True:
+                data = connection.recv(CHUNK)
+                if not data:
+                    break
+                size += len(data)
+                out.write(encryptor.update(data))
+            out.write(encryptor.finish())
+    finally:
+        connection.close()
+    _wait_migrated(directory)
+    _kill(directory)  # the VM's memory is now only the ciphertext on disk
+    os.replace(partial, os.path.join(directory, STATE_FILE))
+    for name in (WRAPPED_KEY_FILE, "suspend.sock"):  # a resume ticket brings Kvm again
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    digest = sha256_file(os.path.join(directory, STATE_FILE))
+    evidence = runtime.record(body["runtime_pcr"], {
+        "event": "suspended", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
+        "state_sha256": digest}, body["id"])
+    return {"changed": True, "status": "suspended", "state_sha256": digest, "bytes": size, "evidence": evidence}
+
+
+def _wait_migrated(directory: str) -> None:
+    qmp = QMP(os.path.join(directory, "qmp.sock"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            status = qmp.execute("query-migrate").get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise ServiceError("tvmm.qemu", f"QEMU did not save the VM's state ({status})")
+            time.sleep(0.02)
+    finally:
+        qmp.close()
+
+
+def _resumed() -> list[str]:
+    try:
+        with open(config.current().path(RESUMED_FILE)) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        raise ServiceError("tvmm.state", "the service's record of resumed suspensions is unreadable") from None
+    return [str(x) for x in data] if isinstance(data, list) else []
+
+
+@operation("vm_resume")
+def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
+    """Resume the suspended VM the TC's resume ticket names, from the saved state here, on the
+    ticket's profile with its Kvm and Ksus; once per suspension."""
+    body = tickets.check(ticket, "resume")
+    vm_id = body["vm_id"]
+    directory = vm_dir(vm_id)
+    state = os.path.join(directory, STATE_FILE)
+    if _pid(directory):
+        raise ServiceError("tvmm.vm-running", "the VM already runs here")
+    key = f"{body['vm_id']}:{body['suspension']}"
+    if key in _resumed():
+        raise ServiceError("tvmm.resumed", f"suspension {body['suspension']} of this VM was resumed here already")
+    disk = os.path.join(directory, DISK)
+    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
+        raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
+    if not os.path.exists(state) or sha256_file(state) != body["state_sha256"]:
+        raise ServiceError("tvmm.no-state", "the VM's saved state is missing here or is not the one the TC recorded")
+    tickets.spend(body)
+    ksus = tk_decrypt(base64.b64decode(body["ksus"]), ticket_label("resume", "ksus", vm_id, body["customer"], body["id"]))
+    kvm_label = ticket_label("resume", "kvm", vm_id, body["customer"], body["id"])
+    passphrase = unwrap_passphrase(body["kvm"], kvm_label)
+    accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
+    incoming = os.path.join(directory, "resume.sock")
+    stream = _stream()
+    try:
+        qmp = QMP(os.path.join(directory, "qmp.sock"))
+        try:
+            attach_disk(qmp, disk, passphrase, keep_secret=True)
+            del passphrase
+            qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
+            _feed(incoming, state, stream.Decryptor(ksus, context=context(body)))
+            del ksus
+            _wait_loaded(qmp)
+            # From here the suspension is spent on this node: a copy of the state written back
+            # later is refused, whatever tickets come.
+            atomic_write(config.current().path(RESUMED_FILE), json.dumps(_resumed() + [key]).encode(), 0o600)
+            qmp.execute("cont")
+            withdraw_secret(qmp)
+            status = qmp.execute("query-status").get("status")
+        finally:
+            qmp.close()
+    except stream.StreamError as exc:
+        _kill(directory)
+        raise ServiceError("tvmm.stream", f"the saved state is not authentic: {exc}") from None
+    except (OSError, ServiceError) as exc:
+        _kill(directory)
+        raise ServiceError("tvmm.qemu", f"QEMU could not resume the VM: {exc}") from None
+    keep_wrapped_key(directory, body["kvm"], kvm_label)
+    os.unlink(state)
+    evidence = runtime.record(body["runtime_pcr"], {
+        "event": "resumed", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
+        "image_sha256": body["image_sha256"]}, body["id"])
+    return {"changed": True, "running": status == "running", "status": status, "accel": accel, "evidence": evidence}
+
+
+def _feed(incoming: str, state: str, decryptor: Any) -> None:
+    """The saved state to QEMU's incoming socket, each chunk authenticated before QEMU sees it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(120)
+    for _ in range(200):
+        try:
+            sock.connect(incoming)
+            break
+        except OSError:
+            time.sleep(0.02)
+    else:
+        raise ServiceError("tvmm.qemu", "QEMU did not open its incoming socket")
+    try:
+        with open(state, "rb") as fh:
+            while True:
+                data = fh.read(CHUNK)
+                if not data:
+                    break
+                plain = decryptor.update(data)
+                if plain:
+                    sock.sendall(plain)
+        decryptor.finish()
+    finally:
+        sock.close()
+
+
+def _wait_loaded(qmp: QMP) -> None:
+    deadline = time.monotonic() + 120
+    while qmp.execute("query-status")["status"] == "inmigrate":
+        if time.monotonic() > deadline:
+            raise ServiceError("tvmm.qemu", "QEMU did not finish loading the saved state")
+        time.sleep(0.02)
