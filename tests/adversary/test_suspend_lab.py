@@ -62,6 +62,7 @@ def test_a_suspended_vm_resumes_once_on_one_trusted_node(world: World):
         # No resume on a node the TC does not trust (a hostile engine skips the attestation).
         tc_refused(world.post("/v1/resumes", {"vm": "sleeper", "node": "outside1"}), "release.not-admitted")
 
+        world.ready("node3")  # trusted now: what refuses it below is the suspension's one node
         first = world.post("/v1/resumes", {"vm": "sleeper"})
         assert first.status_code == 200 and first.json()["node"] == "node1", first.text
         tc_refused(world.post("/v1/resumes", {"vm": "sleeper", "node": "node3"}), "suspend.resumed")  # not elsewhere
