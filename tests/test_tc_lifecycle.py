@@ -5,6 +5,7 @@ trusted quote showing the TPM was reset. Each refusal by its reason, without a l
 
 from __future__ import annotations
 
+import base64
 import copy
 
 import pytest
@@ -116,7 +117,9 @@ def test_a_powered_off_vm_is_off_then_may_be_destroyed_and_its_image_requested_a
     gone = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
     assert world.tc.vm_ended(gone, ended_evidence(world, "n1", record, gone))["state"] == "destroyed"
     entries = [e for e in world.tc.registry.audit_entries(vm=record["vm_id"]) if e["kind"] == "vm.end"]
-    assert [e["data"]["state"] for e in entries] == ["off", "destroyed"]
+    assert [e["data"] for e in entries] == [{"state": "off", "ticket": off["ticket"]["id"], "reset_count": 1},
+                                            {"state": "destroyed", "ticket": gone["ticket"]["id"], "reset_count": 1}]
+    assert [e["node"] for e in entries] == ["n1", "n1"]
 
 
 def test_an_end_ticket_is_only_for_a_copy_the_records_put_on_that_node(world):
@@ -138,7 +141,8 @@ def test_an_end_ticket_issued_before_the_vm_came_does_not_end_its_later_stay(wor
     ticket = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
     with world.tc.registry.transaction() as db:  # the VM left and came back after the ticket was made
         db.execute("UPDATE vms SET placed = ? WHERE vm_id = ?", (ticket["ticket"]["issued"] + 5, record["vm_id"]))
-    assert world.tc.vm_ended(ticket, ended_evidence(world, "n1", record, ticket))["recorded"] is False
+    assert world.tc.vm_ended(ticket, ended_evidence(world, "n1", record, ticket)) == \
+        {"vm_id": record["vm_id"], "node": "n1", "state": None, "recorded": False}
     assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
 
 
@@ -254,8 +258,11 @@ def test_a_dropped_suspension_leaves_the_vm_running_where_it_was(world):
     world.node("n1")
     record = world.launched("acme", "n1", name="web")
     begun = world.tc.suspend_begin("web")
+    assert reason(world.tc.suspend_end, 999, None, saved=False) == "suspend.unknown"
     assert world.tc.suspend_end(begun["suspension"], None, saved=False)["state"] == "aborted"
     assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+    kinds = [e["kind"] for e in world.tc.registry.audit_entries(vm=record["vm_id"])]
+    assert "suspension.abort" in kinds and "suspension.saved" not in kinds
     assert world.tc.suspend_begin("web")["suspension"] != begun["suspension"]  # a new one may start
 
 
@@ -265,10 +272,14 @@ def test_a_suspension_resumes_once_on_one_trusted_node(world):
     world.node("n3", admit=False)
     record = world.launched("acme", "n1", name="web")
     assert reason(world.tc.resume_begin, "web") == "suspend.not-suspended"
+    assert reason(world.tc.resume_begin, "nosuch") == "suspend.not-suspended"
     begun = world.tc.suspend_begin("web")
     world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    assert reason(world.tc.resume_end, begun["suspension"], None) == "suspend.not-resuming"  # no ticket issued yet
+    assert reason(world.tc.resume_end, 999, None) == "suspend.not-resuming"
     assert reason(world.tc.resume_begin, "web", "n3") == "release.not-admitted"  # not a trusted node
     first = world.tc.resume_begin("web", "n2")
+    assert first["state_sha256"] == "ab" * 32
     body = tickets.verify(first["ticket"], world.tc.identity().certificate)
     assert (body["kind"], body["node"], body["state_sha256"], first["from"]) == ("resume", "n2", "ab" * 32, "n1")
     assert reason(world.tc.resume_begin, "web", "n1") == "suspend.resumed"  # not a second node
@@ -279,6 +290,10 @@ def test_a_suspension_resumes_once_on_one_trusted_node(world):
         == "runtime.signature"  # the wrong node's TPM
     assert reason(world.tc.resume_end, begun["suspension"],
                   resumed_evidence(world, "n2", record, first, event="suspended")) == "suspend.evidence-event"
+    replayed = world.nodes["n2"].tpm.runtime_evidence(first["ticket"], events=[{"event": "resumed",
+                                                      "vm_id": record["vm_id"], "ticket": first["ticket"]["ticket"]["id"]}],
+                                                      quoted_for=tickets.new_id())
+    assert reason(world.tc.resume_end, begun["suspension"], replayed) == "runtime.nonce"  # for no resume ticket
     assert world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, first))["node"] == "n2"
     vm = world.tc.registry.vm(record["vm_id"])
     assert (vm["state"], vm["node"], vm["boot"]) == ("running", "n2", 1)
@@ -297,3 +312,114 @@ def test_destroying_a_suspended_vm_drops_its_saved_state(world):
                                                     "ticket": end["ticket"]["id"]}]
     assert world.tc.vm_ended(end, world.nodes["n1"].tpm.runtime_evidence(end, events=events))["state"] == "destroyed"
     assert world.tc.registry.suspension(begun["suspension"])["state"] == "aborted"
+
+
+# -- what the tickets carry: the shape the service takes, keys it alone opens ---------------------
+def test_every_lifecycle_ticket_is_what_the_services_interface_takes(world):
+    from tccdeploy.tvmm.interface import OPERATIONS, problems
+
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    owner = world.tc.registry.image_owner(record["vm_id"])["key_id"]
+    begun = world.tc.migration_begin("web", "n2")
+    settled = world.tc.migration_end(begun["migration"], record["vm_id"], False, "test")
+    end = world.tc.vm_end_ticket(record["vm_id"], "n1", "poweroff")
+    suspend = world.tc.suspend_begin("web")
+    world.tc.suspend_end(suspend["suspension"], saved_evidence(world, "n1", record, suspend))
+    resume = world.tc.resume_begin("web", "n2")
+    shapes = [("migrate_out_end", {"vm_id": record["vm_id"], "ticket": settled["source"]}),
+              ("migrate_in_settle", {"vm_id": record["vm_id"], "ticket": settled["destination"], "resume": True}),
+              ("vm_end", {"ticket": end}), ("vm_suspend", {"ticket": suspend["ticket"]}),
+              ("vm_resume", {"ticket": resume["ticket"]})]
+    for op, args in shapes:
+        assert problems(OPERATIONS[op], args) == [], op
+        body = args["ticket"]["ticket"]
+        certificate = world.tc.registry.last_certificate(body["node"])
+        assert (body["customer"], body["node_serial"], body["tk_name"]) == \
+            (owner, certificate["serial"], certificate["tk_name"]), op
+        assert body["expires"] - body["issued"] == tickets.TTL, op
+    assert (suspend["vm_id"], suspend["node"]) == (record["vm_id"], "n1")
+    assert (resume["vm_id"], resume["node"], resume["from"]) == (record["vm_id"], "n2", "n1")
+
+
+def test_suspension_keys_open_only_in_the_nodes_tpm_under_the_services_labels(world):
+    """Ksus reaches the suspending node and the resuming node wrapped to each one's TK under the
+    label its service computes (kind, key, VM, customer, ticket); Kvm too; and both are the keys
+    they should be: the resume's Ksus is the suspension's, its Kvm the image's."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tccdeploy.crypto import wrap
+
+    world.node("n1")
+    world.node("n2").tk = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # its own, not a shared one
+    world.admit("n2")
+    kvm = bytes(range(32))
+    bundle = world.image("acme", kvm=kvm)
+    record = world.tc.accept_request(world.request("acme", bundle, name="web"), bundle)
+    release = world.tc.release_key(record["id"], "n1")
+    world.tc.record_launch(release, "n1", world.started("n1", release))
+    begun = world.tc.suspend_begin("web")
+    body = begun["ticket"]["ticket"]
+
+    def opened(node: str, b: dict, kind: str, what: str) -> bytes:
+        label = tickets.label(kind, what, b["vm_id"], b["customer"], b["id"])
+        return wrap.unwrap(world.nodes[node].tk, base64.b64decode(b[what]), label)
+
+    ksus = opened("n1", body, "suspend", "ksus")
+    assert len(ksus) == 32
+    for wrong in (("resume", "ksus"), ("suspend", "kvm")):
+        with pytest.raises(Exception):  # noqa: B017 - another label: OAEP refuses
+            opened("n1", body, *wrong)
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    resume = world.tc.resume_begin("web", "n2")["ticket"]["ticket"]
+    assert opened("n2", resume, "resume", "ksus") == ksus
+    assert opened("n2", resume, "resume", "kvm") == kvm
+    with pytest.raises(Exception):  # noqa: B017 - n1's TK does not open what was made for n2's
+        opened("n1", resume, "resume", "ksus")
+
+
+def test_an_end_is_recorded_from_a_node_the_tc_knows_even_after_the_tickets_expiry(world, monkeypatch):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    monkeypatch.setattr(tickets, "TTL", -5)  # the evidence arrives after the ticket expired
+    late = world.tc.vm_end_ticket(record["vm_id"], "n1", "poweroff")
+    monkeypatch.undo()
+    assert world.tc.vm_ended(late, ended_evidence(world, "n1", record, late, "powered-off"))["state"] == "off"
+    other = world.launched("acme", "n1", name="other")
+    ticket = world.tc.vm_end_ticket(other["vm_id"], "n1", "destroy")
+    evidence = ended_evidence(world, "n1", other, ticket)
+    world.tc.replace_tpm("n1", "test: a new TPM")  # the node is no longer the TPM the TC knew
+    assert reason(world.tc.vm_ended, ticket, evidence) == "vm.end-node-unknown"
+
+
+def test_a_vm_that_arrived_by_migration_may_be_ended_where_it_now_is(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.migration_begin("web", "n2")
+    world.tc.migration_end(begun["migration"], record["vm_id"], True, "", arrival(world, begun, record))
+    ticket = world.tc.vm_end_ticket(record["vm_id"], "n2", "destroy")  # no key release to n2: its stay
+    assert ticket["ticket"]["node"] == "n2"
+
+
+def test_each_suspension_step_is_audited_with_its_node_vm_and_ticket(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    resume = world.tc.resume_begin("web", "n2")
+    world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, resume))
+    entries = {e["kind"]: e for e in world.tc.registry.audit_entries(vm=record["vm_id"])}
+    assert (entries["suspension.start"]["node"], entries["suspension.start"]["data"]["ticket"]) == \
+        ("n1", begun["ticket"]["ticket"]["id"])
+    assert entries["suspension.saved"]["data"] == {"suspension": begun["suspension"], "state_sha256": "ab" * 32}
+    assert entries["suspension.saved"]["node"] == "n1"
+    assert (entries["suspension.resume"]["node"], entries["suspension.resume"]["data"]["ticket"]) == \
+        ("n2", resume["ticket"]["ticket"]["id"])
+    assert entries["suspension.resume"]["data"]["certificate_serial"] == world.tc.registry.last_certificate("n2")["serial"]
+    assert (entries["suspension.resumed"]["node"], entries["suspension.resumed"]["data"]) == \
+        ("n2", {"suspension": begun["suspension"]})
+    assert all(e["vm"] == record["vm_id"] for e in entries.values())

@@ -20,11 +20,10 @@ from cryptography import x509
 
 from ..crypto import ticket as tickets
 from ..crypto import wrap
-from ..crypto.runtime import qualifier
 from ..manifest.models import Perimeter, TVMMBuild
-from . import audit, keybroker, runtime, tpm2
+from . import audit, keybroker, runtime
 from .identity import Identity
-from .lifecycle import node_ticket
+from .lifecycle import customer_of, node_ticket
 from .refusals import Refused
 from .store import Conflict, Registry
 
@@ -34,9 +33,6 @@ def _ksus_label(vm_id: str, suspend_ticket: str) -> bytes:
     return b"tccdeploy-ksus:" + f"{vm_id}:{suspend_ticket}".encode()
 
 
-def _customer(registry: Registry, vm_id: str) -> str:
-    owner = registry.image_owner(vm_id)
-    return owner["key_id"] if owner else "0" * 16
 
 
 def begin(registry: Registry, tc: Identity, vm_name: str, runtime_pcr: int) -> dict[str, Any]:
@@ -59,7 +55,7 @@ def begin(registry: Registry, tc: Identity, vm_name: str, runtime_pcr: int) -> d
     except Conflict as exc:
         raise Refused(exc.reason, str(exc)) from None
     public = x509.load_pem_x509_certificate(certificate["pem"].encode()).public_key()
-    customer = _customer(registry, vm["vm_id"])
+    customer = customer_of(registry, vm["vm_id"], "suspend.node-unknown")
     ticket = node_ticket(registry, tc, vm["node"], vm["vm_id"], "suspend", {
         "suspension": str(suspension), "runtime_pcr": runtime_pcr,
         "ksus": base64.b64encode(wrap.wrap(public, ksus, tickets.label(  # type: ignore[arg-type]
@@ -108,7 +104,7 @@ def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, builds
     target = node or row["resume_node"] or row["node"]
     request = registry.request(vm["request"])
     assert request is not None
-    customer = _customer(registry, vm["vm_id"])
+    customer = customer_of(registry, vm["vm_id"], "suspend.node-unknown")
     ticket_id = tickets.new_id()
     _, certificate, rewrapped = keybroker.rewrap_for(registry, tc, perimeter, builds, request, target, capacity,
                                                      tickets.label("resume", "kvm", vm["vm_id"], customer, ticket_id))
@@ -140,9 +136,16 @@ def resumed(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: 
     identity_row = registry.identity(row["resume_node"])
     if identity_row is None:
         raise Refused("suspend.node-unknown", f"{row['resume_node']} is not enrolled")
-    issued = str(row["resume_ticket"]).split()  # a retry on the same node adds a ticket: any of them
-    quoted_for = next((t for t in issued if isinstance(evidence, dict) and _quoted_for(evidence, t)), issued[-1])
-    checked = runtime.verify(evidence, identity_row["ak_public"], runtime_pcr, quoted_for)
+    checked, quoted_for = None, ""
+    for quoted_for in str(row["resume_ticket"]).split():  # a retry on the same node adds a ticket: any of them
+        try:
+            checked = runtime.verify(evidence, identity_row["ak_public"], runtime_pcr, quoted_for)
+            break
+        except Refused as exc:
+            if exc.reason != "runtime.nonce":
+                raise
+    if checked is None:
+        raise Refused("runtime.nonce", "the runtime quote was not made for any resume ticket of this suspension")
     last = runtime.last_event_of(checked.events, row["vm_id"])
     if last.get("event") != "resumed" or last.get("ticket") != quoted_for:
         raise Refused("suspend.evidence-event", f"{row['resume_node']}'s TPM does not show the VM resumed by this ticket")
@@ -153,11 +156,3 @@ def resumed(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: 
         raise Refused(exc.reason, str(exc)) from None
     return {"suspension": suspension_id, "vm_id": row["vm_id"], "node": row["resume_node"], "state": "running"}
 
-
-def _quoted_for(evidence: dict[str, Any], ticket_id: str) -> bool:
-    """Whether the evidence's quote names ticket_id (to pick which resume ticket to check it
-    against; runtime.verify then checks everything, this one included)."""
-    try:
-        return tpm2.parse_attest(base64.b64decode(evidence["attest"], validate=True)).extra_data == qualifier(ticket_id)
-    except (KeyError, TypeError, ValueError, tpm2.TPMFormatError):
-        return False

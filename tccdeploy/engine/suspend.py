@@ -27,17 +27,33 @@ def _session(engine: Engine, node: str) -> Session:
     return engine.session(host)
 
 
+def _fresh(engine: Engine, node: str) -> Session:
+    """A new connection to node's service (the old one may have died with the call)."""
+    stale = engine.sessions.pop(node, None)
+    if stale is not None:
+        stale.close()
+    return _session(engine, node)
+
+
 def suspend(engine: Engine, coordinator: TC, vm_name: str) -> dict[str, Any]:
     """Save a running VM's state on its node (encrypted under the TC's Ksus) and stop it."""
     begun = coordinator.suspend_begin(vm_name)
     session = _session(engine, begun["node"])
     try:
         saved = session.tvmm("vm_suspend", {"ticket": begun["ticket"]}, timeout=300)
-    except Exception:
-        # The node did not save it (the VM still runs there, or the TPM shows otherwise): the TC
-        # drops the suspension; a saved state without its evidence stays unusable (no resume ticket).
-        coordinator.suspend_end(begun["suspension"], None, saved=False)
-        raise
+    except Exception as failure:
+        # The answer is lost, or the node did not save it: its TPM says which. Saved: the TC
+        # records it (nothing is lost); not saved: the TC drops the suspension, the VM runs on.
+        body = begun["ticket"]["ticket"]
+        try:
+            fresh = _fresh(engine, begun["node"])
+            evidence = fresh.tvmm("runtime_log", {"runtime_pcr": body["runtime_pcr"], "ticket": body["id"]})["evidence"]
+            coordinator.suspend_end(begun["suspension"], evidence)
+        except Exception:  # noqa: BLE001 - no evidence of a save
+            coordinator.suspend_end(begun["suspension"], None, saved=False)
+            raise failure from None
+        return {"vm": vm_name, "node": begun["node"], "suspension": begun["suspension"], "bytes": 0,
+                "state_sha256": None, "recovered": True}
     coordinator.suspend_end(begun["suspension"], saved["evidence"])
     return {"vm": vm_name, "node": begun["node"], "suspension": begun["suspension"], "bytes": saved["bytes"],
             "state_sha256": saved["state_sha256"]}
