@@ -152,3 +152,17 @@ def test_a_node_is_quarantined_once(location, tc_identity):
     finally:
         for r in registries:
             r.close()
+
+
+def test_an_entry_carrying_hostile_values_is_stored_as_it_was_hashed(location, tc_identity):
+    """Issue 15's poisoning request on both databases: a refusal naming a VM id that is a number
+    or a list, text with a lone surrogate or NUL, an integer beyond 64 bits: `audit verify` ok."""
+    registry = audited_registry(location, tc_identity)
+    try:
+        for vm in (5, [], "\ud800", "a\x00b", 2**70):
+            audit.append(registry, "request.refused", "\x00node", vm, reason="request.signature", raw=[vm, {"k": vm}])
+        check = audit.verify(registry, tc=tc_identity)
+        assert check.ok, check.problem
+        assert all(e["vm"].startswith("sha256:") for e in registry.audit_entries())
+    finally:
+        registry.close()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import auditform
 from .db import open_backend
 
 MIGRATIONS: list[str] = [
@@ -978,8 +979,10 @@ class Registry:
         if self.auditor is None:
             raise RegistryError("the registry has no auditor: decisions are written only with their audit entry")
         last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").first()
-        entry = {"id": (int(last["id"]) + 1) if last else 1, "time": time.time(), "kind": audit["kind"],
-                 "node": audit.get("node"), "vm": audit.get("vm"), "data": {**audit.get("data", {}), **extra}}
+        # (the canonical form: what is hashed is exactly what is stored and read back)
+        entry = {"id": (int(last["id"]) + 1) if last else 1, "time": time.time(), "kind": auditform.text(audit["kind"]),
+                 "node": auditform.text(audit.get("node")), "vm": auditform.text(audit.get("vm")),
+                 "data": auditform.data({**audit.get("data", {}), **extra})}
         prev = last["hash"] if last else "0" * 64
         digest, signature = self.auditor(prev, entry)
         db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
