@@ -171,6 +171,8 @@ REASONS: dict[str, str] = {
     "request.content-type": "the body is not application/json",
     "request.too-large": "the body exceeds the limit",
     "request.json": "the body is not JSON (NaN and Infinity are not JSON)",
+    "request.text": "text with a NUL or a lone surrogate: no field of the TC takes it (and no database stores it)",
+    "request.integer": "an integer beyond 64 bits: no field of the TC takes it",
     "request.json-depth": "the body nests deeper than the limit",
     "request.schema": "the body does not have the route's shape",
     "request.base64": "a field is not base64",

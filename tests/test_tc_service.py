@@ -208,3 +208,22 @@ def test_hostile_json_is_a_clear_400_on_every_route_never_a_500(examples_service
             response = client.post("/v1/requests", json=body)
             assert response.status_code == 400 and response.json()["error"] == "request.schema", response.text
     assert dump(examples_service.state) == before
+
+
+def test_text_no_database_stores_and_integers_beyond_64_bits_are_a_clear_400(examples_service):
+    """Issue 15's 500s: a lone surrogate or a NUL in a field, a path segment or a query parameter,
+    and an integer beyond 64 bits, each refused with its reason before any code reads it."""
+    before = dump(examples_service.state)
+    with examples_service.client() as client:
+        for raw, code in ((b'{"node": "\\ud800", "purpose": "quote"}', "request.text"),
+                          (b'{"node": "node1\\u0000", "purpose": "quote"}', "request.text"),
+                          (b'{"\\ud800": 1}', "request.text")):
+            response = client.post("/v1/nonces", content=raw, headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"] == code, (raw, response.text)
+        response = client.post("/v1/admissions", json={"node": "node1", "attestation": 2**70, "tk_public": "",
+                                                       "certify_attest": "", "certify_signature": "", "nonce": ""})
+        assert response.status_code == 400 and response.json()["error"] == "request.integer", response.text
+        for path in ("/v1/vms/a%00b", "/v1/audit?node=n%00", "/v1/nodes/node1%00"):
+            response = client.get(path)
+            assert response.status_code == 400 and response.json()["error"] == "request.text", (path, response.text)
+    assert dump(examples_service.state) == before

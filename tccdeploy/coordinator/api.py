@@ -41,6 +41,36 @@ MAX_DEPTH = 400  # every body the TC takes is a few levels deep; deeper is only 
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
 
 
+INT_LIMIT = 1 << 63  # what a BIGINT holds: larger numbers are refused before they meet the database
+
+
+def hostile_value(value: Any) -> tuple[str, str] | None:
+    """(reason, message) when a parsed value holds what no field of the TC takes and the
+    databases or the UTF-8 encoders choke on: a lone surrogate or a NUL in any text (keys
+    included), or an integer beyond 64 bits; None otherwise. Checked before any code reads it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "request.text", "text with a NUL character"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "request.text", "text with a lone surrogate (not Unicode text)"
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not -INT_LIMIT < item < INT_LIMIT:
+                return "request.integer", "an integer beyond 64 bits"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def too_deep(body: bytes, limit: int) -> bool:
     """Whether JSON text nests arrays and objects deeper than limit (strings skipped), checked
     before parsing so no parser recurses into it. Only bodies with that many brackets at all
@@ -224,6 +254,10 @@ class Api:
         async def endpoint(request: Request) -> Response:
             start = time.perf_counter()
             try:
+                for where, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+                    problem = hostile_value(value)
+                    if problem:
+                        raise ApiError(400, problem[0], f"{where}: {problem[1]}")
                 if engine_only:
                     request.state.engine = self._engine(request)
                 if schema is not None:
@@ -274,6 +308,9 @@ class Api:
             data = json.loads(body, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, "request.json", f"the body is not JSON: {exc}") from None
+        problem = hostile_value(data)
+        if problem:
+            raise ApiError(400, problem[0], f"the body: {problem[1]}")
         try:
             _VALIDATORS[schema](data)
         except fastjsonschema.JsonSchemaValueException as exc:
