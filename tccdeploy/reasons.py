@@ -108,6 +108,7 @@ REASONS: dict[str, str] = {
     "query.unknown-request": "the customer's query names no request",
     "query.signature": "the query is not signed by the request's customer, or malformed",
     "query.expired": "the query was signed more than five minutes from now",
+    "query.replay-horizon": "the query is older than the TC's record of used queries reaches (its clock went back, or the query is old)",
     "query.replayed": "the signed query was used before",
     "receipt.not-yet": "the VM has not been launched: no receipt yet",
     # -- migration -------------------------------------------------------------------------------------

@@ -132,8 +132,14 @@ def check_customer_query(registry: Registry, request_id: str, op: str, when: str
             signed, signed_bytes(CUSTOMER_QUERY, {"op": op, "request": request_id, "time": when}))
     except Exception:  # noqa: BLE001
         raise Refused("query.signature", "the query is not signed by the customer who made the request") from None
-    if not registry.use_once(hashlib.sha256(signed).hexdigest(), f"query:{request_id}", QUERY_MAX_SKEW * 2):
+    # (its record lives as long as the query itself could be accepted: its signed time + the skew)
+    refused = registry.use_once(hashlib.sha256(signed).hexdigest(), f"query:{request_id}", created + QUERY_MAX_SKEW)
+    if refused == "replayed":
         raise Refused("query.replayed", "this signed query was used before; sign a new one")
+    if refused:
+        raise Refused("query.replay-horizon", "the query is older than the TC's record of used queries reaches (the "
+                                              "TC's clock went back, or the query is old): sign a new one once the "
+                                              "clocks agree")
     return request
 
 

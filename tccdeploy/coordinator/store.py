@@ -260,6 +260,12 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX suspensions_one_open ON suspensions(vm_id) WHERE state IN ('started', 'suspended', 'resuming');
     """,
+    # 14: the replay horizon (issue 15): records of used tokens are purged only up to a time that
+    # never goes back, and a token that may have been purged is refused, so moving the clock
+    # forward (purge), then back, does not make a used token new again.
+    """
+    CREATE TABLE horizons (name TEXT PRIMARY KEY, until REAL NOT NULL);
+    """,
 ]
 
 
@@ -386,6 +392,9 @@ PG_MIGRATIONS: list[str] = [
         started DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL
     );
     CREATE UNIQUE INDEX suspensions_one_open ON suspensions(vm_id) WHERE state IN ('started', 'suspended', 'resuming');
+    """,
+    """
+    CREATE TABLE horizons (name TEXT PRIMARY KEY, until DOUBLE PRECISION NOT NULL);
     """,
 ]
 
@@ -545,9 +554,15 @@ class Registry:
 
     # -- nonces ---------------------------------------------------------------------------
     def new_nonce(self, node: str, purpose: str, nonce: str, ttl: float) -> None:
+        """A nonce the TC issued (used once, until now + ttl); records expired an hour ago go, and
+        the replay horizon moves up to there (it never moves back: see use_once)."""
         now = time.time()
+        cutoff = now - 3600
         with self.transaction() as db:
-            db.execute("DELETE FROM nonces WHERE expires < ?", (now - 3600,))
+            db.execute("INSERT INTO horizons (name, until) VALUES ('used', ?) ON CONFLICT (name) DO UPDATE SET "
+                       "until = CASE WHEN excluded.until > horizons.until THEN excluded.until ELSE horizons.until END",
+                       (cutoff,))
+            db.execute("DELETE FROM nonces WHERE expires < (SELECT until FROM horizons WHERE name = 'used')")
             db.execute("INSERT INTO nonces (nonce, node, purpose, created, expires) VALUES (?, ?, ?, ?, ?)",
                        (nonce, node, purpose, now, now + ttl))
 
@@ -569,16 +584,23 @@ class Registry:
             return NonceCheck(False, "nonce.replayed")
         return NonceCheck(False, "nonce.expired")
 
-    def use_once(self, token: str, purpose: str, ttl: float) -> bool:
-        """Record token as used; False if it was used before (any process, any replica)."""
+    def use_once(self, token: str, purpose: str, valid_until: float) -> str | None:
+        """Record token as used: None, or why not: "replayed" (used before, by any process or
+        replica) or "horizon" (its record could have been purged already: valid_until, when the
+        token stops being acceptable by its own terms such as a signed time plus the skew
+        allowed, is at or below the replay horizon). The horizon only rises, so no clock moved
+        back makes a used token new again (tokens are refused until the clock passes it)."""
         now = time.time()
         try:
             with self.transaction() as db:
+                horizon = db.execute("SELECT until FROM horizons WHERE name = 'used'").first()
+                if horizon is not None and valid_until <= float(horizon["until"]):
+                    return "horizon"
                 db.execute("INSERT INTO nonces (nonce, node, purpose, created, expires, used_at) VALUES (?, ?, ?, ?, ?, ?)",
-                           (token, "-", purpose, now, now + ttl, now))
+                           (token, "-", purpose, now, valid_until, now))
         except self.backend.integrity_error:
-            return False
-        return True
+            return "replayed"
+        return None
 
     # -- attestations ---------------------------------------------------------------------
     def add_attestation(self, node: str, record: dict[str, Any], audit: Audit = None,
