@@ -31,7 +31,7 @@ from ..tcservice import BIN, Service
 
 NODES = ("node1", "node2", "node3", "node4")
 # What a refused attack may leave behind: single-use values it burnt, and its audited refusal.
-TRANSIENT = ("audit", "nonces", "challenges")
+TRANSIENT = ("audit", "nonces", "challenges", "horizons")
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
