@@ -166,3 +166,14 @@ class World:
     def started(self, node: str, release: dict[str, Any]) -> dict[str, Any]:
         """What node's TVMM service answers the launch ticket with: running, and its TPM's evidence."""
         return {"running": True, "evidence": self.nodes[node].tpm.runtime_evidence(release["ticket"])}
+
+
+def reason(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    """The reason code call is refused with (it must be refused)."""
+    import pytest
+
+    from tccdeploy.coordinator.refusals import Refused
+
+    with pytest.raises(Refused) as info:
+        call(*args, **kwargs)
+    return info.value.reason

@@ -141,3 +141,14 @@ def audited_registry(location: str, tc):  # type: ignore[no-untyped-def]
     registry = Registry(location)
     registry.auditor = audit.Auditor(tc)
     return registry
+
+
+@pytest.fixture
+def broker_world(tmp_path):
+    """A TC over software nodes (tests/brokerkit.py) with one registered customer, acme."""
+    from .brokerkit import World
+
+    world = World(tmp_path)
+    world.customer("acme")
+    yield world
+    world.close()

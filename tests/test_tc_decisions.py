@@ -19,22 +19,13 @@ from tccdeploy.coordinator.roster import RosterEntry
 from tccdeploy.coordinator.store import Conflict
 
 from .attestkit import AssetTag
-from .brokerkit import World
+from .brokerkit import reason
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
-    w.customer("acme")
-    w.customer("mallory")
-    yield w
-    w.close()
-
-
-def reason(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(Refused) as info:
-        call(*args, **kwargs)
-    return info.value.reason
+def world(broker_world):
+    broker_world.customer("mallory")
+    return broker_world
 
 
 def codes(verdict) -> list[str]:  # type: ignore[no-untyped-def]

@@ -10,24 +10,16 @@ import copy
 
 import pytest
 
-from tccdeploy.coordinator.refusals import Refused
 from tccdeploy.crypto import ticket as tickets
 
-from .brokerkit import World
+from .brokerkit import reason
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
-    w.customer("acme")
-    yield w
-    w.close()
+def world(broker_world):
+    return broker_world
 
 
-def reason(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(Refused) as info:
-        call(*args, **kwargs)
-    return info.value.reason
 
 
 def launched_event(world, node: str, record: dict) -> dict:  # type: ignore[no-untyped-def]

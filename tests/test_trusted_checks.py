@@ -23,16 +23,12 @@ from tccdeploy.crypto import customer, wrap
 from tccdeploy.crypto import ticket as tickets
 from tccdeploy.crypto.canonical import PLACEMENT_REQUEST, signed_bytes
 
-from .brokerkit import World
-from .test_tc_decisions import reason
+from .brokerkit import reason
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
-    w.customer("acme")
-    yield w
-    w.close()
+def world(broker_world):
+    return broker_world
 
 
 # -- the key broker: requests --------------------------------------------------------------------

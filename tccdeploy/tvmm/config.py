@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULTS = {
     "node": "",
@@ -66,3 +67,17 @@ def current() -> Config:
         use(load(None))
     assert _current is not None
     return _current
+
+
+def read_record(name: str, what: str) -> Any:
+    """A JSON record of the service's state (used tickets, resumed suspensions), None when there
+    is none yet; an unreadable one is refused (tvmm.state), never taken as empty."""
+    from .interface import ServiceError
+
+    try:
+        with open(current().path(name)) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise ServiceError("tvmm.state", f"the service's record of {what} is unreadable") from None

@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 from typing import Any
 
 from ..crypto.files import sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import runtime, tickets
 from .interface import ServiceError, operation
+from .qemustream import accept_stream, connect_incoming, migrate_into, private_listener, stream_module, wait_loaded
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 from .vm import (
     WRAPPED_KEY_FILE,
     _kill,
     _pid,
-    attach_disk,
     clear_migration,
     keep_wrapped_key,
     lend_secret,
     mark_migration,
     pending_migration,
+    receive_into,
     settle_ticket,
     start_qemu,
     unwrap_passphrase,
@@ -47,13 +47,6 @@ from .vm import (
 
 READ_CHUNK = 256 * 1024
 MAX_PIECE = 4 * 1024 * 1024
-
-
-def _stream():  # type: ignore[no-untyped-def]
-    """Imported when a migration needs it (most sessions only attest)."""
-    from ..crypto import stream
-
-    return stream
 
 
 _OUT: dict[str, dict[str, Any]] = {}
@@ -80,18 +73,9 @@ def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
     tickets.spend(body)
     kmig = tk_decrypt(base64.b64decode(body["kmig"]),
                       ticket_label("migrate-out", "kmig", vm_id, body["customer"], body["id"]))
-    stream = _stream()
+    stream = stream_module()
     path = os.path.join(directory, "mig-out.sock")
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(1)
-    listener.settimeout(30)
+    listener = private_listener(path)
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
         status = qmp.execute("query-status")
@@ -104,13 +88,10 @@ def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
             pass
         # From here the VM resumes here only on the TC's abort (settle ticket), whatever the engine does.
         mark_migration(vm_id, body["migration"], "source", was_running=status.get("status") == "running")
-        qmp.execute("stop")  # the switch: the disk does not change while it is copied
-        qmp.execute("migrate", uri=f"unix:{path}")
+        migrate_into(qmp, path)  # paused first: the switch, the disk does not change while it is copied
     finally:
         qmp.close()
-    connection, _ = listener.accept()
-    listener.close()
-    connection.settimeout(60)
+    connection = accept_stream(listener, 60)
     encryptor = stream.Encryptor(kmig, context=context(body))
     del kmig
     _OUT[vm_id] = {"sock": connection, "enc": encryptor, "header_sent": False, "was_running": status.get("status") == "running"}
@@ -207,35 +188,23 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
-            attach_disk(qmp, disk, passphrase, keep_secret=True)
+            receive_into(qmp, disk, passphrase, incoming)
             del passphrase
-            qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
         finally:
             qmp.close()
         keep_wrapped_key(directory, body["kvm"], kvm_label)  # for its own migrations
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(60)
-        for _ in range(200):
-            try:
-                sock.connect(incoming)
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.02)
-        else:
-            raise ServiceError("tvmm.qemu", "QEMU did not open its incoming migration socket")
+        sock = connect_incoming(incoming, 60)
     except (QMPError, OSError) as exc:
         _kill(directory)
         raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
-    _IN[vm_id] = {"sock": sock, "dec": _stream().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
+    _IN[vm_id] = {"sock": sock, "dec": stream_module().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
     del kmig
     return {"changed": True, "ready": True, "accel": accel}
 
 
 @operation("migrate_in_data")
 def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
-    stream = _stream()
+    stream = stream_module()
     state = _IN.get(vm_id)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
@@ -254,9 +223,7 @@ def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
 def migrate_in_finish(vm_id: str) -> dict[str, Any]:
     """Check the stream ended properly, wait for QEMU to take the state, and hold the VM paused
     with the TPM's evidence of its arrival: it runs only once the TC commits (migrate_in_settle)."""
-    import time
-
-    stream = _stream()
+    stream = stream_module()
     state = _IN.pop(vm_id, None)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
@@ -269,14 +236,7 @@ def migrate_in_finish(vm_id: str) -> dict[str, Any]:
     state["sock"].close()
     qmp = QMP(os.path.join(vm_dir(vm_id), "qmp.sock"))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            status = qmp.execute("query-status")["status"]
-            if status not in ("inmigrate",):
-                break
-            if time.monotonic() > deadline:
-                raise ServiceError("tvmm.qemu", "QEMU did not finish loading the migrated state")
-            time.sleep(0.02)
+        status = wait_loaded(qmp, 60, "the migrated state")
         if status not in ("paused", "running", "prelaunch"):
             raise ServiceError("tvmm.qemu", f"the migrated VM is in state {status}")
         qmp.execute("stop")  # the secret stays until it runs: activation reopens the disk

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..crypto.files import atomic_write, sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
+from .qemustream import accept_stream, connect_incoming, migrate_into, private_listener, stream_module, wait_loaded
 from .qmp import QMP
 from .tpm import tk_decrypt
 from .vm import (
@@ -33,9 +33,9 @@ from .vm import (
     WRAPPED_KEY_FILE,
     _kill,
     _pid,
-    attach_disk,
     keep_wrapped_key,
     pending_migration,
+    receive_into,
     start_qemu,
     unwrap_passphrase,
     vm_dir,
@@ -50,12 +50,6 @@ CHUNK = 256 * 1024
 def context(body: dict[str, Any]) -> bytes:
     """What the saved state's header names: this suspension of this VM."""
     return f"tccdeploy-suspension:{body['suspension']}:{body['vm_id']}".encode()
-
-
-def _stream():  # type: ignore[no-untyped-def]
-    from ..crypto import stream
-
-    return stream
 
 
 @operation("vm_suspend")
@@ -73,26 +67,14 @@ def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
     ksus = tk_decrypt(base64.b64decode(body["ksus"]),
                       ticket_label("suspend", "ksus", vm_id, body["customer"], body["id"]))
     path = os.path.join(directory, "suspend.sock")
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(1)
-    listener.settimeout(30)
+    listener = private_listener(path)
     qmp = QMP(os.path.join(directory, "qmp.sock"))
     try:
-        qmp.execute("stop")
-        qmp.execute("migrate", uri=f"unix:{path}")
+        migrate_into(qmp, path)
     finally:
         qmp.close()
-    connection, _ = listener.accept()
-    listener.close()
-    connection.settimeout(120)
-    encryptor = _stream().Encryptor(ksus, context=context(body))
+    connection = accept_stream(listener, 120)
+    encryptor = stream_module().Encryptor(ksus, context=context(body))
     del ksus
     partial = os.path.join(directory, STATE_FILE + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -140,13 +122,7 @@ def _wait_migrated(directory: str) -> None:
 
 
 def _resumed() -> list[str]:
-    try:
-        with open(config.current().path(RESUMED_FILE)) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError):
-        raise ServiceError("tvmm.state", "the service's record of resumed suspensions is unreadable") from None
+    data = config.read_record(RESUMED_FILE, "resumed suspensions")
     return [str(x) for x in data] if isinstance(data, list) else []
 
 
@@ -174,16 +150,15 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
     passphrase = unwrap_passphrase(body["kvm"], kvm_label)
     accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
     incoming = os.path.join(directory, "resume.sock")
-    stream = _stream()
+    stream = stream_module()
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
-            attach_disk(qmp, disk, passphrase, keep_secret=True)
+            receive_into(qmp, disk, passphrase, incoming)
             del passphrase
-            qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
             _feed(incoming, state, stream.Decryptor(ksus, context=context(body)))
             del ksus
-            _wait_loaded(qmp)
+            wait_loaded(qmp, 120, "the saved state")
             # From here the suspension is spent on this node: a copy of the state written back
             # later is refused, whatever tickets come.
             atomic_write(config.current().path(RESUMED_FILE), json.dumps(_resumed() + [key]).encode(), 0o600)
@@ -208,16 +183,7 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
 
 def _feed(incoming: str, state: str, decryptor: Any) -> None:
     """The saved state to QEMU's incoming socket, each chunk authenticated before QEMU sees it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(120)
-    for _ in range(200):
-        try:
-            sock.connect(incoming)
-            break
-        except OSError:
-            time.sleep(0.02)
-    else:
-        raise ServiceError("tvmm.qemu", "QEMU did not open its incoming socket")
+    sock = connect_incoming(incoming, 120)
     try:
         with open(state, "rb") as fh:
             while True:
@@ -231,10 +197,3 @@ def _feed(incoming: str, state: str, decryptor: Any) -> None:
     finally:
         sock.close()
 
-
-def _wait_loaded(qmp: QMP) -> None:
-    deadline = time.monotonic() + 120
-    while qmp.execute("query-status")["status"] == "inmigrate":
-        if time.monotonic() > deadline:
-            raise ServiceError("tvmm.qemu", "QEMU did not finish loading the saved state")
-        time.sleep(0.02)

@@ -49,11 +49,5 @@ def spend(body: dict[str, Any]) -> None:
 
 
 def _used() -> dict[str, int]:
-    try:
-        with open(config.current().path(USED_FILE)) as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        raise ServiceError("tvmm.state", "the service's record of used tickets is unreadable") from None
+    data = config.read_record(USED_FILE, "used tickets")
     return data if isinstance(data, dict) else {}

@@ -274,6 +274,13 @@ def attach_disk(qmp: QMP, disk: str, passphrase: str, keep_secret: bool) -> None
     qmp.execute("device_add", driver="virtio-blk-pci", drive="disk0", id="vda")
 
 
+def receive_into(qmp: QMP, disk: str, passphrase: str, incoming: str) -> None:
+    """A QEMU started with -incoming defer: the encrypted disk opened (its secret kept until the
+    VM runs, when activation reopens it), then waiting for state on the private socket incoming."""
+    attach_disk(qmp, disk, passphrase, keep_secret=True)
+    qmp.execute("migrate-incoming", uri=f"unix:{incoming}")
+
+
 def _qmp(vm_id: str) -> QMP:
     directory = vm_dir(vm_id)
     if not _pid(directory):

@@ -16,15 +16,10 @@ from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_
 from tccdeploy.coordinator.refusals import Refused
 from tccdeploy.crypto.canonical import CUSTOMER_QUERY, signed_bytes
 
-from ..brokerkit import World
-
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
-    w.customer("acme")
-    yield w
-    w.close()
+def world(broker_world):
+    return broker_world
 
 
 def test_a_used_customer_query_stays_used_when_the_clock_goes_forward_and_back(world, monkeypatch):
