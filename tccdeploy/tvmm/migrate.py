@@ -194,7 +194,7 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
             qmp.close()
         keep_wrapped_key(directory, body["kvm"], kvm_label)  # for its own migrations
         sock = connect_incoming(incoming, 60)
-    except (QMPError, OSError) as exc:
+    except (QMPError, OSError, ServiceError) as exc:
         _kill(directory)
         raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
     _IN[vm_id] = {"sock": sock, "dec": stream_module().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
