@@ -221,9 +221,12 @@ def test_key_release_refusals(world):
         db.execute("UPDATE certificates SET not_after = 0 WHERE node = 'n1'")
     assert reason(world.tc.release_key, record["id"], "n1") == "release.no-certificate"
     world.admit("n1")
+    world.node("n3")
     world.tc.release_key(record["id"], "n1")
-    assert reason(world.tc.release_key, record["id"], "n1") == "release.already"
+    assert reason(world.tc.release_key, record["id"], "n3") == "release.already"  # one node at a time
     assert world.tc.registry.request(record["id"])["state"] == "released"
+    world.tc.fail_request(record["id"])
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.already"  # failed: settled
 
 
 def test_a_release_key_sealed_for_another_tc_is_refused(world, tmp_path):

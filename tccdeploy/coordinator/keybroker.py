@@ -13,7 +13,11 @@ customer's constraints, for the customer who owns the image.
     release.not-fresh        its latest attestation is not trusted or older than the policy allows
     release.build-revoked    the build that attestation matched is no longer approved (manifests reloaded)
     release.no-certificate   no valid (unexpired, unrevoked) node certificate
-    release.already          the request's key was already released
+    release.already          the request's key was already released (to another node, or the request is
+                             launched or failed); the same node may ask again and gets a fresh ticket
+    release.reissue-limit    the same release was asked for too many times
+    release.unproven-copy    the key went to another node for this request before (its release expired
+                             unused) and that node has not rebooted since: it may still launch it
     release.unwrap           the TC cannot unwrap the key (sealed for another TC or customer, or altered)
     placement.constraint     the node does not meet the request's constraints (sites, builds,
                              minimum version, anti-affinity, the roster's capacity)
@@ -150,16 +154,38 @@ def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
     return {"time": when, "signature": base64.b64encode(signature).decode()}
 
 
+RELEASE_EXPIRY = tickets.TTL + 60  # a ticket no node can take any more, and a minute for the clocks
+
+
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request_id: str, node: str,
             capacity: int | None,
             audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None) -> dict[str, Any]:
     """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
-    constraints; record the release (once) with its audit entry."""
+    constraints; record the release (once) with its audit entry.
+
+    Safe to retry: a release whose answer was lost in flight is asked for again, and the same
+    node gets a fresh ticket that supersedes the last (both name that node's TK and this one VM,
+    whose node runs it once). Another node gets the key only once the release expired unused
+    (`expire_releases`) and the node it went to has rebooted since: until then it may still
+    launch the VM, and a second node must not."""
     request = registry.request(request_id)
     if request is None:
         raise Refused("release.unknown-request", f"no request {request_id}")
-    if request["state"] != "accepted":
+    made = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id]
+    current = made[-1] if made and made[-1]["expired"] is None else None
+    if request["state"] == "released":
+        if current is None or current["node"] != node:
+            where = current["node"] if current else "another node"
+            raise Refused("release.already", f"request {request_id}'s key went to {where}: ask again for {where}, or "
+                                             f"wait until that release expires ({RELEASE_EXPIRY} s without a launch)")
+    elif request["state"] != "accepted":
         raise Refused("release.already", f"request {request_id} is {request['state']}; its key is released once")
+    else:
+        for earlier in made:
+            if earlier["node"] != node and not registry.rebooted_since(earlier["node"], int(earlier["attestation"])):
+                raise Refused("release.unproven-copy", f"request {request_id}'s key went to {earlier['node']} before, and "
+                                                       f"{earlier['node']} has not rebooted since: it may still launch "
+                                                       f"the VM; release it there, or reboot {earlier['node']} first")
     ticket_id = tickets.new_id()
     owner = registry.image_owner(request["vm_id"])
     customer_id = owner["key_id"] if owner else ""
@@ -175,8 +201,20 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
         "vcpus": int(spec["vcpus"]), "memory_mib": int(spec["memoryMiB"]), "issued": now, "expires": now + tickets.TTL,
         "kvm": base64.b64encode(rewrapped).decode(), "runtime_pcr": perimeter.attestation.runtime_pcr,
     })
-    if not registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
-                                   audit(latest, certificate_row, ticket_id), ticket_id):
+    entry = audit(latest, certificate_row, ticket_id)
+    if request["state"] == "released":
+        assert current is not None
+        if entry is not None:
+            entry["data"]["supersedes"] = current["ticket"]
+        try:
+            done = registry.reissue_release(int(current["id"]), current["ticket"], latest["id"], certificate_row["serial"],
+                                            ticket_id, entry)
+        except Conflict as exc:
+            raise Refused(exc.reason, str(exc)) from None
+    else:
+        done = registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
+                                       entry, ticket_id)
+    if not done:
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
     return {"ticket": ticket, "ticket_id": ticket_id, "attestation": latest, "certificate_serial": certificate_row["serial"],
             "request": request, "certificate_pem": certificate_row["pem"]}

@@ -64,6 +64,24 @@ def protocol_for(peers: PeerCertificates) -> type[H11Protocol]:
     return CertificateAwareH11
 
 
+SWEEP_INTERVAL = 30.0
+
+
+def _sweep(coordinator: Coordinator, stop: threading.Event) -> None:
+    """Expire key releases no launch settled (each audited), on the TC's own time, so a request
+    whose release was lost does not wait for somebody to ask about it."""
+    import sys
+
+    while not stop.wait(SWEEP_INTERVAL):
+        try:
+            for request in coordinator.expire_releases():
+                print(f"tc serve: the key release of request {request} expired unused; it is accepted again",
+                      file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - the store is down: the next round tries again
+            print(f"tc serve: expiring releases failed ({type(exc).__name__}); trying again in {SWEEP_INTERVAL:g} s",
+                  file=sys.stderr, flush=True)
+
+
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
           manifests: list[str] | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
@@ -88,6 +106,8 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     if manifests:
         signal.signal(signal.SIGHUP, reload)
 
+    sweeper = threading.Thread(target=_sweep, args=(coordinator, threading.Event()), name="tc-expiry", daemon=True)
+    sweeper.start()
     identity = load_identity(coordinator.state)
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
     peers = PeerCertificates()

@@ -282,6 +282,7 @@ class Coordinator:
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
+        self.expire_releases()
         request = self.registry.request(request_id)
         vm_id = request["vm_id"] if request else None
         with self._refusals("key-release", node, vm_id):
@@ -293,6 +294,14 @@ class Coordinator:
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
                 "ticket": release["ticket"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}
+
+    def expire_releases(self) -> list[str]:
+        """Requests whose key release no launch settled in time go back to 'accepted' (audited):
+        a release lost in flight does not hold its request for ever. Returns their ids."""
+        return self.registry.expire_releases(
+            time.time() - keybroker.RELEASE_EXPIRY,
+            lambda row: audit.entry("release.expired", row["node"], row["vm_id"], request=row["request"],
+                                    ticket=row["ticket"]))
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
         """The VM runs on node: record it and sign the customer's receipt (kept for `receipt fetch`).
@@ -477,11 +486,18 @@ class Coordinator:
         the release relied on (what the receipt carries, so a customer can check it too), and that
         boot's TPM resetCount."""
         identity_row = self.registry.identity(node)
-        ticket_id = release.get("ticket")
-        if identity_row is None or not ticket_id:
+        issued = [t for t in [release.get("ticket"), *str(release.get("superseded") or "").split()] if t]
+        if identity_row is None or not issued:
             raise Refused("launch.evidence-missing", f"no ticket was issued for request {request['id']} on {node}")
         pcr = self.perimeter.attestation.runtime_pcr
-        checked = runtime.verify(evidence, identity_row["ak_public"], pcr, ticket_id)
+        # (a release asked for again has superseded tickets: the node took whichever reached it)
+        for ticket_id in issued:
+            try:
+                checked = runtime.verify(evidence, identity_row["ak_public"], pcr, ticket_id)
+                break
+            except Refused as exc:
+                if exc.reason != "runtime.nonce" or ticket_id == issued[-1]:
+                    raise
         last = runtime.last_event_of(checked.events, request["vm_id"])  # others' launches may have come after
         if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("image_sha256") != request["image_sha256"]:
             raise Refused("launch.evidence-event", "the node's last runtime event is not this VM launched from this ticket")

@@ -266,6 +266,13 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE horizons (name TEXT PRIMARY KEY, until REAL NOT NULL);
     """,
+    # 15: a key release is safe to retry (issue 15): the same node may get a fresh ticket that
+    # supersedes the last (the node's launch evidence may name any of them), and a release no
+    # launch settled expires back to 'accepted' (when, kept).
+    """
+    ALTER TABLE releases ADD COLUMN superseded TEXT NOT NULL DEFAULT '';
+    ALTER TABLE releases ADD COLUMN expired REAL;
+    """,
 ]
 
 
@@ -395,6 +402,10 @@ PG_MIGRATIONS: list[str] = [
     """,
     """
     CREATE TABLE horizons (name TEXT PRIMARY KEY, until DOUBLE PRECISION NOT NULL);
+    """,
+    """
+    ALTER TABLE releases ADD COLUMN superseded TEXT NOT NULL DEFAULT '';
+    ALTER TABLE releases ADD COLUMN expired DOUBLE PRECISION;
     """,
 ]
 
@@ -799,6 +810,43 @@ class Registry:
             self._audit(db, audit)
         return True
 
+    def reissue_release(self, release_id: int, previous_ticket: str, attestation: int, serial: str, ticket: str,
+                        audit: Audit = None, limit: int = 8) -> bool:
+        """The same node's release again, under a fresh ticket that supersedes the last (kept, so
+        the node's evidence may name whichever it used): only while the request still waits for
+        its launch, only from the ticket the caller saw (a concurrent reissue wins), at most
+        `limit` tickets per release. One transaction with its audit entry."""
+        with self.transaction(serialize=True) as db:
+            row = db.execute("SELECT r.superseded, q.state FROM releases r JOIN requests q ON q.id = r.request "
+                             "WHERE r.id = ? AND r.ticket = ? AND r.expired IS NULL", (release_id, previous_ticket)).first()
+            if row is None or row["state"] != "released":
+                return False
+            superseded = row["superseded"].split() + [previous_ticket]
+            if len(superseded) + 1 > limit:
+                raise Conflict("release.reissue-limit", f"this release was issued {limit} times; fail the request "
+                                                        "and submit it again")
+            db.execute("UPDATE releases SET ticket = ?, superseded = ?, attestation = ?, certificate_serial = ?, time = ? "
+                       "WHERE id = ?", (ticket, " ".join(superseded), attestation, serial, time.time(), release_id))
+            self._audit(db, audit)
+        return True
+
+    def expire_releases(self, cutoff: float, audit: Callable[[dict[str, Any]], Audit]) -> list[str]:
+        """released -> accepted for every request whose last release was made before cutoff and no
+        launch settled: each in its own transaction with its audit entry. The release row stays
+        (expired), so the key's last node is still known to whoever releases it next."""
+        due = self._all("SELECT r.id, r.request, r.node, r.vm_id, r.ticket FROM releases r JOIN requests q "
+                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.time < ?", (cutoff,))
+        expired = []
+        for row in due:
+            with self.transaction(serialize=True) as db:
+                if db.execute("UPDATE requests SET state = 'accepted' WHERE id = ? AND state = 'released'",
+                              (row["request"],)).rowcount != 1:
+                    continue
+                db.execute("UPDATE releases SET expired = ? WHERE id = ? AND time < ?", (time.time(), row["id"], cutoff))
+                self._audit(db, audit(row))
+            expired.append(str(row["request"]))
+        return expired
+
     def record_launch(self, request_id: str, vm: dict[str, Any], receipt: Callable[[], dict[str, Any]],
                       audit: Audit = None) -> dict[str, Any]:
         """released -> launched, once; the VM row (new, or replacing a destroyed one) and the
@@ -832,6 +880,12 @@ class Registry:
 
     def releases(self, vm_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM releases WHERE vm_id = ? ORDER BY id", (vm_id,))
+
+    def rebooted_since(self, node: str, attestation: int) -> bool:
+        """Whether node's TPM has been reset since that attestation, shown by a trusted one: every
+        VM of the earlier boot is gone (a VM does not survive its node's reset)."""
+        return self._one("SELECT 1 AS yes FROM attestations b JOIN attestations a ON a.id = ? WHERE b.node = ? "
+                         "AND b.verdict = 'trusted' AND b.reset_count > a.reset_count", (attestation, node)) is not None
 
     def image_owner(self, vm_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM images WHERE vm_id = ?", (vm_id,))

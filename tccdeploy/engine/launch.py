@@ -9,6 +9,7 @@ the key only to it, the node's TPM unwraps it, QEMU opens the disk, the TC signs
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,11 +75,17 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         if check.status not in ("ok", "changed"):
             result.attempts.append({"node": candidate.node, "reason": check.reason or "attestation failed"})
             continue
-        release = coordinator.release_key(record["id"], candidate.node)
         session = engine.session(host)
         descriptor = bundle["descriptor"]
         try:
+            # The ciphertext first, the key after: a ticket lives minutes, an upload may take longer.
             upload_disk(session, record["vm_id"], os.path.join(bundle_dir, descriptor["disk"]["file"]), record["image_sha256"])
+            try:
+                release = coordinator.release_key(record["id"], candidate.node)
+            except Refused:
+                with contextlib.suppress(RemoteError):  # the unused copy goes; the refusal is the news
+                    session.tvmm("migrate_in_discard", {"vm_id": record["vm_id"]})
+                raise
             status = session.tvmm("launch", {"ticket": release["ticket"]}, timeout=120)
         except RemoteError as exc:
             coordinator.fail_request(record["id"])
