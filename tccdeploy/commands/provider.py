@@ -396,6 +396,7 @@ def cmd_enforce(args: argparse.Namespace) -> int:
     import signal
     import time as _time
 
+    from ..coordinator.client import TCUnavailable
     from ..engine.enforce import enforce_round
     from ..engine.runner import Engine
     from .engine import _logging, load, select
@@ -408,16 +409,33 @@ def cmd_enforce(args: argparse.Namespace) -> int:
         print("enforce: stopping after this round", file=sys.stderr)
 
     signal.signal(signal.SIGTERM, stop)
-    rounds = 0
+    rounds, failures, interval = 0, 0, float(args.interval or 60)
     while True:
-        coordinator = open_tc(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
-        interval = args.interval or coordinator.enforce_interval()
         try:
-            with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
-                        state=args.state) as engine:
-                report = enforce_round(engine, coordinator)
-        finally:
-            coordinator.close()
+            coordinator = open_tc(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
+            try:
+                interval = args.interval or coordinator.enforce_interval()
+                with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
+                            state=args.state) as engine:
+                    report = enforce_round(engine, coordinator)
+            finally:
+                coordinator.close()
+        except TCUnavailable as exc:
+            # The TC cannot decide now: no verdict, so nothing is quarantined on the TC's silence;
+            # the nodes keep what they run, and the loop asks again, backing off.
+            failures += 1
+            wait = min(interval, 5.0 * 2 ** (failures - 1))
+            print(f"enforce: the TC cannot be asked now ({exc}); round {rounds + 1} again in {wait:g} s",
+                  file=sys.stderr, flush=True)
+            if args.once:
+                return 1
+            deadline = _time.monotonic() + wait
+            while _time.monotonic() < deadline and not stopping["now"]:
+                _time.sleep(0.2)
+            if stopping["now"]:
+                return 0
+            continue
+        failures = 0
         rounds += 1
         if args.json:
             print(json.dumps(report.as_dict()), flush=True)

@@ -5,6 +5,11 @@ every request against the registry, so a removed engine is refused at once. Ever
 checked before anything else happens: size (413), content type (415), JSON (400), schema with
 unknown fields refused (400); a refusal by the TC is a 403 carrying its reason code; nothing of
 this changes state, and no error is a 500 unless the TC itself is broken.
+
+When the TC cannot decide, it says so instead of failing bare: a database outage or a full disk
+is a 503 with `store.unavailable` or `store.full` and a Retry-After, and so is every state change
+while the wall clock is behind a time the service saw (`clock.backwards`); `/readyz` answers
+from a real write and from those, so a balancer sends work to a replica that can take it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from starlette.routing import Route
 
 from .. import __version__
 from .admission import AdmissionRefused
+from .db import store_failure
 from .enrollment import EnrollmentRefused
+from .health import Health, retry_after
 from .keybroker import Refused
 from .service import Coordinator
 from .store import RegistryError
@@ -112,9 +119,9 @@ class JSONResponse(StarletteJSON):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.retry_after = status, code, retry_after
 
 
 class Metrics:
@@ -171,6 +178,7 @@ class Api:
         self.peer_certificate = peer_certificate
         self.max_body = max_body
         self.metrics = Metrics()
+        self.health = Health()
         self.routes: list[tuple[str, str, str, str | None, bool, Handler]] = [
             # (method, path, summary, body schema, engine only, handler)
             ("GET", "/healthz", "liveness: the process answers", None, False, self.healthz),
@@ -246,14 +254,20 @@ class Api:
 
     # -- plumbing --------------------------------------------------------------------------
     def app(self) -> Starlette:
-        routes = [Route(path, self._wrap(path, schema, engine_only, handler), methods=[method])
+        routes = [Route(path, self._wrap(method, path, schema, engine_only, handler), methods=[method])
                   for method, path, _, schema, engine_only, handler in self.routes]
         return Starlette(routes=routes)
 
-    def _wrap(self, path: str, schema: str | None, engine_only: bool, handler: Handler):  # type: ignore[no-untyped-def]
+    def _wrap(self, method: str, path: str, schema: str | None, engine_only: bool, handler: Handler):  # type: ignore[no-untyped-def]
+        acts = method == "POST" and not path.endswith("/check")  # a state change (the checks change nothing)
+
         async def endpoint(request: Request) -> Response:
             start = time.perf_counter()
             try:
+                clock = self.health.clock() if acts else None
+                if clock is not None:
+                    self.metrics.count("tccdeploy_refusals_total", reason=clock.reason)
+                    raise ApiError(503, clock.reason, clock.message, clock.retry_after)
                 for where, value in [*request.path_params.items(), *request.query_params.multi_items()]:
                     problem = hostile_value(value)
                     if problem:
@@ -264,16 +278,44 @@ class Api:
                     request.state.body = await self._body(request, schema)
                 result = await handler(request)
                 response = result if isinstance(result, Response) else JSONResponse(result)
+                if acts:
+                    self.health.store_wrote()
             except ApiError as exc:
                 response = JSONResponse({"error": exc.code, "message": str(exc)}, status_code=exc.status)
+                if exc.retry_after is not None:
+                    response.headers["Retry-After"] = str(exc.retry_after)
             except (EnrollmentRefused, AdmissionRefused, Refused) as exc:
                 self.metrics.count("tccdeploy_refusals_total", reason=exc.reason)
                 response = JSONResponse({"error": exc.reason, "message": str(exc)}, status_code=403)
+            except Exception as exc:  # noqa: BLE001 - the store failing is news for the client; anything else is a bug
+                response = self._failure(method, path, exc)
             self.metrics.observe(path, time.perf_counter() - start)
             self.metrics.count("tccdeploy_http_requests_total", route=path, status=str(response.status_code))
             return response
 
         return endpoint
+
+    def _failure(self, method: str, path: str, exc: Exception) -> Response:
+        """503 with its reason and Retry-After when the store cannot take the request now (nothing
+        was decided: the decision and its audit entry were one transaction); else a 500 that says
+        only that it is the TC's fault (the details go to the service's log, not to the client)."""
+        import sys
+        import traceback
+
+        reason = store_failure(exc)
+        if reason is None:
+            self.metrics.count("tccdeploy_internal_errors_total", route=path)
+            print(f"tc serve: {method} {path}: internal error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return JSONResponse({"error": "internal", "message": "the TC failed on this request; its log says why"},
+                                status_code=500)
+        message = ("the TC's disk is full: nothing was decided; the operator frees space" if reason == "store.full" else
+                   "the TC's database does not answer: nothing was decided; try again")
+        self.health.store_failed(reason, f"{type(exc).__name__}")
+        self.metrics.count("tccdeploy_store_failures_total", reason=reason)
+        print(f"tc serve: {method} {path}: {reason} ({type(exc).__name__})", file=sys.stderr, flush=True)
+        response = JSONResponse({"error": reason, "message": message}, status_code=503)
+        response.headers["Retry-After"] = str(retry_after(reason))
+        return response
 
     def _engine(self, request: Request) -> str:
         der = self.peer_certificate(request.scope.get("client"))
@@ -329,14 +371,32 @@ class Api:
         return {"ok": True}
 
     async def readyz(self, request: Request) -> Response:
-        try:
-            await run_in_threadpool(self.tc.ready)
-        except Exception as exc:  # noqa: BLE001 - not ready, and why
-            return JSONResponse({"ready": False, "error": str(exc)}, status_code=503)
+        """Ready when this replica can decide: its clock is not behind, no write failed lately,
+        and a write to the registry goes through now."""
+        problem = self.health.clock() or self.health.store()
+        if problem is None:
+            try:
+                await run_in_threadpool(self.tc.ready)
+                self.health.store_wrote()
+            except Exception as exc:  # noqa: BLE001 - not ready, and why
+                reason = store_failure(exc) or "store.unavailable"
+                self.health.store_failed(reason, type(exc).__name__)
+                problem = self.health.store()
+        if problem is not None:
+            response = JSONResponse({"ready": False, "error": problem.reason, "message": problem.message},
+                                    status_code=503)
+            response.headers["Retry-After"] = str(problem.retry_after)
+            return response
         return JSONResponse({"ready": True})
 
     async def prometheus(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        store = self.health.store()
+        extra = ["# TYPE tccdeploy_clock_behind_seconds gauge",
+                 f"tccdeploy_clock_behind_seconds {self.health.clock_behind():.3f}",
+                 "# TYPE tccdeploy_clock_backwards_checks_total counter",
+                 f"tccdeploy_clock_backwards_checks_total {self.health.clock_steps_back}",
+                 "# TYPE tccdeploy_store_up gauge", f"tccdeploy_store_up {0 if store else 1}"]
+        return PlainTextResponse(self.metrics.render() + "\n".join(extra) + "\n", media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> dict[str, Any]:
         counts = await run_in_threadpool(self.tc.node_counts)

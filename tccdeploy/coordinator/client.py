@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -34,13 +36,26 @@ class TCNotFound(TCUnavailable):
     """The TC has no such thing (404)."""
 
 
+MAX_BACKOFF = 10.0  # seconds between two asks of a TC that cannot decide now
+
+
+def _error_of(response: httpx.Response) -> dict[str, Any]:
+    try:
+        error = response.json()
+    except ValueError:
+        error = None
+    if not isinstance(error, dict):
+        error = {"error": f"http.{response.status_code}", "message": response.text[:300]}
+    return error
+
+
 class RemoteCoordinator:
     """url: one TC, or several replicas separated by commas: a request that cannot reach one
     (connection refused, reset, timed out before an answer) goes to the next. Retrying is safe
     because the TC makes every state change single-use: an evidence submission a lost replica
     already recorded comes back refused as a replayed nonce, never as a second verdict."""
 
-    def __init__(self, url: str, engine_dir: str, timeout: float = 30.0):
+    def __init__(self, url: str, engine_dir: str, timeout: float = 30.0, retries: int = 3):
         missing = [f for f in ENGINE_FILES if not os.path.exists(os.path.join(engine_dir, f))]
         if missing:
             raise TCUnavailable(f"no engine credentials in {engine_dir} ({', '.join(missing)} missing): the TC's operator "
@@ -48,6 +63,7 @@ class RemoteCoordinator:
         context = ssl.create_default_context(cafile=os.path.join(engine_dir, "tc-ca.pem"))
         context.load_cert_chain(os.path.join(engine_dir, "engine-cert.pem"), os.path.join(engine_dir, "engine-key.pem"))
         self.engine_dir = engine_dir
+        self.retries = retries
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         self.url = self.urls[0]
         self.http = httpx.Client(verify=context, timeout=timeout)
@@ -69,12 +85,27 @@ class RemoteCoordinator:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               refusal: type[Exception] = Refused) -> Any:
         response = self._send(method, path, body)
+        for attempt in range(self.retries):
+            # 503: the TC could not decide (its store is down or full, its clock went back) and
+            # decided nothing, so asking again is safe: another replica at once, else after the
+            # wait it asks for, bounded, saying why.
+            if response.status_code != 503:
+                break
+            reason = _error_of(response).get("error")
+            if len(self.urls) > 1:
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+            else:
+                try:
+                    wait = min(float(response.headers.get("retry-after", "1")), MAX_BACKOFF)
+                except ValueError:
+                    wait = 1.0
+                print(f"tccdeploy: the TC cannot decide now ({reason}); asking again in {wait:g} s "
+                      f"({attempt + 1}/{self.retries})", file=sys.stderr, flush=True)
+                time.sleep(wait)
+            response = self._send(method, path, body)
         if response.status_code == 200:
             return response.json()
-        try:
-            error = response.json()
-        except ValueError:
-            error = {"error": f"http.{response.status_code}", "message": response.text[:300]}
+        error = _error_of(response)
         if response.status_code == 403 and not str(error.get("error", "")).startswith("auth."):
             raise refusal(error["error"], error.get("message", ""))  # type: ignore[call-arg]
         kind = TCNotFound if response.status_code == 404 else TCUnavailable

@@ -6,6 +6,7 @@ serialized, and which exception means "that row exists already".
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -193,6 +194,35 @@ class _PostgresTx:
         cursor = self.conn.execute(self.translate(sql), params)
         rows = list(cursor.fetchall()) if cursor.description else []
         return _Result(rows, cursor.rowcount)
+
+
+# SQLite's primary result codes that mean "the store cannot take this now", not "this SQL is wrong".
+_SQLITE_UNAVAILABLE = ("SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_READONLY",
+                       "SQLITE_PROTOCOL", "SQLITE_NOLCK")
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """'store.full' or 'store.unavailable' when exc says the database (or the disk under it)
+    cannot take a write or answer now: an outage the caller may retry, not its input's fault and
+    not a bug; None for anything else."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "store.full"
+    if isinstance(exc, sqlite3.Error):
+        name = str(getattr(exc, "sqlite_errorname", "") or "")
+        if name.startswith("SQLITE_FULL") or "database or disk is full" in str(exc):
+            return "store.full"
+        if name.startswith(_SQLITE_UNAVAILABLE):
+            return "store.unavailable"
+        return None
+    module = type(exc).__module__
+    if module.startswith("psycopg"):
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.DiskFull):
+            return "store.full"
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return "store.unavailable"
+    return None
 
 
 def open_backend(location: str) -> SQLiteBackend | PostgresBackend:

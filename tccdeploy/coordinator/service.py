@@ -612,8 +612,8 @@ class Coordinator:
         return self.registry.engine_by_serial(serial) is not None
 
     def ready(self) -> None:
-        """Raises when the registry does not answer (the service is not ready)."""
-        self.registry.version  # noqa: B018 - a round trip to the database
+        """Raises when the registry does not take a write (the service cannot decide)."""
+        self.registry.probe()
 
     def node_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
