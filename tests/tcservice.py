@@ -26,7 +26,8 @@ class Service:
     """registry: a postgresql:// URL (replicas share it, and the state folder with the TC's
     identity); setup=False for a second replica of an existing TC."""
 
-    def __init__(self, state: Path, manifests: str, registry: str | None = None, setup: bool = True):
+    def __init__(self, state: Path, manifests: str, registry: str | None = None, setup: bool = True,
+                 options: tuple[str, ...] = ()):
         self.state = state
         self.engine_dir = state / "engine-ops"
         env = dict(os.environ, TCCDEPLOY_STATE=str(state))
@@ -40,7 +41,7 @@ class Service:
         self.url = f"https://127.0.0.1:{self.port}"
         self.log = open(state / f"serve-{self.port}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(BIN / "tccdeploy"), "tc", "serve", "--listen", f"127.0.0.1:{self.port}",
-                                      "-m", manifests], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+                                      "-m", manifests, *options], env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -215,18 +215,23 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 # -- the service -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..coordinator import identity
-    from ..coordinator.server import serve
+    from ..coordinator.server import Limits, serve
 
     host, _, port = (args.listen or "127.0.0.1:8443").rpartition(":")
     if not host or not port.isdigit():
         print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
         return 2
+    if args.max_connections_per_client < 1 or min(args.header_timeout, args.body_timeout, args.handshake_timeout) <= 0:
+        print("error: --max-connections-per-client takes 1 or more, the timeouts more than 0 seconds", file=sys.stderr)
+        return 2
+    limits = Limits(handshake=args.handshake_timeout, headers=args.header_timeout, body=args.body_timeout, per_client=args.max_connections_per_client)
     with closing(open_tc(args)) as coordinator:
         ident = identity.load(coordinator.state)
         print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
               "manifests; Ctrl-C or SIGTERM stops it", flush=True)
         paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
-        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths)
+        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths,
+              limits)
     return 0
 
 
@@ -314,5 +319,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8443)")
     q.add_argument("--name", action="append", metavar="DNS", help="another name the server certificate covers")
     q.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    q.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
+                   help="open connections one client address may hold; more are dropped at once (default 64; the "
+                        "engine's fan-out uses one per fork)")
+    q.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive whole this soon after the connection opens or the last "
+                        "answer; idle connections close then too (default 10)")
+    q.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a TLS handshake must finish this soon after the TCP connection (default 10)")
+    q.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's body must arrive whole this soon after its headers (default 30)")
     state(q, manifests=True)
     q.set_defaults(func=cmd_serve)

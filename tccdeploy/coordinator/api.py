@@ -27,7 +27,7 @@ import fastjsonschema
 from cryptography import x509
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as StarletteJSON
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -179,6 +179,7 @@ class Api:
         self.max_body = max_body
         self.metrics = Metrics()
         self.health = Health()
+        self.connection_counts: Any = None  # (server.ConnectionCounts, when served: its refusals are a metric)
         self.routes: list[tuple[str, str, str, str | None, bool, Handler]] = [
             # (method, path, summary, body schema, engine only, handler)
             ("GET", "/healthz", "liveness: the process answers", None, False, self.healthz),
@@ -338,11 +339,14 @@ class Api:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise ApiError(413, "request.too-large", f"the body is {declared} bytes; the limit is {self.max_body}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise ApiError(413, "request.too-large", f"the body exceeds the limit of {self.max_body} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise ApiError(413, "request.too-large", f"the body exceeds the limit of {self.max_body} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(408, "request.timeout", "the body did not arrive in time (or the client left)") from None
         body = b"".join(chunks)
         if too_deep(body, MAX_DEPTH):
             raise ApiError(400, "request.json-depth", f"the body nests deeper than {MAX_DEPTH} levels")
@@ -396,6 +400,9 @@ class Api:
                  "# TYPE tccdeploy_clock_backwards_checks_total counter",
                  f"tccdeploy_clock_backwards_checks_total {self.health.clock_steps_back}",
                  "# TYPE tccdeploy_store_up gauge", f"tccdeploy_store_up {0 if store else 1}"]
+        if self.connection_counts is not None:
+            extra += ["# TYPE tccdeploy_connections_refused_total counter",
+                      f"tccdeploy_connections_refused_total {self.connection_counts.refused}"]
         return PlainTextResponse(self.metrics.render() + "\n".join(extra) + "\n", media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> dict[str, Any]:

@@ -74,7 +74,9 @@ class RemoteCoordinator:
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
         errors = []
-        for _ in range(len(self.urls)):
+        # Each replica once; a lone TC twice, since it closes connections idle past its header
+        # deadline and one may close just as a request goes out on it.
+        for _ in range(max(2, len(self.urls))):
             try:
                 return self.http.request(method, self.url + path, json=body)
             except httpx.TransportError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import ssl
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -45,23 +46,138 @@ class PeerCertificates:
             return self._by_peer.get((str(peer[0]), int(peer[1])))
 
 
-def protocol_for(peers: PeerCertificates) -> type[H11Protocol]:
-    class CertificateAwareH11(H11Protocol):
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may hold of the service, so slow or idle clients cannot starve it."""
+
+    handshake: float = 10.0  # the TLS handshake
+    headers: float = 10.0  # a request's headers, whole, from the connection opening or the last response
+    body: float = 30.0  # its body, once the headers are in (8 MiB at 300 kB/s)
+    per_client: int = 64  # open connections from one address (the engine's fan-out and bench use 32)
+    total: int = 2048  # open connections in all (uvicorn answers 503 beyond)
+
+
+class ConnectionCounts:
+    """Open connections per client address, shared by the event loop's protocols."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+        self.refused = 0
+
+    def take(self, host: str) -> bool:
+        if self._open.get(host, 0) >= self.limit:
+            self.refused += 1
+            return False
+        self._open[host] = self._open.get(host, 0) + 1
+        return True
+
+    def give_back(self, host: str) -> None:
+        left = self._open.get(host, 0) - 1
+        if left > 0:
+            self._open[host] = left
+        else:
+            self._open.pop(host, None)
+
+
+def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
+                 counts: ConnectionCounts | None = None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, plus: the verified client certificate recorded per connection,
+    a cap on connections per client address, and read deadlines that data trickling in does not
+    extend (uvicorn resets its keep-alive timer on every byte and has none before the first
+    request, so a slowloris or an idle TLS connection would stay for ever)."""
+    import h11
+
+    shared: ConnectionCounts = counts or ConnectionCounts(limits.per_client)
+
+    class LimitedH11(H11Protocol):
+        _tcc_host: str | None = None
+        _tcc_timer: Any = None
+        _tcc_phase = ""
+
         def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def,override]
             super().connection_made(transport)
+            self._tcc_peer = transport.get_extra_info("peername")
+            host = str(self._tcc_peer[0]) if self._tcc_peer else ""
+            if not shared.take(host):
+                transport.abort()  # over this address's share: dropped before anything is read
+                return
+            self._tcc_host = host
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            self._tcc_peer = transport.get_extra_info("peername")
             if self._tcc_peer:
-                peers.set((str(self._tcc_peer[0]), int(self._tcc_peer[1])), der)
+                peers.set((host, int(self._tcc_peer[1])), der)
+            self._tcc_arm("headers", limits.headers)
 
         def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
-            peer = getattr(self, "_tcc_peer", None)
-            if peer:
-                peers.set((str(peer[0]), int(peer[1])), None)
+            self._tcc_arm("", None)
+            if self._tcc_host is not None:
+                shared.give_back(self._tcc_host)
+                self._tcc_host = None
+                peers.set((str(self._tcc_peer[0]), int(self._tcc_peer[1])), None)
             super().connection_lost(exc)
 
-    return CertificateAwareH11
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._tcc_follow()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._tcc_arm("headers", limits.headers)
+                self._tcc_follow()
+
+        def _tcc_follow(self) -> None:
+            state = self.conn.their_state
+            if state is h11.SEND_BODY and self._tcc_phase == "headers":
+                self._tcc_arm("body", limits.body)
+            elif state is not h11.IDLE and state is not h11.SEND_BODY and self._tcc_phase in ("headers", "body"):
+                self._tcc_arm("app", None)  # the request is in: the application's own time
+
+        def _tcc_arm(self, phase: str, seconds: float | None) -> None:
+            if self._tcc_timer is not None:
+                self._tcc_timer.cancel()
+                self._tcc_timer = None
+            self._tcc_phase = phase
+            if seconds is not None:
+                self._tcc_timer = self.loop.call_later(seconds, self._tcc_expire)
+
+        def _tcc_expire(self) -> None:
+            self._tcc_timer = None
+            if not self.transport.is_closing():
+                if self.cycle is not None and not self.cycle.response_complete:
+                    self.cycle.disconnected = True
+                self.transport.abort()
+
+    return LimitedH11
+
+
+class _Server:
+    """uvicorn's server with a deadline on the TLS handshake (asyncio's default is 60 s)."""
+
+    @staticmethod
+    def make(config: Any, handshake: float) -> Any:
+        import asyncio
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                loop = asyncio.get_running_loop()
+                create = loop.create_server
+
+                async def create_server(*args: Any, **kwargs: Any) -> Any:
+                    if kwargs.get("ssl") is not None:
+                        kwargs.setdefault("ssl_handshake_timeout", handshake)
+                    return await create(*args, **kwargs)
+
+                loop.create_server = create_server  # type: ignore[method-assign]
+                try:
+                    await super().startup(sockets)
+                finally:
+                    del loop.create_server
+
+        return Server(config)
 
 
 SWEEP_INTERVAL = 30.0
@@ -83,7 +199,7 @@ def _sweep(coordinator: Coordinator, stop: threading.Event) -> None:
 
 
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
-          manifests: list[str] | None = None) -> None:
+          manifests: list[str] | None = None, limits: Limits = Limits()) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
     the manifests, so a build revoked in them is refused from the next attestation on."""
     import signal
@@ -112,10 +228,12 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
     peers = PeerCertificates()
     api = Api(coordinator, peers.get)
+    counts = ConnectionCounts(limits.per_client)
+    api.connection_counts = counts
     config = uvicorn.Config(
-        api.app(), host=host, port=port, http=protocol_for(peers), log_level=log_level, access_log=False,
+        api.app(), host=host, port=port, http=protocol_for(peers, limits, counts), log_level=log_level, access_log=False,
         ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
-        ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=30,
+        ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop="asyncio",
+        limit_concurrency=limits.total,
     )
-    server = uvicorn.Server(config)
-    server.run()
+    _Server.make(config, limits.handshake).run()

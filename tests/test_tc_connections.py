@@ -1,0 +1,123 @@
+"""Connections cannot hold the served TC (issue 15): a TLS handshake, a request's headers and its
+body each have a deadline that bytes trickling in do not extend, idle connections close, and one
+client address holds a bounded share of connections, so a slowloris of hundreds of connections
+leaves other clients served. All on loopback."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import pytest
+
+from .conftest import REPO
+from .tcservice import Service
+
+OPTIONS = ("--handshake-timeout", "1", "--header-timeout", "1", "--body-timeout", "2", "--max-connections-per-client", "40")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    served = Service(tmp_path_factory.mktemp("served-tc"), str(REPO / "examples"), options=OPTIONS)
+    yield served
+    served.stop()
+
+
+def tls(service: Service, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(service.engine_dir / "tc-ca.pem"))
+    raw = socket.create_connection(("127.0.0.1", service.port), timeout=15, source_address=(source, 0))
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def closed_after(sock: socket.socket, trickle: bytes = b"", every: float = 0.2, limit: float = 15.0) -> float:
+    """Seconds until the server closes sock, sending trickle one byte at a time meanwhile."""
+    start = time.monotonic()
+    sock.settimeout(every)
+    sent = 0
+    while time.monotonic() - start < limit:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except (TimeoutError, ssl.SSLWantReadError):
+            pass
+        except (ConnectionError, ssl.SSLError, OSError):
+            return time.monotonic() - start
+        if sent < len(trickle):
+            try:
+                sock.sendall(trickle[sent:sent + 1])
+                sent += 1
+            except OSError:
+                return time.monotonic() - start
+    return float("inf")
+
+
+def test_an_idle_tls_connection_is_closed(service):
+    with tls(service) as sock:
+        assert closed_after(sock) < 10  # 1 s configured; uvicorn alone never closes it
+
+
+def test_headers_sent_a_byte_at_a_time_do_not_keep_a_connection(service):
+    headers = b"POST /v1/nonces HTTP/1.1\r\nHost: tc\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n"
+    with tls(service) as sock:
+        assert closed_after(sock, headers) < 10  # bytes keep coming: the deadline does not move
+
+
+def test_a_body_sent_slowly_is_cut_at_its_deadline(service):
+    with tls(service) as sock:
+        sock.sendall(b"POST /v1/requests HTTP/1.1\r\nHost: tc\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        assert closed_after(sock, b" " * 500) < 10
+
+
+def test_a_tcp_connection_that_never_starts_tls_is_closed(service):
+    with socket.create_connection(("127.0.0.1", service.port), timeout=15) as raw:
+        assert closed_after(raw) < 10  # asyncio's own default is 60 s
+
+
+@pytest.mark.slow
+def test_a_slowloris_of_hundreds_of_connections_leaves_other_clients_served(service):
+    """300 connections from 127.0.0.3, each holding a half-sent request: 40 of them are let in
+    (its share), the rest dropped at once, and all are gone by their header deadline; meanwhile
+    a client on 127.0.0.1 is answered every time."""
+    attackers: list[ssl.SSLSocket] = []
+    dropped = 0
+    try:
+        for _ in range(300):
+            try:
+                sock = tls(service, "127.0.0.3")
+                sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: tc\r\n")
+                attackers.append(sock)
+            except (ConnectionError, ssl.SSLError, OSError):
+                dropped += 1
+        with service.client(cert=False) as client:
+            answers = [client.get("/v1/status").status_code for _ in range(20)]
+        assert answers == [200] * 20
+        alive = 0
+        for sock in attackers:
+            sock.settimeout(0.05)
+            try:
+                alive += sock.recv(1) != b"" or 0
+            except (TimeoutError, ssl.SSLWantReadError):
+                alive += 1  # still open: the server has not answered or closed it
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass
+        assert alive <= 40, alive
+        time.sleep(2.5)  # past the header deadline
+        still = 0
+        for sock in attackers:
+            sock.settimeout(0.05)
+            try:
+                still += sock.recv(1) != b""
+            except (TimeoutError, ssl.SSLWantReadError):
+                still += 1
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass
+        assert still == 0
+        with service.client(cert=False) as client:
+            metrics = client.get("/metrics").text
+        refused = next(line for line in metrics.splitlines() if line.startswith("tccdeploy_connections_refused_total"))
+        assert float(refused.split()[1]) >= 300 - 40 - dropped
+    finally:
+        for sock in attackers:
+            sock.close()
