@@ -71,10 +71,11 @@ class SoftwareNode:
 
 
 class World:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, registry: str | None = None):
         state = str(root / "tc")
         _tc_state(state)
-        self.tc = Coordinator.from_manifests(load_manifests([str(live_examples(root))]), state)
+        self.state, self.manifests = state, str(live_examples(root))
+        self.tc = Coordinator.from_manifests(load_manifests([self.manifests]), state, registry)
         self.nodes: dict[str, SoftwareNode] = {}
         self.keys: dict[str, ed25519.Ed25519PrivateKey] = {}
 

@@ -37,36 +37,53 @@ def skip_reason() -> str | None:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    """root: a folder to keep the cluster in (a small tmpfs, for a full disk); default a new temporary one."""
+
+    def __init__(self, root: str | None = None) -> None:
         bindir = postgres_bin()
         assert bindir is not None
+        self.bindir = bindir
         account = pwd.getpwnam("postgres")
-        self.dir = tempfile.mkdtemp(prefix="tccdeploy-test-pg-")
+        self.dir = tempfile.mkdtemp(prefix="tccdeploy-test-pg-", dir=root)
         os.chmod(self.dir, 0o700)
         os.chown(self.dir, account.pw_uid, account.pw_gid)
-        data = os.path.join(self.dir, "data")
-        subprocess.run([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+        self.data = os.path.join(self.dir, "data")
+        subprocess.run([f"{bindir}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
                        user="postgres", group="postgres", check=True, capture_output=True, cwd=self.dir)
         self.port = free_port()
         self.log = open(os.path.join(self.dir, "server.log"), "w")  # noqa: SIM115 - closed in stop()
+        self._databases = 0
+        self._start()
+
+    def _start(self) -> None:
         self.proc = subprocess.Popen(
-            [f"{bindir}/postgres", "-D", data, "-h", "127.0.0.1", "-p", str(self.port), "-k", self.dir,
+            [f"{self.bindir}/postgres", "-D", self.data, "-h", "127.0.0.1", "-p", str(self.port), "-k", self.dir,
              "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
             user="postgres", group="postgres", stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        self.wait_ready()
+
+    def wait_ready(self, seconds: float = 30) -> None:
         import psycopg
 
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + seconds
         while True:
             try:
                 with psycopg.connect(self.url("postgres"), connect_timeout=2, autocommit=True) as conn:
                     conn.execute("SELECT 1")
-                break
+                return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("PostgreSQL did not start") from None
                 time.sleep(0.2)
-        self._databases = 0
+
+    def restart(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Stop the server (SIGINT: fast shutdown; SIGQUIT: immediate, crash recovery at start)
+        and start it again on the same port and data."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(how)
+            self.proc.wait(timeout=30)
+        self._start()
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -170,9 +170,13 @@ def _codes(verdict) -> list[str]:
 def test_real_quotes_replayed_or_from_another_node_are_refused(lab: Lab, engine: Engine, tc: Coordinator):
     nonce = tc.nonce("node1")
     evidence = _quote(engine, lab, "node1", nonce)
-    verdict, _ = tc.verify("node1", "site1", lab.node("node1").address, evidence)
+    verdict, first = tc.verify("node1", "site1", lab.node("node1").address, evidence)
     assert verdict.trusted, verdict.reasons
-    replay, _ = tc.verify("node1", "site1", lab.node("node1").address, dataclasses.replace(evidence))
+    # The same evidence again makes no new verdict (a retry gets the one recorded); other evidence
+    # on a used nonce is a replay.
+    assert tc.verify("node1", "site1", lab.node("node1").address, dataclasses.replace(evidence))[1] == first
+    later = _quote(engine, lab, "node1", nonce)
+    replay, _ = tc.verify("node1", "site1", lab.node("node1").address, later)
     assert _codes(replay) == ["nonce.replayed"]
     nonce = tc.nonce("node1")
     other = _quote(engine, lab, "node3", nonce)  # node3's TPM answers node1's nonce

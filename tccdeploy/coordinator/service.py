@@ -9,6 +9,7 @@ engine's side of that: code that takes a Coordinator runs unchanged with either.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 import time
@@ -214,7 +215,13 @@ class Coordinator:
 
         site is the engine's claim: the perimeter is judged in the site the TC's roster gives
         the node's EK, and a claim that differs is itself a failure."""
-        evidence.nonce_check = self.registry.consume_nonce(node, "quote", base64.b64encode(evidence.nonce).decode())
+        nonce = base64.b64encode(evidence.nonce).decode()
+        sent = hashlib.sha256(evidence.attest + b"\0" + evidence.signature).hexdigest()
+        evidence.nonce_check = self.registry.check_nonce(node, "quote", nonce)
+        if evidence.nonce_check.reason == "nonce.replayed":
+            earlier = self._verdict_of(node, nonce, sent)
+            if earlier is not None:
+                return earlier  # the same evidence again (a retry whose answer was lost): its verdict, no new one
         known = self.registry.identity(node)
         last = self.registry.attestations(node, limit=1, trusted_only=True)
         entry, roster_failures = self._roster_of(node, site)
@@ -222,17 +229,33 @@ class Coordinator:
                                   last[0] if last else None, roster_failures)
         if known is None:
             return verdict, 0
-        record = verdict.as_dict() | {"nonce": base64.b64encode(evidence.nonce).decode()}
+        record = verdict.as_dict() | {"nonce": nonce, "evidence_sha256": sent}
         if verdict.trusted:
             record["pcr_values"] = {str(p): evidence.pcrs[p].hex() for p in self.perimeter.attestation.pcrs}
-        attestation_id = self.registry.add_attestation(
-            node, record,
-            audit.entry("attestation", node, verdict=record["verdict"], reasons=[r["code"] for r in verdict.reasons],
-                        warnings=[w["code"] for w in verdict.warnings], build=verdict.build, pcr_digest=verdict.pcr_digest),
-            # Fail closed: an admitted node that fails loses its certificate in the same transaction.
-            None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]),
-            lambda gone: audit.entry("vm.off-by-reboot", node, vms=gone, reset_count=verdict.reset_count))
+        try:
+            attestation_id = self.registry.add_attestation(
+                node, record,
+                audit.entry("attestation", node, verdict=record["verdict"], reasons=[r["code"] for r in verdict.reasons],
+                            warnings=[w["code"] for w in verdict.warnings], build=verdict.build,
+                            pcr_digest=verdict.pcr_digest),
+                # Fail closed: an admitted node that fails loses its certificate in the same transaction.
+                None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]),
+                lambda gone: audit.entry("vm.off-by-reboot", node, vms=gone, reset_count=verdict.reset_count),
+                use_nonce=nonce if evidence.nonce_check.ok else None)
+        except Conflict as exc:  # the same evidence came in twice at once: the one that won is the verdict
+            earlier = self._verdict_of(node, nonce, sent)
+            if earlier is not None:
+                return earlier
+            with self._refusals("attestation", node):
+                raise Refused(exc.reason, str(exc)) from None
         return verdict, attestation_id
+
+    def _verdict_of(self, node: str, nonce: str, sent: str) -> tuple[verifier.Verdict, int] | None:
+        row = self.registry.attestation_of(node, nonce, sent)
+        if row is None:
+            return None
+        return verifier.Verdict(row["verdict"] == "trusted", row["reasons"], row["warnings"], row["build"],
+                                row["pcr_digest"], row["reset_count"], row["restart_count"]), int(row["id"])
 
     def quarantine(self, node: str, reason: str) -> bool:
         return self.registry.quarantine(node, audit.entry("quarantine", node, reason=reason))

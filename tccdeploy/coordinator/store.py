@@ -273,6 +273,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE releases ADD COLUMN superseded TEXT NOT NULL DEFAULT '';
     ALTER TABLE releases ADD COLUMN expired REAL;
     """,
+    # 16: a verdict is safe to ask for again (issue 15): the quote's nonce is used in the verdict's
+    # own transaction, and the same evidence sent again gets the verdict recorded for it.
+    """
+    ALTER TABLE attestations ADD COLUMN evidence_sha256 TEXT;
+    CREATE INDEX attestations_nonce ON attestations(nonce);
+    """,
 ]
 
 
@@ -406,6 +412,10 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE releases ADD COLUMN superseded TEXT NOT NULL DEFAULT '';
     ALTER TABLE releases ADD COLUMN expired DOUBLE PRECISION;
+    """,
+    """
+    ALTER TABLE attestations ADD COLUMN evidence_sha256 TEXT;
+    CREATE INDEX attestations_nonce ON attestations(nonce);
     """,
 ]
 
@@ -577,15 +587,28 @@ class Registry:
             db.execute("INSERT INTO nonces (nonce, node, purpose, created, expires) VALUES (?, ?, ?, ?, ?)",
                        (nonce, node, purpose, now, now + ttl))
 
+    _USE_NONCE = ("UPDATE nonces SET used_at = ? WHERE nonce = ? AND node = ? AND purpose = ? AND used_at IS NULL "
+                  "AND expires >= ?")
+
     def consume_nonce(self, node: str, purpose: str, nonce: str) -> NonceCheck:
         """Use a nonce once: the single UPDATE is what makes replay impossible, even across processes."""
         now = time.time()
         with self.transaction() as db:
-            changed = db.execute(
-                "UPDATE nonces SET used_at = ? WHERE nonce = ? AND node = ? AND purpose = ? AND used_at IS NULL "
-                "AND expires >= ?", (now, nonce, node, purpose, now)).rowcount
+            changed = db.execute(self._USE_NONCE, (now, nonce, node, purpose, now)).rowcount
             row = db.execute("SELECT * FROM nonces WHERE nonce = ?", (nonce,)).first()
-        if changed == 1 and row is not None:
+        return self._nonce_check(changed == 1, row, node, purpose)
+
+    def check_nonce(self, node: str, purpose: str, nonce: str) -> NonceCheck:
+        """What consume_nonce would answer, without using the nonce: the decision that relies on it
+        uses it in its own transaction (add_attestation), so a crash before that leaves it unused."""
+        row = self._one("SELECT * FROM nonces WHERE nonce = ?", (nonce,))
+        usable = (row is not None and row["node"] == node and row["purpose"] == purpose and row["used_at"] is None
+                  and row["expires"] >= time.time())
+        return self._nonce_check(usable, row, node, purpose)
+
+    @staticmethod
+    def _nonce_check(usable: bool, row: dict[str, Any] | None, node: str, purpose: str) -> NonceCheck:
+        if usable and row is not None:
             return NonceCheck(True, created=row["created"])
         if row is None:
             return NonceCheck(False, "nonce.unknown")
@@ -615,18 +638,25 @@ class Registry:
 
     # -- attestations ---------------------------------------------------------------------
     def add_attestation(self, node: str, record: dict[str, Any], audit: Audit = None,
-                        quarantine: Audit = None, rebooted: Callable[[list[str]], Audit] | None = None) -> int:
+                        quarantine: Audit = None, rebooted: Callable[[list[str]], Audit] | None = None,
+                        use_nonce: str | None = None) -> int:
         """Record a verdict with its audit entry; an untrusted one quarantines an admitted node in
         the same transaction (quarantine: its audit entry), so no crash leaves a failed node admitted.
         A trusted quote whose TPM resetCount is above a VM's boot proves that VM's memory gone:
-        the VM is off, in the same transaction (rebooted: the audit entry for those VMs)."""
+        the VM is off, in the same transaction (rebooted: the audit entry for those VMs).
+        use_nonce: the quote nonce the verdict relied on, used here, once (Conflict if it was not
+        free any more: another submission of it won)."""
         with self.transaction(serialize=True) as db:
+            now = time.time()
+            if use_nonce is not None and db.execute(self._USE_NONCE, (now, use_nonce, node, "quote", now)).rowcount != 1:
+                raise Conflict("nonce.replayed", "the quote's nonce was used meanwhile (the same evidence sent twice?)")
             row = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
-                "restart_count, build, pcr_values) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (node, time.time(), record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
+                "restart_count, build, pcr_values, evidence_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (node, now, record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
                  json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
-                 record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {})),
+                 record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {}),
+                 record.get("evidence_sha256")),
             ).first()
             attestation_id = int(row["id"]) if row else 0
             if record["verdict"] == "trusted" and record.get("build"):
@@ -654,6 +684,12 @@ class Registry:
     def attestations(self, node: str, limit: int = 50, trusted_only: bool = False) -> list[dict[str, Any]]:
         query = "SELECT * FROM attestations WHERE node = ?" + (" AND verdict = 'trusted'" if trusted_only else "")
         return [self._attestation_row(r) for r in self._all(query + " ORDER BY id DESC LIMIT ?", (node, limit))]
+
+    def attestation_of(self, node: str, nonce: str, evidence_sha256: str) -> dict[str, Any] | None:
+        """The verdict recorded for this very evidence (node, nonce and quote), if any."""
+        row = self._one("SELECT * FROM attestations WHERE node = ? AND nonce = ? AND evidence_sha256 = ? ORDER BY id",
+                        (node, nonce, evidence_sha256))
+        return self._attestation_row(row) if row else None
 
     def attestation(self, attestation_id: int) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM attestations WHERE id = ?", (attestation_id,))

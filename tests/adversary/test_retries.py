@@ -1,4 +1,7 @@
-"""A key release is safe to retry, and a retry is no way to a second copy (issue 15).
+"""Decisions are safe to ask for again, and asking again is no way around them (issue 15).
+
+The same evidence sent twice (its first answer lost) gets the verdict recorded for it, not a
+replay verdict that would quarantine a healthy node; other evidence on a used nonce is a replay.
 
 The answer to a release can be lost in flight (a replica killed after its commit, a dropped
 connection): the engine asks again, and the same node gets a fresh ticket that supersedes the
@@ -89,3 +92,36 @@ def test_the_same_release_is_given_a_bounded_number_of_times(world):
     for _ in range(8):
         world.tc.release_key(record["id"], "n1")
     assert reason(world.tc.release_key, record["id"], "n1") == "release.reissue-limit"
+
+
+def test_the_same_evidence_sent_again_gets_its_recorded_verdict_and_other_evidence_on_its_nonce_is_a_replay(world):
+    before = len(world.tc.registry.attestations("n1", limit=100))
+    nonce = world.tc.nonce("n1")
+    evidence = world.nodes["n1"].tpm.evidence(nonce)
+    verdict, first = world.tc.verify("n1", "site1", "127.0.1.7", evidence)
+    assert verdict.trusted
+    again, second = world.tc.verify("n1", "site1", "127.0.1.7", evidence)  # the answer was lost: asked again
+    assert (again.trusted, second) == (True, first)
+    assert world.tc.registry.node("n1")["state"] == "admitted"
+    assert len(world.tc.registry.attestations("n1", limit=100)) == before + 1  # one verdict
+    world.nodes["n1"].tpm.restart += 1  # another quote (the engine's own pick) on the used nonce
+    replay, third = world.tc.verify("n1", "site1", "127.0.1.7", world.nodes["n1"].tpm.evidence(nonce))
+    assert third != first and [r["code"] for r in replay.reasons] == ["nonce.replayed"]
+
+
+def test_a_verdict_not_recorded_leaves_its_nonce_unused(world, monkeypatch):
+    """A crash between the checks and the record (here: the record fails) uses no nonce, so the
+    engine's retry is judged, not refused as a replay."""
+    nonce = world.tc.nonce("n1")
+    evidence = world.nodes["n1"].tpm.evidence(nonce)
+    real = world.tc.registry.add_attestation
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the TC died here")
+
+    monkeypatch.setattr(world.tc.registry, "add_attestation", crash)
+    with pytest.raises(RuntimeError):
+        world.tc.verify("n1", "site1", "127.0.1.7", evidence)
+    monkeypatch.setattr(world.tc.registry, "add_attestation", real)
+    verdict, _ = world.tc.verify("n1", "site1", "127.0.1.7", evidence)
+    assert verdict.trusted, verdict.reasons
