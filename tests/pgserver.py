@@ -37,9 +37,12 @@ def skip_reason() -> str | None:
 
 
 class PostgresServer:
-    """root: a folder to keep the cluster in (a small tmpfs, for a full disk); default a new temporary one."""
+    """root: a folder to keep the cluster in (a small tmpfs, for a full disk); default a new temporary one.
+    durable: commits acknowledged only once in the WAL (as any real deployment runs), for tests
+    that crash the server; the fast default lets a crash lose the last commits."""
 
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, durable: bool = False) -> None:
+        self.durable = durable
         bindir = postgres_bin()
         assert bindir is not None
         self.bindir = bindir
@@ -58,7 +61,8 @@ class PostgresServer:
     def _start(self) -> None:
         self.proc = subprocess.Popen(
             [f"{self.bindir}/postgres", "-D", self.data, "-h", "127.0.0.1", "-p", str(self.port), "-k", self.dir,
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "fsync=off", "-c", f"synchronous_commit={'on' if self.durable else 'off'}", "-c", "full_page_writes=off",
+             "-c", "max_connections=200"],
             user="postgres", group="postgres", stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
         self.wait_ready()
 
