@@ -11,6 +11,7 @@ import base64
 import pytest
 
 from tccdeploy.engine.helper import RemoteError
+from tccdeploy.engine.migrate import copy_disk
 
 from ..labvms import kill_vm
 from .conftest import World
@@ -126,3 +127,62 @@ def test_a_suspended_vm_resumes_on_another_trusted_node_with_its_disk_and_state(
             world.destroy("traveller")
         kill_vm(world.lab, "node2", vm_id)
     assert world.qemus(vm_id) == []
+
+
+def test_a_saved_state_the_engine_rewrote_is_not_resumed(world: World):
+    """The engine carries a suspended VM's state to the node that resumes it, so it chooses the
+    bytes that node receives: one byte of the ciphertext changed, or a stream of its own making.
+    The resume ticket carries the digest the suspending node's TPM evidence gave the TC, so the
+    service refuses such a state before it spends the ticket or starts anything; carried as it
+    was, the same ticket resumes the VM. In place, on the node that saved it, the state cannot be
+    rewritten at all."""
+    vm_id, _, _ = _running(world, "forged", "node1")
+    node1 = world.session("node1")
+    try:
+        begun = world.post("/v1/suspensions", {"vm": "forged"})
+        assert begun.status_code == 200, begun.text
+        saved = node1.tvmm("vm_suspend", {"ticket": begun.json()["ticket"]}, timeout=300)
+        ended = world.post(f"/v1/suspensions/{begun.json()['suspension']}/end",
+                           {"saved": True, "evidence": saved["evidence"]})
+        assert ended.status_code == 200, ended.text
+        refused(lambda: node1.tvmm("disk_write", {"vm_id": vm_id, "offset": 0, "what": "state",
+                                                  "data": base64.b64encode(b"x").decode()}), "tvmm.disk-complete")
+        genuine = _read_state(node1, vm_id)
+        world.ready("node3")
+        resume = world.post("/v1/resumes", {"vm": "forged", "node": "node3"})
+        assert resume.status_code == 200 and resume.json()["node"] == "node3", resume.text
+        node3 = world.session("node3")
+        flipped = bytearray(genuine)
+        flipped[len(flipped) // 2] ^= 0x01
+        for forged in (bytes(flipped), b"QEVM\x00\x00\x00\x03" + bytes(4096)):  # altered; the engine's own stream
+            copy_disk(node1, node3, vm_id, saved_disk_sha(world, "forged"))
+            _write_state(node3, vm_id, forged)
+            refused(lambda: node3.tvmm("vm_resume", {"ticket": resume.json()["ticket"]}, timeout=300), "tvmm.no-state")
+            assert world.qemus(vm_id) == []
+            node3.tvmm("migrate_in_discard", {"vm_id": vm_id})  # the unused copy goes; the engine tries again
+        copy_disk(node1, node3, vm_id, saved_disk_sha(world, "forged"))
+        _write_state(node3, vm_id, genuine)
+        ran = node3.tvmm("vm_resume", {"ticket": resume.json()["ticket"]}, timeout=300)  # not spent by the refusals
+        assert ran["running"] and len(world.qemus(vm_id)) == 1
+        done = world.post(f"/v1/suspensions/{begun.json()['suspension']}/resumed", {"evidence": ran["evidence"]})
+        assert done.status_code == 200, done.text
+    finally:
+        kill_vm(world.lab, "node1", vm_id)
+        kill_vm(world.lab, "node3", vm_id)
+        vm = world.get_vm("forged")
+        if vm is not None and vm["state"] != "resuming":
+            world.destroy("forged")
+
+
+def saved_disk_sha(world: World, name: str) -> str:
+    return str(world.get_vm(name)["image_sha256"])
+
+
+def _write_state(session, vm_id: str, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Give the node data as the VM's saved state, as the interface lets the engine."""
+    import hashlib
+
+    for at in range(0, len(data), 1 << 20):
+        session.tvmm("disk_write", {"vm_id": vm_id, "offset": at, "what": "state",
+                                    "data": base64.b64encode(data[at:at + (1 << 20)]).decode()})
+    session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": hashlib.sha256(data).hexdigest(), "what": "state"})
