@@ -180,6 +180,10 @@ REASONS: dict[str, str] = {
     "request.schema": "the body does not have the route's shape",
     "request.base64": "a field is not base64",
     "request.query": "a query parameter is malformed",
+    "request.timeout": "the body did not arrive whole before its deadline (or the client left)",
+    "store.unavailable": "the TC's database does not answer now: nothing was decided; ask again",
+    "store.full": "the TC's disk is full: nothing was decided; the operator frees space",
+    "clock.backwards": "the TC's wall clock is behind a time it saw: it decides nothing until the clock catches up",
     "request.unknown": "no such request",
     # -- the node's TVMM service (on the node: what it refuses the engine) --------------------
     "tvmm.request": "a request to the TVMM service has fields other than id, op and args",

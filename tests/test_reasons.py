@@ -14,7 +14,7 @@ CODE = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9][a-z0-9-]*)+$")
 # The calls whose string arguments are reason codes, and the (code, message) pairs the
 # perimeter checks return.
 CALLS = {"Refused", "EnrollmentRefused", "AdmissionRefused", "Conflict", "BundleError", "fail", "warn", "NonceCheck",
-         "ApiError", "HostResult", "Verification", "ServiceError", "failure", "TicketError"}
+         "ApiError", "HostResult", "Verification", "ServiceError", "failure", "TicketError", "Problem"}
 
 
 def produced() -> dict[str, set[str]]:
@@ -31,6 +31,8 @@ def produced() -> dict[str, set[str]]:
                     values = [*node.args[:2], *(k.value for k in node.keywords if k.arg in ("reason", "code"))]
             elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and "coordinator" in path.parts:
                 values = [node.elts[0]]
+            elif isinstance(node, ast.Return) and node.value is not None and "coordinator" in path.parts:
+                values = [node.value]  # (a classifier's answer: db.store_failure)
             for value in values:
                 if isinstance(value, ast.Constant) and isinstance(value.value, str) and CODE.match(value.value):
                     found.setdefault(value.value, set()).add(str(path.relative_to(PACKAGE)))
