@@ -159,7 +159,8 @@ RELEASE_EXPIRY = tickets.TTL + 60  # a ticket no node can take any more, and a m
 
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request_id: str, node: str,
             capacity: int | None,
-            audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None) -> dict[str, Any]:
+            audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None,
+            expire: Callable[[str], list[str]] = lambda request: []) -> dict[str, Any]:
     """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
     constraints; record the release (once) with its audit entry.
 
@@ -173,6 +174,11 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
         raise Refused("release.unknown-request", f"no request {request_id}")
     made = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id]
     current = made[-1] if made and made[-1]["expired"] is None else None
+    if (request["state"] == "released" and current is not None and current["time"] < time.time() - RELEASE_EXPIRY
+            and expire(request_id)):  # (audited; the TC's sweep had not come by yet)
+        request = registry.request(request_id) or request
+        made = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id]
+        current = made[-1] if made and made[-1]["expired"] is None else None
     if request["state"] == "released":
         if current is None or current["node"] != node:
             where = current["node"] if current else "another node"

@@ -305,7 +305,6 @@ class Coordinator:
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
-        self.expire_releases()
         request = self.registry.request(request_id)
         vm_id = request["vm_id"] if request else None
         with self._refusals("key-release", node, vm_id):
@@ -313,18 +312,20 @@ class Coordinator:
                 self.registry, self.identity(), self.perimeter, self.builds, request_id, node, self.capacity(node),
                 lambda att, cert, ticket: audit.entry("key-release", node, vm_id, request=request_id,
                                                       attestation=att["id"], certificate_serial=cert["serial"],
-                                                      ticket=ticket))
+                                                      ticket=ticket),
+                self.expire_releases)
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
                 "ticket": release["ticket"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}
 
-    def expire_releases(self) -> list[str]:
-        """Requests whose key release no launch settled in time go back to 'accepted' (audited):
-        a release lost in flight does not hold its request for ever. Returns their ids."""
+    def expire_releases(self, request: str | None = None) -> list[str]:
+        """Requests (every one, or the one named) whose key release no launch settled in time go
+        back to 'accepted' (audited): a release lost in flight does not hold its request for ever.
+        Returns their ids."""
         return self.registry.expire_releases(
             time.time() - keybroker.RELEASE_EXPIRY,
             lambda row: audit.entry("release.expired", row["node"], row["vm_id"], request=row["request"],
-                                    ticket=row["ticket"]))
+                                    ticket=row["ticket"]), request)
 
     def record_launch(self, release: dict[str, Any], node: str, status: dict[str, Any]) -> dict[str, Any]:
         """The VM runs on node: record it and sign the customer's receipt (kept for `receipt fetch`).

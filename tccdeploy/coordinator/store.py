@@ -278,6 +278,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE attestations ADD COLUMN evidence_sha256 TEXT;
     CREATE INDEX attestations_nonce ON attestations(nonce);
+    CREATE INDEX releases_vm ON releases(vm_id);
+    CREATE INDEX releases_request ON releases(request);
     """,
 ]
 
@@ -416,6 +418,8 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE attestations ADD COLUMN evidence_sha256 TEXT;
     CREATE INDEX attestations_nonce ON attestations(nonce);
+    CREATE INDEX releases_vm ON releases(vm_id);
+    CREATE INDEX releases_request ON releases(request);
     """,
 ]
 
@@ -866,12 +870,15 @@ class Registry:
             self._audit(db, audit)
         return True
 
-    def expire_releases(self, cutoff: float, audit: Callable[[dict[str, Any]], Audit]) -> list[str]:
-        """released -> accepted for every request whose last release was made before cutoff and no
-        launch settled: each in its own transaction with its audit entry. The release row stays
-        (expired), so the key's last node is still known to whoever releases it next."""
+    def expire_releases(self, cutoff: float, audit: Callable[[dict[str, Any]], Audit],
+                        request: str | None = None) -> list[str]:
+        """released -> accepted for every request (or the one named) whose last release was made
+        before cutoff and no launch settled: each in its own transaction with its audit entry. The
+        release row stays (expired), so the key's last node is still known to whoever releases it next."""
         due = self._all("SELECT r.id, r.request, r.node, r.vm_id, r.ticket FROM releases r JOIN requests q "
-                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.time < ?", (cutoff,))
+                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.time < ?"
+                        + (" AND r.request = ?" if request is not None else ""),
+                        (cutoff, request) if request is not None else (cutoff,))
         expired = []
         for row in due:
             with self.transaction(serialize=True) as db:

@@ -125,3 +125,16 @@ def test_a_verdict_not_recorded_leaves_its_nonce_unused(world, monkeypatch):
     monkeypatch.setattr(world.tc.registry, "add_attestation", real)
     verdict, _ = world.tc.verify("n1", "site1", "127.0.1.7", evidence)
     assert verdict.trusted, verdict.reasons
+
+
+def test_a_release_past_its_expiry_expires_when_next_asked_for_even_before_the_sweep(world, clock):
+    record = world.accepted("acme")
+    world.tc.release_key(record["id"], "n1")
+    clock(keybroker.RELEASE_EXPIRY + 1)
+    world.attest("n2")
+    before = len(world.tc.registry.audit_entries())
+    assert reason(world.tc.release_key, record["id"], "n2") == "release.unproven-copy"
+    assert "release.expired" in kinds(world, before)
+    world.attest("n1")
+    again = world.tc.release_key(record["id"], "n1")  # the same node takes it again, after its expiry too
+    assert world.tc.registry.request(record["id"])["state"] == "released" and again["ticket"]
