@@ -30,7 +30,8 @@ class Wall:
 
 def test_the_clock_guard_stops_decisions_while_the_wall_clock_is_behind_what_it_saw():
     wall = Wall()
-    health = Health(wall=wall)
+    said: list[str] = []
+    health = Health(wall=wall, log=said.append)
     wall.now += 100
     assert health.clock() is None  # forward is time passing
     wall.now -= CLOCK_TOLERANCE - 1
@@ -39,8 +40,11 @@ def test_the_clock_guard_stops_decisions_while_the_wall_clock_is_behind_what_it_
     problem = health.clock()
     assert problem is not None and problem.reason == "clock.backwards" and problem.retry_after > 1
     assert health.clock_behind() > 3600 and health.clock_steps_back == 1
+    assert health.clock() is not None and health.clock_steps_back == 2
+    assert len(said) == 1 and "behind" in said[0]  # logged once, when it happened
     wall.now += 3600
     assert health.clock() is None  # caught up
+    assert len(said) == 2 and "caught up" in said[1]
 
 
 def test_a_store_failure_counts_until_a_write_succeeds(monkeypatch):

@@ -11,6 +11,7 @@ measured on the monotonic clock, which no one can step.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ class Problem:
 class Health:
     """Shared by the API's worker threads."""
 
-    def __init__(self, tolerance: float = CLOCK_TOLERANCE, wall=time.time, mono=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tolerance: float = CLOCK_TOLERANCE, wall=time.time, mono=time.monotonic,  # type: ignore[no-untyped-def]
+                 log=lambda line: print(line, file=sys.stderr, flush=True)) -> None:
         self._lock = threading.Lock()
         self.tolerance = tolerance
         self._wall, self._mono = wall, mono
         self._high = wall()  # the latest wall time this process has seen
         self._store: tuple[str, str, float] | None = None  # (reason, message, monotonic time)
         self.clock_steps_back = 0  # how many times the guard found the clock behind (a metric)
+        self._clock_reported = False
+        self.log = log
 
     # -- the clock ------------------------------------------------------------------------
     def clock(self) -> Problem | None:
@@ -48,10 +52,17 @@ class Health:
             behind = self._high - now
             if behind > self.tolerance:
                 self.clock_steps_back += 1
-                return Problem("clock.backwards",
-                               f"the TC's wall clock is {behind:.0f} s behind a time it saw already: it decides nothing "
-                               "until the clock catches up (fix the clock; restarting `tc serve` accepts it as it is)",
-                               int(min(behind, 300)) + 1)
+                problem = Problem("clock.backwards",
+                                  f"the TC's wall clock is {behind:.0f} s behind a time it saw already: it decides "
+                                  "nothing until the clock catches up (fix the clock; restarting `tc serve` accepts "
+                                  "it as it is)", int(min(behind, 300)) + 1)
+                if not self._clock_reported:
+                    self._clock_reported = True
+                    self.log(f"tc serve: {problem.message}")
+                return problem
+            if self._clock_reported:
+                self._clock_reported = False
+                self.log("tc serve: the wall clock has caught up: deciding again")
             self._high = max(self._high, now)
             return None
 
