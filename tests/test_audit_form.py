@@ -59,3 +59,33 @@ def _world(tmp_path) -> World:  # type: ignore[no-untyped-def]
     if key not in _WORLDS:
         _WORLDS[key] = World(tmp_path)
     return _WORLDS[key]
+
+
+def _sha(raw: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def test_column_text_is_kept_up_to_256_characters_and_fingerprinted_beyond_or_when_it_is_not_text():
+    assert auditform.text(None) is None
+    assert auditform.text("n" * 256) == "n" * 256
+    assert auditform.text("n" * 257) == _sha(b"n" * 257)
+    assert auditform.text("\ud800") == _sha("\ud800".encode("utf-8", "surrogatepass"))
+    assert auditform.text("a\x00b") == _sha(b"a\x00b")
+    assert auditform.text(5) == _sha(b"5") and auditform.text([1]) == _sha(b"[1]")
+    assert auditform.text("\ud800" * 300) == _sha(("\ud800" * 300).encode("utf-8", "surrogatepass"))
+
+
+def test_data_keeps_what_every_database_and_json_reader_holds_and_turns_the_rest_to_text():
+    assert auditform.data(None) is None and auditform.data(True) is True and auditform.data(False) is False
+    assert auditform.data(2**63 - 1) == 2**63 - 1 and auditform.data(-(2**63) + 1) == -(2**63) + 1
+    assert auditform.data(2**63) == str(2**63) and auditform.data(-(2**63)) == str(-(2**63))
+    assert auditform.data(1.5) == 1.5
+    assert auditform.data(math.inf) == "inf" and auditform.data(-math.inf) == "-inf" and auditform.data(math.nan) == "nan"
+    assert auditform.data("x" * auditform.MAX_TEXT) == "x" * auditform.MAX_TEXT
+    assert auditform.data("x" * (auditform.MAX_TEXT + 1)) == "x" * auditform.MAX_TEXT + "..."
+    assert auditform.data("\ud800") == _sha("\ud800".encode("utf-8", "surrogatepass"))
+    assert auditform.data((1, "a")) == [1, "a"]
+    assert auditform.data({1: "a", "\ud800": 2}) == {"1": "a", _sha("\ud800".encode("utf-8", "surrogatepass")): 2}
+    assert auditform.data(b"x") == "b'x'"

@@ -266,6 +266,49 @@ def test_anti_affinity_and_capacity_are_the_tcs(world):
     assert info.value.reason == "placement.constraint" and "full (1/1 VMs)" in str(info.value)
 
 
+def test_a_release_refused_says_where_the_key_went_and_which_node_may_still_hold_it(world, monkeypatch):
+    from tccdeploy.coordinator import keybroker
+
+    world.node("n1")
+    world.node("n2")
+    record = world.accepted("acme")
+    world.tc.release_key(record["id"], "n1")
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(record["id"], "n2")
+    assert info.value.reason == "release.already" and "went to n1: ask again for n1" in str(info.value)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + keybroker.RELEASE_EXPIRY + 1)
+    world.attest("n2")
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(record["id"], "n2")
+    assert info.value.reason == "release.unproven-copy" and "reboot n1 first" in str(info.value)
+
+
+def test_a_release_another_process_made_meanwhile_is_refused_not_made_twice(world, monkeypatch):
+    world.node("n1")
+    record = world.accepted("acme")
+    monkeypatch.setattr(world.tc.registry, "record_release", lambda *args, **kwargs: False)  # the other won
+    with pytest.raises(Refused) as info:
+        world.tc.release_key(record["id"], "n1")
+    assert info.value.reason == "release.already" and "concurrently" in str(info.value)
+
+
+def test_the_launch_ticket_is_what_the_node_takes_signed_by_the_tcs_ticket_key(world):
+    import jsonschema
+
+    from tccdeploy.crypto import ticket as tickets
+
+    world.node("n1")
+    record = world.accepted("acme", name="web")
+    release = world.tc.release_key(record["id"], "n1")
+    jsonschema.validate(release["ticket"], tickets.SIGNED)  # the node's own schema for it
+    body = tickets.verify(release["ticket"], world.tc.identity().certificate)
+    assert (body["v"], body["kind"], body["node"], body["name"], body["vm_id"]) == (1, "launch", "n1", "web",
+                                                                                       record["vm_id"])
+    assert body["runtime_pcr"] == world.tc.perimeter.attestation.runtime_pcr
+    assert body["expires"] - body["issued"] == tickets.TTL
+
+
 # -- launch records, receipts and VM state ----------------------------------------------------
 def test_a_launch_is_recorded_once_from_the_tcs_rows(world):
     world.node("n1")

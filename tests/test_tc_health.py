@@ -182,3 +182,34 @@ def test_the_engines_client_backs_off_on_a_503_and_says_why(broker_world, capsys
     remote.retries = 1
     with pytest.raises(client_module.TCUnavailable, match="503"):
         remote._call("POST", "/v1/nonces", {"node": "n1"})
+
+
+def test_the_clock_guards_bounds_and_figures_are_exact():
+    wall = Wall()
+    health = Health(tolerance=5.0, wall=wall, log=lambda line: None)
+    assert health.clock_behind() == 0.0
+    wall.now -= 5.0
+    assert health.clock() is None  # exactly the tolerance: still deciding
+    wall.now -= 0.5
+    problem = health.clock()
+    assert problem is not None and problem.retry_after == 6  # 5.5 s behind: ask again in 6
+    assert problem.message.startswith("the TC's wall clock is 6 s behind a time it saw already: it decides nothing ")
+    assert problem.message.endswith("restarting `tc serve` accepts it as it is)")
+    wall.now -= 10_000
+    assert health.clock().retry_after == 301  # never more than five minutes and a second
+    assert health.clock_steps_back == 2
+
+
+def test_a_store_failure_is_remembered_exactly_as_long_as_its_memory_and_says_what_failed():
+    from tccdeploy.coordinator.health import STORE_MEMORY, retry_after
+
+    mono = [1000.0]
+    health = Health(mono=lambda: mono[0])
+    health.store_failed("store.unavailable", "OperationalError")
+    problem = health.store()
+    assert (problem.reason, problem.message, problem.retry_after) == ("store.unavailable", "OperationalError", 5)
+    mono[0] += STORE_MEMORY
+    assert health.store() is not None  # exactly its memory: still news
+    mono[0] += 0.1
+    assert health.store() is None
+    assert (retry_after("store.full"), retry_after("store.unavailable")) == (30, 5)

@@ -177,8 +177,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
     if (request["state"] == "released" and current is not None and current["time"] < time.time() - RELEASE_EXPIRY
             and expire(request_id)):  # (audited; the TC's sweep had not come by yet)
         request = registry.request(request_id) or request
-        made = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id]
-        current = made[-1] if made and made[-1]["expired"] is None else None
+        made, current = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id], None
     if request["state"] == "released":
         if current is None or current["node"] != node:
             where = current["node"] if current else "another node"
@@ -222,8 +221,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
                                        entry, ticket_id)
     if not done:
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
-    return {"ticket": ticket, "ticket_id": ticket_id, "attestation": latest, "certificate_serial": certificate_row["serial"],
-            "request": request, "certificate_pem": certificate_row["pem"]}
+    return {"ticket": ticket, "attestation": latest, "certificate_serial": certificate_row["serial"], "request": request}
 
 
 def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any], node: str,

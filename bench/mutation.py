@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Mutation testing of the security-critical modules against the fast suite, with mutmut.
+
+mutmut copies the tree to mutants/, makes each mutant (a dropped check, a flipped comparison, an
+off-by-one, another constant) and runs, for each, only the fast tests that cover the mutated
+function (it records which tests reach which function in one stats run first). A mutant no
+test fails on "survived": a bug the fast suite would not catch. This prints, per module, how
+many mutants there were, how many the tests killed, and the kill rate; `--survivors` lists the
+survivors (`.venv/bin/mutmut show NAME` shows each one's diff).
+
+    .venv/bin/python bench/mutation.py                      # every security-critical module (hours)
+    .venv/bin/python bench/mutation.py keybroker crypto.wrap  # modules whose dotted name contains a word
+    .venv/bin/python bench/mutation.py --results             # the figures of the last run, without running
+
+Not part of CI (too slow for it): run it before resolving an issue that touches these modules and
+put its figures in the closing note. The modules it may mutate are the ones [tool.mutmut] in
+pyproject.toml does not exclude; MODULES below is the security-critical list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT = ROOT / ".venv" / "bin" / "mutmut"
+MODULES = [
+    "tccdeploy.coordinator.verifier", "tccdeploy.coordinator.tpm2", "tccdeploy.coordinator.keybroker",
+    "tccdeploy.coordinator.admission", "tccdeploy.coordinator.enrollment", "tccdeploy.coordinator.audit",
+    "tccdeploy.coordinator.auditform", "tccdeploy.coordinator.receipts", "tccdeploy.coordinator.roster",
+    "tccdeploy.coordinator.constraints", "tccdeploy.coordinator.lifecycle", "tccdeploy.coordinator.suspension",
+    "tccdeploy.coordinator.runtime", "tccdeploy.coordinator.health",
+    "tccdeploy.crypto.stream", "tccdeploy.crypto.wrap", "tccdeploy.crypto.bundle", "tccdeploy.crypto.ticket",
+    "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer",
+    "tccdeploy.eventlog", "tccdeploy.tvmm.tickets",
+]
+LINE = re.compile(r"^\s*(?P<name>[\w.]+?)\.(?:x_|xǁ)\S*: (?P<status>[\w ]+)$")
+
+
+def module_of(mutant: str) -> str:
+    """tccdeploy.coordinator.keybroker.x_release__mutmut_3 -> tccdeploy.coordinator.keybroker"""
+    match = LINE.match(f"{mutant}: x")
+    return match.group("name") if match else mutant.rsplit(".", 1)[0]
+
+
+def results() -> dict[str, collections.Counter[str]]:
+    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True)
+    by_module: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in out.stdout.splitlines():
+        match = LINE.match(line)
+        if match:
+            by_module[match.group("name")][match.group("status").strip()] += 1
+    return by_module
+
+
+def survivors() -> list[str]:
+    out = subprocess.run([str(MUTMUT), "results"], cwd=ROOT, capture_output=True, text=True)
+    return [line.split(":")[0].strip() for line in out.stdout.splitlines() if line.strip().endswith("survived")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("words", nargs="*", help="run only the modules whose dotted name contains one of these")
+    parser.add_argument("--results", action="store_true", help="print the last run's figures; run nothing")
+    parser.add_argument("--survivors", action="store_true", help="list the surviving mutants too")
+    parser.add_argument("--json", action="store_true", help="the figures as JSON")
+    args = parser.parse_args()
+    chosen = [m for m in MODULES if not args.words or any(w in m for w in args.words)]
+    if not chosen:
+        print(f"no security-critical module matches {args.words}; they are: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    elapsed = 0.0
+    if not args.results:
+        start = time.monotonic()
+        run = subprocess.run([str(MUTMUT), "run", *(f"{m}.*" for m in chosen)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        elapsed = time.monotonic() - start
+        if run.returncode != 0:
+            print(f"mutmut failed ({run.returncode}): {run.stderr[-2000:]}", file=sys.stderr)
+            return 1
+    figures = results()
+    rows = []
+    for module in chosen:
+        counts = figures.get(module, collections.Counter())
+        total = sum(counts.values())
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a mutant that hangs the tests is caught too
+        rows.append({"module": module, "mutants": total, "killed": killed, "survived": counts.get("survived", 0),
+                     "no_tests": counts.get("no tests", 0), "other": total - killed - counts.get("survived", 0)
+                     - counts.get("no tests", 0), "kill_rate": round(100 * killed / total, 1) if total else None})
+    if args.json:
+        print(json.dumps({"rows": rows, "seconds": round(elapsed)}))
+        return 0
+    print(f"{'module':42} {'mutants':>7} {'killed':>7} {'survived':>8} {'no tests':>8} {'kill rate':>9}")
+    for row in rows:
+        rate = f"{row['kill_rate']}%" if row["kill_rate"] is not None else "not run"
+        print(f"{row['module']:42} {row['mutants']:>7} {row['killed']:>7} {row['survived']:>8} {row['no_tests']:>8} "
+              f"{rate:>9}")
+    total = sum(r["mutants"] for r in rows)
+    killed = sum(r["killed"] for r in rows)
+    if total:
+        print(f"{'all':42} {total:>7} {killed:>7} {'':>8} {'':>8} {round(100 * killed / total, 1):>8}%")
+    if elapsed:
+        print(f"(mutmut ran {elapsed / 60:.1f} min)")
+    if args.survivors:
+        wanted = tuple(f"{m}." for m in chosen)
+        for name in survivors():
+            if name.startswith(wanted):
+                print("survived:", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
