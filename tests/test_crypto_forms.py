@@ -1,0 +1,101 @@
+"""The exact forms the signatures and the key wrapping commit to (issue 16): a label, a domain
+tag or a key's spelling that drifted would still round-trip inside tccdeploy while the TPM, a
+customer's older client or another implementation disagreed; so each is pinned to its bytes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+from tccdeploy.crypto import canonical, customer, wrap
+
+RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+# -- wrap: RSA-OAEP-SHA256 with a label, as the TPM computes it -------------------------------
+def test_labels_are_these_bytes():
+    assert wrap.vm_label("0123abcd") == b"tccdeploy-vm:0123abcd"
+    assert wrap.sealed_label("0123abcd", "ffee") == b"tccdeploy-sealed-vm:0123abcd:customer:ffee"
+
+
+def test_wrapping_is_oaep_sha256_with_the_label_and_the_nul_the_tpm_adds():
+    wrapped = wrap.wrap(RSA.public_key(), b"k" * 32, b"tccdeploy-vm:x")
+    tpm = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), b"tccdeploy-vm:x\x00")  # TPM2_RSA_Decrypt's label
+    assert RSA.decrypt(wrapped, tpm) == b"k" * 32
+    for other in (b"tccdeploy-vm:x", b"tccdeploy-vm:y\x00"):
+        with pytest.raises(ValueError):
+            RSA.decrypt(wrapped, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), other))
+    sha1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), b"tccdeploy-vm:x\x00")  # noqa: S303
+    with pytest.raises(ValueError):
+        RSA.decrypt(wrapped, sha1)
+    made_by_the_tpm_side = RSA.public_key().encrypt(b"s" * 32, tpm)
+    assert wrap.unwrap(RSA, made_by_the_tpm_side, b"tccdeploy-vm:x") == b"s" * 32
+    with pytest.raises(ValueError):
+        wrap.unwrap(RSA, made_by_the_tpm_side, b"tccdeploy-vm:y")
+
+
+# -- canonical JSON and domain tags -------------------------------------------------------------
+def test_canonical_json_is_sorted_compact_utf8():
+    assert canonical.canonical({"b": 1, "a": ["é", {"d": None, "c": True}]}) == \
+        '{"a":["é",{"c":true,"d":null}],"b":1}'.encode()
+    with pytest.raises(ValueError):
+        canonical.canonical({"x": math.nan})
+    with pytest.raises(ValueError):
+        canonical.canonical({"x": math.inf})
+
+
+def test_each_kind_of_signed_document_has_its_own_domain_tag():
+    kinds = [canonical.SEALED_IMAGE, canonical.PLACEMENT_REQUEST, canonical.CUSTOMER_QUERY, canonical.LAUNCH_RECEIPT,
+             canonical.AUDIT_CHECKPOINT]
+    assert kinds == ["sealed-image", "placement-request", "customer-query", "launch-receipt", "audit-checkpoint"]
+    assert canonical.signed_bytes("launch-receipt", {"a": 1}) == b'tccdeploy/launch-receipt\x00{"a":1}'
+
+
+def test_base64_has_one_spelling():
+    assert canonical.b64decode_canonical("AAE=") == b"\x00\x01"
+    for text in ("AAF=", "AAE", "AA E=", "AAE=\n", "*AE="):  # spare bits set, no padding, space, newline, not base64
+        with pytest.raises(ValueError):
+            canonical.b64decode_canonical(text)
+
+
+# -- the customer's key ---------------------------------------------------------------------------
+def test_a_customer_key_is_spelled_ed25519_base64_and_its_id_is_the_first_128_bits_of_its_sha256():
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    text = customer.public_text(key.public_key())
+    assert text == "ed25519:" + base64.b64encode(raw).decode()
+    assert customer.key_id(key.public_key()) == hashlib.sha256(raw).hexdigest()[:32]
+    assert customer.parse_public("  " + text + "\n").public_bytes(serialization.Encoding.Raw,
+                                                                  serialization.PublicFormat.Raw) == raw
+    for bad in ("ed448:" + text.split(":")[1], "ed25519:" + base64.b64encode(raw[:31]).decode(), "ed25519:!!",
+                text.split(":")[1]):
+        with pytest.raises(customer.CustomerKeyError):
+            customer.parse_public(bad)
+
+
+def test_a_customer_key_file_is_made_0600_once_and_refused_when_others_can_read_it(tmp_path):
+    path = tmp_path / "keys" / "acme.key"
+    key, made = customer.init(str(path))
+    assert made and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again, made = customer.init(str(path))
+    assert not made and customer.key_id(again.public_key()) == customer.key_id(key.public_key())
+    os.chmod(path, 0o640)
+    with pytest.raises(customer.CustomerKeyError, match="readable by others"):
+        customer.load(str(path))
+    with pytest.raises(customer.CustomerKeyError, match="customer init"):
+        customer.load(str(tmp_path / "none.key"))
+    other = tmp_path / "rsa.key"
+    other.write_bytes(RSA.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    os.chmod(other, 0o600)
+    with pytest.raises(customer.CustomerKeyError, match="not an Ed25519 key"):
+        customer.load(str(other))
+    assert json.dumps(customer.public_text(key.public_key()))  # (the registration form is plain text)
