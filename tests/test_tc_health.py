@@ -45,6 +45,8 @@ def test_the_clock_guard_stops_decisions_while_the_wall_clock_is_behind_what_it_
     wall.now += 3600
     assert health.clock() is None  # caught up
     assert len(said) == 2 and "caught up" in said[1]
+    wall.now -= 60
+    assert health.clock() is not None and len(said) == 3  # back again: said again
 
 
 def test_a_store_failure_counts_until_a_write_succeeds(monkeypatch):

@@ -109,7 +109,7 @@ class RemoteCoordinator:
             return response.json()
         error = _error_of(response)
         if response.status_code == 403 and not str(error.get("error", "")).startswith("auth."):
-            raise refusal(error["error"], error.get("message", ""))  # type: ignore[call-arg]
+            raise refusal(error["error"], error.get("message") or f"the TC refused: {error['error']}")  # type: ignore[call-arg]
         kind = TCNotFound if response.status_code == 404 else TCUnavailable
         raise kind(f"the TC at {self.url} answered {response.status_code} to {method} {path}: "
                    f"{error.get('error')}: {error.get('message')}")
@@ -363,7 +363,8 @@ class CustomerClient:
             raise TCUnavailable(f"the TC at {self.url} did not answer: {exc}") from None
         data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         if response.status_code != 200:
-            raise Refused(str(data.get("error", f"http.{response.status_code}")), str(data.get("message", response.text[:300])))
+            raise Refused(str(data.get("error") or f"http.{response.status_code}"),
+                          str(data.get("message") or response.text[:300] or f"the TC answered {response.status_code}"))
         return data  # type: ignore[no-any-return]
 
     def submit(self, envelope: dict[str, Any], bundle: dict[str, Any]) -> dict[str, Any]:

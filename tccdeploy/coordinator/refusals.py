@@ -11,6 +11,9 @@ from __future__ import annotations
 
 class Refused(Exception):
     def __init__(self, reason: str, message: str):
+        # A refusal nobody can act on is a bug of its own: the code and the words are required.
+        if not isinstance(reason, str) or not reason or not isinstance(message, str) or not message.strip():
+            raise TypeError(f"a refusal needs a reason code and a message (got {reason!r}, {message!r})")
         super().__init__(message)
         self.reason = reason
 

@@ -143,11 +143,22 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 self._tcc_timer = self.loop.call_later(seconds, self._tcc_expire)
 
         def _tcc_expire(self) -> None:
+            # abort, not close: a TLS close waits for the peer's close_notify (30 s), which a
+            # client that stopped talking never sends; so even a closing connection is cut here
             self._tcc_timer = None
-            if not self.transport.is_closing():
-                if self.cycle is not None and not self.cycle.response_complete:
-                    self.cycle.disconnected = True
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True
+            self.transport.abort()
+
+        def shutdown(self) -> None:
+            """On SIGTERM: a connection between requests is cut at once (uvicorn's TLS close would
+            wait for idle clients' close_notify and hold the service's exit); one in a request
+            finishes it first, as uvicorn does."""
+            if self.cycle is None or self.cycle.response_complete:
+                self._tcc_arm("", None)
                 self.transport.abort()
+            else:
+                super().shutdown()
 
     return LimitedH11
 
