@@ -22,7 +22,6 @@ RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 # -- wrap: RSA-OAEP-SHA256 with a label, as the TPM computes it -------------------------------
 def test_labels_are_these_bytes():
-    assert wrap.vm_label("0123abcd") == b"tccdeploy-vm:0123abcd"
     assert wrap.sealed_label("0123abcd", "ffee") == b"tccdeploy-sealed-vm:0123abcd:customer:ffee"
 
 

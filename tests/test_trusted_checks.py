@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import time
 import hashlib
 import secrets
 
@@ -106,7 +107,7 @@ def test_the_released_key_comes_in_a_launch_ticket_for_that_node_and_opens_only_
     assert body["expires"] - body["issued"] == tickets.TTL
     wrapped = base64.b64decode(body["kvm"])
     assert wrap.unwrap(node.tk, wrapped, tickets.label("launch", "kvm", record["vm_id"], customer_id, body["id"])) == kvm
-    for other in (wrap.vm_label(record["vm_id"]),  # the old VM-only label
+    for other in (f"tccdeploy-vm:{record['vm_id']}".encode(),  # the old VM-only label
                   tickets.label("launch", "kvm", record["vm_id"], customer_id, tickets.new_id()),  # another ticket
                   tickets.label("launch", "kvm", record["vm_id"], "0" * 32, body["id"]),  # another customer
                   tickets.label("migrate-in", "kvm", record["vm_id"], customer_id, body["id"])):  # another use
@@ -294,3 +295,35 @@ def test_records_take_their_fields_from_a_row_or_json_and_give_them_back():
     assert record.state == "accepted" and "wrapped_key" not in record.as_dict()
     assert RequestRecord.from_row(record.as_dict()) == record
     assert VMRecord.from_row(vm().as_dict()) == vm()
+
+
+@pytest.mark.parametrize("offset, taken", [(-300, True), (-301, False), (24 * 3600, True), (24 * 3600 + 1, False)],
+                         ids=["5-min-ahead", "over-5-min-ahead", "a-day-old", "over-a-day-old"])
+def test_a_request_is_taken_from_five_minutes_ahead_to_a_day_old_and_not_a_second_beyond(world, monkeypatch, offset,
+                                                                                       taken):
+    """The bounds exactly, on a frozen clock: a request signed up to five minutes in the future
+    (clock skew) or at most a day ago."""
+    now = datetime.datetime(2026, 12, 2, 12, 0, 0, tzinfo=datetime.UTC)
+    bundle = world.image("acme")
+    envelope = world.request("acme", bundle, created=now - datetime.timedelta(seconds=offset))
+    monkeypatch.setattr(time, "time", lambda: now.timestamp())
+    if taken:
+        assert world.tc.accept_request(envelope, bundle)["id"] == envelope["request"]["id"]
+    else:
+        assert reason(world.tc.accept_request, envelope, bundle) == "request.stale"
+
+
+def test_a_customer_query_is_signed_in_utc_and_taken_within_five_minutes_exactly(world, monkeypatch):
+    from tccdeploy.coordinator.keybroker import QUERY_MAX_SKEW, check_customer_query, sign_customer_query
+
+    record = world.accepted("acme")
+    query = sign_customer_query(world.keys["acme"], record["id"], "status")
+    assert query["time"].endswith("+00:00")  # UTC whatever the machine's zone
+    signed = datetime.datetime.fromisoformat(query["time"]).timestamp()
+    monkeypatch.setattr(time, "time", lambda: signed + QUERY_MAX_SKEW)
+    assert check_customer_query(world.tc.registry, record["id"], "status", query["time"], query["signature"])
+    later = sign_customer_query(world.keys["acme"], record["id"], "receipt")
+    monkeypatch.setattr(time, "time", lambda: datetime.datetime.fromisoformat(later["time"]).timestamp()
+                        + QUERY_MAX_SKEW + 1)
+    assert reason(check_customer_query, world.tc.registry, record["id"], "receipt", later["time"],
+                  later["signature"]) == "query.expired"

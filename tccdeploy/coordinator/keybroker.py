@@ -249,8 +249,8 @@ def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild]
 
 
 def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any],
-               node: str, capacity: int | None, label: bytes | None = None) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """Kvm (sealed to the TC) re-wrapped to node's TK under label (a ticket's; default: the VM's),
+               node: str, capacity: int | None, label: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """Kvm (sealed to the TC) re-wrapped to node's TK under label (the ticket's that carries it),
     if node may have it now: the one place a VM key is ever in clear, for launch and migration alike."""
     latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity)
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
@@ -263,6 +263,6 @@ def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: l
     except Exception:  # noqa: BLE001
         raise Refused("release.unwrap", "the TC cannot unwrap this image's key: sealed for another TC or customer, "
                                         "or altered") from None
-    rewrapped = wrap.wrap(certificate.public_key(), kvm, label or wrap.vm_label(request["vm_id"]))  # type: ignore[arg-type]
+    rewrapped = wrap.wrap(certificate.public_key(), kvm, label)  # type: ignore[arg-type]
     del kvm
     return latest, certificate_row, rewrapped

@@ -1,18 +1,14 @@
 """Key wrapping: RSA-OAEP-SHA256 with a label that binds what the key is for.
 
-A VM key wrapped for one VM cannot be replayed as another VM's: the TPM (or the TC) checks the
-label while decrypting.
+A key wrapped for one use cannot be replayed as another's: the TPM (or the TC) checks the label
+while decrypting. Sealed to the TC, the label names the VM and its customer (`sealed_label`);
+re-wrapped to a node's TK, it names the ticket that carries it (`crypto.ticket.label`).
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-
-def vm_label(vm_id: str) -> bytes:
-    """The OAEP label binding a Kvm wrapped to a node's TK to its VM (the TPM adds the trailing NUL itself)."""
-    return f"tccdeploy-vm:{vm_id}".encode()
 
 
 def sealed_label(vm_id: str, customer_key_id: str) -> bytes:
@@ -22,6 +18,7 @@ def sealed_label(vm_id: str, customer_key_id: str) -> bytes:
 
 
 def _oaep(label: bytes) -> padding.OAEP:
+    # (the TPM adds a trailing NUL to the label it is given; so does this, for both sides to agree)
     return padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), label + b"\x00")
 
 
