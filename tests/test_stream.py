@@ -100,3 +100,91 @@ def test_a_stream_carries_its_context_and_opens_only_for_it():
     forged = data.replace(b"migration:7", b"migration:8", 1)
     with pytest.raises(StreamError, match="does not authenticate"):
         Decryptor(key, context=b"migration:8").update(forged)
+
+
+# -- each bound and refusal, exactly (issue 16) ------------------------------------------------
+def _header(chunk_size: int, prefix: bytes = PREFIX) -> bytes:
+    return b"TCCSTRM1" + prefix + struct.pack(">I", chunk_size)
+
+
+@pytest.mark.parametrize("chunk_size, good", [(0, False), (1, True), (16 * 1024 * 1024, True),
+                                              (16 * 1024 * 1024 + 1, False), (2**32 - 1, False)])
+def test_a_header_names_a_chunk_size_from_1_byte_to_16_mib(chunk_size, good):
+    decryptor = Decryptor(KEY)
+    if good:
+        assert decryptor.update(_header(chunk_size)) == b"" and decryptor.chunk_size == chunk_size
+    else:
+        with pytest.raises(StreamError, match=f"chunk size {chunk_size} out of range"):
+            decryptor.update(_header(chunk_size))
+
+
+def test_a_hostile_frame_length_is_refused_from_its_four_bytes_before_anything_is_buffered():
+    for size in (2**32 - 1, 64 + 16 + 1, 15):  # 4 GiB; one byte over chunk + tag; under a tag
+        decryptor = Decryptor(KEY)
+        decryptor.update(_header(64))
+        with pytest.raises(StreamError, match=f"frame of {size} bytes"):
+            decryptor.update(struct.pack(">I", size))
+    for size in (16, 64 + 16):  # the smallest and largest frames are waited for
+        decryptor = Decryptor(KEY)
+        decryptor.update(_header(64))
+        assert decryptor.update(struct.pack(">I", size) + bytes(size - 1)) == b""
+
+
+def test_the_header_is_read_a_byte_at_a_time_and_a_bad_magic_is_refused():
+    from tccdeploy.crypto.stream import Encryptor
+
+    enc = Encryptor(KEY, 32, context=b"m:1")
+    blob = enc.header + enc.update(b"y" * 40) + enc.finish()
+    decryptor = Decryptor(KEY, context=b"m:1")
+    out = b"".join(decryptor.update(blob[i:i + 1]) for i in range(len(blob)))
+    decryptor.finish()
+    assert out == b"y" * 40
+    with pytest.raises(StreamError, match="bad magic"):
+        Decryptor(KEY).update(b"TCCSTRM3" + bytes(11))
+
+
+def test_the_end_of_a_stream_is_checked():
+    blob = encrypt(KEY, b"z" * 100, 32)
+    with pytest.raises(StreamError, match="empty stream"):
+        Decryptor(KEY).finish()
+    cut = Decryptor(KEY)
+    cut.update(blob[:-3])
+    with pytest.raises(StreamError, match="^21 trailing bytes"):  # the last frame (4 + 4 + 16 bytes) cut by 3
+        cut.finish()
+    frames = Decryptor(KEY)
+    frames.update(blob[:HEADER_SIZE + 4 + 32 + 16])  # the header and the first chunk only
+    with pytest.raises(StreamError, match="after 1 chunk"):
+        frames.finish()
+    more = Decryptor(KEY)
+    more.update(blob)
+    with pytest.raises(StreamError, match="data after the final chunk"):
+        more.update(blob[HEADER_SIZE:HEADER_SIZE + 4 + 48])
+
+
+def test_a_short_chunk_that_is_not_the_last_is_refused():
+    from tccdeploy.crypto.stream import _nonce
+
+    header = _header(32)
+    short = AESGCM(KEY).encrypt(_nonce(PREFIX, 0, False), b"only ten b", header)
+    with pytest.raises(StreamError, match="non-final chunk of the wrong size"):
+        Decryptor(KEY).update(header + struct.pack(">I", len(short)) + short)
+
+
+def test_the_encryptors_parameters_are_bounded():
+    from tccdeploy.crypto.stream import MAX_CHUNK, Encryptor, _nonce
+
+    for bad in ({"key": bytes(31)}, {"chunk_size": 0}, {"chunk_size": MAX_CHUNK + 1}, {"nonce_prefix": bytes(6)},
+                {"context": bytes(257)}):
+        with pytest.raises(ValueError):
+            Encryptor(**({"key": KEY} | bad))
+    assert Encryptor(KEY, MAX_CHUNK, context=bytes(256)).header.startswith(b"TCCSTRM2")
+    assert Encryptor(KEY, 1).header.startswith(b"TCCSTRM1")
+    with pytest.raises(ValueError):
+        Decryptor(bytes(33))
+    enc = Encryptor(KEY, 8)
+    enc.finish()
+    with pytest.raises(StreamError, match="finished"):
+        enc.update(b"x")
+    assert _nonce(PREFIX, 2**32 - 1, True) == PREFIX + b"\xff\xff\xff\xff\x01"
+    with pytest.raises(StreamError, match="counter would wrap"):
+        _nonce(PREFIX, 2**32, False)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import time
 import hashlib
 import secrets
+import time
 
 import pytest
 from cryptography import x509
