@@ -60,8 +60,10 @@ def test_each_kind_of_signed_document_has_its_own_domain_tag():
 
 def test_base64_has_one_spelling():
     assert canonical.b64decode_canonical("AAE=") == b"\x00\x01"
-    for text in ("AAF=", "AAE", "AA E=", "AAE=\n", "*AE="):  # spare bits set, no padding, space, newline, not base64
-        with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^not base64 in its canonical form$"):
+        canonical.b64decode_canonical("AAF=")  # the padding's spare bits set: a second spelling of b"\x00\x01"
+    for text in ("AAE", "AA E=", "AAE=\n", "*AE="):  # no padding, a space, a newline, not the alphabet
+        with pytest.raises(ValueError, match="^not base64: "):
             canonical.b64decode_canonical(text)
 
 

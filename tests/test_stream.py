@@ -173,13 +173,15 @@ def test_a_short_chunk_that_is_not_the_last_is_refused():
 def test_the_encryptors_parameters_are_bounded():
     from tccdeploy.crypto.stream import MAX_CHUNK, Encryptor, _nonce
 
-    for bad in ({"key": bytes(31)}, {"chunk_size": 0}, {"chunk_size": MAX_CHUNK + 1}, {"nonce_prefix": bytes(6)},
-                {"context": bytes(257)}):
-        with pytest.raises(ValueError):
+    for bad, says in (({"key": bytes(31)}, "^STREAM uses a 256-bit key$"), ({"chunk_size": 0}, "^bad chunk size$"),
+                      ({"chunk_size": MAX_CHUNK + 1}, "^bad chunk size$"),
+                      ({"nonce_prefix": bytes(6)}, "^the nonce prefix is 7 bytes$"),
+                      ({"context": bytes(257)}, "^the stream's context is at most 256 bytes$")):
+        with pytest.raises(ValueError, match=says):
             Encryptor(**({"key": KEY} | bad))
     assert Encryptor(KEY, MAX_CHUNK, context=bytes(256)).header.startswith(b"TCCSTRM2")
     assert Encryptor(KEY, 1).header.startswith(b"TCCSTRM1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^STREAM uses a 256-bit key$"):
         Decryptor(bytes(33))
     enc = Encryptor(KEY, 8)
     enc.finish()
@@ -188,3 +190,9 @@ def test_the_encryptors_parameters_are_bounded():
     assert _nonce(PREFIX, 2**32 - 1, True) == PREFIX + b"\xff\xff\xff\xff\x01"
     with pytest.raises(StreamError, match="counter would wrap"):
         _nonce(PREFIX, 2**32, False)
+
+
+def test_encrypt_file_says_how_many_bytes_it_wrote():
+    sink = io.BytesIO()
+    written = encrypt_file(KEY, io.BytesIO(b"q" * 10_000), sink, chunk_size=4096)
+    assert written == len(sink.getvalue()) == HEADER_SIZE + 3 * 4 + 10_000 + 3 * 16
