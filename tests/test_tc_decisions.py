@@ -89,26 +89,53 @@ def test_evidence_without_an_ssh_host_key_is_untrusted(world):
     assert codes(verdict) == ["node.ssh-host-key"]
 
 
-@pytest.mark.parametrize("tag, code", [
-    (AssetTag(attributes=AssetTag().attributes & ~0x40000000 | 0x2), "perimeter.asset-tag-index"),  # owner-made
-    (AssetTag(attributes=AssetTag().attributes & ~0x800), "perimeter.asset-tag-index"),  # not write-locked
-    (AssetTag(index=0x01500002), "perimeter.asset-tag-index"),  # another index
-    (AssetTag(name_of=0x01500002), "perimeter.asset-tag-index"),  # certified name is not the public's
-    (AssetTag(offset=1), "perimeter.asset-tag-index"),
-    (AssetTag(size=5), "perimeter.asset-tag-index"),  # a prefix of a longer tag
-    (AssetTag(nonce=bytes(32)), "perimeter.asset-tag-nonce"),
-    (AssetTag(value=b"site3-rack-z"), "perimeter.asset-tag"),
+@pytest.mark.parametrize("tag, code, says", [
+    (AssetTag(attributes=AssetTag().attributes & ~0x40000000 | 0x2), "perimeter.asset-tag-index", "OS owner"),  # owner-made
+    (AssetTag(attributes=AssetTag().attributes & ~0x800), "perimeter.asset-tag-index", "write-locked"),  # not locked
+    (AssetTag(index=0x01500002), "perimeter.asset-tag-index", "not the site's index 0x01500001"),  # another index
+    (AssetTag(name_of=0x01500002), "perimeter.asset-tag-index", "not the site's index"),  # certified another name
+    (AssetTag(offset=1), "perimeter.asset-tag-index", "only part"),
+    (AssetTag(size=5), "perimeter.asset-tag-index", "only part"),  # a prefix of a longer tag
+    (AssetTag(nonce=bytes(32)), "perimeter.asset-tag-nonce", "nonce"),
+    (AssetTag(value=b"site3-rack-z"), "perimeter.asset-tag", "b'site3-rack-z', the site needs 'site2-rack-a'"),
 ])
-def test_a_forged_asset_tag_is_untrusted(world, tag, code):
+def test_a_forged_asset_tag_is_untrusted(world, tag, code, says):
     world.node("n3", site="site2")
     verdict, _ = world.attest("n3", tag=tag)
     assert codes(verdict) == [code]
+    assert says in verdict.reasons[0]["message"]
+
+
+@pytest.mark.parametrize("forgery, says", [
+    ("another-key", "not certified by the node's attestation key"),
+    ("a-quote", "not certified by the node's attestation key"),
+    ("not-tpm-generated", "not certified by the node's attestation key"),
+    ("unparsable", "does not parse"),
+])
+def test_an_asset_tag_the_nodes_ak_did_not_certify_as_nv_is_untrusted(world, forgery, says):
+    from .attestkit import Node, quote_attest, sign
+
+    world.node("n3", site="site2")
+    node = world.nodes["n3"]
+    evidence = node.tpm.evidence(world.tc.nonce("n3"), tag=AssetTag())
+    if forgery == "another-key":
+        evidence.asset_signature = sign(Node().key, evidence.asset_attest)
+    elif forgery == "a-quote":
+        evidence.asset_attest = quote_attest(evidence.nonce, "sha256", [0], bytes(32))
+        evidence.asset_signature = sign(node.tpm.key, evidence.asset_attest)
+    elif forgery == "not-tpm-generated":
+        evidence.asset_attest = b"\x00\x00\x00\x00" + evidence.asset_attest[4:]
+        evidence.asset_signature = sign(node.tpm.key, evidence.asset_attest)
+    else:
+        evidence.asset_attest = evidence.asset_attest[:-3]
+    verdict, _ = world.tc.verify("n3", "site2", "127.0.2.7", evidence)
+    assert codes(verdict) == ["perimeter.asset-tag"] and says in verdict.reasons[0]["message"]
 
 
 def test_a_missing_asset_tag_is_untrusted(world):
     world.node("n3", site="site2")
     verdict, _ = world.attest("n3", tag=None)
-    assert codes(verdict) == ["perimeter.asset-tag"]
+    assert codes(verdict) == ["perimeter.asset-tag"] and "certified none" in verdict.reasons[0]["message"]
 
 
 # -- quarantine sticks ---------------------------------------------------------------------------

@@ -231,3 +231,18 @@ def test_make_credential_shape():
     ek = tpm2.parse_public(struct.pack(">H", len(area)) + area)
     blob, seed = tpm2.make_credential(ek, b"s" * 32, b"\x00\x0b" + hashlib.sha256(b"ak").digest())
     assert len(seed) == 256 and len(blob) == 2 + 32 + 2 + 32
+
+
+def test_a_verdict_reason_without_a_code_or_words_is_a_bug_not_a_verdict():
+    from tccdeploy.coordinator.verifier import _Collector
+
+    collector = _Collector()
+    collector.fail("quote.nonce", "the quote is for another nonce")
+    collector.warn("build.candidate", "a candidate build")
+    assert collector.reasons == [{"code": "quote.nonce", "message": "the quote is for another nonce"}]
+    assert collector.warnings == [{"code": "build.candidate", "message": "a candidate build"}]
+    for code, message in ((None, "words"), ("", "words"), ("nodot", "words"), ("quote.nonce", ""), ("quote.nonce", " "),
+                          ("quote.nonce", None)):
+        for record in (collector.fail, collector.warn):
+            with pytest.raises(TypeError):
+                record(code, message)  # type: ignore[arg-type]

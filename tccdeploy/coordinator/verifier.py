@@ -79,11 +79,18 @@ class _Collector:
         self.reasons: list[dict[str, str]] = []
         self.warnings: list[dict[str, str]] = []
 
+    @staticmethod
+    def _entry(code: str, message: str) -> dict[str, str]:
+        # As with Refused: a reason nobody can act on is a bug of its own.
+        if not isinstance(code, str) or "." not in code or not isinstance(message, str) or not message.strip():
+            raise TypeError(f"a verdict's reason needs a code and a message (got {code!r}, {message!r})")
+        return {"code": code, "message": message}
+
     def fail(self, code: str, message: str) -> None:
-        self.reasons.append({"code": code, "message": message})
+        self.reasons.append(self._entry(code, message))
 
     def warn(self, code: str, message: str) -> None:
-        self.warnings.append({"code": code, "message": message})
+        self.warnings.append(self._entry(code, message))
 
 
 def match_build(events_by_pcr: dict[int, list[bytes]], builds: list[TVMMBuild], pcrs: tuple[int, ...]) -> tuple[TVMMBuild | None, str]:
