@@ -77,13 +77,14 @@ class Node:
     build: str = "tvmm-2026.1"
     reset: int = 1
     restart: int = 0
+    host_key: str = "SHA256:host"  # the node's SSH host key fingerprint, as enrollment pins it
 
     @property
     def ak_public(self) -> bytes:
         return ecc_public(self.key)
 
     def identity(self) -> dict:
-        return {"ak_public": self.ak_public, "ssh_host_key": "SHA256:host"}
+        return {"ak_public": self.ak_public, "ssh_host_key": self.host_key}
 
     def runtime_evidence(self, ticket: dict, events: list[dict] | None = None, pcr: int = 15,
                          quoted_for: str | None = None) -> dict:
@@ -107,7 +108,7 @@ class Node:
         chosen = sorted(pcrs if pcrs is not None else POLICY_PCRS)
         digest = hashlib.sha256(b"".join(values[p] for p in chosen)).digest()
         attest = quote_attest(nonce, "sha256", chosen, digest, self.reset, self.restart)
-        evidence = Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key="SHA256:host")
+        evidence = Evidence(attest, sign(self.key, attest), dict(values), log, nonce, ssh_host_key=self.host_key)
         if tag is not None:
             nv_public, nv_attest = tag.certify(nonce)
             evidence.asset_attest, evidence.asset_signature = nv_attest, sign(self.key, nv_attest)
@@ -173,4 +174,4 @@ def enroll_software_node(registry, name: str, node: Node, site: str = "site1", a
     registry.roster_add("sha256:" + ek, site, name, None)
     registry.enroll(name, site, address, {"ek_certificate": b"c", "ek_fingerprint": ek, "ek_public": b"e",
                                           "ak_public": node.ak_public, "ak_name": tpm2.parse_public(node.ak_public).name,
-                                          "ssh_host_key": "SHA256:host", "manufacturer": "software"})
+                                          "ssh_host_key": node.host_key, "manufacturer": "software"})

@@ -83,10 +83,11 @@ class World:
         self.tc.close()
 
     # -- nodes -----------------------------------------------------------------------------
-    def node(self, name: str, site: str = "site1", admit: bool = True) -> SoftwareNode:
-        node = SoftwareNode(name, site)
+    def node(self, name: str, site: str = "site1", admit: bool = True, address: str | None = None,
+             host_key: str = "SHA256:host") -> SoftwareNode:
+        node = SoftwareNode(name, site, Node(host_key=host_key))
         self.nodes[name] = node
-        enroll_software_node(self.tc.registry, name, node.tpm, site, ADDRESSES[site])
+        enroll_software_node(self.tc.registry, name, node.tpm, site, address or ADDRESSES[site])
         if admit:
             self.admit(name)
         return node
@@ -95,7 +96,7 @@ class World:
         node = self.nodes[name]
         evidence_args.setdefault("tag", AssetTag() if node.site == "site2" else None)
         evidence = node.tpm.evidence(self.tc.nonce(name), **evidence_args)
-        return self.tc.verify(name, claimed_site or node.site, ADDRESSES[node.site], evidence)
+        return self.tc.verify(name, claimed_site or node.site, self.tc.registry.node(name)["address"], evidence)
 
     def admit(self, name: str) -> None:
         """A fresh trusted attestation, and the node certificate admission would issue for its TK."""

@@ -1,0 +1,212 @@
+"""The engine's decisions against software nodes and the real TC (tests/enginekit.py): what an
+enforcement round does with a failed, unreachable or unknown node and its VMs under each policy,
+how a migration chooses its destination, rolls back when a step fails, and how repair settles a
+migration an engine crash left behind. The same on the lab: tests/test_enforce.py, test_migrate.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tccdeploy.coordinator.refusals import Refused
+from tccdeploy.engine.enforce import enforce_round
+from tccdeploy.engine.helper import RemoteError
+from tccdeploy.engine.migrate import migrate, repair
+
+from .enginekit import Fleet, tampered_boot
+
+
+@pytest.fixture
+def make(tmp_path):  # type: ignore[no-untyped-def]
+    """Two admitted software nodes under a TC whose attestation policy has these changes."""
+    made: list[Fleet] = []
+
+    def fleet(**policy) -> Fleet:  # type: ignore[no-untyped-def]
+        made.append(Fleet(tmp_path / str(len(made)), ["n1", "n2"], **policy))
+        return made[-1]
+
+    yield fleet
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
+def fleet(make) -> Fleet:  # type: ignore[no-untyped-def]
+    return make()
+
+
+def states(fleet: Fleet) -> dict[str, str]:
+    return {n.name: n.state for n in fleet.tc.nodes()}
+
+
+def test_a_round_over_trusted_nodes_changes_nothing(fleet):
+    vm = fleet.launch("n1")
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert sorted((r.host, r.status) for r in report.attested) == [("n1", "ok"), ("n2", "ok")]
+    assert report.quarantined == [] and report.vms == []
+    assert states(fleet) == {"n1": "admitted", "n2": "admitted"} and fleet.where(vm) == ("n1", "running")
+
+
+def test_a_node_that_boots_something_else_is_quarantined_and_its_vm_evacuated(make):
+    fleet = make(on_failure="evacuate")
+    vm = fleet.launch("n1")
+    tampered_boot(fleet.services["n1"])
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert report.quarantined == [{"node": "n1", "reason": "build.unknown"}]
+    assert states(fleet) == {"n1": "quarantined", "n2": "admitted"}
+    assert [(v["vm"], v["policy"], v["result"]) for v in report.vms] == [(vm.name, "evacuate", "evacuated to n2")]
+    assert fleet.where(vm) == ("n2", "running")
+    assert fleet.services["n2"].vms[vm.vm_id] == "running" and vm.vm_id not in fleet.services["n1"].vms
+    assert fleet.tc.migrations()[-1].state == "committed"
+
+
+def test_a_failed_evacuation_is_rolled_back_and_the_vm_powered_off(make):
+    fleet = make(on_failure="evacuate")
+    """Fail closed: the VM must not keep running on the untrusted node. The TC still keeps it live
+    in its records: the quarantined node's word that it stopped is not believed."""
+    vm = fleet.launch("n1")
+    tampered_boot(fleet.services["n1"])
+    fleet.services["n2"].fail["migrate_in_finish"] = RemoteError("tvmm.qemu", "the incoming QEMU died")
+    report = enforce_round(fleet.engine, fleet.tc)
+    (outcome,) = report.vms
+    assert outcome["result"].startswith("powered off (evacuation failed: ")
+    assert "vm.end-boot-untrusted" in outcome["result"] and "the incoming QEMU died" in outcome["evacuation_error"]
+    assert fleet.tc.migrations()[-1].state == "aborted"
+    assert fleet.services["n1"].vms[vm.vm_id] == "off"  # resumed by the abort, then powered off
+    assert vm.vm_id not in fleet.services["n2"].vms  # the destination's copy dropped by its settle ticket
+    assert fleet.where(vm) == ("n1", "running")
+
+
+def test_policy_stop_powers_the_vm_off(make):
+    fleet = make(on_failure="stop")
+    vm = fleet.launch("n1")
+    tampered_boot(fleet.services["n1"])
+    (outcome,) = enforce_round(fleet.engine, fleet.tc).vms
+    assert outcome["policy"] == "stop" and outcome["result"].startswith("powered off")
+    assert fleet.services["n1"].vms[vm.vm_id] == "off" and "migrate_out_start" not in fleet.services["n1"].calls
+
+
+def test_policy_quarantine_leaves_the_vm_and_says_so(make):
+    fleet = make(on_failure="quarantine")
+    vm = fleet.launch("n1")
+    tampered_boot(fleet.services["n1"])
+    (outcome,) = enforce_round(fleet.engine, fleet.tc).vms
+    assert outcome["result"] == "left running (policy quarantine)"
+    assert fleet.services["n1"].vms[vm.vm_id] == "running" and "vm_end" not in fleet.services["n1"].calls
+
+
+def test_a_vm_on_an_unreachable_quarantined_node_is_reported_not_lost(make):
+    fleet = make(on_failure="stop")
+    fleet.launch("n1")
+    fleet.services["n1"].down = True
+    fleet.tc.registry.backend.db.execute("UPDATE attestations SET time = time - 1000 WHERE node = 'n1'")
+    fleet.tc.registry.backend.db.commit()
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert report.quarantined[0]["node"] == "n1" and report.quarantined[0]["reason"].startswith("node.unreachable")
+    assert report.vms[0]["result"].startswith("could not reach the node to stop it")
+
+
+def test_an_unreachable_node_within_its_grace_period_stays_admitted(fleet):
+    fleet.services["n1"].down = True
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert [r.status for r in report.attested if r.host == "n1"] == ["unreachable"]
+    assert report.quarantined == [] and states(fleet)["n1"] == "admitted"
+
+
+def test_an_unreachable_node_past_its_grace_period_is_quarantined(make):
+    fleet = make(grace_period=0)
+    fleet.services["n1"].down = True
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert report.quarantined == [{"node": "n1", "reason": "node.unreachable (connect)"}]
+    assert states(fleet)["n1"] == "quarantined"
+
+
+def test_an_admitted_node_the_inventory_no_longer_has_is_quarantined(fleet):
+    fleet.engine.hosts = [h for h in fleet.engine.hosts if h.name != "n2"]
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert report.quarantined == [{"node": "n2", "reason": "node.not-in-inventory"}]
+    assert enforce_round(fleet.engine, fleet.tc, only={"n1"}).quarantined == []  # a round over some nodes only
+
+
+# -- migration ---------------------------------------------------------------------------------
+def test_a_migration_moves_the_vm_and_both_ends_settle(fleet):
+    vm = fleet.launch("n1")
+    moved = migrate(fleet.engine, fleet.tc, vm.name)
+    assert (moved["from"], moved["to"]) == ("n1", "n2") and moved["ciphertext_bytes"] > 0
+    assert fleet.where(vm) == ("n2", "running")
+    assert fleet.services["n2"].vms[vm.vm_id] == "running" and vm.vm_id not in fleet.services["n1"].vms
+    assert fleet.services["n1"].pending == {} and fleet.services["n2"].pending == {}
+
+
+@pytest.mark.parametrize("step", ["disk_write", "migrate_in_start", "migrate_in_data", "migrate_in_finish"])
+def test_a_migration_that_fails_at_any_step_rolls_back_to_the_running_source(fleet, step):
+    vm = fleet.launch("n1")
+    fleet.services["n2"].fail[step] = RemoteError("tvmm.io", f"{step} failed")
+    with pytest.raises(RemoteError, match=f"{step} failed"):
+        migrate(fleet.engine, fleet.tc, vm.name, "n2")
+    assert fleet.tc.migrations()[-1].state == "aborted"
+    assert fleet.where(vm) == ("n1", "running") and fleet.services["n1"].vms[vm.vm_id] == "running"
+    assert vm.vm_id not in fleet.services["n2"].vms and fleet.services["n1"].pending == {}
+
+
+def test_a_source_that_dies_mid_stream_rolls_back_and_its_vm_stays_paused_until_repair(fleet):
+    """The abort is recorded; the source's settle ticket cannot reach it now, so it stays paused
+    (it cannot resume on the engine's word); repair brings the ticket later."""
+    vm = fleet.launch("n1")
+    fleet.services["n1"].fail["migrate_out_read"] = RemoteError("tvmm.io", "the source's QEMU died")
+    fleet.services["n1"].fail["migrate_out_end"] = RemoteError("tvmm.io", "still down")
+    with pytest.raises(RemoteError):
+        migrate(fleet.engine, fleet.tc, vm.name, "n2")
+    assert fleet.services["n1"].vms[vm.vm_id] == "paused"
+    del fleet.services["n1"].fail["migrate_out_end"]
+    assert repair(fleet.engine, fleet.tc)[0]["action"] == "settled source (abort)"
+    assert fleet.services["n1"].vms[vm.vm_id] == "running" and fleet.where(vm) == ("n1", "running")
+
+
+def test_no_destination_and_an_untrusted_destination_are_refused_before_anything_moves(fleet):
+    vm = fleet.launch("n1")
+    tampered_boot(fleet.services["n2"])
+    with pytest.raises(Refused) as info:
+        migrate(fleet.engine, fleet.tc, vm.name, "n2")
+    assert info.value.reason == "migrate.destination-untrusted"
+    with pytest.raises(Refused) as info:
+        migrate(fleet.engine, fleet.tc, vm.name)  # n2 is quarantined now: no other node qualifies
+    assert info.value.reason == "migrate.no-destination" and "n2: not admitted (quarantined)" in str(info.value)
+    assert fleet.tc.migrations() == [] and fleet.services["n1"].vms[vm.vm_id] == "running"
+
+
+def _interrupted(fleet: Fleet, vm, arrived: bool) -> None:  # type: ignore[no-untyped-def]
+    """The engine's run dies mid-migration: begun at the TC, the VM paused on the source, and
+    (arrived) the destination holding it, with nothing settled."""
+    begin = fleet.tc.migration_begin(vm.name, "n2")
+    source, destination = fleet.services["n1"], fleet.services["n2"]
+    source.call("migrate_out_start", {"ticket": begin["out_ticket"]})
+    destination.call("migrate_in_start", {"ticket": begin["in_ticket"]})
+    if arrived:
+        destination.call("migrate_in_finish", {"vm_id": vm.vm_id})
+
+
+def test_repair_commits_a_migration_the_destinations_tpm_shows_arrived(fleet):
+    vm = fleet.launch("n1")
+    _interrupted(fleet, vm, arrived=True)
+    (done,) = [r for r in repair(fleet.engine, fleet.tc) if r["vm_id"] == vm.vm_id]
+    assert done["action"] == "committed" and done["node"] == "n2"
+    assert fleet.where(vm)[0] == "n2" and vm.vm_id not in fleet.services["n1"].vms
+
+
+def test_repair_rolls_back_a_migration_the_destination_never_finished(fleet):
+    vm = fleet.launch("n1")
+    _interrupted(fleet, vm, arrived=False)
+    (done,) = [r for r in repair(fleet.engine, fleet.tc) if r["vm_id"] == vm.vm_id]
+    assert done["action"] == "rolled back" and done["node"] == "n1"
+    assert fleet.where(vm) == ("n1", "running") and fleet.services["n1"].vms[vm.vm_id] == "running"
+    assert vm.vm_id not in fleet.services["n2"].vms
+
+
+def test_repair_does_not_commit_on_evidence_the_destination_fakes(fleet):
+    """A hostile engine (or node software) claims arrival with events its TPM did not quote for
+    the migrate-in ticket: the TC aborts instead."""
+    vm = fleet.launch("n1")
+    _interrupted(fleet, vm, arrived=False)
+    fleet.services["n2"].vms[vm.vm_id] = "paused"  # says it holds the VM, but its TPM shows no arrival
+    (done,) = [r for r in repair(fleet.engine, fleet.tc) if r["vm_id"] == vm.vm_id]
+    assert done["action"] == "rolled back" and fleet.where(vm)[0] == "n1"
