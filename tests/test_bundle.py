@@ -1,0 +1,197 @@
+"""Sealed image bundles (crypto/bundle.py): sealing a small image with the real qemu-img, and every
+refusal of the TC's certificates, of the image and of a bundle on load, by its reason code."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tccdeploy.coordinator import identity
+from tccdeploy.crypto import bundle, customer, wrap
+from tccdeploy.crypto.bundle import BundleError
+
+from .brokerkit import _tc_state
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed (scripts/install)")
+
+
+@pytest.fixture(scope="module")
+def tc(tmp_path_factory) -> identity.Identity:  # type: ignore[no-untyped-def]
+    state = str(tmp_path_factory.mktemp("tc") / "state")
+    _tc_state(state)
+    return identity.load(state)
+
+
+@pytest.fixture(scope="module")
+def tc_file(tc, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("tcfile") / "tc.pem"
+    path.write_text(tc.bundle_pem)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sealed(tc_file, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One bundle sealed from a 1 MiB raw image, kept pristine: tests that alter it copy it first."""
+    root = tmp_path_factory.mktemp("sealed")
+    image = root / "web.raw"
+    image.write_bytes(b"a customer's disk\n" * 4096 + bytes(1024 * 1024 - 18 * 4096))
+    key = Ed25519PrivateKey.generate()
+    descriptor = bundle.seal(str(image), bundle.load_tc(str(tc_file)), key, str(root / "bundle"))
+    return root / "bundle", descriptor, key
+
+
+def copy_of(sealed, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    target = tmp_path / "bundle"
+    shutil.copytree(sealed[0], target)
+    return target
+
+
+def refusal(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(BundleError) as info:
+        call(*args, **kwargs)
+    assert str(info.value)
+    return info.value.reason
+
+
+def test_a_sealed_bundle_holds_an_encrypted_disk_and_a_key_only_the_tc_opens_for_this_vm_and_customer(sealed, tc):
+    path, descriptor, key = sealed
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output", "json", str(path / bundle.DISK)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["encrypted"] is True and info["virtual-size"] == 1024 * 1024
+    assert b"a customer's disk" not in (path / bundle.DISK).read_bytes()
+    assert descriptor["disk"] == {"file": "disk.qcow2", "sha256": descriptor["disk"]["sha256"],
+                                        "size": (path / bundle.DISK).stat().st_size, "virtual_size": 1024 * 1024,
+                                        "format": "qcow2+luks"}
+    assert descriptor["name"] == "web" and descriptor["version"] == bundle.DESCRIPTOR_VERSION
+    assert descriptor["customer"] == {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())}
+    assert descriptor["tc"] == {
+        "ca_sha256": hashlib.sha256(tc.certificate.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        "wrap_sha256": hashlib.sha256(tc.wrap_certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
+    wrapped = base64.b64decode(descriptor["wrapped_key"])
+    kvm = wrap.unwrap(tc.wrap_key, wrapped, wrap.sealed_label(descriptor["vm_id"], descriptor["customer"]["id"]))
+    assert len(kvm) == 32
+    for label in (wrap.sealed_label("0" * 32, descriptor["customer"]["id"]), wrap.sealed_label(descriptor["vm_id"], "other")):
+        with pytest.raises(ValueError):
+            wrap.unwrap(tc.wrap_key, wrapped, label)
+    assert bundle.load(str(path))["descriptor"] == descriptor
+
+
+def test_the_disk_opens_with_the_sealed_key(sealed, tc, tmp_path):
+    path, descriptor, _ = sealed
+    kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(descriptor["wrapped_key"]),
+                      wrap.sealed_label(descriptor["vm_id"], descriptor["customer"]["id"]))
+    secret = tmp_path / "kvm"
+    secret.write_bytes(base64.b64encode(kvm))
+    secret.chmod(0o600)
+    out = subprocess.run(["qemu-img", "convert", "--object", f"secret,id=k,file={secret}", "--image-opts",
+                          f"driver=qcow2,file.filename={path / bundle.DISK},encrypt.key-secret=k", "-O", "raw",
+                          str(tmp_path / "plain.raw")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "plain.raw").read_bytes().startswith(b"a customer's disk\n" * 4096)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("no-descriptor", "bundle.descriptor"),
+    ("not-json", "bundle.descriptor"),
+    ("extra-field", "bundle.descriptor"),
+    ("bad-customer-key", "bundle.descriptor"),
+    ("renamed", "bundle.signature"),
+    ("other-signer", "bundle.signature"),
+    ("traversal", "bundle.disk-missing"),
+    ("no-disk", "bundle.disk-missing"),
+    ("truncated", "bundle.disk-size"),
+    ("altered", "bundle.disk-digest"),
+])
+def test_a_bundle_that_is_not_as_sealed_is_refused(sealed, tmp_path, change, reason):
+    path = copy_of(sealed, tmp_path)
+    envelope = json.loads((path / bundle.DESCRIPTOR).read_text())
+    descriptor = envelope["descriptor"]
+    disk = path / bundle.DISK
+    if change == "no-descriptor":
+        (path / bundle.DESCRIPTOR).unlink()
+    elif change == "not-json":
+        (path / bundle.DESCRIPTOR).write_text("{")
+    elif change == "extra-field":
+        descriptor["kvm"] = "in clear"
+    elif change == "bad-customer-key":
+        descriptor["customer"]["key"] = "ed25519:AAAA"
+    elif change == "renamed":
+        descriptor["name"] = "other"
+    elif change == "other-signer":  # a valid signature by another key than the one it names
+        from tccdeploy.crypto.canonical import SEALED_IMAGE, signed_bytes
+
+        envelope["signature"] = base64.b64encode(Ed25519PrivateKey.generate().sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()
+    elif change == "traversal":  # the signer names a file outside the bundle: never read
+        (tmp_path / "outside.qcow2").write_bytes(disk.read_bytes())
+        descriptor["disk"]["file"] = "../outside.qcow2"
+    elif change == "no-disk":
+        disk.unlink()
+    elif change == "truncated":
+        disk.write_bytes(disk.read_bytes()[:-1])
+    elif change == "altered":
+        data = bytearray(disk.read_bytes())
+        data[-1] ^= 1
+        disk.write_bytes(bytes(data))
+    if change in ("extra-field", "bad-customer-key", "renamed", "traversal"):
+        key = sealed[2]
+        if change == "traversal":  # re-signed by the customer: only the file check stands in the way
+            from tccdeploy.crypto.canonical import SEALED_IMAGE, signed_bytes
+
+            envelope["signature"] = base64.b64encode(key.sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()
+    if (path / bundle.DESCRIPTOR).exists() and change not in ("not-json",):
+        (path / bundle.DESCRIPTOR).write_text(json.dumps(envelope))
+    assert refusal(bundle.load, str(path)) == reason
+
+
+def test_a_bundle_checked_without_its_disk_is_checked_for_its_signature_only(sealed, tmp_path):
+    path = copy_of(sealed, tmp_path)
+    (path / bundle.DISK).unlink()
+    assert bundle.load(str(path), check_disk=False)["descriptor"]["vm_id"] == sealed[1]["vm_id"]
+
+
+def test_a_descriptor_from_the_network_is_verified_against_the_key_it_names(sealed):
+    envelope = json.loads((sealed[0] / bundle.DESCRIPTOR).read_text())
+    assert bundle.verify_descriptor(envelope) == envelope["descriptor"]
+    assert refusal(bundle.verify_descriptor, {"descriptor": envelope["descriptor"]}) == "bundle.descriptor"
+    assert refusal(bundle.verify_descriptor, dict(envelope, signature="!")) == "bundle.descriptor"
+    moved = dict(envelope, descriptor=dict(envelope["descriptor"], vm_id="0" * 32))
+    assert refusal(bundle.verify_descriptor, moved) == "bundle.signature"
+
+
+def test_the_tc_certificates_must_be_the_tcs_and_match_the_pin(tc, tc_file, tmp_path):
+    keys = bundle.load_tc(str(tc_file), pin=None)
+    assert bundle.load_tc(str(tc_file), pin=keys.ca_fingerprint.upper()).ca == tc.certificate
+    assert refusal(bundle.load_tc, str(tc_file), pin="0" * 64) == "tc.pin"
+    assert refusal(bundle.load_tc, str(tmp_path / "absent.pem")) == "tc.certificate"
+    only_ca = tmp_path / "ca.pem"
+    only_ca.write_text(tc.pem)
+    assert refusal(bundle.load_tc, str(only_ca)) == "tc.certificate"
+    # another TC's wrapping certificate beside this TC's CA: sealing to it would hand Kvm to that TC
+    other_state = str(tmp_path / "other")
+    identity.init(other_state)
+    other = identity.load(other_state)
+    mixed = tmp_path / "mixed.pem"
+    mixed.write_text(tc.pem + other.wrap_certificate.public_bytes(serialization.Encoding.PEM).decode())
+    assert refusal(bundle.load_tc, str(mixed)) == "tc.certificate"
+
+
+def test_sealing_refuses_what_it_cannot_seal_safely(tc_file, tmp_path):
+    keys, key = bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate()
+    assert refusal(bundle.seal, str(tmp_path / "absent.raw"), keys, key, str(tmp_path / "b1")) == "image.unreadable"
+    vdi = tmp_path / "disk.vdi"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(vdi), "1M"], check=True)
+    assert refusal(bundle.seal, str(vdi), keys, key, str(tmp_path / "b2")) == "image.format"
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(65536))
+    (tmp_path / "b3").mkdir()
+    (tmp_path / "b3" / "keep.txt").write_text("someone's file")
+    assert refusal(bundle.seal, str(raw), keys, key, str(tmp_path / "b3")) == "bundle.exists"
+    assert (tmp_path / "b3" / "keep.txt").read_text() == "someone's file"
