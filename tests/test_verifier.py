@@ -246,3 +246,65 @@ def test_a_verdict_reason_without_a_code_or_words_is_a_bug_not_a_verdict():
         for record in (collector.fail, collector.warn):
             with pytest.raises(TypeError):
                 record(code, message)  # type: ignore[arg-type]
+
+
+# -- build matching: which build, and where a log departs from the closest one -----------------
+def _build(name: str, events: dict[int, list[bytes]]):  # type: ignore[no-untyped-def]
+    from tccdeploy.manifest.models import ReferenceEvent, TVMMBuild
+
+    return TVMMBuild(name, "1", "approved", {}, "sha256",
+                     {pcr: tuple(ReferenceEvent(d.hex()) for d in digests) for pcr, digests in events.items()})
+
+
+def _d(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+BOOT = {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("kernel")]}
+
+
+@pytest.mark.parametrize("log, where", [
+    ({0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("kernel"), _d("rootkit")]}, "PCR 4 event 3 (an extra event)"),
+    ({0: [_d("firmware")], 4: [_d("shim"), _d("grub")]}, "PCR 4 event 2 (a missing event)"),
+    ({0: [_d("firmware")], 4: [_d("shim"), _d("evil grub"), _d("kernel")]}, "PCR 4 event 1 (a different event)"),
+    ({0: [], 4: [_d("shim"), _d("grub"), _d("kernel")]}, "PCR 0 event 0 (a missing event)"),
+    ({4: [_d("shim"), _d("grub"), _d("kernel")]}, "PCR 0 event 0 (a missing event)"),
+])
+def test_a_log_that_departs_from_every_build_is_told_where(log, where):
+    matched, why = verifier_match([_build("b1", BOOT)], log)
+    assert matched is None and why == f"closest build b1: {where}"
+
+
+def verifier_match(builds, log):  # type: ignore[no-untyped-def]
+    from tccdeploy.coordinator.verifier import match_build
+
+    return match_build(log, builds, (0, 4))
+
+
+def test_the_build_a_log_matches_exactly_is_chosen_whichever_its_place():
+    other = _build("b0", {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("other kernel")]})
+    mine = _build("b1", BOOT)
+    assert verifier_match([other, mine], BOOT) == (mine, "")
+    assert verifier_match([mine, other], BOOT) == (mine, "")
+
+
+def test_the_closest_build_is_the_one_with_most_events_in_place_the_first_on_a_tie():
+    log = {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("new kernel")]}
+    far = _build("far", {0: [_d("firmware")], 4: [_d("other shim")]})
+    near = _build("near", {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("kernel")]})
+    twin = _build("twin", {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("kernel 2")]})
+    assert verifier_match([far, near, twin], log)[1] == "closest build near: PCR 4 event 2 (a different event)"
+    assert verifier_match([twin, near], log)[1] == "closest build twin: PCR 4 event 2 (a different event)"
+    nothing = _build("nothing", {0: [_d("another firmware")], 4: [_d("x")]})
+    assert verifier_match([nothing], log)[1] == "closest build nothing: PCR 0 event 0 (a different event)"
+    assert verifier_match([], log) == (None, "")
+
+
+def test_a_verdict_reads_back_with_every_field():
+    from tccdeploy.coordinator.verifier import Verdict
+
+    reasons, warnings = [{"code": "quote.nonce", "message": "m"}], [{"code": "build.candidate", "message": "w"}]
+    assert Verdict(False, reasons, warnings, "b1", "ab", 3, 4).as_dict() == {
+        "verdict": "untrusted", "reasons": reasons, "warnings": warnings, "build": "b1", "pcr_digest": "ab",
+        "reset_count": 3, "restart_count": 4}
+    assert Verdict(True).as_dict()["verdict"] == "trusted"
