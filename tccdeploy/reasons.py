@@ -113,6 +113,14 @@ REASONS: dict[str, str] = {
     "query.replay-horizon": "the query is older than the TC's record of used queries reaches (its clock went back, or the query is old)",
     "query.replayed": "the signed query was used before",
     "receipt.not-yet": "the VM has not been launched: no receipt yet",
+    # -- a customer checking a receipt offline (receipt verify) --------------------------------
+    "receipt.malformed": "not a launch receipt of this TC (fields, encoding or signing certificate)",
+    "receipt.other-tc": "the receipt names another TC than the certificate it is checked against",
+    "receipt.signature": "the receipt's signature does not verify: altered, or not signed by this TC's receipt key",
+    "receipt.evidence-missing": "a version 3 receipt without the node's launch evidence",
+    "receipt.evidence-malformed": "the receipt's launch evidence does not parse",
+    "receipt.evidence": "the node's TPM evidence in the receipt does not hold (signature, ticket, PCR, event list)",
+    "receipt.evidence-event": "the evidence's last event for the VM is not its launch from this image by this ticket",
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
     "migrate.evidence-event": "the destination's runtime events do not show the VM arrived through this migration's ticket",

@@ -14,7 +14,8 @@ CODE = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9][a-z0-9-]*)+$")
 # The calls whose string arguments are reason codes, and the (code, message) pairs the
 # perimeter checks return.
 CALLS = {"Refused", "EnrollmentRefused", "AdmissionRefused", "Conflict", "BundleError", "fail", "warn", "NonceCheck",
-         "ApiError", "HostResult", "Verification", "ServiceError", "failure", "TicketError", "Problem"}
+         "ApiError", "HostResult", "Verification", "ServiceError", "failure", "TicketError", "Problem",
+         "ReceiptError"}
 
 
 def produced() -> dict[str, set[str]]:

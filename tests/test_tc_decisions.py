@@ -498,21 +498,40 @@ def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world)
     body = receipts.verify(envelope, ca)
     assert body["version"] == 3 and body["launch_evidence"]["ticket"] == release["ticket"]["ticket"]["id"]
     # Evidence that does not hold cannot ride in a receipt, even one the TC signed.
-    for damage in ("events", "vm", "quote", "missing"):
+    for damage, code in (("events", "receipt.evidence"), ("vm", "receipt.evidence-event"),
+                         ("image", "receipt.evidence-event"), ("quote", "receipt.evidence"),
+                         ("missing", "receipt.evidence-missing"), ("no-ticket", "receipt.evidence-malformed"),
+                         ("pcr-not-a-number", "receipt.evidence-malformed"), ("ak-not-base64", "receipt.evidence-malformed"),
+                         ("another-launch", "receipt.evidence-event")):
         evidence = dict(body["launch_evidence"])
         altered = {k: v for k, v in body.items() if k not in ("type", "version", "tc")}
         if damage == "events":
             evidence["events"] = evidence["events"] + [evidence["events"][-1]]
         elif damage == "vm":
             altered["vm_id"] = "f" * 32
+        elif damage == "image":
+            altered["image_sha256"] = "f" * 64
         elif damage == "quote":
             evidence["ticket"] = "0" * 32
+        elif damage == "no-ticket":
+            del evidence["ticket"]
+        elif damage == "pcr-not-a-number":
+            evidence["runtime_pcr"] = "fifteen"
+        elif damage == "ak-not-base64":
+            evidence["ak_public"] = "!"
+        elif damage == "another-launch":  # the node's own quote, for another ticket it was given: the event names it
+            other = world.tc.release_key(world.accepted("acme")["id"], "n1")
+            forged = world.nodes["n1"].tpm.runtime_evidence(
+                release["ticket"], events=[dict(evidence["events"][-1], ticket=other["ticket"]["ticket"]["id"])])
+            evidence.update(quote=forged["attest"], signature=forged["signature"], pcr_value=forged["value"],
+                            events=forged["events"])
         altered["launch_evidence"] = evidence
         if damage == "missing":
             altered["launch_evidence"] = None
         signed = receipts.sign(world.tc.identity(), altered)  # (the key present: a version 3 receipt)
-        with pytest.raises(receipts.ReceiptError):
+        with pytest.raises(receipts.ReceiptError) as info:
             receipts.verify(signed, ca)
+        assert info.value.reason == code, damage
 
 
 @pytest.mark.parametrize(("damage", "code"), [

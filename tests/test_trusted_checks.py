@@ -182,23 +182,39 @@ def test_a_query_signature_that_is_not_strict_base64_is_refused(world):
 def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
     body = {"vm": "web", "vm_id": "v", "customer": "acme", "node": "n1", "time": 1.0}
     signed = receipts.sign(tc_identity, body)
-    assert receipts.verify(signed, tc_identity.certificate)["vm"] == "web"
-    altered = dict(signed, receipt=dict(signed["receipt"], node="n2"))
-    with pytest.raises(receipts.ReceiptError, match="does not verify"):
-        receipts.verify(altered, tc_identity.certificate)
+    assert receipts.verify(signed, tc_identity.certificate) == {
+        "type": "tccdeploy-launch-receipt", "version": 2, **body,
+        "tc": hashlib.sha256(tc_identity.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
+    assert receipts.sign(tc_identity, dict(body, launch_evidence={}))["receipt"]["version"] == 3
+
+    def refusal(envelope, ca=tc_identity.certificate) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+        with pytest.raises(receipts.ReceiptError) as info:
+            receipts.verify(envelope, ca)
+        return info.value.reason, str(info.value)
+
+    assert refusal(dict(signed, receipt=dict(signed["receipt"], node="n2")))[0] == "receipt.signature"
     other = identity.init(str(tmp_path / "other"))[0]
-    with pytest.raises(receipts.ReceiptError):
-        receipts.verify(signed, other.certificate)
+    assert refusal(signed, other.certificate)[0] == "receipt.malformed"  # its certificate is not this TC's
+    forged = receipts.sign(other, body)  # another TC's receipt, claiming to be this one's
+    forged["receipt"]["tc"] = signed["receipt"]["tc"]
+    assert refusal(forged)[0] == "receipt.malformed"
     audit_der = tc_identity.purpose("audit").certificate.public_bytes(serialization.Encoding.DER)
     as_audit = dict(signed, certificate=base64.b64encode(audit_der).decode())  # a key for another purpose
-    with pytest.raises(receipts.ReceiptError, match="not for receipt"):
-        receipts.verify(as_audit, tc_identity.certificate)
-    for broken, why in (({}, "not a receipt"), (dict(signed, signature="!!"), "not a receipt"),
-                        (dict(signed, receipt=dict(signed["receipt"], type="other")), "not a tccdeploy launch receipt"),
-                        (dict(signed, receipt=[1]), "not a tccdeploy launch receipt"),
-                        (dict(signed, receipt=dict(signed["receipt"], tc="0" * 64)), "another TC")):
-        with pytest.raises(receipts.ReceiptError, match=why):
-            receipts.verify(broken, tc_identity.certificate)
+    assert refusal(as_audit) == ("receipt.malformed", "not a receipt of this TC: the signing certificate is not for "
+                                                      "receipt signatures")
+    by_audit_key = signed_bytes(receipts.DOMAIN, signed["receipt"])  # the receipt key's certificate, another key's signature
+    audit_signed = dict(signed, signature=base64.b64encode(tc_identity.purpose("audit").key.sign(
+        by_audit_key, ec.ECDSA(hashes.SHA256()))).decode())
+    assert refusal(audit_signed)[0] == "receipt.signature"
+    for broken, code, why in (({}, "receipt.malformed", "not a receipt of this TC: 'receipt'"),
+                              (dict(signed, signature="!!"), "receipt.malformed",
+                               "not a receipt of this TC: not base64: Only base64 data is allowed"),
+                              (dict(signed, receipt=dict(signed["receipt"], type="other")), "receipt.malformed",
+                               "not a tccdeploy launch receipt"),
+                              (dict(signed, receipt=[1]), "receipt.malformed", "not a tccdeploy launch receipt"),
+                              (dict(signed, receipt=dict(signed["receipt"], tc="0" * 64)), "receipt.other-tc",
+                               "the receipt names another TC than this certificate")):
+        assert refusal(broken) == (code, why)
 
 
 def test_a_purpose_certificate_must_be_the_tcs_for_that_purpose_and_valid(tc_identity):

@@ -88,7 +88,10 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
         with open(args.receipt) as fh:
             envelope = json.load(fh)
         body = verify(envelope, ca)
-    except (OSError, ValueError, ReceiptError) as exc:
+    except ReceiptError as exc:
+        print(f"INVALID: {exc.reason}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"INVALID: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -27,7 +27,11 @@ DOMAIN = LAUNCH_RECEIPT
 
 
 class ReceiptError(Exception):
-    pass
+    """A receipt that does not prove what it says; `reason` names why (receipt.*)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def sign(tc: Identity, body: dict[str, Any]) -> dict[str, Any]:
@@ -47,18 +51,18 @@ def verify(envelope: dict[str, Any], tc_certificate: x509.Certificate) -> dict[s
         body, signature = envelope["receipt"], b64decode_canonical(envelope["signature"])
         certificate = purpose_certificate(b64decode_canonical(envelope["certificate"]), tc_certificate, "receipt")
     except (KeyError, TypeError, ValueError) as exc:
-        raise ReceiptError(f"not a receipt of this TC: {exc}") from None
+        raise ReceiptError("receipt.malformed", f"not a receipt of this TC: {exc}") from None
     if not isinstance(body, dict) or body.get("type") != KIND:
-        raise ReceiptError("not a tccdeploy launch receipt")
+        raise ReceiptError("receipt.malformed", "not a tccdeploy launch receipt")
     fingerprint = hashlib.sha256(tc_certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
     if body.get("tc") != fingerprint:
-        raise ReceiptError("the receipt names another TC than this certificate")
+        raise ReceiptError("receipt.other-tc", "the receipt names another TC than this certificate")
     key = certificate.public_key()
     try:
         assert isinstance(key, ec.EllipticCurvePublicKey)
         key.verify(signature, signed_bytes(DOMAIN, body), ec.ECDSA(hashes.SHA256()))
     except Exception:  # noqa: BLE001
-        raise ReceiptError("the signature does not verify: the receipt was altered or not signed by this TC") from None
+        raise ReceiptError("receipt.signature", "the signature does not verify: the receipt was altered or not signed by this TC") from None
     if body.get("version", 2) >= 3:
         check_launch_evidence(body)
     return body
@@ -75,17 +79,17 @@ def check_launch_evidence(body: dict[str, Any]) -> None:
 
     evidence = body.get("launch_evidence")
     if not isinstance(evidence, dict):
-        raise ReceiptError("the receipt carries no launch evidence")
+        raise ReceiptError("receipt.evidence-missing", "the receipt carries no launch evidence")
     try:
         checked = verify_runtime({"attest": evidence["quote"], "signature": evidence["signature"],
                                   "value": evidence["pcr_value"], "events": evidence["events"]},
                                  base64.b64decode(evidence["ak_public"], validate=True), int(evidence["runtime_pcr"]),
                                  str(evidence["ticket"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ReceiptError(f"the launch evidence is malformed: {exc}") from None
+        raise ReceiptError("receipt.evidence-malformed", f"the launch evidence is malformed: {exc}") from None
     except Refused as exc:
-        raise ReceiptError(f"the launch evidence does not hold: {exc.reason}: {exc}") from None
+        raise ReceiptError("receipt.evidence", f"the launch evidence does not hold: {exc.reason}: {exc}") from None
     last = last_event_of(checked.events, str(body.get("vm_id")))
     if last.get("event") != "launched" or last.get("vm_id") != body.get("vm_id") \
             or last.get("image_sha256") != body.get("image_sha256") or last.get("ticket") != evidence["ticket"]:
-        raise ReceiptError("the launch evidence's last event is not this VM launched from this image")
+        raise ReceiptError("receipt.evidence-event", "the launch evidence's last event is not this VM launched from this image")
