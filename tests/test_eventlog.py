@@ -145,3 +145,126 @@ def test_mutated_logs_parse_or_are_rejected_cleanly(data):
     for bank in log.banks:
         if bank in ("sha1", "sha256", "sha384", "sha512"):
             log.replay(bank)
+
+
+# -- every bound and refusal of the parser, exactly ----------------------------------------------
+from tccdeploy import eventlog  # noqa: E402
+
+
+def spec_id(algorithms: list[tuple[int, int]] | None = None, signature: bytes = eventlog.SPEC_ID_SIGNATURE,
+            vendor: bytes = b"", platform: int = 1, version: tuple[int, int, int] = (2, 0, 0), uintn: int = 2) -> bytes:
+    algorithms = [(0x0004, 20), (0x000B, 32)] if algorithms is None else algorithms
+    major, minor, errata = version
+    body = signature + struct.pack("<IBBBBI", platform, minor, major, errata, uintn, len(algorithms))
+    body += b"".join(struct.pack("<HH", alg, size) for alg, size in algorithms) + bytes([len(vendor)]) + vendor
+    return struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", len(body)) + body
+
+
+def event(pcr: int = 0, kind: int = 1, digests: list[tuple[int, bytes]] | None = None, data: bytes = b"x",
+          size: int | None = None) -> bytes:
+    digests = [(0x0004, bytes(20)), (0x000B, bytes(32))] if digests is None else digests
+    body = struct.pack("<III", pcr, kind, len(digests)) + b"".join(struct.pack("<H", a) + d for a, d in digests)
+    return body + struct.pack("<I", len(data) if size is None else size) + data
+
+
+def why(raw: bytes) -> str:
+    with pytest.raises(EventLogError) as info:
+        parse(raw)
+    return str(info.value)
+
+
+def test_the_spec_id_event_reads_back():
+    log = parse(spec_id(vendor=b"abc", platform=7, version=(2, 1, 3), uintn=1) + event())
+    assert (log.platform_class, log.spec_version, log.uintn_size) == (7, (2, 1, 3), 1)
+    assert log.algorithms == {"sha1": 20, "sha256": 32} and len(log.events) == 1
+
+
+def test_pcrs_0_to_23_are_taken_and_24_is_not_except_for_no_action_events():
+    assert parse(spec_id() + event(pcr=23)).events[0].pcr == 23
+    assert why(spec_id() + event(pcr=24)) == f"PCR index 24 out of range (at byte {len(spec_id())})"
+    assert parse(spec_id() + event(pcr=0xFFFFFFFF, kind=eventlog.EV_NO_ACTION)).events[0].pcr == 0xFFFFFFFF
+
+
+def test_event_data_is_taken_up_to_one_mib_and_not_a_byte_more():
+    assert len(parse(spec_id() + event(data=bytes(eventlog.MAX_EVENT_DATA))).events[0].data) == eventlog.MAX_EVENT_DATA
+    offset = len(spec_id()) + 12 + 2 + 20 + 2 + 32
+    assert why(spec_id() + event(data=b"", size=eventlog.MAX_EVENT_DATA + 1)) == f"event data of 1048577 bytes (at byte {offset})"
+    assert why(spec_id() + event(data=b"ab", size=3)) == f"truncated: event data needs 3 bytes, 2 left (at byte {offset + 4})"
+
+
+def test_a_log_is_taken_up_to_16_mib_and_not_a_byte_more(tmp_path):
+    too_big = b"\0" * (eventlog.MAX_LOG_BYTES + 1)
+    assert why(too_big) == f"log is {eventlog.MAX_LOG_BYTES + 1} bytes; at most {eventlog.MAX_LOG_BYTES} are accepted (at byte 0)"
+    just = spec_id()
+    while eventlog.MAX_LOG_BYTES - len(just) > 16:  # events of up to 1 MiB of data each, to 16 MiB exactly
+        just += event(kind=eventlog.EV_NO_ACTION, digests=[],
+                      data=bytes(min(eventlog.MAX_EVENT_DATA, eventlog.MAX_LOG_BYTES - len(just) - 16)))
+    assert len(just) == eventlog.MAX_LOG_BYTES
+    assert len(parse(just).events) == 16
+    (tmp_path / "big.bin").write_bytes(too_big + b"more")
+    with pytest.raises(EventLogError, match="at most"):
+        parse_file(str(tmp_path / "big.bin"))
+
+
+@pytest.mark.parametrize("raw, message", [
+    (struct.pack("<II", 1, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 0),
+     "not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event (at byte 0)"),
+    (struct.pack("<II", 0, 1) + bytes(20) + struct.pack("<I", 0),
+     "not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event (at byte 0)"),
+    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 28) + bytes(28),
+     "Spec ID event size 28 is impossible (at byte 28)"),
+    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 40) + bytes(39),
+     "Spec ID event size 40 is impossible (at byte 28)"),
+    (spec_id(signature=b"Spec ID Event02\x00"), "Spec ID event signature is not 'Spec ID Event03' (a SHA-1-only log?) (at byte 32)"),
+    (spec_id([]), "Spec ID event lists 0 algorithms (at byte 56)"),
+    (spec_id([(0x0100 + i, 32) for i in range(17)]), "Spec ID event lists 17 algorithms (at byte 56)"),
+    (spec_id([(0x000B, 20)]), "sha256 digest size 20 in the Spec ID event, expected 32 (at byte 32)"),
+    (spec_id([(0x0099, 0)]), "digest size 0 for algorithm 0x0099 (at byte 32)"),
+    (spec_id([(0x0099, 65)]), "digest size 65 for algorithm 0x0099 (at byte 32)"),
+])
+def test_a_spec_id_event_that_cannot_be_right_is_refused(raw, message):
+    assert why(raw) == message
+
+
+def test_sixteen_algorithms_of_up_to_64_bytes_are_taken():
+    algorithms = [(0x0100 + i, 64 if i == 0 else 1) for i in range(16)]
+    log = parse(spec_id(algorithms) + event(digests=[(a, bytes(s)) for a, s in algorithms]))
+    assert log.algorithms["alg_0x0100"] == 64 and len(log.algorithms) == 16
+
+
+def test_each_events_digests_are_checked_against_the_spec_id_event():
+    at = len(spec_id())
+    assert why(spec_id() + event(digests=[(0x0004, bytes(20)), (0x000B, bytes(32)), (0x000B, bytes(32))])) == \
+        f"event has 3 digests; the log declares 2 banks (at byte {at + 8})"
+    assert why(spec_id() + event(digests=[(0x0004, bytes(20)), (0x0004, bytes(20))])) == \
+        f"two sha1 digests in one event (at byte {at + 12 + 22})"
+    assert why(spec_id() + event(digests=[(0x0004, bytes(20))])) == f"event lacks a digest for bank(s) sha256 (at byte {at})"
+    assert why(spec_id() + event(digests=[])) == f"event lacks a digest for bank(s) sha1, sha256 (at byte {at})"
+    assert parse(spec_id() + event(kind=eventlog.EV_NO_ACTION, digests=[(0x0004, bytes(20))])).events[0].digests == \
+        {"sha1": bytes(20)}  # an EV_NO_ACTION event extends nothing: it may carry fewer digests
+    assert why(spec_id() + event()[:12] + b"\x04") == f"truncated: digest algorithm needs 2 bytes (at byte {at + 12})"
+    assert why(spec_id() + event()[:20]) == f"truncated: sha1 digest needs 20 bytes, 6 left (at byte {at + 14})"
+    assert why(spec_id() + event()[:70]) == f"truncated: event size needs 4 bytes (at byte {at + 12 + 22 + 34})"
+    assert why(spec_id() + event()[:11]) == f"truncated: event header needs 12 bytes, 11 left (at byte {at})"
+
+
+def test_startup_locality_needs_its_whole_event_and_pcr0_alone_starts_from_it():
+    short = event(kind=eventlog.EV_NO_ACTION, digests=[], data=eventlog.STARTUP_LOCALITY_SIGNATURE)
+    assert parse(spec_id() + short).startup_locality == 0
+    four = event(kind=eventlog.EV_NO_ACTION, digests=[], data=eventlog.STARTUP_LOCALITY_SIGNATURE + b"\x04")
+    log = parse(spec_id() + four + event(pcr=0) + event(pcr=16) + event(pcr=17) + event(pcr=22) + event(pcr=23))
+    assert log.startup_locality == 4
+    values = log.replay("sha256")
+    assert values[0] == hashlib.sha256(bytes(31) + b"\x04" + bytes(32)).digest()
+    assert values[16] == values[23] == hashlib.sha256(bytes(64)).digest()
+    assert values[17] == values[22] == hashlib.sha256(b"\xff" * 32 + bytes(32)).digest()
+    assert log.replay("sha1", [0, 5, 18]) == {0: hashlib.sha1(bytes(19) + b"\x04" + bytes(20)).digest(), 5: bytes(20),
+                                              18: b"\xff" * 20}
+    with pytest.raises(EventLogError, match=r"the log has no sha384 digests \(banks: sha1, sha256\)"):
+        log.replay("sha384")
+
+
+def test_the_writer_takes_only_banks_it_knows():
+    with pytest.raises(ValueError, match="unknown bank md5"):
+        EventLogWriter(["sha256", "md5"])
+    assert parse(EventLogWriter(["sha384"]).to_bytes()).algorithms == {"sha384": 48}
