@@ -17,7 +17,7 @@ import zipfile
 from functools import cache
 from importlib import resources
 
-SHARED_CRYPTO = ("canonical.py", "files.py", "purpose.py", "runtime.py", "stream.py", "ticket.py", "wrap.py")
+SHARED_CRYPTO = ("canonical.py", "files.py", "purpose.py", "reasoned.py", "runtime.py", "stream.py", "ticket.py", "wrap.py")
 HELPER_MAIN = b"import sys\nfrom tccdeploy.node.main import main\nsys.exit(main())\n"
 SERVICE_MAIN = b"import sys\nfrom tccdeploy.tvmm.service import main\nsys.exit(main())\n"
 

@@ -66,7 +66,10 @@ def test_a_sealed_bundle_holds_an_encrypted_disk_and_a_key_only_the_tc_opens_for
     info = json.loads(subprocess.run(["qemu-img", "info", "--output", "json", str(path / bundle.DISK)],
                                      capture_output=True, text=True, check=True).stdout)
     assert info["format"] == "qcow2" and info["encrypted"] is True and info["virtual-size"] == 1024 * 1024
+    assert info["format-specific"]["data"]["encrypt"]["hash-alg"] == bundle.LUKS_HASH
     assert b"a customer's disk" not in (path / bundle.DISK).read_bytes()
+    # nothing in a bundle is secret (the disk encrypted, the key wrapped): 0755, to hand around; no leftovers
+    assert path.stat().st_mode & 0o777 == 0o755 and sorted(p.name for p in path.iterdir()) == [bundle.DESCRIPTOR, bundle.DISK]
     assert descriptor["disk"] == {"file": "disk.qcow2", "sha256": descriptor["disk"]["sha256"],
                                         "size": (path / bundle.DISK).stat().st_size, "virtual_size": 1024 * 1024,
                                         "format": "qcow2+luks"}
@@ -185,13 +188,48 @@ def test_the_tc_certificates_must_be_the_tcs_and_match_the_pin(tc, tc_file, tmp_
 
 def test_sealing_refuses_what_it_cannot_seal_safely(tc_file, tmp_path):
     keys, key = bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate()
-    assert refusal(bundle.seal, str(tmp_path / "absent.raw"), keys, key, str(tmp_path / "b1")) == "image.unreadable"
+    with pytest.raises(BundleError, match="qemu-img cannot read .*absent.raw: .*No such file") as info:
+        bundle.seal(str(tmp_path / "absent.raw"), keys, key, str(tmp_path / "b1"))
+    assert info.value.reason == "image.unreadable"
     vdi = tmp_path / "disk.vdi"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(vdi), "1M"], check=True)
-    assert refusal(bundle.seal, str(vdi), keys, key, str(tmp_path / "b2")) == "image.format"
+    with pytest.raises(BundleError, match=r"disk.vdi is vdi; seal a plain raw or qcow2 image") as info:
+        bundle.seal(str(vdi), keys, key, str(tmp_path / "b2"))
+    assert info.value.reason == "image.format"
+    encrypted = tmp_path / "locked.qcow2"  # someone else's encryption: its key is not one the TC would release
+    (tmp_path / "pw").write_text("a passphrase")  # (qcow2's old AES scheme: made in no time, unlike LUKS)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", f"secret,id=s,file={tmp_path / 'pw'}",
+                    "-o", "encrypt.format=aes,encrypt.key-secret=s", str(encrypted), "1M"], check=True)
+    with pytest.raises(BundleError, match=r"locked.qcow2 is qcow2 \(encrypted\); seal a plain") as info:
+        bundle.seal(str(encrypted), keys, key, str(tmp_path / "b4"))
+    assert info.value.reason == "image.format"
     raw = tmp_path / "disk.raw"
     raw.write_bytes(bytes(65536))
     (tmp_path / "b3").mkdir()
     (tmp_path / "b3" / "keep.txt").write_text("someone's file")
     assert refusal(bundle.seal, str(raw), keys, key, str(tmp_path / "b3")) == "bundle.exists"
     assert (tmp_path / "b3" / "keep.txt").read_text() == "someone's file"
+
+
+def test_a_qcow2_image_seals_into_an_empty_folder(tc_file, tmp_path):
+    image = tmp_path / "app.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "2M"], check=True)
+    (tmp_path / "out").mkdir()
+    descriptor = bundle.seal(str(image), bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate(), str(tmp_path / "out"),
+                             name="app-v2")
+    assert descriptor["name"] == "app-v2" and descriptor["disk"]["virtual_size"] == 2 * 1024 * 1024
+    assert bundle.load(str(tmp_path / "out"))["descriptor"] == descriptor
+
+
+def test_a_refusal_always_has_its_reason_and_words():
+    from tccdeploy.coordinator.receipts import ReceiptError
+    from tccdeploy.coordinator.refusals import Refused
+    from tccdeploy.crypto.ticket import TicketError
+    from tccdeploy.tvmm.interface import ServiceError
+
+    for kind in (BundleError, TicketError, ReceiptError, Refused, ServiceError):
+        made = kind("some.reason", "what was wrong")
+        assert made.reason == "some.reason" and str(made) == "what was wrong"
+        for reason, message in ((None, "words"), ("", "words"), ("some.reason", None), ("some.reason", " ")):
+            with pytest.raises(TypeError, match="a refusal needs a reason code and a message"):
+                kind(reason, message)

@@ -20,18 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..crypto.canonical import LAUNCH_RECEIPT, b64decode_canonical, signed_bytes
+from ..crypto.reasoned import Reasoned
 from .identity import Identity, purpose_certificate
 
 KIND = "tccdeploy-launch-receipt"
 DOMAIN = LAUNCH_RECEIPT
 
 
-class ReceiptError(Exception):
+class ReceiptError(Reasoned):
     """A receipt that does not prove what it says; `reason` names why (receipt.*)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def sign(tc: Identity, body: dict[str, Any]) -> dict[str, Any]:

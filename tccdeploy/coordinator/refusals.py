@@ -8,14 +8,11 @@ what was wrong and what to do. Subclasses exist only where a caller handles one 
 
 from __future__ import annotations
 
+from ..crypto.reasoned import Reasoned
 
-class Refused(Exception):
-    def __init__(self, reason: str, message: str):
-        # A refusal nobody can act on is a bug of its own: the code and the words are required.
-        if not isinstance(reason, str) or not reason or not isinstance(message, str) or not message.strip():
-            raise TypeError(f"a refusal needs a reason code and a message (got {reason!r}, {message!r})")
-        super().__init__(message)
-        self.reason = reason
+
+class Refused(Reasoned):
+    """A decision the TC declines (crypto/reasoned.py: the code and the words are required)."""
 
 
 class EnrollmentRefused(Refused):

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .canonical import b64decode_canonical, signed_bytes
 from .purpose import purpose_certificate
+from .reasoned import Reasoned
 
 DOMAIN = "tvmm-ticket"
 TTL = 300  # seconds a ticket is good for: the engine hands it over right away
@@ -95,10 +96,8 @@ RESUME = _body("resume", {**_PROFILE, "suspension": SUSPENSION, "kvm": B64_KEY, 
 SIGNED = signed(LAUNCH)
 
 
-class TicketError(ValueError):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+class TicketError(Reasoned, ValueError):
+    pass
 
 
 def label(kind: str, what: str, vm_id: str, customer: str, ticket_id: str) -> bytes:

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..crypto.reasoned import Reasoned
 from ..crypto.ticket import END, LAUNCH, MIGRATE_IN, MIGRATE_OUT, RESUME, SETTLE, SUSPEND, signed
 
 VM_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
@@ -89,12 +90,8 @@ Handler = Callable[..., dict[str, Any]]
 HANDLERS: dict[str, Handler] = {}
 
 
-class ServiceError(Exception):
+class ServiceError(Reasoned):
     """A refusal or failure the engine sees as a plain message, with a reason code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def operation(name: str) -> Callable[[Handler], Handler]:
