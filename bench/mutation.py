@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("words", nargs="*", help="run only the modules whose dotted name contains one of these")
     parser.add_argument("--results", action="store_true", help="print the last run's figures; run nothing")
     parser.add_argument("--survivors", action="store_true", help="list the surviving mutants too")
+    parser.add_argument("--explain", action="store_true", help="with --survivors: each survivor's diff (mutmut show)")
     parser.add_argument("--json", action="store_true", help="the figures as JSON")
     args = parser.parse_args()
     chosen = [m for m in MODULES if not args.words or any(w in m for w in args.words)]
@@ -113,11 +114,19 @@ def main() -> int:
         print(f"{'all':42} {total:>7} {killed:>7} {'':>8} {'':>8} {round(100 * killed / total, 1):>8}%")
     if elapsed:
         print(f"(mutmut ran {elapsed / 60:.1f} min)")
+    try:  # the commit mutmut copied the tree from (its stats record names it)
+        commit = json.loads((ROOT / "mutants" / "mutmut-stats.json").read_text()).get("git_commit") or "?"
+        print(f"(the tests and code of commit {commit[:10]}, as mutmut copied them)")
+    except (OSError, ValueError):
+        pass
     if args.survivors:
         wanted = tuple(f"{m}." for m in chosen)
         for name in survivors():
             if name.startswith(wanted):
                 print("survived:", name)
+                if args.explain:
+                    shown = subprocess.run([str(MUTMUT), "show", name], cwd=ROOT, capture_output=True, text=True).stdout
+                    print("".join(f"    {line}\n" for line in shown.splitlines() if line[:2] in ("- ", "+ ")), end="")
     return 0
 
 
