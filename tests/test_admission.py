@@ -104,6 +104,8 @@ def test_a_proper_tk_gets_a_challenge_only_it_can_open(registry: Registry, setup
     perimeter, node, attestation = setup
     ciphertext = _begin(registry, perimeter, attestation, _tk(node))
     assert len(ciphertext) == 256 and len(bytes.fromhex(_answer(ciphertext))) == 32
+    assert len(TK_KEY.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(),
+                                                       b"tccdeploy-tk-check\0"))) == 32  # a 256-bit challenge
     assert bytes(registry.backend.db.execute("SELECT challenge_hash FROM admissions").fetchone()[0]) == \
         hashlib.sha256(bytes.fromhex(_answer(ciphertext))).digest()  # the TC keeps a hash of the answer only
     with pytest.raises(ValueError):  # another label (another purpose) does not open it
@@ -265,6 +267,8 @@ def test_the_node_certificate_says_exactly_what_the_tc_verified(registry: Regist
     assert _extension(cert, admission.OID_SITE) == "site1"
     assert _extension(cert, admission.OID_BUILD) == "tvmm-2026.1"
     assert _extension(cert, admission.OID_ATTESTATION) == str(attestation)
+    for oid in (admission.OID_SITE, admission.OID_BUILD, admission.OID_ATTESTATION):  # informative: others may ignore them
+        assert cert.extensions.get_extension_for_oid(oid).critical is False
     assert result["serial"] == f"{cert.serial_number:x}" and result["build"] == "tvmm-2026.1"
     assert result["not_after"] == pytest.approx(cert.not_valid_after_utc.timestamp(), abs=1)
     record = registry.certificate("n1")
@@ -274,13 +278,18 @@ def test_the_node_certificate_says_exactly_what_the_tc_verified(registry: Regist
     assert audited == [{"serial": result["serial"], "not_after": result["not_after"], "build": "tvmm-2026.1"}]
 
 
-def test_a_long_build_name_is_still_a_well_formed_utf8string(registry: Registry, setup, tc):
+@pytest.mark.parametrize("length", [127, 128, 200])
+def test_a_long_build_name_is_still_a_well_formed_utf8string(registry: Registry, setup, tc, length):
+    """DER's short length form ends at 127 bytes; from 128 on the long form (0x81 LL)."""
     perimeter, node, _ = setup
-    long_name = "tvmm-" + "x" * 140
+    long_name = "tvmm-" + "x" * (length - 5)
     attestation = registry.add_attestation("n1", {"verdict": "trusted", "build": long_name,
                                                   "pcr_values": {k: v.hex() for k, v in VALUES.items()}})
     result = _admit(registry, perimeter, tc, node, attestation)
-    assert _extension(x509.load_pem_x509_certificate(result["certificate"].encode()), admission.OID_BUILD) == long_name
+    cert = x509.load_pem_x509_certificate(result["certificate"].encode())
+    assert _extension(cert, admission.OID_BUILD) == long_name
+    raw = cert.extensions.get_extension_for_oid(admission.OID_BUILD).value.value
+    assert raw[:2] == (b"\x0c" + bytes([length]) if length < 128 else b"\x0c\x81")
 
 
 def test_admission_needs_the_tk_to_answer(registry: Registry, setup, tc):
@@ -316,8 +325,18 @@ def test_a_node_quarantined_between_challenge_and_answer_is_not_admitted(registr
     _admit(registry, perimeter, tc, node, attestation)
     ciphertext = _begin(registry, perimeter, attestation, _tk(node))  # re-admission under way
     assert registry.quarantine("n1")
-    assert _refusal(admission.finish, registry, perimeter, tc, "n1", _answer(ciphertext)) == "admit.quarantined"
+    with pytest.raises(AdmissionRefused, match="is quarantined") as info:
+        admission.finish(registry, perimeter, tc, "n1", _answer(ciphertext))
+    assert info.value.reason == "admit.quarantined"
     assert registry.node("n1")["state"] == "quarantined"
+
+
+def test_a_node_whose_tpm_was_replaced_is_not_admitted_on_its_old_attestation(registry: Registry, setup):
+    """The operator's replace-tpm drops the node's identity; its old trusted attestation is still
+    there, and must not carry a TK certified by an AK the TC no longer holds."""
+    perimeter, node, attestation = setup
+    assert registry.replace_tpm("n1")
+    assert _refusal(_begin, registry, perimeter, attestation, _tk(node)) == "admit.not-trusted"
 
 
 def test_a_quarantined_node_comes_back_only_by_the_operator_or_a_reboot_where_the_perimeter_allows(
@@ -328,13 +347,29 @@ def test_a_quarantined_node_comes_back_only_by_the_operator_or_a_reboot_where_th
     values = {k: v.hex() for k, v in VALUES.items()}
     same_boot = registry.add_attestation("n1", {"verdict": "trusted", "build": "tvmm-2026.1", "reset_count": 3,
                                                 "pcr_values": values})
-    assert _refusal(_begin, registry, perimeter, same_boot, _tk(node)) == "admit.quarantined"
+    with pytest.raises(AdmissionRefused, match="tc nodes release n1`$"):  # the operator's way out, and only that
+        _begin(registry, perimeter, same_boot, _tk(node))
     after_reboot = dataclasses.replace(perimeter, attestation=dataclasses.replace(perimeter.attestation,
                                                                                   readmit="after-reboot"))
-    assert _refusal(_begin, registry, after_reboot, same_boot, _tk(node)) == "admit.quarantined"  # no reset since
+    with pytest.raises(AdmissionRefused, match="or it reboots into an approved build$") as info:  # no reset since
+        _begin(registry, after_reboot, same_boot, _tk(node))
+    assert info.value.reason == "admit.quarantined"
     rebooted = registry.add_attestation("n1", {"verdict": "trusted", "build": "tvmm-2026.1", "reset_count": 4,
                                                "pcr_values": values})
     assert _refusal(_begin, registry, perimeter, rebooted, _tk(node)) == "admit.quarantined"  # operator's perimeter
     assert admission.finish(registry, after_reboot, tc, "n1",
                             _answer(_begin(registry, after_reboot, rebooted, _tk(node))))["build"] == "tvmm-2026.1"
     assert registry.node("n1")["state"] == "admitted"
+
+
+def test_a_quote_without_a_reset_count_never_proves_a_reboot(registry: Registry, setup, tc):
+    perimeter, node, _ = setup
+    after_reboot = dataclasses.replace(perimeter, attestation=dataclasses.replace(perimeter.attestation,
+                                                                                  readmit="after-reboot"))
+    values = {k: v.hex() for k, v in VALUES.items()}
+    first = registry.add_attestation("n1", {"verdict": "trusted", "build": "tvmm-2026.1", "reset_count": 0,
+                                            "pcr_values": values})
+    _admit(registry, after_reboot, tc, node, first)
+    registry.quarantine("n1")  # quarantined in boot 0
+    unknown = registry.add_attestation("n1", {"verdict": "trusted", "build": "tvmm-2026.1", "pcr_values": values})
+    assert _refusal(_begin, registry, after_reboot, unknown, _tk(node)) == "admit.quarantined"
