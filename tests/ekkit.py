@@ -10,6 +10,7 @@ import functools
 import hmac
 import struct
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,22 +44,25 @@ def name(cn: str) -> x509.Name:
 
 
 def ca(cn: str, signer: tuple | None = None, is_ca: bool = True, cert_sign: bool = True,
-       not_after: datetime.datetime = NOW + 3650 * DAY):  # type: ignore[no-untyped-def]
-    own = ec.generate_private_key(ec.SECP256R1())
+       not_after: datetime.datetime = NOW + 3650 * DAY, not_before: datetime.datetime = NOW - DAY,
+       key: Any = None):  # type: ignore[no-untyped-def]
+    """A CA certificate and its key (ECDSA P-256 unless key is given: real EK CAs are often RSA)."""
+    own = key or ec.generate_private_key(ec.SECP256R1())
     issuer_name, issuer_key = (signer[0].subject, signer[1]) if signer else (name(cn), own)
     cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_name).public_key(own.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - DAY).not_valid_after(not_after)
+            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, cert_sign, True, False, False), critical=True)
             .sign(issuer_key, hashes.SHA256()))
     return cert, own
 
 
-def ek_cert(signer, ek: rsa.RSAPrivateKey, *, is_ca: bool = False, encipher: bool = True, eku: list | None = None,
-            not_after: datetime.datetime = NOW + 3650 * DAY) -> bytes:  # type: ignore[no-untyped-def]
-    builder = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(signer[0].subject)
+def ek_cert(signer, ek: Any, *, is_ca: bool = False, encipher: bool = True, eku: list | None = None,
+            not_after: datetime.datetime = NOW + 3650 * DAY, not_before: datetime.datetime = NOW - DAY,
+            issuer: x509.Name | None = None) -> bytes:  # type: ignore[no-untyped-def]
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(issuer or signer[0].subject)
                .public_key(ek.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(NOW - DAY).not_valid_after(not_after)
+               .not_valid_before(not_before).not_valid_after(not_after)
                .add_extension(x509.SubjectAlternativeName([x509.DirectoryName(name("tpm"))]), critical=True)
                .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
                .add_extension(x509.KeyUsage(False, False, encipher, False, not encipher, False, False, False, False),

@@ -213,7 +213,9 @@ def test_two_enrollments_racing_with_one_tpm_bind_it_once(lab):
     lab.place(tpm)
     first, second = lab.begin("n1", tpm), lab.begin("n2", tpm)
     enrollment.finish(lab.registry, "n1", tpm.answer(first))
-    assert lab.refusal(enrollment.finish, lab.registry, "n2", tpm.answer(second)) == "ek.duplicate"
+    with pytest.raises(EnrollmentRefused, match="this TPM is enrolled as n1") as info:
+        enrollment.finish(lab.registry, "n2", tpm.answer(second))
+    assert info.value.reason == "ek.duplicate"
     assert lab.registry.identity("n2") is None
 
 
