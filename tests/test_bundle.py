@@ -74,6 +74,7 @@ def test_a_sealed_bundle_holds_an_encrypted_disk_and_a_key_only_the_tc_opens_for
                                         "size": (path / bundle.DISK).stat().st_size, "virtual_size": 1024 * 1024,
                                         "format": "qcow2+luks"}
     assert descriptor["name"] == "web" and descriptor["version"] == bundle.DESCRIPTOR_VERSION
+    assert descriptor["created"].endswith("+00:00")  # UTC, whatever the machine's zone
     assert descriptor["customer"] == {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())}
     assert descriptor["tc"] == {
         "ca_sha256": hashlib.sha256(tc.certificate.public_bytes(serialization.Encoding.DER)).hexdigest(),
@@ -209,6 +210,17 @@ def test_sealing_refuses_what_it_cannot_seal_safely(tc_file, tmp_path):
     (tmp_path / "b3" / "keep.txt").write_text("someone's file")
     assert refusal(bundle.seal, str(raw), keys, key, str(tmp_path / "b3")) == "bundle.exists"
     assert (tmp_path / "b3" / "keep.txt").read_text() == "someone's file"
+
+
+def test_an_image_qemu_img_cannot_convert_is_refused_and_leaves_no_disk(tc_file, tmp_path):
+    base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)], check=True)
+    base.unlink()  # qemu-img info still reads the overlay; converting it needs the backing file
+    with pytest.raises(BundleError, match="qemu-img could not encrypt .*overlay.qcow2: .*backing file") as info:
+        bundle.seal(str(overlay), bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate(), str(tmp_path / "out"))
+    assert info.value.reason == "image.convert"
+    assert not (tmp_path / "out" / bundle.DISK).exists() and not (tmp_path / "out" / bundle.DESCRIPTOR).exists()
 
 
 def test_a_qcow2_image_seals_into_an_empty_folder(tc_file, tmp_path):
