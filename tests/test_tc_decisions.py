@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tccdeploy.coordinator import roster
+from tccdeploy.coordinator import roster, tpm2
 from tccdeploy.coordinator.keybroker import check_customer_query, sign_customer_query
 from tccdeploy.coordinator.refusals import AdmissionRefused, Refused
 from tccdeploy.coordinator.roster import RosterEntry
@@ -104,6 +104,26 @@ def test_a_forged_asset_tag_is_untrusted(world, tag, code, says):
     verdict, _ = world.attest("n3", tag=tag)
     assert codes(verdict) == [code]
     assert says in verdict.reasons[0]["message"]
+
+
+def test_an_asset_tag_certified_from_another_offset_is_not_the_whole_tag(world):
+    """A certification claiming offset 1 yet carrying all 12 bytes of a 12-byte index: no TPM makes
+    it, and the TC does not read it as the whole tag either."""
+    import struct
+
+    from .attestkit import sign, tpm2b
+
+    world.node("n3", site="site2")
+    node = world.nodes["n3"]
+    tag = AssetTag()
+    evidence = node.tpm.evidence(world.tc.nonce("n3"), tag=tag)
+    name = tpm2.parse_nv_public(tag.nv_public()).name
+    body = struct.pack(">IH", tpm2.TPM_GENERATED, tpm2.ST_ATTEST_NV) + tpm2b(b"\x00\x0b" + bytes(32))
+    body += tpm2b(evidence.nonce) + struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0x2000)
+    body += tpm2b(name) + struct.pack(">H", 1) + tpm2b(tag.value)
+    evidence.asset_attest, evidence.asset_signature = body, sign(node.tpm.key, body)
+    verdict, _ = world.tc.verify("n3", "site2", "127.0.2.7", evidence)
+    assert codes(verdict) == ["perimeter.asset-tag-index"] and "only part" in verdict.reasons[0]["message"]
 
 
 @pytest.mark.parametrize("forgery, says", [

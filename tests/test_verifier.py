@@ -295,6 +295,11 @@ def test_the_closest_build_is_the_one_with_most_events_in_place_the_first_on_a_t
     twin = _build("twin", {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("kernel 2")]})
     assert verifier_match([far, near, twin], log)[1] == "closest build near: PCR 4 event 2 (a different event)"
     assert verifier_match([twin, near], log)[1] == "closest build twin: PCR 4 event 2 (a different event)"
+    # events in place count over all PCRs, not the last one only
+    firmware_twin = _build("firmware-twin", {0: [_d("firmware")], 4: [_d("other shim")]})
+    kernel_twin = _build("kernel-twin", {0: [_d("another firmware")], 4: [_d("shim")]})
+    assert verifier_match([firmware_twin, kernel_twin], {0: [_d("firmware")], 4: [_d("x")]})[1].startswith(
+        "closest build firmware-twin")
     nothing = _build("nothing", {0: [_d("another firmware")], 4: [_d("x")]})
     assert verifier_match([nothing], log)[1] == "closest build nothing: PCR 0 event 0 (a different event)"
     assert verifier_match([], log) == (None, "")
