@@ -254,6 +254,18 @@ class Fleet:
         self.world.close()
 
 
+def interrupted(fleet: Fleet, vm: VMRecord, arrived: bool) -> dict[str, Any]:
+    """The engine's run dies mid-migration: begun at the TC, the VM paused on the source, and
+    (arrived) the destination holding it, with nothing settled. Returns the TC's begin answer."""
+    begin = fleet.tc.migration_begin(vm.name, "n2")
+    source, destination = fleet.services["n1"], fleet.services["n2"]
+    source.call("migrate_out_start", {"ticket": begin["out_ticket"]})
+    destination.call("migrate_in_start", {"ticket": begin["in_ticket"]})
+    if arrived:
+        destination.call("migrate_in_finish", {"vm_id": vm.vm_id})
+    return begin
+
+
 def tampered_boot(service: SoftwareService) -> None:
     """The node now boots something else: a boot application the approved build does not have."""
     service.boot_extra = [(4, hashlib.sha256(b"a rootkit's loader").digest())]

@@ -1,0 +1,65 @@
+"""The hostile engine at unit speed: the real TC and the real engine code against software nodes
+(tests/enginekit.py), where the engine lies about what the nodes did. The TC believes a node's
+TPM only; each lie is refused by its reason and the VM stays where the TC's records put it.
+The lab versions of these attacks are in test_tickets_lab.py and test_tvmm_split.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tccdeploy.coordinator.refusals import Refused
+from tccdeploy.engine.migrate import repair
+
+from ..enginekit import Fleet, interrupted
+
+
+@pytest.fixture
+def fleet(tmp_path):  # type: ignore[no-untyped-def]
+    made = Fleet(tmp_path, ["n1", "n2"])
+    yield made
+    made.close()
+
+
+def refusal(call, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(Refused) as info:
+        call(*args, **kwargs)
+    return info.value.reason
+
+
+def test_repair_does_not_commit_on_a_destination_that_only_says_it_holds_the_vm(fleet):
+    vm = fleet.launch("n1")
+    interrupted(fleet, vm, arrived=False)
+    fleet.services["n2"].vms[vm.vm_id] = "paused"  # says it holds the VM; its TPM shows no arrival
+    (done,) = [r for r in repair(fleet.engine, fleet.tc) if r["vm_id"] == vm.vm_id]
+    assert done["action"] == "rolled back" and fleet.where(vm)[0] == "n1"
+
+
+def test_a_commit_on_the_sources_evidence_is_refused(fleet):
+    """The engine hands the TC the source's quote (another AK) as the destination's arrival."""
+    vm = fleet.launch("n1")
+    begin = interrupted(fleet, vm, arrived=False)
+    in_ticket = begin["in_ticket"]["ticket"]
+    forged = fleet.services["n1"]._record({"event": "migrated-in", "vm_id": vm.vm_id, "migration": in_ticket["migration"],
+                                           "source": "n1", "ticket": in_ticket["id"],
+                                           "image_sha256": in_ticket["image_sha256"]}, in_ticket["id"])
+    assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=forged) == "runtime.signature"
+    assert fleet.where(vm) == ("n1", "running") and fleet.tc.migrations()[-1].state == "started"
+
+
+def test_a_commit_on_evidence_quoted_for_another_ticket_is_refused(fleet):
+    """The destination's own TPM, but its quote answers the source's ticket: replayed, not this arrival."""
+    vm = fleet.launch("n1")
+    begin = interrupted(fleet, vm, arrived=True)
+    replayed = fleet.services["n2"].evidence(begin["out_ticket"]["ticket"]["id"])
+    assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=replayed) == "runtime.nonce"
+    assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=None) == "runtime.missing"
+    assert fleet.where(vm)[0] == "n1"
+
+
+def test_a_commit_on_arrival_evidence_of_another_vm_is_refused(fleet):
+    """The destination's TPM quoted for this ticket, but the last event for this VM is not its arrival."""
+    vm = fleet.launch("n1")
+    begin = interrupted(fleet, vm, arrived=False)
+    evidence = fleet.services["n2"].evidence(begin["in_ticket"]["ticket"]["id"])  # quoted for it, showing nothing
+    assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=evidence) == "migrate.evidence-event"
+    assert fleet.where(vm)[0] == "n1"
