@@ -13,6 +13,7 @@ from tccdeploy.engine.helper import RemoteError
 from tccdeploy.engine.migrate import migrate, repair
 
 from .enginekit import Fleet, tampered_boot
+from .enginekit import interrupted as _interrupted
 
 
 @pytest.fixture
@@ -174,7 +175,6 @@ def test_no_destination_and_an_untrusted_destination_are_refused_before_anything
     assert fleet.tc.migrations() == [] and fleet.services["n1"].vms[vm.vm_id] == "running"
 
 
-from .enginekit import interrupted as _interrupted  # noqa: E402
 
 
 def test_repair_commits_a_migration_the_destinations_tpm_shows_arrived(fleet):
