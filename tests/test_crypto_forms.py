@@ -100,3 +100,29 @@ def test_a_customer_key_file_is_made_0600_once_and_refused_when_others_can_read_
     with pytest.raises(customer.CustomerKeyError, match="not an Ed25519 key"):
         customer.load(str(other))
     assert json.dumps(customer.public_text(key.public_key()))  # (the registration form is plain text)
+
+
+def test_the_runtime_pcr_is_extended_and_quoted_as_these_bytes():
+    """Service and TC share crypto/runtime.py, so a change there would agree with itself: the bytes
+    are pinned here, written out from the format (tag, canonical JSON, sha256 extend from zero)."""
+    from tccdeploy.crypto import runtime
+
+    event = {"event": "launched", "vm_id": "ab" * 16, "ticket": "cd" * 16}
+    wire = b'{"event":"launched","ticket":"' + b"cd" * 16 + b'","vm_id":"' + b"ab" * 16 + b'"}'
+    digest = hashlib.sha256(b"tccdeploy-runtime-event\x00" + wire).digest()
+    assert runtime.event_digest(event) == digest
+    assert runtime.replay([]) == bytes(32)
+    first = hashlib.sha256(bytes(32) + digest).digest()
+    assert runtime.replay([event]) == first
+    assert runtime.replay([event, event]) == hashlib.sha256(first + digest).digest()
+    assert runtime.qualifier("cd" * 16) == hashlib.sha256(b"tccdeploy-runtime-evidence\x00" + b"cd" * 16).digest()
+
+
+def test_a_ticket_label_and_the_tk_pin_are_these_bytes():
+    from tccdeploy.crypto import ticket
+
+    bound = hashlib.sha256(b"launch\x00kvm\x00" + b"ab" * 16 + b"\x00" + b"ef" * 8 + b"\x00" + b"cd" * 16).digest()
+    assert ticket.label("launch", "kvm", "ab" * 16, "ef" * 8, "cd" * 16) == \
+        b"tccdeploy-ticket:" + base64.urlsafe_b64encode(bound).rstrip(b"=")
+    assert ticket.pin_qualifier(b"n" * 32, b"der") == hashlib.sha256(
+        b"tccdeploy-tk-pin\x00" + b"n" * 32 + hashlib.sha256(b"der").digest()).digest()
