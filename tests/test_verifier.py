@@ -69,11 +69,57 @@ def test_quote_without_the_nonce(manifests):
     assert codes(run(manifests, node, evidence)) == ["quote.nonce"]
 
 
-@pytest.mark.parametrize("reason", ["nonce.replayed", "nonce.expired", "nonce.unknown", "nonce.other-node"])
-def test_nonce_state_from_the_registry(manifests, reason: str):
+@pytest.mark.parametrize("reason, says", [("nonce.replayed", "used before"), ("nonce.expired", "expired"),
+                                           ("nonce.unknown", "never issued"), ("nonce.other-node", "another node"),
+                                           ("nonce.something-new", "nonce.something-new")])
+def test_nonce_state_from_the_registry(manifests, reason: str, says: str):
     node = Node()
     verdict = run(manifests, node, node.evidence(NONCE), nonce_ok=NonceCheck(False, reason))
-    assert codes(verdict) == [reason]
+    assert codes(verdict) == [reason] and says in verdict.reasons[0]["message"]
+
+
+def test_a_trusted_verdict_records_the_quoted_digest_and_counters(manifests):
+    node = Node(reset=5, restart=2)
+    evidence = node.evidence(NONCE)
+    verdict = run(manifests, node, evidence)
+    assert verdict.trusted and verdict.pcr_digest == tpm2.parse_attest(evidence.attest).pcr_digest.hex()
+    assert (verdict.reset_count, verdict.restart_count) == (5, 2)
+
+
+def test_a_certification_passed_off_as_a_quote_is_untrusted(manifests):
+    from .attestkit import certify_attest
+
+    node = Node()
+    evidence = node.evidence(NONCE)
+    evidence.attest = certify_attest(NONCE, b"\x00\x0b" + bytes(32))  # the AK's, over the nonce, but no quote
+    evidence.signature = sign(node.key, evidence.attest)
+    verdict = run(manifests, node, evidence)
+    assert codes(verdict) == ["quote.type"] and "0x8017 is not a quote" in verdict.reasons[0]["message"]
+    assert verdict.pcr_digest is None
+
+
+def test_reported_pcr_values_missing_one_the_policy_covers_are_untrusted_not_a_crash(manifests):
+    node = Node()
+    evidence = node.evidence(NONCE)
+    del evidence.pcrs[11]
+    assert codes(run(manifests, node, evidence)) == ["quote.pcr-digest", "eventlog.replay"]
+
+
+def test_a_policy_pcr_no_event_touched_replays_to_its_reset_value(manifests):
+    """A log without events for PCR 9: the PCR keeps its reset value, which the quote must show
+    (no crash, no replay failure); the boot then matches no build."""
+    from tccdeploy.eventlog import EventLogWriter
+
+    node = Node()
+    writer = EventLogWriter(["sha1", "sha256"])
+    values = {p: bytes(32) for p in (0, 4, 8, 9, 11)}
+    for pcr in (0, 4, 8, 11):
+        values[pcr] = hashlib.sha256(values[pcr] + writer.add(pcr, "EV_POST_CODE", b"x%d" % pcr)["sha256"]).digest()
+    attest = quote_attest(NONCE, "sha256", [0, 4, 8, 9, 11], hashlib.sha256(b"".join(values[p] for p in (0, 4, 8, 9, 11))).digest())
+    from tccdeploy.coordinator.verifier import Evidence
+
+    evidence = Evidence(attest, sign(node.key, attest), values, writer.to_bytes(), NONCE, ssh_host_key=node.host_key)
+    assert codes(run(manifests, node, evidence)) == ["build.unknown"]
 
 
 def test_pcr_digest_mismatch(manifests):
