@@ -62,6 +62,32 @@ def results() -> dict[str, collections.Counter[str]]:
     return by_module
 
 
+STRING = re.compile(r"""(?P<q>["'])(?:\\.|(?!(?P=q)).)*(?P=q)""")
+CODE = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9][a-z0-9-]*)+$")
+
+
+def diff_of(name: str) -> tuple[list[str], list[str]]:
+    shown = subprocess.run([str(MUTMUT), "show", name], cwd=ROOT, capture_output=True, text=True).stdout.splitlines()
+    return [line[2:] for line in shown if line.startswith("- ")], [line[2:] for line in shown if line.startswith("+ ")]
+
+
+def wording_only(removed: list[str], added: list[str]) -> bool:
+    """A mutant that changes only the words of a message (a string literal that is not a reason
+    code, changed in case or wrapped in XX): what a person reads, not what the code decides."""
+    if not removed or len(removed) != len(added):
+        return False
+    for before, after in zip(removed, added, strict=True):
+        if STRING.sub('""', before) != STRING.sub('""', after):
+            return False
+        old = [m.group(0)[1:-1] for m in STRING.finditer(before)]
+        new = [m.group(0)[1:-1] for m in STRING.finditer(after)]
+        if any(CODE.match(a) or CODE.match(b) for a, b in zip(old, new, strict=False) if a != b):
+            return False
+        if any(b.lower() != a.lower() and b != f"XX{a}XX" for a, b in zip(old, new, strict=False) if a != b):
+            return False
+    return True
+
+
 def survivors() -> list[str]:
     out = subprocess.run([str(MUTMUT), "results"], cwd=ROOT, capture_output=True, text=True)
     return [line.split(":")[0].strip() for line in out.stdout.splitlines() if line.strip().endswith("survived")]
@@ -73,6 +99,9 @@ def main() -> int:
     parser.add_argument("--results", action="store_true", help="print the last run's figures; run nothing")
     parser.add_argument("--survivors", action="store_true", help="list the surviving mutants too")
     parser.add_argument("--explain", action="store_true", help="with --survivors: each survivor's diff (mutmut show)")
+    parser.add_argument("--wording", action="store_true",
+                        help="also the kill rate leaving out survivors that change only a message's wording "
+                             "(--survivors then lists the others only)")
     parser.add_argument("--json", action="store_true", help="the figures as JSON")
     args = parser.parse_args()
     chosen = [m for m in MODULES if not args.words or any(w in m for w in args.words)]
@@ -119,14 +148,26 @@ def main() -> int:
         print(f"(the tests and code of commit {commit[:10]}, as mutmut copied them)")
     except (OSError, ValueError):
         pass
-    if args.survivors:
+    if args.survivors or args.wording:
         wanted = tuple(f"{m}." for m in chosen)
+        wording: collections.Counter[str] = collections.Counter()
         for name in survivors():
-            if name.startswith(wanted):
+            if not name.startswith(wanted):
+                continue
+            removed, added = diff_of(name)
+            if wording_only(removed, added):
+                wording[module_of(name)] += 1
+                continue
+            if args.survivors:
                 print("survived:", name)
                 if args.explain:
-                    shown = subprocess.run([str(MUTMUT), "show", name], cwd=ROOT, capture_output=True, text=True).stdout
-                    print("".join(f"    {line}\n" for line in shown.splitlines() if line[:2] in ("- ", "+ ")), end="")
+                    print("".join(f"    - {line}\n" for line in removed) + "".join(f"    + {line}\n" for line in added), end="")
+        print("\nKill rate leaving out the survivors that change only a message's wording (case, XX):")
+        for row in rows:
+            total = row["mutants"] - wording[row["module"]]
+            if total:
+                print(f"  {row['module']:42} {row['killed']:>5}/{total:<5} {round(100 * row['killed'] / total, 1):>5}%"
+                      f"  ({wording[row['module']]} wording-only survivors)")
     return 0
 
 
