@@ -359,3 +359,15 @@ def test_a_verdict_reads_back_with_every_field():
         "verdict": "untrusted", "reasons": reasons, "warnings": warnings, "build": "b1", "pcr_digest": "ab",
         "reset_count": 3, "restart_count": 4}
     assert Verdict(True).as_dict()["verdict"] == "trusted"
+
+
+def test_an_address_that_is_not_an_ip_address_is_outside_every_site(manifests):
+    from tccdeploy.coordinator.verifier import perimeter_problems
+
+    perimeter = manifests.perimeter
+    assert perimeter_problems(perimeter, "site1", "127.0.1.9") == []
+    for address in ("node1.example", "", "127.0.1.999"):
+        assert perimeter_problems(perimeter, "site1", address) == [
+            ("perimeter.address", f"address {address} is not in site site1's networks")]
+    assert perimeter_problems(perimeter, None, "127.0.1.9")[0][0] == "perimeter.no-site"
+    assert perimeter_problems(perimeter, "site9", "127.0.1.9")[0][0] == "perimeter.unknown-site"
