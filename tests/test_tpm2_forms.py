@@ -197,3 +197,50 @@ def test_a_signatures_bounds_and_kinds_are_exact():
     assert refused(tpm2.parse_signature, rsa_sig(b"m", tpm2.ALG_SHA256) + b"\0") == "1 unexpected trailing bytes"
     assert refused(tpm2.parse_signature, struct.pack(">HH", 0x0014 + 0x100, 0)) == \
         "signature algorithm 0x0114 is not ECDSA, RSASSA or RSAPSS"
+
+
+def test_every_field_of_a_public_area_is_read_and_kept():
+    """The exponent (a TPM may use another than 65537), the symmetric definition (a storage key's,
+    or NULL), each point coordinate's own bound, and keyed-hash and symmetric objects' unique field."""
+    e3 = rsa.generate_private_key(3, 2048)
+    n = e3.public_key().public_numbers().n.to_bytes(256, "big")
+    area = struct.pack(">HHI", tpm2.ALG_RSA, tpm2.ALG_SHA256, 0) + b(b"") + struct.pack(
+        ">HHHH", tpm2.ALG_AES, 128, tpm2.ALG_CFB, tpm2.ALG_NULL) + struct.pack(">HI", 2048, 3) + b(n)
+    key = tpm2.parse_public(b(area))
+    assert key.rsa_exponent == 3 and key.public_key().public_numbers().e == 3
+    assert key.symmetric == (tpm2.ALG_AES, 128, tpm2.ALG_CFB)
+    assert tpm2.parse_public(b(rsa_area())).symmetric == (tpm2.ALG_NULL, 0, 0)
+    ecc = struct.pack(">HHI", tpm2.ALG_ECC, tpm2.ALG_SHA256, 0) + b(b"") + struct.pack(
+        ">HHHHHH", tpm2.ALG_AES, 128, tpm2.ALG_CFB, tpm2.ALG_NULL, 3, tpm2.ALG_NULL) + b(b"\1" * 32) + b(b"\1" * 32)
+    assert tpm2.parse_public(b(ecc)).symmetric == (tpm2.ALG_AES, 128, tpm2.ALG_CFB)
+    assert tpm2.parse_public(b(ecc_area())).symmetric == (tpm2.ALG_NULL, 0, 0)
+    assert refused(tpm2.parse_public, b(ecc_area(y=bytes(67)))) == "a 67-byte field where at most 66 fit"
+    for kind, params in ((tpm2.ALG_KEYEDHASH, struct.pack(">H", tpm2.ALG_NULL)),
+                         (tpm2.ALG_SYMCIPHER, struct.pack(">HHH", tpm2.ALG_AES, 128, tpm2.ALG_CFB))):
+        head = struct.pack(">HHI", kind, tpm2.ALG_SHA256, 0) + b(b"") + params
+        assert tpm2.parse_public(b(head + b(b"u" * 64))).type == kind
+        assert refused(tpm2.parse_public, b(head + b(b"u" * 65))) == "a 65-byte field where at most 64 fit"
+
+
+def test_certified_names_and_contents_are_bounded():
+    def certify(name: bytes, qualified: bytes) -> bytes:
+        body = struct.pack(">IH", tpm2.TPM_GENERATED, tpm2.ST_ATTEST_CERTIFY) + b(b"s" * 34) + b(b"n")
+        return body + struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0) + b(name) + b(qualified)
+
+    attest = tpm2.parse_attest(certify(b"a" * 70, b"q" * 70))
+    assert (attest.certified_name, attest.certified_qualified_name) == (b"a" * 70, b"q" * 70)
+    assert attest.qualified_signer == b"s" * 34 and attest.raw == certify(b"a" * 70, b"q" * 70)
+    assert refused(tpm2.parse_attest, certify(b"a" * 71, b"")) == "a 71-byte field where at most 70 fit"
+    assert refused(tpm2.parse_attest, certify(b"a", b"q" * 71)) == "a 71-byte field where at most 70 fit"
+
+    def nv(name: bytes, contents: bytes) -> bytes:
+        body = struct.pack(">IH", tpm2.TPM_GENERATED, tpm2.ST_ATTEST_NV) + b(b"s") + b(b"n")
+        return body + struct.pack(">QIIB", 1, 1, 0, 1) + struct.pack(">Q", 0) + b(name) + struct.pack(">H", 3) + b(contents)
+
+    attest = tpm2.parse_attest(nv(b"a" * 70, b"c" * 2048))
+    assert (attest.nv_index_name, attest.nv_offset, len(attest.nv_contents)) == (b"a" * 70, 3, 2048)
+    assert refused(tpm2.parse_attest, nv(b"a" * 71, b"")) == "a 71-byte field where at most 70 fit"
+    assert refused(tpm2.parse_attest, nv(b"a", b"c" * 2049)) == "a 2049-byte field where at most 2048 fit"
+    assert refused(tpm2.parse_signature, struct.pack(">HH", tpm2.ALG_ECDSA, tpm2.ALG_SHA256) + b(b"") + b(bytes(67))) == \
+        "a 67-byte field where at most 66 fit"
+    assert refused(tpm2.parse_attest, bytes(5)) == "truncated: 2 bytes needed at offset 4, 1 left"
