@@ -201,6 +201,22 @@ def test_counters_going_backwards(manifests):
     assert codes(run(manifests, node, node.evidence(NONCE), last=last)) == ["quote.counters-backwards"]
 
 
+@pytest.mark.parametrize("before, now, reasons, warnings", [
+    ((5, 2), (5, 1), ["quote.counters-backwards"], []),  # the same boot, restartCount back: not resetCount alone
+    ((5, 2), (4, 9), ["quote.counters-backwards"], []),
+    ((5, 2), (5, 2), [], []),
+    ((5, 2), (5, 3), [], ["node.rebooted"]),  # a TPM restart (resume from hibernation)
+    ((5, 2), (6, 0), [], ["node.rebooted"]),  # a reset: restartCount starts again
+    ((None, None), (1, 0), [], []),  # nothing recorded to compare with
+])
+def test_tpm_counters_compare_as_reset_then_restart(manifests, before, now, reasons, warnings):
+    node = Node(reset=now[0], restart=now[1])
+    verdict = run(manifests, node, node.evidence(NONCE), last={"reset_count": before[0], "restart_count": before[1]})
+    assert codes(verdict) == reasons and [w["code"] for w in verdict.warnings] == warnings
+    if reasons:
+        assert verdict.reasons[0]["message"] == f"TPM reset/restart counters went back from {before} to {now}"
+
+
 def test_reboot_is_a_warning(manifests):
     node = Node(reset=6)
     verdict = run(manifests, node, node.evidence(NONCE), last={"reset_count": 5, "restart_count": 0})
