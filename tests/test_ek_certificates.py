@@ -152,27 +152,33 @@ def frozen(monkeypatch):  # type: ignore[no-untyped-def]
     return moment
 
 
-@pytest.mark.parametrize("edge, accepted", [("from", True), ("until", True), ("before", False), ("after", False)])
+EDGES = [("from", True), ("until", True), ("before", False), ("after", False)]
+
+
+def window(now: datetime.datetime, edge: str) -> tuple[datetime.datetime, datetime.datetime]:
+    """Validity dates that put now at their first or last second, or one second outside."""
+    second = datetime.timedelta(seconds=1)
+    return {"from": (now, now + DAY), "until": (now - DAY, now), "before": (now + second, now + DAY),
+            "after": (now - DAY, now - second)}[edge]
+
+
+@pytest.mark.parametrize("edge, accepted", EDGES)
 def test_an_ek_certificate_is_valid_from_its_first_second_to_its_last(vendor, frozen, edge, accepted):
     perimeter, _, intermediate, _ = vendor
-    now, second = frozen[0], datetime.timedelta(seconds=1)
-    window = {"from": (now, now + DAY), "until": (now - DAY, now), "before": (now + second, now + DAY),
-              "after": (now - DAY, now - second)}[edge]
+    start, end = window(frozen[0], edge)
     ek = key()
-    der = ek_cert(intermediate, ek, not_before=window[0], not_after=window[1])
+    der = ek_cert(intermediate, ek, not_before=start, not_after=end)
     if accepted:
         assert check(perimeter, der, ek) == "vendor"
     else:
         assert refusal(perimeter, der, ek) == "ek.certificate-expired"
 
 
-@pytest.mark.parametrize("edge, accepted", [("from", True), ("until", True), ("before", False), ("after", False)])
+@pytest.mark.parametrize("edge, accepted", EDGES)
 def test_a_vendor_ca_is_valid_from_its_first_second_to_its_last(vendor, frozen, edge, accepted):
     perimeter, root, _, tmp_path = vendor
-    now, second = frozen[0], datetime.timedelta(seconds=1)
-    window = {"from": (now, now + DAY), "until": (now - DAY, now), "before": (now + second, now + DAY),
-              "after": (now - DAY, now - second)}[edge]
-    intermediate = ca("Vendor EK Intermediate 3", root, not_before=window[0], not_after=window[1])
+    start, end = window(frozen[0], edge)
+    intermediate = ca("Vendor EK Intermediate 3", root, not_before=start, not_after=end)
     (tmp_path / "intermediates.pem").write_bytes(pem(intermediate[0]))
     ek = key()
     if accepted:
