@@ -245,3 +245,13 @@ def test_a_refusal_always_has_its_reason_and_words():
         for reason, message in ((None, "words"), ("", "words"), ("some.reason", None), ("some.reason", " ")):
             with pytest.raises(TypeError, match="a refusal needs a reason code and a message"):
                 kind(reason, message)
+
+
+def test_the_descriptor_schema_is_strict_at_every_level():
+    """Built when crypto/bundle.py is imported; the builder checked here, at run time."""
+    assert bundle._strict({"x": {"type": "string"}}, ["x"]) == {
+        "type": "object", "additionalProperties": False, "properties": {"x": {"type": "string"}}, "required": ["x"]}
+    schema = bundle.SIGNED_DESCRIPTOR
+    for level in (schema, schema["properties"]["descriptor"], schema["properties"]["descriptor"]["properties"]["disk"],
+                  schema["properties"]["descriptor"]["properties"]["customer"]):
+        assert level["additionalProperties"] is False and set(level["required"]) <= set(level["properties"])

@@ -250,3 +250,26 @@ def test_while_a_migration_is_unsettled_neither_end_runs_pauses_or_ends_on_the_e
     (node_service / "vms" / vm_id / vm.WRAPPED_KEY_FILE).unlink()  # ... but a copied disk never used, yes
     assert migrate.migrate_in_discard(vm_id)["status"] == "discarded"
     assert not (node_service / "vms" / vm_id).exists()
+
+
+def test_a_ticket_schema_takes_exactly_its_fields(tc_identity):
+    """The schemas are built when crypto/ticket.py is imported; built again here, so a change to
+    how they are built is seen: every field required, nothing else, the kind named, the envelope's
+    three strings in their bounds."""
+    import jsonschema
+
+    own = {k: v for k, v in tickets.LAUNCH["properties"].items() if k not in tickets._COMMON and k != "kind"}
+    launch = tickets.signed(tickets._body("launch", own))
+    assert launch == tickets.SIGNED
+    assert launch["required"] == ["certificate", "signature", "ticket"] and launch["additionalProperties"] is False
+    assert launch["properties"]["ticket"]["required"] == sorted(body())
+    validator = jsonschema.Draft202012Validator(launch)
+    envelope = issue(tc_identity)
+    assert not list(validator.iter_errors(envelope))
+    broken = [dict(envelope, extra="x"), {k: v for k, v in envelope.items() if k != "certificate"},
+              dict(envelope, signature="A" * 257), dict(envelope, signature="not base64!"),
+              dict(envelope, certificate="A" * 4097), dict(envelope, ticket=dict(envelope["ticket"], kind="end")),
+              dict(envelope, ticket=dict(envelope["ticket"], extra=1)),
+              dict(envelope, ticket={k: v for k, v in envelope["ticket"].items() if k != "vm_id"})]
+    for each in broken:
+        assert list(validator.iter_errors(each)), each
