@@ -10,6 +10,7 @@ import copy
 
 import pytest
 
+from tccdeploy.coordinator.refusals import Refused
 from tccdeploy.crypto import ticket as tickets
 
 from .brokerkit import reason
@@ -294,6 +295,72 @@ def test_a_suspension_resumes_once_on_one_trusted_node(world):
     assert reason(world.tc.resume_begin, "web") == "suspend.not-suspended"
 
 
+def test_a_resume_retry_is_believed_on_any_of_its_tickets_but_only_for_a_nonce_mismatch(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    first = world.tc.resume_begin("web", "n2")
+    retry = world.tc.resume_begin("web")  # the service took the second ticket
+    forged = resumed_evidence(world, "n2", record, retry)
+    forged["signature"] = resumed_evidence(world, "n1", record, retry)["signature"]  # another AK: not a nonce question
+    assert reason(world.tc.resume_end, begun["suspension"], forged) == "runtime.signature"
+    assert world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, retry))["state"] == "running"
+    assert first["ticket"]["ticket"]["id"] in world.tc.registry.suspension(begun["suspension"])["resume_ticket"]
+
+
+def test_suspension_steps_for_a_node_the_tc_no_longer_knows_are_refused_by_name(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    db = world.tc.registry.backend.db
+    kept = db.execute("SELECT * FROM certificates WHERE node = 'n1'").fetchall()
+    db.execute("DELETE FROM certificates WHERE node = 'n1'")
+    db.commit()
+    with pytest.raises(Refused, match="n1 holds no trusted key the TC certified") as info:
+        world.tc.suspend_begin("web")
+    assert info.value.reason == "suspend.node-unknown"
+    for row in kept:
+        db.execute(f"INSERT INTO certificates VALUES ({', '.join('?' * len(row))})", tuple(row))
+    db.commit()
+    begun = world.tc.suspend_begin("web")
+    identity = db.execute("SELECT * FROM identities WHERE node = 'n1'").fetchone()
+    db.execute("DELETE FROM identities WHERE node = 'n1'")
+    db.commit()
+    with pytest.raises(Refused, match="n1 is not enrolled") as info:
+        world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    assert info.value.reason == "suspend.node-unknown"
+    db.execute(f"INSERT INTO identities VALUES ({', '.join('?' * len(identity))})", tuple(identity))
+    db.commit()
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    ticket = world.tc.resume_begin("web", "n2")
+    db.execute("DELETE FROM identities WHERE node = 'n2'")
+    db.commit()
+    with pytest.raises(Refused, match="n2 is not enrolled") as info:
+        world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, ticket))
+    assert info.value.reason == "suspend.node-unknown"
+
+
+def test_a_vm_marked_suspended_without_a_saved_state_is_not_resumed(world):
+    world.node("n1")
+    record = world.launched("acme", "n1", name="web")
+    db = world.tc.registry.backend.db
+    db.execute("UPDATE vms SET state = 'suspended' WHERE vm_id = ?", (record["vm_id"],))
+    db.commit()
+    with pytest.raises(Refused, match="has no saved state to resume") as info:
+        world.tc.resume_begin("web")
+    assert info.value.reason == "suspend.not-suspended"
+
+
+def test_a_dropped_suspension_keeps_no_state_digest(world):
+    world.node("n1")
+    world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], None, saved=False)
+    assert world.tc.registry.suspension(begun["suspension"])["state_sha256"] is None
+
+
 def test_destroying_a_suspended_vm_drops_its_saved_state(world):
     world.node("n1")
     record = world.launched("acme", "n1", name="web")
@@ -411,7 +478,9 @@ def test_each_suspension_step_is_audited_with_its_node_vm_and_ticket(world):
     assert entries["suspension.saved"]["node"] == "n1"
     assert (entries["suspension.resume"]["node"], entries["suspension.resume"]["data"]["ticket"]) == \
         ("n2", resume["ticket"]["ticket"]["id"])
-    assert entries["suspension.resume"]["data"]["certificate_serial"] == world.tc.registry.last_certificate("n2")["serial"]
+    assert entries["suspension.resume"]["data"] == {
+        "suspension": begun["suspension"], "ticket": resume["ticket"]["ticket"]["id"],
+        "certificate_serial": world.tc.registry.last_certificate("n2")["serial"]}
     assert (entries["suspension.resumed"]["node"], entries["suspension.resumed"]["data"]) == \
         ("n2", {"suspension": begun["suspension"]})
     assert all(e["vm"] == record["vm_id"] for e in entries.values())
