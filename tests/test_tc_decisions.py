@@ -51,8 +51,11 @@ def test_the_roster_places_a_named_and_an_unnamed_machine():
     assert roster.check(ENTRIES, "n1", ("x", "sha256:" + "a" * 64), "site1").site == "site1"
     assert roster.check(ENTRIES, "anything", ("sha256:" + "b" * 64,), None).site == "site2"
     assert roster.normalize("SHA256:" + "AB:" * 31 + "AB") == "sha256:" + "ab" * 32
-    with pytest.raises(ValueError):
+    assert roster.normalize("  " + "cd" * 32 + " ") == "sha256:" + "cd" * 32  # bare hex, as some tools print it
+    with pytest.raises(ValueError, match="'sha256:1234' is not an EK fingerprint: give sha256: and 64 hex digits"):
         roster.normalize("sha256:1234")
+    with pytest.raises(ValueError, match="not an EK fingerprint"):
+        roster.normalize("sha256:" + "g" * 64)
 
 
 def test_a_node_taken_off_the_roster_fails_its_next_attestation(world):
