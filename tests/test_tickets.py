@@ -133,6 +133,29 @@ def test_the_service_takes_a_ticket_for_itself_once(node_service, tc_identity):
     assert oct((node_service / service_tickets.USED_FILE).stat().st_mode & 0o777) == "0o600"
 
 
+def test_the_services_used_tickets_are_kept_a_week_past_expiry_and_a_broken_record_is_refused(node_service, tc_identity):
+    now = int(time.time())
+    old, recent = tickets.new_id(), tickets.new_id()
+    record = node_service / service_tickets.USED_FILE
+    record.write_text(json.dumps({old: now - service_tickets.KEEP_AFTER_EXPIRY - 60,
+                                  recent: now - service_tickets.KEEP_AFTER_EXPIRY + 60}))
+    for _ in range(2):  # two tickets in turn: the record grows, the long-expired id goes
+        checked = service_tickets.check(issue(tc_identity), "launch")
+        service_tickets.spend(checked)
+    used = json.loads(record.read_text())
+    assert old not in used and recent in used and used[checked["id"]] == checked["expires"] and len(used) == 3
+    record.write_text("{not json")
+    with pytest.raises(ServiceError, match="the service's record of used tickets is unreadable") as info:
+        service_tickets.check(issue(tc_identity), "launch")
+    assert info.value.reason == "tvmm.state"
+
+
+def test_a_ticket_refusal_at_the_service_says_why(node_service, tc_identity):
+    with pytest.raises(ServiceError, match="the ticket has expired") as info:
+        service_tickets.check(issue(tc_identity, expires=int(time.time()) - 5), "launch")
+    assert info.value.reason == "ticket.expired"
+
+
 def test_the_service_refuses_a_ticket_for_another_node_tk_or_use(node_service, tc_identity, tmp_path: Path):
     assert service_reason(issue(tc_identity, node="node2")) == "ticket.node"
     other_tk = bytes(TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=TPMA_OBJECT.DECRYPT,
