@@ -40,7 +40,7 @@ MODULES = [
     "tccdeploy.coordinator.constraints", "tccdeploy.coordinator.lifecycle", "tccdeploy.coordinator.suspension",
     "tccdeploy.coordinator.runtime", "tccdeploy.coordinator.health",
     "tccdeploy.crypto.stream", "tccdeploy.crypto.wrap", "tccdeploy.crypto.bundle", "tccdeploy.crypto.ticket",
-    "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer",
+    "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer", "tccdeploy.crypto.reasoned",
     "tccdeploy.eventlog", "tccdeploy.tvmm.tickets",
 ]
 LINE = re.compile(r"^\s*(?P<name>[\w.]+?)\.(?:x_|xǁ)\S*: (?P<status>[\w ]+)$")
