@@ -353,6 +353,19 @@ def test_a_vm_marked_suspended_without_a_saved_state_is_not_resumed(world):
     assert info.value.reason == "suspend.not-suspended"
 
 
+def test_a_vm_whose_image_has_no_owner_gets_no_ticket(world):
+    """Tickets bind the customer's key id into their key labels: without an owner there is none to bind."""
+    world.node("n1")
+    record = world.launched("acme", "n1", name="web")
+    db = world.tc.registry.backend.db
+    db.execute("PRAGMA foreign_keys = OFF")
+    db.execute("DELETE FROM images WHERE vm_id = ?", (record["vm_id"],))
+    db.commit()
+    with pytest.raises(Refused, match=f"VM {record['vm_id']} has no owner in the TC's records") as info:
+        world.tc.vm_end_ticket(record["vm_id"], "n1", "poweroff")
+    assert info.value.reason == "vm.end-node-unknown"
+
+
 def test_a_dropped_suspension_keeps_no_state_digest(world):
     world.node("n1")
     world.launched("acme", "n1", name="web")

@@ -57,6 +57,15 @@ def test_a_ticket_signed_by_the_tc_verifies_and_is_what_the_services_schema_take
     assert not problems(OPERATIONS["launch"], {"ticket": envelope})
 
 
+def test_a_ticket_is_good_until_its_expiry_second_and_not_after(tc_identity):
+    envelope = issue(tc_identity)
+    expires = envelope["ticket"]["expires"]
+    assert tickets.verify(envelope, tc_identity.certificate, now=expires)["expires"] == expires
+    with pytest.raises(tickets.TicketError, match="the ticket has expired") as info:
+        tickets.verify(envelope, tc_identity.certificate, now=expires + 0.5)
+    assert info.value.reason == "ticket.expired"
+
+
 def test_an_altered_ticket_is_refused(tc_identity):
     envelope = issue(tc_identity)
     for field, value in (("node", "node2"), ("vcpus", 64), ("expires", 2**39), ("vm_id", "5" * 32)):
