@@ -98,6 +98,9 @@ def test_removing_the_newest_entries_is_detected_against_the_recorded_head(regis
 
 def test_a_published_checkpoint_proves_truncation_and_is_itself_signed(registry: Registry, tc):
     published = audit.checkpoint(registry, tc)
+    last = registry.audit_entries()[-1]
+    assert published == {"type": "tccdeploy-audit-checkpoint", "count": 5, "head": last["hash"], "time": last["time"],
+                         "tc": tc.fingerprint, "signature": last["signature"], "certificates": tc.purpose("audit").all_pem}
     assert published["count"] == 5 and audit.verify(registry, tc=tc, checkpoint=published).ok
     audit.append(registry, "quarantine", "node1", reason="build.unknown")
     assert audit.verify(registry, tc=tc, checkpoint=published).ok  # a longer chain still holds it
@@ -107,6 +110,13 @@ def test_a_published_checkpoint_proves_truncation_and_is_itself_signed(registry:
     forged = dict(published, count=4, head=audit.verify(registry).head)
     result = audit.verify(registry, tc=tc, checkpoint=forged)
     assert not result.ok and "not signed" in result.problem
+
+
+def test_an_empty_log_has_no_checkpoint(tmp_path: Path, tc):
+    empty = audited(str(tmp_path / "empty.sqlite"), tc)
+    with pytest.raises(ValueError, match="the audit log is empty: nothing to checkpoint yet"):
+        audit.checkpoint(empty, tc)
+    empty.close()
 
 
 def test_a_registry_without_an_auditor_writes_no_decision(tmp_path: Path):

@@ -278,12 +278,22 @@ def test_audit_verification_names_each_problem(tc_identity, tmp_path):
     assert wrong.ok is False and wrong.code == "audit.certificate" and wrong.entries == 3 and wrong.problem
     other = identity.init(str(tmp_path / "other"))[0]
     assert audit.verify_entries(rows, other.certificate, other.purpose("audit").pem).code == "audit.unsigned"
-    assert audit.verify_entries(rows, ca, pem, expect_head=f"4:{rows[2]['hash']}").code == "audit.truncated"
+    assert wrong.head == audit.GENESIS and "the audit certificate is not this TC's" in wrong.problem
+
+    def failed(result, code: str, entries: int, says: str) -> None:  # type: ignore[no-untyped-def]
+        assert (result.ok, result.code, result.entries) == (False, code, entries) and says in result.problem, result
+        assert result.head == rows[entries - 1]["hash"]  # where the chain stood when it stopped
+
+    failed(audit.verify_entries(rows, ca, pem, expect_head=f"4:{rows[2]['hash']}"), "audit.truncated", 3,
+           "entries were removed")
     head = {"count": 3, "head": rows[2]["hash"], "signature": rows[2]["signature"]}
     assert audit.verify_entries(rows, ca, pem, checkpoint=head).ok
-    assert audit.verify_entries(rows[:2], ca, pem, checkpoint=head).code == "audit.checkpoint-missing"
-    assert audit.verify_entries(rows, ca, pem, checkpoint=dict(head, signature=rows[1]["signature"])).code \
-        == "audit.checkpoint-unsigned"
+    failed(audit.verify_entries(rows[:2], ca, pem, checkpoint=head), "audit.checkpoint-missing", 2,
+           f"the published checkpoint 3:{rows[2]['hash'][:16]}... is not in this")
+    failed(audit.verify_entries(rows, ca, pem, checkpoint=dict(head, signature=rows[1]["signature"])),
+           "audit.checkpoint-unsigned", 3, "the checkpoint is not signed by this TC's audit key")
+    reordered = audit.verify_entries(cases["audit.reordered"], ca, pem)
+    assert "entry 2 does not follow entry 1" in reordered.problem, reordered
     assert audit.verify_entries(rows).ok and audit.verify_entries(rows, ca, None).ok  # hashes only, said so by the CLI
 
 
