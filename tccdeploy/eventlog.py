@@ -29,6 +29,11 @@ ALGORITHMS: dict[int, tuple[str, int]] = {
     0x0012: ("sm3_256", 32),
 }
 ALG_BY_NAME: dict[str, int] = {name: alg for alg, (name, _) in ALGORITHMS.items()}
+HASHLIB_NAMES = {"sm3_256": "sm3"}  # the TCG's bank names where hashlib (OpenSSL) spells them otherwise
+
+
+def _hash(bank: str, data: bytes = b"") -> hashlib._Hash:
+    return hashlib.new(HASHLIB_NAMES.get(bank, bank), data)
 
 EV_NO_ACTION = 0x00000003
 EVENT_TYPES: dict[int, str] = {
@@ -118,7 +123,6 @@ class EventLog:
         """The PCR values this log implies, for every PCR an event touched (or those asked)."""
         if bank not in self.algorithms:
             raise EventLogError(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
-        hasher = getattr(hashlib, bank, None) or (lambda data=b"": hashlib.new(bank, data))
         size = self.algorithms[bank]
         values: dict[int, bytes] = {}
         for event in self.events:
@@ -127,7 +131,7 @@ class EventLog:
             current = values.get(event.pcr)
             if current is None:
                 current = _initial(event.pcr, size, self.startup_locality)
-            values[event.pcr] = hasher(current + event.digests[bank]).digest()
+            values[event.pcr] = _hash(bank, current + event.digests[bank]).digest()
         if pcrs is not None:
             return {p: values.get(p, _initial(p, size, self.startup_locality)) for p in pcrs}
         return values
@@ -276,7 +280,7 @@ class EventLogWriter:
         self._events: list[bytes] = []
 
     def digests_of(self, measured: bytes) -> dict[str, bytes]:
-        return {bank: hashlib.new(bank, measured).digest() for bank in self.banks}
+        return {bank: _hash(bank, measured).digest() for bank in self.banks}
 
     def add(self, pcr: int, event_type: str | int, measured: bytes, data: bytes | None = None) -> dict[str, bytes]:
         """Record a measurement of `measured` (its digests go in the log); returns the digests."""

@@ -268,3 +268,39 @@ def test_the_writer_takes_only_banks_it_knows():
     with pytest.raises(ValueError, match="unknown bank md5"):
         EventLogWriter(["sha256", "md5"])
     assert parse(EventLogWriter(["sha384"]).to_bytes()).algorithms == {"sha384": 48}
+
+
+def test_an_sm3_bank_replays_with_openssls_sm3():
+    """The TCG names it sm3_256, OpenSSL sm3: a log from a TPM with an SM3 bank replays all the same."""
+    writer = EventLogWriter(["sha256", "sm3_256"])
+    digest = writer.add(0, "EV_POST_CODE", b"firmware")["sm3_256"]
+    assert digest == hashlib.new("sm3", b"firmware").digest()
+    assert parse(writer.to_bytes()).replay("sm3_256")[0] == hashlib.new("sm3", bytes(32) + digest).digest()
+
+
+def test_the_header_is_read_with_unsigned_fields_and_errors_say_where():
+    with pytest.raises(EventLogError) as info:
+        parse(b"\0\0")
+    assert str(info.value) == "truncated: first event PCR index needs 4 bytes, 2 left (at byte 0)" and info.value.offset == 0
+    huge = struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 0xFFFFFFFF)
+    assert why(huge) == "Spec ID event size 4294967295 is impossible (at byte 28)"
+    with pytest.raises(EventLogError) as info:
+        parse(spec_id()[:40])
+    assert info.value.offset == 28
+    assert parse(spec_id([(0x8001, 32)]) + event(digests=[(0x8001, bytes(32))])).algorithms == {"alg_0x8001": 32}
+    header = spec_id()  # numberOfAlgorithms read unsigned: 0x80000000 algorithms is too many, not negative
+    many = header[:56] + struct.pack("<I", 0x80000000) + header[60:]
+    assert "lists 2147483648 algorithms" in why(many)
+
+
+def test_a_log_file_is_read_as_bytes(tmp_path):
+    raw, expected = _sample_log()
+    (tmp_path / "binary_bios_measurements").write_bytes(raw)
+    assert parse_file(str(tmp_path / "binary_bios_measurements")).replay("sha256") == expected
+
+
+def test_the_writer_records_the_event_data_given_apart_from_what_was_measured():
+    writer = EventLogWriter(["sha256"])
+    writer.add(4, "EV_EFI_BOOT_SERVICES_APPLICATION", b"the kernel's bytes", image_load_event(18))
+    (event,) = parse(writer.to_bytes()).events
+    assert event.data == image_load_event(18) and event.digests["sha256"] == hashlib.sha256(b"the kernel's bytes").digest()
