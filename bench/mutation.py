@@ -72,8 +72,9 @@ def diff_of(name: str) -> tuple[list[str], list[str]]:
 
 
 def wording_only(removed: list[str], added: list[str]) -> bool:
-    """A mutant that changes only the words of a message (a string literal that is not a reason
-    code, changed in case or wrapped in XX): what a person reads, not what the code decides."""
+    """A mutant that changes only the words of a message (a string literal with a space in it,
+    that is not a reason code, changed in case or wrapped in XX): what a person reads, not what
+    the code decides. (Keys, patterns and names have no spaces: their mutants always count.)"""
     if not removed or len(removed) != len(added):
         return False
     for before, after in zip(removed, added, strict=True):
@@ -84,6 +85,8 @@ def wording_only(removed: list[str], added: list[str]) -> bool:
         if any(CODE.match(a) or CODE.match(b) for a, b in zip(old, new, strict=False) if a != b):
             return False
         if any(b.lower() != a.lower() and b != f"XX{a}XX" for a, b in zip(old, new, strict=False) if a != b):
+            return False
+        if any(" " not in a.strip() for a, b in zip(old, new, strict=False) if a != b):
             return False
     return True
 
