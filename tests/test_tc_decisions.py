@@ -562,6 +562,7 @@ def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world)
     ("events-not-a-list", "runtime.malformed"), ("too-many-events", "runtime.malformed"),
     ("event-not-an-object", "runtime.malformed"), ("attest-not-base64", "runtime.malformed"),
     ("signature-not-base64", "runtime.malformed"), ("not-an-object", "runtime.missing"),
+    ("event-not-encodable", "runtime.malformed"), ("as-many-events-as-allowed", ""),
 ])
 def test_runtime_evidence_of_the_wrong_form_is_refused_by_name(world, damage: str, code: str):
     from tccdeploy.coordinator import runtime, tpm2
@@ -589,6 +590,16 @@ def test_runtime_evidence_of_the_wrong_form_is_refused_by_name(world, damage: st
         evidence["signature"] = "*" + evidence["signature"]  # type: ignore[index]
     elif damage == "not-an-object":
         evidence = [evidence]
+    elif damage == "event-not-encodable":  # canonical JSON has no NaN: the list cannot be replayed
+        evidence["events"] = [{"event": "launched", "vcpus": float("nan")}]  # type: ignore[index]
+    elif damage == "as-many-events-as-allowed":
+        many = events * runtime.MAX_EVENTS
+        value = replay(many)
+        attest = quote_attest(qualifier("t"), "sha256", [15], hashlib.sha256(value).digest())
+        evidence = {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(sign(node.key, attest)).decode(),
+                    "value": value.hex(), "events": many}
+        assert len(runtime.verify(evidence, node.ak_public, 15, "t").events) == runtime.MAX_EVENTS
+        return
     with pytest.raises(Refused) as info:
         runtime.verify(evidence, node.ak_public, 15, "t")
     assert info.value.reason == code
