@@ -295,12 +295,18 @@ def test_a_suspension_resumes_once_on_one_trusted_node(world):
     assert reason(world.tc.resume_begin, "web") == "suspend.not-suspended"
 
 
-def test_a_resume_retry_is_believed_on_any_of_its_tickets_but_only_for_a_nonce_mismatch(world):
+def saved_on_n1(world) -> tuple[dict, dict]:  # type: ignore[no-untyped-def,type-arg]
+    """Nodes n1 and n2; VM web launched on n1, then suspended there with its state saved."""
     world.node("n1")
     world.node("n2")
     record = world.launched("acme", "n1", name="web")
     begun = world.tc.suspend_begin("web")
     world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    return record, begun
+
+
+def test_a_resume_retry_is_believed_on_any_of_its_tickets_but_only_for_a_nonce_mismatch(world):
+    record, begun = saved_on_n1(world)
     first = world.tc.resume_begin("web", "n2")
     retry = world.tc.resume_begin("web")  # the service took the second ticket
     forged = resumed_evidence(world, "n2", record, retry)
@@ -477,11 +483,7 @@ def test_a_vm_that_arrived_by_migration_may_be_ended_where_it_now_is(world):
 
 
 def test_each_suspension_step_is_audited_with_its_node_vm_and_ticket(world):
-    world.node("n1")
-    world.node("n2")
-    record = world.launched("acme", "n1", name="web")
-    begun = world.tc.suspend_begin("web")
-    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    record, begun = saved_on_n1(world)
     resume = world.tc.resume_begin("web", "n2")
     world.tc.resume_end(begun["suspension"], resumed_evidence(world, "n2", record, resume))
     entries = {e["kind"]: e for e in world.tc.registry.audit_entries(vm=record["vm_id"])}
