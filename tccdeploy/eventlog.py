@@ -93,6 +93,12 @@ class EventLogError(ValueError):
         self.offset = offset
 
 
+class MissingBank(EventLogError):
+    """A well-formed log that cannot be replayed in this bank: an event that extends a PCR carries
+    no digest for it (firmware that declares more banks than it measures into, as tpm2_eventlog
+    reads them). The other banks replay; a policy on this one cannot be judged from the log."""
+
+
 @dataclass(frozen=True)
 class Event:
     pcr: int
@@ -114,15 +120,22 @@ class EventLog:
     spec_version: tuple[int, int, int] = (2, 0, 0)
     uintn_size: int = 2
     platform_class: int = 0
+    # declared banks some extending event lacks, each with the first such event's offset
+    incomplete: dict[str, int] = field(default_factory=dict)
 
     @property
     def banks(self) -> list[str]:
-        return list(self.algorithms)
+        """The banks the log can be replayed in: declared, and carried by every event that extends."""
+        return [bank for bank in self.algorithms if bank not in self.incomplete]
+
 
     def replay(self, bank: str, pcrs: list[int] | None = None) -> dict[int, bytes]:
         """The PCR values this log implies, for every PCR an event touched (or those asked)."""
         if bank not in self.algorithms:
             raise EventLogError(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
+        lacking = self.incomplete.get(bank)
+        if lacking is not None:
+            raise MissingBank(f"the log declares {bank} but an event extends a PCR without a {bank} digest", lacking)
         size = self.algorithms[bank]
         values: dict[int, bytes] = {}
         for event in self.events:
@@ -217,7 +230,6 @@ def parse(raw: bytes) -> EventLog:
     # and struct.unpack_from directly, each length checked before it is used.
     data, pos, end = raw, r.pos, len(raw)
     unpack = struct.unpack_from
-    all_banks = set(algorithms)
     while pos < end:
         offset = pos
         if pos + 12 > end:
@@ -254,9 +266,10 @@ def parse(raw: bytes) -> EventLog:
             raise EventLogError(f"truncated: event data needs {data_size} bytes, {end - pos} left", pos)
         event_data = data[pos:pos + data_size]
         pos += data_size
-        if event_type != EV_NO_ACTION and len(digests) != len(all_banks):
-            missing = ", ".join(sorted(all_banks - set(digests)))
-            raise EventLogError(f"event lacks a digest for bank(s) {missing}", offset)
+        if event_type != EV_NO_ACTION and len(digests) != len(algorithms):
+            for bank in algorithms:
+                if bank not in digests:
+                    log.incomplete.setdefault(bank, offset)
         if event_type == EV_NO_ACTION and event_data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event_data) >= 17:
             log.startup_locality = event_data[16]
         log.events.append(Event(pcr, event_type, digests, event_data, offset))

@@ -58,6 +58,8 @@ REASONS: dict[str, str] = {
     "nonce.expired": "the nonce expired before the evidence arrived",
     "nonce.other-node": "the nonce was issued for another node or purpose",
     "eventlog.malformed": "the event log does not parse",
+    "eventlog.bank-missing": "the log declares the policy's bank but an event that extends a PCR carries no digest "
+                             "for it: the boot cannot be judged in that bank",
     "eventlog.replay": "replaying the event log does not give the quoted PCR values",
     "build.unknown": "the measured boot matches no TVMM build",
     "build.revoked": "the measured boot matches a revoked build",

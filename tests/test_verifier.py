@@ -387,3 +387,21 @@ def test_an_address_that_is_not_an_ip_address_is_outside_every_site(manifests):
             ("perimeter.address", f"address {address} is not in site site1's networks")]
     assert perimeter_problems(perimeter, None, "127.0.1.9")[0][0] == "perimeter.no-site"
     assert perimeter_problems(perimeter, "site9", "127.0.1.9")[0][0] == "perimeter.unknown-site"
+
+
+def test_a_log_without_the_policys_bank_is_untrusted_by_name_not_a_crash(manifests):
+    """A node whose log declares sha256 but measures into sha1 only: the boot cannot be matched
+    against a sha256 build, whatever the quote says; the verdict says so."""
+    from tccdeploy.coordinator.verifier import Evidence
+    from tccdeploy.eventlog import EventLogWriter
+
+    node = Node()
+    good = node.evidence(NONCE)
+    full = EventLogWriter(["sha1", "sha256"])
+    stripped = full.header()
+    for event in parse(good.eventlog).events:
+        body = struct.pack("<III", event.pcr, event.type, 1) + struct.pack("<H", 0x0004) + event.digests["sha1"]
+        stripped += body + struct.pack("<I", len(event.data)) + event.data
+    evidence = Evidence(good.attest, good.signature, good.pcrs, stripped, NONCE, ssh_host_key=node.host_key)
+    verdict = run(manifests, node, evidence)
+    assert codes(verdict) == ["eventlog.bank-missing"] and "policy's bank" in verdict.reasons[0]["message"]

@@ -16,6 +16,8 @@ nothing is ever admitted on a partial check. The codes:
     quote.pcr-digest         the reported PCR values are not what the TPM quoted
     quote.counters-backwards resetCount/restartCount below the last trusted attestation's
     eventlog.malformed       the event log does not parse
+    eventlog.bank-missing    the log declares the policy's bank but an event that extends a PCR
+                             carries no digest for it: the boot cannot be judged in that bank
     eventlog.replay          replaying the log does not give the quoted PCR values
     build.unknown            the measured events match no TVMM build
     build.revoked            they match a revoked build
@@ -38,7 +40,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..eventlog import EV_NO_ACTION, EventLogError
+from ..eventlog import EV_NO_ACTION, EventLogError, MissingBank
 from ..eventlog import parse as parse_eventlog
 from ..manifest.models import Perimeter, TVMMBuild
 from . import tpm2
@@ -205,6 +207,8 @@ def verify(
     try:
         log = parse_eventlog(evidence.eventlog)
         replayed = log.replay(policy.bank, list(policy.pcrs))
+    except MissingBank as exc:
+        c.fail("eventlog.bank-missing", f"the event log cannot be replayed in the policy's bank: {exc}")
     except EventLogError as exc:
         c.fail("eventlog.malformed", f"the event log does not parse: {exc}")
     else:

@@ -63,3 +63,22 @@ def test_a_commit_on_arrival_evidence_of_another_vm_is_refused(fleet):
     evidence = fleet.services["n2"].evidence(begin["in_ticket"]["ticket"]["id"])  # quoted for it, showing nothing
     assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=evidence) == "migrate.evidence-event"
     assert fleet.where(vm)[0] == "n1"
+
+
+def test_a_log_stripped_of_the_policys_bank_quarantines_the_node(fleet):
+    """The engine (or the node's software) sends the boot log with its sha256 digests removed,
+    hoping the build check is skipped: the verdict is untrusted by name and the node leaves."""
+    import struct
+
+    from tccdeploy.eventlog import EventLogWriter, parse
+
+    node = fleet.world.nodes["n1"]
+    evidence = node.tpm.evidence(fleet.tc.nonce("n1"))
+    stripped = EventLogWriter(["sha1", "sha256"]).header()
+    for event in parse(evidence.eventlog).events:
+        stripped += struct.pack("<III", event.pcr, event.type, 1) + struct.pack("<H", 0x0004) + event.digests["sha1"]
+        stripped += struct.pack("<I", len(event.data)) + event.data
+    evidence.eventlog = stripped
+    verdict, _ = fleet.tc.verify("n1", "site1", fleet.tc.registry.node("n1")["address"], evidence)
+    assert [r["code"] for r in verdict.reasons] == ["eventlog.bank-missing"]
+    assert fleet.tc.node("n1").state == "quarantined"
