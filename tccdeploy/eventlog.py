@@ -132,7 +132,7 @@ class EventLog:
     def replay(self, bank: str, pcrs: list[int] | None = None) -> dict[int, bytes]:
         """The PCR values this log implies, for every PCR an event touched (or those asked)."""
         if bank not in self.algorithms:
-            raise EventLogError(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
+            raise MissingBank(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
         lacking = self.incomplete.get(bank)
         if lacking is not None:
             raise MissingBank(f"the log declares {bank} but an event extends a PCR without a {bank} digest", lacking)
@@ -187,18 +187,19 @@ class _Reader:
 
 
 def parse(raw: bytes) -> EventLog:
-    """Parse a TCG2 crypto-agile log; raise EventLogError on anything malformed."""
+    """Parse a TCG event log: crypto-agile (a Spec ID Event03 first) or, failing that, the SHA-1
+    format of TPM 1.2 firmware; raise EventLogError on anything malformed."""
     if len(raw) > MAX_LOG_BYTES:
         raise EventLogError(f"log is {len(raw)} bytes; at most {MAX_LOG_BYTES} are accepted")
     r = _Reader(raw)
-    # TCG_PCR_EVENT (SHA-1 format) carrying the Spec ID event.
+    # TCG_PCR_EVENT (SHA-1 format): the Spec ID event of a crypto-agile log, or a SHA-1 log's first event.
     pcr = r.u32("first event PCR index")
     event_type = r.u32("first event type")
     r.take(20, "first event SHA-1 digest")
     size = r.u32("first event size")
     start = r.pos
-    if pcr != 0 or event_type != EV_NO_ACTION:
-        raise EventLogError("not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event", 0)
+    if not (pcr == 0 and event_type == EV_NO_ACTION and r.left >= 16 and raw[start:start + 16] == SPEC_ID_SIGNATURE):
+        return _parse_sha1(raw)
     if size < 29 or size > r.left:
         raise EventLogError(f"Spec ID event size {size} is impossible", start - 4)
     spec = _Reader(r.take(size, "Spec ID event"))
@@ -273,6 +274,35 @@ def parse(raw: bytes) -> EventLog:
         if event_type == EV_NO_ACTION and event_data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event_data) >= 17:
             log.startup_locality = event_data[16]
         log.events.append(Event(pcr, event_type, digests, event_data, offset))
+    return log
+
+
+def _parse_sha1(raw: bytes) -> EventLog:
+    """The SHA-1 log format (TCG PC Client for TPM 1.2 / TCG_PCR_EVENT throughout): each event a
+    PCR index, a type, one SHA-1 digest and its data. Still written by much firmware, and by
+    Windows on some clouds; it replays in the sha1 bank only."""
+    log = EventLog({"sha1": 20}, [], 0, (1, 2, 0), 2, 0)
+    data, pos, end = raw, 0, len(raw)
+    unpack = struct.unpack_from
+    while pos < end:
+        offset = pos
+        if pos + 32 > end:
+            raise EventLogError(f"truncated: SHA-1 event header needs 32 bytes, {end - pos} left", pos)
+        pcr, event_type = unpack("<II", data, pos)
+        digest = data[pos + 8:pos + 28]
+        (data_size,) = unpack("<I", data, pos + 28)
+        pos += 32
+        if pcr >= NUM_PCRS and event_type != EV_NO_ACTION:
+            raise EventLogError(f"PCR index {pcr} out of range", offset)
+        if data_size > MAX_EVENT_DATA:
+            raise EventLogError(f"event data of {data_size} bytes", pos - 4)
+        if pos + data_size > end:
+            raise EventLogError(f"truncated: event data needs {data_size} bytes, {end - pos} left", pos)
+        event_data = data[pos:pos + data_size]
+        pos += data_size
+        if event_type == EV_NO_ACTION and event_data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event_data) >= 17:
+            log.startup_locality = event_data[16]
+        log.events.append(Event(pcr, event_type, {"sha1": digest}, event_data, offset))
     return log
 
 

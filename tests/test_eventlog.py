@@ -110,10 +110,33 @@ def test_undeclared_algorithm_is_rejected():
         parse(bytes(bad))
 
 
-def test_sha1_only_log_is_rejected():
-    raw = struct.pack("<II", 0, 8) + bytes(20) + struct.pack("<I", 4) + b"abcd"
-    with pytest.raises(EventLogError, match="crypto-agile"):
+def test_a_log_without_a_spec_id_event_is_read_as_a_sha1_log():
+    """The SHA-1 format of TPM 1.2 firmware (TCG_PCR_EVENT throughout): one SHA-1 digest per event."""
+    fw, kernel = hashlib.sha1(b"fw").digest(), hashlib.sha1(b"kernel").digest()
+    raw = struct.pack("<II", 0, 8) + fw + struct.pack("<I", 4) + b"abcd"
+    raw += struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", 17) + b"StartupLocality\x00\x03"
+    raw += struct.pack("<II", 4, 0x80000003) + kernel + struct.pack("<I", 0)
+    log = parse(raw)
+    assert log.banks == ["sha1"] and [e.pcr for e in log.events] == [0, 0, 4] and log.startup_locality == 3
+    assert log.events[0].data == b"abcd" and log.events[2].type_name == "EV_EFI_BOOT_SERVICES_APPLICATION"
+    assert log.replay("sha1") == {0: hashlib.sha1(bytes(19) + b"\x03" + fw).digest(),
+                                  4: hashlib.sha1(bytes(20) + kernel).digest()}
+    from tccdeploy.eventlog import MissingBank
+
+    with pytest.raises(MissingBank, match=r"the log has no sha256 digests \(banks: sha1\)"):
+        log.replay("sha256")
+
+
+@pytest.mark.parametrize("raw, message", [
+    (struct.pack("<II", 0, 8) + bytes(20) + struct.pack("<I", 4) + b"abc", "truncated: event data needs 4 bytes, 3 left (at byte 32)"),
+    (struct.pack("<II", 0, 8) + bytes(20) + struct.pack("<I", 0) + b"\0" * 31, "truncated: SHA-1 event header needs 32 bytes, 31 left (at byte 32)"),
+    (struct.pack("<II", 24, 8) + bytes(20) + struct.pack("<I", 0), "PCR index 24 out of range (at byte 0)"),
+    (struct.pack("<II", 0, 8) + bytes(20) + struct.pack("<I", (1 << 20) + 1), "event data of 1048577 bytes (at byte 28)"),
+])
+def test_a_sha1_log_is_bounded_like_any_other(raw, message):
+    with pytest.raises(EventLogError) as info:
         parse(raw)
+    assert str(info.value) == message
 
 
 def test_huge_size_fields_are_rejected_not_allocated():
@@ -213,15 +236,10 @@ def test_a_log_is_taken_up_to_16_mib_and_not_a_byte_more(tmp_path):
 
 
 @pytest.mark.parametrize("raw, message", [
-    (struct.pack("<II", 1, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 0),
-     "not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event (at byte 0)"),
-    (struct.pack("<II", 0, 1) + bytes(20) + struct.pack("<I", 0),
-     "not a crypto-agile log: the first event is not the EV_NO_ACTION Spec ID event (at byte 0)"),
-    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 28) + bytes(28),
+    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 28) + eventlog.SPEC_ID_SIGNATURE + bytes(12),
      "Spec ID event size 28 is impossible (at byte 28)"),
-    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 40) + bytes(39),
+    (struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 40) + eventlog.SPEC_ID_SIGNATURE + bytes(23),
      "Spec ID event size 40 is impossible (at byte 28)"),
-    (spec_id(signature=b"Spec ID Event02\x00"), "Spec ID event signature is not 'Spec ID Event03' (a SHA-1-only log?) (at byte 32)"),
     (spec_id([]), "Spec ID event lists 0 algorithms (at byte 56)"),
     (spec_id([(0x0100 + i, 32) for i in range(17)]), "Spec ID event lists 17 algorithms (at byte 56)"),
     (spec_id([(0x000B, 20)]), "sha256 digest size 20 in the Spec ID event, expected 32 (at byte 32)"),
@@ -229,6 +247,7 @@ def test_a_log_is_taken_up_to_16_mib_and_not_a_byte_more(tmp_path):
     (spec_id([(0x0099, 65)]), "digest size 65 for algorithm 0x0099 (at byte 32)"),
 ])
 def test_a_spec_id_event_that_cannot_be_right_is_refused(raw, message):
+    """A first event that carries the Spec ID Event03 signature is a crypto-agile log's, checked as one."""
     assert why(raw) == message
 
 
@@ -289,10 +308,11 @@ def test_the_header_is_read_with_unsigned_fields_and_errors_say_where():
         parse(b"\0\0")
     assert str(info.value) == "truncated: first event PCR index needs 4 bytes, 2 left (at byte 0)" and info.value.offset == 0
     huge = struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 0xFFFFFFFF)
-    assert why(huge) == "Spec ID event size 4294967295 is impossible (at byte 28)"
+    assert why(huge + eventlog.SPEC_ID_SIGNATURE) == "Spec ID event size 4294967295 is impossible (at byte 28)"
+    assert why(huge) == "event data of 4294967295 bytes (at byte 28)"  # no Spec ID: a SHA-1 log's event
     with pytest.raises(EventLogError) as info:
-        parse(spec_id()[:40])
-    assert info.value.offset == 28
+        parse(spec_id()[:40])  # too short to carry the Spec ID signature: a SHA-1 log's event, cut short
+    assert info.value.offset == 32 and "event data needs 37 bytes, 8 left" in str(info.value)
     assert parse(spec_id([(0x8001, 32)]) + event(digests=[(0x8001, bytes(32))])).algorithms == {"alg_0x8001": 32}
     header = spec_id()  # numberOfAlgorithms read unsigned: 0x80000000 algorithms is too many, not negative
     many = header[:56] + struct.pack("<I", 0x80000000) + header[60:]

@@ -405,3 +405,15 @@ def test_a_log_without_the_policys_bank_is_untrusted_by_name_not_a_crash(manifes
     evidence = Evidence(good.attest, good.signature, good.pcrs, stripped, NONCE, ssh_host_key=node.host_key)
     verdict = run(manifests, node, evidence)
     assert codes(verdict) == ["eventlog.bank-missing"] and "policy's bank" in verdict.reasons[0]["message"]
+
+
+def test_a_sha1_format_log_under_a_sha256_policy_is_untrusted_by_name(manifests):
+    from tccdeploy.coordinator.verifier import Evidence
+
+    node = Node()
+    good = node.evidence(NONCE)
+    sha1_log = b"".join(struct.pack("<II", e.pcr, e.type) + e.digests["sha1"] + struct.pack("<I", len(e.data)) + e.data
+                        for e in parse(good.eventlog).events)
+    evidence = Evidence(good.attest, good.signature, good.pcrs, sha1_log, NONCE, ssh_host_key=node.host_key)
+    verdict = run(manifests, node, evidence)
+    assert codes(verdict) == ["eventlog.bank-missing"] and "no sha256 digests (banks: sha1)" in verdict.reasons[0]["message"]
