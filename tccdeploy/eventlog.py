@@ -261,20 +261,30 @@ def parse(raw: bytes) -> EventLog:
             raise EventLogError("truncated: event size needs 4 bytes", pos)
         (data_size,) = unpack("<I", data, pos)
         pos += 4
-        if data_size > MAX_EVENT_DATA:
-            raise EventLogError(f"event data of {data_size} bytes", pos - 4)
-        if pos + data_size > end:
-            raise EventLogError(f"truncated: event data needs {data_size} bytes, {end - pos} left", pos)
-        event_data = data[pos:pos + data_size]
+        event_data = _event_data(data, pos, end, data_size)
         pos += data_size
         if event_type != EV_NO_ACTION and len(digests) != len(algorithms):
             for bank in algorithms:
                 if bank not in digests:
                     log.incomplete.setdefault(bank, offset)
-        if event_type == EV_NO_ACTION and event_data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event_data) >= 17:
-            log.startup_locality = event_data[16]
-        log.events.append(Event(pcr, event_type, digests, event_data, offset))
+        _add(log, Event(pcr, event_type, digests, event_data, offset))
     return log
+
+
+def _event_data(data: bytes, pos: int, end: int, size: int) -> bytes:
+    """An event's data of size bytes at pos (just after its size field), bounds checked."""
+    if size > MAX_EVENT_DATA:
+        raise EventLogError(f"event data of {size} bytes", pos - 4)
+    if pos + size > end:
+        raise EventLogError(f"truncated: event data needs {size} bytes, {end - pos} left", pos)
+    return data[pos:pos + size]
+
+
+def _add(log: EventLog, event: Event) -> None:
+    """Append event; a StartupLocality EV_NO_ACTION event sets PCR 0's starting value."""
+    if event.type == EV_NO_ACTION and event.data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event.data) >= 17:
+        log.startup_locality = event.data[16]
+    log.events.append(event)
 
 
 def _parse_sha1(raw: bytes) -> EventLog:
@@ -294,15 +304,9 @@ def _parse_sha1(raw: bytes) -> EventLog:
         pos += 32
         if pcr >= NUM_PCRS and event_type != EV_NO_ACTION:
             raise EventLogError(f"PCR index {pcr} out of range", offset)
-        if data_size > MAX_EVENT_DATA:
-            raise EventLogError(f"event data of {data_size} bytes", pos - 4)
-        if pos + data_size > end:
-            raise EventLogError(f"truncated: event data needs {data_size} bytes, {end - pos} left", pos)
-        event_data = data[pos:pos + data_size]
+        event_data = _event_data(data, pos, end, data_size)
         pos += data_size
-        if event_type == EV_NO_ACTION and event_data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event_data) >= 17:
-            log.startup_locality = event_data[16]
-        log.events.append(Event(pcr, event_type, {"sha1": digest}, event_data, offset))
+        _add(log, Event(pcr, event_type, {"sha1": digest}, event_data, offset))
     return log
 
 
