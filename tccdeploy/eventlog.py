@@ -125,14 +125,17 @@ class EventLog:
 
     @property
     def banks(self) -> list[str]:
-        """The banks the log can be replayed in: declared, and carried by every event that extends."""
-        return [bank for bank in self.algorithms if bank not in self.incomplete]
+        """The banks the log can be replayed in: declared, of a hash tccdeploy knows, and carried by
+        every event that extends."""
+        return [bank for bank in self.algorithms if bank in ALG_BY_NAME and bank not in self.incomplete]
 
 
     def replay(self, bank: str, pcrs: list[int] | None = None) -> dict[int, bytes]:
         """The PCR values this log implies, for every PCR an event touched (or those asked)."""
         if bank not in self.algorithms:
             raise MissingBank(f"the log has no {bank} digests (banks: {', '.join(self.algorithms)})")
+        if bank not in ALG_BY_NAME:
+            raise MissingBank(f"the log's {bank} bank cannot be replayed: its hash algorithm is not one tccdeploy knows")
         lacking = self.incomplete.get(bank)
         if lacking is not None:
             raise MissingBank(f"the log declares {bank} but an event extends a PCR without a {bank} digest", lacking)

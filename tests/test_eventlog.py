@@ -313,7 +313,12 @@ def test_the_header_is_read_with_unsigned_fields_and_errors_say_where():
     with pytest.raises(EventLogError) as info:
         parse(spec_id()[:40])  # too short to carry the Spec ID signature: a SHA-1 log's event, cut short
     assert info.value.offset == 32 and "event data needs 37 bytes, 8 left" in str(info.value)
-    assert parse(spec_id([(0x8001, 32)]) + event(digests=[(0x8001, bytes(32))])).algorithms == {"alg_0x8001": 32}
+    unknown = parse(spec_id([(0x8001, 32)]) + event(digests=[(0x8001, bytes(32))]))
+    assert unknown.algorithms == {"alg_0x8001": 32} and unknown.banks == []
+    from tccdeploy.eventlog import MissingBank
+
+    with pytest.raises(MissingBank, match="alg_0x8001 bank cannot be replayed"):  # named, not hashlib's ValueError
+        unknown.replay("alg_0x8001")
     header = spec_id()  # numberOfAlgorithms read unsigned: 0x80000000 algorithms is too many, not negative
     many = header[:56] + struct.pack("<I", 0x80000000) + header[60:]
     assert "lists 2147483648 algorithms" in why(many)
@@ -330,3 +335,20 @@ def test_the_writer_records_the_event_data_given_apart_from_what_was_measured():
     writer.add(4, "EV_EFI_BOOT_SERVICES_APPLICATION", b"the kernel's bytes", image_load_event(18))
     (event,) = parse(writer.to_bytes()).events
     assert event.data == image_load_event(18) and event.digests["sha256"] == hashlib.sha256(b"the kernel's bytes").digest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_sha1_logs_parse_or_are_rejected_cleanly(data):
+    raw = b"".join(struct.pack("<II", pcr, kind) + hashlib.sha1(bytes([pcr])).digest() + struct.pack("<I", len(body)) + body
+                   for pcr, kind, body in ((0, 8, b"abcd"), (0, 3, b"StartupLocality\x00\x03"), (4, 0x80000003, b""),
+                                           (7, 0x80000001, b"x" * 40)))
+    mutated = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4))):
+        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        log = parse(bytes(mutated[:data.draw(st.integers(0, len(mutated)))]))
+    except EventLogError:
+        return
+    for bank in log.banks:
+        log.replay(bank)
