@@ -82,3 +82,19 @@ def test_a_log_stripped_of_the_policys_bank_quarantines_the_node(fleet):
     verdict, _ = fleet.tc.verify("n1", "site1", fleet.tc.registry.node("n1")["address"], evidence)
     assert [r["code"] for r in verdict.reasons] == ["eventlog.bank-missing"]
     assert fleet.tc.node("n1").state == "quarantined"
+
+
+def test_a_sha1_format_log_sent_for_a_sha256_policy_quarantines_the_node(fleet):
+    """The boot log rewritten in the TPM 1.2 SHA-1 format (now parsed) carries no sha256 digests:
+    the build cannot be checked, so the node is untrusted by name, not admitted on a log it chose."""
+    import struct
+
+    from tccdeploy.eventlog import parse
+
+    node = fleet.world.nodes["n1"]
+    evidence = node.tpm.evidence(fleet.tc.nonce("n1"))
+    evidence.eventlog = b"".join(struct.pack("<II", e.pcr, e.type) + e.digests["sha1"] + struct.pack("<I", len(e.data))
+                                 + e.data for e in parse(evidence.eventlog).events)
+    verdict, _ = fleet.tc.verify("n1", "site1", fleet.tc.registry.node("n1")["address"], evidence)
+    assert [r["code"] for r in verdict.reasons] == ["eventlog.bank-missing"]
+    assert fleet.tc.node("n1").state == "quarantined"
