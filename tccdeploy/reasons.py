@@ -64,6 +64,13 @@ REASONS: dict[str, str] = {
     "build.unknown": "the measured boot matches no TVMM build",
     "build.revoked": "the measured boot matches a revoked build",
     "build.deprecated": "warning: the measured boot matches a deprecated build",
+    "build.not-in-rollout": "the measured boot matches a candidate build whose rollout does not name this node",
+    "build.candidate": "warning: the measured boot matches a candidate build, on a node its rollout names",
+    "platform.unknown": "the measured firmware matches no platform (hardware model's firmware reference)",
+    "platform.revoked": "the measured firmware matches a revoked platform",
+    "platform.not-in-rollout": "the measured firmware matches a candidate platform whose rollout does not name this node",
+    "platform.deprecated": "warning: the measured firmware matches a deprecated platform",
+    "platform.candidate": "warning: the measured firmware matches a candidate platform, on a node its rollout names",
     # -- admission (the trusted key) ---------------------------------------------------------------
     "admit.not-trusted": "admission needs the node's latest attestation to be trusted and fresh",
     "admit.quarantined": "the node is quarantined: only the TC's operator releases it (or, by policy, a reboot)",

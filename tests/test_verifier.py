@@ -338,9 +338,9 @@ def test_a_log_that_departs_from_every_build_is_told_where(log, where):
 
 
 def verifier_match(builds, log):  # type: ignore[no-untyped-def]
-    from tccdeploy.coordinator.verifier import match_build
+    from tccdeploy.coordinator.references import Measured, match
 
-    return match_build(log, builds, (0, 4))
+    return match({pcr: [Measured(d) for d in digests] for pcr, digests in log.items()}, builds, (0, 4))
 
 
 def test_the_build_a_log_matches_exactly_is_chosen_whichever_its_place():
@@ -371,9 +371,9 @@ def test_a_verdict_reads_back_with_every_field():
     from tccdeploy.coordinator.verifier import Verdict
 
     reasons, warnings = [{"code": "quote.nonce", "message": "m"}], [{"code": "build.candidate", "message": "w"}]
-    assert Verdict(False, reasons, warnings, "b1", "ab", 3, 4).as_dict() == {
-        "verdict": "untrusted", "reasons": reasons, "warnings": warnings, "build": "b1", "pcr_digest": "ab",
-        "reset_count": 3, "restart_count": 4}
+    assert Verdict(False, reasons, warnings, "b1", "ab", 3, 4, "p1").as_dict() == {
+        "verdict": "untrusted", "reasons": reasons, "warnings": warnings, "build": "b1", "platform": "p1",
+        "pcr_digest": "ab", "reset_count": 3, "restart_count": 4}
     assert Verdict(True).as_dict()["verdict"] == "trusted"
 
 

@@ -11,7 +11,8 @@ customer's constraints, for the customer who owns the image.
     release.unknown-request  no such request
     release.not-admitted     the node is not admitted (enrolled only, quarantined, unknown)
     release.not-fresh        its latest attestation is not trusted or older than the policy allows
-    release.build-revoked    the build that attestation matched is no longer approved (manifests reloaded)
+    release.build-revoked    the build or platform that attestation matched may not run there any more
+                             (manifests reloaded: revoked, or a candidate's rollout without the node)
     release.no-certificate   no valid (unexpired, unrevoked) node certificate
     release.already          the request's key was already released (to another node, or the request is
                              launched or failed); the same node may ask again and gets a fresh ticket
@@ -40,10 +41,11 @@ from cryptography import x509
 from ..crypto import customer, wrap
 from ..crypto import ticket as tickets
 from ..crypto.canonical import CUSTOMER_QUERY, PLACEMENT_REQUEST, signed_bytes
-from ..manifest.models import Perimeter, TVMMBuild
+from ..manifest.models import Perimeter
 from . import constraints
 from .identity import Identity
 from .records import NodeRecord, VMRecord
+from .references import Baseline
 from .refusals import Refused
 from .store import Audit, Conflict, Registry
 
@@ -157,7 +159,7 @@ def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
 RELEASE_EXPIRY = tickets.TTL + 60  # a ticket no node can take any more, and a minute for the clocks
 
 
-def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request_id: str, node: str,
+def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request_id: str, node: str,
             capacity: int | None,
             audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None,
             expire: Callable[[str], list[str]] = lambda request: []) -> dict[str, Any]:
@@ -195,7 +197,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
     owner = registry.image_owner(request["vm_id"])
     customer_id = owner["key_id"] if owner else ""
     latest, certificate_row, rewrapped = rewrap_for(
-        registry, tc, perimeter, builds, request, node, capacity,
+        registry, tc, perimeter, baseline, request, node, capacity,
         tickets.label("launch", "kvm", request["vm_id"], customer_id, ticket_id))
     now = int(time.time())
     spec = request["spec"]
@@ -224,7 +226,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list
     return {"ticket": ticket, "attestation": latest, "certificate_serial": certificate_row["serial"], "request": request}
 
 
-def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any], node: str,
+def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, request: dict[str, Any], node: str,
                capacity: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(latest attestation, certificate row) if node may receive this request's key now."""
     row = registry.node(node)
@@ -233,26 +235,25 @@ def check_node(registry: Registry, perimeter: Perimeter, builds: list[TVMMBuild]
     latest = registry.attestations(node, limit=1)
     if not latest or latest[0]["verdict"] != "trusted" or time.time() - latest[0]["time"] > perimeter.attestation.max_quote_age:
         raise Refused("release.not-fresh", f"{node}'s latest attestation is not trusted and fresh; attest it again")
-    build = next((b for b in builds if b.name == latest[0]["build"]), None)
-    if build is None or build.status == "revoked":
-        raise Refused("release.build-revoked", f"{node} booted {latest[0]['build']}, which the TC's manifests no longer "
-                                               "approve")
+    problem = baseline.admits(node, latest[0]["build"], latest[0].get("platform"))
+    if problem is not None:  # the manifests changed since the verdict: revoked, or a rollout without this node
+        raise Refused("release.build-revoked", f"{node} may not run its boot any more: {problem[1]} ({problem[0]})")
     certificate_row = registry.certificate(node)
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
     why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in registry.vms()],
-                               {b.name: b.version for b in builds}, request["customer"], capacity)
+                               baseline.versions(), request["customer"], capacity)
     if why:
         raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
     return latest[0], certificate_row
 
 
-def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], request: dict[str, Any],
+def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request: dict[str, Any],
                node: str, capacity: int | None, label: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """Kvm (sealed to the TC) re-wrapped to node's TK under label (the ticket's that carries it),
     if node may have it now: the one place a VM key is ever in clear, for launch and migration alike."""
-    latest, certificate_row = check_node(registry, perimeter, builds, request, node, capacity)
+    latest, certificate_row = check_node(registry, perimeter, baseline, request, node, capacity)
     certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
     owner = registry.image_owner(request["vm_id"])
     if owner is None or owner["customer"] != request["customer"]:

@@ -30,6 +30,7 @@ class NodeRecord(_Record):
     site: str | None = None
     address: str | None = None
     build: str | None = None
+    platform: str | None = None
     last_attestation: float | None = None
     verdict: str | None = None
     reasons: list[str] = field(default_factory=list)

@@ -41,6 +41,15 @@ def ek_identities(certificate_der: bytes) -> tuple[str, str]:
     return "sha256:" + hashlib.sha256(certificate_der).hexdigest(), "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
+def enrolled_identities(identity: dict | None) -> tuple[str, ...]:
+    """A node's enrolled EK as a roster names it (certificate, then public-key fingerprint), from
+    its registry identity record."""
+    if identity is None:
+        return ()
+    certificate = identity.get("ek_fingerprint")
+    return tuple(x for x in ("sha256:" + str(certificate) if certificate else "", identity.get("ek_key_fingerprint") or "") if x)
+
+
 def normalize(ek: str) -> str:
     """An EK name as an operator may type it (upper case, with colons, bare hex) in roster form."""
     text = ek.strip().lower()

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from ..config import state_dir
 from ..crypto import ticket as tickets
 from ..crypto import wrap
-from ..manifest.models import NodeRoster, Perimeter, TVMMBuild
+from ..manifest.models import NodeRoster, Perimeter, Platform, TVMMBuild
 from . import (
     admission,
     audit,
@@ -30,6 +30,7 @@ from . import (
     keybroker,
     lifecycle,
     receipts,
+    references,
     roster,
     runtime,
     suspension,
@@ -62,10 +63,12 @@ def node_summaries(registry: Registry) -> list[NodeRecord]:
 
 class Coordinator:
     def __init__(self, perimeter: Perimeter, builds: list[TVMMBuild], state: str | None = None,
-                 registry: str | None = None, rosters: list[NodeRoster] | tuple[NodeRoster, ...] = ()):
+                 registry: str | None = None, rosters: list[NodeRoster] | tuple[NodeRoster, ...] = (),
+                 platforms: list[Platform] | tuple[Platform, ...] = ()):
         self.state = state_dir(state)
         self.perimeter = perimeter
         self.builds = builds
+        self.platforms = list(platforms)
         self.rosters = list(rosters)
         self.registry = Registry(registry or registry_location(self.state))
         self.registry.auditor = self._audit_link
@@ -74,13 +77,14 @@ class Coordinator:
 
     @classmethod
     def from_manifests(cls, loaded: Any, state: str | None = None, registry: str | None = None) -> Coordinator:
-        """The TC governed by a manifests' LoadResult: its Perimeter, TVMMBuilds and NodeRosters."""
-        return cls(loaded.perimeter, loaded.builds, state, registry, loaded.rosters)
+        """The TC governed by a manifests' LoadResult: its Perimeter, TVMMBuilds, Platforms and NodeRosters."""
+        return cls(loaded.perimeter, loaded.builds, state, registry, loaded.rosters, getattr(loaded, "platforms", ()))
 
     def reload(self, loaded: Any) -> None:
         """Take new manifests (SIGHUP): a build revoked or a machine taken off the roster counts
         from the next decision on."""
         self.perimeter, self.builds, self.rosters = loaded.perimeter, loaded.builds, list(loaded.rosters)
+        self.platforms = list(getattr(loaded, "platforms", ()))
         self._identity = self._auditor = None  # and the TC's keys, which `tc rotate` may have changed
 
     def identity(self) -> identity.Identity:
@@ -134,7 +138,7 @@ class Coordinator:
         known = self.registry.identity(node)
         if known is None:
             return None, []
-        identities = ("sha256:" + known["ek_fingerprint"], known.get("ek_key_fingerprint") or "")
+        identities = roster.enrolled_identities(known)
         try:
             entry = roster.check(self.roster_entries(), node, identities, None)
         except Refused as exc:
@@ -143,6 +147,21 @@ class Coordinator:
             return entry, [("perimeter.roster-site", f"{node} claims site {claimed_site!r}, but the roster puts its TPM "
                                                      f"in site {entry.site!r}")]
         return entry, []
+
+    def rollout_identity(self, node: str) -> tuple[str | None, tuple[str, ...]]:
+        """How a candidate's rollout may name node, from the TC's records only: its enrolled EK's
+        fingerprints, and its name only where the roster gives the EK that name (an unnamed
+        roster entry's node is named by the engine at enrollment, which proves nothing)."""
+        known = self.registry.identity(node)
+        if known is None:
+            return None, ()
+        entry, failures = self._roster_of(node, None)
+        named = node if entry is not None and not failures and entry.name == node else None
+        return named, roster.enrolled_identities(known)
+
+    def baseline(self) -> references.Baseline:
+        """The reference values as the manifests stand now, for decisions after the verdict."""
+        return references.Baseline(self.builds, self.platforms, self.rollout_identity)
 
     def capacity(self, node: str) -> int | None:
         """How many VMs the roster lets node run (None: the roster declares no limit)."""
@@ -226,7 +245,8 @@ class Coordinator:
         last = self.registry.attestations(node, limit=1, trusted_only=True)
         entry, roster_failures = self._roster_of(node, site)
         verdict = verifier.verify(evidence, self.perimeter, self.builds, known, entry.site if entry else None, address,
-                                  last[0] if last else None, roster_failures)
+                                  last[0] if last else None, roster_failures, self.platforms,
+                                  node if entry is not None and entry.name == node else None)
         if known is None:
             return verdict, 0
         record = verdict.as_dict() | {"nonce": nonce, "evidence_sha256": sent}
@@ -237,7 +257,7 @@ class Coordinator:
                 node, record,
                 audit.entry("attestation", node, verdict=record["verdict"], reasons=[r["code"] for r in verdict.reasons],
                             warnings=[w["code"] for w in verdict.warnings], build=verdict.build,
-                            pcr_digest=verdict.pcr_digest),
+                            platform=verdict.platform, pcr_digest=verdict.pcr_digest),
                 # Fail closed: an admitted node that fails loses its certificate in the same transaction.
                 None if verdict.trusted else audit.entry("quarantine", node, reason=verdict.reasons[0]["code"]),
                 lambda gone: audit.entry("vm.off-by-reboot", node, vms=gone, reset_count=verdict.reset_count),
@@ -255,7 +275,8 @@ class Coordinator:
         if row is None:
             return None
         return verifier.Verdict(row["verdict"] == "trusted", row["reasons"], row["warnings"], row["build"],
-                                row["pcr_digest"], row["reset_count"], row["restart_count"]), int(row["id"])
+                                row["pcr_digest"], row["reset_count"], row["restart_count"],
+                                row["platform"]), int(row["id"])
 
     def quarantine(self, node: str, reason: str) -> bool:
         return self.registry.quarantine(node, audit.entry("quarantine", node, reason=reason))
@@ -309,7 +330,7 @@ class Coordinator:
         vm_id = request["vm_id"] if request else None
         with self._refusals("key-release", node, vm_id):
             release = keybroker.release(
-                self.registry, self.identity(), self.perimeter, self.builds, request_id, node, self.capacity(node),
+                self.registry, self.identity(), self.perimeter, self.baseline(), request_id, node, self.capacity(node),
                 lambda att, cert, ticket: audit.entry("key-release", node, vm_id, request=request_id,
                                                       attestation=att["id"], certificate_serial=cert["serial"],
                                                       ticket=ticket),
@@ -392,7 +413,7 @@ class Coordinator:
             if source is None:
                 raise Refused("migrate.source-unknown", f"{vm['node']} holds no trusted key the TC certified")
             latest, certificate, rewrapped = keybroker.rewrap_for(
-                self.registry, self.identity(), self.perimeter, self.builds, request, destination,
+                self.registry, self.identity(), self.perimeter, self.baseline(), request, destination,
                 self.capacity(destination), tickets.label("migrate-in", "kvm", vm["vm_id"], customer_id, in_id))
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
@@ -439,9 +460,8 @@ class Coordinator:
             if commit:
                 node = self.registry.node(row["destination"])
                 latest = self.registry.attestations(row["destination"], limit=1)
-                build = next((b for b in self.builds if latest and b.name == latest[0]["build"]), None)
                 if node is None or node["state"] != "admitted" or not latest or latest[0]["verdict"] != "trusted" \
-                        or build is None or build.status == "revoked" \
+                        or self.baseline().admits(row["destination"], latest[0]["build"], latest[0].get("platform")) \
                         or time.time() - latest[0]["time"] > self.perimeter.attestation.max_quote_age:
                     raise Refused("migrate.destination-untrusted", f"{row['destination']} is not trusted now: the "
                                                                    "migration cannot be committed; abort it")
@@ -559,7 +579,7 @@ class Coordinator:
         vm = self.registry.vm(vm_name)
         with self._refusals("resume", node, vm["vm_id"] if vm else None):
             target = node or None
-            return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.builds, vm_name, target,
+            return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.baseline(), vm_name, target,
                                             self.capacity(target) if target else None)
 
     def resume_end(self, suspension_id: int, evidence: dict[str, Any]) -> dict[str, Any]:

@@ -281,6 +281,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX releases_vm ON releases(vm_id);
     CREATE INDEX releases_request ON releases(request);
     """,
+    # 17: platforms apart from builds (issue 17): a verdict names the hardware model's firmware
+    # reference it matched as well as the TVMM build.
+    """
+    ALTER TABLE attestations ADD COLUMN platform TEXT;
+    ALTER TABLE nodes ADD COLUMN platform TEXT;
+    """,
 ]
 
 
@@ -420,6 +426,10 @@ PG_MIGRATIONS: list[str] = [
     CREATE INDEX attestations_nonce ON attestations(nonce);
     CREATE INDEX releases_vm ON releases(vm_id);
     CREATE INDEX releases_request ON releases(request);
+    """,
+    """
+    ALTER TABLE attestations ADD COLUMN platform TEXT;
+    ALTER TABLE nodes ADD COLUMN platform TEXT;
     """,
 ]
 
@@ -656,15 +666,17 @@ class Registry:
                 raise Conflict("nonce.replayed", "the quote's nonce was used meanwhile (the same evidence sent twice?)")
             row = db.execute(
                 "INSERT INTO attestations (node, time, nonce, verdict, reasons, warnings, pcr_digest, reset_count, "
-                "restart_count, build, pcr_values, evidence_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                "restart_count, build, pcr_values, evidence_sha256, platform) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (node, now, record.get("nonce"), record["verdict"], json.dumps(record.get("reasons", [])),
                  json.dumps(record.get("warnings", [])), record.get("pcr_digest"), record.get("reset_count"),
                  record.get("restart_count"), record.get("build"), json.dumps(record.get("pcr_values") or {}),
-                 record.get("evidence_sha256")),
+                 record.get("evidence_sha256"), record.get("platform")),
             ).first()
             attestation_id = int(row["id"]) if row else 0
             if record["verdict"] == "trusted" and record.get("build"):
-                db.execute("UPDATE nodes SET build = ?, updated = ? WHERE name = ?", (record["build"], time.time(), node))
+                db.execute("UPDATE nodes SET build = ?, platform = ?, updated = ? WHERE name = ?",
+                           (record["build"], record.get("platform"), time.time(), node))
             self._audit(db, audit, id=attestation_id)
             if record["verdict"] == "trusted" and record.get("reset_count") is not None:
                 gone = [r["vm_id"] for r in db.execute(

@@ -20,10 +20,11 @@ from cryptography import x509
 
 from ..crypto import ticket as tickets
 from ..crypto import wrap
-from ..manifest.models import Perimeter, TVMMBuild
+from ..manifest.models import Perimeter
 from . import audit, keybroker, runtime
 from .identity import Identity
 from .lifecycle import customer_of, node_ticket
+from .references import Baseline
 from .refusals import Refused
 from .store import Conflict, Registry
 
@@ -90,7 +91,7 @@ def end(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: int,
     return {"suspension": suspension_id, "vm_id": row["vm_id"], "state": "suspended" if saved else "aborted"}
 
 
-def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, builds: list[TVMMBuild], vm_name: str,
+def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, vm_name: str,
                   node: str | None, capacity: int | None) -> dict[str, Any]:
     """A resume ticket for the VM's open suspension, to node (default: where it was suspended),
     if node may have the VM's key now; once per suspension, on one node."""
@@ -106,7 +107,7 @@ def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, builds
     assert request is not None
     customer = customer_of(registry, vm["vm_id"], "suspend.node-unknown")
     ticket_id = tickets.new_id()
-    _, certificate, rewrapped = keybroker.rewrap_for(registry, tc, perimeter, builds, request, target, capacity,
+    _, certificate, rewrapped = keybroker.rewrap_for(registry, tc, perimeter, baseline, request, target, capacity,
                                                      tickets.label("resume", "kvm", vm["vm_id"], customer, ticket_id))
     try:
         registry.resuming(int(row["id"]), target, ticket_id, audit.entry(

@@ -19,8 +19,11 @@ nothing is ever admitted on a partial check. The codes:
     eventlog.bank-missing    the log declares the policy's bank but an event that extends a PCR
                              carries no digest for it: the boot cannot be judged in that bank
     eventlog.replay          replaying the log does not give the quoted PCR values
-    build.unknown            the measured events match no TVMM build
-    build.revoked            they match a revoked build
+    build.unknown / platform.unknown        the measured events match no TVMM build / platform
+    build.revoked / platform.revoked        they match a revoked one
+    build.not-in-rollout / platform.not-in-rollout
+                             they match a candidate whose rollout does not name this node
+                             (references.py: how a boot is split into platform and build)
     perimeter.no-site        the node has no site (not on the roster; or, for a prediction, claims none)
     perimeter.unknown-site   its site is not in the perimeter
     perimeter.address        its claimed address is not in its site's networks (a consistency check only)
@@ -30,7 +33,8 @@ nothing is ever admitted on a partial check. The codes:
     perimeter.asset-tag-index  the certified NV index is not the site's, not platform-created and
                              write-locked, or certified from an offset or for a part of it
     perimeter.asset-tag-nonce  the certification does not carry the TC's quote nonce
-Warnings (not failures): build.deprecated, node.rebooted.
+Warnings (not failures): build.deprecated, platform.deprecated, build.candidate, platform.candidate,
+node.rebooted.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ from typing import Any
 
 from ..eventlog import EV_NO_ACTION, EventLogError, MissingBank
 from ..eventlog import parse as parse_eventlog
-from ..manifest.models import Perimeter, TVMMBuild
-from . import tpm2
+from ..manifest.models import Perimeter, Platform, TVMMBuild
+from . import references, roster, tpm2
 
 
 @dataclass
@@ -69,11 +73,12 @@ class Verdict:
     pcr_digest: str | None = None
     reset_count: int | None = None
     restart_count: int | None = None
+    platform: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": "trusted" if self.trusted else "untrusted", "reasons": self.reasons,
-                "warnings": self.warnings, "build": self.build, "pcr_digest": self.pcr_digest,
-                "reset_count": self.reset_count, "restart_count": self.restart_count}
+                "warnings": self.warnings, "build": self.build, "platform": self.platform,
+                "pcr_digest": self.pcr_digest, "reset_count": self.reset_count, "restart_count": self.restart_count}
 
 
 class _Collector:
@@ -93,30 +98,6 @@ class _Collector:
 
     def warn(self, code: str, message: str) -> None:
         self.warnings.append(self._entry(code, message))
-
-
-def match_build(events_by_pcr: dict[int, list[bytes]], builds: list[TVMMBuild], pcrs: tuple[int, ...]) -> tuple[TVMMBuild | None, str]:
-    """The build whose reference measurements equal the log's events on every policy PCR.
-
-    When none does, the message names the closest build (most events in place) and where the
-    log first departs from it, which is what an operator needs to find the rogue component.
-    """
-    best: tuple[int, str] = (-1, "")
-    for build in builds:
-        matched, first = 0, ""
-        for pcr in pcrs:
-            expected = [bytes.fromhex(e.digest) for e in build.pcrs.get(pcr, ())]
-            got = events_by_pcr.get(pcr, [])
-            same = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), min(len(expected), len(got)))
-            matched += same
-            if (expected != got) and not first:
-                what = "an extra event" if same == len(expected) else ("a missing event" if same == len(got) else "a different event")
-                first = f"PCR {pcr} event {same} ({what})"
-        if not first:
-            return build, ""
-        if matched > best[0]:
-            best = (matched, f"closest build {build.name}: {first}")
-    return None, best[1]
 
 
 def perimeter_problems(perimeter: Perimeter, site: str | None, address: str) -> list[tuple[str, str]]:
@@ -142,9 +123,13 @@ def verify(
     address: str,
     last_trusted: dict[str, Any] | None = None,
     roster_failures: list[tuple[str, str]] | None = None,
+    platforms: list[Platform] | tuple[Platform, ...] = (),
+    node: str | None = None,
 ) -> Verdict:
     """site: the node's site as the TC's roster records it (not the engine's claim); address:
-    the engine's claim, checked for consistency; roster_failures: what the roster check found."""
+    the engine's claim, checked for consistency; roster_failures: what the roster check found;
+    node: the node's name in the TC's registry, for candidates' rollouts (with the enrolled EK's
+    fingerprints from identity)."""
     c = _Collector()
     policy = perimeter.attestation
     verdict = Verdict(False)
@@ -215,19 +200,17 @@ def verify(
         bad = [p for p in policy.pcrs if replayed[p] != evidence.pcrs.get(p)]
         if bad:
             c.fail("eventlog.replay", f"replaying the event log does not give PCR(s) {bad}")
-        events: dict[int, list[bytes]] = {}
+        events: dict[int, list[references.Measured]] = {}
         for event in log.events:
             if event.type != EV_NO_ACTION and event.pcr in policy.pcrs:
-                events.setdefault(event.pcr, []).append(event.digests[policy.bank])
-        build, mismatch = match_build(events, builds, policy.pcrs)
-        if build is None:
-            c.fail("build.unknown", f"the measured boot matches no TVMM build ({mismatch})")
-        else:
-            verdict.build = build.name
-            if build.status == "revoked":
-                c.fail("build.revoked", f"the node booted {build.name} {build.version}, which is revoked")
-            elif build.status == "deprecated":
-                c.warn("build.deprecated", f"the node booted {build.name} {build.version}, which is deprecated")
+                events.setdefault(event.pcr, []).append(references.Measured(event.digests[policy.bank], event.type_name))
+        judged = references.judge(events, builds, platforms, policy.pcrs, node, roster.enrolled_identities(identity))
+        verdict.build = judged.build.name if judged.build else None
+        verdict.platform = judged.platform.name if judged.platform else None
+        for code, message in judged.failures:
+            c.fail(code, message)
+        for code, message in judged.warnings:
+            c.warn(code, message)
 
     # Where: inside the perimeter, as the TC's roster says; the claimed address must agree.
     for code, message in roster_failures or []:

@@ -128,4 +128,4 @@ def evidence_from_wire(data: dict[str, Any]) -> Evidence:
 
 def verdict_from_wire(data: dict[str, Any]) -> Verdict:
     return Verdict(data["verdict"] == "trusted", list(data["reasons"]), list(data["warnings"]), data.get("build"),
-                   data.get("pcr_digest"), data.get("reset_count"), data.get("restart_count"))
+                   data.get("pcr_digest"), data.get("reset_count"), data.get("restart_count"), data.get("platform"))

@@ -15,7 +15,7 @@ from typing import Any
 from ..inventory import Inventory, vars_files, vars_names
 from ..inventory.ini import as_yaml_shape, load_ini
 from . import schema, xref
-from .models import NodeRoster, Perimeter, PlacementRequest, TVMMBuild
+from .models import NodeRoster, Perimeter, PlacementRequest, Platform, TVMMBuild
 from .problems import ManifestError, Problem
 from .yamlload import Document, load_file, read_text
 
@@ -29,6 +29,7 @@ class LoadResult:
     files: list[str] = field(default_factory=list)
     perimeters: list[Perimeter] = field(default_factory=list)
     builds: list[TVMMBuild] = field(default_factory=list)
+    platforms: list[Platform] = field(default_factory=list)
     requests: list[PlacementRequest] = field(default_factory=list)
     rosters: list[NodeRoster] = field(default_factory=list)
     inventories: list[Inventory] = field(default_factory=list)
@@ -163,6 +164,8 @@ def _classify(doc: Document, result: LoadResult, inventory_docs: dict[str, list[
             result.perimeters.append(Perimeter.from_document(doc, data, base_dir))
         elif kind == "TVMMBuild":
             result.builds.append(TVMMBuild.from_document(doc, data, base_dir))
+        elif kind == "Platform":
+            result.platforms.append(Platform.from_document(doc, data, base_dir))
         elif kind == "NodeRoster":
             result.rosters.append(NodeRoster.from_document(doc, data, base_dir))
         else:

@@ -132,6 +132,39 @@ def version_key(version: str) -> tuple[tuple[int, ...], int, str]:
     return tuple(int(p) for p in main.split(".")), 0 if suffix else 1, suffix
 
 
+ADMISSIBLE = ("candidate", "approved", "deprecated")  # candidate: only on its rollout's nodes
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The nodes a candidate may run on: roster names or EK fingerprints (sha256:...), as the
+    TC's own records name a node; never the engine's word."""
+
+    nodes: tuple[str, ...]
+
+    def names(self, node: str | None, eks: tuple[str, ...] = ()) -> bool:
+        return (node is not None and node in self.nodes) or any(ek and ek in self.nodes for ek in eks)
+
+
+def _reference_pcrs(spec: dict[str, Any], artifacts: dict[str, Artifact]) -> dict[int, tuple[ReferenceEvent, ...]]:
+    pcrs: dict[int, tuple[ReferenceEvent, ...]] = {}
+    for entry in spec["measurements"]["pcrs"]:
+        events = []
+        for e in entry["events"]:
+            if "artifact" in e:
+                art = artifacts.get(e["artifact"])
+                digest = art.sha256 if art else ""
+            else:
+                digest = e["digest"]
+            events.append(ReferenceEvent(digest, e.get("type"), e.get("artifact"), e.get("description", "")))
+        pcrs[entry["pcr"]] = pcrs.get(entry["pcr"], ()) + tuple(events)
+    return pcrs
+
+
+def _rollout(spec: dict[str, Any]) -> Rollout | None:
+    return Rollout(tuple(spec["rollout"]["nodes"])) if "rollout" in spec else None
+
+
 @dataclass(frozen=True)
 class TVMMBuild:
     name: str
@@ -141,10 +174,13 @@ class TVMMBuild:
     bank: str
     pcrs: dict[int, tuple[ReferenceEvent, ...]]
     source: Document | None = field(default=None, compare=False, repr=False)
+    rollout: Rollout | None = None
+    kind = "build"
 
     @property
     def admissible(self) -> bool:
-        return self.status in ("approved", "deprecated")
+        """Admitted somewhere: approved or deprecated everywhere, a candidate on its rollout's nodes."""
+        return self.status in ADMISSIBLE
 
     @classmethod
     def from_document(cls, doc: Document, data: dict[str, Any], base_dir: str) -> TVMMBuild:
@@ -160,21 +196,37 @@ class TVMMBuild:
             )
             for name, a in spec["artifacts"].items()
         }
-        pcrs: dict[int, tuple[ReferenceEvent, ...]] = {}
-        for entry in spec["measurements"]["pcrs"]:
-            events = []
-            for e in entry["events"]:
-                if "artifact" in e:
-                    art = artifacts.get(e["artifact"])
-                    digest = art.sha256 if art else ""
-                else:
-                    digest = e["digest"]
-                events.append(ReferenceEvent(digest, e.get("type"), e.get("artifact"), e.get("description", "")))
-            pcrs[entry["pcr"]] = pcrs.get(entry["pcr"], ()) + tuple(events)
         return cls(
             data["metadata"]["name"], spec["version"], spec["status"], artifacts,
-            spec["measurements"]["bank"], pcrs, doc,
+            spec["measurements"]["bank"], _reference_pcrs(spec, artifacts), doc, _rollout(spec),
         )
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A hardware model's firmware reference: the events its firmware measures into the PCRs the
+    platform owns. Composed with a TVMMBuild on the other PCRs, so the same TVMM software is
+    one build however many models it runs on."""
+
+    name: str
+    status: str
+    bank: str
+    pcrs: dict[int, tuple[ReferenceEvent, ...]]  # every PCR the platform owns, possibly with no events
+    model: str = ""
+    version: str = ""
+    source: Document | None = field(default=None, compare=False, repr=False)
+    rollout: Rollout | None = None
+    kind = "platform"
+
+    @property
+    def admissible(self) -> bool:
+        return self.status in ADMISSIBLE
+
+    @classmethod
+    def from_document(cls, doc: Document, data: dict[str, Any], base_dir: str) -> Platform:
+        spec = data["spec"]
+        return cls(data["metadata"]["name"], spec["status"], spec["measurements"]["bank"], _reference_pcrs(spec, {}),
+                   spec.get("model", ""), spec.get("version", ""), doc, _rollout(spec))
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,14 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "Perimeter": "perimeter",
     "TVMMBuild": "tvmmbuild",
+    "Platform": "platform",
     "PlacementRequest": "placementrequest",
     "NodeRoster": "noderoster",
     "Inventory": "inventory",
     "Playbook": "playbook",
     "Vars": "hostvars",
 }
-MANIFEST_KINDS = ("Perimeter", "TVMMBuild", "PlacementRequest", "NodeRoster")
+MANIFEST_KINDS = ("Perimeter", "TVMMBuild", "Platform", "PlacementRequest", "NodeRoster")
 
 
 def kind_for_name(name: str) -> str | None:

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..crypto.files import sha256_file
-from .models import Perimeter, TVMMBuild, version_key
+from .models import Perimeter, Platform, TVMMBuild, version_key
 from .problems import Problem
 from .schema import MANIFEST_KINDS
 
@@ -41,6 +41,7 @@ def check(result: LoadResult) -> list[Problem]:
     problems += perimeters(result)
     perimeter = result.perimeter
     problems += builds(result, perimeter)
+    problems += platforms(result, perimeter)
     for inventory in result.inventories:
         problems += inventory_hosts(inventory, result, perimeter)
     problems += requests(result, perimeter)
@@ -210,16 +211,14 @@ def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
                         ("spec", "measurements", "pcrs", i, "events", j), "xref.build-bank",
                         "an artifact event stands for its sha256 digest, but this build's bank is " + build.bank,
                         "give the digest in the build's bank explicitly"))
-            if perimeter is not None and entry["pcr"] not in perimeter.attestation.pcrs:
+            owners = [p.name for p in result.platforms if entry["pcr"] in p.pcrs]
+            if owners:
                 problems.append(doc.problem(
-                    ("spec", "measurements", "pcrs", i, "pcr"), "xref.build-pcr-not-quoted",
-                    f"PCR {entry['pcr']} is measured by this build but not quoted by the perimeter's policy "
-                    f"(pcrs {list(perimeter.attestation.pcrs)})",
-                    "add the PCR to the Perimeter's spec.attestation.pcrs, or it would never be verified"))
-        if perimeter is not None and build.bank != perimeter.attestation.bank:
-            problems.append(doc.problem(("spec", "measurements", "bank"), "xref.build-bank",
-                                        f"build measures bank {build.bank} but the perimeter quotes {perimeter.attestation.bank}",
-                                        "give the reference digests in the perimeter's bank"))
+                    ("spec", "measurements", "pcrs", i, "pcr"), "xref.platform-overlap",
+                    f"PCR {entry['pcr']} is the platform's (Platform {', '.join(owners)} lists it): a build may "
+                    "not measure it too",
+                    "keep firmware PCRs in the Platform manifests and the TVMM's in the builds"))
+        problems += _references(build, perimeter)
         for name, art in build.artifacts.items():
             path = ("spec", "artifacts", name)
             if art.value is not None and hashlib.sha256(art.value.encode()).hexdigest() != art.sha256:
@@ -244,6 +243,59 @@ def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
         problems.append(doc.problem(("spec", "status"), "xref.no-approved-build",
                                     "no TVMM build is approved: no node can be admitted", "approve a build",
                                     "warning"))
+    return problems
+
+
+def platforms(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
+    """xref.duplicate-platform, xref.no-approved-platform (warning), and those of _references."""
+    problems: list[Problem] = []
+    seen: dict[str, Platform] = {}
+    for platform in result.platforms:
+        doc = platform.source
+        assert doc is not None
+        if platform.name in seen:
+            other = seen[platform.name].source
+            problems.append(doc.problem(("metadata", "name"), "xref.duplicate-platform",
+                                        f"Platform {platform.name!r} is defined twice (also in "
+                                        f"{other.file if other else 'elsewhere'})",
+                                        "give each hardware model's firmware its own name"))
+        seen.setdefault(platform.name, platform)
+        problems += _references(platform, perimeter)
+    if result.platforms and not any(p.status == "approved" for p in result.platforms):
+        doc = result.platforms[0].source
+        assert doc is not None
+        problems.append(doc.problem(("spec", "status"), "xref.no-approved-platform",
+                                    "no Platform is approved: no node can be admitted", "approve a platform",
+                                    "warning"))
+    return problems
+
+
+def _references(ref: TVMMBuild | Platform, perimeter: Perimeter | None) -> list[Problem]:
+    """Reference measurements against the perimeter, for builds and platforms alike:
+    xref.build-pcr-not-quoted, xref.build-bank, xref.candidate-rollout."""
+    doc = ref.source
+    assert doc is not None
+    what = "this build" if ref.kind == "build" else "this platform"
+    problems: list[Problem] = []
+    for i, entry in enumerate(doc.data["spec"]["measurements"]["pcrs"]):
+        if perimeter is not None and entry["pcr"] not in perimeter.attestation.pcrs:
+            problems.append(doc.problem(
+                ("spec", "measurements", "pcrs", i, "pcr"), "xref.build-pcr-not-quoted",
+                f"PCR {entry['pcr']} is measured by {what} but not quoted by the perimeter's policy "
+                f"(pcrs {list(perimeter.attestation.pcrs)})",
+                "add the PCR to the Perimeter's spec.attestation.pcrs, or it would never be verified"))
+    if perimeter is not None and ref.bank != perimeter.attestation.bank:
+        problems.append(doc.problem(("spec", "measurements", "bank"), "xref.build-bank",
+                                    f"{what} measures bank {ref.bank} but the perimeter quotes {perimeter.attestation.bank}",
+                                    "give the reference digests in the perimeter's bank"))
+    if ref.status == "candidate" and ref.rollout is None:
+        problems.append(doc.problem(("spec", "status"), "xref.candidate-rollout",
+                                    f"{what} is a candidate but names no rollout: it would be admitted nowhere",
+                                    "list the nodes of the staged rollout under spec.rollout.nodes"))
+    elif ref.status != "candidate" and ref.rollout is not None:
+        problems.append(doc.problem(("spec", "rollout"), "xref.candidate-rollout",
+                                    f"{what} is {ref.status}, so spec.rollout would be ignored: it is for candidates only",
+                                    "remove spec.rollout once the rollout is done, or set status: candidate"))
     return problems
 
 
