@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tccdeploy.coordinator import tpm2
 from tccdeploy.coordinator.verifier import Evidence
 from tccdeploy.eventlog import EventLogWriter, image_load_event
-from tccdeploy.lab.builds import BOOT_SEQUENCE, POLICY_PCRS, artifact_bytes
+from tccdeploy.lab.builds import DEFAULT_MODEL, POLICY_PCRS, boot_events
 
 AK_ATTRIBUTES = tpm2.RESTRICTED | tpm2.SIGN | tpm2.FIXED_TPM | tpm2.FIXED_PARENT | tpm2.SENSITIVE_DATA_ORIGIN | tpm2.USER_WITH_AUTH
 
@@ -54,15 +54,16 @@ def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
     return struct.pack(">HH", tpm2.ALG_ECDSA, tpm2.ALG_SHA256) + tpm2b(r.to_bytes(32, "big")) + tpm2b(s.to_bytes(32, "big"))
 
 
-def boot_log(build: str = "tvmm-2026.1", extra: list[tuple[int, bytes]] | None = None) -> tuple[bytes, dict[int, bytes]]:
-    """The lab's boot of `build` as an event log, and the sha256 PCR values it replays to."""
+def boot_log(build: str = "tvmm-2026.1", extra: list[tuple[int, bytes]] | None = None,
+             model: str = DEFAULT_MODEL) -> tuple[bytes, dict[int, bytes]]:
+    """The lab's boot of `build` on hardware `model` as an event log, and the sha256 PCR values
+    it replays to."""
     writer = EventLogWriter(["sha1", "sha256"])
     pcrs: dict[int, bytes] = {p: bytes(32) for p in POLICY_PCRS}
-    steps = [(pcr, kind, artifact_bytes(build, art) if art else b"\0\0\0\0") for pcr, kind, art in BOOT_SEQUENCE]
+    steps = boot_events(build, model)
     for pcr, measured in extra or []:
-        steps.append((pcr, "EV_EFI_BOOT_SERVICES_APPLICATION", measured))
-    for pcr, kind, measured in steps:
-        data = image_load_event(len(measured)) if kind == "EV_EFI_BOOT_SERVICES_APPLICATION" else measured
+        steps.append((pcr, "EV_EFI_BOOT_SERVICES_APPLICATION", measured, image_load_event(len(measured))))
+    for pcr, kind, measured, data in steps:
         digests = writer.digests_of(measured)
         writer.add_digests(pcr, kind, digests, data)
         pcrs[pcr] = hashlib.sha256(pcrs[pcr] + digests["sha256"]).digest()
@@ -78,6 +79,7 @@ class Node:
     reset: int = 1
     restart: int = 0
     host_key: str = "SHA256:host"  # the node's SSH host key fingerprint, as enrollment pins it
+    model: str = DEFAULT_MODEL  # the hardware model whose firmware PCR 0 shows
 
     @property
     def ak_public(self) -> bytes:
@@ -104,7 +106,7 @@ class Node:
 
     def evidence(self, nonce: bytes, pcrs: list[int] | None = None, log_extra: list[tuple[int, bytes]] | None = None,
                  tag: AssetTag | None = None) -> Evidence:
-        log, values = boot_log(self.build, log_extra)
+        log, values = boot_log(self.build, log_extra, self.model)
         chosen = sorted(pcrs if pcrs is not None else POLICY_PCRS)
         digest = hashlib.sha256(b"".join(values[p] for p in chosen)).digest()
         attest = quote_attest(nonce, "sha256", chosen, digest, self.reset, self.restart)

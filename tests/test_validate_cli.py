@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tccdeploy.cli import main
-from tccdeploy.lab.builds import LAB_BUILDS, build_manifest
+from tccdeploy.lab.builds import LAB_BUILDS, LAB_PLATFORMS, build_manifest, platform_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 INVALID = REPO / "tests" / "invalid"
@@ -32,14 +32,21 @@ def test_examples_cover_every_kind():
     result = load_paths([str(REPO / "examples"), str(REPO / "inventory"), str(REPO / "playbooks")])
     assert len(result.perimeters) == 1 and len(result.perimeter.sites) == 2
     statuses = sorted(b.status for b in result.builds)
-    assert statuses == ["approved", "approved", "revoked"]
+    assert statuses == ["approved", "approved", "candidate", "revoked"]
+    assert sorted(p.name for p in result.platforms) == ["lab-model-a", "lab-model-b"]
     assert result.requests and result.inventories and result.playbooks
 
 
 def test_example_builds_match_what_the_lab_measures():
     for build in LAB_BUILDS:
         committed = yaml.safe_load((REPO / "examples" / "builds" / f"{build.name}.yml").read_text())
-        assert committed == build_manifest(build), "regenerate: tccdeploy lab builds --out examples/builds"
+        assert committed == build_manifest(build), REGENERATE
+    for platform in LAB_PLATFORMS:
+        committed = yaml.safe_load((REPO / "examples" / "platforms" / f"{platform.name}.yml").read_text())
+        assert committed == platform_manifest(platform), REGENERATE
+
+
+REGENERATE = "regenerate: tccdeploy lab builds --out examples/builds --platforms examples/platforms"
 
 
 def test_invalid_exits_1_and_reports_every_problem_at_once(tmp_path: Path):

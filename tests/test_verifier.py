@@ -37,7 +37,8 @@ def manifests(tmp_path_factory):
 
 def run(manifests, node: Node, evidence, site="site1", address="127.0.1.7", last=None, identity=None, nonce_ok=True):
     evidence.nonce_check = NonceCheck(True) if nonce_ok is True else nonce_ok
-    return verify(evidence, manifests.perimeter, manifests.builds, identity or node.identity(), site, address, last)
+    return verify(evidence, manifests.perimeter, manifests.builds, identity or node.identity(), site, address, last,
+                  platforms=manifests.platforms)
 
 
 def codes(verdict) -> list[str]:
@@ -107,7 +108,7 @@ def test_reported_pcr_values_missing_one_the_policy_covers_are_untrusted_not_a_c
 
 def test_a_policy_pcr_no_event_touched_replays_to_its_reset_value(manifests):
     """A log without events for PCR 9: the PCR keeps its reset value, which the quote must show
-    (no crash, no replay failure); the boot then matches no build."""
+    (no crash, no replay failure); the boot then matches no platform and no build."""
     from tccdeploy.eventlog import EventLogWriter
 
     node = Node()
@@ -119,7 +120,7 @@ def test_a_policy_pcr_no_event_touched_replays_to_its_reset_value(manifests):
     from tccdeploy.coordinator.verifier import Evidence
 
     evidence = Evidence(attest, sign(node.key, attest), values, writer.to_bytes(), NONCE, ssh_host_key=node.host_key)
-    assert codes(run(manifests, node, evidence)) == ["build.unknown"]
+    assert codes(run(manifests, node, evidence)) == ["platform.unknown", "build.unknown"]
 
 
 def test_pcr_digest_mismatch(manifests):
@@ -191,7 +192,7 @@ def test_deprecated_build_warns(manifests):
     builds = [dataclasses.replace(b, status="deprecated") if b.name == "tvmm-2026.2" else b for b in manifests.builds]
     evidence = node.evidence(NONCE)
     evidence.nonce_check = NonceCheck(True)
-    verdict = verify(evidence, manifests.perimeter, builds, node.identity(), "site1", "127.0.1.7")
+    verdict = verify(evidence, manifests.perimeter, builds, node.identity(), "site1", "127.0.1.7", platforms=manifests.platforms)
     assert verdict.trusted and [w["code"] for w in verdict.warnings] == ["build.deprecated"]
 
 
@@ -238,7 +239,8 @@ def test_not_enrolled_and_changed_host_key(manifests):
     node = Node()
     evidence = node.evidence(NONCE)
     evidence.nonce_check = NonceCheck(True)
-    assert "node.not-enrolled" in codes(verify(evidence, manifests.perimeter, manifests.builds, None, "site1", "127.0.1.7"))
+    assert "node.not-enrolled" in codes(verify(evidence, manifests.perimeter, manifests.builds, None, "site1", "127.0.1.7",
+                                              platforms=manifests.platforms))
     identity = node.identity() | {"ssh_host_key": "SHA256:other"}
     assert codes(run(manifests, node, node.evidence(NONCE), identity=identity)) == ["node.ssh-host-key"]
 

@@ -37,7 +37,18 @@ import yaml
 
 from ..eventlog import EventLogWriter, image_load_event
 from . import procs, tpm
-from .builds import ARTIFACTS, BOOT_SEQUENCE, LAB_BUILDS, POLICY_PCRS, artifact_bytes, build_manifest, lab_build
+from .builds import (
+    ARTIFACTS,
+    DEFAULT_MODEL,
+    LAB_BUILDS,
+    LAB_PLATFORMS,
+    POLICY_PCRS,
+    artifact_bytes,
+    boot_events,
+    build_manifest,
+    lab_build,
+    platform_manifest,
+)
 from .ca import make_ca
 from .tpm import LabError
 
@@ -80,6 +91,7 @@ class Node:
     boots: int = 0
     tampered: int = 0
     implant: bool = False  # a persistent rogue component: measured again at every boot
+    model: str = DEFAULT_MODEL  # the hardware model: its firmware is what PCR 0 shows
     modified: bool = False  # the last boot loaded files other than the lab's own for its build
 
     @property
@@ -108,7 +120,8 @@ def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int) -> li
         for i in range(1, count + 1):
             n += 1
             tag = asset_tag_value(s)
-            out.append(Node(f"node{n}", f"127.{lab_index}.{s}.{i}", f"site{s}", f"site{s}", asset_tag=tag))
+            model = LAB_PLATFORMS[(n - 1) % len(LAB_PLATFORMS)].name  # the hardware models alternate
+            out.append(Node(f"node{n}", f"127.{lab_index}.{s}.{i}", f"site{s}", f"site{s}", asset_tag=tag, model=model))
     for i in range(1, rogue + 1):
         out.append(Node(f"roguetpm{i}", f"127.{lab_index}.1.{200 + i}", "site1", "site1", rogue_tpm=True,
                         asset_tag=asset_tag_value(1)))
@@ -440,21 +453,9 @@ class Lab:
             tpm.power_cycle(self.tpm_socket(node))
         writer = EventLogWriter(list(tpm.BANKS))
         measurements = []
-        for pcr, event_type, artifact in BOOT_SEQUENCE:
-            if artifact is None:
-                digests = writer.add(pcr, event_type, b"\x00\x00\x00\x00")
-            else:
-                content = contents[artifact] if contents is not None else artifact_bytes(build, artifact)
-                if event_type == "EV_EFI_BOOT_SERVICES_APPLICATION":
-                    data = image_load_event(len(content))
-                elif event_type == "EV_POST_CODE":
-                    data = f"{artifact} {build}".encode()
-                elif artifact == "cmdline":
-                    data = content + b"\x00"  # EV_IPL strings are NUL-terminated, as GRUB logs them
-                else:
-                    data = f"/boot/tccdeploy/{build}/{artifact}".encode() + b"\x00"  # a path, as GRUB logs files
-                digests = writer.digests_of(content)
-                writer.add_digests(pcr, event_type, digests, data)
+        for pcr, event_type, measured, data in boot_events(build, node.model, contents):
+            digests = writer.digests_of(measured)
+            writer.add_digests(pcr, event_type, digests, data)
             measurements.append((pcr, digests))
         if node.implant:
             rogue = b"persistent rogue kernel module of " + node.name.encode()
@@ -528,6 +529,9 @@ class Lab:
         for build in LAB_BUILDS:
             _write_yaml(self.path("manifests", "builds", f"{build.name}.yml"),
                         build_manifest(build, artifact_dir="../../artifacts"), "tvmmbuild.schema.json")
+        for platform in LAB_PLATFORMS:
+            _write_yaml(self.path("manifests", "platforms", f"{platform.name}.yml"), platform_manifest(platform),
+                        "platform.schema.json")
 
     def _write_roster(self) -> None:
         """The TC operator's roster: every machine racked in a site (the outside hosts are not),

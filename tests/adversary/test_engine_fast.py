@@ -98,3 +98,46 @@ def test_a_sha1_format_log_sent_for_a_sha256_policy_quarantines_the_node(fleet):
     verdict, _ = fleet.tc.verify("n1", "site1", fleet.tc.registry.node("n1")["address"], evidence)
     assert [r["code"] for r in verdict.reasons] == ["eventlog.bank-missing"]
     assert fleet.tc.node("n1").state == "quarantined"
+
+
+# -- platforms and staged rollouts (issue 17) ------------------------------------------------------
+def test_an_engine_cannot_make_a_machine_a_rollout_node_by_naming_it_so(tmp_path):
+    """The roster lists a machine without a name; the engine enrolls it as node1, the name the
+    candidate's rollout lists, and boots it into the candidate. The TC names a node for a rollout
+    from its own roster only: the candidate is refused there."""
+    import hashlib
+
+    from tccdeploy.coordinator import tpm2
+
+    from ..attestkit import Node
+    from ..brokerkit import World
+
+    world = World(tmp_path)
+    try:
+        tpm = Node(build="tvmm-2026.3")
+        ek = hashlib.sha256(b"unnamed machine").hexdigest()
+        world.tc.registry.roster_add("sha256:" + ek, "site1", None, None)  # racked, not named
+        world.tc.registry.enroll("node1", "site1", "127.0.1.7", {
+            "ek_certificate": b"c", "ek_fingerprint": ek, "ek_public": b"e", "ak_public": tpm.ak_public,
+            "ak_name": tpm2.parse_public(tpm.ak_public).name, "ssh_host_key": tpm.host_key, "manufacturer": "software"})
+        verdict, _ = world.tc.verify("node1", "site1", "127.0.1.7", tpm.evidence(world.tc.nonce("node1")))
+        assert [r["code"] for r in verdict.reasons] == ["build.not-in-rollout"]
+        assert world.tc.rollout_identity("node1") == (None, ("sha256:" + ek,))
+    finally:
+        world.close()
+
+
+def test_firmware_the_operator_never_approved_quarantines_the_node_whatever_the_build(tmp_path):
+    """The provider flashes other firmware under an approved TVMM build: the platform part of the
+    verdict refuses it by name, and the admitted node leaves."""
+    from ..brokerkit import World
+
+    world = World(tmp_path)
+    try:
+        node = world.node("node1")
+        node.tpm.model = "lab-model-x"  # its firmware now measures as no Platform lists
+        verdict, _ = world.attest("node1")
+        assert [r["code"] for r in verdict.reasons] == ["platform.unknown"] and verdict.build == "tvmm-2026.1"
+        assert world.tc.registry.node("node1")["state"] == "quarantined"
+    finally:
+        world.close()

@@ -88,6 +88,14 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
     if not build.admissible:
         return {"failed": True, "changed": False, "reason": "build.revoked",
                 "msg": f"{build.name} is {build.status} in the manifests; it would not be admitted: refusing to deploy it"}
+    nodes = build.rollout.nodes if build.rollout else ()
+    if build.status == "candidate" and ctx.name not in nodes and not any(n.startswith("sha256:") for n in nodes):
+        # The TC would refuse it there (build.not-in-rollout); saying so before the node is drained and rebooted
+        # keeps the node in service. (Where a rollout names nodes by EK, the TC alone can tell.)
+        named = ", ".join(build.rollout.nodes) if build.rollout else "none"
+        return {"failed": True, "changed": False, "reason": "build.not-in-rollout",
+                "msg": f"{build.name} is a candidate whose rollout names {named}, not {ctx.name}: the TC would not admit "
+                       f"it there; deploy it on a rollout node, or approve the build first"}
     reboot = bool(args.get("reboot", True))
     boot_dir = ctx.host.vars.get("tcc_boot_dir", "/boot/tccdeploy")
     if not boot_dir:
