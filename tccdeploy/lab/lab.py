@@ -506,6 +506,7 @@ class Lab:
 
     def _write_manifests(self) -> None:
         os.makedirs(self.path("manifests", "builds"), exist_ok=True)
+        os.makedirs(self.path("manifests", "platforms"), exist_ok=True)
         sites = []
         for s in range(1, int(self.meta["sites"]) + 1):
             site: dict = {"name": f"site{s}", "networks": [f"127.{self.meta['lab_index']}.{s}.0/24"]}
