@@ -10,8 +10,12 @@ exposes at /sys/kernel/security/tpm0/binary_bios_measurements:
 
 The log is evidence from an untrusted node, so the parser bounds-checks every length and raises
 EventLogError (with the byte offset) on anything malformed; it never trusts a size field.
-Replay extends PCR = H(PCR || digest) per bank, skipping EV_NO_ACTION, and starts PCR 0 at the
-StartupLocality the log declares (as tpm2-tools does).
+Replay extends PCR = H(PCR || digest) per bank, skipping EV_NO_ACTION (PFP 10.4.1: those are
+never extended), and starts PCR 0 where the TPM started it: at the locality of a StartupLocality
+EV_NO_ACTION logged in PCR 0 before PCR 0's first extend (0 or 3; TPM2_Startup from locality 3
+leaves 00..03), or at 00..04 when that first extend is an H-CRTM event (EV_EFI_HCRTM_EVENT: the
+TPM resets PCR 0 to 00..04 before _TPM_Hash_End extends the H-CRTM's digest). tpm2-tools 5.4
+does neither (tests/test_eventlog_corpus.py shows where real machines prove it wrong).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def _hash(bank: str, data: bytes = b"") -> hashlib._Hash:
     return hashlib.new(HASHLIB_NAMES.get(bank, bank), data)
 
 EV_NO_ACTION = 0x00000003
+EV_EFI_HCRTM_EVENT = 0x80000010
 EVENT_TYPES: dict[int, str] = {
     0x00000000: "EV_PREBOOT_CERT",
     0x00000001: "EV_POST_CODE",
@@ -122,6 +127,7 @@ class EventLog:
     platform_class: int = 0
     # declared banks some extending event lacks, each with the first such event's offset
     incomplete: dict[str, int] = field(default_factory=dict)
+    pcr0_extended: bool = False  # PCR 0's first extend is logged: its starting value is settled
 
     @property
     def banks(self) -> list[str]:
@@ -284,9 +290,15 @@ def _event_data(data: bytes, pos: int, end: int, size: int) -> bytes:
 
 
 def _add(log: EventLog, event: Event) -> None:
-    """Append event; a StartupLocality EV_NO_ACTION event sets PCR 0's starting value."""
-    if event.type == EV_NO_ACTION and event.data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event.data) >= 17:
-        log.startup_locality = event.data[16]
+    """Append event, settling PCR 0's starting value from the events before its first extend."""
+    if event.pcr == 0 and not log.pcr0_extended:
+        if event.type == EV_NO_ACTION:
+            if event.data.startswith(STARTUP_LOCALITY_SIGNATURE) and len(event.data) >= 17:
+                log.startup_locality = event.data[16]
+        else:
+            log.pcr0_extended = True
+            if event.type == EV_EFI_HCRTM_EVENT:
+                log.startup_locality = 4
     log.events.append(event)
 
 

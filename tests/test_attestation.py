@@ -193,7 +193,7 @@ def test_a_real_quote_over_fewer_pcrs_is_refused(lab: Lab, engine: Engine, tc: C
 
 def test_an_expired_nonce_is_refused(lab: Lab, engine: Engine, tc: Coordinator):
     short = Coordinator(dataclasses.replace(tc.perimeter, attestation=dataclasses.replace(tc.perimeter.attestation, nonce_ttl=1)),
-                        tc.builds, tc.state, rosters=tc.rosters)
+                        tc.builds, tc.state, rosters=tc.rosters, platforms=tc.platforms)
     try:
         nonce = short.nonce("node1")
         evidence = _quote(engine, lab, "node1", nonce)

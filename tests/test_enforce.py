@@ -33,7 +33,7 @@ def _coordinator(lab: Lab, state: str, manifests_dir: str | None = None, **polic
     perimeter = manifests.perimeter
     if policy:
         perimeter = dataclasses.replace(perimeter, attestation=dataclasses.replace(perimeter.attestation, **policy))
-    return Coordinator(perimeter, manifests.builds, state, rosters=manifests.rosters)
+    return Coordinator(perimeter, manifests.builds, state, rosters=manifests.rosters, platforms=manifests.platforms)
 
 
 @pytest.fixture

@@ -113,12 +113,12 @@ def test_undeclared_algorithm_is_rejected():
 def test_a_log_without_a_spec_id_event_is_read_as_a_sha1_log():
     """The SHA-1 format of TPM 1.2 firmware (TCG_PCR_EVENT throughout): one SHA-1 digest per event."""
     fw, kernel = hashlib.sha1(b"fw").digest(), hashlib.sha1(b"kernel").digest()
-    raw = struct.pack("<II", 0, 8) + fw + struct.pack("<I", 4) + b"abcd"
-    raw += struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", 17) + b"StartupLocality\x00\x03"
+    raw = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", 17) + b"StartupLocality\x00\x03"
+    raw += struct.pack("<II", 0, 8) + fw + struct.pack("<I", 4) + b"abcd"
     raw += struct.pack("<II", 4, 0x80000003) + kernel + struct.pack("<I", 0)
     log = parse(raw)
     assert log.banks == ["sha1"] and [e.pcr for e in log.events] == [0, 0, 4] and log.startup_locality == 3
-    assert log.events[0].data == b"abcd" and log.events[2].type_name == "EV_EFI_BOOT_SERVICES_APPLICATION"
+    assert log.events[1].data == b"abcd" and log.events[2].type_name == "EV_EFI_BOOT_SERVICES_APPLICATION"
     assert log.replay("sha1") == {0: hashlib.sha1(bytes(19) + b"\x03" + fw).digest(),
                                   4: hashlib.sha1(bytes(20) + kernel).digest()}
     from tccdeploy.eventlog import MissingBank
@@ -287,6 +287,32 @@ def test_startup_locality_needs_its_whole_event_and_pcr0_alone_starts_from_it():
                                               18: b"\xff" * 20}
     with pytest.raises(EventLogError, match=r"the log has no sha384 digests \(banks: sha1, sha256\)"):
         log.replay("sha384")
+
+
+def test_only_a_startup_locality_in_pcr_0_before_its_first_extend_counts():
+    """PFP 10.4.5.3: the locality PCR 0 was started from; logged after PCR 0's first extend, or in
+    another PCR, it describes nothing the TPM did, and a log cannot move PCR 0's start with it."""
+    def locality(n: int, pcr: int = 0) -> bytes:
+        return event(pcr=pcr, kind=eventlog.EV_NO_ACTION, digests=[], data=eventlog.STARTUP_LOCALITY_SIGNATURE + bytes([n]))
+
+    assert parse(spec_id() + locality(3) + event(pcr=0)).startup_locality == 3
+    assert parse(spec_id() + event(pcr=4) + locality(3) + event(pcr=0)).startup_locality == 3  # PCR 4 first: still before
+    late = parse(spec_id() + event(pcr=0) + locality(3))
+    assert late.startup_locality == 0 and late.replay("sha256")[0] == hashlib.sha256(bytes(64)).digest()
+    assert parse(spec_id() + locality(3, pcr=1) + event(pcr=0)).startup_locality == 0
+    assert parse(spec_id() + locality(3) + locality(0) + event(pcr=0)).startup_locality == 0  # the last one before
+
+
+def test_an_h_crtm_event_as_pcr_0s_first_extend_starts_pcr_0_at_4():
+    """The TPM resets PCR 0 to 00..04 for an H-CRTM (_TPM_Hash_Start) and extends its digest; the
+    log's EV_EFI_HCRTM_EVENT is that extend. Anywhere else it starts nothing."""
+    hcrtm = event(pcr=0, kind=eventlog.EV_EFI_HCRTM_EVENT, data=b"HCRTM")
+    log = parse(spec_id() + hcrtm + event(pcr=0))
+    assert log.startup_locality == 4 and log.pcr0_extended
+    first = hashlib.sha256(bytes(31) + b"\x04" + log.events[0].digests["sha256"]).digest()
+    assert log.replay("sha256")[0] == hashlib.sha256(first + log.events[1].digests["sha256"]).digest()
+    assert parse(spec_id() + event(pcr=0) + hcrtm).startup_locality == 0
+    assert parse(spec_id() + event(pcr=1, kind=eventlog.EV_EFI_HCRTM_EVENT)).startup_locality == 0
 
 
 def test_the_writer_takes_only_banks_it_knows():
