@@ -117,13 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommand groups that live with their subsystem (lab, engine, coordinator...)."""
     from .commands.apply import register as playbook_register
+    from .commands.build import register as build_register
     from .commands.customer import register as customer_register
     from .commands.engine import register as engine_register
     from .commands.lab import register as lab_register
     from .commands.provider import register as coordinator_register
     from .commands.tc import register as tc_register
 
-    return [engine_register, coordinator_register, tc_register, customer_register, playbook_register, lab_register]
+    return [engine_register, coordinator_register, tc_register, customer_register, playbook_register, build_register,
+            lab_register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,8 +76,30 @@ def admit(session: Session, coordinator: TC, attestation_id: int) -> dict[str, A
     return coordinator.admission_finish(name, answer["digest"])
 
 
-def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
+def evidence_for(session: Session, coordinator: TC) -> Evidence:
+    """The node's TPM evidence for a fresh TC nonce: a quote over the policy's PCRs, the event
+    log, and the site's asset tag certified over the same nonce where the site has one."""
+    name = session.host.name
     bank, pcrs = coordinator.quote_policy()
+    nonce = coordinator.nonce(name)
+    quote = session.tvmm("quote", {"nonce": _b64(nonce), "bank": bank, "pcrs": pcrs})
+    evidence = Evidence(_unb64(quote["attest"]), _unb64(quote["signature"]),
+                        {int(k): bytes.fromhex(v) for k, v in quote["pcrs"].items()},
+                        _unb64(quote["eventlog"]), nonce, ssh_host_key=host_key(session))
+    site = session.host.vars.get("tcc_site")
+    tag_index = coordinator.asset_tag_index(str(site) if site else None)
+    if tag_index is not None:
+        try:
+            certified = session.tvmm("nv_certify", {"index": tag_index, "nonce": _b64(nonce)})
+            evidence.asset_attest = _unb64(certified["attest"])
+            evidence.asset_signature = _unb64(certified["signature"])
+            evidence.asset_nv_public = _unb64(certified["nv_public"])
+        except Exception:  # noqa: BLE001 - no tag: the verifier names the failure
+            pass
+    return evidence
+
+
+def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyped-def]
 
     def work(session: Session) -> HostResult | dict[str, Any]:
         name = session.host.name
@@ -86,23 +108,11 @@ def attest(coordinator: TC, admit_nodes: bool = False):  # type: ignore[no-untyp
                                               "run tccdeploy enroll first", {"verdict": "untrusted",
                                                                              "reasons": ["node.not-enrolled"]},
                               reason="node.not-enrolled")
-        nonce = coordinator.nonce(name)
-        quote = session.tvmm("quote", {"nonce": _b64(nonce), "bank": bank, "pcrs": pcrs})
-        evidence = Evidence(_unb64(quote["attest"]), _unb64(quote["signature"]),
-                            {int(k): bytes.fromhex(v) for k, v in quote["pcrs"].items()},
-                            _unb64(quote["eventlog"]), nonce, ssh_host_key=host_key(session))
+        evidence = evidence_for(session, coordinator)
         site = session.host.vars.get("tcc_site")
-        tag_index = coordinator.asset_tag_index(str(site) if site else None)
-        if tag_index is not None:
-            try:
-                certified = session.tvmm("nv_certify", {"index": tag_index, "nonce": _b64(nonce)})
-                evidence.asset_attest = _unb64(certified["attest"])
-                evidence.asset_signature = _unb64(certified["signature"])
-                evidence.asset_nv_public = _unb64(certified["nv_public"])
-            except Exception:  # noqa: BLE001 - no tag: the verifier names the failure
-                pass
         verdict, record = coordinator.verify(name, str(site) if site else None, session.host.address, evidence)
         data = {"verdict": "trusted" if verdict.trusted else "untrusted", "build": verdict.build,
+                "platform": verdict.platform,
                 "reasons": [r["code"] for r in verdict.reasons], "warnings": [w["code"] for w in verdict.warnings],
                 "attestation": record}
         if not verdict.trusted:

@@ -194,7 +194,7 @@ class TVMMBuild:
                 os.path.join(base_dir, a["path"]) if "path" in a else None,
                 a.get("value"),
             )
-            for name, a in spec["artifacts"].items()
+            for name, a in spec.get("artifacts", {}).items()
         }
         return cls(
             data["metadata"]["name"], spec["version"], spec["status"], artifacts,

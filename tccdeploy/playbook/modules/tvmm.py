@@ -88,6 +88,10 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
     if not build.admissible:
         return {"failed": True, "changed": False, "reason": "build.revoked",
                 "msg": f"{build.name} is {build.status} in the manifests; it would not be admitted: refusing to deploy it"}
+    if not build.artifacts:
+        return {"failed": True, "changed": False, "reason": "build.no-artifacts",
+                "msg": f"{build.name} lists no artifacts (a build captured from a node's boot has none): add its files "
+                       "under spec.artifacts, or predict the build from them (tccdeploy build predict), to deploy it"}
     nodes = build.rollout.nodes if build.rollout else ()
     if build.status == "candidate" and ctx.name not in nodes and not any(n.startswith("sha256:") for n in nodes):
         # The TC would refuse it there (build.not-in-rollout); saying so before the node is drained and rebooted

@@ -1,0 +1,173 @@
+"""Reference values from a boot: a TVMMBuild (and a Platform) written from a known-good node's
+event log, how a node's boot departs from a build, and a build predicted from its files.
+
+These write manifests for an operator to review; they decide nothing. What they write is
+`candidate` with a rollout naming the node it came from: the TC admits it there only, until the
+TC's operator approves it (references.py). The node's log is taken only once the TC has checked
+it (engine/capture.py): signed by the node's enrolled AK over a fresh nonce, replaying to the
+quoted PCRs. A log that does not explain the PCRs never becomes a reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .eventdecode import describe
+from .eventlog import EV_NO_ACTION, Event, EventLog
+from .manifest.models import Platform, ReferenceEvent, TVMMBuild
+
+DESCRIPTION_MAX = 120
+
+
+def _events(log: EventLog, bank: str, pcrs: Sequence[int]) -> dict[int, list[Event]]:
+    out: dict[int, list[Event]] = {p: [] for p in pcrs}
+    for event in log.events:
+        if event.type != EV_NO_ACTION and event.pcr in out:
+            out[event.pcr].append(event)
+    return out
+
+
+def _reference(event: Event, bank: str) -> dict[str, str]:
+    text = describe(event)
+    if len(text) > DESCRIPTION_MAX:
+        text = text[:DESCRIPTION_MAX] + "..."
+    return {"digest": event.digests[bank].hex(), "type": event.type_name, "description": text}
+
+
+def captured(log: EventLog, bank: str, pcrs: Sequence[int], platform_pcrs: Sequence[int], node: str,
+             build: str, version: str, platform: str | None) -> tuple[dict, dict | None]:
+    """The TVMMBuild (on pcrs minus platform_pcrs) and the Platform (on platform_pcrs, if any)
+    manifests that node's boot matches, as candidates of a rollout on that node."""
+    by_pcr = _events(log, bank, pcrs)
+    build_pcrs = [p for p in pcrs if p not in platform_pcrs]
+    build_doc = {
+        "apiVersion": "tccdeploy/v1", "kind": "TVMMBuild",
+        "metadata": {"name": build, "description": f"captured from {node}'s boot: review every event, then approve"},
+        "spec": {
+            "version": version, "status": "candidate", "rollout": {"nodes": [node]},
+            "measurements": {"bank": bank, "pcrs": [
+                {"pcr": p, "events": [_reference(e, bank) for e in by_pcr[p]]} for p in build_pcrs if by_pcr[p]]},
+        },
+    }
+    if not build_doc["spec"]["measurements"]["pcrs"]:
+        raise ValueError(f"{node}'s log has no event on the build's PCRs {build_pcrs}: nothing to capture")
+    platform_doc = None
+    if platform_pcrs:
+        platform_doc = {
+            "apiVersion": "tccdeploy/v1", "kind": "Platform",
+            "metadata": {"name": platform or f"{build}-platform",
+                         "description": f"firmware captured from {node}'s boot: review every event, then approve"},
+            "spec": {
+                "status": "candidate", "rollout": {"nodes": [node]},
+                "measurements": {"bank": bank, "pcrs": [
+                    {"pcr": p, "events": [_reference(e, bank) for e in by_pcr[p]]} for p in platform_pcrs]},
+            },
+        }
+    return build_doc, platform_doc
+
+
+@dataclass(frozen=True)
+class Departure:
+    """One place where a boot departs from a reference: PCR, position, what was expected and what came."""
+
+    pcr: int
+    index: int
+    kind: str  # "changed", "extra" or "missing"
+    expected: ReferenceEvent | None
+    got: Event | None
+
+    def lines(self, bank: str) -> list[str]:
+        where = f"PCR {self.pcr} event {self.index}"
+        if self.kind == "extra":
+            assert self.got is not None
+            return [f"{where}: an extra {self.got.type_name}: {describe(self.got)}",
+                    f"    {bank} {self.got.digests[bank].hex()}"]
+        assert self.expected is not None
+        expected = f"{self.expected.type or 'event'} {self.expected.digest}"
+        if self.expected.description:
+            expected += f" ({self.expected.description})"
+        if self.kind == "missing":
+            return [f"{where}: missing: {expected}"]
+        assert self.got is not None
+        return [f"{where}: changed: {self.got.type_name}: {describe(self.got)}",
+                f"    expected {expected}", f"    got      {self.got.type_name} {self.got.digests[bank].hex()}"]
+
+
+def departures(log: EventLog, bank: str, pcrs: Sequence[int], reference: TVMMBuild | Platform) -> list[Departure]:
+    """How the log departs from reference on pcrs, event by event (an empty list: it matches)."""
+    out = []
+    by_pcr = _events(log, bank, pcrs)
+    for pcr in pcrs:
+        expected, got = list(reference.pcrs.get(pcr, ())), by_pcr[pcr]
+        for i in range(max(len(expected), len(got))):
+            ref = expected[i] if i < len(expected) else None
+            event = got[i] if i < len(got) else None
+            if ref is None:
+                out.append(Departure(pcr, i, "extra", None, event))
+            elif event is None:
+                out.append(Departure(pcr, i, "missing", ref, None))
+            elif ref.digest != event.digests[bank].hex() or (ref.type is not None and ref.type != event.type_name):
+                out.append(Departure(pcr, i, "changed", ref, event))
+    return out
+
+
+# -- prediction from files ----------------------------------------------------------------------
+# The boot paths `build predict` knows, each as (PCR, event type, artifact or None for a separator)
+# with how each artifact is measured: the lab's (lab/builds.py), where firmware and boot loader
+# measure EFI applications by their Authenticode digest when they are PE/COFF images (as UEFI
+# firmware and shim do) and by the file's sha256 otherwise (the lab's stand-in images), and GRUB
+# measures the initrd file and the kernel command line text.
+SEPARATOR = hashlib.sha256(b"\x00\x00\x00\x00").hexdigest()
+
+
+def predicted_digest(artifact: str, data: bytes, event_type: str) -> str:
+    """What the boot chain extends for artifact's bytes as an event of event_type (sha256)."""
+    from .pe import authenticode, is_pe
+
+    if event_type == "EV_EFI_BOOT_SERVICES_APPLICATION" and is_pe(data):
+        return authenticode(data, "sha256").hex()
+    return hashlib.sha256(data).hexdigest()
+
+
+def predicted(artifacts: dict[str, str], cmdline: str, name: str, version: str,
+              sequence: Sequence[tuple[int, str, str | None]], out_dir: str | None = None) -> dict:
+    """The TVMMBuild that booting these files through sequence measures (status candidate, no
+    rollout: approve it, or make it a candidate on named nodes, after review)."""
+    entries: dict[str, dict] = {}
+    digests: dict[str, str] = {}
+    needed = {a for _, _, a in sequence if a is not None}
+    missing = sorted(needed - set(artifacts) - {"cmdline"})
+    if missing:
+        raise ValueError(f"the boot path measures {', '.join(missing)}: give each as NAME=FILE")
+    for _, event_type, artifact in sequence:
+        if artifact is None or artifact in entries:
+            continue
+        if artifact == "cmdline":
+            data = cmdline.encode()
+            entries[artifact] = {"value": cmdline, "sha256": hashlib.sha256(data).hexdigest()}
+        else:
+            path = artifacts[artifact]
+            with open(path, "rb") as fh:
+                data = fh.read()
+            shown = os.path.relpath(path, out_dir) if out_dir else path
+            entries[artifact] = {"path": shown, "sha256": hashlib.sha256(data).hexdigest()}
+        digests[artifact] = predicted_digest(artifact, data, event_type)
+    pcrs: dict[int, list[dict]] = {}
+    for pcr, event_type, artifact in sequence:
+        if artifact is None:
+            event = {"digest": SEPARATOR, "type": event_type, "description": "separator"}
+        elif digests[artifact] == entries[artifact]["sha256"]:
+            event = {"artifact": artifact, "type": event_type}
+        else:  # an Authenticode digest is not the file's sha256: the event names its digest
+            event = {"digest": digests[artifact], "type": event_type, "description": f"{artifact} (Authenticode)"}
+        pcrs.setdefault(pcr, []).append(event)
+    return {
+        "apiVersion": "tccdeploy/v1", "kind": "TVMMBuild",
+        "metadata": {"name": name, "description": "predicted from its files: review, then approve"},
+        "spec": {"version": version, "status": "candidate", "artifacts": entries,
+                 "measurements": {"bank": "sha256",
+                                  "pcrs": [{"pcr": p, "events": events} for p, events in sorted(pcrs.items())]}},
+    }
