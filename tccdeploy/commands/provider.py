@@ -116,12 +116,13 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"node": node, "attestations": history}, indent=2, default=str))
                 return 0
-            print(f"{node['name']}: {node['state']}, site {node['site'] or '-'}, address {node['address']}, build {node['build'] or '-'}")
+            print(f"{node['name']}: {node['state']}, site {node['site'] or '-'}, address {node['address']}, "
+                  f"build {node['build'] or '-'}, platform {node.get('platform') or '-'}")
             for entry in history:
                 reasons = ", ".join(r["code"] for r in entry["reasons"]) or "-"
                 print(f"  #{entry['id']:<5} {_when(entry['time'])}  {entry['verdict']:<9}  {entry['build'] or '-':<12}  {reasons}")
             return 0
-        rows = [{"name": n.name, "state": n.state, "site": n.site, "build": n.build,
+        rows = [{"name": n.name, "state": n.state, "site": n.site, "build": n.build, "platform": n.platform,
                  "last_attestation": n.last_attestation, "verdict": n.verdict, "reasons": n.reasons}
                 for n in source.nodes()]
     finally:
@@ -131,7 +132,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return 0
     shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
     print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
-                        ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
+                        ("platform", "PLATFORM"), ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
     return 0
 
 
