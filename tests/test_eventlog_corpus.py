@@ -163,3 +163,41 @@ def test_the_disagreements_with_tpm2_tools_are_the_logs_with_no_action_events_in
         "go-tpm-tools/glinux-alex.bin",  # StartupLocality 3
         "keylime/binary_bios_measurements",  # StartupLocality 3
     ]
+
+
+def corpus_counts() -> dict[str, int]:
+    """The figures the README reports for the corpus."""
+    counts = dict.fromkeys(("logs", "parsed", "refused", "asserted", "replayed", "t2e_total", "t2e_agree",
+                            "t2e_unreadable"), 0)
+    counts["logs"], counts["refused"] = len(LOGS), len(REFUSED)
+    for name in (n for n in LOGS if n not in REFUSED):
+        counts["parsed"] += 1
+        log = _parsed(name)
+        for reference in _meta(name)["references"]:
+            for bank, values in (reference.get("pcrs") or {}).items():
+                if bank in log.banks:
+                    replayed = log.replay(bank)
+                    for pcr in _extended(log, bank) & {int(p) for p in values}:
+                        counts["asserted"] += 1
+                        counts["replayed"] += replayed[pcr].hex() == values[str(pcr)]
+        theirs = _tpm2_eventlog(CORPUS / name) if shutil.which("tpm2_eventlog") else None
+        if theirs is None:
+            counts["t2e_unreadable"] += 1
+            continue
+        for bank, values in theirs.items():
+            replayed = log.replay(bank)
+            counts["t2e_total"] += len(values)
+            counts["t2e_agree"] += sum(replayed[pcr].hex() == value for pcr, value in values.items())
+    return counts
+
+
+@pytest.mark.skipif(shutil.which("tpm2_eventlog") is None, reason="tpm2_eventlog (tpm2-tools) is not installed")
+def test_the_readme_reports_the_corpus_as_it_is():
+    counts = corpus_counts()
+    readme = (CORPUS.parent.parent.parent / "README.md").read_text()
+    said = (f"{counts['logs']} logs", f"{counts['parsed']} parse and {counts['refused']} are refused",
+            f"({counts['asserted']} in all", f"tccdeploy replays {counts['replayed']} exactly",
+            f"agrees on {counts['t2e_agree']} of the {counts['t2e_total']} PCRs",
+            f"cannot read {counts['t2e_unreadable']} logs")
+    for words in said:
+        assert words in " ".join(readme.split()), f"README: say {words!r} (tests/test_eventlog_corpus.py counts)"
