@@ -95,12 +95,12 @@ def single(lab_index: int, iterations: int) -> dict:
         identity = {"ak_public": Path(f"{work}/ak.tss").read_bytes(), "ssh_host_key": "SHA256:bench"}
         evidence = Evidence(Path(f"{work}/q.msg").read_bytes(), Path(f"{work}/q.sig").read_bytes(), values, eventlog, nonce,
                             nonce_check=NonceCheck(True), ssh_host_key="SHA256:bench")
-        verdict = verify(evidence, manifests.perimeter, builds, identity, node.site, node.address)
+        verdict = verify(evidence, manifests.perimeter, builds, identity, node.site, node.address, platforms=manifests.platforms)
         if not verdict.trusted:
             raise SystemExit(f"bench evidence not trusted: {verdict.reasons}")
         start = time.perf_counter()
         for _ in range(iterations):
-            verify(evidence, manifests.perimeter, builds, identity, node.site, node.address)
+            verify(evidence, manifests.perimeter, builds, identity, node.site, node.address, platforms=manifests.platforms)
         ours = (time.perf_counter() - start) / iterations
         events = len(tpm2.parse_attest(evidence.attest).pcr_selection) and (8 + EXTRA_EVENTS)
     finally:
