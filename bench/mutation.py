@@ -38,7 +38,7 @@ MODULES = [
     "tccdeploy.coordinator.admission", "tccdeploy.coordinator.enrollment", "tccdeploy.coordinator.audit",
     "tccdeploy.coordinator.auditform", "tccdeploy.coordinator.receipts", "tccdeploy.coordinator.roster",
     "tccdeploy.coordinator.constraints", "tccdeploy.coordinator.lifecycle", "tccdeploy.coordinator.suspension",
-    "tccdeploy.coordinator.runtime", "tccdeploy.coordinator.health",
+    "tccdeploy.coordinator.runtime", "tccdeploy.coordinator.health", "tccdeploy.coordinator.references",
     "tccdeploy.crypto.stream", "tccdeploy.crypto.wrap", "tccdeploy.crypto.bundle", "tccdeploy.crypto.ticket",
     "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer", "tccdeploy.crypto.reasoned",
     "tccdeploy.eventlog", "tccdeploy.tvmm.tickets",
