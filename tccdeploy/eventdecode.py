@@ -273,3 +273,56 @@ def describe(event: Event) -> str:
         return decoder(event.data)
     except (_Undecodable, struct.error, ValueError, IndexError) as exc:
         return f"undecodable {event.type_name} data ({len(event.data)} bytes: {exc})"
+
+
+# -- does the event's data show what was hashed? ------------------------------------------------
+GRUB_PREFIXES = (b"grub_cmd: ", b"kernel_cmdline: ")
+
+
+def _h(bank: str, data: bytes) -> bytes:
+    from .eventlog import _hash
+
+    return _hash(bank, data).digest()
+
+
+VARIABLE_EVENTS = ("EV_EFI_VARIABLE_DRIVER_CONFIG", "EV_EFI_VARIABLE_BOOT", "EV_EFI_VARIABLE_BOOT2",
+                   "EV_EFI_VARIABLE_AUTHORITY")
+
+
+def data_digests(event: Event, bank: str) -> list[bytes]:
+    """The digests event's own data can imply in bank, where its type says what firmware or the
+    boot loader hashed (none: the digest is of something not in the log, a file or memory):
+    - EV_SEPARATOR, EV_EFI_ACTION, EV_EFI_GPT_EVENT, EV_S_CRTM_VERSION, EV_COMPACT_HASH: the data;
+    - EV_EFI_VARIABLE_*: the whole UEFI_VARIABLE_DATA (PFP 10.4.4), or the variable's value alone
+      (edk2 for Boot####, and older firmware for every variable);
+    - EV_IPL from GRUB 2.06 in PCR 8 ("grub_cmd: X", "kernel_cmdline: X"): X, without prefix or
+      NUL; from systemd-boot/-stub in PCR 12: the UTF-16 command line with its NUL, as logged.
+    Each formula is checked on every such event of the corpus (tests/test_eventdecode.py)."""
+    name, data = event.type_name, event.data
+    if name in ("EV_SEPARATOR", "EV_EFI_ACTION", "EV_EFI_GPT_EVENT", "EV_S_CRTM_VERSION", "EV_COMPACT_HASH"):
+        return [_h(bank, data)]
+    if name in VARIABLE_EVENTS:
+        out = [_h(bank, data)]
+        try:
+            chars, size = _u(data, 16, "Q"), _u(data, 24, "Q")
+            out.append(_h(bank, _take(data, 32 + 2 * chars, size)))
+        except (_Undecodable, struct.error):
+            pass
+        return out
+    if name == "EV_IPL" and event.pcr == 8:
+        for prefix in GRUB_PREFIXES:
+            if data.startswith(prefix):
+                return [_h(bank, data[len(prefix):].rstrip(b"\x00"))]
+    if name == "EV_IPL" and event.pcr == 12:
+        return [_h(bank, data)]
+    return []
+
+
+def data_check(event: Event, bank: str) -> str:
+    """'data' when the event's digest is what its data implies; 'not-data' when the data implies
+    a digest and this is not it (firmware hashed something other than what it logged: a vendor's
+    variant, or a log that says one thing and measured another); '' when the data cannot tell."""
+    implied = data_digests(event, bank) if bank in event.digests else []
+    if not implied:
+        return ""
+    return "data" if event.digests[bank] in implied else "not-data"

@@ -287,3 +287,18 @@ def test_site_yml_through_a_served_tc_gives_the_same_recap_as_embedded(lab: Lab,
     assert all(stats["changed"] == 0 for stats in recap(second.stdout).values()), second.stdout
     assert sorted(registry_rows(str(tmp_path / "tc"), "SELECT name FROM nodes WHERE state = 'admitted'")) == \
         [(n,) for n in NODES]
+
+
+def test_a_candidate_rolls_out_only_on_the_nodes_its_rollout_names(lab: Lab, world):
+    """tvmm-2026.3 is a candidate whose rollout names node1: the rollout installs it there and the
+    TC admits it; node2 is refused before anything is drained or installed, and keeps its build."""
+    assert apply(str(PLAYBOOKS / "site.yml"), *world.args, "-l", TARGETS, state=world.state).returncode == 0
+    rollout = apply(str(PLAYBOOKS / "rollout-tvmm.yml"), *world.args, "-e", "new_build=tvmm-2026.3",
+                    "-e", "targets=node1:node2", state=world.state)
+    assert rollout.returncode == 2, rollout.stdout
+    assert "node2                      : build.not-in-rollout" in rollout.stdout
+    stats = recap(rollout.stdout)
+    assert stats["node1"]["failed"] == 0 and stats["node2"]["changed"] == 0
+    nodes = {n: (s, b) for n, s, b in registry_rows(world.state, "SELECT name, state, build FROM nodes")}
+    assert nodes["node1"] == ("admitted", "tvmm-2026.3") and nodes["node2"] == ("admitted", "tvmm-2026.1")
+    assert lab.load().node("node1").build == "tvmm-2026.3" and lab.load().node("node2").build == "tvmm-2026.1"

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Decode every event of a TCG event log (crypto-agile or SHA-1 format): firmware variables,\n"
                     "EFI applications with their device paths, GPT, command lines; then the PCR values a replay\n"
-                    "gives in each bank the log can be replayed in (as a quote of the same TPM must show).",
+                    "gives in each bank the log can be replayed in (as a quote of the same TPM must show).\n"
+                    "Where an event's type says what was hashed (separators, actions, variables, GPT, GRUB's\n"
+                    "and systemd-boot's command lines), its digest is marked as the digest of its data or not.",
         epilog="examples:\n"
                "  tccdeploy eventlog /sys/kernel/security/tpm0/binary_bios_measurements\n"
                "  tccdeploy eventlog log.bin --pcr 4 --pcr 7 --bank sha256\n"
@@ -114,7 +116,7 @@ def _read_log(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_eventlog(args: argparse.Namespace) -> int:
-    from ..eventdecode import describe
+    from ..eventdecode import data_check, describe
     from ..eventlog import EV_NO_ACTION, MissingBank
 
     log = _read_log(args.file)
@@ -131,14 +133,16 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"banks": list(log.algorithms), "startup_locality": log.startup_locality, "events": [
             {"pcr": e.pcr, "type": e.type_name, "digests": {b: d.hex() for b, d in e.digests.items() if b in banks},
-             "description": describe(e)} for e in events], "pcrs": pcrs}, indent=2))
+             "description": describe(e), "data_check": {b: data_check(e, b) for b in banks if b in e.digests}}
+            for e in events], "pcrs": pcrs}, indent=2))
         return 0
     print(f"{len(log.events)} events; banks {', '.join(log.algorithms)}; PCR 0 started at locality {log.startup_locality}")
     for i, event in enumerate(events):
         print(f"{i:4} PCR {event.pcr:2} {event.type_name:34} {describe(event)}")
         for bank in banks:
             if bank in event.digests and event.type != EV_NO_ACTION:
-                print(f"{'':12}{bank:7} {event.digests[bank].hex()}")
+                check = {"data": "  (= its data)", "not-data": "  (not the digest of its data)"}.get(data_check(event, bank), "")
+                print(f"{'':12}{bank:7} {event.digests[bank].hex()}{check}")
     for bank, values in pcrs.items():
         print(f"\nreplayed {bank}:")
         if isinstance(values, str):

@@ -100,6 +100,8 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
         return {"failed": True, "changed": False, "reason": "build.not-in-rollout",
                 "msg": f"{build.name} is a candidate whose rollout names {named}, not {ctx.name}: the TC would not admit "
                        f"it there; deploy it on a rollout node, or approve the build first"}
+    if args.get("check_only"):
+        return {"changed": False, "msg": f"{build.name} ({build.status}) may go on {ctx.name}"}
     reboot = bool(args.get("reboot", True))
     boot_dir = ctx.host.vars.get("tcc_boot_dir", "/boot/tccdeploy")
     if not boot_dir:
