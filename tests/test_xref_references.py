@@ -69,3 +69,13 @@ def test_no_approved_platform_is_a_warning(tmp_path):
     for name in ("lab-model-a", "lab-model-b"):
         edit(folder / "platforms" / f"{name}.yml", lambda d: d["spec"].update(status="deprecated"))
     assert codes(folder) == [("xref.no-approved-platform", "warning")]
+
+
+def test_two_builds_of_one_name_are_an_error_and_no_approved_build_a_warning(tmp_path):
+    folder = examples(tmp_path)
+    edit(folder / "builds" / "tvmm-2025.4.yml", lambda d: d["metadata"].update(name="tvmm-2026.1"))
+    assert codes(folder) == [("xref.duplicate-build", "error")]
+    folder = examples(tmp_path / "again")
+    for path in (folder / "builds").glob("*.yml"):
+        edit(path, lambda d: d["spec"].update(status="deprecated") if d["spec"]["status"] == "approved" else None)
+    assert codes(folder) == [("xref.no-approved-build", "warning")]

@@ -184,20 +184,14 @@ def _check_ca(doc, path, file: str, pinned: str | None) -> list[Problem]:  # typ
 
 
 def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
-    """xref.duplicate-build, xref.build-bank, xref.build-pcr-not-quoted, xref.build-artifact,
-    xref.artifact-digest, xref.artifact-missing, xref.cmdline-digest, xref.no-approved-build."""
-    problems: list[Problem] = []
-    seen: dict[str, TVMMBuild] = {}
+    """xref.duplicate-build, xref.no-approved-build (warning), xref.build-artifact, xref.build-bank,
+    xref.artifact-digest, xref.artifact-missing, xref.cmdline-digest, xref.platform-overlap, and
+    those of _references."""
+    problems: list[Problem] = _once_and_approved(result.builds, "xref.duplicate-build", "xref.no-approved-build",
+                                                 "give each build its own name; versions go in spec.version")
     for build in result.builds:
         doc = build.source
         assert doc is not None
-        if build.name in seen:
-            other = seen[build.name].source
-            where = f"{other.file}" if other else "elsewhere"
-            problems.append(doc.problem(("metadata", "name"), "xref.duplicate-build",
-                                        f"TVMM build {build.name!r} is defined twice (also in {where})",
-                                        "give each build its own name; versions go in spec.version"))
-        seen.setdefault(build.name, build)
         data = doc.data
         for i, entry in enumerate(data["spec"]["measurements"]["pcrs"]):
             for j, event in enumerate(entry["events"]):
@@ -237,35 +231,38 @@ def builds(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
                         problems.append(doc.problem(path + ("sha256",), "xref.artifact-digest",
                                                     f"{art.path} has sha256 {actual}, not the one listed",
                                                     "the file changed: rebuild the manifest from the new artifact, or restore the file"))
-    if result.builds and not any(b.status == "approved" for b in result.builds):
-        doc = result.builds[0].source
-        assert doc is not None
-        problems.append(doc.problem(("spec", "status"), "xref.no-approved-build",
-                                    "no TVMM build is approved: no node can be admitted", "approve a build",
-                                    "warning"))
     return problems
 
 
 def platforms(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
     """xref.duplicate-platform, xref.no-approved-platform (warning), and those of _references."""
-    problems: list[Problem] = []
-    seen: dict[str, Platform] = {}
+    problems = _once_and_approved(result.platforms, "xref.duplicate-platform", "xref.no-approved-platform",
+                                  "give each hardware model's firmware its own name")
     for platform in result.platforms:
-        doc = platform.source
-        assert doc is not None
-        if platform.name in seen:
-            other = seen[platform.name].source
-            problems.append(doc.problem(("metadata", "name"), "xref.duplicate-platform",
-                                        f"Platform {platform.name!r} is defined twice (also in "
-                                        f"{other.file if other else 'elsewhere'})",
-                                        "give each hardware model's firmware its own name"))
-        seen.setdefault(platform.name, platform)
         problems += _references(platform, perimeter)
-    if result.platforms and not any(p.status == "approved" for p in result.platforms):
-        doc = result.platforms[0].source
+    return problems
+
+
+def _once_and_approved(refs: list[TVMMBuild] | list[Platform], duplicate: str, none_approved: str,
+                       hint: str) -> list[Problem]:
+    """Each build or platform defined once; a warning when none is approved (no node can be admitted)."""
+    problems: list[Problem] = []
+    seen: dict[str, TVMMBuild | Platform] = {}
+    what = "TVMM build" if duplicate == "xref.duplicate-build" else "Platform"
+    for ref in refs:
+        doc = ref.source
         assert doc is not None
-        problems.append(doc.problem(("spec", "status"), "xref.no-approved-platform",
-                                    "no Platform is approved: no node can be admitted", "approve a platform",
+        if ref.name in seen:
+            other = seen[ref.name].source
+            problems.append(doc.problem(("metadata", "name"), duplicate,
+                                        f"{what} {ref.name!r} is defined twice (also in {other.file if other else 'elsewhere'})",
+                                        hint))
+        seen.setdefault(ref.name, ref)
+    if refs and not any(r.status == "approved" for r in refs):
+        doc = refs[0].source
+        assert doc is not None
+        problems.append(doc.problem(("spec", "status"), none_approved,
+                                    f"no {what} is approved: no node can be admitted", f"approve a {what.split()[-1].lower()}",
                                     "warning"))
     return problems
 
