@@ -114,6 +114,35 @@ def departures(log: EventLog, bank: str, pcrs: Sequence[int], reference: TVMMBui
     return out
 
 
+def compare(log: EventLog, bank: str, pcrs: Sequence[int], build: TVMMBuild, platforms: Sequence[Platform],
+            matched_platform: str | None) -> tuple[list[str], bool]:
+    """What `build capture --diff` prints: the node's firmware against its platform (the one the
+    TC matched, else the closest, with where the firmware departs from it), then its boot against
+    build on the other PCRs; and whether anything departs."""
+    owned: set[int] = set()
+    lines: list[str] = []
+    differs = False
+    if platforms:
+        platform = next((p for p in platforms if p.name == matched_platform), None)
+        if platform is not None:
+            lines.append(f"firmware: platform {platform.name}")
+        else:
+            def departed(candidate: Platform) -> list[Departure]:
+                return departures(log, bank, [p for p in pcrs if p in candidate.pcrs], candidate)
+
+            platform = min(platforms, key=lambda candidate: len(departed(candidate)))
+            lines.append(f"firmware: matches no platform; the closest is {platform.name}:")
+            lines += ["  " + line for departure in departed(platform) for line in departure.lines(bank)]
+            differs = True
+        owned = set(platform.pcrs)
+    rest = [p for p in pcrs if p not in owned]
+    gone = departures(log, bank, rest, build)
+    if not gone:
+        lines.append(f"boot: the same as {build.name} on PCRs {rest}")
+    lines += [line for departure in gone for line in departure.lines(bank)]
+    return lines, differs or bool(gone)
+
+
 # -- prediction from files ----------------------------------------------------------------------
 # The boot paths `build predict` knows, each as (PCR, event type, artifact or None for a separator)
 # with how each artifact is measured: the lab's (lab/builds.py), where firmware and boot loader

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tccdeploy.baseline import captured, departures, predicted
+from tccdeploy.baseline import captured, compare, departures, predicted
 from tccdeploy.coordinator.references import Measured, judge
 from tccdeploy.eventlog import EV_NO_ACTION, parse
 from tccdeploy.lab.builds import (
@@ -154,3 +154,16 @@ def test_a_pe_boot_loader_is_predicted_by_its_authenticode_digest(tmp_path):
     assert doc["spec"]["artifacts"]["bootloader"]["sha256"] == hashlib.sha256(shim.read_bytes()).hexdigest()
     with pytest.raises(ValueError, match="the boot path measures initrd"):
         predicted({k: v for k, v in files.items() if k != "initrd"}, "ro", "pe", "1.0", BUILD_SEQUENCE)
+
+
+def test_the_diff_names_the_firmware_against_the_closest_model_and_the_boot_against_the_build(tmp_path):
+    loaded = _load(tmp_path)
+    build = next(b for b in loaded.builds if b.name == "tvmm-2026.1")
+    lines, differs = compare(_log(model="lab-model-a"), "sha256", POLICY_PCRS, build, loaded.platforms, "lab-model-a")
+    assert not differs and lines == ["firmware: platform lab-model-a", "boot: the same as tvmm-2026.1 on PCRs [4, 8, 9, 11]"]
+    lines, differs = compare(_log(model="lab-model-x"), "sha256", POLICY_PCRS, build, loaded.platforms, None)
+    assert differs and lines[0] == "firmware: matches no platform; the closest is lab-model-a:"
+    assert lines[1] == "  PCR 0 event 0: changed: EV_POST_CODE: firmware of lab-model-x"
+    lines, differs = compare(_log("tvmm-2026.2"), "sha256", POLICY_PCRS, build, [], None)  # no platforms: all PCRs
+    assert differs and lines[0].startswith("PCR 0 event 0: an extra EV_POST_CODE")
+    assert any(line.startswith("PCR 4 event 0: changed") for line in lines)

@@ -231,29 +231,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace, log, bank: str, pcrs: list[int], manifests, found: dict) -> int:  # type: ignore[no-untyped-def]
-    from ..baseline import departures
+    from ..baseline import compare
 
     build = next((b for b in manifests.builds if b.name == args.diff), None)
     if build is None:
         return _error(f"no TVMMBuild {args.diff!r} in the manifests (builds: "
                       f"{', '.join(b.name for b in manifests.builds) or 'none'})")
-    owned = {p for platform in manifests.platforms for p in platform.pcrs}
-    lines: list[str] = []
-    if manifests.platforms:
-        platform = next((p for p in manifests.platforms if p.name == found.get("platform")), None)
-        if platform is None:
-            lines.append(f"firmware: matches no platform (PCRs {sorted(owned & set(pcrs))}); closest shown by tccdeploy attest")
-        else:
-            owned = set(platform.pcrs)
-            lines.append(f"firmware: platform {platform.name}")
-    gone = departures(log, bank, [p for p in pcrs if p not in owned], build)
-    if not gone:
-        lines.append(f"boot: the same as {build.name} on PCRs {[p for p in pcrs if p not in owned]}")
-    for departure in gone:
-        lines += departure.lines(bank)
+    lines, differs = compare(log, bank, pcrs, build, manifests.platforms, found.get("platform"))
     print(f"{args.node} against {build.name} ({build.status}):")
     print("\n".join("  " + line for line in lines))
-    return EXIT_DIFFERS if gone or (manifests.platforms and not found.get("platform")) else 0
+    return EXIT_DIFFERS if differs else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
