@@ -152,6 +152,14 @@ def compare(log: EventLog, bank: str, pcrs: Sequence[int], build: TVMMBuild, pla
 SEPARATOR = hashlib.sha256(b"\x00\x00\x00\x00").hexdigest()
 
 
+def utf16_digest(text: str, bank: str = "sha256") -> bytes:
+    """A command line as systemd-boot measures its loader entry's options (PCR 12) and the Linux
+    EFI stub its LOADED_IMAGE::LoadOptions (PCR 9, tag 0x8F3B22ED): UTF-16LE with its NUL. (The
+    stub's initrd event, tag 0x8F3B22EC, is the initrd file's digest; EFI applications are their
+    Authenticode digest, pe.py.) Checked against a real OVMF boot in tests/test_eventlog_corpus.py."""
+    return hashlib.new(bank, (text + "\x00").encode("utf-16-le")).digest()
+
+
 def predicted_digest(artifact: str, data: bytes, event_type: str) -> str:
     """What the boot chain extends for artifact's bytes as an event of event_type (sha256)."""
     from .pe import authenticode, is_pe

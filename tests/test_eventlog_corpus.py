@@ -201,3 +201,29 @@ def test_the_readme_reports_the_corpus_as_it_is():
             f"cannot read {counts['t2e_unreadable']} logs")
     for words in said:
         assert words in " ".join(readme.split()), f"README: say {words!r} (tests/test_eventlog_corpus.py counts)"
+
+
+def test_a_real_uefi_boot_is_what_its_files_predict():
+    """tccdeploy/ovmf-systemd-boot-linux61.bin: OVMF booted systemd-boot, which booted Linux 6.1's
+    EFI stub, on a vTPM; its log replays to the PCRs the booted kernel read (the tests above), and
+    the boot chain's events are what baseline.uefi_linux_events computes from the files: the
+    Authenticode digests firmware measured, the load options and initrd the stub measured, the
+    command line systemd-boot measured."""
+    from tccdeploy.baseline import utf16_digest
+    from tccdeploy.pe import authenticode
+
+    name = "tccdeploy/ovmf-systemd-boot-linux61.bin"
+    meta, log = _meta(name), _parsed(name)
+    files = meta["files"]
+    by_pcr: dict[int, list] = {}
+    for event in log.events:
+        if event.type != EV_NO_ACTION:
+            by_pcr.setdefault(event.pcr, []).append(event)
+    applications = [e.digests["sha256"] for e in by_pcr[4] if e.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION"]
+    assert applications[1].hex() == files["vmlinuz"]["authenticode_sha256"]
+    installed = Path(files["systemd-bootx64.efi"]["path"])
+    if installed.is_file() and hashlib.sha256(installed.read_bytes()).hexdigest() == files["systemd-bootx64.efi"]["sha256"]:
+        assert applications[0] == authenticode(installed.read_bytes())  # pe.py against real firmware's measurement
+    cmdline = files["kernel command line"]
+    assert [e.digests["sha256"] for e in by_pcr[9]] == [utf16_digest(cmdline), bytes.fromhex(files["initrd.img"]["sha256"])]
+    assert [e.digests["sha256"] for e in by_pcr[12]] == [utf16_digest(cmdline)]
