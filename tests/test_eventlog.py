@@ -378,3 +378,57 @@ def test_mutated_sha1_logs_parse_or_are_rejected_cleanly(data):
         return
     for bank in log.banks:
         log.replay(bank)
+
+
+@pytest.mark.parametrize("size, field, left", [
+    (29, "algorithmId", 1), (30, "digestSize", 0), (31, "digestSize", 1), (32, "vendorInfoSize", 0),
+])
+def test_a_spec_id_event_whose_size_ends_inside_a_field_names_that_field_and_where(size: int, field: str, left: int):
+    """The event's own size ends inside a field: the error names it and the offset within the Spec
+    ID event. (Before byte 28 no field can be cut: 29 bytes is the least size taken.)"""
+    body = spec_id([(0x000B, 32)])[32:]
+    raw = struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", size) + body[:size] + bytes(8)
+    at = {"algorithmId": 28, "digestSize": 30, "vendorInfoSize": 32}[field]
+    wanted = {"algorithmId": 2, "digestSize": 2, "vendorInfoSize": 1}[field]
+    assert why(raw) == f"truncated: {field} needs {wanted} bytes, {left} left (at byte {at})"
+    vendor = spec_id([(0x000B, 32)], vendor=b"abcd")[32:]
+    cut = struct.pack("<II", 0, eventlog.EV_NO_ACTION) + bytes(20) + struct.pack("<I", 35) + vendor[:35]
+    assert why(cut) == "truncated: vendorInfo needs 4 bytes, 2 left (at byte 33)"
+
+
+def test_an_event_cut_at_each_boundary_is_refused_by_what_it_lacks():
+    at = len(spec_id())
+    whole = event()
+    assert why(spec_id() + whole[:12]) == f"truncated: digest algorithm needs 2 bytes (at byte {at + 12})"
+    assert why(spec_id() + whole[:14]) == f"truncated: sha1 digest needs 20 bytes, 0 left (at byte {at + 14})"
+    assert why(spec_id() + whole[:34]) == f"truncated: digest algorithm needs 2 bytes (at byte {at + 34})"
+    assert why(spec_id() + whole[:36 + 32]) == f"truncated: event size needs 4 bytes (at byte {at + 68})"
+    assert parse(spec_id() + event(digests=[], data=b"")).events[0].data == b""  # a 16-byte event is whole
+    assert why(spec_id() + event(digests=[(0x000C, bytes(48))])) == \
+        f"digest algorithm 0x000c is not declared in the Spec ID event (at byte {at + 12})"
+
+
+def test_an_event_size_past_two_gib_is_not_read_as_negative():
+    at = len(spec_id()) + 12 + 22 + 34
+    assert why(spec_id() + event(data=b"", size=0x80000000)) == f"event data of 2147483648 bytes (at byte {at})"
+    assert why(spec_id() + event(data=b"", size=0xFFFFFFFF)) == f"event data of 4294967295 bytes (at byte {at})"
+
+
+def test_a_sha1_format_log_says_what_it_is_and_where_each_event_starts():
+    first = struct.pack("<II", 0, 8) + bytes(20) + struct.pack("<I", 2) + b"ab"
+    second = struct.pack("<II", 4, 1) + bytes(20) + struct.pack("<I", 0)
+    log = parse(first + second)
+    assert (log.spec_version, log.uintn_size, log.platform_class, log.algorithms) == ((1, 2, 0), 2, 0, {"sha1": 20})
+    assert [e.offset for e in log.events] == [0, len(first)]
+    assert why(first + struct.pack("<II", 24, 1) + bytes(20) + struct.pack("<I", 0)) == \
+        f"PCR index 24 out of range (at byte {len(first)})"
+
+
+def test_the_writer_writes_what_the_parser_reads_field_for_field():
+    writer = EventLogWriter(["sha1", "sha256"])
+    writer.add_digests(4, eventlog.EVENT_CODES["EV_IPL"], writer.digests_of(b"x"), b"by code")  # a type given as a number
+    writer.add(5, "EV_EFI_ACTION", b"by name")
+    log = parse(writer.to_bytes())
+    assert (log.platform_class, log.spec_version, log.uintn_size) == (0, (2, 0, 0), 2)
+    assert [(e.pcr, e.type_name, e.data) for e in log.events] == [(4, "EV_IPL", b"by code"), (5, "EV_EFI_ACTION", b"by name")]
+    assert eventlog.image_load_event(5) == struct.pack("<QQQQ", 0, 5, 0, 4) + b"\x7f\xff\x04\x00"

@@ -177,3 +177,53 @@ def test_a_baseline_names_the_node_as_the_tc_does_not_as_asked():
     assert unnamed.admits("n1", "tvmm-1", "model-a")[0] == "build.not-in-rollout"  # type: ignore[index]
     named = Baseline(candidate, [platform()], lambda node: (node, ()))
     assert named.admits("n1", "tvmm-1", "model-a") is None and named.versions() == {"tvmm-1": "1.0"}
+
+
+# -- what each refusal says (an operator acts on the message) -----------------------------------
+def test_each_standing_says_which_reference_and_why():
+    assert standing(build(status="revoked"), "n1") == ("build.revoked", "the node booted TVMM build tvmm-1 1.0, which is revoked")
+    assert standing(platform(status="revoked"), "n1") == ("platform.revoked", "the node booted platform model-a, which is revoked")
+    assert standing(build(status="candidate"), "n1") == (
+        "build.not-in-rollout", "TVMM build tvmm-1 1.0 is a candidate, admitted only on the nodes its rollout names (none); "
+                                "this node is not one of them")
+    assert standing(platform(status="withdrawn"), "n1") == (
+        "platform.revoked", "platform model-a has status 'withdrawn', which admits no node")
+    warned = judge(boot(), [build(status="deprecated")], [platform(status="candidate", rollout=("n1",))], POLICY, "n1")
+    assert warned.warnings == [("platform.candidate", "the node booted platform model-a, a candidate of a staged rollout"),
+                               ("build.deprecated", "the node booted TVMM build tvmm-1 1.0, which is deprecated")]
+    assert still_admitted(None, None, [build()], [], "n1") == (
+        "build.revoked", "the node booted no build, which the TC's manifests no longer list")
+    assert still_admitted("tvmm-1", None, [build()], [platform()], "n1") == (
+        "platform.revoked", "the node's platform (none recorded) is not in the TC's manifests")
+    assert still_admitted("gone", None, [build()], [], "n1")[1] == "the node booted gone, which the TC's manifests no longer list"  # type: ignore[index]
+
+
+def test_without_platforms_a_builds_standing_still_decides():
+    assert [c for c, _ in judge(boot(), [build(status="revoked", events={0: ["firmware a", "separator"],
+                                                                        4: ["shim", "kernel"], 8: ["cmdline"]})],
+                                 [], POLICY, "n1").failures] == ["build.revoked"]
+
+
+def test_the_closest_reference_counts_events_in_place_over_every_pcr():
+    two_in_place = build("a", events={0: ["f1", "f2"], 4: ["z"]})
+    last_pcr_only = build("b", events={0: ["y"], 4: ["k1"]})
+    events = {0: [Measured(_d("f1")), Measured(_d("f2"))], 4: [Measured(_d("k1")), Measured(_d("k2"))]}
+    assert match(events, [last_pcr_only, two_in_place], (0, 4))[1].startswith("closest build a:")
+
+
+def test_an_unknown_firmware_is_diagnosed_against_the_model_it_is_closest_to():
+    models = [platform("model-a", "firmware a"), platform("model-b", "firmware b", pcrs={0: ["firmware b", "separator", "x"]})]
+    judged = judge(boot("firmware b"), [build()], models, POLICY, "n1")  # model-b's last event is missing
+    assert judged.failures[0] == ("platform.unknown", "the measured firmware matches no platform (closest platform "
+                                                      "model-b: PCR 0 event 2 (a missing event))")
+
+
+def test_a_rollout_may_name_a_node_by_its_ek_when_asked_again():
+    by_ek = build(status="candidate", rollout=(EK,))
+    firmware = platform(status="candidate", rollout=("n1", EK))
+    assert still_admitted("tvmm-1", "model-a", [by_ek], [firmware], None, (EK,)) is None
+    assert still_admitted("tvmm-1", "model-a", [build()], [firmware], "n1") is None
+    assert still_admitted("tvmm-1", "model-a", [build()], [platform(status="candidate", rollout=(EK,))], "n1", (EK,)) is None
+    assert still_admitted("tvmm-1", "model-a", [build()], [platform(status="candidate", rollout=(EK,))], "n1")[0] == \
+        "platform.not-in-rollout"  # type: ignore[index]
+    assert Baseline([by_ek], [platform()], lambda node: (None, (EK,))).admits("n1", "tvmm-1", "model-a") is None

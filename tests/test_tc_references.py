@@ -83,3 +83,14 @@ def test_a_key_release_after_the_nodes_platform_is_revoked_is_refused_and_the_ne
     assert reason(world.tc.release_key, record["id"], "node2") == "release.build-revoked"
     verdict, _ = world.attest("node2")
     assert codes(verdict) == ["platform.revoked"] and world.tc.registry.node("node2")["state"] == "quarantined"
+
+
+def test_a_rollout_naming_a_node_by_its_ek_admits_the_candidate_there(world):
+    import hashlib
+
+    ek = "sha256:" + hashlib.sha256(b"node2").hexdigest()  # brokerkit's roster names node2's EK so
+    _reloaded(world, builds=lambda builds: [dataclasses.replace(b, rollout=dataclasses.replace(b.rollout, nodes=(ek,)))
+                                             if b.name == "tvmm-2026.3" else b for b in builds])
+    booted(world, "node2", build="tvmm-2026.3", admit=False)
+    verdict, _ = world.attest("node2")
+    assert verdict.trusted and [w["code"] for w in verdict.warnings] == ["build.candidate"]
