@@ -6,7 +6,6 @@ from the lab build's files is the lab's build exactly."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from tccdeploy.lab.builds import (
 from tccdeploy.manifest.loader import load_paths
 
 from .attestkit import boot_log
+from .conftest import live_examples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,9 @@ def _digests(doc: dict) -> dict[int, list[str]]:
 
 
 def _load(folder: Path, *docs: dict):  # type: ignore[no-untyped-def]
-    """The example manifests plus docs, loaded and cross-checked as the TC would load them."""
-    target = folder / "manifests"
-    if not target.exists():
-        shutil.copytree(REPO / "examples", target)
+    """The example manifests (builds as this tree measures them) plus docs, loaded and
+    cross-checked as the TC would load them."""
+    target = live_examples(folder)
     for doc in docs:
         (target / f"{doc['metadata']['name']}.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return load_paths([str(target)])
