@@ -116,20 +116,8 @@ def platform_manifest(platform: LabPlatform) -> dict:
     """The Platform manifest a lab node of this model matches."""
     firmware = hashlib.sha256(firmware_bytes(platform.name)).hexdigest()
     pcrs = _reference(PLATFORM_SEQUENCE, lambda artifact: {"digest": firmware, "description": f"firmware {platform.version}"})
-    return {
-        "apiVersion": "tccdeploy/v1",
-        "kind": "Platform",
-        "metadata": {"name": platform.name, "description": f"lab hardware model ({platform.status})"},
-        "spec": {
-            "model": platform.model,
-            "version": platform.version,
-            "status": platform.status,
-            "measurements": {
-                "bank": "sha256",
-                "pcrs": [{"pcr": pcr, "events": events} for pcr, events in sorted(pcrs.items())],
-            },
-        },
-    }
+    return _manifest("Platform", platform.name, f"lab hardware model ({platform.status})",
+                     {"model": platform.model, "version": platform.version, "status": platform.status}, pcrs)
 
 
 def build_manifest(build: LabBuild, artifact_dir: str | None = None) -> dict:
@@ -145,21 +133,15 @@ def build_manifest(build: LabBuild, artifact_dir: str | None = None) -> dict:
         artifacts[name] = entry
     pcrs = _reference(BUILD_SEQUENCE, lambda artifact: {"artifact": artifact})
     spec_extra = {"rollout": {"nodes": list(build.rollout)}} if build.rollout else {}
-    return {
-        "apiVersion": "tccdeploy/v1",
-        "kind": "TVMMBuild",
-        "metadata": {"name": build.name, "description": f"lab TVMM build {build.version} ({build.status})"},
-        "spec": {
-            "version": build.version,
-            "status": build.status,
-            **spec_extra,
-            "artifacts": artifacts,
-            "measurements": {
-                "bank": "sha256",
-                "pcrs": [{"pcr": pcr, "events": events} for pcr, events in sorted(pcrs.items())],
-            },
-        },
-    }
+    return _manifest("TVMMBuild", build.name, f"lab TVMM build {build.version} ({build.status})",
+                     {"version": build.version, "status": build.status, **spec_extra, "artifacts": artifacts}, pcrs)
+
+
+def _manifest(kind: str, name: str, description: str, spec: dict, pcrs: dict[int, list[dict]]) -> dict:
+    """A lab manifest of kind: spec's fields, then the sha256 reference measurements per PCR."""
+    measurements = {"bank": "sha256", "pcrs": [{"pcr": pcr, "events": events} for pcr, events in sorted(pcrs.items())]}
+    return {"apiVersion": "tccdeploy/v1", "kind": kind, "metadata": {"name": name, "description": description},
+            "spec": {**spec, "measurements": measurements}}
 
 
 def boot_events(build: str, model: str = DEFAULT_MODEL,

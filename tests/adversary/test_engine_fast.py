@@ -141,3 +141,58 @@ def test_firmware_the_operator_never_approved_quarantines_the_node_whatever_the_
         assert world.tc.registry.node("node1")["state"] == "quarantined"
     finally:
         world.close()
+
+
+def test_a_key_release_on_a_verdict_made_before_the_rollout_ended_is_refused(tmp_path):
+    """node1 was admitted on the candidate while its rollout named it; the TC's operator ends the
+    rollout without it. The engine asks for a key on the still-fresh verdict: the TC asks the
+    manifests as they are now, and refuses."""
+    import dataclasses
+
+    from tccdeploy.manifest.loader import load_manifests
+
+    from ..brokerkit import World, reason
+
+    world = World(tmp_path)
+    try:
+        node = world.node("node1", admit=False)
+        node.tpm.build = "tvmm-2026.3"
+        world.admit("node1")
+        world.customer("alice")
+        record = world.accepted("alice")
+        loaded = load_manifests([world.manifests])
+        loaded.builds = [dataclasses.replace(b, rollout=dataclasses.replace(b.rollout, nodes=("node2",)))
+                         if b.name == "tvmm-2026.3" else b for b in loaded.builds]
+        world.tc.reload(loaded)
+        assert reason(world.tc.release_key, record["id"], "node1") == "release.build-revoked"
+        assert world.tc.registry.releases(record["vm_id"]) == []
+    finally:
+        world.close()
+
+
+def test_a_log_whose_events_are_relabelled_is_not_the_build(tmp_path):
+    """The engine rewrites the event log's types (the kernel's EFI application event as EV_IPL),
+    digests untouched, so it still replays to the quoted PCRs: the build names each event's type,
+    and the verdict is build.unknown."""
+    import struct
+
+    from tccdeploy.eventlog import EVENT_CODES, EventLogWriter, parse
+
+    from ..brokerkit import World
+
+    world = World(tmp_path)
+    try:
+        node = world.node("node1", admit=False)
+        evidence = node.tpm.evidence(world.tc.nonce("node1"))
+        log = parse(evidence.eventlog)
+        relabelled = EventLogWriter(["sha1", "sha256"]).header()
+        for event in log.events:
+            kind = EVENT_CODES["EV_IPL"] if event.type_name == "EV_EFI_BOOT_SERVICES_APPLICATION" else event.type
+            relabelled += struct.pack("<III", event.pcr, kind, 2)
+            relabelled += struct.pack("<H", 0x0004) + event.digests["sha1"] + struct.pack("<H", 0x000B) + event.digests["sha256"]
+            relabelled += struct.pack("<I", len(event.data)) + event.data
+        evidence.eventlog = relabelled
+        verdict, _ = world.tc.verify("node1", "site1", world.tc.registry.node("node1")["address"], evidence)
+        assert [r["code"] for r in verdict.reasons] == ["build.unknown"]
+    finally:
+        world.close()
