@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .bootpaths import BootPath, step_digest
 from .eventdecode import describe
 from .eventlog import EV_NO_ACTION, Event, EventLog
 from .manifest.models import Platform, ReferenceEvent, TVMMBuild
@@ -144,66 +145,35 @@ def compare(log: EventLog, bank: str, pcrs: Sequence[int], build: TVMMBuild, pla
 
 
 # -- prediction from files ----------------------------------------------------------------------
-# The boot paths `build predict` knows, each as (PCR, event type, artifact or None for a separator)
-# with how each artifact is measured: the lab's (lab/builds.py), where firmware and boot loader
-# measure EFI applications by their Authenticode digest when they are PE/COFF images (as UEFI
-# firmware and shim do) and by the file's sha256 otherwise (the lab's stand-in images), and GRUB
-# measures the initrd file and the kernel command line text.
-SEPARATOR = hashlib.sha256(b"\x00\x00\x00\x00").hexdigest()
-
-
-def utf16_digest(text: str, bank: str = "sha256") -> bytes:
-    """A command line as systemd-boot measures its loader entry's options (PCR 12) and the Linux
-    EFI stub its LOADED_IMAGE::LoadOptions (PCR 9, tag 0x8F3B22ED): UTF-16LE with its NUL. (The
-    stub's initrd event, tag 0x8F3B22EC, is the initrd file's digest; EFI applications are their
-    Authenticode digest, pe.py.) Checked against a real OVMF boot in tests/test_eventlog_corpus.py."""
-    return hashlib.new(bank, (text + "\x00").encode("utf-16-le")).digest()
-
-
-def predicted_digest(artifact: str, data: bytes, event_type: str) -> str:
-    """What the boot chain extends for artifact's bytes as an event of event_type (sha256)."""
-    from .pe import authenticode, is_pe
-
-    if event_type == "EV_EFI_BOOT_SERVICES_APPLICATION" and is_pe(data):
-        return authenticode(data, "sha256").hex()
-    return hashlib.sha256(data).hexdigest()
-
-
-def predicted(artifacts: dict[str, str], cmdline: str, name: str, version: str,
-              sequence: Sequence[tuple[int, str, str | None]], out_dir: str | None = None) -> dict:
-    """The TVMMBuild that booting these files through sequence measures (status candidate, no
-    rollout: approve it, or make it a candidate on named nodes, after review)."""
-    entries: dict[str, dict] = {}
-    digests: dict[str, str] = {}
-    needed = {a for _, _, a in sequence if a is not None}
-    missing = sorted(needed - set(artifacts) - {"cmdline"})
+def predicted(artifacts: dict[str, str], options: str, name: str, version: str, path: BootPath,
+              out_dir: str | None = None) -> dict:
+    """The TVMMBuild that booting these files through path measures (status candidate, no
+    rollout: approve it, or make it a candidate on named nodes, after review). options: the boot
+    entry's command line; the build's cmdline artifact is the line the kernel gets from it."""
+    missing = [a for a in path.artifacts if a not in artifacts]
     if missing:
-        raise ValueError(f"the boot path measures {', '.join(missing)}: give each as NAME=FILE")
-    for _, event_type, artifact in sequence:
-        if artifact is None or artifact in entries:
-            continue
-        if artifact == "cmdline":
-            data = cmdline.encode()
-            entries[artifact] = {"value": cmdline, "sha256": hashlib.sha256(data).hexdigest()}
-        else:
-            path = artifacts[artifact]
-            with open(path, "rb") as fh:
-                data = fh.read()
-            shown = os.path.relpath(path, out_dir) if out_dir else path
-            entries[artifact] = {"path": shown, "sha256": hashlib.sha256(data).hexdigest()}
-        digests[artifact] = predicted_digest(artifact, data, event_type)
+        raise ValueError(f"the {path.name} boot path measures {', '.join(missing)}: give each as NAME=FILE")
+    cmdline = path.command_line(options)
+    files: dict[str, bytes] = {}
+    entries: dict[str, dict] = {}
+    for artifact in path.artifacts:
+        with open(artifacts[artifact], "rb") as fh:
+            files[artifact] = fh.read()
+        shown = os.path.relpath(artifacts[artifact], out_dir) if out_dir else artifacts[artifact]
+        entries[artifact] = {"path": shown, "sha256": hashlib.sha256(files[artifact]).hexdigest()}
+    entries["cmdline"] = {"value": cmdline, "sha256": hashlib.sha256(cmdline.encode()).hexdigest()}
     pcrs: dict[int, list[dict]] = {}
-    for pcr, event_type, artifact in sequence:
-        if artifact is None:
-            event = {"digest": SEPARATOR, "type": event_type, "description": "separator"}
-        elif digests[artifact] == entries[artifact]["sha256"]:
-            event = {"artifact": artifact, "type": event_type}
-        else:  # an Authenticode digest is not the file's sha256: the event names its digest
-            event = {"digest": digests[artifact], "type": event_type, "description": f"{artifact} (Authenticode)"}
-        pcrs.setdefault(pcr, []).append(event)
+    for step in path.steps:
+        digest = step_digest(step, files, cmdline).hex()
+        if step.source and digest == entries[step.source]["sha256"]:
+            event = {"artifact": step.source, "type": step.type}  # the artifact's own digest
+        else:  # Authenticode, UTF-16 and fixed data: the event names its digest
+            what = step.description or f"{step.source} (Authenticode)"
+            event = {"digest": digest, "type": step.type, "description": what}
+        pcrs.setdefault(step.pcr, []).append(event)
     return {
         "apiVersion": "tccdeploy/v1", "kind": "TVMMBuild",
-        "metadata": {"name": name, "description": "predicted from its files: review, then approve"},
+        "metadata": {"name": name, "description": f"predicted from its files ({path.name} boot path): review, then approve"},
         "spec": {"version": version, "status": "candidate", "artifacts": entries,
                  "measurements": {"bank": "sha256",
                                   "pcrs": [{"pcr": p, "events": events} for p, events in sorted(pcrs.items())]}},

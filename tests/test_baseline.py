@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from tccdeploy.baseline import captured, compare, departures, predicted
+from tccdeploy.bootpaths import boot_path
 from tccdeploy.coordinator.references import Measured, judge
 from tccdeploy.eventlog import EV_NO_ACTION, parse
 from tccdeploy.lab.builds import (
     ARTIFACTS,
-    BUILD_SEQUENCE,
     LAB_BUILDS,
     LAB_PLATFORMS,
     POLICY_PCRS,
@@ -129,7 +129,7 @@ def test_a_build_predicted_from_the_lab_builds_files_is_the_lab_build(tmp_path):
                 path.write_bytes(artifact_bytes(lab.name, name))
                 files[name] = str(path)
         cmdline = artifact_bytes(lab.name, "cmdline").decode()
-        doc = predicted(files, cmdline, lab.name, lab.version, BUILD_SEQUENCE)
+        doc = predicted(files, cmdline, lab.name, lab.version, boot_path("lab"))
         expected = build_manifest(lab)
         assert doc["spec"]["measurements"] == expected["spec"]["measurements"]
         assert {k: v["sha256"] for k, v in doc["spec"]["artifacts"].items()} == \
@@ -146,13 +146,13 @@ def test_a_pe_boot_loader_is_predicted_by_its_authenticode_digest(tmp_path):
     for name, path in files.items():
         Path(path).write_bytes(artifact_bytes("tvmm-2026.1", name))
     files["bootloader"] = str(shim)
-    doc = predicted(files, "ro", "pe", "1.0", BUILD_SEQUENCE, str(tmp_path))
+    doc = predicted(files, "ro", "pe", "1.0", boot_path("lab"), str(tmp_path))
     first = doc["spec"]["measurements"]["pcrs"][0]["events"][0]
     assert first == {"digest": authenticode(shim.read_bytes()).hex(), "type": "EV_EFI_BOOT_SERVICES_APPLICATION",
                      "description": "bootloader (Authenticode)"}
     assert doc["spec"]["artifacts"]["bootloader"]["sha256"] == hashlib.sha256(shim.read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match="the boot path measures initrd"):
-        predicted({k: v for k, v in files.items() if k != "initrd"}, "ro", "pe", "1.0", BUILD_SEQUENCE)
+    with pytest.raises(ValueError, match="the lab boot path measures initrd"):
+        predicted({k: v for k, v in files.items() if k != "initrd"}, "ro", "pe", "1.0", boot_path("lab"))
 
 
 def test_the_diff_names_the_firmware_against_the_closest_model_and_the_boot_against_the_build(tmp_path):

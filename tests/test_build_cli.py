@@ -69,4 +69,4 @@ def test_predict_writes_the_lab_build_from_its_files_and_refuses_bad_input(tmp_p
     assert main(["build", "predict", f"firmware={tmp_path / 'kernel'}", *common]) == 2
     assert "the lab boot path measures no firmware" in capsys.readouterr().err
     assert main(["build", "predict", *args[1:], *common]) == 2
-    assert "the boot path measures bootloader: give each as NAME=FILE" in capsys.readouterr().err
+    assert "the lab boot path measures bootloader: give each as NAME=FILE" in capsys.readouterr().err

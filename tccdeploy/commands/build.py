@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from ..bootpaths import NAMES
 from .engine import add_run_args, select
 from .provider import MANIFESTS_ENV, TC_ENV, open_tc
 
@@ -78,23 +79,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict", help="the TVMMBuild that booting these files measures, computed from the files alone",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compute a build's reference measurements from its artifacts, as the boot chain measures\n"
-                    "them: EFI applications by their PE/COFF Authenticode digest (the lab's stand-in images,\n"
-                    "which are not PE files, by their sha256, as the lab's firmware measures them), the initrd\n"
-                    "and the other files by their sha256, the kernel command line by the sha256 of its text.\n\n"
-                    "Boot paths: lab (the local lab's boot chain: PCRs 4, 8, 9, 11). UEFI firmware's own\n"
-                    "events (PCRs 0-7) are the platform's: capture them from a node of the model.",
+                    "them: EFI applications by their PE/COFF Authenticode digest, the initrd and other files by\n"
+                    "their sha256, the kernel command line as the boot loader and kernel measure it.\n\n"
+                    "Boot paths (--boot-path):\n"
+                    "  systemd-boot  UEFI firmware -> systemd-boot -> the Linux EFI stub (Linux 6.1 and later):\n"
+                    "                PCR 4 the firmware's boot-option action and separator, then bootloader's and\n"
+                    "                kernel's Authenticode digests; PCR 12 the command line systemd-boot passes\n"
+                    "                (UTF-16: 'initrd=\\initrd.img ' and the entry's options); PCR 9 the stub's\n"
+                    "                load options (the same line) and the initrd. The loader entry must name\n"
+                    "                /vmlinuz and /initrd.img on the ESP, as `tccdeploy lab` writes it.\n"
+                    "  lab           the local lab's stand-in chain: PCRs 4, 8, 9, 11 (bootloader, kernel,\n"
+                    "                initrd, hypervisor, tvmm-service; stand-in images by their sha256).\n"
+                    "UEFI firmware's own events (PCRs 0-3 and 5-7) are the platform's: capture them from a node\n"
+                    "of the model (`tccdeploy build capture NODE`).",
         epilog="examples:\n"
-               "  tccdeploy build predict bootloader=grubx64.efi kernel=vmlinuz initrd=initrd.img \\\n"
-               "      hypervisor=qemu tvmm-service=tccdeploy-tvmm --cmdline 'console=ttyS0 ro' \\\n"
-               "      --name tvmm-2027.1 --version 2027.1.0 --rollout node1 --out manifests/builds")
+               "  tccdeploy build predict --boot-path systemd-boot bootloader=systemd-bootx64.efi \\\n"
+               "      kernel=vmlinuz initrd=initrd.img --cmdline 'console=ttyS0 quiet' \\\n"
+               "      --name tvmm-2027.1 --version 2027.1.0 --rollout node1 --out manifests/builds\n"
+               "  tccdeploy build predict bootloader=b kernel=k initrd=i hypervisor=h tvmm-service=s \\\n"
+               "      --cmdline 'console=ttyS0 ro' --name tvmm-2027.1 --version 2027.1.0 --rollout node1")
     p.add_argument("artifacts", nargs="+", metavar="NAME=FILE",
-                   help="each artifact of the boot path and its file: bootloader, kernel, initrd, hypervisor, tvmm-service")
-    p.add_argument("--cmdline", required=True, help="the kernel command line, as the boot loader passes it")
+                   help="each file the boot path measures: bootloader, kernel, initrd (and, on the lab path, "
+                        "hypervisor, tvmm-service)")
+    p.add_argument("--cmdline", required=True, metavar="OPTIONS",
+                   help="the boot entry's options (systemd-boot adds 'initrd=\\initrd.img ' before them)")
     p.add_argument("--name", required=True, help="the build's name")
     p.add_argument("--version", required=True, help="the build's version, e.g. 2027.1.0")
     p.add_argument("--rollout", required=True, metavar="NODE[,NODE]",
                    help="the nodes of the staged rollout: a predicted build is a candidate there until approved")
-    p.add_argument("--boot-path", choices=("lab",), default="lab", help="the boot chain that measures them (default lab)")
+    p.add_argument("--boot-path", choices=NAMES, default="lab", help="the boot chain that measures them (default lab)")
     p.add_argument("--out", metavar="DIR", help="write NAME.yml into DIR (default: print it)")
     p.set_defaults(func=cmd_predict)
 
@@ -245,23 +258,23 @@ def _diff(args: argparse.Namespace, log, bank: str, pcrs: list[int], manifests, 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..baseline import predicted
-    from ..lab.builds import BUILD_SEQUENCE
+    from ..bootpaths import boot_path
 
+    path = boot_path(args.boot_path)
     artifacts: dict[str, str] = {}
     for item in args.artifacts:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
             return _error(f"{item!r}: give each artifact as NAME=FILE, e.g. kernel=vmlinuz")
-        if not os.path.isfile(path):
-            return _error(f"{name}: {path} is not a file")
-        artifacts[name] = path
-    known = {a for _, _, a in BUILD_SEQUENCE if a}
-    unknown = sorted(set(artifacts) - known)
+        if not os.path.isfile(file):
+            return _error(f"{name}: {file} is not a file")
+        artifacts[name] = file
+    unknown = sorted(set(artifacts) - set(path.artifacts))
     if unknown:
-        return _error(f"the {args.boot_path} boot path measures no {', '.join(unknown)} (it measures "
-                      f"{', '.join(sorted(known - {'cmdline'}))} and the command line)")
+        return _error(f"the {path.name} boot path measures no {', '.join(unknown)} (it measures "
+                      f"{', '.join(path.artifacts)} and the command line)")
     try:
-        doc = predicted(artifacts, args.cmdline, args.name, args.version, BUILD_SEQUENCE, args.out)
+        doc = predicted(artifacts, args.cmdline, args.name, args.version, path, args.out)
     except ValueError as exc:
         return _error(str(exc))
     doc["spec"]["rollout"] = {"nodes": [n.strip() for n in args.rollout.split(",") if n.strip()]}
