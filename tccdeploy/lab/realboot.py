@@ -1,0 +1,365 @@
+"""Real boots: UEFI firmware, a vTPM, systemd-boot and a Debian kernel under QEMU.
+
+The lab's default nodes share this machine's kernel, and their "boot" is the lab extending
+PCRs. A real boot is measured by the firmware itself: OVMF (edk2) measures its code, its
+variables and every EFI application into a swtpm vTPM on a CRB interface, systemd-boot and the
+kernel's EFI stub add the command line and initrd, and Linux exposes the log as a server's does.
+That is what `build predict` must agree with, so this module builds such boots from Debian's
+own packages and runs them:
+
+- the files come from Debian: OVMF and systemd-boot from the packages scripts/install puts on
+  this machine, the kernel (linux-image-amd64's current package) and busybox-static fetched with
+  `apt-get download` into a cache (TCCDEPLOY_LAB_CACHE, default /var/cache/tccdeploy-lab) and
+  unpacked there, never installed on this machine;
+- the ESP is a folder QEMU presents as a FAT disk; its loader entry names /vmlinuz and
+  /initrd.img (bootpaths.ESP_KERNEL, ESP_INITRD), the layout the systemd-boot boot path assumes;
+- the initramfs is written here as a deterministic newc cpio (fixed owners, times and order), so
+  the same files give the same initrd digest on every machine;
+- the NVRAM (a copy of OVMF's VARS) is the machine's own, and the ESP's disk has bootindex 0, so
+  the firmware's boot order, and with it PCR 4's events, is the same at every boot.
+
+KVM is used where it works; on this kind of machine KVM starts but OVMF stops with "KVM internal
+error" (nested virtualization without the CPU features it needs), so the run is repeated under
+TCG with a warning, and the cache remembers it (TCCDEPLOY_LAB_ACCEL=kvm|tcg decides instead).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from ..bootpaths import ESP_INITRD, ESP_KERNEL
+from . import procs
+from .tpm import LabError
+
+CACHE_ENV = "TCCDEPLOY_LAB_CACHE"
+ACCEL_ENV = "TCCDEPLOY_LAB_ACCEL"
+DEFAULT_CACHE = "/var/cache/tccdeploy-lab"
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+SYSTEMD_BOOT_EFI = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+QEMU = "qemu-system-x86_64"
+KVM_FAILURE = "KVM internal error"
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> str:
+    path = os.environ.get(CACHE_ENV) or DEFAULT_CACHE
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return path
+
+
+# -- Debian packages ---------------------------------------------------------------------------
+def kernel_package() -> str:
+    """The kernel package linux-image-amd64 depends on now (e.g. linux-image-6.1.0-57-amd64)."""
+    out = _output(["apt-cache", "depends", "linux-image-amd64"])
+    match = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
+    if not match:
+        raise LabError("apt knows no linux-image-amd64 kernel: run `apt-get update` (scripts/install does)")
+    return match.group(1)
+
+
+def unpacked(package: str, progress: Progress | None = None) -> str:
+    """The folder holding package's files (its candidate version), downloaded and unpacked once."""
+    debs = os.path.join(cache_dir(), "debs")
+    os.makedirs(debs, exist_ok=True)
+    version = _candidate(package)
+    stem = f"{package}_{version.replace(':', '%3a')}"
+    root = os.path.join(cache_dir(), "packages", stem)
+    if os.path.isdir(root):
+        return root
+    found = [f for f in os.listdir(debs) if f.startswith(stem + "_") and f.endswith(".deb")]
+    if not found:
+        if progress:
+            progress(f"downloading {package} {version} from Debian")
+        proc = subprocess.run(["apt-get", "download", "-q", f"{package}={version}"], cwd=debs,
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise LabError(f"apt-get download {package} failed: {proc.stderr.strip()[-300:]}")
+        found = [f for f in os.listdir(debs) if f.startswith(stem + "_") and f.endswith(".deb")]
+        if not found:
+            raise LabError(f"apt-get download {package}={version} wrote no {stem}_*.deb in {debs}")
+    partial = root + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    _output(["dpkg-deb", "-x", os.path.join(debs, found[0]), partial])
+    os.replace(partial, root)
+    return root
+
+
+def _candidate(package: str) -> str:
+    match = re.search(r"Candidate: (\S+)", _output(["apt-cache", "policy", package]))
+    if not match or match.group(1) == "(none)":
+        raise LabError(f"apt knows no package {package}: run `apt-get update` (scripts/install does)")
+    return match.group(1)
+
+
+def kernel_image(progress: Progress | None = None) -> str:
+    """Path of Debian's current kernel (vmlinuz: a PE/COFF image with the EFI stub)."""
+    package = kernel_package()
+    root = unpacked(package, progress)
+    path = os.path.join(root, "boot", "vmlinuz-" + package.removeprefix("linux-image-"))
+    if not os.path.isfile(path):
+        raise LabError(f"{package} has no {path}")
+    return path
+
+
+def busybox(progress: Progress | None = None) -> str:
+    path = os.path.join(unpacked("busybox-static", progress), "bin", "busybox")
+    if not os.path.isfile(path):
+        raise LabError(f"busybox-static has no {path}")
+    return path
+
+
+# -- initramfs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One file of an initramfs: a regular file (data), a directory, or a symlink (target)."""
+
+    mode: int  # including the file type bits
+    data: bytes = b""
+
+
+def directory(mode: int = 0o755) -> Entry:
+    return Entry(stat.S_IFDIR | mode)
+
+
+def regular(data: bytes, mode: int = 0o644) -> Entry:
+    return Entry(stat.S_IFREG | mode, data)
+
+
+def symlink(target: str) -> Entry:
+    return Entry(stat.S_IFLNK | 0o777, target.encode())
+
+
+def cpio(entries: Mapping[str, Entry]) -> bytes:
+    """A newc cpio archive of entries (path without leading slash -> entry): parents first, owned
+    by root, time 0, so the same entries give the same bytes."""
+    out = io.BytesIO()
+
+    def record(ino: int, name: str, mode: int, data: bytes) -> None:
+        encoded = name.encode() + b"\x00"
+        fields = (ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
+        out.write(b"\x00" * (-(110 + len(encoded)) % 4))
+        out.write(data)
+        out.write(b"\x00" * (-len(data) % 4))
+
+    for ino, name in enumerate(sorted(entries), start=1):
+        entry = entries[name]
+        record(ino, name.strip("/"), entry.mode, entry.data)
+    record(0, "TRAILER!!!", 0, b"")
+    return out.getvalue()
+
+
+def initramfs(entries: Mapping[str, Entry]) -> bytes:
+    """The cpio, gzip-compressed with no name or time in its header (deterministic)."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as fh:
+        fh.write(cpio(_with_parents(entries)))
+    return buffer.getvalue()
+
+
+def _with_parents(entries: Mapping[str, Entry]) -> dict[str, Entry]:
+    out = {name.strip("/"): entry for name, entry in entries.items()}
+    for name in list(out):
+        parent = os.path.dirname(name)
+        while parent and parent not in out:
+            out[parent] = directory()
+            parent = os.path.dirname(parent)
+    return out
+
+
+# -- the ESP -----------------------------------------------------------------------------------
+def write_esp(folder: str, bootloader: bytes, kernel: bytes, initrd: bytes, options: str) -> None:
+    """An ESP as systemd-boot reads it: the removable-media path, one loader entry, no menu."""
+    os.makedirs(os.path.join(folder, "EFI", "BOOT"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "loader", "entries"), exist_ok=True)
+    files = {
+        "EFI/BOOT/BOOTX64.EFI": bootloader,
+        ESP_KERNEL: kernel,
+        ESP_INITRD: initrd,
+        "loader/loader.conf": b"default tvmm.conf\ntimeout 0\nconsole-mode keep\neditor no\n",
+        "loader/entries/tvmm.conf": (f"title tccdeploy TVMM\nlinux /{ESP_KERNEL}\ninitrd /{ESP_INITRD}\n"
+                                     f"options {options}\n").encode(),
+    }
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(data)
+
+
+# -- running a machine -------------------------------------------------------------------------
+@dataclass
+class Machine:
+    """One real-boot machine's files: its vTPM state, NVRAM, ESP and console log, in folder."""
+
+    folder: str
+    memory_mb: int = 512
+    network: list[str] | None = None  # QEMU -netdev/-device arguments; None: no NIC
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.folder, *parts)
+
+    @property
+    def esp(self) -> str:
+        return self.path("esp")
+
+    @property
+    def console(self) -> str:
+        return self.path("console.log")
+
+    def prepare(self, ca_dir: str) -> None:
+        """Manufacture the vTPM (EK certificate from the CA in ca_dir) and copy OVMF's NVRAM."""
+        from .tpm import manufacture
+
+        for what in (OVMF_CODE, OVMF_VARS, SYSTEMD_BOOT_EFI):
+            if not os.path.isfile(what):
+                raise LabError(f"{what} is missing: run scripts/install (it installs ovmf and systemd-boot-efi)")
+        os.makedirs(self.path("tpm"), mode=0o700, exist_ok=True)
+        os.makedirs(self.esp, exist_ok=True)
+        manufacture(self.path("tpm"), ca_dir, self.path("swtpm_setup.log"))
+        shutil.copyfile(OVMF_VARS, self.path("vars.fd"))
+
+    def swtpm_argv(self) -> list[str]:
+        return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.path('tpm')}",
+                "--ctrl", f"type=unixio,path={self.path('swtpm.sock')}", "--log", f"file={self.path('swtpm.log')},level=1"]
+
+    def qemu_argv(self, accel: str) -> list[str]:
+        argv = [
+            QEMU, "-name", "tccdeploy-realboot,debug-threads=on", "-accel", accel, "-machine", "q35",
+            "-m", str(self.memory_mb), "-smp", "1", "-display", "none", "-no-reboot", "-no-user-config",
+            "-nodefaults", "-serial", f"file:{self.console}", "-monitor", "none",
+            "-drive", f"if=pflash,format=raw,unit=0,file={OVMF_CODE},readonly=on",
+            "-drive", f"if=pflash,format=raw,unit=1,file={self.path('vars.fd')}",
+            "-chardev", f"socket,id=chrtpm,path={self.path('swtpm.sock')}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0",
+            "-drive", f"file=fat:{self.esp},format=raw,if=none,id=esp,readonly=on",
+            "-device", "virtio-blk-pci,drive=esp,bootindex=0",
+        ]
+        return argv + (self.network or [])
+
+    def run(self, timeout: float = 300.0, progress: Progress | None = None) -> str:
+        """Boot once until the guest powers off; the console's output. TCG when KVM fails."""
+        accel = accelerator()
+        while True:
+            console = self._run_once(accel, timeout)
+            if accel == "kvm" and KVM_FAILURE in _read(self.path("qemu.log")):
+                _remember_kvm_unusable(_read(self.path("qemu.log")))
+                if progress:
+                    progress(f"warning: KVM cannot run OVMF here ({KVM_FAILURE}); booting under TCG (slower)")
+                accel = "tcg"
+                continue
+            return console
+
+    def _run_once(self, accel: str, timeout: float) -> str:
+        for name in ("console.log", "qemu.log", "swtpm.sock"):
+            if os.path.exists(self.path(name)):
+                os.unlink(self.path(name))
+        tpm = procs.spawn(self.swtpm_argv(), self.path("swtpm.out"))
+        qemu = None
+        try:
+            if not procs.wait_socket(self.path("swtpm.sock"), tpm):
+                raise LabError(f"swtpm did not start: {_read(self.path('swtpm.out'))[-300:]}")
+            qemu = procs.spawn(self.qemu_argv(accel), self.path("qemu.log"))
+            deadline = time.monotonic() + timeout
+            while qemu.poll() is None:
+                if accel == "kvm" and KVM_FAILURE in _read(self.path("qemu.log")):
+                    break  # QEMU pauses the guest and waits: stop it, run() retries under TCG
+                if time.monotonic() > deadline:
+                    raise LabError(f"the guest did not power off in {timeout:.0f} s; console: "
+                                   f"{_read(self.console)[-500:]!r}")
+                time.sleep(0.2)
+        finally:
+            procs.stop([p.pid for p in (qemu, tpm) if p is not None])
+        return _read(self.console)
+
+
+def accelerator() -> str:
+    """kvm where /dev/kvm opens and the cache has not seen it fail; tcg otherwise (or as told)."""
+    chosen = os.environ.get(ACCEL_ENV)
+    if chosen in ("kvm", "tcg"):
+        return chosen
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or os.path.exists(os.path.join(cache_dir(), "kvm-unusable")):
+        return "tcg"
+    return "kvm"
+
+
+def _remember_kvm_unusable(log: str) -> None:
+    with open(os.path.join(cache_dir(), "kvm-unusable"), "w") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {QEMU} under KVM:\n{log[-2000:]}")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _output(argv: Iterable[str]) -> str:
+    argv = list(argv)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed: {proc.stderr.strip()[-300:]}")
+    return proc.stdout
+
+
+# -- a probe: boot, print what the kernel sees of the TPM, power off -----------------------------
+PROBE_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t securityfs securityfs /sys/kernel/security
+echo TCCDEPLOY-CMDLINE $(cat /proc/cmdline)
+echo TCCDEPLOY-LOG-BEGIN
+od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements
+echo TCCDEPLOY-LOG-END
+for bank in sha1 sha256 sha384 sha512; do
+  [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
+  for i in $(seq 0 23); do echo "TCCDEPLOY-PCR $bank $i $(cat /sys/class/tpm/tpm0/pcr-$bank/$i)"; done
+done
+echo TCCDEPLOY-DONE
+poweroff -f
+"""
+
+
+def probe_initramfs(busybox_path: str) -> bytes:
+    """An initramfs whose /init prints the event log and the PCRs as the booted kernel reads
+    them (securityfs, sysfs) on the serial console, then powers off."""
+    with open(busybox_path, "rb") as fh:
+        box = fh.read()
+    return initramfs({
+        "bin/busybox": regular(box, 0o755), "init": regular(PROBE_INIT.encode(), 0o755),
+        "proc": directory(), "sys": directory(), "dev": directory(), "tmp": directory(0o1777),
+    })
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a probe boot printed: the kernel's command line, the event log, the PCRs per bank."""
+
+    cmdline: str
+    eventlog: bytes
+    pcrs: dict[str, dict[int, bytes]]
+
+
+def read_probe(console: str) -> Probe:
+    if "TCCDEPLOY-DONE" not in console:
+        raise LabError(f"the probe did not finish; its console ended with {console[-500:]!r}")
+    cmdline = re.search(r"TCCDEPLOY-CMDLINE (.*)", console)
+    log = re.search(r"TCCDEPLOY-LOG-BEGIN\r?\n(.*?)TCCDEPLOY-LOG-END", console, re.S)
+    if not cmdline or not log:
+        raise LabError("the probe's console has no command line or event log")
+    pcrs: dict[str, dict[int, bytes]] = {}
+    for bank, index, value in re.findall(r"TCCDEPLOY-PCR (\w+) (\d+) ([0-9A-Fa-f]+)", console):
+        pcrs.setdefault(bank, {})[int(index)] = bytes.fromhex(value)
+    return Probe(cmdline.group(1).strip(), bytes.fromhex("".join(log.group(1).split())), pcrs)

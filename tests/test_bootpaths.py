@@ -1,0 +1,97 @@
+"""The boot paths `build predict` knows, and the initramfs and ESP the real-boot lab writes for one.
+
+The digests' formulas are proven against real boots (tests/test_realboot.py, the captured boot in
+the corpus); these pin each piece fast."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import stat
+
+import pytest
+
+from tccdeploy.bootpaths import FIXED, PE, SYSTEMD_BOOT, TEXT, UTF16, Step, boot_path, step_digest
+from tccdeploy.lab import realboot
+from tccdeploy.lab.tpm import LabError
+
+
+def test_systemd_boot_measures_the_entrys_options_after_the_initrd_it_names():
+    assert SYSTEMD_BOOT.command_line("console=ttyS0 quiet") == "initrd=\\initrd.img console=ttyS0 quiet"
+    assert SYSTEMD_BOOT.artifacts == ["bootloader", "kernel", "initrd"]
+    assert [(s.pcr, s.type) for s in SYSTEMD_BOOT.steps] == [
+        (4, "EV_EFI_ACTION"), (4, "EV_SEPARATOR"), (4, "EV_EFI_BOOT_SERVICES_APPLICATION"),
+        (4, "EV_EFI_BOOT_SERVICES_APPLICATION"), (12, "EV_IPL"), (9, "EV_EVENT_TAG"), (9, "EV_EVENT_TAG")]
+    assert boot_path("lab").command_line("ro") == "ro"
+    assert boot_path("lab").artifacts == ["bootloader", "kernel", "initrd", "hypervisor", "tvmm-service"]
+    with pytest.raises(KeyError):
+        boot_path("grub")
+
+
+def test_each_way_of_measuring_gives_its_digest():
+    files = {"initrd": b"an initrd", "kernel": b"not a PE image"}
+    assert step_digest(Step(9, "EV_IPL", UTF16, "cmdline"), files, "ro") == hashlib.sha256("ro\0".encode("utf-16-le")).digest()
+    assert step_digest(Step(8, "EV_IPL", TEXT, "cmdline"), files, "ro") == hashlib.sha256(b"ro").digest()
+    assert step_digest(Step(4, "EV_SEPARATOR", FIXED, data=b"\0" * 4), files, "") == hashlib.sha256(b"\0" * 4).digest()
+    assert step_digest(Step(9, "EV_IPL", "file", "initrd"), files, "", "sha1") == hashlib.sha1(b"an initrd").digest()
+    # a file that is not PE/COFF is measured whole (the lab's stand-in images)
+    assert step_digest(Step(4, "EV_EFI_BOOT_SERVICES_APPLICATION", PE, "kernel"), files, "") == \
+        hashlib.sha256(b"not a PE image").digest()
+    assert SYSTEMD_BOOT.steps[0].data == b"Calling EFI Application from Boot Option"
+
+
+def test_the_initramfs_is_a_newc_cpio_with_parents_first_and_the_same_bytes_every_time():
+    entries = {"bin/busybox": realboot.regular(b"\x7fELF", 0o755), "init": realboot.regular(b"#!/bin/sh\n", 0o755),
+               "bin/sh": realboot.symlink("busybox")}
+    image = realboot.initramfs(entries)
+    assert image == realboot.initramfs(dict(reversed(entries.items())))
+    assert image[4:8] == b"\0\0\0\0"  # gzip's time field: 0
+    archive = gzip.decompress(image)
+    names, offset = [], 0
+    while True:
+        header = archive[offset:offset + 110]
+        assert header[:6] == b"070701"
+        fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+        mode, uid, mtime, size, namesize = fields[1], fields[2], fields[5], fields[6], fields[11]
+        name = archive[offset + 110:offset + 110 + namesize - 1].decode()
+        offset += 110 + namesize
+        offset += -offset % 4
+        data = archive[offset:offset + size]
+        offset += size + (-size % 4)
+        if name == "TRAILER!!!":
+            break
+        names.append((name, stat.S_IFMT(mode), uid, mtime, data))
+    assert offset == len(archive)
+    assert [n[0] for n in names] == ["bin", "bin/busybox", "bin/sh", "init"]
+    assert names[0][1] == stat.S_IFDIR and names[2][1] == stat.S_IFLNK and names[2][4] == b"busybox"
+    assert {n[2] for n in names} == {0} and {n[3] for n in names} == {0}
+
+
+def test_the_esp_has_one_loader_entry_naming_the_paths_the_boot_path_assumes(tmp_path):
+    realboot.write_esp(str(tmp_path), b"sd-boot", b"kernel", b"initrd", "console=ttyS0")
+    entry = (tmp_path / "loader/entries/tvmm.conf").read_text()
+    assert "linux /vmlinuz\ninitrd /initrd.img\noptions console=ttyS0\n" in entry
+    assert (tmp_path / "EFI/BOOT/BOOTX64.EFI").read_bytes() == b"sd-boot"
+    assert "timeout 0" in (tmp_path / "loader/loader.conf").read_text()
+
+
+def test_a_probe_console_is_read_or_refused_with_what_it_printed():
+    console = ("noise\nTCCDEPLOY-CMDLINE initrd=\\initrd.img ro\nTCCDEPLOY-LOG-BEGIN\n 03 00\n 00 01\nTCCDEPLOY-LOG-END\n"
+               "TCCDEPLOY-PCR sha256 4 " + "ab" * 32 + "\nTCCDEPLOY-DONE\n")
+    probe = realboot.read_probe(console)
+    assert probe.cmdline == "initrd=\\initrd.img ro" and probe.eventlog == b"\x03\x00\x00\x01"
+    assert probe.pcrs == {"sha256": {4: b"\xab" * 32}}
+    with pytest.raises(LabError, match="did not finish; its console ended with 'kernel panic'"):
+        realboot.read_probe("kernel panic")
+    with pytest.raises(LabError, match="no command line or event log"):
+        realboot.read_probe("TCCDEPLOY-DONE")
+
+
+def test_the_accelerator_is_what_the_environment_says_or_tcg_once_kvm_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv(realboot.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(realboot.ACCEL_ENV, "tcg")
+    assert realboot.accelerator() == "tcg"
+    monkeypatch.delenv(realboot.ACCEL_ENV)
+    realboot._remember_kvm_unusable("KVM internal error. Suberror: 1")
+    assert realboot.accelerator() == "tcg"
+    assert "KVM internal error" in (tmp_path / "kvm-unusable").read_text()
