@@ -48,6 +48,7 @@ OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SYSTEMD_BOOT_EFI = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 QEMU = "qemu-system-x86_64"
 KVM_FAILURE = "KVM internal error"
+KVM_PROBE_SECONDS = 5.0  # OVMF fails under KVM here within the first second
 Progress = Callable[[str], None]
 
 
@@ -204,6 +205,7 @@ class Machine:
     folder: str
     memory_mb: int = 512
     network: list[str] | None = None  # QEMU -netdev/-device arguments; None: no NIC
+    fw_cfg: dict[str, str] | None = None  # fw_cfg item name -> file: the machine's provisioning
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
@@ -244,42 +246,49 @@ class Machine:
             "-drive", f"file=fat:{self.esp},format=raw,if=none,id=esp,readonly=on",
             "-device", "virtio-blk-pci,drive=esp,bootindex=0",
         ]
+        for name, file in (self.fw_cfg or {}).items():
+            argv += ["-fw_cfg", f"name={name},file={file}"]
         return argv + (self.network or [])
 
     def run(self, timeout: float = 300.0, progress: Progress | None = None) -> str:
-        """Boot once until the guest powers off; the console's output. TCG when KVM fails."""
-        accel = accelerator()
-        while True:
-            console = self._run_once(accel, timeout)
-            if accel == "kvm" and KVM_FAILURE in _read(self.path("qemu.log")):
-                _remember_kvm_unusable(_read(self.path("qemu.log")))
-                if progress:
-                    progress(f"warning: KVM cannot run OVMF here ({KVM_FAILURE}); booting under TCG (slower)")
-                accel = "tcg"
-                continue
-            return console
-
-    def _run_once(self, accel: str, timeout: float) -> str:
-        for name in ("console.log", "qemu.log", "swtpm.sock"):
-            if os.path.exists(self.path(name)):
-                os.unlink(self.path(name))
-        tpm = procs.spawn(self.swtpm_argv(), self.path("swtpm.out"))
-        qemu = None
+        """Boot once until the guest powers off; the console's output."""
+        qemu, tpm = self.start(progress)
         try:
-            if not procs.wait_socket(self.path("swtpm.sock"), tpm):
-                raise LabError(f"swtpm did not start: {_read(self.path('swtpm.out'))[-300:]}")
-            qemu = procs.spawn(self.qemu_argv(accel), self.path("qemu.log"))
             deadline = time.monotonic() + timeout
             while qemu.poll() is None:
-                if accel == "kvm" and KVM_FAILURE in _read(self.path("qemu.log")):
-                    break  # QEMU pauses the guest and waits: stop it, run() retries under TCG
                 if time.monotonic() > deadline:
                     raise LabError(f"the guest did not power off in {timeout:.0f} s; console: "
                                    f"{_read(self.console)[-500:]!r}")
                 time.sleep(0.2)
         finally:
-            procs.stop([p.pid for p in (qemu, tpm) if p is not None])
+            procs.stop([qemu.pid, tpm.pid])
         return _read(self.console)
+
+    def start(self, progress: Progress | None = None) -> tuple[subprocess.Popen, subprocess.Popen]:
+        """Start the vTPM and the machine (QEMU, then swtpm); under TCG when KVM fails."""
+        accel = accelerator()
+        qemu, tpm = self._start(accel)
+        if accel == "kvm":
+            deadline = time.monotonic() + KVM_PROBE_SECONDS
+            while time.monotonic() < deadline and qemu.poll() is None:
+                if KVM_FAILURE in _read(self.path("qemu.log")):  # QEMU pauses the guest and waits
+                    procs.stop([qemu.pid, tpm.pid])
+                    _remember_kvm_unusable(_read(self.path("qemu.log")))
+                    if progress:
+                        progress(f"warning: KVM cannot run OVMF here ({KVM_FAILURE}); booting under TCG (slower)")
+                    return self._start("tcg")
+                time.sleep(0.2)
+        return qemu, tpm
+
+    def _start(self, accel: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+        for name in ("console.log", "qemu.log", "swtpm.sock"):
+            if os.path.exists(self.path(name)):
+                os.unlink(self.path(name))
+        tpm = procs.spawn(self.swtpm_argv(), self.path("swtpm.out"))
+        if not procs.wait_socket(self.path("swtpm.sock"), tpm):
+            procs.stop([tpm.pid])
+            raise LabError(f"swtpm did not start: {_read(self.path('swtpm.out'))[-300:]}")
+        return procs.spawn(self.qemu_argv(accel), self.path("qemu.log")), tpm
 
 
 def accelerator() -> str:

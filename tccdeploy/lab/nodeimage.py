@@ -1,0 +1,263 @@
+"""The real-boot node's operating system: a Debian 12 userland in the measured initramfs.
+
+A real-boot lab node boots OVMF -> systemd-boot -> Debian's kernel (lab/realboot.py), and its
+whole operating system is the initramfs: Debian's OpenSSH, Python and TPM libraries (from
+`mmdebstrap`, built once into the lab's cache and rebuilt only when this recipe changes), the
+Python packages the TVMM service needs (copied from tccdeploy's own environment: the same
+Debian 12 ABI), the TVMM service itself and the sshd configuration that forces the TVMM user into
+it. The kernel's EFI stub measures the initrd into PCR 9, so everything the node runs is in the
+measured boot: there is no root file system on disk for an operator to change behind the TPM's
+back, and `build predict` computes the build from the image's files.
+
+What differs per node is not measured and holds no code: its name, its SSH host key and the
+engine's public key, which the lab hands the guest through QEMU's fw_cfg (as a provider
+provisions a machine when racking it). The TVMM user's forced command is in the measured
+sshd_config, so no key given there reaches more than the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from ..bundles import service_bundle
+from . import realboot
+from .realboot import Entry, directory, regular, symlink
+from .tpm import LabError
+
+Progress = Callable[[str], None]
+
+SUITE = "bookworm"
+PACKAGES = (
+    "openssh-server", "python3", "busybox", "kmod", "ca-certificates",
+    "libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1",
+    "libtss2-tctildr0", "libtss2-tcti-device0",
+)
+PYTHON_PACKAGES = ("cryptography", "tpm2_pytss", "cffi", "_cffi_backend", "pycparser", "packaging")
+MODULES = ("virtio_pci", "virtio_net", "qemu_fw_cfg")  # and what each depends on
+PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
+         "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf", "usr/share/zoneinfo")
+SERVICE_PATH = "usr/lib/tccdeploy/tccdeploy-tvmm.pyz"
+SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
+GUEST_ADDRESS = "10.0.2.15"  # QEMU user networking's guest
+TVMM_UID = 990
+NODE_UID = 991
+FW_CFG = "opt/tccdeploy"  # the per-node provisioning items: node, host_key, authorized_keys
+
+INIT = """#!/bin/sh
+# tccdeploy real-boot node: mount, load the NIC and fw_cfg drivers, take this machine's
+# provisioning, hand the TPM to the TVMM user, start sshd. Written by tccdeploy/lab/nodeimage.py.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t securityfs securityfs /sys/kernel/security
+mkdir -p /dev/pts /run/sshd /tmp /var/lib/tccdeploy-tvmm && mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -p /run/sshd
+chmod 1777 /tmp
+for m in $(cat /etc/tccdeploy/modules); do insmod /lib/modules/$m || echo "insmod $m failed"; done
+cfg=/sys/firmware/qemu_fw_cfg/by_name/opt/tccdeploy
+for i in $(seq 1 50); do [ -e $cfg/node/raw ] && break; sleep 0.1; done
+cat $cfg/node/raw > /etc/tccdeploy/node
+install -m 0600 $cfg/host_key/raw /etc/ssh/ssh_host_ed25519_key
+install -m 0644 $cfg/authorized_keys/raw /etc/ssh/authorized_keys
+hostname "$(cat /etc/tccdeploy/node)"
+printf '{"node": "%s"}\\n' "$(cat /etc/tccdeploy/node)" > /etc/tccdeploy/tvmm.json
+# The TPM and the firmware's event log are the TVMM user's alone (on a server: udev and tmpfiles).
+chown tccnode:tccnode /home/tccnode
+chown tcctvmm:tcctvmm /dev/tpmrm0 /var/lib/tccdeploy-tvmm && chmod 0600 /dev/tpmrm0 && chmod 0700 /var/lib/tccdeploy-tvmm
+chown tcctvmm /sys/kernel/security/tpm0/binary_bios_measurements
+chmod 0600 /dev/tpm0
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+echo "TCCDEPLOY-NODE-UP $(cat /etc/tccdeploy/node)" > /dev/ttyS0
+exec /usr/sbin/sshd -D -e
+"""
+
+SSHD_CONFIG = """# sshd of a tccdeploy real-boot node (in the measured initramfs)
+Port 22
+HostKey /etc/ssh/ssh_host_ed25519_key
+AuthorizedKeysFile /etc/ssh/authorized_keys
+AllowUsers tccnode tcctvmm
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UsePAM no
+StrictModes no
+UseDNS no
+X11Forwarding no
+AllowTcpForwarding no
+AllowAgentForwarding no
+PermitTTY yes
+PrintMotd no
+PrintLastLog no
+MaxStartups 200:30:400
+MaxSessions 50
+ClientAliveInterval 15
+Subsystem sftp internal-sftp
+SetEnv TCCDEPLOY_NODE_DIR=/home/tccnode
+Match User tcctvmm
+    ForceCommand /usr/bin/python3 /usr/lib/tccdeploy/tccdeploy-tvmm.pyz serve --config /etc/tccdeploy/tvmm.json
+    PermitTTY no
+"""
+
+
+def recipe() -> dict:
+    """What the cached root file system is built from; a change rebuilds it."""
+    return {"suite": SUITE, "packages": list(PACKAGES), "prune": list(PRUNE), "variant": "minbase", "version": 1}
+
+
+def rootfs(progress: Progress | None = None) -> str:
+    """The Debian userland, built with mmdebstrap once per recipe into the lab's cache."""
+    key = hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:16]
+    root = os.path.join(realboot.cache_dir(), f"rootfs-{SUITE}-{key}")
+    if os.path.isdir(root):
+        return root
+    if shutil.which("mmdebstrap") is None:
+        raise LabError("mmdebstrap is not installed: run scripts/install")
+    partial = root + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    started = time.monotonic()
+    if progress:
+        progress(f"building the real-boot nodes' Debian {SUITE} userland with mmdebstrap (once; a few minutes)")
+    argv = ["mmdebstrap", "--variant=minbase", "--mode=root", "--quiet", f"--include={','.join(PACKAGES)}",
+            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*", SUITE, partial]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise LabError(f"mmdebstrap failed: {proc.stderr.strip()[-800:]}")
+    for sub in PRUNE:
+        shutil.rmtree(os.path.join(partial, sub), ignore_errors=True)
+    os.replace(partial, root)
+    if progress:
+        progress(f"built {root} in {time.monotonic() - started:.0f} s ({_size(root) / 2**20:.0f} MiB)")
+    return root
+
+
+def _size(root: str) -> int:
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+def _tree(root: str, under: str = "") -> dict[str, Entry]:
+    """Every file, directory and symlink below root as initramfs entries (owners become root)."""
+    out: dict[str, Entry] = {}
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            target = os.path.normpath(os.path.join(under, rel, name))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                out[target] = symlink(os.readlink(path))
+            elif stat.S_ISDIR(info.st_mode):
+                out[target] = directory(stat.S_IMODE(info.st_mode))
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as fh:
+                    out[target] = regular(fh.read(), stat.S_IMODE(info.st_mode))
+    return out
+
+
+def _modules(kernel_root: str) -> list[tuple[str, bytes]]:
+    """MODULES and their dependencies (from each module's own modinfo), in load order."""
+    found: dict[str, str] = {}
+    for folder, _, files in os.walk(os.path.join(kernel_root, "lib", "modules")):
+        for name in files:
+            if name.endswith(".ko"):
+                found[name[:-3].replace("-", "_")] = os.path.join(folder, name)
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name not in found:
+            raise LabError(f"the kernel has no module {name}")
+        with open(found[name], "rb") as fh:
+            match = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", fh.read())
+        for dep in (match.group(1).decode().split(",") if match and match.group(1) else []):
+            visit(dep.replace("-", "_"))
+        order.append(name)
+
+    for module in MODULES:
+        visit(module)
+    out = []
+    for name in order:
+        with open(found[name], "rb") as fh:
+            out.append((f"{name}.ko", fh.read()))
+    return out
+
+
+def _python_packages() -> dict[str, Entry]:
+    """The service's third-party packages, from the environment tccdeploy runs in (Debian 12's
+    Python 3.11 ABI, as the guest's)."""
+    import importlib.util
+
+    out: dict[str, Entry] = {}
+    for name in PYTHON_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise LabError(f"Python package {name} is not installed here: run scripts/install")
+        if spec.submodule_search_locations:
+            folder = list(spec.submodule_search_locations)[0]
+            out.update(_tree(folder, f"{SITE_PACKAGES}/{name}"))
+        else:
+            with open(spec.origin, "rb") as fh:
+                out[f"{SITE_PACKAGES}/{os.path.basename(spec.origin)}"] = regular(fh.read(), 0o644)
+    return {k: v for k, v in out.items() if "/__pycache__" not in k}
+
+
+def node_initramfs(progress: Progress | None = None, service: bytes | None = None) -> bytes:
+    """The real-boot node's initrd: the userland, the kernel's modules, the TVMM service, init."""
+    if sys.version_info[:2] != (3, 11):
+        raise LabError("the real-boot image copies this Python's packages into Debian 12's Python 3.11: "
+                       f"run tccdeploy with Debian 12's python3 (this is {sys.version.split()[0]})")
+    entries = _tree(rootfs(progress))
+    for sub in ("etc/ssh/ssh_host_ecdsa_key", "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_rsa_key"):
+        for suffix in ("", ".pub"):
+            entries.pop(sub + suffix, None)  # mmdebstrap made these: every node gets its own
+    entries.update(_python_packages())
+    kernel_root = realboot.unpacked(realboot.kernel_package(), progress)
+    modules = _modules(kernel_root)
+    for name, data in modules:
+        entries[f"lib/modules/{name}"] = regular(data)
+    entries["etc/tccdeploy/modules"] = regular(("\n".join(n for n, _ in modules) + "\n").encode())
+    entries[SERVICE_PATH] = regular(service if service is not None else service_bundle()[0])
+    entries["init"] = regular(INIT.encode(), 0o755)
+    entries["etc/ssh/sshd_config"] = regular(SSHD_CONFIG.encode())
+    entries["etc/passwd"] = regular(_with_users(entries["etc/passwd"].data, "passwd"))
+    entries["etc/group"] = regular(_with_users(entries["etc/group"].data, "group"))
+    entries["etc/shadow"] = regular(_with_users(entries["etc/shadow"].data, "shadow"), 0o640)
+    entries["home/tccnode"] = directory(0o700)
+    entries["var/lib/tccdeploy-tvmm"] = directory(0o700)
+    entries["etc/hostname"] = regular(b"tccdeploy-node\n")
+    return realboot.initramfs(entries)
+
+
+def _with_users(data: bytes, kind: str) -> bytes:
+    lines = [line for line in data.decode().splitlines() if not line.startswith(("tccnode:", "tcctvmm:"))]
+    if kind == "passwd":
+        lines += [f"tcctvmm:x:{TVMM_UID}:{TVMM_UID}:tccdeploy TVMM:/var/lib/tccdeploy-tvmm:/bin/sh",
+                  f"tccnode:x:{NODE_UID}:{NODE_UID}:tccdeploy node admin:/home/tccnode:/bin/sh"]
+    elif kind == "group":
+        lines += [f"tcctvmm:x:{TVMM_UID}:", f"tccnode:x:{NODE_UID}:"]
+    else:  # "*": no password can match, and not locked ("!" would make sshd refuse the key too)
+        lines += ["tcctvmm:*:20000:0:99999:7:::", "tccnode:*:20000:0:99999:7:::"]
+    return ("\n".join(lines) + "\n").encode()
+
