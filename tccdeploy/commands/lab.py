@@ -45,7 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     start = time.monotonic()
     lab.up(nodes=args.nodes, sites=args.sites, outside=args.outside, rogue=args.rogue_tpm,
            lab_index=args.lab_index, python=args.python, ssh_port=args.ssh_port,
-           build=args.build)
+           build=args.build, real_boot=args.real_boot)
     elapsed = time.monotonic() - start
     if args.json:
         print(json.dumps({"dir": lab.dir, "seconds": round(elapsed, 2), "nodes": lab.status()}, indent=2))
@@ -159,6 +159,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  tccdeploy lab up --nodes 6 --sites 2 --outside 1\n"
+            "  tccdeploy lab up --nodes 2 --sites 1 --real-boot 2    # and two nodes that really boot\n"
             "  tccdeploy validate .lab/manifests .lab/inventory\n"
             "  tccdeploy lab tamper node2 && tccdeploy lab status\n"
             "  tccdeploy lab down"
@@ -179,6 +180,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="extra site-1 nodes whose TPM comes from an untrusted vendor CA (default 0)")
     p.add_argument("--lab-index", type=int, default=0, metavar="K", help="second octet of the addresses, for several labs at once (default 0)")
     p.add_argument("--build", default=DEFAULT_BUILD, help=f"TVMM build every node boots (default {DEFAULT_BUILD})")
+    p.add_argument("--real-boot", type=int, default=0, metavar="N",
+                   help="also N (0-3) real-boot nodes rboot1.., 127.K.1.101 and up: QEMU guests booting Debian's OVMF, "
+                        "systemd-boot and kernel on a vTPM, the TVMM service in their measured initramfs (first time: "
+                        "downloads Debian packages and builds the image, about 2 minutes; each boot about a minute "
+                        "under TCG)")
     p.add_argument("--python", help="Python the nodes run tccdeploy's helper with (default: this one)")
     p.add_argument("--ssh-port", type=int, default=SSH_PORT, help=f"sshd port on every node address (default {SSH_PORT})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

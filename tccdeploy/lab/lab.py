@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..eventlog import EventLogWriter, image_load_event
-from . import procs, tpm
+from . import procs, realnodes, tpm
 from .builds import (
     ARTIFACTS,
     DEFAULT_MODEL,
@@ -93,6 +93,8 @@ class Node:
     implant: bool = False  # a persistent rogue component: measured again at every boot
     model: str = DEFAULT_MODEL  # the hardware model: its firmware is what PCR 0 shows
     modified: bool = False  # the last boot loaded files other than the lab's own for its build
+    real_boot: bool = False  # a QEMU guest that really boots (lab/realnodes.py)
+    qemu_pid: int | None = None
 
     @property
     def state(self) -> str:
@@ -103,14 +105,17 @@ class Node:
         return "tampered" if self.tampered or self.implant else "running"
 
 
-def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int) -> list[Node]:
-    """Name and address every node: site nodes first (spread evenly), then rogue TPMs, outside."""
+def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int, real_boot: int = 0) -> list[Node]:
+    """Name and address every node: site nodes first (spread evenly), then rogue TPMs, outside,
+    then real-boot nodes (site 1, 127.K.1.101 and up)."""
     if not 1 <= sites <= 8:
         raise LabError(f"--sites must be 1 to 8 (site {OUTSIDE_SITE} is outside the perimeter), not {sites}")
     if nodes < 1 or nodes > 200 * sites:
         raise LabError(f"--nodes must be 1 to {200 * sites} for {sites} site(s), not {nodes}")
     if not 0 <= outside <= 50 or not 0 <= rogue <= 50:
         raise LabError("--outside and --rogue-tpm must be 0 to 50")
+    if not 0 <= real_boot <= 3:
+        raise LabError(f"--real-boot must be 0 to 3 (each is a QEMU guest with {realnodes.MEMORY_MB} MiB), not {real_boot}")
     if not 0 <= lab_index <= 255:
         raise LabError(f"--lab-index must be 0 to 255, not {lab_index}")
     out: list[Node] = []
@@ -127,6 +132,9 @@ def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int) -> li
                         asset_tag=asset_tag_value(1)))
     for i in range(1, outside + 1):
         out.append(Node(f"outside{i}", f"127.{lab_index}.{OUTSIDE_SITE}.{i}", None, "outside"))
+    for i in range(1, real_boot + 1):
+        out.append(Node(f"rboot{i}", f"127.{lab_index}.1.{realnodes.ADDRESS_BASE + i}", "site1", "site1",
+                        build=realnodes.BUILD, model=realnodes.PLATFORM, real_boot=True))
     return out
 
 
@@ -216,6 +224,16 @@ class Lab:
         finally:
             os.close(fd)
 
+    @property
+    def fast_nodes(self) -> list[Node]:
+        """The nodes whose boot the lab measures (sshd and swtpm on this machine)."""
+        return [n for n in self.nodes if not n.real_boot]
+
+    @property
+    def real_nodes(self) -> list[Node]:
+        """The real-boot nodes (QEMU guests; lab/realnodes.py)."""
+        return [n for n in self.nodes if n.real_boot]
+
     def node(self, name: str) -> Node:
         for node in self.nodes:
             if node.name == name:
@@ -234,9 +252,10 @@ class Lab:
         python: str | None = None,
         ssh_port: int = SSH_PORT,
         build: str = DEFAULT_BUILD,
+        real_boot: int = 0,
     ) -> Lab:
         """Bring the lab up; on any failure stop what started and remove the directory."""
-        planned = plan(nodes, sites, outside, rogue, lab_index)
+        planned = plan(nodes, sites, outside, rogue, lab_index, real_boot)
         try:
             lab_build(build)
         except KeyError:
@@ -261,7 +280,7 @@ class Lab:
                     "default_build": build,
                 }
                 self.nodes = planned
-                for node in self.nodes:
+                for node in self.fast_nodes:
                     node.build = build
                 self._prepare(python)
                 self.save()
@@ -317,7 +336,14 @@ class Lab:
         uid = pwd.getpwnam(LAB_USER).pw_uid
         tvmm = pwd.getpwnam(TVMM_USER)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        for node in self.nodes:
+        if self.real_nodes:
+            realnodes.prepare_image(self)
+        for node in self.real_nodes:
+            os.makedirs(self.node_dir(node), mode=0o755, exist_ok=True)
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node.name} host key",
+                  "-f", self.node_dir(node, "ssh_host_ed25519_key")])
+            realnodes.provision(self, node, public_key)
+        for node in self.fast_nodes:
             ndir = self.node_dir(node)
             os.makedirs(ndir, mode=0o755, exist_ok=True)
             os.makedirs(self.node_dir(node, "tpm"), mode=0o700, exist_ok=True)
@@ -395,6 +421,9 @@ class Lab:
         self.progress(f"manufacturing {len(self.nodes)} TPMs (EK certificates from the lab CA)")
 
         def one(node: Node) -> None:
+            if node.real_boot:
+                realnodes.manufacture(self, node)
+                return
             ca = self.path("ca", "rogue" if node.rogue_tpm else "manufacturer")
             tpm.manufacture(self.node_dir(node, "tpm"), ca, self.node_dir(node, "swtpm_setup.log"))
 
@@ -405,7 +434,7 @@ class Lab:
         self.progress("starting swtpm for every node")
         started = []
         uid = pwd.getpwnam(TVMM_USER).pw_uid
-        for node in self.nodes:
+        for node in self.fast_nodes:
             proc = procs.spawn(
                 tpm.swtpm_argv(self.node_dir(node, "tpm"), self.tpm_socket(node), uid, self.node_dir(node, "swtpm.log")),
                 self.node_dir(node, "swtpm.out"),
@@ -417,14 +446,18 @@ class Lab:
             if not procs.wait_socket(self.tpm_socket(node), proc):
                 raise LabError(f"swtpm of {node.name} did not start on {self.tpm_socket(node)}: "
                                f"{_tail(self.node_dir(node, 'swtpm.out'))}")
-        for node in self.nodes:
+        for node in self.fast_nodes:
             if node.asset_tag:
                 _provision_asset_tag(self.tpm_socket(node), node.asset_tag)
 
     def _boot_all(self) -> None:
         self.progress(f"booting every node into {self.meta['default_build']} (measured boot + event log)")
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda n: self._boot(n, n.build, reset=False), self.nodes))
+            list(pool.map(lambda n: self._boot(n, n.build, reset=False), self.fast_nodes))
+        for node in self.real_nodes:
+            realnodes.install(self, node)
+        if self.real_nodes:
+            realnodes.boot(self, self.real_nodes)
 
     def _read_boot_dir(self, node: Node) -> tuple[str, dict[str, bytes]]:
         """What the node's boot loader would load: the `next` build's artifacts, as they are on disk."""
@@ -478,7 +511,7 @@ class Lab:
 
     def _start_sshds(self) -> None:
         self.progress("starting sshd for every node")
-        started = [(node, self._spawn_sshd(node)) for node in self.nodes]
+        started = [(node, self._spawn_sshd(node)) for node in self.fast_nodes]
         for node, proc in started:
             self._wait_sshd(node, proc)
 
@@ -521,7 +554,7 @@ class Lab:
             "spec": {
                 "sites": sites,
                 "manufacturerCAs": [{"name": "lab-tpm-vendor", "certificate": "../ca/manufacturer/cert.pem"}],
-                "attestation": {"bank": "sha256", "pcrs": list(POLICY_PCRS), "runtimePcr": 15, "maxQuoteAgeSeconds": 300,
+                "attestation": {"bank": "sha256", "pcrs": list(self.policy_pcrs), "runtimePcr": 15, "maxQuoteAgeSeconds": 300,
                                 "intervalSeconds": 60, "onFailure": "evacuate"},
             },
         }
@@ -533,6 +566,16 @@ class Lab:
         for platform in LAB_PLATFORMS:
             _write_yaml(self.path("manifests", "platforms", f"{platform.name}.yml"), platform_manifest(platform),
                         "platform.schema.json")
+        if self.real_nodes:
+            build, platform = realnodes.manifests(self, self.real_nodes[0])
+            _write_yaml(self.path("manifests", "builds", f"{realnodes.BUILD}.yml"), build, "tvmmbuild.schema.json")
+            _write_yaml(self.path("manifests", "platforms", f"{realnodes.PLATFORM}.yml"), platform, "platform.schema.json")
+
+    @property
+    def policy_pcrs(self) -> tuple[int, ...]:
+        """The perimeter's PCR selection: the lab's, and every firmware PCR when real-boot nodes
+        are in the lab (their firmware measures into PCRs 0-7, their boot chain 4, 9 and 12)."""
+        return realnodes.POLICY_PCRS if self.real_nodes else POLICY_PCRS
 
     def _write_roster(self) -> None:
         """The TC operator's roster: every machine racked in a site (the outside hosts are not),
@@ -543,7 +586,8 @@ class Lab:
         for node in self.nodes:
             if node.site is None:
                 continue
-            ek = ek_identities(tpm.ek_certificate(self.tpm_socket(node)))[0]
+            certificate = realnodes.ek_certificate(self, node) if node.real_boot else tpm.ek_certificate(self.tpm_socket(node))
+            ek = ek_identities(certificate)[0]
             sites.setdefault(node.site, []).append({"ek": ek, "name": node.name})
         roster = {"apiVersion": "tccdeploy/v1", "kind": "NodeRoster",
                   "metadata": {"name": "lab", "description": "the machines racked in the lab's sites"},
@@ -557,11 +601,9 @@ class Lab:
             group = children.setdefault(node.group, {"hosts": {}})
             if node.site and "vars" not in group:
                 group["vars"] = {"tcc_site": node.site}
-            group["hosts"][node.name] = {
-                "ansible_host": node.address,
-                "tcc_boot_dir": self.boot_dir(node),
-                "tcc_proc_cmdline": self.node_dir(node, "cmdline"),
-            }
+            group["hosts"][node.name] = {"ansible_host": node.address, "tcc_python": "/usr/bin/python3"} if node.real_boot \
+                else {"ansible_host": node.address, "tcc_boot_dir": self.boot_dir(node),
+                      "tcc_proc_cmdline": self.node_dir(node, "cmdline")}
         # Put the vars first in each group, as people write them.
         ordered = {g: ({"vars": b["vars"]} if "vars" in b else {}) | {"hosts": b["hosts"]} for g, b in children.items()}
         _write_yaml(self.path("inventory", "hosts.yml"), {"all": {"children": ordered}}, "inventory.schema.json")
@@ -601,7 +643,7 @@ class Lab:
         for _ in range(10):
             pids: set[int] = set()
             for node in self.nodes:
-                for pid in (node.sshd_pid, node.swtpm_pid):
+                for pid in (node.sshd_pid, node.swtpm_pid, node.qemu_pid):
                     if procs.belongs(pid, self.dir):
                         pids.add(pid)  # type: ignore[arg-type]
             pids.update(p for p in procs.processes_mentioning(self.dir) if _is_lab_process(p))
@@ -621,7 +663,7 @@ class Lab:
     def status(self) -> list[dict]:
         rows = []
         for node in self.nodes:
-            sshd_up = procs.belongs(node.sshd_pid, self.dir)
+            sshd_up = procs.belongs(node.qemu_pid if node.real_boot else node.sshd_pid, self.dir)
             tpm_up = procs.belongs(node.swtpm_pid, self.dir)
             state = node.state
             if not tpm_up or (node.ssh == "running" and not sshd_up):

@@ -1,0 +1,176 @@
+"""The lab's real-boot nodes: QEMU guests that boot OVMF, systemd-boot and Debian's kernel on a
+swtpm vTPM, run the TVMM service from their measured initramfs, and answer SSH on their own
+127.K.S.N address (QEMU user networking, forwarded from that address; the guest reaches nothing
+else: restrict=on).
+
+They sit beside the lab's fast nodes, with the same users, the same engine key and TPMs from the
+same vendor CA; what differs is that nothing here measures anything: the firmware, systemd-boot
+and the kernel's EFI stub do. Their references are written as an operator would: the TVMM build
+by `build predict` on the image's files (systemd-boot boot path), the platform (the firmware's
+PCRs) from the first node's own boot, as captured from a golden node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from . import nodeimage, procs, realboot, tpm
+from .tpm import LabError
+
+if TYPE_CHECKING:
+    from .lab import Lab, Node
+
+PLATFORM = "lab-ovmf-q35"  # the real-boot nodes' hardware model: QEMU q35 with Debian's OVMF
+PLATFORM_PCRS = (0, 1, 2, 3, 5, 6, 7)
+BUILD = "tvmm-rb-2026.1"
+BUILD_VERSION = "2026.1.0-realboot"
+OPTIONS = "console=ttyS0 quiet"  # the loader entry's options
+POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)  # a lab with real-boot nodes: every firmware PCR too
+ADDRESS_BASE = 100  # real-boot node i is 127.K.1.(100 + i)
+MEMORY_MB = 1024
+BOOT_TIMEOUT = 420.0  # under TCG with two nodes on two cores
+UP_MARKER = "TCCDEPLOY-NODE-UP"
+ARTIFACTS = ("bootloader", "kernel", "initrd")
+
+
+def artifact_dir(lab: Lab) -> str:
+    return lab.path("artifacts", BUILD)
+
+
+def prepare_image(lab: Lab) -> None:
+    """The build's files, once per lab: Debian's systemd-boot and kernel, the node initramfs."""
+    folder = artifact_dir(lab)
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"))
+    shutil.copyfile(realboot.kernel_image(lab.progress), os.path.join(folder, "kernel"))
+    started = time.monotonic()
+    initrd = nodeimage.node_initramfs(lab.progress)
+    with open(os.path.join(folder, "initrd"), "wb") as fh:
+        fh.write(initrd)
+    lab.progress(f"real-boot image: initrd {len(initrd) / 2**20:.0f} MiB, made in {time.monotonic() - started:.0f} s")
+
+
+def machine(lab: Lab, node: Node) -> realboot.Machine:
+    provision = lab.node_dir(node, "provision")
+    return realboot.Machine(
+        lab.node_dir(node), memory_mb=MEMORY_MB,
+        network=["-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:{node.address}:{lab.ssh_port}-:22",
+                 "-device", "virtio-net-pci,netdev=n0,romfile="],
+        fw_cfg={f"{nodeimage.FW_CFG}/{item}": os.path.join(provision, item)
+                for item in ("node", "host_key", "authorized_keys")},
+    )
+
+
+def provision(lab: Lab, node: Node, public_key: str) -> None:
+    """What the provider gives the machine when racking it: its name, host key, the engine's key."""
+    folder = lab.node_dir(node, "provision")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with open(os.path.join(folder, "node"), "w") as fh:
+        fh.write(node.name)
+    shutil.copyfile(lab.node_dir(node, "ssh_host_ed25519_key"), os.path.join(folder, "host_key"))
+    os.chmod(os.path.join(folder, "host_key"), 0o600)
+    with open(os.path.join(folder, "authorized_keys"), "w") as fh:
+        fh.write(public_key)
+
+
+def manufacture(lab: Lab, node: Node) -> None:
+    """The vTPM with its EK certificate from the lab's vendor CA, the firmware's NVRAM, and the EK
+    certificate written down (the roster's), read through a short-lived swtpm before QEMU owns it."""
+    m = machine(lab, node)
+    m.prepare(lab.path("ca", "rogue" if node.rogue_tpm else "manufacturer"))
+    sock = lab.node_dir(node, "ek.sock")
+    proc = procs.spawn(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={m.path('tpm')}",
+                        "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
+                        "--flags", "not-need-init,startup-clear"], lab.node_dir(node, "ek.out"))
+    try:
+        if not procs.wait_socket(sock, proc):
+            raise LabError(f"swtpm of {node.name} did not start to read its EK certificate")
+        certificate = tpm.ek_certificate(sock)
+    finally:
+        procs.stop([proc.pid])
+    with open(lab.node_dir(node, "ek.der"), "wb") as fh:
+        fh.write(certificate)
+
+
+def ek_certificate(lab: Lab, node: Node) -> bytes:
+    with open(lab.node_dir(node, "ek.der"), "rb") as fh:
+        return fh.read()
+
+
+def install(lab: Lab, node: Node) -> None:
+    """Write the node's ESP from the build's files (what its disk holds)."""
+    folder = artifact_dir(lab)
+    files = {}
+    for name in ARTIFACTS:
+        with open(os.path.join(folder, name), "rb") as fh:
+            files[name] = fh.read()
+    realboot.write_esp(machine(lab, node).esp, files["bootloader"], files["kernel"], files["initrd"], OPTIONS)
+
+
+def boot(lab: Lab, nodes: list[Node]) -> None:
+    """Power the machines on and wait until each one's sshd answers."""
+    started = time.monotonic()
+    machines = {}
+    for node in nodes:
+        m = machine(lab, node)
+        qemu, swtpm = m.start(lab.progress)
+        node.qemu_pid, node.swtpm_pid = qemu.pid, swtpm.pid
+        node.boots += 1
+        lab.save()
+        machines[node.name] = (m, qemu)
+    lab.progress(f"booting {len(nodes)} real-boot node(s) (OVMF, systemd-boot, Linux; about a minute under TCG)")
+    for node in nodes:
+        m, qemu = machines[node.name]
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while UP_MARKER not in realboot._read(m.console):
+            if qemu.poll() is not None:
+                raise LabError(f"{node.name} stopped while booting; console: {realboot._read(m.console)[-600:]!r}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{node.name} did not boot in {BOOT_TIMEOUT:.0f} s; console: "
+                               f"{realboot._read(m.console)[-600:]!r}")
+            time.sleep(0.5)
+        if not procs.wait_listening(node.address, lab.ssh_port, qemu, timeout=60):
+            raise LabError(f"{node.name} booted but {node.address}:{lab.ssh_port} does not answer")
+    lab.progress(f"real-boot node(s) up in {time.monotonic() - started:.0f} s")
+
+
+def boot_log(lab: Lab, node: Node) -> bytes:
+    """The event log the node's init printed on its console at its last boot (the lab's view of
+    the golden node; anything trusted reads it through the engine and a quote)."""
+    console = realboot._read(machine(lab, node).console)
+    start, end = console.find("TCCDEPLOY-LOG-BEGIN"), console.find("TCCDEPLOY-LOG-END")
+    if start < 0 or end < start:
+        raise LabError(f"{node.name}'s console shows no event log")
+    return bytes.fromhex("".join(console[start + len("TCCDEPLOY-LOG-BEGIN"):end].split()))
+
+
+def manifests(lab: Lab, golden: Node) -> tuple[dict, dict]:
+    """(TVMMBuild predicted from the image's files, Platform captured from golden's boot)."""
+    from ..baseline import captured, predicted
+    from ..bootpaths import SYSTEMD_BOOT
+    from ..eventlog import parse
+
+    folder = artifact_dir(lab)
+    build = predicted({name: os.path.join(folder, name) for name in ARTIFACTS}, OPTIONS, BUILD, BUILD_VERSION,
+                      SYSTEMD_BOOT, lab.path("manifests", "builds"))
+    build["spec"]["status"] = "approved"
+    build["metadata"]["description"] = "the lab's real-boot TVMM build, predicted from the image's files"
+    _, platform = captured(parse(boot_log(lab, golden)), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
+                           BUILD_VERSION, PLATFORM)
+    assert platform is not None
+    platform["spec"] = {"model": "QEMU q35, Debian OVMF (no secure boot)", "version": _ovmf_version(),
+                        "status": "approved", "measurements": platform["spec"]["measurements"]}
+    platform["metadata"]["description"] = f"the real-boot nodes' firmware, captured from {golden.name}'s boot"
+    return build, platform
+
+
+def _ovmf_version() -> str:
+    """Debian's ovmf version as a manifest version (2022.11-6+deb12u2 -> 2022.11.6)."""
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "ovmf"], capture_output=True, text=True)
+    numbers = re.findall(r"\d+", proc.stdout)[:3]
+    return ".".join(numbers) if numbers else "0.0.0"
