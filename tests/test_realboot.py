@@ -5,8 +5,8 @@ stub, with an initramfs that prints the event log and the PCRs the kernel reads 
 vTPM, then powers off (lab/realboot.py). Nothing here writes a measurement: the firmware,
 systemd-boot and the stub do. The same boot is then taken as `build capture` takes it (the
 events of the build's PCRs) and compared with `build predict --boot-path systemd-boot` on the
-files the machine booted; a second boot with another command line (a real tamper) departs from
-the first build exactly there.
+files the machine booted. (Real tampers, booted on the lab's real-boot nodes and refused by the
+TC, are in tests/adversary/test_realboot.py.)
 
 Slow: each boot is about 20 s under TCG (KVM cannot run OVMF on this kind of machine); the
 kernel and busybox are downloaded once into the lab's cache.
@@ -61,8 +61,7 @@ def booted(tmp_path_factory):
     for name, data in files.items():
         (folder / name).write_bytes(data)
     first = _boot(folder / "first", folder / "ca", files, OPTIONS)
-    tampered = _boot(folder / "tampered", folder / "ca", files, OPTIONS + " tccdeploy.debug=1")
-    return folder, first, tampered
+    return folder, first
 
 
 def _predict(folder: Path, options: str, name: str, **replace: Path) -> dict:
@@ -85,7 +84,7 @@ def _build(folder: Path, doc: dict):  # type: ignore[no-untyped-def]
 
 
 def test_the_real_boots_log_replays_to_the_vtpms_pcrs_in_every_bank_and_tpm2_eventlog_agrees(booted):
-    folder, first, _ = booted
+    folder, first = booted
     log = parse(first.eventlog)
     assert set(first.pcrs) == {"sha1", "sha256"} == set(log.algorithms)
     for bank in log.algorithms:
@@ -107,7 +106,7 @@ def test_the_real_boots_log_replays_to_the_vtpms_pcrs_in_every_bank_and_tpm2_eve
 
 
 def test_build_predict_on_the_booted_files_is_the_build_captured_from_the_boot(booted):
-    folder, first, _ = booted
+    folder, first = booted
     log = parse(first.eventlog)
     assert first.cmdline == SYSTEMD_BOOT.command_line(OPTIONS)  # what the kernel got
     predicted = _predict(folder, OPTIONS, "rb-predicted")
@@ -129,18 +128,16 @@ def test_build_predict_on_the_booted_files_is_the_build_captured_from_the_boot(b
     assert predicted["spec"]["artifacts"]["cmdline"]["value"] == first.cmdline
 
 
-def test_a_real_boot_with_another_command_line_departs_from_the_build_on_pcrs_9_and_12(booted):
-    folder, _, tampered = booted
-    build = _build(folder, _predict(folder, OPTIONS, "rb-approved"))
-    changed = departures(parse(tampered.eventlog), "sha256", BUILD_PCRS, build)
+def test_another_command_line_is_predicted_to_depart_on_pcrs_9_and_12(booted):
+    folder, first = booted
+    build = _build(folder, _predict(folder, OPTIONS + " tccdeploy.debug=1", "rb-debug"))
+    changed = departures(parse(first.eventlog), "sha256", BUILD_PCRS, build)
     assert [(d.pcr, d.index, d.kind) for d in changed] == [(9, 0, "changed"), (12, 0, "changed")]
-    assert "tccdeploy.debug=1" in " ".join(changed[1].lines("sha256"))  # the departure shows the new line
-    again = _build(folder, _predict(folder, OPTIONS + " tccdeploy.debug=1", "rb-debug"))
-    assert departures(parse(tampered.eventlog), "sha256", BUILD_PCRS, again) == []
+    assert OPTIONS in " ".join(changed[1].lines("sha256"))  # the departure shows the line that booted
 
 
 def test_another_initrd_or_kernel_is_predicted_to_depart_where_the_chain_measures_it(booted, tmp_path):
-    folder, first, _ = booted
+    folder, first = booted
     log = parse(first.eventlog)
     other = tmp_path / "initrd"
     other.write_bytes((folder / "initrd").read_bytes() + b"\0" * 512)

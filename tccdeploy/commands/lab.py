@@ -133,6 +133,8 @@ def _fault(method: str):  # type: ignore[no-untyped-def]
             kwargs["persistent"] = True
         if getattr(args, "next_boot", False):
             kwargs["next_boot"] = True
+        if getattr(args, "boot", None):
+            kwargs["boot"] = args.boot
         node = getattr(lab, method)(args.node, **kwargs)
         if args.json:
             print(json.dumps(next(r for r in lab.status() if r["name"] == node.name)))
@@ -228,4 +230,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--hide", action="store_true", help="do not log the rogue measurement")
             p.add_argument("--persistent", action="store_true",
                            help="an implant in the boot chain: dormant now, measured at every boot from the next one")
+            from ..lab.realnodes import TAMPERS
+
+            p.add_argument("--boot", choices=sorted(TAMPERS), metavar="WHAT",
+                           help="real-boot nodes: change what the node boots next (then `lab reboot NODE`): "
+                                + "; ".join(f"{k}: {v}" for k, v in TAMPERS.items()))
         p.set_defaults(func=_fault(method))

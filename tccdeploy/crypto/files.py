@@ -16,7 +16,11 @@ def sha256_file(path: str) -> str:
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Write path as a whole or not at all: a fresh temporary file beside it (O_EXCL: never an
     existing file, O_NOFOLLOW: never through a symlink someone planted), mode set at creation
-    (a secret is never readable by others, not even for a moment), then renamed over path."""
+    (a secret is never readable by others, not even for a moment), then renamed over path.
+
+    Durable when it returns: the file and then its directory are fsynced, so a power cut right
+    after cannot undo the rename. A node that forgot a ticket it spent would take it again (a
+    real-boot node showed it: killed seconds after enrollment, it kept only the temporary file)."""
     import os
     import secrets
 
@@ -28,10 +32,23 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)  # whatever the umask took away
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def durable_replace(src: str, dst: str) -> None:
+    """Rename src over dst and fsync the directory, so the rename survives a power cut (a
+    rename lives in the directory, and fsyncing the file does not write the directory)."""
+    import os
+
+    os.replace(src, dst)
+    directory = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -680,6 +680,9 @@ class Lab:
         from ..eventlog import parse_file
 
         node = self.node(name)
+        if node.real_boot:
+            raise LabError(f"{name} is a real-boot node: its TPM is the guest's; `tccdeploy attest {name}` reads it "
+                           "through a quote")
         live = tpm.read_pcrs(self.tpm_socket(node), "sha256", list(POLICY_PCRS))
         replayed = parse_file(self.node_dir(node, "eventlog.bin")).replay("sha256", list(POLICY_PCRS))
         return [
@@ -707,6 +710,12 @@ class Lab:
         with self.locked():
             self.load()
             node = self.node(name)
+            if node.real_boot:
+                if build is not None and build != node.build:
+                    raise LabError(f"{name} is a real-boot node: it boots what its ESP holds, not a lab build")
+                realnodes.reboot(self, [node])
+                self.save()
+                return node
             contents = None
             if next_boot:
                 build, contents = self._read_boot_dir(node)
@@ -724,7 +733,19 @@ class Lab:
             self.save()
             return node
 
-    def tamper(self, name: str, hide: bool = False, persistent: bool = False) -> Node:
+    def power_cycle(self, names: list[str]) -> list[Node]:
+        """Cut the power of several real-boot nodes at once and boot them again (in parallel)."""
+        with self.locked():
+            self.load()
+            nodes = [self.node(name) for name in names]
+            fast = [n.name for n in nodes if not n.real_boot]
+            if fast:
+                raise LabError(f"{', '.join(fast)}: not real-boot node(s); use `tccdeploy lab reboot`")
+            realnodes.reboot(self, nodes)
+            self.save()
+            return nodes
+
+    def tamper(self, name: str, hide: bool = False, persistent: bool = False, boot: str | None = None) -> Node:
         """Measure an extra, rogue component into PCR 4 (logged, unless hide: then the log lies).
 
         persistent: an implant in the boot chain instead, dormant until the next boot and measured
@@ -732,6 +753,15 @@ class Lab:
         with self.locked():
             self.load()
             node = self.node(name)
+            if node.real_boot or boot is not None:
+                if not node.real_boot:
+                    raise LabError(f"{name} is not a real-boot node: --boot tampers with what a real-boot node boots")
+                if boot is None:
+                    raise LabError(f"{name} is a real-boot node: say what to change with --boot "
+                                   f"({', '.join(realnodes.TAMPERS)}), then `tccdeploy lab reboot {name}`")
+                realnodes.tamper(self, node, boot)
+                self.save()
+                return node
             if persistent:
                 node.implant = True
                 self.save()
@@ -751,9 +781,17 @@ class Lab:
             return node
 
     def reset(self, name: str) -> Node:
-        """Undo every fault on a node: thaw it, start its sshd, reboot it into the lab's build."""
+        """Undo every fault on a node: thaw it, start its sshd, reboot it into the lab's build (a
+        real-boot node: its ESP written again from the build's files, then rebooted)."""
         self.load()
         node = self.node(name)
+        if node.real_boot:
+            with self.locked():
+                self.load()
+                node = self.node(name)
+                realnodes.restore(self, node)
+                self.save()
+            return self.reboot(name)
         if node.frozen:
             self.thaw(name)
         if node.ssh != "running" or not procs.belongs(node.sshd_pid, self.dir):

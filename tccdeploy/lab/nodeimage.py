@@ -42,7 +42,9 @@ PACKAGES = (
     "libtss2-tctildr0", "libtss2-tcti-device0",
 )
 PYTHON_PACKAGES = ("cryptography", "tpm2_pytss", "cffi", "_cffi_backend", "pycparser", "packaging")
-MODULES = ("virtio_pci", "virtio_net", "qemu_fw_cfg")  # and what each depends on
+# and what each depends on; crc32c_generic is ext4's soft dependency (crc32c-intel needs SSE4.2,
+# which QEMU's default CPU under TCG lacks)
+MODULES = ("virtio_pci", "virtio_net", "qemu_fw_cfg", "virtio_blk", "crc32c_generic", "ext4")
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf", "usr/share/zoneinfo")
 UNUSED = ("usr/share/perl", "usr/lib/x86_64-linux-gnu/perl/", "usr/lib/x86_64-linux-gnu/gconv",
@@ -66,6 +68,12 @@ mkdir -p /dev/pts /run/sshd /tmp /var/lib/tccdeploy-tvmm && mount -t devpts devp
 mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -p /run/sshd
 chmod 1777 /tmp
 for m in $(cat /etc/tccdeploy/modules); do insmod /usr/lib/tccdeploy/modules/$m || echo "insmod $m failed"; done
+# The TVMM service's state (its AK, used tickets, VMs) on the machine's data disk: kept across
+# reboots as a server's disk is; it holds no code, and nothing on it is executed.
+for d in /dev/vda /dev/vdb /dev/vdc; do
+  mount -t ext4 -o nosuid,nodev,noexec $d /var/lib/tccdeploy-tvmm 2>/dev/null && break
+done
+grep -q " /var/lib/tccdeploy-tvmm " /proc/mounts || echo "TCCDEPLOY: no state disk: the TVMM service's state ends at power-off" > /dev/ttyS0
 cfg=/sys/firmware/qemu_fw_cfg/by_name/opt/tccdeploy
 for i in $(seq 1 50); do [ -e $cfg/node/raw ] && break; sleep 0.1; done
 cat $cfg/node/raw > /etc/tccdeploy/node
@@ -174,8 +182,8 @@ def _tree(root: str, under: str = "") -> dict[str, Entry]:
             elif stat.S_ISDIR(info.st_mode):
                 out[target] = directory(stat.S_IMODE(info.st_mode))
             elif stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as fh:
-                    out[target] = regular(fh.read(), stat.S_IMODE(info.st_mode))
+                with open(path, "rb") as fh:  # Python's byte code stays valid only with its source's time
+                    out[target] = regular(fh.read(), stat.S_IMODE(info.st_mode), int(info.st_mtime))
     return out
 
 
@@ -224,7 +232,7 @@ def _python_packages() -> dict[str, Entry]:
         else:
             with open(spec.origin, "rb") as fh:
                 out[f"{SITE_PACKAGES}/{os.path.basename(spec.origin)}"] = regular(fh.read(), 0o644)
-    return {k: v for k, v in out.items() if "/__pycache__" not in k}
+    return out
 
 
 def node_initramfs(progress: Progress | None = None, service: bytes | None = None) -> bytes:

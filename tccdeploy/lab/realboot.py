@@ -127,14 +127,15 @@ class Entry:
 
     mode: int  # including the file type bits
     data: bytes = b""
+    mtime: int = 0  # 0 but where a file's time matters (Python checks .pyc files against it)
 
 
 def directory(mode: int = 0o755) -> Entry:
     return Entry(stat.S_IFDIR | mode)
 
 
-def regular(data: bytes, mode: int = 0o644) -> Entry:
-    return Entry(stat.S_IFREG | mode, data)
+def regular(data: bytes, mode: int = 0o644, mtime: int = 0) -> Entry:
+    return Entry(stat.S_IFREG | mode, data, mtime)
 
 
 def symlink(target: str) -> Entry:
@@ -143,12 +144,12 @@ def symlink(target: str) -> Entry:
 
 def cpio(entries: Mapping[str, Entry]) -> bytes:
     """A newc cpio archive of entries (path without leading slash -> entry): parents first, owned
-    by root, time 0, so the same entries give the same bytes."""
+    by root, each with its entry's time, so the same entries give the same bytes."""
     out = io.BytesIO()
 
-    def record(ino: int, name: str, mode: int, data: bytes) -> None:
+    def record(ino: int, name: str, mode: int, data: bytes, mtime: int = 0) -> None:
         encoded = name.encode() + b"\x00"
-        fields = (ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        fields = (ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, mtime, len(data), 0, 0, 0, 0, len(encoded), 0)
         out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
         out.write(b"\x00" * (-(110 + len(encoded)) % 4))
         out.write(data)
@@ -156,7 +157,7 @@ def cpio(entries: Mapping[str, Entry]) -> bytes:
 
     for ino, name in enumerate(sorted(entries), start=1):
         entry = entries[name]
-        record(ino, name.strip("/"), entry.mode, entry.data)
+        record(ino, name.strip("/"), entry.mode, entry.data, entry.mtime)
     record(0, "TRAILER!!!", 0, b"")
     return out.getvalue()
 
@@ -206,6 +207,7 @@ class Machine:
     memory_mb: int = 512
     network: list[str] | None = None  # QEMU -netdev/-device arguments; None: no NIC
     fw_cfg: dict[str, str] | None = None  # fw_cfg item name -> file: the machine's provisioning
+    data_disk: str | None = None  # a raw disk image for the machine's state (not a boot option)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
@@ -246,6 +248,9 @@ class Machine:
             "-drive", f"file=fat:{self.esp},format=raw,if=none,id=esp,readonly=on",
             "-device", "virtio-blk-pci,drive=esp,bootindex=0",
         ]
+        if self.data_disk:
+            argv += ["-drive", f"file={self.data_disk},format=raw,if=none,id=data",
+                     "-device", "virtio-blk-pci,drive=data"]
         for name, file in (self.fw_cfg or {}).items():
             argv += ["-fw_cfg", f"name={name},file={file}"]
         return argv + (self.network or [])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ OPTIONS = "console=ttyS0 quiet"  # the loader entry's options
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)  # a lab with real-boot nodes: every firmware PCR too
 ADDRESS_BASE = 100  # real-boot node i is 127.K.1.(100 + i)
 MEMORY_MB = 1024
+STATE_DISK_MB = 64
 BOOT_TIMEOUT = 420.0  # under TCG with two nodes on two cores
 UP_MARKER = "TCCDEPLOY-NODE-UP"
 ARTIFACTS = ("bootloader", "kernel", "initrd")
@@ -63,6 +65,7 @@ def machine(lab: Lab, node: Node) -> realboot.Machine:
                  "-device", "virtio-net-pci,netdev=n0,romfile="],
         fw_cfg={f"{nodeimage.FW_CFG}/{item}": os.path.join(provision, item)
                 for item in ("node", "host_key", "authorized_keys")},
+        data_disk=lab.node_dir(node, "state.img"),
     )
 
 
@@ -83,6 +86,11 @@ def manufacture(lab: Lab, node: Node) -> None:
     certificate written down (the roster's), read through a short-lived swtpm before QEMU owns it."""
     m = machine(lab, node)
     m.prepare(lab.path("ca", "rogue" if node.rogue_tpm else "manufacturer"))
+    with open(m.data_disk, "wb") as fh:  # type: ignore[arg-type]
+        fh.truncate(STATE_DISK_MB * 2**20)
+    owner = f"{nodeimage.TVMM_UID}:{nodeimage.TVMM_UID}"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tvmm-state", "-E", f"root_owner={owner}", m.data_disk],
+                   check=True, capture_output=True, timeout=60)
     sock = lab.node_dir(node, "ek.sock")
     proc = procs.spawn(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={m.path('tpm')}",
                         "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
@@ -134,9 +142,25 @@ def boot(lab: Lab, nodes: list[Node]) -> None:
                 raise LabError(f"{node.name} did not boot in {BOOT_TIMEOUT:.0f} s; console: "
                                f"{realboot._read(m.console)[-600:]!r}")
             time.sleep(0.5)
-        if not procs.wait_listening(node.address, lab.ssh_port, qemu, timeout=60):
-            raise LabError(f"{node.name} booted but {node.address}:{lab.ssh_port} does not answer")
+        if not _ssh_answers(node.address, lab.ssh_port, qemu, timeout=60):
+            raise LabError(f"{node.name} booted but no sshd answers on {node.address}:{lab.ssh_port}")
     lab.progress(f"real-boot node(s) up in {time.monotonic() - started:.0f} s")
+
+
+def _ssh_answers(address: str, port: int, qemu: subprocess.Popen, timeout: float) -> bool:
+    """Until the guest's sshd sends its banner: QEMU accepts on the forwarded port at once and
+    drops the connection while nothing listens in the guest."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and qemu.poll() is None:
+        try:
+            with socket.create_connection((address, port), timeout=5) as conn:
+                conn.settimeout(5)
+                if conn.recv(8).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def boot_log(lab: Lab, node: Node) -> bytes:
@@ -174,3 +198,49 @@ def _ovmf_version() -> str:
     proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "ovmf"], capture_output=True, text=True)
     numbers = re.findall(r"\d+", proc.stdout)[:3]
     return ".".join(numbers) if numbers else "0.0.0"
+
+
+# -- faults: what root on the host can do to a real-boot node ---------------------------------
+TAMPERS = {
+    "cmdline": "a kernel option added to the loader entry (measured in PCRs 9 and 12)",
+    "initrd": "a file added to the initramfs, as an appended cpio archive (measured in PCR 9)",
+    "kernel": "another kernel: 4 KiB appended to vmlinuz, which still boots (its Authenticode digest, PCR 4)",
+}
+TAMPER_OPTION = "tccdeploy.tampered=1"
+
+
+def tamper(lab: Lab, node: Node, what: str) -> None:
+    """Change what the node's ESP holds; the node boots it at its next reboot (`lab reboot`)."""
+    esp = machine(lab, node).esp
+    if what == "cmdline":
+        entry = os.path.join(esp, "loader", "entries", "tvmm.conf")
+        with open(entry) as fh:
+            text = fh.read()
+        with open(entry, "w") as fh:
+            fh.write(re.sub(r"(?m)^options (.*)$", lambda m: f"options {m.group(1)} {TAMPER_OPTION}", text))
+    elif what == "initrd":
+        implant = realboot.cpio({"usr/lib/tccdeploy/implant": realboot.regular(b"a rogue component\n", 0o755)})
+        with open(os.path.join(esp, "initrd.img"), "ab") as fh:
+            fh.write(implant)
+    elif what == "kernel":
+        with open(os.path.join(esp, "vmlinuz"), "ab") as fh:
+            fh.write(b"\x00" * 4096)
+    else:
+        raise LabError(f"unknown real-boot tamper {what!r}; choose one of: {', '.join(TAMPERS)}")
+    node.tampered += 1
+
+
+def restore(lab: Lab, node: Node) -> None:
+    """Put the build's own files back on the node's ESP (a reinstall)."""
+    install(lab, node)
+    node.tampered = 0
+
+
+def reboot(lab: Lab, nodes: list[Node]) -> None:
+    """Power-cycle the machines at once: QEMU and its vTPM stop (a power cut: what the guest had
+    not written is lost, and the PCRs reset), then each boots its ESP again."""
+    procs.stop([pid for node in nodes for pid in (node.qemu_pid, node.swtpm_pid) if procs.belongs(pid, lab.dir)])
+    for node in nodes:
+        node.qemu_pid = node.swtpm_pid = None
+    lab.save()
+    boot(lab, nodes)

@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from ..crypto.files import atomic_write, sha256_file
+from ..crypto.files import atomic_write, durable_replace, sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
@@ -93,7 +93,7 @@ def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
         connection.close()
     _wait_migrated(directory)
     _kill(directory)  # the VM's memory is now only the ciphertext on disk
-    os.replace(partial, os.path.join(directory, STATE_FILE))
+    durable_replace(partial, os.path.join(directory, STATE_FILE))
     for name in (WRAPPED_KEY_FILE, "suspend.sock"):  # a resume ticket brings Kvm again
         try:
             os.unlink(os.path.join(directory, name))

@@ -16,7 +16,7 @@ import secrets
 from contextlib import contextmanager
 from typing import Any
 
-from ..crypto.files import atomic_write
+from ..crypto.files import atomic_write, durable_replace
 from . import config
 from .interface import ServiceError, operation
 
@@ -191,7 +191,7 @@ def ak_activate(credential: str, secret: str) -> dict[str, Any]:
                                                  session1=ESYS_TR.PASSWORD, session2=session)
         except Exception as exc:  # noqa: BLE001 - the TPM refused: a named failure, not a crash
             raise ServiceError("tvmm.activate", f"the TPM refused to activate the credential: {exc}") from None
-    os.replace(config.current().path(AK_PENDING_FILE), config.current().path(AK_FILE))
+    durable_replace(config.current().path(AK_PENDING_FILE), config.current().path(AK_FILE))
     return {"changed": True, "secret": _b64(bytes(cert_info))}
 
 

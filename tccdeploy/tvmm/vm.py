@@ -19,7 +19,7 @@ import subprocess
 import time
 from typing import Any
 
-from ..crypto.files import atomic_write, sha256_file
+from ..crypto.files import atomic_write, durable_replace, sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
@@ -92,7 +92,7 @@ def disk_commit(vm_id: str, sha256: str, what: str = "disk") -> dict[str, Any]:
             os.unlink(partial)
         raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is {actual or 'missing'}, expected {sha256}; "
                                                "send it again")
-    os.replace(partial, disk)
+    durable_replace(partial, disk)
     return {"changed": True}
 
 
