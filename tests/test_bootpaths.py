@@ -1,4 +1,4 @@
-"""The boot paths `build predict` knows, and the initramfs and ESP the real-boot lab writes for one.
+"""The boot paths `build predict` knows, and the real-boot lab's pieces: the initramfs and ESP it writes, its nodes' plan and tampers.
 
 The digests' formulas are proven against real boots (tests/test_realboot.py, the captured boot in
 the corpus); these pin each piece fast."""
@@ -95,3 +95,40 @@ def test_the_accelerator_is_what_the_environment_says_or_tcg_once_kvm_failed(tmp
     realboot._remember_kvm_unusable("KVM internal error. Suberror: 1")
     assert realboot.accelerator() == "tcg"
     assert "KVM internal error" in (tmp_path / "kvm-unusable").read_text()
+
+
+def test_real_boot_nodes_are_planned_in_site_1_after_the_others_on_their_own_model_and_build():
+    from tccdeploy.lab import realnodes
+    from tccdeploy.lab.lab import plan
+
+    nodes = plan(2, 1, 1, 0, 7, real_boot=2)
+    assert [(n.name, n.address, n.site, n.real_boot) for n in nodes] == [
+        ("node1", "127.7.1.1", "site1", False), ("node2", "127.7.1.2", "site1", False),
+        ("outside1", "127.7.9.1", None, False), ("rboot1", "127.7.1.101", "site1", True),
+        ("rboot2", "127.7.1.102", "site1", True)]
+    assert {(n.model, n.build) for n in nodes if n.real_boot} == {(realnodes.PLATFORM, realnodes.BUILD)}
+    with pytest.raises(LabError, match="--real-boot must be 0 to 3"):
+        plan(1, 1, 0, 0, 7, real_boot=4)
+
+
+def test_a_real_boot_tamper_changes_exactly_what_the_node_boots_next(tmp_path):
+    from tccdeploy.lab import realnodes
+    from tccdeploy.lab.lab import Lab, Node
+
+    lab = Lab(str(tmp_path))
+    node = Node("rboot1", "127.7.1.101", "site1", "site1", real_boot=True)
+    esp = tmp_path / "nodes" / "rboot1" / "esp"
+    realboot.write_esp(str(esp), b"sd-boot", b"MZ kernel", b"initrd", realnodes.OPTIONS)
+    before = {p.relative_to(esp): p.read_bytes() for p in esp.rglob("*") if p.is_file()}
+    realnodes.tamper(lab, node, "cmdline")
+    entry = (esp / "loader/entries/tvmm.conf").read_text()
+    assert f"options {realnodes.OPTIONS} {realnodes.TAMPER_OPTION}\n" in entry
+    realnodes.tamper(lab, node, "kernel")
+    assert (esp / "vmlinuz").read_bytes() == b"MZ kernel" + b"\0" * 4096
+    realnodes.tamper(lab, node, "initrd")
+    assert (esp / "initrd.img").read_bytes().startswith(b"initrd070701")  # a second archive, appended
+    changed = {p.relative_to(esp) for p in esp.rglob("*") if p.is_file() and p.read_bytes() != before[p.relative_to(esp)]}
+    assert {str(p) for p in changed} == {"loader/entries/tvmm.conf", "vmlinuz", "initrd.img"}
+    assert node.tampered == 3
+    with pytest.raises(LabError, match="unknown real-boot tamper 'bios'"):
+        realnodes.tamper(lab, node, "bios")
