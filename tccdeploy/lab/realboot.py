@@ -220,6 +220,10 @@ class Machine:
     def console(self) -> str:
         return self.path("console.log")
 
+    def console_text(self) -> str:
+        """What the guest printed on its serial console so far (empty before it starts)."""
+        return _read(self.console)
+
     def prepare(self, ca_dir: str) -> None:
         """Manufacture the vTPM (EK certificate from the CA in ca_dir) and copy OVMF's NVRAM."""
         from .tpm import manufacture

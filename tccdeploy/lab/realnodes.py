@@ -135,12 +135,12 @@ def boot(lab: Lab, nodes: list[Node]) -> None:
     for node in nodes:
         m, qemu = machines[node.name]
         deadline = time.monotonic() + BOOT_TIMEOUT
-        while UP_MARKER not in realboot._read(m.console):
+        while UP_MARKER not in m.console_text():
             if qemu.poll() is not None:
-                raise LabError(f"{node.name} stopped while booting; console: {realboot._read(m.console)[-600:]!r}")
+                raise LabError(f"{node.name} stopped while booting; console: {m.console_text()[-600:]!r}")
             if time.monotonic() > deadline:
                 raise LabError(f"{node.name} did not boot in {BOOT_TIMEOUT:.0f} s; console: "
-                               f"{realboot._read(m.console)[-600:]!r}")
+                               f"{m.console_text()[-600:]!r}")
             time.sleep(0.5)
         if not _ssh_answers(node.address, lab.ssh_port, qemu, timeout=60):
             raise LabError(f"{node.name} booted but no sshd answers on {node.address}:{lab.ssh_port}")
@@ -166,7 +166,7 @@ def _ssh_answers(address: str, port: int, qemu: subprocess.Popen, timeout: float
 def boot_log(lab: Lab, node: Node) -> bytes:
     """The event log the node's init printed on its console at its last boot (the lab's view of
     the golden node; anything trusted reads it through the engine and a quote)."""
-    console = realboot._read(machine(lab, node).console)
+    console = machine(lab, node).console_text()
     start, end = console.find("TCCDEPLOY-LOG-BEGIN"), console.find("TCCDEPLOY-LOG-END")
     if start < 0 or end < start:
         raise LabError(f"{node.name}'s console shows no event log")

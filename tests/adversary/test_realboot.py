@@ -62,10 +62,11 @@ def world(tmp_path_factory):
         lab.down()
 
 
-def _attest(lab: Lab, coordinator: Coordinator) -> dict[str, dict]:
+def _attest(lab: Lab, coordinator: Coordinator, admit: bool = False) -> dict[str, dict]:
     with Engine(load_inventory(lab.inventory_dir).select(",".join(NODES)), state=coordinator.state,
                 timeout=TIMEOUT) as engine:
-        return {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})} for r in engine.run(attest(coordinator))}
+        return {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})}
+                for r in engine.run(attest(coordinator, admit_nodes=admit))}
 
 
 def _capture(lab: Lab, coordinator: Coordinator, *args: str) -> int:
@@ -75,10 +76,13 @@ def _capture(lab: Lab, coordinator: Coordinator, *args: str) -> int:
 
 def test_real_boot_nodes_are_admitted_on_the_predicted_build_and_the_captured_platform_even_after_a_power_cut(world):
     lab, coordinator = world
-    for node, result in _attest(lab, coordinator).items():
-        assert result["status"] == "ok", (node, result["msg"])  # rboot2 kept its AK through the power cut
-        assert (result["verdict"], result["build"], result["platform"]) == \
-               ("trusted", realnodes.BUILD, realnodes.PLATFORM), node
+    for node, result in _attest(lab, coordinator, admit=True).items():
+        assert result["status"] == "changed", (node, result["msg"])  # rboot2 kept its AK through the power cut
+        assert (result["verdict"], result["build"], result["platform"], result["admitted"]) == \
+               ("trusted", realnodes.BUILD, realnodes.PLATFORM, True), node
+        record = coordinator.node(node)
+        assert record is not None and (record.state, record.build, record.platform) == \
+            ("admitted", realnodes.BUILD, realnodes.PLATFORM)
 
 
 def test_build_capture_through_the_tc_is_the_build_predicted_from_the_images_files(world, tmp_path, capsys):
