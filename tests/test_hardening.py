@@ -45,6 +45,46 @@ def test_atomic_write_replaces_a_planted_symlink_rather_than_writing_through_it(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "tk.json"]  # no temporary left behind
 
 
+def test_atomic_write_never_has_a_secret_readable_by_others_even_before_its_chmod(tmp_path: Path, monkeypatch):
+    seen: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the file is complete and not yet renamed or chmod-ed
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    old = os.umask(0)  # an umask that takes nothing away: only the mode given at creation protects it
+    try:
+        atomic_write(str(tmp_path / "key"), b"secret", 0o600)
+    finally:
+        os.umask(old)
+    assert seen == [0o600] and stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+
+
+def test_atomic_write_refuses_a_temporary_name_someone_planted_and_leaves_their_file_alone(tmp_path: Path, monkeypatch):
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "0" * 12)  # as if the random name were guessed
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"theirs")
+    (tmp_path / "key.000000000000.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        atomic_write(str(tmp_path / "key"), b"secret")
+    assert victim.read_bytes() == b"theirs" and not (tmp_path / "key").exists()
+
+
+def test_atomic_write_that_fails_leaves_no_temporary_file(tmp_path: Path, monkeypatch):
+    def refuse(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(str(tmp_path / "key"), b"secret")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_state_directory_opened_up_is_made_private_again(tmp_path: Path):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
