@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -126,3 +127,26 @@ def test_another_kernel_initramfs_or_command_line_really_booted_is_refused_at_th
     diff = capsys.readouterr().out
     assert "PCR 9 event 0: changed: EV_EVENT_TAG" in diff and realnodes.TAMPER_OPTION in diff, diff
     assert "PCR 12 event 0: changed: EV_IPL" in diff and "PCR 9 event 1" not in diff
+
+
+def _ssh(lab: Lab, user: str, node: str, command: str) -> subprocess.CompletedProcess:
+    address = lab.node(node).address
+    return subprocess.run(["ssh", "-i", lab.ssh_key, "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                           "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(lab.ssh_port),
+                           f"{user}@{address}", command], input="", capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_the_engines_logins_on_a_real_boot_node_reach_neither_the_tpm_nor_the_state_and_run_only_the_service(world):
+    """A hostile engine holds the key both logins accept (provisioned through fw_cfg): the admin
+    login runs any command but cannot open the TPM, read the service's state or the firmware's
+    log; the TVMM login runs the measured service whatever command it asks for (the forced
+    command is in the measured initramfs, not in anything the provider provisions)."""
+    lab, _ = world
+    probe = ("cat /dev/tpmrm0 </dev/null; echo rc=$?; ls /var/lib/tccdeploy-tvmm; echo rc=$?; "
+             "head -c 4 /sys/kernel/security/tpm0/binary_bios_measurements; echo rc=$?; id -u")
+    admin = _ssh(lab, "tccnode", "rboot1", probe)
+    assert admin.returncode == 0, admin.stderr
+    assert admin.stdout.count("rc=1") + admin.stdout.count("rc=2") == 3, admin.stdout  # each one refused
+    assert "Permission denied" in admin.stderr and admin.stdout.strip().endswith("991")
+    tvmm = _ssh(lab, "tcctvmm", "rboot1", "cat /dev/tpmrm0; sh -c id")
+    assert tvmm.stdout.startswith('{"hello": "tccdeploy-tvmm"') and "uid=" not in tvmm.stdout, tvmm.stdout
