@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eventlog import ours as replay  # noqa: E402  (bench/eventlog.py: what the verifier does with a log)
+from eventlog import per_call_ms  # noqa: E402
 
 from tccdeploy.coordinator.identity import init as tc_init  # noqa: E402
 from tccdeploy.coordinator.service import Coordinator  # noqa: E402
@@ -41,24 +45,6 @@ from tccdeploy.manifest.loader import load_inventory, load_manifests  # noqa: E4
 
 TIMEOUT = 180
 LAB_INDEX = 236
-
-
-def replay(raw: bytes) -> int:
-    """What the verifier does with a log: parse every event, replay every bank."""
-    log = parse(raw)
-    for bank in log.banks:
-        log.replay(bank)
-    return len(log.events)
-
-
-def per_call_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeat)
-    return best * 1000
 
 
 def attest_s(lab: Lab, coordinator: Coordinator, node: str, repeat: int) -> float:
