@@ -82,7 +82,7 @@ def measure(repeat: int) -> dict:
         work = tempfile.mkdtemp(prefix="tccdeploy-bench-log-")
         try:
             log_path = Path(work, "binary_bios_measurements")
-            raw = realnodes.boot_log(lab, lab.node("rboot1"))
+            raw = realnodes.booted(lab, lab.node("rboot1")).eventlog
             log_path.write_bytes(raw)
             log = parse(raw)
             ours = per_call_ms(lambda: replay(log_path.read_bytes()), 200)

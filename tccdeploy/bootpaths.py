@@ -4,7 +4,7 @@
 the chain that will measure them: which events, on which PCRs, in which order, and whether a
 file is hashed whole (sha256), as a PE/COFF image (Authenticode, as UEFI firmware measures EFI
 applications), or a command line as text or as UTF-16. Each path here is written down once and
-checked against a real boot of it (tests/test_realboot.py, and the captured boot in
+checked against a real boot of it (tests/adversary/test_realboot.py, and the captured boot in
 tests/vectors/eventlogs/tccdeploy/).
 
 - `lab`: the local lab's stand-in chain (PCRs 4, 8, 9, 11; lab/builds.py).

@@ -75,13 +75,13 @@ def test_the_esp_has_one_loader_entry_naming_the_paths_the_boot_path_assumes(tmp
     assert "timeout 0" in (tmp_path / "loader/loader.conf").read_text()
 
 
-def test_a_probe_console_is_read_or_refused_with_what_it_printed():
+def test_a_boots_console_is_read_or_refused_with_what_it_printed():
     console = ("noise\nTCCDEPLOY-CMDLINE initrd=\\initrd.img ro\nTCCDEPLOY-LOG-BEGIN\n 03 00\n 00 01\nTCCDEPLOY-LOG-END\n"
                "TCCDEPLOY-PCR sha256 4 " + "ab" * 32 + "\nTCCDEPLOY-DONE\n")
     probe = realboot.read_probe(console)
     assert probe.cmdline == "initrd=\\initrd.img ro" and probe.eventlog == b"\x03\x00\x00\x01"
     assert probe.pcrs == {"sha256": {4: b"\xab" * 32}}
-    with pytest.raises(LabError, match="did not finish; its console ended with 'kernel panic'"):
+    with pytest.raises(LabError, match="did not finish printing its measurements; its console ended with 'kernel panic'"):
         realboot.read_probe("kernel panic")
     with pytest.raises(LabError, match="no command line or event log"):
         realboot.read_probe("TCCDEPLOY-DONE")

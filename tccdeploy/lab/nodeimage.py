@@ -90,8 +90,17 @@ busybox ip link set lo up
 busybox ip link set eth0 up
 busybox ip addr add 10.0.2.15/24 dev eth0
 busybox ip route add default via 10.0.2.2
-# The lab reads its golden node's log here (as an operator's capture would); trust comes from quotes.
-{ echo TCCDEPLOY-LOG-BEGIN; od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements; echo TCCDEPLOY-LOG-END; } > /dev/ttyS0
+# The lab reads its golden node's boot here (as an operator's capture would): the command line,
+# the firmware's event log and the PCRs as this kernel reads them. Trust comes from quotes.
+{
+  echo "TCCDEPLOY-CMDLINE $(cat /proc/cmdline)"
+  echo TCCDEPLOY-LOG-BEGIN; od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements; echo TCCDEPLOY-LOG-END
+  for bank in sha1 sha256 sha384 sha512; do
+    [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
+    for i in $(seq 0 23); do echo "TCCDEPLOY-PCR $bank $i $(cat /sys/class/tpm/tpm0/pcr-$bank/$i)"; done
+  done
+  echo TCCDEPLOY-DONE
+} > /dev/ttyS0
 echo "TCCDEPLOY-NODE-UP $(cat /etc/tccdeploy/node)" > /dev/ttyS0
 exec /usr/sbin/sshd -D -e
 """
@@ -233,6 +242,53 @@ def _python_packages() -> dict[str, Entry]:
             with open(spec.origin, "rb") as fh:
                 out[f"{SITE_PACKAGES}/{os.path.basename(spec.origin)}"] = regular(fh.read(), 0o644)
     return out
+
+
+CACHED_INITRDS = 3  # the newest ones kept in the lab's cache (another checkout's, a mutant's)
+
+
+def cached_node_initramfs(progress: Progress | None = None) -> str:
+    """The node initrd's path in the lab's cache, made only when what goes into it changed.
+
+    The key covers every input: the root file system (its folder is named by its recipe), the
+    kernel package, this Python and its packages' versions, the TVMM service's bundle and the
+    source of this module and of the cpio writer. Making it takes seconds (58 MiB, gzip) at every
+    lab up otherwise; a stale initrd would make the lab boot code that is not the tree's."""
+    import importlib.metadata
+
+    service = service_bundle()[0]
+    key = hashlib.sha256()
+    for part in (rootfs(progress), realboot.kernel_package(), sys.version, json.dumps(PYTHON_PACKAGES)):
+        key.update(part.encode() + b"\0")
+    for dist in ("cryptography", "tpm2-pytss", "cffi", "pycparser", "packaging"):
+        key.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
+    for source in (__file__, realboot.__file__):
+        with open(source, "rb") as fh:
+            key.update(hashlib.sha256(fh.read()).digest())
+    key.update(hashlib.sha256(service).digest())
+    path = os.path.join(realboot.cache_dir(), f"initrd-{key.hexdigest()[:24]}.img")
+    if not os.path.isfile(path):
+        started = time.monotonic()
+        data = node_initramfs(progress, service)
+        partial = f"{path}.{os.getpid()}.partial"
+        with open(partial, "wb") as fh:
+            fh.write(data)
+        os.replace(partial, path)
+        if progress:
+            progress(f"real-boot image: initrd {len(data) / 2**20:.0f} MiB, made in {time.monotonic() - started:.0f} s")
+    os.utime(path)  # the newest used: kept by the pruning below
+    _prune(realboot.cache_dir(), "initrd-", CACHED_INITRDS)
+    return path
+
+
+def _prune(folder: str, prefix: str, keep: int) -> None:
+    found = sorted((os.path.getmtime(os.path.join(folder, n)), n) for n in os.listdir(folder)
+                   if n.startswith(prefix) and n.endswith(".img"))
+    for _, name in found[:-keep]:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:  # another lab pruned it first
+            pass
 
 
 def node_initramfs(progress: Progress | None = None, service: bytes | None = None) -> bytes:

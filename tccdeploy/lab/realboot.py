@@ -8,7 +8,7 @@ That is what `build predict` must agree with, so this module builds such boots f
 own packages and runs them:
 
 - the files come from Debian: OVMF and systemd-boot from the packages scripts/install puts on
-  this machine, the kernel (linux-image-amd64's current package) and busybox-static fetched with
+  this machine, the kernel (linux-image-amd64's current package) fetched with
   `apt-get download` into a cache (TCCDEPLOY_LAB_CACHE, default /var/cache/tccdeploy-lab) and
   unpacked there, never installed on this machine;
 - the ESP is a folder QEMU presents as a FAT disk; its loader entry names /vmlinuz and
@@ -110,13 +110,6 @@ def kernel_image(progress: Progress | None = None) -> str:
     path = os.path.join(root, "boot", "vmlinuz-" + package.removeprefix("linux-image-"))
     if not os.path.isfile(path):
         raise LabError(f"{package} has no {path}")
-    return path
-
-
-def busybox(progress: Progress | None = None) -> str:
-    path = os.path.join(unpacked("busybox-static", progress), "bin", "busybox")
-    if not os.path.isfile(path):
-        raise LabError(f"busybox-static has no {path}")
     return path
 
 
@@ -259,20 +252,6 @@ class Machine:
             argv += ["-fw_cfg", f"name={name},file={file}"]
         return argv + (self.network or [])
 
-    def run(self, timeout: float = 300.0, progress: Progress | None = None) -> str:
-        """Boot once until the guest powers off; the console's output."""
-        qemu, tpm = self.start(progress)
-        try:
-            deadline = time.monotonic() + timeout
-            while qemu.poll() is None:
-                if time.monotonic() > deadline:
-                    raise LabError(f"the guest did not power off in {timeout:.0f} s; console: "
-                                   f"{_read(self.console)[-500:]!r}")
-                time.sleep(0.2)
-        finally:
-            procs.stop([qemu.pid, tpm.pid])
-        return _read(self.console)
-
     def start(self, progress: Progress | None = None) -> tuple[subprocess.Popen, subprocess.Popen]:
         """Start the vTPM and the machine (QEMU, then swtpm); under TCG when KVM fails."""
         accel = accelerator()
@@ -331,39 +310,11 @@ def _output(argv: Iterable[str]) -> str:
     return proc.stdout
 
 
-# -- a probe: boot, print what the kernel sees of the TPM, power off -----------------------------
-PROBE_INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t securityfs securityfs /sys/kernel/security
-echo TCCDEPLOY-CMDLINE $(cat /proc/cmdline)
-echo TCCDEPLOY-LOG-BEGIN
-od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements
-echo TCCDEPLOY-LOG-END
-for bank in sha1 sha256 sha384 sha512; do
-  [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
-  for i in $(seq 0 23); do echo "TCCDEPLOY-PCR $bank $i $(cat /sys/class/tpm/tpm0/pcr-$bank/$i)"; done
-done
-echo TCCDEPLOY-DONE
-poweroff -f
-"""
-
-
-def probe_initramfs(busybox_path: str) -> bytes:
-    """An initramfs whose /init prints the event log and the PCRs as the booted kernel reads
-    them (securityfs, sysfs) on the serial console, then powers off."""
-    with open(busybox_path, "rb") as fh:
-        box = fh.read()
-    return initramfs({
-        "bin/busybox": regular(box, 0o755), "init": regular(PROBE_INIT.encode(), 0o755),
-        "proc": directory(), "sys": directory(), "dev": directory(), "tmp": directory(0o1777),
-    })
-
-
+# -- what a booted machine printed of its boot ---------------------------------------------------
 @dataclass(frozen=True)
 class Probe:
-    """What a probe boot printed: the kernel's command line, the event log, the PCRs per bank."""
+    """What a boot printed on the console (the real-boot node's init does, lab/nodeimage.py): the
+    kernel's command line, the firmware's event log and the PCRs per bank as the kernel reads them."""
 
     cmdline: str
     eventlog: bytes
@@ -372,11 +323,11 @@ class Probe:
 
 def read_probe(console: str) -> Probe:
     if "TCCDEPLOY-DONE" not in console:
-        raise LabError(f"the probe did not finish; its console ended with {console[-500:]!r}")
+        raise LabError(f"the boot did not finish printing its measurements; its console ended with {console[-500:]!r}")
     cmdline = re.search(r"TCCDEPLOY-CMDLINE (.*)", console)
     log = re.search(r"TCCDEPLOY-LOG-BEGIN\r?\n(.*?)TCCDEPLOY-LOG-END", console, re.S)
     if not cmdline or not log:
-        raise LabError("the probe's console has no command line or event log")
+        raise LabError("the boot's console has no command line or event log")
     pcrs: dict[str, dict[int, bytes]] = {}
     for bank, index, value in re.findall(r"TCCDEPLOY-PCR (\w+) (\d+) ([0-9A-Fa-f]+)", console):
         pcrs.setdefault(bank, {})[int(index)] = bytes.fromhex(value)

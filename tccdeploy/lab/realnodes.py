@@ -50,11 +50,7 @@ def prepare_image(lab: Lab) -> None:
     os.makedirs(folder, exist_ok=True)
     shutil.copyfile(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"))
     shutil.copyfile(realboot.kernel_image(lab.progress), os.path.join(folder, "kernel"))
-    started = time.monotonic()
-    initrd = nodeimage.node_initramfs(lab.progress)
-    with open(os.path.join(folder, "initrd"), "wb") as fh:
-        fh.write(initrd)
-    lab.progress(f"real-boot image: initrd {len(initrd) / 2**20:.0f} MiB, made in {time.monotonic() - started:.0f} s")
+    shutil.copyfile(nodeimage.cached_node_initramfs(lab.progress), os.path.join(folder, "initrd"))
 
 
 def machine(lab: Lab, node: Node) -> realboot.Machine:
@@ -163,14 +159,10 @@ def _ssh_answers(address: str, port: int, qemu: subprocess.Popen, timeout: float
     return False
 
 
-def boot_log(lab: Lab, node: Node) -> bytes:
-    """The event log the node's init printed on its console at its last boot (the lab's view of
-    the golden node; anything trusted reads it through the engine and a quote)."""
-    console = machine(lab, node).console_text()
-    start, end = console.find("TCCDEPLOY-LOG-BEGIN"), console.find("TCCDEPLOY-LOG-END")
-    if start < 0 or end < start:
-        raise LabError(f"{node.name}'s console shows no event log")
-    return bytes.fromhex("".join(console[start + len("TCCDEPLOY-LOG-BEGIN"):end].split()))
+def booted(lab: Lab, node: Node) -> realboot.Probe:
+    """What the node's init printed of its last boot: command line, firmware event log, PCRs (the
+    lab's view of the golden node; anything trusted reads them through the engine and a quote)."""
+    return realboot.read_probe(machine(lab, node).console_text())
 
 
 def manifests(lab: Lab, golden: Node) -> tuple[dict, dict]:
@@ -184,7 +176,7 @@ def manifests(lab: Lab, golden: Node) -> tuple[dict, dict]:
                       SYSTEMD_BOOT, lab.path("manifests", "builds"))
     build["spec"]["status"] = "approved"
     build["metadata"]["description"] = "the lab's real-boot TVMM build, predicted from the image's files"
-    _, platform = captured(parse(boot_log(lab, golden)), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
+    _, platform = captured(parse(booted(lab, golden).eventlog), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
                            BUILD_VERSION, PLATFORM)
     assert platform is not None
     platform["spec"] = {"model": "QEMU q35, Debian OVMF (no secure boot)", "version": _ovmf_version(),
