@@ -35,8 +35,19 @@ def _lab_skip_reason() -> str | None:
     return None
 
 
-# Addresses 127.K.S.N: K=0 is a developer's own lab; the tests use their own K values.
-TEST_LAB_INDEX = 100
+# Addresses 127.K.S.N: K=0 is a developer's own lab; the tests use their own K values: the session
+# lab 110-129 (pytest-xdist's first worker, or no worker), 130-149 (the second), and so on;
+# tests/test_lab.py 101-103 and 250, tests/adversary/test_realboot.py 61.
+TEST_LAB_INDEX = 110
+LAB_INDEXES_PER_WORKER = 20
+
+
+def _session_lab_indexes() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...
+    first = TEST_LAB_INDEX + LAB_INDEXES_PER_WORKER * int(worker.removeprefix("gw") or 0)
+    if first + LAB_INDEXES_PER_WORKER > 250:
+        raise RuntimeError(f"too many test workers for the lab's addresses ({worker}): run at most 6")
+    return range(first, first + LAB_INDEXES_PER_WORKER)
 
 
 def lab_directory() -> str:
@@ -63,13 +74,15 @@ def lab(tmp_path_factory):
 
     instance = Lab(lab_directory())
     try:
-        # Another test run (a developer's, or CI's in a clone) may hold lab 100: take the next free one.
-        for index in range(TEST_LAB_INDEX, TEST_LAB_INDEX + 20):
+        # Another test run (a developer's, or CI's in a clone) may hold this worker's first lab
+        # index: take the next free one.
+        indexes = _session_lab_indexes()
+        for index in indexes:
             try:
                 instance.up(nodes=4, sites=2, outside=1, rogue=1, lab_index=index)
                 break
             except LabError as exc:
-                if "in use" not in str(exc) or index == TEST_LAB_INDEX + 19:
+                if "in use" not in str(exc) or index == indexes[-1]:
                     raise
         yield instance
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,7 @@ def test_remote_errors_come_back_structured_with_the_traceback(lab: Lab, state: 
 
 
 def test_ctrl_c_stops_the_run_and_closes_connections(lab: Lab, state: str):
+    before = _established_to(lab)  # another module's engine may still hold some
     proc = subprocess.Popen([sys.executable, "-m", "tccdeploy", "run", "all", "-i", lab.inventory_dir,
                              "--state", state, "-a", "sleep 5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
@@ -175,29 +177,34 @@ def test_ctrl_c_stops_the_run_and_closes_connections(lab: Lab, state: str):
     out, err = proc.communicate(timeout=10)
     assert time.monotonic() - start < 3
     assert proc.returncode == 99 and "User interrupted execution" in err
-    assert _established_to(lab.ssh_port) == 0
+    assert _established_to(lab) == before
 
 
-def _established_to(port: int) -> int:
-    """Established TCP connections to port, from /proc/net/tcp (state 01)."""
+def _established_to(lab: Lab) -> int:
+    """Established TCP connections to this lab's nodes' sshd, from /proc/net/tcp (state 01); not
+    another lab's (a second test worker runs its own on the same port)."""
+    addresses = {node.address for node in lab.nodes}
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         remote, state = fields[2], fields[3]
-        if state == "01" and int(remote.split(":")[1], 16) == port:
+        host, port = remote.split(":")
+        if state == "01" and int(port, 16) == lab.ssh_port and \
+                socket.inet_ntoa(bytes.fromhex(host)[::-1]) in addresses:
             count += 1
     return count
 
 
 def test_connections_are_counted_while_a_run_holds_them(lab: Lab, state: str):
     hosts = load_inventory(lab.inventory_dir).select("site1")
+    before = _established_to(lab)  # another module's engine may still hold some
     with Engine(hosts, state=state) as engine:
         engine.run(lambda s: s.call("ping"))
-        assert _established_to(lab.ssh_port) == len(hosts)  # the check above can see connections
+        assert _established_to(lab) == before + len(hosts)  # the check above can see connections
     deadline = time.monotonic() + 3
-    while _established_to(lab.ssh_port) and time.monotonic() < deadline:
+    while _established_to(lab) > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _established_to(lab.ssh_port) == 0
+    assert _established_to(lab) == before
 
 
 def test_inventory_command_matches_ansible_shape(lab: Lab):

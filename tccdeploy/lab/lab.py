@@ -896,21 +896,42 @@ def _check_reachable(directory: str) -> None:
         parent = os.path.dirname(parent)
 
 
+USERS_LOCK = "/run/lock/tccdeploy-lab-users.lock"
+
+
 def _ensure_user(name: str, home: str, shell: str, comment: str, mode: int) -> pwd.struct_passwd:
     """A system user for the lab, created once (no password, but not locked: key login works),
-    in the kvm group where there is one; left for later labs."""
+    in the kvm group where there is one; left for later labs. Two labs coming up at once (two
+    test workers, two operators) take a machine-wide lock: useradd refuses a user another
+    useradd is creating, and both edit /etc/passwd."""
+    os.makedirs(os.path.dirname(USERS_LOCK), exist_ok=True)
+    fd = os.open(USERS_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        pwd.getpwnam(name)
-    except KeyError:
-        os.makedirs(os.path.dirname(home), mode=0o755, exist_ok=True)
-        _run(["useradd", "--system", "--home-dir", home, "--no-create-home", "--shell", shell, "--comment", comment, name])
-        _run(["usermod", "--password", "*", name])
-    entry = pwd.getpwnam(name)
-    os.makedirs(home, mode=mode, exist_ok=True)
-    os.chown(home, entry.pw_uid, entry.pw_gid)
-    if os.path.exists("/dev/kvm"):
-        subprocess.run(["usermod", "-a", "-G", "kvm", name], capture_output=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            os.makedirs(os.path.dirname(home), mode=0o755, exist_ok=True)
+            _run(["useradd", "--system", "--home-dir", home, "--no-create-home", "--shell", shell, "--comment", comment,
+                  name])
+            _run(["usermod", "--password", "*", name])
+        entry = pwd.getpwnam(name)
+        os.makedirs(home, mode=mode, exist_ok=True)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        if os.path.exists("/dev/kvm") and name not in _kvm_members():
+            subprocess.run(["usermod", "-a", "-G", "kvm", name], capture_output=True)
+    finally:
+        os.close(fd)
     return entry
+
+
+def _kvm_members() -> list[str]:
+    import grp
+
+    try:
+        return list(grp.getgrnam("kvm").gr_mem)
+    except KeyError:
+        return []
 
 
 def ensure_lab_user() -> None:
