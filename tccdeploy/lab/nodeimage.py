@@ -40,6 +40,7 @@ PACKAGES = (
     "openssh-server", "python3", "busybox", "kmod", "ca-certificates",
     "libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1",
     "libtss2-tctildr0", "libtss2-tcti-device0",
+    "qemu-system-x86",  # the customers' VMs (TCG: no nested KVM), with SeaBIOS for their machine
 )
 PYTHON_PACKAGES = ("cryptography", "tpm2_pytss", "cffi", "_cffi_backend", "pycparser", "packaging")
 # and what each depends on; crc32c_generic is ext4's soft dependency (crc32c-intel needs SSE4.2,
@@ -48,7 +49,9 @@ MODULES = ("virtio_pci", "virtio_net", "qemu_fw_cfg", "virtio_blk", "crc32c_gene
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf", "usr/share/zoneinfo")
 UNUSED = ("usr/share/perl", "usr/lib/x86_64-linux-gnu/perl/", "usr/lib/x86_64-linux-gnu/gconv",
-          "var/log", "var/cache")  # what the node never runs or reads: left out of its initrd
+          "var/log", "var/cache", "usr/lib/udev/hwdb", "usr/libexec/qemu-system-i386", "usr/bin/qemu-system-i386",
+          "usr/bin/qemu-system-x86_64-microvm", "usr/bin/qemu-storage-daemon", "usr/bin/qemu-pr-helper",
+          )  # what the node never runs or reads (no udev; QEMU for x86_64 only): left out of its initrd
 SERVICE_PATH = "usr/lib/tccdeploy/tccdeploy-tvmm.pyz"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 GUEST_ADDRESS = "10.0.2.15"  # QEMU user networking's guest

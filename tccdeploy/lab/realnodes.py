@@ -33,8 +33,8 @@ BUILD_VERSION = "2026.1.0-realboot"
 OPTIONS = "console=ttyS0 quiet"  # the loader entry's options
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)  # a lab with real-boot nodes: every firmware PCR too
 ADDRESS_BASE = 100  # real-boot node i is 127.K.1.(100 + i)
-MEMORY_MB = 1024
-STATE_DISK_MB = 64
+MEMORY_MB = 1536  # the OS in its initramfs (about 400 MiB unpacked), QEMU and a small customer VM
+STATE_DISK_MB = 256  # the service's state and the VMs' encrypted disks (sparse on the host)
 BOOT_TIMEOUT = 420.0  # under TCG with two nodes on two cores
 UP_MARKER = "TCCDEPLOY-NODE-UP"
 ARTIFACTS = ("bootloader", "kernel", "initrd")

@@ -1,26 +1,31 @@
 """Real-boot nodes against a hostile provider: what really boots is what the TC judges.
 
 Two real-boot lab nodes (QEMU guests: Debian's OVMF, systemd-boot and kernel on a swtpm vTPM,
-the TVMM service in the measured initramfs; lab/realnodes.py) are enrolled and attested like
-any node. Their TVMM build in the lab's manifests was predicted from the image's files and their
-platform captured from a golden boot; `build capture` through the TC (a fresh quote) gives the
-same build, and the firmware's log replays to the PCRs the kernel reads, in every bank, as
-tpm2_eventlog replays it. Then the provider, root on the host, changes what rboot1 boots
-(another kernel, a file added to the initramfs, another command line) and cuts both nodes' power
-seconds after their enrollment and first attestation: the changed boot is refused at the event
-it departs at, decoded; rboot2 comes back trusted with nothing the service wrote lost.
+the TVMM service and QEMU in the measured initramfs; lab/realnodes.py) are enrolled and attested
+like any node. Their TVMM build in the lab's manifests was predicted from the image's files and
+their platform captured from a golden boot; `build capture` through the TC (a fresh quote) gives
+the same build, and the firmware's log replays to the PCRs the kernel reads, in every bank, as
+tpm2_eventlog replays it. A customer's VM runs nested in one node and migrates to the other.
+Then the provider, root on the host, changes what rboot1 boots (another kernel, a file added to
+the initramfs, another command line) while a VM runs there, and cuts both nodes' power: the
+changed boot is refused at the event it departs at, decoded, and enforcement quarantines it
+without believing what it says of its VM; rboot2 comes back trusted with nothing the service
+wrote lost, its TPM's reset count ending the VM that ran there, and takes the next VM.
 
 Slow, so the module boots its pair of nodes once and reboots them once: about a minute to come
-up (the image and its initrd cached after the first run), and the reboot about a minute under TCG.
+up (the image and its initrd cached after the first run), the reboot about a minute under TCG,
+and each VM launch or migration some 20 s (TCG inside TCG).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,16 +33,24 @@ import yaml
 from tccdeploy.baseline import captured, departures
 from tccdeploy.bootpaths import SYSTEMD_BOOT
 from tccdeploy.cli import main
-from tccdeploy.coordinator.identity import init as tc_init
+from tccdeploy.coordinator import audit
 from tccdeploy.coordinator.service import Coordinator
+from tccdeploy.crypto import bundle as bundles
+from tccdeploy.crypto import customer
+from tccdeploy.crypto.request import sign_request
+from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.attestation import attest, enroll
+from tccdeploy.engine.enforce import Report, enforce_round
+from tccdeploy.engine.helper import RemoteError
+from tccdeploy.engine.launch import launch
 from tccdeploy.engine.runner import Engine
 from tccdeploy.eventlog import parse
 from tccdeploy.lab import realboot, realnodes
 from tccdeploy.lab.lab import Lab
-from tccdeploy.manifest.loader import load_inventory, load_manifests, load_paths
+from tccdeploy.manifest.loader import load_inventory, load_paths
 
 from ..conftest import lab_directory
+from ..tcworld import coordinator_with_customer
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +65,13 @@ IMA_PCR = 10  # the kernel's IMA extends it (boot_aggregate) and logs it in its 
 class World:
     lab: Lab
     coordinator: Coordinator
+    root: Path  # the customer's key, the TC's certificates, sealed images
     first_boot: realboot.Probe  # what rboot1's init printed of its first boot
     admitted: dict[str, dict]  # the attestation of the first boots
-    after_tamper: dict[str, dict] | None = None  # the attestation after rboot1's tamper and the power cut
+    vms: dict[str, dict] = field(default_factory=dict)  # launched by the tests: name -> TC record
+    tickets: dict[str, dict] = field(default_factory=dict)  # vm_id -> the launch ticket the TC signed
+    after_tamper: dict[str, dict] | None = None  # the enforcement round's attestations after the reboot
+    report: Report | None = None
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +83,15 @@ def world(tmp_path_factory):
         pytest.skip("OVMF is not installed (scripts/install)")
     lab = Lab(lab_directory())
     lab.up(nodes=1, sites=1, outside=0, lab_index=61, real_boot=len(NODES))
-    state = str(tmp_path_factory.mktemp("tc"))
-    tc_init(state)
-    coordinator = Coordinator.from_manifests(load_manifests([lab.manifests_dir]), state)
+    root = tmp_path_factory.mktemp("realboot")
+    coordinator, _ = coordinator_with_customer(lab, root)
+    (root / "disk.raw").write_bytes(bytes(2 * 1024 * 1024))
     try:
-        with Engine(load_inventory(lab.inventory_dir).select(",".join(NODES)), state=state, timeout=TIMEOUT) as engine:
+        with _engine(lab, coordinator, *NODES) as engine:
             results = engine.run(enroll(coordinator))
         assert [r.status for r in results] == ["changed", "changed"], [r.msg for r in results]
         first_boot = realnodes.booted(lab, lab.node("rboot1"))
-        yield World(lab, coordinator, first_boot, _attest(lab, coordinator, admit=True))
+        yield World(lab, coordinator, root, first_boot, _attest(lab, coordinator, admit=True))
     finally:
         coordinator.close()
         lab.down()
@@ -82,18 +99,64 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rebooted(world: World) -> World:
-    """rboot1 boots another kernel, initramfs and command line; both lose power seconds after
-    their enrollment (the first attestation is all that ran since) and boot again."""
+    """With a VM running on each node, rboot1 is made to boot another kernel, initramfs and
+    command line; both nodes lose power seconds after rboot2's service recorded the launch
+    ticket it used, and boot again; then an enforcement round."""
+    world.vms["on-tampered"] = _start_vm(world, "rboot1")
+    world.vms["before-the-cut"] = _start_vm(world, "rboot2")  # its used ticket written seconds before the cut
     for what in ("kernel", "initrd", "cmdline"):
         world.lab.tamper("rboot1", boot=what)
     world.lab.power_cycle(list(NODES))
-    world.after_tamper = _attest(world.lab, world.coordinator)
+    with _engine(world.lab, world.coordinator, *NODES) as engine:
+        world.report = enforce_round(engine, world.coordinator)
+    world.after_tamper = {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})} for r in world.report.attested}
     return world
 
 
+def _engine(lab: Lab, coordinator: Coordinator, *nodes: str) -> Engine:
+    return Engine(load_inventory(lab.inventory_dir).select(",".join(nodes)), state=coordinator.state, timeout=TIMEOUT)
+
+
+def _start_vm(world: World, *nodes: str) -> dict:
+    """A customer's sealed VM launched on one of nodes (the engine's host list holds only them)."""
+    name = f"vm-{secrets.token_hex(3)}"
+    image = world.root / f"{name}.sealed"
+    bundles.seal(str(world.root / "disk.raw"), bundles.load_tc(str(world.root / "tc.pem")),
+                 customer.load(str(world.root / "customer.pem")), str(image), name)
+    request = world.root / f"{name}.yml"
+    request.write_text(f"apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\n"
+                       f"spec: {{image: {image.name}, vcpus: 1, memoryMiB: 64}}\n")
+    envelope = sign_request(str(request), str(world.root / "customer.pem"))
+    with _engine(world.lab, world.coordinator, *nodes) as engine:
+        launch(engine, _KeepingTickets(world), envelope, envelope["bundle"])
+    record = world.coordinator.registry.vm(name)
+    assert record is not None and record["node"] in nodes and record["state"] == "running", record
+    return record
+
+
+class _KeepingTickets:
+    """The TC as the engine sees it, keeping each launch ticket it signs (a hostile engine keeps
+    them all, to replay)."""
+
+    def __init__(self, world: World):
+        self._world = world
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._world.coordinator, name)
+
+    def release_key(self, request_id: str, node: str) -> dict:
+        release = self._world.coordinator.release_key(request_id, node)
+        self._world.tickets[release["ticket"]["ticket"]["vm_id"]] = release["ticket"]
+        return release
+
+
+def _vm_status(world: World, node: str, vm_id: str) -> str:
+    with _engine(world.lab, world.coordinator, *NODES) as engine:
+        return migrating._call_fresh(engine, node, "vm_status", {"vm_id": vm_id})["status"]
+
+
 def _attest(lab: Lab, coordinator: Coordinator, admit: bool = False) -> dict[str, dict]:
-    with Engine(load_inventory(lab.inventory_dir).select(",".join(NODES)), state=coordinator.state,
-                timeout=TIMEOUT) as engine:
+    with _engine(lab, coordinator, *NODES) as engine:
         return {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})}
                 for r in engine.run(attest(coordinator, admit_nodes=admit))}
 
@@ -191,6 +254,37 @@ def test_another_command_line_initrd_or_kernel_is_predicted_to_depart_where_the_
     assert [(d.pcr, d.index) for d in departures(log, "sha256", BUILD_PCRS, build)] == [(4, 3)]
 
 
+def test_a_customers_vm_runs_nested_in_a_real_boot_node_and_migrates_to_the_other_encrypted(world):
+    """The VM's QEMU runs inside the node (TCG in the TCG guest), its disk unwrapped by the node's
+    vTPM; the migration's stream goes from one guest's service to the other's under the TC's key."""
+    vm = world.vms["migrated"] = _start_vm(world, "rboot1")
+    assert _vm_status(world, "rboot1", vm["vm_id"]) == "running"
+    with _engine(world.lab, world.coordinator, *NODES) as engine:
+        result = migrating.migrate(engine, world.coordinator, vm["name"], "rboot2")
+    assert result["to"] == "rboot2" and result["ciphertext_bytes"] > 0
+    assert world.coordinator.registry.vm(vm["name"])["node"] == "rboot2"
+    assert _vm_status(world, "rboot2", vm["vm_id"]) == "running"
+    with _engine(world.lab, world.coordinator, *NODES) as engine:
+        gone = migrating._call_fresh(engine, "rboot1", "vm_status", {"vm_id": vm["vm_id"]})
+    assert gone["status"] == "absent", gone
+    kinds = [e["kind"] for e in world.coordinator.registry.audit_entries(vm=vm["vm_id"])]
+    assert "migration.start" in kinds and "migration.commit" in kinds
+    assert audit.verify(world.coordinator.registry).ok
+
+
+def test_a_launch_ticket_used_seconds_before_a_power_cut_stays_used(rebooted):
+    """First after the reboot (the ticket lives five minutes). The engine kept the ticket rboot2 launched a VM with just before its power was cut; the
+    node's record of it was on its disk in time, so the replay, which would run the VM again
+    while the TC holds it off, is refused."""
+    vm = rebooted.vms["before-the-cut"]
+    ticket = rebooted.tickets[vm["vm_id"]]
+    with _engine(rebooted.lab, rebooted.coordinator, "rboot2") as engine:
+        with pytest.raises(RemoteError) as refused:
+            engine.session(engine.hosts[0]).tvmm("launch", {"ticket": ticket}, timeout=TIMEOUT)
+    assert refused.value.reason == "ticket.replayed", refused.value
+    assert _vm_status(rebooted, "rboot2", vm["vm_id"]) != "running"
+
+
 def test_a_tampered_boot_is_refused_at_each_event_that_changed_and_a_power_cut_loses_nothing(rebooted, capsys):
     lab, coordinator = rebooted.lab, rebooted.coordinator
     results = rebooted.after_tamper
@@ -211,6 +305,29 @@ def test_a_tampered_boot_is_refused_at_each_event_that_changed_and_a_power_cut_l
     assert "PCR 9 event 0: changed: EV_EVENT_TAG" in diff and realnodes.TAMPER_OPTION in diff, diff
     assert "PCR 9 event 1: changed: EV_EVENT_TAG: Linux initrd" in diff, diff
     assert "PCR 12 event 0: changed: EV_IPL" in diff, diff
+    # The power cut ended the VM on rboot1 before the tampered boot: evacuation finds nothing to
+    # move and the power-off is answered by a boot the TC does not trust, so the TC keeps the VM
+    # live (no second copy anywhere, no key to rboot1) until rboot1 proves it gone from a trusted boot.
+    assert rebooted.report is not None and rebooted.report.quarantined == [{"node": "rboot1", "reason": "build.unknown"}]
+    (outcome,) = rebooted.report.vms
+    vm = rebooted.vms["on-tampered"]
+    assert (outcome["vm"], outcome["policy"]) == (vm["name"], "evacuate"), outcome
+    assert outcome["evacuation_error"].startswith("tvmm.vm-not-running"), outcome
+    assert outcome["result"].endswith("(vm.end-boot-untrusted)"), outcome
+    record = coordinator.registry.vm(vm["name"])
+    assert (record["node"], record["state"]) == ("rboot1", "running")
+    kinds = [e["kind"] for e in coordinator.registry.audit_entries(vm=vm["vm_id"])]
+    assert kinds[-2:] == ["vm-end.refused", "vm.enforce"], kinds
+    # rboot2's TPM counted the power cut (its resetCount, in a quote from its trusted boot): the VM
+    # migrated there is off, as it is
+    for name in ("migrated", "before-the-cut"):
+        if name in rebooted.vms:
+            assert coordinator.registry.vm(rebooted.vms[name]["name"])["state"] == "off", name
+
+
+def test_after_the_power_cut_a_new_vm_goes_to_the_node_that_kept_its_trust_only(rebooted):
+    vm = _start_vm(rebooted, *NODES)
+    assert vm["node"] == "rboot2" and _vm_status(rebooted, "rboot2", vm["vm_id"]) == "running"
 
 
 def _ssh(lab: Lab, user: str, node: str, command: str) -> subprocess.CompletedProcess:
