@@ -163,6 +163,25 @@ def test_a_source_that_dies_mid_stream_rolls_back_and_its_vm_stays_paused_until_
     assert fleet.services["n1"].vms[vm.vm_id] == "running" and fleet.where(vm) == ("n1", "running")
 
 
+def test_a_round_reports_the_migration_end_it_settled_by_vm_and_node(fleet, capsys):
+    """An end left unsettled (here: a node that lost the record of its settlement in a power cut
+    comes back asking) is settled at the start of the next round, and reported as any VM outcome:
+    by the VM's name and node, which `enforce` prints."""
+    vm = fleet.launch("n1")
+    fleet.services["n1"].fail["migrate_out_read"] = RemoteError("tvmm.io", "the source's QEMU died")
+    fleet.services["n1"].fail["migrate_out_end"] = RemoteError("tvmm.io", "still down")
+    with pytest.raises(RemoteError):
+        migrate(fleet.engine, fleet.tc, vm.name, "n2")
+    del fleet.services["n1"].fail["migrate_out_end"]
+    report = enforce_round(fleet.engine, fleet.tc)
+    (outcome,) = report.vms
+    assert (outcome["vm"], outcome["node"], outcome["result"]) == (vm.name, "n1", "interrupted migration settled source (abort)")
+    from tccdeploy.commands.provider import print_round  # what `enforce` prints of a round
+
+    print_round(1, report)
+    assert f"VM {vm.name} on n1: interrupted migration settled source (abort)" in capsys.readouterr().out
+
+
 def test_no_destination_and_an_untrusted_destination_are_refused_before_anything_moves(fleet):
     vm = fleet.launch("n1")
     tampered_boot(fleet.services["n2"])

@@ -7,9 +7,13 @@ import datetime
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..coordinator.records import NodeRecord, VMRecord
 from ..tables import table
+
+if TYPE_CHECKING:
+    from ..engine.enforce import Report
 
 MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
 TC_ENV = "TCCDEPLOY_TC"
@@ -441,13 +445,7 @@ def cmd_enforce(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report.as_dict()), flush=True)
         else:
-            trusted = sum(1 for r in report.attested if r.status in ("ok", "changed"))
-            print(f"enforce round {rounds}: {len(report.attested)} admitted node(s) re-attested, {trusted} trusted, "
-                  f"{len(report.quarantined)} quarantined in {report.elapsed:.2f} s", flush=True)
-            for q in report.quarantined:
-                print(f"  quarantined {q['node']}: {q['reason']}")
-            for vm in report.vms:
-                print(f"  VM {vm['vm']} on {vm['node']}: {vm['result']}")
+            print_round(rounds, report)
         if args.once or stopping["now"]:
             return 2 if report.quarantined else 0
         deadline = _time.monotonic() + interval
@@ -455,6 +453,17 @@ def cmd_enforce(args: argparse.Namespace) -> int:
             _time.sleep(0.2)
         if stopping["now"]:
             return 0
+
+
+def print_round(number: int, report: Report) -> None:
+    """An enforcement round as `enforce` prints it on a terminal."""
+    trusted = sum(1 for r in report.attested if r.status in ("ok", "changed"))
+    print(f"enforce round {number}: {len(report.attested)} admitted node(s) re-attested, {trusted} trusted, "
+          f"{len(report.quarantined)} quarantined in {report.elapsed:.2f} s", flush=True)
+    for q in report.quarantined:
+        print(f"  quarantined {q['node']}: {q['reason']}")
+    for vm in report.vms:
+        print(f"  VM {vm['vm']} on {vm['node']}: {vm['result']}", flush=True)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -41,13 +41,36 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def durable_remove(path: str) -> None:
+    """Remove a file or a whole folder (gone already is fine) and fsync the directory that held
+    it, so a power cut right after cannot bring it back: a node that settled a migration or
+    destroyed a VM must not boot again with the VM's disk, key or unsettled record in place."""
+    import os
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
 def durable_replace(src: str, dst: str) -> None:
     """Rename src over dst and fsync the directory, so the rename survives a power cut (a
     rename lives in the directory, and fsyncing the file does not write the directory)."""
     import os
 
     os.replace(src, dst)
-    directory = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_directory(os.path.dirname(os.path.abspath(dst)))
+
+
+def _fsync_directory(path: str) -> None:
+    import os
+
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory)
     finally:

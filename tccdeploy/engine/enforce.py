@@ -43,7 +43,7 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
     start = time.monotonic()
     report = Report()
     try:
-        report.vms += [dict(item, result=f"interrupted migration {item['action']}") for item in repair(engine, coordinator)]
+        report.vms += [_repaired(coordinator, item) for item in repair(engine, coordinator)]
     except Exception:  # noqa: BLE001 - repair is retried next round; enforcement must go on
         pass
     grace = coordinator.grace_period()
@@ -73,6 +73,14 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
         report.vms += handle_vms(engine, coordinator, entry["node"], hosts)
     report.elapsed = time.monotonic() - start
     return report
+
+
+def _repaired(coordinator: TC, item: dict[str, Any]) -> dict[str, Any]:
+    """A repaired migration as a VM outcome of the round, in the shape of handle_vms' (the VM by
+    name, its node, the result), which the CLI and the playbook module print."""
+    record = coordinator.vm(item["vm_id"])
+    return {"vm": record.name if record is not None else item["vm_id"], "vm_id": item["vm_id"], "node": item["node"],
+            "migration": item["migration"], "result": f"interrupted migration {item['action']}"}
 
 
 def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[dict[str, Any]]:  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ import base64
 import os
 from typing import Any
 
-from ..crypto.files import sha256_file
+from ..crypto.files import durable_remove, sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import runtime, tickets
 from .interface import ServiceError, operation
@@ -139,10 +139,8 @@ def migrate_out_end(vm_id: str, ticket: dict[str, Any]) -> dict[str, Any]:
             pass
     directory = vm_dir(vm_id)
     if body["outcome"] == "commit":
-        import shutil
-
         _kill(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        durable_remove(directory)
         evidence = runtime.record(body["runtime_pcr"], {
             "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]}, body["id"])
         return {"changed": True, "status": "moved", "evidence": evidence}
@@ -260,10 +258,8 @@ def migrate_in_settle(vm_id: str, ticket: dict[str, Any], resume: bool) -> dict[
     body = settle_ticket(ticket, vm_id, "destination")
     directory = vm_dir(vm_id)
     if body["outcome"] == "abort":
-        import shutil
-
         _discard(vm_id)
-        shutil.rmtree(directory, ignore_errors=True)
+        durable_remove(directory)
         return {"changed": True, "status": "discarded", "running": False}
     if not _pid(directory):
         raise ServiceError("tvmm.vm-not-running", "the migrated VM is not running here")
@@ -295,7 +291,6 @@ def migrate_in_discard(vm_id: str) -> dict[str, Any]:
     the copied disk goes); or drop a copied disk no VM ever ran from here. A VM whose arrival the
     TC committed, or that was launched here, is this node's: it ends only through an end ticket
     (vm_end), with its evidence."""
-    import shutil
 
     pending = pending_migration(vm_id)
     directory = vm_dir(vm_id)
@@ -303,5 +298,5 @@ def migrate_in_discard(vm_id: str) -> dict[str, Any]:
     if not unused_copy and (pending is None or pending.get("role") != "destination"):
         raise ServiceError("tvmm.not-migrating", "no unsettled arrival (or unused copied disk) of this VM here to discard")
     _discard(vm_id)
-    shutil.rmtree(vm_dir(vm_id), ignore_errors=True)
+    durable_remove(vm_dir(vm_id))
     return {"changed": True, "status": "discarded"}

@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 from typing import Any
 
-from ..crypto.files import atomic_write, durable_replace, sha256_file
+from ..crypto.files import atomic_write, durable_remove, durable_replace, sha256_file
 from ..crypto.ticket import label as ticket_label
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
@@ -314,10 +313,9 @@ def mark_migration(vm_id: str, migration: str, role: str, was_running: bool = Tr
 
 
 def clear_migration(vm_id: str) -> None:
-    try:
-        os.unlink(os.path.join(vm_dir(vm_id), PENDING_FILE))
-    except FileNotFoundError:
-        pass
+    """The migration is settled here, for good: a power cut must not bring back its record (the
+    VM would wait for a settlement again)."""
+    durable_remove(os.path.join(vm_dir(vm_id), PENDING_FILE))
 
 
 def settle_ticket(ticket: dict[str, Any], vm_id: str, role: str) -> dict[str, Any]:
@@ -398,7 +396,7 @@ def vm_end(ticket: dict[str, Any]) -> dict[str, Any]:
     was_running = bool(_pid(directory))
     _kill(directory)
     if body["action"] == "destroy":
-        shutil.rmtree(directory, ignore_errors=True)
+        durable_remove(directory)
     event = "destroyed" if body["action"] == "destroy" else "powered-off"
     evidence = runtime.record(body["runtime_pcr"], {"event": event, "vm_id": vm_id, "ticket": body["id"]}, body["id"])
     return {"changed": True, "status": event, "was_running": was_running, "evidence": evidence}

@@ -43,3 +43,47 @@ def test_a_spent_tickets_record_is_on_disk_directory_and_all_before_the_key_is_u
     assert json.loads(record.read_text()) == {"ticket-1": pytest.approx(time.time() + 60, abs=5)}
     # the temporary file's contents first, then the directory that holds the rename
     assert len(synced) == 2 and synced[0].startswith(str(record) + ".") and synced[1] == str(service_state)
+
+
+def _recording_fsyncs(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_a_settled_migrations_record_stays_gone_after_a_power_cut(service_state, monkeypatch):
+    """The provider cuts the power right after a node settled its end of a migration: the
+    record's removal is in its directory on disk, or the VM would wait for a settlement again
+    after the reboot (a real-boot node showed it: its enforcement round then met a migration
+    already committed)."""
+    from tccdeploy.tvmm import vm
+
+    vm_id = "ab" * 16
+    directory = vm.vm_dir(vm_id, create=True)
+    vm.mark_migration(vm_id, "7", "destination")
+    assert vm.pending_migration(vm_id) == {"migration": "7", "role": "destination", "was_running": True}
+    synced = _recording_fsyncs(monkeypatch)
+    vm.clear_migration(vm_id)
+    assert vm.pending_migration(vm_id) is None and synced == [directory]
+
+
+def test_a_removed_vm_folder_stays_gone_after_a_power_cut(tmp_path, monkeypatch):
+    """A VM destroyed or moved away: its folder (encrypted disk, wrapped key) must not be back
+    after a reboot; and removing what is gone already is no error (a retried settlement)."""
+    from tccdeploy.crypto.files import durable_remove
+
+    folder = tmp_path / "vms" / "vm-1"
+    folder.mkdir(parents=True)
+    (folder / "disk.qcow2").write_bytes(b"x")
+    synced = _recording_fsyncs(monkeypatch)
+    durable_remove(str(folder))
+    assert not folder.exists() and synced == [str(tmp_path / "vms")]
+    durable_remove(str(folder))
+    durable_remove(str(tmp_path / "vms" / "no-such-file"))
+    assert synced == [str(tmp_path / "vms")] * 3
