@@ -26,6 +26,26 @@ def test_a_staged_upload_is_renamed_into_place_only_with_the_right_digest(tmp_pa
     assert dest.read_bytes() == b"new" and file_state(str(dest))["mode"] == "0640"
 
 
+def test_an_installed_file_is_on_disk_contents_and_rename_before_it_is_reported(tmp_path, monkeypatch):
+    """`tvmm_deploy` power-cycles the node right after its uploads: the boot must find each
+    file whole, so the staged file's contents and then the directory holding the rename are
+    fsynced before file_install returns (a real-boot node booted its old build without it)."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    staged, dest = tmp_path / "kernel.tmp", tmp_path / "kernel"
+    staged.write_bytes(b"vmlinuz")
+    file_install(str(staged), str(dest), _sha(b"vmlinuz"))
+    assert dest.read_bytes() == b"vmlinuz" and synced == [str(staged), str(tmp_path)]
+
+
 def test_file_state_reports_small_text_for_diffs_and_nothing_for_binary(tmp_path):
     (tmp_path / "t").write_text("hello\n")
     (tmp_path / "b").write_bytes(b"\xff\xfe")

@@ -567,8 +567,10 @@ class Lab:
             _write_yaml(self.path("manifests", "platforms", f"{platform.name}.yml"), platform_manifest(platform),
                         "platform.schema.json")
         if self.real_nodes:
-            build, platform = realnodes.manifests(self, self.real_nodes[0])
-            _write_yaml(self.path("manifests", "builds", f"{realnodes.BUILD}.yml"), build, "tvmmbuild.schema.json")
+            builds, platform = realnodes.manifests(self, self.real_nodes[0])
+            for build in builds:
+                _write_yaml(self.path("manifests", "builds", f"{build['metadata']['name']}.yml"), build,
+                            "tvmmbuild.schema.json")
             _write_yaml(self.path("manifests", "platforms", f"{realnodes.PLATFORM}.yml"), platform, "platform.schema.json")
 
     @property
@@ -601,7 +603,8 @@ class Lab:
             group = children.setdefault(node.group, {"hosts": {}})
             if node.site and "vars" not in group:
                 group["vars"] = {"tcc_site": node.site}
-            group["hosts"][node.name] = {"ansible_host": node.address, "tcc_python": "/usr/bin/python3"} if node.real_boot \
+            group["hosts"][node.name] = {"ansible_host": node.address, "tcc_python": "/usr/bin/python3",
+                                         "tcc_boot_dir": realnodes.BOOT_DIR} if node.real_boot \
                 else {"ansible_host": node.address, "tcc_boot_dir": self.boot_dir(node),
                       "tcc_proc_cmdline": self.node_dir(node, "cmdline")}
         # Put the vars first in each group, as people write them.
@@ -712,8 +715,9 @@ class Lab:
             node = self.node(name)
             if node.real_boot:
                 if build is not None and build != node.build:
-                    raise LabError(f"{name} is a real-boot node: it boots what its ESP holds, not a lab build")
-                realnodes.reboot(self, [node])
+                    raise LabError(f"{name} is a real-boot node: it boots what its ESP holds, not a lab build "
+                                   "(install another with tvmm_deploy, then `lab reboot --next-boot`)")
+                realnodes.reboot(self, [node], next_boot=next_boot)
                 self.save()
                 return node
             contents = None

@@ -72,11 +72,13 @@ mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -p /run/sshd
 chmod 1777 /tmp
 for m in $(cat /etc/tccdeploy/modules); do insmod /usr/lib/tccdeploy/modules/$m || echo "insmod $m failed"; done
 # The TVMM service's state (its AK, used tickets, VMs) on the machine's data disk: kept across
-# reboots as a server's disk is; it holds no code, and nothing on it is executed.
-for d in /dev/vda /dev/vdb /dev/vdc; do
-  mount -t ext4 -o nosuid,nodev,noexec $d /var/lib/tccdeploy-tvmm 2>/dev/null && break
-done
-grep -q " /var/lib/tccdeploy-tvmm " /proc/mounts || echo "TCCDEPLOY: no state disk: the TVMM service's state ends at power-off" > /dev/ttyS0
+# reboots as a server's disk is; it holds no code, and nothing on it is executed. The boot disk
+# is the provider's (the admin login's): the builds it installs for the next boot.
+for i in $(seq 1 50); do [ -e /dev/vdc ] && break; sleep 0.1; done
+mount -t ext4 -o nosuid,nodev,noexec LABEL=tvmm-state /var/lib/tccdeploy-tvmm \
+  || echo "TCCDEPLOY: no state disk: the TVMM service's state ends at power-off" > /dev/ttyS0
+mount -t ext4 -o nosuid,nodev,noexec LABEL=tvmm-boot /boot/tccdeploy \
+  || echo "TCCDEPLOY: no boot disk: builds cannot be installed for the next boot" > /dev/ttyS0
 cfg=/sys/firmware/qemu_fw_cfg/by_name/opt/tccdeploy
 for i in $(seq 1 50); do [ -e $cfg/node/raw ] && break; sleep 0.1; done
 cat $cfg/node/raw > /etc/tccdeploy/node
@@ -85,7 +87,7 @@ install -m 0644 $cfg/authorized_keys/raw /etc/ssh/authorized_keys
 hostname "$(cat /etc/tccdeploy/node)"
 printf '{"node": "%s"}\\n' "$(cat /etc/tccdeploy/node)" > /etc/tccdeploy/tvmm.json
 # The TPM and the firmware's event log are the TVMM user's alone (on a server: udev and tmpfiles).
-chown tccnode:tccnode /home/tccnode
+chown tccnode:tccnode /home/tccnode /boot/tccdeploy
 chown tcctvmm:tcctvmm /dev/tpmrm0 /var/lib/tccdeploy-tvmm && chmod 0600 /dev/tpmrm0 && chmod 0700 /var/lib/tccdeploy-tvmm
 chown tcctvmm /sys/kernel/security/tpm0/binary_bios_measurements
 chmod 0600 /dev/tpm0
@@ -250,7 +252,7 @@ def _python_packages() -> dict[str, Entry]:
 CACHED_INITRDS = 3  # the newest ones kept in the lab's cache (another checkout's, a mutant's)
 
 
-def cached_node_initramfs(progress: Progress | None = None) -> str:
+def cached_node_initramfs(progress: Progress | None = None, kernel: str | None = None) -> str:
     """The node initrd's path in the lab's cache, made only when what goes into it changed.
 
     The key covers every input: the root file system (its folder is named by its recipe), the
@@ -260,8 +262,9 @@ def cached_node_initramfs(progress: Progress | None = None) -> str:
     import importlib.metadata
 
     service = service_bundle()[0]
+    kernel = kernel or realboot.kernel_package()
     key = hashlib.sha256()
-    for part in (rootfs(progress), realboot.kernel_package(), sys.version, json.dumps(PYTHON_PACKAGES)):
+    for part in (rootfs(progress), kernel, sys.version, json.dumps(PYTHON_PACKAGES)):
         key.update(part.encode() + b"\0")
     for dist in ("cryptography", "tpm2-pytss", "cffi", "pycparser", "packaging"):
         key.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
@@ -272,7 +275,7 @@ def cached_node_initramfs(progress: Progress | None = None) -> str:
     path = os.path.join(realboot.cache_dir(), f"initrd-{key.hexdigest()[:24]}.img")
     if not os.path.isfile(path):
         started = time.monotonic()
-        data = node_initramfs(progress, service)
+        data = node_initramfs(progress, service, kernel)
         partial = f"{path}.{os.getpid()}.partial"
         with open(partial, "wb") as fh:
             fh.write(data)
@@ -294,8 +297,9 @@ def _prune(folder: str, prefix: str, keep: int) -> None:
             pass
 
 
-def node_initramfs(progress: Progress | None = None, service: bytes | None = None) -> bytes:
-    """The real-boot node's initrd: the userland, the kernel's modules, the TVMM service, init."""
+def node_initramfs(progress: Progress | None = None, service: bytes | None = None, kernel: str | None = None) -> bytes:
+    """The real-boot node's initrd: the userland, the kernel's modules (of kernel, a Debian kernel
+    package; default the current one), the TVMM service, init."""
     if sys.version_info[:2] != (3, 11):
         raise LabError("the real-boot image copies this Python's packages into Debian 12's Python 3.11: "
                        f"run tccdeploy with Debian 12's python3 (this is {sys.version.split()[0]})")
@@ -304,7 +308,7 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
         for suffix in ("", ".pub"):
             entries.pop(sub + suffix, None)  # mmdebstrap made these: every node gets its own
     entries.update(_python_packages())
-    kernel_root = realboot.unpacked(realboot.kernel_package(), progress)
+    kernel_root = realboot.unpacked(kernel or realboot.kernel_package(), progress)
     modules = _modules(kernel_root)
     for name, data in modules:
         entries[f"usr/lib/tccdeploy/modules/{name}"] = regular(data)
@@ -317,6 +321,7 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
     entries["etc/shadow"] = regular(_with_users(entries["etc/shadow"].data, "shadow"), 0o640)
     entries["home/tccnode"] = directory(0o700)
     entries["var/lib/tccdeploy-tvmm"] = directory(0o700)
+    entries["boot/tccdeploy"] = directory(0o755)
     entries["etc/hostname"] = regular(b"tccdeploy-node\n")
     return realboot.initramfs(entries)
 

@@ -59,13 +59,35 @@ def cache_dir() -> str:
 
 
 # -- Debian packages ---------------------------------------------------------------------------
-def kernel_package() -> str:
-    """The kernel package linux-image-amd64 depends on now (e.g. linux-image-6.1.0-57-amd64)."""
-    out = _output(["apt-cache", "depends", "linux-image-amd64"])
-    match = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
-    if not match:
+def kernel_package(previous: bool = False) -> str:
+    """The kernel package linux-image-amd64 depends on now (e.g. linux-image-6.1.0-57-amd64), or
+    with previous the one the version before it depended on (Debian keeps the point release's
+    beside the security update's): the lab's real-boot build boots that one, so a rollout has a
+    newer kernel to move to."""
+    packages = kernel_packages()
+    if previous and len(packages) < 2:
+        raise LabError("apt knows only one linux-image-amd64 version: the real-boot lab needs the point release's and "
+                       "a newer one (bookworm and bookworm-security in the sources)")
+    return packages[1] if previous else packages[0]
+
+
+def kernel_packages() -> list[str]:
+    """The kernel packages the known versions of linux-image-amd64 depend on, newest first."""
+    out = _output(["apt-cache", "show", "linux-image-amd64"])
+    found: list[tuple[str, str]] = []
+    for block in out.split("\n\n"):
+        version = re.search(r"^Version: (\S+)", block, re.M)
+        depends = re.search(r"^Depends: (linux-image-[0-9][^\s,]*-amd64)", block, re.M)
+        if version and depends and depends.group(1) not in (p for _, p in found):
+            found.append((version.group(1), depends.group(1)))
+    if not found:
         raise LabError("apt knows no linux-image-amd64 kernel: run `apt-get update` (scripts/install does)")
-    return match.group(1)
+    found.sort(key=lambda item: _version_key(item[0]), reverse=True)
+    return [package for _, package in found]
+
+
+def _version_key(version: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", version.split(":")[-1])]
 
 
 def unpacked(package: str, progress: Progress | None = None) -> str:
@@ -103,9 +125,9 @@ def _candidate(package: str) -> str:
     return match.group(1)
 
 
-def kernel_image(progress: Progress | None = None) -> str:
-    """Path of Debian's current kernel (vmlinuz: a PE/COFF image with the EFI stub)."""
-    package = kernel_package()
+def kernel_image(progress: Progress | None = None, package: str | None = None) -> str:
+    """Path of a Debian kernel (default: the current one; vmlinuz: a PE/COFF image with the EFI stub)."""
+    package = package or kernel_package()
     root = unpacked(package, progress)
     path = os.path.join(root, "boot", "vmlinuz-" + package.removeprefix("linux-image-"))
     if not os.path.isfile(path):
@@ -201,6 +223,7 @@ class Machine:
     network: list[str] | None = None  # QEMU -netdev/-device arguments; None: no NIC
     fw_cfg: dict[str, str] | None = None  # fw_cfg item name -> file: the machine's provisioning
     data_disk: str | None = None  # a raw disk image for the machine's state (not a boot option)
+    boot_disk: str | None = None  # a raw disk image where the machine's OS keeps builds to boot next
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
@@ -245,9 +268,9 @@ class Machine:
             "-drive", f"file=fat:{self.esp},format=raw,if=none,id=esp,readonly=on",
             "-device", "virtio-blk-pci,drive=esp,bootindex=0",
         ]
-        if self.data_disk:
-            argv += ["-drive", f"file={self.data_disk},format=raw,if=none,id=data",
-                     "-device", "virtio-blk-pci,drive=data"]
+        for name, disk in (("data", self.data_disk), ("boot", self.boot_disk)):
+            if disk:
+                argv += ["-drive", f"file={disk},format=raw,if=none,id={name}", "-device", f"virtio-blk-pci,drive={name}"]
         for name, file in (self.fw_cfg or {}).items():
             argv += ["-fw_cfg", f"name={name},file={file}"]
         return argv + (self.network or [])

@@ -20,6 +20,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
+from ..bootpaths import SYSTEMD_BOOT
 from . import nodeimage, procs, realboot, tpm
 from .tpm import LabError
 
@@ -28,29 +29,46 @@ if TYPE_CHECKING:
 
 PLATFORM = "lab-ovmf-q35"  # the real-boot nodes' hardware model: QEMU q35 with Debian's OVMF
 PLATFORM_PCRS = (0, 1, 2, 3, 5, 6, 7)
-BUILD = "tvmm-rb-2026.1"
+BUILD = "tvmm-rb-2026.1"  # Debian's point-release kernel (kernel_package(previous=True))
 BUILD_VERSION = "2026.1.0-realboot"
-OPTIONS = "console=ttyS0 quiet"  # the loader entry's options
+NEXT_BUILD = "tvmm-rb-2026.2"  # the security update's kernel: a candidate on rboot1, for a rollout
+NEXT_BUILD_VERSION = "2026.2.0-realboot"
+BUILDS = {BUILD: (BUILD_VERSION, True), NEXT_BUILD: (NEXT_BUILD_VERSION, False)}  # name -> (version, previous kernel)
+ROLLOUT_NODES = ["rboot1"]  # where NEXT_BUILD may run while it is a candidate
+
+
+def options(build: str) -> str:
+    """The loader entry's options for build: its name on the command line, where `tvmm_deploy`
+    reads which build runs (measured in PCRs 9 and 12 with the rest of the line)."""
+    return f"console=ttyS0 quiet tccdeploy.build={build}"
+
+
+OPTIONS = options(BUILD)
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)  # a lab with real-boot nodes: every firmware PCR too
 ADDRESS_BASE = 100  # real-boot node i is 127.K.1.(100 + i)
 MEMORY_MB = 1536  # the OS in its initramfs (about 400 MiB unpacked), QEMU and a small customer VM
 STATE_DISK_MB = 256  # the service's state and the VMs' encrypted disks (sparse on the host)
+BOOT_DISK_MB = 512  # the builds the provider installs for the next boot (sparse on the host)
+BOOT_DIR = "/boot/tccdeploy"  # where the boot disk is mounted in the node (the inventory's tcc_boot_dir)
 BOOT_TIMEOUT = 420.0  # under TCG with two nodes on two cores
 UP_MARKER = "TCCDEPLOY-NODE-UP"
 ARTIFACTS = ("bootloader", "kernel", "initrd")
 
 
-def artifact_dir(lab: Lab) -> str:
-    return lab.path("artifacts", BUILD)
+def artifact_dir(lab: Lab, build: str = BUILD) -> str:
+    return lab.path("artifacts", build)
 
 
 def prepare_image(lab: Lab) -> None:
-    """The build's files, once per lab: Debian's systemd-boot and kernel, the node initramfs."""
-    folder = artifact_dir(lab)
-    os.makedirs(folder, exist_ok=True)
-    shutil.copyfile(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"))
-    shutil.copyfile(realboot.kernel_image(lab.progress), os.path.join(folder, "kernel"))
-    shutil.copyfile(nodeimage.cached_node_initramfs(lab.progress), os.path.join(folder, "initrd"))
+    """Each build's files, once per lab: Debian's systemd-boot, a Debian kernel, the node
+    initramfs with that kernel's modules (cached by what goes into it)."""
+    for build, (_, previous) in BUILDS.items():
+        folder = artifact_dir(lab, build)
+        os.makedirs(folder, exist_ok=True)
+        kernel = realboot.kernel_package(previous=previous)
+        shutil.copyfile(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"))
+        shutil.copyfile(realboot.kernel_image(lab.progress, kernel), os.path.join(folder, "kernel"))
+        shutil.copyfile(nodeimage.cached_node_initramfs(lab.progress, kernel), os.path.join(folder, "initrd"))
 
 
 def machine(lab: Lab, node: Node) -> realboot.Machine:
@@ -61,7 +79,7 @@ def machine(lab: Lab, node: Node) -> realboot.Machine:
                  "-device", "virtio-net-pci,netdev=n0,romfile="],
         fw_cfg={f"{nodeimage.FW_CFG}/{item}": os.path.join(provision, item)
                 for item in ("node", "host_key", "authorized_keys")},
-        data_disk=lab.node_dir(node, "state.img"),
+        data_disk=lab.node_dir(node, "state.img"), boot_disk=lab.node_dir(node, "boot.img"),
     )
 
 
@@ -82,11 +100,12 @@ def manufacture(lab: Lab, node: Node) -> None:
     certificate written down (the roster's), read through a short-lived swtpm before QEMU owns it."""
     m = machine(lab, node)
     m.prepare(lab.path("ca", "rogue" if node.rogue_tpm else "manufacturer"))
-    with open(m.data_disk, "wb") as fh:  # type: ignore[arg-type]
-        fh.truncate(STATE_DISK_MB * 2**20)
-    owner = f"{nodeimage.TVMM_UID}:{nodeimage.TVMM_UID}"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "tvmm-state", "-E", f"root_owner={owner}", m.data_disk],
-                   check=True, capture_output=True, timeout=60)
+    for disk, size, label, uid in ((m.data_disk, STATE_DISK_MB, "tvmm-state", nodeimage.TVMM_UID),
+                                   (m.boot_disk, BOOT_DISK_MB, "tvmm-boot", nodeimage.NODE_UID)):
+        with open(disk, "wb") as fh:  # type: ignore[arg-type]
+            fh.truncate(size * 2**20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", f"root_owner={uid}:{uid}", disk],
+                       check=True, capture_output=True, timeout=60)
     sock = lab.node_dir(node, "ek.sock")
     proc = procs.spawn(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={m.path('tpm')}",
                         "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
@@ -106,14 +125,54 @@ def ek_certificate(lab: Lab, node: Node) -> bytes:
         return fh.read()
 
 
-def install(lab: Lab, node: Node) -> None:
+def install(lab: Lab, node: Node, build: str = BUILD) -> None:
     """Write the node's ESP from the build's files (what its disk holds)."""
-    folder = artifact_dir(lab)
+    folder = artifact_dir(lab, build)
     files = {}
     for name in ARTIFACTS:
         with open(os.path.join(folder, name), "rb") as fh:
             files[name] = fh.read()
-    realboot.write_esp(machine(lab, node).esp, files["bootloader"], files["kernel"], files["initrd"], OPTIONS)
+    realboot.write_esp(machine(lab, node).esp, files["bootloader"], files["kernel"], files["initrd"], options(build))
+    node.build = build
+
+
+def install_next(lab: Lab, node: Node) -> str | None:
+    """What the node's firmware finds on its next boot: the build its OS made the next boot on its
+    boot disk (`tvmm_deploy`: `<boot dir>/next` and the build's files), written to the ESP as the
+    node's own update would write it. Read with debugfs while the machine is off. None: no next
+    build set; the ESP stays as it is."""
+    disk = machine(lab, node).boot_disk
+    assert disk is not None
+    # What the guest fsynced may still be in the ext4 journal only (a power cut, not an unmount):
+    # replay it first, as the node's own mount would, or debugfs reads the disk as it was before.
+    fsck = subprocess.run(["e2fsck", "-p", disk], capture_output=True, text=True, timeout=300)
+    if fsck.returncode >= 4:
+        raise LabError(f"{node.name}'s boot disk does not check clean: {(fsck.stdout + fsck.stderr).strip()[-300:]}")
+    build = _debugfs_cat(disk, "/next").decode().strip()
+    if not build:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", build):
+        raise LabError(f"{node.name}'s boot disk names no valid build in /next: {build!r}")
+    files = {name: _debugfs_cat(disk, f"/{build}/{name}") for name in (*ARTIFACTS, "cmdline")}
+    missing = [name for name, data in files.items() if not data]
+    if missing:
+        raise LabError(f"{node.name} cannot boot {build}: {', '.join(missing)} missing on its boot disk "
+                       "(the node would not come up)")
+    prefix = SYSTEMD_BOOT.command_line("")
+    cmdline = files["cmdline"].decode().strip()
+    if not cmdline.startswith(prefix):
+        raise LabError(f"{node.name}'s {build} cmdline does not start with {prefix!r}: systemd-boot could not pass it")
+    realboot.write_esp(machine(lab, node).esp, files["bootloader"], files["kernel"], files["initrd"],
+                       cmdline[len(prefix):])
+    node.build = build
+    return build
+
+
+def _debugfs_cat(disk: str, path: str) -> bytes:
+    proc = subprocess.run(["debugfs", "-R", f"cat {path}", disk], capture_output=True, timeout=120)
+    if proc.returncode != 0:
+        raise LabError(f"debugfs could not read {disk}: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    return proc.stdout
 
 
 def boot(lab: Lab, nodes: list[Node]) -> None:
@@ -165,24 +224,32 @@ def booted(lab: Lab, node: Node) -> realboot.Probe:
     return realboot.read_probe(machine(lab, node).console_text())
 
 
-def manifests(lab: Lab, golden: Node) -> tuple[dict, dict]:
-    """(TVMMBuild predicted from the image's files, Platform captured from golden's boot)."""
+def manifests(lab: Lab, golden: Node) -> tuple[list[dict], dict]:
+    """([TVMMBuild predicted from each build's files], Platform captured from golden's boot): BUILD
+    approved, NEXT_BUILD a candidate on ROLLOUT_NODES."""
     from ..baseline import captured, predicted
-    from ..bootpaths import SYSTEMD_BOOT
     from ..eventlog import parse
 
-    folder = artifact_dir(lab)
-    build = predicted({name: os.path.join(folder, name) for name in ARTIFACTS}, OPTIONS, BUILD, BUILD_VERSION,
-                      SYSTEMD_BOOT, lab.path("manifests", "builds"))
-    build["spec"]["status"] = "approved"
-    build["metadata"]["description"] = "the lab's real-boot TVMM build, predicted from the image's files"
+    builds = []
+    for name, (version, _) in BUILDS.items():
+        folder = artifact_dir(lab, name)
+        build = predicted({a: os.path.join(folder, a) for a in ARTIFACTS}, options(name), name, version,
+                          SYSTEMD_BOOT, lab.path("manifests", "builds"))
+        if name == BUILD:
+            build["spec"]["status"] = "approved"
+            build["metadata"]["description"] = "the lab's real-boot TVMM build, predicted from the image's files"
+        else:
+            build["spec"]["rollout"] = {"nodes": list(ROLLOUT_NODES)}
+            build["metadata"]["description"] = ("the next real-boot build (a newer Debian kernel), predicted from its "
+                                                f"files: a candidate on {', '.join(ROLLOUT_NODES)}")
+        builds.append(build)
     _, platform = captured(parse(booted(lab, golden).eventlog), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
                            BUILD_VERSION, PLATFORM)
     assert platform is not None
     platform["spec"] = {"model": "QEMU q35, Debian OVMF (no secure boot)", "version": _ovmf_version(),
                         "status": "approved", "measurements": platform["spec"]["measurements"]}
     platform["metadata"]["description"] = f"the real-boot nodes' firmware, captured from {golden.name}'s boot"
-    return build, platform
+    return builds, platform
 
 
 def _ovmf_version() -> str:
@@ -228,11 +295,15 @@ def restore(lab: Lab, node: Node) -> None:
     node.tampered = 0
 
 
-def reboot(lab: Lab, nodes: list[Node]) -> None:
+def reboot(lab: Lab, nodes: list[Node], next_boot: bool = False) -> None:
     """Power-cycle the machines at once: QEMU and its vTPM stop (a power cut: what the guest had
-    not written is lost, and the PCRs reset), then each boots its ESP again."""
+    not written is lost, and the PCRs reset), then each boots its ESP again; with next_boot, the
+    ESP first gets the build the node's OS made its next boot (install_next)."""
     procs.stop([pid for node in nodes for pid in (node.qemu_pid, node.swtpm_pid) if procs.belongs(pid, lab.dir)])
     for node in nodes:
         node.qemu_pid = node.swtpm_pid = None
     lab.save()
+    if next_boot:
+        for node in nodes:
+            install_next(lab, node)
     boot(lab, nodes)

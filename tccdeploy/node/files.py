@@ -16,7 +16,7 @@ import re
 import stat
 from typing import Any
 
-from ..crypto.files import atomic_write, sha256_file
+from ..crypto.files import atomic_write, durable_replace, sha256_file
 from .ops import OpError, op
 
 BUILD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -57,7 +57,14 @@ def file_install(staged: str, dest: str, sha256: str, mode: str | None = None) -
             raise OpError(f"upload of {dest} is corrupt: sha256 {actual}, expected {sha256}")
         if mode is not None:
             os.chmod(staged, int(mode, 8))
-        os.replace(staged, dest)
+        # Durable before it is reported in place: a power cycle right after (a `tvmm_deploy`
+        # reboot) must boot the whole file, not what the page cache had written of it.
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        durable_replace(staged, dest)
     finally:
         if os.path.exists(staged):
             os.unlink(staged)

@@ -24,7 +24,7 @@ from ..templar import render
 from . import Context, ModuleError, module
 from .basic import put_file, wait_for
 
-REBOOT_TIMEOUT = 120.0
+REBOOT_TIMEOUT = 600.0  # the command may wait for the boot: a lab real-boot node under TCG takes a minute or more
 
 
 def _build(ctx: Context, name: str) -> TVMMBuild:
