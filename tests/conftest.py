@@ -165,3 +165,10 @@ def broker_world(tmp_path):
     world.customer("acme")
     yield world
     world.close()
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """The real-boot module first: it is the suite's longest (QEMU guests under TCG, booted,
+    rolled out and power-cycled in sequence), so with two workers (scripts/test) one runs it
+    beside the rest instead of after it. Otherwise the collection's order."""
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/adversary/test_realboot.py") else 1)
