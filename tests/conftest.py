@@ -107,6 +107,21 @@ def lab_node(lab):
     lab.load()
 
 
+@pytest.fixture
+def fsyncs(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The paths os.fsync is called on during the test, in order (fsync itself still runs): what
+    a power cut right after cannot undo."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A real PostgreSQL server (Debian's package) for the session; each test takes a new database."""

@@ -26,20 +26,11 @@ def test_a_staged_upload_is_renamed_into_place_only_with_the_right_digest(tmp_pa
     assert dest.read_bytes() == b"new" and file_state(str(dest))["mode"] == "0640"
 
 
-def test_an_installed_file_is_on_disk_contents_and_rename_before_it_is_reported(tmp_path, monkeypatch):
+def test_an_installed_file_is_on_disk_contents_and_rename_before_it_is_reported(tmp_path, fsyncs):
     """`tvmm_deploy` power-cycles the node right after its uploads: the boot must find each
     file whole, so the staged file's contents and then the directory holding the rename are
     fsynced before file_install returns (a real-boot node booted its old build without it)."""
-    import os
-
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = fsyncs
     staged, dest = tmp_path / "kernel.tmp", tmp_path / "kernel"
     staged.write_bytes(b"vmlinuz")
     file_install(str(staged), str(dest), _sha(b"vmlinuz"))

@@ -11,7 +11,6 @@ fsyncs the record's write makes, and the real-boot module cuts a real guest's po
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -29,15 +28,8 @@ def service_state(tmp_path):
     config._current = previous
 
 
-def test_a_spent_tickets_record_is_on_disk_directory_and_all_before_the_key_is_unwrapped(service_state, monkeypatch):
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+def test_a_spent_tickets_record_is_on_disk_directory_and_all_before_the_key_is_unwrapped(service_state, fsyncs):
+    synced = fsyncs
     tickets.spend({"id": "ticket-1", "expires": int(time.time()) + 60})
     record = service_state / tickets.USED_FILE
     assert json.loads(record.read_text()) == {"ticket-1": pytest.approx(time.time() + 60, abs=5)}
@@ -45,19 +37,7 @@ def test_a_spent_tickets_record_is_on_disk_directory_and_all_before_the_key_is_u
     assert len(synced) == 2 and synced[0].startswith(str(record) + ".") and synced[1] == str(service_state)
 
 
-def _recording_fsyncs(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
-
-
-def test_a_settled_migrations_record_stays_gone_after_a_power_cut(service_state, monkeypatch):
+def test_a_settled_migrations_record_stays_gone_after_a_power_cut(service_state, fsyncs):
     """The provider cuts the power right after a node settled its end of a migration: the
     record's removal is in its directory on disk, or the VM would wait for a settlement again
     after the reboot (a real-boot node showed it: its enforcement round then met a migration
@@ -68,12 +48,13 @@ def test_a_settled_migrations_record_stays_gone_after_a_power_cut(service_state,
     directory = vm.vm_dir(vm_id, create=True)
     vm.mark_migration(vm_id, "7", "destination")
     assert vm.pending_migration(vm_id) == {"migration": "7", "role": "destination", "was_running": True}
-    synced = _recording_fsyncs(monkeypatch)
+    synced = fsyncs
+    synced.clear()  # the record's own write above
     vm.clear_migration(vm_id)
     assert vm.pending_migration(vm_id) is None and synced == [directory]
 
 
-def test_a_removed_vm_folder_stays_gone_after_a_power_cut(tmp_path, monkeypatch):
+def test_a_removed_vm_folder_stays_gone_after_a_power_cut(tmp_path, fsyncs):
     """A VM destroyed or moved away: its folder (encrypted disk, wrapped key) must not be back
     after a reboot; and removing what is gone already is no error (a retried settlement)."""
     from tccdeploy.crypto.files import durable_remove
@@ -81,7 +62,7 @@ def test_a_removed_vm_folder_stays_gone_after_a_power_cut(tmp_path, monkeypatch)
     folder = tmp_path / "vms" / "vm-1"
     folder.mkdir(parents=True)
     (folder / "disk.qcow2").write_bytes(b"x")
-    synced = _recording_fsyncs(monkeypatch)
+    synced = fsyncs
     durable_remove(str(folder))
     assert not folder.exists() and synced == [str(tmp_path / "vms")]
     durable_remove(str(folder))
