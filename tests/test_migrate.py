@@ -13,9 +13,6 @@ import pytest
 
 from tccdeploy.coordinator import audit
 from tccdeploy.coordinator.keybroker import Refused
-from tccdeploy.crypto import bundle as bundles
-from tccdeploy.crypto import customer
-from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.enforce import enforce_round
@@ -28,7 +25,7 @@ from tccdeploy.manifest.loader import load_inventory
 from tccdeploy.tvmm.qmp import QMP
 
 from .labvms import kill_everywhere
-from .tcworld import coordinator_with_customer  # noqa: E402
+from .tcworld import coordinator_with_customer, sealed_request  # noqa: E402
 
 pytestmark = pytest.mark.slow
 IVT, IVT_SIZE = 0x0, 1024  # the real-mode interrupt vector table
@@ -79,13 +76,7 @@ def start_vm(world, node: str) -> dict:  # type: ignore[no-untyped-def]
     would hold migrations to)."""
     fresh(world)
     name = f"vm-{secrets.token_hex(3)}"
-    image = world.root / f"{name}.sealed"
-    bundles.seal(str(world.root / "disk.raw"), bundles.load_tc(str(world.root / "tc.pem")),
-                 customer.load(str(world.root / "customer.pem")), str(image), name)
-    path = world.root / f"{name}.yml"
-    path.write_text(f"apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\n"
-                    f"spec: {{image: {image.name}, vcpus: 1, memoryMiB: 64}}\n")
-    envelope = sign_request(str(path), str(world.root / "customer.pem"))
+    envelope = sealed_request(world.root, name)
     others = [h for h in world.engine.hosts if h.name != node]
     keep = world.engine.hosts
     world.engine.hosts = [h for h in keep if h not in others]  # only node is a candidate

@@ -40,9 +40,6 @@ from tccdeploy.bootpaths import SYSTEMD_BOOT
 from tccdeploy.cli import main
 from tccdeploy.coordinator import audit
 from tccdeploy.coordinator.service import Coordinator
-from tccdeploy.crypto import bundle as bundles
-from tccdeploy.crypto import customer
-from tccdeploy.crypto.request import sign_request
 from tccdeploy.engine import migrate as migrating
 from tccdeploy.engine.attestation import attest, enroll
 from tccdeploy.engine.enforce import Report, enforce_round
@@ -55,7 +52,7 @@ from tccdeploy.lab.lab import Lab
 from tccdeploy.manifest.loader import load_inventory, load_paths
 
 from ..conftest import REPO, lab_directory
-from ..tcworld import coordinator_with_customer
+from ..tcworld import coordinator_with_customer, sealed_request
 
 pytestmark = pytest.mark.slow
 
@@ -160,13 +157,7 @@ def _engine(lab: Lab, coordinator: Coordinator, *nodes: str) -> Engine:
 def _start_vm(world: World, *nodes: str) -> dict:
     """A customer's sealed VM launched on one of nodes (the engine's host list holds only them)."""
     name = f"vm-{secrets.token_hex(3)}"
-    image = world.root / f"{name}.sealed"
-    bundles.seal(str(world.root / "disk.raw"), bundles.load_tc(str(world.root / "tc.pem")),
-                 customer.load(str(world.root / "customer.pem")), str(image), name)
-    request = world.root / f"{name}.yml"
-    request.write_text(f"apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\n"
-                       f"spec: {{image: {image.name}, vcpus: 1, memoryMiB: 64}}\n")
-    envelope = sign_request(str(request), str(world.root / "customer.pem"))
+    envelope = sealed_request(world.root, name)
     with _engine(world.lab, world.coordinator, *nodes) as engine:
         launch(engine, _KeepingTickets(world), envelope, envelope["bundle"])
     record = world.coordinator.registry.vm(name)
