@@ -123,8 +123,10 @@ def _path_node(kind: int, sub: int, body: bytes) -> str:
 
 
 # -- per event type ---------------------------------------------------------------------------
-def _variable(data: bytes) -> str:
-    """UEFI_VARIABLE_DATA: GUID, name length (chars), data length, name (UTF-16), data."""
+def _variable(data: bytes, authority: bool = False) -> str:
+    """UEFI_VARIABLE_DATA: GUID, name length (chars), data length, name (UTF-16), data.
+    authority: an EV_EFI_VARIABLE_AUTHORITY event, whose data is the one db entry that admitted
+    an image (EFI_SIGNATURE_DATA), not the whole variable."""
     guid, chars, size = _guid(data), _u(data, 16, "Q"), _u(data, 24, "Q")
     if chars > 1024 or size > len(data):
         raise _Undecodable(f"variable name of {chars} chars, data of {size} bytes")
@@ -137,7 +139,56 @@ def _variable(data: bytes) -> str:
         shown += ": " + ",".join(f"Boot{v:04X}" for (v,) in struct.iter_unpack("<H", value[:64]))
     elif name.startswith("Boot") and len(name) == 8 and size >= 6:
         shown += f": {_load_option(value)}"
+    elif name in SIGNATURE_DATABASES and authority and size > 16:
+        shown += f": {_x509(value[16:])}"
+    elif name in SIGNATURE_DATABASES and size:
+        try:
+            shown += f": {_signature_lists(value)}"
+        except (_Undecodable, struct.error, ValueError) as exc:
+            shown += f": not a signature list ({exc})"
     return shown
+
+
+X509_GUID = "a5c059a1-94e4-4aa7-87b5-ab155c2bf072"  # EFI_CERT_X509_GUID
+SHA256_GUID = "c1c41626-504c-4092-aca9-41f936934328"  # EFI_CERT_SHA256_GUID
+SIGNATURE_DATABASES = ("PK", "KEK", "db", "dbx", "dbt", "dbr", "MokList", "MokListX")
+SHOWN_SIGNATURES = 4
+
+
+def _signature_lists(value: bytes) -> str:
+    """EFI_SIGNATURE_LISTs (UEFI 32.4.1): type GUID, list size, header size, entry size, header, then
+    entries of owner GUID + data. Says how many entries and what the first few are (certificates
+    by subject), so a certificate the host added to db is named."""
+    shown: list[str] = []
+    count = offset = 0
+    while offset < len(value):
+        kind = str(uuid.UUID(bytes_le=_take(value, offset, 16)))
+        list_size, header_size, size = _u(value, offset + 16, "I"), _u(value, offset + 20, "I"), _u(value, offset + 24, "I")
+        if list_size < 28 + header_size or size <= 16:
+            raise _Undecodable(f"a signature list of {list_size} bytes with entries of {size}")
+        body = _take(value, offset + 28 + header_size, list_size - 28 - header_size)
+        for start in range(0, len(body) - size + 1, size):
+            count += 1
+            if len(shown) < SHOWN_SIGNATURES:
+                entry = body[start + 16:start + size]
+                shown.append(_x509(entry) if kind == X509_GUID else
+                             f"SHA-256 {entry[:8].hex()}..." if kind == SHA256_GUID else f"a {GUIDS.get(kind, kind)} entry")
+        offset += list_size
+    more = f", and {count - len(shown)} more" if count > len(shown) else ""
+    return f"{count} entr{'y' if count == 1 else 'ies'}: " + "; ".join(shown) + more
+
+
+def _x509(der: bytes) -> str:
+    import warnings
+
+    from cryptography import x509
+
+    try:
+        with warnings.catch_warnings():  # vendors' certificates bend X.509's rules (a 3-letter country)
+            warnings.simplefilter("ignore")
+            return "X.509 " + _clip(x509.load_der_x509_certificate(der).subject.rfc4514_string())
+    except ValueError:
+        return f"not an X.509 certificate ({len(der)} bytes)"
 
 
 def _load_option(value: bytes) -> str:
@@ -232,7 +283,7 @@ DECODERS: dict[int, Callable[[bytes], str]] = {
     EVENT_CODES["EV_EFI_VARIABLE_DRIVER_CONFIG"]: _variable,
     EVENT_CODES["EV_EFI_VARIABLE_BOOT"]: _variable,
     EVENT_CODES["EV_EFI_VARIABLE_BOOT2"]: _variable,
-    EVENT_CODES["EV_EFI_VARIABLE_AUTHORITY"]: _variable,
+    EVENT_CODES["EV_EFI_VARIABLE_AUTHORITY"]: lambda data: _variable(data, authority=True),
     EVENT_CODES["EV_EFI_BOOT_SERVICES_APPLICATION"]: _image,
     EVENT_CODES["EV_EFI_BOOT_SERVICES_DRIVER"]: _image,
     EVENT_CODES["EV_EFI_RUNTIME_SERVICES_DRIVER"]: _image,

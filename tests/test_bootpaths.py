@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import stat
 
 import pytest
 
 from tccdeploy.bootpaths import FIXED, PE, SYSTEMD_BOOT, TEXT, UTF16, Step, boot_path, step_digest
-from tccdeploy.lab import realboot
+from tccdeploy.lab import realboot, secureboot
 from tccdeploy.lab.tpm import LabError
 
 
@@ -117,14 +118,18 @@ def test_a_real_boot_tamper_changes_exactly_what_the_node_boots_next(tmp_path):
 
     lab = Lab(str(tmp_path))
     node = Node("rboot1", "127.7.1.101", "site1", "site1", real_boot=True)
+    node.build = realnodes.BUILD
     esp = tmp_path / "nodes" / "rboot1" / "esp"
     realboot.write_esp(str(esp), b"sd-boot", b"MZ kernel", b"initrd", realnodes.OPTIONS)
+    other = tmp_path / "artifacts" / realnodes.NEXT_BUILD
+    other.mkdir(parents=True)
+    (other / "kernel").write_bytes(b"MZ the other build's kernel, signed by the owner")
     before = {p.relative_to(esp): p.read_bytes() for p in esp.rglob("*") if p.is_file()}
     realnodes.tamper(lab, node, "cmdline")
     entry = (esp / "loader/entries/tvmm.conf").read_text()
     assert f"options {realnodes.OPTIONS} {realnodes.TAMPER_OPTION}\n" in entry
-    realnodes.tamper(lab, node, "kernel")
-    assert (esp / "vmlinuz").read_bytes() == b"MZ kernel" + b"\0" * 4096
+    realnodes.tamper(lab, node, "kernel")  # what secure boot admits: a kernel the owner signed, not this build's
+    assert (esp / "vmlinuz").read_bytes() == b"MZ the other build's kernel, signed by the owner"
     realnodes.tamper(lab, node, "initrd")
     assert (esp / "initrd.img").read_bytes().startswith(b"initrd070701")  # a second archive, appended
     changed = {p.relative_to(esp) for p in esp.rglob("*") if p.is_file() and p.read_bytes() != before[p.relative_to(esp)]}
@@ -132,3 +137,45 @@ def test_a_real_boot_tamper_changes_exactly_what_the_node_boots_next(tmp_path):
     assert node.tampered == 3
     with pytest.raises(LabError, match="unknown real-boot tamper 'bios'"):
         realnodes.tamper(lab, node, "bios")
+
+
+def test_a_real_boot_nodes_nvram_has_the_owners_keys_and_the_host_can_change_it(tmp_path):
+    """The NVRAM the lab enrolls: secure boot on, PK/KEK the owner's platform key, db its image
+    key; the secureboot tamper turns SecureBootEnable off, efivar adds the host's certificate to db."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from virt.firmware.varstore.edk2 import Edk2VarStore
+
+    from tccdeploy.lab import realnodes
+    from tccdeploy.lab.lab import Lab, Node
+
+    if not os.path.isfile(realboot.OVMF_VARS):
+        pytest.skip("OVMF is not installed (scripts/install)")
+    lab = Lab(str(tmp_path))
+    node = Node("rboot1", "127.7.1.101", "site1", "site1", real_boot=True)
+    machine = realnodes.machine(lab, node)
+    os.makedirs(machine.folder)
+    machine.reset_nvram()
+    keys = realnodes.signing_keys(lab)
+    assert all(os.stat(path).st_mode & 0o777 == 0o600 for path in (keys.pk_key, keys.db_key))
+
+    def variables() -> dict:
+        return Edk2VarStore(machine.nvram).get_varlist()
+
+    def der(path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return x509.load_pem_x509_certificate(fh.read()).public_bytes(serialization.Encoding.DER)
+
+    enrolled = variables()
+    assert enrolled["SecureBootEnable"].data == b"\x01" and enrolled["CustomMode"].data == b"\x00"
+    assert der(keys.pk_cert) in enrolled["PK"].data and der(keys.pk_cert) in enrolled["KEK"].data
+    assert der(keys.db_cert) in enrolled["db"].data
+    realnodes.tamper(lab, node, "secureboot")
+    assert variables()["SecureBootEnable"].data == b"\x00"
+    realnodes.tamper(lab, node, "efivar")
+    host = secureboot.keys(lab.path("ca", "host-secureboot"), realnodes.HOST_KEYS)
+    db = variables()["db"].data
+    assert der(keys.db_cert) in db and der(host.db_cert) in db
+    assert node.tampered == 2
+    machine.reset_nvram()  # a reinstall: as enrolled
+    assert variables()["SecureBootEnable"].data == b"\x01" and der(host.db_cert) not in variables()["db"].data

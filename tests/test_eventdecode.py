@@ -63,7 +63,13 @@ def test_gpt_sp800_155_and_secure_boot_databases():
     assert gpt.startswith('5 EV_EFI_GPT_EVENT GPT of disk 71540592-28b2-fa48-9c40-c65c99cc639a: 12 partition(s) "STATE", '
                           '"KERN-A", "ROOT-A"')
     assert "7 EV_EFI_VARIABLE_DRIVER_CONFIG SecureBoot (EFI_GLOBAL_VARIABLE), 1 bytes: enabled" in lines
-    assert "7 EV_EFI_VARIABLE_AUTHORITY db (EFI_IMAGE_SECURITY_DATABASE), 1069 bytes" in lines
+    # the databases' certificates by subject, and the db entry that admitted an image (its authority)
+    google_db = "X.509 CN=UEFI DB Key v20250203,OU=Container Optimized OS,O=Google LLC.,L=Mountain View,ST=California,C=US"
+    assert f"7 EV_EFI_VARIABLE_DRIVER_CONFIG db (EFI_IMAGE_SECURITY_DATABASE), 1097 bytes: 1 entry: {google_db}" in lines
+    assert f"7 EV_EFI_VARIABLE_AUTHORITY db (EFI_IMAGE_SECURITY_DATABASE), 1069 bytes: {google_db}" in lines
+    dbx = next(line for line in lines if " dbx " in line)
+    assert dbx.startswith("7 EV_EFI_VARIABLE_DRIVER_CONFIG dbx (EFI_IMAGE_SECURITY_DATABASE), 4461 bytes: 4 entries: X.509 CN=")
+    assert "7 EV_EFI_VARIABLE_AUTHORITY SbatLevel (SHIM_LOCK), 18 bytes" in lines  # not a certificate: not decoded as one
 
 
 def test_boot_guard_firmware_blobs_and_systemd_boots_utf16_command_line():

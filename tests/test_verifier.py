@@ -178,7 +178,11 @@ def test_event_log_tampering(manifests, change: str):
 def test_logged_extra_component_matches_no_build(manifests):
     node = Node()
     evidence = node.evidence(NONCE, log_extra=[(4, b"rogue kernel module")])
-    assert codes(run(manifests, node, evidence)) == ["build.unknown"]
+    verdict = run(manifests, node, evidence)
+    assert codes(verdict) == ["build.unknown"]
+    # where the boot departs, and what the event there measured (decoded from the log)
+    assert "PCR 4 event 3 (an extra event: EV_EFI_BOOT_SERVICES_APPLICATION image of 19 bytes" \
+        in verdict.reasons[0]["message"], verdict.reasons[0]["message"]
 
 
 def test_revoked_build(manifests):

@@ -12,7 +12,8 @@ in order (and event type where the reference names one); a PCR it lists with no 
 none. Then its status decides, from the TC's manifests and the TC's roster only:
 
     build.unknown / platform.unknown            no reference matches (the closest one is named,
-                                                with where the log departs from it)
+                                                with where the log departs from it and what the
+                                                event there measured: which variable, which file)
     build.revoked / platform.revoked            the match is revoked
     build.not-in-rollout / platform.not-in-rollout
                                                 the match is a candidate and this node is not one
@@ -30,16 +31,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..eventdecode import data_check, describe
+from ..eventlog import Event
 from ..manifest.models import Platform, TVMMBuild
 
 Reference = TVMMBuild | Platform
 
 
 class Measured(NamedTuple):
-    """One event of the log on a policy PCR: its digest in the policy's bank and its type name."""
+    """One event of the log on a policy PCR: its digest in the policy's bank, its type name, and
+    the parsed event (to say what it measured where the boot departs from a reference)."""
 
     digest: bytes
     type: str | None = None
+    event: Event | None = None
+
+
+def shown(measured: Measured) -> str:
+    """What the event measured, decoded (which variable, which file, which command line), for an
+    operator finding the rogue component. The log's data is the engine's to write: where the event's
+    type says what was hashed and the digest is not that, the message says so instead of trusting it."""
+    event = measured.event
+    if event is None:
+        return measured.type or ""
+    text = f"{event.type_name} {describe(event)}"
+    bank = next((b for b, d in event.digests.items() if d == measured.digest), None)
+    if bank is not None and data_check(event, bank) == "not-data":
+        text += " [its data is not what was measured]"
+    return text
 
 
 @dataclass
@@ -75,7 +94,8 @@ def match(events_by_pcr: dict[int, list[Measured]], refs: Sequence[Reference],
             matched += same
             if (same != len(expected) or same != len(got)) and not first:
                 what = "an extra event" if same == len(expected) else ("a missing event" if same == len(got) else "a different event")
-                first = f"PCR {pcr} event {same} ({what})"
+                detail = shown(got[same]) if same < len(got) else ""
+                first = f"PCR {pcr} event {same} ({what}" + (f": {detail})" if detail else ")")
         if not first:
             return ref, ""
         if matched > best[0]:

@@ -203,7 +203,8 @@ def verify(
         events: dict[int, list[references.Measured]] = {}
         for event in log.events:
             if event.type != EV_NO_ACTION and event.pcr in policy.pcrs:
-                events.setdefault(event.pcr, []).append(references.Measured(event.digests[policy.bank], event.type_name))
+                events.setdefault(event.pcr, []).append(references.Measured(event.digests[policy.bank], event.type_name,
+                                                                                 event))
         judged = references.judge(events, builds, platforms, policy.pcrs, node, roster.enrolled_identities(identity))
         verdict.build = judged.build.name if judged.build else None
         verdict.platform = judged.platform.name if judged.platform else None

@@ -26,7 +26,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..bundles import service_bundle
 from . import realboot
@@ -70,7 +70,9 @@ mount -t securityfs securityfs /sys/kernel/security
 mkdir -p /dev/pts /run/sshd /tmp /var/lib/tccdeploy-tvmm && mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -p /run/sshd
 chmod 1777 /tmp
-for m in $(cat /etc/tccdeploy/modules); do insmod /usr/lib/tccdeploy/modules/$m || echo "insmod $m failed"; done
+# the modules of the kernel that booted (the initramfs carries them for each kernel the builds boot)
+mods=/usr/lib/tccdeploy/modules/$(uname -r)
+for m in $(cat $mods/order); do insmod $mods/$m || echo "insmod $m failed"; done
 # The TVMM service's state (its AK, used tickets, VMs) on the machine's data disk: kept across
 # reboots as a server's disk is; it holds no code, and nothing on it is executed. The boot disk
 # is the provider's (the admin login's): the builds it installs for the next boot.
@@ -252,19 +254,19 @@ def _python_packages() -> dict[str, Entry]:
 CACHED_INITRDS = 3  # the newest ones kept in the lab's cache (another checkout's, a mutant's)
 
 
-def cached_node_initramfs(progress: Progress | None = None, kernel: str | None = None) -> str:
+def cached_node_initramfs(progress: Progress | None = None, kernels: Sequence[str] | None = None) -> str:
     """The node initrd's path in the lab's cache, made only when what goes into it changed.
 
     The key covers every input: the root file system (its folder is named by its recipe), the
     kernel package, this Python and its packages' versions, the TVMM service's bundle and the
-    source of this module and of the cpio writer. Making it takes seconds (58 MiB, gzip) at every
+    source of this module and of the cpio writer. Making it takes seconds (87 MiB, gzip) at every
     lab up otherwise; a stale initrd would make the lab boot code that is not the tree's."""
     import importlib.metadata
 
     service = service_bundle()[0]
-    kernel = kernel or realboot.kernel_package()
+    kernels = list(kernels or realboot.kernel_packages())
     key = hashlib.sha256()
-    for part in (rootfs(progress), kernel, sys.version, json.dumps(PYTHON_PACKAGES)):
+    for part in (rootfs(progress), *kernels, sys.version, json.dumps(PYTHON_PACKAGES)):
         key.update(part.encode() + b"\0")
     for dist in ("cryptography", "tpm2-pytss", "cffi", "pycparser", "packaging"):
         key.update(f"{dist}=={importlib.metadata.version(dist)}\0".encode())
@@ -275,7 +277,7 @@ def cached_node_initramfs(progress: Progress | None = None, kernel: str | None =
     path = os.path.join(realboot.cache_dir(), f"initrd-{key.hexdigest()[:24]}.img")
     if not os.path.isfile(path):
         started = time.monotonic()
-        data = node_initramfs(progress, service, kernel)
+        data = node_initramfs(progress, service, kernels)
         partial = f"{path}.{os.getpid()}.partial"
         with open(partial, "wb") as fh:
             fh.write(data)
@@ -297,9 +299,12 @@ def _prune(folder: str, prefix: str, keep: int) -> None:
             pass
 
 
-def node_initramfs(progress: Progress | None = None, service: bytes | None = None, kernel: str | None = None) -> bytes:
-    """The real-boot node's initrd: the userland, the kernel's modules (of kernel, a Debian kernel
-    package; default the current one), the TVMM service, init."""
+def node_initramfs(progress: Progress | None = None, service: bytes | None = None,
+                   kernels: Sequence[str] | None = None) -> bytes:
+    """The real-boot node's initrd: the userland, the modules of each of kernels (Debian kernel
+    packages; default every one apt knows), the TVMM service, init. One initrd serves every
+    kernel, so under secure boot another signed kernel with it boots and is measured (a tamper
+    secure boot cannot see), and a kernel rollout changes only the kernel and its command line."""
     if sys.version_info[:2] != (3, 11):
         raise LabError("the real-boot image copies this Python's packages into Debian 12's Python 3.11: "
                        f"run tccdeploy with Debian 12's python3 (this is {sys.version.split()[0]})")
@@ -308,11 +313,13 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
         for suffix in ("", ".pub"):
             entries.pop(sub + suffix, None)  # mmdebstrap made these: every node gets its own
     entries.update(_python_packages())
-    kernel_root = realboot.unpacked(kernel or realboot.kernel_package(), progress)
-    modules = _modules(kernel_root)
-    for name, data in modules:
-        entries[f"usr/lib/tccdeploy/modules/{name}"] = regular(data)
-    entries["etc/tccdeploy/modules"] = regular(("\n".join(n for n, _ in modules) + "\n").encode())
+    for kernel in kernels or realboot.kernel_packages():
+        kernel_root = realboot.unpacked(kernel, progress)
+        (release,) = os.listdir(os.path.join(kernel_root, "lib", "modules"))
+        modules = _modules(kernel_root)
+        for name, data in modules:
+            entries[f"usr/lib/tccdeploy/modules/{release}/{name}"] = regular(data)
+        entries[f"usr/lib/tccdeploy/modules/{release}/order"] = regular(("\n".join(n for n, _ in modules) + "\n").encode())
     entries[SERVICE_PATH] = regular(service if service is not None else service_bundle()[0])
     entries["init"] = regular(INIT.encode(), 0o755)
     entries["etc/ssh/sshd_config"] = regular(SSHD_CONFIG.encode())
@@ -322,6 +329,7 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
     entries["home/tccnode"] = directory(0o700)
     entries["var/lib/tccdeploy-tvmm"] = directory(0o700)
     entries["boot/tccdeploy"] = directory(0o755)
+    entries["etc/tccdeploy"] = directory(0o755)  # the node's name and the service's config, written by init
     entries["etc/hostname"] = regular(b"tccdeploy-node\n")
     return realboot.initramfs(entries)
 

@@ -16,7 +16,9 @@ own packages and runs them:
 - the initramfs is written here as a deterministic newc cpio (fixed owners, times and order), so
   the same files give the same initrd digest on every machine;
 - the NVRAM (a copy of OVMF's VARS) is the machine's own, and the ESP's disk has bootindex 0, so
-  the firmware's boot order, and with it PCR 4's events, is the same at every boot.
+  the firmware's boot order, and with it PCR 4's events, is the same at every boot;
+- with secure boot (lab/secureboot.py), the firmware is Debian's secure-boot OVMF under SMM, the
+  NVRAM has the owner's keys enrolled, and the images are signed with them.
 
 KVM is used where it works; on this kind of machine KVM starts but OVMF stops with "KVM internal
 error" (nested virtualization without the CPU features it needs), so the run is repeated under
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ..bootpaths import ESP_INITRD, ESP_KERNEL
-from . import procs
+from . import procs, secureboot
 from .tpm import LabError
 
 CACHE_ENV = "TCCDEPLOY_LAB_CACHE"
@@ -224,6 +226,8 @@ class Machine:
     fw_cfg: dict[str, str] | None = None  # fw_cfg item name -> file: the machine's provisioning
     data_disk: str | None = None  # a raw disk image for the machine's state (not a boot option)
     boot_disk: str | None = None  # a raw disk image where the machine's OS keeps builds to boot next
+    secure_boot: bool = False  # Debian's secure-boot OVMF (with SMM), the owner's keys enrolled
+    signing: secureboot.Keys | None = None  # the owner's keys, for the NVRAM (secure_boot)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.folder, *parts)
@@ -240,17 +244,35 @@ class Machine:
         """What the guest printed on its serial console so far (empty before it starts)."""
         return _read(self.console)
 
+    @property
+    def nvram(self) -> str:
+        return self.path("vars.fd")
+
+    @property
+    def firmware(self) -> str:
+        return secureboot.OVMF_CODE if self.secure_boot else OVMF_CODE
+
     def prepare(self, ca_dir: str) -> None:
-        """Manufacture the vTPM (EK certificate from the CA in ca_dir) and copy OVMF's NVRAM."""
+        """Manufacture the vTPM (EK certificate from the CA in ca_dir) and write the NVRAM: OVMF's
+        template, with the owner's keys enrolled and secure boot on where the machine has it."""
         from .tpm import manufacture
 
-        for what in (OVMF_CODE, OVMF_VARS, SYSTEMD_BOOT_EFI):
+        for what in (self.firmware, OVMF_VARS, SYSTEMD_BOOT_EFI):
             if not os.path.isfile(what):
                 raise LabError(f"{what} is missing: run scripts/install (it installs ovmf and systemd-boot-efi)")
         os.makedirs(self.path("tpm"), mode=0o700, exist_ok=True)
         os.makedirs(self.esp, exist_ok=True)
         manufacture(self.path("tpm"), ca_dir, self.path("swtpm_setup.log"))
-        shutil.copyfile(OVMF_VARS, self.path("vars.fd"))
+        self.reset_nvram()
+
+    def reset_nvram(self) -> None:
+        """The NVRAM as the machine left the factory (and its owner enrolled the keys)."""
+        if self.secure_boot:
+            if self.signing is None:
+                raise LabError("a secure-boot machine needs the owner's keys to enroll")
+            secureboot.enroll(OVMF_VARS, self.nvram, self.signing)
+        else:
+            shutil.copyfile(OVMF_VARS, self.nvram)
 
     def swtpm_argv(self) -> list[str]:
         return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.path('tpm')}",
@@ -258,11 +280,12 @@ class Machine:
 
     def qemu_argv(self, accel: str) -> list[str]:
         argv = [
-            QEMU, "-name", "tccdeploy-realboot,debug-threads=on", "-accel", accel, "-machine", "q35",
+            QEMU, "-name", "tccdeploy-realboot,debug-threads=on", "-accel", accel,
+            "-machine", secureboot.MACHINE if self.secure_boot else "q35", *(secureboot.QEMU_ARGS if self.secure_boot else ()),
             "-m", str(self.memory_mb), "-smp", "1", "-display", "none", "-no-reboot", "-no-user-config",
             "-nodefaults", "-serial", f"file:{self.console}", "-monitor", "none",
-            "-drive", f"if=pflash,format=raw,unit=0,file={OVMF_CODE},readonly=on",
-            "-drive", f"if=pflash,format=raw,unit=1,file={self.path('vars.fd')}",
+            "-drive", f"if=pflash,format=raw,unit=0,file={self.firmware},readonly=on",
+            "-drive", f"if=pflash,format=raw,unit=1,file={self.nvram}",
             "-chardev", f"socket,id=chrtpm,path={self.path('swtpm.sock')}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-crb,tpmdev=tpm0",
             "-drive", f"file=fat:{self.esp},format=raw,if=none,id=esp,readonly=on",

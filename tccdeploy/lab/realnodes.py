@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..bootpaths import SYSTEMD_BOOT
-from . import nodeimage, procs, realboot, tpm
+from . import nodeimage, procs, realboot, secureboot, tpm
 from .tpm import LabError
 
 if TYPE_CHECKING:
@@ -59,16 +59,24 @@ def artifact_dir(lab: Lab, build: str = BUILD) -> str:
     return lab.path("artifacts", build)
 
 
+def signing_keys(lab: Lab) -> secureboot.Keys:
+    """The lab's secure-boot keys, as the machines' owner holds them."""
+    return secureboot.keys(lab.path("ca", "secureboot"))
+
+
 def prepare_image(lab: Lab) -> None:
-    """Each build's files, once per lab: Debian's systemd-boot, a Debian kernel, the node
-    initramfs with that kernel's modules (cached by what goes into it)."""
+    """Each build's files, once per lab: Debian's systemd-boot and a Debian kernel, both signed
+    with the lab's db key, and the node initramfs with every build's kernel modules (cached by
+    what goes into it)."""
+    initrd = nodeimage.cached_node_initramfs(lab.progress, [realboot.kernel_package(previous=p) for _, p in BUILDS.values()])
+    signing = signing_keys(lab)
     for build, (_, previous) in BUILDS.items():
         folder = artifact_dir(lab, build)
         os.makedirs(folder, exist_ok=True)
         kernel = realboot.kernel_package(previous=previous)
-        shutil.copyfile(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"))
-        shutil.copyfile(realboot.kernel_image(lab.progress, kernel), os.path.join(folder, "kernel"))
-        shutil.copyfile(nodeimage.cached_node_initramfs(lab.progress, kernel), os.path.join(folder, "initrd"))
+        secureboot.sign(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"), signing)
+        secureboot.sign(realboot.kernel_image(lab.progress, kernel), os.path.join(folder, "kernel"), signing)
+        shutil.copyfile(initrd, os.path.join(folder, "initrd"))
 
 
 def machine(lab: Lab, node: Node) -> realboot.Machine:
@@ -80,6 +88,7 @@ def machine(lab: Lab, node: Node) -> realboot.Machine:
         fw_cfg={f"{nodeimage.FW_CFG}/{item}": os.path.join(provision, item)
                 for item in ("node", "host_key", "authorized_keys")},
         data_disk=lab.node_dir(node, "state.img"), boot_disk=lab.node_dir(node, "boot.img"),
+        secure_boot=True, signing=signing_keys(lab),
     )
 
 
@@ -246,7 +255,7 @@ def manifests(lab: Lab, golden: Node) -> tuple[list[dict], dict]:
     _, platform = captured(parse(booted(lab, golden).eventlog), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
                            BUILD_VERSION, PLATFORM)
     assert platform is not None
-    platform["spec"] = {"model": "QEMU q35, Debian OVMF (no secure boot)", "version": _ovmf_version(),
+    platform["spec"] = {"model": "QEMU q35, Debian OVMF with secure boot (the lab's keys)", "version": _ovmf_version(),
                         "status": "approved", "measurements": platform["spec"]["measurements"]}
     platform["metadata"]["description"] = f"the real-boot nodes' firmware, captured from {golden.name}'s boot"
     return builds, platform
@@ -263,15 +272,20 @@ def _ovmf_version() -> str:
 TAMPERS = {
     "cmdline": "a kernel option added to the loader entry (measured in PCRs 9 and 12)",
     "initrd": "a file added to the initramfs, as an appended cpio archive (measured in PCR 9)",
-    "kernel": "another kernel: 4 KiB appended to vmlinuz, which still boots (its Authenticode digest, PCR 4)",
+    "kernel": "another signed kernel: the other build's, which secure boot admits (a rollback; PCR 4)",
+    **secureboot.TAMPERS,
 }
 TAMPER_OPTION = "tccdeploy.tampered=1"
+HOST_KEYS = "the provider's host"  # whose certificate the efivar tamper enrolls in db
 
 
 def tamper(lab: Lab, node: Node, what: str) -> None:
-    """Change what the node's ESP holds; the node boots it at its next reboot (`lab reboot`)."""
-    esp = machine(lab, node).esp
-    if what == "cmdline":
+    """Change what the node's ESP or NVRAM holds; the node boots it at its next reboot (`lab reboot`)."""
+    m = machine(lab, node)
+    esp = m.esp
+    if what in secureboot.TAMPERS:
+        secureboot.tamper(m.nvram, what, secureboot.keys(lab.path("ca", "host-secureboot"), HOST_KEYS).db_cert)
+    elif what == "cmdline":
         entry = os.path.join(esp, "loader", "entries", "tvmm.conf")
         with open(entry) as fh:
             text = fh.read()
@@ -281,17 +295,18 @@ def tamper(lab: Lab, node: Node, what: str) -> None:
         implant = realboot.cpio({"usr/lib/tccdeploy/implant": realboot.regular(b"a rogue component\n", 0o755)})
         with open(os.path.join(esp, "initrd.img"), "ab") as fh:
             fh.write(implant)
-    elif what == "kernel":
-        with open(os.path.join(esp, "vmlinuz"), "ab") as fh:
-            fh.write(b"\x00" * 4096)
+    elif what == "kernel":  # the host cannot sign a kernel of its own: it boots another the owner signed
+        other = next(name for name in BUILDS if name != node.build)
+        shutil.copyfile(os.path.join(artifact_dir(lab, other), "kernel"), os.path.join(esp, "vmlinuz"))
     else:
         raise LabError(f"unknown real-boot tamper {what!r}; choose one of: {', '.join(TAMPERS)}")
     node.tampered += 1
 
 
 def restore(lab: Lab, node: Node) -> None:
-    """Put the build's own files back on the node's ESP (a reinstall)."""
-    install(lab, node)
+    """Put the build's own files back on the node's ESP and its NVRAM as enrolled (a reinstall)."""
+    install(lab, node, node.build or BUILD)
+    machine(lab, node).reset_nvram()
     node.tampered = 0
 
 

@@ -1,21 +1,25 @@
 """Real-boot nodes against a hostile provider: what really boots is what the TC judges.
 
-Two real-boot lab nodes (QEMU guests: Debian's OVMF, systemd-boot and kernel on a swtpm vTPM,
+Two real-boot lab nodes (QEMU guests: Debian's secure-boot OVMF with the lab's keys enrolled,
+systemd-boot and kernels the lab signed, on a swtpm vTPM,
 the TVMM service and QEMU in the measured initramfs; lab/realnodes.py) are enrolled and attested
 like any node. Their TVMM build in the lab's manifests was predicted from the image's files and
 their platform captured from a golden boot; `build capture` through the TC (a fresh quote) gives
 the same build, and the firmware's log replays to the PCRs the kernel reads, in every bank, as
 tpm2_eventlog replays it. A newer kernel rolls out on one node through rollout-tvmm.yml (its VM,
 nested in the node, drained to the other), admitted as a candidate, then approved; when the old
-build is revoked, the other node's VMs are evacuated to it. Then the provider, root on the host, changes what rboot1 boots (another kernel, a file added to
-the initramfs, another command line) while a VM runs there, and cuts both nodes' power: the
-changed boot is refused at the event it departs at, decoded, and enforcement quarantines it
+build is revoked, the other node's VMs are evacuated to it. Then the provider, root on the
+host, changes what rboot1 boots (the other build's signed kernel, which secure boot admits, a
+file added to the initramfs, another command line, its own certificate in db) while a VM runs
+there, and cuts both nodes' power: the changed boot is refused at the events it departs at,
+decoded (the db variable and the host's certificate), and enforcement quarantines it
 without believing what it says of its VM; rboot2 comes back trusted with nothing the service
 wrote lost (the engine's replay of a launch ticket it spent just before is refused), its TPM's
-reset count ending the VM that ran there.
+reset count ending the VM that ran there. Last, the host turns rboot2's secure boot off: refused
+at PCR 7's SecureBoot event, quarantined.
 
-Slow, so the module boots its pair of nodes once and reboots them twice (the rollout, the power
-cut): about a minute to come up (the images and initrds cached after the first run), each reboot
+Slow, so the module boots its pair of nodes once and reboots them three times (the rollout, the
+power cut, secure boot off; one node each but the power cut): about a minute to come up (the images and initrds cached after the first run), each reboot
 about a minute under TCG, each VM launch or migration some 20 s (TCG inside TCG). It is ordered
 first in the suite (tests/conftest.py), so with two workers it runs beside the rest.
 """
@@ -46,6 +50,7 @@ from tccdeploy.engine.enforce import Report, enforce_round
 from tccdeploy.engine.helper import RemoteError
 from tccdeploy.engine.launch import launch
 from tccdeploy.engine.runner import Engine
+from tccdeploy.eventdecode import describe
 from tccdeploy.eventlog import parse
 from tccdeploy.lab import realboot, realnodes
 from tccdeploy.lab.lab import Lab
@@ -75,6 +80,7 @@ class World:
     rollout: dict = field(default_factory=dict)  # what the rollout of NEXT_BUILD and the revocation showed
     after_tamper: dict[str, dict] | None = None  # the enforcement round's attestations after the reboot
     report: Report | None = None
+    secure_boot_off: dict | None = None  # rboot2's attestation after its secure boot was turned off
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +147,27 @@ def rebooted(rolled_out: World) -> World:
     running = [v for v in world.coordinator.vms() if v.node == "rboot1" and v.state == "running"]
     world.vms["on-tampered"] = world.coordinator.registry.vm(running[0].name) if running else _start_vm(world, "rboot1")
     world.vms["before-the-cut"] = _start_vm(world, "rboot2")  # its used ticket written seconds before the cut
-    for what in ("kernel", "initrd", "cmdline"):
+    for what in ("kernel", "initrd", "cmdline", "efivar"):
         world.lab.tamper("rboot1", boot=what)
     world.lab.power_cycle(list(NODES))
     with _engine(world.lab, world.coordinator, *NODES) as engine:
         world.report = enforce_round(engine, world.coordinator)
     world.after_tamper = {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})} for r in world.report.attested}
     return world
+
+
+@pytest.fixture(scope="module")
+def secure_boot_off(rebooted: World) -> World:
+    """Last: the host turns rboot2's secure boot off in its NVRAM (as the firmware's setup would)
+    and reboots it; an enforcement round on it."""
+    rebooted.lab.tamper("rboot2", boot="secureboot")
+    rebooted.lab.power_cycle(["rboot2"])
+    with _engine(rebooted.lab, rebooted.coordinator, "rboot2") as engine:
+        report = enforce_round(engine, rebooted.coordinator)
+    (result,) = report.attested
+    rebooted.secure_boot_off = {"status": result.status, "msg": result.msg, "quarantined": report.quarantined,
+                                **(result.data or {})}
+    return rebooted
 
 
 def _engine(lab: Lab, coordinator: Coordinator, *nodes: str) -> Engine:
@@ -208,6 +228,22 @@ def test_real_boot_nodes_are_admitted_on_the_predicted_build_and_the_captured_pl
         assert result["status"] == "changed", (node, result["msg"])
         assert (result["verdict"], result["build"], result["platform"], result["admitted"]) == \
                ("trusted", realnodes.BUILD, realnodes.PLATFORM, True), node
+
+
+def test_real_boot_nodes_boot_with_secure_boot_on_under_the_owners_keys(world):
+    """The firmware verified systemd-boot and the kernel against the lab's db (PCR 7: secure boot
+    on, the owner's keys, the one db certificate that admitted both images)."""
+    pcr7 = [(e.type_name, describe(e)) for e in parse(world.first_boot.eventlog).events if e.pcr == 7]
+    assert pcr7[0] == ("EV_EFI_VARIABLE_DRIVER_CONFIG", "SecureBoot (EFI_GLOBAL_VARIABLE), 1 bytes: enabled")
+    assert [d.split(" ", 1)[0] for _, d in pcr7[1:5]] == ["PK", "KEK", "db", "dbx"]
+    assert "1 entry: X.509 CN=tccdeploy lab image signing" in pcr7[3][1]
+    authorities = [d for kind, d in pcr7 if kind == "EV_EFI_VARIABLE_AUTHORITY"]
+    assert len(authorities) == 1 and authorities[0].endswith("X.509 CN=tccdeploy lab image signing,O=tccdeploy lab")
+    artifacts = realnodes.artifact_dir(world.lab)
+    for name in ("bootloader", "kernel"):  # signed by sbsign with the lab's db key
+        proc = subprocess.run(["sbverify", "--cert", realnodes.signing_keys(world.lab).db_cert, os.path.join(artifacts, name)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_the_real_boots_log_replays_to_the_vtpms_pcrs_in_every_bank_and_tpm2_eventlog_agrees(world, tmp_path):
@@ -340,11 +376,17 @@ def test_a_tampered_boot_is_refused_at_each_event_that_changed_and_a_power_cut_l
     results = rebooted.after_tamper
     assert results is not None
     tampered, cut = results["rboot1"], results["rboot2"]
-    assert tampered["status"] == "failed" and tampered["reasons"] == ["build.unknown"], tampered
-    # another kernel departs from both builds at the same event: either may be named the closest
-    assert "closest build tvmm-rb-2026." in tampered["msg"] and "PCR 4 event 3 (a different event)" in tampered["msg"], \
-        tampered["msg"]
-    assert tampered["platform"] == realnodes.PLATFORM  # the firmware is still the approved one
+    assert tampered["status"] == "failed" and tampered["reasons"] == ["platform.unknown", "build.unknown"], tampered
+    # the host's certificate in db: PCR 7's db event, decoded down to the certificate's subject
+    assert (f"closest platform {realnodes.PLATFORM}: PCR 7 event 3 (a different event: EV_EFI_VARIABLE_DRIVER_CONFIG db "
+            f"(EFI_IMAGE_SECURITY_DATABASE)") in tampered["msg"], tampered["msg"]
+    assert f"X.509 CN={realnodes.HOST_KEYS} image signing" in tampered["msg"], tampered["msg"]
+    # rboot1 ran NEXT_BUILD: the host put BUILD's kernel back (signed by the owner: secure boot
+    # admits it), with its own initramfs and command line. The kernel is BUILD's, so BUILD is the
+    # closest, departing at the command line (PCR 9's first event: the EFI stub's tag for it)
+    assert f"closest build {realnodes.BUILD}: PCR 9 event 0 (a different event: EV_EVENT_TAG LOADED_IMAGE::LoadOptions" \
+        in tampered["msg"], tampered["msg"]
+    assert tampered["platform"] is None
     # rboot2 lost power seconds after its enrollment wrote the AK's record: it kept its AK
     assert cut["status"] in ("ok", "changed") and cut["verdict"] == "trusted", cut
     for node, state in (("rboot1", "quarantined"), ("rboot2", "admitted")):
@@ -353,6 +395,8 @@ def test_a_tampered_boot_is_refused_at_each_event_that_changed_and_a_power_cut_l
     capsys.readouterr()
     assert _capture(lab, coordinator, "rboot1", "--diff", realnodes.NEXT_BUILD) == 1
     diff = capsys.readouterr().out
+    assert f"firmware: matches no platform; the closest is {realnodes.PLATFORM}:" in diff, diff
+    assert "PCR 7 event 3: changed: EV_EFI_VARIABLE_DRIVER_CONFIG: db" in diff, diff
     assert "PCR 4 event 3: changed: EV_EFI_BOOT_SERVICES_APPLICATION" in diff and "\\vmlinuz" in diff, diff
     assert "PCR 9 event 0: changed: EV_EVENT_TAG" in diff and realnodes.TAMPER_OPTION in diff, diff
     assert "PCR 9 event 1: changed: EV_EVENT_TAG: Linux initrd" in diff, diff
@@ -360,7 +404,7 @@ def test_a_tampered_boot_is_refused_at_each_event_that_changed_and_a_power_cut_l
     # The power cut ended the VM on rboot1 before the tampered boot: evacuation finds nothing to
     # move and the power-off is answered by a boot the TC does not trust, so the TC keeps the VM
     # live (no second copy anywhere, no key to rboot1) until rboot1 proves it gone from a trusted boot.
-    assert rebooted.report is not None and rebooted.report.quarantined == [{"node": "rboot1", "reason": "build.unknown"}]
+    assert rebooted.report is not None and rebooted.report.quarantined == [{"node": "rboot1", "reason": "platform.unknown"}]
     (outcome,) = rebooted.report.vms
     vm = rebooted.vms["on-tampered"]
     assert (outcome["vm"], outcome["policy"]) == (vm["name"], "evacuate"), outcome
@@ -398,3 +442,15 @@ def test_the_engines_logins_on_a_real_boot_node_reach_neither_the_tpm_nor_the_st
     assert "Permission denied" in admin.stderr and admin.stdout.strip().endswith("991")
     tvmm = _ssh(lab, "tcctvmm", "rboot1", "cat /dev/tpmrm0; sh -c id")
     assert tvmm.stdout.startswith('{"hello": "tccdeploy-tvmm"') and "uid=" not in tvmm.stdout, tvmm.stdout
+
+
+def test_secure_boot_turned_off_by_the_host_is_refused_at_the_variable_and_the_node_quarantined(secure_boot_off):
+    """The node still boots (OVMF without secure boot runs anything), and the same files: only
+    PCR 7 tells, at its first event, and the TC names it."""
+    result = secure_boot_off.secure_boot_off
+    assert result is not None and result["status"] == "failed" and result["reasons"] == ["platform.unknown"], result
+    assert (f"closest platform {realnodes.PLATFORM}: PCR 7 event 0 (a different event: EV_EFI_VARIABLE_DRIVER_CONFIG "
+            "SecureBoot (EFI_GLOBAL_VARIABLE), 1 bytes: disabled)") in result["msg"], result["msg"]
+    assert result["build"] == realnodes.BUILD  # the boot itself is the approved build's
+    assert result["quarantined"] == [{"node": "rboot2", "reason": "platform.unknown"}]
+    assert secure_boot_off.coordinator.node("rboot2").state == "quarantined"
