@@ -78,7 +78,8 @@ def _text(data: bytes) -> str:
 # -- device paths (UEFI 10.3) -----------------------------------------------------------------
 def device_path(raw: bytes) -> str:
     """A UEFI device path as text, node by node (the common nodes by name, others by type)."""
-    parts, offset = [], 0
+    parts: list[str] = []
+    offset = 0
     while offset + 4 <= len(raw) and len(parts) < 32:
         kind, sub, length = raw[offset], raw[offset + 1], _u(raw, offset + 2, "H")
         if length < 4 or offset + length > len(raw):

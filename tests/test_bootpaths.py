@@ -179,3 +179,19 @@ def test_a_real_boot_nodes_nvram_has_the_owners_keys_and_the_host_can_change_it(
     assert node.tampered == 2
     machine.reset_nvram()  # a reinstall: as enrolled
     assert variables()["SecureBootEnable"].data == b"\x01" and der(host.db_cert) not in variables()["db"].data
+
+
+def test_real_boot_nodes_boot_the_secure_boot_firmware_under_smm_unless_the_lab_says_off(tmp_path):
+    from tccdeploy.lab import realnodes
+    from tccdeploy.lab.lab import Lab, plan
+
+    lab = Lab(str(tmp_path))
+    on, off = plan(1, 1, 0, 0, 7, real_boot=1)[-1], plan(1, 1, 0, 0, 7, real_boot=1, secure_boot=False)[-1]
+    argv = realnodes.machine(lab, on).qemu_argv("tcg")
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on" and "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert f"if=pflash,format=raw,unit=0,file={secureboot.OVMF_CODE},readonly=on" in argv
+    argv = realnodes.machine(lab, off).qemu_argv("tcg")
+    assert argv[argv.index("-machine") + 1] == "q35" and "driver=cfi.pflash01,property=secure,value=on" not in argv
+    assert f"if=pflash,format=raw,unit=0,file={realboot.OVMF_CODE},readonly=on" in argv
+    with pytest.raises(LabError, match="secure boot is off already"):
+        realnodes.tamper(lab, off, "secureboot")

@@ -45,7 +45,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     start = time.monotonic()
     lab.up(nodes=args.nodes, sites=args.sites, outside=args.outside, rogue=args.rogue_tpm,
            lab_index=args.lab_index, python=args.python, ssh_port=args.ssh_port,
-           build=args.build, real_boot=args.real_boot)
+           build=args.build, real_boot=args.real_boot, secure_boot=args.secure_boot == "on")
     elapsed = time.monotonic() - start
     if args.json:
         print(json.dumps({"dir": lab.dir, "seconds": round(elapsed, 2), "nodes": lab.status()}, indent=2))
@@ -187,6 +187,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "systemd-boot and kernel on a vTPM, the TVMM service in their measured initramfs (first time: "
                         "downloads Debian packages and builds the image, about 2 minutes; each boot about a minute "
                         "under TCG)")
+    p.add_argument("--secure-boot", choices=("on", "off"), default="on",
+                   help="the real-boot nodes' UEFI secure boot (default on: Debian's secure-boot OVMF, the lab's own "
+                        "keys enrolled, boot loader and kernels signed with them; off: Debian's plain OVMF, its "
+                        "template NVRAM)")
     p.add_argument("--python", help="Python the nodes run tccdeploy's helper with (default: this one)")
     p.add_argument("--ssh-port", type=int, default=SSH_PORT, help=f"sshd port on every node address (default {SSH_PORT})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

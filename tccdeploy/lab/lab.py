@@ -94,6 +94,7 @@ class Node:
     model: str = DEFAULT_MODEL  # the hardware model: its firmware is what PCR 0 shows
     modified: bool = False  # the last boot loaded files other than the lab's own for its build
     real_boot: bool = False  # a QEMU guest that really boots (lab/realnodes.py)
+    secure_boot: bool = True  # a real-boot node's firmware: secure boot on, the lab's keys enrolled
     qemu_pid: int | None = None
 
     @property
@@ -105,7 +106,8 @@ class Node:
         return "tampered" if self.tampered or self.implant else "running"
 
 
-def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int, real_boot: int = 0) -> list[Node]:
+def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int, real_boot: int = 0,
+         secure_boot: bool = True) -> list[Node]:
     """Name and address every node: site nodes first (spread evenly), then rogue TPMs, outside,
     then real-boot nodes (site 1, 127.K.1.101 and up)."""
     if not 1 <= sites <= 8:
@@ -134,7 +136,7 @@ def plan(nodes: int, sites: int, outside: int, rogue: int, lab_index: int, real_
         out.append(Node(f"outside{i}", f"127.{lab_index}.{OUTSIDE_SITE}.{i}", None, "outside"))
     for i in range(1, real_boot + 1):
         out.append(Node(f"rboot{i}", f"127.{lab_index}.1.{realnodes.ADDRESS_BASE + i}", "site1", "site1",
-                        build=realnodes.BUILD, model=realnodes.PLATFORM, real_boot=True))
+                        build=realnodes.BUILD, model=realnodes.PLATFORM, real_boot=True, secure_boot=secure_boot))
     return out
 
 
@@ -253,9 +255,11 @@ class Lab:
         ssh_port: int = SSH_PORT,
         build: str = DEFAULT_BUILD,
         real_boot: int = 0,
+        secure_boot: bool = True,
     ) -> Lab:
-        """Bring the lab up; on any failure stop what started and remove the directory."""
-        planned = plan(nodes, sites, outside, rogue, lab_index, real_boot)
+        """Bring the lab up; on any failure stop what started and remove the directory.
+        secure_boot: the real-boot nodes' firmware has it on (the lab's keys enrolled), or off."""
+        planned = plan(nodes, sites, outside, rogue, lab_index, real_boot, secure_boot)
         try:
             lab_build(build)
         except KeyError:

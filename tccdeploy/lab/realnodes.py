@@ -88,7 +88,7 @@ def machine(lab: Lab, node: Node) -> realboot.Machine:
         fw_cfg={f"{nodeimage.FW_CFG}/{item}": os.path.join(provision, item)
                 for item in ("node", "host_key", "authorized_keys")},
         data_disk=lab.node_dir(node, "state.img"), boot_disk=lab.node_dir(node, "boot.img"),
-        secure_boot=True, signing=signing_keys(lab),
+        secure_boot=node.secure_boot, signing=signing_keys(lab) if node.secure_boot else None,
     )
 
 
@@ -255,7 +255,8 @@ def manifests(lab: Lab, golden: Node) -> tuple[list[dict], dict]:
     _, platform = captured(parse(booted(lab, golden).eventlog), "sha256", POLICY_PCRS, PLATFORM_PCRS, golden.name, BUILD,
                            BUILD_VERSION, PLATFORM)
     assert platform is not None
-    platform["spec"] = {"model": "QEMU q35, Debian OVMF with secure boot (the lab's keys)", "version": _ovmf_version(),
+    model = "with secure boot (the lab's keys)" if golden.secure_boot else "(no secure boot)"
+    platform["spec"] = {"model": f"QEMU q35, Debian OVMF {model}", "version": _ovmf_version(),
                         "status": "approved", "measurements": platform["spec"]["measurements"]}
     platform["metadata"]["description"] = f"the real-boot nodes' firmware, captured from {golden.name}'s boot"
     return builds, platform
@@ -283,6 +284,8 @@ def tamper(lab: Lab, node: Node, what: str) -> None:
     """Change what the node's ESP or NVRAM holds; the node boots it at its next reboot (`lab reboot`)."""
     m = machine(lab, node)
     esp = m.esp
+    if what == "secureboot" and not node.secure_boot:
+        raise LabError(f"{node.name}'s secure boot is off already (lab up --secure-boot off): nothing to turn off")
     if what in secureboot.TAMPERS:
         secureboot.tamper(m.nvram, what, secureboot.keys(lab.path("ca", "host-secureboot"), HOST_KEYS).db_cert)
     elif what == "cmdline":
