@@ -369,7 +369,14 @@ def test_the_closest_build_is_the_one_with_most_events_in_place_the_first_on_a_t
     assert verifier_match([firmware_twin, kernel_twin], {0: [_d("firmware")], 4: [_d("x")]})[1].startswith(
         "closest build firmware-twin")
     nothing = _build("nothing", {0: [_d("another firmware")], 4: [_d("x")]})
-    assert verifier_match([nothing], log)[1] == "closest build nothing: PCR 0 event 0 (a different event)"
+    # every event where the log differs is named, not only the first
+    assert verifier_match([nothing], log)[1] == ("closest build nothing: PCR 0 event 0 (a different event); PCR 4 event 0 "
+                                                 "(a different event); PCR 4 event 1 (an extra event); PCR 4 event 2 "
+                                                 "(an extra event)")
+    longer = {0: [_d("firmware")], 4: [_d("shim"), _d("grub"), _d("new kernel"), *(_d(f"rootkit {i}") for i in range(5))]}
+    assert verifier_match([near], longer)[1] == ("closest build near: PCR 4 event 2 (a different event); PCR 4 event 3 "
+                                                 "(an extra event); PCR 4 event 4 (an extra event); PCR 4 event 5 "
+                                                 "(an extra event); and 2 more")
     assert verifier_match([], log) == (None, "")
 
 

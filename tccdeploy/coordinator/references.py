@@ -12,8 +12,9 @@ in order (and event type where the reference names one); a PCR it lists with no 
 none. Then its status decides, from the TC's manifests and the TC's roster only:
 
     build.unknown / platform.unknown            no reference matches (the closest one is named,
-                                                with where the log departs from it and what the
-                                                event there measured: which variable, which file)
+                                                with each event where the log differs from it
+                                                and what that event measured: which variable,
+                                                which file)
     build.revoked / platform.revoked            the match is revoked
     build.not-in-rollout / platform.not-in-rollout
                                                 the match is a candidate and this node is not one
@@ -77,30 +78,54 @@ def _departure(expected: Sequence, got: Sequence[Measured]) -> int:
     return min(len(expected), len(got))
 
 
+SHOWN_DEPARTURES = 4  # events named in a message; the rest counted
+
+
+def _departed(expected: Sequence, got: Sequence[Measured]) -> list[tuple[int, str]]:
+    """Each position where the log differs from the reference, with how: event by event, so two
+    changed settings in one PCR (secure boot off and db changed) are both named."""
+    out = []
+    for i in range(max(len(expected), len(got))):
+        if i >= len(expected):
+            out.append((i, "an extra event"))
+        elif i >= len(got):
+            out.append((i, "a missing event"))
+        elif bytes.fromhex(expected[i].digest) != got[i].digest or (expected[i].type is not None and expected[i].type != got[i].type):
+            out.append((i, "a different event"))
+    return out
+
+
 def match(events_by_pcr: dict[int, list[Measured]], refs: Sequence[Reference],
           pcrs: Sequence[int]) -> tuple[Reference | None, str]:
     """The first reference whose events equal the log's on every PCR of pcrs.
 
-    When none does, the message names the closest reference (most events in place, the first on
-    a tie) and where the log first departs from it: what an operator needs to find the rogue
-    component.
+    When none does, the message names the closest reference (most events in place before the
+    log departs, the first on a tie) and each event where the log differs from it, decoded: what
+    an operator needs to find the rogue component (the first SHOWN_DEPARTURES, the rest counted).
     """
-    best: tuple[int, str] = (-1, "")
+    best: tuple[int, Reference | None] = (-1, None)
     for ref in refs:
-        matched, first = 0, ""
+        matched, departs = 0, False
         for pcr in pcrs:
             expected, got = ref.pcrs.get(pcr, ()), events_by_pcr.get(pcr, [])
             same = _departure(expected, got)
             matched += same
-            if (same != len(expected) or same != len(got)) and not first:
-                what = "an extra event" if same == len(expected) else ("a missing event" if same == len(got) else "a different event")
-                detail = shown(got[same]) if same < len(got) else ""
-                first = f"PCR {pcr} event {same} ({what}" + (f": {detail})" if detail else ")")
-        if not first:
+            departs = departs or same != len(expected) or same != len(got)
+        if not departs:
             return ref, ""
         if matched > best[0]:
-            best = (matched, f"closest {ref.kind} {ref.name}: {first}")
-    return None, best[1]
+            best = (matched, ref)
+    closest = best[1]
+    if closest is None:
+        return None, ""
+    where = []
+    for pcr in pcrs:
+        got = events_by_pcr.get(pcr, [])
+        for index, what in _departed(closest.pcrs.get(pcr, ()), got):
+            detail = shown(got[index]) if index < len(got) else ""
+            where.append(f"PCR {pcr} event {index} ({what}" + (f": {detail})" if detail else ")"))
+    more = f"; and {len(where) - SHOWN_DEPARTURES} more" if len(where) > SHOWN_DEPARTURES else ""
+    return None, f"closest {closest.kind} {closest.name}: " + "; ".join(where[:SHOWN_DEPARTURES]) + more
 
 
 def coded(build_code: str, platform_code: str, ref: Reference) -> str:

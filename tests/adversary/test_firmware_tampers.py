@@ -87,6 +87,18 @@ def test_a_certificate_the_host_added_to_db_is_refused_naming_db():
         in message, message
 
 
+def test_secure_boot_off_and_a_changed_db_in_one_boot_are_both_named():
+    """Two settings changed in one PCR: each event that differs is named, not only the first."""
+    builds, platforms = references()
+    judged = judge(events(firmware(secure_boot=False, db=b"host-cert")), builds, platforms, POLICY, "n1")
+    ((code, message),) = judged.failures
+    assert code == "platform.unknown"
+    assert "PCR 7 event 0 (a different event: EV_EFI_VARIABLE_DRIVER_CONFIG SecureBoot (EFI_GLOBAL_VARIABLE), 1 bytes: " \
+           "disabled); PCR 7 event 3 (a different event: EV_EFI_VARIABLE_DRIVER_CONFIG db (EFI_IMAGE_SECURITY_DATABASE)" \
+           in message, message
+    assert "event 1 " not in message and "event 4 " not in message  # PK and dbx are as enrolled
+
+
 def test_an_event_whose_data_is_not_what_was_measured_is_not_believed():
     """A hostile engine measured secure boot off but logs the data of "enabled": the TC refuses on
     the digest, and says the data is not what was measured rather than repeating "enabled"."""
