@@ -112,6 +112,31 @@ def test_match_picks_the_first_exact_reference_and_otherwise_diagnoses_the_close
     assert match(events, [], (4,)) == (None, "")
 
 
+def test_an_event_of_another_type_with_the_same_digest_is_named_where_it_differs():
+    typed = dataclasses.replace(build(), pcrs=_refs({4: ["shim", "kernel"], 8: ["cmdline"]}, {8: ["EV_IPL"]}))
+    ipl = boot()
+    ipl[8] = [Measured(_d("cmdline"), "EV_EFI_ACTION")]
+    assert match(ipl, [typed], (4, 8)) == (None, "closest build tvmm-1: PCR 8 event 0 (a different event: EV_EFI_ACTION)")
+
+
+def test_a_departing_event_is_shown_by_its_type_when_the_log_gave_nothing_to_decode():
+    """Measured without the parsed event: its type; with an event whose digests do not hold the
+    measured one (the policy's bank missing from it), the decoded text without a data check, no crash."""
+    from tccdeploy.coordinator.references import shown
+    from tccdeploy.eventlog import Event
+
+    assert shown(Measured(_d("x"), "EV_IPL")) == "EV_IPL" and shown(Measured(_d("x"))) == ""
+    event = Event(8, 13, {"sha1": bytes(20)}, b"grub_cmd: linux /vmlinuz", 0)
+    assert shown(Measured(_d("x"), "EV_IPL", event)) == 'EV_IPL "grub_cmd: linux /vmlinuz"'
+
+
+def test_a_log_without_a_pcr_the_platform_owns_is_unknown_firmware_not_a_crash():
+    judged = judge({4: [Measured(_d("shim")), Measured(_d("kernel"))], 8: [Measured(_d("cmdline"))]}, [build()],
+                   [platform(), platform("model-b", "firmware b")], POLICY, "n1")
+    assert codes(judged.failures) == ["platform.unknown"]
+    assert "closest platform model-a: PCR 0 event 0 (a missing event); PCR 0 event 1 (a missing event)" in judged.failures[0][1]
+
+
 # -- status -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("status, failures, warnings", [
     ("approved", [], []),
