@@ -157,11 +157,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(reason, str):  # a refusal (the TC's, or a bundle's check): its code and why
             print(f"refused: {reason}: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        if isinstance(exc, OSError) and exc.filename is not None and not os.environ.get("TCCDEPLOY_DEBUG"):
+            print(f"error: {file_problem(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(exc, FileNotFoundError) and exc.args and isinstance(exc.args[0], str):
+            print(f"error: {exc.args[0]}", file=sys.stderr)  # raised with its own words: what is missing, what to do
+            return EXIT_ERROR
         if os.environ.get("TCCDEPLOY_DEBUG"):
             raise
         print(f"unexpected error: {type(exc).__name__}: {exc} (set TCCDEPLOY_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return EXIT_UNEXPECTED
+
+
+def file_problem(exc: OSError) -> str:
+    """A file the user named (or a folder it leads to) that cannot be used: which, why, what to do."""
+    path = os.fsdecode(exc.filename)
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    if isinstance(exc, FileNotFoundError):
+        fix = f"no such file or folder{where}: check the path"
+    elif isinstance(exc, PermissionError):
+        fix = f"permission denied for this user (uid {os.getuid()}): make it readable, or run as its owner"
+    elif isinstance(exc, IsADirectoryError):
+        fix = "a folder where a file is needed: give the file inside it"
+    elif isinstance(exc, NotADirectoryError):
+        fix = "a file where a folder is needed: give the folder"
+    else:
+        fix = exc.strerror or str(exc)
+    return f"{path}: {fix}"
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 
 
+def state_path(explicit: str | None = None) -> str:
+    """--state DIR, else $TCCDEPLOY_STATE, else ~/.local/state/tccdeploy: where it is, made or not
+    (what a command that only reads asks)."""
+    return explicit or os.environ.get("TCCDEPLOY_STATE") or os.path.join(os.path.expanduser("~"), ".local", "state", "tccdeploy")
+
+
 def state_dir(explicit: str | None = None) -> str:
-    """--state DIR, else $TCCDEPLOY_STATE, else ~/.local/state/tccdeploy (created 0700, and made
-    0700 again if someone opened it up)."""
-    path = explicit or os.environ.get("TCCDEPLOY_STATE") or os.path.join(
-        os.path.expanduser("~"), ".local", "state", "tccdeploy"
-    )
+    """state_path, created 0700 (and made 0700 again if someone opened it up)."""
+    path = state_path(explicit)
     os.makedirs(path, mode=0o700, exist_ok=True)
     if os.stat(path).st_mode & 0o077:  # it holds the TC's keys and registry, or the engine's credentials
         os.chmod(path, 0o700)

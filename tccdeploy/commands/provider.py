@@ -82,14 +82,24 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def existing_registry(state: str | None):  # type: ignore[no-untyped-def]
+    """The embedded TC's registry for a command that reads it: opened, never created (a `nodes` in
+    the wrong folder must not leave an empty TC behind and report no nodes as if that were so)."""
+    from ..coordinator.service import registry_location
+    from ..coordinator.store import Registry
+
+    location = registry_location(state, create=False)
+    if "://" not in location and not os.path.isfile(location):
+        raise SystemExit(f"error: no TC registry at {location}: give the TC's state folder with --state DIR "
+                         "(or $TCCDEPLOY_STATE), a served TC with --tc URL, or create one with `tccdeploy tc init`")
+    return Registry(location)
+
+
 class _RegistryNodes:
     """The embedded TC's view of nodes, with the served client's two reading methods."""
 
     def __init__(self, state: str | None):
-        from ..coordinator.service import registry_location
-        from ..coordinator.store import Registry
-
-        self.registry = Registry(registry_location(state))
+        self.registry = existing_registry(state)
 
     def node_history(self, name: str, limit: int) -> tuple[dict | None, list[dict]]:  # type: ignore[type-arg]
         node = self.registry.node(name)
@@ -255,8 +265,6 @@ def cmd_request_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_vms(args: argparse.Namespace) -> int:
-    from ..coordinator.service import registry_location
-    from ..coordinator.store import Registry
 
     if args.repair:
         from ..engine.migrate import repair
@@ -274,7 +282,7 @@ def cmd_vms(args: argparse.Namespace) -> int:
         finally:
             coordinator.close()
 
-    source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
+    source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else existing_registry(args.state)
     try:
         vms = [v if isinstance(v, VMRecord) else VMRecord.from_row(v) for v in source.vms(args.all)]
         rows = [{"name": v.name, "state": v.state, "node": v.node, "customer": v.customer, "vm_id": v.vm_id,
@@ -468,10 +476,8 @@ def print_round(number: int, report: Report) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from ..coordinator import audit
-    from ..coordinator.service import registry_location
-    from ..coordinator.store import Registry
 
-    registry = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else Registry(registry_location(args.state))
+    registry = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else existing_registry(args.state)
     try:
         if args.audit_command == "verify":
             checkpoint = None

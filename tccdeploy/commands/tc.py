@@ -14,7 +14,7 @@ import os
 import sys
 from contextlib import closing
 
-from ..config import state_dir
+from ..config import state_dir, state_path
 from ..tables import table
 
 MANIFESTS_ENV = "TCCDEPLOY_MANIFESTS"
@@ -34,10 +34,16 @@ def open_tc(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The TC's registry, for the operator's commands on a TC that exists (`tc init` made its
+    identity; the registry itself is made at its first use): a wrong --state creates nothing."""
+    from ..coordinator import identity
     from ..coordinator.service import registry_location
     from ..coordinator.store import Registry
 
-    return Registry(registry_location(state_dir(args.state)))
+    if not os.path.isfile(os.path.join(state_path(args.state), identity.CERT_FILE)):
+        raise SystemExit(f"error: no TC in {state_path(args.state)}: give the TC's state folder with --state DIR "
+                         "(or $TCCDEPLOY_STATE), or create the TC with `tccdeploy tc init`")
+    return Registry(registry_location(args.state))
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -54,7 +60,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from ..coordinator import identity
 
-    ident = identity.load(state_dir(args.state))
+    ident = identity.load(state_path(args.state))  # read only: a wrong --state creates nothing
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(ident.bundle_pem)
@@ -93,7 +99,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
     from ..coordinator import identity, tls
 
-    state = state_dir(args.state)
+    state = state_path(args.state)
     with closing(_registry(args)) as registry:
         if args.action in ("add", "remove") and not args.name:
             print(f"usage: tccdeploy tc engines {args.action} NAME", file=sys.stderr)
@@ -179,7 +185,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
     from ..coordinator import audit, identity
 
-    state = state_dir(args.state)
+    state = state_path(args.state)
     with closing(_registry(args)) as registry:
         try:
             checkpoint = audit.checkpoint(registry, identity.load(state))
@@ -200,7 +206,7 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
 def cmd_rotate(args: argparse.Namespace) -> int:
     from ..coordinator import audit, identity
 
-    state = state_dir(args.state)
+    state = state_path(args.state)
     before = identity.load(state).purpose(args.purpose).key_id
     new = identity.rotate(state, args.purpose)
     with closing(_registry(args)) as registry:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..config import state_dir
+from ..config import state_dir, state_path
 from ..crypto import ticket as tickets
 from ..crypto import wrap
 from ..manifest.models import NodeRoster, Perimeter, Platform, TVMMBuild
@@ -44,10 +44,10 @@ REGISTRY_FILE = "registry.sqlite"
 REGISTRY_ENV = "TCCDEPLOY_REGISTRY"
 
 
-def registry_location(state: str | None = None) -> str:
+def registry_location(state: str | None = None, create: bool = True) -> str:
     """Where the registry is: $TCCDEPLOY_REGISTRY (a postgresql:// URL, for replicas), else the
-    SQLite file in the state directory."""
-    return os.environ.get(REGISTRY_ENV) or os.path.join(state_dir(state), REGISTRY_FILE)
+    SQLite file in the state directory (made, unless not create: a command that only reads)."""
+    return os.environ.get(REGISTRY_ENV) or os.path.join((state_dir if create else state_path)(state), REGISTRY_FILE)
 
 
 def node_summaries(registry: Registry) -> list[NodeRecord]:
