@@ -168,3 +168,12 @@ def test_a_union_of_four_names_is_not_taken_for_an_ipv6_address():
 
     assert split_terms("node1:node2:node3:node4") == ["node1", "node2", "node3", "node4"]
     assert split_terms("fe80::1") == ["fe80::1"] and split_terms("2001:db8:0:1") == ["2001:db8:0:1"]
+
+
+def test_a_yaml_host_range_that_cannot_expand_is_a_problem_at_its_key(tmp_path: Path):
+    (tmp_path / "hosts.yml").write_text('all:\n  hosts:\n    "n[4:a]":\n    "m[5:1]":\n    ok:\n')
+    with pytest.raises(ManifestError) as raised:
+        load_inventory(str(tmp_path / "hosts.yml"))
+    found = [(p.code, p.line, p.message) for p in raised.value.problems]
+    assert [(code, line) for code, line, _ in found] == [("inventory.yaml-range", 3), ("inventory.yaml-range", 4)], found
+    assert "neither numeric nor single letters" in found[0][2] and "is empty" in found[1][2]

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from ..manifest.problems import JsonPath, Problem
 from ..manifest.yamlload import Document, load_file
+from .ini import expand_range
 
 VARS_EXTENSIONS = ("", ".yml", ".yaml", ".json")
 
@@ -117,8 +118,15 @@ class Inventory:
         body = body if isinstance(body, dict) else {}
         for key, value in _mapping(body.get("vars")).items():
             self._set_group_var(group, key, value, Origin(doc, path + ("vars", key)))
-        for host_name, host_vars in _mapping(body.get("hosts")).items():
-            self.add_host(doc, name, host_name, _mapping(host_vars), path + ("hosts", host_name))
+        for pattern, host_vars in _mapping(body.get("hosts")).items():
+            try:  # a key may be a range, as Ansible's YAML plugin expands it: node[01:20], db-[a:c]
+                names = expand_range(pattern)
+            except ValueError as exc:
+                self.problems.append(doc.problem(path + ("hosts", pattern), "inventory.yaml-range", str(exc),
+                                                 "ranges are [01:10], [a:f] or [0:20:2]"))
+                continue
+            for host_name in names:
+                self.add_host(doc, name, host_name, _mapping(host_vars), path + ("hosts", pattern))
         for child, child_body in _mapping(body.get("children")).items():
             self._add_group(doc, child, child_body, path + ("children", child), parent=name)
 
