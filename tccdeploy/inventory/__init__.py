@@ -4,9 +4,10 @@ Reads Ansible's YAML inventory format and the group_vars/ and host_vars/ directo
 it, and merges variables in the order Ansible documents for these sources, lowest first:
 
 1. the `all` group's vars in the inventory file,
-2. group_vars/all,
-3. other groups' vars in the inventory file (parents before children, then by
+2. other groups' vars in the inventory file (parents before children, then by
    ansible_group_priority, then by name),
+3. group_vars/all (above every group's vars in the inventory file, as ansible-inventory and
+   ansible-playbook 2.19 merge them),
 4. group_vars/<group> files, in the same group order,
 5. the host's vars in the inventory file,
 6. host_vars/<host>.
@@ -326,10 +327,10 @@ class Inventory:
         groups = [self.groups[g] for g in self.host_groups(host)]
         all_group = self.groups["all"]
         layer(all_group.vars, all_group.var_origins)
-        layer(all_group.file_vars, all_group.file_var_origins)
         for g in groups:
             if g.name != "all":
                 layer(g.vars, g.var_origins)
+        layer(all_group.file_vars, all_group.file_var_origins)  # group_vars/all outranks every group's inline vars
         for g in groups:
             if g.name != "all":
                 layer(g.file_vars, g.file_var_origins)
