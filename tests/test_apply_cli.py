@@ -19,7 +19,7 @@ needs_ansible = pytest.mark.skipif(not (BIN / "ansible-playbook").exists() or sh
 
 @pytest.mark.slow
 @needs_ansible
-@pytest.mark.parametrize("playbook", ["semantics.yml", "serial-stop.yml"])
+@pytest.mark.parametrize("playbook", ["semantics.yml", "serial-stop.yml", "max-fail-batch.yml"])
 def test_recap_and_exit_status_match_ansible_playbook(playbook, tmp_path):
     ours = apply(str(HERE / playbook), "-i", INVENTORY, "--state", str(tmp_path))
     theirs = ansible_playbook(str(HERE / playbook), "-i", INVENTORY)
@@ -44,6 +44,18 @@ def test_serial_stops_at_the_first_failed_batch_and_later_plays_do_not_run(tmp_p
     ours = apply(str(HERE / "serial-stop.yml"), "-i", INVENTORY, "--state", str(tmp_path))
     assert set(recap(ours.stdout)) == {"a", "b"}
     assert "NO MORE HOSTS LEFT" in ours.stdout and "never reached" not in ours.stdout
+    assert ours.returncode == 2
+
+
+def test_max_fail_percentage_ends_the_play_after_the_task_that_crossed_it_in_the_batch(tmp_path):
+    """As ansible-playbook 2.19 printed for this playbook: a fails in the first batch of two (50%
+    > 49%); b gets no more tasks (its "after the failure" never runs), c's batch never starts."""
+    ours = apply(str(HERE / "max-fail-batch.yml"), "-i", INVENTORY, "--state", str(tmp_path))
+    assert recap(ours.stdout) == {
+        "a": {"ok": 0, "changed": 0, "unreachable": 0, "failed": 1, "skipped": 0, "rescued": 0, "ignored": 0},
+        "b": {"ok": 0, "changed": 0, "unreachable": 0, "failed": 0, "skipped": 1, "rescued": 0, "ignored": 0},
+    }
+    assert "TASK [after the failure]" not in ours.stdout and "NO MORE HOSTS LEFT" in ours.stdout
     assert ours.returncode == 2
 
 

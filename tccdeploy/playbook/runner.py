@@ -231,13 +231,13 @@ class PlaybookRunner:
             if fatal or lost >= len(batch):
                 self.callback.no_more_hosts()
                 return False
-            if play.max_fail_percentage is not None and lost * 100 / len(batch) > play.max_fail_percentage:
-                self.callback.no_more_hosts()
-                return False
         return True
 
     def _batch(self, play: Play, batch: list[Host], engine: Engine, run: RunState) -> bool:
-        """Every task on the batch's hosts; True when any_errors_fatal was triggered."""
+        """Every task on the batch's hosts; True when the play must end here: any_errors_fatal was
+        triggered, or more of the batch than max_fail_percentage failed, judged after each task
+        as Ansible's linear strategy does (the batch's other hosts get no more tasks)."""
+        lost_before = len(self.failed | self.unreachable)
         for task in play.tasks:
             if not self._started:
                 if not fnmatch.fnmatchcase(task.name, self.options.start_at_task or ""):
@@ -269,6 +269,9 @@ class PlaybookRunner:
 
             engine.run(self._work(play, task, run), live, on_result=report)
             if failed_now and play.any_errors_fatal:
+                return True
+            lost = len(self.failed | self.unreachable) - lost_before
+            if play.max_fail_percentage is not None and lost * 100 / len(batch) > play.max_fail_percentage:
                 return True
         return False
 
