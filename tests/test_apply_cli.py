@@ -59,6 +59,27 @@ def test_max_fail_percentage_ends_the_play_after_the_task_that_crossed_it_in_the
     assert ours.returncode == 2
 
 
+def _task_output(stdout: str) -> str:
+    """The task sections of a run's output, from the first TASK banner to the recap."""
+    return stdout[stdout.index("TASK ["):stdout.index("PLAY RECAP")]
+
+
+@pytest.mark.slow
+@needs_ansible
+def test_debug_prints_each_items_body_as_ansible_playbook_does(tmp_path):
+    ours = apply(str(HERE / "debug-loop.yml"), "-i", INVENTORY, "--state", str(tmp_path))
+    theirs = ansible_playbook(str(HERE / "debug-loop.yml"), "-i", INVENTORY)
+    assert _task_output(ours.stdout) == _task_output(theirs.stdout)
+
+
+def test_debug_in_a_loop_prints_each_items_message_or_variable(tmp_path):
+    """What ansible-playbook 2.19 printed for this playbook, kept so the fast tests check it too."""
+    ours = apply(str(HERE / "debug-loop.yml"), "-i", INVENTORY, "--state", str(tmp_path))
+    assert 'ok: [a] => (item=1) => {\n    "msg": "item 1 on a"\n}\n' in ours.stdout, ours.stdout
+    assert 'ok: [a] => (item=y) => {\n    "item": "y"\n}\n' in ours.stdout, ours.stdout
+    assert 'ok: [a] => {\n    "color": "blue"\n}\n' in ours.stdout, ours.stdout
+
+
 def test_a_schema_error_fails_before_touching_any_host_with_file_and_line(tmp_path):
     inventory = tmp_path / "hosts.yml"
     inventory.write_text("all:\n  hosts:\n    far: {ansible_host: 127.0.0.1, ansible_port: 1}\n")

@@ -22,6 +22,16 @@ _COLOR = {"ok": "\033[0;32m", "changed": "\033[0;33m", "failed": "\033[0;31m", "
 _RESET = "\033[0m"
 # Result keys that are bookkeeping, not the module's answer (hidden as Ansible hides them).
 _INTERNAL = {"diff", "failed", "skipped"}
+_DEBUG_ALLOWED = ("msg", "exception", "warnings", "deprecations")  # with a msg, all a debug result shows
+_DEBUG_HIDDEN = ("changed", "failed", "skipped", "invocation", "skip_reason", "diff", "ansible_loop_var")
+
+
+def _debug_shown(result: dict[str, Any]) -> dict[str, Any]:
+    """What the default callback shows of a debug result (its _clean_results): a msg alone, or
+    the variable debug was asked for (a loop's item key goes with a msg, stays with var: item)."""
+    if "msg" in result:
+        return {k: v for k, v in result.items() if k in _DEBUG_ALLOWED}
+    return {k: v for k, v in result.items() if k not in _DEBUG_HIDDEN}
 
 
 @dataclass
@@ -118,6 +128,9 @@ class Callback:
                     self._say(f"failed: [{host}] (item={label}) => {self._dump(result)}", "failed")
                 elif status == "skipped":
                     self._say(f"skipping: [{host}] => (item={label}) ", "skipped")
+                elif debug:  # debug shows each item's message, as it does without a loop
+                    shown = json.dumps(_debug_shown(result), indent=4, default=str)
+                    self._say(f"{status}: [{host}] => (item={label}) => {shown}", status)
                 else:
                     tail = f" => {self._dump(result)}" if self.verbosity else ""
                     self._say(f"{status}: [{host}] => (item={label}){tail}", status)
@@ -137,8 +150,7 @@ class Callback:
         elif o.status == "skipped":
             self._say(f"skipping: [{host}]", "skipped")
         elif debug:
-            shown = {k: v for k, v in o.result.items() if k not in ("changed", *_INTERNAL)}
-            self._say(f"ok: [{host}] => {json.dumps(shown, indent=4, default=str)}", "ok")
+            self._say(f"ok: [{host}] => {json.dumps(_debug_shown(o.result), indent=4, default=str)}", "ok")
         elif self.verbosity:
             self._say(f"{o.status}: [{host}] => {self._dump(o.result)}", o.status)
         else:
