@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from tccdeploy.node.files import boot_prepare, boot_set_next, boot_state, file_install, file_state
+from tccdeploy.node.files import boot_prepare, boot_reuse, boot_set_next, boot_state, file_install, file_state
 from tccdeploy.node.ops import OpError
 
 
@@ -67,3 +67,39 @@ def test_the_next_boot_must_be_an_installed_build_and_names_cannot_escape(tmp_pa
             boot_prepare(str(tmp_path), bad)
     with pytest.raises(OpError, match="artifact"):
         boot_state(str(tmp_path), "/nonexistent", "tvmm-1", {"../x": "00"})
+
+
+def test_an_artifact_another_installed_build_holds_is_found_by_digest_and_installed_from_it(tmp_path):
+    """A new kernel's build shares the initramfs with the running one: the node says where it has
+    it, and `boot_reuse` installs it from there (checked against the digest, as an upload is)."""
+    boot = tmp_path / "boot"
+    (tmp_path / "cmdline").write_text("tccdeploy.build=tvmm-1\n")
+    boot_prepare(str(boot), "tvmm-1")
+    (boot / "tvmm-1" / "initrd").write_bytes(b"shared initrd")
+    (boot / "tvmm-1" / "kernel").write_bytes(b"old kernel")
+    boot_prepare(str(boot), "tvmm-2")
+    boot_set_next(str(boot), "tvmm-1")  # a file beside the builds' folders
+    wanted = {"kernel": _sha(b"new kernel"), "initrd": _sha(b"shared initrd")}
+    state = boot_state(str(boot), str(tmp_path / "cmdline"), "tvmm-2", wanted)
+    assert state["present"] == {"kernel": False, "initrd": False}
+    assert state["elsewhere"] == {"initrd": "tvmm-1"}  # not the kernel: no installed build has that one
+    boot_reuse(str(boot), "tvmm-2", "initrd", "tvmm-1", wanted["initrd"])
+    assert (boot / "tvmm-2" / "initrd").read_bytes() == b"shared initrd"
+    assert boot_state(str(boot), str(tmp_path / "cmdline"), "tvmm-2", wanted)["present"]["initrd"]
+    assert sorted(p.name for p in (boot / "tvmm-2").iterdir()) == ["initrd"]  # nothing staged is left
+
+
+def test_a_reused_artifact_whose_bytes_changed_since_is_refused_and_nothing_is_installed(tmp_path):
+    boot = tmp_path / "boot"
+    boot_prepare(str(boot), "tvmm-1")
+    boot_prepare(str(boot), "tvmm-2")
+    (boot / "tvmm-1" / "initrd").write_bytes(b"changed after boot_state")
+    with pytest.raises(OpError, match="corrupt"):
+        boot_reuse(str(boot), "tvmm-2", "initrd", "tvmm-1", _sha(b"shared initrd"))
+    assert list((boot / "tvmm-2").iterdir()) == []
+    assert (boot / "tvmm-1" / "initrd").read_bytes() == b"changed after boot_state"
+    for bad in ("../etc", "a/b"):
+        with pytest.raises(OpError, match="invalid build"):
+            boot_reuse(str(boot), "tvmm-2", "initrd", bad, _sha(b"x"))
+    with pytest.raises(OpError, match="invalid artifact"):
+        boot_reuse(str(boot), "tvmm-2", "../initrd", "tvmm-1", _sha(b"x"))

@@ -48,10 +48,23 @@ PYTHON_PACKAGES = ("cryptography", "tpm2_pytss", "cffi", "_cffi_backend", "pycpa
 MODULES = ("virtio_pci", "virtio_net", "qemu_fw_cfg", "virtio_blk", "crc32c_generic", "ext4")
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf", "usr/share/zoneinfo")
-UNUSED = ("usr/share/perl", "usr/lib/x86_64-linux-gnu/perl/", "usr/lib/x86_64-linux-gnu/gconv",
-          "var/log", "var/cache", "usr/lib/udev/hwdb", "usr/libexec/qemu-system-i386", "usr/bin/qemu-system-i386",
-          "usr/bin/qemu-system-x86_64-microvm", "usr/bin/qemu-storage-daemon", "usr/bin/qemu-pr-helper",
-          )  # what the node never runs or reads (no udev; QEMU for x86_64 only): left out of its initrd
+_QEMU_DATA = "usr/share/qemu/"
+_QEMU_MODULES = "usr/lib/x86_64-linux-gnu/qemu/"
+UNUSED = (
+    # Perl and the package manager: Debian's essential set, which the node never runs
+    "usr/share/perl", "usr/lib/x86_64-linux-gnu/perl", "usr/bin/perl", "usr/lib/x86_64-linux-gnu/libperl.so",
+    "var/lib/dpkg", "usr/bin/apt", "usr/bin/dpkg", "usr/lib/apt", "usr/lib/dpkg", "usr/lib/x86_64-linux-gnu/libapt-",
+    "usr/share/iso-codes", "usr/share/xml", "usr/share/bash-completion", "usr/share/common-licenses",
+    "usr/lib/x86_64-linux-gnu/gconv", "var/log", "var/cache", "usr/lib/udev/hwdb", "usr/bin/udevadm",
+    # QEMU for the customers' x86_64 VMs only (-machine pc, -nodefaults, no display, no NIC): not the
+    # other targets, their firmware and ROMs, or the display, audio and USB modules
+    "usr/libexec/qemu-system-i386", "usr/bin/qemu-system-i386", "usr/bin/qemu-system-x86_64-microvm",
+    "usr/bin/qemu-storage-daemon", "usr/bin/qemu-pr-helper", "usr/lib/ipxe",
+    *(_QEMU_DATA + name for name in ("skiboot.lid", "openbios-", "slof.bin", "hppa-firmware", "opensbi-",
+                                     "palcode-", "s390-", "keymaps", "trace-events-all", "canyonlands.dtb",
+                                     "bamboo.dtb", "vof.bin", "npcm7xx_bootrom.bin", "QEMU,", "petalogix", "u-boot")),
+    *(_QEMU_MODULES + name for name in ("audio-", "chardev-", "hw-display-", "hw-s390x-", "hw-usb-", "ui-")),
+)  # what the node never runs or reads: left out of its initrd (a smaller initrd is read, measured and unpacked faster)
 SERVICE_PATH = "usr/lib/tccdeploy/tccdeploy-tvmm.pyz"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 GUEST_ADDRESS = "10.0.2.15"  # QEMU user networking's guest
@@ -184,20 +197,28 @@ def _size(root: str) -> int:
     return total
 
 
-def _tree(root: str, under: str = "") -> dict[str, Entry]:
-    """Every file, directory and symlink below root as initramfs entries (owners become root)."""
+def _tree(root: str, under: str = "", leave_out: tuple[str, ...] = ()) -> dict[str, Entry]:
+    """Every file, directory and symlink below root as initramfs entries (owners become root),
+    but those whose path starts with one of leave_out."""
     out: dict[str, Entry] = {}
-    for folder, dirs, files in os.walk(root):
+    linked: dict[tuple[int, int], str] = {}  # a hard-linked file's first path: the others link to it
+    for folder, dirs, files in sorted(os.walk(root)):
         rel = os.path.relpath(folder, root)
-        for name in dirs + files:
+        for name in sorted(dirs + files):
             path = os.path.join(folder, name)
             target = os.path.normpath(os.path.join(under, rel, name))
+            if leave_out and target.startswith(leave_out):
+                continue
             info = os.lstat(path)
             if stat.S_ISLNK(info.st_mode):
                 out[target] = symlink(os.readlink(path))
             elif stat.S_ISDIR(info.st_mode):
                 out[target] = directory(stat.S_IMODE(info.st_mode))
+            elif stat.S_ISREG(info.st_mode) and info.st_nlink > 1 and (info.st_dev, info.st_ino) in linked:
+                out[target] = symlink("/" + linked[(info.st_dev, info.st_ino)])  # not its bytes twice
             elif stat.S_ISREG(info.st_mode):
+                if info.st_nlink > 1:
+                    linked[(info.st_dev, info.st_ino)] = target
                 with open(path, "rb") as fh:  # Python's byte code stays valid only with its source's time
                     out[target] = regular(fh.read(), stat.S_IMODE(info.st_mode), int(info.st_mtime))
     return out
@@ -259,7 +280,7 @@ def cached_node_initramfs(progress: Progress | None = None, kernels: Sequence[st
 
     The key covers every input: the root file system (its folder is named by its recipe), the
     kernel package, this Python and its packages' versions, the TVMM service's bundle and the
-    source of this module and of the cpio writer. Making it takes seconds (87 MiB, gzip) at every
+    source of this module and of the cpio writer. Making it takes seconds (zstd) at every
     lab up otherwise; a stale initrd would make the lab boot code that is not the tree's."""
     import importlib.metadata
 
@@ -308,7 +329,7 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
     if sys.version_info[:2] != (3, 11):
         raise LabError("the real-boot image copies this Python's packages into Debian 12's Python 3.11: "
                        f"run tccdeploy with Debian 12's python3 (this is {sys.version.split()[0]})")
-    entries = {k: v for k, v in _tree(rootfs(progress)).items() if not k.startswith(UNUSED)}
+    entries = _tree(rootfs(progress), leave_out=UNUSED)
     for sub in ("etc/ssh/ssh_host_ecdsa_key", "etc/ssh/ssh_host_ed25519_key", "etc/ssh/ssh_host_rsa_key"):
         for suffix in ("", ".pub"):
             entries.pop(sub + suffix, None)  # mmdebstrap made these: every node gets its own

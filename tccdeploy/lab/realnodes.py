@@ -109,12 +109,16 @@ def manufacture(lab: Lab, node: Node) -> None:
     certificate written down (the roster's), read through a short-lived swtpm before QEMU owns it."""
     m = machine(lab, node)
     m.prepare(lab.path("ca", "rogue" if node.rogue_tpm else "manufacturer"))
-    for disk, size, label, uid in ((m.data_disk, STATE_DISK_MB, "tvmm-state", nodeimage.TVMM_UID),
-                                   (m.boot_disk, BOOT_DISK_MB, "tvmm-boot", nodeimage.NODE_UID)):
-        with open(disk, "wb") as fh:  # type: ignore[arg-type]
-            fh.truncate(size * 2**20)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", f"root_owner={uid}:{uid}", disk],
-                       check=True, capture_output=True, timeout=60)
+    installed = _installed_build(lab, node)
+    try:
+        for disk, size, label, uid, content in ((m.data_disk, STATE_DISK_MB, "tvmm-state", nodeimage.TVMM_UID, None),
+                                                (m.boot_disk, BOOT_DISK_MB, "tvmm-boot", nodeimage.NODE_UID, installed)):
+            with open(disk, "wb") as fh:  # type: ignore[arg-type]
+                fh.truncate(size * 2**20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-E", f"root_owner={uid}:{uid}",
+                            *(("-d", content) if content else ()), disk], check=True, capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(installed, ignore_errors=True)
     sock = lab.node_dir(node, "ek.sock")
     proc = procs.spawn(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={m.path('tpm')}",
                         "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
@@ -127,6 +131,26 @@ def manufacture(lab: Lab, node: Node) -> None:
         procs.stop([proc.pid])
     with open(lab.node_dir(node, "ek.der"), "wb") as fh:
         fh.write(certificate)
+
+
+def _installed_build(lab: Lab, node: Node, build: str = BUILD) -> str:
+    """The boot disk's first content, as the machine's installation left it: the build it boots
+    (`<build>/<artifact>`, its cmdline) made the next boot, owned by the node's admin login. A
+    rollout then uploads only the files a new build does not share with it (`tvmm_deploy` finds
+    those by digest on the node): a new kernel, not the initramfs again."""
+    root = lab.node_dir(node, "boot-disk.partial")
+    shutil.rmtree(root, ignore_errors=True)
+    folder = os.path.join(root, build)
+    os.makedirs(folder)
+    for name in ARTIFACTS:
+        shutil.copyfile(os.path.join(artifact_dir(lab, build), name), os.path.join(folder, name))
+    with open(os.path.join(folder, "cmdline"), "w") as fh:
+        fh.write(SYSTEMD_BOOT.command_line(options(build)))
+    with open(os.path.join(root, "next"), "w") as fh:
+        fh.write(build + "\n")
+    for path in (root, folder, *(os.path.join(folder, n) for n in os.listdir(folder)), os.path.join(root, "next")):
+        os.chown(path, nodeimage.NODE_UID, nodeimage.NODE_UID)
+    return root
 
 
 def ek_certificate(lab: Lab, node: Node) -> bytes:

@@ -101,14 +101,55 @@ def boot_state(boot_dir: str, cmdline: str, build: str, artifacts: dict[str, str
             nxt = fh.read().strip() or None
     except OSError:
         pass
-    present = {}
+    present, elsewhere = {}, {}
     for name, digest in artifacts.items():
         if not ARTIFACT_NAME.match(name):
             raise OpError(f"invalid artifact name {name!r}")
         state = _state(os.path.join(boot_dir, build, name))
         present[name] = state.get("sha256") == digest
-    return {"running": _running_build(cmdline), "next": nxt, "present": present,
+        if not present[name] and (other := _installed_elsewhere(boot_dir, build, name, digest)):
+            elsewhere[name] = other
+    return {"running": _running_build(cmdline), "next": nxt, "present": present, "elsewhere": elsewhere,
             "boot_dir_exists": os.path.isdir(boot_dir)}
+
+
+def _installed_elsewhere(boot_dir: str, build: str, name: str, digest: str) -> str | None:
+    """Another installed build whose artifact of this name has this digest (a new kernel's build
+    shares the initramfs with the running one): it is copied on the node, not uploaded again."""
+    try:
+        others = sorted(os.listdir(boot_dir))
+    except OSError:
+        return None
+    for other in others:
+        folder = os.path.join(boot_dir, other)
+        if other == build or not BUILD_NAME.match(other) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue  # `next` and whatever else is not an installed build
+        if _state(os.path.join(folder, name)).get("sha256") == digest:
+            return other
+    return None
+
+
+@op("boot_reuse")
+def boot_reuse(boot_dir: str, build: str, name: str, source: str, sha256: str) -> dict[str, Any]:
+    """Install build's artifact name from another installed build's identical file: a hard link
+    (the files are only ever replaced whole, never written in place) or a copy, checked against
+    sha256 before the atomic rename, as an upload is."""
+    for value in (build, source):
+        if not BUILD_NAME.match(value):
+            raise OpError(f"invalid build name {value!r}")
+    if not ARTIFACT_NAME.match(name):
+        raise OpError(f"invalid artifact name {name!r}")
+    origin, dest = os.path.join(boot_dir, source, name), os.path.join(boot_dir, build, name)
+    staged = os.path.join(boot_dir, build, f".{name}.reuse")
+    if os.path.lexists(staged):
+        os.unlink(staged)
+    try:
+        os.link(origin, staged, follow_symlinks=False)
+    except OSError:
+        with open(origin, "rb") as src, open(staged, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+    return file_install(staged, dest, sha256, "0644")
 
 
 @op("boot_prepare")

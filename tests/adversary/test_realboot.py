@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -118,7 +119,7 @@ def rolled_out(world: World) -> World:
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "tccdeploy"), "apply",
                            "playbooks/rollout-tvmm.yml", "-i", lab.inventory_dir, "-m", lab.manifests_dir,
                            "--state", coordinator.state, "-T", str(TIMEOUT), "-e", f"new_build={realnodes.NEXT_BUILD}",
-                           "-e", "targets=rboot1"], capture_output=True, text=True, timeout=1800, cwd=REPO)
+                           "-e", "targets=rboot1", "-v"], capture_output=True, text=True, timeout=1800, cwd=REPO)
     world.rollout["playbook"] = proc
     world.rollout["vms_after_rollout"] = {v.name: v.node for v in coordinator.vms() if v.state == "running"}
     world.rollout["candidate"] = _attest(lab, coordinator, nodes=("rboot1",))
@@ -312,6 +313,9 @@ def test_a_new_kernel_rolls_out_through_the_playbook_as_a_candidate_then_approve
     proc = rolled_out.rollout["playbook"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "rboot1" in proc.stdout and "failed=0" in proc.stdout, proc.stdout[-2000:]
+    # the new build shares the initramfs with the running one, which the node's boot disk holds since
+    # it was installed: only the new kernel (and its command line) crossed the network
+    assert re.search(r'"reused": \{\s*"initrd": "' + re.escape(realnodes.BUILD) + '"', proc.stdout), proc.stdout[-3000:]
     assert set(rolled_out.rollout["vms_after_rollout"].values()) == {"rboot2"}  # drained before the reboot
     rolled_out.lab.load()  # the reboot command was another process
     assert rolled_out.lab.node("rboot1").build == realnodes.NEXT_BUILD

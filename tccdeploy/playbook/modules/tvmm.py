@@ -2,7 +2,8 @@
 
 Artifacts move by digest: the manifest's sha256 is checked on the controller before upload and
 on the node before the file is renamed into `<tcc_boot_dir>/<build>/`, and only artifacts not
-already there with that digest are sent. The reboot is the host's `tcc_reboot_command`, run on
+already there with that digest are sent; one that another installed build already holds (a new
+kernel's build shares the initramfs with the running one) is copied on the node instead. The reboot is the host's `tcc_reboot_command`, run on
 the controller (out of band, as `ipmitool chassis power cycle` would be; the lab provides one),
 then the module waits for a fresh SSH login and checks the node now runs the build (from its
 kernel command line, `tcc_proc_cmdline`, default /proc/cmdline). Whether that boot is trusted is
@@ -130,9 +131,15 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
                              + (", set the next boot" if set_next else "") + (", reboot" if reboot_needed else "")}
         session = ctx.session
         folder = session.call("boot_prepare", {"boot_dir": boot_dir, "build": build.name})["folder"]
+        elsewhere = state.get("elsewhere", {})
         for name in missing:
             local, digest = sources[name]
-            put_file(session, local, f"{folder}/{name}", digest, "0644")
+            if name in elsewhere:  # the same file in another installed build: copied there, not uploaded
+                session.call("boot_reuse", {"boot_dir": boot_dir, "build": build.name, "name": name,
+                                            "source": elsewhere[name], "sha256": digest})
+            else:
+                put_file(session, local, f"{folder}/{name}", digest, "0644")
+        result["reused"] = {name: elsewhere[name] for name in missing if name in elsewhere}
     if set_next:
         session.call("boot_set_next", {"boot_dir": boot_dir, "build": build.name})
     if not reboot_needed:
