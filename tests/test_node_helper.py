@@ -10,7 +10,7 @@ import sys
 from tccdeploy.node.main import handle
 from tccdeploy.node.ops import OPS
 
-EXPECTED = {"ping", "command", "facts", "file_state", "file_install", "file_mode", "boot_state", "boot_prepare",
+EXPECTED = {"ping", "command", "facts", "file_state", "file_install", "file_mode", "boot_state", "boot_prepare", "boot_reuse",
             "boot_set_next"}
 
 
