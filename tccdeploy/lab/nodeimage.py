@@ -112,15 +112,20 @@ busybox ip addr add 10.0.2.15/24 dev eth0
 busybox ip route add default via 10.0.2.2
 # The lab reads its golden node's boot here (as an operator's capture would): the command line,
 # the firmware's event log and the PCRs as this kernel reads them. Trust comes from quotes.
-{
-  echo "TCCDEPLOY-CMDLINE $(cat /proc/cmdline)"
-  echo TCCDEPLOY-LOG-BEGIN; od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements; echo TCCDEPLOY-LOG-END
-  for bank in sha1 sha256 sha384 sha512; do
-    [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
-    for i in $(seq 0 23); do echo "TCCDEPLOY-PCR $bank $i $(cat /sys/class/tpm/tpm0/pcr-$bank/$i)"; done
-  done
-  echo TCCDEPLOY-DONE
-} > /dev/ttyS0
+# Gathered while sshd starts (reading 48 PCRs takes seconds under TCG) and written to the console
+# in one write, so no line sshd logs there can fall inside it.
+(
+  {
+    echo "TCCDEPLOY-CMDLINE $(cat /proc/cmdline)"
+    echo TCCDEPLOY-LOG-BEGIN; od -An -tx1 -v /sys/kernel/security/tpm0/binary_bios_measurements; echo TCCDEPLOY-LOG-END
+    for bank in sha1 sha256 sha384 sha512; do
+      [ -d /sys/class/tpm/tpm0/pcr-$bank ] || continue
+      for i in $(seq 0 23); do echo "TCCDEPLOY-PCR $bank $i $(cat /sys/class/tpm/tpm0/pcr-$bank/$i)"; done
+    done
+    echo TCCDEPLOY-DONE
+  } > /run/tccdeploy-probe
+  dd if=/run/tccdeploy-probe of=/dev/ttyS0 bs=16M 2>/dev/null
+) &
 echo "TCCDEPLOY-NODE-UP $(cat /etc/tccdeploy/node)" > /dev/ttyS0
 exec /usr/sbin/sshd -D -e
 """

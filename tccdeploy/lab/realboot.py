@@ -376,8 +376,11 @@ class Probe:
     pcrs: dict[str, dict[int, bytes]]
 
 
+PROBE_END = "TCCDEPLOY-DONE"
+
+
 def read_probe(console: str) -> Probe:
-    if "TCCDEPLOY-DONE" not in console:
+    if PROBE_END not in console:
         raise LabError(f"the boot did not finish printing its measurements; its console ended with {console[-500:]!r}")
     cmdline = re.search(r"TCCDEPLOY-CMDLINE (.*)", console)
     log = re.search(r"TCCDEPLOY-LOG-BEGIN\r?\n(.*?)TCCDEPLOY-LOG-END", console, re.S)

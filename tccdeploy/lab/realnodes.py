@@ -251,10 +251,17 @@ def _ssh_answers(address: str, port: int, qemu: subprocess.Popen, timeout: float
     return False
 
 
+PROBE_TIMEOUT = 120.0  # init prints the probe while sshd serves (after the node is up)
+
+
 def booted(lab: Lab, node: Node) -> realboot.Probe:
     """What the node's init printed of its last boot: command line, firmware event log, PCRs (the
     lab's view of the golden node; anything trusted reads them through the engine and a quote)."""
-    return realboot.read_probe(machine(lab, node).console_text())
+    m = machine(lab, node)
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    while realboot.PROBE_END not in m.console_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return realboot.read_probe(m.console_text())
 
 
 def manifests(lab: Lab, golden: Node) -> tuple[list[dict], dict]:

@@ -96,11 +96,12 @@ def world(tmp_path_factory):
     coordinator, _ = coordinator_with_customer(lab, root)
     (root / "disk.raw").write_bytes(bytes(2 * 1024 * 1024))
     try:
-        with _engine(lab, coordinator, *NODES) as engine:
+        with _engine(lab, coordinator, *NODES) as engine:  # one service session per node: each costs seconds under TCG
             results = engine.run(enroll(coordinator))
-        assert [r.status for r in results] == ["changed", "changed"], [r.msg for r in results]
+            assert [r.status for r in results] == ["changed", "changed"], [r.msg for r in results]
+            admitted = _attested(engine, coordinator, admit=True)
         first_boot = realnodes.booted(lab, lab.node("rboot1"))
-        yield World(lab, coordinator, root, first_boot, _attest(lab, coordinator, admit=True))
+        yield World(lab, coordinator, root, first_boot, admitted)
     finally:
         coordinator.close()
         lab.down()
@@ -114,19 +115,21 @@ def rolled_out(world: World) -> World:
     Then the TC's operator approves NEXT_BUILD, revokes BUILD for a round (rboot2 runs it: its VMs
     must leave), and approves BUILD again, releasing rboot2."""
     lab, coordinator = world.lab, world.coordinator
-    world.vms["moved"] = _start_vm(world, "rboot1")  # the drain and then the evacuation move it
-    assert _vm_status(world, "rboot1", world.vms["moved"]["vm_id"]) == "running"  # nested: QEMU in the guest
+    with _engine(lab, coordinator, "rboot1") as engine:
+        world.vms["moved"] = _start_vm(world, "rboot1", engine=engine)  # the drain and then the evacuation move it
+        assert _vm_status(world, "rboot1", world.vms["moved"]["vm_id"], engine) == "running"  # nested: QEMU in the guest
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "tccdeploy"), "apply",
                            "playbooks/rollout-tvmm.yml", "-i", lab.inventory_dir, "-m", lab.manifests_dir,
                            "--state", coordinator.state, "-T", str(TIMEOUT), "-e", f"new_build={realnodes.NEXT_BUILD}",
                            "-e", "targets=rboot1", "-v"], capture_output=True, text=True, timeout=1800, cwd=REPO)
     world.rollout["playbook"] = proc
     world.rollout["vms_after_rollout"] = {v.name: v.node for v in coordinator.vms() if v.state == "running"}
-    world.rollout["candidate"] = _attest(lab, coordinator, nodes=("rboot1",))
     builds = coordinator.builds
     approved = [dataclasses.replace(b, status="approved") if b.name == realnodes.NEXT_BUILD else b for b in builds]
-    coordinator.builds = approved
-    world.rollout["approved"] = _attest(lab, coordinator, nodes=("rboot1",))
+    with _engine(lab, coordinator, "rboot1") as engine:
+        world.rollout["candidate"] = _attested(engine, coordinator)
+        coordinator.builds = approved
+        world.rollout["approved"] = _attested(engine, coordinator)
     coordinator.builds = [dataclasses.replace(b, status="revoked") if b.name == realnodes.BUILD else b for b in approved]
     try:
         with _engine(lab, coordinator, *NODES) as engine:
@@ -160,12 +163,15 @@ def _engine(lab: Lab, coordinator: Coordinator, *nodes: str) -> Engine:
     return Engine(load_inventory(lab.inventory_dir).select(",".join(nodes)), state=coordinator.state, timeout=TIMEOUT)
 
 
-def _start_vm(world: World, *nodes: str) -> dict:
+def _start_vm(world: World, *nodes: str, engine: Engine | None = None) -> dict:
     """A customer's sealed VM launched on one of nodes (the engine's host list holds only them)."""
     name = f"vm-{secrets.token_hex(3)}"
     envelope = sealed_request(world.root, name)
-    with _engine(world.lab, world.coordinator, *nodes) as engine:
+    if engine is not None:
         launch(engine, _KeepingTickets(world), envelope, envelope["bundle"])
+    else:
+        with _engine(world.lab, world.coordinator, *nodes) as fresh:
+            launch(fresh, _KeepingTickets(world), envelope, envelope["bundle"])
     record = world.coordinator.registry.vm(name)
     assert record is not None and record["node"] in nodes and record["state"] == "running", record
     return record
@@ -187,15 +193,21 @@ class _KeepingTickets:
         return release
 
 
-def _vm_status(world: World, node: str, vm_id: str) -> str:
-    with _engine(world.lab, world.coordinator, *NODES) as engine:
+def _vm_status(world: World, node: str, vm_id: str, engine: Engine | None = None) -> str:
+    if engine is not None:
         return migrating._call_fresh(engine, node, "vm_status", {"vm_id": vm_id})["status"]
+    with _engine(world.lab, world.coordinator, *NODES) as fresh:
+        return migrating._call_fresh(fresh, node, "vm_status", {"vm_id": vm_id})["status"]
 
 
 def _attest(lab: Lab, coordinator: Coordinator, admit: bool = False, nodes: tuple[str, ...] = NODES) -> dict[str, dict]:
     with _engine(lab, coordinator, *nodes) as engine:
-        return {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})}
-                for r in engine.run(attest(coordinator, admit_nodes=admit))}
+        return _attested(engine, coordinator, admit)
+
+
+def _attested(engine: Engine, coordinator: Coordinator, admit: bool = False) -> dict[str, dict]:
+    return {r.host: {"status": r.status, "msg": r.msg, **(r.data or {})}
+            for r in engine.run(attest(coordinator, admit_nodes=admit))}
 
 
 def _capture(lab: Lab, coordinator: Coordinator, *args: str) -> int:
