@@ -204,6 +204,7 @@ REASONS: dict[str, str] = {
     "request.unknown": "no such request",
     # -- the node's TVMM service (on the node: what it refuses the engine) --------------------
     "tvmm.request": "a request to the TVMM service has fields other than id, op and args",
+    "tvmm.peer": "a connection to the service started at boot came from another user than the TVMM user's forced command",
     "tvmm.unknown-op": "the TVMM service has no such operation (its interface is fixed)",
     "tvmm.args": "an operation's arguments do not satisfy its schema (unknown field, wrong type, out of range)",
     "tvmm.tpm": "the TVMM service cannot open its TPM",

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..bundles import service_bundle
+from ..tvmm import daemon
 from . import realboot
 from .realboot import Entry, directory, regular, symlink
 from .tpm import LabError
@@ -41,6 +42,7 @@ PACKAGES = (
     "libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1",
     "libtss2-tctildr0", "libtss2-tcti-device0",
     "qemu-system-x86",  # the customers' VMs (TCG: no nested KVM), with SeaBIOS for their machine
+    "socat",  # joins the TVMM user's SSH sessions to the service started at boot (tvmm/daemon.py)
 )
 PYTHON_PACKAGES = ("cryptography", "tpm2_pytss", "cffi", "_cffi_backend", "pycparser", "packaging")
 # and what each depends on; crc32c_generic is ext4's soft dependency (crc32c-intel needs SSE4.2,
@@ -66,6 +68,9 @@ UNUSED = (
     *(_QEMU_MODULES + name for name in ("audio-", "chardev-", "hw-display-", "hw-s390x-", "hw-usb-", "ui-")),
 )  # what the node never runs or reads: left out of its initrd (a smaller initrd is read, measured and unpacked faster)
 SERVICE_PATH = "usr/lib/tccdeploy/tccdeploy-tvmm.pyz"
+CONNECT_PATH = "usr/lib/tccdeploy/tvmm-connect"  # the TVMM user's forced command
+SERVICE_SOCKET = "/run/tccdeploy-tvmm/service.sock"
+SERVICE_CONFIG = "/etc/tccdeploy/tvmm.json"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 GUEST_ADDRESS = "10.0.2.15"  # QEMU user networking's guest
 TVMM_UID = 990
@@ -106,6 +111,12 @@ chown tccnode:tccnode /home/tccnode /boot/tccdeploy
 chown tcctvmm:tcctvmm /dev/tpmrm0 /var/lib/tccdeploy-tvmm && chmod 0600 /dev/tpmrm0 && chmod 0700 /var/lib/tccdeploy-tvmm
 chown tcctvmm /sys/kernel/security/tpm0/binary_bios_measurements
 chmod 0600 /dev/tpm0
+# The TVMM service, started once (seconds of imports under TCG); each SSH session of the TVMM
+# user is joined to it by the forced command and served by a process of its own.
+mkdir -m 0700 /run/tccdeploy-tvmm && chown tcctvmm:tcctvmm /run/tccdeploy-tvmm
+setpriv --reuid=tcctvmm --regid=tcctvmm --init-groups env HOME=/var/lib/tccdeploy-tvmm \
+  /usr/bin/python3 /usr/lib/tccdeploy/tccdeploy-tvmm.pyz daemon --socket /run/tccdeploy-tvmm/service.sock \
+  --config /etc/tccdeploy/tvmm.json < /dev/null > /dev/ttyS0 2>&1 &
 busybox ip link set lo up
 busybox ip link set eth0 up
 busybox ip addr add 10.0.2.15/24 dev eth0
@@ -154,7 +165,7 @@ ClientAliveInterval 15
 Subsystem sftp internal-sftp
 SetEnv TCCDEPLOY_NODE_DIR=/home/tccnode
 Match User tcctvmm
-    ForceCommand /usr/bin/python3 /usr/lib/tccdeploy/tccdeploy-tvmm.pyz serve --config /etc/tccdeploy/tvmm.json
+    ForceCommand /usr/lib/tccdeploy/tvmm-connect
     PermitTTY no
 """
 
@@ -347,6 +358,8 @@ def node_initramfs(progress: Progress | None = None, service: bytes | None = Non
             entries[f"usr/lib/tccdeploy/modules/{release}/{name}"] = regular(data)
         entries[f"usr/lib/tccdeploy/modules/{release}/order"] = regular(("\n".join(n for n, _ in modules) + "\n").encode())
     entries[SERVICE_PATH] = regular(service if service is not None else service_bundle()[0])
+    entries[CONNECT_PATH] = regular(daemon.connect_script(SERVICE_SOCKET, "/usr/bin/python3", "/" + SERVICE_PATH,
+                                                          SERVICE_CONFIG).encode(), 0o755)
     entries["init"] = regular(INIT.encode(), 0o755)
     entries["etc/ssh/sshd_config"] = regular(SSHD_CONFIG.encode())
     entries["etc/passwd"] = regular(_with_users(entries["etc/passwd"].data, "passwd"))

@@ -15,16 +15,20 @@ import traceback
 from typing import Any
 
 from ..node.protocol import failure, own_digest, serve
-from . import PROTOCOL, config, migrate, runtime, suspend, tpm, vm  # noqa: F401 - they register their operations
+from . import PROTOCOL, config, daemon, migrate, runtime, suspend, tpm, vm  # noqa: F401 - they register their operations
 from .interface import HANDLERS, OPERATIONS, ServiceError, problems
 
 USAGE = """usage: tccdeploy-tvmm serve [--config FILE]
+       tccdeploy-tvmm daemon --socket PATH [--config FILE]
        tccdeploy-tvmm schemas
 
 The TVMM service, the node side of TCCP in the measured TVMM build. `serve` speaks the service's
 protocol (one JSON request per line on stdin) and is what the TVMM user's authorized_keys forces;
-`schemas` prints the JSON schema of every operation. FILE (root-owned) sets the node name, the
-TPM (TCTI), the state directory and the firmware event log; without it, a real node's defaults."""
+`daemon` is the same service started once at boot: it listens on PATH (in a folder of the TVMM
+user's with mode 0700) and forks one process per session, which runs what `serve` runs; the
+forced command joins each SSH session to it. `schemas` prints the JSON schema of every operation.
+FILE (root-owned) sets the node name, the TPM (TCTI), the state directory and the firmware event
+log; without it, a real node's defaults."""
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -53,14 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["schemas"]:
         print(json.dumps(OPERATIONS, indent=2, sort_keys=True))
         return 0
-    if argv[:1] != ["serve"] or len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--config"):
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+    allowed = {"serve": {"--config"}, "daemon": {"--config", "--socket"}}.get(argv[0] if argv else "")
+    if allowed is None or len(argv) % 2 != 1 or len(options) != len(argv) // 2 or set(options) - allowed \
+            or (argv[0] == "daemon" and "--socket" not in options):
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        settings = config.load(argv[2] if len(argv) == 3 else None)
+        settings = config.load(options.get("--config"))
     except config.ConfigError as exc:
         print(f"tccdeploy-tvmm: {exc}", file=sys.stderr)
         return 2
     config.use(settings)
     hello = {"hello": "tccdeploy-tvmm", "protocol": PROTOCOL, "node": settings.node, "digest": own_digest()}
+    if argv[0] == "daemon":
+        try:
+            return daemon.run(options["--socket"], hello, handle)
+        except daemon.DaemonError as exc:
+            print(f"tccdeploy-tvmm: {exc}", file=sys.stderr)
+            return 2
     return serve(hello, handle)

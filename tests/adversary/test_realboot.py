@@ -53,7 +53,7 @@ from tccdeploy.engine.launch import launch
 from tccdeploy.engine.runner import Engine
 from tccdeploy.eventdecode import describe
 from tccdeploy.eventlog import parse
-from tccdeploy.lab import realboot, realnodes
+from tccdeploy.lab import nodeimage, realboot, realnodes
 from tccdeploy.lab.lab import Lab
 from tccdeploy.manifest.loader import load_inventory, load_paths
 
@@ -441,11 +441,14 @@ def test_the_engines_logins_on_a_real_boot_node_reach_neither_the_tpm_nor_the_st
     command is in the measured initramfs, not in anything the provider provisions)."""
     lab = world.lab
     probe = ("cat /dev/tpmrm0 </dev/null; echo rc=$?; ls /var/lib/tccdeploy-tvmm; echo rc=$?; "
-             "head -c 4 /sys/kernel/security/tpm0/binary_bios_measurements; echo rc=$?; id -u")
+             "head -c 4 /sys/kernel/security/tpm0/binary_bios_measurements; echo rc=$?; "
+             f"socat -T 5 STDIO UNIX-CONNECT:{nodeimage.SERVICE_SOCKET} </dev/null; echo rc=$?; "
+             "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -c 'tccdeploy-tvmm[.]pyz daemon'; id -u")
     admin = _ssh(lab, "tccnode", "rboot1", probe)
     assert admin.returncode == 0, admin.stderr
-    assert admin.stdout.count("rc=1") + admin.stdout.count("rc=2") == 3, admin.stdout  # each one refused
+    assert admin.stdout.count("rc=1") + admin.stdout.count("rc=2") == 4, admin.stdout  # each one refused
     assert "Permission denied" in admin.stderr and admin.stdout.strip().endswith("991")
+    assert admin.stdout.split()[-2] != "0", admin.stdout  # the service started at boot runs, out of its reach
     tvmm = _ssh(lab, "tcctvmm", "rboot1", "cat /dev/tpmrm0; sh -c id")
     assert tvmm.stdout.startswith('{"hello": "tccdeploy-tvmm"') and "uid=" not in tvmm.stdout, tvmm.stdout
 

@@ -1,0 +1,79 @@
+"""The TVMM service started once at boot (`tccdeploy-tvmm daemon`): each session is served by a
+process of its own that answers as `serve` does, and the forced command's script joins an SSH
+session to it with socat, or serves the session itself when no daemon listens."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tccdeploy.lab import procs
+from tccdeploy.tvmm.daemon import connect_script
+from tests.tvmmdaemon import daemon_folder, lines
+
+REQUESTS = b'{"id": 1, "op": "command", "args": {"cmd": "id"}}\nnot json\n{"id": 2, "op": "identity"}\n'
+
+
+def _answers(found: list[dict]) -> list[object]:
+    return [found[1]["error"]["reason"], found[2]["error"]["type"], found[3]["error"]["reason"]]
+
+
+def test_each_session_is_a_process_of_its_own_that_answers_as_serve_does():
+    with daemon_folder() as daemon:
+        daemon.start("warm")
+        assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+        first, second = daemon.connect(), daemon.connect()
+        one, two = first.makefile("rb"), second.makefile("rb")
+        hello = {"hello": "tccdeploy-tvmm", "protocol": 1, "node": "warm", "digest": daemon.digest}
+        assert lines(one, 1) == [hello] and lines(two, 1) == [hello]
+        assert daemon.proc is not None and len(procs.children(daemon.proc.pid)) == 2  # one process a session
+        first.sendall(REQUESTS)
+        assert _answers([hello, *lines(one, 3)]) == ["tvmm.unknown-op", "BadRequest", "tvmm.tpm"]
+        second.sendall(b'{"id": 7, "op": "vm_status", "args": {"vm_id": "x"}}\n')
+        assert lines(two, 1)[0]["error"]["reason"] == "tvmm.args"
+        for end in (one, first, two, second):
+            end.close()
+        deadline = time.monotonic() + 20
+        while procs.children(daemon.proc.pid) and time.monotonic() < deadline:  # ended at EOF, reaped
+            time.sleep(0.1)
+        assert procs.children(daemon.proc.pid) == [] and daemon.proc.poll() is None
+        daemon.proc.terminate()
+        assert daemon.proc.wait(timeout=10) == 0 and not os.path.exists(daemon.socket)
+
+
+def test_a_socket_folder_others_may_enter_is_refused_by_name():
+    with daemon_folder() as daemon:
+        os.chmod(os.path.dirname(daemon.socket), 0o755)
+        proc = subprocess.run([sys.executable, daemon.pyz, "daemon", "--socket", daemon.socket, "--config",
+                               daemon.config("n")], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "mode 0700" in proc.stderr and "mode 0755" in proc.stderr
+        assert os.path.dirname(daemon.socket) in proc.stderr and not os.path.exists(daemon.socket)
+        usage = subprocess.run([sys.executable, daemon.pyz, "daemon", "--config", daemon.config("n")],
+                               capture_output=True, text=True, timeout=60)
+        assert usage.returncode == 2 and "daemon --socket PATH" in usage.stderr
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed (scripts/install)")
+def test_the_forced_command_joins_the_daemon_and_serves_alone_when_none_listens(tmp_path):
+    with daemon_folder() as daemon:
+        script = tmp_path / "tvmm-connect"
+        script.write_text(connect_script(daemon.socket, sys.executable, daemon.pyz, daemon.config("cold"),
+                                         shutil.which("socat") or ""))
+        script.chmod(0o755)
+
+        def session() -> list[dict]:
+            proc = subprocess.run([str(script)], input=REQUESTS, capture_output=True, timeout=60)
+            return [json.loads(line) for line in proc.stdout.splitlines()]
+
+        alone = session()
+        assert alone[0]["node"] == "cold"  # no daemon: the script ran the service for this session
+        daemon.start("warm")
+        joined = session()
+        assert joined[0]["node"] == "warm" and joined[0]["digest"] == daemon.digest
+        assert _answers(joined) == _answers(alone) == ["tvmm.unknown-op", "BadRequest", "tvmm.tpm"]
