@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..eventlog import EventLogWriter, image_load_event
+from ..tvmm import daemon
 from . import procs, realnodes, tpm
 from .builds import (
     ARTIFACTS,
@@ -64,6 +65,8 @@ STATE_FILE = "lab.json"
 ASSET_TAG_INDEX = 0x01500001
 TAMPER_PCR = 4
 SERVICE_FILE = "tccdeploy-tvmm.pyz"
+CONNECT_FILE = "tvmm-connect"  # the TVMM user's forced command
+SERVICE_SOCKET = "service.sock"
 REQUIRED_TOOLS = {
     "swtpm": "swtpm",
     "swtpm_setup": "swtpm-tools",
@@ -96,6 +99,7 @@ class Node:
     real_boot: bool = False  # a QEMU guest that really boots (lab/realnodes.py)
     secure_boot: bool = True  # a real-boot node's firmware: secure boot on, the lab's keys enrolled
     qemu_pid: int | None = None
+    service_pid: int | None = None  # the TVMM service its boot started (tccdeploy-tvmm daemon)
 
     @property
     def state(self) -> str:
@@ -185,6 +189,10 @@ class Lab:
         """The node's TPM: a unix socket in the TVMM user's private folder."""
         return self.node_dir(node, "tvmm", "tpm.sock")
 
+    def service_socket(self, node: Node) -> str:
+        """Where the service its boot started listens (in the same private folder)."""
+        return self.node_dir(node, "tvmm", SERVICE_SOCKET)
+
     def tcti(self, node: Node) -> str:
         return tpm.tcti(self.tpm_socket(node))
 
@@ -270,7 +278,7 @@ class Lab:
             raise LabError(f"{self.dir} exists and is not a lab; give an empty or new --dir")
         _preflight(planned, ssh_port)
         _check_reachable(self.dir)
-        longest = max((len(self.path("nodes", n.name, "tvmm", "tpm.sock")) for n in planned), default=0)
+        longest = max((len(self.path("nodes", n.name, "tvmm", SERVICE_SOCKET)) for n in planned), default=0)
         if longest > MAX_SOCKET_PATH:
             raise LabError(f"the lab directory {self.dir} is too deep for the nodes' TPM sockets ({longest} bytes, "
                            f"at most {MAX_SOCKET_PATH}); give a shorter --dir")
@@ -365,10 +373,13 @@ class Lab:
                   "-f", self.node_dir(node, "ssh_host_ed25519_key")])
             with open(self.node_dir(node, f"authorized_keys.{LAB_USER}"), "w") as fh:
                 fh.write(public_key)
-            # The engine's key, for the TVMM user, can run the booted service and nothing else.
-            serve = f"{python} {self.service_dir(node, SERVICE_FILE)} serve --config {self.service_dir(node, 'config.json')}"
+            # The engine's key, for the TVMM user, can run the booted service and nothing else: the
+            # forced command joins the session to the service the boot started (or serves it alone).
+            _write_world_readable(self.service_dir(node, CONNECT_FILE), daemon.connect_script(
+                self.service_socket(node), python, self.service_dir(node, SERVICE_FILE),
+                self.service_dir(node, "config.json"), shutil.which("socat") or "/usr/bin/socat").encode(), 0o755)
             with open(self.node_dir(node, f"authorized_keys.{TVMM_USER}"), "w") as fh:
-                fh.write(f'restrict,command="{serve}" {public_key}')
+                fh.write(f'restrict,command="{self.service_dir(node, CONNECT_FILE)}" {public_key}')
             with open(self.node_dir(node, "sshd_config"), "w") as fh:
                 fh.write(self._sshd_config(node))
             self._install_boot_dir(node, node.build, uid)
@@ -506,12 +517,30 @@ class Lab:
         service = contents["tvmm-service"] if contents is not None else artifact_bytes(build, "tvmm-service")
         _write_world_readable(self.service_dir(node, SERVICE_FILE), service)
         _write_world_readable(self.node_dir(node, "eventlog.bin"), writer.to_bytes())
+        self._start_service(node)
         cmdline = contents["cmdline"] if contents is not None else artifact_bytes(build, "cmdline")
         _write_world_readable(self.node_dir(node, "cmdline"), cmdline + b"\n")  # the node's /proc/cmdline
         node.build = build
         node.boots += 1
         node.tampered = 0
         node.modified = contents is not None and any(contents[a] != artifact_bytes(build, a) for a in ARTIFACTS)
+
+    def _start_service(self, node: Node) -> None:
+        """Start the booted TVMM service as the TVMM user, as the node's init would (its earlier
+        one stopped with everything else on the node at the reboot)."""
+        if procs.belongs(node.service_pid, self.dir):
+            procs.stop([*procs.children(node.service_pid), node.service_pid])  # type: ignore[list-item]
+        user = pwd.getpwnam(TVMM_USER)
+        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                self.meta["python"], self.service_dir(node, SERVICE_FILE), "daemon",
+                "--socket", self.service_socket(node), "--config", self.service_dir(node, "config.json")]
+        proc = procs.spawn(argv, self.node_dir(node, "service.log"))
+        node.service_pid = proc.pid
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.service_socket(node)):  # until then sessions are served alone
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the TVMM service of {node.name} did not start: {_tail(self.node_dir(node, 'service.log'))}")
+            time.sleep(0.02)
 
     def _start_sshds(self) -> None:
         self.progress("starting sshd for every node")
@@ -650,7 +679,7 @@ class Lab:
         for _ in range(10):
             pids: set[int] = set()
             for node in self.nodes:
-                for pid in (node.sshd_pid, node.swtpm_pid, node.qemu_pid):
+                for pid in (node.sshd_pid, node.swtpm_pid, node.qemu_pid, node.service_pid):
                     if procs.belongs(pid, self.dir):
                         pids.add(pid)  # type: ignore[arg-type]
             pids.update(p for p in procs.processes_mentioning(self.dir) if _is_lab_process(p))
@@ -1000,11 +1029,11 @@ def _is_lab_process(pid: int) -> bool:
     return argv0.startswith(("sshd", "swtpm", "qemu-system", "python", "tccdeploy", "ssh-keygen", "certtool"))
 
 
-def _write_world_readable(path: str, data: bytes) -> None:
+def _write_world_readable(path: str, data: bytes, mode: int = 0o644) -> None:
     tmp = path + ".tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
