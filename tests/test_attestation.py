@@ -214,7 +214,8 @@ def _ek_of(engine: Engine, name: str) -> str:
 
 @contextmanager
 def _tpm_swapped(lab: Lab, name: str, other: str):  # type: ignore[no-untyped-def]
-    """The machine's TPM is replaced (a mainboard swap): its service now opens other's TPM."""
+    """The machine's TPM is replaced (a mainboard swap): its service, started again as at a boot,
+    now opens other's TPM."""
     path = lab.service_dir(lab.node(name), "config.json")
     with open(path) as fh:
         original = fh.read()
@@ -222,11 +223,13 @@ def _tpm_swapped(lab: Lab, name: str, other: str):  # type: ignore[no-untyped-de
     settings["tpm"] = lab.tcti(lab.node(other))
     with open(path, "w") as fh:
         json.dump(settings, fh)
+    lab.restart_service(name)
     try:
         yield
     finally:
         with open(path, "w") as fh:
             fh.write(original)
+        lab.restart_service(name)
 
 
 def test_a_changed_tpm_is_refused_until_the_tc_operator_replaces_it(lab: Lab, engine: Engine, tc: Coordinator):

@@ -525,6 +525,18 @@ class Lab:
         node.tampered = 0
         node.modified = contents is not None and any(contents[a] != artifact_bytes(build, a) for a in ARTIFACTS)
 
+    def restart_service(self, name: str) -> Node:
+        """Start a fast node's TVMM service again, so it reads its configuration again (what a
+        machine does at a boot: a test that swaps the node's TPM changes that file)."""
+        with self.locked():
+            self.load()
+            node = self.node(name)
+            if node.real_boot:
+                raise LabError(f"{name} is a real-boot node: its init starts the service (`tccdeploy lab reboot {name}`)")
+            self._start_service(node)
+            self.save()
+            return node
+
     def _start_service(self, node: Node) -> None:
         """Start the booted TVMM service as the TVMM user, as the node's init would (its earlier
         one stopped with everything else on the node at the reboot)."""
