@@ -183,7 +183,7 @@ def broker_world(tmp_path):
 
 
 # The modules that take longest, in worker-seconds measured on this 2-core machine (a full
-# `scripts/test --durations=0 --junitxml=...` summed per file, session 13). Workers take whole
+# `scripts/test --durations=0 --junitxml=...` summed per file, session 14). Workers take whole
 # files in the collection's order (scripts/test passes --no-loadscope-reorder, or xdist would
 # sort files by their number of tests), so starting with the longest keeps the two workers'
 # finishing times close: longest processing time first. A module missing here runs after these,
