@@ -202,6 +202,7 @@ REASONS: dict[str, str] = {
     "store.full": "the TC's disk is full: nothing was decided; the operator frees space",
     "clock.backwards": "the TC's wall clock is behind a time it saw: it decides nothing until the clock catches up",
     "request.unknown": "no such request",
+    "ear.no-verdict": "the node has no verdict (with that id) to issue as an attestation result: attest it first",
     # -- the node's TVMM service (on the node: what it refuses the engine) --------------------
     "tvmm.request": "a request to the TVMM service has fields other than id, op and args",
     "tvmm.peer": "a connection to the service started at boot came from another user than the TVMM user's forced command",

@@ -55,6 +55,14 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(examples_service, what, re
     assert dump(examples_service.state) == before
 
 
+def test_an_ear_is_asked_for_by_node_and_verdict_id_and_none_is_made_up(examples_service):
+    with examples_service.client() as client:
+        unknown = client.get("/v1/nodes/nobody/ear")
+        wrong = client.get("/v1/nodes/nobody/ear?attestation=first")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "node.unknown"
+    assert wrong.status_code == 400 and wrong.json()["error"] == "request.query"
+
+
 def test_malformed_evidence_is_refused_with_a_reason_not_a_500(examples_service):
     """A refusal is a decision, so it goes to the audit log (nothing else changes)."""
     before = dump(examples_service.state, without_audit=True)
@@ -103,7 +111,7 @@ def test_openapi_health_readiness_and_metrics_are_served(examples_service):
         metrics = client.get("/metrics").text
         assert "tccdeploy_http_requests_total{" in metrics and "tccdeploy_http_request_seconds_bucket{" in metrics
         bundle = client.get("/v1/certificate").text
-        assert bundle.count("BEGIN CERTIFICATE") == 5  # CA, key wrapping, receipt, audit and ticket signing
+        assert bundle.count("BEGIN CERTIFICATE") == 6  # CA, key wrapping, receipt, audit, ticket and EAR signing
 
 
 @pytest.mark.slow
@@ -124,6 +132,9 @@ def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(l
         tcc = [str(BIN / "tccdeploy")]
         enrolled = subprocess.run([*tcc, "enroll", *common, "--json"], env=env, capture_output=True, text=True)
         attested = subprocess.run([*tcc, "attest", "--admit", *common, "--json"], env=env, capture_output=True, text=True)
+        reading = common[common.index("--tc"):] if service is not None else ["-m", lab.manifests_dir]
+        ears = {node: subprocess.run([*tcc, "nodes", "show", node, "--ear", "--json", *reading], env=env,
+                                     capture_output=True, text=True) for node in ("node1", "outside1")}
     finally:
         if service is not None:
             service.stop()
@@ -140,6 +151,18 @@ def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(l
     finally:
         db.close()
     assert admitted == ["node1", "node3"]
+    from cryptography import x509
+
+    from .test_ear import relying_party
+
+    with open(state / "tc-cert.pem", "rb") as fh:
+        ca = x509.load_pem_x509_certificate(fh.read())
+    assert ears["node1"].returncode == 0, ears["node1"].stderr
+    shown = json.loads(ears["node1"].stdout)
+    claims = relying_party(shown["token"], ca)  # the TC's signed result of node1's verdict, read with PyJWT
+    assert claims == shown["claims"] and claims["sub"] == "node1" and claims["submods"]["tvmm"]["ear.status"] == "affirming"
+    assert claims["tccdeploy.verdict"]["attestation"] == shown["attestation"]
+    assert ears["outside1"].returncode == 1 and "outside1" in ears["outside1"].stderr  # never enrolled: no verdict
 
 
 def test_sighup_reloads_the_manifests_so_a_revoked_build_is_refused_at_once(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -77,3 +78,69 @@ def test_the_forced_command_joins_the_daemon_and_serves_alone_when_none_listens(
         joined = session()
         assert joined[0]["node"] == "warm" and joined[0]["digest"] == daemon.digest
         assert _answers(joined) == _answers(alone) == ["tvmm.unknown-op", "BadRequest", "tvmm.tpm"]
+
+
+def test_the_daemon_refuses_a_peer_of_another_uid_before_greeting(monkeypatch):
+    """In-process, on a socket pair (whose peer is this process): the daemon's uid is made another."""
+    from tccdeploy.tvmm import daemon
+
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    monkeypatch.setattr(daemon.os, "getuid", lambda: os.geteuid() + 1)
+    client.sendall(b'{"id": 1, "op": "identity"}\n')
+    assert daemon._session(server, {"hello": "tccdeploy-tvmm"}, lambda request: {"ok": True}) == 1
+    server.close()
+    reader = client.makefile("rb")
+    answer = json.loads(reader.readline())
+    assert answer["error"]["reason"] == "tvmm.peer" and reader.readline() == b""
+
+
+def test_the_daemon_greets_and_serves_its_own_uid(monkeypatch):
+    from tccdeploy.tvmm import daemon
+
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.sendall(b'{"id": 1, "op": "x"}\n')
+    client.shutdown(socket.SHUT_WR)
+    assert daemon._session(server, {"hello": "h"}, lambda request: {"id": request["id"], "ok": True}) == 0
+    server.close()
+    assert [json.loads(line) for line in client.makefile("rb")] == [{"hello": "h"}, {"id": 1, "ok": True}]
+
+
+@pytest.mark.parametrize("fault", ["mode", "owner", "file", "missing"])
+def test_a_socket_folder_that_is_not_the_daemons_alone_is_refused(tmp_path, fault):
+    from tccdeploy.tvmm import daemon
+
+    folder = tmp_path / "run"
+    if fault == "file":
+        folder.write_bytes(b"")
+    elif fault != "missing":
+        folder.mkdir(mode=0o700)
+        if fault == "mode":
+            folder.chmod(0o750)
+        else:
+            os.chown(folder, 65534, -1)
+    with pytest.raises(daemon.DaemonError) as refused:
+        daemon.listen(str(folder / "service.sock"))
+    assert str(folder) in str(refused.value) and not (tmp_path / "run" / "service.sock").exists()
+
+
+def test_a_stale_socket_is_replaced_and_the_new_one_is_the_owners_alone(tmp_path):
+    from tccdeploy.tvmm import daemon
+
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o700)
+    path = str(folder / "service.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # a crashed daemon's socket: nobody listens on it
+    listener = daemon.listen(path)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        client.close()
+    finally:
+        listener.close()
+    (folder / "not-a-socket").write_bytes(b"keep")
+    with pytest.raises(daemon.DaemonError):
+        daemon.listen(str(folder / "not-a-socket"))
+    assert (folder / "not-a-socket").read_bytes() == b"keep"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -120,6 +121,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print("error: give one node: tccdeploy nodes show NODE", file=sys.stderr)
         return 2
     args.node = words[0] if words else None
+    if args.ear or args.attestation is not None:
+        return _nodes_ear(args)
     source = open_tc(args, remote_ok=True) if getattr(args, "tc", None) else _RegistryNodes(args.state)
     try:
         if args.node:
@@ -147,6 +150,33 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     shown = [dict(r, last=_when(r["last_attestation"]), why=", ".join(r["reasons"])) for r in rows]
     print(table(shown, [("name", "NODE"), ("site", "SITE"), ("state", "STATE"), ("build", "BUILD"),
                         ("platform", "PLATFORM"), ("last", "LAST ATTESTATION"), ("verdict", "VERDICT"), ("why", "REASONS")]))
+    return 0
+
+
+def _nodes_ear(args: argparse.Namespace) -> int:
+    """`nodes show NODE --ear`: the TC's signed attestation result, the bare JWT on stdout (for a
+    pipe into another system), or with --json the token beside its decoded header and claims."""
+    from ..coordinator.keybroker import Refused
+
+    if not args.node:
+        print("error: --ear needs a node: tccdeploy nodes show NODE --ear", file=sys.stderr)
+        return 2
+    if not args.tc:
+        existing_registry(args.state).close()  # an embedded TC that is not there is not made here
+    coordinator = open_tc(args, remote_ok=True)
+    try:
+        result = coordinator.ear(args.node, args.attestation)
+    except Refused as exc:
+        print(f"error: {exc.reason}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        coordinator.close()
+    if args.json:
+        header, claims, _ = result["token"].split(".")
+        decode = lambda part: json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # noqa: E731
+        print(json.dumps(result | {"header": decode(header), "claims": decode(claims)}, indent=2))
+    else:
+        print(result["token"])
     return 0
 
 
@@ -590,6 +620,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="List the registry's nodes, or one node's attestation history with NODE.")
     p.add_argument("node", nargs="*", metavar="[show] NODE", help="show this node's history (`nodes show NODE` or `nodes NODE`)")
     p.add_argument("--limit", type=int, default=20, help="history entries (default 20)")
+    p.add_argument("--ear", action="store_true",
+                   help="print the node's latest verdict as the TC's signed EAR (a JWT: RATS EAT Attestation Result "
+                        "with the AR4SI trust vector; verify it with any JOSE library against the TC CA)")
+    p.add_argument("--attestation", type=int, metavar="ID", help="with --ear: that verdict (an id from `nodes show NODE`)")
+    p.add_argument("-m", "--manifests", action="append", metavar="PATH",
+                   help="with --ear and an embedded TC: its manifests (the perimeter names the EAR's policy and validity)")
     p.add_argument("--tc", default=os.environ.get(TC_ENV), metavar="URL", help="a served TC")
     p.add_argument("--engine-dir", default=os.environ.get(ENGINE_DIR_ENV), metavar="DIR", help="engine credentials for --tc")
     p.add_argument("--state", help="TC state directory (default $TCCDEPLOY_STATE or ~/.local/state/tccdeploy)")

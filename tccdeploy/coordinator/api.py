@@ -206,6 +206,8 @@ class Api:
             ("POST", "/v1/perimeter/check", "is this site and address inside the perimeter? (changes nothing)",
              "PerimeterCheck", True, self.perimeter_check),
             ("GET", "/v1/nodes/{name}/identity", "which TPM a node is enrolled with", None, True, self.identity),
+            ("GET", "/v1/nodes/{name}/ear", "the node's latest verdict (?attestation=ID: that one) as an EAR: a JWT "
+             "signed by the TC's ear key (RATS EAT Attestation Result, AR4SI trust vector)", None, True, self.ear),
             ("GET", "/v1/nodes/{name}/admission", "does the node need admitting again after ?attestation=ID", None, True,
              self.admission_needed),
             ("GET", "/v1/audit", "audit log entries (?node=, ?vm=, ?since=), to verify the chain client-side", None, True,
@@ -507,6 +509,17 @@ class Api:
         b = request.state.body
         problems = self.tc.perimeter_problems(b.get("site"), b["address"])
         return {"inside": not problems, "problems": [{"code": c, "message": m} for c, m in problems]}
+
+    async def ear(self, request: Request) -> dict[str, Any]:
+        raw = request.query_params.get("attestation")
+        try:
+            attestation = None if raw is None else int(raw)
+        except ValueError:
+            raise ApiError(400, "request.query", "attestation is a verdict's id (a number)") from None
+        try:
+            return await run_in_threadpool(self.tc.ear, request.path_params["name"], attestation)
+        except Refused as exc:  # nothing to issue: no such node or verdict
+            raise ApiError(404, exc.reason, str(exc)) from None
 
     async def identity(self, request: Request) -> dict[str, Any]:
         summary = await run_in_threadpool(self.tc.identity_summary, request.path_params["name"])

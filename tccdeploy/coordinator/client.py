@@ -202,6 +202,14 @@ class RemoteCoordinator:
             return None, []
         return answer["node"], answer["attestations"]
 
+    def ear(self, node: str, attestation: int | None = None) -> dict[str, Any]:
+        """The node's verdict as the TC's signed EAR (Refused when there is none to issue)."""
+        query = "" if attestation is None else f"?attestation={int(attestation)}"
+        try:
+            return self._call("GET", f"/v1/nodes/{node}/ear{query}")  # type: ignore[no-any-return]
+        except TCNotFound as exc:
+            raise Refused(getattr(exc, "reason", "") or "ear.no-verdict", str(exc)) from None
+
     def audit_entries(self, node: str | None = None, vm: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         """The audit log as the TC returns it; `audit.verify` recomputes its chain here, so a
         client checks it without trusting the service's own verdict."""

@@ -4,7 +4,7 @@ purpose under it.
 Customers and engines pin the CA certificate. The CA key signs certificates only; what the TC
 signs for other reasons has its own key, certified by the CA for that one purpose (an
 extended key usage of tccdeploy's arc), so a signature made for one purpose is never valid
-for another: receipts (`receipt`), audit checkpoints (`audit`), the nodes' tickets (`ticket`). The RSA key-wrapping key
+for another: receipts (`receipt`), audit checkpoints (`audit`), the nodes' tickets (`ticket`), attestation results (`ear`). The RSA key-wrapping key
 receives customers' sealed VM keys.
 """
 

@@ -25,6 +25,7 @@ from ..manifest.models import NodeRoster, Perimeter, Platform, TVMMBuild
 from . import (
     admission,
     audit,
+    ear,
     enrollment,
     identity,
     keybroker,
@@ -676,6 +677,26 @@ class Coordinator:
     def node(self, name: str) -> NodeRecord | None:
         row = self.registry.node(name)
         return NodeRecord.from_row(row) if row else None
+
+    def ear(self, node: str, attestation: int | None = None) -> dict[str, Any]:
+        """The node's latest verdict (or the one with id attestation) as a signed EAR (coordinator/ear.py),
+        made from the TC's own record of it."""
+        if self.registry.node(node) is None:
+            raise Refused("node.unknown", f"no node {node!r} in the registry")
+        if attestation is None:
+            found = self.registry.attestations(node, limit=1)
+            record = found[0] if found else None
+        else:
+            record = self.registry.attestation(attestation)
+            record = record if record is not None and record["node"] == node else None
+        if record is None:
+            raise Refused("ear.no-verdict", f"{node} has no verdict" + (f" with id {attestation}" if attestation else "")
+                          + ": attest it first (tccdeploy attest)")
+        identity = self.identity()
+        key = identity.purpose("ear")
+        token = ear.sign(ear.claims(record, self.perimeter.name, self.perimeter.attestation.interval),
+                         key.key, [key.certificate, identity.certificate], key.key_id)
+        return {"token": token, "media_type": ear.MEDIA_TYPE, "attestation": record["id"]}
 
     def last_trusted_time(self, node: str) -> float | None:
         last = self.registry.attestations(node, limit=1, trusted_only=True)

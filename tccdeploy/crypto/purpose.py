@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 # tccdeploy's OID arc (ITU-T X.667 UUID form); .10.x: what a TC key may be used for.
 OID_ARC = "2.25.5221148118478671275721855852512125145"
 PURPOSES = {"receipt": x509.ObjectIdentifier(OID_ARC + ".10.1"), "audit": x509.ObjectIdentifier(OID_ARC + ".10.2"),
-            "ticket": x509.ObjectIdentifier(OID_ARC + ".10.4")}  # .10.3 is the nodes' trusted keys
+            "ticket": x509.ObjectIdentifier(OID_ARC + ".10.4"),  # .10.3 is the nodes' trusted keys
+            "ear": x509.ObjectIdentifier(OID_ARC + ".10.5")}  # attestation results (coordinator/ear.py)
 
 
 def purpose_certificate(data: bytes | str, ca: x509.Certificate, purpose: str) -> x509.Certificate:
