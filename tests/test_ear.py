@@ -12,6 +12,7 @@ import jwt
 import pytest
 from cryptography import x509
 
+from tccdeploy import __version__
 from tccdeploy.coordinator import ear
 from tccdeploy.coordinator.keybroker import Refused
 from tccdeploy.crypto.purpose import purpose_certificate
@@ -115,8 +116,10 @@ def test_an_untrusted_verdict_is_contraindicated_whatever_its_codes():
 
 
 def test_the_worst_value_wins_within_a_claim():
-    trust = ear.vector(_record("untrusted", reasons=("perimeter.address", "node.not-enrolled"), warnings=()))
-    assert trust["instance-identity"] == 97
+    for order in (("perimeter.address", "node.not-enrolled"), ("node.not-enrolled", "perimeter.address")):
+        assert ear.vector(_record("untrusted", reasons=order))["instance-identity"] == 97
+    for order in (("build.deprecated", "build.revoked"), ("build.revoked", "build.deprecated")):
+        assert ear.vector(_record("untrusted", reasons=order))["executables"] == 96
     trust = ear.vector(_record("untrusted", reasons=("build.unknown", "build.revoked")))
     assert trust["executables"] == 96
     assert ear.vector(_record(warnings=("build.deprecated",)))["executables"] == 32
@@ -142,3 +145,27 @@ def test_the_token_is_compact_es256_with_the_purpose_chain(broker_world):
     assert len(base64.urlsafe_b64decode(token.split(".")[2] + "==")) == 64  # JOSE's r || s, not DER
     ca = x509.load_der_x509_certificate(base64.b64decode(header["x5c"][1]))
     assert ca == broker_world.tc.identity().certificate
+
+
+def test_status_names():
+    assert [ear.status_name(t) for t in (0, 2, 32, 96)] == ["none", "affirming", "warning", "contraindicated"]
+
+
+def test_the_claims_carry_the_verdict_as_the_tc_recorded_it():
+    record = _record("untrusted", reasons=("build.unknown",), warnings=("node.rebooted",))
+    claims = ear.claims(record, "lab", 60)
+    assert claims["tccdeploy.verdict"] == {"attestation": 7, "verdict": "untrusted", "reasons": ["build.unknown"],
+                                           "warnings": ["node.rebooted"], "build": "b", "platform": "p", "pcr_digest": "d"}
+    assert claims["ear.verifier-id"] == {"developer": "tccdeploy", "build": f"tccdeploy {__version__} trusted coordinator"}
+    assert (claims["iat"], claims["exp"], claims["sub"]) == (1_800_000_000, 1_800_000_060, "n1")
+    assert claims["eat_nonce"] == base64.urlsafe_b64encode(bytes(range(32))).rstrip(b"=").decode()
+    assert "eat_nonce" not in ear.claims(dict(record, nonce=None), "lab", 60)
+
+
+def test_the_token_is_unpadded_compact_json_in_a_canonical_order(broker_world):
+    broker_world.node("n1")
+    token = broker_world.tc.ear("n1")["token"]
+    assert "=" not in token and token.count(".") == 2
+    for part in token.split(".")[:2]:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        assert raw == json.dumps(json.loads(raw), separators=(",", ":"), sort_keys=True).encode()

@@ -92,6 +92,7 @@ def test_the_daemon_refuses_a_peer_of_another_uid_before_greeting(monkeypatch):
     reader = client.makefile("rb")
     answer = json.loads(reader.readline())
     assert answer["error"]["reason"] == "tvmm.peer" and reader.readline() == b""
+    assert answer["error"]["type"] == "Refused" and "only the TVMM user's sessions" in answer["error"]["message"]
 
 
 def test_the_daemon_greets_and_serves_its_own_uid(monkeypatch):
@@ -141,6 +142,6 @@ def test_a_stale_socket_is_replaced_and_the_new_one_is_the_owners_alone(tmp_path
     finally:
         listener.close()
     (folder / "not-a-socket").write_bytes(b"keep")
-    with pytest.raises(daemon.DaemonError):
+    with pytest.raises(daemon.DaemonError, match="cannot listen on .*not-a-socket"):
         daemon.listen(str(folder / "not-a-socket"))
     assert (folder / "not-a-socket").read_bytes() == b"keep"
