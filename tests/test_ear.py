@@ -169,3 +169,9 @@ def test_the_token_is_unpadded_compact_json_in_a_canonical_order(broker_world):
     for part in token.split(".")[:2]:
         raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
         assert raw == json.dumps(json.loads(raw), separators=(",", ":"), sort_keys=True).encode()
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff\xfe", b"\x17\x17\x17", bytes(range(64))])  # FxcX: a last character of X
+def test_base64url_without_padding_keeps_every_character(data):
+    encoded = ear._b64url(data)
+    assert "=" not in encoded and base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)) == data
