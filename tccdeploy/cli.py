@@ -153,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, LabError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
+        client = sys.modules.get("tccdeploy.coordinator.client")
+        if client is not None and isinstance(exc, client.TCUnavailable) and not os.environ.get("TCCDEPLOY_DEBUG"):
+            print(f"error: {exc}: is `tccdeploy tc serve` running there, and is it the TC named by --tc "
+                  "(or $TCCDEPLOY_TC)? Nothing was changed here.", file=sys.stderr)
+            return EXIT_ERROR
         reason = getattr(exc, "reason", None)
         if isinstance(reason, str):  # a refusal (the TC's, or a bundle's check): its code and why
             print(f"refused: {reason}: {exc}", file=sys.stderr)

@@ -98,3 +98,36 @@ def test_read_only_commands_on_a_folder_without_a_tc_say_how_to_make_one_and_lea
     status, err = _run(["tc", "customers", "list", "--state", str(absent)], capsys)
     assert status == 1 and f"no TC in {absent}" in err, err
     assert not absent.exists()
+
+
+TC_COMMANDS = [(words, _with_missing_inputs(words, parser), "--engine-dir" in {o for a in parser._actions for o in a.option_strings})
+               for words, parser in _leaves(build_parser())
+               if "--tc" in {o for a in parser._actions for o in a.option_strings} and words not in SKIPPED]
+
+
+@pytest.fixture(scope="module")
+def engine_credentials(tmp_path_factory):
+    """An engine's credentials from a TC that is not served anywhere."""
+    state = tmp_path_factory.mktemp("tc-nowhere")
+    assert main(["tc", "init", "--state", str(state / "tc")]) == 0
+    assert main(["tc", "engines", "add", "ops", "-o", str(state / "engine"), "--state", str(state / "tc")]) == 0
+    return str(state / "engine")
+
+
+def test_the_tc_walk_covers_the_commands_that_talk_to_a_served_tc():
+    names = {" ".join(words) for words, _, _ in TC_COMMANDS}
+    assert {"nodes", "enroll", "attest", "request submit", "enforce", "migrate"} <= names
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:1", "http://127.0.0.1:1", "https://[::1", "tc.example"])
+@pytest.mark.parametrize("words, argv, engine_dir", TC_COMMANDS, ids=[" ".join(w) for w, _, _ in TC_COMMANDS])
+def test_a_tc_that_does_not_answer_or_a_url_that_is_not_one_is_a_named_error(
+        words, argv, engine_dir, url, engine_credentials, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for variable in ("TCCDEPLOY_TC", "TCCDEPLOY_INVENTORY", "TCCDEPLOY_MANIFESTS", "TCCDEPLOY_REGISTRY"):
+        monkeypatch.delenv(variable, raising=False)
+    extra = ["--engine-dir", engine_credentials] if engine_dir else []
+    extra += ["--once"] if words == ("enforce",) else []  # the loop itself waits for the TC, round after round
+    status, err = _run([*argv, "--tc", url, *extra, "--state", str(tmp_path / "engine-state")], capsys)
+    assert status not in (0, 250) and "unexpected error" not in err, err
+    assert err.strip(), "a failure says why"

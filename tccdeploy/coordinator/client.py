@@ -65,6 +65,15 @@ class RemoteCoordinator:
         self.engine_dir = engine_dir
         self.retries = retries
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        for each in self.urls or [url]:
+            try:
+                parsed = httpx.URL(each)
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise TCUnavailable(f"{each!r} is not a TC's URL ({exc}): give --tc https://HOST:PORT "
+                                    "(or set $TCCDEPLOY_TC)") from None
+            if parsed.scheme != "https" or not parsed.host:
+                raise TCUnavailable(f"{each!r} is not a TC's URL: a TC is served over HTTPS only; give --tc "
+                                    "https://HOST:PORT (or set $TCCDEPLOY_TC)")
         self.url = self.urls[0]
         self.http = httpx.Client(verify=context, timeout=timeout)
         self._policy: dict[str, Any] | None = None
