@@ -8,7 +8,8 @@ import datetime
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..coordinator.records import NodeRecord, VMRecord
 from ..tables import table
@@ -153,24 +154,33 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_tc(args: argparse.Namespace, ask: Callable[[Any], dict[str, Any]], refused_status: int,
+            label: str = "refused") -> tuple[dict[str, Any] | None, int]:
+    """Open the TC the command names, ask it one decision or document, close it. A refusal is the
+    TC's answer, not a failure of the command: its reason code goes to stderr with refused_status."""
+    from ..coordinator.keybroker import Refused
+
+    coordinator = open_tc(args, remote_ok=True)
+    try:
+        return ask(coordinator), 0
+    except Refused as exc:
+        print(f"{label}: {exc.reason}: {exc}", file=sys.stderr)
+        return None, refused_status
+    finally:
+        coordinator.close()
+
+
 def _nodes_ear(args: argparse.Namespace) -> int:
     """`nodes show NODE --ear`: the TC's signed attestation result, the bare JWT on stdout (for a
     pipe into another system), or with --json the token beside its decoded header and claims."""
-    from ..coordinator.keybroker import Refused
-
     if not args.node:
         print("error: --ear needs a node: tccdeploy nodes show NODE --ear", file=sys.stderr)
         return 2
     if not args.tc:
         existing_registry(args.state).close()  # an embedded TC that is not there is not made here
-    coordinator = open_tc(args, remote_ok=True)
-    try:
-        result = coordinator.ear(args.node, args.attestation)
-    except Refused as exc:
-        print(f"error: {exc.reason}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        coordinator.close()
+    result, status = _ask_tc(args, lambda tc: tc.ear(args.node, args.attestation), 1, "error")
+    if result is None:
+        return status
     if args.json:
         header, claims, _ = result["token"].split(".")
         decode = lambda part: json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # noqa: E731
@@ -390,21 +400,19 @@ def _suspend_or_resume(args: argparse.Namespace, coordinator, vm_name: str) -> i
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from ..coordinator.keybroker import Refused
     from ..engine.migrate import migrate
     from ..engine.runner import Engine
     from .engine import _logging, load, select
 
     _logging(args.verbose)
-    coordinator = open_tc(args, remote_ok=True)
-    try:
+
+    def moved(coordinator: Any) -> dict[str, Any]:
         with Engine(select(load(args), "all", args.limit), forks=args.forks, timeout=args.timeout, state=args.state) as engine:
-            result = migrate(engine, coordinator, args.vm, args.to)
-    except Refused as exc:
-        print(f"refused: {exc.reason}: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        coordinator.close()
+            return migrate(engine, coordinator, args.vm, args.to)
+
+    result, status = _ask_tc(args, moved, 2)
+    if result is None:
+        return status
     if args.json:
         print(json.dumps(result))
     else:
