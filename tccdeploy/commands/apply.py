@@ -59,6 +59,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         render(loaded.errors, loaded.files, "text", sys.stderr, sys.stderr.isatty())
         print("the playbook was not run: nothing was changed on any host", file=sys.stderr)
         return EXIT_PARSE
+    from ..playbook.model import PlaybookError, plays
+
+    try:
+        parsed = plays(loaded.playbooks[0])
+    except PlaybookError as exc:
+        render(exc.problems, [*loaded.files, *exc.files], "text", sys.stderr, sys.stderr.isatty())
+        print("the playbook was not run: nothing was changed on any host", file=sys.stderr)
+        return EXIT_PARSE
     if args.syntax_check:
         print(f"playbook: {args.playbook}")
         return 0
@@ -76,11 +84,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
                       start_at_task=args.start_at_task, step=args.step, trust_new_host_keys=args.trust_new_host_keys,
                       state=args.state, manifests=manifests, tc_url=args.tc, engine_dir=args.engine_dir)
     runner = PlaybookRunner(loaded.playbooks[0], load_inventory(args.inventory), options,
-                            Callback(args.verbose, args.json, args.diff, color=None if "NO_COLOR" not in os.environ else False))
+                            Callback(args.verbose, args.json, args.diff, color=None if "NO_COLOR" not in os.environ else False),
+                            parsed=parsed)
     if args.list_tasks:
+        from ..playbook.model import tasks_of
+
         for play in runner.plays:
             print(f"play: {play.name} (hosts: {play.hosts})")
-            for task in play.tasks:
+            for task in tasks_of(play.pre_tasks + play.tasks + play.post_tasks):
+                if task.module == "meta":
+                    continue
                 tags = f"  TAGS: [{', '.join(sorted(task.tags))}]" if task.tags else ""
                 print(f"    {task.name}{tags}")
         return 0
@@ -97,13 +110,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Run a playbook of tccdeploy modules (tvmm_deploy, enroll, attest, evict, launch, migrate,\n"
-            "drain, enforce, command, copy, wait_for_ssh, ping, debug, fail) the way ansible-playbook\n"
-            "runs Ansible's. The playbook is validated against its schema first; nothing runs if it\n"
-            "has an error. Each module reports changed only when it changed something, so a second\n"
-            "run reports no changes; --check reports what would change and changes nothing.\n\n"
-            "Variables: {{ name }}, {{ name.key }}, {{ name[0] }} from the inventory, play and task vars,\n"
-            "registered results and -e. when: VAR, not VAR, VAR is defined|failed|changed|skipped,\n"
-            "A == B, A != B, A in B, joined by and/or. No Jinja filters, blocks, roles or handlers.\n\n"
+            "drain, enforce, command, copy, template, wait_for_ssh, ping, debug, fail, set_fact) the way\n"
+            "ansible-playbook runs Ansible's. The playbook, and every file it imports (roles, task\n"
+            "files, playbooks), is validated against its schema first; nothing runs if one has an error.\n"
+            "Each module reports changed only when it changed something, so a second run reports no\n"
+            "changes; --check reports what would change and changes nothing.\n\n"
+            "Ansible's language: Jinja2 templates (sandboxed) with Ansible's common filters and tests\n"
+            "(default, length, join, map, select, selectattr, combine, dict2items, to_json, regex_*,\n"
+            "bool, b64encode, version...; any other is refused by name), when/changed_when/failed_when/\n"
+            "until as boolean expressions, vars_files, set_fact, blocks with rescue/always, handlers\n"
+            "with notify/listen and meta: flush_handlers, roles (tasks, handlers, defaults, vars, files,\n"
+            "templates), import_tasks/include_tasks, import_role/include_role, import_playbook,\n"
+            "run_once, until/retries/delay, loop_control, check_mode/diff/no_log per task. Not run:\n"
+            "lookups, become, async, strategies other than linear, delegate_to other than localhost.\n\n"
             "exit status: 0 ok, 2 a host failed, 4 a host was unreachable or the playbook is invalid,\n"
             "5 bad options, 99 interrupted, 1 error"
         ),

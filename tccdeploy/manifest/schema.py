@@ -281,3 +281,40 @@ def _to_problem(doc: Document, path: JsonPath, error: jsonschema.ValidationError
 def _known_tcc_vars() -> tuple[str, ...]:
     schema = json.loads(schema_text("Vars"))
     return tuple(k for k in schema["properties"] if k.startswith("tcc_"))
+
+
+@cache
+def _tasks_validator() -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
+    playbook_id = json.loads(schema_text("Playbook"))["$id"]
+    return Draft202012Validator({"type": "array", "items": {"$ref": f"{playbook_id}#/$defs/task"}},
+                                registry=_registry(), format_checker=_format_checker())
+
+
+def validate_tasks(doc: Document) -> list[Problem]:
+    """Problems of a file of tasks (import_tasks, include_tasks, a role's tasks/ or handlers/):
+    a list of tasks as a play's `tasks:` holds, checked against the playbook schema's task."""
+    if doc.data is None:
+        return []
+    return [_to_problem(doc, tuple(error.absolute_path), error)
+            for error in _leaves(_tasks_validator().iter_errors(doc.data))]
+
+
+@cache
+def _args_validator(module: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
+    playbook_id = json.loads(schema_text("Playbook"))["$id"]
+    return Draft202012Validator({"$ref": f"{playbook_id}#/$defs/task/properties/{module}"},
+                                registry=_registry(), format_checker=_format_checker())
+
+
+def module_args_problems(module: str, args: Any) -> list[str]:
+    """What is wrong with a module's arguments once their templates are rendered (the schema
+    let `{{ ... }}` through where a boolean, number or pattern was due): one line each."""
+    out = []
+    for error in _leaves(_args_validator(module).iter_errors(args)):
+        where = ".".join(str(p) for p in error.absolute_path) or module
+        out.append(f"{module}: {where}: {_describe(error.instance)} after templating: {error.message}")
+    return out

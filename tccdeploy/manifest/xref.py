@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 
 MODULES = (
     "tvmm_deploy", "enroll", "attest", "evict", "launch", "migrate", "drain", "enforce",
-    "command", "copy", "wait_for_ssh", "ping", "debug", "fail",
+    "command", "copy", "template", "wait_for_ssh", "ping", "debug", "fail", "set_fact", "meta",
 )
+# What a task may be instead of a module call: a block, or an include of tasks or a role.
+STRUCTURES = ("block", "include_tasks", "import_tasks", "include_role", "import_role")
 
 TASK_KEYWORDS = (
-    "name", "when", "loop", "register", "tags", "ignore_errors", "delegate_to", "vars",
-    "changed_when", "failed_when",
+    "name", "when", "loop", "loop_control", "register", "tags", "ignore_errors", "delegate_to", "vars",
+    "changed_when", "failed_when", "notify", "listen", "run_once", "until", "retries", "delay", "check_mode",
+    "diff", "no_log", "rescue", "always",
 )
+SECTIONS = ("pre_tasks", "tasks", "post_tasks", "handlers")
 
 
 def check(result: LoadResult) -> list[Problem]:
@@ -412,21 +416,37 @@ def requests(result: LoadResult, perimeter: Perimeter | None) -> list[Problem]:
 
 
 def playbook_tasks(doc) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
-    """xref.task-module: a task calls exactly one module."""
+    """xref.task-module: a task calls exactly one module, or is one block or include;
+    xref.task-rescue: rescue and always belong to a block."""
     for i, play in enumerate(doc.data or []):
-        if not isinstance(play, dict):
+        if isinstance(play, dict):
+            for section in SECTIONS:
+                yield from task_list(doc, play.get(section), (i, section))
+
+
+def task_list(doc, tasks, base: tuple) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
+    """The checks of playbook_tasks over one list of tasks (a play's section, a block, a file)."""
+    for j, task in enumerate(tasks if isinstance(tasks, list) else []):
+        if not isinstance(task, dict):
             continue
-        for j, task in enumerate(play.get("tasks") or []):
-            if not isinstance(task, dict):
-                continue
-            modules = [k for k in task if k in MODULES]
-            if any(k not in MODULES and k not in TASK_KEYWORDS for k in task):
-                continue  # the schema already reports the unknown key
-            if len(modules) != 1:
-                yield doc.problem(
-                    (i, "tasks", j), "xref.task-module",
-                    "task calls no module" if not modules else f"task calls {len(modules)} modules: {', '.join(modules)}",
-                    f"a task calls exactly one of: {', '.join(MODULES)}")
+        where = (*base, j)
+        actions = [k for k in task if k in MODULES or k in STRUCTURES]
+        if any(k not in actions and k not in TASK_KEYWORDS for k in task):
+            continue  # the schema already reports the unknown key
+        if len(actions) != 1:
+            yield doc.problem(
+                where, "xref.task-module",
+                "task calls no module" if not actions else f"task does {len(actions)} things: {', '.join(actions)}",
+                f"a task calls exactly one of: {', '.join(MODULES)}; or is a block or one of {', '.join(STRUCTURES[1:])}")
+            continue
+        if actions[0] != "block":
+            for key in ("rescue", "always"):
+                if key in task:
+                    yield doc.problem((*where, key), "xref.task-rescue", f"{key} without block",
+                                      f"{key} belongs to a block: put the tasks under block: and keep {key}: beside it")
+        for key in ("block", "rescue", "always"):
+            if actions[0] == "block":
+                yield from task_list(doc, task.get(key), (*where, key))
 
 
 __all__ = ["check", "MANIFEST_KINDS"]

@@ -42,6 +42,7 @@ class Outcome:
     status: str  # ok | changed | failed | skipped | unreachable
     result: dict[str, Any] = field(default_factory=dict)
     ignored: bool = False
+    rescued: bool = False  # failed inside a block with a rescue: counted rescued, as ansible-core counts it
     items: list[tuple[str, Any, dict[str, Any]]] = field(default_factory=list)  # (status, item, result)
     traceback: str = ""
 
@@ -81,16 +82,14 @@ class Callback:
     def play_start(self, name: str, hosts: list[str], where: str) -> None:
         if not (self.plays and self.plays[-1]["play"]["path"] == where and not self.plays[-1]["tasks"]):
             self.plays.append({"play": {"name": name, "path": where}, "tasks": []})
-        for host in hosts:
-            self._stat(host)
         self._say(banner(f"PLAY [{name}]"))
 
     def no_hosts(self) -> None:
         self._say("skipping: no hosts matched", "skipped")
 
-    def task_start(self, name: str, where: str) -> None:
+    def task_start(self, name: str, where: str, handler: bool = False) -> None:
         self.plays[-1]["tasks"].append({"task": {"name": name, "path": where}, "hosts": {}})
-        self._say(banner(f"TASK [{name}]"))
+        self._say(banner(f"{'RUNNING HANDLER' if handler else 'TASK'} [{name}]"))
         if self.verbosity >= 2:
             self._say(f"task path: {where}")
 
@@ -111,6 +110,8 @@ class Callback:
             self._stat(host, unreachable=1)
         elif status == "skipped":
             self._stat(host, skipped=1)
+        elif status == "failed" and outcome.rescued and not outcome.ignored:
+            self._stat(host, rescued=1)
         elif status == "failed" and not outcome.ignored:
             self._stat(host, failed=1)
         else:
@@ -159,6 +160,30 @@ class Callback:
     def refusal(self, host: str, reason: str, task: str) -> None:
         """Why a host dropped out of the run (its first failure), for the lines under the recap."""
         self.refusals.setdefault(host, (reason, task))
+
+    def banner_only(self, name: str) -> None:
+        """A meta task's banner: ansible-core prints it and records no result."""
+        self._say(banner(f"TASK [{name}]"))
+
+    def skipped_uncounted(self, host: str) -> None:
+        self._say(f"skipping: [{host}]", "skipped")
+
+    def included(self, path: str, hosts: list[str]) -> None:
+        """include_tasks read a file for these hosts: ok for each, as ansible-core counts it."""
+        with self._lock:
+            for host in hosts:
+                self._stat(host, ok=1)
+                self.plays[-1]["tasks"][-1]["hosts"][host] = {"changed": False, "include": path}
+            self._say(f"included: {path} for {', '.join(hosts)}", "skipped")
+
+    def retrying(self, host: str, task: str, left: int) -> None:
+        self._say(f"FAILED - RETRYING: [{host}]: {task} ({left} retries left).", "failed")
+
+    def error(self, text: str) -> None:
+        if self.json_mode:
+            sys.stderr.write(f"[ERROR]: {text}\n")
+        else:
+            self._say(f"[ERROR]: {text}", "failed")
 
     def no_more_hosts(self) -> None:
         self._say(banner("NO MORE HOSTS LEFT"))

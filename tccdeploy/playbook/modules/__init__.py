@@ -106,10 +106,30 @@ class Context:
     vars: Mapping[str, Any]
     run: RunState
     delegated: bool = False
+    check_override: bool | None = None  # the task's check_mode keyword
+    diff_override: bool | None = None  # the task's diff keyword
+    base_dir: str = ""  # the folder of the file the task was written in
+    role_path: str | None = None
 
     @property
     def check(self) -> bool:
-        return self.run.check
+        return self.run.check if self.check_override is None else self.check_override
+
+    @property
+    def diff(self) -> bool:
+        return self.run.diff if self.diff_override is None else self.diff_override
+
+    def find(self, name: str, sub: str) -> str:
+        """A local file a task names (copy's src, template's src), found where Ansible looks:
+        the role's or playbook's sub folder (files/, templates/), beside the task's file, the
+        playbook's folder."""
+        if os.path.isabs(name):
+            return name
+        folders = [os.path.join(self.role_path, sub), self.role_path] if self.role_path else []
+        folders += [os.path.join(self.base_dir, sub), self.base_dir] if self.base_dir else []
+        folders += [os.path.join(self.run.playbook_dir, sub), self.run.playbook_dir]
+        candidates = [os.path.join(folder, name) for folder in folders]
+        return next((c for c in candidates if os.path.isfile(c)), candidates[-1])
 
     @property
     def name(self) -> str:
@@ -140,7 +160,6 @@ class Context:
 
 Module = Callable[[Context], dict[str, Any]]
 MODULES: dict[str, Module] = {}
-CONTROLLER_MODULES = {"debug", "fail", "launch", "migrate", "evict"}  # never need the host's session
 
 
 def module(name: str) -> Callable[[Module], Module]:

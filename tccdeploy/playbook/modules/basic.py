@@ -1,5 +1,5 @@
-"""ping, command, copy, wait_for_ssh, debug, fail: Ansible's modules of the same names, as far as
-tccdeploy's playbooks need them."""
+"""ping, command, copy, template, wait_for_ssh, debug, fail, set_fact: Ansible's modules of the
+same names, as far as tccdeploy's playbooks need them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from ...crypto.files import sha256_file
 from ...engine.connection import Unreachable
 from ...engine.runner import Session
-from ...playbook.templar import Undefined, lookup, parse_path
+from ...playbook.templar import TemplateError, Undefined, expression, render_text
 from . import Context, ModuleError, module
 
 DIFF_LIMIT = 64 * 1024
@@ -106,31 +106,74 @@ def render_diff(diff: dict[str, Any]) -> str:
 
 @module("copy")
 def copy(ctx: Context) -> dict[str, Any]:
-    src = ctx.args["src"]
-    if not os.path.isabs(src):
-        candidates = [os.path.join(ctx.run.playbook_dir, "files", src), os.path.join(ctx.run.playbook_dir, src)]
-        src = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
+    """A file (src) or text (content) at dest, by digest: changed only when the content differs."""
+    if "content" in ctx.args:
+        return _install_text(ctx, str(ctx.args["content"]), None)
+    src = ctx.find(str(ctx.args["src"]), "files")
     if not os.path.isfile(src):
-        raise ModuleError(f"copy: no such file {src} (relative paths are looked up in the playbook's files/ and folder)")
+        raise ModuleError(f"copy: no such file {src} (relative paths are looked up in the role's and playbook's "
+                          "files/ and beside them)")
+    return _install(ctx, src, src)
+
+
+@module("template")
+def template(ctx: Context) -> dict[str, Any]:
+    """A Jinja2 file rendered with the host's variables (same sandbox, filters and tests as the
+    playbook's templates), installed as copy installs."""
+    src = ctx.find(str(ctx.args["src"]), "templates")
+    try:
+        with open(src, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ModuleError(f"template: cannot read {src}: {exc.strerror} (relative paths are looked up in the "
+                          "role's and playbook's templates/ and beside them)") from None
+    except UnicodeDecodeError:
+        raise ModuleError(f"template: {src} is not UTF-8 text") from None
+    try:
+        rendered = render_text(text, ctx.vars)
+    except TemplateError as exc:
+        raise ModuleError(f"template {src}: {exc}") from None
+    return _install_text(ctx, rendered, src)
+
+
+def _install_text(ctx: Context, text: str, src: str | None) -> dict[str, Any]:
+    import tempfile
+
+    fd, staged = tempfile.mkstemp(prefix="tccdeploy-content-")  # 0600, removed below
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return _install(ctx, staged, src)
+    finally:
+        os.unlink(staged)
+
+
+def _install(ctx: Context, path: str, src: str | None) -> dict[str, Any]:
     dest, mode = str(ctx.args["dest"]), ctx.args.get("mode")
     mode = f"{int(str(mode), 8):04o}" if mode is not None else None
-    digest = sha256_file(src)
-    there = ctx.session.call("file_state", {"path": dest, "text_limit": DIFF_LIMIT if ctx.run.diff else 0})
+    digest = sha256_file(path)
+    limit = DIFF_LIMIT if ctx.diff else 0
+    there = _local_state(dest, limit) if ctx.local else ctx.session.call("file_state", {"path": dest, "text_limit": limit})
     if there.get("exists") and not there.get("regular"):
         raise ModuleError(f"copy: {dest} exists on {ctx.name} and is not a regular file")
-    result: dict[str, Any] = {"dest": dest, "checksum": digest, "src": src}
+    result: dict[str, Any] = {"dest": dest, "checksum": digest}
+    if src is not None:
+        result["src"] = src
     if there.get("sha256") == digest:
         if mode is None or there.get("mode") == mode:
             return result | {"changed": False}
         if not ctx.check:
-            ctx.session.call("file_mode", {"path": dest, "mode": mode})
+            if ctx.local:
+                os.chmod(dest, int(mode, 8))
+            else:
+                ctx.session.call("file_mode", {"path": dest, "mode": mode})
         return result | {"changed": True, "diff": {"prepared": f"mode of {dest}: {there['mode']} -> {mode}\n"}}
-    if ctx.run.diff:
-        size = os.path.getsize(src)
+    if ctx.diff:
+        size = os.path.getsize(path)
         after = None
         if size <= DIFF_LIMIT:
             try:
-                with open(src, encoding="utf-8") as fh:
+                with open(path, encoding="utf-8") as fh:
                     after = fh.read()
             except UnicodeDecodeError:
                 pass
@@ -140,8 +183,40 @@ def copy(ctx: Context) -> dict[str, Any]:
         else:
             result["diff"] = text_diff(before, after, dest, dest)
     if not ctx.check:
-        put_file(ctx.session, src, dest, digest, mode)
+        if ctx.local:
+            _local_install(path, dest, mode)
+        else:
+            put_file(ctx.session, path, dest, digest, mode)
     return result | {"changed": True}
+
+
+def _local_state(path: str, text_limit: int) -> dict[str, Any]:
+    """file_state for a host that is the controller itself (Ansible's local connection)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {"exists": False}
+    out: dict[str, Any] = {"exists": True, "regular": stat.S_ISREG(st.st_mode), "mode": f"{st.st_mode & 0o7777:04o}"}
+    if out["regular"]:
+        out["sha256"] = sha256_file(path)
+        if text_limit and st.st_size <= text_limit:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    out["text"] = fh.read()
+            except UnicodeDecodeError:
+                pass
+    return out
+
+
+def _local_install(path: str, dest: str, mode: str | None) -> None:
+    import shutil
+
+    staged = f"{dest}.tccdeploy-{secrets.token_hex(6)}"
+    shutil.copyfile(path, staged)
+    os.chmod(staged, int(mode, 8) if mode is not None else 0o644)
+    os.replace(staged, dest)
 
 
 def wait_for(ctx: Context, timeout: float, delay: float = 0.0) -> float:
@@ -177,7 +252,7 @@ def debug(ctx: Context) -> dict[str, Any]:
     if "var" in args:
         name = str(args["var"])
         try:
-            value = lookup(parse_path(name), ctx.vars)
+            value = expression(name, ctx.vars)
         except Undefined:
             value = "VARIABLE IS NOT DEFINED!"
         return {"changed": False, name: value}
@@ -191,3 +266,9 @@ def fail(ctx: Context) -> dict[str, Any]:
 
 def as_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+@module("set_fact")
+def set_fact(ctx: Context) -> dict[str, Any]:
+    """Variables for this host for the rest of the run; the runner keeps them (ansible_facts)."""
+    return {"changed": False, "ansible_facts": dict(ctx.args)}
