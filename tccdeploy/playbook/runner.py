@@ -173,9 +173,9 @@ class PlaybookRunner:
             if task.role is not None:
                 raw.update(role_name=task.role.name, role_path=task.role.path)
             raw.update(task.vars)
-        raw.update(self.facts.get(host.name, {}))
         raw.update(self.options.extra_vars)
-        return Scope(raw)
+        facts = {k: v for k, v in self.facts.get(host.name, {}).items() if k not in self.options.extra_vars}
+        return Scope(raw, facts)  # facts and registered results are data a node may control: never templated
 
     def _load_vars_files(self, play: Play) -> None:
         self._vars_files = {}

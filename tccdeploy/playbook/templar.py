@@ -141,16 +141,21 @@ def test_names() -> list[str]:
 class Scope(Mapping[str, Any]):
     """Variables as a template sees them: each templated when first read, at most once.
 
-    `raw` holds the variables as written (inventory, play, registered results...). Jinja reads
-    it through this mapping (a shared context, not a copy), so only what a template names is
-    rendered."""
+    `raw` holds the variables as the operator wrote them (inventory, play, vars files, -e).
+    Jinja reads them through this mapping (a shared context, not a copy), so only what a
+    template names is rendered. `final` holds values that are data, never templates: what
+    modules returned (registered results, set_fact, loop items), which a node may control. A
+    node whose command prints `{{ ... }}` gets that text back, not run: Ansible's "unsafe"."""
 
-    def __init__(self, raw: Mapping[str, Any]):
+    def __init__(self, raw: Mapping[str, Any], final: Mapping[str, Any] | None = None):
         self.raw = raw
+        self.final = final or {}
         self._done: dict[str, Any] = {}
         self._busy: list[str] = []
 
     def __getitem__(self, key: str) -> Any:
+        if key in self.final:
+            return self.final[key]
         if key in self._done:
             return self._done[key]
         if key not in self.raw:
@@ -171,17 +176,17 @@ class Scope(Mapping[str, Any]):
         return value
 
     def __contains__(self, key: object) -> bool:
-        return key in self.raw or key in environment().globals
+        return key in self.final or key in self.raw or key in environment().globals
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.raw)
+        return iter({**self.raw, **self.final})
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return len({**self.raw, **self.final})
 
     def child(self, **extra: Any) -> Scope:
-        """This scope with a few more variables (a loop's item, a registered result)."""
-        return Scope({**self.raw, **extra})
+        """This scope with a few more values that are data (a loop's item, a registered result)."""
+        return Scope(self.raw, {**self.final, **extra})
 
 
 def scope(variables: Mapping[str, Any]) -> Scope:

@@ -70,6 +70,8 @@ def command(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {"changed": True, "rc": rc, "cmd": argv, "delta": round(time.monotonic() - start, 3),
                               "stdout": out.decode(errors="replace").rstrip("\n"),
                               "stderr": err.decode(errors="replace").rstrip("\n")}
+    result["stdout_lines"] = result["stdout"].splitlines()  # as Ansible's command returns them
+    result["stderr_lines"] = result["stderr"].splitlines()
     if rc:
         result["failed"] = True
         result["msg"] = f"[Errno 2] No such file or directory: {argv[0]!r}" if rc == 127 and not out \
