@@ -134,3 +134,15 @@ def test_extra_vars_in_every_form_ansible_takes(tmp_path):
 def test_banners_are_padded_to_80_columns_like_ansible():
     assert len(banner("PLAY [demo]").strip("\n")) == 80
     assert banner("TASK [" + "x" * 100 + "]").endswith(" ***")
+
+
+def test_become_keeps_the_password_out_of_argv_and_fails_fast_without_one():
+    from tccdeploy.playbook.modules import Become
+
+    with_password = Become("deploy", "s3cret")
+    argv = with_password.wrap(["id", "-un"])
+    assert "s3cret" not in " ".join(argv) and "s3cret" not in repr(with_password)
+    assert argv[:5] == ["sudo", "-H", "-S", "-p", ""] and argv[-3:] == ["--", "id", "-un"]
+    assert with_password.stdin == b"s3cret\n"
+    assert Become().wrap(["id"]) == ["sudo", "-H", "-n", "-u", "root", "--", "id"]
+    assert Become().stdin is None

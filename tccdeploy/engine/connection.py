@@ -261,9 +261,13 @@ class Connection:
             raise Unreachable("ssh", f"cannot start a command on {self.target.address}: {exc}") from None
         return channel
 
-    def exec(self, command: str, timeout: float | None = None) -> tuple[int, bytes, bytes]:
-        """Run a command to completion: (exit status, stdout, stderr)."""
+    def exec(self, command: str, timeout: float | None = None, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+        """Run a command to completion: (exit status, stdout, stderr). stdin is how a secret
+        (sudo's password) reaches the command: never its argv, which other users can read."""
         channel = self.open_process(command)
+        if stdin is not None:
+            channel.sendall(stdin)
+            channel.shutdown_write()
         deadline = time.monotonic() + (timeout or self.target.timeout)
         out, err = bytearray(), bytearray()
         channel.settimeout(0.5)

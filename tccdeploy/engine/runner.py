@@ -127,13 +127,15 @@ class Engine:
         self.own_known_hosts = os.path.join(self.state, "known_hosts")
         self.trust_new = trust_new_host_keys
         self.sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
         self._cancelled = threading.Event()
 
     def session(self, host: Host) -> Session:
-        if host.name not in self.sessions:
-            target = Target.from_vars(host.name, host.vars, self.state, self.timeout)
-            self.sessions[host.name] = Session(host, target, self.own_known_hosts, self.trust_new)
-        return self.sessions[host.name]
+        with self._sessions_lock:  # two threads may ask for one host's (a task delegated to it)
+            if host.name not in self.sessions:
+                target = Target.from_vars(host.name, host.vars, self.state, self.timeout)
+                self.sessions[host.name] = Session(host, target, self.own_known_hosts, self.trust_new)
+            return self.sessions[host.name]
 
     def _one(self, host: Host, work: Work) -> HostResult:
         start = time.monotonic()

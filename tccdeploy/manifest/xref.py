@@ -35,7 +35,7 @@ STRUCTURES = ("block", "include_tasks", "import_tasks", "include_role", "import_
 TASK_KEYWORDS = (
     "name", "when", "loop", "loop_control", "register", "tags", "ignore_errors", "delegate_to", "vars",
     "changed_when", "failed_when", "notify", "listen", "run_once", "until", "retries", "delay", "check_mode",
-    "diff", "no_log", "rescue", "always",
+    "diff", "no_log", "become", "become_user", "become_method", "rescue", "always",
 )
 SECTIONS = ("pre_tasks", "tasks", "post_tasks", "handlers")
 

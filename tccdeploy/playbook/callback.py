@@ -43,6 +43,7 @@ class Outcome:
     result: dict[str, Any] = field(default_factory=dict)
     ignored: bool = False
     rescued: bool = False  # failed inside a block with a rescue: counted rescued, as ansible-core counts it
+    via: str | None = None  # delegate_to: shown as [host -> via]
     items: list[tuple[str, Any, dict[str, Any]]] = field(default_factory=list)  # (status, item, result)
     traceback: str = ""
 
@@ -119,7 +120,7 @@ class Callback:
                        ignored=1 if outcome.ignored else 0)
 
     def _print(self, o: Outcome, debug: bool) -> None:
-        host = o.host
+        host = f"{o.host} -> {o.via}" if o.via and o.status != "skipped" else o.host
         if self.diff and o.result.get("diff") and o.status in ("changed", "ok", "failed"):
             self._say(render_diff(o.result["diff"]).rstrip("\n") + "\n")
         if o.items:

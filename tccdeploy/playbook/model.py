@@ -20,6 +20,8 @@ from ..manifest.problems import Problem
 from ..manifest.xref import MODULES, STRUCTURES
 from ..manifest.yamlload import Document
 
+BECOME = ("become", "become_user", "become_method")
+
 
 class PlaybookError(Exception):
     """Files the playbook names that are missing or invalid: nothing may run."""
@@ -69,6 +71,7 @@ class Task:
     no_log: bool = False
     role: Role | None = None
     base_dir: str = ""  # where relative paths of this task's file are looked up first
+    become: dict[str, Any] = field(default_factory=dict)  # become, become_user, become_method as written
 
     @property
     def answers(self) -> set[str]:
@@ -145,6 +148,7 @@ class Inherit:
     tags: frozenset[str] = frozenset()
     role: Role | None = None
     base_dir: str = ""
+    become: tuple[tuple[str, Any], ...] = ()
 
     def add(self, raw: dict[str, Any], base_dir: str | None = None, role: Role | None = None) -> Inherit:
         when = raw.get("when")
@@ -152,7 +156,8 @@ class Inherit:
             when=self.when + tuple(_conditions(when)),
             vars=self.vars + tuple((raw.get("vars") or {}).items()),
             tags=self.tags | _tags(raw.get("tags")),
-            role=role or self.role, base_dir=base_dir or self.base_dir)
+            role=role or self.role, base_dir=base_dir or self.base_dir,
+            become=self.become + tuple((k, raw[k]) for k in BECOME if k in raw))
 
 
 def _conditions(value: Any) -> list[Any]:
@@ -287,7 +292,8 @@ class Reader:
         hosts = raw["hosts"]
         pattern = ":".join(hosts) if isinstance(hosts, list) else str(hosts)
         serial = raw.get("serial")
-        base = Inherit(tags=_tags(raw.get("tags")), base_dir=os.path.dirname(os.path.abspath(doc.file)))
+        base = Inherit(tags=_tags(raw.get("tags")), base_dir=os.path.dirname(os.path.abspath(doc.file)),
+                       become=tuple((k, raw[k]) for k in BECOME if k in raw))
         play = Play(
             name=str(raw.get("name") or pattern), hosts=pattern, tasks=[], where=_where(doc, (i,)),
             vars=dict(raw.get("vars") or {}),
@@ -451,6 +457,7 @@ class Reader:
             run_once=bool(t.get("run_once", False)), until=t.get("until"), retries=t.get("retries"),
             delay=t.get("delay"), check_mode=t.get("check_mode"), diff=t.get("diff"), no_log=bool(t.get("no_log", False)),
             role=role, base_dir=inherit.base_dir,
+            become={**dict(inherit.become), **{k: t[k] for k in BECOME if k in t}},
         )
 
 

@@ -31,8 +31,9 @@ from ..inventory import Host, Inventory
 from ..inventory.patterns import PatternError
 from .callback import Callback, Outcome
 from .conditions import evaluate
+from .filters import to_bool
 from .model import Block, Include, Inherit, Item, Play, PlaybookError, Reader, Task, batches, plays
-from .modules import Context, ModuleError, RunState, load_all
+from .modules import Become, Context, ModuleError, RunState, load_all
 from .templar import Scope, TemplateError, has_template, omit_keys, render
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 2, 4, 99
@@ -225,9 +226,10 @@ class PlaybookRunner:
                 return {"failed": True, "changed": False, "msg": "; ".join(problems)}
         if args is None:
             args = {}
-        ctx = Context(host, args, variables, run, delegated=task.delegate_to == "localhost",
+        delegated, via = self._delegate(task, variables)
+        ctx = Context(host, args, variables, run, delegated=delegated, via=via,
                       check_override=task.check_mode, diff_override=task.diff, base_dir=task.base_dir,
-                      role_path=task.role.path if task.role else None)
+                      role_path=task.role.path if task.role else None, become=self._become(task, variables))
         try:
             result = dict(self.modules[task.module](ctx))
         except ModuleError as exc:
@@ -241,12 +243,43 @@ class PlaybookRunner:
                 result["failed"] = evaluate(task.failed_when, scope)
         return result
 
+    def _delegate(self, task: Task, variables: Scope) -> tuple[bool, Host | None]:
+        """delegate_to: (runs on the controller, the inventory host whose connection it uses)."""
+        if task.delegate_to is None:
+            return False, None
+        name = str(render(task.delegate_to, variables))
+        if name in self.inventory.hosts:
+            return False, self.inventory.hosts[name]
+        if name in ("localhost", "127.0.0.1"):
+            return True, None
+        raise TemplateError(f"delegate_to: no host {name!r} in the inventory (nor localhost)")
+
+    def _become(self, task: Task, variables: Scope) -> Become | None:
+        """become, with Ansible's precedence: the inventory's ansible_become* variables over the
+        playbook's keywords, as for every connection setting."""
+        def setting(var: str, keyword: str, default: Any) -> Any:
+            if var in variables:
+                return variables[var]
+            return render(task.become[keyword], variables) if keyword in task.become else default
+
+        if not to_bool(setting("ansible_become", "become", False)):
+            return None
+        method = str(setting("ansible_become_method", "become_method", "sudo"))
+        if method != "sudo":
+            raise TemplateError(f"become_method {method!r} is not run by tccdeploy apply; sudo is")
+        password = variables["ansible_become_password"] if "ansible_become_password" in variables else \
+            variables.get("ansible_become_pass")
+        return Become(str(setting("ansible_become_user", "become_user", "root")),
+                      None if password is None else str(password))
+
     def _work(self, play: Play, task: Task, run: RunState):  # type: ignore[no-untyped-def]
         def work(session: Session) -> HostResult:
             host = session.host
             outcome = Outcome(host.name, "ok")
             try:
                 variables = self.scope(host, play, task)
+                if task.delegate_to is not None:
+                    outcome.via = str(render(task.delegate_to, variables))
                 if task.loop is None:
                     if task.when and not evaluate(task.when, variables):
                         outcome.status, outcome.result = "skipped", {"changed": False, "skipped": True,

@@ -99,6 +99,25 @@ class RunState:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Become:
+    """Run as another user through sudo (become_method: sudo). The password, when the inventory
+    gives one (ansible_become_password), goes to sudo's stdin, never into argv or a log."""
+
+    user: str = "root"
+    password: str | None = field(default=None, repr=False)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """argv as sudo runs it: -S reads the password from stdin (with an empty prompt), -n
+        fails at once when a password is needed and none was given, rather than hang."""
+        auth = ["-S", "-p", ""] if self.password is not None else ["-n"]
+        return ["sudo", "-H", *auth, "-u", self.user, "--", *argv]
+
+    @property
+    def stdin(self) -> bytes | None:
+        return None if self.password is None else (self.password + "\n").encode()
+
+
 @dataclass
 class Context:
     host: Host
@@ -110,6 +129,8 @@ class Context:
     diff_override: bool | None = None  # the task's diff keyword
     base_dir: str = ""  # the folder of the file the task was written in
     role_path: str | None = None
+    via: Host | None = None  # delegate_to another inventory host: its connection, this host's variables
+    become: Become | None = None
 
     @property
     def check(self) -> bool:
@@ -138,13 +159,13 @@ class Context:
     @property
     def local(self) -> bool:
         """The task runs on the controller: delegated, or the host is the controller itself."""
-        return self.delegated or self.host.vars.get("ansible_connection") == "local"
+        return self.delegated or (self.via or self.host).vars.get("ansible_connection") == "local"
 
     @property
     def session(self) -> Session:
         if self.local:
             raise ModuleError(f"this module works on a node over SSH; {self.name} is the controller here")
-        return self.run.engine.session(self.host)
+        return self.run.engine.session(self.via or self.host)
 
     def fresh_session(self) -> Session:
         """A new connection and helper: after a reboot, the old ones are dead."""

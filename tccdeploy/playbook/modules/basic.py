@@ -56,17 +56,19 @@ def command(ctx: Context) -> dict[str, Any]:
     if ctx.check:
         return {"skipped": True, "changed": False, "msg": "command does not run in check mode"}
     start = time.monotonic()
+    run_argv = ctx.become.wrap(argv) if ctx.become else argv
+    stdin = ctx.become.stdin if ctx.become else None
     if ctx.local:
         try:
-            done = subprocess.run(argv, cwd=chdir, capture_output=True, timeout=3600)
+            done = subprocess.run(run_argv, cwd=chdir, capture_output=True, timeout=3600, input=stdin)
         except FileNotFoundError:
-            return {"failed": True, "rc": 2, "cmd": argv, "msg": f"[Errno 2] No such file or directory: {argv[0]!r}"}
+            return {"failed": True, "rc": 2, "cmd": argv, "msg": f"[Errno 2] No such file or directory: {run_argv[0]!r}"}
         rc, out, err = done.returncode, done.stdout, done.stderr
     else:
-        remote = shlex.join(argv)
+        remote = shlex.join(run_argv)
         if chdir:
             remote = f"cd {shlex.quote(chdir)} && exec {remote}"
-        rc, out, err = ctx.session.connect().exec(remote, timeout=3600)
+        rc, out, err = ctx.session.connect().exec(remote, timeout=3600, stdin=stdin)
     result: dict[str, Any] = {"changed": True, "rc": rc, "cmd": argv, "delta": round(time.monotonic() - start, 3),
                               "stdout": out.decode(errors="replace").rstrip("\n"),
                               "stderr": err.decode(errors="replace").rstrip("\n")}
@@ -151,6 +153,9 @@ def _install_text(ctx: Context, text: str, src: str | None) -> dict[str, Any]:
 
 
 def _install(ctx: Context, path: str, src: str | None) -> dict[str, Any]:
+    if ctx.become is not None and not (ctx.local and ctx.become.user == "root" and os.geteuid() == 0):
+        raise ModuleError(f"copy/template with become (to {ctx.become.user}) is not run by tccdeploy apply: files "
+                          "are installed by the node's own helper as its login; use command with become instead")
     dest, mode = str(ctx.args["dest"]), ctx.args.get("mode")
     mode = f"{int(str(mode), 8):04o}" if mode is not None else None
     digest = sha256_file(path)
