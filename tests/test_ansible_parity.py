@@ -102,6 +102,18 @@ def test_the_corpus_runs_as_ansible_playbook_runs_it(playbook, tmp_path):
 
 @pytest.mark.slow
 @needs_ansible
+@pytest.mark.parametrize("mode", [[], ["--check"]], ids=["run", "check"])
+def test_check_mode_per_task_as_ansible_playbook_honours_it(mode, tmp_path):
+    ours, theirs, ours_dir, theirs_dir = both("modes.yml", tmp_path, *mode)
+    assert recap(ours.stdout) == recap(theirs.stdout), ours.stdout + theirs.stdout
+    assert events(ours.stdout) == events(theirs.stdout)
+    assert files(ours_dir) == files(theirs_dir)
+    assert sorted(files(ours_dir)) == sorted(
+        f"{h}.{kind}" for h in "abc" for kind in (("written",) if mode else ("written", "plain")))
+
+
+@pytest.mark.slow
+@needs_ansible
 def test_a_second_run_changes_nothing_that_the_first_did(tmp_path):
     """Idempotence as Ansible shows it: the same out_dir twice; the second run's template and
     copy tasks report ok, so no handler runs."""

@@ -148,3 +148,18 @@ def test_step_asks_before_each_task(tmp_path):
     continued = subprocess.run(run, input="c\n", capture_output=True, text=True)
     assert all(f"TASK [{t}]" in continued.stdout for t in ("one", "two", "three"))
     assert continued.stderr.count("Perform task: TASK:") == 1
+
+
+def test_what_apply_does_not_run_is_refused_by_name_with_file_and_line_before_any_host(tmp_path):
+    playbook = HERE / "refused.yml"
+    result = apply(str(playbook), "-i", INVENTORY, "--state", str(tmp_path))
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "TASK [" not in result.stdout
+    for line, text in ((6, "the filter 'ipaddr' is not one tccdeploy apply runs"),
+                       (8, "lookup()/query() are not run"),
+                       (11, "the test 'exists' is not one tccdeploy apply runs"),
+                       (12, "the filter 'community.general.json_query' is not one"),
+                       (14, "template syntax error")):
+        assert any(f"{playbook}:{line}:" in row and text in row for row in result.stderr.splitlines()), \
+            (line, text, result.stderr)
+    assert "its filters are: abs, attr, b64decode" in result.stderr

@@ -441,7 +441,19 @@ class Reader:
                 out.append(self.task(doc, here, t, inherit))
         return out
 
+    def _templates(self, doc: Document, here: tuple, t: dict[str, Any]) -> None:
+        """Refuse, by name and file:line, what a template would be refused for when it runs."""
+        from .templar import problems
+
+        for key, value in t.items():
+            condition = key in ("when", "changed_when", "failed_when", "until")
+            for found in problems(value, condition):
+                message, _, listed = found.partition("; its ")
+                hint = f"its {listed}" if listed else "see `tccdeploy apply --help` for what templates may use"
+                self.problems.append(doc.problem((*here, key), "playbook.template", message, hint))
+
     def task(self, doc: Document, here: tuple, t: dict[str, Any], inherit: Inherit) -> Task:
+        self._templates(doc, here, t)
         module = next(k for k in t if k in MODULES and k not in STRUCTURES)
         control = t.get("loop_control") or {}
         role = inherit.role

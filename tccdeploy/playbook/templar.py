@@ -197,9 +197,10 @@ def scope(variables: Mapping[str, Any]) -> Scope:
 def _compile(text: str, trim_blocks: bool = False) -> jinja2.Template:
     env = environment(trim_blocks)
     try:
-        return env.from_string(text)
+        template = env.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(_syntax_message(text, exc)) from None
+    return template
 
 
 def _syntax_message(text: str, exc: jinja2.TemplateSyntaxError) -> str:
@@ -273,6 +274,35 @@ def expression(text: str, variables: Mapping[str, Any]) -> Any:
     if not isinstance(output, nodes.Output) or len(output.nodes) != 1:
         raise TemplateError(f"{source!r} is not a single expression")
     return _run(_compile("{{ (" + source + ") }}"), scope(variables), source)
+
+
+def problems(value: Any, condition: bool = False) -> Iterator[str]:
+    """What in value would be refused when rendered, found before anything runs: syntax errors
+    and filters, tests or functions tccdeploy does not offer (by name). condition: value is a
+    bare expression (when, changed_when, failed_when, until)."""
+    if isinstance(value, list):
+        for v in value:
+            yield from problems(v, condition)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from problems(v, condition)
+    elif isinstance(value, str):
+        source = value
+        if condition:
+            text = value.strip()
+            if text.startswith("{{") and text.endswith("}}") and text.count("{{") == 1:
+                text = text[2:-2].strip()
+            source = "{{ (" + text + ") }}"
+        elif "{{" not in value and "{%" not in value and "{#" not in value:
+            return
+        try:
+            _compile(source)
+        except TemplateError as exc:
+            yield str(exc).replace(repr(source), repr(value))
+            return
+        calls = environment().parse(source).find_all(nodes.Call)
+        if any(isinstance(call.node, nodes.Name) and call.node.name in ("lookup", "query", "q") for call in calls):
+            yield f"{value!r}: lookup()/query() are not run by tccdeploy apply (they read the controller's files)"
 
 
 def omit_keys(args: Any) -> Any:
