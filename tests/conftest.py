@@ -196,6 +196,8 @@ MODULE_SECONDS = {
     "tests/test_launch.py": 75,
     "tests/adversary/test_tickets_lab.py": 75,
     "tests/test_tc_flow_served.py": 72,
+    "tests/test_ansible_parity.py": 70,
+    "tests/test_collection_lab.py": 48,
     "tests/adversary/test_customers.py": 55,
     "tests/adversary/test_suspend_lab.py": 52,
     "tests/test_tc_replicas.py": 38,

@@ -36,9 +36,9 @@ def apply(*args: str, state: str | None = None, timeout: float = 600) -> subproc
                           timeout=timeout)
 
 
-def ansible_playbook(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def ansible_playbook(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     home = tempfile.mkdtemp(prefix="tccdeploy-test-ansible-")
-    env = dict(os.environ, ANSIBLE_HOME=home, ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1",
+    env = dict(os.environ, **(env or {}), ANSIBLE_HOME=home, ANSIBLE_LOCALHOST_WARNING="False", ANSIBLE_NOCOLOR="1",
                ANSIBLE_DEPRECATION_WARNINGS="False", ANSIBLE_SSH_ARGS="-o ControlMaster=no -o ControlPersist=no",
                ANSIBLE_HOST_KEY_CHECKING="True")
     try:

@@ -38,6 +38,16 @@ TASK_KEYWORDS = (
     "diff", "no_log", "become", "become_user", "become_method", "rescue", "always",
 )
 SECTIONS = ("pre_tasks", "tasks", "post_tasks", "handlers")
+# Full names a playbook may call the same modules by: tccdeploy's collection and Ansible's builtins.
+PREFIXES = ("tccdeploy.tccp.", "ansible.builtin.")
+
+
+def canonical(key: str) -> str:
+    """A task key without its collection: tccdeploy.tccp.attest -> attest."""
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
 
 
 def check(result: LoadResult) -> list[Problem]:
@@ -429,6 +439,7 @@ def task_list(doc, tasks, base: tuple) -> Iterator[Problem]:  # type: ignore[no-
     for j, task in enumerate(tasks if isinstance(tasks, list) else []):
         if not isinstance(task, dict):
             continue
+        task = {canonical(k): v for k, v in task.items()}
         where = (*base, j)
         actions = [k for k in task if k in MODULES or k in STRUCTURES]
         if any(k not in actions and k not in TASK_KEYWORDS for k in task):

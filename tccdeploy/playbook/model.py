@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..manifest.problems import Problem
-from ..manifest.xref import MODULES, STRUCTURES
+from ..manifest.xref import MODULES, STRUCTURES, canonical
 from ..manifest.yamlload import Document
 
 BECOME = ("become", "become_user", "become_method")
@@ -398,6 +398,7 @@ class Reader:
     def items(self, doc: Document, raw: Any, path: tuple, inherit: Inherit) -> list[Item]:
         out: list[Item] = []
         for j, t in enumerate(raw or []):
+            t = {canonical(k): v for k, v in t.items()}
             here = (*path, j)
             where = _where(doc, here)
             if "block" in t:

@@ -1,0 +1,54 @@
+#!/usr/bin/python
+# The documentation of tccdeploy.tccp.migrate; the work is done by its action plugin
+# (plugins/action/migrate.py), on the controller, through tccdeploy itself.
+
+DOCUMENTATION = r"""
+module: migrate
+short_description: Migrate a VM, encrypted, to another trusted node
+description:
+- 'migrate: move a VM to another trusted node, encrypted end to end.'
+extends_documentation_fragment:
+- tccdeploy.tccp.tc
+options:
+  vm:
+    description:
+    - The VM's name.
+    type: str
+    required: true
+  to:
+    description:
+    - Destination node, or auto (the default) for placement to choose.
+    type: str
+author:
+- tccdeploy developers
+"""
+
+EXAMPLES = r"""
+- name: Move web-1 to node3
+  tccdeploy.tccp.migrate:
+    vm: web-1
+    to: node3
+"""
+
+RETURN = r"""
+changed:
+  description: Whether the module changed anything (the TC's registry or the node).
+  type: bool
+  returned: always
+reason:
+  description: The reason code of a refusal (the TC's or the engine's), when it failed.
+  type: str
+  returned: on refusal
+"""
+
+
+def main() -> None:
+    from ansible.module_utils.basic import AnsibleModule
+
+    module = AnsibleModule(argument_spec={}, supports_check_mode=True, bypass_checks=True)
+    module.fail_json(msg="tccdeploy.tccp.migrate runs on the controller through its action plugin; "
+                         "it cannot run as a module on the node")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/python
+# The documentation of tccdeploy.tccp.tvmm_deploy; the work is done by its action plugin
+# (plugins/action/tvmm_deploy.py), on the controller, through tccdeploy itself.
+
+DOCUMENTATION = r"""
+module: tvmm_deploy
+short_description: Install and boot a TVMM build on a node
+description:
+- 'tvmm_deploy: install a TVMM build''s artifacts on the node by digest, make it the next boot and (with
+  reboot) reboot into it.'
+extends_documentation_fragment:
+- tccdeploy.tccp.tc
+options:
+  build:
+    description:
+    - The TVMMBuild's name.
+    type: str
+    required: true
+  reboot:
+    description:
+    - Reboot into the build after installing it (through tcc_reboot_command) and wait for SSH. Default
+      true.
+    type: bool
+  timeout:
+    description:
+    - Seconds to wait for the node after reboot. Default 300.
+    type: int
+  check_only:
+    description:
+    - 'Only check that the build may go on this node (admissible; a candidate only on its rollout''s nodes;
+      artifacts listed), changing nothing: a rollout asks it before draining the node. Default false.'
+    type: bool
+author:
+- tccdeploy developers
+"""
+
+EXAMPLES = r"""
+- name: Roll out a build
+  tccdeploy.tccp.tvmm_deploy:
+    build: tvmm-2026.2
+"""
+
+RETURN = r"""
+changed:
+  description: Whether the module changed anything (the TC's registry or the node).
+  type: bool
+  returned: always
+reason:
+  description: The reason code of a refusal (the TC's or the engine's), when it failed.
+  type: str
+  returned: on refusal
+"""
+
+
+def main() -> None:
+    from ansible.module_utils.basic import AnsibleModule
+
+    module = AnsibleModule(argument_spec={}, supports_check_mode=True, bypass_checks=True)
+    module.fail_json(msg="tccdeploy.tccp.tvmm_deploy runs on the controller through its action plugin; "
+                         "it cannot run as a module on the node")
+
+
+if __name__ == "__main__":
+    main()
