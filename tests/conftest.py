@@ -198,6 +198,7 @@ MODULE_SECONDS = {
     "tests/test_tc_flow_served.py": 72,
     "tests/test_ansible_parity.py": 70,
     "tests/test_collection_lab.py": 48,
+    "tests/adversary/test_webhooks.py": 18,
     "tests/adversary/test_customers.py": 55,
     "tests/adversary/test_suspend_lab.py": 52,
     "tests/test_tc_replicas.py": 38,

@@ -94,6 +94,59 @@ def cmd_customers(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    """Webhooks: add writes the new secret to a 0600 file (never to the terminal or argv)."""
+    from ..coordinator import webhooks
+    from ..crypto.files import atomic_write
+
+    with closing(_registry(args)) as registry:
+        if args.action == "add":
+            if not args.name or not args.url or not args.secret_file:
+                print("usage: tccdeploy tc webhooks add NAME URL --secret-file FILE [--events TYPE,...]", file=sys.stderr)
+                return 2
+            events = [e.strip() for e in (args.events or ",".join(webhooks.DEFAULT_EVENTS)).split(",") if e.strip()]
+            try:
+                webhooks.check(args.name, args.url, events)
+            except webhooks.WebhookError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if os.path.exists(args.secret_file):
+                print(f"error: {args.secret_file} exists; give a new file for the webhook's secret", file=sys.stderr)
+                return 2
+            secret = webhooks.new_secret()
+            atomic_write(args.secret_file, secret.encode() + b"\n", 0o600)
+            cursor = 0 if args.from_start else registry.audit_head()
+            if not registry.add_webhook(args.name, args.url, secret, events, cursor):
+                os.unlink(args.secret_file)
+                print(f"error: a webhook named {args.name} exists; remove it first", file=sys.stderr)
+                return 2
+            print(f"webhook {args.name} -> {args.url}: {', '.join(events)}; from audit entry {cursor + 1} on. Its "
+                  f"secret (for the receiver to verify the webhook-signature header) is in {args.secret_file} (0600)")
+            return 0
+        if args.action == "remove":
+            if not args.name:
+                print("usage: tccdeploy tc webhooks remove NAME", file=sys.stderr)
+                return 2
+            if not registry.remove_webhook(args.name):
+                print(f"error: no webhook named {args.name}", file=sys.stderr)
+                return 1
+            print(f"webhook {args.name} removed; its undelivered events will not be sent")
+            return 0
+        rows = webhooks.status(registry)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no webhooks; add one with `tccdeploy tc webhooks add NAME URL --secret-file FILE`")
+            return 0
+        shown = [dict(r, oldest=None if r["oldest_pending_age"] is None else f"{r['oldest_pending_age']:g} s",
+                      next=_when(r["next_attempt"]) if r["next_attempt"] else None) for r in rows]
+        print(table(shown, [("name", "webhook"), ("url", "url"), ("pending", "pending"), ("delivered", "delivered"),
+                            ("oldest", "oldest pending"), ("attempts", "attempts"), ("next", "next attempt"),
+                            ("last_error", "last error")]))
+        return 0
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes
 
@@ -301,6 +354,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     state(q)
     q.set_defaults(func=cmd_customers)
+
+    q = tc.add_parser(
+        "webhooks", help="deliver the TC's events to an HTTP receiver: add NAME URL --secret-file F | remove NAME | status",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Webhooks deliver the TC's audit log as CloudEvents 1.0 (JSON), signed with HMAC-SHA256 as\n"
+                    "Standard Webhooks sign (webhook-id, webhook-timestamp, webhook-signature headers): in order,\n"
+                    "at least once, retried with backoff (1 s doubling to 5 min) while `tc serve` runs; the\n"
+                    "delivery state is in the registry, so a restart loses nothing. status shows what is pending.",
+        epilog="event types: " + ", ".join(__import__("tccdeploy.coordinator.webhooks", fromlist=["x"]).ALL_EVENTS)
+               + "\n\nexamples:\n  tccdeploy tc webhooks add soc https://siem.example/tcc --secret-file soc.secret\n"
+               "  tccdeploy tc webhooks add pager https://pager.example/in --secret-file p.secret "
+               "--events node.quarantined,refused\n  tccdeploy tc webhooks status")
+    q.add_argument("action", nargs="?", choices=("add", "remove", "status", "list"), default="status")
+    q.add_argument("name", nargs="?")
+    q.add_argument("url", nargs="?")
+    q.add_argument("--secret-file", metavar="FILE", help="add: where to write the new secret (created 0600)")
+    q.add_argument("--events", metavar="TYPE,...", help="add: the event types to deliver (default: quarantine, release, "
+                   "key release, launch, migration, build revoked, audit checkpoint and refusals; * for all)")
+    q.add_argument("--from-start", action="store_true", help="add: deliver the whole audit log, not only what follows")
+    q.add_argument("--json", action="store_true")
+    state(q)
+    q.set_defaults(func=cmd_webhooks)
 
     q = tc.add_parser("engines", help="engines' client certificates: add NAME [-o DIR] | remove NAME | list")
     q.add_argument("action", nargs="?", choices=("add", "remove", "list"), default="list")

@@ -209,6 +209,34 @@ def _sweep(coordinator: Coordinator, stop: threading.Event) -> None:
                   file=sys.stderr, flush=True)
 
 
+WEBHOOK_INTERVAL = 0.5
+
+
+def _deliver(coordinator: Coordinator, stop: threading.Event, interval: float = WEBHOOK_INTERVAL) -> None:
+    """Deliver webhooks' events while the TC serves (webhooks.py: in order, at least once)."""
+    import sys
+
+    from . import webhooks
+
+    deliverer = webhooks.Deliverer(coordinator.registry, f"urn:tccdeploy:tc:{coordinator.identity().fingerprint}",
+                                   owner=webhooks.owner_name(),
+                                   first_backoff=float(os.environ.get("TCCDEPLOY_WEBHOOK_BACKOFF", webhooks.BACKOFF_FIRST)))
+    warned = False
+    while not stop.wait(interval):
+        try:
+            deliverer.round()
+            warned = False
+        except Exception as exc:  # noqa: BLE001 - the store is down: the next round tries again
+            if not warned:
+                print(f"tc serve: delivering webhooks failed ({type(exc).__name__}); trying again", file=sys.stderr,
+                      flush=True)
+                warned = True
+    try:
+        deliverer.release()
+    except Exception:  # noqa: BLE001 - the lease then runs out by itself
+        pass
+
+
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
           manifests: list[str] | None = None, limits: Limits = Limits()) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
@@ -235,6 +263,9 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
 
     sweeper = threading.Thread(target=_sweep, args=(coordinator, threading.Event()), name="tc-expiry", daemon=True)
     sweeper.start()
+    delivering = threading.Event()
+    deliverer = threading.Thread(target=_deliver, args=(coordinator, delivering), name="tc-webhooks", daemon=True)
+    deliverer.start()
     identity = load_identity(coordinator.state)
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
     peers = PeerCertificates()
@@ -247,4 +278,8 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
         ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop="asyncio",
         limit_concurrency=limits.total,
     )
-    _Server.make(config, limits.handshake).run()
+    try:
+        _Server.make(config, limits.handshake).run()
+    finally:
+        delivering.set()  # a clean stop hands the webhooks' leases back
+        deliverer.join(timeout=12)

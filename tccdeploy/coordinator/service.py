@@ -83,7 +83,12 @@ class Coordinator:
 
     def reload(self, loaded: Any) -> None:
         """Take new manifests (SIGHUP): a build revoked or a machine taken off the roster counts
-        from the next decision on."""
+        from the next decision on. A build that may no longer run is audited (build.revoked), so
+        the security team's webhooks hear of it."""
+        before = {b.name for b in self.builds if b.admissible}
+        after = {b.name for b in loaded.builds if b.admissible}
+        for name in sorted(before - after):
+            audit.append(self.registry, "build.revoked", build=name)
         self.perimeter, self.builds, self.rosters = loaded.perimeter, loaded.builds, list(loaded.rosters)
         self.platforms = list(getattr(loaded, "platforms", ()))
         self._identity = self._auditor = None  # and the TC's keys, which `tc rotate` may have changed

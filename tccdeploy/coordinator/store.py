@@ -287,6 +287,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE attestations ADD COLUMN platform TEXT;
     ALTER TABLE nodes ADD COLUMN platform TEXT;
     """,
+    # 18: webhooks (issue 19): each delivers the audit log's events after its cursor, in order,
+    # at least once; the delivery state is here so a TC restart loses nothing, and a lease lets
+    # one replica deliver at a time.
+    """
+    CREATE TABLE webhooks (name TEXT PRIMARY KEY, url TEXT NOT NULL, secret TEXT NOT NULL, events TEXT NOT NULL,
+                           created REAL NOT NULL, cursor INTEGER NOT NULL, checkpoint INTEGER NOT NULL DEFAULT 0,
+                           attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, last_error TEXT,
+                           delivered INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0);
+    """,
 ]
 
 
@@ -430,6 +439,13 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE attestations ADD COLUMN platform TEXT;
     ALTER TABLE nodes ADD COLUMN platform TEXT;
+    """,
+    """
+    CREATE TABLE webhooks (name TEXT PRIMARY KEY, url TEXT NOT NULL, secret TEXT NOT NULL, events TEXT NOT NULL,
+                           created DOUBLE PRECISION NOT NULL, cursor BIGINT NOT NULL, checkpoint BIGINT NOT NULL DEFAULT 0,
+                           attempts INTEGER NOT NULL DEFAULT 0, next_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+                           last_error TEXT, delivered BIGINT NOT NULL DEFAULT 0, lease_owner TEXT,
+                           lease_until DOUBLE PRECISION NOT NULL DEFAULT 0);
     """,
 ]
 
@@ -1145,6 +1161,56 @@ class Registry:
             params.append(since)
         rows = self._all(query + " ORDER BY id", tuple(params))
         return [dict(r) | {"data": json.loads(r["data"])} for r in rows]
+
+    def audit_after(self, cursor: int, limit: int) -> list[dict[str, Any]]:
+        """The entries after id cursor, oldest first: what a webhook has still to deliver."""
+        rows = self._all("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit))
+        return [dict(r) | {"data": json.loads(r["data"])} for r in rows]
+
+    def audit_head(self) -> int:
+        row = self._one("SELECT MAX(id) AS head FROM audit")
+        return int(row["head"] or 0) if row else 0
+
+    # -- webhooks -----------------------------------------------------------------------------
+    def add_webhook(self, name: str, url: str, secret: str, events: list[str], cursor: int) -> bool:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM webhooks WHERE name = ?", (name,)).fetchall():
+                return False
+            db.execute("INSERT INTO webhooks (name, url, secret, events, created, cursor, checkpoint) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (name, url, secret, json.dumps(events), time.time(), cursor, cursor))
+        return True
+
+    def remove_webhook(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM webhooks WHERE name = ?", (name,)).rowcount == 1
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        return [dict(r) | {"events": json.loads(r["events"])} for r in self._all("SELECT * FROM webhooks ORDER BY name")]
+
+    def lease_webhook(self, name: str, owner: str, seconds: float, dead: str | None = None) -> bool:
+        """Take (or keep) the right to deliver this webhook's events for a while: one replica at a
+        time. dead: a holder known to be gone (a process of this machine that no longer runs)."""
+        now = time.time()
+        with self.transaction() as db:
+            return db.execute("UPDATE webhooks SET lease_owner = ?, lease_until = ? WHERE name = ? AND "
+                              "(lease_until < ? OR lease_owner = ? OR lease_owner = ?)",
+                              (owner, now + seconds, name, now, owner, dead or owner)).rowcount == 1
+
+    def release_webhook_leases(self, owner: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE webhooks SET lease_until = 0 WHERE lease_owner = ?", (owner,))
+
+    def webhook_progress(self, name: str, owner: str, cursor: int, delivered: int, checkpoint: int | None = None) -> None:
+        """Events up to cursor are delivered (or not subscribed): move on, attempts reset."""
+        with self.transaction() as db:
+            db.execute("UPDATE webhooks SET cursor = ?, delivered = delivered + ?, attempts = 0, next_at = 0, "
+                       "last_error = NULL, checkpoint = COALESCE(?, checkpoint) WHERE name = ? AND lease_owner = ?",
+                       (cursor, delivered, checkpoint, name, owner))
+
+    def webhook_failed(self, name: str, owner: str, error: str, next_at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE webhooks SET attempts = attempts + 1, next_at = ?, last_error = ? "
+                       "WHERE name = ? AND lease_owner = ?", (next_at, error, name, owner))
 
     # -- engines ------------------------------------------------------------------------------
     def add_engine(self, name: str, serial: str, fingerprint: str) -> None:
