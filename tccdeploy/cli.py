@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """tccdeploy's one entry point. Subcommands stay thin: they parse, call the library, render.
 
 Exit codes follow ansible-playbook's where it has one: 0 ok, 1 error, 2 a host failed (and,
@@ -10,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 
@@ -128,14 +130,34 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
             lab_register]
 
 
+def shows_progress(args: argparse.Namespace, stream: Any = None) -> bool:
+    """Progress bars only for people at a terminal: not for --json, pipes, CI logs or
+    TCCDEPLOY_NO_PROGRESS, and not for apply, whose own lines are Ansible's output."""
+    stream = sys.stderr if stream is None else stream
+    if getattr(args, "json", False) or os.environ.get("TCCDEPLOY_NO_PROGRESS") or os.environ.get("CI"):
+        return False
+    if getattr(args, "command", None) == "apply":
+        return False
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)  # only acts when the shell asks for completions
+    except ImportError:  # pragma: no cover - a dependency; completion is a convenience
+        pass
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        from . import progress
+
+        with progress.shown(shows_progress(args)):
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -88,7 +88,7 @@ def _fan_out(args: argparse.Namespace, pattern: str, work, kind: str, what: str)
     engine = Engine(hosts, forks=args.forks, timeout=args.timeout,
                     trust_new_host_keys=args.trust_new_host_keys, state=args.state)
     try:
-        results = engine.run(work, on_result=lambda r: output.result(r, kind))
+        results = engine.run(work, on_result=lambda r: output.result(r, kind), label=what)
     except KeyboardInterrupt:
         print("\n[ERROR]: User interrupted execution", file=sys.stderr)
         return 99

@@ -447,17 +447,19 @@ def cmd_enforce(args: argparse.Namespace) -> int:
     import signal
     import time as _time
 
+    from .. import logs
     from ..coordinator.client import TCUnavailable
     from ..engine.enforce import enforce_round
     from ..engine.runner import Engine
     from .engine import _logging, load, select
 
     _logging(args.verbose)
+    logs.configure(args.log_format)
     stopping = {"now": False}
 
     def stop(signum, frame):  # type: ignore[no-untyped-def]
         stopping["now"] = True
-        print("enforce: stopping after this round", file=sys.stderr)
+        logs.emit("enforce.stopping", "enforce: stopping after this round")
 
     signal.signal(signal.SIGTERM, stop)
     rounds, failures, interval = 0, 0, float(args.interval or 60)
@@ -476,8 +478,8 @@ def cmd_enforce(args: argparse.Namespace) -> int:
             # the nodes keep what they run, and the loop asks again, backing off.
             failures += 1
             wait = min(interval, 5.0 * 2 ** (failures - 1))
-            print(f"enforce: the TC cannot be asked now ({exc}); round {rounds + 1} again in {wait:g} s",
-                  file=sys.stderr, flush=True)
+            logs.emit("enforce.tc-unavailable", f"enforce: the TC cannot be asked now ({exc}); round {rounds + 1} again "
+                      f"in {wait:g} s", "warning", round=rounds + 1, retry_in=wait, error=str(exc))
             if args.once:
                 return 1
             deadline = _time.monotonic() + wait
@@ -490,6 +492,10 @@ def cmd_enforce(args: argparse.Namespace) -> int:
         rounds += 1
         if args.json:
             print(json.dumps(report.as_dict()), flush=True)
+        elif logs.is_json():
+            summary = report.as_dict()
+            logs.emit("enforce.round", f"round {rounds}: {len(report.quarantined)} quarantined",
+                      "warning" if report.quarantined else "info", stream=sys.stdout, round=rounds, **summary)
         else:
             print_round(rounds, report)
         if args.once or stopping["now"]:
@@ -710,6 +716,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--interval", type=float, help="seconds between rounds (default: the perimeter's intervalSeconds)")
     p.add_argument("--once", action="store_true", help="one round, then exit")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: each round and each message as one JSON object per line (time, level, event, message, "
+                        "the round's figures), for a log pipeline (default text)")
     p.set_defaults(func=cmd_enforce)
 
     p = sub.add_parser("audit", help="the TC's hash-chained audit log: verify it, show it",

@@ -284,10 +284,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("error: --max-connections-per-client takes 1 or more, the timeouts more than 0 seconds", file=sys.stderr)
         return 2
     limits = Limits(handshake=args.handshake_timeout, headers=args.header_timeout, body=args.body_timeout, per_client=args.max_connections_per_client)
+    from .. import logs
+
+    logs.configure(args.log_format)
     with closing(open_tc(args)) as coordinator:
         ident = identity.load(coordinator.state)
-        print(f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP reloads the "
-              "manifests; Ctrl-C or SIGTERM stops it", flush=True)
+        logs.emit("serve.start", f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP "
+                  "reloads the manifests; Ctrl-C or SIGTERM stops it", stream=sys.stdout, url=f"https://{host}:{port}",
+                  fingerprint=ident.fingerprint)
         paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
         serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths,
               limits)
@@ -400,6 +404,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8443)")
     q.add_argument("--name", action="append", metavar="DNS", help="another name the server certificate covers")
     q.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    q.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text for people, or one JSON object per line (time, level, event, message, fields) for a log "
+                        "pipeline (default text)")
     q.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
                    help="open connections one client address may hold; more are dropped at once (default 64; the "
                         "engine's fan-out uses one per fork)")

@@ -16,6 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .. import logs
 from .api import Api
 from .identity import CERT_FILE
 from .identity import load as load_identity
@@ -197,16 +198,15 @@ SWEEP_INTERVAL = 30.0
 def _sweep(coordinator: Coordinator, stop: threading.Event) -> None:
     """Expire key releases no launch settled (each audited), on the TC's own time, so a request
     whose release was lost does not wait for somebody to ask about it."""
-    import sys
 
     while not stop.wait(SWEEP_INTERVAL):
         try:
             for request in coordinator.expire_releases():
-                print(f"tc serve: the key release of request {request} expired unused; it is accepted again",
-                      file=sys.stderr, flush=True)
+                logs.emit("release.expired", f"tc serve: the key release of request {request} expired unused; it is "
+                          "accepted again", request=request)
         except Exception as exc:  # noqa: BLE001 - the store is down: the next round tries again
-            print(f"tc serve: expiring releases failed ({type(exc).__name__}); trying again in {SWEEP_INTERVAL:g} s",
-                  file=sys.stderr, flush=True)
+            logs.emit("store.failed", f"tc serve: expiring releases failed ({type(exc).__name__}); trying again in "
+                      f"{SWEEP_INTERVAL:g} s", "warning", error=type(exc).__name__)
 
 
 WEBHOOK_INTERVAL = 0.5
@@ -214,7 +214,6 @@ WEBHOOK_INTERVAL = 0.5
 
 def _deliver(coordinator: Coordinator, stop: threading.Event, interval: float = WEBHOOK_INTERVAL) -> None:
     """Deliver webhooks' events while the TC serves (webhooks.py: in order, at least once)."""
-    import sys
 
     from . import webhooks
 
@@ -228,8 +227,8 @@ def _deliver(coordinator: Coordinator, stop: threading.Event, interval: float = 
             warned = False
         except Exception as exc:  # noqa: BLE001 - the store is down: the next round tries again
             if not warned:
-                print(f"tc serve: delivering webhooks failed ({type(exc).__name__}); trying again", file=sys.stderr,
-                      flush=True)
+                logs.emit("webhooks.failed", f"tc serve: delivering webhooks failed ({type(exc).__name__}); trying again",
+                          "warning", error=type(exc).__name__)
                 warned = True
     try:
         deliverer.release()
@@ -242,7 +241,6 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
     the manifests, so a build revoked in them is refused from the next attestation on."""
     import signal
-    import sys
 
     import uvicorn
 
@@ -251,12 +249,13 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
 
         result = load_paths(manifests or [])
         if result.perimeter is None or result.errors:
-            print(f"tc serve: SIGHUP: the manifests do not validate ({len(result.errors)} error(s)); kept the ones "
-                  "in force (run `tccdeploy validate` on them)", file=sys.stderr, flush=True)
+            logs.emit("manifests.invalid", f"tc serve: SIGHUP: the manifests do not validate ({len(result.errors)} "
+                      "error(s)); kept the ones in force (run `tccdeploy validate` on them)", "warning",
+                      errors=len(result.errors))
             return
         coordinator.reload(result)
-        print(f"tc serve: SIGHUP: reloaded {len(result.builds)} build(s) and perimeter {result.perimeter.name}",
-              file=sys.stderr, flush=True)
+        logs.emit("manifests.reloaded", f"tc serve: SIGHUP: reloaded {len(result.builds)} build(s) and perimeter "
+                  f"{result.perimeter.name}", builds=len(result.builds), perimeter=result.perimeter.name)
 
     if manifests:
         signal.signal(signal.SIGHUP, reload)
@@ -276,7 +275,7 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
         api.app(), host=host, port=port, http=protocol_for(peers, limits, counts), log_level=log_level, access_log=False,
         ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop="asyncio",
-        limit_concurrency=limits.total,
+        limit_concurrency=limits.total, log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
     )
     try:
         _Server.make(config, limits.handshake).run()

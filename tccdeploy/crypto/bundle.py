@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -122,6 +123,49 @@ def _image_info(path: str) -> dict[str, Any]:
     return info
 
 
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def percents(output: bytes) -> list[float]:
+    """The percentages qemu-img -p prints ("    (12.34/100%)\r"), in order."""
+    return [float(m.group(1)) for m in _PERCENT.finditer(output)]
+
+
+def _convert(argv: list[str], secret_fd: int, size: int, label: str) -> subprocess.CompletedProcess:
+    """qemu-img convert, its -p percentages turned into bytes for the progress display."""
+    import tempfile
+
+    from .. import progress
+
+    with tempfile.TemporaryFile() as errors, progress.transfer(label, size) as advance:
+        proc = subprocess.Popen(argv, pass_fds=(secret_fd,), stdout=subprocess.PIPE, stderr=errors)
+        assert proc.stdout is not None
+        done = 0
+        out = proc.stdout.fileno()
+        for line in iter(lambda: os.read(out, 4096), b""):
+            for percent in percents(line):
+                now = int(size * percent / 100)
+                if now > done:
+                    advance(now - done)
+                    done = now
+        proc.wait()
+        errors.seek(0)
+        return subprocess.CompletedProcess(argv, proc.returncode, "", errors.read().decode(errors="replace"))
+
+
+def _digest(path: str) -> str:
+    """sha256_file, shown on the progress display (files.py, shared with the node's service, stays as it is)."""
+    from .. import progress
+
+    digest = hashlib.sha256()
+    with progress.transfer(f"hashing {os.path.basename(path)}", os.path.getsize(path)) as advance, \
+            open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            advance(len(chunk))
+    return digest.hexdigest()
+
+
 def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | None = None) -> dict[str, Any]:
     """Encrypt disk into bundle directory out; return the signed descriptor."""
     info = _image_info(disk)
@@ -138,13 +182,13 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
             os.write(write_end, passphrase)
             os.close(write_end)
             write_end = -1
-            proc = subprocess.run(
-                ["qemu-img", "convert", "-f", info["format"], "-O", "qcow2",
+            proc = _convert(
+                ["qemu-img", "convert", "-p", "-f", info["format"], "-O", "qcow2",
                  "--object", f"secret,id=kvm,file=/dev/fd/{read_end}",
                  "-o", f"encrypt.format=luks,encrypt.key-secret=kvm,encrypt.iter-time={LUKS_ITER_TIME_MS},"
                        f"encrypt.hash-alg={LUKS_HASH}",
                  disk, target + ".partial"],
-                pass_fds=(read_end,), capture_output=True, text=True,
+                read_end, int(info["virtual-size"]), f"sealing {os.path.basename(disk)}",
             )
         finally:
             os.close(read_end)
@@ -164,7 +208,7 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
         "version": DESCRIPTOR_VERSION,
         "vm_id": vm_id,
         "name": name or os.path.splitext(os.path.basename(disk))[0],
-        "disk": {"file": DISK, "sha256": sha256_file(target), "size": os.path.getsize(target),
+        "disk": {"file": DISK, "sha256": _digest(target), "size": os.path.getsize(target),
                  "virtual_size": int(info["virtual-size"]), "format": "qcow2+luks"},
         "wrapped_key": base64.b64encode(wrap(public, kvm, sealed_label(vm_id, customer.key_id(key.public_key())))).decode(),
         "tc": {"ca_sha256": tc.ca_fingerprint,

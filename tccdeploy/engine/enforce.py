@@ -54,7 +54,8 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None)
         if name not in hosts and only is None:
             if coordinator.quarantine(name, "node.not-in-inventory"):
                 report.quarantined.append({"node": name, "reason": "node.not-in-inventory"})
-    report.attested = engine.run(attest(coordinator), [hosts[n] for n in admitted if n in hosts])
+    report.attested = engine.run(attest(coordinator), [hosts[n] for n in admitted if n in hosts],
+                                 label="enforcement round: re-attesting")
     unreachable: dict[str, str] = {}
     for result in report.attested:
         if result.status == "unreachable":

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import progress
 from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
 from ..crypto import bundle as bundles
@@ -41,11 +42,12 @@ def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[s
     if not state["complete"]:
         size = os.path.getsize(local)
         offset = min(int(state["partial_size"]), size)
-        with open(local, "rb") as src:
+        with open(local, "rb") as src, progress.transfer(f"upload to {session.host.name}", size - offset) as advance:
             src.seek(offset)
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 session.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": base64.b64encode(chunk).decode()})
                 offset += len(chunk)
+                advance(len(chunk))
     return session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 

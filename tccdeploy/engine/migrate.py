@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import progress
 from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
 from ..coordinator.records import VMRecord
@@ -38,14 +39,17 @@ def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str, wh
     state = destination.tvmm("disk_state", {"vm_id": vm_id, **kind})
     if not state["complete"]:
         offset = int(state["partial_size"])
-        while True:
-            piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK, **kind})
-            if piece["data"]:
-                written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"],
-                                                          **kind})
-                offset = int(written["size"])
-            if piece["eof"]:
-                break
+        label = f"copy {what} {source.host.name} -> {destination.host.name}"
+        with progress.transfer(label, None) as advance:
+            while True:
+                piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK, **kind})
+                if piece["data"]:
+                    written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"],
+                                                              **kind})
+                    advance(int(written["size"]) - offset)
+                    offset = int(written["size"])
+                if piece["eof"]:
+                    break
     destination.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256, **kind}, timeout=300)
 
 
@@ -85,13 +89,15 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
         out = source.tvmm("migrate_out_start", {"ticket": begin["out_ticket"]})
         copy_disk(source, target, vm_id, vm.image_sha256)
         target.tvmm("migrate_in_start", {"ticket": begin["in_ticket"]}, timeout=120)
-        while True:
-            piece = source.tvmm("migrate_out_read", {"vm_id": vm_id}, timeout=120)
-            if piece["data"]:
-                moved += len(piece["data"]) * 3 // 4
-                target.tvmm("migrate_in_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
-            if piece["eof"]:
-                break
+        with progress.transfer(f"migrate {vm.name} {vm.node} -> {destination}", None) as advance:
+            while True:
+                piece = source.tvmm("migrate_out_read", {"vm_id": vm_id}, timeout=120)
+                if piece["data"]:
+                    moved += len(piece["data"]) * 3 // 4
+                    advance(len(piece["data"]) * 3 // 4)
+                    target.tvmm("migrate_in_data", {"vm_id": vm_id, "data": piece["data"]}, timeout=120)
+                if piece["eof"]:
+                    break
         status = target.tvmm("migrate_in_finish", {"vm_id": vm_id}, timeout=120)
         settled = coordinator.migration_end(migration, vm_id, commit=True, evidence=status.get("evidence"))
         committed = True

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import progress
 from ..config import state_dir
 from ..inventory import Host
 from .connection import DEFAULT_TIMEOUT, Connection, Target, Unreachable
@@ -173,9 +174,18 @@ class Engine:
         return result
 
     def run(self, work: Work, hosts: Iterable[Host] | None = None,
-            on_result: Callable[[HostResult], None] | None = None) -> list[HostResult]:
-        """Run work on every host (default: all of the engine's), forks at a time."""
+            on_result: Callable[[HostResult], None] | None = None, label: str | None = None) -> list[HostResult]:
+        """Run work on every host (default: all of the engine's), forks at a time; label: show
+        the hosts done on the progress display (a fleet round)."""
         targets = list(self.hosts if hosts is None else hosts)
+        if label is not None:
+            with progress.hosts(label, len(targets)) as advance:
+                def counted(result: HostResult) -> None:
+                    advance(1)
+                    if on_result is not None:
+                        on_result(result)
+
+                return self.run(work, targets, counted)
         results: dict[str, HostResult] = {}
         pool = ThreadPoolExecutor(max_workers=min(self.forks, max(1, len(targets))), thread_name_prefix="tcc-host")
         futures: dict[Future, Host] = {pool.submit(self._one, host, work): host for host in targets}
