@@ -172,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             render(exc.problems, sorted({p.file for p in exc.problems}), "text", sys.stderr)
             return EXIT_ERROR
-        if isinstance(exc, LabError):
+        request = sys.modules.get("tccdeploy.crypto.request")
+        client = sys.modules.get("tccdeploy.coordinator.client")
+        if isinstance(exc, LabError) or (request is not None and isinstance(exc, request.RequestError)) \
+                or (client is not None and isinstance(exc, client.TCCertificates)):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         client = sys.modules.get("tccdeploy.coordinator.client")

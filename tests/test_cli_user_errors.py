@@ -131,3 +131,39 @@ def test_a_tc_that_does_not_answer_or_a_url_that_is_not_one_is_a_named_error(
     status, err = _run([*argv, "--tc", url, *extra, "--state", str(tmp_path / "engine-state")], capsys)
     assert status not in (0, 250) and "unexpected error" not in err, err
     assert err.strip(), "a failure says why"
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERIMETER = os.path.join(REPO, "examples", "perimeter.yml")
+INVENTORY = os.path.join(REPO, "tests", "playbooks", "local-inventory.yml")
+WRONG_KINDS = [
+    (["request", "sign", PERIMETER, "-o", "x.json"], "it holds a Perimeter"),
+    (["request", "submit", PERIMETER, "--tc", "https://127.0.0.1:1"], "it holds a Perimeter"),
+    (["enforce", "--once", "-i", INVENTORY, "-m", INVENTORY], "it holds an inventory"),
+    (["attest", "all", "-i", INVENTORY, "-m", INVENTORY], "it holds an inventory"),
+    (["apply", PERIMETER, "-i", INVENTORY], "it holds a Perimeter"),
+    (["ping", "all", "-i", PERIMETER], "inventory"),
+    (["receipt", "verify", PERIMETER, "--tc", PERIMETER], "holds no PEM certificates"),
+    (["request", "status", "abc", "--tc", "https://127.0.0.1:1", "--tc-cert", PERIMETER], "holds no certificate TLS"),
+    (["receipt", "fetch", "abc", "--tc", "https://127.0.0.1:1", "--tc-cert", PERIMETER, "-o", "r.json"],
+     "holds no certificate TLS"),
+]
+
+
+@pytest.mark.parametrize("argv, says", WRONG_KINDS, ids=[" ".join(a[:2]) for a, _ in WRONG_KINDS])
+def test_a_file_of_the_wrong_kind_is_named_with_what_it_holds(argv, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TCCDEPLOY_CUSTOMER_KEY", str(tmp_path / "customer.pem"))
+    from tccdeploy.crypto import customer
+
+    customer.init(str(tmp_path / "customer.pem"))
+    try:
+        status = main([*argv, "--state", str(tmp_path / "state")] if argv[0] not in ("request", "receipt") else argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    if isinstance(status, str):
+        err, status = err + status, 1
+    assert status not in (0, None), err
+    assert says in err and "unexpected error" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "state").exists()

@@ -55,8 +55,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     loaded = load_paths([args.playbook])
     if loaded.errors or len(loaded.playbooks) != 1:
         if not loaded.errors:
-            print(f"error: {args.playbook} is not a playbook (a playbook is a YAML list of plays)", file=sys.stderr)
-        render(loaded.errors, loaded.files, "text", sys.stderr, sys.stderr.isatty())
+            print(f"error: {args.playbook} is not a playbook (a playbook is a YAML list of plays); it holds "
+                  f"{loaded.holds()}", file=sys.stderr)
+        else:
+            render(loaded.errors, loaded.files, "text", sys.stderr, sys.stderr.isatty())
         print("the playbook was not run: nothing was changed on any host", file=sys.stderr)
         return EXIT_PARSE
     from ..playbook.model import PlaybookError, plays

@@ -79,7 +79,12 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
     from ..coordinator.receipts import ReceiptError, verify
 
     with open(args.tc, "rb") as fh:
-        certs = x509.load_pem_x509_certificates(fh.read())
+        try:
+            certs = x509.load_pem_x509_certificates(fh.read())
+        except ValueError:
+            print(f"error: {args.tc} holds no PEM certificates: --tc takes the TC's certificates as `tccdeploy tc "
+                  "show -o tc.pem` wrote them (the TC's operator publishes them)", file=sys.stderr)
+            return 1
     ca = next((c for c in certs if c.issuer == c.subject), None)
     if ca is None:
         print(f"error: no CA certificate in {args.tc}", file=sys.stderr)

@@ -48,7 +48,8 @@ def open_tc(args: argparse.Namespace, remote_ok: bool = False, operator: bool = 
         raise SystemExit(f"error: give the TC's manifests (perimeter, builds, rosters) with -m PATH (or set ${MANIFESTS_ENV})")
     result = load_manifests(paths)
     if result.perimeter is None:
-        raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)} (found {len(result.perimeters)})")
+        raise SystemExit(f"error: exactly one Perimeter is needed in {' '.join(paths)}; it holds {result.holds()} "
+                         "(-m takes the TC's manifests: the Perimeter, TVMMBuilds, Platforms and NodeRosters)")
     from ..config import note_embedded, state_dir
 
     if not operator:

@@ -60,7 +60,8 @@ class RemoteCoordinator:
         if missing:
             raise TCUnavailable(f"no engine credentials in {engine_dir} ({', '.join(missing)} missing): the TC's operator "
                                 f"makes them with `tccdeploy tc engines add NAME -o DIR`")
-        context = ssl.create_default_context(cafile=os.path.join(engine_dir, "tc-ca.pem"))
+        context = pinned_context(os.path.join(engine_dir, "tc-ca.pem"),
+                                 "the engine's folder is as `tccdeploy tc engines add NAME -o DIR` made it")
         context.load_cert_chain(os.path.join(engine_dir, "engine-cert.pem"), os.path.join(engine_dir, "engine-key.pem"))
         self.engine_dir = engine_dir
         self.retries = retries
@@ -361,12 +362,25 @@ class BuildInfo:
     status: str
 
 
+class TCCertificates(ValueError):
+    """The file given as the TC's certificates holds none (a user's mistake, named as such)."""
+
+
+def pinned_context(cafile: str, what: str) -> ssl.SSLContext:
+    """A TLS context that trusts only the TC's CA in cafile."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (ssl.SSLError, OSError) as exc:
+        raise TCCertificates(f"{cafile} holds no certificate TLS can use ({getattr(exc, 'reason', None) or exc}): "
+                             f"{what}") from None
+
+
 class CustomerClient:
     """The customer's side of a served TC: submit a signed request, ask its state, fetch the
     receipt. The connection pins the TC's CA from the customer's tc.pem (as receipts do)."""
 
     def __init__(self, url: str, tc_pem: str, timeout: float = 30.0):
-        context = ssl.create_default_context(cafile=tc_pem)
+        context = pinned_context(tc_pem, "--tc-cert takes the TC's certificates as `tccdeploy tc show -o tc.pem` wrote them")
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
 

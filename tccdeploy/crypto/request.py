@@ -21,7 +21,8 @@ def sign_request(request_path: str, key_path: str) -> dict:
 
     result = load_manifests([request_path])
     if len(result.requests) != 1:
-        raise RequestError(f"{request_path} must hold exactly one PlacementRequest (found {len(result.requests)})")
+        raise RequestError(f"{request_path} must hold exactly one PlacementRequest; it holds {result.holds()} "
+                           "(a request is the PlacementRequest manifest you sign: see examples/requests/)")
     manifest = result.requests[0].source.data  # type: ignore[union-attr]
     bundle_dir = result.requests[0].image
     envelope_bundle = bundle.load(bundle_dir)

@@ -40,6 +40,19 @@ class LoadResult:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
 
+    def holds(self) -> str:
+        """What the files hold, for an error that says the wrong kind was given ("a Perimeter and
+        2 TVMMBuilds", "an inventory", "nothing tccdeploy reads")."""
+        parts = []
+        for name, items in (("Perimeter", self.perimeters), ("TVMMBuild", self.builds), ("Platform", self.platforms),
+                            ("PlacementRequest", self.requests), ("NodeRoster", self.rosters),
+                            ("inventory", self.inventories), ("playbook", self.playbooks)):
+            if items:
+                parts.append(f"{len(items)} {name}s" if len(items) > 1 else f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}")
+        if not parts:
+            return "nothing tccdeploy reads"
+        return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
     @property
     def perimeter(self) -> Perimeter | None:
         return self.perimeters[0] if len(self.perimeters) == 1 else None

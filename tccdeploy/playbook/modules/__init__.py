@@ -68,8 +68,8 @@ class RunState:
                                       "(or set $TCCDEPLOY_MANIFESTS)")
                 result = load_manifests(self.manifests)
                 if result.perimeter is None:
-                    raise ModuleError(f"exactly one Perimeter is needed in {' '.join(self.manifests)} "
-                                      f"(found {len(result.perimeters)})")
+                    raise ModuleError(f"exactly one Perimeter is needed in {' '.join(self.manifests)}; it holds "
+                                      f"{result.holds()}")
                 state = self.state
                 if self.check and not os.path.exists(os.path.join(state_dir(state), REGISTRY_FILE)):
                     # Check mode changes nothing, not even by creating an empty registry: predict
