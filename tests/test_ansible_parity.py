@@ -87,7 +87,7 @@ def both(playbook: str, tmp_path: Path, *extra: str):  # type: ignore[no-untyped
 
 @pytest.mark.slow
 @needs_ansible
-@pytest.mark.parametrize("playbook", ["site.yml", "blocks.yml", "filters.yml", "become.yml", "batches.yml"])
+@pytest.mark.parametrize("playbook", ["site.yml", "blocks.yml", "filters.yml", "become.yml", "batches.yml", "roles.yml"])
 def test_the_corpus_runs_as_ansible_playbook_runs_it(playbook, tmp_path):
     ours, theirs, ours_dir, theirs_dir = both(playbook, tmp_path)
     assert recap(theirs.stdout), theirs.stdout + theirs.stderr

@@ -194,6 +194,7 @@ class Reader:
         self.problems: list[Problem] = []
         self.files: dict[str, str] = {}
         self._roles: dict[str, Role] = {}
+        self._used: list[Role] = []  # roles a play's tasks import or include: their handlers are the play's
         self._stack: list[str] = []
 
     # -- files ---------------------------------------------------------------------------
@@ -289,6 +290,7 @@ class Reader:
         return plays
 
     def play(self, doc: Document, i: int, raw: dict[str, Any]) -> Play:
+        self._used = []
         hosts = raw["hosts"]
         pattern = ":".join(hosts) if isinstance(hosts, list) else str(hosts)
         serial = raw.get("serial")
@@ -313,7 +315,8 @@ class Reader:
             play.tasks += self.role_tasks(role, "main", inherit, (doc, (i, "roles", k)))
         play.tasks += self.items(doc, raw.get("tasks"), (i, "tasks"), base)
         play.post_tasks = self.items(doc, raw.get("post_tasks"), (i, "post_tasks"), base)
-        play.handlers = [h for role in play.roles for h in role.handlers]
+        roles = _unique_roles(play.roles + self._used)
+        play.handlers = [h for role in roles for h in role.handlers]
         play.handlers += self._handlers(doc, raw.get("handlers"), (i, "handlers"), base)
         self._check_notify(play, doc, (i,))
         return play
@@ -418,6 +421,7 @@ class Reader:
             elif "import_role" in t:
                 role = self.role(str(t["import_role"]["name"]), (doc, (*here, "import_role")))
                 if role is not None:
+                    self._used.append(role)
                     out += self.role_tasks(role, str(t["import_role"].get("tasks_from", "main")),
                                            inherit.add(t), (doc, here))
             elif "include_tasks" in t or "include_role" in t:
@@ -430,6 +434,8 @@ class Reader:
                     continue
                 target = (spec["file"] if isinstance(spec, dict) else spec) if kind == "tasks" else spec["name"]
                 role = self.role(str(target), (doc, here)) if kind == "role" else None
+                if role is not None:
+                    self._used.append(role)
                 out.append(Include(
                     kind=kind, target=target, name=str(t.get("name") or f"include_{kind}"), where=where,
                     when=[*inherit.when, *_conditions(t.get("when"))], vars=dict(t.get("vars") or {}),
@@ -472,6 +478,14 @@ class Reader:
             role=role, base_dir=inherit.base_dir,
             become={**dict(inherit.become), **{k: t[k] for k in BECOME if k in t}},
         )
+
+
+def _unique_roles(roles: list[Role]) -> list[Role]:
+    out: list[Role] = []
+    for role in roles:
+        if all(role is not seen for seen in out):
+            out.append(role)
+    return out
 
 
 def _main(folder: str, stem: str = "main") -> str | None:

@@ -159,7 +159,10 @@ class PlaybookRunner:
 
     def scope(self, host: Host, play: Play, task: Task | Include | None) -> Scope:
         """The variables a template sees for host (and task), lowest precedence first."""
+        role = task.role if task is not None else None
         raw: dict[str, Any] = dict(play.role_defaults)
+        if role is not None:
+            raw.update(role.defaults)  # a role imported or included by a task: its defaults, for its tasks
         raw.update(host.vars)
         raw.update(inventory_hostname=host.name, inventory_hostname_short=host.name.split(".")[0],
                    group_names=sorted(g for g in host.groups if g not in ("all", "ungrouped")), groups=self._groups,
@@ -170,6 +173,8 @@ class PlaybookRunner:
         raw.update(play.vars)
         raw.update(self._vars_files)
         raw.update(play.role_vars)
+        if role is not None:
+            raw.update(role.vars)
         if task is not None:
             if task.role is not None:
                 raw.update(role_name=task.role.name, role_path=task.role.path)
