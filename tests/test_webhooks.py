@@ -99,8 +99,8 @@ def test_events_arrive_in_order_as_signed_cloudevents_with_a_checkpoint(registry
     assert len({json.loads(b)["id"] for _, b in r.accepted}) == len(r.accepted)
 
 
-def test_a_receiver_that_refuses_and_drops_gets_everything_in_order_with_backoff(registry, receiver):
-    r = receiver(drop=1, fail=2)
+def test_a_receiver_that_refuses_drops_and_delays_gets_everything_in_order_with_backoff(registry, receiver):
+    r = receiver(drop=1, fail=2, delay=0.05)
     add(registry, r.url, ["*"])
     decisions(registry)
     deliverer = webhooks.Deliverer(registry, SOURCE, "tc-a", first_backoff=0.05)
