@@ -52,50 +52,47 @@ def active() -> bool:
 
 
 @contextmanager
-def transfer(label: str, total: int | None) -> Iterator[Advance]:
-    """Bytes moved (total None: not known in advance); yields advance(n_bytes)."""
+def _task(label: str, total: int | None, done: Callable[[float], str]) -> Iterator[Advance]:
+    """A line on the display while the block runs; done(completed) says how far, in its unit."""
     display = _display
     if display is None:
         yield _nothing
         return
-    from rich.filesize import decimal
-
-    task = display.add_task(label, total=total, done="")
-    started = _clock()
+    task = display.add_task(label, total=total, done=done(0))
 
     def advance(n: int) -> None:
         display.advance(task, n)
-        done = display.tasks[_index(display, task)].completed
-        elapsed = max(_clock() - started, 1e-6)
-        shown_total = f"/{decimal(int(total))}" if total else ""
-        display.update(task, done=f"{decimal(int(done))}{shown_total} {decimal(int(done / elapsed))}/s")
+        display.update(task, done=done(display.tasks[_index(display, task)].completed))
 
     try:
         yield advance
     finally:
         display.remove_task(task)
         display.refresh()  # at once: what the command prints next must not carry a finished bar
+
+
+def transfer(label: str, total: int | None) -> Any:
+    """Bytes moved (total None: not known in advance); a context manager yielding advance(n_bytes)."""
+    from rich.filesize import decimal
+
+    started = _clock()
+    shown_total = f"/{decimal(int(total))}" if total else ""
+
+    def done(completed: float) -> str:
+        rate = completed / max(_clock() - started, 1e-6)
+        return f"{decimal(int(completed))}{shown_total} {decimal(int(rate))}/s" if completed else ""
+
+    return _task(label, total, done)
 
 
 @contextmanager
 def hosts(label: str, total: int) -> Iterator[Advance]:
-    """Hosts done out of total in a fleet round; yields advance(n_hosts)."""
-    display = _display
-    if display is None or total < 2:
+    """Hosts done out of total in a fleet round (not shown for one host); yields advance(n_hosts)."""
+    if total < 2:
         yield _nothing
         return
-    task = display.add_task(label, total=total, done=f"0/{total} hosts")
-
-    def advance(n: int) -> None:
-        display.advance(task, n)
-        done = display.tasks[_index(display, task)].completed
-        display.update(task, done=f"{int(done)}/{total} hosts")
-
-    try:
+    with _task(label, total, lambda completed: f"{int(completed)}/{total} hosts") as advance:
         yield advance
-    finally:
-        display.remove_task(task)
-        display.refresh()  # at once: what the command prints next must not carry a finished bar
 
 
 def _index(display: Any, task: Any) -> int:

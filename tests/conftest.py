@@ -214,3 +214,16 @@ MODULE_SECONDS = {
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
     """Longest modules first (MODULE_SECONDS), the rest in the collection's order (a stable sort)."""
     items.sort(key=lambda item: -MODULE_SECONDS.get(item.nodeid.split("::", 1)[0], 0))
+
+
+# -- an audited registry: the webhook tests' (tests/test_webhooks.py, test_webhook_forms.py) --
+@pytest.fixture
+def registry(tmp_path, tc_identity):  # type: ignore[no-untyped-def]
+    """A real SQLite registry whose entries are signed, as the Coordinator sets it up."""
+    from tccdeploy.coordinator import audit
+    from tccdeploy.coordinator.store import Registry
+
+    reg = Registry(str(tmp_path / "registry.sqlite"))
+    reg.auditor = audit.Auditor(tc_identity)
+    yield reg
+    reg.close()

@@ -130,21 +130,6 @@ def test_a_checkpoint_event_carries_the_signed_head():
         "datacontenttype": "application/json", "data": {"count": 42, "head": "ab" * 32, "signature": "k:sig"}}
 
 
-@pytest.fixture(scope="module")
-def tc_identity(tmp_path_factory):
-    from tccdeploy.coordinator import identity
-
-    return identity.init(str(tmp_path_factory.mktemp("tc")))[0]
-
-
-@pytest.fixture
-def registry(tmp_path, tc_identity):
-    reg = Registry(str(tmp_path / "registry.sqlite"))
-    reg.auditor = audit.Auditor(tc_identity)
-    yield reg
-    reg.close()
-
-
 class Receiver:
     """An in-process post function: answers from a script of status codes (or raises)."""
 

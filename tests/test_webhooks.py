@@ -20,21 +20,6 @@ from .helpers_apply import BIN
 from .webhookkit import Receiver
 
 
-@pytest.fixture(scope="module")
-def tc_identity(tmp_path_factory):
-    from tccdeploy.coordinator import identity
-
-    return identity.init(str(tmp_path_factory.mktemp("tc")))[0]
-
-
-@pytest.fixture
-def registry(tmp_path, tc_identity):
-    reg = Registry(str(tmp_path / "registry.sqlite"))
-    reg.auditor = audit.Auditor(tc_identity)  # as the Coordinator sets it: every entry signed
-    yield reg
-    reg.close()
-
-
 @pytest.fixture
 def receiver():
     made: list[Receiver] = []

@@ -1,15 +1,6 @@
 # tccdeploy.tccp.drain on the controller: the same module `tccdeploy apply` runs.
-from ansible.plugins.action import ActionBase
+from ansible_collections.tccdeploy.tccp.plugins.plugin_utils.bridge import TccpAction
 
 
-class ActionModule(ActionBase):
-    TRANSFERS_FILES = False
-    _requires_connection = False
-
-    def run(self, tmp=None, task_vars=None):
-        from tccdeploy.ansible_bridge import run
-
-        result = super().run(tmp, task_vars)
-        result.update(run("drain", self._task.args, task_vars or {}, check=bool(self._play_context.check_mode),
-                          diff=bool(self._play_context.diff)))
-        return result
+class ActionModule(TccpAction):
+    MODULE = "drain"

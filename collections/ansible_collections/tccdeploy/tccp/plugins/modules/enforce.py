@@ -32,11 +32,9 @@ reason:
 
 
 def main() -> None:
-    from ansible.module_utils.basic import AnsibleModule
+    from ansible_collections.tccdeploy.tccp.plugins.module_utils.controller import refuse_on_node
 
-    module = AnsibleModule(argument_spec={}, supports_check_mode=True, bypass_checks=True)
-    module.fail_json(msg="tccdeploy.tccp.enforce runs on the controller through its action plugin; "
-                         "it cannot run as a module on the node")
+    refuse_on_node("enforce")
 
 
 if __name__ == "__main__":
