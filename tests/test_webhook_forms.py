@@ -215,15 +215,32 @@ def test_unsubscribed_entries_move_the_cursor_without_a_delivery(registry):
     assert state["cursor"] == state["audit_head"] and state["pending"] == 0
 
 
-def test_a_checkpoint_is_sent_once_after_a_batch_and_again_only_for_new_entries(registry):
+def test_a_checkpoint_is_sent_once_for_a_new_head_and_then_at_most_once_a_minute(registry):
     hook(registry, ["audit.checkpoint"])
     registry.audit_append(audit.entry("quarantine", "n1", reason="x"))
     post = Receiver()
     deliverer = webhooks.Deliverer(registry, SOURCE, "tc-a", post=post)
-    assert deliverer.round() == 1 and deliverer.round() == 0
+    assert deliverer.round() == 1 and deliverer.round() == 0  # the first head; none again without a new one
     registry.audit_append(audit.entry("quarantine", "n2", reason="x"))
-    assert deliverer.round() == 1
+    assert deliverer.round() == 0  # a new head, but within the minute
+    eager = webhooks.Deliverer(registry, SOURCE, "tc-a", post=post, checkpoint_seconds=0.0)
+    assert eager.round() == 1
     assert [json.loads(b)["data"]["count"] for _, b, _ in post.calls] == [1, 2]
+
+
+def test_a_thousand_entries_bring_a_checkpoint_within_the_minute(registry, monkeypatch):
+    monkeypatch.setattr(webhooks, "CHECKPOINT_ENTRIES", 3)
+    hook(registry, ["audit.checkpoint"])
+    registry.audit_append(audit.entry("quarantine", "n0", reason="x"))
+    post = Receiver()
+    deliverer = webhooks.Deliverer(registry, SOURCE, "tc-a", post=post)
+    assert deliverer.round() == 1
+    for n in range(2):
+        registry.audit_append(audit.entry("quarantine", f"n{n + 1}", reason="x"))
+    assert deliverer.round() == 0  # two entries on: not yet
+    registry.audit_append(audit.entry("quarantine", "n3", reason="x"))
+    assert deliverer.round() == 1  # three
+    assert [json.loads(b)["data"]["count"] for _, b, _ in post.calls] == [1, 4]
 
 
 def test_a_checkpoint_whose_sending_failed_is_sent_in_a_later_round(registry):

@@ -60,6 +60,9 @@ DEFAULT_EVENTS = ["node.quarantined", "node.released", "key.released", "vm.launc
 ALL_EVENTS = sorted({*TYPES.values(), REFUSED, CHECKPOINT})
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
 BATCH = 100
+# A checkpoint event (the signed head) at most once a minute, or after this many entries: enough
+# for a receiver to hold the TC to its chain, without one per delivery round.
+CHECKPOINT_SECONDS, CHECKPOINT_ENTRIES = 60.0, 1000
 LEASE = 15.0  # renewed before each event; longer than one POST's timeout (10 s)
 
 
@@ -155,6 +158,7 @@ class Deliverer:
     owner: str
     post: Post = _post
     first_backoff: float = BACKOFF_FIRST
+    checkpoint_seconds: float = CHECKPOINT_SECONDS
 
     def round(self, now: float | None = None) -> int:
         """Deliver what is due; the number of events delivered."""
@@ -169,7 +173,7 @@ class Deliverer:
 
     def _deliver(self, hook: dict[str, Any]) -> int:
         wanted = set(hook["events"])
-        cursor, delivered, last = int(hook["cursor"]), 0, None
+        cursor, delivered = int(hook["cursor"]), 0
         entries = self.registry.audit_after(cursor, BATCH)
         for entry in entries:
             kind_type = event_type(str(entry["kind"]))
@@ -181,10 +185,10 @@ class Deliverer:
                     self._failed(hook, cursor, delivered, error)
                     return delivered
                 delivered += 1
-            cursor, last = int(entry["id"]), entry
-        if ("*" in wanted or CHECKPOINT in wanted) and cursor > int(hook["checkpoint"]):
-            last = last or self.registry.audit_after(cursor - 1, 1)[0]  # a checkpoint whose sending failed before
-            error = self._send(hook, checkpoint_event(last, self.source))
+            cursor = int(entry["id"])
+        if ("*" in wanted or CHECKPOINT in wanted) and self._checkpoint_due(int(hook["checkpoint"]), cursor):
+            head = self.registry.audit_after(cursor - 1, 1)[0]  # the head the receiver got last
+            error = self._send(hook, checkpoint_event(head, self.source))
             if error is not None:
                 self._failed(hook, cursor, delivered, error)
                 return delivered
@@ -193,6 +197,15 @@ class Deliverer:
         elif entries:
             self.registry.webhook_progress(hook["name"], self.owner, cursor, delivered)
         return delivered
+
+    def _checkpoint_due(self, previous: int, cursor: int) -> bool:
+        """A new head to sign for, and a minute (or CHECKPOINT_ENTRIES entries) since the last one."""
+        if cursor <= previous:
+            return False
+        if previous == 0 or cursor - previous >= CHECKPOINT_ENTRIES:
+            return True
+        before = self.registry.audit_after(previous - 1, 1)
+        return not before or time.time() - float(before[0]["time"]) >= self.checkpoint_seconds
 
     def release(self) -> None:
         """Give up this replica's leases (a clean stop), so the next one delivers at once."""
