@@ -10,6 +10,10 @@ import tempfile
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Where ansible-playbook, ansible-galaxy and ansible-inventory come from: this venv, or another
+# one (TCCDEPLOY_TEST_ANSIBLE_BIN: a fresh virtualenv with only ansible-core and tccdeploy
+# installed, to check the collection works outside the development environment).
+ANSIBLE_BIN = Path(os.environ.get("TCCDEPLOY_TEST_ANSIBLE_BIN") or BIN)
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)\s+"
                    r"rescued=(\d+)\s+ignored=(\d+)\s*$")
 FIELDS = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
@@ -42,7 +46,7 @@ def ansible_playbook(*args: str, timeout: float = 300, env: dict[str, str] | Non
                ANSIBLE_DEPRECATION_WARNINGS="False", ANSIBLE_SSH_ARGS="-o ControlMaster=no -o ControlPersist=no",
                ANSIBLE_HOST_KEY_CHECKING="True")
     try:
-        return subprocess.run([str(BIN / "ansible-playbook"), *args], capture_output=True, text=True, env=env,
+        return subprocess.run([str(ANSIBLE_BIN / "ansible-playbook"), *args], capture_output=True, text=True, env=env,
                               timeout=timeout)
     finally:
         import shutil

@@ -2,7 +2,10 @@
 keeps ansible-playbook uses it: built and installed with ansible-galaxy, then the shipped
 playbooks (site.yml, launch.yml, drain.yml) run by ansible-playbook against the lab and a
 served TC, and by `tccdeploy apply` against another served TC on the same nodes: the same
-recap, the same TC registry (nodes admitted, the VM launched and drained off its node)."""
+recap, the same TC registry (nodes admitted, the VM launched and drained off its node).
+
+TCCDEPLOY_TEST_ANSIBLE_BIN=/path/to/venv/bin runs the Ansible side from another virtualenv (one
+with only ansible-core and tccdeploy installed), as a user who keeps Ansible apart would."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 from tccdeploy.lab.lab import Lab
 
 from .conftest import REPO
-from .helpers_apply import BIN, ansible_playbook, apply, recap
+from .helpers_apply import ANSIBLE_BIN, BIN, ansible_playbook, apply, recap
 from .labvms import kill_everywhere
 from .tcservice import Service
 
@@ -35,11 +38,11 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def installed(tmp_path_factory) -> Path:
     """The collection built into a tarball and installed where only ANSIBLE_COLLECTIONS_PATH finds it."""
     root = tmp_path_factory.mktemp("collection")
-    built = subprocess.run([str(BIN / "ansible-galaxy"), "collection", "build", str(COLLECTION), "--output-path",
+    built = subprocess.run([str(ANSIBLE_BIN / "ansible-galaxy"), "collection", "build", str(COLLECTION), "--output-path",
                             str(root)], capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stdout + built.stderr
     tarball = next(root.glob("tccdeploy-tccp-*.tar.gz"))
-    done = subprocess.run([str(BIN / "ansible-galaxy"), "collection", "install", str(tarball), "-p",
+    done = subprocess.run([str(ANSIBLE_BIN / "ansible-galaxy"), "collection", "install", str(tarball), "-p",
                            str(root / "path")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return root / "path"
@@ -91,7 +94,7 @@ def flow(lab: Lab, root: Path, tool: str, collections: Path) -> dict:
         if tool == "ansible":  # the dynamic inventory plugin: the TC's nodes by state and build
             config = root / "lab.tcc.yml"
             config.write_text(f"plugin: tccdeploy.tccp.tc\nurl: {service.url}\nengine_dir: {service.engine_dir}\n")
-            listed = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(config), "--list"], capture_output=True,
+            listed = subprocess.run([str(ANSIBLE_BIN / "ansible-inventory"), "-i", str(config), "--list"], capture_output=True,
                                     text=True, timeout=120, env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections)))
             assert listed.returncode == 0, listed.stderr
             inventory = json.loads(listed.stdout)

@@ -291,3 +291,49 @@ def test_status_reports_the_backlog_of_subscribed_types_and_its_age(registry):
 def test_backoff_starts_at_the_first_delay():
     assert webhooks.backoff(0) == webhooks.backoff(1) == 1.0
     assert webhooks.backoff(3, first=0.5) == 2.0
+
+
+def test_a_webhook_backing_off_or_leased_elsewhere_does_not_hold_the_others_back(registry):
+    hook(registry, ["node.quarantined"], name="a-slow")
+    hook(registry, ["node.quarantined"], name="b-leased")
+    hook(registry, ["node.quarantined"], name="c-fine")
+    hook(registry, ["node.quarantined"], name="d-fine")
+    registry.audit_append(audit.entry("quarantine", "n1", reason="x"))
+    assert registry.lease_webhook("a-slow", "tc-a", 0)
+    registry.webhook_failed("a-slow", "tc-a", "HTTP 503", time.time() + 300)
+    assert registry.lease_webhook("b-leased", f"{socket.gethostname()}:{os.getpid()}", 300)
+    post = Receiver()
+    assert webhooks.Deliverer(registry, SOURCE, "tc-a", post=post).round() == 2  # c and d, one each
+    assert sorted(s["name"] for s in webhooks.status(registry) if s["pending"] == 0) == ["c-fine", "d-fine"]
+
+
+def test_a_checkpoint_is_not_sent_twice_for_the_same_head(registry):
+    hook(registry, ["audit.checkpoint"])
+    registry.audit_append(audit.entry("quarantine", "n1", reason="x"))
+    post = Receiver()
+    eager = webhooks.Deliverer(registry, SOURCE, "tc-a", post=post, checkpoint_seconds=0.0)
+    assert eager.round() == 1 and eager.round() == 0 and len(post.calls) == 1
+
+
+def test_a_failed_checkpoint_records_why(registry):
+    hook(registry, ["audit.checkpoint"])
+    registry.audit_append(audit.entry("quarantine", "n1", reason="x"))
+    webhooks.Deliverer(registry, SOURCE, "tc-a", post=Receiver(502)).round()
+    assert webhooks.status(registry)[0]["last_error"] == "HTTP 502"
+
+
+def test_after_progress_a_failure_backs_off_from_the_first_delay_again(registry):
+    hook(registry, ["node.quarantined"])
+    registry.audit_append(audit.entry("quarantine", "n1", reason="x"))
+    deliverer = webhooks.Deliverer(registry, SOURCE, "tc-a", post=Receiver(503, 503, 503), first_backoff=10.0)
+    now = time.time()
+    for step in range(3):
+        deliverer.round(now=now + 1000 * step)
+    assert webhooks.status(registry)[0]["attempts"] == 3
+    registry.audit_append(audit.entry("quarantine", "n2", reason="x"))
+    deliverer.post = Receiver(204, 503)  # the first goes through, the next fails
+    before = time.time()
+    deliverer.round(now=now + 10_000)
+    state = webhooks.status(registry)[0]
+    assert state["delivered"] == 1 and state["attempts"] == 1
+    assert state["next_attempt"] <= before + 10.5  # backoff(1), not backoff(4) = 80 s
