@@ -24,4 +24,6 @@ notes:
   - Runs on the controller through an action plugin; the node is reached over SSH by
     tccdeploy's engine with strict host-key checking, as C(tccdeploy apply) reaches it.
   - Supports check mode and diff mode as C(tccdeploy apply) does.
+  - Returns C(changed), and on a refusal C(failed), C(msg) and C(reason) (the TC's or the
+    engine's reason code).
 """

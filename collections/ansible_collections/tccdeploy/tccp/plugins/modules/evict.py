@@ -1,5 +1,5 @@
 #!/usr/bin/python
-# The documentation of tccdeploy.tccp.evict; the work is done by its action plugin
+# Only the documentation of tccdeploy.tccp.evict; the work is done by its action plugin
 # (plugins/action/evict.py), on the controller, through tccdeploy itself.
 
 DOCUMENTATION = r"""
@@ -23,24 +23,3 @@ EXAMPLES = r"""
   tccdeploy.tccp.evict:
     reason: maintenance.disk
 """
-
-RETURN = r"""
-changed:
-  description: Whether the module changed anything (the TC's registry or the node).
-  type: bool
-  returned: always
-reason:
-  description: The reason code of a refusal (the TC's or the engine's), when it failed.
-  type: str
-  returned: on refusal
-"""
-
-
-def main() -> None:
-    from ansible_collections.tccdeploy.tccp.plugins.module_utils.controller import refuse_on_node
-
-    refuse_on_node("evict")
-
-
-if __name__ == "__main__":
-    main()
