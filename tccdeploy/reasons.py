@@ -137,6 +137,7 @@ REASONS: dict[str, str] = {
     "migrate.same-node": "the VM runs on the destination already",
     "migrate.destination-untrusted": "the destination is not admitted and freshly trusted",
     "migrate.vm-moved": "the VM is no longer on the migration's source",
+    "migrate.stream": "the source's migration stream ended without its outcome",
     "migrate.no-destination": "no trusted node can take the VM",
     "migrate.not-in-inventory": "the VM's node is not in the inventory",
     "migrate.not-running": "the VM is not running on its node",
@@ -227,6 +228,9 @@ REASONS: dict[str, str] = {
     "tvmm.qemu": "QEMU failed to start, migrate or load a VM",
     "tvmm.no-migration": "no migration of the VM is under way on this node",
     "tvmm.stream": "the migration stream is not authentic or not complete",
+    "tvmm.streamed": "the outgoing migration's stream was already sent (it goes out once)",
+    "stream.trailing": "bytes followed a stream's authenticated end",
+    "stream.framing": "the bytes after a streaming answer were not blocks (too long, or cut short); the session ends",
     "tvmm.tc-ca": "the TC CA certificate the service is to pin with its trusted key does not parse",
     "tvmm.state": "the service's own state (its record of used tickets) is unreadable",
     # -- TC tickets (the node's TVMM service: may it act on this ticket?) ---------------------

@@ -136,11 +136,11 @@ class SoftwareService:
         self.pending[body["vm_id"]] = {"migration": body["migration"], "role": "destination", "ticket": body}
         return {"changed": True}
 
-    def op_migrate_out_read(self, vm_id: str) -> dict[str, Any]:
-        return {"data": base64.b64encode(b"guest memory, encrypted").decode(), "eof": True}
+    def op_migrate_out_stream(self, vm_id: str) -> list[bytes]:
+        return [b"guest memory, ", b"encrypted"]  # the stream's blocks
 
-    def op_migrate_in_data(self, vm_id: str, data: str) -> dict[str, Any]:
-        return {"changed": True}
+    def op_migrate_in_stream(self, vm_id: str, blocks: Any) -> dict[str, Any]:
+        return {"bytes": sum(len(piece) for piece in blocks)}
 
     def op_migrate_in_finish(self, vm_id: str) -> dict[str, Any]:
         body = self.pending[vm_id]["ticket"]
@@ -170,6 +170,19 @@ class SoftwareService:
         return {"changed": True, "status": self.vms[vm_id]}
 
 
+class SoftwareStream:
+    """What Service.stream_from gives: the blocks as they are iterated, then the outcome."""
+
+    def __init__(self, blocks: list[bytes]):
+        self.blocks, self.outcome, self.bytes = blocks, None, 0
+
+    def __iter__(self) -> Any:
+        for piece in self.blocks:
+            self.bytes += len(piece)
+            yield piece
+        self.outcome = {"eof": True, "bytes": self.bytes}
+
+
 class SoftwareSession:
     """The engine's session to a node, reaching its SoftwareService instead of sshd."""
 
@@ -187,6 +200,13 @@ class SoftwareSession:
 
     def tvmm(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         return self.service.call(op, dict(args or {}))
+
+    def tvmm_stream_from(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> SoftwareStream:
+        return SoftwareStream(self.service.call(op, dict(args or {})))  # type: ignore[arg-type]
+
+    def tvmm_stream_to(self, op: str, blocks: Any, args: dict[str, Any] | None = None,
+                       timeout: float | None = None) -> dict[str, Any]:
+        return self.service.call(op, {**(args or {}), "blocks": blocks})
 
     def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         raise AssertionError(f"the engine's enforcement and migration use the TVMM service only, not the helper's {op}")

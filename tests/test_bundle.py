@@ -189,7 +189,7 @@ def test_the_tc_certificates_must_be_the_tcs_and_match_the_pin(tc, tc_file, tmp_
 
 def test_sealing_refuses_what_it_cannot_seal_safely(tc_file, tmp_path):
     keys, key = bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate()
-    with pytest.raises(BundleError, match="qemu-img cannot read .*absent.raw: .*No such file") as info:
+    with pytest.raises(BundleError, match="qemu-img cannot read .*absent.raw: qemu-img: .*No such file") as info:
         bundle.seal(str(tmp_path / "absent.raw"), keys, key, str(tmp_path / "b1"))
     assert info.value.reason == "image.unreadable"
     vdi = tmp_path / "disk.vdi"
@@ -217,7 +217,7 @@ def test_an_image_qemu_img_cannot_convert_is_refused_and_leaves_no_disk(tc_file,
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay)], check=True)
     base.unlink()  # qemu-img info still reads the overlay; converting it needs the backing file
-    with pytest.raises(BundleError, match="qemu-img could not encrypt .*overlay.qcow2: .*backing file") as info:
+    with pytest.raises(BundleError, match="qemu-img could not encrypt .*overlay.qcow2: qemu-img: .*backing file") as info:
         bundle.seal(str(overlay), bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate(), str(tmp_path / "out"))
     assert info.value.reason == "image.convert"
     assert not (tmp_path / "out" / bundle.DISK).exists() and not (tmp_path / "out" / bundle.DESCRIPTOR).exists()
@@ -255,3 +255,91 @@ def test_the_descriptor_schema_is_strict_at_every_level():
     for level in (schema, schema["properties"]["descriptor"], schema["properties"]["descriptor"]["properties"]["disk"],
                   schema["properties"]["descriptor"]["properties"]["customer"]):
         assert level["additionalProperties"] is False and set(level["required"]) <= set(level["properties"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("not-json", "the image descriptor is malformed"),
+    ("renamed", "the descriptor's signature does not verify: it was altered"),
+    ("altered", "the disk's sha256 does not match the descriptor (altered)"),
+    ("truncated", "bytes, the descriptor says"),
+])
+def test_each_refusal_of_a_bundle_says_what_is_wrong(sealed, tmp_path, change: str, message: str):
+    path = copy_of(sealed, tmp_path)
+    envelope = json.loads((path / bundle.DESCRIPTOR).read_text())
+    disk = path / bundle.DISK
+    if change == "not-json":
+        with pytest.raises(BundleError) as info:
+            bundle.verify_descriptor({"descriptor": envelope["descriptor"]})
+        assert str(info.value) == message
+        return
+    if change == "renamed":
+        envelope["descriptor"]["name"] = "other"
+        (path / bundle.DESCRIPTOR).write_text(json.dumps(envelope))
+    elif change == "altered":
+        data = bytearray(disk.read_bytes())
+        data[-1] ^= 1
+        disk.write_bytes(bytes(data))
+    else:
+        disk.write_bytes(disk.read_bytes()[:-1])
+    with pytest.raises(BundleError) as info:
+        bundle.load(str(path))
+    if change == "truncated":
+        size = disk.stat().st_size
+        assert str(info.value) == (f"the disk is {size} bytes, the descriptor says {size + 1} (truncated or altered)")
+    else:
+        assert str(info.value) == message
+
+
+def test_percentages_become_the_bytes_newly_done():
+    counter = bundle.PercentProgress(800)
+    assert counter.feed(b"    (0.00/100%)\r") == 0
+    assert counter.feed(b"    (12.50/100%)\r    (25.00/100%)\r") == 200
+    assert counter.feed(b"    (25.00/100%)\r") == 0  # the same percentage again: nothing new
+    assert counter.feed(b"    (10.00/100%)\r") == 0  # never backwards
+    assert counter.feed(b"    (100.00/100%)\r") == 600 and counter.done == 800
+    assert counter.feed(b"no percentage here") == 0
+
+
+def test_only_a_failed_pbkdf_benchmark_is_tried_again():
+    flake = "qemu-img: Unable to get accurate CPU usage"
+    assert bundle.pbkdf_flake(1, flake)
+    assert not bundle.pbkdf_flake(0, flake)  # it worked: no second encryption
+    assert not bundle.pbkdf_flake(1, "qemu-img: Could not open 'x': No such file or directory")
+
+
+def test_sealing_shows_its_progress_in_bytes(tc_file, tmp_path, monkeypatch):
+    """Sealing and hashing advance a display by exactly the image's and the disk's sizes, in
+    positive steps, under names that say what is done (the display itself: tests/test_progress_and_logs.py)."""
+    import contextlib
+
+    from tccdeploy import progress
+
+    shown: list[tuple[str, int | None, list[int]]] = []
+
+    @contextlib.contextmanager
+    def transfer(label, total):  # type: ignore[no-untyped-def]
+        steps: list[int] = []
+        shown.append((label, total, steps))
+        yield steps.append
+
+    monkeypatch.setattr(progress, "transfer", transfer)
+    image = tmp_path / "app.raw"
+    image.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    descriptor = bundle.seal(str(image), bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate(), str(tmp_path / "out"))
+    (seal_label, seal_total, seal_steps), (hash_label, hash_total, hash_steps) = shown
+    assert seal_label == "sealing app.raw" and seal_total == 2 * 1024 * 1024 == sum(seal_steps)
+    assert hash_label == f"hashing {bundle.DISK}" and hash_total == descriptor["disk"]["size"] == sum(hash_steps)
+    assert all(isinstance(step, int) and step > 0 for step in seal_steps + hash_steps)
+
+
+def test_a_bundle_folder_is_readable_by_all_whatever_the_umask(tc_file, tmp_path):
+    import os
+
+    image = tmp_path / "app.raw"
+    image.write_bytes(bytes(65536))
+    old = os.umask(0)
+    try:
+        bundle.seal(str(image), bundle.load_tc(str(tc_file)), Ed25519PrivateKey.generate(), str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -138,7 +138,7 @@ def test_a_migration_moves_the_vm_and_both_ends_settle(fleet):
     assert fleet.services["n1"].pending == {} and fleet.services["n2"].pending == {}
 
 
-@pytest.mark.parametrize("step", ["disk_write", "migrate_in_start", "migrate_in_data", "migrate_in_finish"])
+@pytest.mark.parametrize("step", ["disk_write", "migrate_in_start", "migrate_in_stream", "migrate_in_finish"])
 def test_a_migration_that_fails_at_any_step_rolls_back_to_the_running_source(fleet, step):
     vm = fleet.launch("n1")
     fleet.services["n2"].fail[step] = RemoteError("tvmm.io", f"{step} failed")
@@ -153,7 +153,7 @@ def test_a_source_that_dies_mid_stream_rolls_back_and_its_vm_stays_paused_until_
     """The abort is recorded; the source's settle ticket cannot reach it now, so it stays paused
     (it cannot resume on the engine's word); repair brings the ticket later."""
     vm = fleet.launch("n1")
-    fleet.services["n1"].fail["migrate_out_read"] = RemoteError("tvmm.io", "the source's QEMU died")
+    fleet.services["n1"].fail["migrate_out_stream"] = RemoteError("tvmm.io", "the source's QEMU died")
     fleet.services["n1"].fail["migrate_out_end"] = RemoteError("tvmm.io", "still down")
     with pytest.raises(RemoteError):
         migrate(fleet.engine, fleet.tc, vm.name, "n2")
@@ -168,7 +168,7 @@ def test_a_round_reports_the_migration_end_it_settled_by_vm_and_node(fleet, caps
     comes back asking) is settled at the start of the next round, and reported as any VM outcome:
     by the VM's name and node, which `enforce` prints."""
     vm = fleet.launch("n1")
-    fleet.services["n1"].fail["migrate_out_read"] = RemoteError("tvmm.io", "the source's QEMU died")
+    fleet.services["n1"].fail["migrate_out_stream"] = RemoteError("tvmm.io", "the source's QEMU died")
     fleet.services["n1"].fail["migrate_out_end"] = RemoteError("tvmm.io", "still down")
     with pytest.raises(RemoteError):
         migrate(fleet.engine, fleet.tc, vm.name, "n2")

@@ -177,17 +177,37 @@ class Fault(Exception):
 
 
 def inject(monkeypatch, op: str, action) -> None:  # type: ignore[no-untyped-def]
-    """Run action just before the engine's first call of op (then let the call go ahead)."""
-    original = Session.tvmm
+    """Run action just before the engine's first call of op (then let the call go ahead), whether
+    the op is a plain call or a stream's (the stream's blocks then pass through action's result
+    when it returns an iterable)."""
     fired = {"done": False}
 
-    def call(self, name, args=None, timeout=None):  # type: ignore[no-untyped-def]
+    def first(name: str) -> bool:
         if name == op and not fired["done"]:
             fired["done"] = True
+            return True
+        return False
+
+    plain, source, sink = Session.tvmm, Session.tvmm_stream_from, Session.tvmm_stream_to
+
+    def call(self, name, args=None, timeout=None):  # type: ignore[no-untyped-def]
+        if first(name):
             action(self, args)
-        return original(self, name, args, timeout)
+        return plain(self, name, args, timeout)
+
+    def stream_from(self, name, args=None, timeout=None):  # type: ignore[no-untyped-def]
+        if first(name):
+            action(self, args)
+        return source(self, name, args, timeout)
+
+    def stream_to(self, name, blocks, args=None, timeout=None):  # type: ignore[no-untyped-def]
+        if first(name):
+            blocks = action(self, blocks) or blocks
+        return sink(self, name, blocks, args, timeout)
 
     monkeypatch.setattr(Session, "tvmm", call)
+    monkeypatch.setattr(Session, "tvmm_stream_from", stream_from)
+    monkeypatch.setattr(Session, "tvmm_stream_to", stream_to)
 
 
 def _kill_service(world, session: Session) -> None:  # type: ignore[no-untyped-def]
@@ -205,20 +225,23 @@ def test_a_failure_before_the_commit_leaves_the_vm_running_on_the_source(world, 
     vm = start_vm(world, "node1")
     fresh(world)
     if fault == "destination-service":
-        inject(monkeypatch, "migrate_in_data", lambda s, a: _kill_service(world, s))
+        inject(monkeypatch, "migrate_in_stream", lambda s, a: _kill_service(world, s))
     elif fault == "source-service":
-        inject(monkeypatch, "migrate_out_read", lambda s, a: _kill_service(world, s))
+        inject(monkeypatch, "migrate_out_stream", lambda s, a: _kill_service(world, s))
     elif fault == "ssh-connection":
         inject(monkeypatch, "migrate_in_start", lambda s, a: s.service_connection.close())
     elif fault == "stream-bit-flip":
-        def flip(session, args):  # type: ignore[no-untyped-def]
-            import base64
+        def flip(session, blocks):  # type: ignore[no-untyped-def]
+            def flipped():  # type: ignore[no-untyped-def]
+                for i, piece in enumerate(blocks):
+                    if i == 1:  # the first block after the header: a bit of guest memory
+                        piece = bytearray(piece)
+                        piece[len(piece) // 2] ^= 1
+                    yield bytes(piece)
 
-            data = bytearray(base64.b64decode(args["data"]))
-            data[len(data) // 2] ^= 1
-            args["data"] = base64.b64encode(bytes(data)).decode()
+            return flipped()
 
-        inject(monkeypatch, "migrate_in_data", flip)
+        inject(monkeypatch, "migrate_in_stream", flip)
     elif fault == "destination-attestation":
         lab_node("node3")
         inject(monkeypatch, "migrate_in_start", lambda s, a: world.lab.tamper("node3"))
@@ -228,7 +251,7 @@ def test_a_failure_before_the_commit_leaves_the_vm_running_on_the_source(world, 
 
         original_rollback = migrating._roll_back
         monkeypatch.setattr(migrating, "_roll_back", lambda *a, **k: None)
-        inject(monkeypatch, "migrate_in_data", die)
+        inject(monkeypatch, "migrate_in_stream", die)
     with pytest.raises(Exception):  # noqa: B017 - each fault surfaces its own way
         migrating.migrate(world.engine, world.tc, vm["name"], "node3")
     monkeypatch.undo()

@@ -196,3 +196,81 @@ def test_encrypt_file_says_how_many_bytes_it_wrote():
     sink = io.BytesIO()
     written = encrypt_file(KEY, io.BytesIO(b"q" * 10_000), sink, chunk_size=4096)
     assert written == len(sink.getvalue()) == HEADER_SIZE + 3 * 4 + 10_000 + 3 * 16
+
+
+# -- the copy-free path the migration takes (issue 20) ------------------------------------------
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=5000), st.integers(1, 700), st.lists(st.integers(1, 900), min_size=1, max_size=8))
+def test_update_into_a_reused_buffer_in_any_pieces_round_trips(plaintext, chunk_size, cuts):
+    """One output buffer for the whole stream, on both ends, the input cut anywhere: frames and
+    plaintext come out exactly as from update()."""
+    from tccdeploy.crypto.stream import Encryptor
+
+    enc = Encryptor(KEY, chunk_size, nonce_prefix=PREFIX)
+    blob = bytearray(enc.header)
+    scratch = bytearray(8192 + 4 * chunk_size)
+    pos, i = 0, 0
+    while pos < len(plaintext):
+        piece = memoryview(plaintext)[pos:pos + cuts[i % len(cuts)]]
+        blob += scratch[:enc.update_into(piece, scratch)]
+        pos, i = pos + len(piece), i + 1
+    blob += enc.finish()
+    assert bytes(blob) == encrypt(KEY, plaintext, chunk_size, PREFIX)
+    dec, out, plain = Decryptor(KEY), bytearray(len(blob) + 64), bytearray()
+    pos = 0
+    while pos < len(blob):
+        piece = memoryview(blob)[pos:pos + cuts[i % len(cuts)]]
+        plain += out[:dec.update_into(piece, out)]
+        pos, i = pos + len(piece), i + 1
+    dec.finish()
+    assert plain == plaintext
+
+
+def test_update_into_refuses_an_output_too_small_for_what_it_would_write():
+    from tccdeploy.crypto.stream import Encryptor
+
+    enc = Encryptor(KEY, 16)
+    assert enc.output_size(0) == 0 and enc.output_size(16) == 0 and enc.output_size(17) == 36  # the last is held
+    with pytest.raises(ValueError, match="^the output holds 35 bytes; these frames need 36$"):
+        enc.update_into(bytes(17), bytearray(35))
+    assert enc.update_into(bytes(17), bytearray(36)) == 36
+    blob = encrypt(KEY, bytes(40), 16)
+    with pytest.raises(ValueError, match=f"^the output holds 10 bytes; give at least {len(blob)}$"):
+        Decryptor(KEY).update_into(blob, bytearray(10))
+
+
+def test_input_of_any_item_size_is_read_as_bytes():
+    import array
+
+    words = array.array("H", range(1000))
+    from tccdeploy.crypto.stream import Encryptor
+
+    enc = Encryptor(KEY, 64, nonce_prefix=PREFIX)
+    blob = enc.header + enc.update(memoryview(words)) + enc.finish()
+    assert blob == encrypt(KEY, words.tobytes(), 64, PREFIX)
+    whole = len(blob) // 4 * 4
+    dec = Decryptor(KEY)
+    plain = dec.update(memoryview(array.array("I", blob[:whole]))) + dec.update(blob[whole:])
+    dec.finish()
+    assert plain == words.tobytes()
+
+
+def test_a_chunk_that_fails_leaves_no_unauthenticated_plaintext_in_the_output():
+    """AES-GCM writes the plaintext before it checks the tag: the decryptor wipes it again."""
+    blob = bytearray(encrypt(KEY, b"secret guest memory" * 10, 64, PREFIX))
+    blob[-5] ^= 1  # in the last chunk
+    out = bytearray(len(blob))
+    dec = Decryptor(KEY)
+    with pytest.raises(StreamError, match="chunk 2 does not authenticate"):
+        dec.update_into(blob, out)
+    assert out[:128] == (b"secret guest memory" * 10)[:128]  # the two good chunks
+    assert out[128:] == bytes(len(out) - 128)
+
+
+def test_an_encryptor_finishes_once():
+    from tccdeploy.crypto.stream import Encryptor
+
+    enc = Encryptor(KEY, 8)
+    enc.finish()
+    with pytest.raises(StreamError, match="^the stream was finished$"):
+        enc.finish()

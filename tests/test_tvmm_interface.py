@@ -22,7 +22,7 @@ from tccdeploy.tvmm.service import handle
 EXPECTED = {"identity", "ak_create", "ak_activate", "quote", "nv_certify", "tk_create", "tk_check", "disk_state",
             "disk_write", "disk_commit", "disk_read", "launch", "vm_status", "vm_stop", "vm_start", "vm_end", "vm_suspend",
             "vm_resume",
-            "migrate_out_start", "migrate_out_read", "migrate_out_end", "migrate_in_start", "migrate_in_data",
+            "migrate_out_start", "migrate_out_stream", "migrate_out_end", "migrate_in_start", "migrate_in_stream",
             "migrate_in_finish", "migrate_in_settle", "migrate_in_discard", "runtime_log"}
 VM = "0123456789abcdef0123456789abcdef"
 

@@ -131,8 +131,30 @@ def percents(output: bytes) -> list[float]:
     return [float(m.group(1)) for m in _PERCENT.finditer(output)]
 
 
-def _convert(argv: list[str], secret_fd: int, size: int, label: str) -> subprocess.CompletedProcess:
-    """qemu-img convert, its -p percentages turned into bytes for the progress display."""
+class PercentProgress:
+    """qemu-img -p's percentages as the bytes newly done, for a display to advance by."""
+
+    def __init__(self, size: int):
+        self.size, self.done = size, 0
+
+    def feed(self, output: bytes) -> int:
+        step = 0
+        for percent in percents(output):
+            now = int(self.size * percent / 100)
+            if now > self.done:
+                step += now - self.done
+                self.done = now
+        return step
+
+
+def pbkdf_flake(returncode: int, stderr: str) -> bool:
+    """QEMU times its PBKDF benchmark with getrusage; should it measure nothing and give up
+    ("Unable to get accurate CPU usage", see LUKS_HASH), another run measures fine."""
+    return returncode != 0 and "accurate CPU usage" in stderr
+
+
+def _convert(argv: list[str], secret_fd: int, size: int, label: str) -> tuple[int, str]:
+    """qemu-img convert, its -p percentages shown as bytes: its exit status and its stderr."""
     import tempfile
 
     from .. import progress
@@ -140,17 +162,15 @@ def _convert(argv: list[str], secret_fd: int, size: int, label: str) -> subproce
     with tempfile.TemporaryFile() as errors, progress.transfer(label, size) as advance:
         proc = subprocess.Popen(argv, pass_fds=(secret_fd,), stdout=subprocess.PIPE, stderr=errors)
         assert proc.stdout is not None
-        done = 0
+        counter = PercentProgress(size)
         out = proc.stdout.fileno()
-        for line in iter(lambda: os.read(out, 4096), b""):
-            for percent in percents(line):
-                now = int(size * percent / 100)
-                if now > done:
-                    advance(now - done)
-                    done = now
+        for output in iter(lambda: os.read(out, 4096), b""):
+            step = counter.feed(output)
+            if step:
+                advance(step)
         proc.wait()
         errors.seek(0)
-        return subprocess.CompletedProcess(argv, proc.returncode, "", errors.read().decode(errors="replace"))
+        return proc.returncode, errors.read().decode(errors="replace")
 
 
 def _digest(path: str) -> str:
@@ -179,10 +199,9 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
     for _attempt in range(10):
         read_end, write_end = os.pipe()
         try:
-            os.write(write_end, passphrase)
-            os.close(write_end)
-            write_end = -1
-            proc = _convert(
+            with os.fdopen(write_end, "wb") as secret:  # 44 bytes: the pipe takes them without a reader
+                secret.write(passphrase)
+            returncode, stderr = _convert(
                 ["qemu-img", "convert", "-p", "-f", info["format"], "-O", "qcow2",
                  "--object", f"secret,id=kvm,file=/dev/fd/{read_end}",
                  "-o", f"encrypt.format=luks,encrypt.key-secret=kvm,encrypt.iter-time={LUKS_ITER_TIME_MS},"
@@ -192,14 +211,10 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
             )
         finally:
             os.close(read_end)
-            if write_end >= 0:
-                os.close(write_end)
-        # QEMU times its PBKDF benchmark with getrusage; should it still measure nothing and give
-        # up ("Unable to get accurate CPU usage", see LUKS_HASH), another run measures fine.
-        if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
+        if not pbkdf_flake(returncode, stderr):
             break
-    if proc.returncode != 0:
-        raise BundleError("image.convert", f"qemu-img could not encrypt {disk}: {proc.stderr.strip()}")
+    if returncode != 0:
+        raise BundleError("image.convert", f"qemu-img could not encrypt {disk}: {stderr.strip()}")
     os.replace(target + ".partial", target)
     public = tc.wrap.public_key()
     assert isinstance(public, rsa.RSAPublicKey)

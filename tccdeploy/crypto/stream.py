@@ -48,7 +48,12 @@ def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
 
 
 class Encryptor:
-    """Feed plaintext in any pieces; get frames out. finish() emits the final chunk."""
+    """Feed plaintext in any pieces; get frames out. finish() emits the final chunk.
+
+    update_into() is the migration's path: it seals straight from the caller's buffer into the
+    caller's preallocated output (AES-GCM's encrypt_into), so a chunk is copied only when it
+    straddles two calls; update() is the same into a fresh buffer, for callers that keep what
+    they get."""
 
     def __init__(self, key: bytes, chunk_size: int = DEFAULT_CHUNK, nonce_prefix: bytes | None = None,
                  context: bytes = b""):
@@ -67,108 +72,184 @@ class Encryptor:
         if context:
             self.header = MAGIC_CONTEXT + self.prefix + struct.pack(">IH", chunk_size, len(context)) + context
         self.counter = 0
-        self.buffer = bytearray()
+        self.pending = bytearray(chunk_size)  # the held-back chunk: it may be the final one
+        self.held = 0
         self.done = False
 
-    def _frame(self, chunk: bytes | memoryview, last: bool) -> bytes:
-        ciphertext = self.aead.encrypt(_nonce(self.prefix, self.counter, last), chunk, self.header)
+    def _seal(self, chunk: bytes | bytearray | memoryview, out: memoryview, last: bool) -> int:
+        size = len(chunk) + TAG
+        struct.pack_into(">I", out, 0, size)
+        self.aead.encrypt_into(_nonce(self.prefix, self.counter, last), chunk, self.header, out[4:4 + size])
         self.counter += 1
-        return struct.pack(">I", len(ciphertext)) + ciphertext
+        return 4 + size
 
-    def update(self, data: bytes) -> bytes:
-        """Frames for every full chunk now available (a full chunk is held back until more data
-        or finish() tells whether it is the last)."""
+    def output_size(self, length: int) -> int:
+        """How many bytes of frames update_into() writes for length more bytes of plaintext."""
+        count = max(0, (self.held + length - 1) // self.chunk_size)
+        return count * (4 + self.chunk_size + TAG)
+
+    def update_into(self, data: bytes | bytearray | memoryview, out: bytearray | memoryview) -> int:
+        """Write the frames of every full chunk now available into out (at least output_size(len(data))
+        bytes) and return how many bytes were written. A full chunk is held back until more data
+        or finish() tells whether it is the last."""
         if self.done:
             raise StreamError("the stream was finished")
-        self.buffer += data
         size = self.chunk_size
-        count = (len(self.buffer) - 1) // size  # keep the last (maybe full) chunk: it may be the final one
-        if count <= 0:
-            return b""
-        view = memoryview(self.buffer)
-        try:
-            frames = [self._frame(view[i * size:(i + 1) * size], last=False) for i in range(count)]
-        finally:
-            view.release()
-        del self.buffer[: count * size]  # one move per call, not one per chunk
-        return b"".join(frames)
+        with memoryview(data) as source, memoryview(out) as sink:
+            source = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+            length = len(source)
+            count = max(0, (self.held + length - 1) // size)
+            if len(sink) < count * (4 + size + TAG):
+                raise ValueError(f"the output holds {len(sink)} bytes; these frames need {count * (4 + size + TAG)}")
+            pos = written = 0
+            if count and self.held:
+                pos = size - self.held
+                self.pending[self.held:] = source[:pos]
+                written = self._seal(self.pending, sink, last=False)
+                self.held = 0
+                count -= 1
+            for _ in range(count):
+                written += self._seal(source[pos:pos + size], sink[written:], last=False)
+                pos += size
+            rest = length - pos
+            self.pending[self.held:self.held + rest] = source[pos:]
+            self.held += rest
+        return written
+
+    def update(self, data: bytes | bytearray | memoryview) -> bytearray:
+        """The frames of every full chunk now available, in a new buffer (see update_into)."""
+        out = bytearray(self.output_size(memoryview(data).nbytes))
+        del out[self.update_into(data, out):]
+        return out
 
     def finish(self) -> bytes:
+        if self.done:
+            raise StreamError("the stream was finished")
         self.done = True
-        frame = self._frame(bytes(self.buffer), last=True)
-        self.buffer.clear()
-        return frame
+        frame = bytearray(4 + self.held + TAG)
+        with memoryview(self.pending) as pending, memoryview(frame) as sink:
+            self._seal(pending[:self.held], sink, last=True)
+        self.held = 0
+        return bytes(frame)
 
 
 class Decryptor:
-    """Feed frames in any pieces; get verified plaintext out. finish() checks the stream ended."""
+    """Feed frames in any pieces; get verified plaintext out. finish() checks the stream ended.
+
+    update_into() opens frames straight from the caller's buffer into the caller's output
+    (AES-GCM's decrypt_into); only a frame split across two calls is copied, into `buffer`."""
 
     def __init__(self, key: bytes, context: bytes = b""):
         if len(key) != 32:
             raise ValueError("STREAM uses a 256-bit key")
         self.context = context
         self.aead = AESGCM(key)
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the header or a frame not yet whole
         self.header: bytes | None = None
         self.prefix = b""
         self.chunk_size = 0
         self.counter = 0
         self.ended = False
 
-    def update(self, data: bytes) -> bytes:
-        self.buffer += data
-        out = bytearray()
-        if self.header is None:
-            if len(self.buffer) < HEADER_SIZE:
-                return b""
-            magic = bytes(self.buffer[:len(MAGIC)])
-            size = HEADER_SIZE
-            if magic == MAGIC_CONTEXT:
-                if len(self.buffer) < HEADER_SIZE + 2:
-                    return b""
-                size = HEADER_SIZE + 2 + struct.unpack_from(">H", self.buffer, HEADER_SIZE)[0]
-                if len(self.buffer) < size:
-                    return b""
-            elif magic != MAGIC:
-                raise StreamError("not a tccdeploy STREAM (bad magic)")
-            header = bytes(self.buffer[:size])
-            context = header[HEADER_SIZE + 2:] if magic == MAGIC_CONTEXT else b""
-            if context != self.context:
-                raise StreamError("the stream was made for another context (another migration)")
-            self.chunk_size = struct.unpack(">I", header[HEADER_SIZE - 4:HEADER_SIZE])[0]
-            if not 1 <= self.chunk_size <= MAX_CHUNK:
-                raise StreamError(f"chunk size {self.chunk_size} out of range")
-            self.header, self.prefix = header, header[len(MAGIC):len(MAGIC) + 7]
-            del self.buffer[:size]
-        pos, end = 0, len(self.buffer)
-        view = memoryview(self.buffer)
-        try:
+    def _read_header(self) -> int:
+        """The header's length once it is whole in buffer (then checked and taken), else 0."""
+        if len(self.buffer) < HEADER_SIZE:
+            return 0
+        magic = bytes(self.buffer[:len(MAGIC)])
+        size = HEADER_SIZE
+        if magic == MAGIC_CONTEXT:
+            if len(self.buffer) < HEADER_SIZE + 2:
+                return 0
+            size = HEADER_SIZE + 2 + struct.unpack_from(">H", self.buffer, HEADER_SIZE)[0]
+            if len(self.buffer) < size:
+                return 0
+        elif magic != MAGIC:
+            raise StreamError("not a tccdeploy STREAM (bad magic)")
+        header = bytes(self.buffer[:size])
+        context = header[HEADER_SIZE + 2:] if magic == MAGIC_CONTEXT else b""
+        if context != self.context:
+            raise StreamError("the stream was made for another context (another migration)")
+        self.chunk_size = struct.unpack(">I", header[HEADER_SIZE - 4:HEADER_SIZE])[0]
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise StreamError(f"chunk size {self.chunk_size} out of range")
+        self.header, self.prefix = header, header[len(MAGIC):len(MAGIC) + 7]
+        return size
+
+    def _frame_size(self, source: bytes | bytearray | memoryview, pos: int) -> int:
+        size: int = struct.unpack_from(">I", source, pos)[0]
+        if size < TAG or size > self.chunk_size + TAG:
+            raise StreamError(f"frame of {size} bytes cannot be a chunk of this stream")
+        return size
+
+    def update_into(self, data: bytes | bytearray | memoryview, out: bytearray | memoryview) -> int:
+        """Open every whole frame now available into out (at least len(data) + len(buffer)
+        bytes) and return how many bytes of verified plaintext it holds. Bytes of out past that
+        count are scratch (a frame that failed is wiped from it)."""
+        with memoryview(data) as source, memoryview(out) as sink:
+            source = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+            if len(sink) < len(source) + len(self.buffer):  # plaintext is never longer than what came in
+                raise ValueError(f"the output holds {len(sink)} bytes; give at least {len(source) + len(self.buffer)}")
+            pos = written = 0
+            if self.header is None:
+                self.buffer += source
+                pos = len(source)
+                taken = self._read_header()
+                if not taken:
+                    return 0
+                source = memoryview(bytes(self.buffer[taken:]))  # once per stream: what followed the header
+                self.buffer.clear()
+                pos = 0
+            if self.buffer:  # a frame begun in an earlier piece: complete it first
+                need = 4 - len(self.buffer)
+                if need > 0:
+                    self.buffer += source[:need]
+                    pos = min(need, len(source))
+                    if len(self.buffer) < 4:
+                        return 0
+                size = self._frame_size(self.buffer, 0)
+                take = min(4 + size - len(self.buffer), len(source) - pos)
+                self.buffer += source[pos:pos + take]
+                pos += take
+                if len(self.buffer) < 4 + size:
+                    return 0
+                if self.ended:
+                    raise StreamError("data after the final chunk")
+                with memoryview(self.buffer) as frame:
+                    written = self._open_into(frame[4:], sink)
+                self.buffer.clear()
+            end = len(source)
             while end - pos >= 4:
-                size = struct.unpack_from(">I", self.buffer, pos)[0]
-                if size < TAG or size > self.chunk_size + TAG:
-                    raise StreamError(f"frame of {size} bytes cannot be a chunk of this stream")
+                size = self._frame_size(source, pos)
                 if end - pos < 4 + size:
                     break
                 if self.ended:
                     raise StreamError("data after the final chunk")
-                out += self._open(view[pos + 4:pos + 4 + size])
+                written += self._open_into(source[pos + 4:pos + 4 + size], sink[written:])
                 pos += 4 + size
-        finally:
-            view.release()
-        del self.buffer[:pos]  # one move per call
-        return bytes(out)
+            if pos < end:
+                self.buffer += source[pos:]
+        return written
 
-    def _open(self, ciphertext: bytes | memoryview) -> bytes:
+    def update(self, data: bytes | bytearray | memoryview) -> bytearray:
+        """Verified plaintext of every whole frame now available, in a new buffer (see update_into)."""
+        out = bytearray(memoryview(data).nbytes + len(self.buffer))
+        del out[self.update_into(data, out):]
+        return out
+
+    def _open_into(self, ciphertext: memoryview, out: memoryview) -> int:
+        length = len(ciphertext) - TAG
+        target = out[:length]
         for last in (False, True):
             try:
-                plain = self.aead.decrypt(_nonce(self.prefix, self.counter, last), ciphertext, self.header)
+                self.aead.decrypt_into(_nonce(self.prefix, self.counter, last), ciphertext, self.header, target)
             except InvalidTag:
                 continue
-            if not last and len(plain) != self.chunk_size:
+            if not last and length != self.chunk_size:
                 raise StreamError("a non-final chunk of the wrong size")
             self.counter += 1
             self.ended = last
-            return plain
+            return length
+        target[:] = bytes(length)  # AES-GCM wrote the unauthenticated plaintext before it checked the tag
         raise StreamError(f"chunk {self.counter} does not authenticate (altered, reordered, duplicated or from another stream)")
 
     def finish(self) -> None:
@@ -189,7 +270,7 @@ def decrypt(key: bytes, data: bytes) -> bytes:
     dec = Decryptor(key)
     out = dec.update(data)
     dec.finish()
-    return out
+    return bytes(out)
 
 
 def encrypt_file(key: bytes, source: BinaryIO, sink: BinaryIO, chunk_size: int = DEFAULT_CHUNK) -> int:
@@ -207,5 +288,5 @@ def decrypt_iter(key: bytes, pieces: Iterable[bytes]) -> Iterator[bytes]:
     for piece in pieces:
         plain = dec.update(piece)
         if plain:
-            yield plain
+            yield bytes(plain)
     dec.finish()

@@ -17,11 +17,13 @@ import json
 import shlex
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import paramiko
 
 from ..bundles import helper_bundle
+from ..node.protocol import BLOCK, MAX_BLOCK
 from .connection import Connection, Unreachable
 
 UPLOAD_MARK = "TCCDEPLOY-UPLOAD "
@@ -98,28 +100,88 @@ class LineClient:
     def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Run one operation on the node; RemoteError if it failed there."""
         with self._lock:
-            if self.channel is None:
-                self.start()
-            assert self.channel is not None
-            self._next_id += 1
-            request = {"id": self._next_id, "op": op, "args": args or {}}
-            try:
-                self.channel.sendall(json.dumps(request).encode() + b"\n")
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise Unreachable("ssh", f"connection to {self.connection.target.address} lost: {exc}") from None
-            limit = timeout if timeout is not None else self.connection.target.timeout + 60
-            line = self._readline(time.monotonic() + limit)
+            return self._request(op, args, timeout)
+
+    def _request(self, op: str, args: dict[str, Any] | None, timeout: float | None) -> dict[str, Any]:
+        """Send one request and read its answer's line (the lock held by the caller)."""
+        if self.channel is None:
+            self.start()
+        assert self.channel is not None
+        self._next_id += 1
+        rid = self._next_id
+        try:
+            self.channel.sendall(json.dumps({"id": rid, "op": op, "args": args or {}}).encode() + b"\n")
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise Unreachable("ssh", f"connection to {self.connection.target.address} lost: {exc}") from None
+        return self._response(rid, self._deadline(timeout))
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (timeout if timeout is not None else self.connection.target.timeout + 60)
+
+    def _response(self, rid: int, deadline: float) -> dict[str, Any]:
+        line = self._readline(deadline)
         try:
             response = json.loads(line)
         except ValueError:
             raise HelperError(f"malformed answer from the helper: {line[:200]!r}") from None
-        if response.get("id") != request["id"]:
+        if response.get("id") != rid:
             raise HelperError("the helper answered another request")
         if not response.get("ok"):
             error = response.get("error") or {}
             raise RemoteError(str(error.get("type", "Error")), str(error.get("message", "failed")),
                               str(error.get("traceback", "")), str(error.get("reason", "")))
         return response.get("result") or {}
+
+    def _read_exactly(self, size: int, deadline: float) -> bytes:
+        """size bytes of the stream: what the last line's read took past it first, then the
+        channel, asked for no more than is missing (so nothing is read past the block)."""
+        assert self.channel is not None
+        parts: list[bytes] = []
+        have = min(size, len(self._buffer))
+        if have:
+            parts.append(bytes(self._buffer[:have]))
+            del self._buffer[:have]
+        while have < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HelperError(f"the stream from {self.connection.target.address} stalled")
+            self.channel.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self.channel.recv(size - have)
+            except TimeoutError:
+                continue
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise Unreachable("ssh", f"connection to {self.connection.target.address} lost: {exc}") from None
+            if not chunk:
+                raise HelperError(f"the stream from {self.connection.target.address} was cut before its end")
+            parts.append(chunk)
+            have += len(chunk)
+        return b"".join(parts)
+
+    def stream_from(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> StreamFrom:
+        """An operation whose answer goes on as a byte stream (node.protocol's Outgoing): the
+        blocks, each waited for at most timeout; the outcome once they ended."""
+        return StreamFrom(self, op, args, timeout)
+
+    def stream_to(self, op: str, blocks: Iterable[bytes], args: dict[str, Any] | None = None,
+                  timeout: float | None = None) -> dict[str, Any]:
+        """An operation that takes a byte stream after its answer (node.protocol's Incoming): send
+        the blocks, stop early if the node already answered (it refused a chunk), return the
+        outcome. Whatever goes wrong on the way, the channel is closed rather than left out of step."""
+        with self._lock:
+            self._request(op, args, timeout)
+            assert self.channel is not None
+            try:
+                for piece in blocks:
+                    if self.channel.recv_ready():  # an answer before the end: a refusal
+                        break
+                    self.channel.sendall(BLOCK.pack(len(piece)))
+                    self.channel.sendall(piece)
+                self.channel.sendall(BLOCK.pack(0))
+            except BaseException:
+                self._stop_channel()  # mid-stream (the blocks' source failed, or the channel): out of step
+                raise
+            return self._response(self._next_id, self._deadline(timeout))
 
     def _stop_channel(self) -> None:
         if self.channel is not None:
@@ -133,6 +195,42 @@ class LineClient:
 
     def close(self) -> None:
         self._stop_channel()
+
+
+class StreamFrom:
+    """The blocks of an Outgoing answer, read off the channel as they are iterated; `outcome` once
+    they ended. Left before the end (the destination refused), the channel is closed: the rest of
+    the stream is not read, so the session cannot go on in step."""
+
+    def __init__(self, client: LineClient, op: str, args: dict[str, Any] | None, timeout: float | None):
+        self.client, self.op, self.args, self.timeout = client, op, args, timeout
+        self.outcome: dict[str, Any] | None = None
+        self.bytes = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        client = self.client
+        with client._lock:
+            client._request(self.op, self.args, self.timeout)
+            done = False
+            try:
+                while True:
+                    size = BLOCK.unpack(client._read_exactly(BLOCK.size, client._deadline(self.timeout)))[0]
+                    if size == 0:
+                        break
+                    if size > MAX_BLOCK:
+                        raise HelperError(f"the node sent a block of {size} bytes (at most {MAX_BLOCK})")
+                    data = client._read_exactly(size, client._deadline(self.timeout))
+                    self.bytes += size
+                    yield data
+                done = True
+                self.outcome = client._response(client._next_id, client._deadline(self.timeout))
+            except RemoteError:
+                if not done:
+                    client._stop_channel()
+                raise
+            except BaseException:
+                client._stop_channel()
+                raise
 
 
 class Helper(LineClient):

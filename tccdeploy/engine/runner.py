@@ -21,7 +21,7 @@ from .. import progress
 from ..config import state_dir
 from ..inventory import Host
 from .connection import DEFAULT_TIMEOUT, Connection, Target, Unreachable
-from .helper import Helper, HelperError, RemoteError, Service
+from .helper import Helper, HelperError, RemoteError, Service, StreamFrom
 
 Status = Literal["ok", "changed", "failed", "unreachable", "skipped"]
 
@@ -97,6 +97,15 @@ class Session:
     def tvmm(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         """An operation of the node's TVMM service (TPM evidence, admission, VMs, migration)."""
         return self.service.call(op, args, timeout)
+
+    def tvmm_stream_from(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> StreamFrom:
+        """An operation of the service whose answer goes on as a byte stream (a migration's ciphertext)."""
+        return self.service.stream_from(op, args, timeout)
+
+    def tvmm_stream_to(self, op: str, blocks: Iterable[bytes], args: dict[str, Any] | None = None,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """An operation of the service that takes a byte stream after its answer."""
+        return self.service.stream_to(op, blocks, args, timeout)
 
     def close(self) -> None:
         if self._helper is not None:

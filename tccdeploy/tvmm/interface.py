@@ -73,11 +73,12 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     # migration
     # Kmig, and where the stream may go, are the TC's (its tickets), never the engine's
     "migrate_out_start": args({"ticket": signed(MIGRATE_OUT)}),
-    "migrate_out_read": args({"vm_id": VM_ID}),
+    # the stream itself follows the answer as blocks of ciphertext (node.protocol), never as JSON
+    "migrate_out_stream": args({"vm_id": VM_ID}),
     # a migration's outcome at each end is the TC's settle ticket, never the engine's say
     "migrate_out_end": args({"vm_id": VM_ID, "ticket": signed(SETTLE)}),
     "migrate_in_start": args({"ticket": signed(MIGRATE_IN)}),
-    "migrate_in_data": args({"vm_id": VM_ID, "data": b64(4 * MiB + 4096)}),
+    "migrate_in_stream": args({"vm_id": VM_ID}),
     "migrate_in_finish": args({"vm_id": VM_ID}),
     "migrate_in_settle": args({"vm_id": VM_ID, "ticket": signed(SETTLE), "resume": {"type": "boolean"}}),
     "migrate_in_discard": args({"vm_id": VM_ID}),
@@ -86,7 +87,7 @@ OPERATIONS: dict[str, dict[str, Any]] = {
                          "ticket": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}),
 }
 
-Handler = Callable[..., dict[str, Any]]
+Handler = Callable[..., Any]  # a result dict, or a streaming answer (node.protocol)
 HANDLERS: dict[str, Handler] = {}
 
 

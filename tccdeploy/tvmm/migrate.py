@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..crypto.files import durable_remove, sha256_file
 from ..crypto.ticket import label as ticket_label
+from ..node.protocol import Incoming, Outgoing
 from . import runtime, tickets
 from .interface import ServiceError, operation
 from .qemustream import accept_stream, connect_incoming, migrate_into, private_listener, stream_module, wait_loaded
@@ -45,8 +47,7 @@ from .vm import (
     withdraw_secret,
 )
 
-READ_CHUNK = 256 * 1024
-MAX_PIECE = 4 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # QEMU's stream read, sealed and sent at most this much at a time
 
 
 _OUT: dict[str, dict[str, Any]] = {}
@@ -94,33 +95,43 @@ def migrate_out_start(ticket: dict[str, Any]) -> dict[str, Any]:
     connection = accept_stream(listener, 60)
     encryptor = stream.Encryptor(kmig, context=context(body))
     del kmig
-    _OUT[vm_id] = {"sock": connection, "enc": encryptor, "header_sent": False, "was_running": status.get("status") == "running"}
+    _OUT[vm_id] = {"sock": connection, "enc": encryptor, "streamed": False, "was_running": status.get("status") == "running"}
     return {"changed": True, "was_running": _OUT[vm_id]["was_running"], "migration": body["migration"],
             "destination": body["destination"]}
 
 
-@operation("migrate_out_read")
-def migrate_out_read(vm_id: str) -> dict[str, Any]:
-    """The next ciphertext of the migration stream; `eof` once QEMU has sent everything."""
+@operation("migrate_out_stream")
+def migrate_out_stream(vm_id: str) -> Outgoing:
+    """The whole migration stream, as blocks after the answer's line (node.protocol): QEMU's
+    bytes sealed into one reused buffer as they come, no base64, no round trip per piece. It goes
+    out once; the outcome line says how many bytes of QEMU's stream it carried."""
     state = _OUT.get(vm_id)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no outgoing migration of this VM")
-    out = bytearray()
-    if not state["header_sent"]:
-        out += state["enc"].header
-        state["header_sent"] = True
-    eof = False
-    while len(out) < MAX_PIECE:
-        data = state["sock"].recv(READ_CHUNK)
-        if not data:
-            out += state["enc"].finish()
-            state["sock"].close()
-            eof = True
-            break
-        out += state["enc"].update(data)
-        if len(out) >= 1024 * 1024:  # fewer, larger messages: each is a round trip through the engine
-            break
-    return {"changed": False, "data": base64.b64encode(bytes(out)).decode(), "eof": eof}
+    if state["streamed"]:
+        raise ServiceError("tvmm.streamed", "this migration's stream was already sent")
+    state["streamed"] = True
+
+    def produce(send: Callable[[bytes | bytearray | memoryview], None]) -> dict[str, Any]:
+        sock, encryptor = state["sock"], state["enc"]
+        plain = memoryview(bytearray(READ_CHUNK))
+        sealed = bytearray(encryptor.output_size(READ_CHUNK))
+        frames = memoryview(sealed)
+        send(encryptor.header)
+        carried = 0
+        try:
+            while True:
+                count = sock.recv_into(plain)
+                if not count:
+                    break
+                carried += count
+                send(frames[:encryptor.update_into(plain[:count], sealed)])
+            send(encryptor.finish())
+        finally:
+            sock.close()
+        return {"eof": True, "bytes": carried}
+
+    return Outgoing({"vm_id": vm_id}, produce)
 
 
 @operation("migrate_out_end")
@@ -200,21 +211,35 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
     return {"changed": True, "ready": True, "accel": accel}
 
 
-@operation("migrate_in_data")
-def migrate_in_data(vm_id: str, data: str) -> dict[str, Any]:
-    stream = stream_module()
+@operation("migrate_in_stream")
+def migrate_in_stream(vm_id: str) -> Incoming:
+    """Take the migration stream as blocks after the answer's line (node.protocol): each chunk
+    authenticated and opened into one reused buffer, and only then given to QEMU. A chunk that
+    does not authenticate ends the migration here (its copy dropped) and is answered at once."""
     state = _IN.get(vm_id)
     if state is None:
         raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
-    try:
-        plain = state["dec"].update(base64.b64decode(data))
-    except stream.StreamError as exc:
-        _discard(vm_id)
-        raise ServiceError("tvmm.stream", f"the migration stream is not authentic: {exc}") from None
-    if plain:
-        state["sock"].sendall(plain)
-        state["bytes"] += len(plain)
-    return {"changed": False, "bytes": state["bytes"]}
+    stream = stream_module()
+
+    def consume(blocks: Iterator[memoryview]) -> dict[str, Any]:
+        decryptor, sock = state["dec"], state["sock"]
+        plain = bytearray(READ_CHUNK)
+        for piece in blocks:
+            need = len(piece) + len(decryptor.buffer)
+            if len(plain) < need:
+                plain = bytearray(need)
+            try:
+                count = decryptor.update_into(piece, plain)
+            except stream.StreamError as exc:
+                _discard(vm_id)
+                raise ServiceError("tvmm.stream", f"the migration stream is not authentic: {exc}") from None
+            if count:
+                with memoryview(plain) as view:
+                    sock.sendall(view[:count])
+                state["bytes"] += count
+        return {"bytes": state["bytes"]}
+
+    return Incoming({"vm_id": vm_id}, consume)
 
 
 @operation("migrate_in_finish")

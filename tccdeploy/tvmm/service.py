@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from ..node.protocol import failure, own_digest, serve
+from ..node.protocol import Answer, Incoming, Outgoing, failure, own_digest, serve
 from . import PROTOCOL, config, daemon, migrate, runtime, suspend, tpm, vm  # noqa: F401 - they register their operations
 from .interface import HANDLERS, OPERATIONS, ServiceError, problems
 
@@ -31,7 +33,22 @@ FILE (root-owned) sets the node name, the TPM (TCTI), the state directory and th
 log; without it, a real node's defaults."""
 
 
-def handle(request: dict[str, Any]) -> dict[str, Any]:
+def _guarded(rid: Any, work: Callable[..., dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """A streaming operation's second half, answered as every operation is (a refusal by reason,
+    never a dead session)."""
+
+    def run(channel: Any) -> dict[str, Any]:
+        try:
+            return {"id": rid, "ok": True, "result": work(channel)}
+        except ServiceError as exc:
+            return failure(rid, "Refused", str(exc), reason=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - as handle() below
+            return failure(rid, type(exc).__name__, str(exc)[:500], traceback.format_exc(limit=-3))
+
+    return run
+
+
+def handle(request: dict[str, Any]) -> Answer:
     rid = request.get("id")
     name, arguments = request.get("op"), request.get("args", {})
     unknown = set(request) - {"id", "op", "args"}
@@ -49,6 +66,10 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         return failure(rid, "Refused", str(exc), reason=exc.reason)
     except Exception as exc:  # noqa: BLE001 - reported, never a dead session; no values, only the code path
         return failure(rid, type(exc).__name__, str(exc)[:500], traceback.format_exc(limit=-3))
+    if isinstance(result, Outgoing):
+        return replace(result, line={"id": rid, "ok": True, "result": result.line}, produce=_guarded(rid, result.produce))
+    if isinstance(result, Incoming):
+        return replace(result, line={"id": rid, "ok": True, "result": result.line}, consume=_guarded(rid, result.consume))
     return {"id": rid, "ok": True, "result": result}
 
 
