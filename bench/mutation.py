@@ -42,7 +42,7 @@ MODULES = [
     "tccdeploy.crypto.stream", "tccdeploy.crypto.wrap", "tccdeploy.crypto.bundle", "tccdeploy.crypto.ticket",
     "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer", "tccdeploy.crypto.reasoned",
     "tccdeploy.eventlog", "tccdeploy.tvmm.tickets", "tccdeploy.crypto.files", "tccdeploy.tvmm.daemon",
-    "tccdeploy.coordinator.ear", "tccdeploy.coordinator.webhooks",
+    "tccdeploy.coordinator.ear", "tccdeploy.coordinator.webhooks", "tccdeploy.node.protocol",
 ]
 LINE = re.compile(r"^\s*(?P<name>[\w.]+?)\.(?:x_|xǁ)\S*: (?P<status>[\w ]+)$")
 

@@ -122,8 +122,10 @@ def test_a_migration_goes_only_where_the_tc_said_under_the_tcs_key(world: World)
         assert destination.tvmm("migrate_in_start", {"ticket": in_ticket}, timeout=120)["ready"]
         body = in_ticket["ticket"]
         forged = stream.Encryptor(os.urandom(32), context=f"tccdeploy-migration:{body['migration']}:{vm_id}".encode())
-        data = forged.header + forged.update(os.urandom(300_000)) + forged.finish()
-        refused(lambda: destination.tvmm_stream_to("migrate_in_stream", [data], {"vm_id": vm_id}), "tvmm.stream")
+        data = forged.header + forged.update(os.urandom(2_000_000)) + forged.finish()
+        blocks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+        refused(lambda: destination.tvmm_stream_to("migrate_in_stream", blocks, {"vm_id": vm_id}), "tvmm.stream")
+        # Answered at once and the rest dropped in step: the same session takes the next call.
         destination.tvmm("migrate_in_discard", {"vm_id": vm_id})
         refused(lambda: destination.tvmm("migrate_in_start", {"ticket": in_ticket}), "ticket.replayed")
         ended = world.post(f"/v1/migrations/{migration}/end", {"vm_id": vm_id, "commit": False, "reason": "test"})
