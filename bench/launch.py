@@ -6,7 +6,10 @@
    same image unencrypted on the same machine (to its QMP 'running').
 2. Sealing throughput: `tccdeploy image seal` of a 256 MiB image against `qemu-img convert`
    of the same image to plain qcow2.
-Run: .venv/bin/python bench/launch.py
+3. Upload (--upload-mib, 1024 by default; 4096 for issue 20's figure): an encrypted disk of that
+   size into a lab node's TVMM service (`upload_disk`: blocks on the service's session, then the
+   node checks its digest) against plain `ssh cat > file` of the same file to the same node.
+Run: .venv/bin/python bench/launch.py [--upload-mib N] [--json]
 """
 
 from __future__ import annotations
@@ -58,7 +61,39 @@ def plain_start(disk: str, work: str) -> float:
     return elapsed
 
 
+def upload(lab: Lab, session, work: str, mib: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """Seconds for upload_disk (stream, then the node's digest check) and for the digest check
+    alone, and for plain `ssh cat` of the same file."""
+    import hashlib
+    import secrets
+
+    blob = os.path.join(work, "upload.bin")
+    digest = hashlib.sha256()
+    with open(blob, "wb") as fh:
+        for _ in range(mib):
+            piece = os.urandom(1 << 20)
+            digest.update(piece)
+            fh.write(piece)
+    vm_id = secrets.token_hex(16)
+    start = time.perf_counter()
+    launching.upload_disk(session, vm_id, blob, digest.hexdigest())
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": digest.hexdigest()}, timeout=600)  # already whole: the check again
+    check = time.perf_counter() - start
+    node = lab.node(session.host.name)
+    start = time.perf_counter()
+    with open(blob, "rb") as fh:
+        subprocess.run(["ssh", "-F", "/dev/null", "-i", lab.ssh_key, "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(lab.ssh_port),
+                        f"tccnode@{node.address}", "cat > upload.bin && rm upload.bin"], stdin=fh, check=True)
+    plain = time.perf_counter() - start
+    os.unlink(blob)
+    return ours, check, plain
+
+
 def main() -> int:
+    upload_mib = int(sys.argv[sys.argv.index("--upload-mib") + 1]) if "--upload-mib" in sys.argv else 1024
     work = tempfile.mkdtemp(prefix="tccdeploy-bench-launch-")
     lab = Lab(tempfile.mkdtemp(prefix="tccdeploy-bench-launch-lab-"))
     try:
@@ -109,6 +144,7 @@ def main() -> int:
                     launching.upload_disk = uploaded
                 end_vm(session, tc, descriptor["vm_id"], session.host.name, "destroy")
                 plain.append(plain_start(os.path.join(work, f"plain{i}.qcow2"), work))
+            sent = upload(lab, engine.session(engine.hosts[0]), work, upload_mib) if upload_mib else None
         tc.close()
     finally:
         lab.down()
@@ -119,6 +155,10 @@ def main() -> int:
         "launch_ratio": round(statistics.median(ours) / statistics.median(plain), 1),
         "seal_mib_s": round(size / statistics.median(seal_s), 1), "qemu_img_convert_mib_s": round(size / statistics.median(convert_s), 1),
     }
+    if sent:
+        result.update({"upload_mib": upload_mib, "upload_mib_s": round(upload_mib / sent[0], 1),
+                       "upload_digest_check_s": round(sent[1], 2), "ssh_cat_mib_s": round(upload_mib / sent[2], 1),
+                       "upload_ratio": round(sent[0] / sent[2], 2)})
     if "--json" in sys.argv:
         print(json.dumps({"benchmark": "launch", **result}))
         return 0
@@ -129,6 +169,12 @@ def main() -> int:
     print("sealing a 256 MiB image:")
     print(f"  tccdeploy image seal (LUKS qcow2, digest, wrap, sign)  {result['seal_mib_s']:7.1f} MiB/s")
     print(f"  qemu-img convert to plain qcow2                         {result['qemu_img_convert_mib_s']:7.1f} MiB/s")
+    if sent:
+        print(f"uploading {upload_mib} MiB of ciphertext to a node:")
+        print(f"  tccdeploy (blocks on the service's session, then the node's digest check of "
+              f"{result['upload_digest_check_s']:.2f} s)  {result['upload_mib_s']:7.1f} MiB/s")
+        print(f"  ssh cat > file                                          {result['ssh_cat_mib_s']:7.1f} MiB/s"
+              f"   ratio {result['upload_ratio']}x the time")
     return 0
 
 

@@ -121,11 +121,11 @@ class SoftwareService:
     def op_disk_state(self, vm_id: str, **_: Any) -> dict[str, Any]:
         return {"complete": False, "partial_size": 0}
 
-    def op_disk_read(self, vm_id: str, offset: int, size: int, **_: Any) -> dict[str, Any]:
-        return {"data": base64.b64encode(b"ciphertext").decode() if offset == 0 else "", "eof": offset > 0}
+    def op_disk_send(self, vm_id: str, offset: int, **_: Any) -> list[bytes]:
+        return [b"ciphertext"[offset:]]  # the stream's blocks
 
-    def op_disk_write(self, vm_id: str, offset: int, data: str, **_: Any) -> dict[str, Any]:
-        return {"size": offset + len(base64.b64decode(data))}
+    def op_disk_receive(self, vm_id: str, offset: int, blocks: Any, **_: Any) -> dict[str, Any]:
+        return {"size": offset + sum(len(piece) for piece in blocks)}
 
     def op_disk_commit(self, vm_id: str, sha256: str, **_: Any) -> dict[str, Any]:
         return {"changed": True}

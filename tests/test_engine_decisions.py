@@ -138,7 +138,7 @@ def test_a_migration_moves_the_vm_and_both_ends_settle(fleet):
     assert fleet.services["n1"].pending == {} and fleet.services["n2"].pending == {}
 
 
-@pytest.mark.parametrize("step", ["disk_write", "migrate_in_start", "migrate_in_stream", "migrate_in_finish"])
+@pytest.mark.parametrize("step", ["disk_receive", "migrate_in_start", "migrate_in_stream", "migrate_in_finish"])
 def test_a_migration_that_fails_at_any_step_rolls_back_to_the_running_source(fleet, step):
     vm = fleet.launch("n1")
     fleet.services["n2"].fail[step] = RemoteError("tvmm.io", f"{step} failed")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -320,12 +321,22 @@ def test_an_interrupted_upload_resumes_and_is_digest_checked(lab: Lab, world):
     world.engine.sessions.pop("node3", None)
     session = world.engine.session(host)
     local = os.path.join(envelope["bundle"], "disk.qcow2")
-    with open(local, "rb") as src:  # the connection "drops" after 1 MiB
-        session.tvmm("disk_write", {"vm_id": descriptor["vm_id"], "offset": 0,
-                                    "data": base64.b64encode(src.read(1024 * 1024)).decode()})
-    assert session.tvmm("disk_state", {"vm_id": descriptor["vm_id"]})["partial_size"] == 1024 * 1024
+    class Dropped(Exception):
+        pass
+
+    def cut_after_one_mib():  # type: ignore[no-untyped-def]
+        with open(local, "rb") as src:
+            yield src.read(1024 * 1024)
+        raise Dropped("the connection drops after 1 MiB")
+
+    with pytest.raises(Dropped):
+        session.tvmm_stream_to("disk_receive", cut_after_one_mib(), {"vm_id": descriptor["vm_id"], "offset": 0})
+    deadline = time.monotonic() + 30  # (the cut session's process writes what it got, then ends)
+    while session.tvmm("disk_state", {"vm_id": descriptor["vm_id"]})["partial_size"] != 1024 * 1024:
+        assert time.monotonic() < deadline, "the first MiB was not kept"
+        time.sleep(0.05)
     with pytest.raises(RemoteError) as wrong:  # a write that is not at the end is refused
-        session.tvmm("disk_write", {"vm_id": descriptor["vm_id"], "offset": 0, "data": "AAAA"})
+        session.tvmm_stream_to("disk_receive", [b"AAAA"], {"vm_id": descriptor["vm_id"], "offset": 0})
     assert wrong.value.reason == "tvmm.disk-offset"
     result = upload_disk(session, descriptor["vm_id"], local, descriptor["disk"]["sha256"])
     assert result["changed"] and session.tvmm("disk_state", {"vm_id": descriptor["vm_id"]})["complete"]

@@ -274,3 +274,72 @@ def test_an_encryptor_finishes_once():
     enc.finish()
     with pytest.raises(StreamError, match="^the stream was finished$"):
         enc.finish()
+
+
+@pytest.mark.parametrize("chunk_size, cuts", [
+    (4, [3, 9]),  # a held part, then two chunks and more in one piece
+    (4, [3, 1, 8, 2]),  # a piece that only completes the held chunk, then whole ones
+    (5, [1, 1, 1, 1, 1, 20, 7]),
+    (8, [17, 3, 30]),
+])
+def test_update_into_across_held_chunks_makes_the_same_frames(chunk_size: int, cuts: list[int]):
+    from tccdeploy.crypto.stream import Encryptor
+
+    plaintext = bytes(range(sum(cuts)))
+    enc = Encryptor(KEY, chunk_size, nonce_prefix=PREFIX)
+    out, blob, at = bytearray(4096), bytearray(enc.header), 0
+    for cut in cuts:
+        blob += out[:enc.update_into(plaintext[at:at + cut], out)]
+        at += cut
+    assert bytes(blob + enc.finish()) == encrypt(KEY, plaintext, chunk_size, PREFIX)
+
+
+def test_a_length_prefix_split_across_pieces_then_more_frames_opens():
+    blob = encrypt(KEY, bytes(range(200)), 16, PREFIX)
+    first = HEADER_SIZE + 2  # the header and two bytes of the first frame's length
+    dec = Decryptor(KEY)
+    out = bytearray(len(blob))
+    assert dec.update_into(blob[:first], out) == 0
+    got = bytes(out[:dec.update_into(blob[first:], out)])  # the rest of that length, and every frame after it
+    dec.finish()
+    assert got == bytes(range(200))
+
+
+def test_a_stream_of_only_its_header_is_truncated_not_empty():
+    dec = Decryptor(KEY, context=b"m:1")
+    from tccdeploy.crypto.stream import Encryptor
+
+    dec.update(Encryptor(KEY, 16, context=b"m:1").header)
+    with pytest.raises(StreamError, match=r"^the stream ended after 0 chunk\(s\) without its final chunk \(truncated\)$"):
+        dec.finish()
+
+
+def test_the_output_must_also_hold_the_frame_begun_in_an_earlier_piece():
+    blob = encrypt(KEY, bytes(100), 64, PREFIX)
+    dec = Decryptor(KEY)
+    dec.update(blob[:HEADER_SIZE + 30])  # 30 bytes of the first frame wait in the buffer
+    rest = blob[HEADER_SIZE + 30:]
+    with pytest.raises(ValueError, match=f"^the output holds {len(rest)} bytes; give at least {len(rest) + 30}$"):
+        dec.update_into(rest, bytearray(len(rest)))
+
+
+def test_data_after_the_final_chunk_is_refused_when_it_completes_a_held_frame():
+    blob = encrypt(KEY, b"z" * 10, 16, PREFIX)
+    frame = blob[HEADER_SIZE:]
+    dec = Decryptor(KEY)
+    dec.update(blob)
+    dec.update(frame[:3])  # a frame begins after the end
+    with pytest.raises(StreamError, match="^data after the final chunk$"):
+        dec.update(frame[3:])
+
+
+def test_frames_after_the_header_may_come_as_a_view_of_any_item_size():
+    import array
+
+    blob = encrypt(KEY, bytes(range(256)) * 4, 64, PREFIX)
+    dec = Decryptor(KEY)
+    body = blob[HEADER_SIZE:]
+    whole = len(body) // 4 * 4
+    plain = dec.update(blob[:HEADER_SIZE]) + dec.update(memoryview(array.array("I", body[:whole]))) + dec.update(body[whole:])
+    dec.finish()
+    assert plain == bytes(range(256)) * 4

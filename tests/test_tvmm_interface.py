@@ -20,7 +20,7 @@ from tccdeploy.tvmm.interface import HANDLERS, OPERATIONS, problems
 from tccdeploy.tvmm.service import handle
 
 EXPECTED = {"identity", "ak_create", "ak_activate", "quote", "nv_certify", "tk_create", "tk_check", "disk_state",
-            "disk_write", "disk_commit", "disk_read", "launch", "vm_status", "vm_stop", "vm_start", "vm_end", "vm_suspend",
+            "disk_receive", "disk_commit", "disk_send", "launch", "vm_status", "vm_stop", "vm_start", "vm_end", "vm_suspend",
             "vm_resume",
             "migrate_out_start", "migrate_out_stream", "migrate_out_end", "migrate_in_start", "migrate_in_stream",
             "migrate_in_finish", "migrate_in_settle", "migrate_in_discard", "runtime_log"}
@@ -70,8 +70,8 @@ SAMPLES = [
     ("nv_certify", {"index": 0x01500001, "nonce": "AAAA"}),
     ("disk_state", {"vm_id": "../../etc/passwd"}),
     ("disk_state", {"vm_id": VM}),
-    ("disk_write", {"vm_id": VM, "offset": -1, "data": "AAAA"}),
-    ("disk_read", {"vm_id": VM, "offset": 0, "size": 64 * 1024 * 1024}),
+    ("disk_receive", {"vm_id": VM, "offset": -1}),
+    ("disk_send", {"vm_id": VM, "offset": 0, "size": 64 * 1024 * 1024}),
     ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA"}}),
     ("launch", {"vm_id": VM, "name": "web", "wrapped_key": "AAAA", "sha256": "0" * 64, "memory_mib": 64, "vcpus": 1}),
     ("launch", {"ticket": {"ticket": {}, "signature": "AAAA", "certificate": "AAAA", "extra_args": ["-S"]}}),

@@ -417,8 +417,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        rate = result["ciphertext_bytes"] / max(result["stream_seconds"], 1e-6) / 1e6
         print(f"{result['vm']}: migrated {result['from']} -> {result['to']} (encrypted, {result['ciphertext_bytes']} bytes "
-              f"of stream), migration #{result['migration']} committed")
+              f"of stream in {result['stream_seconds']:.2f} s, {rate:.0f} MB/s), migration #{result['migration']} committed")
     return 0
 
 

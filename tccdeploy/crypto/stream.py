@@ -192,7 +192,6 @@ class Decryptor:
             pos = written = 0
             if self.header is None:
                 self.buffer += source
-                pos = len(source)
                 taken = self._read_header()
                 if not taken:
                     return 0

@@ -8,9 +8,9 @@ the key only to it, the node's TPM unwraps it, QEMU opens the disk, the TC signs
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +44,13 @@ def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[s
         offset = min(int(state["partial_size"]), size)
         with open(local, "rb") as src, progress.transfer(f"upload to {session.host.name}", size - offset) as advance:
             src.seek(offset)
-            for chunk in iter(lambda: src.read(CHUNK), b""):
-                session.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": base64.b64encode(chunk).decode()})
-                offset += len(chunk)
-                advance(len(chunk))
+
+            def blocks() -> Iterator[bytes]:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    advance(len(chunk))
+                    yield chunk
+
+            session.tvmm_stream_to("disk_receive", blocks(), {"vm_id": vm_id, "offset": offset}, timeout=300)
     return session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 

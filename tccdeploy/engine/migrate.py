@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -30,8 +31,6 @@ from .attestation import attest
 from .placement import rank
 from .runner import Engine, Session
 
-CHUNK = 1 << 20
-
 
 def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str, what: str = "disk") -> None:
     """The encrypted disk (or a suspended VM's saved state), source service to destination service
@@ -40,17 +39,20 @@ def copy_disk(source: Session, destination: Session, vm_id: str, sha256: str, wh
     state = destination.tvmm("disk_state", {"vm_id": vm_id, **kind})
     if not state["complete"]:
         offset = int(state["partial_size"])
-        label = f"copy {what} {source.host.name} -> {destination.host.name}"
-        with progress.transfer(label, None) as advance:
-            while True:
-                piece = source.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": CHUNK, **kind})
-                if piece["data"]:
-                    written = destination.tvmm("disk_write", {"vm_id": vm_id, "offset": offset, "data": piece["data"],
-                                                              **kind})
-                    advance(int(written["size"]) - offset)
-                    offset = int(written["size"])
-                if piece["eof"]:
-                    break
+        stream = source.tvmm_stream_from("disk_send", {"vm_id": vm_id, "offset": offset, **kind}, timeout=300)
+        with progress.transfer(f"copy {what} {source.host.name} -> {destination.host.name}", None) as advance:
+            def counted() -> Generator[bytes, None, None]:
+                for piece in stream:
+                    advance(len(piece))
+                    yield piece
+
+            pieces = counted()
+            try:  # as it comes, source service to destination service; a cut copy resumes from disk_state
+                destination.tvmm_stream_to("disk_receive", pieces, {"vm_id": vm_id, "offset": offset, **kind}, timeout=300)
+            finally:
+                pieces.close()
+        if stream.outcome is None:
+            raise Refused("migrate.stream", f"the source's copy of {vm_id}'s {what} ended before its end")
     destination.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256, **kind}, timeout=300)
 
 
@@ -111,7 +113,9 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
         out = source.tvmm("migrate_out_start", {"ticket": begin["out_ticket"]})
         copy_disk(source, target, vm_id, vm.image_sha256)
         target.tvmm("migrate_in_start", {"ticket": begin["in_ticket"]}, timeout=120)
+        began = time.monotonic()
         moved = relay(source, target, vm_id, f"migrate {vm.name} {vm.node} -> {destination}")
+        streamed = time.monotonic() - began
         status = target.tvmm("migrate_in_finish", {"vm_id": vm_id}, timeout=120)
         settled = coordinator.migration_end(migration, vm_id, commit=True, evidence=status.get("evidence"))
         committed = True
@@ -123,7 +127,8 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
     if out["was_running"] and not outcome.get("running"):
         raise Refused("migrate.not-running", f"{vm.name} moved to {destination} but is not running there: "
                                              f"{outcome.get('error') or outcome.get('status')}")
-    return {"vm": vm.name, "from": vm.node, "to": destination, "migration": migration, "ciphertext_bytes": moved}
+    return {"vm": vm.name, "from": vm.node, "to": destination, "migration": migration, "ciphertext_bytes": moved,
+            "stream_seconds": round(streamed, 3)}
 
 
 def settle(engine: Engine, settled: dict[str, Any], vm_id: str, resume: bool = True,

@@ -23,7 +23,6 @@ SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 BANK = {"type": "string", "enum": ["sha1", "sha256", "sha384", "sha512"]}
 PCRS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "minItems": 1, "maxItems": 24,
         "uniqueItems": True}
-MiB = 1024 * 1024
 PEM = {"type": "string", "maxLength": 8192,
        "pattern": "^-----BEGIN CERTIFICATE-----\\n[A-Za-z0-9+/=\\n]+-----END CERTIFICATE-----\\n?$"}
 
@@ -39,6 +38,7 @@ def args(required: dict[str, Any], optional: dict[str, Any] | None = None) -> di
 
 NONCE = b64(64)
 WHAT = {"type": "string", "enum": ["disk", "state"]}
+OFFSET = {"type": "integer", "minimum": 0, "maximum": 1 << 50}
 
 OPERATIONS: dict[str, dict[str, Any]] = {
     # identity and enrollment
@@ -56,11 +56,10 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     # the encrypted disk, moved in and out as ciphertext
     # (and a suspended VM's saved state: ciphertext under the TC's Ksus)
     "disk_state": args({"vm_id": VM_ID}, {"what": WHAT}),
-    "disk_write": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
-                        "data": b64(4 * MiB)}, {"what": WHAT}),
+    # (the bytes follow the answer as blocks, node.protocol: never base64 in JSON)
+    "disk_receive": args({"vm_id": VM_ID, "offset": OFFSET}, {"what": WHAT}),
     "disk_commit": args({"vm_id": VM_ID, "sha256": SHA256}, {"what": WHAT}),
-    "disk_read": args({"vm_id": VM_ID, "offset": {"type": "integer", "minimum": 0, "maximum": 1 << 50},
-                       "size": {"type": "integer", "minimum": 1, "maximum": 4 * MiB}}, {"what": WHAT}),
+    "disk_send": args({"vm_id": VM_ID, "offset": OFFSET}, {"what": WHAT}),
     # VMs
     "launch": args({"ticket": signed(LAUNCH)}),  # everything else (VM, profile, key) is the TC's ticket
     "vm_status": args({"vm_id": VM_ID}),

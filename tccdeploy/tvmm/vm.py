@@ -16,10 +16,12 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..crypto.files import atomic_write, durable_remove, durable_replace, sha256_file
 from ..crypto.ticket import label as ticket_label
+from ..node.protocol import Incoming, Outgoing
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
 from .qmp import QMP, QMPError
@@ -28,6 +30,7 @@ from .tpm import tk_decrypt
 QEMU = "qemu-system-x86_64"
 WRAPPED_KEY_FILE = "kvm.wrapped"  # Kvm wrapped to this node's TK (0600)
 DISK = "disk.qcow2"
+READ_CHUNK = 1024 * 1024  # a disk copy's read, sent as one block
 
 
 def vm_dir(vm_id: str, create: bool = False) -> str:
@@ -59,10 +62,11 @@ def disk_state(vm_id: str, what: str = "disk") -> dict[str, Any]:
             "partial_size": os.path.getsize(partial) if os.path.exists(partial) else 0}
 
 
-@operation("disk_write")
-def disk_write(vm_id: str, offset: int, data: str, what: str = "disk") -> dict[str, Any]:
-    """Append ciphertext to the disk (or saved state) being received; only at its end, only
-    before it is whole."""
+@operation("disk_receive")
+def disk_receive(vm_id: str, offset: int, what: str = "disk") -> Incoming:
+    """Append the ciphertext that follows as blocks (node.protocol) to the disk (or saved state)
+    being received; only at its end, only before it is whole. Each block is written as it comes,
+    so a copy cut anywhere resumes from what arrived (disk_state)."""
     vm_dir(vm_id, create=True)
     disk, partial = _disk_paths(vm_id, what)
     if os.path.exists(disk):
@@ -70,13 +74,21 @@ def disk_write(vm_id: str, offset: int, data: str, what: str = "disk") -> dict[s
     size = os.path.getsize(partial) if os.path.exists(partial) else 0
     if offset != size:
         raise ServiceError("tvmm.disk-offset", f"the disk being received has {size} bytes; write at {size}, not {offset}")
-    chunk = base64.b64decode(data, validate=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, chunk)
-    finally:
-        os.close(fd)
-    return {"changed": True, "size": size + len(chunk)}
+
+    def consume(blocks: Iterator[memoryview]) -> dict[str, Any]:
+        written = size
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            for piece in blocks:
+                while piece:
+                    count = os.write(fd, piece)
+                    written += count
+                    piece = piece[count:]
+        finally:
+            os.close(fd)
+        return {"changed": written > size, "size": written}
+
+    return Incoming({"vm_id": vm_id, "offset": offset}, consume)
 
 
 @operation("disk_commit")
@@ -95,17 +107,28 @@ def disk_commit(vm_id: str, sha256: str, what: str = "disk") -> dict[str, Any]:
     return {"changed": True}
 
 
-@operation("disk_read")
-def disk_read(vm_id: str, offset: int, size: int, what: str = "disk") -> dict[str, Any]:
-    """Ciphertext of the VM's encrypted disk (LUKS) or saved state, for a copy to another node."""
+@operation("disk_send")
+def disk_send(vm_id: str, offset: int, what: str = "disk") -> Outgoing:
+    """The VM's encrypted disk (LUKS) or saved state from offset, as blocks (node.protocol), for a
+    copy to another node: ciphertext only."""
     disk, _ = _disk_paths(vm_id, what)
     try:
-        with open(disk, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(size)
+        fh = open(disk, "rb")  # noqa: SIM115 - closed by produce, which runs after this answer
     except FileNotFoundError:
         raise ServiceError("tvmm.no-disk", "this VM has no disk here") from None
-    return {"changed": False, "data": base64.b64encode(data).decode(), "eof": len(data) < size}
+    size = os.fstat(fh.fileno()).st_size
+
+    def produce(send: Callable[[bytes | bytearray | memoryview], None]) -> dict[str, Any]:
+        buffer = bytearray(READ_CHUNK)
+        sent = 0
+        with fh, memoryview(buffer) as view:
+            fh.seek(offset)
+            while count := fh.readinto(view):
+                send(view[:count])
+                sent += count
+        return {"changed": False, "sent": sent, "size": size}
+
+    return Outgoing({"vm_id": vm_id, "offset": offset, "size": size}, produce)
 
 
 def _pid(directory: str) -> int | None:

@@ -6,8 +6,6 @@ the VM ran. Each refusal named."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
 from tccdeploy.engine.helper import RemoteError
@@ -31,13 +29,7 @@ def tc_refused(response, reason: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def _read_state(session, vm_id: str) -> bytes:  # type: ignore[no-untyped-def]
-    out, offset = b"", 0
-    while True:
-        piece = session.tvmm("disk_read", {"vm_id": vm_id, "offset": offset, "size": 1 << 20, "what": "state"})
-        out += base64.b64decode(piece["data"])
-        offset = len(out)
-        if piece["eof"]:
-            return out
+    return b"".join(session.tvmm_stream_from("disk_send", {"vm_id": vm_id, "offset": 0, "what": "state"}))
 
 
 def test_a_suspended_vm_resumes_once_on_one_trusted_node(world: World):
@@ -74,9 +66,7 @@ def test_a_suspended_vm_resumes_once_on_one_trusted_node(world: World):
         # The provider pulls the plug on the resumed VM, writes the saved state back and has the TC
         # issue the same node a retry ticket: the service resumed this suspension once already.
         kill_vm_keep_disk(world, vm_id)
-        for at in range(0, len(copy), 1 << 20):
-            node1.tvmm("disk_write", {"vm_id": vm_id, "offset": at, "what": "state",
-                                      "data": base64.b64encode(copy[at:at + (1 << 20)]).decode()})
+        node1.tvmm_stream_to("disk_receive", [copy], {"vm_id": vm_id, "offset": 0, "what": "state"})
         node1.tvmm("disk_commit", {"vm_id": vm_id, "sha256": saved["state_sha256"], "what": "state"})
         retry = world.post("/v1/resumes", {"vm": "sleeper"})
         assert retry.status_code == 200, retry.text
@@ -145,8 +135,8 @@ def test_a_saved_state_the_engine_rewrote_is_not_resumed(world: World):
         ended = world.post(f"/v1/suspensions/{begun.json()['suspension']}/end",
                            {"saved": True, "evidence": saved["evidence"]})
         assert ended.status_code == 200, ended.text
-        refused(lambda: node1.tvmm("disk_write", {"vm_id": vm_id, "offset": 0, "what": "state",
-                                                  "data": base64.b64encode(b"x").decode()}), "tvmm.disk-complete")
+        refused(lambda: node1.tvmm_stream_to("disk_receive", [b"x"], {"vm_id": vm_id, "offset": 0, "what": "state"}),
+                "tvmm.disk-complete")
         genuine = _read_state(node1, vm_id)
         world.ready("node3")
         resume = world.post("/v1/resumes", {"vm": "forged", "node": "node3"})
@@ -182,7 +172,6 @@ def _write_state(session, vm_id: str, data: bytes) -> None:  # type: ignore[no-u
     """Give the node data as the VM's saved state, as the interface lets the engine."""
     import hashlib
 
-    for at in range(0, len(data), 1 << 20):
-        session.tvmm("disk_write", {"vm_id": vm_id, "offset": at, "what": "state",
-                                    "data": base64.b64encode(data[at:at + (1 << 20)]).decode()})
+    session.tvmm_stream_to("disk_receive", [data[at:at + (1 << 20)] for at in range(0, len(data), 1 << 20)],
+                           {"vm_id": vm_id, "offset": 0, "what": "state"})
     session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": hashlib.sha256(data).hexdigest(), "what": "state"})

@@ -1,6 +1,8 @@
-"""The node protocol's byte streams (a migration's ciphertext after an answer's line): framed in
-blocks, ended by a zero length, and kept in step with the request lines whatever the engine
-sends: a refusal is answered at once, trailing bytes and broken framing are named."""
+"""The node protocol (node/protocol.py), the wire of the admin helper and of the TVMM service:
+request lines (oversized, malformed, blank) and byte streams after an answer's line (a
+migration's ciphertext, a disk), framed in blocks, ended by a zero length, and kept in step with
+the request lines whatever the engine sends: a refusal is answered at once, trailing bytes and
+broken framing are named."""
 
 from __future__ import annotations
 
@@ -12,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from tccdeploy.node.protocol import MAX_BLOCK, Incoming, Outgoing, ProtocolError, read_blocks, serve
+from tccdeploy.node.protocol import (
+    MAX_BLOCK,
+    MAX_REQUEST,
+    Incoming,
+    Outgoing,
+    ProtocolError,
+    failure,
+    own_digest,
+    read_blocks,
+    serve,
+)
 
 
 def block(data: bytes) -> bytes:
@@ -24,8 +36,13 @@ END = struct.pack(">I", 0)
 
 def run(stdin: bytes, handle: Any) -> tuple[int, bytes, None]:
     """serve() over in-memory pipes: its exit code and its raw output."""
-    out = io.BytesIO()
-    code = serve({"hello": "test"}, handle, io.BufferedReader(io.BytesIO(stdin)), out)  # type: ignore[arg-type]
+    import sys
+
+    out, stdout = io.BytesIO(), sys.stdout
+    try:
+        code = serve({"hello": "test"}, handle, io.BufferedReader(io.BytesIO(stdin)), out)  # type: ignore[arg-type]
+    finally:
+        sys.stdout = stdout  # serve points it at stderr, for the process it runs in
     return code, out.getvalue(), None
 
 
@@ -176,3 +193,121 @@ def test_read_blocks_refuses_what_cannot_be_a_block():
         list(read_blocks(io.BufferedReader(io.BytesIO(struct.pack(">I", MAX_BLOCK + 1)))))
     with pytest.raises(ProtocolError, match="cut before its end"):
         list(read_blocks(io.BufferedReader(io.BytesIO(block(b"abc")))))  # no zero length
+
+
+
+# -- request lines ------------------------------------------------------------------------------
+def echo(req: dict[str, Any]) -> Any:
+    return {"id": req.get("id"), "ok": True, "result": req.get("op")}
+
+
+def test_the_greeting_comes_first_and_blank_lines_are_skipped():
+    code, raw, _ = run(b"\n  \n" + request("one") + b"\n" + request("two", 2), echo)
+    assert code == 0
+    assert lines(raw) == [{"hello": "test"}, {"id": 1, "ok": True, "result": "one"}, {"id": 2, "ok": True, "result": "two"}]
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"not json\n", "Expecting value: line 1 column 1 (char 0)"),
+    (b"[1, 2]\n", "a request is a JSON object"),
+])
+def test_a_line_that_is_not_a_request_is_answered_and_the_session_goes_on(line: bytes, message: str):
+    code, raw, _ = run(line + request("after", 2), echo)
+    assert code == 0
+    assert lines(raw)[1:] == [{"id": None, "ok": False, "error": {"type": "BadRequest", "message": message, "traceback": ""}},
+                              {"id": 2, "ok": True, "result": "after"}]
+
+
+def test_an_oversized_line_is_refused_whole_and_the_next_request_is_read():
+    code, raw, _ = run(b"x" * (MAX_REQUEST + 5000) + b"\n" + request("after", 2), echo)
+    assert code == 0
+    assert lines(raw)[1:] == [
+        {"id": None, "ok": False, "error": {"type": "BadRequest", "message": f"a request is at most {MAX_REQUEST} bytes",
+                                            "traceback": ""}},
+        {"id": 2, "ok": True, "result": "after"}]
+
+
+def test_a_line_of_exactly_the_limit_is_a_request():
+    head = b'{"id": 7, "op": "big", "pad": "'
+    line = head + b"p" * (MAX_REQUEST - len(head) - 2) + b'"}'
+    assert len(line) == MAX_REQUEST
+    code, raw, _ = run(line + b"\n" + request("after", 8), echo)
+    assert [entry.get("result") for entry in lines(raw)[1:]] == ["big", "after"]
+
+
+def test_what_a_handler_prints_never_reaches_the_protocol(capsys):
+    def noisy(req: dict[str, Any]) -> Any:
+        print("a stray line")
+        return echo(req)
+
+    _, raw, _ = run(request("one"), noisy)
+    assert b"stray" not in raw and "a stray line" in capsys.readouterr().err
+
+
+def test_values_json_cannot_hold_are_answered_as_text():
+    import datetime
+
+    when = datetime.datetime(2026, 12, 3, 18, 0)
+    _, raw, _ = run(request("one"), lambda req: {"id": 1, "ok": True, "result": {"at": when}})
+    assert lines(raw)[1]["result"] == {"at": "2026-12-03 18:00:00"}
+
+
+def test_a_failure_has_its_shape():
+    assert failure(3, "Refused", "no", "tb", reason="x.y") == {
+        "id": 3, "ok": False, "error": {"type": "Refused", "message": "no", "traceback": "tb", "reason": "x.y"}}
+    assert failure(None, "BadRequest", "bad") == {
+        "id": None, "ok": False, "error": {"type": "BadRequest", "message": "bad", "traceback": ""}}
+
+
+def test_the_greeting_names_the_digest_of_the_program_that_runs(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+
+    program = tmp_path / "service.pyz"
+    program.write_bytes(b"the measured service")
+    monkeypatch.setattr(sys, "argv", [str(program)])
+    assert own_digest() == hashlib.sha256(b"the measured service").hexdigest()
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "absent")])
+    assert own_digest() == ""
+
+
+def test_refusals_after_a_streaming_answer_carry_its_request_id():
+    stdin = request("take", 41) + block(b"a") + block(b"after") + END
+    answer = lines(run(stdin, Receiver(stop_early=True))[1])[2]
+    assert answer["id"] == 41 and answer["error"]["type"] == "Refused"
+    stdin = request("take", 42) + struct.pack(">I", MAX_BLOCK + 1)
+    answer = lines(run(stdin, Receiver())[1])[2]
+    assert answer["id"] == 42 and answer["error"]["type"] == "BadRequest"
+
+    def raising(req: dict[str, Any]) -> Any:
+        def consume(blocks: Iterator[memoryview]) -> dict[str, Any]:
+            for _ in blocks:
+                pass
+            return {"id": req["id"], "ok": True, "result": {}}
+
+        return Incoming({"id": req["id"], "ok": True, "result": "ready"}, consume)
+
+    answer = lines(run(request("take", 43) + block(b"abc")[:-1], raising)[1])[2]
+    assert answer == {"id": 43, "ok": False, "error": {"type": "BadRequest", "message": "the stream was cut before its end",
+                                                       "traceback": "", "reason": "stream.framing"}}
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that gives at most 3 bytes per read, as a socket may."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(3, len(buffer), len(self.data))
+        buffer[:count] = self.data[:count]
+        self.data = self.data[count:]
+        return count
+
+
+def test_blocks_arriving_a_few_bytes_at_a_time_are_read_whole():
+    got = [bytes(piece) for piece in read_blocks(Trickle(block(b"0123456789") + block(b"x") + END))]  # type: ignore[arg-type]
+    assert got == [b"0123456789", b"x"]
