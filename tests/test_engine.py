@@ -116,6 +116,14 @@ def _helper_files(lab: Lab, node) -> list[str]:
     return sorted(p.name for p in home.glob("helper-*.pyz"))
 
 
+def test_the_engines_ssh_connections_use_aes_gcm(lab: Lab, state: str):
+    """AES-GCM where the host offers it (OpenSSH does): the migration and upload streams' speed."""
+    with Engine(load_inventory(lab.inventory_dir).select("node4"), state=state) as engine:
+        engine.run(lambda s: s.call("ping"))
+        transport = engine.sessions["node4"].connection.transport
+        assert (transport.local_cipher, transport.remote_cipher) == ("aes256-gcm@openssh.com",) * 2
+
+
 def test_the_helper_is_uploaded_once_per_version_and_reused(lab: Lab, state: str):
     node = lab.node("node4")
     for path in Path(lab.node_dir(node, "home")).glob("helper-*"):

@@ -119,8 +119,8 @@ def _stream_in(answer: Incoming, source: BinaryIO, out: BinaryIO) -> bool:
     blocks = _Blocks(source)
     try:
         outcome = answer.consume(blocks)
-    except ProtocolError:
-        outcome = failure(answer.line.get("id"), "BadRequest", "the stream's framing broke")
+    except ProtocolError:  # raised by the blocks, which recorded it: answered below with the framing's reason
+        outcome = {"id": answer.line.get("id"), "ok": False}
     answered = False
     try:
         if blocks.broken is None and outcome.get("ok"):
