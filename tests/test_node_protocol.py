@@ -311,3 +311,23 @@ class Trickle(io.RawIOBase):
 def test_blocks_arriving_a_few_bytes_at_a_time_are_read_whole():
     got = [bytes(piece) for piece in read_blocks(Trickle(block(b"0123456789") + block(b"x") + END))]  # type: ignore[arg-type]
     assert got == [b"0123456789", b"x"]
+
+
+def test_the_engine_refuses_by_name_to_stream_with_a_service_of_an_older_build():
+    """A node still on a build whose service has no streams: a named error, not a broken session."""
+    from types import SimpleNamespace
+
+    from tccdeploy.engine.helper import HelperError, Service
+
+    service = Service.__new__(Service)
+    service.__dict__.update(channel=object(), info={"hello": "tccdeploy-tvmm", "protocol": 1},
+                            connection=SimpleNamespace(target=SimpleNamespace(address="127.0.1.9")))
+    import threading
+
+    service._lock = threading.Lock()
+    with pytest.raises(HelperError, match="^the TVMM service on 127.0.1.9 speaks protocol 1, without byte streams"):
+        service.stream_from("migrate_out_stream", {"vm_id": "0" * 32})
+    with pytest.raises(HelperError, match="speaks protocol 1"):
+        service.stream_to("migrate_in_stream", [b"x"], {"vm_id": "0" * 32})
+    service.info["protocol"] = 2
+    assert service.stream_from("migrate_out_stream", {"vm_id": "0" * 32}).op == "migrate_out_stream"

@@ -31,7 +31,7 @@ def test_each_session_is_a_process_of_its_own_that_answers_as_serve_does():
         assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
         first, second = daemon.connect(), daemon.connect()
         one, two = first.makefile("rb"), second.makefile("rb")
-        hello = {"hello": "tccdeploy-tvmm", "protocol": 1, "node": "warm", "digest": daemon.digest}
+        hello = {"hello": "tccdeploy-tvmm", "protocol": 2, "node": "warm", "digest": daemon.digest}
         assert lines(one, 1) == [hello] and lines(two, 1) == [hello]
         assert daemon.proc is not None and len(procs.children(daemon.proc.pid)) == 2  # one process a session
         first.sendall(REQUESTS)

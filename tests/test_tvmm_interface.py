@@ -152,7 +152,7 @@ def test_the_service_speaks_the_wire_and_names_what_it_runs(tmp_path: Path):
     proc = subprocess.run([sys.executable, str(tmp_path / "tccdeploy-tvmm.pyz"), "serve", "--config",
                            str(tmp_path / "config.json")], input=requests, capture_output=True, timeout=60)
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert lines[0] == {"hello": "tccdeploy-tvmm", "protocol": 1, "node": "n9", "digest": digest}
+    assert lines[0] == {"hello": "tccdeploy-tvmm", "protocol": 2, "node": "n9", "digest": digest}
     assert lines[1]["error"]["reason"] == "tvmm.unknown-op"
     assert lines[2]["error"]["type"] == "BadRequest"
     assert lines[3]["error"]["reason"] == "tvmm.tpm"  # its own TPM, which is not there

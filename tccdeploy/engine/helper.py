@@ -27,6 +27,7 @@ from ..node.protocol import BLOCK, MAX_BLOCK
 from .connection import Connection, Unreachable
 
 UPLOAD_MARK = "TCCDEPLOY-UPLOAD "
+STREAMS = 2  # the TVMM service's protocol version from which answers may go on as byte streams
 MAX_LINE = 64 * 1024 * 1024
 
 
@@ -158,9 +159,20 @@ class LineClient:
             have += len(chunk)
         return b"".join(parts)
 
+    def _streams(self) -> None:
+        """Refuse, by name, to stream with a service too old for it (its greeting says)."""
+        with self._lock:
+            if self.channel is None:
+                self.start()
+        version = self.info.get("protocol", STREAMS) if isinstance(self, Service) else STREAMS
+        if not isinstance(version, int) or version < STREAMS:
+            raise HelperError(f"the TVMM service on {self.connection.target.address} speaks protocol {version}, without "
+                              f"byte streams (migration, disk copies): deploy a TVMM build made by this tccdeploy")
+
     def stream_from(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> StreamFrom:
         """An operation whose answer goes on as a byte stream (node.protocol's Outgoing): the
         blocks, each waited for at most timeout; the outcome once they ended."""
+        self._streams()
         return StreamFrom(self, op, args, timeout)
 
     def stream_to(self, op: str, blocks: Iterable[bytes], args: dict[str, Any] | None = None,
@@ -168,6 +180,7 @@ class LineClient:
         """An operation that takes a byte stream after its answer (node.protocol's Incoming): send
         the blocks, stop early if the node already answered (it refused a chunk), return the
         outcome. Whatever goes wrong on the way, the channel is closed rather than left out of step."""
+        self._streams()
         with self._lock:
             self._request(op, args, timeout)
             assert self.channel is not None

@@ -9,4 +9,4 @@ TVMMBuild, measured at boot like the kernel: a changed service is a different bo
 trusted key no longer opens anything.
 """
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: byte streams after an answer (node.protocol): migration and disk copies
