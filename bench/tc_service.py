@@ -98,7 +98,8 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
             tc.registry.enroll(node, SITE, ADDRESS, {"ek_certificate": b"c", "ek_fingerprint": roster_ek(node)[7:], "ek_public": b"e",
                                                      "ak_public": b"a", "ak_name": b"n", "ssh_host_key": "h",
                                                      "manufacturer": "software"})
-            attestation = tc.registry.add_attestation(node, {"verdict": "trusted", "build": "tvmm-2026.1"})
+            attestation = tc.registry.add_attestation(node, {"verdict": "trusted", "build": "tvmm-2026.1",
+                                                             "platform": "lab-model-a"})
             tc.registry.admit(node, {"serial": f"{n:x}", "attestation": attestation, "tk_name": "tk", "pem": pem,
                                      "not_after": time.time() + 3600, "build": "tvmm-2026.1"})
             out[node] = []
