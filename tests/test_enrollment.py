@@ -61,7 +61,7 @@ def lab(tmp_path: Path):  # type: ignore[no-untyped-def]
 
         def begin(self, node: str, tpm: TPM, site: str | None = "site1", address: str = "127.0.1.9",
                   host_key: str = HOST_KEY, ek_public: bytes | None = None) -> enrollment.Challenge | None:
-            return enrollment.begin(self.registry, self.perimeter, self.roster, node, tpm.certificate,
+            return enrollment.begin(self.registry, self.perimeter, lambda eks: self.roster, node, tpm.certificate,
                                     ek_public or globals()["ek_public"](tpm.ek), tpm.ak_public, host_key, site, address)
 
         def enroll(self, node: str, tpm: TPM, **kwargs) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -158,7 +158,7 @@ def test_malformed_keys_and_a_missing_host_key_are_refused_by_name(lab):
     assert lab.refusal(lab.begin, "n1", tpm, ek_public=b"\x00\x05junk") == "evidence.malformed"
     assert lab.refusal(lab.begin, "n1", tpm, host_key="") == "node.ssh-host-key"
     garbled = TPM(b"\x30\x03\x02\x01\x00", tpm.ek, tpm.ak)
-    assert lab.refusal(enrollment.begin, lab.registry, lab.perimeter, lab.roster, "n1", garbled.certificate,
+    assert lab.refusal(enrollment.begin, lab.registry, lab.perimeter, lambda eks: lab.roster, "n1", garbled.certificate,
                        ek_public(tpm.ek), tpm.ak_public, HOST_KEY, "site1", "127.0.1.9") == "ek.certificate-malformed"
 
 

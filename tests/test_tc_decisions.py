@@ -603,3 +603,25 @@ def test_runtime_evidence_of_the_wrong_form_is_refused_by_name(world, damage: st
     with pytest.raises(Refused) as info:
         runtime.verify(evidence, node.ak_public, 15, "t")
     assert info.value.reason == code
+
+
+def test_vms_on_other_nodes_do_not_count_against_a_node(world):
+    """The placement check weighs the VMs the registry places on this node only (issue 20 reads
+    those, not the fleet's)."""
+    world.node("n1")
+    world.node("n2")
+    world.launched("acme", "n2", constraints={"antiAffinityGroup": "db"})
+    record = world.accepted("acme", constraints={"antiAffinityGroup": "db"})
+    assert world.tc.release_key(record["id"], "n1")["node"] == "n1"
+
+
+def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypatch):
+    """Its capacity, its rollout name and its roster entry come from one read (issue 20's hot path)."""
+    world.node("n1")
+    record = world.accepted("acme")
+    reads: list[str] = []
+    for name in ("identity", "roster", "request", "image_owner"):
+        original = getattr(world.tc.registry, name)
+        monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
+    world.tc.release_key(record["id"], "n1")
+    assert sorted(reads) == ["identity", "image_owner", "request", "roster"]

@@ -15,6 +15,7 @@ from a real write and from those, so a balancer sends work to a replica that can
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import re
 import threading
@@ -109,6 +110,14 @@ def too_deep(body: bytes, limit: int) -> bool:
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_of(der: bytes) -> tuple[str | None, str]:
+    """(engine name or None, serial in hex) of a client certificate TLS verified, parsed once
+    per certificate rather than on every request of its connection."""
+    cert = x509.load_der_x509_certificate(der)
+    return engine_name(cert), format(cert.serial_number, "x")
 
 
 class JSONResponse(StarletteJSON):
@@ -325,11 +334,10 @@ class Api:
         if not der:
             raise ApiError(401, "auth.engine-certificate", "this route needs an engine's client certificate "
                                                            "(tccdeploy tc engines add NAME)")
-        cert = x509.load_der_x509_certificate(der)
-        name = engine_name(cert)
+        name, serial = _engine_of(der)
         if name is None:
             raise ApiError(403, "auth.not-an-engine", "the client certificate is not an engine certificate of this TC")
-        if not self.tc.engine_allowed(format(cert.serial_number, "x")):
+        if not self.tc.engine_allowed(serial):
             raise ApiError(403, "auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
         return name
 

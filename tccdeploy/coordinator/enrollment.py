@@ -192,10 +192,12 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def begin(registry: Registry, perimeter: Perimeter, roster_entries: list[roster.RosterEntry], node: str, ek_cert: bytes,
+def begin(registry: Registry, perimeter: Perimeter,
+          roster_entries: Callable[[tuple[str, ...]], list[roster.RosterEntry]], node: str, ek_cert: bytes,
           ek_public: bytes, ak_public: bytes, ssh_host_key: str, site: str | None, address: str) -> Challenge | None:
     """Check the TPM and the roster; a credential challenge for the AK, or None when node is
-    enrolled with this very TPM already (nothing to do: enrollment is a no-op, not a reset)."""
+    enrolled with this very TPM already (nothing to do: enrollment is a no-op, not a reset).
+    roster_entries: the roster's entries for an EK's names (the TC's own lookup)."""
     try:
         ek = tpm2.parse_public(ek_public)
         ak = tpm2.parse_public(ak_public)
@@ -210,7 +212,7 @@ def begin(registry: Registry, perimeter: Perimeter, roster_entries: list[roster.
     ek_fp = fingerprint(cert_der)
     identities = roster.ek_identities(cert_der)
     try:
-        entry = roster.check(roster_entries, node, identities, site)
+        entry = roster.check(roster_entries(identities), node, identities, site)
     except Refused as exc:
         raise EnrollmentRefused(exc.reason, str(exc)) from None
     outside = perimeter_problems(perimeter, entry.site, address)

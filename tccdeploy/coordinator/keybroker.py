@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import time
 from collections.abc import Callable
@@ -162,7 +163,8 @@ RELEASE_EXPIRY = tickets.TTL + 60  # a ticket no node can take any more, and a m
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request_id: str, node: str,
             capacity: int | None,
             audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None,
-            expire: Callable[[str], list[str]] = lambda request: []) -> dict[str, Any]:
+            expire: Callable[[str], list[str]] = lambda request: [],
+            request: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
     constraints; record the release (once) with its audit entry.
 
@@ -170,8 +172,9 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
     node gets a fresh ticket that supersedes the last (both name that node's TK and this one VM,
     whose node runs it once). Another node gets the key only once the release expired unused
     (`expire_releases`) and the node it went to has rebooted since: until then it may still
-    launch the VM, and a second node must not."""
-    request = registry.request(request_id)
+    launch the VM, and a second node must not. request: its row, when the caller has read it
+    (every check below is on the TC's records as read now; the conditional write settles races)."""
+    request = registry.request(request_id) if request is None or request["id"] != request_id else request
     if request is None:
         raise Refused("release.unknown-request", f"no request {request_id}")
     made = [r for r in registry.releases(request["vm_id"]) if r["request"] == request_id]
@@ -198,7 +201,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
     customer_id = owner["key_id"] if owner else ""
     latest, certificate_row, rewrapped = rewrap_for(
         registry, tc, perimeter, baseline, request, node, capacity,
-        tickets.label("launch", "kvm", request["vm_id"], customer_id, ticket_id))
+        tickets.label("launch", "kvm", request["vm_id"], customer_id, ticket_id), owner)
     now = int(time.time())
     spec = request["spec"]
     ticket = tickets.issue(tc.purpose("ticket").key, tc.purpose("ticket").certificate, {
@@ -242,20 +245,29 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
-    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in registry.vms()],
+    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in registry.vms(node=node)],
                                baseline.versions(), request["customer"], capacity)
     if why:
         raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
     return latest[0], certificate_row
 
 
+@functools.lru_cache(maxsize=1024)
+def node_certificate(pem: str) -> x509.Certificate:
+    """A node certificate from its PEM row, parsed once (the TC issued it; it is read on every release)."""
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
 def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request: dict[str, Any],
-               node: str, capacity: int | None, label: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+               node: str, capacity: int | None, label: bytes, owner: dict[str, Any] | None = None,
+               ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """Kvm (sealed to the TC) re-wrapped to node's TK under label (the ticket's that carries it),
-    if node may have it now: the one place a VM key is ever in clear, for launch and migration alike."""
+    if node may have it now: the one place a VM key is ever in clear, for launch and migration alike.
+    owner: the image's row, when the caller has read it."""
     latest, certificate_row = check_node(registry, perimeter, baseline, request, node, capacity)
-    certificate = x509.load_pem_x509_certificate(certificate_row["pem"].encode())
-    owner = registry.image_owner(request["vm_id"])
+    certificate = node_certificate(certificate_row["pem"])
+    if owner is None or owner["vm_id"] != request["vm_id"]:
+        owner = registry.image_owner(request["vm_id"])
     if owner is None or owner["customer"] != request["customer"]:
         raise Refused("request.image-owner", f"image {request['vm_id']} is not {request['customer']}'s")
     try:

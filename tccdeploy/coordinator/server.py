@@ -56,6 +56,7 @@ class Limits:
     body: float = 30.0  # its body, once the headers are in (8 MiB at 300 kB/s)
     per_client: int = 64  # open connections from one address (the engine's fan-out and bench use 32)
     total: int = 2048  # open connections in all (uvicorn answers 503 beyond)
+    threads: int = 4  # decisions taken at once (the rest queue in order; see _Server)
 
 
 class ConnectionCounts:
@@ -165,10 +166,11 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
 
 
 class _Server:
-    """uvicorn's server with a deadline on the TLS handshake (asyncio's default is 60 s)."""
+    """uvicorn's server with a deadline on the TLS handshake (asyncio's default is 60 s) and a
+    bounded pool for decisions."""
 
     @staticmethod
-    def make(config: Any, handshake: float) -> Any:
+    def make(config: Any, handshake: float, threads: int) -> Any:
         import asyncio
 
         import uvicorn
@@ -184,6 +186,12 @@ class _Server:
                     return await create(*args, **kwargs)
 
                 loop.create_server = create_server  # type: ignore[method-assign]
+                # Decisions run in anyio's thread pool (40 threads by default). They all wait on
+                # one database and one GIL: a few threads queue them first in, first out, where
+                # forty take turns and a decision's latency grows with everybody else's.
+                import anyio.to_thread
+
+                anyio.to_thread.current_default_thread_limiter().total_tokens = threads
                 try:
                     await super().startup(sockets)
                 finally:
@@ -236,6 +244,16 @@ def _deliver(coordinator: Coordinator, stop: threading.Event, interval: float = 
         pass
 
 
+def event_loop() -> str:
+    """uvloop where installed (its TLS and sockets cost the TC's one core a tenth less per
+    request than asyncio's, measured by bench/tc_service.py), else asyncio."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
           manifests: list[str] | None = None, limits: Limits = Limits()) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
@@ -274,11 +292,11 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     config = uvicorn.Config(
         api.app(), host=host, port=port, http=protocol_for(peers, limits, counts), log_level=log_level, access_log=False,
         ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
-        ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop="asyncio",
+        ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop=event_loop(),
         limit_concurrency=limits.total, log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
     )
     try:
-        _Server.make(config, limits.handshake).run()
+        _Server.make(config, limits.handshake, limits.threads).run()
     finally:
         delivering.set()  # a clean stop hands the webhooks' leases back
         deliverer.join(timeout=12)

@@ -9,10 +9,13 @@ engine's side of that: code that takes a Coordinator runs unchanged with either.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from cryptography import x509
@@ -49,6 +52,22 @@ def registry_location(state: str | None = None, create: bool = True) -> str:
     """Where the registry is: $TCCDEPLOY_REGISTRY (a postgresql:// URL, for replicas), else the
     SQLite file in the state directory (made, unless not create: a command that only reads)."""
     return os.environ.get(REGISTRY_ENV) or os.path.join((state_dir if create else state_path)(state), REGISTRY_FILE)
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A node's identity as the TC's records give it: the enrolled EK (None: not enrolled) and
+    the roster entry that EK is on, or the roster's objections."""
+
+    known: dict[str, Any] | None
+    entry: roster.RosterEntry | None
+    failures: list[tuple[str, str]]
+
+    def rollout_identity(self, node: str) -> tuple[str | None, tuple[str, ...]]:
+        if self.known is None:
+            return None, ()
+        named = node if self.entry is not None and not self.failures and self.entry.name == node else None
+        return named, roster.enrolled_identities(self.known)
 
 
 def node_summaries(registry: Registry) -> list[NodeRecord]:
@@ -109,10 +128,12 @@ class Coordinator:
         self.registry.close()
 
     # -- the roster (the TC operator's) ---------------------------------------------------
-    def roster_entries(self) -> list[roster.RosterEntry]:
-        """The manifests' NodeRosters and the operator's `tc roster add` entries."""
-        out = [n for r in self.rosters for n in r.nodes]
-        out += [roster.RosterEntry(row["ek"], row["site"], row["name"], row["capacity"]) for row in self.registry.roster()]
+    def roster_entries(self, eks: tuple[str, ...] | None = None) -> list[roster.RosterEntry]:
+        """The manifests' NodeRosters and the operator's `tc roster add` entries; eks: only the
+        entries for these EK names (a decision about one node reads its own, not the fleet's)."""
+        out = [n for r in self.rosters for n in r.nodes if eks is None or n.ek in eks]
+        out += [roster.RosterEntry(row["ek"], row["site"], row["name"], row["capacity"])
+                for row in self.registry.roster(eks)]
         return out
 
     def roster_add(self, ek: str, site: str, name: str | None = None, capacity: int | None = None) -> roster.RosterEntry:
@@ -139,14 +160,16 @@ class Coordinator:
                                                 "the TC's manifests")
         return self.registry.roster_remove(ek, audit.entry("roster.remove", ek=ek))
 
-    def _roster_of(self, node: str, claimed_site: str | None) -> tuple[roster.RosterEntry | None, list[tuple[str, str]]]:
-        """The roster entry for node's enrolled EK, or the roster's objection."""
-        known = self.registry.identity(node)
+    def _roster_of(self, node: str, claimed_site: str | None, known: dict[str, Any] | None = None,
+                   ) -> tuple[roster.RosterEntry | None, list[tuple[str, str]]]:
+        """The roster entry for node's enrolled EK, or the roster's objection. known: node's
+        identity row when the caller has read it already."""
+        known = self.registry.identity(node) if known is None else known
         if known is None:
             return None, []
         identities = roster.enrolled_identities(known)
         try:
-            entry = roster.check(self.roster_entries(), node, identities, None)
+            entry = roster.check(self.roster_entries(identities), node, identities, None)
         except Refused as exc:
             return None, [(exc.reason, str(exc))]
         if claimed_site is not None and claimed_site != entry.site:  # the claim is wrong; the roster still places it
@@ -154,24 +177,31 @@ class Coordinator:
                                                      f"in site {entry.site!r}")]
         return entry, []
 
+    def _standing(self, node: str) -> Standing:
+        """What the TC's records say of node's identity: its enrolled EK and its roster entry."""
+        known = self.registry.identity(node)
+        entry, failures = self._roster_of(node, None, known) if known is not None else (None, [])
+        return Standing(known, entry, failures)
+
     def rollout_identity(self, node: str) -> tuple[str | None, tuple[str, ...]]:
         """How a candidate's rollout may name node, from the TC's records only: its enrolled EK's
         fingerprints, and its name only where the roster gives the EK that name (an unnamed
         roster entry's node is named by the engine at enrollment, which proves nothing)."""
-        known = self.registry.identity(node)
-        if known is None:
-            return None, ()
-        entry, failures = self._roster_of(node, None)
-        named = node if entry is not None and not failures and entry.name == node else None
-        return named, roster.enrolled_identities(known)
+        return self._standing(node).rollout_identity(node)
 
-    def baseline(self) -> references.Baseline:
-        """The reference values as the manifests stand now, for decisions after the verdict."""
-        return references.Baseline(self.builds, self.platforms, self.rollout_identity)
+    def baseline(self, standing: Callable[[str], Standing] | None = None) -> references.Baseline:
+        """The reference values as the manifests stand now, for decisions after the verdict.
+        standing: how to read a node's standing (one decision reads it once: _decision_standing)."""
+        look = standing or self._standing
+        return references.Baseline(self.builds, self.platforms, lambda node: look(node).rollout_identity(node))
 
-    def capacity(self, node: str) -> int | None:
+    def _decision_standing(self) -> Callable[[str], Standing]:
+        """A node's standing read once per decision, however many of its checks ask."""
+        return functools.lru_cache(maxsize=4)(self._standing)
+
+    def capacity(self, node: str, standing: Callable[[str], Standing] | None = None) -> int | None:
         """How many VMs the roster lets node run (None: the roster declares no limit)."""
-        entry, _ = self._roster_of(node, None)
+        entry = (standing or self._standing)(node).entry
         return entry.capacity if entry else None
 
     # -- enrollment -----------------------------------------------------------------------
@@ -195,7 +225,7 @@ class Coordinator:
                              ssh_host_key: str, site: str | None = None, address: str = "") -> enrollment.Challenge | None:
         """A credential challenge, or None: node is enrolled with this TPM already (a no-op)."""
         with self._refusals("enrollment", node):
-            return enrollment.begin(self.registry, self.perimeter, self.roster_entries(), node, ek_certificate, ek_public,
+            return enrollment.begin(self.registry, self.perimeter, self.roster_entries, node, ek_certificate, ek_public,
                                     ak_public, ssh_host_key, site, address)
 
     def enrollment_finish(self, node: str, answer: bytes) -> dict[str, Any]:
@@ -249,7 +279,7 @@ class Coordinator:
                 return earlier  # the same evidence again (a retry whose answer was lost): its verdict, no new one
         known = self.registry.identity(node)
         last = self.registry.attestations(node, limit=1, trusted_only=True)
-        entry, roster_failures = self._roster_of(node, site)
+        entry, roster_failures = self._roster_of(node, site, known)
         verdict = verifier.verify(evidence, self.perimeter, self.builds, known, entry.site if entry else None, address,
                                   last[0] if last else None, roster_failures, self.platforms,
                                   node if entry is not None and entry.name == node else None)
@@ -334,13 +364,15 @@ class Coordinator:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
         request = self.registry.request(request_id)
         vm_id = request["vm_id"] if request else None
+        standing = self._decision_standing()
         with self._refusals("key-release", node, vm_id):
             release = keybroker.release(
-                self.registry, self.identity(), self.perimeter, self.baseline(), request_id, node, self.capacity(node),
+                self.registry, self.identity(), self.perimeter, self.baseline(standing), request_id, node,
+                self.capacity(node, standing),
                 lambda att, cert, ticket: audit.entry("key-release", node, vm_id, request=request_id,
                                                       attestation=att["id"], certificate_serial=cert["serial"],
                                                       ticket=ticket),
-                self.expire_releases)
+                self.expire_releases, request)
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
                 "ticket": release["ticket"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}
@@ -418,9 +450,10 @@ class Coordinator:
         with self._refusals("migration", destination, vm["vm_id"]):
             if source is None:
                 raise Refused("migrate.source-unknown", f"{vm['node']} holds no trusted key the TC certified")
+            standing = self._decision_standing()
             latest, certificate, rewrapped = keybroker.rewrap_for(
-                self.registry, self.identity(), self.perimeter, self.baseline(), request, destination,
-                self.capacity(destination), tickets.label("migrate-in", "kvm", vm["vm_id"], customer_id, in_id))
+                self.registry, self.identity(), self.perimeter, self.baseline(standing), request, destination,
+                self.capacity(destination, standing), tickets.label("migrate-in", "kvm", vm["vm_id"], customer_id, in_id))
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
@@ -585,8 +618,9 @@ class Coordinator:
         vm = self.registry.vm(vm_name)
         with self._refusals("resume", node, vm["vm_id"] if vm else None):
             target = node or None
-            return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.baseline(), vm_name, target,
-                                            self.capacity(target) if target else None)
+            standing = self._decision_standing()
+            return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.baseline(standing), vm_name,
+                                            target, self.capacity(target, standing) if target else None)
 
     def resume_end(self, suspension_id: int, evidence: dict[str, Any]) -> dict[str, Any]:
         """The VM runs again, on the resume node's TPM evidence."""
@@ -624,8 +658,8 @@ class Coordinator:
         manufacturer = enrollment.check_ek_certificate(self.perimeter, ek_certificate, ek)
         if node is not None:
             try:
-                roster.check(self.roster_entries(), node, roster.ek_identities(enrollment.load_certificate_der(ek_certificate)),
-                             site)
+                identities = roster.ek_identities(enrollment.load_certificate_der(ek_certificate))
+                roster.check(self.roster_entries(identities), node, identities, site)
             except Refused as exc:
                 raise enrollment.EnrollmentRefused(exc.reason, str(exc)) from None
         return {"manufacturer": manufacturer,

@@ -296,6 +296,14 @@ MIGRATIONS: list[str] = [
                            attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, last_error TEXT,
                            delivered INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0);
     """,
+    # 19: the hot path's lookups by node (issue 20): a key release or a verdict reads the node's
+    # newest attestation, its certificate and the VMs it runs, which at fleet size must not scan.
+    """
+    CREATE INDEX attestations_node_id ON attestations(node, id);
+    CREATE INDEX certificates_node ON certificates(node, not_after);
+    CREATE INDEX vms_node ON vms(node);
+    CREATE INDEX engines_serial ON engines(serial);
+    """,
 ]
 
 
@@ -447,6 +455,12 @@ PG_MIGRATIONS: list[str] = [
                            last_error TEXT, delivered BIGINT NOT NULL DEFAULT 0, lease_owner TEXT,
                            lease_until DOUBLE PRECISION NOT NULL DEFAULT 0);
     """,
+    """
+    CREATE INDEX attestations_node_id ON attestations(node, id);
+    CREATE INDEX certificates_node ON certificates(node, not_after);
+    CREATE INDEX vms_node ON vms(node);
+    CREATE INDEX engines_serial ON engines(serial);
+    """,
 ]
 
 
@@ -581,8 +595,13 @@ class Registry:
         return True
 
     # -- the roster -----------------------------------------------------------------------
-    def roster(self) -> list[dict[str, Any]]:
-        return self._all("SELECT * FROM roster ORDER BY site, name, ek")
+    def roster(self, eks: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The operator's roster entries; eks: only those for these EK names (a decision's lookup)."""
+        if eks is None:
+            return self._all("SELECT * FROM roster ORDER BY site, name, ek")
+        if not eks:
+            return []
+        return self._all(f"SELECT * FROM roster WHERE ek IN ({', '.join('?' * len(eks))}) ORDER BY site, name, ek", eks)
 
     def roster_add(self, ek: str, site: str, name: str | None, capacity: int | None, audit: Audit = None) -> None:
         try:
@@ -971,9 +990,12 @@ class Registry:
         return self._one("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
                          (name_or_id, name_or_id))
 
-    def vms(self, include_destroyed: bool = False) -> list[dict[str, Any]]:
-        query = "SELECT * FROM vms" + ("" if include_destroyed else " WHERE state != 'destroyed'") + " ORDER BY name"
-        return self._all(query)
+    def vms(self, include_destroyed: bool = False, node: str | None = None) -> list[dict[str, Any]]:
+        """node: only those the registry places on node (what a placement decision weighs)."""
+        query = "SELECT * FROM vms WHERE 1=1" + ("" if include_destroyed else " AND state != 'destroyed'")
+        if node is not None:
+            return self._all(query + " AND node = ? ORDER BY name", (node,))
+        return self._all(query + " ORDER BY name")
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
