@@ -98,6 +98,14 @@ def test_the_accelerator_is_what_the_environment_says_or_tcg_once_kvm_failed(tmp
     assert "KVM internal error" in (tmp_path / "kvm-unusable").read_text()
 
 
+def test_a_kvm_that_cannot_run_ovmf_is_recognized_by_what_qemu_says():
+    assert realboot.kvm_failure("KVM internal error. Suberror: 1\nemulation failure") == "KVM internal error"
+    smm = ("qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]\n"
+           "qemu-system-x86_64: System Management Mode not supported by this hypervisor.")
+    assert realboot.kvm_failure(smm) == "System Management Mode not supported by this hypervisor"
+    assert realboot.kvm_failure("qemu-system-x86_64: -drive file=x: Could not open 'x'") is None
+
+
 def test_real_boot_nodes_are_planned_in_site_1_after_the_others_on_their_own_model_and_build():
     from tccdeploy.lab import realnodes
     from tccdeploy.lab.lab import plan

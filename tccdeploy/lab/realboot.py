@@ -48,7 +48,9 @@ OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SYSTEMD_BOOT_EFI = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 QEMU = "qemu-system-x86_64"
-KVM_FAILURE = "KVM internal error"
+# What QEMU says when this host's KVM cannot run OVMF: a guest paused on an internal error (a
+# nested KVM without unrestricted guest), or QEMU gone at once (a nested KVM without SMM).
+KVM_FAILURES = ("KVM internal error", "System Management Mode not supported by this hypervisor")
 KVM_PROBE_SECONDS = 5.0  # OVMF fails under KVM here within the first second
 Progress = Callable[[str], None]
 
@@ -313,13 +315,17 @@ class Machine:
         qemu, tpm = self._start(accel)
         if accel == "kvm":
             deadline = time.monotonic() + KVM_PROBE_SECONDS
-            while time.monotonic() < deadline and qemu.poll() is None:
-                if KVM_FAILURE in _read(self.path("qemu.log")):  # QEMU pauses the guest and waits
+            while time.monotonic() < deadline:
+                exited = qemu.poll() is not None
+                failure = kvm_failure(_read(self.path("qemu.log")))
+                if failure:
                     procs.stop([qemu.pid, tpm.pid])
                     _remember_kvm_unusable(_read(self.path("qemu.log")))
                     if progress:
-                        progress(f"warning: KVM cannot run OVMF here ({KVM_FAILURE}); booting under TCG (slower)")
+                        progress(f"warning: KVM cannot run OVMF here ({failure}); booting under TCG (slower)")
                     return self._start("tcg")
+                if exited:
+                    break
                 time.sleep(0.2)
         return qemu, tpm
 
@@ -332,6 +338,11 @@ class Machine:
             procs.stop([tpm.pid])
             raise LabError(f"swtpm did not start: {_read(self.path('swtpm.out'))[-300:]}")
         return procs.spawn(self.qemu_argv(accel), self.path("qemu.log")), tpm
+
+
+def kvm_failure(log: str) -> str | None:
+    """Which of KVM_FAILURES QEMU's log shows (None: none)."""
+    return next((f for f in KVM_FAILURES if f in log), None)
 
 
 def accelerator() -> str:

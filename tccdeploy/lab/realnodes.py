@@ -225,7 +225,9 @@ def boot(lab: Lab, nodes: list[Node]) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while UP_MARKER not in m.console_text():
             if qemu.poll() is not None:
-                raise LabError(f"{node.name} stopped while booting; console: {m.console_text()[-600:]!r}")
+                raise LabError(f"{node.name} stopped while booting (QEMU exit {qemu.returncode}: "
+                               f"{realboot._read(m.path('qemu.log')).strip()[-400:] or 'no message'}); console: "
+                               f"{m.console_text()[-600:]!r}")
             if time.monotonic() > deadline:
                 raise LabError(f"{node.name} did not boot in {BOOT_TIMEOUT:.0f} s; console: "
                                f"{m.console_text()[-600:]!r}")
