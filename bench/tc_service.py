@@ -7,8 +7,11 @@ the evidence (a software AK's quote over the lab boot's PCRs and its TCG log) an
 verdict, which the TC records with the audit entry. A key release is the TC checking the node
 is admitted, freshly trusted and certified, unwrapping the request's Kvm with its RSA-3072 key
 and re-wrapping it to the node's key, recording the release once, with its audit entry. 32
-software nodes; each of 32 client threads works for its node --ops times. Figures: operations
-per second, and the p50/p99 latency of one operation. The PostgreSQL server and `tc serve` are real processes
+software nodes; each of 32 client threads works for its node --ops times, on one connection it
+opened (and handshook) before the clock starts, as an engine keeps its connection. On PostgreSQL
+a third row runs two `tc serve` replicas on the one database, the clients spread over them.
+Figures: operations per second, and the p50/p99 latency of one operation. The clients share
+this machine's cores with the TC. The PostgreSQL server and `tc serve` are real processes
 started here and stopped by PID.
 Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 50]
 """
@@ -161,6 +164,20 @@ def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ign
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
 
 
+def remote_clients(services: list[Service]):  # type: ignore[no-untyped-def]
+    """A client per thread, the threads spread over the replicas in turn (what a balancer in
+    front of them, or engines each given one, would do)."""
+    turn = iter(range(1 << 30))
+    lock = threading.Lock()
+
+    def make() -> RemoteCoordinator:
+        with lock:
+            service = services[next(turn) % len(services)]
+        return RemoteCoordinator(service.url, str(services[0].engine_dir))
+
+    return make
+
+
 def verdicts(make_tc, nodes: dict[str, Node], ops: int) -> dict:  # type: ignore[no-untyped-def]
     def attest(tc, name: str, node: Node) -> str | None:  # type: ignore[no-untyped-def]
         verdict, _ = tc.verify(name, SITE, ADDRESS, node.evidence(tc.nonce(name)))
@@ -183,7 +200,8 @@ def measure(clients: int, ops: int) -> dict:
     folders = []
     try:
         for database in ["sqlite", "postgresql"] if pg else ["sqlite"]:
-            for mode in ("embedded", "served"):
+            for mode in ("embedded", "served", "2 replicas") if database == "postgresql" else ("embedded", "served"):
+                replicas = 2 if mode == "2 replicas" else 1
                 state = Path(tempfile.mkdtemp(prefix="tccdeploy-bench-tc-"))
                 folders.append(state)
                 location = pg.new_database() if database == "postgresql" and pg else str(state / "registry.sqlite")
@@ -198,15 +216,17 @@ def measure(clients: int, ops: int) -> dict:
                     finally:
                         shared.close()
                 else:
-                    service = Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None)
+                    services = [Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None)]
                     try:
+                        services += [Service(state, str(ROOT / "examples"), registry=location, setup=False)
+                                     for _ in range(replicas - 1)]
                         nodes = enroll(location, clients)
                         releases = prepare_releases(location, str(state), manifests, clients, ops)
-                        remote = lambda service=service: RemoteCoordinator(service.url, str(service.engine_dir))  # noqa: E731
-                        result = verdicts(remote, nodes, ops)
-                        released = releases_timed(remote, releases)
+                        result = verdicts(remote_clients(services), nodes, ops)
+                        released = releases_timed(remote_clients(services), releases)
                     finally:
-                        service.stop()
+                        for service in services:
+                            service.stop()
                 rows.append({"mode": mode, "database": database, "operation": "verdict", **result})
                 rows.append({"mode": mode, "database": database, "operation": "key release", **released})
                 print(f"  {mode:<8} {database:<10} verdicts {result}; key releases {released}", file=sys.stderr, flush=True)
@@ -228,12 +248,16 @@ def main() -> int:
     if args.json:
         print(json.dumps({"benchmark": "tc_service", **result}))
         return 0
-    print(f"{args.clients} concurrent clients x {args.ops} operations each:")
+    print(f"{args.clients} concurrent clients x {args.ops} operations each (2 replicas: two `tc serve` on one PostgreSQL, "
+          "the clients spread over them):")
     base = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "embedded"}
     for r in result["rows"]:
         ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]
         print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
               f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded)")
+    served = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "served"}
+    for r in [r for r in result["rows"] if r["mode"] == "2 replicas"]:
+        print(f"  2 replicas / 1: {r['operation']}s {r['ops_per_s'] / served[(r['database'], r['operation'])]['ops_per_s']:.2f}x")
     return 0
 
 

@@ -168,7 +168,7 @@ def test_an_entry_carrying_hostile_values_is_stored_as_it_was_hashed(location, t
         registry.close()
 
 
-HOT_PATH_INDEXES = {"attestations_node_id", "certificates_node", "vms_node", "engines_serial"}
+HOT_PATH_INDEXES = {"nonces_expires", "attestations_node_id", "certificates_node", "vms_node", "engines_serial"}
 
 
 def test_the_hot_path_lookups_by_node_have_their_indexes(location):
@@ -181,6 +181,9 @@ def test_the_hot_path_lookups_by_node_have_their_indexes(location):
             plan = " ".join(str(r["detail"]) for r in registry.backend.query(
                 "EXPLAIN QUERY PLAN SELECT * FROM attestations WHERE node = ? ORDER BY id DESC LIMIT ?", ("n1", 1)))
             assert "attestations_node_id" in plan and "TEMP B-TREE" not in plan, plan  # no sort of the node's history
+            plan = " ".join(str(r["detail"]) for r in registry.backend.query(
+                "EXPLAIN QUERY PLAN DELETE FROM nonces WHERE expires < ?", (0,)))
+            assert "nonces_expires" in plan, plan  # each nonce issued purges the expired: not by a scan
         else:
             names = {r["indexname"] for r in registry.backend.query("SELECT indexname FROM pg_indexes")}
         assert HOT_PATH_INDEXES <= names

@@ -296,9 +296,11 @@ MIGRATIONS: list[str] = [
                            attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0, last_error TEXT,
                            delivered INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0);
     """,
-    # 19: the hot path's lookups by node (issue 20): a key release or a verdict reads the node's
-    # newest attestation, its certificate and the VMs it runs, which at fleet size must not scan.
+    # 19: the hot path's lookups (issue 20): a key release or a verdict reads the node's newest
+    # attestation, its certificate and the VMs it runs, and every nonce issued purges the expired
+    # ones; at fleet size (10,000 nodes: 600,000 nonces an hour) none of that may scan.
     """
+    CREATE INDEX nonces_expires ON nonces(expires);
     CREATE INDEX attestations_node_id ON attestations(node, id);
     CREATE INDEX certificates_node ON certificates(node, not_after);
     CREATE INDEX vms_node ON vms(node);
@@ -456,6 +458,7 @@ PG_MIGRATIONS: list[str] = [
                            lease_until DOUBLE PRECISION NOT NULL DEFAULT 0);
     """,
     """
+    CREATE INDEX nonces_expires ON nonces(expires);
     CREATE INDEX attestations_node_id ON attestations(node, id);
     CREATE INDEX certificates_node ON certificates(node, not_after);
     CREATE INDEX vms_node ON vms(node);
