@@ -130,6 +130,10 @@ REASONS: dict[str, str] = {
     "receipt.evidence-malformed": "the receipt's launch evidence does not parse",
     "receipt.evidence": "the node's TPM evidence in the receipt does not hold (signature, ticket, PCR, event list)",
     "receipt.evidence-event": "the evidence's last event for the VM is not its launch from this image by this ticket",
+    # -- engines sharing a fleet (node leases) ----------------------------------------------------------
+    "node.leased": "another engine leases the node for its round: that engine quarantines, evacuates or migrates it",
+    "lease.duration": "a node lease asked for no time or longer than a round may last",
+    "lease.too-many": "more nodes in one lease call than the TC takes at once",
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
     "migrate.evidence-event": "the destination's runtime events do not show the VM arrived through this migration's ticket",

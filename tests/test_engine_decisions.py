@@ -211,3 +211,45 @@ def test_repair_rolls_back_a_migration_the_destination_never_finished(fleet):
     assert done["action"] == "rolled back" and done["node"] == "n1"
     assert fleet.where(vm) == ("n1", "running") and fleet.services["n1"].vms[vm.vm_id] == "running"
     assert vm.vm_id not in fleet.services["n2"].vms
+
+
+def test_a_node_another_engine_leases_is_left_to_it_and_the_rest_are_enforced(fleet):
+    """Issue 20: two engines' rounds overlap; the node the other leases is neither attested nor
+    acted on by this one, and this round's leases end with it."""
+    fleet.tc.lease_nodes(["n1"], 120, engine="engine-b")
+    tampered_boot(fleet.services["n1"])
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert report.leased == [{"node": "n1", "engine": "engine-b"}]
+    assert [(r.host, r.status) for r in report.attested] == [("n2", "ok")] and report.quarantined == []
+    assert states(fleet) == {"n1": "admitted", "n2": "admitted"}  # n1 is engine-b's to judge this round
+    assert fleet.tc.registry.lease_of("n2") is None and fleet.tc.registry.lease_of("n1")["engine"] == "engine-b"
+
+
+def test_shards_split_the_fleet_between_engines_without_overlap(make):
+    from tccdeploy.engine.enforce import in_shard, parse_shard
+
+    fleet = make()
+    attested = [sorted(r.host for r in enforce_round(fleet.engine, fleet.tc, shard=(k, 2)).attested) for k in (1, 2)]
+    assert sorted(attested[0] + attested[1]) == ["n1", "n2"] and not set(attested[0]) & set(attested[1])
+    assert attested[0] == [n for n in ("n1", "n2") if in_shard(n, (1, 2))]
+    names = [f"node-{i}" for i in range(1000)]
+    counts = [sum(in_shard(n, (k, 3)) for n in names) for k in (1, 2, 3)]
+    assert sum(counts) == 1000 and min(counts) > 250  # every node in one shard, the shards about even
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0", ""):
+        with pytest.raises(ValueError, match="K/N"):
+            parse_shard(bad)
+
+
+def test_an_evacuation_refused_because_another_engine_leases_the_node_does_not_power_the_vm_off(make):
+    """Fails without the node.leased branch: the evacuation's refusal fell back to powering off
+    the VM that the other engine, holding the node, is handling."""
+    from tccdeploy.engine.enforce import handle_vms
+
+    fleet = make(on_failure="evacuate")
+    vm = fleet.launch("n1")
+    fleet.tc.quarantine("n1", "node.unreachable")
+    fleet.tc.lease_nodes(["n1"], 120, engine="engine-b")
+    (outcome,) = handle_vms(fleet.engine, fleet.tc, "n1", {h.name: h for h in fleet.engine.hosts})
+    assert "left to the engine that leases n1" in outcome["result"]
+    assert fleet.where(vm) == ("n1", "running") and fleet.services["n1"].vms[vm.vm_id] == "running"

@@ -5,6 +5,7 @@ serve` replicas: each has its own connections."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,3 +201,26 @@ def test_a_decision_reads_only_its_own_node_roster_entries(location, tc_identity
         assert registry.roster(()) == [] and len(registry.roster()) == 3
     finally:
         registry.close()
+
+
+def test_a_node_is_leased_to_one_engine_at_a_time_across_processes(location):
+    """Issue 20's engines sharing a fleet: eight asking at once for the same node, one gets it;
+    the holder renews it, nobody else takes it before it runs out, and each ends only its own."""
+    registries = [Registry(location) for _ in range(8)]
+    try:
+        results = race(8, lambda i: registries[i].lease_nodes(f"engine-{i}", ["n1", "n2"], 60))
+        holders = {r["n1"]["engine"] for r in results}  # type: ignore[index]
+        assert len(holders) == 1 and {r["n2"]["engine"] for r in results} == holders  # type: ignore[index]
+        (holder,) = holders
+        other = next(f"engine-{i}" for i in range(8) if f"engine-{i}" != holder)
+        assert registries[0].lease_nodes(other, ["n1"], 60)["n1"]["engine"] == holder
+        assert registries[0].lease_nodes(holder, ["n1"], 120)["n1"]["engine"] == holder  # renewed
+        assert registries[0].release_leases(other, ["n1", "n2"]) == 0 and registries[0].lease_of("n1")["engine"] == holder
+        assert registries[0].release_leases(holder, ["n1"]) == 1 and registries[0].lease_of("n1") is None
+        assert registries[0].lease_nodes(other, ["n1"], 60)["n1"]["engine"] == other  # free again
+        registries[0].lease_nodes(holder, ["n3"], 0.05)
+        time.sleep(0.1)
+        assert registries[0].lease_of("n3") is None and registries[0].lease_nodes(other, ["n3"], 60)["n3"]["engine"] == other
+    finally:
+        for r in registries:
+            r.close()

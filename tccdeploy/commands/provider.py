@@ -451,10 +451,15 @@ def cmd_enforce(args: argparse.Namespace) -> int:
 
     from .. import logs
     from ..coordinator.client import TCUnavailable
-    from ..engine.enforce import enforce_round
+    from ..engine.enforce import enforce_round, parse_shard
     from ..engine.runner import Engine
     from .engine import _logging, load, select
 
+    try:
+        shard = parse_shard(args.shard) if args.shard else None
+    except ValueError as exc:
+        print(f"tccdeploy enforce: {exc}", file=sys.stderr)
+        return 1
     _logging(args.verbose)
     logs.configure(args.log_format)
     stopping = {"now": False}
@@ -472,7 +477,7 @@ def cmd_enforce(args: argparse.Namespace) -> int:
                 interval = args.interval or coordinator.enforce_interval()
                 with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
                             state=args.state) as engine:
-                    report = enforce_round(engine, coordinator)
+                    report = enforce_round(engine, coordinator, shard=shard)
             finally:
                 coordinator.close()
         except TCUnavailable as exc:
@@ -516,6 +521,10 @@ def print_round(number: int, report: Report) -> None:
           f"{len(report.quarantined)} quarantined in {report.elapsed:.2f} s", flush=True)
     for q in report.quarantined:
         print(f"  quarantined {q['node']}: {q['reason']}")
+    if report.leased:
+        print(f"  left {len(report.leased)} node(s) to the engines that lease them: "
+              + ", ".join(f"{x['node']} ({x['engine']})" for x in report.leased[:10])
+              + (" ..." if len(report.leased) > 10 else ""))
     for vm in report.vms:
         print(f"  VM {vm['vm']} on {vm['node']}: {vm['result']}", flush=True)
 
@@ -714,10 +723,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "with a fresh nonce; a failure (changed boot, revoked build, outside the perimeter, or\n"
                                    "unreachable past the grace period) quarantines it: certificate revoked, no key released,\n"
                                    "its VMs handled by the perimeter's onFailure policy. SIGTERM ends it after the round.\n\n"
+                                   "Several engines can share a fleet: each with its own engine certificate and a shard,\n"
+                                   "  tccdeploy enforce -i inv/ --tc URL --shard 1/2     (on one machine)\n"
+                                   "  tccdeploy enforce -i inv/ --tc URL --shard 2/2     (on another)\n"
+                                   "Each round leases its nodes from the TC; a node another engine leases is left to it.\n\n"
                                    "exit status (--once): 0 all trusted, 2 a node was quarantined, 1 error")
     common(p)
     p.add_argument("--interval", type=float, help="seconds between rounds (default: the perimeter's intervalSeconds)")
     p.add_argument("--once", action="store_true", help="one round, then exit")
+    p.add_argument("--shard", metavar="K/N",
+                   help="enforce only shard K of N (the admitted nodes whose name hashes there), for N engines "
+                        "sharing the fleet")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: each round and each message as one JSON object per line (time, level, event, message, "
                         "the round's figures), for a log pipeline (default text)")

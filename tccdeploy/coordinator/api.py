@@ -262,6 +262,10 @@ class Api:
             ("GET", "/v1/nodes/{name}", "one node and its attestation history", None, True, self.node),
             ("POST", "/v1/nodes/{name}/quarantine", "quarantine a node (its certificate revoked)", "Quarantine", True,
              self.quarantine),
+            ("POST", "/v1/leases", "lease nodes to the calling engine for its round (engines sharing a fleet)",
+             "NodeLeases", True, self.lease_nodes),
+            ("POST", "/v1/leases/end", "end the calling engine's leases on nodes", "NodeLeasesEnd", True,
+             self.release_leases),
         ]
 
     # -- plumbing --------------------------------------------------------------------------
@@ -629,7 +633,7 @@ class Api:
 
     async def migration_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.migration_begin, b["vm"], b["destination"])
+        return await run_in_threadpool(self.tc.migration_begin, b["vm"], b["destination"], request.state.engine)
 
     async def migration_end(self, request: Request) -> dict[str, Any]:
         b = request.state.body
@@ -666,5 +670,13 @@ class Api:
 
     async def quarantine(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
-        changed = await run_in_threadpool(self.tc.quarantine, name, request.state.body["reason"])
+        changed = await run_in_threadpool(self.tc.quarantine, name, request.state.body["reason"], request.state.engine)
         return {"node": name, "quarantined": changed}
+
+    async def lease_nodes(self, request: Request) -> dict[str, Any]:
+        b = request.state.body
+        return await run_in_threadpool(self.tc.lease_nodes, b["nodes"], float(b["seconds"]), request.state.engine)
+
+    async def release_leases(self, request: Request) -> dict[str, Any]:
+        ended = await run_in_threadpool(self.tc.release_leases, request.state.body["nodes"], request.state.engine)
+        return {"ended": ended}

@@ -179,6 +179,12 @@ class RemoteCoordinator:
     def quarantine(self, node: str, reason: str) -> bool:
         return bool(self._call("POST", f"/v1/nodes/{node}/quarantine", {"reason": reason})["quarantined"])
 
+    def lease_nodes(self, nodes: list[str], seconds: float) -> dict[str, Any]:
+        return self._call("POST", "/v1/leases", {"nodes": nodes, "seconds": seconds})  # type: ignore[no-any-return]
+
+    def release_leases(self, nodes: list[str]) -> int:
+        return int(self._call("POST", "/v1/leases/end", {"nodes": nodes})["ended"])
+
     def nodes(self) -> list[NodeRecord]:
         return [NodeRecord.from_row(row) for row in self._call("GET", "/v1/nodes")]
 

@@ -45,6 +45,9 @@ from .refusals import Refused
 from .store import Conflict, Registry, RegistryError
 
 REGISTRY_FILE = "registry.sqlite"
+LOCAL_ENGINE = "local"  # the engine an embedded TC serves (a served TC names each by its certificate)
+LEASE_MAX = 600.0  # seconds: a node lease covers one enforcement round
+LEASE_BATCH = 20_000  # nodes leased or released in one call
 REGISTRY_ENV = "TCCDEPLOY_REGISTRY"
 
 
@@ -314,8 +317,39 @@ class Coordinator:
                                 row["pcr_digest"], row["reset_count"], row["restart_count"],
                                 row["platform"]), int(row["id"])
 
-    def quarantine(self, node: str, reason: str) -> bool:
-        return self.registry.quarantine(node, audit.entry("quarantine", node, reason=reason))
+    def quarantine(self, node: str, reason: str, engine: str = LOCAL_ENGINE) -> bool:
+        """An engine's quarantine (unreachable past the grace period, not in its inventory);
+        node.leased while another engine leases node for its round."""
+        with self._refusals("quarantine", node):
+            try:
+                return self.registry.quarantine(node, audit.entry("quarantine", node, reason=reason, engine=engine),
+                                                engine)
+            except Conflict as exc:
+                raise Refused(exc.reason, str(exc)) from None
+
+    # -- node leases (engines sharing the fleet) ----------------------------------------------
+    def lease_nodes(self, nodes: list[str], seconds: float, engine: str = LOCAL_ENGINE) -> dict[str, Any]:
+        """Lease nodes to engine for its round: {"granted": {node: until}, "held": {node: {engine,
+        until}}} (held: another engine's lease stands). Leases coordinate engines; they decide no
+        trust (a failed verdict quarantines a node whoever leases it)."""
+        if not 0 < seconds <= LEASE_MAX:
+            raise Refused("lease.duration", f"a lease lasts more than 0 and at most {LEASE_MAX:g} s (a round's); "
+                                            f"asked {seconds:g} s")
+        if len(nodes) > LEASE_BATCH:
+            raise Refused("lease.too-many", f"at most {LEASE_BATCH} nodes a call; asked {len(nodes)}")
+        out: dict[str, Any] = {"granted": {}, "held": {}}
+        for node, lease in self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds).items():
+            if lease["engine"] == engine:
+                out["granted"][node] = lease["until"]
+            else:
+                out["held"][node] = {"engine": lease["engine"], "until": lease["until"]}
+        return out
+
+    def release_leases(self, nodes: list[str], engine: str = LOCAL_ENGINE) -> int:
+        """End engine's own leases on nodes (its round is over); another engine's stay."""
+        if len(nodes) > LEASE_BATCH:
+            raise Refused("lease.too-many", f"at most {LEASE_BATCH} nodes a call; asked {len(nodes)}")
+        return self.registry.release_leases(engine, list(dict.fromkeys(nodes)))
 
     # -- admission ------------------------------------------------------------------------
     def admission_challenge(self, node: str, attestation_id: int, tk_public: bytes, certify_attest: bytes,
@@ -429,13 +463,13 @@ class Coordinator:
                 raise Refused(exc.reason, str(exc)) from None
 
     # -- migration ------------------------------------------------------------------------
-    def migration_begin(self, vm_name: str, destination: str) -> dict[str, Any]:
+    def migration_begin(self, vm_name: str, destination: str, engine: str = LOCAL_ENGINE) -> dict[str, Any]:
         """Check the destination is trusted now and meets the VM's constraints, record the
         migration, and issue its two tickets: a fresh Kmig made here, wrapped to the source's TK
         (migrate-out, naming the destination the TC chose) and to the destination's with Kvm
         (migrate-in, naming the source). Only the two TVMM services can open them, so only the
         source can make the stream and only the destination read it. Refused for a destination
-        that does not qualify, whoever asks."""
+        that does not qualify, whoever asks. node.leased while another engine leases the VM's node."""
         vm = self.registry.vm(vm_name)
         if vm is None or vm["node"] is None:
             raise Refused("migrate.unknown-vm", f"no VM {vm_name!r}")
@@ -457,7 +491,7 @@ class Coordinator:
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
-                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]), (out_id, in_id))
+                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]), (out_id, in_id), engine)
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
         kmig = secrets.token_bytes(32)

@@ -306,6 +306,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX vms_node ON vms(node);
     CREATE INDEX engines_serial ON engines(serial);
     """,
+    # 20: node leases (issue 20): engines sharing a fleet each lease the nodes of their round, so
+    # two never quarantine, evacuate or migrate the same node at once.
+    """
+    CREATE TABLE node_leases (node TEXT PRIMARY KEY, engine TEXT NOT NULL, until REAL NOT NULL);
+    """,
 ]
 
 
@@ -463,6 +468,11 @@ PG_MIGRATIONS: list[str] = [
     CREATE INDEX certificates_node ON certificates(node, not_after);
     CREATE INDEX vms_node ON vms(node);
     CREATE INDEX engines_serial ON engines(serial);
+    """,
+    # 20: node leases (issue 20): engines sharing a fleet each lease the nodes of their round, so
+    # two never quarantine, evacuate or migrate the same node at once.
+    """
+    CREATE TABLE node_leases (node TEXT PRIMARY KEY, engine TEXT NOT NULL, until DOUBLE PRECISION NOT NULL);
     """,
 ]
 
@@ -798,10 +808,48 @@ class Registry:
         self._audit(db, audit)
         return True
 
-    def quarantine(self, node: str, audit: Audit = None) -> bool:
-        """Revoke the node's certificates and quarantine it; True if it was admitted (one caller wins)."""
+    def quarantine(self, node: str, audit: Audit = None, engine: str | None = None) -> bool:
+        """Revoke the node's certificates and quarantine it; True if it was admitted (one caller wins).
+        engine: the engine asking, refused (Conflict node.leased) while another engine leases node."""
         with self.transaction(serialize=True) as db:
+            if engine is not None:
+                self._not_leased_elsewhere(db, node, engine)
             return self._quarantine(db, node, audit)
+
+    # -- node leases ----------------------------------------------------------------------
+    def lease_nodes(self, engine: str, nodes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
+        """Lease each node to engine for seconds, where no other engine holds a live lease on it
+        (the holder renews its own). Per node: {"engine", "until"} of the lease that stands, the
+        asker's if granted. One conditional upsert a node: two engines asking at once, one wins."""
+        now = time.time()
+        out: dict[str, dict[str, Any]] = {}
+        with self.transaction() as db:
+            for node in nodes:
+                won = db.execute(
+                    "INSERT INTO node_leases (node, engine, until) VALUES (?, ?, ?) ON CONFLICT (node) DO UPDATE SET "
+                    "engine = excluded.engine, until = excluded.until WHERE node_leases.engine = excluded.engine "
+                    "OR node_leases.until <= ? RETURNING engine, until", (node, engine, now + seconds, now)).first()
+                out[node] = won or db.execute("SELECT engine, until FROM node_leases WHERE node = ?", (node,)).first() \
+                    or {"engine": "", "until": 0.0}
+        return out
+
+    def release_leases(self, engine: str, nodes: list[str]) -> int:
+        """End engine's own leases on these nodes (another engine's stay); how many ended."""
+        with self.transaction() as db:
+            return sum(db.execute("DELETE FROM node_leases WHERE node = ? AND engine = ?", (node, engine)).rowcount
+                       for node in nodes)
+
+    def lease_of(self, node: str) -> dict[str, Any] | None:
+        """The live lease on node ({"engine", "until"}), or None."""
+        return self._one("SELECT engine, until FROM node_leases WHERE node = ? AND until > ?", (node, time.time()))
+
+    @staticmethod
+    def _not_leased_elsewhere(db: Any, node: str, engine: str) -> None:
+        held = db.execute("SELECT engine, until FROM node_leases WHERE node = ? AND until > ? AND engine != ?",
+                          (node, time.time(), engine)).first()
+        if held is not None:
+            raise Conflict("node.leased", f"engine {held['engine']} leases {node} for its round (for "
+                                          f"{max(0, held['until'] - time.time()):.0f} s more): that engine acts on it")
 
     def release_node(self, node: str, audit: Audit = None) -> bool:
         """The operator's release of a quarantined node: enrolled again, to be attested and
@@ -1040,9 +1088,13 @@ class Registry:
 
     # -- migrations -------------------------------------------------------------------------
     def start_migration(self, vm_id: str, source: str, destination: str, audit: Audit = None,
-                        tickets: tuple[str, str] | None = None) -> int:
+                        tickets: tuple[str, str] | None = None, engine: str | None = None) -> int:
+        """Record a migration of vm_id from source (one started per VM); engine: the engine asking,
+        refused (Conflict node.leased) while another engine leases the source."""
         try:
             with self.transaction(serialize=True) as db:
+                if engine is not None:
+                    self._not_leased_elsewhere(db, source, engine)
                 if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
                               (vm_id, source)).first() is None:
                     raise Conflict("migrate.unknown-vm", f"VM {vm_id} is not running on {source}")

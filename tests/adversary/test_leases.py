@@ -1,0 +1,81 @@
+"""Issue 20's node leases against a hostile engine (a valid engine certificate, root on its own
+machine): leases coordinate honest engines and must give a hostile one nothing. It cannot keep a
+failing node admitted by holding its lease (the TC's verdict quarantines whoever leases), cannot
+end or take another engine's lease, cannot hold one past a round, and cannot lease in another
+engine's name over HTTPS (the name is its certificate's, not the body's)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import pytest
+
+from tccdeploy.coordinator.refusals import Refused
+from tccdeploy.engine.attestation import attest
+
+from ..conftest import REPO
+from ..enginekit import Fleet, tampered_boot
+from ..tcservice import BIN, Service
+
+
+@pytest.fixture
+def fleet(tmp_path):  # type: ignore[no-untyped-def]
+    made = Fleet(tmp_path / "fleet", ["n1", "n2"], on_failure="evacuate")
+    yield made
+    made.close()
+
+
+def test_holding_every_lease_does_not_keep_a_failing_node_admitted(fleet):
+    fleet.tc.lease_nodes(["n1", "n2"], 600, engine="hostile")
+    tampered_boot(fleet.services["n1"])
+    (result,) = fleet.engine.run(attest(fleet.tc), [h for h in fleet.engine.hosts if h.name == "n1"])
+    assert result.status == "failed"
+    assert fleet.tc.node("n1").state == "quarantined"  # the verdict's own quarantine waits for no lease
+
+
+def test_another_engines_lease_can_be_neither_ended_nor_taken(fleet):
+    fleet.tc.lease_nodes(["n1"], 120, engine="engine-a")
+    assert fleet.tc.release_leases(["n1"], engine="hostile") == 0
+    assert fleet.tc.lease_nodes(["n1"], 120, engine="hostile") == {
+        "granted": {}, "held": {"n1": {"engine": "engine-a", "until": pytest.approx(fleet.tc.registry.lease_of("n1")["until"])}}}
+    with pytest.raises(Refused) as refused:
+        fleet.tc.quarantine("n1", "node.unreachable", engine="hostile")
+    assert refused.value.reason == "node.leased" and fleet.tc.node("n1").state == "admitted"
+    vm = fleet.launch("n1")
+    with pytest.raises(Refused) as refused:
+        fleet.tc.migration_begin(vm.name, "n2", engine="hostile")
+    assert refused.value.reason == "node.leased" and fleet.tc.migrations() == []
+    assert fleet.tc.quarantine("n1", "node.unreachable", engine="engine-a")  # the holder acts
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 601, 1e9, math.inf, math.nan])
+def test_a_lease_of_no_time_or_longer_than_a_round_is_refused(fleet, seconds):
+    with pytest.raises(Refused) as refused:
+        fleet.tc.lease_nodes(["n1"], seconds, engine="hostile")
+    assert refused.value.reason == "lease.duration" and fleet.tc.registry.lease_of("n1") is None
+
+
+def test_over_https_an_engine_leases_in_its_certificates_name_only(tmp_path):
+    service = Service(tmp_path / "tc", str(REPO / "examples"))
+    try:
+        env = dict(os.environ, TCCDEPLOY_STATE=str(service.state))
+        subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "ops2", "-o", str(tmp_path / "ops2")], env=env,
+                       check=True, capture_output=True)
+        second = (str(tmp_path / "ops2" / "engine-cert.pem"), str(tmp_path / "ops2" / "engine-key.pem"))
+        with service.client() as ops, service.client(cert_files=second) as ops2:
+            granted = ops.post("/v1/leases", json={"nodes": ["n1"], "seconds": 60}).json()
+            assert list(granted["granted"]) == ["n1"]
+            claimed = ops2.post("/v1/leases", json={"nodes": ["n1"], "seconds": 60, "engine": "ops"})
+            assert claimed.status_code == 400  # no engine name in the body: it is the certificate's
+            held = ops2.post("/v1/leases", json={"nodes": ["n1"], "seconds": 60}).json()
+            assert held["granted"] == {} and held["held"]["n1"]["engine"] == "ops"
+            refused = ops2.post("/v1/nodes/n1/quarantine", json={"reason": "node.unreachable"})
+            assert refused.status_code == 403 and refused.json()["error"] == "node.leased"
+            assert ops2.post("/v1/leases/end", json={"nodes": ["n1"]}).json() == {"ended": 0}
+            assert ops.post("/v1/leases/end", json={"nodes": ["n1"]}).json() == {"ended": 1}
+            too_long = ops.post("/v1/leases", json={"nodes": ["n1"], "seconds": 3600})
+            assert too_long.status_code == 400
+    finally:
+        service.stop()
