@@ -126,6 +126,19 @@ def test_enforce_once_from_the_command_line(lab: Lab, admitted: str):
     assert "4 admitted node(s) re-attested, 4 trusted, 0 quarantined" in proc.stdout
 
 
+def test_enforce_limited_to_part_of_the_fleet_leaves_the_rest_alone(lab: Lab, admitted: str):
+    """Engines splitting the fleet by patterns (issue 20): the admitted nodes outside this engine's
+    pattern are another engine's, not quarantined as node.not-in-inventory (which they were)."""
+    env = dict(os.environ, TCCDEPLOY_STATE=admitted)
+    proc = subprocess.run([sys.executable, "-m", "tccdeploy", "enforce", "--once", "-i", lab.inventory_dir,
+                           "-m", lab.manifests_dir, "node1,node2"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 admitted node(s) re-attested, 2 trusted, 0 quarantined" in proc.stdout
+    tc = _coordinator(lab, admitted)
+    assert {n.name: n.state for n in tc.nodes()} == dict.fromkeys(("node1", "node2", "node3", "node4"), "admitted")
+    tc.close()
+
+
 def test_the_enforce_loop_runs_rounds_and_stops_cleanly_on_sigterm(lab: Lab, admitted: str):
     import signal
     import time

@@ -475,9 +475,12 @@ def cmd_enforce(args: argparse.Namespace) -> int:
             coordinator = open_tc(args, remote_ok=True)  # manifests re-read each round: a revoked build applies at once
             try:
                 interval = args.interval or coordinator.enforce_interval()
-                with Engine(select(load(args), args.pattern, args.limit), forks=args.forks, timeout=args.timeout,
-                            state=args.state) as engine:
-                    report = enforce_round(engine, coordinator, shard=shard)
+                hosts = select(load(args), args.pattern, args.limit)
+                # A pattern or --limit is this engine's part of the fleet: the admitted nodes outside
+                # it are another engine's, not "not in the inventory".
+                only = {h.name for h in hosts} if args.pattern != "all" or args.limit else None
+                with Engine(hosts, forks=args.forks, timeout=args.timeout, state=args.state) as engine:
+                    report = enforce_round(engine, coordinator, only=only, shard=shard)
             finally:
                 coordinator.close()
         except TCUnavailable as exc:
