@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tc_service import ADDRESS, SITE, remote_clients, roster_ek  # noqa: E402
+from tc_service import ADDRESS, SITE, remote_clients, roster_ek, start_and_time  # noqa: E402
 
 from tccdeploy.coordinator import tpm2  # noqa: E402
 from tccdeploy.coordinator.store import Registry  # noqa: E402
@@ -143,14 +143,7 @@ def one_round(make_tc, nodes: dict[str, Node], clients: int) -> dict:  # type: i
                 latencies.extend(mine)
             tc.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
+    elapsed = start_and_time([threading.Thread(target=client) for _ in range(clients)], start)
     if failures or len(latencies) != len(nodes):
         raise SystemExit(f"{len(failures)} verdicts not trusted, {len(nodes) - len(latencies)} missing: {failures[:3]}")
     latencies.sort()

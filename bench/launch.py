@@ -5,7 +5,7 @@
    start with the LUKS disk opened over QMP; against plain `qemu-system-x86_64` starting the
    same image unencrypted on the same machine (to its QMP 'running').
 2. Sealing throughput: `tccdeploy image seal` of a 256 MiB image against `qemu-img convert`
-   of the same image to plain qcow2.
+   of the same image to a LUKS qcow2 with seal's iteration time (the fair peer) and to plain qcow2.
 3. Upload (--upload-mib, 1024 by default; 4096 for issue 20's figure): an encrypted disk of that
    size into a lab node's TVMM service (`upload_disk`: blocks on the service's session, then the
    node checks its digest) against plain `ssh cat > file` of the same file to the same node.
@@ -14,6 +14,7 @@ Run: .venv/bin/python bench/launch.py [--upload-mib N] [--json]
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -44,6 +45,31 @@ from tccdeploy.manifest.loader import (
 from tccdeploy.tvmm.qmp import QMP  # noqa: E402
 
 REQUEST = "apiVersion: tccdeploy/v1\nkind: PlacementRequest\nmetadata: {{name: {name}}}\nspec: {{image: {image}, vcpus: 1, memoryMiB: 64}}\n"
+
+
+def luks_convert(raw: str, target: str) -> float:
+    """The fair peer of sealing: qemu-img convert to a LUKS qcow2 with seal's own iteration time
+    and hash (the passphrase through a pipe, as seal passes Kvm), with nothing else (no digest,
+    no wrap, no signature); its seconds."""
+    for _attempt in range(10):
+        read_end, write_end = os.pipe()
+        os.write(write_end, base64.b64encode(os.urandom(32)))
+        os.close(write_end)
+        start = time.perf_counter()
+        proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "--object",
+                               f"secret,id=k,file=/dev/fd/{read_end}", "-o",
+                               f"encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time={bundles.LUKS_ITER_TIME_MS},"
+                               f"encrypt.hash-alg={bundles.LUKS_HASH}", raw, target],
+                              pass_fds=(read_end,), capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        os.close(read_end)
+        if proc.returncode == 0:
+            return elapsed
+        if not bundles.pbkdf_flake(proc.returncode, proc.stderr):
+            raise SystemExit(f"qemu-img convert to LUKS failed: {proc.stderr.strip()}")
+        if os.path.exists(target):
+            os.unlink(target)
+    raise SystemExit("qemu-img convert to LUKS kept failing to time its key derivation")
 
 
 def plain_start(disk: str, work: str) -> float:
@@ -107,7 +133,7 @@ def main() -> int:
         Path(work, "tc.pem").write_text(tc_load(state).bundle_pem)
         key, _ = customer.init(os.path.join(work, "customer.pem"))
         tc_keys = bundles.load_tc(os.path.join(work, "tc.pem"))
-        seal_s, convert_s = [], []
+        seal_s, convert_s, luks_s = [], [], []
         for i in range(3):
             start = time.perf_counter()
             bundles.seal(raw, tc_keys, key, os.path.join(work, f"seal{i}"), f"vm{i}")
@@ -115,11 +141,13 @@ def main() -> int:
             start = time.perf_counter()
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(work, f"plain{i}.qcow2")], check=True)
             convert_s.append(time.perf_counter() - start)
+            luks_s.append(luks_convert(raw, os.path.join(work, f"luks{i}.qcow2")))
         lab.up(nodes=1, sites=1, outside=0, lab_index=240)
         manifests = load_manifests([lab.manifests_dir])
         tc = Coordinator.from_manifests(manifests, state)
         tc.add_customer("bench", customer.public_text(key.public_key()))
         ours, plain = [], []
+        steps: list[dict[str, float]] = []
         with Engine(load_inventory(lab.inventory_dir).select("all"), state=state) as engine:
             engine.run(enroll(tc))
             engine.run(attest(tc, admit_nodes=True))
@@ -138,8 +166,9 @@ def main() -> int:
                 launching.upload_disk = pre_uploaded  # the disk is on the node: time the launch itself
                 try:
                     start = time.perf_counter()
-                    launching.launch(engine, tc, envelope, envelope["bundle"])
+                    launched = launching.launch(engine, tc, envelope, envelope["bundle"])
                     ours.append(time.perf_counter() - start)
+                    steps.append(launched.steps)
                 finally:
                     launching.upload_disk = uploaded
                 end_vm(session, tc, descriptor["vm_id"], session.host.name, "destroy")
@@ -154,6 +183,10 @@ def main() -> int:
         "launch_s": round(statistics.median(ours), 3), "plain_qemu_start_s": round(statistics.median(plain), 3),
         "launch_ratio": round(statistics.median(ours) / statistics.median(plain), 1),
         "seal_mib_s": round(size / statistics.median(seal_s), 1), "qemu_img_convert_mib_s": round(size / statistics.median(convert_s), 1),
+        "qemu_img_luks_mib_s": round(size / statistics.median(luks_s), 1),
+        "seal_vs_luks": round(statistics.median(seal_s) / statistics.median(luks_s), 2),
+        # where request -> running goes, median of each step (the node's own steps within "node launch")
+        "launch_steps_s": {name: round(statistics.median(s.get(name, 0.0) for s in steps), 4) for name in steps[0]},
     }
     if sent:
         result.update({"upload_mib": upload_mib, "upload_mib_s": round(upload_mib / sent[0], 1),
@@ -166,8 +199,13 @@ def main() -> int:
     print(f"  tccdeploy (accept, place, re-attest, release, TPM unwrap, QEMU + LUKS)  {result['launch_s']:6.3f} s")
     print(f"  plain qemu-system start of the same image, unencrypted                {result['plain_qemu_start_s']:6.3f} s"
           f"   ratio {result['launch_ratio']}x")
+    print("  its steps (median; 'node: ...' are the TVMM service's own, within 'node launch'):")
+    for name, seconds in result["launch_steps_s"].items():
+        print(f"    {name:<40} {1000 * seconds:8.1f} ms")
     print("sealing a 256 MiB image:")
     print(f"  tccdeploy image seal (LUKS qcow2, digest, wrap, sign)  {result['seal_mib_s']:7.1f} MiB/s")
+    print(f"  qemu-img convert to LUKS qcow2 (the same iteration time) {result['qemu_img_luks_mib_s']:7.1f} MiB/s"
+          f"   seal takes {result['seal_vs_luks']}x its time")
     print(f"  qemu-img convert to plain qcow2                         {result['qemu_img_convert_mib_s']:7.1f} MiB/s")
     if sent:
         print(f"uploading {upload_mib} MiB of ciphertext to a node:")

@@ -123,6 +123,18 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
     return out
 
 
+def start_and_time(threads: list[threading.Thread], start: threading.Barrier) -> float:
+    """Start the client threads, let them go together (each waits at start once ready), and
+    time them until the last ends."""
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - began
+
+
 def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ignore[no-untyped-def]
     """One thread per key of work, each with its own TC client, calling operation(tc, key, item)
     for each of its items (a failure message or None); operations per second and p50/p99."""
@@ -148,14 +160,7 @@ def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ign
         if hasattr(tc, "http"):
             tc.close()
 
-    threads = [threading.Thread(target=client, args=item) for item in work.items()]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
+    elapsed = start_and_time([threading.Thread(target=client, args=item) for item in work.items()], start)
     if failures or len(latencies) != sum(len(v) for v in work.values()):
         raise SystemExit(f"operations failed in the benchmark: {failures[:3]}")
     latencies.sort()

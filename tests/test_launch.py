@@ -94,6 +94,12 @@ def _launch(w, path):  # type: ignore[no-untyped-def]
 def test_a_sealed_image_launches_on_a_trusted_node_and_the_receipt_verifies(lab: Lab, world):
     envelope, result = _launch(world, world.request())
     assert result.node in ("node1", "node2") and result.receipt
+    # where request -> running went (issue 20): the engine's steps, and the real service's own
+    assert list(result.steps)[:7] == ["accept", "placement", "attestation", "upload", "key release", "node launch",
+                                      "node: ticket and disk checks"]
+    assert {"node: TPM unwrap", "node: QEMU start", "node: disk opened, VM running", "node: TPM evidence", "receipt"} \
+        <= set(result.steps) and all(v >= 0 for v in result.steps.values())
+    assert sum(v for k, v in result.steps.items() if k.startswith("node: ")) <= result.steps["node launch"]
     vm = world.tc.registry.vm(envelope["request"]["manifest"]["metadata"]["name"])
     assert vm["state"] == "running" and vm["node"] == result.node
     status = world.engine.session(next(h for h in world.engine.hosts if h.name == result.node)).tvmm(

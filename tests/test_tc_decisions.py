@@ -623,5 +623,22 @@ def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypat
     for name in ("identity", "roster", "request", "image_owner"):
         original = getattr(world.tc.registry, name)
         monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
+    vms_asked: list[object] = []
+    original_vms = world.tc.registry.vms
+    monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(k.get("node")) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")
     assert sorted(reads) == ["identity", "image_owner", "request", "roster"]
+    assert vms_asked == ["n1"]  # the node's own VMs, not the fleet's
+
+
+def test_a_release_handed_another_requests_row_reads_its_own(world):
+    """keybroker.release takes the caller's read of the request only when it is that request's."""
+    from tccdeploy.coordinator import keybroker
+
+    world.node("n1")
+    first, second = world.accepted("acme"), world.accepted("acme")
+    tc = world.tc
+    released = keybroker.release(tc.registry, tc.identity(), tc.perimeter, tc.baseline(), second["id"], "n1",
+                                 None, request=tc.registry.request(first["id"]))
+    assert released["request"]["id"] == second["id"] and released["ticket"]["ticket"]["request"] == second["id"]
+    assert tc.registry.request(first["id"])["state"] == "accepted"

@@ -220,6 +220,7 @@ def cmd_request_submit(args: argparse.Namespace) -> int:
     if args.explain:
         for c in result.candidates:
             print(f"  {c.node:<12} {'eligible' if c.eligible else 'not eligible'}: {', '.join(c.reasons)} (VMs {c.load})")
+        print("  where the time went: " + ", ".join(f"{step} {1000 * seconds:.0f} ms" for step, seconds in result.steps.items()))
     name = envelope["request"]["manifest"]["metadata"]["name"]
     path = args.receipt or f"{name}.receipt.json"
     with open(path, "w") as fh:
@@ -682,7 +683,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "  tccdeploy request submit web.json --tc https://tc:8443 --tc-cert tc.pem")
     q.add_argument("request", metavar="REQUEST")
     q.add_argument("--key", default=default_key(), help="the customer's key (for a YAML request)")
-    q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen")
+    q.add_argument("--explain", action="store_true", help="say why each node was or was not chosen, and where the launch's time went (each step)")
     q.add_argument("--receipt", metavar="FILE", help="where to write the receipt (default VM.receipt.json)")
     q.add_argument("--tc-cert", metavar="TC_CERT", help="customer, with --tc and no -i: the TC certificates you pinned")
     add_tc_args(q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,18 @@ class LaunchResult:
     node: str | None
     candidates: list[Candidate]
     attempts: list[dict[str, str]] = field(default_factory=list)
+    # Where the time went, in seconds, in order: what the engine did and waited for, and inside
+    # the node's launch what the TVMM service reports of its own steps ("node: ...").
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _step(steps: dict[str, float], name: str) -> Iterator[None]:
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        steps[name] = steps.get(name, 0.0) + time.perf_counter() - began
 
 
 def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[str, Any]:
@@ -56,9 +69,13 @@ def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[s
 
 def launch(engine: Engine, coordinator: TC, envelope: dict[str, Any], bundle_dir: str) -> LaunchResult:
     """Place and start the VM a signed request asks for; Refused when it cannot be."""
+    began = time.perf_counter()
     bundle = bundles.load(bundle_dir)  # refused here, before anything goes to a node
     record = coordinator.accept_request(envelope, bundle)
-    return launch_accepted(engine, coordinator, record, bundle_dir, bundle)
+    accepted = time.perf_counter() - began
+    result = launch_accepted(engine, coordinator, record, bundle_dir, bundle)
+    result.steps = {"accept": accepted, **result.steps}
+    return result
 
 
 def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bundle_dir: str,
@@ -69,14 +86,17 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         bundle = bundles.load(bundle_dir)
         if bundle["descriptor"]["vm_id"] != record["vm_id"] or bundle["descriptor"]["disk"]["sha256"] != record["image_sha256"]:
             raise Refused("request.image", f"{bundle_dir} is not the image request {record['id']} names")
-    hosts = {h.name: h for h in engine.hosts}
-    capacities = {name: int(h.vars.get("tcc_capacity", 4)) for name, h in hosts.items()}
-    nodes = [n for n in coordinator.nodes() if n.name in hosts]
-    candidates = rank(record["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, record["customer"])
-    result = LaunchResult(None, None, candidates)
+    steps: dict[str, float] = {}
+    with _step(steps, "placement"):
+        hosts = {h.name: h for h in engine.hosts}
+        capacities = {name: int(h.vars.get("tcc_capacity", 4)) for name, h in hosts.items()}
+        nodes = [n for n in coordinator.nodes() if n.name in hosts]
+        candidates = rank(record["spec"], nodes, coordinator.vms(), capacities, coordinator.builds, record["customer"])
+    result = LaunchResult(None, None, candidates, steps=steps)
     for candidate in (c for c in candidates if c.eligible):
         host = hosts[candidate.node]
-        check = engine.run(attest(coordinator), [host])[0]  # a fresh verdict, never a cached one
+        with _step(steps, "attestation"):
+            check = engine.run(attest(coordinator), [host])[0]  # a fresh verdict, never a cached one
         if check.status not in ("ok", "changed"):
             result.attempts.append({"node": candidate.node, "reason": check.reason or "attestation failed"})
             continue
@@ -84,19 +104,27 @@ def launch_accepted(engine: Engine, coordinator: TC, record: dict[str, Any], bun
         descriptor = bundle["descriptor"]
         try:
             # The ciphertext first, the key after: a ticket lives minutes, an upload may take longer.
-            upload_disk(session, record["vm_id"], os.path.join(bundle_dir, descriptor["disk"]["file"]), record["image_sha256"])
+            with _step(steps, "upload"):
+                upload_disk(session, record["vm_id"], os.path.join(bundle_dir, descriptor["disk"]["file"]),
+                            record["image_sha256"])
             try:
-                release = coordinator.release_key(record["id"], candidate.node)
+                with _step(steps, "key release"):
+                    release = coordinator.release_key(record["id"], candidate.node)
             except Refused:
                 with contextlib.suppress(RemoteError):  # the unused copy goes; the refusal is the news
                     session.tvmm("migrate_in_discard", {"vm_id": record["vm_id"]})
                 raise
-            status = session.tvmm("launch", {"ticket": release["ticket"]}, timeout=120)
+            with _step(steps, "node launch"):
+                status = session.tvmm("launch", {"ticket": release["ticket"]}, timeout=120)
+            for name, seconds in (status.get("timings") or {}).items():
+                if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                    steps[f"node: {name}"] = float(seconds)  # the service's own account, for the breakdown only
         except RemoteError as exc:
             coordinator.fail_request(record["id"])
             raise Refused("launch.node", f"{candidate.node} could not start the VM: {exc}") from None
         try:
-            result.receipt = coordinator.record_launch(release, candidate.node, status)
+            with _step(steps, "receipt"):
+                result.receipt = coordinator.record_launch(release, candidate.node, status)
         except Refused:
             # The TC did not believe the launch (its evidence did not hold): the VM must not run
             # unrecorded. Stop it and give its disk up; the request is failed.

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..crypto.files import durable_remove, sha256_file
+from ..crypto.files import durable_remove
 from ..crypto.ticket import label as ticket_label
 from ..node.protocol import Incoming, Outgoing
 from . import runtime, tickets
@@ -35,6 +35,7 @@ from .vm import (
     _kill,
     _pid,
     clear_migration,
+    digest_of,
     keep_wrapped_key,
     lend_secret,
     mark_migration,
@@ -185,7 +186,7 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
         raise ServiceError("tvmm.vm-running", "the VM already runs here")
     if pending_migration(vm_id) is not None:
         raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
-    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
+    if digest_of(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
     tickets.spend(body)
     mark_migration(vm_id, body["migration"], "destination")

@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any
 
-from ..crypto.files import atomic_write, durable_replace, sha256_file
+from ..crypto.files import atomic_write, durable_replace
 from ..crypto.ticket import label as ticket_label
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
@@ -33,6 +33,7 @@ from .vm import (
     WRAPPED_KEY_FILE,
     _kill,
     _pid,
+    digest_of,
     keep_wrapped_key,
     pending_migration,
     receive_into,
@@ -99,7 +100,7 @@ def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
             pass
-    digest = sha256_file(os.path.join(directory, STATE_FILE))
+    digest = digest_of(os.path.join(directory, STATE_FILE))
     evidence = runtime.record(body["runtime_pcr"], {
         "event": "suspended", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
         "state_sha256": digest}, body["id"])
@@ -140,9 +141,9 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
     if key in _resumed():
         raise ServiceError("tvmm.resumed", f"suspension {body['suspension']} of this VM was resumed here already")
     disk = os.path.join(directory, DISK)
-    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
+    if digest_of(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
-    if not os.path.exists(state) or sha256_file(state) != body["state_sha256"]:
+    if digest_of(state) != body["state_sha256"]:
         raise ServiceError("tvmm.no-state", "the VM's saved state is missing here or is not the one the TC recorded")
     tickets.spend(body)
     ksus = tk_decrypt(base64.b64decode(body["ksus"]), ticket_label("resume", "ksus", vm_id, body["customer"], body["id"]))

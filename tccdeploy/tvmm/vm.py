@@ -11,6 +11,7 @@ inputs), so the engine cannot add a monitor, a debugger or a device to a VM whos
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -53,6 +54,35 @@ def _disk_paths(vm_id: str, what: str = "disk") -> tuple[str, str]:
     return path, path + ".partial"
 
 
+DIGEST_SUFFIX = ".sha256"  # beside a disk or saved state: its SHA-256 as this service computed it
+
+
+def record_digest(path: str, digest: str) -> None:
+    """Note path's SHA-256, computed by this service as it wrote the file, with the size and
+    modification time it has now: a file only this service writes (its 0700 folder) is not read
+    whole again to check it, for tens of GB that is minutes of a launch."""
+    st = os.stat(path)
+    atomic_write(path + DIGEST_SUFFIX, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                   "sha256": digest}).encode(), 0o600)
+
+
+def digest_of(path: str) -> str:
+    """path's SHA-256: the noted one while the file is still as it was noted (size and
+    modification time), else read whole; "" when there is no such file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ""
+    try:
+        with open(path + DIGEST_SUFFIX) as fh:
+            noted = json.load(fh)
+        if noted["size"] == st.st_size and noted["mtime_ns"] == st.st_mtime_ns:
+            return str(noted["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return sha256_file(path)
+
+
 @operation("disk_state")
 def disk_state(vm_id: str, what: str = "disk") -> dict[str, Any]:
     """How much of the VM's encrypted disk (or saved state) is here (a cut upload resumes where it
@@ -76,16 +106,25 @@ def disk_receive(vm_id: str, offset: int, what: str = "disk") -> Incoming:
         raise ServiceError("tvmm.disk-offset", f"the disk being received has {size} bytes; write at {size}, not {offset}")
 
     def consume(blocks: Iterator[memoryview]) -> dict[str, Any]:
+        # Hashed as it is written, so the commit need not read the file again; a resumed copy
+        # hashes what arrived before first (a hash's state does not outlive the call).
+        digest = hashlib.sha256()
         written = size
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
+            if size:
+                with open(fd, "rb", closefd=False) as fh:
+                    for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+                        digest.update(chunk)
             for piece in blocks:
+                digest.update(piece)
                 while piece:
                     count = os.write(fd, piece)
                     written += count
                     piece = piece[count:]
         finally:
             os.close(fd)
+        record_digest(partial, digest.hexdigest())
         return {"changed": written > size, "size": written}
 
     return Incoming({"vm_id": vm_id, "offset": offset}, consume)
@@ -95,15 +134,19 @@ def disk_receive(vm_id: str, offset: int, what: str = "disk") -> Incoming:
 def disk_commit(vm_id: str, sha256: str, what: str = "disk") -> dict[str, Any]:
     """Check the received disk's (or saved state's) digest, then make it the VM's."""
     disk, partial = _disk_paths(vm_id, what)
-    if os.path.exists(disk) and sha256_file(disk) == sha256:
+    if digest_of(disk) == sha256:
         return {"changed": False}
-    actual = sha256_file(partial) if os.path.exists(partial) else ""
+    actual = digest_of(partial)
     if actual != sha256:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        for path in (partial, partial + DIGEST_SUFFIX):
+            if os.path.exists(path):
+                os.unlink(path)
         raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is {actual or 'missing'}, expected {sha256}; "
                                                "send it again")
     durable_replace(partial, disk)
+    record_digest(disk, actual)  # (a rename keeps the size and time noted)
+    if os.path.exists(partial + DIGEST_SUFFIX):
+        os.unlink(partial + DIGEST_SUFFIX)
     return {"changed": True}
 
 
@@ -178,18 +221,30 @@ def _kill(directory: str) -> None:
 @operation("launch")
 def launch(ticket: dict[str, Any]) -> dict[str, Any]:
     """Start the VM the TC's launch ticket names, on the profile it names, with the key it carries."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
     body = tickets.check(ticket, "launch")
     vm_id, name = body["vm_id"], body["name"]
     directory = vm_dir(vm_id)
     disk = os.path.join(directory, DISK)
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
-    if not os.path.exists(disk) or sha256_file(disk) != body["image_sha256"]:
+    if digest_of(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
     tickets.spend(body)
+    lap("ticket and disk checks")
     label = ticket_label("launch", "kvm", vm_id, body["customer"], body["id"])
     passphrase = unwrap_passphrase(body["kvm"], label)
+    lap("TPM unwrap")
     accel = start_qemu(directory, vm_id, name, body["memory_mib"], body["vcpus"])
+    lap("QEMU start")
     try:
         qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
@@ -200,6 +255,7 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
             keep_wrapped_key(directory, body["kvm"], label)
         finally:
             qmp.close()
+        lap("disk opened, VM running")
     except (QMPError, OSError) as exc:
         _kill(directory)
         text = str(exc)
@@ -211,8 +267,10 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
     evidence = runtime.record(body["runtime_pcr"], {
         "event": "launched", "vm_id": vm_id, "image_sha256": body["image_sha256"], "ticket": body["id"],
         "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]}, body["id"])
+    lap("TPM evidence")
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
-            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence}
+            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence,
+            "timings": timings}
 
 
 def keep_wrapped_key(directory: str, wrapped: str, label: bytes) -> None:

@@ -96,3 +96,37 @@ def test_the_largest_block_is_taken(state: Path):
     code, answers = session(line("disk_receive", 1, vm_id=VM, offset=0) + block(bytes(MAX_BLOCK)) + END)
     assert code == 0 and answers[1]["result"]["size"] == MAX_BLOCK
     assert os.path.getsize(state / "vms" / VM / "disk.qcow2.partial") == MAX_BLOCK
+
+
+def test_a_disk_hashed_as_it_arrived_is_checked_again_once_anything_changed_it(state: Path):
+    """Issue 20: the service notes a disk's SHA-256 as it writes it, so neither the commit nor a
+    launch reads tens of GB again; the note holds only while the file is as it was noted. A
+    resumed copy hashes what arrived before; a disk changed after its commit (another size or
+    time) is hashed again, and refused for the image it no longer is."""
+    import hashlib
+
+    whole = b"ciphertext " * 1000
+    right = hashlib.sha256(whole).hexdigest()
+    code, answers = session(line("disk_receive", 1, vm_id=VM, offset=0) + block(whole[:700]) + END
+                            + line("disk_receive", 2, vm_id=VM, offset=700) + block(whole[700:]) + END
+                            + line("disk_commit", 3, vm_id=VM, sha256=right))
+    assert code == 0 and answers[-1]["result"] == {"changed": True}, answers
+    disk = state / "vms" / VM / "disk.qcow2"
+    noted = json.loads((state / "vms" / VM / "disk.qcow2.sha256").read_text())
+    assert noted["sha256"] == right and noted["size"] == len(whole) and not Path(str(disk) + ".partial.sha256").exists()
+    _, answers = session(line("disk_commit", 1, vm_id=VM, sha256=right))
+    assert answers[0]["result"] == {"changed": False}  # the note answers
+    with open(disk, "r+b") as fh:  # the disk is changed in place, same size
+        fh.write(b"X")
+    os.utime(disk, ns=(noted["mtime_ns"], noted["mtime_ns"] + 1))
+    _, answers = session(line("disk_commit", 1, vm_id=VM, sha256=right))
+    assert answers[0]["error"]["reason"] == "tvmm.disk-digest"  # hashed again: not the image any more
+
+
+def test_a_note_that_does_not_match_the_received_bytes_cannot_be_made_by_the_stream(state: Path):
+    """What the engine sends is what is hashed: a commit naming another digest is refused and the
+    copy (and its note) dropped, whatever was claimed."""
+    code, answers = session(line("disk_receive", 1, vm_id=VM, offset=0) + block(b"the engine's bytes") + END
+                            + line("disk_commit", 2, vm_id=VM, sha256="11" * 32) + line("disk_state", 3, vm_id=VM))
+    assert answers[2]["error"]["reason"] == "tvmm.disk-digest"
+    assert answers[3]["result"]["partial_size"] == 0 and not (state / "vms" / VM / "disk.qcow2.partial.sha256").exists()
