@@ -208,6 +208,8 @@ def test_a_node_is_leased_to_one_engine_at_a_time_across_processes(location):
     the holder renews it, nobody else takes it before it runs out, and each ends only its own."""
     registries = [Registry(location) for _ in range(8)]
     try:
+        for i, node in enumerate(("n1", "n2", "n3")):
+            _enrolled(registries[0], node, ek=f"ek{i}")
         results = race(8, lambda i: registries[i].lease_nodes(f"engine-{i}", ["n1", "n2"], 60))
         holders = {r["n1"]["engine"] for r in results}  # type: ignore[index]
         assert len(holders) == 1 and {r["n2"]["engine"] for r in results} == holders  # type: ignore[index]

@@ -330,16 +330,19 @@ class Coordinator:
     # -- node leases (engines sharing the fleet) ----------------------------------------------
     def lease_nodes(self, nodes: list[str], seconds: float, engine: str = LOCAL_ENGINE) -> dict[str, Any]:
         """Lease nodes to engine for its round: {"granted": {node: until}, "held": {node: {engine,
-        until}}} (held: another engine's lease stands). Leases coordinate engines; they decide no
-        trust (a failed verdict quarantines a node whoever leases it)."""
+        until}}, "unknown": [node]} (held: another engine's lease stands; unknown: not in the
+        registry). Leases coordinate engines; they decide no trust (a failed verdict quarantines a
+        node whoever leases it)."""
         if not 0 < seconds <= LEASE_MAX:
             raise Refused("lease.duration", f"a lease lasts more than 0 and at most {LEASE_MAX:g} s (a round's); "
                                             f"asked {seconds:g} s")
         if len(nodes) > LEASE_BATCH:
             raise Refused("lease.too-many", f"at most {LEASE_BATCH} nodes a call; asked {len(nodes)}")
-        out: dict[str, Any] = {"granted": {}, "held": {}}
+        out: dict[str, Any] = {"granted": {}, "held": {}, "unknown": []}
         for node, lease in self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds).items():
-            if lease["engine"] == engine:
+            if not lease["engine"]:
+                out["unknown"].append(node)
+            elif lease["engine"] == engine:
                 out["granted"][node] = lease["until"]
             else:
                 out["held"][node] = {"engine": lease["engine"], "until": lease["until"]}

@@ -820,15 +820,18 @@ class Registry:
     def lease_nodes(self, engine: str, nodes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
         """Lease each node to engine for seconds, where no other engine holds a live lease on it
         (the holder renews its own). Per node: {"engine", "until"} of the lease that stands, the
-        asker's if granted. One conditional upsert a node: two engines asking at once, one wins."""
+        asker's if granted; engine "" for a node the registry does not know (nothing is stored for
+        it: an engine cannot fill the table with names). One conditional upsert a node: two
+        engines asking at once, one wins."""
         now = time.time()
         out: dict[str, dict[str, Any]] = {}
         with self.transaction() as db:
             for node in nodes:
                 won = db.execute(
-                    "INSERT INTO node_leases (node, engine, until) VALUES (?, ?, ?) ON CONFLICT (node) DO UPDATE SET "
-                    "engine = excluded.engine, until = excluded.until WHERE node_leases.engine = excluded.engine "
-                    "OR node_leases.until <= ? RETURNING engine, until", (node, engine, now + seconds, now)).first()
+                    "INSERT INTO node_leases (node, engine, until) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM nodes "
+                    "WHERE name = ?) ON CONFLICT (node) DO UPDATE SET engine = excluded.engine, until = excluded.until "
+                    "WHERE node_leases.engine = excluded.engine OR node_leases.until <= ? RETURNING engine, until",
+                    (node, engine, now + seconds, node, now)).first()
                 out[node] = won or db.execute("SELECT engine, until FROM node_leases WHERE node = ?", (node,)).first() \
                     or {"engine": "", "until": 0.0}
         return out

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from tccdeploy.coordinator.refusals import Refused
+from tccdeploy.coordinator.store import Registry
 from tccdeploy.engine.attestation import attest
 
 from ..conftest import REPO
@@ -39,7 +40,8 @@ def test_another_engines_lease_can_be_neither_ended_nor_taken(fleet):
     fleet.tc.lease_nodes(["n1"], 120, engine="engine-a")
     assert fleet.tc.release_leases(["n1"], engine="hostile") == 0
     assert fleet.tc.lease_nodes(["n1"], 120, engine="hostile") == {
-        "granted": {}, "held": {"n1": {"engine": "engine-a", "until": pytest.approx(fleet.tc.registry.lease_of("n1")["until"])}}}
+        "granted": {}, "held": {"n1": {"engine": "engine-a", "until": pytest.approx(fleet.tc.registry.lease_of("n1")["until"])}},
+        "unknown": []}
     with pytest.raises(Refused) as refused:
         fleet.tc.quarantine("n1", "node.unreachable", engine="hostile")
     assert refused.value.reason == "node.leased" and fleet.tc.node("n1").state == "admitted"
@@ -48,6 +50,14 @@ def test_another_engines_lease_can_be_neither_ended_nor_taken(fleet):
         fleet.tc.migration_begin(vm.name, "n2", engine="hostile")
     assert refused.value.reason == "node.leased" and fleet.tc.migrations() == []
     assert fleet.tc.quarantine("n1", "node.unreachable", engine="engine-a")  # the holder acts
+
+
+def test_names_the_tc_does_not_know_are_not_stored(fleet):
+    """A hostile engine leasing made-up names (20,000 a call) would otherwise fill the registry."""
+    names = [f"made-up-{i}" for i in range(2000)]
+    answer = fleet.tc.lease_nodes([*names, "n1"], 60, engine="hostile")
+    assert answer["unknown"] == names and list(answer["granted"]) == ["n1"]
+    assert fleet.tc.registry._all("SELECT node FROM node_leases") == [{"node": "n1"}]
 
 
 @pytest.mark.parametrize("seconds", [0, -1, 601, 1e9, math.inf, math.nan])
@@ -64,6 +74,11 @@ def test_over_https_an_engine_leases_in_its_certificates_name_only(tmp_path):
         subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "ops2", "-o", str(tmp_path / "ops2")], env=env,
                        check=True, capture_output=True)
         second = (str(tmp_path / "ops2" / "engine-cert.pem"), str(tmp_path / "ops2" / "engine-key.pem"))
+        registry = Registry(str(service.state / "registry.sqlite"))  # n1, as an enrollment records it
+        registry.enroll("n1", "site1", "127.0.1.7", {"ek_certificate": b"c", "ek_fingerprint": "f", "ek_public": b"e",
+                                                     "ak_public": b"a", "ak_name": b"n", "ssh_host_key": "h",
+                                                     "manufacturer": "m"})
+        registry.close()
         with service.client() as ops, service.client(cert_files=second) as ops2:
             granted = ops.post("/v1/leases", json={"nodes": ["n1"], "seconds": 60}).json()
             assert list(granted["granted"]) == ["n1"]
