@@ -138,3 +138,46 @@ def test_a_slowloris_of_hundreds_of_connections_leaves_other_clients_served(room
     finally:
         for sock in attackers:
             sock.close()
+
+
+def answer(sock: ssl.SSLSocket, limit: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or limit passes)."""
+    sock.settimeout(limit)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (TimeoutError, ssl.SSLError, ConnectionError):
+        pass
+    return out
+
+
+def test_a_request_head_past_16_kib_is_refused_431(service):
+    """llhttp buffers a header without end; the TC stops at 16 KiB, in one write or many."""
+    big = b"GET /v1/status HTTP/1.1\r\nHost: tc\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    with tls(service) as sock:
+        sock.sendall(big)
+        assert answer(sock).startswith(b"HTTP/1.1 431 ")
+    with tls(service) as sock:
+        sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: tc\r\nX-Big: ")
+        for _ in range(40):  # 40 KiB of one header value, never finished
+            try:
+                sock.sendall(b"a" * 1024)
+            except OSError:
+                break
+        assert answer(sock).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_head_of_8_kib_and_pipelined_requests_are_answered(service):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(70))  # about 8 KiB
+    request = b"GET /v1/status HTTP/1.1\r\nHost: tc\r\n" + headers + b"\r\n"
+    with tls(service) as sock:
+        sock.sendall(request + request[:-2] + b"Connection: close\r\n\r\n")  # two requests in one write
+        replies = answer(sock)
+    assert replies.count(b"HTTP/1.1 200 ") == 2, replies[:200]
+
+
+def test_a_request_that_is_not_http_is_refused_400(service):
+    with tls(service) as sock:
+        sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert answer(sock).startswith(b"HTTP/1.1 400 ")

@@ -288,11 +288,16 @@ class Api:
                     problem = hostile_value(value)
                     if problem:
                         raise ApiError(400, problem[0], f"{where}: {problem[1]}")
+                request.state.engine_unchecked = None
                 if engine_only:
                     request.state.engine = self._engine(request)
-                if schema is not None:
-                    request.state.body = await self._body(request, schema)
-                result = await handler(request)
+                try:
+                    if schema is not None:
+                        request.state.body = await self._body(request, schema)
+                    result = await handler(request)
+                finally:
+                    if request.state.engine_unchecked is not None:  # no decision ran (or it failed before): check now
+                        await run_in_threadpool(self._engine_allowed, request)
                 response = result if isinstance(result, Response) else JSONResponse(result)
                 if acts:
                     self.health.store_wrote()
@@ -334,6 +339,11 @@ class Api:
         return response
 
     def _engine(self, request: Request) -> str:
+        """The engine's name from its verified client certificate. Whether the registry still
+        lists the certificate is a database read, so it is left to the worker thread that runs the
+        request's decision, just before it (`_decide`), or to the end of a route that has none:
+        on the event loop it would hold every other connection for a database round trip (and
+        for the connection timeout when the database is down)."""
         der = self.peer_certificate(request.scope.get("client"))
         if not der:
             raise ApiError(401, "auth.engine-certificate", "this route needs an engine's client certificate "
@@ -341,9 +351,28 @@ class Api:
         name, serial = _engine_of(der)
         if name is None:
             raise ApiError(403, "auth.not-an-engine", "the client certificate is not an engine certificate of this TC")
+        request.state.engine_unchecked = (name, serial)
+        return name
+
+    def _engine_allowed(self, request: Request) -> None:
+        """In a worker thread: refuse an engine certificate the operator removed (or never issued)."""
+        pending = request.state.engine_unchecked
+        if pending is None:
+            return
+        name, serial = pending
         if not self.tc.engine_allowed(serial):
             raise ApiError(403, "auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
-        return name
+        request.state.engine_unchecked = None
+
+    async def _decide(self, request: Request, decision: Callable[..., Any], *args: Any) -> Any:
+        """Run a decision of the TC in a worker thread, the engine's certificate checked against
+        the registry first in that same thread (one hop, off the event loop)."""
+
+        def checked() -> Any:
+            self._engine_allowed(request)
+            return decision(*args)
+
+        return await run_in_threadpool(checked)
 
     async def _body(self, request: Request, schema: str) -> dict[str, Any]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -394,7 +423,7 @@ class Api:
         problem = self.health.clock() or self.health.store()
         if problem is None:
             try:
-                await run_in_threadpool(self.tc.ready)
+                await run_in_threadpool(self.tc.ready)  # (public)
                 self.health.store_wrote()
             except Exception as exc:  # noqa: BLE001 - not ready, and why
                 reason = store_failure(exc) or "store.unavailable"
@@ -420,7 +449,7 @@ class Api:
         return PlainTextResponse(self.metrics.render() + "\n".join(extra) + "\n", media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> dict[str, Any]:
-        counts = await run_in_threadpool(self.tc.node_counts)
+        counts = await self._decide(request, self.tc.node_counts)
         return {"version": __version__, "fingerprint": self.tc.identity().fingerprint, "perimeter": self.tc.perimeter.name,
                 "nodes": dict(counts)}
 
@@ -455,7 +484,7 @@ class Api:
 
     async def enrollment_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        challenge = await run_in_threadpool(
+        challenge = await self._decide(request,
             self.tc.enrollment_challenge, b["node"], self._bytes(b["ek_certificate"], "ek_certificate"),
             self._bytes(b["ek_public"], "ek_public"), self._bytes(b["ak_public"], "ak_public"), b["ssh_host_key"],
             b.get("site"), b["address"])
@@ -465,11 +494,11 @@ class Api:
 
     async def enrollment_finish(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.enrollment_finish, b["node"], self._bytes(b["answer"], "answer"))
+        return await self._decide(request, self.tc.enrollment_finish, b["node"], self._bytes(b["answer"], "answer"))
 
     async def nonce(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        value = await run_in_threadpool(self.tc.nonce, b["node"], b.get("purpose", "quote"))
+        value = await self._decide(request, self.tc.nonce, b["node"], b.get("purpose", "quote"))
         return {"nonce": b64(value)}
 
     async def attestation(self, request: Request) -> dict[str, Any]:
@@ -478,7 +507,7 @@ class Api:
             evidence = evidence_from_wire(b["evidence"])
         except (binascii.Error, ValueError) as exc:
             raise ApiError(400, "request.base64", f"evidence: {exc}") from None
-        verdict, attestation_id = await run_in_threadpool(self.tc.verify, b["node"], b.get("site"), b["address"], evidence)
+        verdict, attestation_id = await self._decide(request, self.tc.verify, b["node"], b.get("site"), b["address"], evidence)
         self.metrics.count("tccdeploy_attestations_total", verdict="trusted" if verdict.trusted else "untrusted")
         for reason in verdict.reasons:
             self.metrics.count("tccdeploy_verdict_reasons_total", reason=reason["code"])
@@ -486,7 +515,7 @@ class Api:
 
     async def admission_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        challenge = await run_in_threadpool(
+        challenge = await self._decide(request,
             self.tc.admission_challenge, b["node"], int(b["attestation"]), self._bytes(b["tk_public"], "tk_public"),
             self._bytes(b["certify_attest"], "certify_attest"), self._bytes(b["certify_signature"], "certify_signature"),
             self._bytes(b["nonce"], "nonce"))
@@ -494,12 +523,12 @@ class Api:
 
     async def admission_finish(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        result = await run_in_threadpool(self.tc.admission_finish, b["node"], b["answer"])
+        result = await self._decide(request, self.tc.admission_finish, b["node"], b["answer"])
         self.metrics.count("tccdeploy_admissions_total")
         return result
 
     async def nodes(self, request: Request) -> list[dict[str, Any]]:
-        return [n.as_dict() for n in await run_in_threadpool(self.tc.nodes)]
+        return [n.as_dict() for n in await self._decide(request, self.tc.nodes)]
 
     async def node(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
@@ -507,14 +536,14 @@ class Api:
             limit = max(1, min(1000, int(request.query_params.get("limit", "20"))))
         except ValueError:
             raise ApiError(400, "request.query", "limit is a number") from None
-        row, history = await run_in_threadpool(self.tc.node_history, name, limit)
+        row, history = await self._decide(request, self.tc.node_history, name, limit)
         if row is None:
             raise ApiError(404, "node.unknown", f"no node {name!r} in the registry")
-        return {"node": row, "attestations": history, "last_trusted": await run_in_threadpool(self.tc.last_trusted_time, name)}
+        return {"node": row, "attestations": history, "last_trusted": await self._decide(request, self.tc.last_trusted_time, name)}
 
     async def ek_check(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.check_ek, self._bytes(b["ek_certificate"], "ek_certificate"),
+        return await self._decide(request, self.tc.check_ek, self._bytes(b["ek_certificate"], "ek_certificate"),
                                        self._bytes(b["ek_public"], "ek_public"), b.get("node"), b.get("site"))
 
     async def perimeter_check(self, request: Request) -> dict[str, Any]:
@@ -529,12 +558,12 @@ class Api:
         except ValueError:
             raise ApiError(400, "request.query", "attestation is a verdict's id (a number)") from None
         try:
-            return await run_in_threadpool(self.tc.ear, request.path_params["name"], attestation)
+            return await self._decide(request, self.tc.ear, request.path_params["name"], attestation)
         except Refused as exc:  # nothing to issue: no such node or verdict
             raise ApiError(404, exc.reason, str(exc)) from None
 
     async def identity(self, request: Request) -> dict[str, Any]:
-        summary = await run_in_threadpool(self.tc.identity_summary, request.path_params["name"])
+        summary = await self._decide(request, self.tc.identity_summary, request.path_params["name"])
         if summary is None:
             raise ApiError(404, "node.not-enrolled", f"{request.path_params['name']} is not enrolled")
         return summary.as_dict()
@@ -544,7 +573,7 @@ class Api:
             attestation = int(request.query_params["attestation"])
         except (KeyError, ValueError):
             raise ApiError(400, "request.query", "give ?attestation=ID") from None
-        return {"needed": await run_in_threadpool(self.tc.admission_needed, request.path_params["name"], attestation)}
+        return {"needed": await self._decide(request, self.tc.admission_needed, request.path_params["name"], attestation)}
 
     async def audit(self, request: Request) -> list[dict[str, Any]]:
         q = request.query_params
@@ -552,37 +581,37 @@ class Api:
             since = float(q["since"]) if "since" in q else None
         except ValueError:
             raise ApiError(400, "request.query", "since is a Unix time") from None
-        return await run_in_threadpool(self.tc.audit_entries, q.get("node"), q.get("vm"), since)
+        return await self._decide(request, self.tc.audit_entries, q.get("node"), q.get("vm"), since)
 
     async def builds(self, request: Request) -> list[dict[str, Any]]:
         return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]
 
     async def vms(self, request: Request) -> list[dict[str, Any]]:
-        return [v.as_dict() for v in await run_in_threadpool(self.tc.vms, request.query_params.get("all") in ("1", "true"))]
+        return [v.as_dict() for v in await self._decide(request, self.tc.vms, request.query_params.get("all") in ("1", "true"))]
 
     async def vm(self, request: Request) -> dict[str, Any]:
-        row = await run_in_threadpool(self.tc.vm, request.path_params["name"])
+        row = await self._decide(request, self.tc.vm, request.path_params["name"])
         if row is None:
             raise ApiError(404, "vm.unknown", f"no VM {request.path_params['name']!r}")
         return row.as_dict()
 
     async def vm_state(self, request: Request) -> dict[str, Any]:
-        await run_in_threadpool(self.tc.set_vm_state, request.path_params["vm_id"], request.state.body["state"])
+        await self._decide(request, self.tc.set_vm_state, request.path_params["vm_id"], request.state.body["state"])
         return {"vm_id": request.path_params["vm_id"], "state": request.state.body["state"]}
 
     async def vm_end_ticket(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.vm_end_ticket, request.path_params["vm_id"], b["node"], b["action"])
+        return await self._decide(request, self.tc.vm_end_ticket, request.path_params["vm_id"], b["node"], b["action"])
 
     async def vm_ended(self, request: Request) -> dict[str, Any]:
         b = request.state.body
         if b["ticket"]["ticket"]["vm_id"] != request.path_params["vm_id"]:
             raise ApiError(400, "vm.end-ticket", "the end ticket is for another VM than the path names")
-        return await run_in_threadpool(self.tc.vm_ended, b["ticket"], b["evidence"])
+        return await self._decide(request, self.tc.vm_ended, b["ticket"], b["evidence"])
 
     async def enforcement(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        await run_in_threadpool(self.tc.record_enforcement, b["node"], request.path_params["vm_id"], b["policy"], b["result"])
+        await self._decide(request, self.tc.record_enforcement, b["node"], request.path_params["vm_id"], b["policy"], b["result"])
         return {"recorded": True}
 
     async def request_submit(self, request: Request) -> dict[str, Any]:
@@ -593,73 +622,73 @@ class Api:
             verify_descriptor(b["bundle"])
         except BundleError as exc:
             raise ApiError(400, exc.reason, str(exc)) from None
-        record = await run_in_threadpool(self.tc.accept_request, b["request"], b["bundle"])
+        record = await self._decide(request, self.tc.accept_request, b["request"], b["bundle"])
         self.metrics.count("tccdeploy_requests_accepted_total")
         return {"id": record["id"], "vm": record["vm"], "vm_id": record["vm_id"], "customer": record["customer"],
                 "state": "accepted"}
 
     async def request_get(self, request: Request) -> dict[str, Any]:
-        record = await run_in_threadpool(self.tc.request_record, request.path_params["id"])
+        record = await self._decide(request, self.tc.request_record, request.path_params["id"])
         if record is None:
             raise ApiError(404, "request.unknown", f"no request {request.path_params['id']!r}")
         return record.as_dict()
 
     async def release(self, request: Request) -> dict[str, Any]:
-        result = await run_in_threadpool(self.tc.release_key, request.path_params["id"], request.state.body["node"])
+        result = await self._decide(request, self.tc.release_key, request.path_params["id"], request.state.body["node"])
         self.metrics.count("tccdeploy_key_releases_total")
         return result
 
     async def launched(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.record_launch, {"request": request.path_params["id"]}, b["node"], b["status"])
+        return await self._decide(request, self.tc.record_launch, {"request": request.path_params["id"]}, b["node"], b["status"])
 
     async def request_failed(self, request: Request) -> dict[str, Any]:
-        await run_in_threadpool(self.tc.fail_request, request.path_params["id"])
+        await self._decide(request, self.tc.fail_request, request.path_params["id"])
         return {"request": request.path_params["id"], "state": "failed"}
 
     async def customer_status(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.customer_status, request.path_params["id"], b["time"], b["signature"])
+        return await self._decide(request, self.tc.customer_status, request.path_params["id"], b["time"], b["signature"])
 
     async def customer_receipt(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        receipt = await run_in_threadpool(self.tc.customer_receipt, request.path_params["id"], b["time"], b["signature"])
+        receipt = await self._decide(request, self.tc.customer_receipt, request.path_params["id"], b["time"], b["signature"])
         if receipt is None:
             raise ApiError(404, "receipt.not-yet", "the VM has not been launched yet: no receipt")
         return receipt
 
     async def migrations(self, request: Request) -> list[dict[str, Any]]:
-        return [m.as_dict() for m in await run_in_threadpool(self.tc.migrations, request.query_params.get("state"))]
+        return [m.as_dict() for m in await self._decide(request, self.tc.migrations, request.query_params.get("state"))]
 
     async def migration_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.migration_begin, b["vm"], b["destination"], request.state.engine)
+        return await self._decide(request, self.tc.migration_begin, b["vm"], b["destination"], request.state.engine)
 
     async def migration_end(self, request: Request) -> dict[str, Any]:
         b = request.state.body
         try:
-            return await run_in_threadpool(self.tc.migration_end, self._migration_id(request), b["vm_id"],
+            return await self._decide(request, self.tc.migration_end, self._migration_id(request), b["vm_id"],
                                            bool(b["commit"]), b.get("reason", ""), b.get("evidence"))
         except (ValueError, RegistryError) as exc:
             raise ApiError(409, "migration.not-under-way", str(exc)) from None
 
     async def migration_settlement(self, request: Request) -> dict[str, Any]:
-        return await run_in_threadpool(self.tc.migration_settlement, self._migration_id(request))
+        return await self._decide(request, self.tc.migration_settlement, self._migration_id(request))
 
     async def suspend_begin(self, request: Request) -> dict[str, Any]:
-        return await run_in_threadpool(self.tc.suspend_begin, request.state.body["vm"])
+        return await self._decide(request, self.tc.suspend_begin, request.state.body["vm"])
 
     async def suspend_end(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.suspend_end, self._migration_id(request), b.get("evidence"),
+        return await self._decide(request, self.tc.suspend_end, self._migration_id(request), b.get("evidence"),
                                        bool(b["saved"]))
 
     async def resume_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.resume_begin, b["vm"], b.get("node"))
+        return await self._decide(request, self.tc.resume_begin, b["vm"], b.get("node"))
 
     async def resumed(self, request: Request) -> dict[str, Any]:
-        return await run_in_threadpool(self.tc.resume_end, self._migration_id(request), request.state.body["evidence"])
+        return await self._decide(request, self.tc.resume_end, self._migration_id(request), request.state.body["evidence"])
 
     @staticmethod
     def _migration_id(request: Request) -> int:
@@ -670,13 +699,13 @@ class Api:
 
     async def quarantine(self, request: Request) -> dict[str, Any]:
         name = request.path_params["name"]
-        changed = await run_in_threadpool(self.tc.quarantine, name, request.state.body["reason"], request.state.engine)
+        changed = await self._decide(request, self.tc.quarantine, name, request.state.body["reason"], request.state.engine)
         return {"node": name, "quarantined": changed}
 
     async def lease_nodes(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        return await run_in_threadpool(self.tc.lease_nodes, b["nodes"], float(b["seconds"]), request.state.engine)
+        return await self._decide(request, self.tc.lease_nodes, b["nodes"], float(b["seconds"]), request.state.engine)
 
     async def release_leases(self, request: Request) -> dict[str, Any]:
-        ended = await run_in_threadpool(self.tc.release_leases, request.state.body["nodes"], request.state.engine)
+        ended = await self._decide(request, self.tc.release_leases, request.state.body["nodes"], request.state.engine)
         return {"ended": ended}

@@ -1,0 +1,65 @@
+"""A removed engine against the served TC: its certificate still passes TLS (the TC's CA issued
+it), so the registry is what refuses it. The check runs off the event loop, beside the request's
+decision; whatever order a route takes, nothing is decided for a removed engine and it learns
+nothing but auth.engine-revoked: not a fresh nonce, not a 400 about its body, not the policy."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from ..conftest import REPO
+from ..tcservice import BIN, Service
+
+
+@pytest.fixture(scope="module")
+def removed(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A served TC and the certificate files of an engine added, used once, then removed."""
+    state = tmp_path_factory.mktemp("served-tc-removed")
+    service = Service(state, str(REPO / "examples"))
+    env = dict(os.environ, TCCDEPLOY_STATE=str(state))
+    out = state / "gone"
+    subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "gone", "-o", str(out)], env=env, check=True,
+                   capture_output=True)
+    files = (str(out / "engine-cert.pem"), str(out / "engine-key.pem"))
+    with service.client(cert_files=files) as client:
+        assert client.get("/v1/policy").status_code == 200  # it was an engine
+    subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "remove", "gone"], env=env, check=True, capture_output=True)
+    yield service, files
+    service.stop()
+
+
+def nonces(service: Service) -> int:
+    with sqlite3.connect(service.state / "registry.sqlite") as db:
+        return int(db.execute("SELECT count(*) FROM nonces").fetchone()[0])
+
+
+def refused(response) -> bool:  # type: ignore[no-untyped-def]
+    return response.status_code == 403 and response.json()["error"] == "auth.engine-revoked"
+
+
+def test_a_removed_engine_gets_no_decision(removed):
+    service, files = removed
+    before = nonces(service)
+    with service.client(cert_files=files) as client:
+        assert refused(client.post("/v1/nonces", json={"node": "n1"}))
+        assert refused(client.post("/v1/leases", json={"nodes": ["n1"], "seconds": 60}))
+    assert nonces(service) == before  # the decision did not run
+
+
+def test_a_removed_engine_learns_nothing_about_its_body_or_a_route_without_a_decision(removed):
+    service, files = removed
+    with service.client(cert_files=files) as client:
+        assert refused(client.post("/v1/nonces", content=b"{not json", headers={"content-type": "application/json"}))
+        assert refused(client.post("/v1/nonces", json={"node": "n1", "extra": 1}))  # against the schema
+        assert refused(client.post("/v1/enrollments", json={"node": "n1", "ek_certificate": "@@", "ek_public": "@@",
+                                                             "ak_public": "@@", "ssh_host_key": "h"}))  # not base64
+        assert refused(client.get("/v1/policy"))  # answered without a decision: checked all the same
+    with service.client() as client:  # the engine still on the registry is served
+        answer = client.post("/v1/nonces", json={"node": "n1"})  # refused or not, not for its certificate
+        assert not answer.is_success or "nonce" in answer.json()
+        assert answer.is_success or not answer.json()["error"].startswith("auth.")
+        assert client.get("/v1/policy").status_code == 200
