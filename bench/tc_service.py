@@ -13,7 +13,7 @@ a third row runs two `tc serve` replicas on the one database, the clients spread
 Figures: operations per second, and the p50/p99 latency of one operation. The clients share
 this machine's cores with the TC. The PostgreSQL server and `tc serve` are real processes
 started here and stopped by PID.
-Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 50]
+Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 50] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -198,9 +198,33 @@ def releases_timed(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore
     return run_clients(make_tc, work, release)
 
 
-def measure(clients: int, ops: int) -> dict:
-    manifests = load_manifests([str(ROOT / "examples")])
+def measure(clients: int, ops: int, repeat: int = 1) -> dict:
+    """Every row repeat times, the rounds interleaved (embedded, served, ... then again), so a
+    slow minute of the machine falls on both sides; each figure is the median of its rounds,
+    and `ratios` keeps each round's ratio to the embedded TC of the same round."""
     pg = None if skip_reason() else PostgresServer()
+    try:
+        rounds = []
+        for number in range(repeat):
+            if repeat > 1:
+                print(f"round {number + 1} of {repeat}", file=sys.stderr, flush=True)
+            rounds.append(measure_once(clients, ops, pg))
+    finally:
+        if pg is not None:
+            pg.stop()
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        same = [r[i] for r in rounds]
+        base = [next(b for b in r if b["mode"] == "embedded" and b["database"] == first["database"]
+                     and b["operation"] == first["operation"]) for r in rounds]
+        rows.append({**{k: first[k] for k in ("mode", "database", "operation")}, "ops": first["ops"],
+                     **{k: round(statistics.median(x[k] for x in same), 2) for k in ("ops_per_s", "p50_ms", "p99_ms")},
+                     "ratios": [round(x["ops_per_s"] / b["ops_per_s"], 2) for x, b in zip(same, base, strict=True)]})
+    return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "rows": rows}
+
+
+def measure_once(clients: int, ops: int, pg: PostgresServer | None) -> list[dict]:
+    manifests = load_manifests([str(ROOT / "examples")])
     rows = []
     folders = []
     try:
@@ -236,30 +260,30 @@ def measure(clients: int, ops: int) -> dict:
                 rows.append({"mode": mode, "database": database, "operation": "key release", **released})
                 print(f"  {mode:<8} {database:<10} verdicts {result}; key releases {released}", file=sys.stderr, flush=True)
     finally:
-        if pg is not None:
-            pg.stop()
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
-    return {"clients": clients, "ops_per_client": ops, "rows": rows}
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--ops", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every row, interleaved; figures are medians")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = measure(args.clients, args.ops)
+    result = measure(args.clients, args.ops, args.repeat)
     if args.json:
         print(json.dumps({"benchmark": "tc_service", **result}))
         return 0
-    print(f"{args.clients} concurrent clients x {args.ops} operations each (2 replicas: two `tc serve` on one PostgreSQL, "
-          "the clients spread over them):")
+    print(f"{args.clients} concurrent clients x {args.ops} operations each, medians of {args.repeat} interleaved rounds "
+          "(2 replicas: two `tc serve` on one PostgreSQL, the clients spread over them):")
     base = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "embedded"}
     for r in result["rows"]:
         ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]
         print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
-              f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded)")
+              f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded; rounds "
+              f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
     served = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "served"}
     for r in [r for r in result["rows"] if r["mode"] == "2 replicas"]:
         print(f"  2 replicas / 1: {r['operation']}s {r['ops_per_s'] / served[(r['database'], r['operation'])]['ops_per_s']:.2f}x")

@@ -56,7 +56,7 @@ class Limits:
     body: float = 30.0  # its body, once the headers are in (8 MiB at 300 kB/s)
     per_client: int = 64  # open connections from one address (the engine's fan-out and bench use 32)
     total: int = 2048  # open connections in all (uvicorn answers 503 beyond)
-    threads: int = 4  # decisions taken at once (the rest queue in order; see _Server)
+    threads: int = 4  # decisions taken at once (the rest queue in order; see api.Api)
     head: int = 16 * 1024  # a request's line and headers, in bytes (h11's default cap; an engine's are < 1 KiB)
 
 
@@ -220,11 +220,10 @@ class _HeadTooLarge(Exception):
 
 
 class _Server:
-    """uvicorn's server with a deadline on the TLS handshake (asyncio's default is 60 s) and a
-    bounded pool for decisions."""
+    """uvicorn's server with a deadline on the TLS handshake (asyncio's default is 60 s)."""
 
     @staticmethod
-    def make(config: Any, handshake: float, threads: int) -> Any:
+    def make(config: Any, handshake: float) -> Any:
         import asyncio
 
         import uvicorn
@@ -240,12 +239,6 @@ class _Server:
                     return await create(*args, **kwargs)
 
                 loop.create_server = create_server  # type: ignore[method-assign]
-                # Decisions run in anyio's thread pool (40 threads by default). They all wait on
-                # one database and one GIL: a few threads queue them first in, first out, where
-                # forty take turns and a decision's latency grows with everybody else's.
-                import anyio.to_thread
-
-                anyio.to_thread.current_default_thread_limiter().total_tokens = threads
                 try:
                     await super().startup(sockets)
                 finally:
@@ -340,7 +333,7 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     identity = load_identity(coordinator.state)
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
     peers = PeerCertificates()
-    api = Api(coordinator, peers.get)
+    api = Api(coordinator, peers.get, threads=limits.threads)
     counts = ConnectionCounts(limits.per_client)
     api.connection_counts = counts
     config = uvicorn.Config(
@@ -350,7 +343,7 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
         limit_concurrency=limits.total, log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
     )
     try:
-        _Server.make(config, limits.handshake, limits.threads).run()
+        _Server.make(config, limits.handshake).run()
     finally:
         delivering.set()  # a clean stop hands the webhooks' leases back
         deliverer.join(timeout=12)
