@@ -9,11 +9,13 @@
 3. Upload (--upload-mib, 1024 by default; 4096 for issue 20's figure): an encrypted disk of that
    size into a lab node's TVMM service (`upload_disk`: blocks on the service's session, then the
    node checks its digest) against plain `ssh cat > file` of the same file to the same node.
-Run: .venv/bin/python bench/launch.py [--upload-mib N] [--json]
+Run: .venv/bin/python bench/launch.py [--upload-mib N] [--seal-mib N] [--json]
+(issue 20's 4 GiB figures: --upload-mib 4096 --seal-mib 4096)
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -87,9 +89,9 @@ def plain_start(disk: str, work: str) -> float:
     return elapsed
 
 
-def upload(lab: Lab, session, work: str, mib: int) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+def upload(lab: Lab, session, work: str, mib: int) -> tuple[float, float, float, float]:  # type: ignore[no-untyped-def]
     """Seconds for upload_disk (stream, then the node's digest check) and for the digest check
-    alone, and for plain `ssh cat` of the same file."""
+    alone, for plain `ssh cat` of the same file, and for paramiko (the engine's SSH) into cat."""
     import hashlib
     import secrets
 
@@ -114,20 +116,68 @@ def upload(lab: Lab, session, work: str, mib: int) -> tuple[float, float, float]
                         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(lab.ssh_port),
                         f"tccnode@{node.address}", "cat > upload.bin && rm upload.bin"], stdin=fh, check=True)
     plain = time.perf_counter() - start
+    # the engine's own SSH library (paramiko) into the same `cat`, without the service: what
+    # of the gap is the library's, what the service's
+    connection = session.connection
+    connection.connect()
+    start = time.perf_counter()
+    channel = connection.open_process("cat > upload.bin && rm upload.bin")
+    with open(blob, "rb") as fh:
+        for piece in iter(lambda: fh.read(1 << 20), b""):
+            channel.sendall(piece)
+    channel.shutdown_write()
+    if channel.recv_exit_status() != 0:
+        raise SystemExit("paramiko cat failed")
+    channel.close()
+    library = time.perf_counter() - start
     os.unlink(blob)
-    return ours, check, plain
+    return ours, check, plain, library
+
+
+def raw_image(path: str, mib: int) -> None:
+    """A raw disk of mib MiB, its first quarter random data (so conversion has work to do), the
+    rest a hole."""
+    with open(path, "wb") as fh:
+        fh.truncate(mib * 1024 * 1024)
+        fh.seek(0)
+        for _ in range(mib // 4 // 64):
+            fh.write(os.urandom(64 * 1024 * 1024))
+
+
+def seal_large(work: str, tc_keys, key, mib: int) -> dict:  # type: ignore[no-untyped-def]
+    """One round of seal, qemu-img convert to LUKS qcow2 and to plain qcow2 at mib MiB (each
+    file removed before the next is written: 4 GiB three times is a lot of disk)."""
+    raw = os.path.join(work, "large.raw")
+    raw_image(raw, mib)
+    start = time.perf_counter()
+    bundles.seal(raw, tc_keys, key, os.path.join(work, "large-seal"), "vm-large")
+    sealed = time.perf_counter() - start
+    shutil.rmtree(os.path.join(work, "large-seal"))
+    luks = luks_convert(raw, os.path.join(work, "large-luks.qcow2"))
+    os.unlink(os.path.join(work, "large-luks.qcow2"))
+    start = time.perf_counter()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(work, "large.qcow2")], check=True)
+    plain = time.perf_counter() - start
+    os.unlink(os.path.join(work, "large.qcow2"))
+    os.unlink(raw)
+    return {"large_seal_mib": mib, "large_seal_mib_s": round(mib / sealed, 1), "large_luks_mib_s": round(mib / luks, 1),
+            "large_convert_mib_s": round(mib / plain, 1), "large_seal_vs_luks": round(sealed / luks, 2)}
 
 
 def main() -> int:
-    upload_mib = int(sys.argv[sys.argv.index("--upload-mib") + 1]) if "--upload-mib" in sys.argv else 1024
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upload-mib", type=int, default=1024, help="size of the upload measured (0: none)")
+    parser.add_argument("--seal-mib", type=int, default=256,
+                        help="also seal an image this large once, against its peers (256: only the 3 rounds at 256 MiB)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    upload_mib = args.upload_mib
     work = tempfile.mkdtemp(prefix="tccdeploy-bench-launch-")
     lab = Lab(tempfile.mkdtemp(prefix="tccdeploy-bench-launch-lab-"))
+    large: dict = {}
     try:
         raw = os.path.join(work, "disk.raw")
-        with open(raw, "wb") as fh:
-            fh.truncate(256 * 1024 * 1024)
-            fh.seek(0)
-            fh.write(os.urandom(64 * 1024 * 1024))  # some data, so conversion has work to do
+        raw_image(raw, 256)
         state = os.path.join(work, "tc")
         tc_init(state)
         Path(work, "tc.pem").write_text(tc_load(state).bundle_pem)
@@ -142,6 +192,9 @@ def main() -> int:
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, os.path.join(work, f"plain{i}.qcow2")], check=True)
             convert_s.append(time.perf_counter() - start)
             luks_s.append(luks_convert(raw, os.path.join(work, f"luks{i}.qcow2")))
+        if args.seal_mib != 256:
+            print(f"sealing {args.seal_mib} MiB once ...", file=sys.stderr, flush=True)
+            large = seal_large(work, tc_keys, key, args.seal_mib)
         lab.up(nodes=1, sites=1, outside=0, lab_index=240)
         manifests = load_manifests([lab.manifests_dir])
         tc = Coordinator.from_manifests(manifests, state)
@@ -188,11 +241,12 @@ def main() -> int:
         # where request -> running goes, median of each step (the node's own steps within "node launch")
         "launch_steps_s": {name: round(statistics.median(s.get(name, 0.0) for s in steps), 4) for name in steps[0]},
     }
+    result.update(large)
     if sent:
         result.update({"upload_mib": upload_mib, "upload_mib_s": round(upload_mib / sent[0], 1),
                        "upload_digest_check_s": round(sent[1], 2), "ssh_cat_mib_s": round(upload_mib / sent[2], 1),
-                       "upload_ratio": round(sent[0] / sent[2], 2)})
-    if "--json" in sys.argv:
+                       "upload_ratio": round(sent[0] / sent[2], 2), "paramiko_cat_mib_s": round(upload_mib / sent[3], 1)})
+    if args.json:
         print(json.dumps({"benchmark": "launch", **result}))
         return 0
     print("request to VM running (disk already on the node), median of 3:")
@@ -207,12 +261,19 @@ def main() -> int:
     print(f"  qemu-img convert to LUKS qcow2 (the same iteration time) {result['qemu_img_luks_mib_s']:7.1f} MiB/s"
           f"   seal takes {result['seal_vs_luks']}x its time")
     print(f"  qemu-img convert to plain qcow2                         {result['qemu_img_convert_mib_s']:7.1f} MiB/s")
+    if large:
+        print(f"sealing a {large['large_seal_mib']} MiB image, once:")
+        print(f"  tccdeploy image seal                                    {large['large_seal_mib_s']:7.1f} MiB/s")
+        print(f"  qemu-img convert to LUKS qcow2 (the same iteration time) {large['large_luks_mib_s']:7.1f} MiB/s"
+              f"   seal takes {large['large_seal_vs_luks']}x its time")
+        print(f"  qemu-img convert to plain qcow2                         {large['large_convert_mib_s']:7.1f} MiB/s")
     if sent:
         print(f"uploading {upload_mib} MiB of ciphertext to a node:")
         print(f"  tccdeploy (blocks on the service's session, then the node's digest check of "
               f"{result['upload_digest_check_s']:.2f} s)  {result['upload_mib_s']:7.1f} MiB/s")
         print(f"  ssh cat > file                                          {result['ssh_cat_mib_s']:7.1f} MiB/s"
               f"   ratio {result['upload_ratio']}x the time")
+        print(f"  paramiko (the engine's SSH library) into cat > file     {result['paramiko_cat_mib_s']:7.1f} MiB/s")
     return 0
 
 

@@ -30,8 +30,9 @@ from ..node.protocol import Handler, failure, serve
 CONNECT_SCRIPT = """#!/bin/sh
 # The TVMM user's forced command (tccdeploy-tvmm, in the measured build): join this SSH session to
 # the service started at boot, or run the service for this session alone when it is not listening.
+# (socat's blocks of 256 KiB, not its 8 KiB default: a disk upload went 142 -> 166 MiB/s.)
 sock={socket}
-if [ -S "$sock" ] && [ -x {socat} ]; then exec {socat} -t 900 STDIO "UNIX-CONNECT:$sock"; fi
+if [ -S "$sock" ] && [ -x {socat} ]; then exec {socat} -b 262144 -t 900 STDIO "UNIX-CONNECT:$sock"; fi
 exec {python} {service} serve --config {config}
 """
 
