@@ -22,6 +22,7 @@ from typing import Any
 
 from ..crypto.files import atomic_write, durable_remove, durable_replace, sha256_file
 from ..crypto.ticket import label as ticket_label
+from ..node import protocol
 from ..node.protocol import Incoming, Outgoing
 from . import config, runtime, tickets
 from .interface import ServiceError, operation
@@ -116,18 +117,67 @@ def disk_receive(vm_id: str, offset: int, what: str = "disk") -> Incoming:
                 with open(fd, "rb", closefd=False) as fh:
                     for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
                         digest.update(chunk)
-            for piece in blocks:
-                digest.update(piece)
-                while piece:
-                    count = os.write(fd, piece)
-                    written += count
-                    piece = piece[count:]
+            written += write_behind(blocks, fd, digest)
         finally:
             os.close(fd)
         record_digest(partial, digest.hexdigest())
         return {"changed": written > size, "size": written}
 
     return Incoming({"vm_id": vm_id, "offset": offset}, consume)
+
+
+WRITE_BEHIND = 3  # blocks received ahead of the one being hashed and written
+
+
+def write_behind(blocks: Iterator[memoryview], fd: int, digest: Any) -> int:
+    """Write every block to fd and into digest, receiving the next blocks meanwhile: the socket's
+    reads, the hash and the file's writes each leave the GIL, and done one after another they
+    left a disk upload at half the wire's speed. Each block is copied out of the stream's one
+    buffer into one of a few of ours. Returns the bytes written. When a write fails, no more is
+    received and its error is raised; when the stream fails, what arrived before is written (a
+    copy resumes from it) and the stream's error is raised."""
+    import queue
+    import threading
+
+    spare: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(WRITE_BEHIND):
+        spare.put(bytearray(protocol.MAX_BLOCK))
+    ready: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    failed: list[BaseException] = []
+    written = 0
+
+    def writer() -> None:
+        nonlocal written
+        while (item := ready.get()) is not None:
+            buffer, size = item
+            try:
+                if not failed:
+                    view = memoryview(buffer)[:size]
+                    digest.update(view)
+                    while view:
+                        count = os.write(fd, view)
+                        written += count
+                        view = view[count:]
+            except BaseException as exc:  # noqa: BLE001 - raised by the receiving thread
+                failed.append(exc)
+            finally:
+                spare.put(buffer)
+
+    thread = threading.Thread(target=writer, name="disk-writer", daemon=True)
+    thread.start()
+    try:
+        for piece in blocks:
+            buffer = spare.get()
+            if failed:
+                break
+            buffer[:len(piece)] = piece
+            ready.put((buffer, len(piece)))
+    finally:
+        ready.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+    return written
 
 
 @operation("disk_commit")
