@@ -143,6 +143,7 @@ class Connection:
         self.own_known_hosts = own_known_hosts
         self.trust_new = trust_new
         self.transport: paramiko.Transport | None = None
+        self.host_key: paramiko.PKey | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._closed = False
 
@@ -193,6 +194,7 @@ class Connection:
             raise Unreachable("timeout", f"no SSH handshake with {t.address}:{t.port} within {t.timeout:g} s "
                                          "(the host hangs?)")
         self._check_host_key(server_key, expected, known)
+        self.host_key = server_key  # verified: what a bulk stream's OpenSSH client is pinned to (bulk.py)
         self._authenticate(transport)
         transport.set_keepalive(15)
 

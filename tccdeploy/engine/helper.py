@@ -309,7 +309,7 @@ class Service(LineClient):
     """The node's TVMM service, reached as the TVMM user (its forced command runs, whatever we ask)."""
 
     def start(self) -> None:
-        self.channel = self.connection.open_process(SERVICE_COMMAND)
+        self.channel = self._open()
         first = self._readline(time.monotonic() + self.connection.target.timeout + 10, starting=True)
         try:
             hello = json.loads(first)
@@ -321,3 +321,7 @@ class Service(LineClient):
             raise HelperError(f"no TVMM service answered as {self.connection.target.user} on "
                               f"{self.connection.target.address}: {text!r}")
         self.info = hello
+
+    def _open(self) -> Any:
+        """The channel the session runs on (bulk.BulkService: an OpenSSH client's)."""
+        return self.connection.open_process(SERVICE_COMMAND)

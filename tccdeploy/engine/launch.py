@@ -19,6 +19,7 @@ from .. import progress
 from ..coordinator.interface import TC
 from ..coordinator.keybroker import Refused
 from ..crypto import bundle as bundles
+from . import bulk
 from .attestation import attest
 from .helper import RemoteError
 from .lifecycle import end_vm
@@ -50,20 +51,31 @@ def _step(steps: dict[str, float], name: str) -> Iterator[None]:
 
 def upload_disk(session: Session, vm_id: str, local: str, sha256: str) -> dict[str, Any]:
     """Copy the encrypted disk into the node's TVMM service (the admin login cannot reach the VM
-    folders), resuming a partial copy; the service checks the digest before it keeps the disk."""
+    folders), resuming a partial copy; the service checks the digest before it keeps the disk.
+    The bytes go through OpenSSH's client pinned to the node's verified host key where there is
+    one (bulk.py), else through the session's own connection."""
     state = session.tvmm("disk_state", {"vm_id": vm_id})
     if not state["complete"]:
         size = os.path.getsize(local)
         offset = min(int(state["partial_size"]), size)
-        with open(local, "rb") as src, progress.transfer(f"upload to {session.host.name}", size - offset) as advance:
-            src.seek(offset)
+        stream = bulk.service(session.service_connection)
+        try:
+            with open(local, "rb") as src, progress.transfer(f"upload to {session.host.name}", size - offset) as advance:
+                src.seek(offset)
 
-            def blocks() -> Iterator[bytes]:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    advance(len(chunk))
-                    yield chunk
+                def blocks() -> Iterator[bytes]:
+                    for chunk in iter(lambda: src.read(CHUNK), b""):
+                        advance(len(chunk))
+                        yield chunk
 
-            session.tvmm_stream_to("disk_receive", blocks(), {"vm_id": vm_id, "offset": offset}, timeout=300)
+                args = {"vm_id": vm_id, "offset": offset}
+                if stream is not None:
+                    stream.stream_to("disk_receive", blocks(), args, timeout=300)
+                else:
+                    session.tvmm_stream_to("disk_receive", blocks(), args, timeout=300)
+        finally:
+            if stream is not None:
+                stream.close()
     return session.tvmm("disk_commit", {"vm_id": vm_id, "sha256": sha256}, timeout=300)
 
 
