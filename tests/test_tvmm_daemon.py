@@ -145,3 +145,13 @@ def test_a_stale_socket_is_replaced_and_the_new_one_is_the_owners_alone(tmp_path
     with pytest.raises(daemon.DaemonError, match="cannot listen on .*not-a-socket"):
         daemon.listen(str(folder / "not-a-socket"))
     assert (folder / "not-a-socket").read_bytes() == b"keep"
+
+
+def test_the_forced_command_joins_the_service_through_socat_with_large_blocks_or_runs_it_alone():
+    """Debian's socat by default, with 256 KiB blocks (its 8 KiB default held a disk upload to
+    142 MiB/s); the build's own service for the session when the socket is not there."""
+    script = connect_script("/run/tccdeploy-tvmm.sock", "/usr/bin/python3", "/opt/tvmm.pyz", "/etc/tvmm.json")
+    assert 'if [ -S "$sock" ] && [ -x /usr/bin/socat ]; then exec /usr/bin/socat -b 262144 -t 900 STDIO ' \
+           '"UNIX-CONNECT:$sock"; fi' in script
+    assert "sock=/run/tccdeploy-tvmm.sock\n" in script
+    assert script.rstrip().endswith("exec /usr/bin/python3 /opt/tvmm.pyz serve --config /etc/tvmm.json")
