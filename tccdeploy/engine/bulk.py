@@ -54,7 +54,13 @@ class ProcessChannel:
         self.sock.settimeout(seconds)
 
     def recv(self, size: int) -> bytes:
-        return self.sock.recv(size)
+        data = self.sock.recv(size)
+        if not data:  # the client closed its output: let it exit, so its status and reason are there
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        return data
 
     def sendall(self, data: bytes | bytearray | memoryview) -> None:
         self.sock.sendall(data)
