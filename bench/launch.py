@@ -136,6 +136,10 @@ def upload(lab: Lab, session, work: str, mib: int, rounds: int = 2) -> dict[str,
             raise SystemExit("paramiko cat failed")
         channel.close()
         times["paramiko_cat"].append(time.perf_counter() - start)
+    # the copies' files sit in the lab user's home, which outlives the lab: removed here
+    subprocess.run(["ssh", "-F", "/dev/null", "-i", lab.ssh_key, "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                    "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-p", str(lab.ssh_port),
+                    f"tccnode@{node.address}", "rm -f upload-*.bin upload-paramiko-*.bin"], check=True)
     os.unlink(blob)
     return {name: min(values) for name, values in times.items()}
 
