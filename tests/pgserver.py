@@ -12,6 +12,8 @@ import subprocess
 import tempfile
 import time
 
+from tccdeploy.procs import stop
+
 from .tcservice import free_port
 
 
@@ -103,12 +105,6 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: sessions cut, no waiting for clients
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 20, signal.SIGINT)  # "fast" shutdown: sessions cut, no waiting for clients
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tccdeploy.procs import stop
+
 BIN = Path(sys.executable).parent
 
 
@@ -73,11 +75,5 @@ class Service:
     def stop(self) -> None:
         if self.log.closed:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 10, signal.SIGTERM)
         self.log.close()

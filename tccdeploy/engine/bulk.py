@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from typing import Any
 
+from .. import procs
 from .connection import Connection
 from .helper import SERVICE_COMMAND, Service
 
@@ -94,11 +95,7 @@ class ProcessChannel:
     def close(self) -> None:
         """Closing our end ends the client's input; it is waited for, then killed (by its PID)."""
         self.sock.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        procs.stop(self.proc, 5)
         self._stderr.close()
 
 
