@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -155,3 +157,142 @@ def test_the_forced_command_joins_the_service_through_socat_with_large_blocks_or
            '"UNIX-CONNECT:$sock"; fi' in script
     assert "sock=/run/tccdeploy-tvmm.sock\n" in script
     assert script.rstrip().endswith("exec /usr/bin/python3 /opt/tvmm.pyz serve --config /etc/tvmm.json")
+
+
+class _Forked:
+    """daemon.run in a child forked from this test's process (so a mutant of run is the code that
+    runs), its stderr in a file, stopped by PID."""
+
+    def __init__(self, tmp_path, handle, tick: float = 0.1):
+        from tccdeploy.tvmm import daemon
+
+        folder = tmp_path / "run"
+        folder.mkdir(mode=0o700)
+        self.socket, self.stderr = str(folder / "service.sock"), tmp_path / "daemon.err"
+        ready_r, ready_w = os.pipe()
+        err = os.open(self.stderr, os.O_WRONLY | os.O_CREAT, 0o600)
+        self.pid = os.fork()
+        if self.pid == 0:  # the daemon: never returns into pytest
+            code = 70
+            try:
+                os.close(ready_r)
+                os.dup2(err, 2)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # line-buffered as stderr is; pytest's capture is not fd 2
+                daemon.run(self.socket, {"hello": "h"}, handle, ready=lambda: os.write(ready_w, b"r"), tick=tick)
+                code = 71  # run returned: it must not
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 72
+            finally:
+                os._exit(code)
+        os.close(err)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            listening = select.select([ready], [], [], 30)[0] and ready.read(1) == b"r"
+        if not listening:
+            self.close()
+            raise AssertionError("the daemon did not say it listens within 30 s")
+
+    def connect(self) -> tuple[socket.socket, object]:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(10)
+        conn.connect(self.socket)
+        reader = conn.makefile("rb")
+        assert json.loads(reader.readline()) == {"hello": "h"}
+        return conn, reader
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """The daemon's exit code (or minus the signal that ended it)."""
+        os.kill(self.pid, signum)
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _ask(conn: socket.socket, reader, request: dict) -> dict:
+    conn.sendall(json.dumps(request).encode() + b"\n")
+    return json.loads(reader.readline())
+
+
+def _own_pid(request: dict) -> dict:
+    if request.get("op") == "boom":
+        raise RuntimeError("the handler failed")
+    return {"id": request["id"], "ok": True, "pid": os.getpid()}
+
+
+def _wait(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_run_serves_each_session_in_a_child_of_its_own_reaps_it_and_stops_on_sigterm(tmp_path):
+    """Two sessions at once (a parent that waited for a child would never accept the second), each
+    in its own process; a session's end reaches the engine as EOF (the parent closed its copy) and
+    its process is reaped within a tick; SIGTERM stops the daemon with 0 and removes the socket."""
+    forked = _Forked(tmp_path, _own_pid)
+    try:
+        said = f"serving sessions on {forked.socket} (pid {forked.pid})"
+        assert _wait(lambda: said in forked.stderr.read_text())
+        assert os.stat(forked.socket).st_mode & 0o777 == 0o600
+        (one, one_r), (two, two_r) = forked.connect(), forked.connect()
+        first, second = _ask(one, one_r, {"id": 1}), _ask(two, two_r, {"id": 2})
+        assert first["id"] == 1 and second["id"] == 2
+        assert len({first["pid"], second["pid"], forked.pid, os.getpid()}) == 4
+        assert sorted(procs.children(forked.pid)) == sorted([first["pid"], second["pid"]])
+        one.shutdown(socket.SHUT_WR)
+        assert one_r.read() == b""  # EOF: the session's process ended and the daemon kept no copy
+        assert _wait(lambda: procs.children(forked.pid) == [second["pid"]])  # reaped: not even a zombie
+        os.kill(second["pid"], signal.SIGTERM)  # a session ends as a plain process does on SIGTERM
+        assert two_r.read() == b""
+        assert _wait(lambda: procs.children(forked.pid) == [])
+        assert "Traceback" not in forked.stderr.read_text()
+        assert forked.stop() == 0 and not os.path.exists(forked.socket)
+        for end in (one_r, one, two_r, two):
+            end.close()
+    finally:
+        forked.close()
+
+
+def test_a_session_does_not_keep_the_listening_socket(tmp_path):
+    """A daemon killed with a session open leaves its socket file: nothing must accept on it then
+    (the session's process closed its copy of the listener), so a client is refused at once
+    instead of waiting in a backlog that no process will ever answer."""
+    forked = _Forked(tmp_path, _own_pid)
+    try:
+        conn, reader = forked.connect()
+        session = _ask(conn, reader, {"id": 1})["pid"]
+        assert forked.stop(signal.SIGKILL) == -signal.SIGKILL and os.path.exists(forked.socket)
+        with pytest.raises(ConnectionRefusedError):
+            late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                late.connect(forked.socket)
+            finally:
+                late.close()
+        assert _ask(conn, reader, {"id": 2}) == {"id": 2, "ok": True, "pid": session}  # the open one goes on
+        conn.close()
+        reader.close()
+    finally:
+        forked.close()
+
+
+def test_a_session_whose_handler_fails_ends_alone_and_the_daemon_serves_the_next(tmp_path):
+    forked = _Forked(tmp_path, _own_pid)
+    try:
+        conn, reader = forked.connect()
+        conn.sendall(b'{"id": 1, "op": "boom"}\n')
+        assert reader.read() == b""
+        assert _wait(lambda: "RuntimeError: the handler failed" in forked.stderr.read_text())
+        again, again_r = forked.connect()
+        assert _ask(again, again_r, {"id": 2})["ok"] is True
+        for end in (reader, conn, again_r, again):
+            end.close()
+        assert forked.stop() == 0
+    finally:
+        forked.close()

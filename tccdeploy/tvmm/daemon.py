@@ -123,15 +123,16 @@ def _stop(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def run(path: str, hello: dict[str, Any], handle: Handler, ready: Any = None) -> int:
-    """Accept sessions until killed. ready, if given, is called once the socket listens."""
+def run(path: str, hello: dict[str, Any], handle: Handler, ready: Any = None, tick: float = 5.0) -> int:
+    """Accept sessions until killed. ready, if given, is called once the socket listens; every tick
+    seconds without a new session, the sessions that ended are reaped."""
     preload()
     listener = listen(path)
     signal.signal(signal.SIGTERM, _stop)  # stopped at shutdown: the socket goes with it
     if ready is not None:
         ready()
     print(f"tccdeploy-tvmm: serving sessions on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
-    listener.settimeout(5.0)  # a tick to reap the sessions that ended
+    listener.settimeout(tick)
     try:
         while True:
             _reap()
