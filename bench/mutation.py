@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +94,43 @@ def wording_only(removed: list[str], added: list[str]) -> bool:
     return True
 
 
+def leftovers() -> list[tuple[int, str]]:
+    """Processes a mutmut run left behind (a test's server whose teardown a mutant broke): every
+    process mutmut's tests start carries MUTANT_UNDER_TEST in its environment."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(item.startswith(b"MUTANT_UNDER_TEST=") for item in environ):
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
+def stop_leftovers() -> None:
+    """Stop by PID what a run left, and say so: a benchmark must not leave servers behind."""
+    left = leftovers()
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while left and time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid, _ in left):
+        time.sleep(0.1)
+    for pid, cmdline in left:
+        if Path(f"/proc/{pid}").exists():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"stopped a process the mutmut run left (pid {pid}): {cmdline[:160]}", file=sys.stderr)
+
+
 def survivors() -> list[str]:
     out = subprocess.run([str(MUTMUT), "results"], cwd=ROOT, capture_output=True, text=True)
     return [line.split(":")[0].strip() for line in out.stdout.splitlines() if line.strip().endswith("survived")]
@@ -121,6 +160,7 @@ def main() -> int:
         run = subprocess.run([str(MUTMUT), "run", *(f"{m}.*" for m in chosen)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         elapsed = time.monotonic() - start
+        stop_leftovers()
         if run.returncode != 0:
             print(f"mutmut failed ({run.returncode}): {run.stderr[-2000:]}", file=sys.stderr)
             return 1
