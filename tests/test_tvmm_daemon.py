@@ -4,14 +4,15 @@ session to it with socat, or serves the session itself when no daemon listens.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -159,38 +160,24 @@ def test_the_forced_command_joins_the_service_through_socat_with_large_blocks_or
     assert script.rstrip().endswith("exec /usr/bin/python3 /opt/tvmm.pyz serve --config /etc/tvmm.json")
 
 
-class _Forked:
-    """daemon.run in a child forked from this test's process (so a mutant of run is the code that
-    runs), its stderr in a file, stopped by PID."""
+class _NotInstalled(Exception):
+    """SIGTERM reached the test's own handler: run did not install its stop."""
 
-    def __init__(self, tmp_path, handle, tick: float = 0.1):
-        from tccdeploy.tvmm import daemon
 
+def _not_installed(_signum, _frame):
+    raise _NotInstalled
+
+
+class _InProcess:
+    """daemon.run in this test's main thread (a signal handler must be installed there, and mutmut
+    counts and mutates only what runs in the test's process), the engine's side in a thread that
+    stops the daemon with SIGTERM when it is done or failed; sessions are forked from this process."""
+
+    def __init__(self, tmp_path):
         folder = tmp_path / "run"
         folder.mkdir(mode=0o700)
-        self.socket, self.stderr = str(folder / "service.sock"), tmp_path / "daemon.err"
-        ready_r, ready_w = os.pipe()
-        err = os.open(self.stderr, os.O_WRONLY | os.O_CREAT, 0o600)
-        self.pid = os.fork()
-        if self.pid == 0:  # the daemon: never returns into pytest
-            code = 70
-            try:
-                os.close(ready_r)
-                os.dup2(err, 2)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)  # line-buffered as stderr is; pytest's capture is not fd 2
-                daemon.run(self.socket, {"hello": "h"}, handle, ready=lambda: os.write(ready_w, b"r"), tick=tick)
-                code = 71  # run returned: it must not
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else 72
-            finally:
-                os._exit(code)
-        os.close(err)
-        os.close(ready_w)
-        with os.fdopen(ready_r, "rb") as ready:
-            listening = select.select([ready], [], [], 30)[0] and ready.read(1) == b"r"
-        if not listening:
-            self.close()
-            raise AssertionError("the daemon did not say it listens within 30 s")
+        self.socket = str(folder / "service.sock")
+        self.pid = os.getpid()
 
     def connect(self) -> tuple[socket.socket, object]:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -200,18 +187,39 @@ class _Forked:
         assert json.loads(reader.readline()) == {"hello": "h"}
         return conn, reader
 
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        """The daemon's exit code (or minus the signal that ended it)."""
-        os.kill(self.pid, signum)
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def run(self, handle, engine) -> object:
+        """run's exit code; engine(self)'s failure, if any, raised here."""
+        from tccdeploy.tvmm import daemon
 
-    def close(self) -> None:
+        listening, failed = threading.Event(), []
+
+        def drive() -> None:
+            try:
+                assert listening.wait(30), "the daemon did not say it listens within 30 s"
+                engine(self)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+                failed.append(exc)
+            finally:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+        assert threading.current_thread() is threading.main_thread()
+        before = set(procs.children(self.pid))
+        previous = signal.signal(signal.SIGTERM, _not_installed)
+        thread = threading.Thread(target=drive, daemon=True)
+        thread.start()
         try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+            with pytest.raises(SystemExit) as stopped:
+                daemon.run(self.socket, {"hello": "h"}, handle, ready=listening.set, tick=0.1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            thread.join(30)
+            for pid in set(procs.children(self.pid)) - before:  # a failed test's sessions (each holds
+                os.kill(pid, signal.SIGKILL)  # its engine end, forked from this process, so never sees EOF)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        if failed:
+            raise failed[0]
+        return stopped.value.code
 
 
 def _ask(conn: socket.socket, reader, request: dict) -> dict:
@@ -219,10 +227,33 @@ def _ask(conn: socket.socket, reader, request: dict) -> dict:
     return json.loads(reader.readline())
 
 
-def _own_pid(request: dict) -> dict:
+def _unix_sockets_open() -> set[str]:
+    """The inodes of the sockets this process holds."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def _listening_inode(path: str) -> str:
+    with open("/proc/net/unix") as fh:
+        for line in fh.read().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) == 8 and fields[7] == path:
+                return fields[6]
+    raise AssertionError(f"no socket listens on {path}")
+
+
+def _session_side(request: dict) -> dict:
     if request.get("op") == "boom":
         raise RuntimeError("the handler failed")
-    return {"id": request["id"], "ok": True, "pid": os.getpid()}
+    return {"id": request["id"], "ok": True, "pid": os.getpid(), "sockets": sorted(_unix_sockets_open()),
+            "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL}
 
 
 def _wait(predicate, seconds: float = 5.0) -> bool:
@@ -232,67 +263,50 @@ def _wait(predicate, seconds: float = 5.0) -> bool:
     return predicate()
 
 
-def test_run_serves_each_session_in_a_child_of_its_own_reaps_it_and_stops_on_sigterm(tmp_path):
+def _reaped(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")  # a zombie keeps its /proc entry until its parent reaps it
+
+
+def test_run_serves_each_session_in_a_child_of_its_own_reaps_it_and_stops_on_sigterm(tmp_path, capsys):
     """Two sessions at once (a parent that waited for a child would never accept the second), each
-    in its own process; a session's end reaches the engine as EOF (the parent closed its copy) and
-    its process is reaped within a tick; SIGTERM stops the daemon with 0 and removes the socket."""
-    forked = _Forked(tmp_path, _own_pid)
-    try:
-        said = f"serving sessions on {forked.socket} (pid {forked.pid})"
-        assert _wait(lambda: said in forked.stderr.read_text())
-        assert os.stat(forked.socket).st_mode & 0o777 == 0o600
-        (one, one_r), (two, two_r) = forked.connect(), forked.connect()
+    in its own process with SIGTERM's default action and without the listening socket; a session's
+    end reaches the engine as EOF (the parent closed its copy) and its process is reaped within a
+    tick; SIGTERM stops the daemon with 0 and removes the socket."""
+    daemon = _InProcess(tmp_path)
+
+    def engine(daemon: _InProcess) -> None:
+        assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+        listener = _listening_inode(daemon.socket)
+        (one, one_r), (two, two_r) = daemon.connect(), daemon.connect()
         first, second = _ask(one, one_r, {"id": 1}), _ask(two, two_r, {"id": 2})
         assert first["id"] == 1 and second["id"] == 2
-        assert len({first["pid"], second["pid"], forked.pid, os.getpid()}) == 4
-        assert sorted(procs.children(forked.pid)) == sorted([first["pid"], second["pid"]])
+        assert len({first["pid"], second["pid"], daemon.pid}) == 3
+        assert listener not in first["sockets"] and listener not in second["sockets"]
+        assert first["sigterm_default"] and second["sigterm_default"]
         one.shutdown(socket.SHUT_WR)
         assert one_r.read() == b""  # EOF: the session's process ended and the daemon kept no copy
-        assert _wait(lambda: procs.children(forked.pid) == [second["pid"]])  # reaped: not even a zombie
-        os.kill(second["pid"], signal.SIGTERM)  # a session ends as a plain process does on SIGTERM
+        assert _wait(lambda: _reaped(first["pid"]))  # without another session arriving
+        os.kill(second["pid"], signal.SIGTERM)
         assert two_r.read() == b""
-        assert _wait(lambda: procs.children(forked.pid) == [])
-        assert "Traceback" not in forked.stderr.read_text()
-        assert forked.stop() == 0 and not os.path.exists(forked.socket)
+        assert _wait(lambda: _reaped(second["pid"]))
         for end in (one_r, one, two_r, two):
             end.close()
-    finally:
-        forked.close()
 
-
-def test_a_session_does_not_keep_the_listening_socket(tmp_path):
-    """A daemon killed with a session open leaves its socket file: nothing must accept on it then
-    (the session's process closed its copy of the listener), so a client is refused at once
-    instead of waiting in a backlog that no process will ever answer."""
-    forked = _Forked(tmp_path, _own_pid)
-    try:
-        conn, reader = forked.connect()
-        session = _ask(conn, reader, {"id": 1})["pid"]
-        assert forked.stop(signal.SIGKILL) == -signal.SIGKILL and os.path.exists(forked.socket)
-        with pytest.raises(ConnectionRefusedError):
-            late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                late.connect(forked.socket)
-            finally:
-                late.close()
-        assert _ask(conn, reader, {"id": 2}) == {"id": 2, "ok": True, "pid": session}  # the open one goes on
-        conn.close()
-        reader.close()
-    finally:
-        forked.close()
+    assert daemon.run(_session_side, engine) == 0
+    assert not os.path.exists(daemon.socket)
+    assert f"serving sessions on {daemon.socket} (pid {daemon.pid})" in capsys.readouterr().err
 
 
 def test_a_session_whose_handler_fails_ends_alone_and_the_daemon_serves_the_next(tmp_path):
-    forked = _Forked(tmp_path, _own_pid)
-    try:
-        conn, reader = forked.connect()
+    daemon = _InProcess(tmp_path)
+
+    def engine(daemon: _InProcess) -> None:
+        conn, reader = daemon.connect()
         conn.sendall(b'{"id": 1, "op": "boom"}\n')
         assert reader.read() == b""
-        assert _wait(lambda: "RuntimeError: the handler failed" in forked.stderr.read_text())
-        again, again_r = forked.connect()
+        again, again_r = daemon.connect()
         assert _ask(again, again_r, {"id": 2})["ok"] is True
         for end in (reader, conn, again_r, again):
             end.close()
-        assert forked.stop() == 0
-    finally:
-        forked.close()
+
+    assert daemon.run(_session_side, engine) == 0
