@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def wording_only(removed: list[str], added: list[str]) -> bool:
 
 
 def leftovers() -> list[tuple[int, str]]:
-    """Processes a mutmut run left behind (a test's server whose teardown a mutant broke): every
-    process mutmut's tests start carries MUTANT_UNDER_TEST in its environment."""
+    """Processes a mutmut run left behind: a test's server whose teardown a mutant broke (every
+    program mutmut's tests start carries MUTANT_UNDER_TEST in its environment), or a fork of a
+    mutmut worker that a mutant sent down the other branch of a fork (titled "mutmut: ...")."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -106,7 +108,7 @@ def leftovers() -> list[tuple[int, str]]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(item.startswith(b"MUTANT_UNDER_TEST=") for item in environ):
+        if cmdline.startswith("mutmut: ") or any(item.startswith(b"MUTANT_UNDER_TEST=") for item in environ):
             found.append((int(entry), cmdline.strip()))
     return found
 
@@ -157,13 +159,17 @@ def main() -> int:
         # function between runs, and reuses both, so tests or settings changed since would not count.
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
         start = time.monotonic()
-        run = subprocess.run([str(MUTMUT), "run", *(f"{m}.*" for m in chosen)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        elapsed = time.monotonic() - start
-        stop_leftovers()
-        if run.returncode != 0:
-            print(f"mutmut failed ({run.returncode}): {run.stderr[-2000:]}", file=sys.stderr)
-            return 1
+        # Its errors go to a file, not a pipe: a process a mutant left would hold a pipe open, and
+        # this would wait for it instead of stopping it.
+        with tempfile.TemporaryFile("w+") as errors:
+            run = subprocess.run([str(MUTMUT), "run", *(f"{m}.*" for m in chosen)], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=errors, text=True)
+            elapsed = time.monotonic() - start
+            stop_leftovers()
+            if run.returncode != 0:
+                errors.seek(0)
+                print(f"mutmut failed ({run.returncode}): {errors.read()[-2000:]}", file=sys.stderr)
+                return 1
     figures = results()
     rows = []
     for module in chosen:
