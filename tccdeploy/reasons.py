@@ -227,6 +227,7 @@ REASONS: dict[str, str] = {
     "tvmm.no-disk": "the VM has no disk on this node",
     "tvmm.disk-complete": "the VM's disk is already on the node; it is replaced only after the VM is destroyed",
     "tvmm.disk-offset": "a disk write is not at the end of what the node received",
+    "tvmm.disk-busy": "another session is writing or committing the VM's disk or saved state on the node",
     "tvmm.disk-digest": "the disk on the node is not the image the TC released the key for",
     "tvmm.disk-key": "QEMU could not open the encrypted disk with the released key",
     "tvmm.qemu": "QEMU failed to start, migrate or load a VM",

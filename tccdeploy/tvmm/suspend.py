@@ -35,6 +35,7 @@ from .vm import (
     _pid,
     digest_of,
     keep_wrapped_key,
+    lock_partial,
     pending_migration,
     receive_into,
     start_qemu,
@@ -64,6 +65,18 @@ def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
         raise ServiceError("tvmm.vm-not-running", "the VM is not running here")
     if pending_migration(vm_id) is not None:
         raise ServiceError("tvmm.migrating", "a migration of this VM is not settled")
+    # The saved state is written where an upload of a state would be: locked for this suspension
+    # alone (vm.lock_partial), before the ticket is spent, so a session appending there is refused
+    # first and no byte of the engine's joins the state whose digest the evidence names.
+    lock = lock_partial(os.path.join(directory, STATE_FILE + ".partial"), os.O_WRONLY | os.O_CREAT)
+    try:
+        return _suspend(body, directory, lock)
+    finally:
+        os.close(lock)
+
+
+def _suspend(body: dict[str, Any], directory: str, lock: int) -> dict[str, Any]:
+    vm_id = body["vm_id"]
     tickets.spend(body)
     ksus = tk_decrypt(base64.b64decode(body["ksus"]),
                       ticket_label("suspend", "ksus", vm_id, body["customer"], body["id"]))
@@ -78,7 +91,8 @@ def vm_suspend(ticket: dict[str, Any]) -> dict[str, Any]:
     encryptor = stream_module().Encryptor(ksus, context=context(body))
     del ksus
     partial = os.path.join(directory, STATE_FILE + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.ftruncate(lock, 0)
+    fd = os.dup(lock)  # (closing it keeps the lock: the lock's descriptor stays open)
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:

@@ -11,6 +11,8 @@ inputs), so the engine cannot add a monitor, a debugger or a device to a VM whos
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -58,13 +60,26 @@ def _disk_paths(vm_id: str, what: str = "disk") -> tuple[str, str]:
 DIGEST_SUFFIX = ".sha256"  # beside a disk or saved state: its SHA-256 as this service computed it
 
 
-def record_digest(path: str, digest: str) -> None:
+def record_digest(path: str, digest: str, st: os.stat_result | None = None) -> None:
     """Note path's SHA-256, computed by this service as it wrote the file, with the size and
-    modification time it has now: a file only this service writes (its 0700 folder) is not read
-    whole again to check it, for tens of GB that is minutes of a launch."""
-    st = os.stat(path)
+    modification time it has (st: as this service's locked descriptor saw it): a file only this
+    service writes (its 0700 folder) is not read whole again to check it, for tens of GB that is
+    minutes of a launch."""
+    st = st or os.stat(path)
     atomic_write(path + DIGEST_SUFFIX, json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                                    "sha256": digest}).encode(), 0o600)
+
+
+def _noted(path: str, st: os.stat_result) -> str:
+    """The digest noted beside path while the file is still as it was noted, else ""."""
+    try:
+        with open(path + DIGEST_SUFFIX) as fh:
+            noted = json.load(fh)
+        if noted["size"] == st.st_size and noted["mtime_ns"] == st.st_mtime_ns:
+            return str(noted["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return ""
 
 
 def digest_of(path: str) -> str:
@@ -74,14 +89,56 @@ def digest_of(path: str) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         return ""
+    return _noted(path, st) or sha256_file(path)
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, READ_CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def lock_partial(partial: str, flags: int, disk: str | None = None) -> int:
+    """partial opened and locked for this session alone, checked to be still the partial file
+    (not committed or removed since it was opened) and, with disk, its disk not yet whole.
+
+    Why: each session is a process of its own and an engine may open many at once. Two sessions
+    appending to one partial file would each hash only their own bytes and note that digest
+    beside the mixed file, so a commit and a launch would trust a digest that is not the disk's
+    (the engine's bytes spliced into the customer's image). Every writer of a partial file takes
+    this lock, and notes what it wrote only while it holds it."""
+    fd = os.open(partial, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with open(path + DIGEST_SUFFIX) as fh:
-            noted = json.load(fh)
-        if noted["size"] == st.st_size and noted["mtime_ns"] == st.st_mtime_ns:
-            return str(noted["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return sha256_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError("tvmm.disk-busy", "another session is writing or committing this VM's disk (or "
+                                                 "saved state); wait for it to end") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(partial))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise ServiceError("tvmm.disk-busy", "this VM's disk was committed or removed while this session "
+                                                 "waited to write it")
+        if disk is not None and os.path.exists(disk):
+            raise ServiceError("tvmm.disk-complete", "this VM's disk is here already; destroy the VM to replace it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def locked_partial(partial: str, flags: int, disk: str | None = None) -> Iterator[int]:
+    fd = lock_partial(partial, flags, disk)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @operation("disk_state")
@@ -110,17 +167,20 @@ def disk_receive(vm_id: str, offset: int, what: str = "disk") -> Incoming:
         # Hashed as it is written, so the commit need not read the file again; a resumed copy
         # hashes what arrived before first (a hash's state does not outlive the call).
         digest = hashlib.sha256()
-        written = size
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        try:
-            if size:
-                with open(fd, "rb", closefd=False) as fh:
-                    for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
-                        digest.update(chunk)
-            written += write_behind(blocks, fd, digest)
-        finally:
-            os.close(fd)
-        record_digest(partial, digest.hexdigest())
+        with locked_partial(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND, disk) as fd:
+            now = os.fstat(fd).st_size
+            if now != size:  # another session wrote since this one was answered
+                raise ServiceError("tvmm.disk-offset", f"the disk being received has {now} bytes; write at {now}, "
+                                                       f"not {size}")
+            with open(fd, "rb", closefd=False) as fh:
+                for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+                    digest.update(chunk)
+            written = size + write_behind(blocks, fd, digest)
+            st = os.fstat(fd)
+            if st.st_size != written:
+                raise ServiceError("tvmm.disk-busy", f"the disk being received has {st.st_size} bytes, not the "
+                                                     f"{written} this session wrote")
+            record_digest(partial, digest.hexdigest(), st)
         return {"changed": written > size, "size": written}
 
     return Incoming({"vm_id": vm_id, "offset": offset}, consume)
@@ -186,17 +246,26 @@ def disk_commit(vm_id: str, sha256: str, what: str = "disk") -> dict[str, Any]:
     disk, partial = _disk_paths(vm_id, what)
     if digest_of(disk) == sha256:
         return {"changed": False}
-    actual = digest_of(partial)
-    if actual != sha256:
-        for path in (partial, partial + DIGEST_SUFFIX):
-            if os.path.exists(path):
-                os.unlink(path)
-        raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is {actual or 'missing'}, expected {sha256}; "
-                                               "send it again")
-    durable_replace(partial, disk)
-    record_digest(disk, actual)  # (a rename keeps the size and time noted)
-    if os.path.exists(partial + DIGEST_SUFFIX):
-        os.unlink(partial + DIGEST_SUFFIX)
+    try:
+        fd = lock_partial(partial, os.O_RDONLY, disk)
+    except FileNotFoundError:
+        raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is missing, expected {sha256}; "
+                                               "send it again") from None
+    try:  # locked: no session appends between the digest and the rename
+        st = os.fstat(fd)
+        actual = _noted(partial, st) or _sha256_fd(fd)
+        if actual != sha256:
+            for path in (partial, partial + DIGEST_SUFFIX):
+                if os.path.exists(path):
+                    os.unlink(path)
+            raise ServiceError("tvmm.disk-digest", f"the received disk's sha256 is {actual}, expected {sha256}; "
+                                                   "send it again")
+        durable_replace(partial, disk)
+        record_digest(disk, actual, st)  # (a rename keeps the size and time noted)
+        if os.path.exists(partial + DIGEST_SUFFIX):
+            os.unlink(partial + DIGEST_SUFFIX)
+    finally:
+        os.close(fd)
     return {"changed": True}
 
 
