@@ -14,7 +14,8 @@ import pytest
 from .conftest import REPO
 from .tcservice import Service
 
-OPTIONS = ("--handshake-timeout", "1", "--header-timeout", "1", "--body-timeout", "2", "--max-connections-per-client", "40")
+OPTIONS = ("--handshake-timeout", "1", "--header-timeout", "1", "--body-timeout", "2", "--answer-timeout", "3",
+           "--max-connections-per-client", "40")
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,44 @@ def test_a_request_that_is_not_http_is_refused_400(service):
     with tls(service) as sock:
         sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
         assert answer(sock).startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_request_answered_before_its_body_was_read_leaves_the_connection_under_a_deadline(service):
+    """A 404 answers before the body is read; the body then arriving used to leave the connection
+    with no deadline at all (found in review): it stayed open for as long as its client liked."""
+    with tls(service) as sock:
+        sock.sendall(b"POST /no/such/route HTTP/1.1\r\nHost: tc\r\nContent-Length: 5\r\n\r\n")
+        sock.settimeout(10)
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 404 "), head[:100]
+        sock.sendall(b"abcde")
+        assert closed_after(sock) < 10  # 1 s configured for the next request's headers
+
+
+def test_a_chunked_bodys_trailers_are_held_to_the_heads_size(service):
+    """llhttp hands a chunked body's trailer lines to the header callback after the head's check:
+    without a count they piled up in memory until the body's deadline."""
+    with tls(service) as sock:
+        sock.sendall(b"POST /v1/requests HTTP/1.1\r\nHost: tc\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+        for _ in range(64):  # 64 KiB of trailers, never ended
+            try:
+                sock.sendall(b"a: b\r\n" * 170)
+            except OSError:
+                break
+        assert answer(sock).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_client_that_stops_reading_its_answers_is_cut_at_the_answer_deadline(service):
+    """Pipelined requests whose answers are never read: the service's writes stall, and without an
+    answer deadline the connection was held for good (found in review)."""
+    request = b"GET /openapi.json HTTP/1.1\r\nHost: tc\r\n\r\n"
+    with tls(service) as sock:
+        sock.settimeout(5)
+        try:
+            sock.sendall(request * 200)
+        except OSError:
+            pass
+        time.sleep(6)  # past the headers' (1 s), body's (2 s) and answer's (3 s) deadlines
+        replies = answer(sock).count(b"HTTP/1.1 200 ")
+    assert 0 < replies < 200

@@ -280,10 +280,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
         return 2
-    if args.max_connections_per_client < 1 or min(args.header_timeout, args.body_timeout, args.handshake_timeout) <= 0:
+    if args.max_connections_per_client < 1 or min(args.header_timeout, args.body_timeout, args.handshake_timeout,
+                                                  args.answer_timeout) <= 0:
         print("error: --max-connections-per-client takes 1 or more, the timeouts more than 0 seconds", file=sys.stderr)
         return 2
-    limits = Limits(handshake=args.handshake_timeout, headers=args.header_timeout, body=args.body_timeout, per_client=args.max_connections_per_client)
+    limits = Limits(handshake=args.handshake_timeout, headers=args.header_timeout, body=args.body_timeout,
+                    answer=args.answer_timeout, per_client=args.max_connections_per_client)
     from .. import logs
 
     logs.configure(args.log_format)
@@ -417,5 +419,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a TLS handshake must finish this soon after the TCP connection (default 10)")
     q.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request's body must arrive whole this soon after its headers (default 30)")
+    q.add_argument("--answer-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="a request's answer must be taken whole this soon after the request's last byte: the "
+                        "TC's decision and the client's reading of it; a client that stops reading is cut then "
+                        "(default 120)")
     state(q, manifests=True)
     q.set_defaults(func=cmd_serve)

@@ -54,6 +54,7 @@ class Limits:
     handshake: float = 10.0  # the TLS handshake
     headers: float = 10.0  # a request's headers, whole, from the connection opening or the last response
     body: float = 30.0  # its body, once the headers are in (8 MiB at 300 kB/s)
+    answer: float = 120.0  # its answer, from the request's last byte to the response's last byte sent
     per_client: int = 64  # open connections from one address (the engine's fan-out and bench use 32)
     total: int = 2048  # open connections in all (uvicorn answers 503 beyond)
     threads: int = 4  # decisions taken at once (the rest queue in order; see api.Api)
@@ -159,10 +160,25 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
             if self._tcc_phase == "headers":
                 self._tcc_arm("body", limits.body)
 
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._tcc_in_head:
+                super().on_header(name, value)
+                return
+            # a chunked body's trailers: llhttp hands them here after the head was checked; the
+            # TC reads none of them, and together they are held to the head's size
+            self._tcc_head += len(name) + len(value) + 4
+            if self._tcc_head > limits.head:
+                raise _HeadTooLarge()
+
         def on_message_complete(self) -> None:
             super().on_message_complete()
-            if self._tcc_phase in ("headers", "body"):
-                self._tcc_arm("app", None)  # the request is in: the application's own time
+            current = self.cycle
+            if current is not None and current.response_complete:
+                # answered before its body was read (a 404, 405 or 415): the connection now waits
+                # for the next request, under the headers' deadline (it had none: a review found it)
+                self._tcc_arm("headers", limits.headers)
+            elif self._tcc_phase in ("headers", "body"):
+                self._tcc_arm("app", limits.answer)  # the request is in: the application's time, and the client's to read
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -170,7 +186,7 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 return
             current = self.cycle
             if current is not None and not current.response_complete:  # a pipelined request started
-                self._tcc_arm("body", limits.body) if current.more_body else self._tcc_arm("app", None)
+                self._tcc_arm("body", limits.body) if current.more_body else self._tcc_arm("app", limits.answer)
             else:
                 self._tcc_arm("headers", limits.headers)
 
