@@ -223,3 +223,13 @@ def test_a_client_that_stops_reading_its_answers_is_cut_at_the_answer_deadline(s
         time.sleep(6)  # past the headers' (1 s), body's (2 s) and answer's (3 s) deadlines
         replies = answer(sock).count(b"HTTP/1.1 200 ")
     assert 0 < replies < 200
+
+
+def test_bytes_that_are_not_http_after_a_whole_request_leave_that_request_its_true_answer(service):
+    """The request before the bad bytes runs (its handler started as its headers ended); the client
+    used to get a 400 for it all the same. Now it gets that request's answer, then the close."""
+    with tls(service) as sock:
+        sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: tc\r\n\r\n\x00not http\r\n\r\n")
+        replies = answer(sock)
+    assert replies.startswith(b"HTTP/1.1 200 ") and b"connection: close" in replies.lower(), replies[:300]
+    assert b"HTTP/1.1 400 " not in replies

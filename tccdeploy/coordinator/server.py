@@ -191,8 +191,18 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 self._tcc_arm("headers", limits.headers)
 
         def _tcc_refuse(self, status: int, message: str) -> None:
-            """Answer status and close: nothing of the request reached the application."""
+            """Answer status and close: nothing of the bad request reached the application. When a
+            whole request came before the bad bytes, its handler is already running: its answer is
+            the one sent (a refusal in its place would tell the client a request that ran was
+            refused; found in review), then the connection closes; nothing after it runs."""
             from http import HTTPStatus
+
+            current = self.cycle
+            if current is not None and not current.more_body and not current.response_complete:
+                current.keep_alive = False  # its answer says `connection: close`, and closes
+                self.pipeline.clear()
+                self.parser = None  # type: ignore[assignment]
+                return
 
             reason = HTTPStatus(status).phrase.encode()
             body = message.encode()
