@@ -283,3 +283,18 @@ def test_a_session_answered_before_another_wrote_is_refused_at_its_lock(state: P
     _, answers = session(line("disk_receive", 1, vm_id=VM, offset=3) + block(b"XYZ") + END)
     assert answers[1]["error"]["reason"] == "tvmm.disk-offset"
     assert partial(state) == b"abcde"
+
+
+def test_a_session_that_reaches_its_lock_after_the_disk_was_committed_is_refused_as_complete(state: Path):
+    """Answered before another session's commit, at its lock after it (a fresh partial then): the
+    disk is whole now, and bytes in a partial beside it could never be committed."""
+    from tccdeploy.tvmm import vm
+
+    folder = state / "vms" / VM
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "disk.qcow2").write_bytes(b"abc")
+    with pytest.raises(vm.ServiceError) as refused:
+        vm.lock_partial(str(folder / "disk.qcow2.partial"), os.O_RDWR | os.O_CREAT | os.O_APPEND,
+                        str(folder / "disk.qcow2"))
+    assert refused.value.reason == "tvmm.disk-complete"
+    assert (folder / "disk.qcow2").read_bytes() == b"abc"
