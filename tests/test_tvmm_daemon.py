@@ -81,6 +81,12 @@ def test_the_forced_command_joins_the_daemon_and_serves_alone_when_none_listens(
         joined = session()
         assert joined[0]["node"] == "warm" and joined[0]["digest"] == daemon.digest
         assert _answers(joined) == _answers(alone) == ["tvmm.unknown-op", "BadRequest", "tvmm.tpm"]
+        assert daemon.proc is not None
+        daemon.proc.kill()  # as the OOM killer would: no SIGTERM, so its socket and pid file stay
+        daemon.proc.wait(timeout=10)
+        assert os.path.exists(daemon.socket) and os.path.exists(daemon.socket + ".pid")
+        after = session()
+        assert after[0]["node"] == "cold" and _answers(after) == _answers(alone)  # served alone, not refused
 
 
 def test_the_daemon_refuses_a_peer_of_another_uid_before_greeting(monkeypatch):
@@ -154,8 +160,9 @@ def test_the_forced_command_joins_the_service_through_socat_with_large_blocks_or
     """Debian's socat by default, with 256 KiB blocks (its 8 KiB default held a disk upload to
     142 MiB/s); the build's own service for the session when the socket is not there."""
     script = connect_script("/run/tccdeploy-tvmm.sock", "/usr/bin/python3", "/opt/tvmm.pyz", "/etc/tvmm.json")
-    assert 'if [ -S "$sock" ] && [ -x /usr/bin/socat ]; then exec /usr/bin/socat -b 262144 -t 900 STDIO ' \
-           '"UNIX-CONNECT:$sock"; fi' in script
+    assert 'if [ -S "$sock" ] && [ -x /usr/bin/socat ]; then\n' \
+           '  if ! read pid 2>/dev/null < "$sock.pid" || kill -0 "$pid" 2>/dev/null; then\n' \
+           '    exec /usr/bin/socat -b 262144 -t 900 STDIO "UNIX-CONNECT:$sock"\n  fi\nfi\n' in script
     assert "sock=/run/tccdeploy-tvmm.sock\n" in script
     assert script.rstrip().endswith("exec /usr/bin/python3 /opt/tvmm.pyz serve --config /etc/tvmm.json")
 
@@ -276,6 +283,9 @@ def test_run_serves_each_session_in_a_child_of_its_own_reaps_it_and_stops_on_sig
 
     def engine(daemon: _InProcess) -> None:
         assert os.stat(daemon.socket).st_mode & 0o777 == 0o600
+        with open(daemon.socket + ".pid") as fh:  # for the forced command's check that it is alive
+            assert fh.read() == f"{daemon.pid}\n"
+        assert os.stat(daemon.socket + ".pid").st_mode & 0o777 == 0o600
         listener = _listening_inode(daemon.socket)
         (one, one_r), (two, two_r) = daemon.connect(), daemon.connect()
         first, second = _ask(one, one_r, {"id": 1}), _ask(two, two_r, {"id": 2})
@@ -293,7 +303,7 @@ def test_run_serves_each_session_in_a_child_of_its_own_reaps_it_and_stops_on_sig
             end.close()
 
     assert daemon.run(_session_side, engine) == 0
-    assert not os.path.exists(daemon.socket)
+    assert not os.path.exists(daemon.socket) and not os.path.exists(daemon.socket + ".pid")
     assert f"serving sessions on {daemon.socket} (pid {daemon.pid})" in capsys.readouterr().err
 
 

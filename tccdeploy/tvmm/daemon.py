@@ -25,16 +25,25 @@ import sys
 import traceback
 from typing import Any
 
+from ..crypto.files import atomic_write
 from ..node.protocol import Handler, failure, serve
 
 CONNECT_SCRIPT = """#!/bin/sh
 # The TVMM user's forced command (tccdeploy-tvmm, in the measured build): join this SSH session to
 # the service started at boot, or run the service for this session alone when it is not listening.
 # (socat's blocks of 256 KiB, not its 8 KiB default: a disk upload went 142 -> 166 MiB/s.)
+# A daemon killed without its SIGTERM (the OOM killer) leaves its socket and its pid file: its
+# pid no longer alive, the session is served alone rather than refused by a socket nobody answers.
 sock={socket}
-if [ -S "$sock" ] && [ -x {socat} ]; then exec {socat} -b 262144 -t 900 STDIO "UNIX-CONNECT:$sock"; fi
+if [ -S "$sock" ] && [ -x {socat} ]; then
+  if ! read pid 2>/dev/null < "$sock.pid" || kill -0 "$pid" 2>/dev/null; then
+    exec {socat} -b 262144 -t 900 STDIO "UNIX-CONNECT:$sock"
+  fi
+fi
 exec {python} {service} serve --config {config}
 """
+
+PID_SUFFIX = ".pid"  # beside the socket: the daemon's pid, for the forced command's check
 
 
 def connect_script(socket_path: str, python: str, service: str, config: str, socat: str = "/usr/bin/socat") -> str:
@@ -128,6 +137,7 @@ def run(path: str, hello: dict[str, Any], handle: Handler, ready: Any = None, ti
     seconds without a new session, the sessions that ended are reaped."""
     preload()
     listener = listen(path)
+    atomic_write(path + PID_SUFFIX, f"{os.getpid()}\n".encode(), 0o600)
     signal.signal(signal.SIGTERM, _stop)  # stopped at shutdown: the socket goes with it
     if ready is not None:
         ready()
@@ -155,7 +165,8 @@ def run(path: str, hello: dict[str, Any], handle: Handler, ready: Any = None, ti
             conn.close()
     finally:
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for name in (path, path + PID_SUFFIX):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
