@@ -70,11 +70,18 @@ def prepare_image(lab: Lab) -> None:
     what goes into it)."""
     initrd = nodeimage.cached_node_initramfs(lab.progress, [realboot.kernel_package(previous=p) for _, p in BUILDS.values()])
     signing = signing_keys(lab)
+    bootloader = None
     for build, (_, previous) in BUILDS.items():
         folder = artifact_dir(lab, build)
         os.makedirs(folder, exist_ok=True)
         kernel = realboot.kernel_package(previous=previous)
-        secureboot.sign(realboot.SYSTEMD_BOOT_EFI, os.path.join(folder, "bootloader"), signing)
+        # One signed boot loader for every build, as a vendor ships one: sbsign stamps the second of
+        # signing, so signing it per build made the builds' boot loaders differ or not by the clock.
+        if bootloader is None:
+            bootloader = os.path.join(folder, "bootloader")
+            secureboot.sign(realboot.SYSTEMD_BOOT_EFI, bootloader, signing)
+        else:
+            shutil.copyfile(bootloader, os.path.join(folder, "bootloader"))
         secureboot.sign(realboot.kernel_image(lab.progress, kernel), os.path.join(folder, "kernel"), signing)
         shutil.copyfile(initrd, os.path.join(folder, "initrd"))
 

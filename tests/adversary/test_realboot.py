@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -325,9 +326,12 @@ def test_a_new_kernel_rolls_out_through_the_playbook_as_a_candidate_then_approve
     proc = rolled_out.rollout["playbook"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "rboot1" in proc.stdout and "failed=0" in proc.stdout, proc.stdout[-2000:]
-    # the new build shares the initramfs with the running one, which the node's boot disk holds since
-    # it was installed: only the new kernel (and its command line) crossed the network
-    assert re.search(r'"reused": \{\s*"initrd": "' + re.escape(realnodes.BUILD) + '"', proc.stdout), proc.stdout[-3000:]
+    # the new build shares the boot loader and the initramfs with the running one, which the node's boot
+    # disk holds since it was installed: only the new kernel (and its command line) crossed the network
+    task = json.loads(re.search(r"TASK \[Install the build.*?\n\S+: \[rboot1\] => (\{.*\})\n", proc.stdout).group(1))
+    assert task["reused"] == {"bootloader": realnodes.BUILD, "initrd": realnodes.BUILD}, task
+    assert task["installed"] == ["bootloader", "cmdline", "initrd", "kernel"], task  # missing from its folder
+    assert task["uploaded"] == ["cmdline", "kernel"], task
     assert set(rolled_out.rollout["vms_after_rollout"].values()) == {"rboot2"}  # drained before the reboot
     rolled_out.lab.load()  # the reboot command was another process
     assert rolled_out.lab.node("rboot1").build == realnodes.NEXT_BUILD

@@ -116,7 +116,7 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
         missing = [n for n, ok in state["present"].items() if not ok]
         set_next = state["next"] != build.name
         reboot_needed = reboot and state["running"] != build.name
-        result: dict[str, Any] = {"build": build.name, "boot_dir": boot_dir, "uploaded": missing,
+        result: dict[str, Any] = {"build": build.name, "boot_dir": boot_dir, "installed": missing,
                                   "running_before": state["running"]}
         if not (missing or set_next or reboot_needed):
             return result | {"changed": False, "running": state["running"]}
@@ -140,6 +140,7 @@ def tvmm_deploy(ctx: Context) -> dict[str, Any]:
             else:
                 put_file(session, local, f"{folder}/{name}", digest, "0644")
         result["reused"] = {name: elsewhere[name] for name in missing if name in elsewhere}
+        result["uploaded"] = [name for name in missing if name not in elsewhere]  # what crossed the network
     if set_next:
         session.call("boot_set_next", {"boot_dir": boot_dir, "build": build.name})
     if not reboot_needed:
