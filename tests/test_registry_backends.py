@@ -226,3 +226,22 @@ def test_a_node_is_leased_to_one_engine_at_a_time_across_processes(location):
     finally:
         for r in registries:
             r.close()
+
+
+def test_postgresql_drops_a_connection_the_server_cut_rather_than_keeping_it_until_close(postgres):
+    """A replica outlives database outages: each one replaces the thread's connection, and the
+    one the server cut is let go then, not held (with its socket's memory) until the service stops."""
+    from tccdeploy.coordinator.db import PostgresBackend
+
+    backend = PostgresBackend(postgres.new_database())
+    first = backend._connection()
+    try:
+        with first.cursor() as admin:  # the server ends this session, as a restart would
+            admin.execute("select pg_terminate_backend(pg_backend_pid())")
+    except Exception:  # noqa: BLE001 - the session ends under the statement that ended it
+        pass
+    assert first.closed
+    second = backend._connection()
+    assert second is not first and backend._all == [second]
+    backend.close()
+    assert second.closed and backend._all == []

@@ -144,7 +144,8 @@ class PostgresBackend:
             # One cursor a connection, used for every statement: `conn.execute` makes a cursor
             # each time, a quarter of psycopg's CPU for the registry's one-row lookups.
             self._local.cursor = conn.cursor()
-            with self._lock:
+            with self._lock:  # a closed one (the server went away) is dropped, not kept until close()
+                self._all = [c for c in self._all if not c.closed]
                 self._all.append(conn)
         return conn
 
