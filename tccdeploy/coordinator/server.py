@@ -135,7 +135,9 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 self._tcc_refuse(400, "no protocol upgrade here")
                 return
             except httptools.HttpParserError as exc:  # a callback's exception arrives wrapped in one
-                if isinstance(exc.__context__, _HeadTooLarge):
+                if isinstance(exc.__context__, _Upgrade):
+                    self._tcc_refuse(400, "no protocol upgrade here")
+                elif isinstance(exc.__context__, _HeadTooLarge):
                     self._tcc_refuse(431, "the request's head is larger than the TC takes")
                 else:
                     self._tcc_refuse(400, "Invalid HTTP request received.")
@@ -155,6 +157,8 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if size > limits.head:
                 raise _HeadTooLarge()
+            if self._tcc_upgrade():
+                raise _Upgrade()  # here, before uvicorn starts the handler: llhttp's own upgrade error comes after it
             self._tcc_in_head, self._tcc_head = False, 0
             super().on_headers_complete()
             if self._tcc_phase == "headers":
@@ -189,6 +193,12 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 self._tcc_arm("body", limits.body) if current.more_body else self._tcc_arm("app", limits.answer)
             else:
                 self._tcc_arm("headers", limits.headers)
+
+        def _tcc_upgrade(self) -> bool:
+            """The request asks to switch protocols (`Connection: upgrade`, RFC 9110 7.8) or for a
+            tunnel (CONNECT, which llhttp handles as an upgrade)."""
+            return self.parser.get_method() == b"CONNECT" or any(name == b"connection" and b"upgrade" in (t.strip().lower() for t in value.split(b","))
+                       for name, value in self.headers)
 
         def _tcc_refuse(self, status: int, message: str) -> None:
             """Answer status and close: nothing of the bad request reached the application. When a
@@ -239,6 +249,10 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 super().shutdown()
 
     return Limited
+
+
+class _Upgrade(Exception):
+    """Raised from the parser's callback: the request asks for another protocol."""
 
 
 class _HeadTooLarge(Exception):

@@ -64,3 +64,20 @@ def test_bytes_that_are_not_http_after_a_whole_request_leave_that_request_its_tr
         replies = answer(sock)
     assert replies.startswith(b"HTTP/1.1 200 ") and b"connection: close" in replies.lower(), replies[:300]
     assert b"HTTP/1.1 400 " not in replies
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /v1/status HTTP/1.1\r\nHost: tc\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    b"POST /v1/requests HTTP/1.1\r\nHost: tc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    b"CONNECT tc:443 HTTP/1.1\r\nHost: tc:443\r\n\r\n",
+], ids=["get-h2c", "post-websocket", "connect"])
+def test_a_request_asking_for_another_protocol_is_refused_before_its_handler_runs(service, request_head):
+    """The TC speaks one protocol here: a request asking to switch is refused whole. A GET's
+    handler used to run first (the switch is only seen after its headers, when the handler had
+    started), so its answer went out and the upgrade passed unremarked."""
+    with tls(service) as sock:
+        sock.sendall(request_head)
+        replies = answer(sock)
+    assert replies.startswith(b"HTTP/1.1 400 ") and b"no protocol upgrade here" in replies, replies[:300]
+    assert b"HTTP/1.1 200 " not in replies
