@@ -18,7 +18,7 @@ from ..crypto import ticket as tickets
 from . import audit, runtime
 from .identity import Identity
 from .refusals import Refused
-from .store import Registry
+from .store import Conflict, Registry
 
 END_EVENTS = {"poweroff": "powered-off", "destroy": "destroyed"}
 END_STATES = {"poweroff": "off", "destroy": "destroyed"}
@@ -107,7 +107,10 @@ def ended(registry: Registry, tc: Identity, ticket: Any, evidence: Any, runtime_
                                                f"resetCount {checked.reset_count}): the TC keeps the VM live until "
                                                "the node proves it gone")
     state = END_STATES[body["action"]]
-    recorded = registry.end_vm(vm_id, node, state, float(body["issued"]), audit.entry(
-        "vm.end", node, vm_id, state=state, ticket=body["id"], reset_count=checked.reset_count))
+    try:
+        recorded = registry.end_vm(vm_id, node, state, float(body["issued"]), audit.entry(
+            "vm.end", node, vm_id, state=state, ticket=body["id"], reset_count=checked.reset_count))
+    except Conflict as exc:
+        raise Refused(exc.reason, str(exc)) from None
     return {"vm_id": vm_id, "node": node, "state": state if recorded else None, "recorded": recorded}
 

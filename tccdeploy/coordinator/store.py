@@ -1065,6 +1065,10 @@ class Registry:
         whole seconds); False otherwise."""
         allowed = self.VM_ENDS[state]
         with self.transaction(serialize=True) as db:
+            # A resume under way may already run the VM elsewhere from this node's saved state: an
+            # end ticket issued before the resume began must not record it gone (found in review).
+            if db.execute("SELECT 1 FROM suspensions WHERE vm_id = ? AND state = 'resuming'", (vm_id,)).first():
+                raise Conflict("vm.end-resuming", f"VM {vm_id} is being resumed: settle that first (its resume evidence)")
             marks = ", ".join("?" * len(allowed))
             if db.execute(f"UPDATE vms SET state = ?, updated = ? WHERE vm_id = ? AND node = ? AND state IN ({marks}) "
                           "AND (placed IS NULL OR placed < ?)",
@@ -1198,8 +1202,10 @@ class Registry:
             if row is None:
                 raise Conflict("suspend.not-resuming", f"suspension {suspension_id} is not being resumed")
             now = time.time()
-            db.execute("UPDATE vms SET state = 'running', node = ?, updated = ?, placed = ?, boot = ? "
-                       "WHERE vm_id = ? AND state = 'suspended'", (row["resume_node"], now, now, boot, row["vm_id"]))
+            if db.execute("UPDATE vms SET state = 'running', node = ?, updated = ?, placed = ?, boot = ? "
+                          "WHERE vm_id = ? AND state = 'suspended'",
+                          (row["resume_node"], now, now, boot, row["vm_id"])).rowcount != 1:
+                raise Conflict("suspend.not-suspended", f"VM {row['vm_id']} is no longer suspended in the records")
             self._audit(db, audit)
 
     # -- audit ----------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""A hostile engine against the TC's records of where a VM is: steps taken in an order no honest
+engine takes, each answered from the TC's records inside the write that changes them, so no
+order makes the records say a running VM is gone, or put two copies of one VM in play (found in
+a review of the lease and ticket code, issue 20). Every test here failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..brokerkit import reason
+from ..test_tc_lifecycle import ended_evidence, resumed_evidence, saved_on_n1
+
+
+@pytest.fixture
+def world(broker_world):
+    return broker_world
+
+
+def test_a_destroy_ticket_taken_before_a_resume_cannot_record_the_resumed_vm_destroyed(world):
+    """The end ticket is issued while the VM is suspended on n1 (nothing resumes yet); the engine
+    then resumes it on n2 from n1's saved state, destroys n1's copy with the earlier ticket and
+    reports it: the TC used to record the VM destroyed while it ran on n2, and took a new launch
+    request for it (a second copy, with its key)."""
+    record, _ = saved_on_n1(world)
+    end = world.tc.vm_end_ticket(record["vm_id"], "n1", "destroy")
+    resume = world.tc.resume_begin("web", "n2")
+    destroyed = ended_evidence(world, "n1", record, end)
+    assert reason(world.tc.vm_ended, end, destroyed) == "vm.end-resuming"
+    vm = world.tc.registry.vm(record["vm_id"])
+    assert (vm["state"], vm["node"]) == ("suspended", "n1")
+    suspension = world.tc.registry.suspensions(record["vm_id"])[-1]
+    assert world.tc.resume_end(suspension["id"], resumed_evidence(world, "n2", record, resume))["node"] == "n2"
+    assert world.tc.vm_ended(end, destroyed)["recorded"] is False  # n1's stay is over: n1's end changes nothing
+    vm = world.tc.registry.vm(record["vm_id"])
+    assert (vm["state"], vm["node"]) == ("running", "n2")
+
+
+def test_a_resume_is_not_recorded_running_for_a_vm_the_records_no_longer_hold_suspended(world):
+    """`resumed` moved the suspension on and updated no VM row without saying so: the TC answered
+    "running" for a VM its records said was gone."""
+    record, _ = saved_on_n1(world)
+    resume = world.tc.resume_begin("web", "n2")
+    with world.tc.registry.transaction(serialize=True) as db:  # as any path that ends the VM would leave it
+        db.execute("UPDATE vms SET state = 'destroyed' WHERE vm_id = ?", (record["vm_id"],))
+    suspension = world.tc.registry.suspensions(record["vm_id"])[-1]
+    assert reason(world.tc.resume_end, suspension["id"], resumed_evidence(world, "n2", record, resume)) \
+        == "suspend.not-suspended"
+    assert world.tc.registry.suspension(suspension["id"])["state"] == "resuming"  # nothing half-written
