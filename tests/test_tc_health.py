@@ -87,7 +87,7 @@ def test_a_full_database_an_unreachable_server_and_a_read_only_file_are_store_fa
 
 
 def test_a_clock_gone_back_is_a_503_on_every_state_change_and_in_readiness(broker_world):
-    api = Api(broker_world.tc, lambda peer: None)
+    api = Api(broker_world.tc)
     wall = Wall()
     api.health = Health(wall=wall)
 

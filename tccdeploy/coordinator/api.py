@@ -174,7 +174,9 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-PeerLookup = Callable[[tuple[str, int] | None], bytes | None]
+# The scope key under which the server's protocol puts the client certificate (DER) its TLS
+# verified for the request's own connection (server.protocol_for), or None.
+CLIENT_CERTIFICATE = "tccdeploy.client_certificate"
 Handler = Callable[[Request], Awaitable[Any]]
 _VALIDATORS = {name: fastjsonschema.compile(schema) for name, schema in SCHEMAS.items()}
 
@@ -182,14 +184,12 @@ _VALIDATORS = {name: fastjsonschema.compile(schema) for name, schema in SCHEMAS.
 class Api:
     """The routes, over one Coordinator (its registry is shared by the worker threads)."""
 
-    def __init__(self, coordinator: Coordinator, peer_certificate: PeerLookup, max_body: int = MAX_BODY,
-                 threads: int = 4):
+    def __init__(self, coordinator: Coordinator, max_body: int = MAX_BODY, threads: int = 4):
         self.tc = coordinator
         # Decisions run on a few threads, first in, first out: they all wait on one database and
         # one GIL, and forty threads (anyio's default) take turns where a decision's latency grows
         # with everybody else's. A plain executor, not anyio's: a fifth of the hop's cost.
         self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tc-decision")
-        self.peer_certificate = peer_certificate
         self.max_body = max_body
         self.metrics = Metrics()
         self.health = Health()
@@ -348,7 +348,7 @@ class Api:
         request's decision, just before it (`_decide`), or to the end of a route that has none:
         on the event loop it would hold every other connection for a database round trip (and
         for the connection timeout when the database is down)."""
-        der = self.peer_certificate(request.scope.get("client"))
+        der = request.scope.get(CLIENT_CERTIFICATE)
         if not der:
             raise ApiError(401, "auth.engine-certificate", "this route needs an engine's client certificate "
                                                            "(tccdeploy tc engines add NAME)")

@@ -17,34 +17,11 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .. import logs
-from .api import Api
+from .api import CLIENT_CERTIFICATE, Api
 from .identity import CERT_FILE
 from .identity import load as load_identity
 from .service import Coordinator
 from .tls import server_certificate
-
-
-class PeerCertificates:
-    """Verified client certificates (DER) of the open connections, by (host, port)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_peer: dict[tuple[str, int], bytes] = {}
-
-    def set(self, peer: tuple[str, int] | None, der: bytes | None) -> None:
-        if peer is None:
-            return
-        with self._lock:
-            if der:
-                self._by_peer[peer] = der
-            else:
-                self._by_peer.pop(peer, None)
-
-    def get(self, peer: Any) -> bytes | None:
-        if not peer:
-            return None
-        with self._lock:
-            return self._by_peer.get((str(peer[0]), int(peer[1])))
 
 
 @dataclass(frozen=True)
@@ -84,8 +61,7 @@ class ConnectionCounts:
             self._open.pop(host, None)
 
 
-def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
-                 counts: ConnectionCounts | None = None) -> type[HttpToolsProtocol]:
+def protocol_for(limits: Limits = Limits(), counts: ConnectionCounts | None = None) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol (llhttp, in C: a third less of the TC's one core a request
     than h11's pure Python), plus: the verified client certificate recorded per connection, a cap
     on connections per client address, a cap on a request's head (llhttp has none: it would
@@ -98,6 +74,7 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
 
     class Limited(HttpToolsProtocol):
         _tcc_host: str | None = None
+        _tcc_der: bytes | None = None
         _tcc_timer: Any = None
         _tcc_phase = ""
         _tcc_head = 0  # bytes of the request head arrived so far (llhttp buffers them)
@@ -112,9 +89,7 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
                 return
             self._tcc_host = host
             ssl_object = transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            if self._tcc_peer:
-                peers.set((host, int(self._tcc_peer[1])), der)
+            self._tcc_der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             self._tcc_arm("headers", limits.headers)
 
         def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
@@ -122,7 +97,6 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
             if self._tcc_host is not None:
                 shared.give_back(self._tcc_host)
                 self._tcc_host = None
-                peers.set((str(self._tcc_peer[0]), int(self._tcc_peer[1])), None)
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -151,6 +125,9 @@ def protocol_for(peers: PeerCertificates, limits: Limits = Limits(),
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            # The certificate this connection's TLS verified, in the request itself: looked up by
+            # the client's address, it was a header away from another connection's (found in review).
+            self.scope[CLIENT_CERTIFICATE] = self._tcc_der  # type: ignore[literal-required]
             self._tcc_in_head, self._tcc_head = True, 0
 
         def on_headers_complete(self) -> None:
@@ -372,15 +349,15 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     deliverer.start()
     identity = load_identity(coordinator.state)
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
-    peers = PeerCertificates()
-    api = Api(coordinator, peers.get, threads=limits.threads)
+    api = Api(coordinator, threads=limits.threads)
     counts = ConnectionCounts(limits.per_client)
     api.connection_counts = counts
     config = uvicorn.Config(
-        api.app(), host=host, port=port, http=protocol_for(peers, limits, counts), log_level=log_level, access_log=False,
+        api.app(), host=host, port=port, http=protocol_for(limits, counts), log_level=log_level, access_log=False,
         ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop=event_loop(),
-        limit_concurrency=limits.total, log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
+        limit_concurrency=limits.total,
+        proxy_headers=False,  # no proxy is trusted: a client's address is its connection's, never a header's log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
     )
     try:
         _Server.make(config, limits.handshake).run()

@@ -5,6 +5,8 @@ Every test here failed before its fix. The deadlines' basic cases are in tests/t
 
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 
 import pytest
@@ -81,3 +83,23 @@ def test_a_request_asking_for_another_protocol_is_refused_before_its_handler_run
         replies = answer(sock)
     assert replies.startswith(b"HTTP/1.1 400 ") and b"no protocol upgrade here" in replies, replies[:300]
     assert b"HTTP/1.1 200 " not in replies
+
+
+def test_a_client_without_a_certificate_cannot_borrow_an_engines_connection_by_forwarding_headers(service):
+    """The TC looked an engine's certificate up by the request's client address, which uvicorn
+    takes from `X-Forwarded-For` when the connection comes from loopback (the TC's default
+    listening address, and what any tunnel in front of it delivers): a client without a
+    certificate named the engine's connection and was taken for the engine (found in review)."""
+    context = ssl.create_default_context(cafile=str(service.engine_dir / "tc-ca.pem"))
+    context.load_cert_chain(str(service.engine_dir / "engine-cert.pem"), str(service.engine_dir / "engine-key.pem"))
+    raw = socket.create_connection(("127.0.0.1", service.port), timeout=15)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as engine:
+        engine.sendall(b"GET /v1/nodes HTTP/1.1\r\nHost: tc\r\n\r\n")
+        engine.settimeout(10)
+        assert engine.recv(65536).startswith(b"HTTP/1.1 200 ")  # the engine's connection is open, and known
+        host, port = engine.getsockname()
+        with tls(service) as stranger:
+            stranger.sendall(b"GET /v1/nodes HTTP/1.1\r\nHost: tc\r\nX-Forwarded-For: %s:%d\r\n"
+                             b"Forwarded: for=\"%s:%d\"\r\nConnection: close\r\n\r\n" % (host.encode(), port, host.encode(), port))
+            replies = answer(stranger)
+    assert replies.startswith(b"HTTP/1.1 401 ") and b"auth.engine-certificate" in replies, replies[:300]
