@@ -49,6 +49,20 @@ def _error_of(response: httpx.Response) -> dict[str, Any]:
     return error
 
 
+def https_url(url: str) -> str:
+    """url, if it names a TC over HTTPS: plain HTTP would hand the signed requests and queries to
+    whoever sits on the network, and let it forge the answers (a customer's client took it)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise TCUnavailable(f"{url!r} is not a TC's URL ({exc}): give --tc https://HOST:PORT "
+                            "(or set $TCCDEPLOY_TC)") from None
+    if parsed.scheme != "https" or not parsed.host:
+        raise TCUnavailable(f"{url!r} is not a TC's URL: a TC is served over HTTPS only; give --tc "
+                            "https://HOST:PORT (or set $TCCDEPLOY_TC)")
+    return url
+
+
 class RemoteCoordinator:
     """url: one TC, or several replicas separated by commas: a request that cannot reach one
     (connection refused, reset, timed out before an answer) goes to the next. Retrying is safe
@@ -67,14 +81,7 @@ class RemoteCoordinator:
         self.retries = retries
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         for each in self.urls or [url]:
-            try:
-                parsed = httpx.URL(each)
-            except (httpx.InvalidURL, ValueError) as exc:
-                raise TCUnavailable(f"{each!r} is not a TC's URL ({exc}): give --tc https://HOST:PORT "
-                                    "(or set $TCCDEPLOY_TC)") from None
-            if parsed.scheme != "https" or not parsed.host:
-                raise TCUnavailable(f"{each!r} is not a TC's URL: a TC is served over HTTPS only; give --tc "
-                                    "https://HOST:PORT (or set $TCCDEPLOY_TC)")
+            https_url(each)
         self.url = self.urls[0]
         self.http = httpx.Client(verify=context, timeout=timeout)
         self._policy: dict[str, Any] | None = None
@@ -386,8 +393,8 @@ class CustomerClient:
     receipt. The connection pins the TC's CA from the customer's tc.pem (as receipts do)."""
 
     def __init__(self, url: str, tc_pem: str, timeout: float = 30.0):
+        self.url = https_url(url.strip()).rstrip("/")
         context = pinned_context(tc_pem, "--tc-cert takes the TC's certificates as `tccdeploy tc show -o tc.pem` wrote them")
-        self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
 
     def close(self) -> None:
