@@ -86,9 +86,10 @@ REASONS: dict[str, str] = {
     # -- requests and keys (the key broker) ---------------------------------------------------------
     "request.signature": "the request is not signed by a registered customer key, or malformed",
     "request.replayed": "the request id was used before",
+    "request.id": "the request's id is not one its customer's key makes from its salt",
     "request.stale": "the request was signed too long ago, or in the future",
     "request.image": "the sealed image is not the customer's or not the one the request names",
-    "request.image-owner": "the image's key is not sealed for this customer, or the image is another's",
+    "request.image-owner": "the image's key is not sealed for this customer, its VM id is not one the customer's key makes, or the image is another's",
     "request.vm-exists": "a copy of the VM may still run: one image runs once",
     "request.duplicate-vm": "the customer already has a VM of that name",
     "release.unknown-request": "no such request",

@@ -122,14 +122,14 @@ class World:
         self.tc.add_customer(name, customer.public_text(key.public_key()))
         return key
 
-    def image(self, owner: str, kvm: bytes | None = None, version: int = 2) -> dict[str, Any]:
+    def image(self, owner: str, kvm: bytes | None = None, version: int = 3) -> dict[str, Any]:
         """owner's sealed image: a signed descriptor whose key is wrapped to the TC for owner."""
         key = self.keys[owner]
-        vm_id = secrets.token_hex(16)
+        vm_id, vm_salt = customer.new_id("vm", key.public_key())
         wrap_cert = self.tc.identity().wrap_certificate
         kvm = kvm or secrets.token_bytes(32)
         descriptor = {
-            "type": "tccdeploy-sealed-image", "version": version, "vm_id": vm_id, "name": "img",
+            "type": "tccdeploy-sealed-image", "version": version, "vm_id": vm_id, "vm_salt": vm_salt, "name": "img",
             "disk": {"file": "disk.qcow2", "sha256": secrets.token_hex(32), "size": 1, "virtual_size": 1,
                      "format": "qcow2+luks"},
             "wrapped_key": base64.b64encode(wrap.wrap(wrap_cert.public_key(), kvm,  # type: ignore[arg-type]
@@ -149,7 +149,7 @@ class World:
             spec["constraints"] = constraints
         request = {"manifest": {"apiVersion": "tccdeploy/v1", "kind": "PlacementRequest",
                                 "metadata": {"name": name or f"vm-{secrets.token_hex(3)}"}, "spec": spec},
-                   "id": secrets.token_hex(16),
+                   **dict(zip(("id", "salt"), customer.new_id("request", self.keys[owner].public_key()), strict=True)),
                    "created": (created or datetime.datetime.now(datetime.UTC)).isoformat(timespec="seconds"),
                    "customer": customer.public_text(self.keys[owner].public_key()),
                    "image": {"vm_id": descriptor["vm_id"], "sha256": descriptor["disk"]["sha256"]}}

@@ -178,7 +178,7 @@ def test_no_input_from_the_openapi_document_or_beyond_it_gets_a_5xx(served):
 
 def _signed_request(key: ed25519.Ed25519PrivateKey, vm_id: Any, **request_fields: Any) -> dict[str, Any]:
     """A request and descriptor that verify under key, carrying whatever vm_id (and fields) given."""
-    descriptor = {"type": "tccdeploy-sealed-image", "version": 2, "vm_id": vm_id, "name": "img",
+    descriptor = {"type": "tccdeploy-sealed-image", "version": 3, "vm_id": vm_id, "name": "img",
                   "disk": {"file": "disk.qcow2", "sha256": "0" * 64, "size": 1, "virtual_size": 1, "format": "qcow2+luks"},
                   "wrapped_key": base64.b64encode(b"k" * 384).decode(),
                   "customer": {"key": customer.public_text(key.public_key()), "id": customer.key_id(key.public_key())}}

@@ -126,3 +126,22 @@ def test_a_ticket_label_and_the_tk_pin_are_these_bytes():
         b"tccdeploy-ticket:" + base64.urlsafe_b64encode(bound).rstrip(b"=")
     assert ticket.pin_qualifier(b"n" * 32, b"der") == hashlib.sha256(
         b"tccdeploy-tk-pin\x00" + b"n" * 32 + hashlib.sha256(b"der").digest()).digest()
+
+
+# -- a customer's ids, made from its key id and a salt -------------------------------------------
+def test_a_customers_ids_are_a_tagged_digest_of_its_key_id_and_salt_per_kind():
+    from tccdeploy.crypto import customer as cust
+
+    # sha256("tccdeploy-vm-id" NUL key-id NUL salt-bytes), first 32 hex digits (computed by hand)
+    assert cust.bound_id("vm", "0" * 32, "11" * 16) == "3783030f34ddf705f31bed2842874aba"
+    assert cust.bound_id("request", "0" * 32, "11" * 16) == "e4390e46e8cc735d2cc4db6308f7b8ae"
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    made, salt = cust.new_id("vm", key)
+    assert len(salt) == 32 and made == cust.bound_id("vm", cust.key_id(key), salt)
+    assert cust.is_bound("vm", cust.key_id(key), made, salt)
+    assert not cust.is_bound("request", cust.key_id(key), made, salt)  # the kind is in it
+    assert not cust.is_bound("vm", "1" * 32, made, salt)  # and the key id
+    for value, bad_salt in [(made, None), (None, salt), (made, salt[:-2]), (made, salt + "00"), (made, "zz" * 16)]:
+        assert not cust.is_bound("vm", cust.key_id(key), value, bad_salt), (value, bad_salt)
+    with pytest.raises(ValueError):
+        cust.bound_id("vm", "0" * 32, "11" * 15)

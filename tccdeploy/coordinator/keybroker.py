@@ -59,9 +59,10 @@ def accept(registry: Registry, tc: Identity, envelope: dict[str, Any], bundle: d
            audit: Callable[[dict[str, Any]], Audit] = lambda record: None) -> dict[str, Any]:
     """Check a signed placement request and the bundle it names; record it (once).
 
-    The image must be this customer's: its key opens under the OAEP label of this VM id and this
-    customer's key id, so a wrapped key copied into another customer's descriptor (or a VM id
-    claimed before its owner submits it) is refused here, before anything is recorded."""
+    The image must be this customer's: its VM id is one the customer's key makes, and its key
+    opens under the OAEP label of this VM id and this customer's key id, so a wrapped key copied
+    into another customer's descriptor, or another customer's VM id or request id claimed before
+    its owner submits it, is refused here, before anything is recorded."""
     try:
         request, signature = envelope["request"], base64.b64decode(envelope["signature"], validate=True)
         key_text = request["customer"]
@@ -93,9 +94,15 @@ def accept(registry: Registry, tc: Identity, envelope: dict[str, Any], bundle: d
         raise Refused("request.image", "the request or the image descriptor lacks a field it needs") from None
     if not same:
         raise Refused("request.image", "the sealed image is not this customer's, or not the one the request names")
-    if version != 2:
+    if version != 3:
         raise Refused("request.image", f"the image was sealed by an older tccdeploy (descriptor version {version}): "
                                        "seal it again")
+    if not customer.is_bound("vm", owner["key_id"], descriptor["vm_id"], descriptor.get("vm_salt")):
+        raise Refused("request.image-owner", "the image's VM id is not one this customer's key makes (from its vm_salt): "
+                                             "a sealed image is launched only by the customer who sealed it")
+    if not customer.is_bound("request", owner["key_id"], request_id, request.get("salt")):
+        raise Refused("request.id", "the request's id is not one this customer's key makes (from its salt): sign the "
+                                    "request again with this tccdeploy (request sign)")
     try:
         kvm = wrap.unwrap(tc.wrap_key, base64.b64decode(descriptor["wrapped_key"], validate=True),
                           wrap.sealed_label(str(descriptor["vm_id"]), owner["key_id"]))

@@ -38,7 +38,7 @@ _MANIFEST, _MANIFEST_DEFS = _placement_request()
 # A customer's signed request and signed image descriptor, typed to the last field: whatever
 # arrives at the TC unauthenticated is shaped before any code reads it.
 SIGNED_REQUEST = _object({
-    "request": _object({"manifest": _MANIFEST, "id": HEX32, "created": {"type": "string", "maxLength": 64},
+    "request": _object({"manifest": _MANIFEST, "id": HEX32, "salt": HEX32, "created": {"type": "string", "maxLength": 64},
                         "customer": {"type": "string", "maxLength": 128},
                         "image": _object({"vm_id": HEX32, "sha256": HEX64}, ["vm_id", "sha256"])},
                        ["manifest", "id", "created", "customer", "image"]),

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import subprocess
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +49,9 @@ class BundleError(Reasoned):
 
 
 # 2: the sealed key's OAEP label binds the customer's key id as well as the VM id.
-DESCRIPTOR_VERSION = 2
+# 3: the VM id is made from the customer's key id and vm_salt (customer.bound_id): no other
+#    customer can claim it first.
+DESCRIPTOR_VERSION = 3
 
 
 def _strict(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -65,7 +66,7 @@ _B64 = {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$", "maxLength": 64 *
 SIGNED_DESCRIPTOR = _strict({
     "descriptor": _strict({
         "type": {"const": "tccdeploy-sealed-image"}, "version": {"type": "integer", "minimum": 1, "maximum": 1000},
-        "vm_id": HEX32, "name": {"type": "string", "maxLength": 128},
+        "vm_id": HEX32, "vm_salt": HEX32, "name": {"type": "string", "maxLength": 128},
         "disk": _strict({"file": {"type": "string", "maxLength": 255}, "sha256": HEX64,
                          "size": {"type": "integer", "minimum": 0}, "virtual_size": {"type": "integer", "minimum": 0},
                          "format": {"type": "string", "maxLength": 64}}, ["file", "sha256", "size"]),
@@ -192,7 +193,7 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
     if os.path.exists(out) and os.listdir(out):
         raise BundleError("bundle.exists", f"{out} exists and is not empty; choose a new bundle directory")
     os.makedirs(out, mode=0o755, exist_ok=True)
-    vm_id = uuid.uuid4().hex
+    vm_id, vm_salt = customer.new_id("vm", key.public_key())
     kvm = os.urandom(32)
     passphrase = base64.b64encode(kvm)  # LUKS wants UTF-8 text; base64 keeps all 256 bits
     target = os.path.join(out, DISK)
@@ -222,6 +223,7 @@ def seal(disk: str, tc: TCKeys, key: Ed25519PrivateKey, out: str, name: str | No
         "type": "tccdeploy-sealed-image",
         "version": DESCRIPTOR_VERSION,
         "vm_id": vm_id,
+        "vm_salt": vm_salt,
         "name": name or os.path.splitext(os.path.basename(disk))[0],
         "disk": {"file": DISK, "sha256": _digest(target), "size": os.path.getsize(target),
                  "virtual_size": int(info["virtual-size"]), "format": "qcow2+luks"},

@@ -36,6 +36,36 @@ def key_id(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
+# A customer's VM ids and request ids are made from its key id and a random salt it signs beside
+# them, so no other customer can claim one first: ids chosen freely were first come, first served
+# at the TC, and another customer (the provider is one) that saw a request or a bundle on its way
+# could take its ids and have the owner's own request refused (found in review).
+def bound_id(kind: str, key_id_hex: str, salt: str) -> str:
+    """The id of kind ("vm" or "request") that the customer with key id key_id_hex makes from salt
+    (32 hex digits): 32 hex digits of a tagged sha256. ValueError for a salt that is not hex."""
+    if len(salt) != 32:
+        raise ValueError("a salt is 32 hex digits")
+    raw = bytes.fromhex(salt)
+    return hashlib.sha256(b"tccdeploy-" + kind.encode() + b"-id\x00" + key_id_hex.encode() + b"\x00" + raw).hexdigest()[:32]
+
+
+def new_id(kind: str, key: Ed25519PublicKey) -> tuple[str, str]:
+    """A fresh (id, salt) of kind for this customer key."""
+    salt = os.urandom(16).hex()
+    return bound_id(kind, key_id(key), salt), salt
+
+
+def is_bound(kind: str, key_id_hex: str, value: object, salt: object) -> bool:
+    """Whether value is the id of kind this customer makes from salt (False for anything malformed).
+    (Ids are public: a plain comparison.)"""
+    if not isinstance(value, str) or not isinstance(salt, str):
+        return False
+    try:
+        return bound_id(kind, key_id_hex, salt) == value
+    except ValueError:
+        return False
+
+
 def init(path: str) -> tuple[Ed25519PrivateKey, bool]:
     if os.path.exists(path):
         return load(path), False

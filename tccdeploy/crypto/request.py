@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import datetime
 import os
-import secrets
 
 
 class RequestError(ValueError):
@@ -26,10 +25,16 @@ def sign_request(request_path: str, key_path: str) -> dict:
     manifest = result.requests[0].source.data  # type: ignore[union-attr]
     bundle_dir = result.requests[0].image
     envelope_bundle = bundle.load(bundle_dir)
+    if envelope_bundle["descriptor"].get("version") != bundle.DESCRIPTOR_VERSION:
+        raise RequestError(f"{bundle_dir} was sealed by an older tccdeploy (descriptor version "
+                           f"{envelope_bundle['descriptor'].get('version')}), which the TC no longer takes: seal the "
+                           "image again (tccdeploy image seal)")
     key = customer.load(key_path)
+    request_id, salt = customer.new_id("request", key.public_key())
     request = {
         "manifest": manifest,
-        "id": secrets.token_hex(16),
+        "id": request_id,
+        "salt": salt,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "customer": customer.public_text(key.public_key()),
         "image": {"vm_id": envelope_bundle["descriptor"]["vm_id"], "sha256": envelope_bundle["descriptor"]["disk"]["sha256"]},
