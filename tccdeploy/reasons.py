@@ -131,6 +131,7 @@ REASONS: dict[str, str] = {
     "receipt.evidence-malformed": "the receipt's launch evidence does not parse",
     "receipt.evidence": "the node's TPM evidence in the receipt does not hold (signature, ticket, PCR, event list)",
     "receipt.evidence-event": "the evidence's last event for the VM is not its launch from this image by this ticket",
+    "receipt.other-request": "the receipt is valid but answers another request, VM, image or customer key than the one given",
     # -- engines sharing a fleet (node leases) ----------------------------------------------------------
     "node.leased": "another engine leases the node for its round: that engine quarantines, evacuates or migrates it",
     "lease.duration": "a node lease asked for no time or longer than a round may last",

@@ -519,7 +519,8 @@ def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world)
     envelope = world.tc.record_launch(release, "n1", world.started("n1", release))
     ca = world.tc.identity().certificate
     body = receipts.verify(envelope, ca)
-    assert body["version"] == 3 and body["launch_evidence"]["ticket"] == release["ticket"]["ticket"]["id"]
+    assert body["version"] == 4 and body["launch_evidence"]["ticket"] == release["ticket"]["ticket"]["id"]
+    assert body["customer_key_id"] == world.tc.registry.image_owner(record["vm_id"])["key_id"]
     # Evidence that does not hold cannot ride in a receipt, even one the TC signed.
     for damage, code in (("events", "receipt.evidence"), ("vm", "receipt.evidence-event"),
                          ("image", "receipt.evidence-event"), ("quote", "receipt.evidence"),
@@ -551,7 +552,7 @@ def test_a_receipt_carries_the_launch_evidence_and_verify_checks_it_again(world)
         altered["launch_evidence"] = evidence
         if damage == "missing":
             altered["launch_evidence"] = None
-        signed = receipts.sign(world.tc.identity(), altered)  # (the key present: a version 3 receipt)
+        signed = receipts.sign(world.tc.identity(), altered)  # (the keys present: a version 4 receipt)
         with pytest.raises(receipts.ReceiptError) as info:
             receipts.verify(signed, ca)
         assert info.value.reason == code, damage

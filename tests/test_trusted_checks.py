@@ -186,6 +186,7 @@ def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
         "type": "tccdeploy-launch-receipt", "version": 2, **body,
         "tc": hashlib.sha256(tc_identity.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()}
     assert receipts.sign(tc_identity, dict(body, launch_evidence={}))["receipt"]["version"] == 3
+    assert receipts.sign(tc_identity, dict(body, launch_evidence={}, customer_key_id="k"))["receipt"]["version"] == 4
 
     def refusal(envelope, ca=tc_identity.certificate) -> tuple[str, str]:  # type: ignore[no-untyped-def]
         with pytest.raises(receipts.ReceiptError) as info:
@@ -206,7 +207,10 @@ def test_a_receipt_verifies_only_as_the_tc_signed_it(tc_identity, tmp_path):
     audit_signed = dict(signed, signature=base64.b64encode(tc_identity.purpose("audit").key.sign(
         by_audit_key, ec.ECDSA(hashes.SHA256()))).decode())
     assert refusal(audit_signed)[0] == "receipt.signature"
-    for broken, code, why in (({}, "receipt.malformed", "not a receipt of this TC: 'receipt'"),
+    envelope_only = "not a receipt: it holds exactly receipt, signature and certificate"
+    for broken, code, why in (({}, "receipt.malformed", envelope_only),
+                              (dict(signed, note="unsigned"), "receipt.malformed", envelope_only),
+                              ([signed], "receipt.malformed", envelope_only),
                               (dict(signed, signature="!!"), "receipt.malformed",
                                "not a receipt of this TC: not base64: Only base64 data is allowed"),
                               (dict(signed, receipt=dict(signed["receipt"], type="other")), "receipt.malformed",
@@ -356,3 +360,51 @@ def test_a_customer_query_is_signed_in_utc_and_taken_within_five_minutes_exactly
                         + QUERY_MAX_SKEW + 1)
     assert reason(check_customer_query, world.tc.registry, record["id"], "receipt", later["time"],
                   later["signature"]) == "query.expired"
+
+
+def test_a_receipt_answers_a_request_only_if_its_id_vm_image_and_key_are_that_requests():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate().public_key()
+    request = {"id": "r" * 32, "image": {"vm_id": "v" * 32, "sha256": "s" * 64}, "customer": customer.public_text(key)}
+    body = {"request": "r" * 32, "vm_id": "v" * 32, "image_sha256": "s" * 64, "customer_key_id": customer.key_id(key)}
+    receipts.check_answers(body, request)
+    receipts.check_answers(body, request_id="r" * 32, key_id=customer.key_id(key))
+    receipts.check_answers({}, None)  # nothing asked, nothing checked
+    for changed in ({"request": "x"}, {"vm_id": "x"}, {"image_sha256": "x"}, {"customer_key_id": "x"}):
+        with pytest.raises(receipts.ReceiptError) as info:
+            receipts.check_answers(dict(body, **changed), request)
+        assert info.value.reason == "receipt.other-request", changed
+    older = {k: v for k, v in body.items() if k != "customer_key_id"}  # a version 3 receipt
+    for kwargs in ({"request": request}, {"key_id": customer.key_id(key)}):
+        with pytest.raises(receipts.ReceiptError, match="does not name the customer's key") as info:
+            receipts.check_answers(older, **kwargs)
+        assert info.value.reason == "receipt.other-request"
+    receipts.check_answers(older, request_id="r" * 32)
+    with pytest.raises(receipts.ReceiptError) as info:
+        receipts.check_answers(body, request_id="x")
+    assert info.value.reason == "receipt.other-request"
+    with pytest.raises(receipts.ReceiptError) as info:
+        receipts.check_answers(body, {"id": "r" * 32})
+    assert info.value.reason == "receipt.other-request"
+
+
+@pytest.mark.parametrize("text", ['{"a": 1, "a": 2}', '{"a": {"b": 1, "b": 1}}', "[1]", "not json", '"x"'])
+def test_a_receipt_file_is_one_json_object_with_each_name_once(text):
+    with pytest.raises(receipts.ReceiptError) as info:
+        receipts.parse(text)
+    assert info.value.reason == "receipt.malformed"
+    assert receipts.parse('{"a": {"b": 1}, "b": 2}') == {"a": {"b": 1}, "b": 2}  # the same name in two objects is fine
+
+
+def test_a_redacted_event_replays_as_its_digest_only_where_redactions_are_allowed():
+    from tccdeploy.crypto.runtime import event_digest, redact, replay
+
+    events = [{"event": "launched", "vm_id": "a" * 32}, {"event": "launched", "vm_id": "b" * 32}]
+    shown = redact(events, "b" * 32)
+    assert shown == [{"redacted": event_digest(events[0]).hex()}, events[1]]
+    assert replay(shown, redactions=True) == replay(events) != replay(shown)
+    assert replay([{"redacted": event_digest(events[0]).hex(), "vm_id": "a" * 32}], redactions=True) != replay(events[:1])
+    for digest in ("ab", 5, "zz" * 32):
+        with pytest.raises((ValueError, TypeError)):
+            replay([{"redacted": digest}], redactions=True)

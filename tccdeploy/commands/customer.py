@@ -73,51 +73,106 @@ def cmd_request_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_receipt_verify(args: argparse.Namespace) -> int:
+def _tc_ca(path: str):  # type: ignore[no-untyped-def]
+    """The TC's CA certificate from the customer's pinned tc.pem, or None (the reason printed)."""
     from cryptography import x509
 
-    from ..coordinator.receipts import ReceiptError, verify
-
-    with open(args.tc, "rb") as fh:
-        try:
+    try:
+        with open(path, "rb") as fh:
             certs = x509.load_pem_x509_certificates(fh.read())
-        except ValueError:
-            print(f"error: {args.tc} holds no PEM certificates: --tc takes the TC's certificates as `tccdeploy tc "
-                  "show -o tc.pem` wrote them (the TC's operator publishes them)", file=sys.stderr)
-            return 1
+    except (OSError, ValueError):
+        print(f"error: {path} holds no PEM certificates: --tc takes the TC's certificates as `tccdeploy tc "
+              "show -o tc.pem` wrote them (the TC's operator publishes them)", file=sys.stderr)
+        return None
     ca = next((c for c in certs if c.issuer == c.subject), None)
     if ca is None:
-        print(f"error: no CA certificate in {args.tc}", file=sys.stderr)
-        return 1
+        print(f"error: no CA certificate in {path}", file=sys.stderr)
+    return ca
+
+
+def _signed_request(path: str) -> dict | None:  # type: ignore[type-arg]
+    """The request body of a signed request file (`request sign`'s output), or None (said why)."""
     try:
-        with open(args.receipt) as fh:
+        with open(path) as fh:
             envelope = json.load(fh)
-        body = verify(envelope, ca)
-    except ReceiptError as exc:
+        request = envelope["request"]
+        if not isinstance(request, dict):
+            raise TypeError("request is not an object")
+        return request  # type: ignore[no-any-return]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {path} is not a signed request as `tccdeploy request sign` wrote it ({exc})", file=sys.stderr)
+        return None
+
+
+def verified_receipt(text: str | bytes, tc: str, request: dict | None = None, request_id: str | None = None,  # type: ignore[type-arg]
+                     key_id: str | None = None) -> dict | None:  # type: ignore[type-arg]
+    """The receipt's body if the TC of the pinned certificates signed it and it answers what was
+    given (the customer's signed request, its id, its key); None with INVALID and the reason printed."""
+    from ..coordinator import receipts
+
+    ca = _tc_ca(tc)
+    if ca is None:
+        return None
+    try:
+        body = receipts.verify(receipts.parse(text), ca)
+        receipts.check_answers(body, request, request_id, key_id)
+    except receipts.ReceiptError as exc:
         print(f"INVALID: {exc.reason}: {exc}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as exc:
-        print(f"INVALID: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(body, indent=2))
-        return 0
+        return None
+    return body
+
+
+def show_receipt(body: dict, checked_against: str | None) -> None:  # type: ignore[type-arg]
+    """What a verified receipt proves, in words."""
+    from ..coordinator.runtime import last_event_of
+    from ..crypto.runtime import REDACTED
+
     when = datetime.datetime.fromtimestamp(body["time"], datetime.UTC).isoformat(timespec="seconds")
     attested = datetime.datetime.fromtimestamp(body["attestation"]["time"], datetime.UTC).isoformat(timespec="seconds")
     print("VALID: signed by the TC whose certificate you gave. It proves that:")
-    print(f"  VM {body['vm']} ({body['vm_id']}) of customer {body['customer']} started on node {body['node']} at {when},")
+    key = f" (key {body['customer_key_id']})" if "customer_key_id" in body else ""
+    print(f"  VM {body['vm']} ({body['vm_id']}) of customer {body['customer']}{key} started on node {body['node']} at {when},")
     print(f"  from the image with sha256 {body['image_sha256']} (request {body['request']});")
     print(f"  the node held node certificate {body['node_certificate_serial']} and had booted TVMM build {body['tvmm_build']},")
     print(f"  proven by attestation #{body['attestation']['id']} at {attested} (PCR digest {body['attestation']['pcr_digest']}).")
     evidence = body.get("launch_evidence")
     if evidence:
-        last = evidence["events"][-1]
+        events = evidence["events"]
+        last = last_event_of(events, body["vm_id"])
+        others = sum(1 for e in events if REDACTED in e)
         print(f"  The node's TPM said so itself: a quote by its attestation key over runtime PCR {evidence['runtime_pcr']},")
-        print(f"  made for launch ticket {evidence['ticket']}, whose {len(evidence['events'])} event(s) since the TPM's reset replay")
-        print(f"  to it, the last one: {last['event']} VM {last['vm_id']} ({last['vcpus']} vCPU, {last['memory_mib']} MiB) from")
-        print(f"  image {last['image_sha256']}. (Checked again here; that this key is the node's TPM's is the TC's word.)")
+        print(f"  made for launch ticket {evidence['ticket']}, whose {len(events)} event(s) since the TPM's reset replay")
+        print(f"  to it ({others} of other VMs, shown by digest only); this VM's last: {last.get('event')} "
+              f"({last.get('vcpus')} vCPU, {last.get('memory_mib')} MiB)")
+        print(f"  from image {last.get('image_sha256')}. (Checked again here; that this key is the node's TPM's is the TC's word.)")
     else:
         print("  (an older receipt: it carries no evidence from the node's own TPM)")
+    if checked_against:
+        print(f"  It answers {checked_against}.")
+    else:
+        print("  Not checked against a request of yours: give --request REQUEST.json (what `request sign` wrote) to check "
+              "that it answers that request.")
+
+
+def cmd_receipt_verify(args: argparse.Namespace) -> int:
+    request = None
+    if args.request:
+        request = _signed_request(args.request)
+        if request is None:
+            return 1
+    try:
+        with open(args.receipt, "rb") as fh:
+            text = fh.read()
+    except OSError as exc:
+        print(f"INVALID: cannot read {args.receipt}: {exc.strerror}", file=sys.stderr)
+        return 1
+    body = verified_receipt(text, args.tc, request)
+    if body is None:
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    show_receipt(body, f"your request {request['id']} (its VM id, image and key)" if request else None)
     return 0
 
 
@@ -140,15 +195,22 @@ def customer_query(args: argparse.Namespace, op: str) -> dict | None:  # type: i
 
 
 def cmd_receipt_fetch(args: argparse.Namespace) -> int:
-    """Fetch the receipt from a served TC, check it with the pinned certificate, keep it."""
+    """Fetch the receipt from a served TC, check it with the pinned certificate and against the
+    request asked about and the customer's key, and only then keep it."""
+    from ..crypto import customer
+
     receipt = customer_query(args, "receipt")
     if receipt is None:
         return 2
+    key_id = customer.key_id(customer.load(args.key).public_key())
+    body = verified_receipt(json.dumps(receipt), args.tc_cert, request_id=args.id, key_id=key_id)
+    if body is None:
+        return 1
     with open(args.output, "w") as fh:
         json.dump(receipt, fh, indent=2)
-    args.receipt, args.tc, args.json = args.output, args.tc_cert, False
     print(f"wrote {args.output}")
-    return cmd_receipt_verify(args)
+    show_receipt(body, f"request {args.id}, made with your key")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -184,6 +246,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = rc.add_parser("verify", help="check a receipt with only the TC certificate, and say what it proves")
     q.add_argument("receipt", metavar="RECEIPT")
     q.add_argument("--tc", required=True, metavar="TC_CERT")
+    q.add_argument("--request", metavar="REQUEST.json",
+                   help="your signed request (as `request sign` wrote it): check the receipt answers it (its id, VM, "
+                        "image and your key), not only that the TC signed it")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_receipt_verify)
     q = rc.add_parser("fetch", help="fetch a receipt from a served TC (a signed query), verify it, save it")

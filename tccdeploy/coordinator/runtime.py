@@ -27,9 +27,10 @@ class RuntimeEvidence:
     value: bytes
 
 
-def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str) -> RuntimeEvidence:
+def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str, redactions: bool = False) -> RuntimeEvidence:
     """The evidence's events, if the node's TPM vouches for them for this ticket; Refused with
-    `runtime.*` otherwise."""
+    `runtime.*` otherwise. redactions: other VMs' events may stand as their digests (a receipt's
+    copy of evidence the TC checked whole; never evidence the TC decides on)."""
     if not isinstance(evidence, dict):
         raise Refused("runtime.missing", "no runtime evidence from the node's TPM: nothing is recorded "
                                                    "on the engine's word")
@@ -56,7 +57,7 @@ def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str) -> Runtime
     if not hmac.compare_digest(attest.pcr_digest, tpm2.pcr_digest("sha256", [value])):
         raise Refused("runtime.pcr", "the runtime PCR value given is not the one quoted")
     try:
-        replayed = replay(events)
+        replayed = replay(events, redactions)
     except (TypeError, ValueError) as exc:
         raise Refused("runtime.malformed", f"the runtime events do not encode: {exc}") from None
     if not hmac.compare_digest(replayed, value):

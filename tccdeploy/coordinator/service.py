@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from ..config import state_dir, state_path
 from ..crypto import ticket as tickets
 from ..crypto import wrap
+from ..crypto.runtime import redact
 from ..manifest.models import NodeRoster, Perimeter, Platform, TVMMBuild
 from . import (
     admission,
@@ -449,9 +450,12 @@ class Coordinator:
                   "request": request["id"], "vcpus": spec["vcpus"], "memory_mib": spec["memoryMiB"],
                   "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")}
 
+            key_id = lifecycle.customer_of(self.registry, request["vm_id"], "launch.evidence-missing")
+
             def receipt() -> dict[str, Any]:
                 return receipts.sign(self.identity(), {
-                    "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"], "node": node,
+                    "vm": request["vm"], "vm_id": request["vm_id"], "customer": request["customer"],
+                    "customer_key_id": key_id, "node": node,
                     "node_certificate_serial": made_release["certificate_serial"], "tvmm_build": attestation["build"],
                     "attestation": {"id": attestation["id"], "time": attestation["time"],
                                     "pcr_digest": attestation["pcr_digest"]},
@@ -624,7 +628,7 @@ class Coordinator:
         if attestation.get("reset_count") is not None and checked.reset_count != attestation["reset_count"]:
             raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset since the attestation the key release relied on")
         return {"quote": evidence["attest"], "signature": evidence["signature"], "runtime_pcr": pcr,
-                "pcr_value": checked.value.hex(), "events": checked.events,
+                "pcr_value": checked.value.hex(), "events": redact(checked.events, request["vm_id"]),
                 "ak_public": base64.b64encode(identity_row["ak_public"]).decode(), "ticket": ticket_id}, checked.reset_count
 
     def fail_request(self, request_id: str) -> None:

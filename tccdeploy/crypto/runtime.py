@@ -24,11 +24,30 @@ def event_digest(event: dict[str, Any]) -> bytes:
     return hashlib.sha256(EVENT_TAG + canonical(event)).digest()
 
 
-def replay(events: list[dict[str, Any]]) -> bytes:
-    """The runtime PCR's value after these events, from zero (a TPM reset)."""
+# An event shown by its digest alone: what a receipt carries for other VMs' events on the node,
+# so one customer's receipt does not tell it what else runs there (found in review).
+REDACTED = "redacted"
+
+
+def redact(events: list[dict[str, Any]], vm_id: str) -> list[dict[str, Any]]:
+    """events with every event not of vm_id replaced by {"redacted": its digest in hex}: the list
+    replays to the same value (replay with redactions), and shows only vm_id's own events."""
+    return [e if e.get("vm_id") == vm_id else {REDACTED: event_digest(e).hex()} for e in events]
+
+
+def replay(events: list[dict[str, Any]], redactions: bool = False) -> bytes:
+    """The runtime PCR's value after these events, from zero (a TPM reset). redactions: an event
+    {"redacted": hex digest} counts as that digest (a receipt's; never in evidence the TC
+    decides on, where hiding an event would hide what a node did)."""
     value = bytes(32)
     for event in events:
-        value = hashlib.sha256(value + event_digest(event)).digest()
+        if redactions and len(event) == 1 and REDACTED in event:
+            digest = event[REDACTED]
+            if not isinstance(digest, str) or len(digest) != 64:
+                raise ValueError("a redacted event is the sha256 of the event, in hex")
+            value = hashlib.sha256(value + bytes.fromhex(digest)).digest()
+        else:
+            value = hashlib.sha256(value + event_digest(event)).digest()
     return value
 
 
