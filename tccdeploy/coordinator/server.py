@@ -357,7 +357,8 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
         ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
         ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop=event_loop(),
         limit_concurrency=limits.total,
-        proxy_headers=False,  # no proxy is trusted: a client's address is its connection's, never a header's log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
+        log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
+        proxy_headers=False,  # no proxy is trusted: a client's address is its connection's, never a header's
     )
     try:
         _Server.make(config, limits.handshake).run()
