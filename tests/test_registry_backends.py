@@ -245,3 +245,35 @@ def test_postgresql_drops_a_connection_the_server_cut_rather_than_keeping_it_unt
     assert second is not first and backend._all == [second]
     backend.close()
     assert second.closed and backend._all == []
+
+
+def test_postgresql_a_lease_waits_for_a_decision_under_way_on_another_replica(postgres):
+    """Read committed lets a lease be written between another engine's lease check and its write
+    (a quarantine, a migration's start): a lease takes the registry's serializing lock as they do."""
+    location = postgres.new_database()
+    holder, asker = Registry(location), Registry(location)
+    try:
+        _enrolled(holder, "n1", ek="ek0")
+        inside, leave, leased = threading.Event(), threading.Event(), threading.Event()
+
+        def decide() -> None:
+            with holder.transaction(serialize=True):
+                inside.set()
+                leave.wait(10)
+
+        def lease() -> None:
+            asker.lease_nodes("engine-b", ["n1"], 60)
+            leased.set()
+
+        threads = [threading.Thread(target=decide), threading.Thread(target=lease)]
+        threads[0].start()
+        assert inside.wait(10)
+        threads[1].start()
+        assert not leased.wait(1.0)  # it waits for the decision's transaction (it used not to)
+        leave.set()
+        assert leased.wait(10)
+        for t in threads:
+            t.join()
+    finally:
+        holder.close()
+        asker.close()

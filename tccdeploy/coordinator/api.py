@@ -676,7 +676,7 @@ class Api:
         b = request.state.body
         try:
             return await self._decide(request, self.tc.migration_end, self._migration_id(request), b["vm_id"],
-                                           bool(b["commit"]), b.get("reason", ""), b.get("evidence"))
+                                      bool(b["commit"]), b.get("reason", ""), b.get("evidence"), request.state.engine)
         except (ValueError, RegistryError) as exc:
             raise ApiError(409, "migration.not-under-way", str(exc)) from None
 

@@ -527,7 +527,7 @@ class Coordinator:
                 "out_ticket": out_ticket, "in_ticket": in_ticket}
 
     def migration_end(self, migration: int, vm_id: str, commit: bool, reason: str = "",
-                      evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+                      evidence: dict[str, Any] | None = None, engine: str = LOCAL_ENGINE) -> dict[str, Any]:
         """Commit (the VM now lives on the destination) or abort, once; returns the settle tickets
         that carry the outcome to each end (migration_settlement). A commit needs the
         destination's TPM evidence that the VM arrived there from this migration's ticket, and
@@ -548,8 +548,8 @@ class Coordinator:
                 boot = self._arrival_evidence(row, evidence)
             try:
                 self.registry.end_migration(migration, commit, reason, audit.entry(
-                    "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason),
-                    boot=boot)
+                    "migration.commit" if commit else "migration.abort", vm=vm_id, migration=migration, reason=reason,
+                    engine=engine), boot=boot, engine=engine)
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
         return self.migration_settlement(migration)

@@ -825,7 +825,9 @@ class Registry:
         engines asking at once, one wins."""
         now = time.time()
         out: dict[str, dict[str, Any]] = {}
-        with self.transaction() as db:
+        # serialized: on PostgreSQL (read committed) a lease must not be granted between another
+        # engine's lease check and its write (quarantine, start_migration take the same lock)
+        with self.transaction(serialize=True) as db:
             for node in nodes:
                 won = db.execute(
                     "INSERT INTO node_leases (node, engine, until) SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM nodes "
@@ -1119,10 +1121,17 @@ class Registry:
         return self._one("SELECT * FROM migrations WHERE id = ?", (migration_id,))
 
     def end_migration(self, migration_id: int, commit: bool, reason: str = "", audit: Audit = None,
-                      boot: int | None = None) -> None:
+                      boot: int | None = None, engine: str | None = None) -> None:
         """Commit moves the VM to the destination (boot: the destination TPM's resetCount it
-        arrived in) in the same transaction; abort leaves it."""
+        arrived in) in the same transaction; abort leaves it. engine: the engine asking, refused
+        (Conflict node.leased) while another engine leases the source: the engine that leased the
+        source for its round started the migration and ends it (another one's repair used to abort
+        it under way)."""
         with self.transaction(serialize=True) as db:
+            if engine is not None:
+                started = db.execute("SELECT source FROM migrations WHERE id = ?", (migration_id,)).first()
+                if started is not None:
+                    self._not_leased_elsewhere(db, started["source"], engine)
             row = db.execute("UPDATE migrations SET state = ?, ended = ?, reason = ? WHERE id = ? AND state = 'started' "
                              "RETURNING vm_id, source, destination",
                              ("committed" if commit else "aborted", time.time(), reason, migration_id)).first()

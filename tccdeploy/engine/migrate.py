@@ -173,40 +173,57 @@ def _roll_back(engine: Engine, coordinator: TC, migration: int, vm_id: str, sour
     settle(engine, settled, vm_id)
 
 
+REPAIR_LEASE = 120.0  # seconds: a repair leases the migration's source while it decides it
+
+
+def _repair_one(engine: Engine, coordinator: TC, row: Any) -> dict[str, Any]:
+    """Commit a started migration on the destination's evidence, else abort it; settle both ends."""
+    vm_id, source, destination = row.vm_id, row.source, row.destination
+    try:
+        status = _call_fresh(engine, destination, "vm_status", {"vm_id": vm_id})["status"]
+    except Exception:  # noqa: BLE001 - not there (or unreachable): it cannot be committed
+        status = "absent"
+    evidence = None
+    if status in ("paused", "running") and row.in_ticket:
+        try:  # the destination's TPM on what it did: the TC commits only on that
+            evidence = _call_fresh(engine, destination, "runtime_log",
+                                   {"runtime_pcr": coordinator.runtime_pcr(), "ticket": row.in_ticket})["evidence"]
+        except Exception:  # noqa: BLE001 - no evidence: it cannot be committed
+            evidence = None
+    settled = None
+    if evidence is not None:
+        try:
+            settled = coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination holds it",
+                                                evidence=evidence)
+        except Refused as exc:  # the TC does not believe it arrived: abort
+            status = exc.reason
+    if settled is None:
+        settled = coordinator.migration_end(row.id, vm_id, commit=False, reason=f"repair: destination {status}")
+    settle(engine, settled, vm_id)
+    return {"migration": row.id, "vm_id": vm_id, "action": "committed" if settled["outcome"] == "commit"
+            else "rolled back", "node": destination if settled["outcome"] == "commit" else source}
+
+
 def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
     """Decide the migrations an interrupted run left 'started', and settle the ends of decided
     ones that never got their ticket.
 
     A started migration commits only on the destination TPM's evidence that the VM arrived
     through its ticket (the TC checks it); otherwise it is aborted. Either way, each end then
-    gets the TC's settle ticket."""
+    gets the TC's settle ticket. A migration whose source another engine leases is that engine's
+    (it is under way, not interrupted): left alone, and the TC would refuse to end it (node.leased)."""
     out = []
     hosts = {h.name for h in engine.hosts}
     for row in coordinator.migrations("started"):
-        vm_id, source, destination = row.vm_id, row.source, row.destination
+        if row.source not in coordinator.lease_nodes([row.source], REPAIR_LEASE)["granted"]:
+            continue
         try:
-            status = _call_fresh(engine, destination, "vm_status", {"vm_id": vm_id})["status"]
-        except Exception:  # noqa: BLE001 - not there (or unreachable): it cannot be committed
-            status = "absent"
-        evidence = None
-        if status in ("paused", "running") and row.in_ticket:
-            try:  # the destination's TPM on what it did: the TC commits only on that
-                evidence = _call_fresh(engine, destination, "runtime_log",
-                                       {"runtime_pcr": coordinator.runtime_pcr(), "ticket": row.in_ticket})["evidence"]
-            except Exception:  # noqa: BLE001 - no evidence: it cannot be committed
-                evidence = None
-        settled = None
-        if evidence is not None:
+            out.append(_repair_one(engine, coordinator, row))
+        finally:
             try:
-                settled = coordinator.migration_end(row.id, vm_id, commit=True, reason="repair: destination holds it",
-                                                    evidence=evidence)
-            except Refused as exc:  # the TC does not believe it arrived: abort
-                status = exc.reason
-        if settled is None:
-            settled = coordinator.migration_end(row.id, vm_id, commit=False, reason=f"repair: destination {status}")
-        settle(engine, settled, vm_id)
-        out.append({"migration": row.id, "vm_id": vm_id, "action": "committed" if settled["outcome"] == "commit"
-                    else "rolled back", "node": destination if settled["outcome"] == "commit" else source})
+                coordinator.release_leases([row.source])
+            except Exception:  # noqa: BLE001 - it runs out by itself
+                pass
     # Decided migrations whose ends may still wait for their ticket (the run died in between).
     last: dict[str, Any] = {}
     for row in coordinator.migrations():

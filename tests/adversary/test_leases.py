@@ -94,3 +94,25 @@ def test_over_https_an_engine_leases_in_its_certificates_name_only(tmp_path):
             assert too_long.status_code == 400
     finally:
         service.stop()
+
+
+def test_a_migration_under_way_is_ended_only_by_the_engine_leasing_its_source(fleet):
+    """Engine A evacuates n1 under its lease. Another engine's repair took every started migration
+    for an interrupted one and aborted it (its round start did so to A's evacuation), and a hostile
+    engine could end A's migration at will (found in review): now the TC refuses an end from an
+    engine other than the one leasing the source, and repair leaves such a migration alone."""
+    from tccdeploy.engine.migrate import repair
+
+    fleet.tc.lease_nodes(["n1"], 120, engine="engine-a")
+    vm = fleet.launch("n1")
+    begun = fleet.tc.migration_begin(vm.name, "n2", engine="engine-a")
+    with pytest.raises(Refused) as refused:
+        fleet.tc.migration_end(begun["migration"], vm.vm_id, commit=False, reason="mine now", engine="hostile")
+    assert refused.value.reason == "node.leased"
+    assert repair(fleet.engine, fleet.tc) == []  # this engine ("local") does not lease n1: not its migration
+    assert [m.state for m in fleet.tc.migrations()] == ["started"]
+    assert fleet.tc.registry.lease_of("n1")["engine"] == "engine-a"  # its lease untouched
+    fleet.tc.release_leases(["n1"], engine="engine-a")  # A's round ended (or A died): the migration is a leftover
+    (repaired,) = repair(fleet.engine, fleet.tc)
+    assert (repaired["action"], repaired["node"]) == ("rolled back", "n1")
+    assert fleet.tc.registry.lease_of("n1") is None  # the repair's lease given back
