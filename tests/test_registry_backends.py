@@ -169,7 +169,8 @@ def test_an_entry_carrying_hostile_values_is_stored_as_it_was_hashed(location, t
         registry.close()
 
 
-HOT_PATH_INDEXES = {"nonces_expires", "attestations_node_id", "certificates_node", "vms_node", "engines_serial"}
+HOT_PATH_INDEXES = {"nonces_expires", "attestations_node_id", "certificates_node", "vms_node", "engines_serial",
+                    "arriving_migrations", "arriving_resumes", "arriving_releases"}
 
 
 def test_the_hot_path_lookups_by_node_have_their_indexes(location):
@@ -277,3 +278,31 @@ def test_postgresql_a_lease_waits_for_a_decision_under_way_on_another_replica(po
     finally:
         holder.close()
         asker.close()
+
+
+def test_vms_on_their_way_to_a_node_are_found_by_node(location, tc_identity):
+    """Registry.arriving on both databases: a key released for a launch not yet recorded, then
+    that VM's migration to another node, each counted at its destination until it lands."""
+    registry = audited_registry(location, tc_identity)
+    try:
+        for i, node in enumerate(("n1", "n2")):
+            _enrolled(registry, node, ek=f"ek{i}")
+        attestation = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reasons": []})
+        registry.add_customer("acme", "ed25519:k", "kid")
+        record = {"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d", "wrapped_key": "w",
+                  "spec": {"vcpus": 1, "constraints": {"antiAffinityGroup": "g"}}}
+        registry.accept_request(record, "kid")
+        assert registry.arriving("n1") == []
+        assert registry.record_release("r1", "v1", "n1", attestation, "serial")
+        assert registry.arriving("n1") == [{"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1",
+                                            "state": "starting", "anti_affinity": "g"}]
+        registry.record_launch("r1", {"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1", "state": "running",
+                                      "image_sha256": "d", "request": "r1", "vcpus": 1, "memory_mib": 64,
+                                      "anti_affinity": "g"}, lambda: {"signed": True})
+        assert registry.arriving("n1") == []  # it is there now: a VM row
+        migration = registry.start_migration("v1", "n1", "n2")
+        assert [(v["vm_id"], v["node"], v["anti_affinity"]) for v in registry.arriving("n2")] == [("v1", "n2", "g")]
+        registry.end_migration(migration, commit=True)
+        assert registry.arriving("n2") == [] and registry.arriving("n1") == []
+    finally:
+        registry.close()

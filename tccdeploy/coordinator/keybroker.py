@@ -252,7 +252,8 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
-    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in registry.vms(node=node)],
+    there = [*registry.vms(node=node), *(v for v in registry.arriving(node) if v["vm_id"] != request["vm_id"])]
+    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in there],
                                baseline.versions(), request["customer"], capacity)
     if why:
         raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")

@@ -311,6 +311,13 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE node_leases (node TEXT PRIMARY KEY, engine TEXT NOT NULL, until REAL NOT NULL);
     """,
+    # 21: VMs on their way to a node (a started migration, a resume, a key released for a launch)
+    # count there in a placement decision (Registry.arriving): looked up by node, not scanned.
+    """
+    CREATE INDEX arriving_migrations ON migrations(destination) WHERE state = 'started';
+    CREATE INDEX arriving_resumes ON suspensions(resume_node) WHERE state = 'resuming';
+    CREATE INDEX arriving_releases ON releases(node) WHERE expired IS NULL;
+    """,
 ]
 
 
@@ -473,6 +480,13 @@ PG_MIGRATIONS: list[str] = [
     # two never quarantine, evacuate or migrate the same node at once.
     """
     CREATE TABLE node_leases (node TEXT PRIMARY KEY, engine TEXT NOT NULL, until DOUBLE PRECISION NOT NULL);
+    """,
+    # 21: VMs on their way to a node (a started migration, a resume, a key released for a launch)
+    # count there in a placement decision (Registry.arriving): looked up by node, not scanned.
+    """
+    CREATE INDEX arriving_migrations ON migrations(destination) WHERE state = 'started';
+    CREATE INDEX arriving_resumes ON suspensions(resume_node) WHERE state = 'resuming';
+    CREATE INDEX arriving_releases ON releases(node) WHERE expired IS NULL;
     """,
 ]
 
@@ -1052,6 +1066,24 @@ class Registry:
         if node is not None:
             return self._all(query + " AND node = ? ORDER BY name", (node,))
         return self._all(query + " ORDER BY name")
+
+    def arriving(self, node: str) -> list[dict[str, Any]]:
+        """VMs on their way to node, as VM rows placed there (state starting): a migration started
+        to it, a suspension resuming on it, a key released to it for a launch not yet recorded.
+        Each will run there; placement counted only VMs already there, so two migrations (or a
+        migration and a release) into one node each passed its anti-affinity and capacity check
+        (found in review)."""
+        rows = [dict(r, node=node, state="starting") for r in self._all(
+            "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN migrations m ON m.vm_id = v.vm_id "
+            "WHERE m.state = 'started' AND m.destination = ? UNION "
+            "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN suspensions s ON s.vm_id = v.vm_id "
+            "WHERE s.state = 'resuming' AND s.resume_node = ?", (node, node))]
+        for r in self._all("SELECT q.vm_id, q.vm, q.customer, q.spec FROM releases r JOIN requests q ON q.id = r.request "
+                           "WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL", (node,)):
+            spec = json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"]
+            rows.append({"vm_id": r["vm_id"], "name": r["vm"], "customer": r["customer"], "node": node,
+                         "state": "starting", "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")})
+        return rows
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM

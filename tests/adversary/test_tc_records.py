@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ..brokerkit import reason
-from ..test_tc_lifecycle import ended_evidence, resumed_evidence, saved_on_n1
+from ..test_tc_lifecycle import ended_evidence, resumed_evidence, saved_evidence, saved_on_n1
 
 
 @pytest.fixture
@@ -46,3 +46,43 @@ def test_a_resume_is_not_recorded_running_for_a_vm_the_records_no_longer_hold_su
     assert reason(world.tc.resume_end, suspension["id"], resumed_evidence(world, "n2", record, resume)) \
         == "suspend.not-suspended"
     assert world.tc.registry.suspension(suspension["id"])["state"] == "resuming"  # nothing half-written
+
+
+GROUP = {"antiAffinityGroup": "web"}
+
+
+def test_two_migrations_into_one_node_cannot_together_break_anti_affinity(world):
+    """Each migration passed its destination's anti-affinity check, which counted only the VMs
+    already there: two VMs the customer keeps apart were moved together, one after the other,
+    before either committed (found in review)."""
+    for node in ("n1", "n2", "n3"):
+        world.node(node)
+    world.launched("acme", "n1", name="a", constraints=GROUP)
+    world.launched("acme", "n2", name="b", constraints=GROUP)
+    world.tc.migration_begin("a", "n3")
+    assert reason(world.tc.migration_begin, "b", "n3") == "placement.constraint"
+    assert [m.vm_id for m in world.tc.migrations()] == [world.tc.registry.vm("a")["vm_id"]]
+
+
+def test_a_key_released_to_a_node_counts_there_before_its_launch_is_recorded(world):
+    """A release for one VM of the group, then a migration of another into the same node."""
+    for node in ("n1", "n2"):
+        world.node(node)
+    world.launched("acme", "n1", name="a", constraints=GROUP)
+    record = world.accepted("acme", name="b", constraints=GROUP)
+    world.tc.release_key(record["id"], "n2")
+    assert reason(world.tc.migration_begin, "a", "n2") == "placement.constraint"
+    again = world.tc.release_key(record["id"], "n2")  # its own release again (a retry): not against itself
+    assert again["ticket"]["ticket"]["node"] == "n2"
+
+
+def test_a_resume_on_its_way_to_a_node_counts_there(world):
+    for node in ("n1", "n2"):
+        world.node(node)
+    record = world.launched("acme", "n1", name="a", constraints=GROUP)
+    begun = world.tc.suspend_begin("a")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    assert world.tc.resume_begin("a", "n2")["node"] == "n2"
+    other = world.accepted("acme", name="b", constraints=GROUP)
+    assert reason(world.tc.release_key, other["id"], "n2") == "placement.constraint"
+    assert world.tc.release_key(other["id"], "n1")["ticket"]["ticket"]["node"] == "n1"  # it leaves n1
