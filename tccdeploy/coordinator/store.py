@@ -321,7 +321,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-
 # PostgreSQL starts at the schema SQLite reached with MIGRATIONS[6] (version 7); then step by step.
 PG_MIGRATIONS: list[str] = [
     """
