@@ -139,6 +139,7 @@ REASONS: dict[str, str] = {
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
     "migrate.evidence-event": "the destination's runtime events do not show the VM arrived through this migration's ticket",
+    "migrate.evidence-boot": "the destination is not trusted now in the boot its arrival evidence comes from",
     "migrate.source-unknown": "the VM's node holds no trusted key the TC certified, so no migrate-out ticket can be made for it",
     "migrate.same-node": "the VM runs on the destination already",
     "migrate.destination-untrusted": "the destination is not admitted and freshly trusted",
@@ -158,6 +159,7 @@ REASONS: dict[str, str] = {
     "suspend.open": "the VM has a suspension open already",
     "suspend.not-started": "the suspension is not under way (saved, dropped or resumed already)",
     "suspend.evidence-event": "the node's runtime events do not show the VM saved (or resumed) by this ticket",
+    "suspend.evidence-boot": "the node is not trusted now in the boot its save (or resume) evidence comes from",
     "suspend.not-suspended": "the VM is not suspended: there is no saved state to resume",
     "suspend.resumed": "the suspension was resumed already, or is being resumed on another node: a saved state resumes once",
     "suspend.not-resuming": "the suspension is not being resumed",

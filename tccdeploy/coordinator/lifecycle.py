@@ -62,6 +62,17 @@ def settlements(registry: Registry, tc: Identity, migration: dict[str, Any], run
     return out
 
 
+def trusted_boot(registry: Registry, node: str, reset_count: int, reason: str) -> None:
+    """Refused (reason) unless node's latest attestation is trusted and from the boot (TPM
+    resetCount) its runtime evidence comes from. Only a node trusted now, in that boot, is
+    believed: software booted since the last trusted quote (tampered, within the quote's age)
+    holds the same AK and could extend and quote any event."""
+    latest = registry.attestations(node, limit=1)
+    if not latest or latest[0]["verdict"] != "trusted" or latest[0]["reset_count"] != reset_count:
+        raise Refused(reason, f"{node} is not trusted in the boot its evidence comes from (TPM resetCount "
+                              f"{reset_count}): its word proves nothing until it is attested again")
+
+
 def end_ticket(registry: Registry, tc: Identity, vm_id: str, node: str, action: str, runtime_pcr: int) -> dict[str, Any]:
     """An end ticket for vm_id on node, if the TC's records put a copy of it there: the VM's stay,
     or a key released there for a launch of it."""
@@ -98,14 +109,8 @@ def ended(registry: Registry, tc: Identity, ticket: Any, evidence: Any, runtime_
     if last.get("event") != END_EVENTS[body["action"]] or last.get("ticket") != body["id"]:
         raise Refused("vm.end-evidence", f"{node}'s TPM does not show VM {vm_id} ended by this ticket "
                                                "(and not back since)")
-    # Only a node trusted now, in the boot the evidence comes from, is believed: software that
-    # changed since (a failed attestation) could extend and quote anything. Its VMs stay live in
-    # the records until it proves them gone (trusted again, or reset: add_attestation).
-    latest = registry.attestations(node, limit=1)
-    if not latest or latest[0]["verdict"] != "trusted" or latest[0]["reset_count"] != checked.reset_count:
-        raise Refused("vm.end-boot-untrusted", f"{node} is not trusted in the boot its evidence comes from (TPM "
-                                               f"resetCount {checked.reset_count}): the TC keeps the VM live until "
-                                               "the node proves it gone")
+    # Its VMs stay live in the records until it proves them gone (trusted again, or reset: add_attestation).
+    trusted_boot(registry, node, checked.reset_count, "vm.end-boot-untrusted")
     state = END_STATES[body["action"]]
     try:
         recorded = registry.end_vm(vm_id, node, state, float(body["issued"]), audit.entry(

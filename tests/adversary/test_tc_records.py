@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ..brokerkit import reason
-from ..test_tc_lifecycle import ended_evidence, resumed_evidence, saved_evidence, saved_on_n1
+from ..test_tc_lifecycle import arrival, ended_evidence, resumed_evidence, saved_evidence, saved_on_n1
 
 
 @pytest.fixture
@@ -86,3 +86,39 @@ def test_a_resume_on_its_way_to_a_node_counts_there(world):
     other = world.accepted("acme", name="b", constraints=GROUP)
     assert reason(world.tc.release_key, other["id"], "n2") == "placement.constraint"
     assert world.tc.release_key(other["id"], "n1")["ticket"]["ticket"]["node"] == "n1"  # it leaves n1
+
+
+# A node rebooted into other software after its last trusted quote (within the quote's age: the
+# TC has not seen the new boot) still holds its AK, and that software can extend and quote any
+# event. The TC believed such evidence of an arrival, a save and a resume (only an end and a
+# launch checked the boot; found in review): now each must come from the boot last found trusted.
+def test_arrival_evidence_from_a_boot_the_tc_has_not_trusted_commits_nothing(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.migration_begin("web", "n2")
+    world.nodes["n2"].tpm.reset += 1  # rebooted since its trusted attestation
+    assert reason(world.tc.migration_end, begun["migration"], record["vm_id"], True, "",
+                  arrival(world, begun, record)) == "migrate.evidence-boot"
+    assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
+    assert world.tc.registry.migration(begun["migration"])["state"] == "started"
+
+
+def test_save_evidence_from_a_boot_the_tc_has_not_trusted_suspends_nothing(world):
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.nodes["n1"].tpm.reset += 1
+    assert reason(world.tc.suspend_end, begun["suspension"], saved_evidence(world, "n1", record, begun)) \
+        == "suspend.evidence-boot"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
+
+
+def test_resume_evidence_from_a_boot_the_tc_has_not_trusted_resumes_nothing(world):
+    record, begun = saved_on_n1(world)
+    resume = world.tc.resume_begin("web", "n2")
+    world.nodes["n2"].tpm.reset += 1
+    assert reason(world.tc.resume_end, begun["suspension"], resumed_evidence(world, "n2", record, resume)) \
+        == "suspend.evidence-boot"
+    assert world.tc.registry.vm(record["vm_id"])["state"] == "suspended"
