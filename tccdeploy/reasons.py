@@ -139,6 +139,7 @@ REASONS: dict[str, str] = {
     # -- migration -------------------------------------------------------------------------------------
     "migrate.unknown-vm": "no such VM, or not running where the migration starts",
     "migrate.evidence-event": "the destination's runtime events do not show the VM arrived through this migration's ticket",
+    "migrate.suspending": "the VM is being suspended: a migration waits until that suspension is settled",
     "migrate.evidence-boot": "the destination is not trusted now in the boot its arrival evidence comes from",
     "migrate.source-unknown": "the VM's node holds no trusted key the TC certified, so no migrate-out ticket can be made for it",
     "migrate.same-node": "the VM runs on the destination already",

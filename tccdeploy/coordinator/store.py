@@ -1138,6 +1138,9 @@ class Registry:
                 if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
                               (vm_id, source)).first() is None:
                     raise Conflict("migrate.unknown-vm", f"VM {vm_id} is not running on {source}")
+                # (as a suspension is refused while a migration is under way: never both at once)
+                if db.execute("SELECT 1 FROM suspensions WHERE vm_id = ? AND state = 'started'", (vm_id,)).first():
+                    raise Conflict("migrate.suspending", f"VM {vm_id} is being suspended: settle that first")
                 out_ticket, in_ticket = tickets or (None, None)
                 row = db.execute("INSERT INTO migrations (vm_id, source, destination, state, started, out_ticket, in_ticket) "
                                  "VALUES (?, ?, ?, 'started', ?, ?, ?) RETURNING id",

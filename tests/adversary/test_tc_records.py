@@ -122,3 +122,16 @@ def test_resume_evidence_from_a_boot_the_tc_has_not_trusted_resumes_nothing(worl
     assert reason(world.tc.resume_end, begun["suspension"], resumed_evidence(world, "n2", record, resume)) \
         == "suspend.evidence-boot"
     assert world.tc.registry.vm(record["vm_id"])["state"] == "suspended"
+
+
+def test_a_vm_being_suspended_is_not_migrated_at_the_same_time(world):
+    """A suspension was refused while a migration was under way, but not the other way round: the
+    engine could hold a suspend ticket and a migrate-out ticket for one VM at once (found in review)."""
+    world.node("n1")
+    world.node("n2")
+    world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    assert reason(world.tc.migration_begin, "web", "n2") == "migrate.suspending"
+    assert world.tc.migrations() == []
+    world.tc.suspend_end(begun["suspension"], None, saved=False)  # dropped: the VM runs where it was
+    assert world.tc.migration_begin("web", "n2")["migration"]
