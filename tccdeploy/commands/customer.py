@@ -73,9 +73,13 @@ def cmd_request_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tc_ca(path: str):  # type: ignore[no-untyped-def]
-    """The TC's CA certificate from the customer's pinned tc.pem, or None (the reason printed)."""
+def _tc_ca(path: str, pin: str | None = None):  # type: ignore[no-untyped-def]
+    """The TC's CA certificate from the customer's pinned tc.pem (and, given pin, of that SHA-256
+    fingerprint: the one the customer checked when sealing), or None (the reason printed)."""
+    import hashlib
+
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
     try:
         with open(path, "rb") as fh:
@@ -87,6 +91,12 @@ def _tc_ca(path: str):  # type: ignore[no-untyped-def]
     ca = next((c for c in certs if c.issuer == c.subject), None)
     if ca is None:
         print(f"error: no CA certificate in {path}", file=sys.stderr)
+        return None
+    fingerprint = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest()
+    if pin and fingerprint != pin.strip().lower():
+        print(f"INVALID: tc.pin: the TC's CA in {path} has fingerprint {fingerprint}, not the pinned {pin}: this is not "
+              "the TC you sealed for", file=sys.stderr)
+        return None
     return ca
 
 
@@ -105,12 +115,12 @@ def _signed_request(path: str) -> dict | None:  # type: ignore[type-arg]
 
 
 def verified_receipt(text: str | bytes, tc: str, request: dict | None = None, request_id: str | None = None,  # type: ignore[type-arg]
-                     key_id: str | None = None) -> dict | None:  # type: ignore[type-arg]
+                     key_id: str | None = None, pin: str | None = None) -> dict | None:  # type: ignore[type-arg]
     """The receipt's body if the TC of the pinned certificates signed it and it answers what was
     given (the customer's signed request, its id, its key); None with INVALID and the reason printed."""
     from ..coordinator import receipts
 
-    ca = _tc_ca(tc)
+    ca = _tc_ca(tc, pin)
     if ca is None:
         return None
     try:
@@ -166,7 +176,7 @@ def cmd_receipt_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"INVALID: cannot read {args.receipt}: {exc.strerror}", file=sys.stderr)
         return 1
-    body = verified_receipt(text, args.tc, request)
+    body = verified_receipt(text, args.tc, request, pin=args.pin)
     if body is None:
         return 1
     if args.json:
@@ -249,6 +259,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--request", metavar="REQUEST.json",
                    help="your signed request (as `request sign` wrote it): check the receipt answers it (its id, VM, "
                         "image and your key), not only that the TC signed it")
+    q.add_argument("--pin", metavar="SHA256", help="the TC CA's SHA-256 fingerprint you checked when sealing (image seal "
+                                                 "--pin): refuse a tc.pem of another CA")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_receipt_verify)
     q = rc.add_parser("fetch", help="fetch a receipt from a served TC (a signed query), verify it, save it")

@@ -380,9 +380,12 @@ class TCCertificates(ValueError):
 
 
 def pinned_context(cafile: str, what: str) -> ssl.SSLContext:
-    """A TLS context that trusts only the TC's CA in cafile."""
+    """A TLS context that trusts only the TC's CA in cafile, and names in the certificate's
+    subjectAltName only (never its common name)."""
     try:
-        return ssl.create_default_context(cafile=cafile)
+        context = ssl.create_default_context(cafile=cafile)
+        context.hostname_checks_common_name = False
+        return context
     except (ssl.SSLError, OSError) as exc:
         raise TCCertificates(f"{cafile} holds no certificate TLS can use ({getattr(exc, 'reason', None) or exc}): "
                              f"{what}") from None

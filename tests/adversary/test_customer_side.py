@@ -137,3 +137,29 @@ def test_a_receipt_file_with_a_name_given_twice_is_invalid(world, tmp_path):
     assert json.loads(text) == receipt  # the last one is the signed one
     proc = _verify_cli(tmp_path, world, text)
     assert proc.returncode == 1 and "INVALID: receipt.malformed" in proc.stderr and "node given twice" in proc.stderr
+
+
+def test_receipt_verify_with_a_pin_refuses_a_tc_pem_of_another_ca(world, tmp_path):
+    """tc.pem is a file the provider may have handed over: with --pin (the fingerprint the customer
+    checked when sealing) a tc.pem of the provider's own CA, and its receipts, are refused."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    _, receipt, _, _ = _launched_after_another(world)
+    right = hashlib.sha256(world.tc.identity().certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert _verify_cli(tmp_path, world, receipt, "--pin", right.upper()).returncode == 0
+    wrong = _verify_cli(tmp_path, world, receipt, "--pin", "0" * 64)
+    assert wrong.returncode == 1 and "INVALID: tc.pin" in wrong.stderr, wrong.stdout + wrong.stderr
+
+
+def test_the_customers_tls_matches_the_tc_by_subject_alt_name_only(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from tccdeploy.coordinator import identity
+    from tccdeploy.coordinator.client import pinned_context
+
+    tc = identity.init(str(tmp_path / "tc"))[0]
+    pem = tmp_path / "tc.pem"
+    pem.write_bytes(tc.certificate.public_bytes(serialization.Encoding.PEM))
+    assert pinned_context(str(pem), "").hostname_checks_common_name is False
