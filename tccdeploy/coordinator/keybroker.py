@@ -206,7 +206,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
     ticket_id = tickets.new_id()
     owner = registry.image_owner(request["vm_id"])
     customer_id = owner["key_id"] if owner else ""
-    latest, certificate_row, rewrapped = rewrap_for(
+    latest, certificate_row, rewrapped, guard = rewrap_for(
         registry, tc, perimeter, baseline, request, node, capacity,
         tickets.label("launch", "kvm", request["vm_id"], customer_id, ticket_id), owner)
     now = int(time.time())
@@ -225,20 +225,24 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
             entry["data"]["supersedes"] = current["ticket"]
         try:
             done = registry.reissue_release(int(current["id"]), current["ticket"], latest["id"], certificate_row["serial"],
-                                            ticket_id, entry)
+                                            ticket_id, entry, guard=guard)
         except Conflict as exc:
             raise Refused(exc.reason, str(exc)) from None
     else:
-        done = registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
-                                       entry, ticket_id)
+        try:
+            done = registry.record_release(request_id, request["vm_id"], node, latest["id"], certificate_row["serial"],
+                                           entry, ticket_id, guard=guard)
+        except Conflict as exc:
+            raise Refused(exc.reason, str(exc)) from None
     if not done:
         raise Refused("release.already", f"request {request_id}'s key was released concurrently")
     return {"ticket": ticket, "attestation": latest, "certificate_serial": certificate_row["serial"], "request": request}
 
 
 def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, request: dict[str, Any], node: str,
-               capacity: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(latest attestation, certificate row) if node may receive this request's key now."""
+               capacity: int | None) -> tuple[dict[str, Any], dict[str, Any], Callable[[list[dict[str, Any]]], None]]:
+    """(latest attestation, certificate row, placement guard for the write) if node may receive
+    this request's key now."""
     row = registry.node(node)
     if row is None or row["state"] != "admitted":
         raise Refused("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'}, not admitted")
@@ -252,12 +256,28 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
-    there = [*registry.vms(node=node), *(v for v in registry.arriving(node) if v["vm_id"] != request["vm_id"])]
-    why = constraints.problems(request["spec"], judged, [VMRecord.from_row(v) for v in there],
-                               baseline.versions(), request["customer"], capacity)
-    if why:
-        raise Refused("placement.constraint", f"{node} does not meet request {request['id']}'s constraints: {'; '.join(why)}")
-    return latest[0], certificate_row
+    guard = placement_guard(request, judged, baseline.versions(), capacity)
+    try:
+        guard(registry.placed_on(node))
+    except Conflict as exc:
+        raise Refused(exc.reason, str(exc)) from None
+    return latest[0], certificate_row, guard
+
+
+def placement_guard(request: dict[str, Any], node: NodeRecord, versions: dict[str, str],
+                    capacity: int | None) -> Callable[[list[dict[str, Any]]], None]:
+    """The request's constraints on node, as a check of the VMs there and on their way (the VM
+    itself left out: its own earlier release or move does not count against it). Run before the
+    decision and again inside its write (Registry's guard), where no concurrent decision comes
+    between; Conflict placement.constraint when node does not meet them."""
+
+    def guard(rows: list[dict[str, Any]]) -> None:
+        why = constraints.problems(request["spec"], node, [VMRecord.from_row(v) for v in rows if v["vm_id"] != request["vm_id"]],
+                                   versions, request["customer"], capacity)
+        if why:
+            raise Conflict("placement.constraint", f"{node.name} does not meet request {request['id']}'s constraints: "
+                                                   f"{'; '.join(why)}")
+    return guard
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,11 +288,12 @@ def node_certificate(pem: str) -> x509.Certificate:
 
 def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request: dict[str, Any],
                node: str, capacity: int | None, label: bytes, owner: dict[str, Any] | None = None,
-               ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+               ) -> tuple[dict[str, Any], dict[str, Any], bytes, Callable[[list[dict[str, Any]]], None]]:
     """Kvm (sealed to the TC) re-wrapped to node's TK under label (the ticket's that carries it),
     if node may have it now: the one place a VM key is ever in clear, for launch and migration alike.
-    owner: the image's row, when the caller has read it."""
-    latest, certificate_row = check_node(registry, perimeter, baseline, request, node, capacity)
+    owner: the image's row, when the caller has read it. The last item: the placement guard the
+    decision's write runs again."""
+    latest, certificate_row, guard = check_node(registry, perimeter, baseline, request, node, capacity)
     certificate = node_certificate(certificate_row["pem"])
     if owner is None or owner["vm_id"] != request["vm_id"]:
         owner = registry.image_owner(request["vm_id"])
@@ -286,4 +307,4 @@ def rewrap_for(registry: Registry, tc: Identity, perimeter: Perimeter, baseline:
                                         "or altered") from None
     rewrapped = wrap.wrap(certificate.public_key(), kvm, label)  # type: ignore[arg-type]
     del kvm
-    return latest, certificate_row, rewrapped
+    return latest, certificate_row, rewrapped, guard

@@ -492,13 +492,13 @@ class Coordinator:
             if source is None:
                 raise Refused("migrate.source-unknown", f"{vm['node']} holds no trusted key the TC certified")
             standing = self._decision_standing()
-            latest, certificate, rewrapped = keybroker.rewrap_for(
+            latest, certificate, rewrapped, guard = keybroker.rewrap_for(
                 self.registry, self.identity(), self.perimeter, self.baseline(standing), request, destination,
                 self.capacity(destination, standing), tickets.label("migrate-in", "kvm", vm["vm_id"], customer_id, in_id))
             try:
                 migration = self.registry.start_migration(vm["vm_id"], vm["node"], destination, audit.entry(
                     "migration.start", destination, vm["vm_id"], source=vm["node"], attestation=latest["id"],
-                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]), (out_id, in_id), engine)
+                    certificate_serial=certificate["serial"], tickets=[out_id, in_id]), (out_id, in_id), engine, guard)
             except Conflict as exc:
                 raise Refused(exc.reason, str(exc)) from None
         kmig = secrets.token_bytes(32)

@@ -507,6 +507,9 @@ class Conflict(RegistryError):
 # (audit.py), so every decision's entry is written in the decision's own transaction.
 Auditor = Callable[[str, dict[str, Any]], tuple[str, str | None]]
 Audit = dict[str, Any] | None  # {"kind", "node", "vm", "data"}
+# A placement check a write runs again inside its transaction, on the VMs there and on their
+# way (Registry.placed_on); it raises Conflict to refuse.
+Guard = Callable[[list[dict[str, Any]]], None] | None
 
 
 @dataclass(frozen=True)
@@ -954,9 +957,11 @@ class Registry:
             return str(row["state"])
 
     def record_release(self, request_id: str, vm_id: str, node: str, attestation: int, serial: str,
-                       audit: Audit = None, ticket: str | None = None) -> bool:
-        """One release per request: the conditional UPDATE, the insert and its audit entry are one transaction."""
+                       audit: Audit = None, ticket: str | None = None, guard: Guard = None) -> bool:
+        """One release per request: the conditional UPDATE, the insert and its audit entry are one
+        transaction (guard: the placement check on node, run again inside it)."""
         with self.transaction(serialize=True) as db:
+            self._guarded(db, guard, node)
             changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
                                  (request_id,)).rowcount
             if changed != 1:
@@ -967,12 +972,16 @@ class Registry:
         return True
 
     def reissue_release(self, release_id: int, previous_ticket: str, attestation: int, serial: str, ticket: str,
-                        audit: Audit = None, limit: int = 8) -> bool:
+                        audit: Audit = None, limit: int = 8, guard: Guard = None) -> bool:
         """The same node's release again, under a fresh ticket that supersedes the last (kept, so
         the node's evidence may name whichever it used): only while the request still waits for
         its launch, only from the ticket the caller saw (a concurrent reissue wins), at most
         `limit` tickets per release. One transaction with its audit entry."""
         with self.transaction(serialize=True) as db:
+            if guard is not None:
+                placed = db.execute("SELECT node FROM releases WHERE id = ?", (release_id,)).first()
+                if placed is not None:
+                    self._guarded(db, guard, placed["node"])
             row = db.execute("SELECT r.superseded, q.state FROM releases r JOIN requests q ON q.id = r.request "
                              "WHERE r.id = ? AND r.ticket = ? AND r.expired IS NULL", (release_id, previous_ticket)).first()
             if row is None or row["state"] != "released":
@@ -1072,17 +1081,37 @@ class Registry:
         Each will run there; placement counted only VMs already there, so two migrations (or a
         migration and a release) into one node each passed its anti-affinity and capacity check
         (found in review)."""
-        rows = [dict(r, node=node, state="starting") for r in self._all(
+        return self._arriving(self._all, node)
+
+    def placed_on(self, node: str) -> list[dict[str, Any]]:
+        """What a placement decision for node weighs: the VMs there and those on their way."""
+        return self._placed_on(self._all, node)
+
+    @classmethod
+    def _placed_on(cls, run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
+        return [*run("SELECT * FROM vms WHERE state != 'destroyed' AND node = ?", (node,)), *cls._arriving(run, node)]
+
+    @staticmethod
+    def _arriving(run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
+        rows = [dict(r, node=node, state="starting") for r in run(
             "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN migrations m ON m.vm_id = v.vm_id "
             "WHERE m.state = 'started' AND m.destination = ? UNION "
             "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN suspensions s ON s.vm_id = v.vm_id "
             "WHERE s.state = 'resuming' AND s.resume_node = ?", (node, node))]
-        for r in self._all("SELECT q.vm_id, q.vm, q.customer, q.spec FROM releases r JOIN requests q ON q.id = r.request "
-                           "WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL", (node,)):
+        for r in run("SELECT q.vm_id, q.vm, q.customer, q.spec FROM releases r JOIN requests q ON q.id = r.request "
+                     "WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL", (node,)):
             spec = json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"]
             rows.append({"vm_id": r["vm_id"], "name": r["vm"], "customer": r["customer"], "node": node,
                          "state": "starting", "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")})
         return rows
+
+    @classmethod
+    def _guarded(cls, db: Any, guard: Guard, node: str) -> None:
+        """Run a placement guard on node's VMs as this transaction reads them: the check made before
+        the write, made again where no other decision can come between (concurrent decisions each
+        passed the check alone; found in review)."""
+        if guard is not None:
+            guard(cls._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
@@ -1128,13 +1157,14 @@ class Registry:
 
     # -- migrations -------------------------------------------------------------------------
     def start_migration(self, vm_id: str, source: str, destination: str, audit: Audit = None,
-                        tickets: tuple[str, str] | None = None, engine: str | None = None) -> int:
+                        tickets: tuple[str, str] | None = None, engine: str | None = None, guard: Guard = None) -> int:
         """Record a migration of vm_id from source (one started per VM); engine: the engine asking,
         refused (Conflict node.leased) while another engine leases the source."""
         try:
             with self.transaction(serialize=True) as db:
                 if engine is not None:
                     self._not_leased_elsewhere(db, source, engine)
+                self._guarded(db, guard, destination)
                 if db.execute("SELECT 1 FROM vms WHERE vm_id = ? AND node = ? AND state IN ('running', 'stopped')",
                               (vm_id, source)).first() is None:
                     raise Conflict("migrate.unknown-vm", f"VM {vm_id} is not running on {source}")
@@ -1222,10 +1252,11 @@ class Registry:
                 raise Conflict("suspend.not-running", f"VM {row['vm_id']} is no longer running on {row['node']}")
             self._audit(db, audit)
 
-    def resuming(self, suspension_id: int, node: str, ticket: str, audit: Audit = None) -> None:
+    def resuming(self, suspension_id: int, node: str, ticket: str, audit: Audit = None, guard: Guard = None) -> None:
         """suspended -> resuming on node (or resuming again on the same node: a retry); a resume on
         another node once one was allowed is a Conflict (never twice)."""
         with self.transaction(serialize=True) as db:
+            self._guarded(db, guard, node)
             # resume_ticket: every resume ticket issued for it (space-separated), for the evidence
             if db.execute("UPDATE suspensions SET state = 'resuming', resume_node = ?, updated = ?, "
                           "resume_ticket = CASE WHEN state = 'resuming' THEN resume_ticket || ' ' || ? ELSE ? END "

@@ -108,12 +108,12 @@ def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, baseli
     assert request is not None
     customer = customer_of(registry, vm["vm_id"], "suspend.node-unknown")
     ticket_id = tickets.new_id()
-    _, certificate, rewrapped = keybroker.rewrap_for(registry, tc, perimeter, baseline, request, target, capacity,
+    _, certificate, rewrapped, guard = keybroker.rewrap_for(registry, tc, perimeter, baseline, request, target, capacity,
                                                      tickets.label("resume", "kvm", vm["vm_id"], customer, ticket_id))
     try:
         registry.resuming(int(row["id"]), target, ticket_id, audit.entry(
             "suspension.resume", target, vm["vm_id"], suspension=int(row["id"]), ticket=ticket_id,
-            certificate_serial=certificate["serial"]))
+            certificate_serial=certificate["serial"]), guard)
     except Conflict as exc:
         raise Refused(exc.reason, str(exc)) from None
     ksus = wrap.unwrap(tc.wrap_key, base64.b64decode(row["ksus"]), _ksus_label(vm["vm_id"], row["suspend_ticket"]))

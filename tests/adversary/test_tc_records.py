@@ -135,3 +135,33 @@ def test_a_vm_being_suspended_is_not_migrated_at_the_same_time(world):
     assert world.tc.migrations() == []
     world.tc.suspend_end(begun["suspension"], None, saved=False)  # dropped: the VM runs where it was
     assert world.tc.migration_begin("web", "n2")["migration"]
+
+
+@pytest.mark.parametrize("decision", ["migration", "release", "resume"])
+def test_a_placement_check_passed_before_a_concurrent_decision_is_made_again_in_the_write(world, monkeypatch, decision):
+    """Two decisions at once (the served TC takes four; a hostile engine sends them together) each
+    passed the placement check alone, before either wrote: the check now runs again inside the
+    write's serialized transaction. Here the check before the write is shown nothing on its way to
+    n2, as it would have read the registry just before the other decision committed."""
+    for node in ("n1", "n2"):
+        world.node(node)
+    world.launched("acme", "n1", name="a", constraints=GROUP)
+    record = world.accepted("acme", name="b", constraints=GROUP)
+    world.tc.release_key(record["id"], "n2")  # b is on its way to n2
+    if decision == "resume":  # (a resume needs a suspended VM: a, of the same group, saved on n1)
+        vm = world.tc.registry.vm("a")
+        begun = world.tc.suspend_begin("a")
+        world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", {"vm_id": vm["vm_id"],
+                             "image_sha256": vm["image_sha256"]}, begun))
+    registry = world.tc.registry
+    monkeypatch.setattr(registry, "placed_on", lambda node: [v for v in registry.vms(node=node)])  # the early read
+    if decision == "migration":
+        assert reason(world.tc.migration_begin, "a", "n2") == "placement.constraint"
+        assert world.tc.migrations() == []
+    elif decision == "release":
+        other = world.accepted("acme", name="c", constraints=GROUP)
+        assert reason(world.tc.release_key, other["id"], "n2") == "placement.constraint"
+        assert registry.request(other["id"])["state"] == "accepted"
+    else:
+        assert reason(world.tc.resume_begin, "a", "n2") == "placement.constraint"
+        assert registry.suspensions(registry.vm("a")["vm_id"])[-1]["state"] == "suspended"
