@@ -625,11 +625,13 @@ def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypat
         original = getattr(world.tc.registry, name)
         monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
     vms_asked: list[object] = []
+    original_placed = world.tc.registry.placed_on
+    monkeypatch.setattr(world.tc.registry, "placed_on", lambda node: vms_asked.append(node) or original_placed(node))
     original_vms = world.tc.registry.vms
-    monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(k.get("node")) or original_vms(*a, **k))
+    monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(("fleet", k)) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")
     assert sorted(reads) == ["identity", "image_owner", "request", "roster"]
-    assert vms_asked == ["n1"]  # the node's own VMs, not the fleet's
+    assert vms_asked == ["n1"]  # the node's own VMs and those on their way, not the fleet's
 
 
 def test_a_release_handed_another_requests_row_reads_its_own(world):
