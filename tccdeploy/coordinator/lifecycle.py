@@ -110,7 +110,7 @@ def ended(registry: Registry, tc: Identity, ticket: Any, evidence: Any, runtime_
         raise Refused("vm.end-evidence", f"{node}'s TPM does not show VM {vm_id} ended by this ticket "
                                                "(and not back since)")
     # Its VMs stay live in the records until it proves them gone (trusted again, or reset: add_attestation).
-    trusted_boot(registry, node, checked.reset_count, "vm.end-boot-untrusted")
+    trusted_boot(registry, node, checked.reset_count, reason="vm.end-boot-untrusted")
     state = END_STATES[body["action"]]
     try:
         recorded = registry.end_vm(vm_id, node, state, float(body["issued"]), audit.entry(

@@ -602,7 +602,7 @@ class Coordinator:
         if last.get("event") != "migrated-in" or last.get("ticket") != row["in_ticket"]:
             raise Refused("migrate.evidence-event", "the destination's runtime events do not show the VM arrived through "
                                                     "this migration (and still there)")
-        lifecycle.trusted_boot(self.registry, row["destination"], checked.reset_count, "migrate.evidence-boot")
+        lifecycle.trusted_boot(self.registry, row["destination"], checked.reset_count, reason="migrate.evidence-boot")
         return checked.reset_count
 
     def _launch_evidence(self, node: str, request: dict[str, Any], release: dict[str, Any], attestation: dict[str, Any],

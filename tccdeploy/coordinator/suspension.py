@@ -81,7 +81,7 @@ def end(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: int,
         if last.get("event") != "suspended" or last.get("ticket") != row["suspend_ticket"] \
                 or not isinstance(last.get("state_sha256"), str) or len(last["state_sha256"]) != 64:
             raise Refused("suspend.evidence-event", f"{row['node']}'s TPM does not show the VM saved by this suspension")
-        trusted_boot(registry, row["node"], checked.reset_count, "suspend.evidence-boot")
+        trusted_boot(registry, row["node"], checked.reset_count, reason="suspend.evidence-boot")
         digest = last["state_sha256"]
     try:
         registry.end_suspension(suspension_id, saved, digest, audit.entry(
@@ -151,7 +151,7 @@ def resumed(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: 
     last = runtime.last_event_of(checked.events, row["vm_id"])
     if last.get("event") != "resumed" or last.get("ticket") != quoted_for:
         raise Refused("suspend.evidence-event", f"{row['resume_node']}'s TPM does not show the VM resumed by this ticket")
-    trusted_boot(registry, row["resume_node"], checked.reset_count, "suspend.evidence-boot")
+    trusted_boot(registry, row["resume_node"], checked.reset_count, reason="suspend.evidence-boot")
     try:
         registry.resumed(suspension_id, checked.reset_count, audit.entry(
             "suspension.resumed", row["resume_node"], row["vm_id"], suspension=suspension_id))
