@@ -107,14 +107,15 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
                                      "not_after": time.time() + 3600, "build": "tvmm-2026.1"})
             out[node] = []
             for i in range(ops):
-                vm_id = secrets.token_hex(16)
-                descriptor = {"vm_id": vm_id, "disk": {"sha256": "00" * 32}, "version": 2,
+                vm_id, vm_salt = customers.new_id("vm", key.public_key())
+                request_id, salt = customers.new_id("request", key.public_key())
+                descriptor = {"vm_id": vm_id, "vm_salt": vm_salt, "disk": {"sha256": "00" * 32}, "version": 3,
                               "wrapped_key": base64.b64encode(wrap.wrap(
                                   tc_key.wrap_certificate.public_key(), secrets.token_bytes(32),  # type: ignore[arg-type]
                                   wrap.sealed_label(vm_id, customers.key_id(key.public_key())))).decode(),
                               "customer": {"key": public}}
                 request = {"manifest": {"metadata": {"name": f"vm-{n}-{i}"}, "spec": {"vcpus": 1, "memoryMiB": 64}},
-                           "id": secrets.token_hex(16), "created": now.isoformat(timespec="seconds"), "customer": public,
+                           "id": request_id, "salt": salt, "created": now.isoformat(timespec="seconds"), "customer": public,
                            "image": {"vm_id": vm_id, "sha256": "00" * 32}}
                 envelope = {"request": request, "signature": base64.b64encode(key.sign(signed_bytes(PLACEMENT_REQUEST, request))).decode()}
                 out[node].append(tc.accept_request(envelope, {"descriptor": descriptor})["id"])

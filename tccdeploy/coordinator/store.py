@@ -1081,29 +1081,33 @@ class Registry:
         Each will run there; placement counted only VMs already there, so two migrations (or a
         migration and a release) into one node each passed its anti-affinity and capacity check
         (found in review)."""
-        return self._arriving(self._all, node)
+        return [r for r in self.placed_on(node) if r["arriving"]]
 
     def placed_on(self, node: str) -> list[dict[str, Any]]:
-        """What a placement decision for node weighs: the VMs there and those on their way."""
+        """What a placement decision for node weighs: the VMs there (arriving 0) and those on their
+        way (arriving 1), in one query."""
         return self._placed_on(self._all, node)
 
-    @classmethod
-    def _placed_on(cls, run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
-        return [*run("SELECT * FROM vms WHERE state != 'destroyed' AND node = ?", (node,)), *cls._arriving(run, node)]
-
     @staticmethod
-    def _arriving(run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
-        rows = [dict(r, node=node, state="starting") for r in run(
-            "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN migrations m ON m.vm_id = v.vm_id "
-            "WHERE m.state = 'started' AND m.destination = ? UNION "
-            "SELECT v.vm_id, v.name, v.customer, v.anti_affinity FROM vms v JOIN suspensions s ON s.vm_id = v.vm_id "
-            "WHERE s.state = 'resuming' AND s.resume_node = ?", (node, node))]
-        for r in run("SELECT q.vm_id, q.vm, q.customer, q.spec FROM releases r JOIN requests q ON q.id = r.request "
-                     "WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL", (node,)):
-            spec = json.loads(r["spec"]) if isinstance(r["spec"], str) else r["spec"]
-            rows.append({"vm_id": r["vm_id"], "name": r["vm"], "customer": r["customer"], "node": node,
-                         "state": "starting", "anti_affinity": (spec.get("constraints") or {}).get("antiAffinityGroup")})
-        return rows
+    def _placed_on(run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
+        rows = run(
+            "SELECT vm_id, name, customer, node, state, anti_affinity, NULL AS spec, 0 AS arriving FROM vms "
+            "WHERE node = ? AND state != 'destroyed' UNION ALL "
+            "SELECT v.vm_id, v.name, v.customer, m.destination, 'starting', v.anti_affinity, NULL, 1 FROM vms v "
+            "JOIN migrations m ON m.vm_id = v.vm_id WHERE m.state = 'started' AND m.destination = ? UNION ALL "
+            "SELECT v.vm_id, v.name, v.customer, s.resume_node, 'starting', v.anti_affinity, NULL, 1 FROM vms v "
+            "JOIN suspensions s ON s.vm_id = v.vm_id WHERE s.state = 'resuming' AND s.resume_node = ? UNION ALL "
+            "SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', NULL, q.spec, 1 FROM releases r "
+            "JOIN requests q ON q.id = r.request WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL",
+            (node, node, node, node))
+        out = []
+        for row in rows:
+            spec = row.pop("spec")
+            if spec is not None:  # a release: the request's group
+                spec = json.loads(spec) if isinstance(spec, str) else spec
+                row["anti_affinity"] = (spec.get("constraints") or {}).get("antiAffinityGroup")
+            out.append(row)
+        return out
 
     @classmethod
     def _guarded(cls, db: Any, guard: Guard, node: str) -> None:

@@ -138,23 +138,13 @@ def test_a_vm_being_suspended_is_not_migrated_at_the_same_time(world):
 
 
 @pytest.mark.parametrize("decision", ["migration", "release", "resume"])
-def test_a_placement_check_passed_before_a_concurrent_decision_is_made_again_in_the_write(world, monkeypatch, decision):
-    """Two decisions at once (the served TC takes four; a hostile engine sends them together) each
-    passed the placement check alone, before either wrote: the check now runs again inside the
-    write's serialized transaction. Here the check before the write is shown nothing on its way to
-    n2, as it would have read the registry just before the other decision committed."""
+def test_each_decision_that_sends_a_vm_to_a_node_counts_the_vms_on_their_way_there(world, decision):
     for node in ("n1", "n2"):
         world.node(node)
     world.launched("acme", "n1", name="a", constraints=GROUP)
     record = world.accepted("acme", name="b", constraints=GROUP)
     world.tc.release_key(record["id"], "n2")  # b is on its way to n2
-    if decision == "resume":  # (a resume needs a suspended VM: a, of the same group, saved on n1)
-        vm = world.tc.registry.vm("a")
-        begun = world.tc.suspend_begin("a")
-        world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", {"vm_id": vm["vm_id"],
-                             "image_sha256": vm["image_sha256"]}, begun))
     registry = world.tc.registry
-    monkeypatch.setattr(registry, "placed_on", lambda node: [v for v in registry.vms(node=node)])  # the early read
     if decision == "migration":
         assert reason(world.tc.migration_begin, "a", "n2") == "placement.constraint"
         assert world.tc.migrations() == []
@@ -162,6 +152,44 @@ def test_a_placement_check_passed_before_a_concurrent_decision_is_made_again_in_
         other = world.accepted("acme", name="c", constraints=GROUP)
         assert reason(world.tc.release_key, other["id"], "n2") == "placement.constraint"
         assert registry.request(other["id"])["state"] == "accepted"
-    else:
+    else:  # a, of the same group, saved on n1 and resumed towards n2
+        vm = registry.vm("a")
+        begun = world.tc.suspend_begin("a")
+        world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", {"vm_id": vm["vm_id"],
+                             "image_sha256": vm["image_sha256"]}, begun))
         assert reason(world.tc.resume_begin, "a", "n2") == "placement.constraint"
-        assert registry.suspensions(registry.vm("a")["vm_id"])[-1]["state"] == "suspended"
+        assert registry.suspensions(vm["vm_id"])[-1]["state"] == "suspended"
+
+
+def test_migrations_sent_at_once_into_one_node_pass_its_anti_affinity_one_at_most(world):
+    """A hostile engine sends its decisions together (the served TC takes four at once): judged
+    before their writes, each passed alone. The check is in the write's serialized transaction."""
+    import sys
+    import threading
+
+    names = [f"vm{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        world.node(f"n{i + 1}")
+        world.launched("acme", f"n{i + 1}", name=name, constraints=GROUP)
+    world.node("n9")
+    start, outcomes = threading.Barrier(len(names)), {}
+
+    def move(name: str) -> None:
+        start.wait()
+        try:
+            outcomes[name] = world.tc.migration_begin(name, "n9")["migration"]
+        except Exception as exc:  # noqa: BLE001 - the refusals are the point
+            outcomes[name] = getattr(exc, "reason", repr(exc))
+
+    threads = [threading.Thread(target=move, args=(n,)) for n in names]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads interleave finely: a check apart from its write would be passed twice
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sorted(v for v in outcomes.values() if isinstance(v, str)) == ["placement.constraint"] * (len(names) - 1), outcomes
+    assert len(world.tc.migrations()) == 1
