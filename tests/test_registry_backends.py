@@ -295,7 +295,7 @@ def test_vms_on_their_way_to_a_node_are_found_by_node(location, tc_identity):
         assert registry.arriving("n1") == []
         assert registry.record_release("r1", "v1", "n1", attestation, "serial")
         assert registry.arriving("n1") == [{"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1",
-                                            "state": "starting", "anti_affinity": "g"}]
+                                            "state": "starting", "anti_affinity": "g", "arriving": 1}]
         registry.record_launch("r1", {"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1", "state": "running",
                                       "image_sha256": "d", "request": "r1", "vcpus": 1, "memory_mib": 64,
                                       "anti_affinity": "g"}, lambda: {"signed": True})

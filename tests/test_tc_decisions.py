@@ -625,8 +625,11 @@ def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypat
         original = getattr(world.tc.registry, name)
         monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
     vms_asked: list[object] = []
-    original_placed = world.tc.registry.placed_on
-    monkeypatch.setattr(world.tc.registry, "placed_on", lambda node: vms_asked.append(node) or original_placed(node))
+    from tccdeploy.coordinator.store import Registry
+
+    original_placed = Registry._placed_on
+    monkeypatch.setattr(Registry, "_placed_on", staticmethod(lambda run, node: vms_asked.append(node)
+                                                              or original_placed(run, node)))
     original_vms = world.tc.registry.vms
     monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(("fleet", k)) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")
