@@ -1385,9 +1385,15 @@ class Registry:
             db.execute(sql, params)
 
     def revoke_engine(self, name: str) -> bool:
-        with self.transaction() as db:
-            return db.execute("UPDATE engines SET revoked = ? WHERE name = ? AND revoked IS NULL",
-                              (time.time(), name)).rowcount == 1
+        """The engine's certificate no longer answered, and its node leases ended with it: a removed
+        engine acts on nothing, so its leases would only keep the other engines off those nodes
+        for up to a round (600 s)."""
+        with self.transaction(serialize=True) as db:
+            revoked = db.execute("UPDATE engines SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                                 (time.time(), name)).rowcount == 1
+            if revoked:
+                db.execute("DELETE FROM node_leases WHERE engine = ?", (name,))
+            return revoked
 
     def engines(self) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM engines ORDER BY name")

@@ -116,3 +116,13 @@ def test_a_migration_under_way_is_ended_only_by_the_engine_leasing_its_source(fl
     (repaired,) = repair(fleet.engine, fleet.tc)
     assert (repaired["action"], repaired["node"]) == ("rolled back", "n1")
     assert fleet.tc.registry.lease_of("n1") is None  # the repair's lease given back
+
+
+def test_an_engine_removed_by_the_operator_holds_no_lease(fleet):
+    """Its leases outlived its certificate by up to a round: a removed (hostile) engine kept the
+    other engines off the nodes it had leased (found in review)."""
+    fleet.tc.registry.add_engine("hostile", "abc", "fp")
+    fleet.tc.lease_nodes(["n1", "n2"], 600, engine="hostile")
+    assert fleet.tc.registry.revoke_engine("hostile")
+    assert fleet.tc.registry.lease_of("n1") is None and fleet.tc.registry.lease_of("n2") is None
+    assert list(fleet.tc.lease_nodes(["n1"], 60, engine="engine-a")["granted"]) == ["n1"]
