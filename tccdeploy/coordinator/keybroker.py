@@ -256,9 +256,16 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
     judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
-    # The constraints are judged inside the decision's write (the guard), on the VMs there and on
-    # their way as that transaction reads them: judged before it, two decisions at once each passed.
-    return latest[0], certificate_row, placement_guard(request, judged, baseline.versions(), capacity)
+    # The constraints that depend on the VMs are judged inside the decision's write (the guard), on
+    # the VMs there and on their way as that transaction reads them: judged before it, two
+    # decisions at once each passed. The node's own (site, build, version) are judged here too,
+    # so a node that cannot qualify costs the TC no key unwrap.
+    guard = placement_guard(request, judged, baseline.versions(), capacity)
+    try:
+        guard([])
+    except Conflict as exc:
+        raise Refused(exc.reason, str(exc)) from None
+    return latest[0], certificate_row, guard
 
 
 def placement_guard(request: dict[str, Any], node: NodeRecord, versions: dict[str, str],

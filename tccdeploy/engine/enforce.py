@@ -75,10 +75,6 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None,
     only its shard) that it can lease for the round."""
     start = time.monotonic()
     report = Report()
-    try:
-        report.vms += [_repaired(coordinator, item) for item in repair(engine, coordinator)]
-    except Exception:  # noqa: BLE001 - repair is retried next round; enforcement must go on
-        pass
     grace = coordinator.grace_period()
     hosts = {h.name: h for h in engine.hosts}
     candidates = [n.name for n in coordinator.nodes()
@@ -87,6 +83,10 @@ def enforce_round(engine: Engine, coordinator: TC, only: set[str] | None = None,
         {"granted": {}, "held": {}}
     report.leased = [{"node": node, "engine": str(held["engine"])} for node, held in sorted(leases["held"].items())]
     admitted = [n for n in candidates if n in leases["granted"]]
+    try:  # after the round's leases: a source it leases is repaired under that lease, not given back
+        report.vms += [_repaired(coordinator, item) for item in repair(engine, coordinator, frozenset(admitted))]
+    except Exception:  # noqa: BLE001 - repair is retried next round; enforcement must go on
+        pass
     try:
         _round(engine, coordinator, report, hosts, admitted, grace, whole=only is None)
     finally:

@@ -204,17 +204,22 @@ def _repair_one(engine: Engine, coordinator: TC, row: Any) -> dict[str, Any]:
             else "rolled back", "node": destination if settled["outcome"] == "commit" else source}
 
 
-def repair(engine: Engine, coordinator: TC) -> list[dict[str, Any]]:
+def repair(engine: Engine, coordinator: TC, held: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """Decide the migrations an interrupted run left 'started', and settle the ends of decided
     ones that never got their ticket.
 
     A started migration commits only on the destination TPM's evidence that the VM arrived
     through its ticket (the TC checks it); otherwise it is aborted. Either way, each end then
     gets the TC's settle ticket. A migration whose source another engine leases is that engine's
-    (it is under way, not interrupted): left alone, and the TC would refuse to end it (node.leased)."""
+    (it is under way, not interrupted): left alone, and the TC would refuse to end it (node.leased).
+    held: the sources this engine leases already (its round's), decided under that lease; any
+    other source is leased for the repair and given back after it."""
     out = []
     hosts = {h.name for h in engine.hosts}
     for row in coordinator.migrations("started"):
+        if row.source in held:
+            out.append(_repair_one(engine, coordinator, row))
+            continue
         if row.source not in coordinator.lease_nodes([row.source], REPAIR_LEASE)["granted"]:
             continue
         try:

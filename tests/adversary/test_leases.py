@@ -126,3 +126,36 @@ def test_an_engine_removed_by_the_operator_holds_no_lease(fleet):
     assert fleet.tc.registry.revoke_engine("hostile")
     assert fleet.tc.registry.lease_of("n1") is None and fleet.tc.registry.lease_of("n2") is None
     assert list(fleet.tc.lease_nodes(["n1"], 60, engine="engine-a")["granted"]) == ["n1"]
+
+
+def test_a_migration_started_without_a_lease_leases_its_source_to_its_engine(fleet):
+    """`tccdeploy migrate` and `drain` take no round lease: another engine's repair took such a
+    migration under way for an interrupted one and aborted it (found in review). Its start now
+    leases the source to the engine that started it, for its tickets' life."""
+    from tccdeploy.engine.migrate import repair
+
+    vm = fleet.launch("n1")
+    begun = fleet.tc.migration_begin(vm.name, "n2", engine="engine-a")
+    lease = fleet.tc.registry.lease_of("n1")
+    assert lease is not None and lease["engine"] == "engine-a"
+    assert repair(fleet.engine, fleet.tc) == []  # ("local" is another engine here)
+    with pytest.raises(Refused) as refused:
+        fleet.tc.migration_end(begun["migration"], vm.vm_id, commit=False, engine="hostile")
+    assert refused.value.reason == "node.leased"
+    assert [m.state for m in fleet.tc.migrations()] == ["started"]
+
+
+def test_a_rounds_repair_decides_under_the_rounds_lease_and_keeps_it(fleet):
+    """A repair used to lease each source for itself and give it back after: inside a round that
+    already leased the source, it ended the round's own lease, and other engines could take the
+    node mid-round (found in review)."""
+    from tccdeploy.engine.migrate import repair
+
+    vm = fleet.launch("n1")
+    fleet.tc.lease_nodes(["n1"], 600)  # the round's lease ("local", this fleet's engine)
+    until = fleet.tc.registry.lease_of("n1")["until"]
+    fleet.tc.migration_begin(vm.name, "n2")  # then the engine died before moving it
+    (repaired,) = repair(fleet.engine, fleet.tc, held=frozenset({"n1"}))
+    assert repaired["action"] == "rolled back"
+    lease = fleet.tc.registry.lease_of("n1")
+    assert lease is not None and lease["engine"] == "local" and lease["until"] >= until  # kept, and not shortened

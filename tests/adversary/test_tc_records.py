@@ -193,3 +193,18 @@ def test_migrations_sent_at_once_into_one_node_pass_its_anti_affinity_one_at_mos
         sys.setswitchinterval(interval)
     assert sorted(v for v in outcomes.values() if isinstance(v, str)) == ["placement.constraint"] * (len(names) - 1), outcomes
     assert len(world.tc.migrations()) == 1
+
+
+def test_a_node_that_cannot_qualify_is_refused_before_the_key_is_unwrapped(world, monkeypatch):
+    """With the VM-dependent constraints judged in the write, a release to a node of another site
+    must still be refused before the TC's RSA unwrap: an engine asking again and again would
+    otherwise spend the TC's private-key work for nothing (found in review)."""
+    from tccdeploy.coordinator import keybroker
+
+    world.node("n1")
+    record = world.accepted("acme", constraints={"sites": ["elsewhere"]})
+    unwraps: list[object] = []
+    original = keybroker.wrap.unwrap
+    monkeypatch.setattr(keybroker.wrap, "unwrap", lambda *a, **k: unwraps.append(a) or original(*a, **k))
+    assert reason(world.tc.release_key, record["id"], "n1") == "placement.constraint"
+    assert unwraps == []
