@@ -58,28 +58,33 @@ def test_another_customer_cannot_claim_a_request_id_before_its_owner(world):
     assert world.tc.accept_request(envelope, bundle)["id"] == envelope["request"]["id"]
 
 
-@pytest.mark.parametrize("change", ["no-salt", "other-salt", "free-id"])
+# Each way an id can fail to be its key's: its salt gone, another salt, another id.
+CHANGES = {"no-salt": (None, None), "other-salt": (None, "00" * 16), "free-id": ("ab" * 16, None)}
+
+
+def _changed(fields: dict, salt_field: str, id_field: str, change: str) -> dict:  # type: ignore[type-arg]
+    new_id, new_salt = CHANGES[change]
+    out = dict(fields)
+    if change == "no-salt":
+        del out[salt_field]
+    elif new_salt is not None:
+        out[salt_field] = new_salt
+    if new_id is not None:
+        out[id_field] = new_id
+    return out
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
 def test_a_request_whose_id_its_key_does_not_make_is_refused(world, change):
     bundle = world.image("acme")
-    envelope = world.request("acme", bundle)
-    request = dict(envelope["request"])
-    if change == "no-salt":
-        del request["salt"]
-    elif change == "other-salt":
-        request["salt"] = "00" * 16
-    else:
-        request["id"] = "ab" * 16
+    request = _changed(world.request("acme", bundle)["request"], "salt", "id", change)
     assert reason(world.tc.accept_request, _resigned(world, "acme", {"request": request}), bundle) == "request.id"
 
 
 @pytest.mark.parametrize("change", ["no-salt", "other-salt"])
 def test_an_image_whose_vm_id_its_key_does_not_make_is_refused(world, change):
     bundle = world.image("acme")
-    descriptor = dict(bundle["descriptor"])
-    if change == "no-salt":
-        del descriptor["vm_salt"]
-    else:
-        descriptor["vm_salt"] = "00" * 16
+    descriptor = _changed(bundle["descriptor"], "vm_salt", "vm_id", change)
     resigned = {"descriptor": descriptor, "signature": base64.b64encode(
         world.keys["acme"].sign(signed_bytes(SEALED_IMAGE, descriptor))).decode()}
     assert reason(world.tc.accept_request, world.request("acme", resigned), resigned) == "request.image-owner"
