@@ -628,8 +628,8 @@ def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypat
     from tccdeploy.coordinator.store import Registry
 
     original_placed = Registry._placed_on
-    monkeypatch.setattr(Registry, "_placed_on", staticmethod(lambda run, node: vms_asked.append(node)
-                                                              or original_placed(run, node)))
+    monkeypatch.setattr(Registry, "_placed_on", lambda self, run, node: vms_asked.append(node)
+                        or original_placed(self, run, node))
     original_vms = world.tc.registry.vms
     monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(("fleet", k)) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")

@@ -2,8 +2,9 @@
 
 TLS asks every client for a certificate and accepts only ones the TC's CA issued (customers
 and health checks may come without one: their routes need none). Uvicorn does not hand the
-verified peer certificate to the application, so a small protocol subclass records it per
-connection, keyed by the client's address, where the API looks it up.
+verified peer certificate to the application, so a small protocol subclass puts the one its
+own TLS verified into each request's ASGI scope (api.CLIENT_CERTIFICATE): never looked up by the
+client's address, which a proxy header could name.
 """
 
 from __future__ import annotations

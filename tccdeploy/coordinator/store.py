@@ -1095,34 +1095,28 @@ class Registry:
         way (arriving 1), in one query."""
         return self._placed_on(self._all, node)
 
-    @staticmethod
-    def _placed_on(run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
-        rows = run(
-            "SELECT vm_id, name, customer, node, state, anti_affinity, NULL AS spec, 0 AS arriving FROM vms "
+    def _placed_on(self, run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
+        # A release's group read in SQL, not by parsing each request's whole spec in Python: this
+        # runs inside the decision's serialized write, once per VM on the node.
+        group = ("CAST(q.spec AS JSONB) #>> '{constraints,antiAffinityGroup}'" if self.kind == "postgresql"
+                 else "json_extract(q.spec, '$.constraints.antiAffinityGroup')")
+        return run(
+            "SELECT vm_id, name, customer, node, state, anti_affinity, 0 AS arriving FROM vms "
             "WHERE node = ? AND state != 'destroyed' UNION ALL "
-            "SELECT v.vm_id, v.name, v.customer, m.destination, 'starting', v.anti_affinity, NULL, 1 FROM vms v "
+            "SELECT v.vm_id, v.name, v.customer, m.destination, 'starting', v.anti_affinity, 1 FROM vms v "
             "JOIN migrations m ON m.vm_id = v.vm_id WHERE m.state = 'started' AND m.destination = ? UNION ALL "
-            "SELECT v.vm_id, v.name, v.customer, s.resume_node, 'starting', v.anti_affinity, NULL, 1 FROM vms v "
+            "SELECT v.vm_id, v.name, v.customer, s.resume_node, 'starting', v.anti_affinity, 1 FROM vms v "
             "JOIN suspensions s ON s.vm_id = v.vm_id WHERE s.state = 'resuming' AND s.resume_node = ? UNION ALL "
-            "SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', NULL, q.spec, 1 FROM requests q "
+            f"SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', {group}, 1 FROM requests q "
             "JOIN releases r ON r.request = q.id WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL",
             (node, node, node, node))
-        out = []
-        for row in rows:
-            spec = row.pop("spec")
-            if spec is not None:  # a release: the request's group
-                spec = json.loads(spec) if isinstance(spec, str) else spec
-                row["anti_affinity"] = (spec.get("constraints") or {}).get("antiAffinityGroup")
-            out.append(row)
-        return out
 
-    @classmethod
-    def _guarded(cls, db: Any, guard: Guard, node: str) -> None:
+    def _guarded(self, db: Any, guard: Guard, node: str) -> None:
         """Run a placement guard on node's VMs as this transaction reads them: the check made before
         the write, made again where no other decision can come between (concurrent decisions each
         passed the check alone; found in review)."""
         if guard is not None:
-            guard(cls._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
+            guard(self._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
