@@ -166,6 +166,7 @@ REASONS: dict[str, str] = {
     "suspend.not-resuming": "the suspension is not being resumed",
     "suspend.not-in-inventory": "the node is not in the inventory",
     "resume.node-untrusted": "the node to resume on is not trusted now",
+    "vm.ambiguous": "more than one live VM has that name: name the VM by its id",
     "vm.end-action": "an end ticket powers off or destroys a VM, nothing else",
     "vm.end-not-here": "the TC's records put no copy of the VM on that node (no stay, no key released there)",
     "vm.end-node-unknown": "the node holds no trusted key the TC certified (or is not enrolled)",

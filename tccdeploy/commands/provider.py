@@ -356,7 +356,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
             return 1
 
         if args.action in ("suspend", "resume"):
-            return _suspend_or_resume(args, registry, vm.name)
+            return _suspend_or_resume(args, registry, vm.vm_id)  # by id: the name may be another's too
 
         def work(session):  # type: ignore[no-untyped-def]
             if args.action in ("poweroff", "destroy"):  # an end: the TC records it from the node's TPM evidence
@@ -394,10 +394,10 @@ def _suspend_or_resume(args: argparse.Namespace, coordinator, vm_name: str) -> i
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.action == "suspend":
-        print(f"{vm_name} suspended on {result['node']}: {result['bytes']} bytes of state saved there, encrypted under "
+        print(f"{args.vm} suspended on {result['node']}: {result['bytes']} bytes of state saved there, encrypted under "
               f"a key only the TC holds (suspension {result['suspension']})")
     else:
-        print(f"{vm_name} resumed on {result['node']} (suspension {result['suspension']}, once)")
+        print(f"{args.vm} resumed on {result['node']} (suspension {result['suspension']}, once)")
     return 0
 
 

@@ -79,6 +79,8 @@ def end_ticket(registry: Registry, tc: Identity, vm_id: str, node: str, action: 
     if action not in END_EVENTS:
         raise Refused("vm.end-action", f"an end ticket powers off or destroys, not {action!r}")
     vm = registry.vm(vm_id)
+    if vm is not None and vm["vm_id"] != vm_id:  # a name: tickets name the VM by its id only
+        vm = None
     here = vm is not None and vm["node"] == node
     released = any(r["node"] == node for r in registry.releases(vm_id))
     if not here and not released:

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import auditform
 from .db import open_backend
+from .refusals import Refused
 
 MIGRATIONS: list[str] = [
     """
@@ -1072,8 +1073,17 @@ class Registry:
         return self._one("SELECT * FROM images WHERE vm_id = ?", (vm_id,))
 
     def vm(self, name_or_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' ORDER BY updated DESC",
-                         (name_or_id, name_or_id))
+        """The live VM with this id, else the one live VM of this name. An id always wins: a name
+        is the customer's (or the provider's) choice and may be another VM's id, 32 hex digits; and
+        a name two live VMs share names neither (Refused vm.ambiguous): the newest of them was
+        taken, so a migration or a suspension could act on another customer's VM (found in review)."""
+        rows = self._all("SELECT * FROM vms WHERE (vm_id = ? OR name = ?) AND state != 'destroyed' "
+                         "ORDER BY CASE WHEN vm_id = ? THEN 0 ELSE 1 END, updated DESC LIMIT 2",
+                         (name_or_id, name_or_id, name_or_id))
+        if len(rows) > 1 and rows[0]["vm_id"] != name_or_id:
+            raise Refused("vm.ambiguous", f"more than one VM is named {name_or_id!r}: name it by its VM id "
+                                          "(`tccdeploy vms` lists them)")
+        return rows[0] if rows else None
 
     def vms(self, include_destroyed: bool = False, node: str | None = None) -> list[dict[str, Any]]:
         """node: only those the registry places on node (what a placement decision weighs)."""
