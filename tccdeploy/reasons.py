@@ -134,6 +134,7 @@ REASONS: dict[str, str] = {
     "receipt.other-request": "the receipt is valid but answers another request, VM, image or customer key than the one given",
     # -- engines sharing a fleet (node leases) ----------------------------------------------------------
     "node.leased": "another engine leases the node for its round: that engine quarantines, evacuates or migrates it",
+    "lease.engine-removed": "the engine is removed (or was never added): it leases nothing",
     "lease.duration": "a node lease asked for no time or longer than a round may last",
     "lease.too-many": "more nodes in one lease call than the TC takes at once",
     # -- migration -------------------------------------------------------------------------------------

@@ -230,6 +230,10 @@ class SoftwareEngine(Engine):
         return self.sessions[host.name]  # type: ignore[return-value]
 
 
+# The other engines the tests lease nodes for, beside this fleet's own (the embedded TC's "local").
+OTHER_ENGINES = ("engine-a", "engine-b", "hostile")
+
+
 class Fleet:
     """A TC (brokerkit.World) with admitted software nodes, their services and the engine over them."""
 
@@ -247,6 +251,8 @@ class Fleet:
             self.services[name] = SoftwareService(name, node.tpm, ca)
         self.world.customer("acme")
         self.engine = SoftwareEngine(self.services, str(root / "engine"), capacity)
+        for i, other in enumerate(OTHER_ENGINES):  # engines sharing the fleet, as `tc engines add` records them
+            self.tc.registry.add_engine(other, f"{0xE0 + i:x}", f"{i:064x}")
 
     def launch(self, node: str, name: str | None = None) -> VMRecord:
         """A VM launched on node as the real service would: the launch event in its runtime log."""

@@ -167,3 +167,16 @@ def test_a_file_of_the_wrong_kind_is_named_with_what_it_holds(argv, says, tmp_pa
     assert status not in (0, None), err
     assert says in err and "unexpected error" not in err and "Traceback" not in err, err
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("name, says", [("local", "embedded TC"), ("../elsewhere", "lowercase letters"),
+                                        ("Ops", "lowercase letters"), ("", "usage")])
+def test_an_engine_name_that_would_share_leases_or_leave_its_folder_is_refused(name, says, tmp_path, capsys):
+    """"local" is the embedded TC's own engine: a served engine of that name would hold its leases
+    (and was exempt from the lease's engine check); a path put the engine's key elsewhere."""
+    state = tmp_path / "tc"
+    assert main(["tc", "init", "--state", str(state)]) == 0
+    capsys.readouterr()
+    assert main(["tc", "engines", "add", name, "--state", str(state)]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists() and not (state / "engines").exists()

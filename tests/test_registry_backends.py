@@ -211,6 +211,8 @@ def test_a_node_is_leased_to_one_engine_at_a_time_across_processes(location):
     try:
         for i, node in enumerate(("n1", "n2", "n3")):
             _enrolled(registries[0], node, ek=f"ek{i}")
+        for i in range(8):
+            registries[0].add_engine(f"engine-{i}", f"{i:x}", f"{i:064x}")
         results = race(8, lambda i: registries[i].lease_nodes(f"engine-{i}", ["n1", "n2"], 60))
         holders = {r["n1"]["engine"] for r in results}  # type: ignore[index]
         assert len(holders) == 1 and {r["n2"]["engine"] for r in results} == holders  # type: ignore[index]
@@ -255,6 +257,7 @@ def test_postgresql_a_lease_waits_for_a_decision_under_way_on_another_replica(po
     holder, asker = Registry(location), Registry(location)
     try:
         _enrolled(holder, "n1", ek="ek0")
+        holder.add_engine("engine-b", "b", "0" * 64)
         inside, leave, leased = threading.Event(), threading.Event(), threading.Event()
 
         def decide() -> None:

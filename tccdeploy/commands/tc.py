@@ -147,6 +147,19 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
         return 0
 
 
+def engine_name_problem(name: str) -> str | None:
+    """Why name cannot be an engine's, or None. An engine's name is its leases' holder and its
+    folder's name: "local" is the embedded TC's own engine (a served engine of that name would
+    share its leases), and a path or odd characters would put its key elsewhere."""
+    import re
+
+    if name == "local":
+        return "\"local\" is the name an embedded TC gives its own engine; choose another"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+        return "use 1 to 63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
 def cmd_engines(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes
 
@@ -158,6 +171,10 @@ def cmd_engines(args: argparse.Namespace) -> int:
             print(f"usage: tccdeploy tc engines {args.action} NAME", file=sys.stderr)
             return 2
         if args.action == "add":
+            problem = engine_name_problem(args.name)
+            if problem:
+                print(f"error: engine name {args.name!r}: {problem}", file=sys.stderr)
+                return 2
             folder = args.output or os.path.join(state, "engines", args.name)
             cert = tls.engine_certificate(identity.load(state), args.name, folder)
             registry.add_engine(args.name, format(cert.serial_number, "x"), cert.fingerprint(hashes.SHA256()).hex())

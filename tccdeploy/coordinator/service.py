@@ -340,7 +340,12 @@ class Coordinator:
         if len(nodes) > LEASE_BATCH:
             raise Refused("lease.too-many", f"at most {LEASE_BATCH} nodes a call; asked {len(nodes)}")
         out: dict[str, Any] = {"granted": {}, "held": {}, "unknown": []}
-        for node, lease in self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds).items():
+        try:
+            leases = self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds,
+                                               registered=engine != LOCAL_ENGINE)
+        except Conflict as exc:
+            raise Refused(exc.reason, str(exc)) from None
+        for node, lease in leases.items():
             if not lease["engine"]:
                 out["unknown"].append(node)
             elif lease["engine"] == engine:

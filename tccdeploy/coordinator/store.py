@@ -835,7 +835,8 @@ class Registry:
             return self._quarantine(db, node, audit)
 
     # -- node leases ----------------------------------------------------------------------
-    def lease_nodes(self, engine: str, nodes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
+    def lease_nodes(self, engine: str, nodes: list[str], seconds: float,
+                    registered: bool = True) -> dict[str, dict[str, Any]]:
         """Lease each node to engine for seconds, where no other engine holds a live lease on it
         (the holder renews its own, never for less than it holds). Per node: {"engine", "until"}
         of the lease that stands, the asker's if granted; engine "" for a node the registry does
@@ -843,12 +844,17 @@ class Registry:
         conditional upsert for the whole list, under the lock every decision takes (on PostgreSQL's
         read committed, a lease written between another engine's lease check and its write would
         be granted for a node that engine is acting on; found in review), so a round's 20,000
-        nodes hold that lock for two statements, not 20,000."""
+        nodes hold that lock for two statements, not 20,000. registered: engine must be an engine
+        of the engines table not removed, checked in this write (Conflict lease.engine-removed): a
+        call authenticated just before `tc engines remove` ended the engine's leases would make
+        new ones after it (found in review); False for an embedded TC's own engine."""
         now = time.time()
         # the list as one parameter: an array on PostgreSQL, JSON for SQLite's json_each
         listed, values = (("unnest(CAST(? AS TEXT[])) AS n(value)", nodes) if self.kind == "postgresql"
                           else ("json_each(?) AS n", json.dumps(nodes)))
         with self.transaction(serialize=True) as db:
+            if registered and not db.execute("SELECT 1 FROM engines WHERE name = ? AND revoked IS NULL", (engine,)).first():
+                raise Conflict("lease.engine-removed", f"engine {engine} is removed (or unknown): it leases nothing")
             db.execute(
                 f"INSERT INTO node_leases (node, engine, until) SELECT n.value, ?, ? FROM {listed} "
                 "WHERE EXISTS (SELECT 1 FROM nodes WHERE name = n.value) "

@@ -128,6 +128,22 @@ def test_an_engine_removed_by_the_operator_holds_no_lease(fleet):
     assert list(fleet.tc.lease_nodes(["n1"], 60, engine="engine-a")["granted"]) == ["n1"]
 
 
+def test_a_lease_call_that_lands_after_its_engine_is_removed_leases_nothing(fleet):
+    """The API checks the engine's certificate when a call arrives; a lease call checked just
+    before `tc engines remove` committed wrote its leases after the removal ended the engine's
+    others, keeping the other engines off those nodes for a round (found in review). The lease's
+    own write now checks the engine is still there."""
+    fleet.tc.registry.add_engine("hostile", "abc", "fp")
+    assert fleet.tc.registry.revoke_engine("hostile")  # between the API's check and the lease's write
+    with pytest.raises(Refused) as refused:
+        fleet.tc.lease_nodes(["n1", "n2"], 600, engine="hostile")
+    assert refused.value.reason == "lease.engine-removed"
+    assert fleet.tc.registry.lease_of("n1") is None and fleet.tc.registry.lease_of("n2") is None
+    with pytest.raises(Refused) as refused:
+        fleet.tc.lease_nodes(["n1"], 60, engine="never-added")
+    assert refused.value.reason == "lease.engine-removed"
+
+
 def test_a_migration_started_without_a_lease_leases_its_source_to_its_engine(fleet):
     """`tccdeploy migrate` and `drain` take no round lease: another engine's repair took such a
     migration under way for an interrupted one and aborted it (found in review). Its start now
