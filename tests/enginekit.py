@@ -254,9 +254,9 @@ class Fleet:
         for i, other in enumerate(OTHER_ENGINES):  # engines sharing the fleet, as `tc engines add` records them
             self.tc.registry.add_engine(other, f"{0xE0 + i:x}", f"{i:064x}")
 
-    def launch(self, node: str, name: str | None = None) -> VMRecord:
+    def launch(self, node: str, name: str | None = None, owner: str = "acme") -> VMRecord:
         """A VM launched on node as the real service would: the launch event in its runtime log."""
-        record = self.world.accepted("acme", name=name)
+        record = self.world.accepted(owner, name=name)
         release = self.tc.release_key(record["id"], node)
         body = release["ticket"]["ticket"]
         service = self.services[node]

@@ -147,7 +147,7 @@ def handle_vms(engine: Engine, coordinator: TC, node: str, hosts: dict) -> list[
             continue
         if action == "evacuate" and vm.state == "running":
             try:
-                moved = migrate(engine, coordinator, vm.name, "auto")
+                moved = migrate(engine, coordinator, vm.vm_id, "auto")  # by id: another VM may share its name
                 outcome["result"] = f"evacuated to {moved['to']}"
                 coordinator.record_enforcement(node, vm.vm_id, action, outcome["result"])
                 out.append(outcome)

@@ -105,7 +105,7 @@ def migrate(engine: Engine, coordinator: TC, vm_name: str, destination: str = "a
     check = engine.run(attest(coordinator), [hosts[destination]])[0]  # a fresh verdict on the destination
     if check.status not in ("ok", "changed"):
         raise Refused("migrate.destination-untrusted", f"{destination} is not trusted now: {check.msg}")
-    begin = coordinator.migration_begin(vm.name, destination)
+    begin = coordinator.migration_begin(vm.vm_id, destination)
     migration, vm_id = begin["migration"], vm.vm_id
     source, target = engine.session(hosts[vm.node]), engine.session(hosts[destination])
     committed = False
@@ -255,7 +255,7 @@ def drain(engine: Engine, coordinator: TC, node: str) -> list[dict[str, Any]]:
     out = []
     for vm in [v for v in coordinator.vms() if v.node == node and v.state == "running"]:
         try:
-            moved = migrate(engine, coordinator, vm.name, "auto")
+            moved = migrate(engine, coordinator, vm.vm_id, "auto")  # by id: another VM may share its name
             out.append({"vm": vm.name, "result": f"moved to {moved['to']}", "ok": True})
         except Exception as exc:  # noqa: BLE001 - reported; the VM still runs where it was
             out.append({"vm": vm.name, "result": f"not moved: {exc}", "ok": False})

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import pytest
 
+from tccdeploy.engine.enforce import enforce_round
+from tccdeploy.engine.migrate import drain
+
 from ..brokerkit import reason
+from ..enginekit import Fleet, tampered_boot
 
 
 @pytest.fixture
@@ -49,3 +53,25 @@ def test_an_end_ticket_names_a_vm_by_its_id_not_by_a_name(world):
 def test_a_name_held_by_one_live_vm_still_names_it(world):
     record = world.launched("acme", "n1", name="web")
     assert world.tc.registry.vm("web")["vm_id"] == record["vm_id"]
+
+
+@pytest.fixture
+def fleet(tmp_path):  # type: ignore[no-untyped-def]
+    made = Fleet(tmp_path / "fleet", ["n1", "n2", "n3"], on_failure="evacuate")
+    made.world.customer("mallory")
+    yield made
+    made.close()
+
+
+def test_a_name_another_customer_shares_does_not_turn_an_evacuation_into_a_power_off(fleet):
+    """Enforcement and drain moved a VM by its name: once a second VM took the same name (any
+    customer's choice), the move was refused as ambiguous and the policy fell back to powering
+    the VM off (found in review)."""
+    victim = fleet.launch("n1", name="web")
+    fleet.launch("n2", name="web", owner="mallory")
+    tampered_boot(fleet.services["n1"])
+    report = enforce_round(fleet.engine, fleet.tc)
+    assert [(v["vm_id"], v["result"]) for v in report.vms] == [(victim.vm_id, "evacuated to n3")]
+    assert fleet.where(victim) == ("n3", "running")
+    assert [m["ok"] for m in drain(fleet.engine, fleet.tc, "n3")] == [True]
+    assert fleet.where(victim)[1] == "running" and fleet.where(victim)[0] != "n3"
