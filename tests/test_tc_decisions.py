@@ -404,10 +404,11 @@ def _evidence_case(world, node, release, change: str) -> dict:  # type: ignore[n
         evidence["value"] = "00" * 32
     elif change == "malformed":
         evidence["attest"] = "!!"
-    elif change == "reboot":
-        software.reset += 1
+    elif change in ("reboot", "restart"):  # a TPM reset, or a Restart (same resetCount, PCRs cleared)
+        counter = "reset" if change == "reboot" else "restart"
+        setattr(software, counter, getattr(software, counter) + 1)
         evidence = software.runtime_evidence(ticket)
-        software.reset -= 1
+        setattr(software, counter, getattr(software, counter) - 1)
     return {"running": True, "evidence": evidence}
 
 
@@ -415,7 +416,7 @@ def _evidence_case(world, node, release, change: str) -> dict:  # type: ignore[n
     ("missing", "runtime.missing"), ("other-ticket", "runtime.nonce"),
     ("other-ak", "runtime.signature"), ("other-pcr", "runtime.pcr"), ("value", "runtime.pcr"),
     ("other-vm", "launch.evidence-event"), ("not-last", "launch.evidence-event"), ("log", "runtime.log"),
-    ("malformed", "runtime.malformed"), ("reboot", "launch.evidence-reboot"),
+    ("malformed", "runtime.malformed"), ("reboot", "launch.evidence-reboot"), ("restart", "launch.evidence-reboot"),
 ])
 def test_a_launch_is_recorded_only_on_the_nodes_tpm_evidence_for_its_ticket(world, change: str, code: str):
     world.node("n1")

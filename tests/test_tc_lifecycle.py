@@ -51,6 +51,7 @@ def ended_evidence(world, node: str, record: dict, end_ticket: dict, event: str 
     ("altered-ticket", "vm.end-ticket"),
     ("launch-ticket", "vm.end-ticket"),
     ("other-boot", "vm.end-boot-untrusted"),
+    ("restarted", "vm.end-boot-untrusted"),
     ("untrusted-now", "vm.end-boot-untrusted"),
 ])
 def test_a_vm_ends_in_the_records_only_on_its_nodes_evidence_answering_the_end_ticket(world, case, code):
@@ -89,6 +90,10 @@ def test_a_vm_ends_in_the_records_only_on_its_nodes_evidence_answering_the_end_t
         world.nodes["n1"].tpm.reset += 1
         evidence = ended_evidence(world, "n1", record, ticket)
         world.nodes["n1"].tpm.reset -= 1
+    elif case == "restarted":  # a TPM Restart: resetCount kept, PCRs cleared for other software
+        world.nodes["n1"].tpm.restart += 1
+        evidence = ended_evidence(world, "n1", record, ticket)
+        world.nodes["n1"].tpm.restart -= 1
     elif case == "untrusted-now":  # the node failed its last attestation: its word proves nothing
         verdict, _ = world.attest("n1", pcrs=[0])
         assert not verdict.trusted

@@ -62,15 +62,16 @@ def settlements(registry: Registry, tc: Identity, migration: dict[str, Any], run
     return out
 
 
-def trusted_boot(registry: Registry, node: str, reset_count: int, reason: str) -> None:
+def trusted_boot(registry: Registry, node: str, boot: tuple[int, int], reason: str) -> None:
     """Refused (reason) unless node's latest attestation is trusted and from the boot (TPM
-    resetCount) its runtime evidence comes from. Only a node trusted now, in that boot, is
-    believed: software booted since the last trusted quote (tampered, within the quote's age)
-    holds the same AK and could extend and quote any event."""
+    resetCount and restartCount) its runtime evidence comes from. Only a node trusted now, in that
+    boot, is believed: software booted since the last trusted quote (tampered, within the quote's
+    age) holds the same AK and could extend and quote any event. Both counters: a TPM Restart
+    keeps resetCount and clears the PCRs for other software (found in review)."""
     latest = registry.attestations(node, limit=1)
-    if not latest or latest[0]["verdict"] != "trusted" or latest[0]["reset_count"] != reset_count:
+    if not latest or latest[0]["verdict"] != "trusted" or (latest[0]["reset_count"], latest[0]["restart_count"]) != boot:
         raise Refused(reason, f"{node} is not trusted in the boot its evidence comes from (TPM resetCount "
-                              f"{reset_count}): its word proves nothing until it is attested again")
+                              f"{boot[0]}, restartCount {boot[1]}): its word proves nothing until it is attested again")
 
 
 def end_ticket(registry: Registry, tc: Identity, vm_id: str, node: str, action: str, runtime_pcr: int) -> dict[str, Any]:
@@ -112,7 +113,7 @@ def ended(registry: Registry, tc: Identity, ticket: Any, evidence: Any, runtime_
         raise Refused("vm.end-evidence", f"{node}'s TPM does not show VM {vm_id} ended by this ticket "
                                                "(and not back since)")
     # Its VMs stay live in the records until it proves them gone (trusted again, or reset: add_attestation).
-    trusted_boot(registry, node, checked.reset_count, reason="vm.end-boot-untrusted")
+    trusted_boot(registry, node, checked.boot, reason="vm.end-boot-untrusted")
     state = END_STATES[body["action"]]
     try:
         recorded = registry.end_vm(vm_id, node, state, float(body["issued"]), audit.entry(

@@ -25,6 +25,14 @@ class RuntimeEvidence:
     events: list[dict[str, Any]]
     reset_count: int
     value: bytes
+    restart_count: int = 0
+
+    @property
+    def boot(self) -> tuple[int, int]:
+        """The TPM's (resetCount, restartCount) when it quoted: the boot the events come from. A
+        TPM Restart (Shutdown(STATE), then Startup(CLEAR): a resume from hibernation) clears the
+        PCRs and lets other software run under the same resetCount; only the pair names a boot."""
+        return self.reset_count, self.restart_count
 
 
 def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str, redactions: bool = False) -> RuntimeEvidence:
@@ -62,7 +70,7 @@ def verify(evidence: Any, ak_public: bytes, pcr: int, ticket_id: str, redactions
         raise Refused("runtime.malformed", f"the runtime events do not encode: {exc}") from None
     if not hmac.compare_digest(replayed, value):
         raise Refused("runtime.log", "the runtime event list does not replay to the quoted PCR value")
-    return RuntimeEvidence(events, attest.reset_count, value)
+    return RuntimeEvidence(events, attest.reset_count, value, attest.restart_count)
 
 
 def last_event_of(events: list[dict[str, Any]], vm_id: str) -> dict[str, Any]:

@@ -607,7 +607,7 @@ class Coordinator:
         if last.get("event") != "migrated-in" or last.get("ticket") != row["in_ticket"]:
             raise Refused("migrate.evidence-event", "the destination's runtime events do not show the VM arrived through "
                                                     "this migration (and still there)")
-        lifecycle.trusted_boot(self.registry, row["destination"], checked.reset_count, reason="migrate.evidence-boot")
+        lifecycle.trusted_boot(self.registry, row["destination"], checked.boot, reason="migrate.evidence-boot")
         return checked.reset_count
 
     def _launch_evidence(self, node: str, request: dict[str, Any], release: dict[str, Any], attestation: dict[str, Any],
@@ -631,8 +631,10 @@ class Coordinator:
         last = runtime.last_event_of(checked.events, request["vm_id"])  # others' launches may have come after
         if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("image_sha256") != request["image_sha256"]:
             raise Refused("launch.evidence-event", "the node's last runtime event is not this VM launched from this ticket")
-        if attestation.get("reset_count") is not None and checked.reset_count != attestation["reset_count"]:
-            raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset since the attestation the key release relied on")
+        if attestation.get("reset_count") is not None and checked.boot != (attestation["reset_count"],
+                                                                           attestation.get("restart_count") or 0):
+            raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset (or restarted) since the attestation the key "
+                                                    "release relied on")
         return {"quote": evidence["attest"], "signature": evidence["signature"], "runtime_pcr": pcr,
                 "pcr_value": checked.value.hex(), "events": redact(checked.events, request["vm_id"]),
                 "ak_public": base64.b64encode(identity_row["ak_public"]).decode(), "ticket": ticket_id}, checked.reset_count
@@ -667,7 +669,7 @@ class Coordinator:
             target = node or None
             standing = self._decision_standing()
             return suspension.resume_ticket(self.registry, self.identity(), self.perimeter, self.baseline(standing), vm_name,
-                                            target, self.capacity(target, standing) if target else None)
+                                            target, lambda chosen: self.capacity(chosen, standing))
 
     def resume_end(self, suspension_id: int, evidence: dict[str, Any]) -> dict[str, Any]:
         """The VM runs again, on the resume node's TPM evidence."""

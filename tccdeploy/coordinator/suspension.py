@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -81,7 +82,7 @@ def end(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: int,
         if last.get("event") != "suspended" or last.get("ticket") != row["suspend_ticket"] \
                 or not isinstance(last.get("state_sha256"), str) or len(last["state_sha256"]) != 64:
             raise Refused("suspend.evidence-event", f"{row['node']}'s TPM does not show the VM saved by this suspension")
-        trusted_boot(registry, row["node"], checked.reset_count, reason="suspend.evidence-boot")
+        trusted_boot(registry, row["node"], checked.boot, reason="suspend.evidence-boot")
         digest = last["state_sha256"]
     try:
         registry.end_suspension(suspension_id, saved, digest, audit.entry(
@@ -93,9 +94,11 @@ def end(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: int,
 
 
 def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, vm_name: str,
-                  node: str | None, capacity: int | None) -> dict[str, Any]:
+                  node: str | None, capacity_of: Callable[[str], int | None]) -> dict[str, Any]:
     """A resume ticket for the VM's open suspension, to node (default: where it was suspended),
-    if node may have the VM's key now; once per suspension, on one node."""
+    if node may have the VM's key now; once per suspension, on one node. capacity_of: the
+    roster's VM limit of the node it goes to, asked once that node is chosen (asked only for a
+    named node, a resume to the default one skipped the limit: found in review)."""
     vm = registry.vm(vm_name)
     if vm is None or vm["state"] != "suspended":
         raise Refused("suspend.not-suspended", f"VM {vm_name!r} is not suspended")
@@ -108,8 +111,9 @@ def resume_ticket(registry: Registry, tc: Identity, perimeter: Perimeter, baseli
     assert request is not None
     customer = customer_of(registry, vm["vm_id"], "suspend.node-unknown")
     ticket_id = tickets.new_id()
-    _, certificate, rewrapped, guard = keybroker.rewrap_for(registry, tc, perimeter, baseline, request, target, capacity,
-                                                     tickets.label("resume", "kvm", vm["vm_id"], customer, ticket_id))
+    _, certificate, rewrapped, guard = keybroker.rewrap_for(
+        registry, tc, perimeter, baseline, request, target, capacity_of(target),
+        tickets.label("resume", "kvm", vm["vm_id"], customer, ticket_id))
     try:
         registry.resuming(int(row["id"]), target, ticket_id, audit.entry(
             "suspension.resume", target, vm["vm_id"], suspension=int(row["id"]), ticket=ticket_id,
@@ -151,7 +155,7 @@ def resumed(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: 
     last = runtime.last_event_of(checked.events, row["vm_id"])
     if last.get("event") != "resumed" or last.get("ticket") != quoted_for:
         raise Refused("suspend.evidence-event", f"{row['resume_node']}'s TPM does not show the VM resumed by this ticket")
-    trusted_boot(registry, row["resume_node"], checked.reset_count, reason="suspend.evidence-boot")
+    trusted_boot(registry, row["resume_node"], checked.boot, reason="suspend.evidence-boot")
     try:
         registry.resumed(suspension_id, checked.reset_count, audit.entry(
             "suspension.resumed", row["resume_node"], row["vm_id"], suspension=suspension_id))

@@ -88,37 +88,64 @@ def test_a_resume_on_its_way_to_a_node_counts_there(world):
     assert world.tc.release_key(other["id"], "n1")["ticket"]["ticket"]["node"] == "n1"  # it leaves n1
 
 
+def test_a_resume_to_the_node_it_was_suspended_on_keeps_that_nodes_vm_limit(world):
+    """A resume naming no node goes back where the VM was saved; its capacity was asked only for
+    a node named, so the default one took a VM past the roster's limit (found in review)."""
+    world.node("n1")
+    with world.tc.registry.transaction(serialize=True) as db:
+        db.execute("UPDATE roster SET capacity = 1 WHERE name = 'n1'")
+    record = world.launched("acme", "n1", name="a")
+    begun = world.tc.suspend_begin("a")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    world.launched("acme", "n1", name="c")  # its place taken while it is saved
+    assert reason(world.tc.resume_begin, "a") == "placement.constraint"
+    assert reason(world.tc.resume_begin, "a", "n1") == "placement.constraint"
+
+
 # A node rebooted into other software after its last trusted quote (within the quote's age: the
 # TC has not seen the new boot) still holds its AK, and that software can extend and quote any
 # event. The TC believed such evidence of an arrival, a save and a resume (only an end and a
 # launch checked the boot; found in review): now each must come from the boot last found trusted.
-def test_arrival_evidence_from_a_boot_the_tc_has_not_trusted_commits_nothing(world):
+# A TPM Restart (resume from hibernation) clears the PCRs under the same resetCount: a boot is the
+# pair (resetCount, restartCount), and each test runs with either moved (the second found in review).
+BOOT_COUNTERS = pytest.mark.parametrize("counter", ["reset", "restart"])
+
+
+def other_boot(world, node: str, counter: str) -> None:  # type: ignore[no-untyped-def]
+    tpm = world.nodes[node].tpm
+    setattr(tpm, counter, getattr(tpm, counter) + 1)
+
+
+@BOOT_COUNTERS
+def test_arrival_evidence_from_a_boot_the_tc_has_not_trusted_commits_nothing(world, counter):
     world.node("n1")
     world.node("n2")
     record = world.launched("acme", "n1", name="web")
     begun = world.tc.migration_begin("web", "n2")
-    world.nodes["n2"].tpm.reset += 1  # rebooted since its trusted attestation
+    other_boot(world, "n2", counter)  # rebooted (or restarted) since its trusted attestation
     assert reason(world.tc.migration_end, begun["migration"], record["vm_id"], True, "",
                   arrival(world, begun, record)) == "migrate.evidence-boot"
     assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
     assert world.tc.registry.migration(begun["migration"])["state"] == "started"
 
 
-def test_save_evidence_from_a_boot_the_tc_has_not_trusted_suspends_nothing(world):
+@BOOT_COUNTERS
+def test_save_evidence_from_a_boot_the_tc_has_not_trusted_suspends_nothing(world, counter):
     world.node("n1")
     world.node("n2")
     record = world.launched("acme", "n1", name="web")
     begun = world.tc.suspend_begin("web")
-    world.nodes["n1"].tpm.reset += 1
+    other_boot(world, "n1", counter)
     assert reason(world.tc.suspend_end, begun["suspension"], saved_evidence(world, "n1", record, begun)) \
         == "suspend.evidence-boot"
     assert world.tc.registry.vm(record["vm_id"])["state"] == "running"
 
 
-def test_resume_evidence_from_a_boot_the_tc_has_not_trusted_resumes_nothing(world):
+@BOOT_COUNTERS
+def test_resume_evidence_from_a_boot_the_tc_has_not_trusted_resumes_nothing(world, counter):
     record, begun = saved_on_n1(world)
     resume = world.tc.resume_begin("web", "n2")
-    world.nodes["n2"].tpm.reset += 1
+    other_boot(world, "n2", counter)
     assert reason(world.tc.resume_end, begun["suspension"], resumed_evidence(world, "n2", record, resume)) \
         == "suspend.evidence-boot"
     assert world.tc.registry.vm(record["vm_id"])["state"] == "suspended"
