@@ -151,8 +151,10 @@ def test_the_services_used_tickets_are_kept_a_week_past_expiry_and_a_broken_reco
     for _ in range(2):  # two tickets in turn: the record grows, the long-expired id goes
         checked = service_tickets.check(issue(tc_identity), "launch")
         service_tickets.spend(checked)
-    used = json.loads(record.read_text())
+    kept = json.loads(record.read_text())
+    used = kept["used"]
     assert old not in used and recent in used and used[checked["id"]] == checked["expires"] and len(used) == 3
+    assert kept["horizon"] == now - service_tickets.KEEP_AFTER_EXPIRY - 60  # what was forgotten stays refused
     record.write_text("{not json")
     with pytest.raises(ServiceError, match="the service's record of used tickets is unreadable") as info:
         service_tickets.check(issue(tc_identity), "launch")

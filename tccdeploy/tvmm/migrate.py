@@ -31,6 +31,7 @@ from .qemustream import accept_stream, connect_incoming, migrate_into, private_l
 from .qmp import QMP, QMPError
 from .tpm import tk_decrypt
 from .vm import (
+    SAVED_HERE,
     WRAPPED_KEY_FILE,
     _kill,
     _pid,
@@ -268,8 +269,11 @@ def migrate_in_finish(vm_id: str) -> dict[str, Any]:
     finally:
         qmp.close()
     # The TPM's statement that the VM arrived here through this migration's ticket: the TC
-    # commits the migration only on it.
+    # commits the migration only on it. Marked first: once the TPM has said so, the engine's
+    # word (migrate_in_discard) no longer drops this copy, which the TC may have committed while
+    # the source destroys its own (found in review); the TC's settle ticket does.
     body = state["ticket"]
+    mark_migration(vm_id, body["migration"], "destination", arrived=True)
     evidence = runtime.record(body["runtime_pcr"], {
         "event": "migrated-in", "vm_id": vm_id, "migration": body["migration"], "source": body["source"],
         "ticket": body["id"], "image_sha256": body["image_sha256"]}, body["id"])
@@ -320,9 +324,16 @@ def migrate_in_discard(vm_id: str) -> dict[str, Any]:
 
     pending = pending_migration(vm_id)
     directory = vm_dir(vm_id)
-    unused_copy = pending is None and not _pid(directory) and not os.path.exists(os.path.join(directory, WRAPPED_KEY_FILE))
+    # A state this node saved makes the folder the suspended VM's, not an unused copy: dropping it
+    # lost the VM the TC holds suspended (found in review). A state carried here to resume from is
+    # the engine's copy, and goes.
+    unused_copy = pending is None and not _pid(directory) and not any(
+        os.path.exists(os.path.join(directory, name)) for name in (WRAPPED_KEY_FILE, SAVED_HERE))
     if not unused_copy and (pending is None or pending.get("role") != "destination"):
         raise ServiceError("tvmm.not-migrating", "no unsettled arrival (or unused copied disk) of this VM here to discard")
+    if pending is not None and pending.get("arrived"):
+        raise ServiceError("tvmm.arrived", "the VM's arrival here is in the TPM's runtime log, which the TC may have "
+                                           "committed: only the TC's settle ticket drops it (migrate_in_settle)")
     _discard(vm_id)
     durable_remove(vm_dir(vm_id))
     return {"changed": True, "status": "discarded"}

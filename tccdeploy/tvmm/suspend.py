@@ -15,7 +15,7 @@ an older copy of the state file written back is refused) and the state file goes
 from __future__ import annotations
 
 import base64
-import json
+import contextlib
 import os
 import time
 from typing import Any
@@ -29,6 +29,7 @@ from .qmp import QMP
 from .tpm import tk_decrypt
 from .vm import (
     DISK,
+    SAVED_HERE,
     STATE,
     WRAPPED_KEY_FILE,
     _kill,
@@ -109,6 +110,7 @@ def _suspend(body: dict[str, Any], directory: str, lock: int) -> dict[str, Any]:
     _wait_migrated(directory)
     _kill(directory)  # the VM's memory is now only the ciphertext on disk
     durable_replace(partial, os.path.join(directory, STATE_FILE))
+    atomic_write(os.path.join(directory, SAVED_HERE), body["suspension"].encode(), 0o600)  # not the engine's to discard
     for name in (WRAPPED_KEY_FILE, "suspend.sock"):  # a resume ticket brings Kvm again
         try:
             os.unlink(os.path.join(directory, name))
@@ -136,7 +138,11 @@ def _wait_migrated(directory: str) -> None:
         qmp.close()
 
 
+FOREVER = 2**62  # a suspension's resume is remembered for good, as the first form of the record kept it
+
+
 def _resumed() -> list[str]:
+    """The suspensions resumed here as the service's first form recorded them (read, never written)."""
     data = config.read_record(RESUMED_FILE, "resumed suspensions")
     return [str(x) for x in data] if isinstance(data, list) else []
 
@@ -152,7 +158,7 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", "the VM already runs here")
     key = f"{body['vm_id']}:{body['suspension']}"
-    if key in _resumed():
+    if key in _resumed() or tickets.remembered("resumed:" + key):
         raise ServiceError("tvmm.resumed", f"suspension {body['suspension']} of this VM was resumed here already")
     disk = os.path.join(directory, DISK)
     if digest_of(disk) != body["image_sha256"]:
@@ -176,7 +182,7 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
             wait_loaded(qmp, 120, "the saved state")
             # From here the suspension is spent on this node: a copy of the state written back
             # later is refused, whatever tickets come.
-            atomic_write(config.current().path(RESUMED_FILE), json.dumps(_resumed() + [key]).encode(), 0o600)
+            tickets.remember("resumed:" + key, FOREVER)  # (under the tickets' lock: two sessions lost each other's)
             qmp.execute("cont")
             withdraw_secret(qmp)
             status = qmp.execute("query-status").get("status")
@@ -190,6 +196,8 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
         raise ServiceError("tvmm.qemu", f"QEMU could not resume the VM: {exc}") from None
     keep_wrapped_key(directory, body["kvm"], kvm_label)
     os.unlink(state)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, SAVED_HERE))  # it runs here again: its key marks the folder now
     evidence = runtime.record(body["runtime_pcr"], {
         "event": "resumed", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
         "image_sha256": body["image_sha256"]}, body["id"])

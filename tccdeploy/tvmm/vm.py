@@ -49,6 +49,7 @@ def vm_dir(vm_id: str, create: bool = False) -> str:
 
 
 STATE = "state.tccstrm"  # a suspended VM's saved state (STREAM ciphertext under the TC's Ksus)
+SAVED_HERE = "saved-here"  # this node saved the state beside it: the suspended VM's folder, not a copy
 FILES = {"disk": DISK, "state": STATE}
 
 
@@ -355,6 +356,11 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
     disk = os.path.join(directory, DISK)
     if _pid(directory):
         raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
+    launched = f"launched:{body['request']}"
+    if tickets.remembered(launched):
+        raise ServiceError("tvmm.launched", f"request {body['request']} was launched on this node already: a VM key "
+                                            "starts one copy per request (the VM left since: it comes back by "
+                                            "migration or resume, never a second launch)")
     if digest_of(disk) != body["image_sha256"]:
         raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
     tickets.spend(body)
@@ -369,12 +375,18 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
         try:
             attach_disk(qmp, disk, passphrase, keep_secret=False)
             del passphrase
+            # Running from here: no other ticket of this request (a release asked for again has
+            # two, both valid for their life) starts it here again once it has left (found in review).
+            tickets.remember(launched, int(body["expires"]))
             qmp.execute("cont")
             status = qmp.execute("query-status")
             keep_wrapped_key(directory, body["kvm"], label)
         finally:
             qmp.close()
         lap("disk opened, VM running")
+    except ServiceError:
+        _kill(directory)  # (another session launched this request meanwhile)
+        raise
     except (QMPError, OSError) as exc:
         _kill(directory)
         text = str(exc)
@@ -506,10 +518,14 @@ def pending_migration(vm_id: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def mark_migration(vm_id: str, migration: str, role: str, was_running: bool = True) -> None:
-    """Hold the VM for migration at this end (was_running: whether an abort resumes it)."""
-    atomic_write(os.path.join(vm_dir(vm_id), PENDING_FILE),
-                 json.dumps({"migration": migration, "role": role, "was_running": was_running}).encode(), 0o600)
+def mark_migration(vm_id: str, migration: str, role: str, was_running: bool = True, arrived: bool = False) -> None:
+    """Hold the VM for migration at this end (was_running: whether an abort resumes it; arrived:
+    the destination holds the whole VM and is about to say so to its TPM, after which only the
+    TC's settle ticket drops it)."""
+    record = {"migration": migration, "role": role, "was_running": was_running}
+    if arrived:
+        record["arrived"] = True
+    atomic_write(os.path.join(vm_dir(vm_id), PENDING_FILE), json.dumps(record).encode(), 0o600)
 
 
 def clear_migration(vm_id: str) -> None:

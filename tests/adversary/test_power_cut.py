@@ -32,7 +32,7 @@ def test_a_spent_tickets_record_is_on_disk_directory_and_all_before_the_key_is_u
     synced = fsyncs
     tickets.spend({"id": "ticket-1", "expires": int(time.time()) + 60})
     record = service_state / tickets.USED_FILE
-    assert json.loads(record.read_text()) == {"ticket-1": pytest.approx(time.time() + 60, abs=5)}
+    assert json.loads(record.read_text())["used"] == {"ticket-1": pytest.approx(time.time() + 60, abs=5)}
     # the temporary file's contents first, then the directory that holds the rename
     assert len(synced) == 2 and synced[0].startswith(str(record) + ".") and synced[1] == str(service_state)
 

@@ -51,6 +51,9 @@ def test_a_suspended_vm_resumes_once_on_one_trusted_node(world: World):
         recorded = world.post(f"/v1/suspensions/{suspension}/end", {"saved": True, "evidence": saved["evidence"]})
         assert recorded.status_code == 200 and world.get_vm("sleeper")["state"] == "suspended", recorded.text
         copy = _read_state(node1, vm_id)  # ciphertext: the engine may keep it, it cannot read it
+        # Its folder (disk, saved state, no QEMU, no key) looked like an unused copied disk: the
+        # engine's discard dropped the VM the TC holds suspended (found in review).
+        refused(lambda: node1.tvmm("migrate_in_discard", {"vm_id": vm_id}), "tvmm.not-migrating")
 
         # No resume on a node the TC does not trust (a hostile engine skips the attestation).
         tc_refused(world.post("/v1/resumes", {"vm": "sleeper", "node": "outside1"}), "release.not-admitted")

@@ -11,6 +11,7 @@ import copy
 import itertools
 import json
 import os
+import signal
 
 import pytest
 from cryptography import x509
@@ -83,6 +84,41 @@ def test_a_launch_ticket_works_once_on_its_node_only(world: World):
         other.tvmm("migrate_in_discard", {"vm_id": vm_id})
     finally:
         world.destroy("once")
+    assert world.qemus(vm_id) == []
+
+
+def test_a_second_ticket_of_one_request_starts_no_copy_once_the_first_has_gone(world: World):
+    """A release asked for again gives a second launch ticket, valid for its life beside the
+    first. The engine launched with the first, had that copy destroyed on the TC's end ticket
+    (the records now say destroyed, and the customer's image may be launched anew), uploaded the
+    disk again and launched with the second: a copy the records say is gone (found in review).
+    The node starts one copy per request; the VM comes back only by migration or resume."""
+    request_id, first, sha256, answer = _started(world, "spare", "node2")
+    vm_id = first["ticket"]["vm_id"]
+    session = world.session("node2")
+    try:
+        again = world.post(f"/v1/requests/{request_id}/release", {"node": "node2"})
+        assert again.status_code == 200, again.text
+        spare = again.json()["ticket"]
+        assert spare["ticket"]["id"] != first["ticket"]["id"]
+        launched = world.post(f"/v1/requests/{request_id}/launched", {"node": "node2", "status": answer})
+        assert launched.status_code == 200, launched.text
+        end = world.post(f"/v1/vms/{vm_id}/end-ticket", {"node": "node2", "action": "destroy"}).json()
+        done = session.tvmm("vm_end", {"ticket": end})
+        recorded = world.post(f"/v1/vms/{vm_id}/ended", {"ticket": end, "evidence": done["evidence"]})
+        assert recorded.status_code == 200 and recorded.json()["state"] == "destroyed", recorded.text
+        upload_disk(session, vm_id, str(world.root / "spare.sealed" / "disk.qcow2"), sha256)
+        refused(lambda: session.tvmm("launch", {"ticket": spare}), "tvmm.launched")
+        assert world.qemus(vm_id) == []
+    finally:
+        if world.get_vm("spare") is not None:
+            world.destroy("spare")
+        for pid in world.qemus(vm_id):  # the second copy, had the node started it
+            os.kill(pid, signal.SIGKILL)
+        try:
+            session.tvmm("migrate_in_discard", {"vm_id": vm_id})  # the re-uploaded disk
+        except RemoteError:
+            pass
     assert world.qemus(vm_id) == []
 
 
@@ -236,6 +272,9 @@ def test_one_copy_runs_whatever_the_engine_does_between_the_two_ends(world: Worl
                              {"vm_id": vm_id, "commit": True, "evidence": arrived["evidence"]})
         assert settled.status_code == 200 and settled.json()["outcome"] == "commit", settled.text
         tickets_ = settled.json()
+        # The arrival the TC committed is not the engine's to drop: the source is about to end its
+        # copy, and a silent discard here left none while the records say it runs (found in review).
+        refused(lambda: destination.tvmm("migrate_in_discard", {"vm_id": vm_id}), "tvmm.arrived")
         refused(lambda: source.tvmm("migrate_out_end", {"vm_id": vm_id, "ticket": tickets_["destination"]}), "ticket.node")
         altered = copy.deepcopy(tickets_["source"])
         altered["ticket"]["outcome"] = "abort"

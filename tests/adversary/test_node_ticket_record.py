@@ -1,0 +1,105 @@
+"""A hostile engine against the node's record of spent tickets (tvmm/tickets.py). It opens as
+many sessions to the TVMM service as it likes, each its own process, and the node's clock is the
+provider's to set. Two sessions spending at once each wrote back the record it had read, so one
+ticket's record was lost and the ticket could be spent again within its life; and ids are
+forgotten a week past their expiry by the node's clock, so a clock moved forward and back
+forgot a ticket still valid (both found in review). Every test here failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tccdeploy.crypto import ticket as tickets
+from tccdeploy.tvmm import tickets as service_tickets
+from tccdeploy.tvmm.interface import ServiceError
+
+from ..test_tickets import issue, node_service  # noqa: F401 - the fixture
+
+
+def spent_together(monkeypatch, bodies: list[dict]) -> list[str | None]:  # type: ignore[type-arg]
+    """Each body spent by its own thread, the record read by all before any writes (as far as
+    the record's lock lets them): each thread's refusal reason, or None."""
+    original = service_tickets._read
+    gate = threading.Barrier(len(bodies), timeout=1.0)
+
+    def read_then_wait() -> service_tickets._Record:
+        record = original()
+        try:
+            gate.wait()  # the others read now too, unless a lock keeps them out
+        except threading.BrokenBarrierError:
+            pass
+        return record
+
+    monkeypatch.setattr(service_tickets, "_read", read_then_wait)
+    outcomes: list[str | None] = [None] * len(bodies)
+
+    def spend(i: int) -> None:
+        try:
+            service_tickets.spend(bodies[i])
+        except ServiceError as exc:
+            outcomes[i] = exc.reason
+
+    threads = [threading.Thread(target=spend, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(service_tickets, "_read", original)
+    return outcomes
+
+
+def test_two_sessions_spending_at_once_both_stay_spent(node_service, tc_identity, monkeypatch):  # noqa: F811
+    first, second = (service_tickets.check(issue(tc_identity), "launch") for _ in range(2))
+    assert spent_together(monkeypatch, [first, second]) == [None, None]
+    used = json.loads((node_service / service_tickets.USED_FILE).read_text())["used"]
+    assert {first["id"], second["id"]} <= set(used)
+    for body in (first, second):
+        with pytest.raises(ServiceError) as info:
+            service_tickets.spend(body)
+        assert info.value.reason == "ticket.replayed"
+
+
+def test_one_ticket_spent_by_two_sessions_at_once_is_spent_once(node_service, tc_identity, monkeypatch):  # noqa: F811
+    body = service_tickets.check(issue(tc_identity), "launch")
+    assert sorted(spent_together(monkeypatch, [body, dict(body)]), key=str) == [None, "ticket.replayed"]
+
+
+def test_a_ticket_forgotten_by_a_clock_moved_forward_is_not_spent_again_when_it_moves_back(
+        node_service, tc_identity, monkeypatch):  # noqa: F811
+    envelope = issue(tc_identity)
+    service_tickets.spend(service_tickets.check(envelope, "launch"))
+    later = time.time() + service_tickets.KEEP_AFTER_EXPIRY + 3600  # the provider's NTP, a week on
+    monkeypatch.setattr(service_tickets.time, "time", lambda: later)
+    service_tickets.spend({"id": tickets.new_id(), "expires": int(later) + 300})  # any spend: the old id goes
+    assert envelope["ticket"]["id"] not in json.loads((node_service / service_tickets.USED_FILE).read_text())["used"]
+    monkeypatch.undo()  # and back: the ticket is within its life again
+    with pytest.raises(ServiceError) as info:
+        service_tickets.check(envelope, "launch")
+    assert info.value.reason == "ticket.horizon"
+    with pytest.raises(ServiceError) as info:
+        service_tickets.spend(envelope["ticket"])
+    assert info.value.reason == "ticket.horizon"
+
+
+def test_what_is_done_once_on_a_node_is_refused_a_second_time_even_by_racing_sessions(node_service, monkeypatch):  # noqa: F811
+    expires = int(time.time()) + 300
+    assert not service_tickets.remembered("launched:r1")
+    service_tickets.remember("launched:r1", expires)
+    assert service_tickets.remembered("launched:r1")
+    with pytest.raises(ServiceError) as info:
+        service_tickets.remember("launched:r1", expires)
+    assert info.value.reason == "tvmm.done"
+    assert oct((node_service / service_tickets.USED_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_first_form_of_the_record_is_still_read(node_service, tc_identity):  # noqa: F811
+    """A node upgraded with tickets spent under the previous build: they stay spent."""
+    envelope = issue(tc_identity)
+    (node_service / service_tickets.USED_FILE).write_text(json.dumps({envelope["ticket"]["id"]: int(time.time()) + 300}))
+    with pytest.raises(ServiceError) as info:
+        service_tickets.check(envelope, "launch")
+    assert info.value.reason == "ticket.replayed"
