@@ -104,6 +104,7 @@ REASONS: dict[str, str] = {
     "placement.constraint": "the node does not meet the request's constraints (the TC's records)",
     "placement.none": "the engine found no trusted node that meets the request",
     "launch.evidence-missing": "no ticket was issued for this launch, so no runtime evidence can answer it",
+    "runtime.tk": "the node's TPM records the event under a trusted key the TC never certified there: not done on this TC's ticket",
     "runtime.missing": "no runtime evidence from the node's TPM: nothing is recorded on the engine's word",
     "runtime.malformed": "the node's runtime evidence does not parse",
     "runtime.signature": "the runtime quote is not a TPM-generated quote signed by the node's AK",

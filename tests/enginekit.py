@@ -80,10 +80,11 @@ class SoftwareService:
         self.used.add(body["id"])
         return body
 
-    def _record(self, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
-        """Extend the runtime PCR with event and quote it for the ticket, as tvmm/runtime.record."""
-        self.events.append(event)
-        return self.evidence(ticket_id)
+    def _record(self, event: dict[str, Any], ticket: dict[str, Any]) -> dict[str, Any]:
+        """Extend the runtime PCR with event and quote it for the ticket (its body), as
+        tvmm/runtime.record: the event names the ticket and the TK it was for."""
+        self.events.append({**event, "ticket": ticket["id"], "tk": ticket["tk_name"]})
+        return self.evidence(ticket["id"])
 
     def evidence(self, ticket_id: str) -> dict[str, Any]:
         return self.tpm.runtime_evidence({"ticket": {"id": ticket_id}}, events=list(self.events))
@@ -108,7 +109,7 @@ class SoftwareService:
         self.vms[vm_id] = "off" if body["action"] == "poweroff" else "destroyed"
         return {"changed": True, "status": self.vms[vm_id],
                 "evidence": self._record({"event": END_EVENTS[body["action"]], "vm_id": vm_id, "ticket": body["id"]},
-                                         body["id"])}
+                                         body)}
 
     def op_migrate_out_start(self, ticket: dict[str, Any]) -> dict[str, Any]:
         body = self._ticket(ticket, "migrate-out")
@@ -147,7 +148,7 @@ class SoftwareService:
         self.vms[vm_id] = "paused"
         evidence = self._record({"event": "migrated-in", "vm_id": vm_id, "migration": body["migration"],
                                  "source": body["source"], "ticket": body["id"], "image_sha256": body["image_sha256"]},
-                                body["id"])
+                                body)
         return {"changed": True, "running": False, "status": "paused", "evidence": evidence}
 
     def op_migrate_in_settle(self, vm_id: str, ticket: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -165,7 +166,7 @@ class SoftwareService:
         if body["outcome"] == "commit":
             self.vms.pop(vm_id, None)
             return {"changed": True, "status": "moved", "evidence": self._record(
-                {"event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]}, body["id"])}
+                {"event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]}, body)}
         self.vms[vm_id] = "running" if pending.get("was_running", True) else "paused"
         return {"changed": True, "status": self.vms[vm_id]}
 
@@ -262,7 +263,7 @@ class Fleet:
         service = self.services[node]
         evidence = service._record({"event": "launched", "vm_id": body["vm_id"], "image_sha256": body["image_sha256"],
                                     "ticket": body["id"], "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]},
-                                   body["id"])
+                                   body)
         service.vms[body["vm_id"]] = "running"
         self.tc.record_launch(release, node, {"running": True, "evidence": evidence})
         vm = self.tc.vm(body["vm_id"])

@@ -49,7 +49,7 @@ EVIDENCE_FAILED = frozenset({
     "evidence.malformed", "quote.signature", "quote.magic", "quote.type", "quote.nonce", "quote.pcr-selection",
     "quote.pcr-digest", "quote.counters-backwards", "nonce.unknown", "nonce.replayed", "nonce.expired",
     "nonce.other-node", "clock.backwards", "eventlog.malformed", "eventlog.bank-missing", "eventlog.replay",
-    "runtime.missing", "runtime.malformed", "runtime.signature", "runtime.nonce", "runtime.pcr", "runtime.log",
+    "runtime.missing", "runtime.malformed", "runtime.signature", "runtime.nonce", "runtime.pcr", "runtime.log", "runtime.tk",
 })
 # One claim lowered to one value (AR4SI's codepoints for that claim).
 CLAIMS: dict[str, tuple[str, int]] = {

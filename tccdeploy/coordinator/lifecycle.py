@@ -74,6 +74,19 @@ def trusted_boot(registry: Registry, node: str, boot: tuple[int, int], reason: s
                               f"{boot[0]}, restartCount {boot[1]}): its word proves nothing until it is attested again")
 
 
+def under_certified_tk(registry: Registry, node: str, event: dict[str, Any]) -> None:
+    """Refused (runtime.tk) unless event was done under a ticket for a trusted key the TC
+    certified for node. The service honours tickets of the CA pinned with its TK, and an idle
+    node may be pinned anew (to move to another TC): an engine that pinned a CA of its own there
+    signed itself a ticket bearing the id of one the TC issued, and the TPM recorded, say, the
+    VM's arrival under that id (found in review). The TC certifies only TKs pinned to its own CA,
+    so the event's TK is what shows the ticket was the TC's."""
+    tk = event.get("tk")
+    if not isinstance(tk, str) or not registry.certified_tk(node, tk):
+        raise Refused("runtime.tk", f"{node}'s TPM records this event under a trusted key the TC never certified "
+                                    "there: it was not done on a ticket of this TC")
+
+
 def end_ticket(registry: Registry, tc: Identity, vm_id: str, node: str, action: str, runtime_pcr: int) -> dict[str, Any]:
     """An end ticket for vm_id on node, if the TC's records put a copy of it there: the VM's stay,
     or a key released there for a launch of it."""
@@ -112,6 +125,7 @@ def ended(registry: Registry, tc: Identity, ticket: Any, evidence: Any, runtime_
     if last.get("event") != END_EVENTS[body["action"]] or last.get("ticket") != body["id"]:
         raise Refused("vm.end-evidence", f"{node}'s TPM does not show VM {vm_id} ended by this ticket "
                                                "(and not back since)")
+    under_certified_tk(registry, node, last)
     # Its VMs stay live in the records until it proves them gone (trusted again, or reset: add_attestation).
     trusted_boot(registry, node, checked.boot, reason="vm.end-boot-untrusted")
     state = END_STATES[body["action"]]

@@ -607,6 +607,7 @@ class Coordinator:
         if last.get("event") != "migrated-in" or last.get("ticket") != row["in_ticket"]:
             raise Refused("migrate.evidence-event", "the destination's runtime events do not show the VM arrived through "
                                                     "this migration (and still there)")
+        lifecycle.under_certified_tk(self.registry, row["destination"], last)
         lifecycle.trusted_boot(self.registry, row["destination"], checked.boot, reason="migrate.evidence-boot")
         return checked.reset_count
 
@@ -631,6 +632,7 @@ class Coordinator:
         last = runtime.last_event_of(checked.events, request["vm_id"])  # others' launches may have come after
         if last.get("event") != "launched" or last.get("ticket") != ticket_id or last.get("image_sha256") != request["image_sha256"]:
             raise Refused("launch.evidence-event", "the node's last runtime event is not this VM launched from this ticket")
+        lifecycle.under_certified_tk(self.registry, node, last)
         if attestation.get("reset_count") is not None and checked.boot != (attestation["reset_count"],
                                                                            attestation.get("restart_count") or 0):
             raise Refused("launch.evidence-reboot", f"{node}'s TPM was reset (or restarted) since the attestation the key "

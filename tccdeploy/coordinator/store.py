@@ -1431,6 +1431,10 @@ class Registry:
     def certificate(self, node: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
 
+    def certified_tk(self, node: str, tk_name: str) -> bool:
+        """Whether the TC ever certified this trusted key (TPM name, hex) for node."""
+        return self._one("SELECT 1 AS yes FROM certificates WHERE node = ? AND tk_name = ?", (node, tk_name)) is not None
+
     def last_certificate(self, node: str) -> dict[str, Any] | None:
         """The node's newest certificate, revoked or not: the TK it holds (a quarantined node
         keeps its TK, which opens only while its boot is still the one it was admitted with)."""

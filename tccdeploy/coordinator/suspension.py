@@ -24,7 +24,7 @@ from ..crypto import wrap
 from ..manifest.models import Perimeter
 from . import audit, keybroker, runtime
 from .identity import Identity
-from .lifecycle import customer_of, node_ticket, trusted_boot
+from .lifecycle import customer_of, node_ticket, trusted_boot, under_certified_tk
 from .references import Baseline
 from .refusals import Refused
 from .store import Conflict, Registry
@@ -82,6 +82,7 @@ def end(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: int,
         if last.get("event") != "suspended" or last.get("ticket") != row["suspend_ticket"] \
                 or not isinstance(last.get("state_sha256"), str) or len(last["state_sha256"]) != 64:
             raise Refused("suspend.evidence-event", f"{row['node']}'s TPM does not show the VM saved by this suspension")
+        under_certified_tk(registry, row["node"], last)
         trusted_boot(registry, row["node"], checked.boot, reason="suspend.evidence-boot")
         digest = last["state_sha256"]
     try:
@@ -155,6 +156,7 @@ def resumed(registry: Registry, suspension_id: int, evidence: Any, runtime_pcr: 
     last = runtime.last_event_of(checked.events, row["vm_id"])
     if last.get("event") != "resumed" or last.get("ticket") != quoted_for:
         raise Refused("suspend.evidence-event", f"{row['resume_node']}'s TPM does not show the VM resumed by this ticket")
+    under_certified_tk(registry, row["resume_node"], last)
     trusted_boot(registry, row["resume_node"], checked.boot, reason="suspend.evidence-boot")
     try:
         registry.resumed(suspension_id, checked.reset_count, audit.entry(

@@ -154,8 +154,8 @@ def migrate_out_end(vm_id: str, ticket: dict[str, Any]) -> dict[str, Any]:
     if body["outcome"] == "commit":
         _kill(directory)
         durable_remove(directory)
-        evidence = runtime.record(body["runtime_pcr"], {
-            "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]}, body["id"])
+        evidence = runtime.record(body, {
+            "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]})
         return {"changed": True, "status": "moved", "evidence": evidence}
     if not _pid(directory):
         clear_migration(vm_id)
@@ -274,9 +274,9 @@ def migrate_in_finish(vm_id: str) -> dict[str, Any]:
     # the source destroys its own (found in review); the TC's settle ticket does.
     body = state["ticket"]
     mark_migration(vm_id, body["migration"], "destination", arrived=True)
-    evidence = runtime.record(body["runtime_pcr"], {
+    evidence = runtime.record(body, {
         "event": "migrated-in", "vm_id": vm_id, "migration": body["migration"], "source": body["source"],
-        "ticket": body["id"], "image_sha256": body["image_sha256"]}, body["id"])
+        "ticket": body["id"], "image_sha256": body["image_sha256"]})
     return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"],
             "evidence": evidence}
 

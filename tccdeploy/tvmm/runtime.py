@@ -54,11 +54,16 @@ def _locked() -> Iterator[None]:
         os.close(fd)
 
 
-def record(pcr: int, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
-    """Extend the runtime PCR with event and return the evidence: a quote over the PCR for this
-    ticket, the PCR's value and the whole event list since the TPM's reset."""
+def record(ticket: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """Extend the runtime PCR the ticket names with event and return the evidence: a quote over
+    the PCR for this ticket, the PCR's value and the whole event list since the TPM's reset. The
+    event names the ticket it was done under and the trusted key that ticket was for (the
+    service checked it is this node's when it took the ticket): the TC believes an event only
+    under a TK it certified, so one done under a CA the engine pinned on an idle node, with the
+    id of a ticket the TC issued, proves nothing (found in review)."""
+    event = {**event, "ticket": ticket["id"], "tk": ticket["tk_name"]}
     with _locked():
-        return _record(pcr, event, ticket_id)
+        return _record(int(ticket["runtime_pcr"]), event, ticket["id"])
 
 
 def evidence(pcr: int, ticket_id: str) -> dict[str, Any]:

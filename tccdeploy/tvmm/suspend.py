@@ -117,9 +117,9 @@ def _suspend(body: dict[str, Any], directory: str, lock: int) -> dict[str, Any]:
         except FileNotFoundError:
             pass
     digest = digest_of(os.path.join(directory, STATE_FILE))
-    evidence = runtime.record(body["runtime_pcr"], {
+    evidence = runtime.record(body, {
         "event": "suspended", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
-        "state_sha256": digest}, body["id"])
+        "state_sha256": digest})
     return {"changed": True, "status": "suspended", "state_sha256": digest, "bytes": size, "evidence": evidence}
 
 
@@ -198,9 +198,9 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
     os.unlink(state)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(directory, SAVED_HERE))  # it runs here again: its key marks the folder now
-    evidence = runtime.record(body["runtime_pcr"], {
+    evidence = runtime.record(body, {
         "event": "resumed", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
-        "image_sha256": body["image_sha256"]}, body["id"])
+        "image_sha256": body["image_sha256"]})
     return {"changed": True, "running": status == "running", "status": status, "accel": accel, "evidence": evidence}
 
 

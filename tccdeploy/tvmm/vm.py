@@ -395,9 +395,9 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
         raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
     # The TPM's statement that this VM was launched here, from this ticket: the TC records the
     # launch and signs the receipt only on it.
-    evidence = runtime.record(body["runtime_pcr"], {
+    evidence = runtime.record(body, {
         "event": "launched", "vm_id": vm_id, "image_sha256": body["image_sha256"], "ticket": body["id"],
-        "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]}, body["id"])
+        "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]})
     lap("TPM evidence")
     return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
             "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence,
@@ -614,5 +614,5 @@ def vm_end(ticket: dict[str, Any]) -> dict[str, Any]:
     if body["action"] == "destroy":
         durable_remove(directory)
     event = "destroyed" if body["action"] == "destroy" else "powered-off"
-    evidence = runtime.record(body["runtime_pcr"], {"event": event, "vm_id": vm_id, "ticket": body["id"]}, body["id"])
+    evidence = runtime.record(body, {"event": event, "vm_id": vm_id, "ticket": body["id"]})
     return {"changed": True, "status": event, "was_running": was_running, "evidence": evidence}

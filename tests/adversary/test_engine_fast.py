@@ -41,7 +41,7 @@ def test_a_commit_on_the_sources_evidence_is_refused(fleet):
     in_ticket = begin["in_ticket"]["ticket"]
     forged = fleet.services["n1"]._record({"event": "migrated-in", "vm_id": vm.vm_id, "migration": in_ticket["migration"],
                                            "source": "n1", "ticket": in_ticket["id"],
-                                           "image_sha256": in_ticket["image_sha256"]}, in_ticket["id"])
+                                           "image_sha256": in_ticket["image_sha256"]}, in_ticket)
     assert refusal(fleet.tc.migration_end, begin["migration"], vm.vm_id, True, evidence=forged) == "runtime.signature"
     assert fleet.where(vm) == ("n1", "running") and fleet.tc.migrations()[-1].state == "started"
 
