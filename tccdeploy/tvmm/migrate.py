@@ -46,6 +46,7 @@ from .vm import (
     start_qemu,
     unwrap_passphrase,
     vm_dir,
+    vm_lock,
     withdraw_secret,
 )
 
@@ -180,37 +181,38 @@ def migrate_in_start(ticket: dict[str, Any]) -> dict[str, Any]:
     """Start QEMU waiting for the migration the ticket names, on its profile, the disk opened with
     the ticket's Kvm; ready to take ciphertext under the ticket's Kmig."""
     body = tickets.check(ticket, "migrate-in")
-    vm_id = body["vm_id"]
-    directory = vm_dir(vm_id)
-    disk = os.path.join(directory, "disk.qcow2")
-    if _pid(directory):
-        raise ServiceError("tvmm.vm-running", "the VM already runs here")
-    if pending_migration(vm_id) is not None:
-        raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
-    if digest_of(disk) != body["image_sha256"]:
-        raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
-    tickets.spend(body)
-    mark_migration(vm_id, body["migration"], "destination")
-    kmig = tk_decrypt(base64.b64decode(body["kmig"]), ticket_label("migrate-in", "kmig", vm_id, body["customer"], body["id"]))
-    kvm_label = ticket_label("migrate-in", "kvm", vm_id, body["customer"], body["id"])
-    passphrase = unwrap_passphrase(body["kvm"], kvm_label)
-    accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
-    incoming = os.path.join(directory, "mig-in.sock")
-    try:
-        qmp = QMP(os.path.join(directory, "qmp.sock"))
+    with vm_lock(body["vm_id"]):
+        vm_id = body["vm_id"]
+        directory = vm_dir(vm_id)
+        disk = os.path.join(directory, "disk.qcow2")
+        if _pid(directory):
+            raise ServiceError("tvmm.vm-running", "the VM already runs here")
+        if pending_migration(vm_id) is not None:
+            raise ServiceError("tvmm.migrating", "a migration of this VM is under way here")
+        if digest_of(disk) != body["image_sha256"]:
+            raise ServiceError("tvmm.disk-digest", "the copied disk is not the VM's image")
+        tickets.spend(body)
+        mark_migration(vm_id, body["migration"], "destination")
+        kmig = tk_decrypt(base64.b64decode(body["kmig"]), ticket_label("migrate-in", "kmig", vm_id, body["customer"], body["id"]))
+        kvm_label = ticket_label("migrate-in", "kvm", vm_id, body["customer"], body["id"])
+        passphrase = unwrap_passphrase(body["kvm"], kvm_label)
+        accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
+        incoming = os.path.join(directory, "mig-in.sock")
         try:
-            receive_into(qmp, disk, passphrase, incoming)
-            del passphrase
-        finally:
-            qmp.close()
-        keep_wrapped_key(directory, body["kvm"], kvm_label)  # for its own migrations
-        sock = connect_incoming(incoming, 60)
-    except (QMPError, OSError, ServiceError) as exc:
-        _kill(directory)
-        raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
-    _IN[vm_id] = {"sock": sock, "dec": stream_module().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
-    del kmig
-    return {"changed": True, "ready": True, "accel": accel}
+            qmp = QMP(os.path.join(directory, "qmp.sock"))
+            try:
+                receive_into(qmp, disk, passphrase, incoming)
+                del passphrase
+            finally:
+                qmp.close()
+            keep_wrapped_key(directory, body["kvm"], kvm_label)  # for its own migrations
+            sock = connect_incoming(incoming, 60)
+        except (QMPError, OSError, ServiceError) as exc:
+            _kill(directory)
+            raise ServiceError("tvmm.qemu", f"QEMU failed to prepare the incoming migration: {exc}") from None
+        _IN[vm_id] = {"sock": sock, "dec": stream_module().Decryptor(kmig, context=context(body)), "bytes": 0, "ticket": body}
+        del kmig
+        return {"changed": True, "ready": True, "accel": accel}
 
 
 @operation("migrate_in_stream")
@@ -322,6 +324,11 @@ def migrate_in_discard(vm_id: str) -> dict[str, Any]:
     TC committed, or that was launched here, is this node's: it ends only through an end ticket
     (vm_end), with its evidence."""
 
+    with vm_lock(vm_id, wait=False):
+        return _discard_here(vm_id)
+
+
+def _discard_here(vm_id: str) -> dict[str, Any]:
     pending = pending_migration(vm_id)
     directory = vm_dir(vm_id)
     # A state this node saved makes the folder the suspended VM's, not an unused copy: dropping it

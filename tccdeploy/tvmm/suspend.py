@@ -42,6 +42,7 @@ from .vm import (
     start_qemu,
     unwrap_passphrase,
     vm_dir,
+    vm_lock,
     withdraw_secret,
 )
 
@@ -152,56 +153,57 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
     """Resume the suspended VM the TC's resume ticket names, from the saved state here, on the
     ticket's profile with its Kvm and Ksus; once per suspension."""
     body = tickets.check(ticket, "resume")
-    vm_id = body["vm_id"]
-    directory = vm_dir(vm_id)
-    state = os.path.join(directory, STATE_FILE)
-    if _pid(directory):
-        raise ServiceError("tvmm.vm-running", "the VM already runs here")
-    key = f"{body['vm_id']}:{body['suspension']}"
-    if key in _resumed() or tickets.remembered("resumed:" + key):
-        raise ServiceError("tvmm.resumed", f"suspension {body['suspension']} of this VM was resumed here already")
-    disk = os.path.join(directory, DISK)
-    if digest_of(disk) != body["image_sha256"]:
-        raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
-    if digest_of(state) != body["state_sha256"]:
-        raise ServiceError("tvmm.no-state", "the VM's saved state is missing here or is not the one the TC recorded")
-    tickets.spend(body)
-    ksus = tk_decrypt(base64.b64decode(body["ksus"]), ticket_label("resume", "ksus", vm_id, body["customer"], body["id"]))
-    kvm_label = ticket_label("resume", "kvm", vm_id, body["customer"], body["id"])
-    passphrase = unwrap_passphrase(body["kvm"], kvm_label)
-    accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
-    incoming = os.path.join(directory, "resume.sock")
-    stream = stream_module()
-    try:
-        qmp = QMP(os.path.join(directory, "qmp.sock"))
+    with vm_lock(body["vm_id"]):
+        vm_id = body["vm_id"]
+        directory = vm_dir(vm_id)
+        state = os.path.join(directory, STATE_FILE)
+        if _pid(directory):
+            raise ServiceError("tvmm.vm-running", "the VM already runs here")
+        key = f"{body['vm_id']}:{body['suspension']}"
+        if key in _resumed() or tickets.remembered("resumed:" + key):
+            raise ServiceError("tvmm.resumed", f"suspension {body['suspension']} of this VM was resumed here already")
+        disk = os.path.join(directory, DISK)
+        if digest_of(disk) != body["image_sha256"]:
+            raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
+        if digest_of(state) != body["state_sha256"]:
+            raise ServiceError("tvmm.no-state", "the VM's saved state is missing here or is not the one the TC recorded")
+        tickets.spend(body)
+        ksus = tk_decrypt(base64.b64decode(body["ksus"]), ticket_label("resume", "ksus", vm_id, body["customer"], body["id"]))
+        kvm_label = ticket_label("resume", "kvm", vm_id, body["customer"], body["id"])
+        passphrase = unwrap_passphrase(body["kvm"], kvm_label)
+        accel = start_qemu(directory, vm_id, body["name"], body["memory_mib"], body["vcpus"], incoming=True)
+        incoming = os.path.join(directory, "resume.sock")
+        stream = stream_module()
         try:
-            receive_into(qmp, disk, passphrase, incoming)
-            del passphrase
-            _feed(incoming, state, stream.Decryptor(ksus, context=context(body)))
-            del ksus
-            wait_loaded(qmp, 120, "the saved state")
-            # From here the suspension is spent on this node: a copy of the state written back
-            # later is refused, whatever tickets come.
-            tickets.remember("resumed:" + key, FOREVER)  # (under the tickets' lock: two sessions lost each other's)
-            qmp.execute("cont")
-            withdraw_secret(qmp)
-            status = qmp.execute("query-status").get("status")
-        finally:
-            qmp.close()
-    except stream.StreamError as exc:
-        _kill(directory)
-        raise ServiceError("tvmm.stream", f"the saved state is not authentic: {exc}") from None
-    except (OSError, ServiceError) as exc:
-        _kill(directory)
-        raise ServiceError("tvmm.qemu", f"QEMU could not resume the VM: {exc}") from None
-    keep_wrapped_key(directory, body["kvm"], kvm_label)
-    os.unlink(state)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(directory, SAVED_HERE))  # it runs here again: its key marks the folder now
-    evidence = runtime.record(body, {
-        "event": "resumed", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
-        "image_sha256": body["image_sha256"]})
-    return {"changed": True, "running": status == "running", "status": status, "accel": accel, "evidence": evidence}
+            qmp = QMP(os.path.join(directory, "qmp.sock"))
+            try:
+                receive_into(qmp, disk, passphrase, incoming)
+                del passphrase
+                _feed(incoming, state, stream.Decryptor(ksus, context=context(body)))
+                del ksus
+                wait_loaded(qmp, 120, "the saved state")
+                # From here the suspension is spent on this node: a copy of the state written back
+                # later is refused, whatever tickets come.
+                tickets.remember("resumed:" + key, FOREVER)  # (under the tickets' lock: two sessions lost each other's)
+                qmp.execute("cont")
+                withdraw_secret(qmp)
+                status = qmp.execute("query-status").get("status")
+            finally:
+                qmp.close()
+        except stream.StreamError as exc:
+            _kill(directory)
+            raise ServiceError("tvmm.stream", f"the saved state is not authentic: {exc}") from None
+        except (OSError, ServiceError) as exc:
+            _kill(directory)
+            raise ServiceError("tvmm.qemu", f"QEMU could not resume the VM: {exc}") from None
+        keep_wrapped_key(directory, body["kvm"], kvm_label)
+        os.unlink(state)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, SAVED_HERE))  # it runs here again: its key marks the folder now
+        evidence = runtime.record(body, {
+            "event": "resumed", "vm_id": vm_id, "suspension": body["suspension"], "ticket": body["id"],
+            "image_sha256": body["image_sha256"]})
+        return {"changed": True, "running": status == "running", "status": status, "accel": accel, "evidence": evidence}
 
 
 def _feed(incoming: str, state: str, decryptor: Any) -> None:

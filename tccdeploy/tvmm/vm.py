@@ -142,6 +142,29 @@ def locked_partial(partial: str, flags: int, disk: str | None = None) -> Iterato
         os.close(fd)
 
 
+@contextlib.contextmanager
+def vm_lock(vm_id: str, wait: bool = True) -> Iterator[None]:
+    """One session at a time on a VM's folder across the service's processes, from a key-using
+    operation's checks (no QEMU here, the disk's digest) until its QEMU holds the disk open. A
+    discard from another session in between removed the folder (and the destination's migration
+    mark) and let a disk of the engine's choosing be opened under the checked digest (found in
+    review). wait=False: refused (tvmm.vm-busy) rather than waiting. The lock file lives outside
+    the folder, which a discard removes."""
+    vm_dir(vm_id)  # (a VM id, 32 hex digits: the lock's file name)
+    folder = config.current().path("vm-locks")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, vm_id + ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError("tvmm.vm-busy", "another session is starting this VM here: try again once it has "
+                                               "answered") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 @operation("disk_state")
 def disk_state(vm_id: str, what: str = "disk") -> dict[str, Any]:
     """How much of the VM's encrypted disk (or saved state) is here (a cut upload resumes where it
@@ -351,57 +374,58 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
         clock = now
 
     body = tickets.check(ticket, "launch")
-    vm_id, name = body["vm_id"], body["name"]
-    directory = vm_dir(vm_id)
-    disk = os.path.join(directory, DISK)
-    if _pid(directory):
-        raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
-    launched = f"launched:{body['request']}"
-    if tickets.remembered(launched):
-        raise ServiceError("tvmm.launched", f"request {body['request']} was launched on this node already: a VM key "
-                                            "starts one copy per request (the VM left since: it comes back by "
-                                            "migration or resume, never a second launch)")
-    if digest_of(disk) != body["image_sha256"]:
-        raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
-    tickets.spend(body)
-    lap("ticket and disk checks")
-    label = ticket_label("launch", "kvm", vm_id, body["customer"], body["id"])
-    passphrase = unwrap_passphrase(body["kvm"], label)
-    lap("TPM unwrap")
-    accel = start_qemu(directory, vm_id, name, body["memory_mib"], body["vcpus"])
-    lap("QEMU start")
-    try:
-        qmp = QMP(os.path.join(directory, "qmp.sock"))
+    with vm_lock(body["vm_id"]):
+        vm_id, name = body["vm_id"], body["name"]
+        directory = vm_dir(vm_id)
+        disk = os.path.join(directory, DISK)
+        if _pid(directory):
+            raise ServiceError("tvmm.vm-running", f"VM {name} is already running here")
+        launched = f"launched:{body['request']}"
+        if tickets.remembered(launched):
+            raise ServiceError("tvmm.launched", f"request {body['request']} was launched on this node already: a VM key "
+                                                "starts one copy per request (the VM left since: it comes back by "
+                                                "migration or resume, never a second launch)")
+        if digest_of(disk) != body["image_sha256"]:
+            raise ServiceError("tvmm.disk-digest", "the VM's disk is missing or is not the image the TC released the key for")
+        tickets.spend(body)
+        lap("ticket and disk checks")
+        label = ticket_label("launch", "kvm", vm_id, body["customer"], body["id"])
+        passphrase = unwrap_passphrase(body["kvm"], label)
+        lap("TPM unwrap")
+        accel = start_qemu(directory, vm_id, name, body["memory_mib"], body["vcpus"])
+        lap("QEMU start")
         try:
-            attach_disk(qmp, disk, passphrase, keep_secret=False)
-            del passphrase
-            # Running from here: no other ticket of this request (a release asked for again has
-            # two, both valid for their life) starts it here again once it has left (found in review).
-            tickets.remember(launched, int(body["expires"]))
-            qmp.execute("cont")
-            status = qmp.execute("query-status")
-            keep_wrapped_key(directory, body["kvm"], label)
-        finally:
-            qmp.close()
-        lap("disk opened, VM running")
-    except ServiceError:
-        _kill(directory)  # (another session launched this request meanwhile)
-        raise
-    except (QMPError, OSError) as exc:
-        _kill(directory)
-        text = str(exc)
-        if "password" in text.lower() or "keyslot" in text.lower():
-            raise ServiceError("tvmm.disk-key", f"QEMU refused the disk key (LUKS): {text}") from None
-        raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
-    # The TPM's statement that this VM was launched here, from this ticket: the TC records the
-    # launch and signs the receipt only on it.
-    evidence = runtime.record(body, {
-        "event": "launched", "vm_id": vm_id, "image_sha256": body["image_sha256"], "ticket": body["id"],
-        "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]})
-    lap("TPM evidence")
-    return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
-            "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence,
-            "timings": timings}
+            qmp = QMP(os.path.join(directory, "qmp.sock"))
+            try:
+                attach_disk(qmp, disk, passphrase, keep_secret=False)
+                del passphrase
+                # Running from here: no other ticket of this request (a release asked for again has
+                # two, both valid for their life) starts it here again once it has left (found in review).
+                tickets.remember(launched, int(body["expires"]))
+                qmp.execute("cont")
+                status = qmp.execute("query-status")
+                keep_wrapped_key(directory, body["kvm"], label)
+            finally:
+                qmp.close()
+            lap("disk opened, VM running")
+        except ServiceError:
+            _kill(directory)  # (another session launched this request meanwhile)
+            raise
+        except (QMPError, OSError) as exc:
+            _kill(directory)
+            text = str(exc)
+            if "password" in text.lower() or "keyslot" in text.lower():
+                raise ServiceError("tvmm.disk-key", f"QEMU refused the disk key (LUKS): {text}") from None
+            raise ServiceError("tvmm.qemu", f"QEMU failed: {text}") from None
+        # The TPM's statement that this VM was launched here, from this ticket: the TC records the
+        # launch and signs the receipt only on it.
+        evidence = runtime.record(body, {
+            "event": "launched", "vm_id": vm_id, "image_sha256": body["image_sha256"], "ticket": body["id"],
+            "vcpus": body["vcpus"], "memory_mib": body["memory_mib"]})
+        lap("TPM evidence")
+        return {"changed": True, "running": status.get("status") == "running", "status": status.get("status"),
+                "pid": _pid(directory), "accel": accel, "disk_opened": True, "ticket": body["id"], "evidence": evidence,
+                "timings": timings}
 
 
 def keep_wrapped_key(directory: str, wrapped: str, label: bytes) -> None:

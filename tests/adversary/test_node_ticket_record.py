@@ -103,3 +103,82 @@ def test_the_first_form_of_the_record_is_still_read(node_service, tc_identity): 
     with pytest.raises(ServiceError) as info:
         service_tickets.check(envelope, "launch")
     assert info.value.reason == "ticket.replayed"
+
+
+# -- one session at a time on a VM's folder ----------------------------------------------------
+# Between a launch's checks (no QEMU, the disk's digest) and its QEMU opening the disk, another
+# session's discard removed the folder (a migration's destination mark with it), and a disk of the
+# engine's choosing could be put where the checked one was (found in review). The key-using
+# operations hold the VM's lock from their checks until QEMU holds the disk; a discard does not wait.
+VM = "1" * 32
+
+
+def held_by_another_session(vm_id: str):  # type: ignore[no-untyped-def]
+    """The VM's lock taken as another session's process would: its own descriptor."""
+    import fcntl
+    import os
+
+    from tccdeploy.tvmm import vm
+
+    folder = vm.config.current().path("vm-locks")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, vm_id + ".lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_discard_while_another_session_starts_the_vm_is_refused(node_service):  # noqa: F811
+    import os
+
+    from tccdeploy.tvmm import migrate
+
+    (node_service / "vms" / VM).mkdir(parents=True, mode=0o700)  # a copied disk, not yet used
+    fd = held_by_another_session(VM)
+    try:
+        with pytest.raises(ServiceError) as info:
+            migrate.migrate_in_discard(VM)
+        assert info.value.reason == "tvmm.vm-busy"
+        assert (node_service / "vms" / VM).exists()
+    finally:
+        os.close(fd)
+    assert migrate.migrate_in_discard(VM)["status"] == "discarded"  # once it is free
+
+
+KINDS = {  # each key-using operation that starts a QEMU here, and what its ticket holds beyond a launch's
+    "launch": ({}, ()),
+    "migrate-in": ({"migration": "7", "source": "node2", "kmig": "AAAA"}, ("request",)),
+    "resume": ({"suspension": "7", "ksus": "AAAA", "state_sha256": "5" * 64}, ("request",)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_key_using_operation_waits_for_the_vms_lock_before_its_checks(node_service, tc_identity, kind):  # noqa: F811
+    import os
+
+    from tccdeploy.crypto import ticket as crypto_tickets
+    from tccdeploy.tvmm import migrate, suspend, vm
+
+    extra, dropped = KINDS[kind]
+    fields = {k: v for k, v in (issue(tc_identity)["ticket"] | extra).items() if k not in dropped}
+    fields.update(kind=kind, vm_id=VM)
+    envelope = crypto_tickets.issue(tc_identity.purpose("ticket").key, tc_identity.purpose("ticket").certificate, fields)
+    operation = {"launch": vm.launch, "migrate-in": migrate.migrate_in_start, "resume": suspend.vm_resume}[kind]
+    fd = held_by_another_session(VM)
+    outcome: list[str] = []
+
+    def start() -> None:
+        try:
+            operation(envelope)
+        except ServiceError as exc:
+            outcome.append(exc.reason)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join(0.5)
+    try:
+        assert thread.is_alive() and outcome == []  # waiting, nothing checked or spent yet
+        assert not (node_service / service_tickets.USED_FILE).exists()
+    finally:
+        os.close(fd)
+    thread.join(10)
+    assert outcome == ["tvmm.disk-digest"]  # then its checks, in turn (no disk here)
