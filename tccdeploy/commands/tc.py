@@ -153,7 +153,9 @@ def engine_name_problem(name: str) -> str | None:
     share its leases), and a path or odd characters would put its key elsewhere."""
     import re
 
-    if name == "local":
+    from ..coordinator.store import LOCAL_ENGINE
+
+    if name == LOCAL_ENGINE:
         return "\"local\" is the name an embedded TC gives its own engine; choose another"
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
         return "use 1 to 63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"

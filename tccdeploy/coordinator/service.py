@@ -43,10 +43,9 @@ from . import (
 )
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
 from .refusals import Refused
-from .store import Conflict, Registry, RegistryError
+from .store import LOCAL_ENGINE, Conflict, Registry, RegistryError
 
 REGISTRY_FILE = "registry.sqlite"
-LOCAL_ENGINE = "local"  # the engine an embedded TC serves (a served TC names each by its certificate)
 LEASE_MAX = 600.0  # seconds: a node lease covers one enforcement round
 LEASE_BATCH = 20_000  # nodes leased or released in one call
 REGISTRY_ENV = "TCCDEPLOY_REGISTRY"
@@ -341,8 +340,7 @@ class Coordinator:
             raise Refused("lease.too-many", f"at most {LEASE_BATCH} nodes a call; asked {len(nodes)}")
         out: dict[str, Any] = {"granted": {}, "held": {}, "unknown": []}
         try:
-            leases = self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds,
-                                               registered=engine != LOCAL_ENGINE)
+            leases = self.registry.lease_nodes(engine, list(dict.fromkeys(nodes)), seconds)
         except Conflict as exc:
             raise Refused(exc.reason, str(exc)) from None
         for node, lease in leases.items():

@@ -508,6 +508,7 @@ class Conflict(RegistryError):
 # (audit.py), so every decision's entry is written in the decision's own transaction.
 Auditor = Callable[[str, dict[str, Any]], tuple[str, str | None]]
 Audit = dict[str, Any] | None  # {"kind", "node", "vm", "data"}
+LOCAL_ENGINE = "local"  # the engine an embedded TC serves (a served TC names each by its certificate; reserved)
 MIGRATION_LEASE = 360.0  # seconds a migration's start leases its source to its engine: its tickets' life and a minute
 # A placement check a write runs again inside its transaction, on the VMs there and on their
 # way (Registry.placed_on); it raises Conflict to refuse.
@@ -835,8 +836,7 @@ class Registry:
             return self._quarantine(db, node, audit)
 
     # -- node leases ----------------------------------------------------------------------
-    def lease_nodes(self, engine: str, nodes: list[str], seconds: float,
-                    registered: bool = True) -> dict[str, dict[str, Any]]:
+    def lease_nodes(self, engine: str, nodes: list[str], seconds: float) -> dict[str, dict[str, Any]]:
         """Lease each node to engine for seconds, where no other engine holds a live lease on it
         (the holder renews its own, never for less than it holds). Per node: {"engine", "until"}
         of the lease that stands, the asker's if granted; engine "" for a node the registry does
@@ -844,17 +844,14 @@ class Registry:
         conditional upsert for the whole list, under the lock every decision takes (on PostgreSQL's
         read committed, a lease written between another engine's lease check and its write would
         be granted for a node that engine is acting on; found in review), so a round's 20,000
-        nodes hold that lock for two statements, not 20,000. registered: engine must be an engine
-        of the engines table not removed, checked in this write (Conflict lease.engine-removed): a
-        call authenticated just before `tc engines remove` ended the engine's leases would make
-        new ones after it (found in review); False for an embedded TC's own engine."""
+        nodes hold that lock for two statements, not 20,000. The engine must still be there
+        (_engine_present), checked in this write."""
         now = time.time()
         # the list as one parameter: an array on PostgreSQL, JSON for SQLite's json_each
         listed, values = (("unnest(CAST(? AS TEXT[])) AS n(value)", nodes) if self.kind == "postgresql"
                           else ("json_each(?) AS n", json.dumps(nodes)))
         with self.transaction(serialize=True) as db:
-            if registered and not db.execute("SELECT 1 FROM engines WHERE name = ? AND revoked IS NULL", (engine,)).first():
-                raise Conflict("lease.engine-removed", f"engine {engine} is removed (or unknown): it leases nothing")
+            self._engine_present(db, engine)
             db.execute(
                 f"INSERT INTO node_leases (node, engine, until) SELECT n.value, ?, ? FROM {listed} "
                 "WHERE EXISTS (SELECT 1 FROM nodes WHERE name = n.value) "
@@ -877,6 +874,15 @@ class Registry:
     def lease_of(self, node: str) -> dict[str, Any] | None:
         """The live lease on node ({"engine", "until"}), or None."""
         return self._one("SELECT engine, until FROM node_leases WHERE node = ? AND until > ?", (node, time.time()))
+
+    @staticmethod
+    def _engine_present(db: Any, engine: str) -> None:
+        """Conflict lease.engine-removed unless engine is one of the engines table not removed (or
+        an embedded TC's own): a call authenticated just before `tc engines remove` ended the
+        engine's leases made new ones after it (found in review). Checked in the write that leases."""
+        if engine != LOCAL_ENGINE and not db.execute("SELECT 1 FROM engines WHERE name = ? AND revoked IS NULL",
+                                                     (engine,)).first():
+            raise Conflict("lease.engine-removed", f"engine {engine} is removed (or unknown): it leases nothing")
 
     @staticmethod
     def _not_leased_elsewhere(db: Any, node: str, engine: str) -> None:
@@ -1184,6 +1190,7 @@ class Registry:
         try:
             with self.transaction(serialize=True) as db:
                 if engine is not None:
+                    self._engine_present(db, engine)
                     self._not_leased_elsewhere(db, source, engine)
                     # the source is the starter's until the migration's tickets are spent or dead:
                     # another engine's repair takes a migration under way for an interrupted one

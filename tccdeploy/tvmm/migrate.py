@@ -143,37 +143,38 @@ def migrate_out_end(vm_id: str, ticket: dict[str, Any]) -> dict[str, Any]:
     disk goes, and the TPM records the VM's departure. Abort: the source resumes where it was,
     its disk open again. Without the TC's ticket the source stays paused: the engine cannot
     resume it once its state may be running elsewhere."""
-    body = settle_ticket(ticket, vm_id, "source")
-    pending = pending_migration(vm_id) or {}
-    state = _OUT.pop(vm_id, None)
-    if state is not None:
+    with vm_lock(vm_id):
+        body = settle_ticket(ticket, vm_id, "source")
+        pending = pending_migration(vm_id) or {}
+        state = _OUT.pop(vm_id, None)
+        if state is not None:
+            try:
+                state["sock"].close()
+            except OSError:
+                pass
+        directory = vm_dir(vm_id)
+        if body["outcome"] == "commit":
+            _kill(directory)
+            durable_remove(directory)
+            evidence = runtime.record(body, {
+                "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]})
+            return {"changed": True, "status": "moved", "evidence": evidence}
+        if not _pid(directory):
+            clear_migration(vm_id)
+            raise ServiceError("tvmm.vm-not-running", "the source VM is gone: it cannot resume")
+        qmp = QMP(os.path.join(directory, "qmp.sock"))
         try:
-            state["sock"].close()
-        except OSError:
-            pass
-    directory = vm_dir(vm_id)
-    if body["outcome"] == "commit":
-        _kill(directory)
-        durable_remove(directory)
-        evidence = runtime.record(body, {
-            "event": "migrated-out", "vm_id": vm_id, "migration": body["migration"], "ticket": body["id"]})
-        return {"changed": True, "status": "moved", "evidence": evidence}
-    if not _pid(directory):
+            info = qmp.execute("query-migrate")
+            if info.get("status") in ("active", "setup", "device"):
+                qmp.execute("migrate_cancel")
+            if pending.get("was_running", True):
+                qmp.execute("cont")  # reopens the disk if QEMU had handed it over (postmigrate)
+            withdraw_secret(qmp)
+            status = qmp.execute("query-status")
+        finally:
+            qmp.close()
         clear_migration(vm_id)
-        raise ServiceError("tvmm.vm-not-running", "the source VM is gone: it cannot resume")
-    qmp = QMP(os.path.join(directory, "qmp.sock"))
-    try:
-        info = qmp.execute("query-migrate")
-        if info.get("status") in ("active", "setup", "device"):
-            qmp.execute("migrate_cancel")
-        if pending.get("was_running", True):
-            qmp.execute("cont")  # reopens the disk if QEMU had handed it over (postmigrate)
-        withdraw_secret(qmp)
-        status = qmp.execute("query-status")
-    finally:
-        qmp.close()
-    clear_migration(vm_id)
-    return {"changed": True, "status": status.get("status")}
+        return {"changed": True, "status": status.get("status")}
 
 
 @operation("migrate_in_start")
@@ -250,61 +251,63 @@ def migrate_in_stream(vm_id: str) -> Incoming:
 def migrate_in_finish(vm_id: str) -> dict[str, Any]:
     """Check the stream ended properly, wait for QEMU to take the state, and hold the VM paused
     with the TPM's evidence of its arrival: it runs only once the TC commits (migrate_in_settle)."""
-    stream = stream_module()
-    state = _IN.pop(vm_id, None)
-    if state is None:
-        raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
-    try:
-        state["dec"].finish()
-    except stream.StreamError as exc:
+    with vm_lock(vm_id):  # a discard from another session cannot come between the mark and the TPM's record
+        stream = stream_module()
+        state = _IN.pop(vm_id, None)
+        if state is None:
+            raise ServiceError("tvmm.no-migration", "no incoming migration of this VM")
+        try:
+            state["dec"].finish()
+        except stream.StreamError as exc:
+            state["sock"].close()
+            _kill(vm_dir(vm_id))
+            raise ServiceError("tvmm.stream", f"the migration stream is not complete: {exc}") from None
         state["sock"].close()
-        _kill(vm_dir(vm_id))
-        raise ServiceError("tvmm.stream", f"the migration stream is not complete: {exc}") from None
-    state["sock"].close()
-    qmp = QMP(os.path.join(vm_dir(vm_id), "qmp.sock"))
-    try:
-        status = wait_loaded(qmp, 60, "the migrated state")
-        if status not in ("paused", "running", "prelaunch"):
-            raise ServiceError("tvmm.qemu", f"the migrated VM is in state {status}")
-        qmp.execute("stop")  # the secret stays until it runs: activation reopens the disk
-        status = qmp.execute("query-status")["status"]
-    finally:
-        qmp.close()
-    # The TPM's statement that the VM arrived here through this migration's ticket: the TC
-    # commits the migration only on it. Marked first: once the TPM has said so, the engine's
-    # word (migrate_in_discard) no longer drops this copy, which the TC may have committed while
-    # the source destroys its own (found in review); the TC's settle ticket does.
-    body = state["ticket"]
-    mark_migration(vm_id, body["migration"], "destination", arrived=True)
-    evidence = runtime.record(body, {
-        "event": "migrated-in", "vm_id": vm_id, "migration": body["migration"], "source": body["source"],
-        "ticket": body["id"], "image_sha256": body["image_sha256"]})
-    return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"],
-            "evidence": evidence}
+        qmp = QMP(os.path.join(vm_dir(vm_id), "qmp.sock"))
+        try:
+            status = wait_loaded(qmp, 60, "the migrated state")
+            if status not in ("paused", "running", "prelaunch"):
+                raise ServiceError("tvmm.qemu", f"the migrated VM is in state {status}")
+            qmp.execute("stop")  # the secret stays until it runs: activation reopens the disk
+            status = qmp.execute("query-status")["status"]
+        finally:
+            qmp.close()
+        # The TPM's statement that the VM arrived here through this migration's ticket: the TC
+        # commits the migration only on it. Marked first: once the TPM has said so, the engine's
+        # word (migrate_in_discard) no longer drops this copy, which the TC may have committed while
+        # the source destroys its own (found in review); the TC's settle ticket does.
+        body = state["ticket"]
+        mark_migration(vm_id, body["migration"], "destination", arrived=True)
+        evidence = runtime.record(body, {
+            "event": "migrated-in", "vm_id": vm_id, "migration": body["migration"], "source": body["source"],
+            "ticket": body["id"], "image_sha256": body["image_sha256"]})
+        return {"changed": True, "running": status == "running", "status": status, "bytes": state["bytes"],
+                "evidence": evidence}
 
 
 @operation("migrate_in_settle")
 def migrate_in_settle(vm_id: str, ticket: dict[str, Any], resume: bool) -> dict[str, Any]:
     """Settle the destination as the TC decided. Commit: the VM is this node's now, and runs if
     resume. Abort: it is dropped (QEMU quits, the copied disk goes)."""
-    body = settle_ticket(ticket, vm_id, "destination")
-    directory = vm_dir(vm_id)
-    if body["outcome"] == "abort":
-        _discard(vm_id)
-        durable_remove(directory)
-        return {"changed": True, "status": "discarded", "running": False}
-    if not _pid(directory):
-        raise ServiceError("tvmm.vm-not-running", "the migrated VM is not running here")
-    clear_migration(vm_id)
-    qmp = QMP(os.path.join(directory, "qmp.sock"))
-    try:
-        if resume:
-            qmp.execute("cont")
-            withdraw_secret(qmp)
-        status = qmp.execute("query-status")["status"]
-    finally:
-        qmp.close()
-    return {"changed": True, "status": status, "running": status == "running"}
+    with vm_lock(vm_id):
+        body = settle_ticket(ticket, vm_id, "destination")
+        directory = vm_dir(vm_id)
+        if body["outcome"] == "abort":
+            _discard(vm_id)
+            durable_remove(directory)
+            return {"changed": True, "status": "discarded", "running": False}
+        if not _pid(directory):
+            raise ServiceError("tvmm.vm-not-running", "the migrated VM is not running here")
+        clear_migration(vm_id)
+        qmp = QMP(os.path.join(directory, "qmp.sock"))
+        try:
+            if resume:
+                qmp.execute("cont")
+                withdraw_secret(qmp)
+            status = qmp.execute("query-status")["status"]
+        finally:
+            qmp.close()
+        return {"changed": True, "status": status, "running": status == "running"}
 
 
 def _discard(vm_id: str) -> None:
@@ -319,11 +322,13 @@ def _discard(vm_id: str) -> None:
 
 @operation("migrate_in_discard")
 def migrate_in_discard(vm_id: str) -> dict[str, Any]:
-    """Abort before the arrival is settled: the destination drops what it received (QEMU quits,
-    the copied disk goes); or drop a copied disk no VM ever ran from here. A VM whose arrival the
-    TC committed, or that was launched here, is this node's: it ends only through an end ticket
-    (vm_end), with its evidence."""
-
+    """Abort before the arrival is recorded in the TPM: the destination drops what it received
+    (QEMU quits, the copied disk goes); or drop a copied disk (or saved state) carried here that no
+    VM ever ran from. An arrival the TPM recorded is the TC's to settle (migrate_in_settle); a VM
+    launched here, or whose state this node saved, is this node's: it ends only through an end
+    ticket (vm_end), with its evidence."""
+    if not os.path.isdir(vm_dir(vm_id)):  # nothing here (and no lock file made for a made-up id)
+        raise ServiceError("tvmm.not-migrating", "no unsettled arrival (or unused copied disk) of this VM here to discard")
     with vm_lock(vm_id, wait=False):
         return _discard_here(vm_id)
 

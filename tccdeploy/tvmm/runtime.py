@@ -71,6 +71,8 @@ def evidence(pcr: int, ticket_id: str) -> dict[str, Any]:
     with _locked():
         events = _load(pcr, reset_count())
         attest, signature, value = runtime_quote(pcr, qualifier(ticket_id))
+        if not any(value):
+            events = []  # nothing extended since the PCR was cleared (see _record)
     return {"attest": base64.b64encode(attest).decode(), "signature": base64.b64encode(signature).decode(),
             "pcr": pcr, "value": value.hex(), "events": events}
 
@@ -86,6 +88,11 @@ def _record(pcr: int, event: dict[str, Any], ticket_id: str) -> dict[str, Any]:
     boot = reset_count()
     events = _load(pcr, boot)
     value = runtime_value(pcr)
+    if not any(value):
+        # Cleared since the list was written: a TPM Restart (resume from hibernation) clears the
+        # PCRs under the same resetCount, and the old boot's list would never replay again, so
+        # every event's evidence after it failed at the TC (found in review).
+        events = []
     if replay(events) != value and events and replay(events[:-1]) == value:
         events = events[:-1]  # the last run wrote its event but died before extending
     events.append(event)

@@ -139,9 +139,6 @@ def _wait_migrated(directory: str) -> None:
         qmp.close()
 
 
-FOREVER = 2**62  # a suspension's resume is remembered for good, as the first form of the record kept it
-
-
 def _resumed() -> list[str]:
     """The suspensions resumed here as the service's first form recorded them (read, never written)."""
     data = config.read_record(RESUMED_FILE, "resumed suspensions")
@@ -184,7 +181,7 @@ def vm_resume(ticket: dict[str, Any]) -> dict[str, Any]:
                 wait_loaded(qmp, 120, "the saved state")
                 # From here the suspension is spent on this node: a copy of the state written back
                 # later is refused, whatever tickets come.
-                tickets.remember("resumed:" + key, FOREVER)  # (under the tickets' lock: two sessions lost each other's)
+                tickets.remember("resumed:" + key, tickets.FOREVER)  # (under the tickets' lock: two sessions lost each other's)
                 qmp.execute("cont")
                 withdraw_secret(qmp)
                 status = qmp.execute("query-status").get("status")

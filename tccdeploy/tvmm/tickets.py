@@ -31,6 +31,8 @@ from .tpm import trusted_key
 USED_FILE = "tickets-used.json"
 LOCK_FILE = "tickets.lock"
 KEEP_AFTER_EXPIRY = 7 * 24 * 3600  # an expired ticket is refused anyway; its id is kept a while longer
+FOREVER = 2**62  # an expiry for what is remembered for good (a launch, a resume): another ticket of the
+# same request or suspension may expire after the one that did it, past any horizon (found in review)
 
 
 @dataclass
@@ -120,8 +122,9 @@ def remembered(key: str) -> bool:
 
 
 def remember(key: str, expires: int) -> None:
-    """Keep key (something done once here: a request launched, a suspension resumed) at least a
-    week past expires; ServiceError tvmm.done if it is kept already (another session did it)."""
+    """Keep key (something done once here) until a week past expires (FOREVER: for good, as a
+    request launched and a suspension resumed are kept); ServiceError tvmm.done if it is kept
+    already (another session did it)."""
     with _locked() as record:
         if key in record.once:
             raise ServiceError("tvmm.done", f"{key} was done on this node already")

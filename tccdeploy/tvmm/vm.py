@@ -401,7 +401,7 @@ def launch(ticket: dict[str, Any]) -> dict[str, Any]:
                 del passphrase
                 # Running from here: no other ticket of this request (a release asked for again has
                 # two, both valid for their life) starts it here again once it has left (found in review).
-                tickets.remember(launched, int(body["expires"]))
+                tickets.remember(launched, tickets.FOREVER)
                 qmp.execute("cont")
                 status = qmp.execute("query-status")
                 keep_wrapped_key(directory, body["kvm"], label)
@@ -629,14 +629,16 @@ def vm_end(ticket: dict[str, Any]) -> dict[str, Any]:
     TC marks a VM gone only on it. Refused while a migration of the VM is unsettled (the TC's
     outcome decides which copy lives)."""
     body = tickets.check(ticket, "end")
-    vm_id = body["vm_id"]
-    directory = vm_dir(vm_id)
-    _not_migrating(vm_id)
-    tickets.spend(body)
-    was_running = bool(_pid(directory))
-    _kill(directory)
-    if body["action"] == "destroy":
-        durable_remove(directory)
-    event = "destroyed" if body["action"] == "destroy" else "powered-off"
-    evidence = runtime.record(body, {"event": event, "vm_id": vm_id, "ticket": body["id"]})
-    return {"changed": True, "status": event, "was_running": was_running, "evidence": evidence}
+    with vm_lock(body["vm_id"]):
+        vm_id = body["vm_id"]
+        directory = vm_dir(vm_id)
+        _not_migrating(vm_id)
+        tickets.spend(body)
+        was_running = bool(_pid(directory))
+        _kill(directory)
+        if body["action"] == "destroy":
+            durable_remove(directory)
+        event = "destroyed" if body["action"] == "destroy" else "powered-off"
+        evidence = runtime.record(body, {"event": event, "vm_id": vm_id, "ticket": body["id"]})
+        return {"changed": True, "status": event, "was_running": was_running, "evidence": evidence}
+

@@ -144,6 +144,18 @@ def test_a_lease_call_that_lands_after_its_engine_is_removed_leases_nothing(flee
     assert refused.value.reason == "lease.engine-removed"
 
 
+def test_a_migration_started_after_its_engine_is_removed_leases_nothing(fleet):
+    """A migration's start leases its source to its engine: asked just before the removal, it
+    leased the source to the removed engine for six minutes after (found in review)."""
+    vm = fleet.launch("n1")
+    fleet.tc.registry.add_engine("hostile", "abc", "fp")
+    assert fleet.tc.registry.revoke_engine("hostile")
+    with pytest.raises(Refused) as refused:
+        fleet.tc.migration_begin(vm.vm_id, "n2", engine="hostile")
+    assert refused.value.reason == "lease.engine-removed"
+    assert fleet.tc.registry.lease_of("n1") is None and fleet.tc.registry.migrations() == []
+
+
 def test_a_migration_started_without_a_lease_leases_its_source_to_its_engine(fleet):
     """`tccdeploy migrate` and `drain` take no round lease: another engine's repair took such a
     migration under way for an interrupted one and aborted it (found in review). Its start now
