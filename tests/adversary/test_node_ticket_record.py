@@ -233,3 +233,23 @@ def test_a_launch_and_a_resume_are_remembered_past_every_pruning(node_service, t
     monkeypatch.setattr(service_tickets.time, "time", lambda: later)
     service_tickets.spend({"id": tickets.new_id(), "expires": int(later) + 300})  # prunes what it may
     assert service_tickets.remembered("launched:r1")
+
+
+@pytest.mark.parametrize("kept", [{"v": 2, "used": "x", "once": {}, "horizon": 0}, {"v": 2, "used": {}},
+                                  {"v": 2, "used": {"a": "soon"}, "once": {}, "horizon": 0}, ["a"]])
+def test_a_record_of_spent_tickets_that_does_not_read_refuses_every_ticket(node_service, tc_identity, kept):  # noqa: F811
+    """Fail closed: a record half written by hand, or of an unknown form, is never taken as empty."""
+    (node_service / service_tickets.USED_FILE).write_text(json.dumps(kept))
+    for call in (lambda: service_tickets.check(issue(tc_identity), "launch"),
+                 lambda: service_tickets.remember("launched:r1", int(time.time()))):
+        with pytest.raises(ServiceError, match="the service's record of used tickets is unreadable") as info:
+            call()
+        assert info.value.reason == "tvmm.state"
+
+
+def test_remembering_prunes_what_is_long_expired_as_spending_does(node_service, tc_identity):  # noqa: F811
+    old = int(time.time()) - service_tickets.KEEP_AFTER_EXPIRY - 60
+    service_tickets.spend({"id": "old-ticket", "expires": old})
+    service_tickets.remember("launched:r1", service_tickets.FOREVER)
+    kept = json.loads((node_service / service_tickets.USED_FILE).read_text())
+    assert kept["used"] == {} and kept["horizon"] == old and kept["once"] == {"launched:r1": service_tickets.FOREVER}
