@@ -259,6 +259,7 @@ REASONS: dict[str, str] = {
     "ticket.horizon": "the ticket expires before tickets the node no longer lists as used: it may have been used (check the node's clock)",
     "tvmm.done": "what the ticket does once per request or suspension was done on this node already (another session did it)",
     "tvmm.launched": "the request's VM was launched on this node already: a VM key starts one copy per request",
+    "tvmm.tk-pin": "the TC CA kept with the node's trusted key is not the one the key's policy pins (changed outside the service): admit the node again",
     "tvmm.vm-busy": "another session is starting the VM on this node (a discard does not wait for it)",
     "tvmm.arrived": "the VM's arrival is in the node's runtime log: only the TC's settle ticket drops it",
     "tvmm.migrating": "a migration of the VM is under way or unsettled on this node: only the TC's settle ticket moves it",

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from tccdeploy.coordinator import admission, identity, tpm2
 from tccdeploy.coordinator.admission import AdmissionRefused
 from tccdeploy.coordinator.store import Registry
-from tccdeploy.crypto.ticket import pin_qualifier
+from tccdeploy.crypto.ticket import pin_qualifier, pinned_policy
 from tccdeploy.manifest.loader import load_manifests
 
 from .attestkit import TK_ATTRIBUTES, Node, certify_attest, ecc_public, quote_attest, rsa_public, sign
@@ -60,7 +60,7 @@ def tc(tmp_path_factory) -> identity.Identity:  # type: ignore[no-untyped-def]
 def _tk(node: Node, attributes: int = TK_ATTRIBUTES, policy: bytes | None = None, nonce: bytes = NONCE,
         name_of: bytes | None = None, scheme: int = tpm2.ALG_OAEP, pinned: bytes = TC_CA, key: rsa.RSAPrivateKey = TK_KEY):
     if policy is None:
-        policy = admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS])
+        policy = pinned_policy(admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS]), TC_CA)
     public = rsa_public(key, attributes, policy, scheme)
     name = tpm2.parse_public(name_of or public).name
     attest = certify_attest(pin_qualifier(nonce, pinned), name)  # the AK certifies over the nonce and the pin
@@ -115,6 +115,8 @@ def test_a_proper_tk_gets_a_challenge_only_it_can_open(registry: Registry, setup
 @pytest.mark.parametrize("change, reason", [
     ("no-policy", "tk.policy"),
     ("other-pcr-values", "tk.policy"),
+    ("pcr-only", "tk.policy"),  # PolicyPCR alone: the pin kept beside the TK, where a boot as root rewrote it
+    ("other-ca-in-policy", "tk.policy"),  # the certify names the TC's CA, the policy an engine's
     ("fixedtpm-cleared", "tk.attributes"),
     ("fixedparent-cleared", "tk.attributes"),
     ("imported", "tk.attributes"),
@@ -149,7 +151,12 @@ def test_a_bad_tk_is_refused_with_its_reason(registry: Registry, setup, change: 
     elif change == "no-policy":
         tk = _tk(node, policy=b"")
     elif change == "other-pcr-values":
-        tk = _tk(node, policy=admission.policy_pcr_digest("sha256", PCRS, [bytes(32)] * 5))
+        tk = _tk(node, policy=pinned_policy(admission.policy_pcr_digest("sha256", PCRS, [bytes(32)] * 5), TC_CA))
+    elif change == "pcr-only":
+        tk = _tk(node, policy=admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS]))
+    elif change == "other-ca-in-policy":
+        tk = _tk(node, policy=pinned_policy(admission.policy_pcr_digest("sha256", PCRS, [VALUES[str(p)] for p in PCRS]),
+                                            b"the engine's CA"))
     elif change == "raw-rsa":
         tk = _tk(node, scheme=tpm2.ALG_NULL)
     elif change == "oaep-sha1":

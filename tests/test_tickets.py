@@ -8,6 +8,7 @@ import base64
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -111,14 +112,28 @@ def test_the_pin_qualifier_binds_the_nonce_and_the_ca():
     assert tickets.pin_qualifier(nonce, b"ca") != nonce
 
 
+PCR_POLICY = bytes([0x11]) * 32  # a PolicyPCR digest (the service's TPM makes it; any stands in here)
+
+
+def pinned_tk(ca_der: bytes) -> TPM2B_PUBLIC:
+    """The TK as tk_create makes it: its policy pins ca_der (crypto.ticket.pinned_policy)."""
+    return TPM2B_PUBLIC.parse("rsa2048:oaep-sha256:null", objectAttributes=TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
+                              | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN,
+                              authPolicy=tickets.pinned_policy(PCR_POLICY, ca_der))
+
+
 @pytest.fixture
-def node_service(tmp_path: Path, tc_identity):  # type: ignore[no-untyped-def]
-    """The service's state on node1: a TK made with the TC's CA pinned."""
+def node_service(tmp_path: Path, tc_identity, monkeypatch):  # type: ignore[no-untyped-def]
+    """The service's state on node1: a TK made with the TC's CA pinned (its policy names the CA);
+    the tickets here name that TK (TK_NAME)."""
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     pem = tc_identity.certificate.public_bytes(serialization.Encoding.PEM).decode()
-    (state / "tk.json").write_text(json.dumps({"private": "", "public": base64.b64encode(TK.marshal()).decode(),
-                                               "bank": "sha256", "pcrs": [0], "tc_ca": pem}))
+    tk = pinned_tk(tc_identity.certificate.public_bytes(serialization.Encoding.DER))
+    monkeypatch.setattr(sys.modules[__name__], "TK_NAME", bytes(tk.get_name()))
+    (state / "tk.json").write_text(json.dumps({"private": "", "public": base64.b64encode(tk.marshal()).decode(),
+                                               "bank": "sha256", "pcrs": [0], "tc_ca": pem,
+                                               "pcr_policy": base64.b64encode(PCR_POLICY).decode()}))
     previous = config._current
     config.use(config.Config(node="node1", tpm="none", state_dir=str(state), eventlog=""))
     yield state
@@ -176,6 +191,21 @@ def test_the_service_refuses_a_ticket_for_another_node_tk_or_use(node_service, t
     other, _ = identity.init(str(tmp_path / "engine-ca"))  # tickets from a CA the node did not pin
     assert service_reason(issue(other)) == "ticket.certificate"
     assert service_reason(issue(tc_identity, expires=int(time.time()) - 5)) == "ticket.expired"
+
+
+def test_a_ca_written_beside_the_tk_that_its_policy_does_not_pin_takes_no_ticket(node_service, tc_identity, tmp_path: Path):
+    """The pin was a field beside the TK: a boot of the provider's own software (root there, the
+    TK unusable) rewrote it to an engine's CA, and back in the approved boot the service took the
+    engine's tickets for the TK the TC certified (found in review). The TK's policy names its CA."""
+    other, _ = identity.init(str(tmp_path / "engine-ca"))
+    stored = json.loads((node_service / "tk.json").read_text())
+    stored["tc_ca"] = other.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    assert service_reason(issue(other)) == "tvmm.tk-pin"
+    assert service_reason(issue(tc_identity)) == "tvmm.tk-pin"  # nothing is taken until it is admitted again
+    stored["pcr_policy"] = base64.b64encode(bytes(32)).decode()  # nor with the PCR branch changed to match
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    assert service_reason(issue(other)) == "tvmm.tk-pin"
 
 
 def test_without_a_pinned_ca_no_ticket_is_taken(node_service, tc_identity):

@@ -120,10 +120,11 @@ def begin(registry: Registry, perimeter: Perimeter, node: str, attestation_id: i
         raise AdmissionRefused("tk.name", "the certified object is not the TK presented")
     check_tk(tk)
     values = latest[0]["pcr_values"]
-    expected = policy_pcr_digest(policy.bank, list(policy.pcrs), [bytes.fromhex(values[str(p)]) for p in policy.pcrs]) \
-        if all(str(p) in values for p in policy.pcrs) else b""
+    expected = tickets.pinned_policy(policy_pcr_digest(policy.bank, list(policy.pcrs), [
+        bytes.fromhex(values[str(p)]) for p in policy.pcrs]), ca_der) if all(str(p) in values for p in policy.pcrs) else b""
     if not expected or not hmac.compare_digest(tk.auth_policy, expected):
-        raise AdmissionRefused("tk.policy", "the TK's policy is not PolicyPCR over the PCR values the TC verified")
+        raise AdmissionRefused("tk.policy", "the TK's policy is not PolicyPCR over the PCR values the TC verified, "
+                                            "ORed with the branch that pins this TC's CA")
     challenge = os.urandom(32)
     public = tk.public_key()
     ciphertext = public.encrypt(challenge, padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(),  # type: ignore[union-attr]

@@ -115,6 +115,26 @@ def pin_qualifier(nonce: bytes, ca_der: bytes) -> bytes:
     return hashlib.sha256(PIN_TAG + nonce + hashlib.sha256(ca_der).digest()).digest()
 
 
+PIN_BRANCH_TAG = b"tccdeploy-tk-pin-branch\0"
+TPM_CC_POLICY_OR = 0x00000171
+
+
+def pin_branch(ca_der: bytes) -> bytes:
+    """The second branch of a TK's PolicyOR: the pinned CA's digest, a policy no session reaches."""
+    return hashlib.sha256(PIN_BRANCH_TAG + hashlib.sha256(ca_der).digest()).digest()
+
+
+def pinned_policy(pcr_policy: bytes, ca_der: bytes) -> bytes:
+    """A TK's authPolicy: TPM2_PolicyOR (Part 3, 23.6) of its PolicyPCR digest, the branch a
+    session satisfies, and pin_branch(CA). The pinned CA is then part of the TK's public area and
+    name, which the TC certifies: the service kept the pin beside the TK in a file, and a boot of
+    the provider's software (root, the TK unusable there) rewrote it to a CA of the engine's, so
+    the approved boot took the engine's tickets for the certified TK (found in review)."""
+    import struct
+
+    return hashlib.sha256(bytes(32) + struct.pack(">I", TPM_CC_POLICY_OR) + pcr_policy + pin_branch(ca_der)).digest()
+
+
 def new_id() -> str:
     import secrets
 

@@ -255,14 +255,21 @@ def _srk(esys: Any, handles: list[Any]) -> Any:
     return handle
 
 
-def _policy_pcr_session(esys: Any, handles: list[Any], bank: str, pcrs: list[int], trial: bool) -> Any:
-    from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPML_PCR_SELECTION, TPMT_SYM_DEF
+def _policy_session(esys: Any, handles: list[Any], bank: str, pcrs: list[int], ca_der: bytes,
+                    trial: bool) -> tuple[Any, bytes]:
+    """A session through the TK's policy (crypto.ticket.pinned_policy): PolicyPCR over the PCRs as
+    they are, then PolicyOR with the pinned CA's branch. Returns it and the PolicyPCR digest."""
+    from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_SE, TPM2B_DIGEST, TPML_DIGEST, TPML_PCR_SELECTION, TPMT_SYM_DEF
+
+    from ..crypto.ticket import pin_branch
 
     session = esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL if trial else TPM2_SE.POLICY,
                                       TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
     handles.append(session)
     esys.policy_pcr(session, b"", TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, sorted(pcrs)))}"))
-    return session
+    pcr_policy = bytes(esys.policy_get_digest(session))
+    esys.policy_or(session, TPML_DIGEST([TPM2B_DIGEST(pcr_policy), TPM2B_DIGEST(pin_branch(ca_der))]))
+    return session, pcr_policy
 
 
 @operation("tk_create")
@@ -274,7 +281,7 @@ def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, A
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from ..crypto.ticket import pin_qualifier
+    from ..crypto.ticket import pin_qualifier, pinned_policy
 
     try:
         ca_der = x509.load_pem_x509_certificate(tc_ca.encode()).public_bytes(serialization.Encoding.DER)
@@ -286,8 +293,10 @@ def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, A
     with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PUBLIC, TPMA_OBJECT, TPMT_SIG_SCHEME
 
-        trial = _policy_pcr_session(esys, handles, bank, pcrs, trial=True)
+        trial, pcr_policy = _policy_session(esys, handles, bank, pcrs, ca_der, trial=True)
         policy = bytes(esys.policy_get_digest(trial))
+        if policy != pinned_policy(pcr_policy, ca_der):
+            raise ServiceError("tvmm.tk-pin", "the TPM's policy digest is not the pinned policy the TC will expect")
         esys.flush_context(trial)
         handles.remove(trial)
         # No USERWITHAUTH: a password can never stand in for the policy to use the key. The
@@ -309,7 +318,7 @@ def tk_create(bank: str, pcrs: list[int], nonce: str, tc_ca: str) -> dict[str, A
                                          session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD)
     atomic_write(config.current().path(TK_FILE), json.dumps({
         "private": _b64(private.marshal()), "public": _b64(public.marshal()), "bank": bank, "pcrs": sorted(pcrs),
-        "tc_ca": tc_ca, "reset_count": boot}).encode())
+        "tc_ca": tc_ca, "pcr_policy": _b64(pcr_policy), "reset_count": boot}).encode())
     return {"changed": True, "tk_public": _b64(public.marshal()), "attest": _b64(bytes(attest)),
             "signature": _b64(signature.marshal())}
 
@@ -363,13 +372,23 @@ def trusted_key() -> tuple[bytes, Any]:
     """(the TK's TPM name, the TC CA certificate pinned with it): whom tickets must name, and
     who must have signed them."""
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
     from tpm2_pytss import TPM2B_PUBLIC
 
+    from ..crypto.ticket import pinned_policy
+
     stored = _stored_tk()
-    if "tc_ca" not in stored:
-        raise ServiceError("tvmm.no-tk", "the trusted key was made without a TC CA pinned: admit the node again")
+    if "tc_ca" not in stored or "pcr_policy" not in stored:
+        raise ServiceError("tvmm.no-tk", "the trusted key was made without a TC CA pinned in its policy: admit the "
+                                         "node again")
     public, _ = TPM2B_PUBLIC.unmarshal(_unb64(stored["public"]))
-    return bytes(public.get_name()), x509.load_pem_x509_certificate(stored["tc_ca"].encode())
+    ca = x509.load_pem_x509_certificate(stored["tc_ca"].encode())
+    # The pin is the TK's own: a CA written beside it (from another boot, as root) is not in its policy.
+    if bytes(public.publicArea.authPolicy) != pinned_policy(_unb64(stored["pcr_policy"]),
+                                                            ca.public_bytes(serialization.Encoding.DER)):
+        raise ServiceError("tvmm.tk-pin", "the TC CA kept with the trusted key is not the one its policy pins: the "
+                                          "service's state was changed outside it")
+    return bytes(public.get_name()), ca
 
 
 def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
@@ -377,6 +396,9 @@ def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
 
     For callers inside the service only: no operation returns the plaintext.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     stored = _stored_tk()
     with _esapi() as (esys, handles):
         from tpm2_pytss import TPM2_ALG, TPM2B_PRIVATE, TPM2B_PUBLIC, TPMT_RSA_DECRYPT, TSS2_Exception
@@ -386,7 +408,8 @@ def tk_decrypt(ciphertext: bytes, label: bytes) -> bytes:
         public, _ = TPM2B_PUBLIC.unmarshal(_unb64(stored["public"]))
         tk = esys.load(srk, private, public)
         handles.append(tk)
-        session = _policy_pcr_session(esys, handles, stored["bank"], stored["pcrs"], trial=False)
+        ca_der = x509.load_pem_x509_certificate(stored["tc_ca"].encode()).public_bytes(serialization.Encoding.DER)
+        session, _ = _policy_session(esys, handles, stored["bank"], stored["pcrs"], ca_der, trial=False)
         scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.NULL)  # the key's own scheme: OAEP-SHA256
         try:
             plain = bytes(esys.rsa_decrypt(tk, ciphertext, scheme, label + b"\x00", session1=session))
