@@ -799,6 +799,12 @@ class Registry:
                              (certificate["attestation"], node)).first()
             if att is None:
                 raise Conflict("admit.not-trusted", "the attestation admission relies on is not this node's")
+            # A verdict that failed since then stands, admitted or not: a node only enrolled is not
+            # quarantined by it, and its first admission completed after it (found in review).
+            if db.execute("SELECT 1 FROM attestations WHERE node = ? AND id > ? AND verdict != 'trusted'",
+                          (node, certificate["attestation"])).first():
+                raise Conflict("admit.not-trusted", f"{node} failed an attestation after the one admission relies on: "
+                                                    "attest it again, then admit")
             changed = db.execute(
                 "UPDATE nodes SET state = 'admitted', build = ?, updated = ? WHERE name = ? AND ("
                 "(state IN ('enrolled', 'admitted') AND (quarantined_at IS NULL OR quarantined_at < ?)) OR "
