@@ -338,19 +338,6 @@ def test_a_node_quarantined_between_challenge_and_answer_is_not_admitted(registr
     assert registry.node("n1")["state"] == "quarantined"
 
 
-def test_a_first_admission_does_not_complete_after_an_untrusted_verdict(registry: Registry, setup, tc):
-    """An untrusted verdict quarantines an admitted node; a node only enrolled has no admission to
-    lose, and its admission under way completed after the TC had recorded it untrusted (found in
-    review). The admission's write now refuses while a later verdict failed."""
-    perimeter, node, attestation = setup
-    ciphertext = _begin(registry, perimeter, attestation, _tk(node))
-    registry.add_attestation("n1", {"verdict": "untrusted", "reasons": [{"code": "build.unknown"}]})
-    with pytest.raises(AdmissionRefused) as info:
-        admission.finish(registry, perimeter, tc, "n1", _answer(ciphertext))
-    assert info.value.reason == "admit.not-trusted"
-    assert registry.node("n1")["state"] == "enrolled" and registry.certificate("n1") is None
-
-
 def test_a_node_whose_tpm_was_replaced_is_not_admitted_on_its_old_attestation(registry: Registry, setup):
     """The operator's replace-tpm drops the node's identity; its old trusted attestation is still
     there, and must not carry a TK certified by an AK the TC no longer holds."""

@@ -193,21 +193,6 @@ def test_the_service_refuses_a_ticket_for_another_node_tk_or_use(node_service, t
     assert service_reason(issue(tc_identity, expires=int(time.time()) - 5)) == "ticket.expired"
 
 
-def test_a_ca_written_beside_the_tk_that_its_policy_does_not_pin_takes_no_ticket(node_service, tc_identity, tmp_path: Path):
-    """The pin was a field beside the TK: a boot of the provider's own software (root there, the
-    TK unusable) rewrote it to an engine's CA, and back in the approved boot the service took the
-    engine's tickets for the TK the TC certified (found in review). The TK's policy names its CA."""
-    other, _ = identity.init(str(tmp_path / "engine-ca"))
-    stored = json.loads((node_service / "tk.json").read_text())
-    stored["tc_ca"] = other.certificate.public_bytes(serialization.Encoding.PEM).decode()
-    (node_service / "tk.json").write_text(json.dumps(stored))
-    assert service_reason(issue(other)) == "tvmm.tk-pin"
-    assert service_reason(issue(tc_identity)) == "tvmm.tk-pin"  # nothing is taken until it is admitted again
-    stored["pcr_policy"] = base64.b64encode(bytes(32)).decode()  # nor with the PCR branch changed to match
-    (node_service / "tk.json").write_text(json.dumps(stored))
-    assert service_reason(issue(other)) == "tvmm.tk-pin"
-
-
 def test_without_a_pinned_ca_no_ticket_is_taken(node_service, tc_identity):
     stored = json.loads((node_service / "tk.json").read_text())
     del stored["tc_ca"]

@@ -146,12 +146,7 @@ def migrate_out_end(vm_id: str, ticket: dict[str, Any]) -> dict[str, Any]:
     with vm_lock(vm_id):
         body = settle_ticket(ticket, vm_id, "source")
         pending = pending_migration(vm_id) or {}
-        state = _OUT.pop(vm_id, None)
-        if state is not None:
-            try:
-                state["sock"].close()
-            except OSError:
-                pass
+        _close_stream(_OUT, vm_id)
         directory = vm_dir(vm_id)
         if body["outcome"] == "commit":
             _kill(directory)
@@ -310,13 +305,18 @@ def migrate_in_settle(vm_id: str, ticket: dict[str, Any], resume: bool) -> dict[
         return {"changed": True, "status": status, "running": status == "running"}
 
 
-def _discard(vm_id: str) -> None:
-    state = _IN.pop(vm_id, None)
+def _close_stream(table: dict[str, dict[str, Any]], vm_id: str) -> None:
+    """Forget this session's migration stream of vm_id (either end) and close its socket."""
+    state = table.pop(vm_id, None)
     if state is not None:
         try:
             state["sock"].close()
         except OSError:
             pass
+
+
+def _discard(vm_id: str) -> None:
+    _close_stream(_IN, vm_id)
     _kill(vm_dir(vm_id))
 
 

@@ -7,17 +7,20 @@ forgot a ticket still valid (both found in review). Every test here failed befor
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from tccdeploy.coordinator import identity
 from tccdeploy.crypto import ticket as tickets
 from tccdeploy.tvmm import tickets as service_tickets
 from tccdeploy.tvmm.interface import ServiceError
 
-from ..test_tickets import issue, node_service  # noqa: F401 - the fixture
+from ..test_tickets import issue, node_service, service_reason  # noqa: F401 - the fixture
 
 
 def spent_together(monkeypatch, bodies: list[dict]) -> list[str | None]:  # type: ignore[type-arg]
@@ -253,3 +256,18 @@ def test_remembering_prunes_what_is_long_expired_as_spending_does(node_service, 
     service_tickets.remember("launched:r1", service_tickets.FOREVER)
     kept = json.loads((node_service / service_tickets.USED_FILE).read_text())
     assert kept["used"] == {} and kept["horizon"] == old and kept["once"] == {"launched:r1": service_tickets.FOREVER}
+
+
+def test_a_ca_written_beside_the_tk_that_its_policy_does_not_pin_takes_no_ticket(node_service, tc_identity, tmp_path):  # noqa: F811
+    """The pin was a field beside the TK: a boot of the provider's own software (root there, the
+    TK unusable) rewrote it to an engine's CA, and back in the approved boot the service took the
+    engine's tickets for the TK the TC certified (found in review). The TK's policy names its CA."""
+    other, _ = identity.init(str(tmp_path / "engine-ca"))
+    stored = json.loads((node_service / "tk.json").read_text())
+    stored["tc_ca"] = other.certificate.public_bytes(serialization.Encoding.PEM).decode()
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    assert service_reason(issue(other)) == "tvmm.tk-pin"
+    assert service_reason(issue(tc_identity)) == "tvmm.tk-pin"  # nothing is taken until it is admitted again
+    stored["pcr_policy"] = base64.b64encode(bytes(32)).decode()  # nor with the PCR branch changed to match
+    (node_service / "tk.json").write_text(json.dumps(stored))
+    assert service_reason(issue(other)) == "tvmm.tk-pin"
