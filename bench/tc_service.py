@@ -199,7 +199,7 @@ def releases_timed(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore
     return run_clients(make_tc, work, release)
 
 
-def measure(clients: int, ops: int, repeat: int = 1) -> dict:
+def measure(clients: int, ops: int, repeat: int = 1, fronts: int = 1) -> dict:
     """Every row repeat times, the rounds interleaved (embedded, served, ... then again), so a
     slow minute of the machine falls on both sides; each figure is the median of its rounds,
     and `ratios` keeps each round's ratio to the embedded TC of the same round."""
@@ -209,7 +209,7 @@ def measure(clients: int, ops: int, repeat: int = 1) -> dict:
         for number in range(repeat):
             if repeat > 1:
                 print(f"round {number + 1} of {repeat}", file=sys.stderr, flush=True)
-            rounds.append(measure_once(clients, ops, pg))
+            rounds.append(measure_once(clients, ops, pg, fronts))
     finally:
         if pg is not None:
             pg.stop()
@@ -221,10 +221,10 @@ def measure(clients: int, ops: int, repeat: int = 1) -> dict:
         rows.append({**{k: first[k] for k in ("mode", "database", "operation")}, "ops": first["ops"],
                      **{k: round(statistics.median(x[k] for x in same), 2) for k in ("ops_per_s", "p50_ms", "p99_ms")},
                      "ratios": [round(x["ops_per_s"] / b["ops_per_s"], 2) for x, b in zip(same, base, strict=True)]})
-    return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "rows": rows}
+    return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "fronts": fronts, "rows": rows}
 
 
-def measure_once(clients: int, ops: int, pg: PostgresServer | None) -> list[dict]:
+def measure_once(clients: int, ops: int, pg: PostgresServer | None, fronts: int = 1) -> list[dict]:
     manifests = load_manifests([str(ROOT / "examples")])
     rows = []
     folders = []
@@ -246,9 +246,11 @@ def measure_once(clients: int, ops: int, pg: PostgresServer | None) -> list[dict
                     finally:
                         shared.close()
                 else:
-                    services = [Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None)]
+                    options = ("--fronts", str(fronts))
+                    services = [Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None,
+                                        options=options)]
                     try:
-                        services += [Service(state, str(ROOT / "examples"), registry=location, setup=False)
+                        services += [Service(state, str(ROOT / "examples"), registry=location, setup=False, options=options)
                                      for _ in range(replicas - 1)]
                         nodes = enroll(location, clients)
                         releases = prepare_releases(location, str(state), manifests, clients, ops)
@@ -271,14 +273,17 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--ops", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every row, interleaved; figures are medians")
+    parser.add_argument("--fronts", type=int, default=1,
+                        help="`tc serve --fronts N` for the served rows (0: TLS, HTTP and decisions in one process)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = measure(args.clients, args.ops, args.repeat)
+    result = measure(args.clients, args.ops, args.repeat, args.fronts)
     if args.json:
         print(json.dumps({"benchmark": "tc_service", **result}))
         return 0
     print(f"{args.clients} concurrent clients x {args.ops} operations each, medians of {args.repeat} interleaved rounds "
-          "(2 replicas: two `tc serve` on one PostgreSQL, the clients spread over them):")
+          f"(served: `tc serve --fronts {args.fronts}`; 2 replicas: two of them on one PostgreSQL, the clients spread "
+          "over them):")
     base = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "embedded"}
     for r in result["rows"]:
         ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]

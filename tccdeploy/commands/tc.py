@@ -299,6 +299,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         print(f"error: --listen takes HOST:PORT, such as 127.0.0.1:8443, not {args.listen!r}", file=sys.stderr)
         return 2
+    if args.fronts < 0:
+        print(f"error: --fronts takes 0 or more, not {args.fronts}", file=sys.stderr)
+        return 2
     if args.max_connections_per_client < 1 or min(args.header_timeout, args.body_timeout, args.handshake_timeout,
                                                   args.answer_timeout) <= 0:
         print("error: --max-connections-per-client takes 1 or more, the timeouts more than 0 seconds", file=sys.stderr)
@@ -314,9 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "reloads the manifests; Ctrl-C or SIGTERM stops it", stream=sys.stdout, url=f"https://{host}:{port}",
                   fingerprint=ident.fingerprint)
         paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
-        serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning", paths,
-              limits)
-    return 0
+        return serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning",
+                     paths, limits, fronts=args.fronts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -438,6 +440,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a TLS handshake must finish this soon after the TCP connection (default 10)")
     q.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request's body must arrive whole this soon after its headers (default 30)")
+    q.add_argument("--fronts", type=int, default=1, metavar="N",
+                   help="run TLS, HTTP and the requests' checks in N more processes (fronts), the decisions in "
+                        "this one, so another core serves too; the fronts never hold the TC's keys. 0 serves all "
+                        "from this process (a one-core machine); more than 1 pays only with cores to spare "
+                        "(default 1)")
     q.add_argument("--answer-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="a request's answer must be taken whole this soon after the request's last byte: the "
                         "TC's decision and the client's reading of it; a client that stops reading is cut then "

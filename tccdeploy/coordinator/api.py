@@ -154,6 +154,24 @@ class Metrics:
             entry[-2] += 1
             entry[-1] += seconds
 
+    def take(self) -> tuple[dict[Any, float], dict[str, list[float]]]:
+        """What was counted since the last take, and start again (a `tc serve` front hands it to
+        its decision process, which renders every front's sum: fronts.FrontMetrics)."""
+        with self._lock:
+            taken = dict(self.counters), self.latency
+            self.counters, self.latency = defaultdict(float), {}
+        return taken
+
+    def merge(self, taken: tuple[dict[Any, float], dict[str, list[float]]]) -> None:
+        counters, latency = taken
+        with self._lock:
+            for key, value in counters.items():
+                self.counters[key] += value
+            for route, entry in latency.items():
+                mine = self.latency.setdefault(route, [0.0] * (len(BUCKETS) + 2))
+                for i, value in enumerate(entry):
+                    mine[i] += value
+
     def render(self) -> str:
         lines = []
         with self._lock:
@@ -193,7 +211,6 @@ class Api:
         self.max_body = max_body
         self.metrics = Metrics()
         self.health = Health()
-        self.connection_counts: Any = None  # (server.ConnectionCounts, when served: its refusals are a metric)
         self.routes: list[tuple[str, str, str, str | None, bool, Handler]] = [
             # (method, path, summary, body schema, engine only, handler)
             ("GET", "/healthz", "liveness: the process answers", None, False, self.healthz),
@@ -451,18 +468,18 @@ class Api:
                  "# TYPE tccdeploy_clock_backwards_checks_total counter",
                  f"tccdeploy_clock_backwards_checks_total {self.health.clock_steps_back}",
                  "# TYPE tccdeploy_store_up gauge", f"tccdeploy_store_up {0 if store else 1}"]
-        if self.connection_counts is not None:
-            extra += ["# TYPE tccdeploy_connections_refused_total counter",
-                      f"tccdeploy_connections_refused_total {self.connection_counts.refused}"]
-        return PlainTextResponse(self.metrics.render() + "\n".join(extra) + "\n", media_type="text/plain; version=0.0.4")
+        rendered = await self._run(self.metrics.render)  # a front's asks its decision process for every front's
+        return PlainTextResponse(rendered + "\n".join(extra) + "\n", media_type="text/plain; version=0.0.4")
 
     async def status(self, request: Request) -> dict[str, Any]:
         counts = await self._decide(request, self.tc.node_counts)
-        return {"version": __version__, "fingerprint": self.tc.identity().fingerprint, "perimeter": self.tc.perimeter.name,
+        summary = await self._run(self.tc.public_summary)
+        return {"version": __version__, "fingerprint": summary["fingerprint"], "perimeter": summary["perimeter"],
                 "nodes": dict(counts)}
 
     async def certificate(self, request: Request) -> Response:
-        return PlainTextResponse(self.tc.identity().bundle_pem, media_type="application/x-pem-file")
+        summary = await self._run(self.tc.public_summary)
+        return PlainTextResponse(summary["bundle_pem"], media_type="application/x-pem-file")
 
     async def openapi(self, request: Request) -> dict[str, Any]:
         paths: dict[str, Any] = {}
@@ -484,11 +501,7 @@ class Api:
 
     # -- engines ----------------------------------------------------------------------------
     async def policy(self, request: Request) -> dict[str, Any]:
-        bank, pcrs = self.tc.quote_policy()
-        return {"bank": bank, "pcrs": pcrs, "grace_period": self.tc.grace_period(), "on_failure": self.tc.on_failure(),
-                "interval": self.tc.enforce_interval(), "runtime_pcr": self.tc.runtime_pcr(),
-                "asset_tags": {s.name: s.asset_tag.nv_index for s in self.tc.perimeter.sites
-                                                           if s.asset_tag is not None}}
+        return await self._decide(request, self.tc.engine_policy)  # type: ignore[no-any-return]
 
     async def enrollment_begin(self, request: Request) -> dict[str, Any]:
         b = request.state.body
@@ -556,7 +569,7 @@ class Api:
 
     async def perimeter_check(self, request: Request) -> dict[str, Any]:
         b = request.state.body
-        problems = self.tc.perimeter_problems(b.get("site"), b["address"])
+        problems = await self._decide(request, self.tc.perimeter_problems, b.get("site"), b["address"])
         return {"inside": not problems, "problems": [{"code": c, "message": m} for c, m in problems]}
 
     async def ear(self, request: Request) -> dict[str, Any]:
@@ -592,7 +605,7 @@ class Api:
         return await self._decide(request, self.tc.audit_entries, q.get("node"), q.get("vm"), since)
 
     async def builds(self, request: Request) -> list[dict[str, Any]]:
-        return [{"name": b.name, "version": b.version, "status": b.status} for b in self.tc.builds]
+        return await self._decide(request, self.tc.build_list)  # type: ignore[no-any-return]
 
     async def vms(self, request: Request) -> list[dict[str, Any]]:
         return [v.as_dict() for v in await self._decide(request, self.tc.vms, request.query_params.get("all") in ("1", "true"))]

@@ -214,10 +214,24 @@ _SQLITE_UNAVAILABLE = ("SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_C
                        "SQLITE_PROTOCOL", "SQLITE_NOLCK")
 
 
+class StoreFailure(Exception):
+    """An outage already named (`store.full` or `store.unavailable`): what a `tc serve` front
+    process gets for one its decision process met (fronts.py), or for the decision process gone."""
+
+    def __init__(self, reason: str, cause: str):
+        super().__init__(reason, cause)
+        self.reason, self.cause = reason, cause
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.cause})"
+
+
 def store_failure(exc: BaseException) -> str | None:
     """'store.full' or 'store.unavailable' when exc says the database (or the disk under it)
     cannot take a write or answer now: an outage the caller may retry, not its input's fault and
     not a bug; None for anything else."""
+    if isinstance(exc, StoreFailure):
+        return exc.reason
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return "store.full"
     if isinstance(exc, sqlite3.Error):

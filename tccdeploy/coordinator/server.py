@@ -10,8 +10,10 @@ client's address, which a proxy header could name.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +42,19 @@ class Limits:
 
 
 class ConnectionCounts:
-    """Open connections per client address, shared by the event loop's protocols."""
+    """Open connections per client address, shared by the event loop's protocols (of one process:
+    with fronts, each front counts its own)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_refused: Callable[[], None] = lambda: None) -> None:
         self.limit = limit
         self._open: dict[str, int] = {}
         self.refused = 0
+        self._on_refused = on_refused
 
     def take(self, host: str) -> bool:
         if self._open.get(host, 0) >= self.limit:
             self.refused += 1
+            self._on_refused()
             return False
         self._open[host] = self._open.get(host, 0) + 1
         return True
@@ -320,12 +325,12 @@ def event_loop() -> str:
 
 
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
-          manifests: list[str] | None = None, limits: Limits = Limits()) -> None:
+          manifests: list[str] | None = None, limits: Limits = Limits(), fronts: int = 0) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
-    the manifests, so a build revoked in them is refused from the next attestation on."""
+    the manifests, so a build revoked in them is refused from the next attestation on. With
+    fronts, TLS and HTTP run in that many other processes and this one takes the decisions
+    (fronts.py); with none, all in this one."""
     import signal
-
-    import uvicorn
 
     def reload(signum: int, frame: object) -> None:
         from ..manifest.loader import load_paths
@@ -343,26 +348,77 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     if manifests:
         signal.signal(signal.SIGHUP, reload)
 
+    identity = load_identity(coordinator.state)
+    key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
+    files = {"key": key_file, "certificate": cert_file, "ca": os.path.join(coordinator.state, CERT_FILE)}
+    listeners = _listen(host, port, max(1, fronts))
     sweeper = threading.Thread(target=_sweep, args=(coordinator, threading.Event()), name="tc-expiry", daemon=True)
     sweeper.start()
     delivering = threading.Event()
     deliverer = threading.Thread(target=_deliver, args=(coordinator, delivering), name="tc-webhooks", daemon=True)
     deliverer.start()
-    identity = load_identity(coordinator.state)
-    key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
-    api = Api(coordinator, threads=limits.threads)
-    counts = ConnectionCounts(limits.per_client)
-    api.connection_counts = counts
+    try:
+        if fronts:
+            return _serve_from_fronts(coordinator, listeners, files, log_level, limits)
+        serve_api(coordinator, listeners[0], files, log_level, limits)
+        return 0
+    finally:
+        for listener in listeners:
+            listener.close()
+        delivering.set()  # a clean stop hands the webhooks' leases back
+        deliverer.join(timeout=12)
+
+
+def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """The listening sockets, made here (not by uvicorn) so front processes can inherit them: one
+    per front, on the same port with SO_REUSEPORT, so the kernel spreads connections over the
+    fronts (on one shared socket the front that waited first takes nearly all of them); the
+    option lets only processes of this user bind the port beside them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if count == 1:
+        return [socket.create_server((host, port), family=family, backlog=2048)]
+    made: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            made.append(socket.create_server((host, port), family=family, backlog=2048, reuse_port=True))
+    except OSError:
+        for s in made:
+            s.close()
+        raise
+    return made
+
+
+def _serve_from_fronts(coordinator: Coordinator, listeners: list[socket.socket], files: dict[str, str],
+                       log_level: str, limits: Limits) -> int:
+    import signal
+
+    from .fronts import Fronts, front_options
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    fronts = Fronts(coordinator, listeners, limits.threads, front_options(files, log_level, limits))
+    return fronts.wait(stop)
+
+
+def serve_api(tc: Any, listener: socket.socket, files: dict[str, str], log_level: str, limits: Limits,
+              metrics: Any = None) -> None:
+    """The API over tc (the Coordinator, or a front's fronts.Remote) on listener, until SIGINT/SIGTERM;
+    metrics: where its counts go (a front's fronts.FrontMetrics), else the API's own."""
+    import uvicorn
+
+    api = Api(tc, threads=limits.threads)
+    if metrics is not None:
+        api.metrics = metrics
+    refused = "tccdeploy_connections_refused_total"
+    api.metrics.count(refused, 0.0)
+    counts = ConnectionCounts(limits.per_client, on_refused=lambda: api.metrics.count(refused))
     config = uvicorn.Config(
-        api.app(), host=host, port=port, http=protocol_for(limits, counts), log_level=log_level, access_log=False,
-        ssl_keyfile=key_file, ssl_certfile=cert_file, ssl_ca_certs=os.path.join(coordinator.state, CERT_FILE),
+        api.app(), http=protocol_for(limits, counts), log_level=log_level, access_log=False,
+        ssl_keyfile=files["key"], ssl_certfile=files["certificate"], ssl_ca_certs=files["ca"],
         ssl_cert_reqs=ssl.CERT_OPTIONAL, lifespan="off", timeout_keep_alive=int(limits.headers), loop=event_loop(),
         limit_concurrency=limits.total,
         log_config=None if logs.is_json() else uvicorn.config.LOGGING_CONFIG,
         proxy_headers=False,  # no proxy is trusted: a client's address is its connection's, never a header's
     )
-    try:
-        _Server.make(config, limits.handshake).run()
-    finally:
-        delivering.set()  # a clean stop hands the webhooks' leases back
-        deliverer.join(timeout=12)
+    _Server.make(config, limits.handshake).run(sockets=[listener])

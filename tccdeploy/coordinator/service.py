@@ -257,6 +257,23 @@ class Coordinator:
         """What enforcement does with the VMs of a node that lost trust: evacuate, stop or quarantine."""
         return str(self.perimeter.attestation.on_failure)
 
+    def engine_policy(self) -> dict[str, Any]:
+        """What an engine asks before a round (`GET /v1/policy`): the quote's bank and PCRs, the
+        timings, what a failure means, and each site's asset-tag NV index."""
+        bank, pcrs = self.quote_policy()
+        return {"bank": bank, "pcrs": pcrs, "grace_period": self.grace_period(), "on_failure": self.on_failure(),
+                "interval": self.enforce_interval(), "runtime_pcr": self.runtime_pcr(),
+                "asset_tags": {s.name: s.asset_tag.nv_index for s in self.perimeter.sites if s.asset_tag is not None}}
+
+    def public_summary(self) -> dict[str, str]:
+        """What anybody may read of the TC: its CA fingerprint, the bundle customers seal against,
+        and the perimeter's name (never a key)."""
+        ident = self.identity()
+        return {"fingerprint": ident.fingerprint, "bundle_pem": ident.bundle_pem, "perimeter": self.perimeter.name}
+
+    def build_list(self) -> list[dict[str, Any]]:
+        return [{"name": b.name, "version": b.version, "status": b.status} for b in self.builds]
+
     def asset_tag_index(self, site: str | None) -> int | None:
         """The NV index of the site's asset tag, which the node must certify, if the site has one."""
         site_def = self.perimeter.site(site) if site else None

@@ -503,6 +503,9 @@ class Conflict(RegistryError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.reason, str(self))
+
 
 # (prev hash, entry) -> (hash, signature): the audit chain's next link, set by the Coordinator
 # (audit.py), so every decision's entry is written in the decision's own transaction.

@@ -14,3 +14,8 @@ class Reasoned(Exception):
             raise TypeError(f"a refusal needs a reason code and a message (got {reason!r}, {message!r})")
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Whole across a pickle (the TC's front processes get their decision process's refusals
+        this way): the default would call __init__ with the message alone."""
+        return type(self), (self.reason, str(self))

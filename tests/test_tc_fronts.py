@@ -1,0 +1,236 @@
+"""`tc serve --fronts N`: TLS and HTTP in front processes, decisions in the serving process.
+
+The served tests elsewhere run through one front (the default); these prove what fronts add:
+the channel's calls and exceptions, metrics summed over fronts, and that no process outlives
+the others (real `tc serve` processes, stopped by PID)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import psutil
+import pytest
+
+from tccdeploy.coordinator import fronts
+from tccdeploy.coordinator.api import Metrics
+from tccdeploy.coordinator.db import StoreFailure, store_failure
+from tccdeploy.coordinator.refusals import AdmissionRefused, Refused
+from tccdeploy.coordinator.store import Conflict
+
+from .conftest import REPO
+from .tcservice import Service
+
+
+class Decisions:
+    """Stands in for the Coordinator on the decision side of a real socket pair (unit tests of
+    the channel; the served tests run the real one)."""
+
+    def __init__(self) -> None:
+        self.called: list[str] = []
+
+    def nonce(self, node: str, purpose: str) -> bytes:
+        self.called.append("nonce")
+        return node.encode() + purpose.encode()
+
+    def release_key(self, request: str, node: str) -> dict:
+        raise Refused("release.not-admitted", f"{node} is not admitted")
+
+    def admission_finish(self, node: str, answer: str) -> dict:
+        raise AdmissionRefused("admit.challenge", "the answer does not match")
+
+    def migration_end(self, *args: object) -> dict:
+        raise Conflict("migration.state", "the migration is not under way")
+
+    def ready(self) -> None:
+        sqlite3.connect("file:/nonexistent/registry.sqlite?mode=rw", uri=True)  # SQLITE_CANTOPEN: an outage
+
+    def vms(self, everything: bool) -> list:
+        raise RuntimeError("secret-key-material-here")  # a bug's words, which must not cross
+
+    def identity(self) -> object:  # what a front must never reach
+        self.called.append("identity")
+        return "the TC's keys"
+
+
+@pytest.fixture
+def channel():
+    decisions = Decisions()
+    metrics = Metrics()
+    ours, theirs = socket.socketpair()
+    thread = threading.Thread(target=fronts.answer, args=(decisions, Connection(ours.detach()), metrics), daemon=True)
+    thread.start()
+    remote = fronts.Remote([Connection(theirs.detach())])
+    yield remote, decisions, metrics
+    remote._free.get().close()
+    thread.join(timeout=5)
+
+
+def test_a_call_runs_in_the_decision_process_and_its_value_comes_back(channel):
+    remote, decisions, _ = channel
+    assert remote.nonce("n1", "quote") == b"n1quote"
+    assert decisions.called == ["nonce"]
+
+
+@pytest.mark.parametrize("call, kind, reason", [
+    (lambda r: r.release_key("req", "n1"), Refused, "release.not-admitted"),
+    (lambda r: r.admission_finish("n1", "x"), AdmissionRefused, "admit.challenge"),
+    (lambda r: r.migration_end("m", "v"), Conflict, "migration.state"),
+], ids=["refused", "admission-refused", "conflict"])
+def test_a_refusal_comes_back_as_itself_with_its_reason(channel, call, kind, reason):
+    remote, _, _ = channel
+    with pytest.raises(kind) as caught:
+        call(remote)
+    assert type(caught.value) is kind and caught.value.reason == reason and str(caught.value)
+
+
+def test_a_store_outage_comes_back_as_its_reason_code(channel):
+    remote, _, _ = channel
+    with pytest.raises(StoreFailure) as caught:
+        remote.ready()
+    assert store_failure(caught.value) == "store.unavailable"
+
+
+def test_a_bug_in_a_decision_comes_back_without_its_words(channel, capfd):
+    remote, _, _ = channel
+    with pytest.raises(fronts.DecisionFailed) as caught:
+        remote.vms(False)
+    assert "secret" not in str(caught.value) and "log" in str(caught.value)
+    assert "secret-key-material-here" in capfd.readouterr().err  # the decision process's own log has it
+
+
+def test_a_front_reaches_only_the_calls_the_api_makes(channel):
+    """A front parses what the network sends; were one subverted, it still could not ask the
+    decision process for the TC's keys or registry (only `CALLS`, checked on both sides)."""
+    remote, decisions, _ = channel
+    with pytest.raises(AttributeError):
+        remote.identity  # noqa: B018 - the attribute itself is refused
+    with pytest.raises(fronts.DecisionFailed):
+        remote._call("identity")  # the decision process refuses it too
+    with pytest.raises(fronts.DecisionFailed):
+        remote._call("__class__")
+    assert "identity" not in decisions.called
+
+
+def test_every_call_the_api_makes_is_one_the_decision_process_takes():
+    called = set(re.findall(r"self\.tc\.([a-z_]+)", (REPO / "tccdeploy/coordinator/api.py").read_text()))
+    assert called == set(fronts.CALLS)
+
+
+def test_metrics_handed_over_by_fronts_are_summed():
+    total = Metrics()
+    for _ in range(2):
+        front = Metrics()
+        front.count("tccdeploy_http_requests_total", route="/v1/nonces", status="200")
+        front.observe("/v1/nonces", 0.004)
+        total.merge(pickle.loads(pickle.dumps(front.take())))
+        assert front.take() == ({}, {})  # taken once
+    text = total.render()
+    assert 'tccdeploy_http_requests_total{route="/v1/nonces",status="200"} 2' in text
+    assert 'tccdeploy_http_request_seconds_count{route="/v1/nonces"} 2' in text
+
+
+# -- real processes ---------------------------------------------------------------------------
+def _fronts_of(service: Service) -> list[psutil.Process]:
+    return [p for p in psutil.Process(service.proc.pid).children() if "tccdeploy.coordinator.fronts" in " ".join(p.cmdline())]
+
+
+def _gone(processes: list[psutil.Process], seconds: float) -> bool:
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    return not alive
+
+
+@pytest.mark.slow
+def test_two_fronts_serve_one_port_and_metrics_count_every_fronts_requests(tmp_path):
+    service = Service(tmp_path, str(REPO / "examples"), options=("--fronts", "2"))
+    clients = []
+    try:
+        children = _fronts_of(service)
+        assert len(children) == 2
+        for _ in range(16):
+            clients.append(service.client())
+            assert clients[-1].get("/v1/policy").status_code == 200  # each on its own kept connection
+        held = [sum(1 for c in p.net_connections("tcp") if c.laddr.port == service.port and c.raddr) for p in children]
+        assert sum(held) == 16 and min(held) > 0, held  # the kernel handed connections to both
+        deadline = time.monotonic() + 10  # a front hands its counts over every second
+        while True:
+            metrics = clients[0].get("/metrics").text
+            if 'tccdeploy_http_requests_total{route="/v1/policy",status="200"} 16' in metrics:
+                break
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.2)
+    finally:
+        for client in clients:
+            client.close()
+        service.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_decision_process_and_its_fronts(tmp_path):
+    service = Service(tmp_path, str(REPO / "examples"))
+    children = _fronts_of(service)
+    assert len(children) == 1
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(timeout=20) == 0
+    assert _gone(children, 5)
+    service.stop()
+
+
+@pytest.mark.slow
+def test_a_front_killed_stops_the_service_with_an_error(tmp_path):
+    service = Service(tmp_path, str(REPO / "examples"))
+    try:
+        _fronts_of(service)[0].kill()
+        assert service.proc.wait(timeout=20) != 0
+        assert "a front process" in (tmp_path / f"serve-{service.port}.log").read_text()
+    finally:
+        service.stop()
+
+
+@pytest.mark.slow
+def test_fronts_do_not_outlive_a_killed_decision_process(tmp_path):
+    """SIGKILL (the OOM killer, kill -9) with requests in flight and more queued than a front has
+    connections to its decision process: every one is answered 503, the fronts stop by
+    themselves, and the port is free for the next `tc serve`."""
+    service = Service(tmp_path, str(REPO / "examples"))
+    children = _fronts_of(service)
+    answers: list[object] = []
+
+    def ask() -> None:
+        with service.client() as client:
+            try:
+                answers.append(client.get("/v1/policy").status_code)
+            except Exception as exc:  # noqa: BLE001 - a connection cut is an answer too
+                answers.append(type(exc).__name__)
+
+    os.kill(service.proc.pid, signal.SIGSTOP)  # the decision process takes no call now
+    askers = [threading.Thread(target=ask) for _ in range(8)]
+    for t in askers:
+        t.start()
+    time.sleep(1.5)  # all 8 are in the front: 4 on its connections, 4 queued behind them
+    service.kill()
+    for t in askers:
+        t.join(timeout=30)
+    assert _gone(children, 15), [p.cmdline() for p in children if p.is_running()]
+    assert len(answers) == 8 and all(a != 200 for a in answers), answers
+    assert 503 in answers
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tc serve binds (TIME_WAIT is no holder)
+        s.bind(("127.0.0.1", service.port))  # no process holds it
+
+
+def test_tc_serve_refuses_a_negative_front_count(tmp_path):
+    import subprocess
+
+    from .tcservice import BIN
+
+    result = subprocess.run([str(BIN / "tccdeploy"), "tc", "serve", "--fronts", "-1", "--state", str(tmp_path)],
+                            capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 2 and "--fronts takes 0 or more" in result.stderr
