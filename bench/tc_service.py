@@ -8,8 +8,10 @@ verdict, which the TC records with the audit entry. A key release is the TC chec
 is admitted, freshly trusted and certified, unwrapping the request's Kvm with its RSA-3072 key
 and re-wrapping it to the node's key, recording the release once, with its audit entry. 32
 software nodes; each of 32 client threads works for its node --ops times, on one connection it
-opened (and handshook) before the clock starts, as an engine keeps its connection. On PostgreSQL
-a third row runs two `tc serve` replicas on the one database, the clients spread over them.
+opened (and handshook) before the clock starts, as an engine keeps its connection. Served is `tc
+serve --fronts 1` (TLS and HTTP in a front process, decisions in the serving one; --fronts sets
+it); "1 process" is `--fronts 0`, all in one; on PostgreSQL "2 replicas" runs two of those on the
+one database, the clients spread over them.
 Figures: operations per second, and the p50/p99 latency of one operation. The clients share
 this machine's cores with the TC. The PostgreSQL server and `tc serve` are real processes
 started here and stopped by PID.
@@ -230,7 +232,8 @@ def measure_once(clients: int, ops: int, pg: PostgresServer | None, fronts: int 
     folders = []
     try:
         for database in ["sqlite", "postgresql"] if pg else ["sqlite"]:
-            for mode in ("embedded", "served", "2 replicas") if database == "postgresql" else ("embedded", "served"):
+            for mode in ("embedded", "served", "1 process", "2 replicas") if database == "postgresql" else \
+                    ("embedded", "served", "1 process"):
                 replicas = 2 if mode == "2 replicas" else 1
                 state = Path(tempfile.mkdtemp(prefix="tccdeploy-bench-tc-"))
                 folders.append(state)
@@ -246,7 +249,7 @@ def measure_once(clients: int, ops: int, pg: PostgresServer | None, fronts: int 
                     finally:
                         shared.close()
                 else:
-                    options = ("--fronts", str(fronts))
+                    options = ("--fronts", str(fronts if mode == "served" else 0))
                     services = [Service(state, str(ROOT / "examples"), registry=location if database == "postgresql" else None,
                                         options=options)]
                     try:
@@ -282,17 +285,18 @@ def main() -> int:
         print(json.dumps({"benchmark": "tc_service", **result}))
         return 0
     print(f"{args.clients} concurrent clients x {args.ops} operations each, medians of {args.repeat} interleaved rounds "
-          f"(served: `tc serve --fronts {args.fronts}`; 2 replicas: two of them on one PostgreSQL, the clients spread "
-          "over them):")
+          f"(served: `tc serve --fronts {args.fronts}`; 1 process: `--fronts 0`; 2 replicas: two of those on one "
+          "PostgreSQL, the clients spread over them):")
     base = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "embedded"}
     for r in result["rows"]:
         ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]
         print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
               f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded; rounds "
               f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
-    served = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "served"}
+    single = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "1 process"}
     for r in [r for r in result["rows"] if r["mode"] == "2 replicas"]:
-        print(f"  2 replicas / 1: {r['operation']}s {r['ops_per_s'] / served[(r['database'], r['operation'])]['ops_per_s']:.2f}x")
+        print(f"  2 replicas / 1 process: {r['operation']}s "
+              f"{r['ops_per_s'] / single[(r['database'], r['operation'])]['ops_per_s']:.2f}x")
     return 0
 
 

@@ -55,6 +55,9 @@ class Decisions:
     def vms(self, everything: bool) -> list:
         raise RuntimeError("secret-key-material-here")  # a bug's words, which must not cross
 
+    def engine_allowed(self, serial: int) -> bool:
+        return serial == 1
+
     def identity(self) -> object:  # what a front must never reach
         self.called.append("identity")
         return "the TC's keys"
@@ -117,6 +120,17 @@ def test_a_front_reaches_only_the_calls_the_api_makes(channel):
     with pytest.raises(fronts.DecisionFailed):
         remote._call("__class__")
     assert "identity" not in decisions.called
+
+
+def test_an_engine_call_runs_only_for_a_certificate_the_registry_lists(channel):
+    remote, decisions, _ = channel
+    assert remote.nonce.as_engine(("ops", 1), "n1", "quote") == b"n1quote"
+    with pytest.raises(Refused) as caught:
+        remote.nonce.as_engine(("gone", 2), "n1", "quote")
+    assert caught.value.reason == "auth.engine-revoked" and "gone" in str(caught.value)
+    assert decisions.called == ["nonce"]  # the removed engine's call never ran
+    with pytest.raises(fronts.DecisionFailed):
+        remote._call(fronts.AS_ENGINE, ("ops", 1), "identity")  # nor does a name the API does not call
 
 
 def test_every_call_the_api_makes_is_one_the_decision_process_takes():

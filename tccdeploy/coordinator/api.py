@@ -38,6 +38,7 @@ from .db import store_failure
 from .enrollment import EnrollmentRefused
 from .health import Health, retry_after
 from .keybroker import Refused
+from .refusals import engine_revoked
 from .routing import Dispatch
 from .service import Coordinator
 from .store import RegistryError
@@ -382,7 +383,7 @@ class Api:
             return
         name, serial = pending
         if not self.tc.engine_allowed(serial):
-            raise ApiError(403, "auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
+            raise engine_revoked(name)
         request.state.engine_unchecked = None
 
     async def _run(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -394,8 +395,20 @@ class Api:
         the registry first in that same thread (one hop, off the event loop)."""
 
         def checked() -> Any:
-            self._engine_allowed(request)
-            return decision(*args)
+            pending = request.state.engine_unchecked
+            as_engine = getattr(decision, "as_engine", None)
+            if pending is None or as_engine is None:
+                self._engine_allowed(request)
+                return decision(*args)
+            # a front (fronts.RemoteCall): the check and the decision in one round trip
+            try:
+                result = as_engine(pending, *args)
+            except Refused as exc:
+                if exc.reason != "auth.engine-revoked":  # checked, then refused for itself
+                    request.state.engine_unchecked = None
+                raise
+            request.state.engine_unchecked = None
+            return result
 
         return await self._run(checked)
 

@@ -23,7 +23,6 @@ sent.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pickle
@@ -43,6 +42,7 @@ from typing import Any
 from ..crypto.reasoned import Reasoned
 from .api import Metrics
 from .db import StoreFailure, store_failure
+from .refusals import engine_revoked
 from .store import RegistryError
 
 # The coordinator's methods the API calls (api.Api: `self.tc.<name>(...)`); nothing else runs.
@@ -57,6 +57,7 @@ CALLS = frozenset({
     "vms",
 })
 METRICS_MERGE, METRICS_RENDER = "metrics_merge", "metrics_render"  # a front's counts in, every front's out
+AS_ENGINE = "as_engine"  # (engine, serial), call, args: the engine's certificate checked, then the call
 _PORTABLE = (Reasoned, RegistryError, ValueError, LookupError)  # exceptions the API answers by type
 
 
@@ -84,7 +85,15 @@ def _portable(exc: BaseException) -> BaseException:
 
 def answer(coordinator: Any, connection: Connection, metrics: Metrics) -> None:
     """Take calls on one front's connection until the front closes it."""
-    special: dict[str, Callable[..., Any]] = {METRICS_MERGE: metrics.merge, METRICS_RENDER: metrics.render}
+    def as_engine(engine: tuple[str, int], name: str, *args: Any) -> Any:
+        if name not in CALLS:
+            raise DecisionFailed(f"no call {name!r} in the decision process")
+        if not coordinator.engine_allowed(engine[1]):
+            raise engine_revoked(engine[0])
+        return getattr(coordinator, name)(*args)
+
+    special: dict[str, Callable[..., Any]] = {METRICS_MERGE: metrics.merge, METRICS_RENDER: metrics.render,
+                                              AS_ENGINE: as_engine}
     while True:
         try:
             name, args, kwargs = pickle.loads(connection.recv_bytes())
@@ -193,8 +202,23 @@ class Remote:
 
     def __getattr__(self, name: str) -> Any:
         if name in CALLS:
-            return functools.partial(self._call, name)
+            return RemoteCall(self, name)
         raise AttributeError(f"the decision process takes no call {name!r} (fronts.CALLS)")
+
+
+class RemoteCall:
+    """One of the coordinator's methods, as a front calls it."""
+
+    def __init__(self, remote: Remote, name: str) -> None:
+        self.remote, self.name = remote, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.remote._call(self.name, *args, **kwargs)
+
+    def as_engine(self, engine: tuple[str, int], *args: Any) -> Any:
+        """The call for an engine whose certificate the decision process checks first (refused
+        `auth.engine-revoked` when the registry no longer lists it): one round trip, not two."""
+        return self.remote._call(AS_ENGINE, engine, self.name, *args)
 
 
 class FrontMetrics(Metrics):

@@ -21,3 +21,9 @@ class EnrollmentRefused(Refused):
 
 class AdmissionRefused(Refused):
     """Admission declined: no node certificate, the node's state unchanged."""
+
+
+def engine_revoked(name: str) -> Refused:
+    """An engine whose certificate the registry no longer lists (or never did): the one answer to
+    any route it calls, whichever process checks it (api.Api, or fronts.answer for a front)."""
+    return Refused("auth.engine-revoked", f"engine {name}'s certificate is unknown or removed")
