@@ -26,7 +26,7 @@ from tccdeploy.coordinator.refusals import AdmissionRefused, Refused
 from tccdeploy.coordinator.store import Conflict
 
 from .conftest import REPO
-from .tcservice import Service
+from .tcservice import BIN, Service
 
 
 class Decisions:
@@ -187,6 +187,25 @@ def test_two_fronts_serve_one_port_and_metrics_count_every_fronts_requests(tmp_p
 
 
 @pytest.mark.slow
+def test_a_second_tc_serve_cannot_share_the_port_of_one_with_fronts(tmp_path):
+    """Fronts' sockets allow SO_REUSEPORT; a second `tc serve` (stale, or another TC's) must still
+    fail to bind, not take a share of the engines' connections."""
+    import subprocess
+
+    first = Service(tmp_path / "a", str(REPO / "examples"), options=("--fronts", "2"))
+    try:
+        env = dict(os.environ, TCCDEPLOY_STATE=str(first.state))
+        second = subprocess.run([str(BIN / "tccdeploy"), "tc", "serve", "--listen", f"127.0.0.1:{first.port}",
+                                 "--fronts", "2", "-m", str(REPO / "examples")], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode != 0
+        assert "another tc serve listens on 127.0.0.1" in second.stdout + second.stderr
+        assert len(_fronts_of(first)) == 2
+    finally:
+        first.stop()
+
+
+@pytest.mark.slow
 def test_sigterm_stops_the_decision_process_and_its_fronts(tmp_path):
     service = Service(tmp_path, str(REPO / "examples"))
     children = _fronts_of(service)
@@ -242,8 +261,6 @@ def test_fronts_do_not_outlive_a_killed_decision_process(tmp_path):
 
 def test_tc_serve_refuses_a_negative_front_count(tmp_path):
     import subprocess
-
-    from .tcservice import BIN
 
     result = subprocess.run([str(BIN / "tccdeploy"), "tc", "serve", "--fronts", "-1", "--state", str(tmp_path)],
                             capture_output=True, text=True, env=dict(os.environ))

@@ -442,7 +442,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a request's body must arrive whole this soon after its headers (default 30)")
     q.add_argument("--fronts", type=int, default=1, metavar="N",
                    help="run TLS, HTTP and the requests' checks in N more processes (fronts), the decisions in "
-                        "this one, so another core serves too; the fronts never hold the TC's keys. 0 serves all "
+                        "this one, so another core serves too; the fronts hold none of the TC's keys in memory. Limits "
+                        "(connections per client, in all) count per front. 0 serves all "
                         "from this process (a one-core machine); more than 1 pays only with cores to spare "
                         "(default 1)")
     q.add_argument("--answer-timeout", type=float, default=120.0, metavar="SECONDS",

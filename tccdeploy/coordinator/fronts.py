@@ -8,9 +8,11 @@ embedded). Fronts take that second half to other cores. The decisions stay in on
 everything they keep in memory (nonces, challenges, the manifests a SIGHUP reloads, the TC's
 keys) stays one copy, and one writer meets the database as before.
 
-It also separates privilege as OpenSSH's privsep does: the processes that parse what the network
-sends never hold the TC's CA or key-wrapping keys in memory (only the TLS server key); they can
-only ask the decision process for the calls `CALLS` lists, with values they parsed.
+It also keeps the TC's CA and key-wrapping keys out of the memory of the processes that parse
+what the network sends (a memory-disclosure bug in the TLS, HTTP or JSON code has no key to
+show), and their environment holds no database URL; they can ask the decision process only for
+the calls `CALLS` lists. It is not a boundary against a front that runs other code: the fronts
+run as the TC's user, who can read the key files, so a subverted front is a subverted TC.
 
 The channel: socket pairs made by the serving process and inherited by the fronts it starts (no
 path in the filesystem, nothing another process can connect to), one per front decision thread,
@@ -128,10 +130,12 @@ class Fronts:
         for listener in listeners:
             ours, theirs = zip(*(socket.socketpair() for _ in range(threads)), strict=True)
             fds = [listener.fileno(), *(s.fileno() for s in theirs)]
-            argv = [sys.executable, "-m", "tccdeploy.coordinator.fronts", "--listen-fd", str(fds[0]),
+            # -P and cwd "/": the installed tccdeploy, never code a working folder holds
+            argv = [sys.executable, "-P", "-m", "tccdeploy.coordinator.fronts", "--listen-fd", str(fds[0]),
                     "--decision-fds", ",".join(str(fd) for fd in fds[1:]), "--parent", str(os.getpid()),
                     "--options", json.dumps(options)]
-            self.processes.append(subprocess.Popen(argv, pass_fds=fds))
+            self.processes.append(subprocess.Popen(argv, pass_fds=fds, env=_front_environment(), cwd="/"))
+            listener.close()  # the front's alone: when it stops, new connections are refused, not left waiting
             for s in theirs:
                 s.close()
             for s in ours:
@@ -141,7 +145,7 @@ class Fronts:
                 thread.start()
                 self._threads.append(thread)
 
-    def wait(self, stop: threading.Event) -> int:
+    def wait(self, stop: threading.Event, grace: float = 15.0) -> int:
         """Until stop is set or a front exits (then all stop: a TC serving from fewer fronts than
         asked would not say so); the fronts finish their requests in flight, whose decisions this
         process still takes."""
@@ -153,7 +157,7 @@ class Fronts:
                 print(f"tc serve: a front process (pid {ended[0].pid}) exited with {ended[0].returncode}; stopping",
                       file=sys.stderr, flush=True)
                 break
-        self.stop()
+        self.stop(grace)
         return code
 
     def stop(self, grace: float = 15.0) -> None:
@@ -167,6 +171,12 @@ class Fronts:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _front_environment() -> dict[str, str]:
+    """This process's environment without what only decisions need (the registry's URL, which may
+    carry the database's password)."""
+    return {k: v for k, v in os.environ.items() if k not in ("TCCDEPLOY_REGISTRY", "PGPASSWORD", "PGPASSFILE")}
 
 
 # -- a front's side ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ client's address, which a proxy header could name.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import ssl
@@ -37,7 +38,7 @@ class Limits:
     answer: float = 120.0  # its answer, from the request's last byte to the response's last byte sent
     per_client: int = 64  # open connections from one address (the engine's fan-out and bench use 32)
     total: int = 2048  # open connections in all (uvicorn answers 503 beyond)
-    threads: int = 4  # decisions taken at once (the rest queue in order; see api.Api)
+    threads: int = 4  # decisions taken at once, per front (the rest queue in order; see api.Api)
     head: int = 16 * 1024  # a request's line and headers, in bytes (h11's default cap; an engine's are < 1 KiB)
 
 
@@ -372,20 +373,37 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
 def _listen(host: str, port: int, count: int) -> list[socket.socket]:
     """The listening sockets, made here (not by uvicorn) so front processes can inherit them: one
     per front, on the same port with SO_REUSEPORT, so the kernel spreads connections over the
-    fronts (on one shared socket the front that waited first takes nearly all of them); the
-    option lets only processes of this user bind the port beside them."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    fronts (on one shared socket the front that waited first takes nearly all of them). The host
+    is resolved to its first address (a name for several, such as localhost, serves the first)."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     if count == 1:
-        return [socket.create_server((host, port), family=family, backlog=2048)]
+        return [socket.create_server(address[:2], family=family, backlog=2048)]
+    _hold_port(family, address)
     made: list[socket.socket] = []
     try:
         for _ in range(count):
-            made.append(socket.create_server((host, port), family=family, backlog=2048, reuse_port=True))
+            made.append(socket.create_server(address[:2], family=family, backlog=2048, reuse_port=True))
     except OSError:
         for s in made:
             s.close()
         raise
     return made
+
+
+_PORT_HOLDS: list[socket.socket] = []
+
+
+def _hold_port(family: int, address: tuple[Any, ...]) -> None:
+    """SO_REUSEPORT lets any process of this user bind the port beside the fronts and take a share
+    of the connections (a stale `tc serve`, a second TC): one name per address in the abstract
+    socket namespace, held for the process's life, makes the second one fail as a plain bind does."""
+    hold = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        hold.bind(f"\0tccdeploy-tc-serve-{family}-{address[0]}-{address[1]}")
+    except OSError:
+        hold.close()
+        raise OSError(errno.EADDRINUSE, f"another tc serve listens on {address[0]}:{address[1]}") from None
+    _PORT_HOLDS.append(hold)
 
 
 def _serve_from_fronts(coordinator: Coordinator, listeners: list[socket.socket], files: dict[str, str],
@@ -398,15 +416,21 @@ def _serve_from_fronts(coordinator: Coordinator, listeners: list[socket.socket],
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     fronts = Fronts(coordinator, listeners, limits.threads, front_options(files, log_level, limits))
-    return fronts.wait(stop)
+    return fronts.wait(stop, grace=limits.answer + limits.body)  # a stopping front finishes its answers
 
 
 def serve_api(tc: Any, listener: socket.socket, files: dict[str, str], log_level: str, limits: Limits,
               metrics: Any = None) -> None:
     """The API over tc (the Coordinator, or a front's fronts.Remote) on listener, until SIGINT/SIGTERM;
     metrics: where its counts go (a front's fronts.FrontMetrics), else the API's own."""
+    import signal
+
     import uvicorn
 
+    # uvicorn raises SIGTERM/SIGINT again after its graceful stop; a Python handler takes it, so
+    # the caller's cleanup (the webhooks' leases, a front's last metrics) runs
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     api = Api(tc, threads=limits.threads)
     if metrics is not None:
         api.metrics = metrics
