@@ -97,9 +97,9 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def postgres_pids(postmaster: int) -> list[int]:
-    """The PostgreSQL server and its live backends."""
-    out = [postmaster]
+def with_children(pid: int) -> list[int]:
+    """A process and its live children (PostgreSQL's backends; `tc serve`'s fronts)."""
+    out = [pid]
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -107,9 +107,14 @@ def postgres_pids(postmaster: int) -> list[int]:
                     parent = int(fh.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            if parent == postmaster:
+            if parent == pid:
                 out.append(int(entry))
     return out
+
+
+def postgres_pids(postmaster: int) -> list[int]:
+    """The PostgreSQL server and its live backends."""
+    return with_children(postmaster)
 
 
 def one_round(make_tc, nodes: dict[str, Node], clients: int) -> dict:  # type: ignore[no-untyped-def]
@@ -171,7 +176,7 @@ def measure(count: int, clients: int, rounds: int) -> dict:
                 if len(services) < replicas:
                     services.append(Service(state, str(ROOT / "examples"), registry=location, setup=False))
                 for number in range(1, rounds + 1):
-                    tc_pids = [s.proc.pid for s in services[:replicas]]
+                    tc_pids = [pid for s in services[:replicas] for pid in with_children(s.proc.pid)]  # and fronts
                     tc_before, pg_before, me_before = cpu_seconds(tc_pids), cpu_seconds(postgres_pids(pg.proc.pid)), \
                         sum(os.times()[:2])
                     result = one_round(remote_clients(services[:replicas]), nodes, clients)

@@ -45,7 +45,7 @@ MODULES = [
     "tccdeploy.crypto.stream", "tccdeploy.crypto.wrap", "tccdeploy.crypto.bundle", "tccdeploy.crypto.ticket",
     "tccdeploy.crypto.runtime", "tccdeploy.crypto.canonical", "tccdeploy.crypto.customer", "tccdeploy.crypto.reasoned",
     "tccdeploy.eventlog", "tccdeploy.tvmm.tickets", "tccdeploy.crypto.files", "tccdeploy.tvmm.daemon",
-    "tccdeploy.coordinator.ear", "tccdeploy.coordinator.webhooks", "tccdeploy.node.protocol",
+    "tccdeploy.coordinator.ear", "tccdeploy.coordinator.webhooks", "tccdeploy.node.protocol", "tccdeploy.coordinator.fronts",
 ]
 LINE = re.compile(r"^\s*(?P<name>[\w.]+?)\.(?:x_|xǁ)\S*: (?P<status>[\w ]+)$")
 
