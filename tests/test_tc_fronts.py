@@ -40,6 +40,12 @@ class Decisions:
         self.called.append("nonce")
         return node.encode() + purpose.encode()
 
+    def vm(self, name: str, *, state: str = "running") -> str:
+        return f"{name}:{state}"
+
+    def nodes(self) -> object:
+        return lambda: None  # a value that does not pickle: this code's bug
+
     def release_key(self, request: str, node: str) -> dict:
         raise Refused("release.not-admitted", f"{node} is not admitted")
 
@@ -70,10 +76,69 @@ def channel():
     ours, theirs = socket.socketpair()
     thread = threading.Thread(target=fronts.answer, args=(decisions, Connection(ours.detach()), metrics), daemon=True)
     thread.start()
-    remote = fronts.Remote([Connection(theirs.detach())])
+    remote = fronts.Remote([Connection(theirs.detach())], on_gone=lambda: None)
     yield remote, decisions, metrics
     remote._free.get().close()
     thread.join(timeout=5)
+
+
+def test_keyword_arguments_cross_too(channel):
+    remote, _, _ = channel
+    assert remote.vm("web", state="suspended") == "web:suspended"
+
+
+def test_a_value_that_does_not_pickle_comes_back_as_a_failure_not_a_hang(channel):
+    remote, _, _ = channel
+    with pytest.raises(fronts.DecisionFailed):
+        remote.nodes()
+    assert remote.nonce("n1", "quote") == b"n1quote"  # the connection still carries calls
+
+
+def test_an_answer_that_is_neither_a_value_nor_a_refusal_is_refused():
+    ours, theirs = socket.socketpair()
+    decision_side = Connection(ours.detach())
+    remote = fronts.Remote([Connection(theirs.detach())], on_gone=lambda: None)
+
+    def odd() -> None:
+        decision_side.recv_bytes()
+        decision_side.send_bytes(pickle.dumps(("maybe", "value")))
+
+    threading.Thread(target=odd, daemon=True).start()
+    with pytest.raises(fronts.DecisionFailed):
+        remote.nonce("n1", "quote")
+    decision_side.close()
+
+
+def test_a_gone_decision_process_is_a_store_outage_at_once_and_stops_the_front():
+    ours, theirs = socket.socketpair()
+    stopped: list[bool] = []
+    remote = fronts.Remote([Connection(theirs.detach())], on_gone=lambda: stopped.append(True))
+    ours.close()  # the decision process died
+    for _ in range(3):
+        with pytest.raises(StoreFailure) as caught:
+            remote.nonce("n1", "quote")
+        assert store_failure(caught.value) == "store.unavailable"
+    assert remote.gone and stopped == [True]  # stopped once, every call since refused at once
+
+
+def test_a_front_hands_its_counts_over_and_renders_every_fronts(channel):
+    remote, _, total = channel
+    total.count("tccdeploy_admissions_total", 2.0)  # another front's, handed over before
+    mine = fronts.FrontMetrics(remote, interval=3600)
+    mine.count("tccdeploy_admissions_total")
+    text = mine.render()
+    assert "tccdeploy_admissions_total 3" in text
+    assert mine.take() == ({}, {})  # handed over, not kept twice
+    mine.flush()  # nothing to hand over: no call
+    assert "tccdeploy_admissions_total 3" in total.render()
+
+
+def test_a_front_runs_without_the_registry_url(monkeypatch):
+    monkeypatch.setenv("TCCDEPLOY_REGISTRY", "postgresql://tc:secret@db/tc")
+    monkeypatch.setenv("PGPASSWORD", "secret")
+    monkeypatch.setenv("TCCDEPLOY_STATE", "/var/lib/tc")
+    env = fronts._front_environment()
+    assert "TCCDEPLOY_REGISTRY" not in env and "PGPASSWORD" not in env and env["TCCDEPLOY_STATE"] == "/var/lib/tc"
 
 
 def test_a_call_runs_in_the_decision_process_and_its_value_comes_back(channel):
@@ -98,7 +163,7 @@ def test_a_store_outage_comes_back_as_its_reason_code(channel):
     remote, _, _ = channel
     with pytest.raises(StoreFailure) as caught:
         remote.ready()
-    assert store_failure(caught.value) == "store.unavailable"
+    assert store_failure(caught.value) == "store.unavailable" and caught.value.cause == "OperationalError"
 
 
 def test_a_bug_in_a_decision_comes_back_without_its_words(channel, capfd):
@@ -113,9 +178,9 @@ def test_a_front_reaches_only_the_calls_the_api_makes(channel):
     """A front parses what the network sends; were one subverted, it still could not ask the
     decision process for the TC's keys or registry (only `CALLS`, checked on both sides)."""
     remote, decisions, _ = channel
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="no call 'identity'.*CALLS"):
         remote.identity  # noqa: B018 - the attribute itself is refused
-    with pytest.raises(fronts.DecisionFailed):
+    with pytest.raises(fronts.DecisionFailed, match="no call 'identity'"):
         remote._call("identity")  # the decision process refuses it too
     with pytest.raises(fronts.DecisionFailed):
         remote._call("__class__")
@@ -129,7 +194,7 @@ def test_an_engine_call_runs_only_for_a_certificate_the_registry_lists(channel):
         remote.nonce.as_engine(("gone", 2), "n1", "quote")
     assert caught.value.reason == "auth.engine-revoked" and "gone" in str(caught.value)
     assert decisions.called == ["nonce"]  # the removed engine's call never ran
-    with pytest.raises(fronts.DecisionFailed):
+    with pytest.raises(fronts.DecisionFailed, match="no call 'identity'"):
         remote._call(fronts.AS_ENGINE, ("ops", 1), "identity")  # nor does a name the API does not call
 
 

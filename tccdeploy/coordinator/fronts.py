@@ -72,6 +72,9 @@ def _portable(exc: BaseException) -> BaseException:
     """What crosses back for an exception: the API's own kinds as they are, a store outage as its
     reason (the API answers 503 from it), anything else as a bare failure (details stay in this
     process's log, as the API keeps a 500's details out of its answer)."""
+    if isinstance(exc, DecisionFailed):  # a call the decision process does not take: said as it is
+        print(f"tc serve: a front asked for what the API never calls: {exc}", file=sys.stderr, flush=True)
+        return exc
     reason = store_failure(exc)
     if reason is not None:
         return StoreFailure(reason, type(exc).__name__)
@@ -184,11 +187,12 @@ class Remote:
     """The coordinator as the API in a front process sees it: each call runs in the decision
     process, on one of this front's connections (one call at a time on each)."""
 
-    def __init__(self, connections: list[Connection]) -> None:
+    def __init__(self, connections: list[Connection], on_gone: Callable[[], None] | None = None) -> None:
         self._free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         for c in connections:
             self._free.put(c)
         self.gone = False  # the decision process closed a connection: it exited or was killed
+        self._on_gone = on_gone or (lambda: os.kill(os.getpid(), signal.SIGTERM))  # the front stops
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         connection = self._free.get()
@@ -202,13 +206,15 @@ class Remote:
             # requests in flight end and the stop below is not held by one waiting for ever
             if not self.gone:
                 self.gone = True
-                os.kill(os.getpid(), signal.SIGTERM)
+                self._on_gone()
             raise StoreFailure("store.unavailable", "the TC's decision process is gone") from None
         finally:
             self._free.put(connection)
+        if kind == "ok":
+            return value
         if kind == "raise":
             raise value
-        return value
+        raise DecisionFailed(f"the decision process answered {kind!r}, which is no answer")
 
     def __getattr__(self, name: str) -> Any:
         if name in CALLS:
