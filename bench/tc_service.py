@@ -262,6 +262,8 @@ def measure_once(clients: int, ops: int, pg: PostgresServer | None, fronts: int 
                     finally:
                         for service in services:
                             service.stop()
+                if database == "postgresql" and pg:
+                    pg.drop_database(location)
                 rows.append({"mode": mode, "database": database, "operation": "verdict", **result})
                 rows.append({"mode": mode, "database": database, "operation": "key release", **released})
                 print(f"  {mode:<8} {database:<10} verdicts {result}; key releases {released}", file=sys.stderr, flush=True)

@@ -136,9 +136,10 @@ def test_a_front_hands_its_counts_over_and_renders_every_fronts(channel):
 def test_a_front_runs_without_the_registry_url(monkeypatch):
     monkeypatch.setenv("TCCDEPLOY_REGISTRY", "postgresql://tc:secret@db/tc")
     monkeypatch.setenv("PGPASSWORD", "secret")
+    monkeypatch.setenv("PGPASSFILE", "/root/.pgpass")
     monkeypatch.setenv("TCCDEPLOY_STATE", "/var/lib/tc")
     env = fronts._front_environment()
-    assert "TCCDEPLOY_REGISTRY" not in env and "PGPASSWORD" not in env and env["TCCDEPLOY_STATE"] == "/var/lib/tc"
+    assert not {"TCCDEPLOY_REGISTRY", "PGPASSWORD", "PGPASSFILE"} & set(env) and env["TCCDEPLOY_STATE"] == "/var/lib/tc"
 
 
 def test_a_call_runs_in_the_decision_process_and_its_value_comes_back(channel):
