@@ -92,17 +92,3 @@ def test_a_long_lived_connection_sees_other_processes_writes_after_its_own_trans
     mine.close()
     other.close()
 
-
-def test_a_placement_decision_reads_the_releases_of_its_node_not_of_the_fleet(registry: Registry):
-    """Inside every release's serialized write: the releases in flight to one node are found by
-    that node (schema step 22), not by reading every released request of the fleet (which cost
-    0.8 ms a decision at 1,600 in flight, and grows with the fleet)."""
-    plans: list[str] = []
-
-    def explain(sql: str, params: tuple) -> list:
-        plans.extend(" ".join(map(str, row)) for row in registry.backend.db.execute("EXPLAIN QUERY PLAN " + sql, params))
-        return []
-
-    registry._placed_on(explain, "n1")
-    assert any("arriving_release_nodes (node=?)" in line for line in plans), plans
-    assert not any("arriving_releases" in line for line in plans), plans

@@ -15,11 +15,13 @@ from ..conftest import REPO
 from ..tcservice import BIN, Service
 
 
-@pytest.fixture(scope="module")
-def removed(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A served TC and the certificate files of an engine added, used once, then removed."""
+@pytest.fixture(scope="module", params=["1", "0"], ids=["a-front", "one-process"])
+def removed(tmp_path_factory, request):  # type: ignore[no-untyped-def]
+    """A served TC and the certificate files of an engine added, used once, then removed: through
+    a front process (the engine's certificate checked in the decision process, in the same round
+    trip as the call) and with all in one process (checked in the API's worker thread)."""
     state = tmp_path_factory.mktemp("served-tc-removed")
-    service = Service(state, str(REPO / "examples"))
+    service = Service(state, str(REPO / "examples"), options=("--fronts", request.param))
     env = dict(os.environ, TCCDEPLOY_STATE=str(state))
     out = state / "gone"
     subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "gone", "-o", str(out)], env=env, check=True,
