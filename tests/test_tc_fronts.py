@@ -331,3 +331,18 @@ def test_tc_serve_refuses_a_negative_front_count(tmp_path):
     result = subprocess.run([str(BIN / "tccdeploy"), "tc", "serve", "--fronts", "-1", "--state", str(tmp_path)],
                             capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 2 and "--fronts takes 0 or more" in result.stderr
+
+
+@pytest.mark.parametrize("count", ["0", "1", "2"])
+def test_tc_serve_on_a_port_another_process_holds_says_so_and_does_not_claim_to_serve(tmp_path, count):
+    import subprocess
+
+    env = dict(os.environ, TCCDEPLOY_STATE=str(tmp_path))
+    subprocess.run([str(BIN / "tccdeploy"), "tc", "init"], env=env, check=True, capture_output=True)
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = subprocess.run([str(BIN / "tccdeploy"), "tc", "serve", "--listen", f"127.0.0.1:{port}", "--fronts", count,
+                                 "-m", str(REPO / "examples")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--listen" in result.stderr
+    assert "serving the TC" not in result.stdout

@@ -293,7 +293,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 # -- the service -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..coordinator import identity
-    from ..coordinator.server import Limits, serve
+    from ..coordinator.server import Limits, ListenError, serve
 
     host, _, port = (args.listen or "127.0.0.1:8443").rpartition(":")
     if not host or not port.isdigit():
@@ -313,12 +313,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
     with closing(open_tc(args)) as coordinator:
         ident = identity.load(coordinator.state)
-        logs.emit("serve.start", f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); SIGHUP "
-                  "reloads the manifests; Ctrl-C or SIGTERM stops it", stream=sys.stdout, url=f"https://{host}:{port}",
-                  fingerprint=ident.fingerprint)
+
+        def listening() -> None:
+            logs.emit("serve.start", f"serving the TC on https://{host}:{port} (CA fingerprint {ident.fingerprint}); "
+                      "SIGHUP reloads the manifests; Ctrl-C or SIGTERM stops it", stream=sys.stdout,
+                      url=f"https://{host}:{port}", fingerprint=ident.fingerprint)
+
         paths = args.manifests or ([os.environ[MANIFESTS_ENV]] if os.environ.get(MANIFESTS_ENV) else [])
-        return serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning",
-                     paths, limits, fronts=args.fronts)
+        try:
+            return serve(coordinator, host.strip("[]"), int(port), args.name or [], "info" if args.verbose else "warning",
+                         paths, limits, fronts=args.fronts, listening=listening)
+        except ListenError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -326,7 +326,8 @@ def event_loop() -> str:
 
 
 def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_level: str = "warning",
-          manifests: list[str] | None = None, limits: Limits = Limits(), fronts: int = 0) -> int:
+          manifests: list[str] | None = None, limits: Limits = Limits(), fronts: int = 0,
+          listening: Callable[[], None] = lambda: None) -> int:
     """Serve until SIGINT/SIGTERM (uvicorn's handling: in-flight requests finish). SIGHUP reloads
     the manifests, so a build revoked in them is refused from the next attestation on. With
     fronts, TLS and HTTP run in that many other processes and this one takes the decisions
@@ -353,6 +354,7 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
     key_file, cert_file = server_certificate(identity, os.path.join(coordinator.state, "tls"), [host, *names])
     files = {"key": key_file, "certificate": cert_file, "ca": os.path.join(coordinator.state, CERT_FILE)}
     listeners = _listen(host, port, max(1, fronts))
+    listening()
     sweeper = threading.Thread(target=_sweep, args=(coordinator, threading.Event()), name="tc-expiry", daemon=True)
     sweeper.start()
     delivering = threading.Event()
@@ -370,7 +372,21 @@ def serve(coordinator: Coordinator, host: str, port: int, names: list[str], log_
         deliverer.join(timeout=12)
 
 
+class ListenError(Exception):
+    """The service cannot listen where it was told to: said with the address and what to do."""
+
+
 def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    try:
+        return _bind(host, port, count)
+    except OSError as exc:
+        what = exc.strerror or str(exc)
+        hint = ("another process holds it (`ss -ltnp` names it); stop it or choose another port with --listen"
+                if exc.errno == errno.EADDRINUSE else "check the address in --listen")
+        raise ListenError(f"cannot listen on {host}:{port}: {what}; {hint}") from None
+
+
+def _bind(host: str, port: int, count: int) -> list[socket.socket]:
     """The listening sockets, made here (not by uvicorn) so front processes can inherit them: one
     per front, on the same port with SO_REUSEPORT, so the kernel spreads connections over the
     fronts (on one shared socket the front that waited first takes nearly all of them). The host
