@@ -309,3 +309,68 @@ def test_vms_on_their_way_to_a_node_are_found_by_node(location, tc_identity):
         assert registry.arriving("n2") == [] and registry.arriving("n1") == []
     finally:
         registry.close()
+
+
+def _table(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from tccdeploy.coordinator.db import SQLiteBackend
+
+    backend = SQLiteBackend(str(tmp_path / "odd name #?.sqlite"))  # (the read connections' URI quotes the path)
+    with backend.transaction() as tx:
+        tx.execute("CREATE TABLE t (x INTEGER)")
+        tx.execute("INSERT INTO t VALUES (1)")
+    return backend
+
+
+def test_sqlite_a_read_does_not_wait_behind_a_write_under_way_and_sees_only_what_was_committed(tmp_path):
+    """Issue 20: a decision's reads ran on the one connection the writes hold, so each queued behind
+    another decision's write and its fsync; they now run on the thread's own WAL reader."""
+    backend = _table(tmp_path)
+    try:
+        read: list[object] = []
+        with backend.transaction() as tx:
+            tx.execute("INSERT INTO t VALUES (2)")
+            reader = threading.Thread(target=lambda: read.append(backend.query("SELECT x FROM t ORDER BY x")))
+            reader.start()
+            reader.join(30)  # (before: it waited for the write's lock, which this thread holds until the join)
+            assert not reader.is_alive()
+        assert read == [[{"x": 1}]]  # the write under way is not seen
+        assert backend.query("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}]  # once committed, it is
+    finally:
+        backend.close()
+
+
+def test_sqlite_a_read_inside_a_write_sees_the_writes_own_changes(tmp_path):
+    backend = _table(tmp_path)
+    try:
+        with backend.transaction() as tx:
+            tx.execute("INSERT INTO t VALUES (2)")
+            assert backend.query("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}]
+            tx.execute("INSERT INTO t VALUES (3)")
+        with pytest.raises(RuntimeError):
+            with backend.transaction() as tx:
+                tx.execute("DELETE FROM t")
+                raise RuntimeError
+        assert backend.query("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}, {"x": 3}]  # (on its reader again)
+    finally:
+        backend.close()
+
+
+def test_sqlite_a_read_connection_writes_nothing_and_closes_with_its_thread_or_the_backend(tmp_path):
+    import gc
+    import sqlite3
+
+    backend = _table(tmp_path)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            backend.query("INSERT INTO t VALUES (3)")
+        assert backend.query("SELECT count(*) AS n FROM t") == [{"n": 1}]
+        worker = threading.Thread(target=backend.query, args=("SELECT x FROM t",))
+        worker.start()
+        worker.join()
+        gc.collect()
+        assert len(backend._readers) == 1  # this thread's; the ended thread's went with it
+        mine = backend._local.reader.db
+    finally:
+        backend.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        mine.execute("SELECT 1")
