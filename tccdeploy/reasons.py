@@ -213,6 +213,8 @@ REASONS: dict[str, str] = {
     "request.timeout": "the body did not arrive whole before its deadline (or the client left)",
     "store.unavailable": "the TC's database does not answer now: nothing was decided; ask again",
     "store.full": "the TC's disk is full: nothing was decided; the operator frees space",
+    "service.decision-lost": ("the `tc serve` process that takes the decisions stopped while the request was in it or "
+                              "waiting for it: it may have been decided before it stopped; ask again once it is back"),
     "clock.backwards": "the TC's wall clock is behind a time it saw: it decides nothing until the clock catches up",
     "request.unknown": "no such request",
     "ear.no-verdict": "the node has no verdict (with that id) to issue as an attestation result: attest it first",

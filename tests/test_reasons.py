@@ -15,7 +15,7 @@ CODE = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9][a-z0-9-]*)+$")
 # perimeter checks return.
 CALLS = {"Refused", "EnrollmentRefused", "AdmissionRefused", "Conflict", "BundleError", "fail", "warn", "NonceCheck",
          "ApiError", "HostResult", "Verification", "ServiceError", "failure", "TicketError", "Problem",
-         "ReceiptError", "coded", "trusted_boot"}
+         "ReceiptError", "coded", "trusted_boot", "StoreFailure"}
 
 
 def produced() -> dict[str, set[str]]:

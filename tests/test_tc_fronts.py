@@ -109,7 +109,9 @@ def test_an_answer_that_is_neither_a_value_nor_a_refusal_is_refused():
     decision_side.close()
 
 
-def test_a_gone_decision_process_is_a_store_outage_at_once_and_stops_the_front():
+def test_a_gone_decision_process_is_a_lost_decision_at_once_and_stops_the_front():
+    """Not "the database does not answer, nothing was decided": the call may have been decided
+    before the decision process died (its commit done, its answer not sent)."""
     ours, theirs = socket.socketpair()
     stopped: list[bool] = []
     remote = fronts.Remote([Connection(theirs.detach())], on_gone=lambda: stopped.append(True))
@@ -117,7 +119,7 @@ def test_a_gone_decision_process_is_a_store_outage_at_once_and_stops_the_front()
     for _ in range(3):
         with pytest.raises(StoreFailure) as caught:
             remote.nonce("n1", "quote")
-        assert store_failure(caught.value) == "store.unavailable"
+        assert store_failure(caught.value) == "service.decision-lost"
     assert remote.gone and stopped == [True]  # stopped once, every call since refused at once
 
 
@@ -301,11 +303,15 @@ def test_fronts_do_not_outlive_a_killed_decision_process(tmp_path):
     service = Service(tmp_path, str(REPO / "examples"))
     children = _fronts_of(service)
     answers: list[object] = []
+    reasons: list[str] = []
 
     def ask() -> None:
         with service.client() as client:
             try:
-                answers.append(client.get("/v1/policy").status_code)
+                response = client.get("/v1/policy")
+                answers.append(response.status_code)
+                if response.status_code == 503:
+                    reasons.append(response.json()["error"])
             except Exception as exc:  # noqa: BLE001 - a connection cut is an answer too
                 answers.append(type(exc).__name__)
 
@@ -320,6 +326,7 @@ def test_fronts_do_not_outlive_a_killed_decision_process(tmp_path):
     assert _gone(children, 15), [p.cmdline() for p in children if p.is_running()]
     assert len(answers) == 8 and all(a != 200 for a in answers), answers
     assert 503 in answers
+    assert set(reasons) == {"service.decision-lost"}, reasons  # not "nothing was decided": it may have been
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tc serve binds (TIME_WAIT is no holder)
         s.bind(("127.0.0.1", service.port))  # no process holds it

@@ -7,7 +7,8 @@ unknown fields refused (400); a refusal by the TC is a 403 carrying its reason c
 this changes state, and no error is a 500 unless the TC itself is broken.
 
 When the TC cannot decide, it says so instead of failing bare: a database outage or a full disk
-is a 503 with `store.unavailable` or `store.full` and a Retry-After, and so is every state change
+is a 503 with `store.unavailable` or `store.full` and a Retry-After (with `--fronts`, a decision
+process gone is `service.decision-lost`), and so is every state change
 while the wall clock is behind a time the service saw (`clock.backwards`); `/readyz` answers
 from a real write and from those, so a balancer sends work to a replica that can take it.
 """
@@ -50,6 +51,14 @@ MAX_DEPTH = 400  # every body the TC takes is a few levels deep; deeper is only 
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
 
 
+# What a 503 says for each outage: whether anything was decided, and what the client does
+OUTAGES = {
+    "store.unavailable": "the TC's database does not answer: nothing was decided; try again",
+    "store.full": "the TC's disk is full: nothing was decided; the operator frees space",
+    "service.decision-lost": "the TC's decision process stopped while this request was in it or waiting for it: it "
+                             "may have been decided before it stopped; ask again once the TC is back, which answers "
+                             "from its records (what was decided stands)",
+}
 INT_LIMIT = 1 << 63  # what a BIGINT holds: larger numbers are refused before they meet the database
 
 
@@ -340,8 +349,9 @@ class Api:
 
     def _failure(self, method: str, path: str, exc: Exception) -> Response:
         """503 with its reason and Retry-After when the store cannot take the request now (nothing
-        was decided: the decision and its audit entry were one transaction); else a 500 that says
-        only that it is the TC's fault (the details go to the service's log, not to the client)."""
+        was decided: the decision and its audit entry were one transaction) or the decision process
+        is gone (which may have decided first); else a 500 that says only that it is the TC's
+        fault (the details go to the service's log, not to the client)."""
         import sys
         import traceback
 
@@ -351,8 +361,7 @@ class Api:
             print(f"tc serve: {method} {path}: internal error\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             return JSONResponse({"error": "internal", "message": "the TC failed on this request; its log says why"},
                                 status_code=500)
-        message = ("the TC's disk is full: nothing was decided; the operator frees space" if reason == "store.full" else
-                   "the TC's database does not answer: nothing was decided; try again")
+        message = OUTAGES.get(reason, OUTAGES["store.unavailable"])
         self.health.store_failed(reason, f"{type(exc).__name__}")
         self.metrics.count("tccdeploy_store_failures_total", reason=reason)
         print(f"tc serve: {method} {path}: {reason} ({type(exc).__name__})", file=sys.stderr, flush=True)

@@ -106,8 +106,9 @@ class RemoteCoordinator:
         response = self._send(method, path, body)
         for attempt in range(self.retries):
             # 503: the TC could not decide (its store is down or full, its clock went back) and
-            # decided nothing, so asking again is safe: another replica at once, else after the
-            # wait it asks for, bounded, saying why.
+            # decided nothing, or its decision process stopped mid-call (service.decision-lost:
+            # maybe decided); asking again is safe either way, as the TC answers from its records:
+            # another replica at once, else after the wait it asks for, bounded, saying why.
             if response.status_code != 503:
                 break
             reason = _error_of(response).get("error")

@@ -258,8 +258,9 @@ _SQLITE_UNAVAILABLE = ("SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_C
 
 
 class StoreFailure(Exception):
-    """An outage already named (`store.full` or `store.unavailable`): what a `tc serve` front
-    process gets for one its decision process met (fronts.py), or for the decision process gone."""
+    """An outage already named: what a `tc serve` front process gets for one its decision process
+    met (`store.full`, `store.unavailable`), or for the decision process gone
+    (`service.decision-lost`: fronts.py)."""
 
     def __init__(self, reason: str, cause: str):
         super().__init__(reason, cause)

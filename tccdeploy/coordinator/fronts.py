@@ -207,7 +207,7 @@ class Remote:
             if not self.gone:
                 self.gone = True
                 self._on_gone()
-            raise StoreFailure("store.unavailable", "the TC's decision process is gone") from None
+            raise StoreFailure("service.decision-lost", "the TC's decision process is gone") from None
         finally:
             self._free.put(connection)
         if kind == "ok":
