@@ -1155,11 +1155,24 @@ class Registry:
             (node, node, node, node))
 
     def _guarded(self, db: Any, guard: Guard, node: str) -> None:
-        """Run a placement guard on node's VMs as this transaction reads them: the check made before
-        the write, made again where no other decision can come between (concurrent decisions each
-        passed the check alone; found in review)."""
-        if guard is not None:
-            guard(self._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
+        """For a decision that gives node a VM's key (a release, a migration in, a resume): node is
+        still admitted with a valid certificate, and the placement guard holds on node's VMs, as
+        this transaction reads them. The checks made before the write, made again where no other
+        decision can come between: concurrent decisions each passed the placement check alone
+        (found in review), and a release decided while the node was being quarantined committed
+        after the quarantine (found in review: the engine chooses when it asks for both)."""
+        if guard is None:
+            return
+        row = db.execute("SELECT state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = n.name AND "
+                         "c.revoked_at IS NULL AND c.not_after >= ?) AS certified FROM nodes n WHERE n.name = ?",
+                         (time.time(), node)).first()
+        if row is None or row["state"] != "admitted":
+            raise Conflict("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'} now, not admitted "
+                                                   "(it changed while this decision was under way)")
+        if not row["certified"]:
+            raise Conflict("release.no-certificate", f"{node} has no valid node certificate now (it was revoked while "
+                                                     "this decision was under way); admit it again")
+        guard(self._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM

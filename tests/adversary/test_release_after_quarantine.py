@@ -1,0 +1,86 @@
+"""A VM's key goes to no node the TC cast out while the decision to give it was under way.
+
+A key release (and a migration in, and a resume) reads the node's standing (admitted, a fresh
+trusted verdict, a valid certificate), unwraps the key, then writes. The engine chooses when it
+asks: for a release on a node and, at the same moment, that node's quarantine (its own, or the
+node's failing evidence). Had the write trusted the reads made before it, a release that
+committed just after the quarantine would hand the node the TC has just cast out a ticket for
+the VM's key (found in review: reads stopped waiting for writes under way, widening the window).
+The write checks the node's standing again, where no other decision comes between."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..brokerkit import World, reason
+
+
+@pytest.mark.parametrize("between", ["quarantine", "untrusted verdict"])
+def test_a_release_decided_while_its_node_is_cast_out_is_refused(broker_world: World, monkeypatch, between):
+    world = broker_world
+    world.node("n1")
+    record = world.accepted("acme")
+    write = world.tc.registry.record_release
+
+    def cast_out_first(*args, **kwargs):  # the engine's other call, decided between the reads and the write
+        if between == "quarantine":
+            assert world.tc.quarantine("n1", "unreachable")
+        else:  # the node's evidence of a module the build does not have: an untrusted verdict quarantines it
+            verdict, _ = world.attest("n1", log_extra=[(4, b"a rogue module")])
+            assert not verdict.trusted
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, "record_release", cast_out_first)
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.not-admitted"
+    assert world.tc.registry.request(record["id"])["state"] == "accepted"  # nothing released, the key still sealed
+    assert world.tc.registry.releases(record["vm_id"]) == []
+
+
+def test_a_release_decided_while_its_node_certificate_is_revoked_is_refused(broker_world: World, monkeypatch):
+    world = broker_world
+    world.node("n1")
+    record = world.accepted("acme")
+    write = world.tc.registry.record_release
+
+    def revoke_first(*args, **kwargs):
+        with world.tc.registry.transaction() as db:
+            db.execute("UPDATE certificates SET revoked_at = 1 WHERE node = ?", ("n1",))
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, "record_release", revoke_first)
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.no-certificate"
+    assert world.tc.registry.releases(record["vm_id"]) == []
+
+
+def test_a_resend_of_a_release_to_a_node_cast_out_since_is_refused(broker_world: World, monkeypatch):
+    """The same node's release asked again (its answer lost) is a reissue: the same check."""
+    world = broker_world
+    world.node("n1")
+    record = world.accepted("acme")
+    world.tc.release_key(record["id"], "n1")
+    write = world.tc.registry.reissue_release
+
+    def quarantine_first(*args, **kwargs):
+        assert world.tc.quarantine("n1", "unreachable")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, "reissue_release", quarantine_first)
+    assert reason(world.tc.release_key, record["id"], "n1") == "release.not-admitted"
+
+
+def test_a_migration_to_a_destination_cast_out_while_it_was_decided_is_refused(broker_world: World, monkeypatch):
+    """A migration gives the destination the VM's key: the same check in its write."""
+    world = broker_world
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    write = world.tc.registry.start_migration
+
+    def quarantine_first(*args, **kwargs):
+        assert world.tc.quarantine("n2", "unreachable")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, "start_migration", quarantine_first)
+    assert reason(world.tc.migration_begin, "web", "n2") == "release.not-admitted"
+    assert world.tc.registry.migrations(record["vm_id"]) == []
+    assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
