@@ -4,6 +4,7 @@ serve` replicas: each has its own connections."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -340,6 +341,8 @@ def test_sqlite_a_read_does_not_wait_behind_a_write_under_way_and_sees_only_what
 
 
 def test_sqlite_a_read_inside_a_write_sees_the_writes_own_changes(tmp_path):
+    import sqlite3
+
     backend = _table(tmp_path)
     try:
         with backend.transaction() as tx:
@@ -350,7 +353,9 @@ def test_sqlite_a_read_inside_a_write_sees_the_writes_own_changes(tmp_path):
             with backend.transaction() as tx:
                 tx.execute("DELETE FROM t")
                 raise RuntimeError
-        assert backend.query("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}, {"x": 3}]  # (on its reader again)
+        assert backend.query("SELECT x FROM t ORDER BY x") == [{"x": 1}, {"x": 2}, {"x": 3}]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):  # the reads are on its reader again
+            backend.query("INSERT INTO t VALUES (4)")
     finally:
         backend.close()
 
@@ -374,3 +379,62 @@ def test_sqlite_a_read_connection_writes_nothing_and_closes_with_its_thread_or_t
         backend.close()
     with pytest.raises(sqlite3.ProgrammingError):
         mine.execute("SELECT 1")
+    later: list[BaseException] = []
+
+    def read_after_close() -> None:
+        try:
+            backend.query("SELECT x FROM t")
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            later.append(exc)
+
+    worker = threading.Thread(target=read_after_close)  # a thread with no reader yet opens none
+    worker.start()
+    worker.join()
+    assert len(later) == 1 and isinstance(later[0], sqlite3.ProgrammingError)
+
+
+def test_sqlite_reads_from_a_registry_file_replaced_under_the_tc_fail_closed(tmp_path):
+    """A backup restored over the file (or the file removed) while the TC runs: the writer keeps
+    the file it opened, a new reader would open the other; mixing two registries is refused."""
+    from tccdeploy.coordinator.db import SQLiteBackend, store_failure
+
+    backend = _table(tmp_path)
+    other = SQLiteBackend(str(tmp_path / "other.sqlite"))
+    with other.transaction() as tx:
+        tx.execute("CREATE TABLE t (x INTEGER)")
+        tx.execute("INSERT INTO t VALUES (99)")
+    other.close()
+    try:
+        assert backend.query("SELECT x FROM t") == [{"x": 1}]  # this thread's reader, opened before
+        os.replace(tmp_path / "other.sqlite", backend.path)
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                backend.query("SELECT x FROM t")
+            except BaseException as exc:  # noqa: BLE001 - what the test looks at
+                failures.append(exc)
+
+        worker = threading.Thread(target=read)
+        worker.start()
+        worker.join()
+        assert len(failures) == 1 and store_failure(failures[0]) == "store.unavailable", failures
+    finally:
+        backend.close()
+
+
+def test_sqlite_reads_find_the_registry_by_any_path_it_was_opened_with(tmp_path, monkeypatch):
+    from tccdeploy.coordinator.db import SQLiteBackend
+
+    monkeypatch.chdir(tmp_path)
+    backend = SQLiteBackend("relative.sqlite")
+    with backend.transaction() as tx:
+        tx.execute("CREATE TABLE t (x INTEGER)")
+    monkeypatch.chdir("/")  # (the readers open it by the path it had when the backend opened it)
+    assert backend.query("SELECT count(*) AS n FROM t") == [{"n": 0}]
+    backend.close()
+    doubled = SQLiteBackend("/" + str(tmp_path / "doubled.sqlite"))  # //tmp/...: no URI authority
+    with doubled.transaction() as tx:
+        tx.execute("CREATE TABLE t (x INTEGER)")
+    assert doubled.query("SELECT count(*) AS n FROM t") == [{"n": 0}]
+    doubled.close()

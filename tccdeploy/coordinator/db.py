@@ -56,9 +56,10 @@ class SQLiteBackend:
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._absolute = os.path.abspath(path)  # (the readers open it by name: not another folder's after a chdir)
+        os.makedirs(os.path.dirname(self._absolute), mode=0o700, exist_ok=True)
         fresh = not os.path.exists(path)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(self._absolute, timeout=30, isolation_level=None, check_same_thread=False)
         if fresh:
             os.chmod(path, 0o600)
         self.db.row_factory = sqlite3.Row
@@ -67,9 +68,13 @@ class SQLiteBackend:
         # every live thread's, closed with the backend (a thread that ends drops its own)
         self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._readers_lock = threading.Lock()  # not the writer's: a first read must not wait for a write
-        self.db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self._closed = False
+        # Readers beside the writer need WAL; where the file system refuses it, reads stay on the writer
+        self._wal = str(self.db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]).lower() == "wal"
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=30000")
+        opened = os.stat(self._absolute)  # the file the writer has open: readers must open the same
+        self._file = (opened.st_dev, opened.st_ino)
 
     @contextmanager
     def transaction(self, serialize: bool = False) -> Iterator[Any]:
@@ -86,7 +91,7 @@ class SQLiteBackend:
             self.db.execute("COMMIT")
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        if getattr(self._local, "writing", False):
+        if getattr(self._local, "writing", False) or not self._wal:
             with self._lock:
                 return [dict(r) for r in self.db.execute(sql, params).fetchall()]
         # (run to the end: a half-read statement would pin its snapshot and hold back checkpoints)
@@ -95,8 +100,20 @@ class SQLiteBackend:
     def _reader(self) -> sqlite3.Connection:
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
-            reader = _Reader(self.path)
             with self._readers_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                reader = _Reader(self._absolute)
+                try:
+                    now = os.stat(self._absolute)
+                except OSError:
+                    now = None
+                if now is None or (now.st_dev, now.st_ino) != self._file:
+                    # The name now points elsewhere (a file restored over it, or removed): reads from
+                    # it beside writes to the file this backend opened would mix two registries.
+                    reader.db.close()
+                    raise StoreFailure("store.unavailable", f"the registry file {self._absolute} was replaced or "
+                                                            "removed while the TC had it open; restart the TC")
                 self._readers.add(reader)
             self._local.reader = reader
         return reader.db
@@ -114,6 +131,7 @@ class SQLiteBackend:
 
     def close(self) -> None:
         with self._readers_lock:
+            self._closed = True
             for reader in list(self._readers):
                 reader.db.close()
             self._readers.clear()
@@ -129,7 +147,7 @@ class _Reader:
 
     def __init__(self, path: str) -> None:
         # read-only: whatever runs on it, a reader writes nothing
-        self.db = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30,
+        self.db = sqlite3.connect(f"file://{urllib.parse.quote(os.fsencode(path))}?mode=ro", uri=True, timeout=30,
                                   isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout=30000")
