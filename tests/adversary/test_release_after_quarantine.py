@@ -84,3 +84,24 @@ def test_a_migration_to_a_destination_cast_out_while_it_was_decided_is_refused(b
     assert reason(world.tc.migration_begin, "web", "n2") == "release.not-admitted"
     assert world.tc.registry.migrations(record["vm_id"]) == []
     assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
+
+
+def test_a_resume_on_a_node_cast_out_while_it_was_decided_is_refused(broker_world: World, monkeypatch):
+    """A resume gives the node the VM's key and its saved state's: the same check in its write."""
+    from ..test_tc_lifecycle import saved_evidence
+
+    world = broker_world
+    world.node("n1")
+    world.node("n2")
+    record = world.launched("acme", "n1", name="web")
+    begun = world.tc.suspend_begin("web")
+    world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
+    write = world.tc.registry.resuming
+
+    def quarantine_first(*args, **kwargs):
+        assert world.tc.quarantine("n2", "unreachable")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, "resuming", quarantine_first)
+    assert reason(world.tc.resume_begin, "web", "n2") == "release.not-admitted"
+    assert [s["state"] for s in world.tc.registry.suspensions(record["vm_id"])] == ["suspended"]  # still to resume
