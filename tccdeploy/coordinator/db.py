@@ -224,8 +224,8 @@ class PostgresBackend:
         conn = self._connection()
         with conn.transaction():
             tx = _PostgresTx(self._local.cursor, self._sql)
-            if serialize:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+            if serialize:  # (on the thread's one cursor: conn.execute would make another)
+                self._local.cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
             yield tx
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
