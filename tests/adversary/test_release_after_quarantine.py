@@ -15,6 +15,17 @@ import pytest
 from ..brokerkit import World, reason
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def broker_world(request, tmp_path):  # type: ignore[no-untyped-def]
+    """The TC over software nodes on each of its databases: on PostgreSQL the writes serialize on
+    an advisory lock, not SQLite's one writer, and the re-check must hold there too."""
+    registry = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    world = World(tmp_path, registry)
+    world.customer("acme")
+    yield world
+    world.close()
+
+
 @pytest.mark.parametrize("between", ["quarantine", "untrusted verdict"])
 def test_a_release_decided_while_its_node_is_cast_out_is_refused(broker_world: World, monkeypatch, between):
     world = broker_world

@@ -5,6 +5,9 @@ a review of the lease and ticket code, issue 20). Every test here failed before 
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import pytest
 
 from ..brokerkit import reason
@@ -14,6 +17,47 @@ from ..test_tc_lifecycle import arrival, ended_evidence, resumed_evidence, saved
 @pytest.fixture
 def world(broker_world):
     return broker_world
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_world(request, tmp_path):  # type: ignore[no-untyped-def]
+    """The TC on each of its databases: SQLite serializes writes itself, PostgreSQL on the
+    registry's advisory lock, each thread on its own connection (a replica's decision threads)."""
+    from ..brokerkit import World
+
+    registry = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    world = World(tmp_path, registry)
+    world.customer("acme")
+    yield world
+    world.close()
+
+
+def _at_once(calls: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """Each call on its own thread, released together and interleaving finely: what each returned,
+    or the reason it was refused with."""
+    import sys
+    import threading
+
+    start, outcomes = threading.Barrier(len(calls)), {}
+
+    def run(name: str) -> None:
+        start.wait()
+        try:
+            outcomes[name] = calls[name]()
+        except Exception as exc:  # noqa: BLE001 - the refusals are the point
+            outcomes[name] = getattr(exc, "reason", repr(exc))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in calls]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # a check apart from its write would be passed twice
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return outcomes
 
 
 def test_a_destroy_ticket_taken_before_a_resume_cannot_record_the_resumed_vm_destroyed(world):
@@ -188,38 +232,32 @@ def test_each_decision_that_sends_a_vm_to_a_node_counts_the_vms_on_their_way_the
         assert registry.suspensions(vm["vm_id"])[-1]["state"] == "suspended"
 
 
-def test_migrations_sent_at_once_into_one_node_pass_its_anti_affinity_one_at_most(world):
+def test_migrations_sent_at_once_into_one_node_pass_its_anti_affinity_one_at_most(any_world):
     """A hostile engine sends its decisions together (the served TC takes four at once): judged
     before their writes, each passed alone. The check is in the write's serialized transaction."""
-    import sys
-    import threading
-
+    world = any_world
     names = [f"vm{i}" for i in range(5)]
     for i, name in enumerate(names):
         world.node(f"n{i + 1}")
         world.launched("acme", f"n{i + 1}", name=name, constraints=GROUP)
     world.node("n9")
-    start, outcomes = threading.Barrier(len(names)), {}
-
-    def move(name: str) -> None:
-        start.wait()
-        try:
-            outcomes[name] = world.tc.migration_begin(name, "n9")["migration"]
-        except Exception as exc:  # noqa: BLE001 - the refusals are the point
-            outcomes[name] = getattr(exc, "reason", repr(exc))
-
-    threads = [threading.Thread(target=move, args=(n,)) for n in names]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # the threads interleave finely: a check apart from its write would be passed twice
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
+    outcomes = _at_once({name: (lambda name=name: world.tc.migration_begin(name, "n9")["migration"]) for name in names})
     assert sorted(v for v in outcomes.values() if isinstance(v, str)) == ["placement.constraint"] * (len(names) - 1), outcomes
     assert len(world.tc.migrations()) == 1
+
+
+def test_releases_sent_at_once_to_one_node_pass_its_anti_affinity_and_capacity_one_at_most(any_world):
+    world = any_world
+    world.node("n1")
+    grouped = [world.accepted("acme", name=f"g{i}", constraints=GROUP)["id"] for i in range(4)]
+    outcomes = _at_once({r: (lambda r=r: world.tc.release_key(r, "n1")["request"]) for r in grouped})
+    assert sorted(v for v in outcomes.values() if v not in grouped) == ["placement.constraint"] * 3, outcomes
+    ek = "sha256:" + hashlib.sha256(b"n1").hexdigest()  # (the roster entry brokerkit's nodes are enrolled under)
+    world.tc.roster_remove(ek)
+    world.tc.roster_add(ek, "site1", "n1", capacity=3)  # one on its way already: two more fit
+    plain = [world.accepted("acme", name=f"p{i}")["id"] for i in range(4)]
+    outcomes = _at_once({r: (lambda r=r: world.tc.release_key(r, "n1")["request"]) for r in plain})
+    assert sorted(v for v in outcomes.values() if v not in plain) == ["placement.constraint"] * 2, outcomes
 
 
 def test_a_node_that_cannot_qualify_is_refused_before_the_key_is_unwrapped(world, monkeypatch):
