@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from ..brokerkit import World, reason
+from .test_tc_records import _at_once
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -116,3 +117,45 @@ def test_a_resume_on_a_node_cast_out_while_it_was_decided_is_refused(broker_worl
     monkeypatch.setattr(world.tc.registry, "resuming", quarantine_first)
     assert reason(world.tc.resume_begin, "web", "n2") == "release.not-admitted"
     assert [s["state"] for s in world.tc.registry.suspensions(record["vm_id"])] == ["suspended"]  # still to resume
+
+
+def test_a_release_and_a_quarantine_sent_at_once_never_give_the_key_after_the_quarantine(broker_world: World):
+    """The same race with real threads, each on its own connection: whichever the TC takes first,
+    the audit log never shows the key released to the node after its quarantine."""
+    world = broker_world
+    for i in range(6):
+        node = f"q{i}"
+        world.node(node)
+        record = world.accepted("acme")
+        outcomes = _at_once({"release": lambda r=record["id"], n=node: world.tc.release_key(r, n)["request"],
+                             "quarantine": lambda n=node: world.tc.quarantine(n, "unreachable")})
+        assert outcomes["quarantine"] is True, outcomes
+        assert outcomes["release"] in (record["id"], "release.not-admitted", "release.no-certificate"), outcomes
+        kinds = [e["kind"] for e in world.tc.registry.audit_entries(node=node)]
+        assert "quarantine" in kinds
+        if "key-release" in kinds:
+            assert kinds.index("key-release") < kinds.index("quarantine"), kinds
+        else:
+            assert world.tc.registry.request(record["id"])["state"] == "accepted"
+
+
+def test_decisions_on_one_node_and_writes_of_the_registry_sent_at_once_all_end(broker_world: World):
+    """Releases and migrations into one node, a request failed and the node quarantined, all at
+    once: each ends with its result or a refusal, none with a failure (a lock cycle, a store
+    error)."""
+    world = broker_world
+    for name in ("n1", "n2", "n3"):
+        world.node(name)
+    world.launched("acme", "n2", name="m1")
+    world.launched("acme", "n3", name="m2")
+    requests = [world.accepted("acme")["id"] for _ in range(3)]
+    calls = {f"release-{r}": (lambda r=r: world.tc.release_key(r, "n1")["request"]) for r in requests}
+    calls |= {f"migrate-{m}": (lambda m=m: world.tc.migration_begin(m, "n1")["migration"]) for m in ("m1", "m2")}
+    calls["fail"] = lambda: world.tc.fail_request(requests[0])
+    calls["quarantine"] = lambda: world.tc.quarantine("n1", "unreachable")
+    outcomes = _at_once(calls)
+    for name, outcome in outcomes.items():  # a result, or a refusal's code (a failure would be its repr)
+        assert outcome is None or outcome is True or isinstance(outcome, int) or (
+            isinstance(outcome, str) and "(" not in outcome), (name, outcome)
+    assert outcomes["quarantine"] is True
+
