@@ -379,18 +379,23 @@ def test_sqlite_a_read_connection_writes_nothing_and_closes_with_its_thread_or_t
         backend.close()
     with pytest.raises(sqlite3.ProgrammingError):
         mine.execute("SELECT 1")
-    later: list[BaseException] = []
+    assert isinstance(_read_on_a_new_thread(backend), sqlite3.ProgrammingError)  # (it opens no reader)
 
-    def read_after_close() -> None:
+
+def _read_on_a_new_thread(backend) -> BaseException | None:  # type: ignore[no-untyped-def]
+    """What a read on a thread with no read connection yet raised, if anything."""
+    failures: list[BaseException] = []
+
+    def read() -> None:
         try:
             backend.query("SELECT x FROM t")
         except BaseException as exc:  # noqa: BLE001 - what the test looks at
-            later.append(exc)
+            failures.append(exc)
 
-    worker = threading.Thread(target=read_after_close)  # a thread with no reader yet opens none
+    worker = threading.Thread(target=read)
     worker.start()
     worker.join()
-    assert len(later) == 1 and isinstance(later[0], sqlite3.ProgrammingError)
+    return failures[0] if failures else None
 
 
 def test_sqlite_reads_from_a_registry_file_replaced_under_the_tc_fail_closed(tmp_path):
@@ -407,18 +412,8 @@ def test_sqlite_reads_from_a_registry_file_replaced_under_the_tc_fail_closed(tmp
     try:
         assert backend.query("SELECT x FROM t") == [{"x": 1}]  # this thread's reader, opened before
         os.replace(tmp_path / "other.sqlite", backend.path)
-        failures: list[BaseException] = []
-
-        def read() -> None:
-            try:
-                backend.query("SELECT x FROM t")
-            except BaseException as exc:  # noqa: BLE001 - what the test looks at
-                failures.append(exc)
-
-        worker = threading.Thread(target=read)
-        worker.start()
-        worker.join()
-        assert len(failures) == 1 and store_failure(failures[0]) == "store.unavailable", failures
+        failure = _read_on_a_new_thread(backend)
+        assert failure is not None and store_failure(failure) == "store.unavailable", failure
     finally:
         backend.close()
 

@@ -27,6 +27,18 @@ def broker_world(request, tmp_path):  # type: ignore[no-untyped-def]
     world.close()
 
 
+def _quarantined_first(world: World, monkeypatch, write: str, node: str) -> None:  # type: ignore[no-untyped-def]
+    """The registry's write, with the engine's quarantine of node decided just before it: between
+    the decision's reads and its write."""
+    original = getattr(world.tc.registry, write)
+
+    def quarantine_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert world.tc.quarantine(node, "unreachable")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(world.tc.registry, write, quarantine_first)
+
+
 @pytest.mark.parametrize("between", ["quarantine", "untrusted verdict"])
 def test_a_release_decided_while_its_node_is_cast_out_is_refused(broker_world: World, monkeypatch, between):
     world = broker_world
@@ -70,13 +82,7 @@ def test_a_resend_of_a_release_to_a_node_cast_out_since_is_refused(broker_world:
     world.node("n1")
     record = world.accepted("acme")
     world.tc.release_key(record["id"], "n1")
-    write = world.tc.registry.reissue_release
-
-    def quarantine_first(*args, **kwargs):
-        assert world.tc.quarantine("n1", "unreachable")
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(world.tc.registry, "reissue_release", quarantine_first)
+    _quarantined_first(world, monkeypatch, "reissue_release", "n1")
     assert reason(world.tc.release_key, record["id"], "n1") == "release.not-admitted"
 
 
@@ -86,13 +92,7 @@ def test_a_migration_to_a_destination_cast_out_while_it_was_decided_is_refused(b
     world.node("n1")
     world.node("n2")
     record = world.launched("acme", "n1", name="web")
-    write = world.tc.registry.start_migration
-
-    def quarantine_first(*args, **kwargs):
-        assert world.tc.quarantine("n2", "unreachable")
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(world.tc.registry, "start_migration", quarantine_first)
+    _quarantined_first(world, monkeypatch, "start_migration", "n2")
     assert reason(world.tc.migration_begin, "web", "n2") == "release.not-admitted"
     assert world.tc.registry.migrations(record["vm_id"]) == []
     assert world.tc.registry.vm(record["vm_id"])["node"] == "n1"
@@ -108,13 +108,7 @@ def test_a_resume_on_a_node_cast_out_while_it_was_decided_is_refused(broker_worl
     record = world.launched("acme", "n1", name="web")
     begun = world.tc.suspend_begin("web")
     world.tc.suspend_end(begun["suspension"], saved_evidence(world, "n1", record, begun))
-    write = world.tc.registry.resuming
-
-    def quarantine_first(*args, **kwargs):
-        assert world.tc.quarantine("n2", "unreachable")
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(world.tc.registry, "resuming", quarantine_first)
+    _quarantined_first(world, monkeypatch, "resuming", "n2")
     assert reason(world.tc.resume_begin, "web", "n2") == "release.not-admitted"
     assert [s["state"] for s in world.tc.registry.suspensions(record["vm_id"])] == ["suspended"]  # still to resume
 
