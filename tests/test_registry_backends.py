@@ -433,3 +433,85 @@ def test_sqlite_reads_find_the_registry_by_any_path_it_was_opened_with(tmp_path,
         tx.execute("CREATE TABLE t (x INTEGER)")
     assert doubled.query("SELECT count(*) AS n FROM t") == [{"n": 0}]
     doubled.close()
+
+
+def test_a_serialized_write_reads_the_audit_head_after_the_lock_not_before(location, tc_identity):
+    """The chain's head is read in the round trip that takes the lock: it must be the head as the
+    last writer before the lock left it, or two entries would name one previous link."""
+    holder, asker = audited_registry(location, tc_identity), audited_registry(location, tc_identity)
+    try:
+        audit.append(holder, "test", "n1", None, seq=0)
+        inside, leave, done = threading.Event(), threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with holder.transaction(serialize=True) as db:
+                holder._audit(db, audit.entry("test", "n1", seq=1))
+                inside.set()
+                leave.wait(10)
+
+        def append() -> None:
+            audit.append(asker, "test", "n2", None, seq=2)
+            done.set()
+
+        threads = [threading.Thread(target=hold), threading.Thread(target=append)]
+        threads[0].start()
+        assert inside.wait(10)
+        threads[1].start()
+        assert not done.wait(0.5)  # it waits for the lock (SQLite: for the write) ...
+        leave.set()
+        for t in threads:
+            t.join()
+        entries = holder.audit_entries()  # ... and links to the entry committed while it waited
+        assert [e["id"] for e in entries] == [1, 2, 3] and entries[2]["prev"] == entries[1]["hash"]
+        assert audit.verify(asker, tc=tc_identity).ok
+    finally:
+        holder.close()
+        asker.close()
+
+
+def test_two_entries_in_one_transaction_link_to_each_other(location, tc_identity):
+    registry = audited_registry(location, tc_identity)
+    try:
+        audit.append(registry, "test", "n1", None, seq=0)
+        with registry.transaction(serialize=True) as db:
+            registry._audit(db, audit.entry("test", "n1", seq=1))
+            registry._audit(db, audit.entry("test", "n1", seq=2))
+        entries = registry.audit_entries()
+        assert [e["id"] for e in entries] == [1, 2, 3] and audit.verify(registry, tc=tc_identity).ok
+    finally:
+        registry.close()
+
+
+def test_postgresql_an_audit_entry_outside_a_serialized_write_is_refused(postgres, tc_identity):
+    """Fail closed: an entry written without the lock could fork the chain with a replica's."""
+    registry = audited_registry(postgres.new_database(), tc_identity)
+    try:
+        with pytest.raises(RegistryError, match="serialized"), registry.transaction() as db:
+            registry._audit(db, audit.entry("test", "n1"))
+        assert registry.audit_entries() == []
+    finally:
+        registry.close()
+
+
+def test_postgresql_a_failed_write_rolls_back_and_its_connection_goes_on(postgres):
+    """BEGIN, COMMIT and ROLLBACK are the backend's own (one round trip for BEGIN and the lock):
+    a statement that fails, or an exception between statements, leaves nothing written and the
+    thread's connection out of the failed transaction, ready for the next."""
+    registry = Registry(postgres.new_database())
+    try:
+        for failing in ("INSERT INTO roster (ek) VALUES (?)", None):  # (a NOT NULL column left out)
+            with pytest.raises(Exception) as raised, registry.transaction(serialize=True) as db:
+                db.execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES ('e1', 's', 'n', 1, 0)")
+                if failing is None:
+                    raise KeyError("between statements")
+                db.execute(failing, ("e2",))
+            assert isinstance(raised.value, KeyError if failing is None else registry.backend.integrity_error)
+            assert registry.roster() == []
+        with registry.transaction(serialize=True) as db:
+            db.execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES ('e3', 's', 'n', 1, 0)")
+        assert [r["ek"] for r in registry.roster()] == ["e3"]
+        with pytest.raises(ValueError, match="no parameters"), registry.backend.transaction(first="SELECT %s"):
+            pass
+        assert [r["ek"] for r in registry.roster()] == ["e3"]
+    finally:
+        registry.close()

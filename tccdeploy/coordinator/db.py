@@ -28,7 +28,7 @@ class Backend(Protocol):
     kind: str
     integrity_error: type[Exception] | tuple[type[Exception], ...]
 
-    def transaction(self, serialize: bool = False) -> Any: ...
+    def transaction(self, serialize: bool = False, first: str | None = None) -> Any: ...
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]: ...
 
@@ -77,12 +77,17 @@ class SQLiteBackend:
         self._file = (opened.st_dev, opened.st_ino)
 
     @contextmanager
-    def transaction(self, serialize: bool = False) -> Iterator[Any]:
+    def transaction(self, serialize: bool = False, first: str | None = None) -> Iterator[Any]:
+        """A write; every one is serialized here. first: a read without parameters run as the
+        transaction's first statement, its rows in the transaction's `first`."""
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             self._local.writing = True
             try:
-                yield _SQLiteTx(self.db)
+                tx = _SQLiteTx(self.db)
+                if first is not None:
+                    tx.first = tx.execute(first).rows
+                yield tx
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
@@ -154,8 +159,11 @@ class _Reader:
 
 
 class _SQLiteTx:
+    serialized = True  # (every SQLite write is: BEGIN IMMEDIATE)
+
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        self.first: list[dict[str, Any]] | None = None
 
     def execute(self, sql: str, params: tuple = ()) -> _Result:
         cursor = self.db.execute(sql, params)
@@ -220,13 +228,38 @@ class PostgresBackend:
         return sql.replace("?", "%s")
 
     @contextmanager
-    def transaction(self, serialize: bool = False) -> Iterator[Any]:
-        conn = self._connection()
-        with conn.transaction():
-            tx = _PostgresTx(self._local.cursor, self._sql)
-            if serialize:  # (on the thread's one cursor: conn.execute would make another)
-                self._local.cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+    def transaction(self, serialize: bool = False, first: str | None = None) -> Iterator[Any]:
+        """A write. serialize: under the registry's advisory lock, held to the commit. first: a
+        read without parameters run as the transaction's first statement, after the lock, its
+        rows in the transaction's `first`. BEGIN, the lock and that read go in one round trip
+        (one simple query: READ COMMITTED gives each of its statements a snapshot of its own, so
+        the read sees every commit made before the lock was granted): a serialized decision's
+        writes then wait for the server as few times as they can, and the lock is held for as
+        few round trips."""
+        self._connection()
+        cursor = self._local.cursor  # (the thread's one cursor: conn.execute would make another)
+        opening = ["BEGIN"]
+        if serialize:
+            opening.append(f"SELECT pg_advisory_xact_lock({self.LOCK_KEY:d})")
+        if first is not None:
+            if "%" in first or ";" in first:
+                raise ValueError("a transaction's first read takes no parameters and is one statement")
+            opening.append(first)
+        tx = _PostgresTx(cursor, self._sql, serialize)
+        try:
+            cursor.execute("; ".join(opening))
+            if first is not None:
+                while cursor.nextset():
+                    pass  # (the last result set is the read's)
+                tx.first = list(cursor.fetchall())
             yield tx
+        except BaseException:
+            try:
+                cursor.execute("ROLLBACK")
+            except self._psycopg.Error:
+                pass  # (the connection is gone: the server rolled the transaction back)
+            raise
+        cursor.execute("COMMIT")
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         cursor = self._cursor()
@@ -260,8 +293,9 @@ class PostgresBackend:
 
 
 class _PostgresTx:
-    def __init__(self, cursor: Any, translate: Any):
-        self.cursor, self.translate = cursor, translate
+    def __init__(self, cursor: Any, translate: Any, serialized: bool):
+        self.cursor, self.translate, self.serialized = cursor, translate, serialized
+        self.first: list[dict[str, Any]] | None = None
 
     def execute(self, sql: str, params: tuple = ()) -> _Result:
         cursor = self.cursor

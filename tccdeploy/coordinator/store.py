@@ -546,6 +546,9 @@ def _upsert(table: str, key: str, values: dict[str, Any]) -> tuple[str, tuple]:
     return sql, tuple(values.values())
 
 
+_AUDIT_HEAD = "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
+
+
 class Registry:
     """The TC's state. One instance per process; safe to use from the engine's and the server's threads.
 
@@ -567,7 +570,10 @@ class Registry:
         return self.backend.version()
 
     def transaction(self, serialize: bool = False):  # type: ignore[no-untyped-def]
-        return self.backend.transaction(serialize)
+        """A write. serialize: one at a time across every process on this registry, as an audit
+        entry needs; such a transaction reads the audit chain's head first (`_audit`), in the
+        round trip that takes the lock."""
+        return self.backend.transaction(serialize, _AUDIT_HEAD if serialize else None)
 
     def _all(self, query: str, params: tuple = ()) -> list[dict[str, Any]]:
         return self.backend.query(query, params)
@@ -1363,7 +1369,12 @@ class Registry:
             return None
         if self.auditor is None:
             raise RegistryError("the registry has no auditor: decisions are written only with their audit entry")
-        last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").first()
+        if not db.serialized:
+            raise RegistryError("an audit entry is written only in a serialized transaction (one chain, not two)")
+        # The head as the transaction read it once it held the lock; after an entry of its own, that one.
+        if db.first is None:
+            db.first = db.execute(_AUDIT_HEAD).fetchall()
+        last = db.first[0] if db.first else None
         # (the canonical form: what is hashed is exactly what is stored and read back)
         entry = {"id": (int(last["id"]) + 1) if last else 1, "time": time.time(), "kind": auditform.text(audit["kind"]),
                  "node": auditform.text(audit.get("node")), "vm": auditform.text(audit.get("vm")),
@@ -1373,6 +1384,7 @@ class Registry:
         db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (entry["id"], entry["time"], entry["kind"], entry["node"], entry["vm"],
                     json.dumps(entry["data"], sort_keys=True), prev, digest, signature))
+        db.first = [{"id": entry["id"], "hash": digest}]
         return entry | {"prev": prev, "hash": digest, "signature": signature}
 
     def audit_append(self, audit: dict[str, Any]) -> dict[str, Any]:
