@@ -515,3 +515,38 @@ def test_postgresql_a_failed_write_rolls_back_and_its_connection_goes_on(postgre
         assert [r["ek"] for r in registry.roster()] == ["e3"]
     finally:
         registry.close()
+
+
+def test_a_nodes_standing_is_what_its_three_reads_give(location, tc_identity):
+    """Registry.standing, one read on the hot path, against node, attestations(limit=1) and
+    certificate, as the node goes through its states (no verdict, no certificate, two of each, a
+    revoked one, quarantined), beside another node's newer rows."""
+    registry = audited_registry(location, tc_identity)
+
+    def standing(node: str = "n1") -> tuple:
+        latest = registry.attestations(node, limit=1)
+        got = registry.standing(node)
+        assert got == (registry.node(node), latest[0] if latest else None, registry.certificate(node))
+        return got
+
+    try:
+        assert standing() == (None, None, None)
+        _enrolled(registry)
+        _enrolled(registry, "n2", ek="g")
+        assert standing()[0]["state"] == "enrolled" and standing()[1:] == (None, None)
+        first = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reasons": ["r"],
+                                                "pcr_values": {"sha256": {"0": "00"}}, "reset_count": 1})
+        assert standing()[1]["pcr_values"] == {"sha256": {"0": "00"}}
+        registry.admit("n1", {"serial": "s1", "attestation": first, "tk_name": "t", "not_after": 9e9, "pem": "p1", "build": "b1"})
+        second = registry.add_attestation("n1", {"verdict": "trusted", "build": "b2", "warnings": ["w"], "reset_count": 1})
+        registry.add_attestation("n2", {"verdict": "trusted", "build": "other", "reset_count": 1})  # another node's, newer
+        assert standing()[1]["id"] == second and standing()[2]["serial"] == "s1"
+        registry.admit("n1", {"serial": "s2", "attestation": second, "tk_name": "t", "not_after": 9e9 + 1, "pem": "p2",
+                              "build": "b2"})  # the first revoked
+        assert standing()[2]["serial"] == "s2" and standing()[1]["warnings"] == ["w"]
+        registry.quarantine("n1", audit.entry("quarantine", "n1", reason="t"))
+        assert standing()[0]["state"] == "quarantined" and standing()[2] is None
+        registry.add_attestation("n1", {"verdict": "untrusted", "build": "b2", "reasons": ["x"], "reset_count": 1})
+        assert standing()[1]["verdict"] == "untrusted" and standing("n2")[1]["build"] == "other"
+    finally:
+        registry.close()

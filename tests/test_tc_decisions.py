@@ -618,23 +618,23 @@ def test_vms_on_other_nodes_do_not_count_against_a_node(world):
 
 
 def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypatch):
-    """Its capacity, its rollout name and its roster entry come from one read (issue 20's hot path)."""
+    """Its capacity, its rollout name and its roster entry come from one read, its state, newest
+    verdict and certificate from one more (issue 20's hot path)."""
     world.node("n1")
     record = world.accepted("acme")
     reads: list[str] = []
-    for name in ("identity", "roster", "request", "image_owner"):
+    for name in ("identity", "roster", "request", "image_owner", "standing", "node", "attestations", "certificate"):
         original = getattr(world.tc.registry, name)
         monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
     vms_asked: list[object] = []
     from tccdeploy.coordinator.store import Registry
 
-    original_placed = Registry._placed_on
-    monkeypatch.setattr(Registry, "_placed_on", lambda self, run, node: vms_asked.append(node)
-                        or original_placed(self, run, node))
+    original_placed = Registry._placed_sql
+    monkeypatch.setattr(Registry, "_placed_sql", lambda self, node: vms_asked.append(node) or original_placed(self, node))
     original_vms = world.tc.registry.vms
     monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(("fleet", k)) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")
-    assert sorted(reads) == ["identity", "image_owner", "request", "roster"]
+    assert sorted(reads) == ["identity", "image_owner", "request", "roster", "standing"]
     assert vms_asked == ["n1"]  # the node's own VMs and those on their way, not the fleet's
 
 

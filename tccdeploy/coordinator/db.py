@@ -34,6 +34,8 @@ class Backend(Protocol):
 
     def version(self) -> int: ...
 
+    def columns(self, table: str) -> list[str]: ...
+
     def migrate(self, steps: list[str]) -> None: ...
 
     def close(self) -> None: ...
@@ -126,6 +128,10 @@ class SQLiteBackend:
     def version(self) -> int:
         with self._lock:
             return int(self.db.execute("PRAGMA user_version").fetchall()[0][0])
+
+    def columns(self, table: str) -> list[str]:
+        with self._lock:
+            return [str(r["name"]) for r in self.db.execute("SELECT name FROM pragma_table_info(?) ORDER BY cid", (table,))]
 
     def migrate(self, steps: list[str]) -> None:
         current = self.version()
@@ -265,6 +271,11 @@ class PostgresBackend:
         cursor = self._cursor()
         cursor.execute(self._sql(sql), params)
         return list(cursor.fetchall())
+
+    def columns(self, table: str) -> list[str]:
+        return [str(r["column_name"]) for r in self.query(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ? "
+            "ORDER BY ordinal_position", (table,))]
 
     def version(self) -> int:
         conn = self._connection()

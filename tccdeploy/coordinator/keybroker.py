@@ -243,19 +243,17 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
                capacity: int | None) -> tuple[dict[str, Any], dict[str, Any], Callable[[list[dict[str, Any]]], None]]:
     """(latest attestation, certificate row, placement guard for the write) if node may receive
     this request's key now."""
-    row = registry.node(node)
+    row, latest, certificate_row = registry.standing(node)  # (one read, one snapshot)
     if row is None or row["state"] != "admitted":
         raise Refused("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'}, not admitted")
-    latest = registry.attestations(node, limit=1)
-    if not latest or latest[0]["verdict"] != "trusted" or time.time() - latest[0]["time"] > perimeter.attestation.max_quote_age:
+    if latest is None or latest["verdict"] != "trusted" or time.time() - latest["time"] > perimeter.attestation.max_quote_age:
         raise Refused("release.not-fresh", f"{node}'s latest attestation is not trusted and fresh; attest it again")
-    problem = baseline.admits(node, latest[0]["build"], latest[0].get("platform"))
+    problem = baseline.admits(node, latest["build"], latest.get("platform"))
     if problem is not None:  # the manifests changed since the verdict: revoked, or a rollout without this node
         raise Refused("release.build-revoked", f"{node} may not run its boot any more: {problem[1]} ({problem[0]})")
-    certificate_row = registry.certificate(node)
     if certificate_row is None or certificate_row["not_after"] < time.time():
         raise Refused("release.no-certificate", f"{node} has no valid node certificate; admit it again")
-    judged = NodeRecord(node, row["state"], row["site"], row["address"], latest[0]["build"])  # the TC's own records
+    judged = NodeRecord(node, row["state"], row["site"], row["address"], latest["build"])  # the TC's own records
     # The constraints that depend on the VMs are judged inside the decision's write (the guard), on
     # the VMs there and on their way as that transaction reads them: judged before it, two
     # decisions at once each passed. The node's own (site, build, version) are judged here too,
@@ -265,7 +263,7 @@ def check_node(registry: Registry, perimeter: Perimeter, baseline: Baseline, req
         guard([])
     except Conflict as exc:
         raise Refused(exc.reason, str(exc)) from None
-    return latest[0], certificate_row, guard
+    return latest, certificate_row, guard
 
 
 def placement_guard(request: dict[str, Any], node: NodeRecord, versions: dict[str, str],

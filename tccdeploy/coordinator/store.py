@@ -564,6 +564,7 @@ class Registry:
             raise RegistryError(f"{location} has schema version {current}; this tccdeploy knows up to {len(steps)}")
         self.backend.migrate(steps)
         self.auditor: Auditor | None = None
+        self._standing_sql = self._standing_query()
 
     @property
     def version(self) -> int:
@@ -1145,11 +1146,14 @@ class Registry:
         return self._placed_on(self._all, node)
 
     def _placed_on(self, run: Callable[[str, tuple], list[dict[str, Any]]], node: str) -> list[dict[str, Any]]:
+        return run(*self._placed_sql(node))
+
+    def _placed_sql(self, node: str) -> tuple[str, tuple]:
         # A release's group read in SQL, not by parsing each request's whole spec in Python: this
         # runs inside the decision's serialized write, once per VM on the node.
         group = ("CAST(q.spec AS JSONB) #>> '{constraints,antiAffinityGroup}'" if self.kind == "postgresql"
                  else "json_extract(q.spec, '$.constraints.antiAffinityGroup')")
-        return run(
+        return (
             "SELECT vm_id, name, customer, node, state, anti_affinity, 0 AS arriving FROM vms "
             "WHERE node = ? AND state != 'destroyed' UNION ALL "
             "SELECT v.vm_id, v.name, v.customer, m.destination, 'starting', v.anti_affinity, 1 FROM vms v "
@@ -1166,19 +1170,22 @@ class Registry:
         this transaction reads them. The checks made before the write, made again where no other
         decision can come between: concurrent decisions each passed the placement check alone
         (found in review), and a release decided while the node was being quarantined committed
-        after the quarantine (found in review: the engine chooses when it asks for both)."""
+        after the quarantine (found in review: the engine chooses when it asks for both). One
+        statement (the node's row joined to its VMs), since the registry's lock is held meanwhile."""
         if guard is None:
             return
-        row = db.execute("SELECT state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = n.name AND "
-                         "c.revoked_at IS NULL AND c.not_after >= ?) AS certified FROM nodes n WHERE n.name = ?",
-                         (time.time(), node)).first()
-        if row is None or row["state"] != "admitted":
-            raise Conflict("release.not-admitted", f"{node} is {row['state'] if row else 'unknown'} now, not admitted "
+        placed, params = self._placed_sql(node)
+        rows = db.execute("SELECT n.state AS node_state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = n.name AND "
+                          "c.revoked_at IS NULL AND c.not_after >= ?) AS node_certified, p.* FROM nodes n "
+                          f"LEFT JOIN ({placed}) p ON 1 = 1 WHERE n.name = ?", (time.time(), *params, node)).fetchall()
+        state = rows[0]["node_state"] if rows else None
+        if state != "admitted":
+            raise Conflict("release.not-admitted", f"{node} is {state or 'unknown'} now, not admitted "
                                                    "(it changed while this decision was under way)")
-        if not row["certified"]:
+        if not rows[0]["node_certified"]:
             raise Conflict("release.no-certificate", f"{node} has no valid node certificate now (it was revoked while "
                                                      "this decision was under way); admit it again")
-        guard(self._placed_on(lambda sql, params: db.execute(sql, params).fetchall(), node))
+        guard([{k: v for k, v in r.items() if not k.startswith("node_")} for r in rows if r["vm_id"] is not None])
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
@@ -1483,6 +1490,36 @@ class Registry:
 
     def certificate(self, node: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL ORDER BY not_after DESC", (node,))
+
+    # The two tables a node's standing joins to its row, and the prefix of their columns there.
+    _STANDING = (("attestations", "a"), ("certificates", "c"))
+
+    def _standing_query(self) -> str:
+        picked = ", ".join(f'{alias}.{column} AS "{alias}.{column}"' for table, alias in self._STANDING
+                           for column in self.backend.columns(table))
+        return (f"SELECT n.*, {picked} FROM nodes n "
+                "LEFT JOIN attestations a ON a.id = (SELECT MAX(id) FROM attestations WHERE node = n.name) "
+                "LEFT JOIN certificates c ON c.serial = (SELECT serial FROM certificates WHERE node = n.name AND "
+                "revoked_at IS NULL ORDER BY not_after DESC LIMIT 1) WHERE n.name = ?")
+
+    def standing(self, node: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """(node's row, its newest attestation, its valid certificate), as `node`,
+        `attestations(node, limit=1)` and `certificate` read them, in one read: what every
+        key-giving decision weighs first, three round trips to PostgreSQL where one does."""
+        row = self._one(self._standing_sql, (node,))
+        if row is None:
+            return None, None, None
+        parts: dict[str, dict[str, Any]] = {alias: {} for _, alias in self._STANDING}
+        own = {}
+        for key, value in row.items():
+            alias, dot, column = key.partition(".")
+            if dot and alias in parts:
+                parts[alias][column] = value
+            else:
+                own[key] = value
+        latest, certificate = parts["a"], parts["c"]
+        return (own, self._attestation_row(latest) if latest["id"] is not None else None,
+                certificate if certificate["serial"] is not None else None)
 
     def certified_tk(self, node: str, tk_name: str) -> bool:
         """Whether the TC ever certified this trusted key (TPM name, hex) for node."""
