@@ -165,6 +165,19 @@ def test_constraints_judge_one_node(spec, vms, capacity, expected):
     assert constraints.problems(spec, NODE, vms, VERSIONS, "acme", capacity) == expected
 
 
+def test_the_vms_are_read_only_where_a_limit_or_a_group_weighs_them():
+    """Issue 20: a release's guard makes a record of each VM on the node only when the request
+    has a group or the roster a limit; both still see every VM (the cases above)."""
+    read: list[int] = []
+
+    def vms():  # type: ignore[no-untyped-def]
+        read.append(1)
+        yield vm(group="g")
+
+    assert constraints.problems({"constraints": {"sites": ["site1"]}}, NODE, vms(), VERSIONS, "acme", None) == [] and not read
+    assert constraints.problems({}, NODE, vms(), VERSIONS, "acme", 1) == ["full (1/1 VMs)"] and read
+
+
 def test_a_build_the_tc_does_not_know_is_never_recent_enough():
     assert constraints.problems({"constraints": {"minBuildVersion": "1.0"}}, dataclasses.replace(NODE, build="mystery"), [], VERSIONS,
                                 "acme", None) == ["build mystery older than 1.0"]

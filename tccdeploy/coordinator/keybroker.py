@@ -274,7 +274,7 @@ def placement_guard(request: dict[str, Any], node: NodeRecord, versions: dict[st
     between; Conflict placement.constraint when node does not meet them."""
 
     def guard(rows: list[dict[str, Any]]) -> None:
-        why = constraints.problems(request["spec"], node, [VMRecord.from_row(v) for v in rows if v["vm_id"] != request["vm_id"]],
+        why = constraints.problems(request["spec"], node, (VMRecord.from_row(v) for v in rows if v["vm_id"] != request["vm_id"]),
                                    versions, request["customer"], capacity)
         if why:
             raise Conflict("placement.constraint", f"{node.name} does not meet request {request['id']}'s constraints: "

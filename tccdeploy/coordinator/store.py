@@ -1175,9 +1175,11 @@ class Registry:
         if guard is None:
             return
         placed, params = self._placed_sql(node)
-        rows = db.execute("SELECT n.state AS node_state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = n.name AND "
+        # (the certificate's lookup by node as a parameter: PostgreSQL planned the correlated form
+        # as one scan of every node's certificates)
+        rows = db.execute("SELECT n.state AS node_state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = ? AND "
                           "c.revoked_at IS NULL AND c.not_after >= ?) AS node_certified, p.* FROM nodes n "
-                          f"LEFT JOIN ({placed}) p ON 1 = 1 WHERE n.name = ?", (time.time(), *params, node)).fetchall()
+                          f"LEFT JOIN ({placed}) p ON 1 = 1 WHERE n.name = ?", (node, time.time(), *params, node)).fetchall()
         state = rows[0]["node_state"] if rows else None
         if state != "admitted":
             raise Conflict("release.not-admitted", f"{node} is {state or 'unknown'} now, not admitted "
@@ -1185,7 +1187,7 @@ class Registry:
         if not rows[0]["node_certified"]:
             raise Conflict("release.no-certificate", f"{node} has no valid node certificate now (it was revoked while "
                                                      "this decision was under way); admit it again")
-        guard([{k: v for k, v in r.items() if not k.startswith("node_")} for r in rows if r["vm_id"] is not None])
+        guard([r for r in rows if r["vm_id"] is not None])  # (its records take the VM's fields, not node_*)
 
     # What the engine may report of a VM: paused (stopped) or running, between those and from
     # starting. Nothing else is its word: a VM ends (off, destroyed) only on its node's TPM
