@@ -262,7 +262,8 @@ def test_postgresql_a_lease_waits_for_a_decision_under_way_on_another_replica(po
         inside, leave, leased = threading.Event(), threading.Event(), threading.Event()
 
         def decide() -> None:
-            with holder.transaction(serialize=True):
+            with holder.transaction(serialize=True) as db:
+                db.execute("SELECT 1")  # (a decision under way: its first statement sent, with the lock)
                 inside.set()
                 leave.wait(10)
 
@@ -473,6 +474,10 @@ def test_two_entries_in_one_transaction_link_to_each_other(location, tc_identity
     registry = audited_registry(location, tc_identity)
     try:
         audit.append(registry, "test", "n1", None, seq=0)
+        head = registry.audit_entries()[-1]
+        with registry.transaction(serialize=True) as db:  # the head came with the lock, whatever ran first
+            db.execute("SELECT 1 AS one")
+            assert db.first == [{"id": 1, "hash": head["hash"]}]
         with registry.transaction(serialize=True) as db:
             registry._audit(db, audit.entry("test", "n1", seq=1))
             registry._audit(db, audit.entry("test", "n1", seq=2))
@@ -494,25 +499,73 @@ def test_postgresql_an_audit_entry_outside_a_serialized_write_is_refused(postgre
 
 
 def test_postgresql_a_failed_write_rolls_back_and_its_connection_goes_on(postgres):
-    """BEGIN, COMMIT and ROLLBACK are the backend's own (one round trip for BEGIN and the lock):
-    a statement that fails, or an exception between statements, leaves nothing written and the
-    thread's connection out of the failed transaction, ready for the next."""
+    """BEGIN, COMMIT and ROLLBACK are the backend's own (BEGIN and the lock go with the first
+    statement, deferred writes with the next or the COMMIT): a statement that fails there or
+    later, a deferred write that fails, or an exception between statements, leaves nothing
+    written and the thread's connection out of the failed transaction, ready for the next."""
     registry = Registry(postgres.new_database())
+    good = "INSERT INTO roster (ek, site, name, capacity, added) VALUES (?, 's', ?, 1, 0)"
+    bad = "INSERT INTO roster (ek) VALUES (?)"  # (a NOT NULL column left out)
+
+    def first_fails(db) -> None:  # type: ignore[no-untyped-def]
+        db.execute(bad, ("e1",))
+
+    def later_fails(db) -> None:  # type: ignore[no-untyped-def]
+        db.execute(good, ("e1", "n1"))
+        db.execute(bad, ("e2",))
+
+    def deferred_fails_at_commit(db) -> None:  # type: ignore[no-untyped-def]
+        db.execute(good, ("e1", "n1"))
+        db.defer(good, ("e2", "n2"))
+        db.defer(bad, ("e3",))
+
+    def deferred_fails_at_next(db) -> None:  # type: ignore[no-untyped-def]
+        db.defer(good, ("e1", "n1"))
+        db.defer(good, ("e2", "n1"))  # (the name is unique)
+        db.execute("SELECT 1")
+
+    def raises_between(db) -> None:  # type: ignore[no-untyped-def]
+        db.execute(good, ("e1", "n1"))
+        db.defer(good, ("e2", "n2"))
+        raise KeyError("between statements")
+
     try:
-        for failing in ("INSERT INTO roster (ek) VALUES (?)", None):  # (a NOT NULL column left out)
+        for body in (first_fails, later_fails, deferred_fails_at_commit, deferred_fails_at_next, raises_between):
             with pytest.raises(Exception) as raised, registry.transaction(serialize=True) as db:
-                db.execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES ('e1', 's', 'n', 1, 0)")
-                if failing is None:
-                    raise KeyError("between statements")
-                db.execute(failing, ("e2",))
-            assert isinstance(raised.value, KeyError if failing is None else registry.backend.integrity_error)
-            assert registry.roster() == []
+                body(db)
+            expected = KeyError if body is raises_between else registry.backend.integrity_error
+            assert isinstance(raised.value, expected), body.__name__
+            assert registry.roster() == [], body.__name__
         with registry.transaction(serialize=True) as db:
-            db.execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES ('e3', 's', 'n', 1, 0)")
+            db.execute(good, ("e3", "n3"))
         assert [r["ek"] for r in registry.roster()] == ["e3"]
         with pytest.raises(ValueError, match="no parameters"), registry.backend.transaction(first="SELECT %s"):
             pass
         assert [r["ek"] for r in registry.roster()] == ["e3"]
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("serialize", [True, False])
+def test_deferred_writes_land_in_order_with_their_values_as_given(location, serialize):
+    """A deferred write is sent later, its values quoted by psycopg (PostgreSQL): text with quotes,
+    percent signs, backslashes and other scripts, bytes, floats and NULL come back as they went,
+    a later read in the same transaction sees them, and the commit keeps their order."""
+    registry = Registry(location)
+    hostile = ["it's 100% \\x00 ' ; -- /* \"q\"", "%s %(x)s %%", "ünï\u2028cødé €", "E'x'", "$1 $$ $$"]
+    try:
+        _enrolled(registry)
+        with registry.transaction(serialize=serialize) as db:
+            for i, text in enumerate(hostile):
+                db.defer("INSERT INTO roster (ek, site, name, capacity, added) VALUES (?, ?, ?, ?, ?)",
+                         (f"e{i}", text, None, i, 1.0 / 3 + i))
+            seen = db.execute("SELECT site FROM roster ORDER BY capacity").fetchall()
+            db.defer("UPDATE identities SET ek_certificate = ? WHERE node = ?", (b"\x00'\\\xff%s", "n1"))
+        assert [r["site"] for r in seen] == hostile
+        rows = registry.roster()
+        assert sorted((r["capacity"], r["site"], r["name"], r["added"]) for r in rows) == \
+            [(i, text, None, 1.0 / 3 + i) for i, text in enumerate(hostile)]
+        assert registry.identity("n1")["ek_certificate"] == b"\x00'\\\xff%s"
     finally:
         registry.close()
 

@@ -171,6 +171,9 @@ class _SQLiteTx:
         self.db = db
         self.first: list[dict[str, Any]] | None = None
 
+    def defer(self, sql: str, params: tuple = ()) -> None:
+        self.execute(sql, params)  # (in process: nothing to save by waiting)
+
     def execute(self, sql: str, params: tuple = ()) -> _Result:
         cursor = self.db.execute(sql, params)
         rows = [dict(r) for r in cursor.fetchall()]  # run to the end: a half-read statement pins a snapshot
@@ -219,6 +222,7 @@ class PostgresBackend:
             # One cursor a connection, used for every statement: `conn.execute` makes a cursor
             # each time, a quarter of psycopg's CPU for the registry's one-row lookups.
             self._local.cursor = conn.cursor()
+            self._local.literal = self._psycopg.ClientCursor(conn)  # (for its quoting only: nothing runs on it)
             with self._lock:  # a closed one (the server went away) is dropped, not kept until close()
                 self._all = [c for c in self._all if not c.closed]
                 self._all.append(conn)
@@ -236,36 +240,32 @@ class PostgresBackend:
     @contextmanager
     def transaction(self, serialize: bool = False, first: str | None = None) -> Iterator[Any]:
         """A write. serialize: under the registry's advisory lock, held to the commit. first: a
-        read without parameters run as the transaction's first statement, after the lock, its
-        rows in the transaction's `first`. BEGIN, the lock and that read go in one round trip
-        (one simple query: READ COMMITTED gives each of its statements a snapshot of its own, so
-        the read sees every commit made before the lock was granted): a serialized decision's
-        writes then wait for the server as few times as they can, and the lock is held for as
-        few round trips."""
+        read without parameters run right after the lock, its rows in the transaction's `first`.
+
+        Each round trip to the server is one the registry's lock is held for, and one more wait
+        for this thread to get the GIL back from the other decisions' threads; so they are few.
+        BEGIN, the lock and `first` go with the transaction's first statement, and the writes it
+        defers (`_PostgresTx.defer`) with the next statement or the COMMIT, each such group one
+        simple query: READ COMMITTED gives each of its statements a snapshot of its own, so the
+        statements after the lock see every commit made before it was granted."""
+        if first is not None and ("%" in first or ";" in first):
+            raise ValueError("a transaction's first read takes no parameters and is one statement")
         self._connection()
-        cursor = self._local.cursor  # (the thread's one cursor: conn.execute would make another)
         opening = ["BEGIN"]
         if serialize:
             opening.append(f"SELECT pg_advisory_xact_lock({self.LOCK_KEY:d})")
-        if first is not None:
-            if "%" in first or ";" in first:
-                raise ValueError("a transaction's first read takes no parameters and is one statement")
-            opening.append(first)
-        tx = _PostgresTx(cursor, self._sql, serialize)
+        # (the thread's one cursor: conn.execute would make another)
+        tx = _PostgresTx(self._local.cursor, self._local.literal, self._sql, serialize, opening, first)
         try:
-            cursor.execute("; ".join(opening))
-            if first is not None:
-                while cursor.nextset():
-                    pass  # (the last result set is the read's)
-                tx.first = list(cursor.fetchall())
             yield tx
+            tx.commit()
         except BaseException:
-            try:
-                cursor.execute("ROLLBACK")
-            except self._psycopg.Error:
-                pass  # (the connection is gone: the server rolled the transaction back)
+            if tx.sent:
+                try:
+                    self._local.cursor.execute("ROLLBACK")
+                except self._psycopg.Error:
+                    pass  # (the connection is gone: the server rolled the transaction back)
             raise
-        cursor.execute("COMMIT")
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         cursor = self._cursor()
@@ -304,15 +304,66 @@ class PostgresBackend:
 
 
 class _PostgresTx:
-    def __init__(self, cursor: Any, translate: Any, serialized: bool):
-        self.cursor, self.translate, self.serialized = cursor, translate, serialized
-        self.first: list[dict[str, Any]] | None = None
+    """A PostgreSQL write under way: its opening (BEGIN, the lock, the `first` read) still unsent
+    until its first statement, and the writes deferred until the next."""
+
+    def __init__(self, cursor: Any, literal: Any, translate: Any, serialized: bool, opening: list[str],
+                 first: str | None) -> None:
+        self.cursor, self._literal, self.translate, self.serialized = cursor, literal, translate, serialized
+        self._pending = [*opening, *([first] if first is not None else [])]  # sent with the first statement
+        self._first_at = len(opening) if first is not None else None  # its place among them
+        self._first: list[dict[str, Any]] | None = None
+        self._deferred: list[str] = []
+        self.sent = False  # anything went to the server (a failure then rolls back)
+
+    @property
+    def first(self) -> list[dict[str, Any]] | None:
+        if self._first_at is not None:
+            self._send(None, ())
+        return self._first
+
+    @first.setter
+    def first(self, rows: list[dict[str, Any]] | None) -> None:
+        self._first = rows
+
+    def defer(self, sql: str, params: tuple = ()) -> None:
+        """A write whose result nobody reads, sent with the transaction's next statement or its
+        COMMIT: an audit entry, a row inserted once its checks passed. A failure among them fails
+        that statement or the commit, and the transaction rolls back whole. Its values become
+        literals (psycopg's client-side quoting, `ClientCursor.mogrify`), as a simple query with
+        several statements needs."""
+        self._deferred.append(self._literal.mogrify(self.translate(sql), params))
 
     def execute(self, sql: str, params: tuple = ()) -> _Result:
+        self._send(self.translate(sql), params)
         cursor = self.cursor
-        cursor.execute(self.translate(sql), params)
         rows = list(cursor.fetchall()) if cursor.description else []
         return _Result(rows, cursor.rowcount)
+
+    def commit(self) -> None:
+        if self.sent or self._deferred:
+            self._send("COMMIT", ())
+
+    def _send(self, statement: str | None, params: tuple) -> None:
+        """statement (None: only what waits), after whatever waits to be sent, in one round trip;
+        the cursor then holds statement's result."""
+        waiting = [*self._pending, *self._deferred]
+        self._pending, self._deferred = [], []
+        self.sent = True
+        if not waiting:  # (alone: the extended protocol, with the statement prepared once used a few times)
+            self.cursor.execute(statement, params)
+            return
+        if statement is not None:
+            waiting.append(self._literal.mogrify(statement, params) if params else statement)
+        cursor = self.cursor
+        cursor.execute("; ".join(waiting))  # (no parameters: one simple query, each statement in turn)
+        for place in range(len(waiting) - 1):
+            if place == self._first_at:
+                self._first = list(cursor.fetchall())
+            cursor.nextset()
+        if self._first_at == len(waiting) - 1:
+            self._first = list(cursor.fetchall())
+        self._first_at = None
 
 
 # SQLite's primary result codes that mean "the store cannot take this now", not "this SQL is wrong".

@@ -1009,13 +1009,14 @@ class Registry:
         """One release per request: the conditional UPDATE, the insert and its audit entry are one
         transaction (guard: the placement check on node, run again inside it)."""
         with self.transaction(serialize=True) as db:
-            self._guarded(db, guard, node)
+            # (the UPDATE first: it goes with the lock in one round trip; a guard that fails undoes it)
             changed = db.execute("UPDATE requests SET state = 'released' WHERE id = ? AND state = 'accepted'",
                                  (request_id,)).rowcount
             if changed != 1:
                 return False
-            db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time, ticket) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (vm_id, request_id, node, attestation, serial, time.time(), ticket))
+            self._guarded(db, guard, node)
+            db.defer("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time, ticket) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)", (vm_id, request_id, node, attestation, serial, time.time(), ticket))
             self._audit(db, audit)
         return True
 
@@ -1390,9 +1391,9 @@ class Registry:
                  "data": auditform.data({**audit.get("data", {}), **extra})}
         prev = last["hash"] if last else "0" * 64
         digest, signature = self.auditor(prev, entry)
-        db.execute("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (entry["id"], entry["time"], entry["kind"], entry["node"], entry["vm"],
-                    json.dumps(entry["data"], sort_keys=True), prev, digest, signature))
+        db.defer("INSERT INTO audit (id, time, kind, node, vm, data, prev, hash, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (entry["id"], entry["time"], entry["kind"], entry["node"], entry["vm"],
+                  json.dumps(entry["data"], sort_keys=True), prev, digest, signature))
         db.first = [{"id": entry["id"], "hash": digest}]
         return entry | {"prev": prev, "hash": digest, "signature": signature}
 

@@ -273,3 +273,26 @@ def test_a_node_that_cannot_qualify_is_refused_before_the_key_is_unwrapped(world
     monkeypatch.setattr(keybroker.wrap, "unwrap", lambda *a, **k: unwraps.append(a) or original(*a, **k))
     assert reason(world.tc.release_key, record["id"], "n1") == "placement.constraint"
     assert unwraps == []
+
+
+HOSTILE_TEXT = ["n1'); DELETE FROM audit; --", "n1\\'; DROP TABLE requests; --", "%s%(x)s%%", "$$; COMMIT; $$",
+                "E'\\x27'", "n1\"; --"]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
+def test_text_the_engine_chooses_is_stored_as_text_in_a_deferred_write(any_world, text):
+    """The audit entry of a refusal is written deferred, its values quoted by the client on
+    PostgreSQL (one simple query with the COMMIT): a node name the engine makes up to end the
+    quoting stays a name in the log, the chain verifies and no other row moves."""
+    from tccdeploy.coordinator import audit
+
+    world = any_world
+    world.node("n1")
+    record = world.accepted("acme")
+    before = len(world.tc.registry.audit_entries())
+    assert reason(world.tc.release_key, record["id"], text) == "release.not-admitted"
+    entries = world.tc.registry.audit_entries()
+    assert len(entries) == before + 1 and entries[-1]["node"] == text and entries[-1]["kind"] == "key-release.refused"
+    assert audit.verify(world.tc.registry, tc=world.tc.identity()).ok
+    assert world.tc.registry.request(record["id"])["state"] == "accepted"
+    assert world.tc.release_key(record["id"], "n1")["node"] == "n1"
