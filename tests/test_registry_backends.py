@@ -603,3 +603,31 @@ def test_a_nodes_standing_is_what_its_three_reads_give(location, tc_identity):
         assert standing()[1]["verdict"] == "untrusted" and standing("n2")[1]["build"] == "other"
     finally:
         registry.close()
+
+
+@pytest.mark.parametrize("read", ["standing", "guard"])
+def test_a_key_releases_reads_find_their_rows_by_index_not_by_a_scan(location, tc_identity, read):
+    """At fleet size (10,000 nodes, an attestation each a minute) the reads every key release makes
+    (the node's standing before, its state, certificate and VMs inside the write) must find their
+    rows by index: their first forms had PostgreSQL scan every node's attestations (a hash join)
+    and certificates."""
+    registry = audited_registry(location, tc_identity)
+    try:
+        for i in range(3):
+            _enrolled(registry, f"n{i}", ek=f"ek{i}")
+            registry.add_attestation(f"n{i}", {"verdict": "trusted", "build": "b", "reset_count": 1})
+        sql, params = ((registry._standing_sql, ("n1",) * registry._standing_sql.count("?")) if read == "standing"
+                       else registry._guard_sql("n1"))
+        if registry.kind == "sqlite":
+            plan = [str(r["detail"]) for r in registry.backend.query("EXPLAIN QUERY PLAN " + sql, params)]
+            # (a scan of p, the node's own VMs as the subquery found them by index, is no table's)
+            assert plan and not [step for step in plan if step.startswith("SCAN") and not step.startswith("SCAN p ")], plan
+        else:
+            import psycopg
+
+            with psycopg.connect(location, autocommit=True) as conn:
+                conn.execute("SET plan_cache_mode = force_generic_plan")  # (the plan a prepared statement keeps)
+                plan = [r[0] for r in conn.execute("EXPLAIN " + sql.replace("?", "%s"), params, prepare=True).fetchall()]
+            assert plan and not [step for step in plan if "Seq Scan" in step or "Hash" in step], "\n".join(plan)
+    finally:
+        registry.close()

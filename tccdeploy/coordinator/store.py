@@ -1165,6 +1165,14 @@ class Registry:
             "JOIN releases r ON r.request = q.id WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL",
             (node, node, node, node))
 
+    def _guard_sql(self, node: str) -> tuple[str, tuple]:
+        placed, params = self._placed_sql(node)
+        # (the certificate's lookup by node as a parameter: PostgreSQL planned the correlated form
+        # as one scan of every node's certificates)
+        return ("SELECT n.state AS node_state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = ? AND "
+                "c.revoked_at IS NULL AND c.not_after >= ?) AS node_certified, p.* FROM nodes n "
+                f"LEFT JOIN ({placed}) p ON 1 = 1 WHERE n.name = ?", (node, time.time(), *params, node))
+
     def _guarded(self, db: Any, guard: Guard, node: str) -> None:
         """For a decision that gives node a VM's key (a release, a migration in, a resume): node is
         still admitted with a valid certificate, and the placement guard holds on node's VMs, as
@@ -1175,12 +1183,7 @@ class Registry:
         statement (the node's row joined to its VMs), since the registry's lock is held meanwhile."""
         if guard is None:
             return
-        placed, params = self._placed_sql(node)
-        # (the certificate's lookup by node as a parameter: PostgreSQL planned the correlated form
-        # as one scan of every node's certificates)
-        rows = db.execute("SELECT n.state AS node_state, EXISTS (SELECT 1 FROM certificates c WHERE c.node = ? AND "
-                          "c.revoked_at IS NULL AND c.not_after >= ?) AS node_certified, p.* FROM nodes n "
-                          f"LEFT JOIN ({placed}) p ON 1 = 1 WHERE n.name = ?", (node, time.time(), *params, node)).fetchall()
+        rows = db.execute(*self._guard_sql(node)).fetchall()
         state = rows[0]["node_state"] if rows else None
         if state != "admitted":
             raise Conflict("release.not-admitted", f"{node} is {state or 'unknown'} now, not admitted "
@@ -1500,16 +1503,18 @@ class Registry:
     def _standing_query(self) -> str:
         picked = ", ".join(f'{alias}.{column} AS "{alias}.{column}"' for table, alias in self._STANDING
                            for column in self.backend.columns(table))
+        # (each row found by its key from a lookup by node, a parameter: with the node's name taken
+        # from the join, PostgreSQL planned a scan of every node's attestations)
         return (f"SELECT n.*, {picked} FROM nodes n "
-                "LEFT JOIN attestations a ON a.id = (SELECT MAX(id) FROM attestations WHERE node = n.name) "
-                "LEFT JOIN certificates c ON c.serial = (SELECT serial FROM certificates WHERE node = n.name AND "
+                "LEFT JOIN attestations a ON a.id = (SELECT MAX(id) FROM attestations WHERE node = ?) "
+                "LEFT JOIN certificates c ON c.serial = (SELECT serial FROM certificates WHERE node = ? AND "
                 "revoked_at IS NULL ORDER BY not_after DESC LIMIT 1) WHERE n.name = ?")
 
     def standing(self, node: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
         """(node's row, its newest attestation, its valid certificate), as `node`,
         `attestations(node, limit=1)` and `certificate` read them, in one read: what every
         key-giving decision weighs first, three round trips to PostgreSQL where one does."""
-        row = self._one(self._standing_sql, (node,))
+        row = self._one(self._standing_sql, (node, node, node))
         if row is None:
             return None, None, None
         parts: dict[str, dict[str, Any]] = {alias: {} for _, alias in self._STANDING}
