@@ -43,6 +43,32 @@ def test_an_older_registry_is_migrated_in_place(tmp_path: Path):
     registry.close()
 
 
+def test_releases_settled_before_step_23_leave_the_index_of_those_on_their_way(tmp_path: Path):
+    """Step 23 marks the releases whose launch was recorded or whose request failed as settled:
+    the index of releases on their way holds those still waiting for a launch only."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("".join(step + ";" for step in MIGRATIONS[:22]) + "PRAGMA user_version=22;")
+    db.execute("INSERT INTO nodes (name, state, created, updated) VALUES ('n1', 'admitted', 0, 0)")
+    db.execute("INSERT INTO customers (name, key, key_id, added) VALUES ('acme', 'k', 'kid', 0)")
+    db.execute("INSERT INTO attestations (node, time, verdict, reasons, warnings) VALUES ('n1', 0, 'trusted', '[]', '[]')")
+    for number, state in enumerate(("launched", "failed", "released")):
+        db.execute("INSERT INTO requests (id, customer, vm, vm_id, image_sha256, wrapped_key, spec, received, state) "
+                   "VALUES (?, 'acme', ?, ?, 'd', 'w', '{}', 0, ?)", (f"r{number}", f"vm{number}", f"v{number}", state))
+        db.execute("INSERT INTO releases (vm_id, request, node, attestation, certificate_serial, time) "
+                   "VALUES (?, ?, 'n1', 1, 's', ?)", (f"v{number}", f"r{number}", 10.0 + number))
+    db.commit()
+    db.close()
+    registry = Registry(str(path))
+    try:
+        assert [(r["request"], r["settled"]) for r in registry.backend.query("SELECT request, settled FROM releases "
+                                                                             "ORDER BY id")] == \
+            [("r0", 10.0), ("r1", 11.0), ("r2", None)]
+        assert [v["vm_id"] for v in registry.arriving("n1")] == ["v2"]
+    finally:
+        registry.close()
+
+
 def test_a_registry_from_a_newer_tccdeploy_is_refused(tmp_path: Path):
     path = tmp_path / "new.sqlite"
     db = sqlite3.connect(path)

@@ -171,7 +171,7 @@ def test_an_entry_carrying_hostile_values_is_stored_as_it_was_hashed(location, t
 
 
 HOT_PATH_INDEXES = {"nonces_expires", "attestations_node_id", "certificates_node", "vms_node", "engines_serial",
-                    "arriving_migrations", "arriving_resumes", "arriving_releases"}
+                    "arriving_migrations", "arriving_resumes", "releases_in_flight"}
 
 
 def test_the_hot_path_lookups_by_node_have_their_indexes(location):
@@ -304,7 +304,15 @@ def test_vms_on_their_way_to_a_node_are_found_by_node(location, tc_identity):
         registry.record_launch("r1", {"vm_id": "v1", "name": "web", "customer": "acme", "node": "n1", "state": "running",
                                       "image_sha256": "d", "request": "r1", "vcpus": 1, "memory_mib": 64,
                                       "anti_affinity": "g"}, lambda: {"signed": True})
-        assert registry.arriving("n1") == []  # it is there now: a VM row
+        assert registry.arriving("n1") == []  # it is there now: a VM row ...
+        assert [v["vm_id"] for v in registry.placed_on("n1")] == ["v1"]
+        assert registry.releases("v1")[0]["settled"] is not None  # ... and its release left the index of those on their way
+        registry.accept_request({**record, "id": "r2", "vm": "db", "vm_id": "v2"}, "kid")
+        assert registry.record_release("r2", "v2", "n1", attestation, "serial")
+        assert registry.fail_request("r2") == "released"  # a request that failed after its release: settled too
+        assert registry.releases("v2")[0]["settled"] is not None and registry.arriving("n1") == []
+        in_flight = registry.backend.query("SELECT COUNT(*) AS n FROM releases WHERE expired IS NULL AND settled IS NULL")
+        assert in_flight[0]["n"] == 0
         migration = registry.start_migration("v1", "n1", "n2")
         assert [(v["vm_id"], v["node"], v["anti_affinity"]) for v in registry.arriving("n2")] == [("v1", "n2", "g")]
         registry.end_migration(migration, commit=True)

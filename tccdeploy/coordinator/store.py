@@ -325,6 +325,19 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
     """,
+    # 23: a release settles when its launch is recorded or its request fails; the index of releases
+    # on their way holds only those neither settled nor expired: step 22's kept every launch a
+    # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
+    # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
+    # empty, drove a node's placement read from it and read every release for each
+    # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
+    """
+    ALTER TABLE releases ADD COLUMN settled REAL;
+    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state IN ('launched', 'failed'));
+    DROP INDEX arriving_releases;
+    DROP INDEX arriving_release_nodes;
+    CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
+    """,
 ]
 
 
@@ -499,6 +512,19 @@ PG_MIGRATIONS: list[str] = [
     # flight, inside the serialized write; 0.07 ms with this one).
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
+    """,
+    # 23: a release settles when its launch is recorded or its request fails; the index of releases
+    # on their way holds only those neither settled nor expired: step 22's kept every launch a
+    # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
+    # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
+    # empty, drove a node's placement read from it and read every release for each
+    # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
+    """
+    ALTER TABLE releases ADD COLUMN settled DOUBLE PRECISION;
+    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state IN ('launched', 'failed'));
+    DROP INDEX arriving_releases;
+    DROP INDEX arriving_release_nodes;
+    CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
     """,
 ]
 
@@ -1001,6 +1027,7 @@ class Registry:
             if db.execute("UPDATE requests SET state = 'failed' WHERE id = ? AND state = ?",
                           (request_id, row["state"])).rowcount != 1:
                 return None
+            db.defer("UPDATE releases SET settled = ? WHERE request = ? AND settled IS NULL", (time.time(), request_id))
             self._audit(db, audit, left=row["state"])
             return str(row["state"])
 
@@ -1050,7 +1077,8 @@ class Registry:
         before cutoff and no launch settled: each in its own transaction with its audit entry. The
         release row stays (expired), so the key's last node is still known to whoever releases it next."""
         due = self._all("SELECT r.id, r.request, r.node, r.vm_id, r.ticket FROM releases r JOIN requests q "
-                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.time < ?"
+                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.settled IS NULL "
+                        "AND r.time < ?"
                         + (" AND r.request = ?" if request is not None else ""),
                         (cutoff, request) if request is not None else (cutoff,))
         expired = []
@@ -1087,7 +1115,9 @@ class Registry:
             if changed != 1:
                 raise Conflict("request.vm-exists", f"VM {vm['vm_id']} is recorded running already")
             signed = receipt()
-            db.execute("INSERT INTO receipts (request, receipt, time) VALUES (?, ?, ?)", (request_id, json.dumps(signed), now))
+            db.defer("INSERT INTO receipts (request, receipt, time) VALUES (?, ?, ?)", (request_id, json.dumps(signed), now))
+            # (the VM row counts on its node now: its release is no longer on its way there)
+            db.defer("UPDATE releases SET settled = ? WHERE request = ? AND settled IS NULL", (now, request_id))
             self._audit(db, audit)
         return signed
 
@@ -1161,8 +1191,9 @@ class Registry:
             "JOIN migrations m ON m.vm_id = v.vm_id WHERE m.state = 'started' AND m.destination = ? UNION ALL "
             "SELECT v.vm_id, v.name, v.customer, s.resume_node, 'starting', v.anti_affinity, 1 FROM vms v "
             "JOIN suspensions s ON s.vm_id = v.vm_id WHERE s.state = 'resuming' AND s.resume_node = ? UNION ALL "
-            f"SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', {group}, 1 FROM requests q "
-            "JOIN releases r ON r.request = q.id WHERE q.state = 'released' AND r.node = ? AND r.expired IS NULL",
+            f"SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', {group}, 1 FROM releases r "
+            "JOIN requests q ON q.id = r.request WHERE r.node = ? AND r.expired IS NULL AND r.settled IS NULL "
+            "AND q.state = 'released'",
             (node, node, node, node))
 
     def _guard_sql(self, node: str) -> tuple[str, tuple]:
