@@ -48,7 +48,7 @@ from .identity import Identity
 from .records import NodeRecord, VMRecord
 from .references import Baseline
 from .refusals import Refused
-from .store import Audit, Conflict, Registry
+from .store import RELEASE_EXPIRY, Audit, Conflict, Registry
 
 __all__ = ["Refused", "accept", "check_customer_query", "release", "rewrap_for", "sign_customer_query"]
 
@@ -164,7 +164,6 @@ def sign_customer_query(key: Any, request_id: str, op: str) -> dict[str, str]:
     return {"time": when, "signature": base64.b64encode(signature).decode()}
 
 
-RELEASE_EXPIRY = tickets.TTL + 60  # a ticket no node can take any more, and a minute for the clocks
 
 
 def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Baseline, request_id: str, node: str,

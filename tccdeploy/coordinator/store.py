@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..crypto.ticket import TTL as TICKET_TTL
 from . import auditform
 from .db import open_backend
 from .refusals import Refused
@@ -325,15 +326,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
     """,
-    # 23: a release settles when its launch is recorded or its request fails; the index of releases
-    # on their way holds only those neither settled nor expired: step 22's kept every launch a
+    # 23: a release settles when its launch is recorded, or once its ticket's life has passed after
+    # its request failed; the index of releases on their way holds only those neither settled nor
+    # expired: step 22's kept every launch a
     # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
     # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
     # empty, drove a node's placement read from it and read every release for each
     # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
     """
     ALTER TABLE releases ADD COLUMN settled REAL;
-    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state IN ('launched', 'failed'));
+    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state = 'launched');
     DROP INDEX arriving_releases;
     DROP INDEX arriving_release_nodes;
     CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
@@ -513,15 +515,16 @@ PG_MIGRATIONS: list[str] = [
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
     """,
-    # 23: a release settles when its launch is recorded or its request fails; the index of releases
-    # on their way holds only those neither settled nor expired: step 22's kept every launch a
+    # 23: a release settles when its launch is recorded, or once its ticket's life has passed after
+    # its request failed; the index of releases on their way holds only those neither settled nor
+    # expired: step 22's kept every launch a
     # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
     # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
     # empty, drove a node's placement read from it and read every release for each
     # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
     """
     ALTER TABLE releases ADD COLUMN settled DOUBLE PRECISION;
-    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state IN ('launched', 'failed'));
+    UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state = 'launched');
     DROP INDEX arriving_releases;
     DROP INDEX arriving_release_nodes;
     CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
@@ -573,6 +576,8 @@ def _upsert(table: str, key: str, values: dict[str, Any]) -> tuple[str, tuple]:
 
 
 _AUDIT_HEAD = "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
+# How long a released key may still be launched: its ticket's life, and a minute for the clocks.
+RELEASE_EXPIRY = TICKET_TTL + 60
 
 
 class Registry:
@@ -1027,7 +1032,6 @@ class Registry:
             if db.execute("UPDATE requests SET state = 'failed' WHERE id = ? AND state = ?",
                           (request_id, row["state"])).rowcount != 1:
                 return None
-            db.defer("UPDATE releases SET settled = ? WHERE request = ? AND settled IS NULL", (time.time(), request_id))
             self._audit(db, audit, left=row["state"])
             return str(row["state"])
 
@@ -1082,6 +1086,10 @@ class Registry:
                         + (" AND r.request = ?" if request is not None else ""),
                         (cutoff, request) if request is not None else (cutoff,))
         expired = []
+        if request is None:  # (a failed request's release, once its ticket is spent, weighs on its node no more)
+            with self.transaction(serialize=True) as db:
+                db.execute("UPDATE releases SET settled = ? WHERE expired IS NULL AND settled IS NULL AND time < ? AND "
+                           "request IN (SELECT id FROM requests WHERE state = 'failed')", (time.time(), cutoff))
         for row in due:
             with self.transaction(serialize=True) as db:
                 if db.execute("UPDATE requests SET state = 'accepted' WHERE id = ? AND state = 'released'",
@@ -1193,8 +1201,10 @@ class Registry:
             "JOIN suspensions s ON s.vm_id = v.vm_id WHERE s.state = 'resuming' AND s.resume_node = ? UNION ALL "
             f"SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', {group}, 1 FROM releases r "
             "JOIN requests q ON q.id = r.request WHERE r.node = ? AND r.expired IS NULL AND r.settled IS NULL "
-            "AND q.state = 'released'",
-            (node, node, node, node))
+            # (a request failed after its release still counts while its ticket may launch the VM:
+            # the engine that says so holds the ticket; found in review)
+            "AND (q.state = 'released' OR (q.state = 'failed' AND r.time >= ?))",
+            (node, node, node, node, time.time() - RELEASE_EXPIRY))
 
     def _guard_sql(self, node: str) -> tuple[str, tuple]:
         placed, params = self._placed_sql(node)

@@ -251,3 +251,18 @@ def refused(response: httpx.Response, reason: str) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Move the TC's wall clock (every module reads time.time)."""
+    import time
+
+    real = time.time
+    shift = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + shift[0])
+
+    def move(seconds: float) -> None:
+        shift[0] += seconds
+
+    return move

@@ -11,8 +11,6 @@ the first node rebooted (until then it may still launch the VM)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tccdeploy.coordinator import keybroker
@@ -25,19 +23,6 @@ def world(broker_world):
     broker_world.node("n1")
     broker_world.node("n2")
     return broker_world
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """Move the TC's wall clock (every module reads time.time)."""
-    real = time.time
-    shift = [0.0]
-    monkeypatch.setattr(time, "time", lambda: real() + shift[0])
-
-    def move(seconds: float) -> None:
-        shift[0] += seconds
-
-    return move
 
 
 def kinds(world, since: int) -> list[str]:

@@ -296,3 +296,25 @@ def test_text_the_engine_chooses_is_stored_as_text_in_a_deferred_write(any_world
     assert audit.verify(world.tc.registry, tc=world.tc.identity()).ok
     assert world.tc.registry.request(record["id"])["state"] == "accepted"
     assert world.tc.release_key(record["id"], "n1")["node"] == "n1"
+
+
+def test_a_request_failed_after_its_release_still_counts_on_its_node_while_its_ticket_may_launch(world, clock):
+    """An engine that fails a request whose key it was given still holds the ticket, and may start
+    the VM with it: the request's VM weighs on that node's anti-affinity and capacity until the
+    ticket is spent (it was dropped from the count at once: found in review)."""
+    from tccdeploy.coordinator import keybroker
+
+    world.node("n1")
+    first = world.accepted("acme", name="a", constraints=GROUP)
+    world.tc.release_key(first["id"], "n1")
+    world.tc.fail_request(first["id"])
+    second = world.accepted("acme", name="b", constraints=GROUP)
+    assert reason(world.tc.release_key, second["id"], "n1") == "placement.constraint"
+    ek = "sha256:" + hashlib.sha256(b"n1").hexdigest()
+    world.tc.roster_remove(ek)
+    world.tc.roster_add(ek, "site1", "n1", capacity=1)
+    plain = world.accepted("acme", name="c")
+    assert reason(world.tc.release_key, plain["id"], "n1") == "placement.constraint"
+    clock(keybroker.RELEASE_EXPIRY + 1)  # the first ticket is spent (whether or not the sweep came by)
+    world.attest("n1")  # (fresh after the clock moved)
+    assert world.tc.release_key(second["id"], "n1")["node"] == "n1"
