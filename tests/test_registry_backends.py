@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tccdeploy.coordinator import audit
-from tccdeploy.coordinator.store import Conflict, Registry, RegistryError
+from tccdeploy.coordinator.store import RELEASE_EXPIRY, Conflict, Registry, RegistryError
 
 from .conftest import audited_registry
 
@@ -171,7 +171,7 @@ def test_an_entry_carrying_hostile_values_is_stored_as_it_was_hashed(location, t
 
 
 HOT_PATH_INDEXES = {"nonces_expires", "attestations_node_id", "certificates_node", "vms_node", "engines_serial",
-                    "arriving_migrations", "arriving_resumes", "releases_in_flight"}
+                    "arriving_migrations", "arriving_resumes", "releases_unsettled"}
 
 
 def test_the_hot_path_lookups_by_node_have_their_indexes(location):
@@ -309,12 +309,18 @@ def test_vms_on_their_way_to_a_node_are_found_by_node(location, tc_identity):
         assert registry.releases("v1")[0]["settled"] is not None  # ... and its release left the index of those on their way
         registry.accept_request({**record, "id": "r2", "vm": "db", "vm_id": "v2"}, "kid")
         assert registry.record_release("r2", "v2", "n1", attestation, "serial")
-        assert registry.fail_request("r2") == "released"  # failed after its release: its ticket may still launch it
+        assert registry.fail_request("r2") == "released"  # failed after its release: its ticket may have started it
         assert [v["vm_id"] for v in registry.arriving("n1")] == ["v2"]
-        registry.expire_releases(time.time() + 1, lambda row: None)  # the sweep, once the ticket is spent
+        with registry.transaction() as db:  # (made long ago: its tickets are spent)
+            db.execute("UPDATE releases SET time = time - 1000 WHERE vm_id = 'v2'")
+        registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
+        assert [v["vm_id"] for v in registry.arriving("n1")] == ["v2"]  # the boot it may run in
+        registry.add_attestation("n1", {"verdict": "untrusted", "build": "b1", "reset_count": 2})
+        assert [v["vm_id"] for v in registry.arriving("n1")] == ["v2"]  # (a reboot only a trusted quote proves)
+        registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 2})  # rebooted since
         assert registry.releases("v2")[0]["settled"] is not None and registry.arriving("n1") == []
-        in_flight = registry.backend.query("SELECT COUNT(*) AS n FROM releases WHERE expired IS NULL AND settled IS NULL")
-        assert in_flight[0]["n"] == 0
+        unsettled = registry.backend.query("SELECT COUNT(*) AS n FROM releases WHERE settled IS NULL")
+        assert unsettled[0]["n"] == 0
         migration = registry.start_migration("v1", "n1", "n2")
         assert [(v["vm_id"], v["node"], v["anti_affinity"]) for v in registry.arriving("n2")] == [("v1", "n2", "g")]
         registry.end_migration(migration, commit=True)
@@ -449,6 +455,10 @@ def test_sqlite_reads_find_the_registry_by_any_path_it_was_opened_with(tmp_path,
 def test_a_serialized_write_reads_the_audit_head_after_the_lock_not_before(location, tc_identity):
     """The chain's head is read in the round trip that takes the lock: it must be the head as the
     last writer before the lock left it, or two entries would name one previous link."""
+    _head_after_the_lock(location, tc_identity)
+
+
+def _head_after_the_lock(location: str, tc_identity) -> None:  # type: ignore[no-untyped-def]
     holder, asker = audited_registry(location, tc_identity), audited_registry(location, tc_identity)
     try:
         audit.append(holder, "test", "n1", None, seq=0)
@@ -641,3 +651,106 @@ def test_a_key_releases_reads_find_their_rows_by_index_not_by_a_scan(location, t
             assert plan and not [step for step in plan if "Seq Scan" in step or "Hash" in step], "\n".join(plan)
     finally:
         registry.close()
+
+
+def test_a_release_counts_until_its_node_reboots_after_its_tickets_were_spent(location, tc_identity):
+    """A key released for a request that then failed may have started the VM at any time in its
+    tickets' life, in whatever boot the node was in then: a reboot within that life proves
+    nothing; the first trusted quote after it names the boot to leave, and a later trusted boot
+    above it ends the count (and settles the release)."""
+    registry = audited_registry(location, tc_identity)
+
+    def at(attestation: int, when: float) -> None:
+        with registry.transaction() as db:
+            db.execute("UPDATE attestations SET time = ? WHERE id = ?", (when, attestation))
+
+    try:
+        _enrolled(registry)
+        first = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
+        registry.add_customer("acme", "ed25519:k", "kid")
+        registry.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
+                                 "wrapped_key": "w", "spec": {"vcpus": 1}}, "kid")
+        assert registry.record_release("r1", "v1", "n1", first, "serial")
+        released = registry.releases("v1")[0]["time"]
+        assert registry.fail_request("r1") == "released"
+        at(registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 2}), released + 10)
+        assert [v["vm_id"] for v in registry.arriving("n1")] == ["v1"]  # rebooted while a ticket could still start it
+        at(registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 2}),
+           released + RELEASE_EXPIRY + 40)
+        assert [v["vm_id"] for v in registry.arriving("n1")] == ["v1"]  # the boot it may run in
+        assert registry.releases("v1")[0]["settled"] is None
+        registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 3})
+        assert registry.arriving("n1") == [] and registry.releases("v1")[0]["settled"] is not None
+    finally:
+        registry.close()
+
+
+def test_a_release_reissued_while_the_sweep_expires_it_stays_released(location, tc_identity):
+    """The expiry sweep reads what is due, then expires each in its own write; a retry that
+    reissued the release meanwhile (a fresh ticket, alive) keeps it and its request released: the
+    request went back to accepted with that ticket alive, counted nowhere (found in review)."""
+    registry = audited_registry(location, tc_identity)
+    try:
+        _enrolled(registry)
+        attestation = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
+        registry.add_customer("acme", "ed25519:k", "kid")
+        registry.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
+                                 "wrapped_key": "w", "spec": {"vcpus": 1}}, "kid")
+        assert registry.record_release("r1", "v1", "n1", attestation, "serial", ticket="t1")
+        with registry.transaction() as db:  # (made long ago)
+            db.execute("UPDATE releases SET time = time - 1000")
+        read = registry._all
+
+        def then_reissued(sql: str, params: tuple = ()) -> list:
+            rows = read(sql, params)
+            if rows and "r.time < ?" in sql:
+                release = registry.releases("v1")[0]
+                assert registry.reissue_release(int(release["id"]), "t1", attestation, "serial", "t2")
+            return rows
+
+        registry._all = then_reissued  # type: ignore[method-assign]
+        assert registry.expire_releases(time.time() - RELEASE_EXPIRY, lambda row: None) == []
+        registry._all = read  # type: ignore[method-assign]
+        release = registry.releases("v1")[0]
+        assert registry.request("r1")["state"] == "released" and release["expired"] is None and release["ticket"] == "t2"
+    finally:
+        registry.close()
+
+
+def test_postgresql_a_transaction_is_never_mistaken_for_committed_nor_joined_by_the_next(postgres):
+    """A statement that failed inside a write whose code caught it leaves the transaction
+    aborted: its COMMIT is answered ROLLBACK, which is raised, not taken for a commit; a
+    connection some failure left inside a transaction is not reused, so the next write does not
+    run (and commit) inside it; an answer short of the statements sent is raised."""
+    from tccdeploy.coordinator.db import StoreFailure
+
+    registry = Registry(postgres.new_database())
+    good = "INSERT INTO roster (ek, site, name, capacity, added) VALUES (?, 's', ?, 1, 0)"
+    try:
+        with pytest.raises(StoreFailure, match="ROLLBACK"), registry.transaction(serialize=True) as db:
+            db.execute(good, ("e1", "n1"))
+            with pytest.raises(registry.backend.integrity_error):
+                db.execute(good, ("e1", "n1"))  # (caught here, as a careless caller might)
+        assert registry.roster() == []
+        registry.backend._cursor().execute("BEGIN")  # a connection left in a transaction ...
+        registry.backend._cursor().execute("INSERT INTO roster (ek, site, name, capacity, added) VALUES ('e0', 's', 'n0', 1, 0)")
+        with registry.transaction(serialize=True) as db:
+            db.execute(good, ("e2", "n2"))
+        assert [r["ek"] for r in registry.roster()] == ["e2"]  # ... is not the next write's
+        with pytest.raises(StoreFailure, match="answered"), registry.transaction(serialize=True) as db:
+            db.defer(good, ("e3", "n3"))
+            db.defer("  ")  # (an empty statement gives no result)
+            db.execute("SELECT 1")
+    finally:
+        registry.close()
+
+
+def test_postgresql_the_audit_head_is_read_after_the_lock_whatever_the_servers_isolation(postgres, tc_identity):
+    """The writes ask for READ COMMITTED: under the server's repeatable read the head was read in
+    the snapshot taken before the lock was granted, and two entries named one previous link."""
+    location = postgres.new_database()
+    import psycopg
+
+    with psycopg.connect(location, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {conn.info.dbname} SET default_transaction_isolation TO 'repeatable read'")
+    _head_after_the_lock(location, tc_identity)

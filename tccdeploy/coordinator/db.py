@@ -250,8 +250,13 @@ class PostgresBackend:
         statements after the lock see every commit made before it was granted."""
         if first is not None and ("%" in first or ";" in first):
             raise ValueError("a transaction's first read takes no parameters and is one statement")
-        self._connection()
-        opening = ["BEGIN"]
+        conn = self._connection()
+        if conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+            conn.close()  # (left inside a transaction by a failure: its statements would join this one)
+            conn = self._connection()
+        # READ COMMITTED whatever the server's default: a statement after the lock must see every
+        # commit made before the lock was granted (a snapshot taken before would not)
+        opening = ["BEGIN ISOLATION LEVEL READ COMMITTED"]
         if serialize:
             opening.append(f"SELECT pg_advisory_xact_lock({self.LOCK_KEY:d})")
         # (the thread's one cursor: conn.execute would make another)
@@ -265,6 +270,8 @@ class PostgresBackend:
                     self._local.cursor.execute("ROLLBACK")
                 except self._psycopg.Error:
                     pass  # (the connection is gone: the server rolled the transaction back)
+                if conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+                    conn.close()  # (not out of the transaction: never reused)
             raise
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
@@ -343,6 +350,9 @@ class _PostgresTx:
     def commit(self) -> None:
         if self.sent or self._deferred:
             self._send("COMMIT", ())
+            if self.cursor.statusmessage != "COMMIT":  # (PostgreSQL answers ROLLBACK for an aborted transaction)
+                raise StoreFailure("store.unavailable", f"the transaction ended in {self.cursor.statusmessage!r}, "
+                                                        "not a commit")
 
     def _send(self, statement: str | None, params: tuple) -> None:
         """statement (None: only what waits), after whatever waits to be sent, in one round trip;
@@ -356,11 +366,12 @@ class _PostgresTx:
         if statement is not None:
             waiting.append(self._literal.mogrify(statement, params) if params else statement)
         cursor = self.cursor
-        cursor.execute("; ".join(waiting))  # (no parameters: one simple query, each statement in turn)
+        cursor.execute(";\n".join(waiting))  # (no parameters: one simple query, each statement in turn)
         for place in range(len(waiting) - 1):
             if place == self._first_at:
                 self._first = list(cursor.fetchall())
-            cursor.nextset()
+            if not cursor.nextset():  # (each statement gives a result: fewer means one swallowed the rest)
+                raise StoreFailure("store.unavailable", f"{len(waiting)} statements sent, {place + 1} answered")
         if self._first_at == len(waiting) - 1:
             self._first = list(cursor.fetchall())
         self._first_at = None

@@ -326,10 +326,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
     """,
-    # 23: a release settles when its launch is recorded, or once its ticket's life has passed after
-    # its request failed; the index of releases on their way holds only those neither settled nor
-    # expired: step 22's kept every launch a
-    # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
+    # 23: a release settles when its launch is recorded, or when its node proves a reboot after its
+    # ticket's life (a key released for a request that then failed or expired may have started
+    # the VM, unrecorded); the index holds the unsettled: step 22's kept every launch a node ever
+    # had (a long-lived node's history read at each decision). Step 21's, the fleet's
     # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
     # empty, drove a node's placement read from it and read every release for each
     # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
@@ -338,7 +338,7 @@ MIGRATIONS: list[str] = [
     UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state = 'launched');
     DROP INDEX arriving_releases;
     DROP INDEX arriving_release_nodes;
-    CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
+    CREATE INDEX releases_unsettled ON releases(node) WHERE settled IS NULL;
     """,
 ]
 
@@ -515,10 +515,10 @@ PG_MIGRATIONS: list[str] = [
     """
     CREATE INDEX arriving_release_nodes ON releases(node) WHERE expired IS NULL;
     """,
-    # 23: a release settles when its launch is recorded, or once its ticket's life has passed after
-    # its request failed; the index of releases on their way holds only those neither settled nor
-    # expired: step 22's kept every launch a
-    # node ever had (a long-lived node's history read at each decision). Step 21's, the fleet's
+    # 23: a release settles when its launch is recorded, or when its node proves a reboot after its
+    # ticket's life (a key released for a request that then failed or expired may have started
+    # the VM, unrecorded); the index holds the unsettled: step 22's kept every launch a node ever
+    # had (a long-lived node's history read at each decision). Step 21's, the fleet's
     # released requests, is dropped: PostgreSQL, planning with the statistics of tables still
     # empty, drove a node's placement read from it and read every release for each
     # (bench/tc_service.py: key releases fell to 150/s as they accumulated).
@@ -527,13 +527,17 @@ PG_MIGRATIONS: list[str] = [
     UPDATE releases SET settled = time WHERE request IN (SELECT id FROM requests WHERE state = 'launched');
     DROP INDEX arriving_releases;
     DROP INDEX arriving_release_nodes;
-    CREATE INDEX releases_in_flight ON releases(node) WHERE expired IS NULL AND settled IS NULL;
+    CREATE INDEX releases_unsettled ON releases(node) WHERE settled IS NULL;
     """,
 ]
 
 
 class RegistryError(RuntimeError):
     pass
+
+
+class _Unchanged(Exception):
+    """A write found nothing to do once it looked inside its transaction: roll it back, quietly."""
 
 
 class Conflict(RegistryError):
@@ -578,6 +582,13 @@ def _upsert(table: str, key: str, values: dict[str, Any]) -> tuple[str, tuple]:
 _AUDIT_HEAD = "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
 # How long a released key may still be launched: its ticket's life, and a minute for the clocks.
 RELEASE_EXPIRY = TICKET_TTL + 60
+# Whether release r's node has rebooted since r's tickets could last be used: its newest trusted
+# boot is above the boot its first trusted attestation after that time found (a VM a ticket
+# started ran in that boot or an earlier one). Takes RELEASE_EXPIRY; not known counts as no.
+_REBOOTED_SINCE_SPENT = (
+    "(CASE WHEN (SELECT reset_count FROM attestations WHERE node = r.node AND verdict = 'trusted' AND reset_count IS "
+    "NOT NULL ORDER BY id DESC LIMIT 1) > (SELECT reset_count FROM attestations WHERE node = r.node AND verdict = "
+    "'trusted' AND reset_count IS NOT NULL AND time >= r.time + ? ORDER BY time LIMIT 1) THEN 1 ELSE 0 END = 1)")
 
 
 class Registry:
@@ -805,6 +816,12 @@ class Registry:
                     (time.time(), node, record["reset_count"])).fetchall()]
                 if gone and rebooted is not None:
                     self._audit(db, rebooted(sorted(gone)))
+                # A key released here can have started nothing still running once the node rebooted
+                # after its tickets were spent (its launch unrecorded: the request failed or expired).
+                db.defer("UPDATE releases SET settled = ? WHERE node = ? AND settled IS NULL AND (SELECT reset_count FROM "
+                         "attestations c WHERE c.node = releases.node AND c.verdict = 'trusted' AND c.reset_count IS NOT NULL "
+                         "AND c.time >= releases.time + ? ORDER BY c.time LIMIT 1) < ?",
+                         (now, node, RELEASE_EXPIRY, record["reset_count"]))
             if quarantine is not None:
                 self._quarantine(db, node, quarantine)
             return attestation_id
@@ -1032,6 +1049,8 @@ class Registry:
             if db.execute("UPDATE requests SET state = 'failed' WHERE id = ? AND state = ?",
                           (request_id, row["state"])).rowcount != 1:
                 return None
+            # (its release is over, not settled: it counts on its node until that node reboots)
+            db.defer("UPDATE releases SET expired = ? WHERE request = ? AND expired IS NULL", (time.time(), request_id))
             self._audit(db, audit, left=row["state"])
             return str(row["state"])
 
@@ -1081,22 +1100,25 @@ class Registry:
         before cutoff and no launch settled: each in its own transaction with its audit entry. The
         release row stays (expired), so the key's last node is still known to whoever releases it next."""
         due = self._all("SELECT r.id, r.request, r.node, r.vm_id, r.ticket FROM releases r JOIN requests q "
-                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.settled IS NULL "
-                        "AND r.time < ?"
+                        "ON q.id = r.request WHERE q.state = 'released' AND r.expired IS NULL AND r.time < ?"
                         + (" AND r.request = ?" if request is not None else ""),
                         (cutoff, request) if request is not None else (cutoff,))
         expired = []
-        if request is None:  # (a failed request's release, once its ticket is spent, weighs on its node no more)
-            with self.transaction(serialize=True) as db:
-                db.execute("UPDATE releases SET settled = ? WHERE expired IS NULL AND settled IS NULL AND time < ? AND "
-                           "request IN (SELECT id FROM requests WHERE state = 'failed')", (time.time(), cutoff))
         for row in due:
-            with self.transaction(serialize=True) as db:
-                if db.execute("UPDATE requests SET state = 'accepted' WHERE id = ? AND state = 'released'",
-                              (row["request"],)).rowcount != 1:
-                    continue
-                db.execute("UPDATE releases SET expired = ? WHERE id = ? AND time < ?", (time.time(), row["id"], cutoff))
-                self._audit(db, audit(row))
+            try:
+                with self.transaction(serialize=True) as db:
+                    # The release first, as it stands now: one reissued since `due` was read (a fresh
+                    # ticket) is not expired and its request stays released (found in review: it went
+                    # back to accepted with the fresh ticket alive).
+                    if db.execute("UPDATE releases SET expired = ? WHERE id = ? AND time < ? AND expired IS NULL",
+                                  (time.time(), row["id"], cutoff)).rowcount != 1:
+                        raise _Unchanged
+                    if db.execute("UPDATE requests SET state = 'accepted' WHERE id = ? AND state = 'released'",
+                                  (row["request"],)).rowcount != 1:
+                        raise _Unchanged  # (launched or failed meanwhile: the release stays as it was)
+                    self._audit(db, audit(row))
+            except _Unchanged:
+                continue
             expired.append(str(row["request"]))
         return expired
 
@@ -1199,12 +1221,13 @@ class Registry:
             "JOIN migrations m ON m.vm_id = v.vm_id WHERE m.state = 'started' AND m.destination = ? UNION ALL "
             "SELECT v.vm_id, v.name, v.customer, s.resume_node, 'starting', v.anti_affinity, 1 FROM vms v "
             "JOIN suspensions s ON s.vm_id = v.vm_id WHERE s.state = 'resuming' AND s.resume_node = ? UNION ALL "
+            # (a release counts until its launch is recorded, or its node proves a reboot since its
+            # tickets were spent: one whose request failed or expired counts too, as the engine that
+            # says so holds the ticket; found in review)
             f"SELECT q.vm_id, q.vm, q.customer, r.node, 'starting', {group}, 1 FROM releases r "
-            "JOIN requests q ON q.id = r.request WHERE r.node = ? AND r.expired IS NULL AND r.settled IS NULL "
-            # (a request failed after its release still counts while its ticket may launch the VM:
-            # the engine that says so holds the ticket; found in review)
-            "AND (q.state = 'released' OR (q.state = 'failed' AND r.time >= ?))",
-            (node, node, node, node, time.time() - RELEASE_EXPIRY))
+            "JOIN requests q ON q.id = r.request WHERE r.node = ? AND r.settled IS NULL "
+            f"AND (r.expired IS NULL OR NOT {_REBOOTED_SINCE_SPENT})",
+            (node, node, node, node, RELEASE_EXPIRY))
 
     def _guard_sql(self, node: str) -> tuple[str, tuple]:
         placed, params = self._placed_sql(node)
