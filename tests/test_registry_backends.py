@@ -653,6 +653,18 @@ def test_a_key_releases_reads_find_their_rows_by_index_not_by_a_scan(location, t
         registry.close()
 
 
+def _released_once(registry: Registry) -> int:
+    """n1 enrolled and attested (boot 1), acme's request r1 for VM v1 accepted and its key released
+    to n1 under ticket t1: that attestation's id."""
+    _enrolled(registry)
+    attestation = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
+    registry.add_customer("acme", "ed25519:k", "kid")
+    registry.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
+                             "wrapped_key": "w", "spec": {"vcpus": 1}}, "kid")
+    assert registry.record_release("r1", "v1", "n1", attestation, "serial", ticket="t1")
+    return attestation
+
+
 def test_a_release_counts_until_its_node_reboots_after_its_tickets_were_spent(location, tc_identity):
     """A key released for a request that then failed may have started the VM at any time in its
     tickets' life, in whatever boot the node was in then: a reboot within that life proves
@@ -665,12 +677,7 @@ def test_a_release_counts_until_its_node_reboots_after_its_tickets_were_spent(lo
             db.execute("UPDATE attestations SET time = ? WHERE id = ?", (when, attestation))
 
     try:
-        _enrolled(registry)
-        first = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
-        registry.add_customer("acme", "ed25519:k", "kid")
-        registry.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
-                                 "wrapped_key": "w", "spec": {"vcpus": 1}}, "kid")
-        assert registry.record_release("r1", "v1", "n1", first, "serial")
+        _released_once(registry)
         released = registry.releases("v1")[0]["time"]
         assert registry.fail_request("r1") == "released"
         at(registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 2}), released + 10)
@@ -691,12 +698,7 @@ def test_a_release_reissued_while_the_sweep_expires_it_stays_released(location, 
     request went back to accepted with that ticket alive, counted nowhere (found in review)."""
     registry = audited_registry(location, tc_identity)
     try:
-        _enrolled(registry)
-        attestation = registry.add_attestation("n1", {"verdict": "trusted", "build": "b1", "reset_count": 1})
-        registry.add_customer("acme", "ed25519:k", "kid")
-        registry.accept_request({"id": "r1", "customer": "acme", "vm": "web", "vm_id": "v1", "image_sha256": "d",
-                                 "wrapped_key": "w", "spec": {"vcpus": 1}}, "kid")
-        assert registry.record_release("r1", "v1", "n1", attestation, "serial", ticket="t1")
+        attestation = _released_once(registry)
         with registry.transaction() as db:  # (made long ago)
             db.execute("UPDATE releases SET time = time - 1000")
         read = registry._all
