@@ -331,3 +331,18 @@ def test_a_request_failed_after_its_release_still_counts_on_its_node_until_it_re
     world.tc.roster_add(ek, "site1", "n1", capacity=None)
     assert world.tc.release_key(second["id"], "n1")["node"] == "n1"
     assert world.tc.release_key(other["id"], "n1")["node"] == "n1"
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
+def test_text_the_engine_chooses_is_a_value_in_a_writes_first_statement(any_world, text):
+    """A write's first statement goes with BEGIN and the registry's lock in one simple query on
+    PostgreSQL, its values quoted by the client: a quarantine of a node named to end the quoting
+    quarantines nothing (no such node), and every row and the chain stay as they were."""
+    from tccdeploy.coordinator import audit
+
+    world = any_world
+    world.node("n1")
+    before = len(world.tc.registry.audit_entries())
+    assert world.tc.quarantine(text, text) is False
+    assert world.tc.registry.node("n1")["state"] == "admitted" and world.tc.registry.node(text) is None
+    assert len(world.tc.registry.audit_entries()) == before and audit.verify(world.tc.registry, tc=world.tc.identity()).ok
