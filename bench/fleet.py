@@ -129,7 +129,7 @@ def one_round(make_tc, nodes: dict[str, Node], clients: int) -> dict:  # type: i
 
     def client() -> None:
         tc = make_tc()
-        tc.http.get(tc.url + "/healthz").raise_for_status()  # the engine's connection, opened beforehand
+        tc.connect()  # the engine's connection, opened beforehand
         mine = []
         start.wait()
         try:

@@ -148,8 +148,9 @@ def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ign
 
     def client(key: str, items: list) -> None:  # type: ignore[type-arg]
         tc = make_tc()
-        if hasattr(tc, "http"):  # an engine keeps its connection: the handshake is not an operation's
-            tc.http.get(tc.url + "/healthz").raise_for_status()
+        remote = isinstance(tc, RemoteCoordinator)
+        if remote:  # an engine keeps its connection: the handshake is not an operation's
+            tc.connect()
         mine = []
         start.wait()
         for item in items:
@@ -160,7 +161,7 @@ def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ign
                 failures.append(failure)
         with lock:
             latencies.extend(mine)
-        if hasattr(tc, "http"):
+        if remote:
             tc.close()
 
     elapsed = start_and_time([threading.Thread(target=client, args=item) for item in work.items()], start)

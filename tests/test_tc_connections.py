@@ -189,3 +189,93 @@ def test_a_request_that_is_not_http_is_refused_400(service):
     with tls(service) as sock:
         sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
         assert answer(sock).startswith(b"HTTP/1.1 400 ")
+
+
+# -- the engine's client: keep-alive connections (transport.py) --------------------------------------
+def test_the_engines_client_keeps_its_connection_across_calls_and_replaces_one_the_tc_closed(service):
+    """A call on a kept connection costs no handshake; once the TC closed it as idle (here after
+    1 s), the next call opens another instead of failing or sending into a dead one."""
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    try:
+        remote.connect()
+        [kept] = remote.http._idle[("127.0.0.1", service.port)]
+        for _ in range(5):
+            remote.nonce("n1")
+        assert remote.http._idle[("127.0.0.1", service.port)] == [kept]  # the same one, every call
+        closed_after(kept.sock)  # the TC's idle deadline passes, and it closes its end
+        remote.nonce("n1")
+        [fresh] = remote.http._idle[("127.0.0.1", service.port)]
+        assert fresh is not kept and kept.sock is None
+    finally:
+        remote.close()
+    assert remote.http._idle == {}
+
+
+def test_the_engines_client_shared_by_threads_gives_each_call_its_own_connection_and_keeps_them(service):
+    import threading
+
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    nonces: list[str] = []
+    start = threading.Barrier(6)
+
+    def calls() -> None:
+        start.wait()
+        nonces.extend(remote.nonce("n1") for _ in range(10))
+
+    threads = [threading.Thread(target=calls) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(nonces)) == 60  # every call answered, each its own nonce
+        assert 1 <= len(remote.http._idle[("127.0.0.1", service.port)]) <= 6
+    finally:
+        remote.close()
+
+
+def test_the_engines_client_sends_nothing_to_a_server_whose_certificate_is_not_the_tcs(service, tmp_path):
+    """Pinning survives the client's transport: a TLS server with a certificate from another CA
+    (for the same address) gets no request; the engine is told the TC could not be reached."""
+    import subprocess
+    import threading
+
+    from tccdeploy.coordinator.client import RemoteCoordinator, TCUnavailable
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem"), "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    received: list[bytes] = []
+
+    def impostor() -> None:  # every connection the client tries (it tries a lone TC twice)
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls_conn:
+                    received.append(tls_conn.recv(1024))
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    remote = RemoteCoordinator(f"https://127.0.0.1:{listener.getsockname()[1]}", str(service.engine_dir))
+    try:
+        with pytest.raises(TCUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            remote.nonce("n1")
+    finally:
+        remote.close()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(15)
+    assert not any(received)

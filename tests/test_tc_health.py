@@ -166,20 +166,23 @@ def test_a_full_disk_is_a_503_store_full_that_decides_nothing_and_readiness_foll
 
 def test_the_engines_client_backs_off_on_a_503_and_says_why(broker_world, capsys, monkeypatch):
     from tccdeploy.coordinator import client as client_module
+    from tccdeploy.coordinator.transport import Answer
 
     waits: list[float] = []
     monkeypatch.setattr(client_module.time, "sleep", waits.append)
     calls = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request.url.path)
-        if len(calls) < 3:
-            return httpx.Response(503, json={"error": "store.unavailable", "message": "down"}, headers={"Retry-After": "5"})
-        return httpx.Response(200, json={"nonce": "00"})
+    class Answers:  # the TC's side as the client's transport hands it over (pure retry logic here)
+        def request(self, method: str, url: str, body: object = None) -> Answer:
+            calls.append(url.removeprefix("https://tc"))
+            if len(calls) < 3:
+                return Answer(503, {"retry-after": "5", "content-type": "application/json"},
+                              b'{"error": "store.unavailable", "message": "down"}')
+            return Answer(200, {"content-type": "application/json"}, b'{"nonce": "00"}')
 
     remote = client_module.RemoteCoordinator.__new__(client_module.RemoteCoordinator)
     remote.urls, remote.url, remote.retries = ["https://tc"], "https://tc", 3
-    remote.http = httpx.Client(transport=httpx.MockTransport(handler))
+    remote.http = Answers()
     assert remote._call("POST", "/v1/nonces", {"node": "n1"}) == {"nonce": "00"}
     assert waits == [5.0, 5.0] and len(calls) == 3
     assert "store.unavailable" in capsys.readouterr().err

@@ -14,14 +14,13 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
-
-import httpx
+from urllib.parse import urlencode, urlsplit
 
 from .admission import AdmissionRefused
 from .enrollment import Challenge, EnrollmentRefused
 from .keybroker import Refused
 from .records import IdentitySummary, MigrationRecord, NodeRecord, RequestRecord, VMRecord
+from .transport import Answer, Transport, TransportError
 from .verifier import Evidence, Verdict
 from .wire import b64, evidence_to_wire, unb64, verdict_from_wire
 
@@ -39,7 +38,7 @@ class TCNotFound(TCUnavailable):
 MAX_BACKOFF = 10.0  # seconds between two asks of a TC that cannot decide now
 
 
-def _error_of(response: httpx.Response) -> dict[str, Any]:
+def _error_of(response: Answer) -> dict[str, Any]:
     try:
         error = response.json()
     except ValueError:
@@ -53,11 +52,12 @@ def https_url(url: str) -> str:
     """url, if it names a TC over HTTPS: plain HTTP would hand the signed requests and queries to
     whoever sits on the network, and let it forge the answers (a customer's client took it)."""
     try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as exc:
+        parsed = urlsplit(url)
+        parsed.port  # noqa: B018 - raises on a port that is not one
+    except ValueError as exc:
         raise TCUnavailable(f"{url!r} is not a TC's URL ({exc}): give --tc https://HOST:PORT "
                             "(or set $TCCDEPLOY_TC)") from None
-    if parsed.scheme != "https" or not parsed.host:
+    if parsed.scheme != "https" or not parsed.hostname:
         raise TCUnavailable(f"{url!r} is not a TC's URL: a TC is served over HTTPS only; give --tc "
                             "https://HOST:PORT (or set $TCCDEPLOY_TC)")
     return url
@@ -83,20 +83,27 @@ class RemoteCoordinator:
         for each in self.urls or [url]:
             https_url(each)
         self.url = self.urls[0]
-        self.http = httpx.Client(verify=context, timeout=timeout)
+        self.http = Transport(context, timeout)
         self._policy: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.http.close()
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+    def connect(self) -> None:
+        """Open a connection to the TC now (TLS handshake included), kept for the calls that
+        follow: what a long-running engine has open anyway, out of the first call's time."""
+        answer = self._send("GET", "/healthz", None)
+        if answer.status_code != 200:
+            raise TCUnavailable(f"the TC at {self.url} answered {answer.status_code} to GET /healthz")
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Answer:
         errors = []
         # Each replica once; a lone TC twice, since it closes connections idle past its header
         # deadline and one may close just as a request goes out on it.
         for _ in range(max(2, len(self.urls))):
             try:
-                return self.http.request(method, self.url + path, json=body)
-            except httpx.TransportError as exc:
+                return self.http.request(method, self.url + path, body)
+            except TransportError as exc:
                 errors.append(f"{self.url}: {exc}")
                 self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]  # the next replica
         raise TCUnavailable(f"no TC answered {method} {path}: {'; '.join(errors)}")
@@ -399,15 +406,15 @@ class CustomerClient:
     def __init__(self, url: str, tc_pem: str, timeout: float = 30.0):
         self.url = https_url(url.strip()).rstrip("/")
         context = pinned_context(tc_pem, "--tc-cert takes the TC's certificates as `tccdeploy tc show -o tc.pem` wrote them")
-        self.http = httpx.Client(base_url=self.url, verify=context, timeout=timeout)
+        self.http = Transport(context, timeout)
 
     def close(self) -> None:
         self.http.close()
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = self.http.post(path, json=body)
-        except httpx.HTTPError as exc:
+            response = self.http.request("POST", self.url + path, body)
+        except TransportError as exc:
             raise TCUnavailable(f"the TC at {self.url} did not answer: {exc}") from None
         data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         if response.status_code != 200:

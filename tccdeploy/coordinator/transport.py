@@ -1,0 +1,127 @@
+"""Keep-alive HTTPS to the TC for the engine's and the customer's clients: the standard
+library's http.client over the pinned TLS context, a few idle connections kept per TC.
+
+Why not a general HTTP client library: an engine asks the TC for a nonce, a verdict or a key
+release per node and operation, and at fleet scale the client's own CPU per call is a share of
+what the engine's machine spends (bench/tc_service.py: httpx spent about 0.4 ms of CPU a call in
+the client, http.client 0.13 ms; 32 clients shared the machine's two cores with the TC, and the
+served TC's throughput rose with what the clients gave back). The TC's API needs none of what
+such a library adds (redirects, cookies, proxies, content decoding, HTTP/2): one JSON body out,
+one back, on a connection kept open.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import ssl
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from .. import __version__
+
+# Idle connections kept per TC: as many as an engine's forks use at once (its default 10; 32
+# clients in the benchmarks); one past it is closed as it comes back, not reopened per call.
+IDLE_KEPT = 64
+
+
+class TransportError(OSError):
+    """The TC could not be reached, or the connection failed before a whole answer came."""
+
+
+class Answer:
+    """A TC's whole answer: status, headers (names in lower case), body."""
+
+    __slots__ = ("status_code", "headers", "content")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+class Transport:
+    """Thread-safe: a call takes an idle connection to its TC (or opens one), and gives it back
+    once the whole answer was read and the TC did not ask to close it."""
+
+    def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
+        self.context = context
+        self.timeout = timeout
+        self._idle: dict[tuple[str, int], list[http.client.HTTPSConnection]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def request(self, method: str, url: str, body: Any = None) -> Answer:
+        """method url with body as JSON (None: no body); TransportError when no whole answer came."""
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise TransportError(f"{url!r} is not an https:// URL")
+        where = (parts.hostname, parts.port or 443)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"user-agent": f"tccdeploy/{__version__}", "accept": "application/json"}
+        content = None
+        if body is not None:
+            content = json.dumps(body, separators=(",", ":")).encode()
+            headers["content-type"] = "application/json"
+        connection = self._take(where)
+        try:
+            connection.request(method, target, body=content, headers=headers)
+            response = connection.getresponse()
+            answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise TransportError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        if response.will_close:
+            connection.close()
+        else:
+            self._give_back(where, connection)
+        return answer
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    def _take(self, where: tuple[str, int]) -> http.client.HTTPSConnection:
+        while True:
+            with self._lock:
+                idle = self._idle.get(where)
+                connection = idle.pop() if idle else None
+            if connection is None:
+                return http.client.HTTPSConnection(where[0], where[1], context=self.context, timeout=self.timeout)
+            if _still_open(connection):
+                return connection
+            connection.close()  # the TC closed it while idle (past its keep-alive deadline)
+
+    def _give_back(self, where: tuple[str, int], connection: http.client.HTTPSConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(where, [])
+            if not self._closed and len(idle) < IDLE_KEPT:
+                idle.append(connection)
+                return
+        connection.close()
+
+
+def _still_open(connection: http.client.HTTPSConnection) -> bool:
+    """An idle connection with something to read has been closed by the TC (or carries bytes no
+    request asked for): either way not one to send on."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
