@@ -5,6 +5,7 @@ leaves other clients served. All on loopback."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
@@ -238,44 +239,130 @@ def test_the_engines_client_shared_by_threads_gives_each_call_its_own_connection
         remote.close()
 
 
-def test_the_engines_client_sends_nothing_to_a_server_whose_certificate_is_not_the_tcs(service, tmp_path):
-    """Pinning survives the client's transport: a TLS server with a certificate from another CA
-    (for the same address) gets no request; the engine is told the TC could not be reached."""
-    import subprocess
-    import threading
+class OtherServer:
+    """A TLS server on loopback with its own self-signed certificate for 127.0.0.1 (not the TC's
+    CA): each connection it accepts gets answer(first bytes read), in a thread; what each sent is
+    kept in received."""
 
-    from tccdeploy.coordinator.client import RemoteCoordinator, TCUnavailable
+    def __init__(self, tmp_path, answer=lambda request: b""):  # type: ignore[no-untyped-def]
+        import subprocess
+        import tempfile
+        import threading
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem"), "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10)
-    received: list[bytes] = []
+        folder = tempfile.mkdtemp(dir=tmp_path)  # (each its own certificate)
+        self.cert, key = f"{folder}/cert.pem", f"{folder}/key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", key, "-out", self.cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(self.cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answer, self.received = answer, []  # type: ignore[var-annotated]
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
 
-    def impostor() -> None:  # every connection the client tries (it tries a lone TC twice)
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return  # closed: the test is over
             try:
-                with context.wrap_socket(conn, server_side=True) as tls_conn:
-                    received.append(tls_conn.recv(1024))
+                with self.context.wrap_socket(conn, server_side=True) as tls_conn:
+                    request = tls_conn.recv(65536)
+                    self.received.append(request)
+                    tls_conn.sendall(self.answer(request))
             except OSError:
                 pass
 
-    thread = threading.Thread(target=impostor)
-    thread.start()
-    remote = RemoteCoordinator(f"https://127.0.0.1:{listener.getsockname()[1]}", str(service.engine_dir))
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(15)
+
+
+def test_the_engines_client_sends_nothing_to_a_server_whose_certificate_is_not_the_tcs(service, tmp_path):
+    """Pinning survives the client's transport: a TLS server with a certificate from another CA
+    (for the same address) gets no request; the engine is told the TC could not be reached."""
+    from tccdeploy.coordinator.client import RemoteCoordinator, TCUnavailable
+
+    other = OtherServer(tmp_path)
+    remote = RemoteCoordinator(other.url, str(service.engine_dir))
     try:
         with pytest.raises(TCUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             remote.nonce("n1")
     finally:
         remote.close()
-        listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
-        thread.join(15)
-    assert not any(received)
+        other.close()
+    assert not any(other.received)
+
+
+def test_an_answer_past_the_clients_limit_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    """http.client allocates a stated length at once: a length of 10 GB is refused from the
+    header, and a body sent without one is cut at the limit."""
+    from tccdeploy.coordinator import transport
+
+    monkeypatch.setattr(transport, "MAX_ANSWER", 3 << 20)
+    stated = OtherServer(tmp_path, lambda request: b"HTTP/1.1 200 OK\r\ncontent-length: 10000000000\r\n\r\n{}")
+    streamed = OtherServer(tmp_path, lambda request: b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + b" " * (4 << 20))
+    client = transport.Transport(ssl.create_default_context(cafile=stated.cert), 10)
+    try:
+        with pytest.raises(transport.TransportError, match="10000000000 bytes, more than the 3145728"):
+            client.request("GET", stated.url + "/healthz")
+        client.context = ssl.create_default_context(cafile=streamed.cert)
+        with pytest.raises(transport.TransportError, match="more than the 3145728 bytes"):
+            client.request("GET", streamed.url + "/healthz")
+        assert client._idle == {}  # neither connection kept
+    finally:
+        client.close()
+        stated.close()
+        streamed.close()
+
+
+def test_a_name_with_a_space_or_letters_outside_ascii_reaches_the_tc_as_a_name(service):
+    """As the user typed it: the TC answers there is no such node (not a refusal to send it,
+    nor a connection error that would send it to the next replica)."""
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    try:
+        assert remote.node("nœud un") is None
+        assert remote.node("a b?c") is None
+        assert len(remote.http._idle[("127.0.0.1", service.port)]) == 1  # the connection served both
+    finally:
+        remote.close()
+
+
+def test_kept_connections_survive_an_engine_with_more_than_1024_files_open(service):
+    """select() cannot watch a descriptor past 1,023: the check of an idle connection must not
+    throw it away there (each call would pay a handshake)."""
+    import resource
+
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}: this test needs 1,200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    try:
+        remote.connect()
+        [kept] = remote.http._idle[("127.0.0.1", service.port)]
+        assert kept.sock.fileno() > 1023
+        remote.nonce("n1")
+        assert remote.http._idle[("127.0.0.1", service.port)] == [kept]
+    finally:
+        remote.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_tc_url_whose_host_is_not_ascii_is_refused_saying_which_form_to_give():
+    from tccdeploy.coordinator.client import TCUnavailable, https_url
+
+    with pytest.raises(TCUnavailable, match=r"outside ASCII: give the host's ASCII \(IDNA, xn--\) form"):
+        https_url("https://tç.example:8443")
+    assert https_url("https://xn--t-zia.example:8443") == "https://xn--t-zia.example:8443"

@@ -57,6 +57,9 @@ def https_url(url: str) -> str:
     except ValueError as exc:
         raise TCUnavailable(f"{url!r} is not a TC's URL ({exc}): give --tc https://HOST:PORT "
                             "(or set $TCCDEPLOY_TC)") from None
+    if parsed.hostname and not parsed.hostname.isascii():
+        raise TCUnavailable(f"{url!r} names its host with letters outside ASCII: give the host's ASCII (IDNA, "
+                            "xn--) form or its address")
     if parsed.scheme != "https" or not parsed.hostname:
         raise TCUnavailable(f"{url!r} is not a TC's URL: a TC is served over HTTPS only; give --tc "
                             "https://HOST:PORT (or set $TCCDEPLOY_TC)")

@@ -18,13 +18,18 @@ import select
 import ssl
 import threading
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .. import __version__
 
 # Idle connections kept per TC: as many as an engine's forks use at once (its default 10; 32
 # clients in the benchmarks); one past it is closed as it comes back, not reopened per call.
 IDLE_KEPT = 64
+# The largest answer read: well above the largest listing a TC sends (10,000 nodes' records are a
+# few MB), far below what a length the TC's side states would make this process allocate.
+MAX_ANSWER = 256 << 20
+_CHUNK = 1 << 20
+_UNQUOTED = "/?=&%:@!$'()*+,;-._~"  # a path's and a query's own punctuation; anything else percent-encoded
 
 
 class TransportError(OSError):
@@ -63,10 +68,12 @@ class Transport:
     def request(self, method: str, url: str, body: Any = None) -> Answer:
         """method url with body as JSON (None: no body); TransportError when no whole answer came."""
         parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise TransportError(f"{url!r} is not an https:// URL")
-        where = (parts.hostname, parts.port or 443)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.scheme != "https" or not parts.hostname or not parts.hostname.isascii():
+            raise TransportError(f"{url!r} is not an https:// URL with an ASCII host name")
+        where = (parts.hostname, 443 if parts.port is None else parts.port)
+        # A name with a space or a letter outside ASCII, as a user typed it, goes as the TC's API
+        # reads it (percent-encoded), not as a request http.client refuses to send.
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_UNQUOTED)
         headers = {"user-agent": f"tccdeploy/{__version__}", "accept": "application/json"}
         content = None
         if body is not None:
@@ -76,10 +83,13 @@ class Transport:
         try:
             connection.request(method, target, body=content, headers=headers)
             response = connection.getresponse()
-            answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+            answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, _read(response))
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             raise TransportError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from None
+        except BaseException:
+            connection.close()  # (in whatever state the call left it: never back in the pool)
+            raise
         if response.will_close:
             connection.close()
         else:
@@ -114,14 +124,31 @@ class Transport:
         connection.close()
 
 
+def _read(response: http.client.HTTPResponse) -> bytes:
+    """The whole body, in chunks (http.client reads a stated length in one allocation of that
+    size), refused past MAX_ANSWER."""
+    stated = response.getheader("content-length")
+    if stated is not None and stated.isdigit() and int(stated) > MAX_ANSWER:
+        raise TransportError(f"the answer is {int(stated)} bytes, more than the {MAX_ANSWER} a TC's answer may be")
+    chunks, size = [], 0
+    while chunk := response.read(_CHUNK):
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise TransportError(f"the answer is more than the {MAX_ANSWER} bytes a TC's answer may be")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _still_open(connection: http.client.HTTPSConnection) -> bool:
     """An idle connection with something to read has been closed by the TC (or carries bytes no
-    request asked for): either way not one to send on."""
+    request asked for): either way not one to send on. (poll, not select: select fails on a
+    descriptor past 1,023, and an engine with many files open would lose every kept connection.)"""
     sock = connection.sock
     if sock is None:
         return False
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
