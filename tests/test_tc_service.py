@@ -114,6 +114,24 @@ def test_openapi_health_readiness_and_metrics_are_served(examples_service):
         assert bundle.count("BEGIN CERTIFICATE") == 6  # CA, key wrapping, receipt, audit, ticket and EAR signing
 
 
+def test_the_decision_process_and_its_front_freeze_their_started_heaps(examples_service):
+    """A full collection of the started heap stopped each process 17-25 ms while decisions were
+    in flight (server.freeze_heap); /metrics shows what each froze (a front's count arrives
+    with its next hand-over, within a second or so)."""
+    import re
+    import time
+
+    deadline = time.monotonic() + 10
+    with examples_service.client(cert=False) as client:
+        while True:
+            frozen = {m[0]: float(m[1]) for m in re.findall(
+                r'^tccdeploy_gc_frozen_objects_total\{process="(\w+)"\} (\S+)$', client.get("/metrics").text, re.M)}
+            if set(frozen) == {"decisions", "front"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert set(frozen) == {"decisions", "front"} and min(frozen.values()) > 10_000, frozen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["embedded", "served"])
 def test_enrollment_and_attestation_give_the_same_verdicts_embedded_and_served(lab: Lab, tmp_path, where):
