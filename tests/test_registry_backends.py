@@ -625,7 +625,60 @@ def test_a_nodes_standing_is_what_its_three_reads_give(location, tc_identity):
         registry.close()
 
 
-@pytest.mark.parametrize("read", ["standing", "guard"])
+def test_a_nodes_identity_and_roster_are_what_their_two_reads_give(location, tc_identity):
+    """Registry.identity_and_roster, one read for every decision about a node, against identity
+    and roster(enrolled_identities(...)): the EK named by its certificate's fingerprint, by its
+    public key's, by both; entries for other EKs and other nodes left out."""
+    from tccdeploy.coordinator.roster import enrolled_identities
+
+    registry = audited_registry(location, tc_identity)
+
+    def both(node: str = "n1") -> tuple:
+        known = registry.identity(node)
+        got = registry.identity_and_roster(node)
+        assert got == (known, registry.roster(enrolled_identities(known)) if known else [])
+        return got
+
+    try:
+        assert both() == (None, [])
+        _enrolled(registry, "n1", ek="f1")
+        registry.enroll("n2", "site1", "127.0.1.8", {"ek_certificate": b"c", "ek_fingerprint": "f2", "ek_public": b"e",
+                                                     "ak_public": b"a", "ak_name": b"n", "ssh_host_key": "h",
+                                                     "manufacturer": "m", "ek_key_fingerprint": "sha256:k2"})
+        assert both()[1] == [] and both()[0]["ek_certificate"] == b"\x00cert\xff"
+        registry.roster_add("sha256:other", "site1", "x", None)
+        registry.roster_add("sha256:f2", "site1", None, 3)  # n2's, by its certificate
+        assert both()[1] == [] and [r["capacity"] for r in both("n2")[1]] == [3]
+        registry.roster_add("sha256:k2", "site2", "n2", None)  # n2's again, by its public key
+        registry.roster_add("sha256:f1", "site1", "n1", 2)
+        assert [r["ek"] for r in both("n2")[1]] == ["sha256:f2", "sha256:k2"]
+        assert [(r["ek"], r["name"], r["capacity"]) for r in both()[1]] == [("sha256:f1", "n1", 2)]
+    finally:
+        registry.close()
+
+
+def test_a_requests_row_and_its_images_owner_are_what_their_two_reads_give(location, tc_identity):
+    registry = audited_registry(location, tc_identity)
+
+    def both(request_id: str = "r1") -> tuple:
+        request = registry.request(request_id)
+        got = registry.request_and_owner(request_id)
+        assert got == (request, registry.image_owner(request["vm_id"]) if request else None)
+        return got
+
+    try:
+        assert both() == (None, None)
+        _released_once(registry)
+        request, owner = both()
+        assert request["state"] == "released" and request["spec"] == {"vcpus": 1} and owner["customer"] == "acme"
+        with registry.transaction() as db:  # (no image row: the join must not invent one)
+            db.execute("DELETE FROM images WHERE vm_id = 'v1'")
+        assert both()[1] is None and both("r9") == (None, None)
+    finally:
+        registry.close()
+
+
+@pytest.mark.parametrize("read", ["standing", "guard", "identity", "request"])
 def test_a_key_releases_reads_find_their_rows_by_index_not_by_a_scan(location, tc_identity, read):
     """At fleet size (10,000 nodes, an attestation each a minute) the reads every key release makes
     (the node's standing before, its state, certificate and VMs inside the write) must find their
@@ -636,8 +689,10 @@ def test_a_key_releases_reads_find_their_rows_by_index_not_by_a_scan(location, t
         for i in range(3):
             _enrolled(registry, f"n{i}", ek=f"ek{i}")
             registry.add_attestation(f"n{i}", {"verdict": "trusted", "build": "b", "reset_count": 1})
-        sql, params = ((registry._standing_sql, ("n1",) * registry._standing_sql.count("?")) if read == "standing"
-                       else registry._guard_sql("n1"))
+        sql, params = {"standing": lambda: (registry._standing_sql, ("n1",) * registry._standing_sql.count("?")),
+                       "guard": lambda: registry._guard_sql("n1"),
+                       "identity": lambda: (registry._identity_sql, ("n1",)),
+                       "request": lambda: (registry._request_sql, ("r1",))}[read]()
         if registry.kind == "sqlite":
             plan = [str(r["detail"]) for r in registry.backend.query("EXPLAIN QUERY PLAN " + sql, params)]
             # (a scan of p, the node's own VMs as the subquery found them by index, is no table's)

@@ -618,12 +618,14 @@ def test_vms_on_other_nodes_do_not_count_against_a_node(world):
 
 
 def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypatch):
-    """Its capacity, its rollout name and its roster entry come from one read, its state, newest
-    verdict and certificate from one more (issue 20's hot path)."""
+    """Its capacity, its rollout name and its roster entry come from one read (identity and roster
+    joined), its state, newest verdict and certificate from one more, the request and its image's
+    owner from a third (issue 20's hot path)."""
     world.node("n1")
     record = world.accepted("acme")
     reads: list[str] = []
-    for name in ("identity", "roster", "request", "image_owner", "standing", "node", "attestations", "certificate"):
+    for name in ("identity", "roster", "request", "image_owner", "standing", "node", "attestations", "certificate",
+                 "identity_and_roster", "request_and_owner"):
         original = getattr(world.tc.registry, name)
         monkeypatch.setattr(world.tc.registry, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
     vms_asked: list[object] = []
@@ -634,7 +636,7 @@ def test_a_key_release_reads_the_nodes_identity_and_roster_once(world, monkeypat
     original_vms = world.tc.registry.vms
     monkeypatch.setattr(world.tc.registry, "vms", lambda *a, **k: vms_asked.append(("fleet", k)) or original_vms(*a, **k))
     world.tc.release_key(record["id"], "n1")
-    assert sorted(reads) == ["identity", "image_owner", "request", "roster", "standing"]
+    assert sorted(reads) == ["identity_and_roster", "request_and_owner", "standing"]
     assert vms_asked == ["n1"]  # the node's own VMs and those on their way, not the fleet's
 
 
@@ -649,3 +651,18 @@ def test_a_release_handed_another_requests_row_reads_its_own(world):
                                  None, request=tc.registry.request(first["id"]))
     assert released["request"]["id"] == second["id"] and released["ticket"]["ticket"]["request"] == second["id"]
     assert tc.registry.request(first["id"])["state"] == "accepted"
+
+
+def test_a_release_handed_another_images_owner_reads_its_own(world):
+    """keybroker.release takes the caller's read of the image's owner only when it is that
+    request's image: the key's label and the ticket name the owner of this VM's image."""
+    from tccdeploy.coordinator import keybroker
+
+    world.node("n1")
+    first, second = world.accepted("acme"), world.accepted("acme")
+    tc = world.tc
+    assert first["vm_id"] != second["vm_id"]
+    other = dict(tc.registry.image_owner(first["vm_id"]), key_id="someone-elses-key")
+    released = keybroker.release(tc.registry, tc.identity(), tc.perimeter, tc.baseline(), second["id"], "n1",
+                                 None, owner=other)
+    assert released["ticket"]["ticket"]["customer"] == tc.registry.image_owner(second["vm_id"])["key_id"]

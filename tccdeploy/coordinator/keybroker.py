@@ -170,7 +170,7 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
             capacity: int | None,
             audit: Callable[[dict[str, Any], dict[str, Any], str], Audit] = lambda a, c, t: None,
             expire: Callable[[str], list[str]] = lambda request: [],
-            request: dict[str, Any] | None = None) -> dict[str, Any]:
+            request: dict[str, Any] | None = None, owner: dict[str, Any] | None = None) -> dict[str, Any]:
     """Re-wrap the request's Kvm to node's TK, if node is trusted now and meets the request's
     constraints; record the release (once) with its audit entry.
 
@@ -178,8 +178,9 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
     node gets a fresh ticket that supersedes the last (both name that node's TK and this one VM,
     whose node runs it once). Another node gets the key only once the release expired unused
     (`expire_releases`) and the node it went to has rebooted since: until then it may still
-    launch the VM, and a second node must not. request: its row, when the caller has read it
-    (every check below is on the TC's records as read now; the conditional write settles races)."""
+    launch the VM, and a second node must not. request, owner: its row and its image's, when the
+    caller has read them (every check below is on the TC's records as read now; the conditional
+    write settles races)."""
     request = registry.request(request_id) if request is None or request["id"] != request_id else request
     if request is None:
         raise Refused("release.unknown-request", f"no request {request_id}")
@@ -203,7 +204,8 @@ def release(registry: Registry, tc: Identity, perimeter: Perimeter, baseline: Ba
                                                        f"{earlier['node']} has not rebooted since: it may still launch "
                                                        f"the VM; release it there, or reboot {earlier['node']} first")
     ticket_id = tickets.new_id()
-    owner = registry.image_owner(request["vm_id"])
+    if owner is None or owner["vm_id"] != request["vm_id"]:
+        owner = registry.image_owner(request["vm_id"])
     customer_id = owner["key_id"] if owner else ""
     latest, certificate_row, rewrapped, guard = rewrap_for(
         registry, tc, perimeter, baseline, request, node, capacity,

@@ -131,12 +131,14 @@ class Coordinator:
         self.registry.close()
 
     # -- the roster (the TC operator's) ---------------------------------------------------
-    def roster_entries(self, eks: tuple[str, ...] | None = None) -> list[roster.RosterEntry]:
+    def roster_entries(self, eks: tuple[str, ...] | None = None,
+                       rows: list[dict[str, Any]] | None = None) -> list[roster.RosterEntry]:
         """The manifests' NodeRosters and the operator's `tc roster add` entries; eks: only the
-        entries for these EK names (a decision about one node reads its own, not the fleet's)."""
+        entries for these EK names (a decision about one node reads its own, not the fleet's);
+        rows: the operator's entries for eks, when the caller has read them."""
         out = [n for r in self.rosters for n in r.nodes if eks is None or n.ek in eks]
         out += [roster.RosterEntry(row["ek"], row["site"], row["name"], row["capacity"])
-                for row in self.registry.roster(eks)]
+                for row in (self.registry.roster(eks) if rows is None else rows)]
         return out
 
     def roster_add(self, ek: str, site: str, name: str | None = None, capacity: int | None = None) -> roster.RosterEntry:
@@ -164,15 +166,17 @@ class Coordinator:
         return self.registry.roster_remove(ek, audit.entry("roster.remove", ek=ek))
 
     def _roster_of(self, node: str, claimed_site: str | None, known: dict[str, Any] | None = None,
-                   ) -> tuple[roster.RosterEntry | None, list[tuple[str, str]]]:
-        """The roster entry for node's enrolled EK, or the roster's objection. known: node's
-        identity row when the caller has read it already."""
-        known = self.registry.identity(node) if known is None else known
+                   rows: list[dict[str, Any]] | None = None) -> tuple[roster.RosterEntry | None, list[tuple[str, str]]]:
+        """The roster entry for node's enrolled EK, or the roster's objection. known, rows: node's
+        identity row and the operator's roster entries for it, when the caller has read them
+        (Registry.identity_and_roster)."""
+        if known is None:
+            known, rows = self.registry.identity_and_roster(node)
         if known is None:
             return None, []
         identities = roster.enrolled_identities(known)
         try:
-            entry = roster.check(self.roster_entries(identities), node, identities, None)
+            entry = roster.check(self.roster_entries(identities, rows), node, identities, None)
         except Refused as exc:
             return None, [(exc.reason, str(exc))]
         if claimed_site is not None and claimed_site != entry.site:  # the claim is wrong; the roster still places it
@@ -182,8 +186,8 @@ class Coordinator:
 
     def _standing(self, node: str) -> Standing:
         """What the TC's records say of node's identity: its enrolled EK and its roster entry."""
-        known = self.registry.identity(node)
-        entry, failures = self._roster_of(node, None, known) if known is not None else (None, [])
+        known, rows = self.registry.identity_and_roster(node)
+        entry, failures = self._roster_of(node, None, known, rows) if known is not None else (None, [])
         return Standing(known, entry, failures)
 
     def rollout_identity(self, node: str) -> tuple[str | None, tuple[str, ...]]:
@@ -297,9 +301,9 @@ class Coordinator:
             earlier = self._verdict_of(node, nonce, sent)
             if earlier is not None:
                 return earlier  # the same evidence again (a retry whose answer was lost): its verdict, no new one
-        known = self.registry.identity(node)
+        known, rows = self.registry.identity_and_roster(node)
         last = self.registry.attestations(node, limit=1, trusted_only=True)
-        entry, roster_failures = self._roster_of(node, site, known)
+        entry, roster_failures = self._roster_of(node, site, known, rows) if known is not None else (None, [])
         verdict = verifier.verify(evidence, self.perimeter, self.builds, known, entry.site if entry else None, address,
                                   last[0] if last else None, roster_failures, self.platforms,
                                   node if entry is not None and entry.name == node else None)
@@ -420,7 +424,7 @@ class Coordinator:
 
     def release_key(self, request_id: str, node: str) -> dict[str, Any]:
         """Kvm re-wrapped to node's TK (once per request); what the engine carries to the node."""
-        request = self.registry.request(request_id)
+        request, owner = self.registry.request_and_owner(request_id)
         vm_id = request["vm_id"] if request else None
         standing = self._decision_standing()
         with self._refusals("key-release", node, vm_id):
@@ -430,7 +434,7 @@ class Coordinator:
                 lambda att, cert, ticket: audit.entry("key-release", node, vm_id, request=request_id,
                                                       attestation=att["id"], certificate_serial=cert["serial"],
                                                       ticket=ticket),
-                self.expire_releases, request)
+                self.expire_releases, request, owner)
         return {"request": request_id, "vm_id": release["request"]["vm_id"], "node": node,
                 "ticket": release["ticket"], "certificate_serial": release["certificate_serial"],
                 "attestation": release["attestation"]["id"]}

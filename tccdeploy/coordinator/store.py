@@ -607,6 +607,10 @@ class Registry:
         self.backend.migrate(steps)
         self.auditor: Auditor | None = None
         self._standing_sql = self._standing_query()
+        self._identity_sql = self._joined_query(
+            "identities i", (("roster", "r"),), "roster r ON r.ek IN ('sha256:' || i.ek_fingerprint, i.ek_key_fingerprint)",
+            "i.node = ? ORDER BY r.site, r.name, r.ek")
+        self._request_sql = self._joined_query("requests q", (("images", "m"),), "images m ON m.vm_id = q.vm_id", "q.id = ?")
 
     @property
     def version(self) -> int:
@@ -717,6 +721,17 @@ class Registry:
 
     def identity(self, node: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM identities WHERE node = ?", (node,))
+
+    def identity_and_roster(self, node: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """(node's identity, the operator's roster entries for its enrolled EK), as `identity` and
+        `roster(roster.enrolled_identities(identity))` read them, in one read: every decision about
+        a node weighs both. (The join names the EK as enrolled_identities does: the certificate's
+        fingerprint with its prefix, then the public key's.)"""
+        rows = self._all(self._identity_sql, (node,))
+        if not rows:
+            return None, []
+        split = [_split(row, ("r",)) for row in rows]
+        return split[0][0], [entry for _, (entry,) in split if entry["ek"] is not None]
 
     # -- nonces ---------------------------------------------------------------------------
     def new_nonce(self, node: str, purpose: str, nonce: str, ttl: float) -> None:
@@ -1173,6 +1188,16 @@ class Registry:
     def image_owner(self, vm_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM images WHERE vm_id = ?", (vm_id,))
 
+    def request_and_owner(self, request_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the request, its image's row), as `request` and `image_owner` read them, in one read:
+        a key release weighs both first."""
+        row = self._one(self._request_sql, (request_id,))
+        if row is None:
+            return None, None
+        own, (image,) = _split(row, ("m",))
+        own["spec"] = json.loads(own["spec"])
+        return own, image if image["vm_id"] is not None else None
+
     def vm(self, name_or_id: str) -> dict[str, Any] | None:
         """The live VM with this id, else the one live VM of this name. An id always wins: a name
         is the customer's (or the provider's) choice and may be another VM's id, 32 hex digits; and
@@ -1574,6 +1599,12 @@ class Registry:
                 "LEFT JOIN certificates c ON c.serial = (SELECT serial FROM certificates WHERE node = ? AND "
                 "revoked_at IS NULL ORDER BY not_after DESC LIMIT 1) WHERE n.name = ?")
 
+    def _joined_query(self, base: str, joined: tuple[tuple[str, str], ...], on: str, where: str) -> str:
+        """SELECT base's columns and each joined table's as "alias.column" (split again by _split)."""
+        picked = ", ".join(f'{alias}.{column} AS "{alias}.{column}"' for table, alias in joined
+                           for column in self.backend.columns(table))
+        return f"SELECT {base.split()[1]}.*, {picked} FROM {base} LEFT JOIN {on} WHERE {where}"
+
     def standing(self, node: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
         """(node's row, its newest attestation, its valid certificate), as `node`,
         `attestations(node, limit=1)` and `certificate` read them, in one read: what every
@@ -1581,15 +1612,7 @@ class Registry:
         row = self._one(self._standing_sql, (node, node, node))
         if row is None:
             return None, None, None
-        parts: dict[str, dict[str, Any]] = {alias: {} for _, alias in self._STANDING}
-        own = {}
-        for key, value in row.items():
-            alias, dot, column = key.partition(".")
-            if dot and alias in parts:
-                parts[alias][column] = value
-            else:
-                own[key] = value
-        latest, certificate = parts["a"], parts["c"]
+        own, (latest, certificate) = _split(row, tuple(alias for _, alias in self._STANDING))
         return (own, self._attestation_row(latest) if latest["id"] is not None else None,
                 certificate if certificate["serial"] is not None else None)
 
@@ -1601,3 +1624,16 @@ class Registry:
         """The node's newest certificate, revoked or not: the TK it holds (a quarantined node
         keeps its TK, which opens only while its boot is still the one it was admitted with)."""
         return self._one("SELECT * FROM certificates WHERE node = ? ORDER BY not_after DESC", (node,))
+
+
+def _split(row: dict[str, Any], aliases: tuple[str, ...]) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
+    """A joined row's own columns, and each alias's ("alias.column") as a row of its own."""
+    parts: dict[str, dict[str, Any]] = {alias: {} for alias in aliases}
+    own = {}
+    for key, value in row.items():
+        alias, dot, column = key.partition(".")
+        if dot and alias in parts:
+            parts[alias][column] = value
+        else:
+            own[key] = value
+    return own, tuple(parts[alias] for alias in aliases)
