@@ -163,3 +163,23 @@ def test_the_customers_tls_matches_the_tc_by_subject_alt_name_only(tmp_path):
     pem = tmp_path / "tc.pem"
     pem.write_bytes(tc.certificate.public_bytes(serialization.Encoding.PEM))
     assert pinned_context(str(pem), "").hostname_checks_common_name is False
+
+
+def test_the_customers_client_sends_nothing_to_a_server_the_tcs_ca_did_not_certify(tmp_path):
+    """The provider runs the network: it answers the customer's TC address with its own TLS server,
+    its certificate valid for that address but not from the TC's CA. The client (http.client on
+    kept connections since session 25) must still pin tc.pem: the signed request never leaves."""
+    from ..test_tc_connections import OtherServer
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "tc-key.pem"), "-out", str(tmp_path / "tc.pem"), "-days", "1",
+                    "-subj", "/CN=the TC's CA"], check=True, capture_output=True)
+    impostor = OtherServer(tmp_path)
+    client = CustomerClient(impostor.url, str(tmp_path / "tc.pem"))
+    try:
+        with pytest.raises(TCUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            client.submit({"id": "r1", "signature": "s"}, {"bundle": "b"})
+    finally:
+        client.close()
+        impostor.close()
+    assert not any(impostor.received)  # not a byte of the request
