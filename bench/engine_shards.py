@@ -11,7 +11,9 @@ own engine certificate:
    one engine; the count of nodes both acted on must be 0.
 
 The lab's nodes, the TC and the engines share this machine's 2 cores, so two engines here
-contend for the same CPU as one: the wall time says little of separate machines. What each
+contend for the same CPU as one: the wall time says little of separate machines. Beside each
+round, how many of the machine's cores were busy (bench/machine.py, from /proc/stat): a round
+that keeps them all busy cannot end sooner here, however many engines share it. What each
 engine process spends (its CPU seconds a round, from wait4) is the figure that scales out:
 the busier shard engine against the one engine over the whole fleet.
 Run: .venv/bin/python bench/engine_shards.py [--nodes 30] [--repeat 3]
@@ -33,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import Busy  # noqa: E402
+
 from tccdeploy.lab.lab import Lab  # noqa: E402
 from tests.tcservice import BIN, Service  # noqa: E402
 
@@ -45,9 +49,11 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def enforce_at_once(engines: list[tuple[str, list[str]]], common: list[str], env: dict[str, str],
-                    folder: str) -> tuple[float, list[dict], list[float]]:
+                    folder: str) -> tuple[float, list[dict], list[float], float]:
     """Start one `enforce --once --json` per (engine folder, extra args) together; the wall time
-    until the last ends, each one's round report and the CPU seconds each engine process used."""
+    until the last ends, each one's round report, the CPU seconds each engine process used and
+    how many of the machine's cores were busy meanwhile (everything on it: nodes, TC, engines)."""
+    busy = Busy().start()
     started = time.perf_counter()
     runs = []
     for i, (engine_dir, extra) in enumerate(engines):
@@ -66,7 +72,9 @@ def enforce_at_once(engines: list[tuple[str, list[str]]], common: list[str], env
             raise SystemExit(f"enforce failed (exit {proc.returncode}): {text[-1500:]}")
         reports.append(json.loads([line for line in text.splitlines() if line.startswith("{")][-1]))
         cpu.append(usage.ru_utime + usage.ru_stime)
-    return time.perf_counter() - started, reports, cpu
+    elapsed = time.perf_counter() - started
+    busy.stop()
+    return elapsed, reports, cpu, busy.cores
 
 
 def attested(report: dict) -> set[str]:
@@ -88,19 +96,21 @@ def measure(nodes: int, repeat: int, lab_index: int) -> dict:
         run([str(BIN / "tccdeploy"), "attest", "--admit", *common, "--engine-dir", one], env)
         fleet = {n.name for n in lab.nodes}
         single, sharded, overlapping, acted_twice, split_ok = [], [], [], 0, True
-        single_cpu, shard_cpu = [], []
+        single_cpu, shard_cpu, single_busy, shard_busy = [], [], [], []
         for _ in range(repeat):
-            elapsed, (report,), cpu = enforce_at_once([(one, [])], common, env, str(state))
+            elapsed, (report,), cpu, cores = enforce_at_once([(one, [])], common, env, str(state))
             if attested(report) != fleet:
                 raise SystemExit(f"one engine attested {len(attested(report))} of {len(fleet)} nodes")
             single.append(elapsed)
             single_cpu += cpu
-            elapsed, (a, b), cpu = enforce_at_once([(one, ["--shard", "1/2"]), (two, ["--shard", "2/2"])], common, env,
+            single_busy.append(cores)
+            elapsed, (a, b), cpu, cores = enforce_at_once([(one, ["--shard", "1/2"]), (two, ["--shard", "2/2"])], common, env,
                                                    str(state))
             split_ok &= attested(a) | attested(b) == fleet and not attested(a) & attested(b)
             sharded.append(elapsed)
             shard_cpu.append(max(cpu))
-            elapsed, (a, b), _ = enforce_at_once([(one, []), (two, [])], common, env, str(state))
+            shard_busy.append(cores)
+            elapsed, (a, b), _, _ = enforce_at_once([(one, []), (two, [])], common, env, str(state))
             acted_twice += len(attested(a) & attested(b))
             overlapping.append(elapsed)
         started = time.perf_counter()
@@ -116,6 +126,8 @@ def measure(nodes: int, repeat: int, lab_index: int) -> dict:
             "two_overlapping_s": round(statistics.median(overlapping), 2),
             "one_engine_cpu_s": round(statistics.median(single_cpu), 2),
             "busiest_shard_engine_cpu_s": round(statistics.median(shard_cpu), 2), "cli_start_s": round(startup, 2),
+            "one_engine_cores_busy": round(statistics.median(single_busy), 2),
+            "two_shards_cores_busy": round(statistics.median(shard_busy), 2),
             "shards_split_the_fleet": split_ok, "nodes_acted_on_twice": acted_twice,
             "ratio": round(statistics.median(single) / statistics.median(sharded), 2)}
 
@@ -131,9 +143,12 @@ def main() -> int:
         print(json.dumps({"benchmark": "engine_shards", **result}))
         return 0
     print(f"one enforcement round over {args.nodes} lab nodes through tc serve, median of {args.repeat}:")
-    print(f"  one engine, whole fleet             {result['one_engine_s']:6.2f} s")
+    cores = os.cpu_count() or 1
+    print(f"  one engine, whole fleet             {result['one_engine_s']:6.2f} s   "
+          f"({result['one_engine_cores_busy']:.2f} of {cores} cores busy)")
     print(f"  two engines, shards 1/2 and 2/2     {result['two_shards_s']:6.2f} s   ({result['ratio']}x faster; "
-          f"shards split the fleet: {result['shards_split_the_fleet']})")
+          f"shards split the fleet: {result['shards_split_the_fleet']}; {result['two_shards_cores_busy']:.2f} of {cores} "
+          "cores busy)")
     print(f"  engine CPU a round: one engine {result['one_engine_cpu_s']:.2f} s, the busier shard engine "
           f"{result['busiest_shard_engine_cpu_s']:.2f} s (the command's start alone: {result['cli_start_s']:.2f} s wall)")
     print(f"  two engines, both the whole fleet   {result['two_overlapping_s']:6.2f} s   "

@@ -14,8 +14,9 @@ already). Served is `tc
 serve --fronts 1` (TLS and HTTP in a front process, decisions in the serving one; --fronts sets
 it); "1 process" is `--fronts 0`, all in one; on PostgreSQL "2 replicas" runs two of those on the
 one database, the clients spread over them.
-Figures: operations per second, and the p50/p99 latency of one operation. The clients share
-this machine's cores with the TC. The PostgreSQL server and `tc serve` are real processes
+Figures: operations per second, the p50/p99 latency of one operation, and how many of the
+machine's cores were busy while the clock ran (bench/machine.py). The clients share this
+machine's cores with the TC: a row near all of them busy is bound by the machine. The PostgreSQL server and `tc serve` are real processes
 started here and stopped by PID.
 Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 50] [--repeat 3]
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -35,6 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import Busy  # noqa: E402
 
 from tccdeploy.coordinator import tpm2  # noqa: E402
 from tccdeploy.coordinator.client import RemoteCoordinator  # noqa: E402
@@ -47,6 +51,7 @@ from tests.pgserver import PostgresServer, skip_reason  # noqa: E402
 from tests.tcservice import Service  # noqa: E402
 
 SITE, ADDRESS = "site1", "127.0.1.7"
+CORES = os.cpu_count() or 1
 
 
 def roster_ek(name: str) -> str:
@@ -129,9 +134,9 @@ def prepare_releases(location: str, state: str, manifests, clients: int, ops: in
     return out
 
 
-def start_and_time(threads: list[threading.Thread], start: threading.Barrier) -> float:
+def start_and_time(threads: list[threading.Thread], start: threading.Barrier, busy: Busy | None = None) -> float:
     """Start the client threads, let them go together (each waits at start once ready), and
-    time them until the last ends. What this process holds by then (the enrolled nodes, the
+    time them until the last ends (busy, if given: how busy the machine's cores were meanwhile). What this process holds by then (the enrolled nodes, the
     prepared requests, the embedded TC) is frozen out of the collector's sight while the clock
     runs, as `tc serve` freezes its own (server.freeze_heap): a full collection of it stopped every
     client thread here 15-25 ms, a pause the embedded TC's figures and the served TC's latencies
@@ -142,11 +147,15 @@ def start_and_time(threads: list[threading.Thread], start: threading.Barrier) ->
     gc.freeze()
     start.wait()
     began = time.perf_counter()
+    if busy is not None:
+        busy.start()
     try:
         for t in threads:
             t.join()
         return time.perf_counter() - began
     finally:
+        if busy is not None:
+            busy.stop()
         gc.unfreeze()  # (collectable again: the next row's setup does not keep this one's)
 
 
@@ -183,13 +192,15 @@ def run_clients(make_tc, work: dict[str, list], operation) -> dict:  # type: ign
         if remote:
             tc.close()
 
-    elapsed = start_and_time([threading.Thread(target=client, args=item) for item in work.items()], start)
+    busy = Busy()
+    elapsed = start_and_time([threading.Thread(target=client, args=item) for item in work.items()], start, busy)
     if failures or len(latencies) != sum(len(v) - 1 for v in work.values()):
         raise SystemExit(f"operations failed in the benchmark: {failures[:3]}")
     latencies.sort()
     return {"ops": len(latencies), "ops_per_s": round(len(latencies) / elapsed, 1),
             "p50_ms": round(1000 * statistics.median(latencies), 2),
-            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2)}
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 2),
+            "cores_busy": round(busy.cores, 2)}
 
 
 def remote_clients(services: list[Service]):  # type: ignore[no-untyped-def]
@@ -241,7 +252,7 @@ def measure(clients: int, ops: int, repeat: int = 1, fronts: int = 1) -> dict:
         base = [next(b for b in r if b["mode"] == "embedded" and b["database"] == first["database"]
                      and b["operation"] == first["operation"]) for r in rounds]
         rows.append({**{k: first[k] for k in ("mode", "database", "operation")}, "ops": first["ops"],
-                     **{k: round(statistics.median(x[k] for x in same), 2) for k in ("ops_per_s", "p50_ms", "p99_ms")},
+                     **{k: round(statistics.median(x[k] for x in same), 2) for k in ("ops_per_s", "p50_ms", "p99_ms", "cores_busy")},
                      "ratios": [round(x["ops_per_s"] / b["ops_per_s"], 2) for x, b in zip(same, base, strict=True)]})
     return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "fronts": fronts, "rows": rows}
 
@@ -313,8 +324,8 @@ def main() -> int:
     for r in result["rows"]:
         ratio = r["ops_per_s"] / base[(r["database"], r["operation"])]["ops_per_s"]
         print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
-              f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  ({ratio:.2f}x embedded; rounds "
-              f"{', '.join(f'{x:.2f}' for x in r['ratios'])})")
+              f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  {r['cores_busy']:.2f} of {CORES} cores busy  "
+              f"({ratio:.2f}x embedded; rounds {', '.join(f'{x:.2f}' for x in r['ratios'])})")
     single = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "1 process"}
     for r in [r for r in result["rows"] if r["mode"] == "2 replicas"]:
         print(f"  2 replicas / 1 process: {r['operation']}s "
