@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from machine import cpu_seconds, with_children  # noqa: E402
 from tc_service import ADDRESS, SITE, remote_clients, roster_ek, start_and_time  # noqa: E402
 
 from tccdeploy.coordinator import tpm2  # noqa: E402
@@ -50,7 +51,6 @@ ANCHORS = [  # (whose, what they claim); printed beside the figures, not measure
     ("Keylime verifier", "~2,500 quote checks/s per verifier"),
     ("10,000 nodes at a 60 s interval", "167 verdicts/s sustained"),
 ]
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def enroll_fleet(location: str, count: int, progress: bool) -> dict[str, Node]:
@@ -85,31 +85,6 @@ def enroll_fleet(location: str, count: int, progress: bool) -> dict[str, Node]:
     if done[0] != count:
         raise SystemExit(f"enrolling the fleet failed after {done[0]} of {count} nodes")
     return nodes
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU of these processes and of their children that have exited."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return total / TICK
-
-
-def with_children(pid: int) -> list[int]:
-    """A process and its live children (PostgreSQL's backends; `tc serve`'s fronts)."""
-    out = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if parent == pid:
-                out.append(int(entry))
-    return out
 
 
 def postgres_pids(postmaster: int) -> list[int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+TICK = os.sysconf("SC_CLK_TCK")
+
 
 def _ticks() -> tuple[int, int]:
     """(busy, total) clock ticks of all cores since boot, from /proc/stat's first line."""
@@ -45,3 +47,28 @@ class Busy:
         self.fraction = (busy - self._start[0]) / spent if spent > 0 else 0.0
         self.cores = self.fraction * (os.cpu_count() or 1)
         return self.fraction
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes and of their children that have exited."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
+
+
+def with_children(pid: int) -> list[int]:
+    """A process and its live children (PostgreSQL's backends; `tc serve`'s fronts)."""
+    out = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if parent == pid:
+                out.append(int(entry))
+    return out

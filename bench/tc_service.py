@@ -10,14 +10,16 @@ and re-wrapping it to the node's key, recording the release once, with its audit
 software nodes; each of 32 client threads works for its node --ops times, on one connection it
 opened (and handshook) before the clock starts, as an engine keeps its connection, after one
 operation of each kind untimed (a running TC's database connections have planned its statements
-already). Served is `tc
-serve --fronts 1` (TLS and HTTP in a front process, decisions in the serving one; --fronts sets
-it); "1 process" is `--fronts 0`, all in one; on PostgreSQL "2 replicas" runs two of those on the
-one database, the clients spread over them.
+already). Served is `tc serve --fronts 1` (TLS and HTTP in a front process, decisions in the
+serving one; --fronts sets it); "1 process" is `--fronts 0`, all in one; on PostgreSQL "2
+replicas" runs two of those on the one database, the clients spread over them.
 Figures: operations per second, the p50/p99 latency of one operation, and how many of the
-machine's cores were busy while the clock ran (bench/machine.py). The clients share this
-machine's cores with the TC: a row near all of them busy is bound by the machine. The PostgreSQL server and `tc serve` are real processes
-started here and stopped by PID.
+machine's cores were busy while the clock ran (bench/machine.py): the clients share this
+machine's cores with the TC, and a row near all of them busy is bound by the machine. Then what
+a new connection costs: 200 pairs opened one after another, each for one call, one with a full
+TLS handshake, the next with the TLS session resumed (the engine's client offers a ticket an
+earlier connection received). The PostgreSQL server and `tc serve` are real processes started here and
+stopped by PID.
 Run: .venv/bin/python bench/tc_service.py [--clients 32] [--ops 50] [--repeat 3]
 """
 
@@ -38,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import Busy  # noqa: E402
+from machine import Busy, cpu_seconds, with_children  # noqa: E402
 
 from tccdeploy.coordinator import tpm2  # noqa: E402
 from tccdeploy.coordinator.client import RemoteCoordinator  # noqa: E402
@@ -232,6 +234,45 @@ def releases_timed(make_tc, work: dict[str, list[str]]) -> dict:  # type: ignore
     return run_clients(make_tc, work, release)
 
 
+def new_connections(count: int) -> dict:
+    """What a new connection costs the engine and the TC: 2 x count connections opened one after
+    another to `tc serve` (one front: each front process has a ticket key of its own, so with N
+    fronts about 1 new connection in N resumes), each for one nonce, taking turns: a full
+    handshake (no ticket offered), then one with the TLS session resumed (the ticket from the
+    connection before). Wall time and CPU (this process; `tc serve` with its front) a connection,
+    the call included."""
+    state = Path(tempfile.mkdtemp(prefix="tccdeploy-bench-tc-"))
+    service = Service(state, str(ROOT / "examples"), options=("--fronts", "1"))
+    tc = RemoteCoordinator(service.url, str(service.engine_dir))
+    where = ("127.0.0.1", service.port)
+    spent = {kind: [0.0, 0.0, 0.0] for kind in ("full", "resumed")}  # wall, client CPU, TC CPU
+    try:
+        tc.nonce("bench-0")  # (the TC's first call, and a ticket in hand)
+        pids = with_children(service.proc.pid)
+        for _ in range(count):
+            for kind in ("full", "resumed"):
+                for connection in tc.http._idle.pop(where, []):
+                    connection.close()  # (as the TC closes an idle one)
+                if kind == "full":
+                    tc.http._tickets.pop(where, None)
+                theirs, mine = cpu_seconds(pids), time.process_time()
+                began = time.perf_counter()
+                tc.nonce("bench-0")
+                elapsed = time.perf_counter() - began
+                mine, theirs = time.process_time() - mine, cpu_seconds(pids) - theirs
+                for i, value in enumerate((elapsed, mine, theirs)):
+                    spent[kind][i] += value
+        if tc.http.handshakes != {"full": count + 1, "resumed": count}:
+            raise SystemExit(f"the connections' handshakes were {tc.http.handshakes}, not {count} of each")
+    finally:
+        tc.close()
+        service.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    return {"count": count, **{kind: {"ms": round(1000 * wall / count, 3), "client_cpu_ms": round(1000 * cpu / count, 3),
+                                      "tc_cpu_ms": round(1000 * tc_cpu / count, 3)}
+                               for kind, (wall, cpu, tc_cpu) in spent.items()}}
+
+
 def measure(clients: int, ops: int, repeat: int = 1, fronts: int = 1) -> dict:
     """Every row repeat times, the rounds interleaved (embedded, served, ... then again), so a
     slow minute of the machine falls on both sides; each figure is the median of its rounds,
@@ -246,6 +287,7 @@ def measure(clients: int, ops: int, repeat: int = 1, fronts: int = 1) -> dict:
     finally:
         if pg is not None:
             pg.stop()
+    connections = new_connections(200)
     rows = []
     for i, first in enumerate(rounds[0]):
         same = [r[i] for r in rounds]
@@ -254,7 +296,8 @@ def measure(clients: int, ops: int, repeat: int = 1, fronts: int = 1) -> dict:
         rows.append({**{k: first[k] for k in ("mode", "database", "operation")}, "ops": first["ops"],
                      **{k: round(statistics.median(x[k] for x in same), 2) for k in ("ops_per_s", "p50_ms", "p99_ms", "cores_busy")},
                      "ratios": [round(x["ops_per_s"] / b["ops_per_s"], 2) for x, b in zip(same, base, strict=True)]})
-    return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "fronts": fronts, "rows": rows}
+    return {"clients": clients, "ops_per_client": ops, "repeat": repeat, "fronts": fronts, "rows": rows,
+            "new_connections": connections}
 
 
 def measure_once(clients: int, ops: int, pg: PostgresServer | None, fronts: int = 1) -> list[dict]:
@@ -326,6 +369,11 @@ def main() -> int:
         print(f"  {r['operation']:<11} {r['mode']:<8} {r['database']:<10} {r['ops_per_s']:>8.1f} ops/s  "
               f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  {r['cores_busy']:.2f} of {CORES} cores busy  "
               f"({ratio:.2f}x embedded; rounds {', '.join(f'{x:.2f}' for x in r['ratios'])})")
+    new = result["new_connections"]
+    print(f"  a new connection and one call, {new['count']} one after another: full handshake {new['full']['ms']:.2f} ms "
+          f"(client CPU {new['full']['client_cpu_ms']:.2f} ms, TC {new['full']['tc_cpu_ms']:.2f} ms), session resumed "
+          f"{new['resumed']['ms']:.2f} ms (client {new['resumed']['client_cpu_ms']:.2f} ms, TC "
+          f"{new['resumed']['tc_cpu_ms']:.2f} ms): {new['full']['ms'] / new['resumed']['ms']:.2f}x faster")
     single = {(r["database"], r["operation"]): r for r in result["rows"] if r["mode"] == "1 process"}
     for r in [r for r in result["rows"] if r["mode"] == "2 replicas"]:
         print(f"  2 replicas / 1 process: {r['operation']}s "

@@ -239,12 +239,128 @@ def test_the_engines_client_shared_by_threads_gives_each_call_its_own_connection
         remote.close()
 
 
+def test_a_connection_opened_after_the_tc_closed_one_resumes_the_tls_session(service):
+    """The TC closes a connection idle past its deadline; the engine's next connection offers the
+    ticket the first one received and the TC resumes the session (no certificate signed or checked
+    again), and the call is still the engine's: a nonce, which only an engine gets."""
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    try:
+        remote.connect()
+        [kept] = remote.http._idle[("127.0.0.1", service.port)]
+        closed_after(kept.sock)
+        assert remote.nonce("n1")
+        [fresh] = remote.http._idle[("127.0.0.1", service.port)]
+        assert fresh.sock.session_reused
+        assert remote.http.handshakes == {"full": 1, "resumed": 1}
+    finally:
+        remote.close()
+    assert remote.http._tickets == {}  # closed: nothing kept
+
+
+def test_a_session_ticket_is_handed_to_one_new_connection_to_its_own_address(service):
+    """Two connections opened after one ticket came: the first gets it, the second none (a ticket
+    is used once, RFC 8446 section C.4; no two handshakes share one); a connection to the same
+    port by another name gets none either."""
+    from tccdeploy.coordinator.client import RemoteCoordinator
+
+    remote = RemoteCoordinator(service.url, str(service.engine_dir))
+    where = ("127.0.0.1", service.port)
+    try:
+        remote.connect()
+        [ticket] = remote.http._tickets[where]
+        assert remote.http._take(("localhost", service.port)).offered is None
+        kept, first, second = (remote.http._take(where) for _ in range(3))
+        assert kept.sock is not None and first.offered is ticket and second.offered is None
+        assert remote.http._tickets[where] == []
+        for connection in (kept, first, second):
+            connection.close()
+    finally:
+        remote.close()
+
+
+def _plain_answer(close: bool):  # type: ignore[no-untyped-def]
+    return lambda request: (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+                            + (b"connection: close\r\n" if close else b"") + b"\r\n{}")
+
+
+def test_a_first_answer_that_closes_its_connection_still_counts_the_handshake_and_keeps_the_ticket(tmp_path):
+    """A TC answering `connection: close` (a 500, a refusal, shutting down) on a new connection:
+    http.client drops the connection's socket as the head arrives, so a ticket looked for after
+    the body was read was gone (found in review): it is taken before."""
+    from tccdeploy.coordinator.transport import Transport
+
+    server = OtherServer(tmp_path, answer=_plain_answer(close=True))
+    transport = Transport(ssl.create_default_context(cafile=server.cert), 10)
+    where = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    try:
+        assert transport.request("GET", server.url + "/x").json() == {}
+        assert transport.handshakes == {"full": 1, "resumed": 0} and len(transport._tickets[where]) == 1
+        assert transport.request("GET", server.url + "/x").json() == {}
+        assert transport.handshakes == {"full": 1, "resumed": 1}
+    finally:
+        transport.close()
+        server.close()
+
+
+def test_a_resumed_session_that_brought_no_new_ticket_is_not_kept_again(tmp_path):
+    """A server that sends no ticket on a resumed session: what the connection then holds is the
+    ticket it just spent; kept again, it would be offered to a second handshake (found in review)."""
+    from tccdeploy.coordinator.transport import Transport
+
+    server = OtherServer(tmp_path, answer=_plain_answer(close=False))
+    transport = Transport(ssl.create_default_context(cafile=server.cert), 10)
+    where = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    try:
+        transport.request("GET", server.url + "/x")
+        assert len(transport._tickets[where]) == 1
+        server.context.num_tickets = 0  # (from now on: no ticket after a handshake)
+        for connection in transport._idle.pop(where):
+            connection.close()
+        transport.request("GET", server.url + "/x")
+        assert transport.handshakes == {"full": 1, "resumed": 1}
+        assert transport._tickets[where] == []
+    finally:
+        transport.close()
+        server.close()
+
+
+def test_the_tcs_session_ticket_gets_a_server_at_its_address_nothing(tmp_path):
+    """The TC stops and another TLS server (its certificate not from the TC's CA) answers on its
+    address; the client offers the ticket the TC gave it. The server cannot resume a session it
+    never made, so it shows its certificate, pinning refuses it, and no request is sent."""
+    from tccdeploy.coordinator.client import RemoteCoordinator, TCUnavailable
+
+    served = Service(tmp_path / "tc", str(REPO / "examples"))
+    remote = RemoteCoordinator(served.url, str(served.engine_dir))
+    other = None
+    try:
+        remote.nonce("n1")
+        where = ("127.0.0.1", served.port)
+        [connection] = remote.http._idle.pop(where)
+        connection.close()
+        assert len(remote.http._tickets[where]) == 1
+        served.stop()
+        other = OtherServer(tmp_path, port=served.port)
+        with pytest.raises(TCUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            remote.nonce("n1")
+        assert remote.http._tickets[where] == []  # the ticket was offered (and is spent)
+        assert remote.http.handshakes == {"full": 1, "resumed": 0}
+    finally:
+        remote.close()
+        served.stop()
+        if other is not None:
+            other.close()
+    assert other is not None and not any(other.received)
+
+
 class OtherServer:
     """A TLS server on loopback with its own self-signed certificate for 127.0.0.1 (not the TC's
     CA): each connection it accepts gets answer(first bytes read), in a thread; what each sent is
     kept in received."""
 
-    def __init__(self, tmp_path, answer=lambda request: b""):  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path, answer=lambda request: b"", port: int = 0):  # type: ignore[no-untyped-def]
         import subprocess
         import tempfile
         import threading
@@ -256,7 +372,7 @@ class OtherServer:
                         "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(self.cert, key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", port))
         self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
         self.answer, self.received = answer, []  # type: ignore[var-annotated]
         self.thread = threading.Thread(target=self._serve)

@@ -8,6 +8,14 @@ the client, http.client 0.13 ms; 32 clients shared the machine's two cores with 
 served TC's throughput rose with what the clients gave back). The TC's API needs none of what
 such a library adds (redirects, cookies, proxies, content decoding, HTTP/2): one JSON body out,
 one back, on a connection kept open.
+
+A connection opened after others (the TC closed one as idle, or the engine's threads need
+more) offers a TLS 1.3 session ticket an earlier connection to that TC received, each ticket
+once (RFC 8446's advice; it also never has two handshakes share one): the TC resumes the
+session instead of a full handshake, so neither side signs or checks a certificate again
+(bench/tc_service.py: the TC's CPU for a new connection and a call halves).
+What a ticket resumes is only the TC's own session: a server without the TC's ticket key cannot
+accept it and must show a certificate the pinned CA signed, as on a first connection.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import select
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -54,16 +63,54 @@ class Answer:
         return self.content.decode("utf-8", errors="replace")
 
 
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPS connection whose handshake offers a session (None: a full handshake), and says
+    each handshake it made to handshake(resumed)."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, timeout: float,
+                 session: ssl.SSLSession | None, handshake: Callable[[bool], None]) -> None:
+        super().__init__(host, port, context=context, timeout=timeout)
+        self.tls_context, self.offered, self._handshake = context, session, handshake
+        self.tls: ssl.SSLSocket | None = None
+        self.resumed_from: ssl.SSLSession | None = None
+        self.fresh = False  # handshook, its session not yet looked at for a ticket to keep
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # (TCP; no proxy tunnel: the TC is reached directly)
+        session, self.offered = self.offered, None  # (a ticket is offered once)
+        self.sock = self.tls = self.tls_context.wrap_socket(self.sock, server_hostname=self.host, session=session)
+        resumed = bool(self.tls.session_reused)
+        self.resumed_from = session if resumed else None
+        self.fresh = True
+        self._handshake(resumed)
+
+    def new_ticket(self) -> ssl.SSLSession | None:
+        """The session to keep for a later connection, if the TC gave this one a ticket of its
+        own. Asked once the answer's head came (TLS 1.3 sends tickets after the handshake, before
+        any answer) and before its body is read (after that, a connection the TC closes has
+        forgotten its session)."""
+        self.fresh = False
+        session = self.tls.session if self.tls is not None else None
+        if session is None or not session.has_ticket:
+            return None
+        if self.resumed_from is not None and session == self.resumed_from:
+            return None  # resumed, and no new ticket came: what it holds is the ticket just spent
+        return session
+
+
 class Transport:
     """Thread-safe: a call takes an idle connection to its TC (or opens one), and gives it back
-    once the whole answer was read and the TC did not ask to close it."""
+    once the whole answer was read and the TC did not ask to close it. `handshakes` counts the
+    TLS handshakes its connections made: "full" and "resumed"."""
 
     def __init__(self, context: ssl.SSLContext, timeout: float) -> None:
         self.context = context
         self.timeout = timeout
-        self._idle: dict[tuple[str, int], list[http.client.HTTPSConnection]] = {}
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._tickets: dict[tuple[str, int], list[ssl.SSLSession]] = {}  # unused ones, each for one handshake
         self._lock = threading.Lock()
         self._closed = False
+        self.handshakes = {"full": 0, "resumed": 0}
 
     def request(self, method: str, url: str, body: Any = None) -> Answer:
         """method url with body as JSON (None: no body); TransportError when no whole answer came."""
@@ -83,6 +130,7 @@ class Transport:
         try:
             connection.request(method, target, body=content, headers=headers)
             response = connection.getresponse()
+            ticket = connection.new_ticket() if connection.fresh else None
             answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, _read(response))
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
@@ -90,6 +138,8 @@ class Transport:
         except BaseException:
             connection.close()  # (in whatever state the call left it: never back in the pool)
             raise
+        if ticket is not None:
+            self._keep(where, ticket)
         if response.will_close:
             connection.close()
         else:
@@ -100,22 +150,39 @@ class Transport:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
+            self._tickets.clear()
         for connections in idle.values():
             for connection in connections:
                 connection.close()
 
-    def _take(self, where: tuple[str, int]) -> http.client.HTTPSConnection:
+    def _take(self, where: tuple[str, int]) -> _Connection:
         while True:
             with self._lock:
                 idle = self._idle.get(where)
                 connection = idle.pop() if idle else None
+                tickets = self._tickets.get(where) if connection is None else None
+                session = tickets.pop() if tickets else None
             if connection is None:
-                return http.client.HTTPSConnection(where[0], where[1], context=self.context, timeout=self.timeout)
+                return _Connection(where[0], where[1], self.context, self.timeout, session, self._count)
             if _still_open(connection):
                 return connection
             connection.close()  # the TC closed it while idle (past its keep-alive deadline)
 
-    def _give_back(self, where: tuple[str, int], connection: http.client.HTTPSConnection) -> None:
+    def _count(self, resumed: bool) -> None:
+        with self._lock:
+            self.handshakes["resumed" if resumed else "full"] += 1
+
+    def _keep(self, where: tuple[str, int], ticket: ssl.SSLSession) -> None:
+        """A ticket for a later connection to this TC (after a whole answer came on the connection
+        that received it)."""
+        with self._lock:
+            if self._closed:
+                return
+            tickets = self._tickets.setdefault(where, [])
+            if len(tickets) < IDLE_KEPT:
+                tickets.append(ticket)
+
+    def _give_back(self, where: tuple[str, int], connection: _Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(where, [])
             if not self._closed and len(idle) < IDLE_KEPT:

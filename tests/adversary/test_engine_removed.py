@@ -65,3 +65,32 @@ def test_a_removed_engine_learns_nothing_about_its_body_or_a_route_without_a_dec
         assert not answer.is_success or "nonce" in answer.json()
         assert answer.is_success or not answer.json()["error"].startswith("auth.")
         assert client.get("/v1/policy").status_code == 200
+
+
+def test_a_removed_engine_resuming_its_tls_session_gets_no_decision(tmp_path):
+    """TLS session resumption (the engine's client offers the ticket an earlier connection got,
+    issue 20): the resumed session carries the certificate TLS checked before the engine was
+    removed, and no certificate is checked again. The registry still decides: refused
+    auth.engine-revoked on the resumed connection, no nonce made."""
+    from tccdeploy.coordinator.client import RemoteCoordinator, TCUnavailable
+
+    service = Service(tmp_path, str(REPO / "examples"))
+    env = dict(os.environ, TCCDEPLOY_STATE=str(tmp_path))
+    subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "add", "late", "-o", str(tmp_path / "late")], env=env,
+                   check=True, capture_output=True)
+    remote = RemoteCoordinator(service.url, str(tmp_path / "late"))
+    try:
+        assert remote.nonce("n1")
+        where = ("127.0.0.1", service.port)
+        for connection in remote.http._idle.pop(where):
+            connection.close()  # (as the TC closes an idle one)
+        subprocess.run([str(BIN / "tccdeploy"), "tc", "engines", "remove", "late"], env=env, check=True,
+                       capture_output=True)
+        before = nonces(service)
+        with pytest.raises(TCUnavailable, match="answered 403 to POST /v1/nonces: auth.engine-revoked"):
+            remote.nonce("n1")
+        assert remote.http.handshakes == {"full": 1, "resumed": 1}  # it was a resumed session
+        assert nonces(service) == before
+    finally:
+        remote.close()
+        service.stop()
